@@ -1,0 +1,245 @@
+//! The contract between the operator and the worker: environment variable names, labels,
+//! annotations, ports, paths and exit codes. Both sides (and `local` mode) use these constants
+//! and nothing else, so a name is spelled in exactly one place.
+
+/// Environment variables the operator sets on every worker container (and `local` mode sets on
+/// every process).
+pub mod env {
+    /// Name of the ParallelJob.
+    pub const JOB: &str = "LOCKSTEP_JOB";
+    /// Namespace of the ParallelJob.
+    pub const NAMESPACE: &str = "LOCKSTEP_NAMESPACE";
+    /// This process's global rank, `0..WORLD_SIZE`.
+    pub const RANK: &str = "LOCKSTEP_RANK";
+    /// Number of ranks in the gang.
+    pub const WORLD_SIZE: &str = "LOCKSTEP_WORLD_SIZE";
+    /// The gang's attempt (0 for the first run, incremented by every gang restart).
+    pub const ATTEMPT: &str = "LOCKSTEP_ATTEMPT";
+    /// `host:port` of rank 0's rendezvous server.
+    pub const RENDEZVOUS: &str = "LOCKSTEP_RENDEZVOUS";
+    /// Path of the worker config file ([`crate::config::WorkerConfig`] as JSON).
+    pub const CONFIG: &str = "LOCKSTEP_CONFIG";
+    /// Directory where checkpoints are written and read.
+    pub const CHECKPOINT_DIR: &str = "LOCKSTEP_CHECKPOINT_DIR";
+    /// Port of the worker's Prometheus `/metrics` endpoint.
+    pub const METRICS_PORT: &str = "LOCKSTEP_METRICS_PORT";
+    /// Pipeline stage of this rank (see [`crate::layout`]).
+    pub const STAGE: &str = "LOCKSTEP_STAGE";
+    /// Data-parallel replica index of this rank (see [`crate::layout`]).
+    pub const REPLICA: &str = "LOCKSTEP_REPLICA";
+
+    /// PyTorch `torch.distributed` convention: host of rank 0.
+    pub const MASTER_ADDR: &str = "MASTER_ADDR";
+    /// PyTorch convention: port of rank 0's store.
+    pub const MASTER_PORT: &str = "MASTER_PORT";
+    /// PyTorch convention: number of processes.
+    pub const TORCH_WORLD_SIZE: &str = "WORLD_SIZE";
+    /// PyTorch convention: global rank.
+    pub const TORCH_RANK: &str = "RANK";
+    /// PyTorch convention: rank within the node (always 0: one worker process per pod).
+    pub const LOCAL_RANK: &str = "LOCAL_RANK";
+
+    /// torchrun: number of nodes (pods).
+    pub const PET_NNODES: &str = "PET_NNODES";
+    /// torchrun: processes per node.
+    pub const PET_NPROC_PER_NODE: &str = "PET_NPROC_PER_NODE";
+    /// torchrun: this node's rank.
+    pub const PET_NODE_RANK: &str = "PET_NODE_RANK";
+    /// torchrun: host of the master node.
+    pub const PET_MASTER_ADDR: &str = "PET_MASTER_ADDR";
+    /// torchrun: port of the master node.
+    pub const PET_MASTER_PORT: &str = "PET_MASTER_PORT";
+
+    /// Prefixes of names the user may not set in the pod template: the operator owns them.
+    pub const RESERVED_PREFIXES: &[&str] = &["LOCKSTEP_", "PET_"];
+    /// Exact names the user may not set in the pod template.
+    pub const RESERVED_NAMES: &[&str] = &[
+        MASTER_ADDR,
+        MASTER_PORT,
+        TORCH_WORLD_SIZE,
+        TORCH_RANK,
+        LOCAL_RANK,
+    ];
+
+    /// Whether the operator owns `name`, so that a user may not set it.
+    pub fn is_reserved(name: &str) -> bool {
+        RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) || RESERVED_NAMES.contains(&name)
+    }
+}
+
+/// Label keys put on every object the operator owns. The `app.kubernetes.io/*` ones follow the
+/// Kubernetes recommended labels.
+pub mod labels {
+    /// Name of the owning ParallelJob.
+    pub const JOB_NAME: &str = "lockstep.dev/job-name";
+    /// Global rank of a worker pod.
+    pub const RANK: &str = "lockstep.dev/rank";
+    /// Pipeline stage of a worker pod.
+    pub const STAGE: &str = "lockstep.dev/stage";
+    /// Data-parallel replica index of a worker pod.
+    pub const REPLICA: &str = "lockstep.dev/replica";
+    /// Gang attempt that created the object.
+    pub const ATTEMPT: &str = "lockstep.dev/attempt";
+    /// `app.kubernetes.io/name`: always [`APP_NAME`].
+    pub const APP_NAME_KEY: &str = "app.kubernetes.io/name";
+    /// Value of `app.kubernetes.io/name`.
+    pub const APP_NAME: &str = "lockstep";
+    /// `app.kubernetes.io/instance`: the job name.
+    pub const INSTANCE: &str = "app.kubernetes.io/instance";
+    /// `app.kubernetes.io/component`: `worker` for worker pods.
+    pub const COMPONENT: &str = "app.kubernetes.io/component";
+    /// `app.kubernetes.io/managed-by`: the operator's name.
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+}
+
+/// Annotation keys.
+pub mod annotations {
+    /// Digest of the worker config, so a pod records which config it was started with.
+    pub const CONFIG_DIGEST: &str = "lockstep.dev/config-digest";
+    /// Node a rank was planned onto by gang admission.
+    pub const PLANNED_NODE: &str = "lockstep.dev/planned-node";
+}
+
+/// Names used by the operator when it acts on the cluster.
+pub mod operator {
+    /// The field manager for every server-side apply the operator makes.
+    pub const FIELD_MANAGER: &str = "lockstep-operator";
+    /// Value of `spec.runPolicy.managedBy` meaning "the Lockstep operator reconciles this job".
+    pub const CONTROLLER_NAME: &str = "lockstep.dev/operator";
+    /// Scheduling gate that holds a gang's pods until the gang is admitted as a whole.
+    pub const SCHEDULING_GATE: &str = "lockstep.dev/gang";
+    /// Name of the container the operator fills in with the env contract.
+    pub const WORKER_CONTAINER: &str = "worker";
+    /// Key of the worker config in the job's ConfigMap.
+    pub const CONFIG_KEY: &str = "worker.json";
+    /// Directory where the ConfigMap is mounted in worker pods.
+    pub const CONFIG_MOUNT_DIR: &str = "/etc/lockstep";
+}
+
+/// Default ports.
+pub mod ports {
+    /// Rank 0's Lockstep rendezvous (gRPC).
+    pub const RENDEZVOUS: u16 = 29600;
+    /// `MASTER_PORT` for `torch.distributed` (Kubeflow Trainer v2's default).
+    pub const TORCH_MASTER: u16 = 29500;
+    /// Worker `/metrics`.
+    pub const METRICS: u16 = 9450;
+}
+
+/// Default paths.
+pub mod paths {
+    /// Default checkpoint directory inside a worker pod.
+    pub const CHECKPOINT_DIR: &str = "/var/lib/lockstep/checkpoints";
+}
+
+/// Exit codes of `lockstep-worker`, so that failure rules can match on them and the operator can
+/// explain a failure. Codes above 128 are signals (`128 + n`) and are not used here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(i32)]
+pub enum ExitCode {
+    /// Training finished.
+    Success = 0,
+    /// An unexpected internal error.
+    Internal = 1,
+    /// Bad command line.
+    Usage = 2,
+    /// The configuration (manifest or worker config) is invalid; restarting cannot help.
+    Config = 3,
+    /// Rendezvous failed: a rank never arrived, the token or attempt was refused.
+    Rendezvous = 4,
+    /// This rank was aborted because another rank failed (a secondary failure).
+    PeerFailed = 5,
+    /// A collective failed or timed out (NCCL or the TCP ring).
+    Communication = 6,
+    /// A checkpoint is corrupt or does not match the job; restarting cannot help.
+    Checkpoint = 7,
+    /// The data set could not be read; restarting cannot help.
+    Data = 8,
+    /// Training diverged (loss became NaN or infinite).
+    Diverged = 9,
+}
+
+impl ExitCode {
+    /// Every code, in numeric order.
+    pub const ALL: [ExitCode; 10] = [
+        ExitCode::Success,
+        ExitCode::Internal,
+        ExitCode::Usage,
+        ExitCode::Config,
+        ExitCode::Rendezvous,
+        ExitCode::PeerFailed,
+        ExitCode::Communication,
+        ExitCode::Checkpoint,
+        ExitCode::Data,
+        ExitCode::Diverged,
+    ];
+
+    /// The numeric process exit code.
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+
+    /// The code for a numeric exit status, if it is one of ours.
+    pub fn from_code(code: i32) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.code() == code)
+    }
+
+    /// A short PascalCase reason, used in `status.lastFailure.reason` and Events.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ExitCode::Success => "Completed",
+            ExitCode::Internal => "InternalError",
+            ExitCode::Usage => "UsageError",
+            ExitCode::Config => "InvalidConfig",
+            ExitCode::Rendezvous => "RendezvousFailed",
+            ExitCode::PeerFailed => "PeerFailed",
+            ExitCode::Communication => "CommunicationFailed",
+            ExitCode::Checkpoint => "CheckpointInvalid",
+            ExitCode::Data => "DataUnreadable",
+            ExitCode::Diverged => "Diverged",
+        }
+    }
+
+    /// Whether a gang restart cannot help (the default failure policy fails the job at once).
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            ExitCode::Usage | ExitCode::Config | ExitCode::Checkpoint | ExitCode::Data
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_env_names() {
+        for n in [
+            "LOCKSTEP_RANK",
+            "LOCKSTEP_ANYTHING",
+            "PET_NNODES",
+            "MASTER_ADDR",
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+        ] {
+            assert!(env::is_reserved(n), "{n} should be reserved");
+        }
+        for n in ["RANKS", "MY_RANK", "NCCL_DEBUG", "lockstep_rank", "PETS"] {
+            assert!(!env::is_reserved(n), "{n} should be free");
+        }
+    }
+
+    #[test]
+    fn exit_codes_round_trip_and_are_distinct() {
+        for c in ExitCode::ALL {
+            assert_eq!(ExitCode::from_code(c.code()), Some(c));
+        }
+        let reasons: std::collections::HashSet<_> =
+            ExitCode::ALL.iter().map(|c| c.reason()).collect();
+        assert_eq!(reasons.len(), ExitCode::ALL.len());
+        assert_eq!(ExitCode::from_code(137), None);
+        assert!(ExitCode::Config.is_permanent() && !ExitCode::PeerFailed.is_permanent());
+    }
+}

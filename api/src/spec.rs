@@ -1,0 +1,487 @@
+//! The `ParallelJob` resource: its spec (everything but `training`, which has its own module) and
+//! the CRD attributes (names, printer columns, status subresource, whole-object CEL rules).
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::contract;
+use crate::status::ParallelJobStatus;
+use crate::training::Training;
+
+// clippy reads the repeated `type_` keys of kube's printcolumn(...) as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+/// A distributed training job: a gang of `dataParallel x pipelineStages` worker pods that is
+/// admitted all-or-nothing, finds itself through a stable rendezvous, and restarts together from
+/// the last checkpoint when a rank fails.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "lockstep.dev",
+    version = "v1alpha1",
+    kind = "ParallelJob",
+    plural = "paralleljobs",
+    singular = "paralleljob",
+    namespaced,
+    shortname = "pj",
+    shortname = "pjob",
+    category = "lockstep",
+    status = "ParallelJobStatus",
+    derive = "PartialEq",
+    doc = "A distributed training job: a gang of dataParallel x pipelineStages worker pods admitted all-or-nothing and restarted together.",
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Lifecycle phase of the job"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.ready",
+        description = "Ready ranks / world size"
+    ),
+    printcolumn(
+        name = "Step",
+        type_ = "integer",
+        json_path = ".status.progress.step",
+        description = "Last training step reported by rank 0"
+    ),
+    printcolumn(
+        name = "Loss",
+        type_ = "number",
+        json_path = ".status.progress.loss",
+        description = "Last training loss reported by rank 0"
+    ),
+    printcolumn(
+        name = "Restarts",
+        type_ = "integer",
+        json_path = ".status.attempt",
+        description = "Gang restarts so far"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new(
+    "self.parallelism.pipelineStages == 1 || self.training.workload in ['Pipeline', 'Command']"
+).message("spec.parallelism.pipelineStages > 1 needs spec.training.workload Pipeline (or Command): set pipelineStages to 1 or change the workload").field_path(".parallelism.pipelineStages"))]
+#[x_kube(validation = Rule::new(
+    "self.training.workload != 'Pipeline' || self.parallelism.pipelineStages >= 2"
+).message("spec.training.workload Pipeline needs spec.parallelism.pipelineStages >= 2: add stages or use workload Ddp").field_path(".parallelism.pipelineStages"))]
+#[x_kube(validation = Rule::new(
+    "self.training.workload == 'Command' || self.template.spec.containers.exists(c, c.name == 'worker')"
+).message("spec.template.spec.containers needs a container named 'worker' for a built-in workload: the operator runs lockstep-worker in it").field_path(".template.spec.containers"))]
+#[x_kube(validation = Rule::new(
+    "self.training.workload != 'Command' || self.template.spec.containers.exists(c, c.name == 'worker') || size(self.template.spec.containers) == 1"
+).message("spec.template.spec.containers: with several containers, name the training one 'worker' so the operator knows where to put the env contract").field_path(".template.spec.containers"))]
+#[serde(rename_all = "camelCase")]
+pub struct ParallelJobSpec {
+    /// How many ranks the job has and what each one gets. Immutable after creation.
+    pub parallelism: Parallelism,
+
+    /// What the built-in worker trains, or `workload: Command` to run the pod template's own
+    /// command (for example torchrun in a PyTorch image) under the env contract. Immutable after
+    /// creation.
+    pub training: Training,
+
+    /// Pod template of every worker. The container named `worker` (or the only container of a
+    /// Command job) gets the env contract, the config mount, the ports and the GPU limits.
+    #[schemars(schema_with = "crate::schema::pod_template")]
+    pub template: PodTemplateSpec,
+
+    /// How the gang is admitted and placed.
+    #[serde(default)]
+    pub scheduling: Scheduling,
+
+    /// What happens when a rank fails.
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+
+    /// Suspension, deadlines and clean-up.
+    #[serde(default)]
+    pub run_policy: RunPolicy,
+
+    /// Where the workers export their metrics.
+    #[serde(default)]
+    pub monitoring: Monitoring,
+}
+
+/// The shape of the gang. World size is `dataParallel x pipelineStages`; rank r is pipeline stage
+/// `r / dataParallel` and data-parallel replica `r % dataParallel`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self == oldSelf").message("spec.parallelism is immutable: delete the job and create it again to change the world size"))]
+#[serde(rename_all = "camelCase")]
+pub struct Parallelism {
+    /// Number of data-parallel replicas (ranks per pipeline stage).
+    #[schemars(range(min = 1, max = 100000))]
+    pub data_parallel: i32,
+
+    /// Number of pipeline stages each replica is split into.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub pipeline_stages: i32,
+
+    /// GPUs given to each worker pod (`nvidia.com/gpu` limit); 0 for a CPU job.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 64))]
+    pub gpus_per_worker: i32,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// Gang admission and placement.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Scheduling {
+    /// Who admits the gang all-or-nothing: Builtin (the operator, with pod scheduling gates),
+    /// Workload (the upstream Kubernetes gang API), Coscheduling (scheduler-plugins PodGroup) or
+    /// Volcano (Volcano PodGroup).
+    #[serde(default)]
+    pub gang_policy: GangPolicy,
+
+    /// Name of the queue the job waits in (Builtin: informational; Volcano: the Volcano queue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub queue: Option<String>,
+
+    /// PriorityClass of the worker pods; it also orders the admission queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+
+    /// Seconds a gang may wait for admission before the job reports AdmissionTimeout (it keeps
+    /// waiting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub schedule_timeout_seconds: Option<i64>,
+
+    /// Keep the gang inside one topology domain (rack, NVLink domain, zone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<Topology>,
+}
+
+/// Who admits a gang all-or-nothing.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GangPolicy {
+    /// The operator admits the gang with pod scheduling gates and pins each rank to a node.
+    #[default]
+    Builtin,
+    /// The upstream Kubernetes Workload API with the GangScheduling scheduler plugin.
+    Workload,
+    /// scheduler-plugins coscheduling (`scheduling.x-k8s.io` PodGroup).
+    Coscheduling,
+    /// Volcano (`scheduling.volcano.sh` PodGroup).
+    Volcano,
+}
+
+/// A topology constraint on the whole gang.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Topology {
+    /// Node label whose value names the domain, for example `topology.kubernetes.io/zone` or a
+    /// rack or NVLink-domain label.
+    #[schemars(length(min = 1, max = 317))]
+    pub key: String,
+
+    /// Required: the whole gang in one domain or not at all. Preferred: one domain if possible.
+    #[serde(default)]
+    pub mode: TopologyMode,
+}
+
+/// Whether a topology constraint is hard or soft.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TopologyMode {
+    /// The gang waits until it fits in one domain.
+    Required,
+    /// One domain if possible, otherwise as few as possible.
+    #[default]
+    Preferred,
+}
+
+/// What happens when a rank fails. Rules are matched in order against the first failure of an
+/// attempt; when none matches, the default applies: permanent worker errors (exit codes 2, 3, 7, 8)
+/// fail the job, everything else restarts the gang.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FailurePolicy {
+    /// Gang restarts allowed before the job fails.
+    #[serde(default = "default_max_restarts")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_restarts: i32,
+
+    /// Rules matched in order; the first match decides.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub rules: Vec<FailureRule>,
+
+    /// Exponential backoff between gang restarts.
+    #[serde(default)]
+    pub restart_backoff: RestartBackoff,
+}
+
+fn default_max_restarts() -> i32 {
+    3
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        Self {
+            max_restarts: default_max_restarts(),
+            rules: Vec::new(),
+            restart_backoff: RestartBackoff::default(),
+        }
+    }
+}
+
+/// One failure rule: it matches when every matcher it sets matches.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.exitCodes) || has(self.reasons)").message("a spec.failurePolicy.rules entry needs exitCodes or reasons (or both) to match on"))]
+#[serde(rename_all = "camelCase")]
+pub struct FailureRule {
+    /// What to do when the rule matches.
+    pub action: FailureAction,
+
+    /// Exit code ranges of the failed container; the rule matches if any range contains it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    pub exit_codes: Option<Vec<ExitCodeRange>>,
+
+    /// Failure reasons; the rule matches if the failure has any of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16))]
+    pub reasons: Option<Vec<FailureReason>>,
+}
+
+/// An inclusive range of exit codes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("!has(self.to) || self.to >= self.from").message("exitCodes: 'to' must be at least 'from'"))]
+#[serde(rename_all = "camelCase")]
+pub struct ExitCodeRange {
+    /// First exit code of the range.
+    #[schemars(range(min = 0, max = 255))]
+    pub from: i32,
+    /// Last exit code of the range (defaults to `from`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 255))]
+    pub to: Option<i32>,
+}
+
+impl ExitCodeRange {
+    /// Whether `code` lies in the range.
+    pub fn contains(&self, code: i32) -> bool {
+        code >= self.from && code <= self.to.unwrap_or(self.from)
+    }
+}
+
+/// What a failure rule does.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureAction {
+    /// Remove the whole attempt and start the next one from the last checkpoint.
+    RestartGang,
+    /// Fail the job now.
+    FailJob,
+    /// Leave the gang alone (the failed rank stays failed).
+    Ignore,
+}
+
+/// Why a rank failed, as the operator observes it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureReason {
+    /// The worker container exited with a non-zero code.
+    Error,
+    /// The container was killed for exceeding its memory limit.
+    OOMKilled,
+    /// The pod was evicted by the kubelet or the eviction API.
+    Evicted,
+    /// The pod was preempted for a higher-priority pod.
+    Preempted,
+    /// The pod's node disappeared or stopped reporting.
+    NodeLost,
+    /// The pod was deleted by someone other than the operator.
+    Deleted,
+    /// The worker reported that another rank failed first (exit code 5).
+    PeerFailed,
+}
+
+/// Exponential backoff between gang restarts: `initialSeconds x 2^(attempt-1)`, capped.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.maxSeconds >= self.initialSeconds").message("spec.failurePolicy.restartBackoff.maxSeconds must be at least initialSeconds"))]
+#[serde(rename_all = "camelCase")]
+pub struct RestartBackoff {
+    /// Delay before the first gang restart.
+    #[serde(default = "default_backoff_initial")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub initial_seconds: i32,
+    /// Longest delay between gang restarts.
+    #[serde(default = "default_backoff_max")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub max_seconds: i32,
+}
+
+fn default_backoff_initial() -> i32 {
+    10
+}
+fn default_backoff_max() -> i32 {
+    300
+}
+
+impl Default for RestartBackoff {
+    fn default() -> Self {
+        Self {
+            initial_seconds: default_backoff_initial(),
+            max_seconds: default_backoff_max(),
+        }
+    }
+}
+
+impl RestartBackoff {
+    /// Seconds to wait before starting `attempt` (1 for the first restart).
+    pub fn delay_seconds(&self, attempt: u32) -> u64 {
+        let initial = self.initial_seconds.max(0) as u64;
+        let exp = attempt.saturating_sub(1).min(32);
+        initial
+            .saturating_mul(1u64 << exp)
+            .min(self.max_seconds.max(0) as u64)
+    }
+}
+
+/// Suspension, deadlines and clean-up.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunPolicy {
+    /// Suspend the job: its pods are deleted, the job is kept; setting it back to false starts a
+    /// new gang from the last checkpoint.
+    #[serde(default)]
+    pub suspend: bool,
+
+    /// Seconds the job may run, counted from its first start, before it fails with
+    /// DeadlineExceeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+
+    /// Seconds after the job finished (Succeeded or Failed) when it is deleted with everything it
+    /// owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i32>,
+
+    /// Which pods are deleted when the job finishes: All, Running (those still running; finished
+    /// ones keep their logs) or None.
+    #[serde(default)]
+    pub clean_pod_policy: CleanPodPolicy,
+
+    /// When the job counts as Succeeded: AllRanks, or RankZero (for Command jobs whose other ranks
+    /// may not exit on their own).
+    #[serde(default)]
+    pub success_policy: SuccessPolicy,
+
+    /// The controller that reconciles this job. Only `lockstep.dev/operator` is reconciled by
+    /// Lockstep; any other value (for example a multi-cluster dispatcher) makes the operator leave
+    /// the job alone. Immutable.
+    #[serde(default = "default_managed_by")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.runPolicy.managedBy is immutable"))]
+    pub managed_by: String,
+}
+
+fn default_managed_by() -> String {
+    contract::operator::CONTROLLER_NAME.to_string()
+}
+
+impl Default for RunPolicy {
+    fn default() -> Self {
+        Self {
+            suspend: false,
+            active_deadline_seconds: None,
+            ttl_seconds_after_finished: None,
+            clean_pod_policy: CleanPodPolicy::default(),
+            success_policy: SuccessPolicy::default(),
+            managed_by: default_managed_by(),
+        }
+    }
+}
+
+/// Which pods are deleted when the job finishes.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CleanPodPolicy {
+    /// Delete every pod.
+    All,
+    /// Delete the pods still running; keep finished ones (and their logs).
+    #[default]
+    Running,
+    /// Delete nothing.
+    None,
+}
+
+/// When a job counts as Succeeded.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SuccessPolicy {
+    /// Every rank exited with code 0.
+    #[default]
+    AllRanks,
+    /// Rank 0 exited with code 0.
+    RankZero,
+}
+
+/// Where the workers export metrics.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Monitoring {
+    /// Port of each worker's Prometheus `/metrics` endpoint.
+    #[serde(default = "default_metrics_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub metrics_port: i32,
+}
+
+fn default_metrics_port() -> i32 {
+    i32::from(contract::ports::METRICS)
+}
+
+impl Default for Monitoring {
+    fn default() -> Self {
+        Self {
+            metrics_port: default_metrics_port(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_code_ranges_are_inclusive() {
+        let one = ExitCodeRange {
+            from: 137,
+            to: None,
+        };
+        assert!(one.contains(137) && !one.contains(136) && !one.contains(138));
+        let signals = ExitCodeRange {
+            from: 128,
+            to: Some(255),
+        };
+        assert!(signals.contains(128) && signals.contains(255) && !signals.contains(127));
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let b = RestartBackoff {
+            initial_seconds: 10,
+            max_seconds: 300,
+        };
+        let delays: Vec<u64> = (1..=7).map(|a| b.delay_seconds(a)).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(b.delay_seconds(1000), 300, "no overflow on huge attempts");
+        let none = RestartBackoff {
+            initial_seconds: 0,
+            max_seconds: 0,
+        };
+        assert_eq!(none.delay_seconds(3), 0);
+    }
+}

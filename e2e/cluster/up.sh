@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Starts the test control plane as local processes on 127.0.0.1 (ports chosen free at start):
+# etcd, kube-apiserver (TLS, static admin token, RBAC, the gang-scheduling feature gates),
+# kube-controller-manager, kube-scheduler, and kwok with N fake nodes. Writes the kubeconfig to
+# $STATE/kubeconfig and logs to $STATE/logs/. `down.sh` stops it all.
+#   STATE   state folder (default: .cluster at the repository root)
+#   NODES   fake nodes (default 4)
+#   ONLY_APISERVER=1   start etcd and kube-apiserver only
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+state=${STATE:-$root/.cluster}
+nodes=${NODES:-4}
+bin=$("$here/build.sh")
+if [ -e "$state/pids" ] && "$here/status.sh" >/dev/null 2>&1; then
+  echo "cluster already running: KUBECONFIG=$state/kubeconfig"; exit 0
+fi
+rm -rf "$state"; mkdir -p "$state/logs" "$state/pki" "$state/etcd"
+started=$(date +%s.%N)
+log() { printf '[cluster-up] %s\n' "$*" >&2; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+spawn() { # name, command...: start in its own process group, remember the pid
+  local name=$1; shift
+  setsid "$@" >"$state/logs/$name.log" 2>&1 < /dev/null &
+  echo "$name $!" >> "$state/pids"
+}
+
+# --- PKI: a CA, the apiserver's serving cert (IP SAN 127.0.0.1), the service-account key pair.
+pki=$state/pki
+openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=lockstep-test-ca" \
+  -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout "$pki/apiserver.key" \
+  -out "$pki/apiserver.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n' > "$pki/san.ext"
+openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+  -days 3650 -extfile "$pki/san.ext" -out "$pki/apiserver.crt" 2>/dev/null
+openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+token=$(openssl rand -hex 16)
+echo "$token,admin,admin,system:masters" > "$pki/tokens.csv"
+
+# --- etcd
+etcd_client=$(free_port); etcd_peer=$(free_port)
+spawn etcd "$bin/etcd" --data-dir "$state/etcd" --name test \
+  --listen-client-urls "http://127.0.0.1:$etcd_client" --advertise-client-urls "http://127.0.0.1:$etcd_client" \
+  --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
+  --initial-cluster "test=http://127.0.0.1:$etcd_peer" --unsafe-no-fsync --quota-backend-bytes=4294967296
+
+# --- kube-apiserver
+api_port=$(free_port)
+gates="GenericWorkload=true,GangScheduling=true"
+spawn kube-apiserver "$bin/kube-apiserver" \
+  --etcd-servers "http://127.0.0.1:$etcd_client" \
+  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+  --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+  --client-ca-file "$pki/ca.crt" --token-auth-file "$pki/tokens.csv" \
+  --authorization-mode RBAC \
+  --service-account-issuer https://kubernetes.default.svc \
+  --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+  --service-cluster-ip-range 10.96.0.0/16 --allow-privileged=true \
+  --feature-gates "$gates" --runtime-config "scheduling.k8s.io/v1alpha2=true" \
+  --enable-priority-and-fairness=false --max-requests-inflight 2000 --max-mutating-requests-inflight 1000
+
+cat > "$state/kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: lockstep-test
+  cluster:
+    server: https://127.0.0.1:$api_port
+    certificate-authority: $pki/ca.crt
+users:
+- name: admin
+  user:
+    token: $token
+contexts:
+- name: lockstep-test
+  context: {cluster: lockstep-test, user: admin}
+current-context: lockstep-test
+KC
+export KUBECONFIG=$state/kubeconfig
+kubectl="$bin/kubectl"
+for _ in $(seq 1 240); do
+  "$kubectl" get --raw /readyz >/dev/null 2>&1 && break
+  sleep 0.5
+done
+"$kubectl" get --raw /readyz >/dev/null || { log "kube-apiserver not ready; see $state/logs/kube-apiserver.log"; exit 1; }
+log "kube-apiserver ready on 127.0.0.1:$api_port after $(python3 -c "import time; print(round(time.time()-$started,1))")s"
+[ "${ONLY_APISERVER:-0}" = 1 ] && { echo "export KUBECONFIG=$state/kubeconfig"; exit 0; }
+echo "export KUBECONFIG=$state/kubeconfig"
