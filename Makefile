@@ -1,0 +1,51 @@
+# Lockstep developer entry points. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Build caches live outside the clone so that CI's fresh clones and later sessions reuse them.
+export LOCKSTEP_CACHE ?= $(HOME)/.cache/lockstep
+export CARGO_TARGET_DIR ?= $(LOCKSTEP_CACHE)/target
+CARGO ?= cargo
+CRD := crds/paralleljobs.lockstep.dev.yaml
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+.PHONY: test
+test: ## the README's test command: unit, API and CRD tests
+	$(CARGO) test --workspace --locked
+
+.PHONY: lint
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+.PHONY: fmt
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+.PHONY: crds
+crds: ## regenerate the CRD from the Rust types (a test fails when it is stale)
+	$(CARGO) run -q --locked -p lockstep-api --bin crdgen -- $(CRD)
+
+.PHONY: validate
+validate: ## check manifests like the API server would: make validate FILES="examples/*.yaml"
+	$(CARGO) run -q --locked -p lockstep-api --bin lockstep-validate -- $(or $(FILES),examples/*.yaml)
+
+.PHONY: cluster-build
+cluster-build: ## build the pinned test control plane from Go modules (cached by version)
+	e2e/cluster/build.sh
+
+.PHONY: cluster-up
+cluster-up: ## start the test control plane on 127.0.0.1 (KUBECONFIG=.cluster/kubeconfig)
+	e2e/cluster/up.sh
+
+.PHONY: cluster-down
+cluster-down: ## stop the test control plane
+	e2e/cluster/down.sh
+
+.PHONY: gpu-probe
+gpu-probe: ## build the GPU probe binary into .gpu/ (then run bench/gpu/probe.sh on a GPU machine)
+	cd bench/gpu/probe && $(CARGO) build --release --locked
+	mkdir -p .gpu && cp $(CARGO_TARGET_DIR)/release/gpuprobe .gpu/
