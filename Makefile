@@ -12,9 +12,21 @@ CRD := crds/paralleljobs.lockstep.dev.yaml
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
+# The e2e suite reuses the cluster of `make cluster-up` when it runs; otherwise it starts a
+# private one for the duration of the test process (building the binaries first if needed).
+CLUSTER_ENV = $(shell e2e/cluster/status.sh >/dev/null 2>&1 && echo KUBECONFIG=$(CURDIR)/.cluster/kubeconfig)
+
 .PHONY: test
-test: ## the README's test command: unit, API and CRD tests
-	$(CARGO) test --workspace --locked
+test: ## the README's test command: unit tests, then e2e against a real control plane
+	$(CLUSTER_ENV) $(CARGO) test --workspace --locked
+
+.PHONY: unit
+unit: ## the tests that need no cluster
+	$(CARGO) test --workspace --locked --exclude lockstep-e2e
+
+.PHONY: e2e
+e2e: ## the end-to-end suite against a real control plane (kube-apiserver, scheduler, kwok nodes)
+	$(CLUSTER_ENV) $(CARGO) test -p lockstep-e2e --locked
 
 .PHONY: lint
 lint: ## rustfmt check and clippy with warnings as errors
@@ -38,7 +50,7 @@ cluster-build: ## build the pinned test control plane from Go modules (cached by
 	e2e/cluster/build.sh
 
 .PHONY: cluster-up
-cluster-up: ## start the test control plane on 127.0.0.1 (KUBECONFIG=.cluster/kubeconfig)
+cluster-up: ## start the test control plane on 127.0.0.1 (NODES=4; KUBECONFIG=.cluster/kubeconfig)
 	e2e/cluster/up.sh
 
 .PHONY: cluster-down

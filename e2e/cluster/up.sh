@@ -11,11 +11,15 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 state=${STATE:-$root/.cluster}
 nodes=${NODES:-4}
-bin=$("$here/build.sh")
+# shellcheck source=versions.env
+source "$here/versions.env"
+bin=$("$here/build.sh" 2>/dev/null)
 if [ -e "$state/pids" ] && "$here/status.sh" >/dev/null 2>&1; then
   echo "cluster already running: KUBECONFIG=$state/kubeconfig"; exit 0
 fi
 rm -rf "$state"; mkdir -p "$state/logs" "$state/pki" "$state/etcd"
+# A failed start leaves nothing running.
+trap 'rc=$?; [ $rc = 0 ] || STATE="$state" "$here/down.sh" >/dev/null; exit $rc' EXIT
 started=$(date +%s.%N)
 log() { printf '[cluster-up] %s\n' "$*" >&2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -87,4 +91,55 @@ done
 "$kubectl" get --raw /readyz >/dev/null || { log "kube-apiserver not ready; see $state/logs/kube-apiserver.log"; exit 1; }
 log "kube-apiserver ready on 127.0.0.1:$api_port after $(python3 -c "import time; print(round(time.time()-$started,1))")s"
 [ "${ONLY_APISERVER:-0}" = 1 ] && { echo "export KUBECONFIG=$state/kubeconfig"; exit 0; }
+
+# --- kube-controller-manager: garbage collection, namespaces, service accounts, endpoints, and
+# node lifecycle (it lifts the not-ready taint once kwok reports a node Ready; kwok keeps the node
+# leases fresh, so nodes stay Ready while kwok runs).
+spawn kube-controller-manager "$bin/kube-controller-manager" \
+  --kubeconfig "$state/kubeconfig" --authentication-kubeconfig "$state/kubeconfig" \
+  --authorization-kubeconfig "$state/kubeconfig" \
+  --bind-address 127.0.0.1 --secure-port 0 --leader-elect=false \
+  --controllers '*,-service-lb-controller,-cloud-node-lifecycle,-node-route-controller' \
+  --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
+  --use-service-account-credentials=false --feature-gates "$gates" \
+  --kube-api-qps 500 --kube-api-burst 1000 --concurrent-gc-syncs 20
+
+# --- kube-scheduler with the gang-scheduling gates.
+spawn kube-scheduler "$bin/kube-scheduler" \
+  --kubeconfig "$state/kubeconfig" --authentication-kubeconfig "$state/kubeconfig" \
+  --authorization-kubeconfig "$state/kubeconfig" \
+  --bind-address 127.0.0.1 --secure-port 0 --leader-elect=false --feature-gates "$gates" \
+  --kube-api-qps 500 --kube-api-burst 1000
+
+# --- kwok: fake nodes and pod lifecycles. Its Stage definitions ship inside its Go module.
+kwok_dir=$(GOWORK=off GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/kwok@v$KWOK_VERSION" \
+  | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+stages="$kwok_dir/kustomize/stage"
+{
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    echo "---"; cat "$stages/$f"
+  done
+} > "$state/kwok.yaml"
+spawn kwok "$bin/kwok" --kubeconfig "$state/kubeconfig" --config "$state/kwok.yaml" \
+  --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+  --node-lease-duration-seconds 40 --server-address "127.0.0.1:$(free_port)" --cidr 10.0.0.0/16
+
+# --- fake nodes: NODES nodes with 8 GPUs each, NODES_PER_RACK to a rack (and NVLink domain),
+# two racks to a zone.
+"$here/nodes.sh" "$nodes" | "$kubectl" apply -f - >/dev/null
+for _ in $(seq 1 240); do
+  # Ready and no longer tainted not-ready by the node-lifecycle controller.
+  ready=$("$kubectl" get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{" "}{.spec.taints}{"\n"}{end}' 2>/dev/null | grep -c '^True $' || true)
+  [ "$ready" -ge "$nodes" ] && break
+  sleep 0.5
+done
+[ "$ready" -ge "$nodes" ] || { log "only $ready of $nodes nodes Ready; see $state/logs/kwok.log"; exit 1; }
+# The controller-manager creates the default ServiceAccount in each namespace; wait for it in
+# `default` so the first pod does not race it.
+for _ in $(seq 1 240); do
+  "$kubectl" get serviceaccount default -n default >/dev/null 2>&1 && break
+  sleep 0.5
+done
+log "cluster up with $nodes nodes after $(python3 -c "import time; print(round(time.time()-$started,1))")s"
 echo "export KUBECONFIG=$state/kubeconfig"

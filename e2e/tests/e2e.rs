@@ -1,0 +1,17 @@
+//! The end-to-end suite, one module per behaviour, in one test binary so that one control plane
+//! serves them all (see `lockstep_e2e` for how it is started or reused).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "e2e/broken.rs"]
+mod broken;
+#[path = "e2e/crd.rs"]
+mod crd;
+#[path = "e2e/examples.rs"]
+mod examples;
+#[path = "e2e/gang.rs"]
+mod gang;
+#[path = "e2e/gc.rs"]
+mod gc;
+#[path = "e2e/scheduling.rs"]
+mod scheduling;
