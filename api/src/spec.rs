@@ -63,7 +63,9 @@ use crate::training::Training;
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    validation = Rule::new("size(self.metadata.name) <= 52")
+        .message("metadata.name must be at most 52 characters: worker pods and their hostnames are named <name>-<rank>, and a hostname is a DNS label of at most 63")
 )]
 #[x_kube(validation = Rule::new(
     "self.parallelism.pipelineStages == 1 || self.training.workload in ['Pipeline', 'Command']"

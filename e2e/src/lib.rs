@@ -305,7 +305,7 @@ impl TestNamespace {
         }
         let selector = format!("{POOL_LABEL}={}", self.name);
         wait_until(
-            Duration::from_secs(60),
+            Duration::from_secs(120),
             &format!("{count} pool nodes are Ready"),
             || async {
                 let list = nodes.list(&ListParams::default().labels(&selector)).await?;
