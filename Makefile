@@ -57,6 +57,10 @@ cluster-up: ## start the test control plane on 127.0.0.1 (NODES=4; KUBECONFIG=.c
 cluster-down: ## stop the test control plane
 	e2e/cluster/down.sh
 
+.PHONY: run-operator
+run-operator: ## run the operator against $$KUBECONFIG (make cluster-up gives one)
+	$(CARGO) run --locked -p lockstep-operator
+
 .PHONY: gpu-probe
 gpu-probe: ## build the GPU probe binary into .gpu/ (then run bench/gpu/probe.sh on a GPU machine)
 	cd bench/gpu/probe && $(CARGO) build --release --locked

@@ -35,7 +35,8 @@ pub struct ParallelJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<WorkerCounts>,
 
-    /// When the first gang of the job started running.
+    /// When the operator first started the job's gang (created its pods);
+    /// `activeDeadlineSeconds` counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
 

@@ -136,11 +136,51 @@ async fn start_or_reuse() -> Result<ClusterInfo> {
         logs,
     };
     cluster.install_crd().await?;
+    if std::env::var("LOCKSTEP_E2E_OPERATOR").as_deref() != Ok("external") {
+        start_operator(&cluster.kubeconfig, &cluster.logs)?;
+    }
     Ok(ClusterInfo {
         kubeconfig: cluster.kubeconfig,
         bin: cluster.bin,
         logs: cluster.logs,
     })
+}
+
+/// Runs the operator in this test process, on a thread with its own runtime (so it outlives each
+/// test's runtime), logging to `<logs>/operator.log`, which failure dumps show. Set
+/// `LOCKSTEP_E2E_OPERATOR=external` to test an operator started some other way.
+fn start_operator(kubeconfig: &Path, logs: &Path) -> Result<()> {
+    std::fs::create_dir_all(logs)?;
+    let file = std::fs::File::create(logs.join("operator.log"))?;
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::sync::Mutex::new(file))
+        .with_ansi(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info,kube=warn"))
+        .try_init();
+    let kubeconfig = kubeconfig.to_path_buf();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("operator".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("a runtime for the operator");
+            rt.block_on(async move {
+                let client = match client_for(&kubeconfig).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                lockstep_operator::controller::run(
+                    client,
+                    lockstep_operator::controller::Settings::default(),
+                    std::future::pending(),
+                )
+                .await;
+            });
+        })?;
+    ready_rx.recv()?
 }
 
 /// Whether a kubeconfig's current server is on this machine's loopback: only such a cluster is

@@ -13,5 +13,7 @@ mod examples;
 mod gang;
 #[path = "e2e/gc.rs"]
 mod gc;
+#[path = "e2e/operator.rs"]
+mod operator;
 #[path = "e2e/scheduling.rs"]
 mod scheduling;

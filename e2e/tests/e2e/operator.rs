@@ -1,0 +1,228 @@
+//! The operator reconciles ParallelJobs into gangs that run, fail and restart as one, against the
+//! real control plane. kwok moves scheduled pods to Running; the tests play the worker's part by
+//! writing the pod status a kubelet would report (a container terminated with an exit code).
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use lockstep_api::contract::labels;
+use lockstep_api::status::Phase;
+use lockstep_api::{ParallelJob, contract};
+use lockstep_e2e::{TestNamespace, repo_root, wait_until};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The ddp-digits example with `ranks` ranks, a 1-second restart backoff and `extra` merged into
+/// its spec.
+async fn create_job(
+    ns: &TestNamespace,
+    name: &str,
+    ranks: i32,
+    extra: serde_json::Value,
+) -> anyhow::Result<Api<ParallelJob>> {
+    let text = std::fs::read_to_string(repo_root().join("examples/ddp-digits.yaml"))?;
+    let mut v = lockstep_api::manifest::yaml_to_value(&text)?;
+    v["metadata"]["name"] = name.into();
+    v["spec"]["parallelism"]["dataParallel"] = ranks.into();
+    v["spec"]["failurePolicy"] =
+        serde_json::json!({"restartBackoff": {"initialSeconds": 1, "maxSeconds": 2}});
+    if let Some(obj) = extra.as_object() {
+        for (k, val) in obj {
+            v["spec"][k] = val.clone();
+        }
+    }
+    let job: ParallelJob = serde_json::from_value(v)?;
+    let jobs: Api<ParallelJob> = ns.api();
+    jobs.create(&PostParams::default(), &job).await?;
+    Ok(jobs)
+}
+
+async fn wait_phase(
+    jobs: &Api<ParallelJob>,
+    name: &str,
+    phase: Phase,
+) -> anyhow::Result<ParallelJob> {
+    wait_until(TIMEOUT, &format!("{name} is {phase:?}"), || async {
+        Ok(jobs.get(name).await?.status.and_then(|s| s.phase) == Some(phase))
+    })
+    .await?;
+    Ok(jobs.get(name).await?)
+}
+
+/// Writes what a kubelet reports when the worker container exits with `code`.
+async fn terminate(pods: &Api<Pod>, name: &str, code: i32) -> anyhow::Result<()> {
+    let phase = if code == 0 { "Succeeded" } else { "Failed" };
+    let status = serde_json::json!({"status": {"phase": phase, "containerStatuses": [{
+        "name": "worker", "image": "lockstep/worker:0.1.0", "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
+            "finishedAt": k8s_openapi::jiff::Timestamp::now().to_string()}}
+    }]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
+async fn gang(pods: &Api<Pod>, job: &str) -> anyhow::Result<Vec<Pod>> {
+    Ok(pods
+        .list(&ListParams::default().labels(&format!("{}={job}", labels::JOB_NAME)))
+        .await?
+        .items)
+}
+
+fn label(p: &Pod, key: &str) -> String {
+    p.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(key).cloned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_four_rank_job_runs_and_succeeds() -> anyhow::Result<()> {
+    lockstep_e2e::with_namespace("op-success", |ns| async move {
+        let jobs = create_job(&ns, "four", 4, serde_json::json!({})).await?;
+        let job = wait_phase(&jobs, "four", Phase::Running).await?;
+        let status = job.status.unwrap();
+        assert_eq!(status.ready.as_deref(), Some("4/4"));
+        assert!(status.start_time.is_some());
+
+        let pods: Api<Pod> = ns.api();
+        let members = gang(&pods, "four").await?;
+        assert_eq!(members.len(), 4);
+        for p in &members {
+            let rank = label(p, labels::RANK);
+            let spec = p.spec.as_ref().unwrap();
+            assert_eq!(
+                spec.hostname.as_deref(),
+                Some(format!("four-{rank}").as_str())
+            );
+            let env: Vec<_> = spec.containers[0].env.clone().unwrap_or_default();
+            let get = |k: &str| {
+                env.iter()
+                    .find(|e| e.name == k)
+                    .and_then(|e| e.value.clone())
+                    .unwrap_or_default()
+            };
+            assert_eq!(get(contract::env::RANK), rank);
+            assert_eq!(get(contract::env::WORLD_SIZE), "4");
+            assert_eq!(
+                get(contract::env::MASTER_ADDR),
+                format!("four-0.four.{}.svc", ns.name)
+            );
+        }
+        let svc = Api::<Service>::namespaced(ns.cluster.client.clone(), &ns.name)
+            .get("four")
+            .await?;
+        assert_eq!(svc.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+        Api::<ConfigMap>::namespaced(ns.cluster.client.clone(), &ns.name)
+            .get("four-config")
+            .await?;
+
+        for p in &members {
+            terminate(&pods, p.metadata.name.as_deref().unwrap(), 0).await?;
+        }
+        let job = wait_phase(&jobs, "four", Phase::Succeeded).await?;
+        assert!(job.status.unwrap().completion_time.is_some());
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn rank_2_failing_with_137_restarts_the_whole_gang_as_attempt_1() -> anyhow::Result<()> {
+    lockstep_e2e::with_namespace("op-restart", |ns| async move {
+        let jobs = create_job(&ns, "restart", 4, serde_json::json!({})).await?;
+        wait_phase(&jobs, "restart", Phase::Running).await?;
+        let pods: Api<Pod> = ns.api();
+        terminate(&pods, "restart-2", 137).await?;
+        // The cascade: other ranks exit because their peer died; they must not become the root
+        // cause.
+        terminate(&pods, "restart-0", contract::ExitCode::PeerFailed.code()).await?;
+
+        wait_until(TIMEOUT, "attempt 1 runs with all 4 ranks", || async {
+            let job = jobs.get("restart").await?;
+            let members = gang(&pods, "restart").await?;
+            Ok(job
+                .status
+                .as_ref()
+                .is_some_and(|s| s.attempt == 1 && s.phase == Some(Phase::Running))
+                && members.len() == 4
+                && members.iter().all(|p| label(p, labels::ATTEMPT) == "1"))
+        })
+        .await?;
+        let failure = jobs
+            .get("restart")
+            .await?
+            .status
+            .unwrap()
+            .last_failure
+            .unwrap();
+        assert_eq!(
+            (failure.rank, failure.exit_code, failure.attempt),
+            (2, Some(137), 0),
+            "{failure:?}"
+        );
+        assert_eq!(failure.pod, "restart-2");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_fail_job_rule_fails_the_job_at_once() -> anyhow::Result<()> {
+    lockstep_e2e::with_namespace("op-failjob", |ns| async move {
+        let rules = serde_json::json!({"failurePolicy": {"maxRestarts": 5, "rules": [
+            {"action": "FailJob", "exitCodes": [{"from": 42}]}]}});
+        let jobs = create_job(&ns, "failjob", 2, rules).await?;
+        wait_phase(&jobs, "failjob", Phase::Running).await?;
+        let pods: Api<Pod> = ns.api();
+        terminate(&pods, "failjob-1", 42).await?;
+        let job = wait_phase(&jobs, "failjob", Phase::Failed).await?;
+        let status = job.status.unwrap();
+        assert_eq!(status.attempt, 0, "no restart");
+        let failed = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Failed")
+            .unwrap();
+        assert_eq!(failed.reason, "FailedByRule");
+        assert!(
+            failed.message.contains("rank 1") && failed.message.contains("exit code 42"),
+            "{}",
+            failed.message
+        );
+        // cleanPodPolicy Running (the default): the rank still running is deleted.
+        wait_until(TIMEOUT, "the running rank is cleaned up", || async {
+            Ok(gang(&pods, "failjob")
+                .await?
+                .iter()
+                .all(|p| p.metadata.name.as_deref() == Some("failjob-1")))
+        })
+        .await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn deleting_a_job_removes_everything_it_owns() -> anyhow::Result<()> {
+    lockstep_e2e::with_namespace("op-delete", |ns| async move {
+        let jobs = create_job(&ns, "doomed", 2, serde_json::json!({})).await?;
+        wait_phase(&jobs, "doomed", Phase::Running).await?;
+        jobs.delete("doomed", &DeleteParams::background()).await?;
+        let pods: Api<Pod> = ns.api();
+        let services: Api<Service> = ns.api();
+        let maps: Api<ConfigMap> = ns.api();
+        wait_until(
+            TIMEOUT,
+            "the pods, Service and ConfigMap are gone",
+            || async {
+                Ok(gang(&pods, "doomed").await?.is_empty()
+                    && services.get_opt("doomed").await?.is_none()
+                    && maps.get_opt("doomed-config").await?.is_none())
+            },
+        )
+        .await
+    })
+    .await
+}

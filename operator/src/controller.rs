@@ -1,0 +1,252 @@
+//! Reconcile one ParallelJob: read (the job fresh from the API server, its pods), decide (pure,
+//! [`crate::decide`]), apply (status first, then the writes; server-side apply under one field
+//! manager for shared objects), record Events on transitions.
+//!
+//! The status is written before any pod is deleted or created: a crash between two writes then
+//! leaves a state the next pass completes (stale pods of an older attempt are deleted, missing
+//! ranks created), and the recorded first failure is never lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use lockstep_api::ParallelJob;
+use lockstep_api::contract::{labels, operator};
+use tracing::{info, warn};
+
+use crate::decide::{Action, decide};
+use crate::observe::{WORKER, observe};
+use crate::resources::JobContext;
+use crate::{Error, Result};
+
+/// Writes made concurrently at most (pod creations and deletions of one job).
+pub const WRITE_CONCURRENCY: usize = 32;
+
+/// What reconcile needs, injected once.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Event recorder.
+    pub recorder: Recorder,
+}
+
+/// Operator settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Jobs reconciled at once.
+    pub concurrency: u16,
+    /// Name reported on Events.
+    pub instance: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            instance: "lockstep-operator".into(),
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let jobs: Api<ParallelJob> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::all(client.clone());
+    let reporter = Reporter {
+        controller: operator::FIELD_MANAGER.into(),
+        instance: Some(settings.instance.clone()),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+    });
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        labels::MANAGED_BY,
+        operator::FIELD_MANAGER
+    ));
+    Controller::new(jobs, watcher::Config::default().any_semantic())
+        .owns(pods, owned)
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(job: Arc<ParallelJob>, err: &Error, _ctx: Arc<Context>) -> Requeue {
+    warn!(job = %job.name_any(), category = err.category(), error = %err, "reconcile error");
+    Requeue::requeue(Duration::from_secs(5))
+}
+
+/// One reconcile pass of one job.
+pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Requeue> {
+    let ns = cached
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let jobs: Api<ParallelJob> = Api::namespaced(ctx.client.clone(), &ns);
+    // Read the job fresh: the cache may not yet hold our own last status write.
+    let Some(job) = jobs.get_opt(&cached.name_any()).await? else {
+        return Ok(Requeue::await_change());
+    };
+    if job.spec.run_policy.managed_by != operator::CONTROLLER_NAME
+        || job.metadata.deletion_timestamp.is_some()
+    {
+        return Ok(Requeue::await_change());
+    }
+    let job_ctx = JobContext::new(&job)?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let selector = format!("{}={}", labels::JOB_NAME, job_ctx.name);
+    let observed: Vec<_> = pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .iter()
+        .filter_map(|p| observe(p, WORKER))
+        .collect();
+
+    let decision = decide(
+        &job,
+        job_ctx.layout.world_size(),
+        &observed,
+        Timestamp::now(),
+    );
+
+    if job.status.as_ref() != Some(&decision.status) {
+        let patch = serde_json::json!({
+            "apiVersion": ParallelJob::api_version(&()),
+            "kind": ParallelJob::kind(&()),
+            "status": decision.status,
+        });
+        jobs.patch_status(
+            job_ctx.name,
+            &PatchParams::apply(operator::FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+    for note in &decision.events {
+        let ev = Event {
+            type_: if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: note.reason.into(),
+            note: Some(note.message.chars().take(1000).collect()),
+            action: note.reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
+            warn!(job = job_ctx.name, error = %e, "recording an event failed");
+        }
+    }
+    for action in &decision.actions {
+        apply(&ctx, &job_ctx, &pods, &jobs, action).await?;
+    }
+    info!(job = job_ctx.name, namespace = %ns, phase = ?decision.status.phase, attempt = decision.status.attempt, actions = decision.actions.len(), "reconciled");
+    Ok(decision.requeue_after.map_or_else(
+        || Requeue::requeue(Duration::from_secs(300)),
+        Requeue::requeue,
+    ))
+}
+
+async fn apply(
+    ctx: &Context,
+    job: &JobContext<'_>,
+    pods: &Api<Pod>,
+    jobs: &Api<ParallelJob>,
+    action: &Action,
+) -> Result<()> {
+    let ssa = PatchParams::apply(operator::FIELD_MANAGER).force();
+    match action {
+        Action::EnsureSharedObjects => {
+            let services: Api<Service> = Api::namespaced(ctx.client.clone(), job.namespace);
+            services
+                .patch(
+                    &job.service_name(),
+                    &ssa,
+                    &Patch::Apply(&typed(job.service()?, "v1", "Service")),
+                )
+                .await?;
+            let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), job.namespace);
+            let (cm, _) = job.config_map()?;
+            maps.patch(
+                &job.config_map_name(),
+                &ssa,
+                &Patch::Apply(&typed(cm, "v1", "ConfigMap")),
+            )
+            .await?;
+        }
+        Action::CreatePods { attempt, ranks } => {
+            let (_, digest) = job.config_map()?;
+            let built: Vec<Pod> = ranks
+                .iter()
+                .map(|r| job.pod(*r, *attempt, &digest, false))
+                .collect::<Result<_>>()?;
+            futures::stream::iter(built)
+                .map(|pod| async move {
+                    match pods
+                        .create(
+                            &PostParams {
+                                field_manager: Some(operator::FIELD_MANAGER.into()),
+                                ..PostParams::default()
+                            },
+                            &pod,
+                        )
+                        .await
+                    {
+                        Ok(_) => Ok(()),
+                        // Created by an earlier pass whose status write we have not seen: fine.
+                        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                        Err(e) => Err(Error::Kube(e)),
+                    }
+                })
+                .buffer_unordered(WRITE_CONCURRENCY)
+                .try_collect::<Vec<()>>()
+                .await?;
+        }
+        Action::DeletePods(names) => {
+            futures::stream::iter(names.iter().cloned())
+                .map(|name| async move {
+                    match pods.delete(&name, &DeleteParams::background()).await {
+                        Ok(_) => Ok(()),
+                        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                        Err(e) => Err(Error::Kube(e)),
+                    }
+                })
+                .buffer_unordered(WRITE_CONCURRENCY)
+                .try_collect::<Vec<()>>()
+                .await?;
+        }
+        Action::DeleteJob => match jobs.delete(job.name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        },
+    }
+    Ok(())
+}
+
+/// An object with apiVersion and kind set, as server-side apply requires.
+fn typed<T: serde::Serialize>(obj: T, api_version: &str, kind: &str) -> serde_json::Value {
+    let mut v = serde_json::to_value(obj).unwrap_or_default();
+    v["apiVersion"] = api_version.into();
+    v["kind"] = kind.into();
+    v
+}

@@ -1,0 +1,956 @@
+//! The pure middle of reconcile: from a job and the observed pods of its gang, decide the status
+//! to report, the writes to make and the Events to record. Level-triggered: the same inputs give
+//! the same decision, so a crash between two writes is mended by the next pass.
+//!
+//! The life of an attempt: create every missing rank (Starting) -> all Running (Running) -> a
+//! rank fails: record the FIRST failure of the attempt, match the failure rules; RestartGang
+//! deletes the whole attempt (Restarting), waits until every old pod is gone and the backoff has
+//! passed, then starts the next attempt; FailJob or exhausted restarts fail the job; every rank
+//! Succeeded (or rank 0, per successPolicy) succeeds it.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use lockstep_api::contract::ExitCode;
+use lockstep_api::spec::{CleanPodPolicy, FailureAction, FailureReason, SuccessPolicy};
+use lockstep_api::status::{Phase, RankFailure, WorkerCounts, condition_types as ct, reasons};
+use lockstep_api::{ParallelJob, ParallelJobStatus};
+
+use crate::observe::{Failure, PodState, RankPod};
+
+/// A write reconcile makes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Apply the headless Service and the config ConfigMap.
+    EnsureSharedObjects,
+    /// Create the pods of these ranks for this attempt.
+    CreatePods {
+        /// Gang attempt.
+        attempt: i32,
+        /// Ranks to create.
+        ranks: Vec<u32>,
+    },
+    /// Delete these pods.
+    DeletePods(Vec<String>),
+    /// Delete the job itself (TTL after finished).
+    DeleteJob,
+}
+
+/// An Event to record on the job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    /// Warning (true) or Normal.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: &'static str,
+    /// What happened.
+    pub message: String,
+}
+
+/// What reconcile should do.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// The status to report.
+    pub status: ParallelJobStatus,
+    /// Writes, in order.
+    pub actions: Vec<Action>,
+    /// Events for transitions.
+    pub events: Vec<Note>,
+    /// Look again after this long even if nothing changes (backoff, deadline, TTL).
+    pub requeue_after: Option<Duration>,
+}
+
+struct Builder<'a> {
+    job: &'a ParallelJob,
+    now: Timestamp,
+    world: u32,
+    d: Decision,
+}
+
+/// Decides one reconcile pass of `job` given the observed pods of its gang (all attempts).
+pub fn decide(job: &ParallelJob, world: u32, pods: &[RankPod], now: Timestamp) -> Decision {
+    let mut status = job.status.clone().unwrap_or_default();
+    status.observed_generation = job.metadata.generation;
+    let mut b = Builder {
+        job,
+        now,
+        world,
+        d: Decision {
+            status,
+            actions: Vec::new(),
+            events: Vec::new(),
+            requeue_after: None,
+        },
+    };
+    b.run(pods);
+    b.d
+}
+
+impl Builder<'_> {
+    fn run(&mut self, pods: &[RankPod]) {
+        let spec = &self.job.spec;
+        if self.d.status.phase.is_none() {
+            self.note(
+                false,
+                reasons::JOB_CREATED,
+                format!("gang of {} ranks accepted", self.world),
+            );
+            self.set_phase(Phase::Pending);
+        }
+        self.count(pods);
+        if self.phase().is_some_and(Phase::is_terminal) {
+            return self.finished(pods);
+        }
+        if spec.run_policy.suspend {
+            return self.suspend(pods);
+        }
+        if self.phase() == Some(Phase::Suspended) {
+            self.condition(ct::SUSPENDED, false, reasons::JOB_RESUMED, "resumed".into());
+            self.note(
+                false,
+                reasons::JOB_RESUMED,
+                "job resumed: starting the gang again".into(),
+            );
+            self.set_phase(Phase::Starting);
+        }
+        if self.deadline_passed(pods) {
+            return;
+        }
+        let attempt = self.d.status.attempt;
+        let stale: Vec<&RankPod> = pods.iter().filter(|p| p.attempt != attempt).collect();
+        if !stale.is_empty() {
+            // The next attempt starts only when no pod of an older one is left, so no new rank
+            // can ever meet an old one.
+            self.delete(stale.iter().copied());
+            self.set_phase(Phase::Restarting);
+            return;
+        }
+        if self.phase() == Some(Phase::Restarting) && pods.is_empty() && self.backing_off() {
+            return;
+        }
+        let current: Vec<&RankPod> = pods.iter().filter(|p| p.attempt == attempt).collect();
+        if let Some((rank, pod, failure)) = self.first_failure(&current)
+            && self.on_failure(rank, pod, failure, &current)
+        {
+            return;
+        }
+        if self.succeeded(&current) {
+            return;
+        }
+        self.ensure_gang(&current);
+    }
+
+    fn phase(&self) -> Option<Phase> {
+        self.d.status.phase
+    }
+
+    fn set_phase(&mut self, p: Phase) {
+        self.d.status.phase = Some(p);
+    }
+
+    fn note(&mut self, warning: bool, reason: &'static str, message: String) {
+        self.d.events.push(Note {
+            warning,
+            reason,
+            message,
+        });
+    }
+
+    fn time(&self) -> Time {
+        Time(self.now)
+    }
+
+    /// Sets a condition, keeping its lastTransitionTime unless its status changes.
+    fn condition(&mut self, type_: &str, status: bool, reason: &str, message: String) {
+        let status_s = if status { "True" } else { "False" }.to_string();
+        let generation = self.job.metadata.generation;
+        let conds = &mut self.d.status.conditions;
+        let now = Time(self.now);
+        match conds.iter_mut().find(|c| c.type_ == type_) {
+            Some(c) => {
+                if c.status != status_s {
+                    c.last_transition_time = now;
+                }
+                c.status = status_s;
+                c.reason = reason.to_string();
+                c.message = message;
+                c.observed_generation = generation;
+            }
+            None => conds.push(Condition {
+                type_: type_.to_string(),
+                status: status_s,
+                reason: reason.to_string(),
+                message,
+                last_transition_time: now,
+                observed_generation: generation,
+            }),
+        }
+    }
+
+    fn condition_since(&self, type_: &str) -> Option<Timestamp> {
+        self.d
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == "True")
+            .map(|c| c.last_transition_time.0)
+    }
+
+    fn count(&mut self, pods: &[RankPod]) {
+        let attempt = self.d.status.attempt;
+        let mut w = WorkerCounts::default();
+        for p in pods
+            .iter()
+            .filter(|p| p.attempt == attempt && !p.terminating)
+        {
+            w.active += 1;
+            w.ready += i32::from(p.ready);
+            match p.state {
+                PodState::Running => w.running += 1,
+                PodState::Succeeded => w.succeeded += 1,
+                PodState::Failed(_) => w.failed += 1,
+                PodState::Pending => {}
+            }
+        }
+        self.d.status.ready = Some(format!("{}/{}", w.ready, self.world));
+        self.d.status.workers = Some(w);
+    }
+
+    fn delete<'p>(&mut self, pods: impl Iterator<Item = &'p RankPod>) {
+        let names: Vec<String> = pods
+            .filter(|p| !p.terminating)
+            .map(|p| p.name.clone())
+            .collect();
+        if !names.is_empty() {
+            self.d.actions.push(Action::DeletePods(names));
+        }
+    }
+
+    fn requeue(&mut self, after: Duration) {
+        let after = after.max(Duration::from_millis(100));
+        self.d.requeue_after = Some(self.d.requeue_after.map_or(after, |r| r.min(after)));
+    }
+
+    fn until(&self, at: Timestamp) -> Duration {
+        let left: SignedDuration = at.duration_since(self.now);
+        Duration::try_from(left).unwrap_or_default()
+    }
+
+    /// Terminal: clean up pods per cleanPodPolicy, delete the job when its TTL has passed.
+    fn finished(&mut self, pods: &[RankPod]) {
+        self.clean_up(pods);
+        if let (Some(ttl), Some(done)) = (
+            self.job.spec.run_policy.ttl_seconds_after_finished,
+            self.d.status.completion_time.as_ref().map(|t| t.0),
+        ) {
+            let at = done + SignedDuration::from_secs(i64::from(ttl));
+            if self.now >= at {
+                self.d.actions.push(Action::DeleteJob);
+            } else {
+                let wait = self.until(at);
+                self.requeue(wait);
+            }
+        }
+    }
+
+    fn clean_up(&mut self, pods: &[RankPod]) {
+        let policy = self.job.spec.run_policy.clean_pod_policy;
+        let doomed = pods.iter().filter(|p| match policy {
+            CleanPodPolicy::All => true,
+            CleanPodPolicy::Running => matches!(p.state, PodState::Running | PodState::Pending),
+            CleanPodPolicy::None => false,
+        });
+        let doomed: Vec<&RankPod> = doomed.collect();
+        self.delete(doomed.into_iter());
+    }
+
+    fn suspend(&mut self, pods: &[RankPod]) {
+        self.delete(pods.iter());
+        if self.phase() != Some(Phase::Suspended) {
+            self.note(
+                false,
+                reasons::JOB_SUSPENDED,
+                "job suspended: its pods are deleted".into(),
+            );
+        }
+        self.set_phase(Phase::Suspended);
+        self.condition(
+            ct::SUSPENDED,
+            true,
+            reasons::JOB_SUSPENDED,
+            "spec.runPolicy.suspend is true".into(),
+        );
+        self.condition(
+            ct::RUNNING,
+            false,
+            reasons::JOB_SUSPENDED,
+            "suspended".into(),
+        );
+    }
+
+    fn deadline_passed(&mut self, pods: &[RankPod]) -> bool {
+        let (Some(limit), Some(start)) = (
+            self.job.spec.run_policy.active_deadline_seconds,
+            self.d.status.start_time.as_ref().map(|t| t.0),
+        ) else {
+            return false;
+        };
+        let at = start + SignedDuration::from_secs(limit);
+        if self.now < at {
+            let wait = self.until(at);
+            self.requeue(wait);
+            return false;
+        }
+        self.fail(
+            reasons::DEADLINE_EXCEEDED,
+            format!("the job ran longer than spec.runPolicy.activeDeadlineSeconds ({limit}s)"),
+        );
+        self.clean_up(pods);
+        true
+    }
+
+    fn backing_off(&mut self) -> bool {
+        let attempt = u32::try_from(self.d.status.attempt).unwrap_or(0);
+        let Some(since) = self.condition_since(ct::RESTARTING) else {
+            return false;
+        };
+        let delay = self
+            .job
+            .spec
+            .failure_policy
+            .restart_backoff
+            .delay_seconds(attempt);
+        let at = since + SignedDuration::from_secs(i64::try_from(delay).unwrap_or(i64::MAX / 2));
+        if self.now < at {
+            let wait = self.until(at);
+            self.requeue(wait);
+            return true;
+        }
+        false
+    }
+
+    /// The first failure among the current attempt's pods: the earliest by its time, then the
+    /// lowest rank; a rank whose pod vanished while the gang ran counts as Deleted.
+    fn first_failure<'p>(
+        &self,
+        current: &[&'p RankPod],
+    ) -> Option<(u32, Option<&'p RankPod>, Failure)> {
+        let mut failures: Vec<(u32, Option<&RankPod>, Failure)> = current
+            .iter()
+            .filter_map(|p| match &p.state {
+                PodState::Failed(f) => Some((p.rank, Some(*p), f.clone())),
+                _ if p.terminating && self.phase() == Some(Phase::Running) => Some((
+                    p.rank,
+                    Some(*p),
+                    Failure {
+                        exit_code: None,
+                        reason: FailureReason::Deleted,
+                        detail: "Deleted".into(),
+                        message: "the pod was deleted while the gang ran".into(),
+                        time: None,
+                    },
+                )),
+                _ => None,
+            })
+            .collect();
+        if self.phase() == Some(Phase::Running) {
+            for rank in 0..self.world {
+                if !current.iter().any(|p| p.rank == rank) {
+                    failures.push((
+                        rank,
+                        None,
+                        Failure {
+                            exit_code: None,
+                            reason: FailureReason::Deleted,
+                            detail: "Deleted".into(),
+                            message: "the pod disappeared while the gang ran".into(),
+                            time: None,
+                        },
+                    ));
+                }
+            }
+        }
+        // A rank that reports it only stopped because another failed is never the root cause
+        // while a real failure exists.
+        failures.sort_by_key(|(rank, _, f)| {
+            (
+                f.reason == FailureReason::PeerFailed,
+                f.time.is_none(),
+                f.time,
+                *rank,
+            )
+        });
+        failures.into_iter().next()
+    }
+
+    /// Applies the failure policy; true when reconcile is done for this pass.
+    fn on_failure(
+        &mut self,
+        rank: u32,
+        pod: Option<&RankPod>,
+        f: Failure,
+        current: &[&RankPod],
+    ) -> bool {
+        let attempt = self.d.status.attempt;
+        let pod_name = pod.map_or_else(
+            || format!("{}-{rank}", self.job.metadata.name.as_deref().unwrap_or("")),
+            |p| p.name.clone(),
+        );
+        let first_of_attempt = self
+            .d
+            .status
+            .last_failure
+            .as_ref()
+            .is_none_or(|l| l.attempt != attempt);
+        if first_of_attempt {
+            self.d.status.last_failure = Some(RankFailure {
+                attempt,
+                rank: i32::try_from(rank).unwrap_or(i32::MAX),
+                pod: pod_name.clone(),
+                node: pod.and_then(|p| p.node.clone()),
+                exit_code: f.exit_code,
+                reason: f.detail.clone(),
+                message: Some(f.message.clone()),
+                time: Some(Time(f.time.unwrap_or(self.now))),
+            });
+            self.note(
+                true,
+                reasons::RANK_FAILED,
+                describe(rank, &pod_name, pod.and_then(|p| p.node.as_deref()), &f),
+            );
+        }
+        // Decide on the recorded first failure, never on a later secondary one.
+        let root = self.d.status.last_failure.clone().unwrap_or_default();
+        let root_failure = Failure {
+            exit_code: root.exit_code,
+            reason: if root.rank == i32::try_from(rank).unwrap_or(-1) {
+                f.reason
+            } else {
+                reason_of(&root)
+            },
+            detail: root.reason.clone(),
+            message: root.message.clone().unwrap_or_default(),
+            time: root.time.as_ref().map(|t| t.0),
+        };
+        let first = describe(
+            u32::try_from(root.rank).unwrap_or(0),
+            &root.pod,
+            root.node.as_deref(),
+            &root_failure,
+        );
+        match action_for(&self.job.spec.failure_policy.rules, &root_failure) {
+            FailureAction::Ignore => false,
+            FailureAction::FailJob => {
+                self.fail(
+                    reasons::FAILED_BY_RULE,
+                    format!("{first}; a failure rule says FailJob"),
+                );
+                self.delete(
+                    current
+                        .iter()
+                        .copied()
+                        .filter(|p| !matches!(p.state, PodState::Failed(_) | PodState::Succeeded)),
+                );
+                true
+            }
+            FailureAction::RestartGang => {
+                let max = self.job.spec.failure_policy.max_restarts;
+                if attempt >= max {
+                    self.fail(
+                        reasons::BACKOFF_LIMIT_EXCEEDED,
+                        format!("{first}; all {max} gang restarts used"),
+                    );
+                    self.delete(
+                        current.iter().copied().filter(|p| {
+                            !matches!(p.state, PodState::Failed(_) | PodState::Succeeded)
+                        }),
+                    );
+                } else {
+                    self.d.status.attempt = attempt + 1;
+                    self.delete(current.iter().copied());
+                    self.set_phase(Phase::Restarting);
+                    self.condition(ct::RUNNING, false, reasons::GANG_RESTARTING, first.clone());
+                    self.condition(
+                        ct::RESTARTING,
+                        true,
+                        reasons::GANG_RESTARTING,
+                        format!("{first}; starting attempt {}", attempt + 1),
+                    );
+                    let delay = self
+                        .job
+                        .spec
+                        .failure_policy
+                        .restart_backoff
+                        .delay_seconds(u32::try_from(attempt + 1).unwrap_or(1));
+                    self.note(
+                        true,
+                        reasons::GANG_RESTARTING,
+                        format!(
+                            "restarting the whole gang as attempt {} in {delay}s after {first}",
+                            attempt + 1
+                        ),
+                    );
+                    self.requeue(Duration::from_secs(delay));
+                }
+                true
+            }
+        }
+    }
+
+    fn fail(&mut self, reason: &'static str, message: String) {
+        self.set_phase(Phase::Failed);
+        self.d.status.completion_time = Some(self.time());
+        self.condition(ct::FAILED, true, reason, message.clone());
+        self.condition(ct::RUNNING, false, reason, "the job failed".into());
+        self.condition(ct::RESTARTING, false, reason, "the job failed".into());
+        self.note(true, reasons::JOB_FAILED, message);
+    }
+
+    fn succeeded(&mut self, current: &[&RankPod]) -> bool {
+        let ok = |rank: u32| {
+            current
+                .iter()
+                .any(|p| p.rank == rank && p.state == PodState::Succeeded)
+        };
+        let done = match self.job.spec.run_policy.success_policy {
+            SuccessPolicy::AllRanks => (0..self.world).all(ok),
+            SuccessPolicy::RankZero => ok(0),
+        };
+        if !done {
+            return false;
+        }
+        self.set_phase(Phase::Succeeded);
+        self.d.status.completion_time = Some(self.time());
+        self.condition(
+            ct::SUCCEEDED,
+            true,
+            reasons::JOB_SUCCEEDED,
+            "training finished".into(),
+        );
+        self.condition(
+            ct::RUNNING,
+            false,
+            reasons::JOB_SUCCEEDED,
+            "training finished".into(),
+        );
+        self.condition(
+            ct::RESTARTING,
+            false,
+            reasons::JOB_SUCCEEDED,
+            "training finished".into(),
+        );
+        self.note(
+            false,
+            reasons::JOB_SUCCEEDED,
+            format!("all {} ranks finished", self.world),
+        );
+        let owned: Vec<RankPod> = current.iter().map(|p| (*p).clone()).collect();
+        self.clean_up(&owned);
+        true
+    }
+
+    fn ensure_gang(&mut self, current: &[&RankPod]) {
+        let attempt = self.d.status.attempt;
+        let missing: Vec<u32> = (0..self.world)
+            .filter(|r| !current.iter().any(|p| p.rank == *r))
+            .collect();
+        if !missing.is_empty() {
+            self.d.actions.push(Action::EnsureSharedObjects);
+            self.d.actions.push(Action::CreatePods {
+                attempt,
+                ranks: missing,
+            });
+            if self.d.status.start_time.is_none() {
+                self.d.status.start_time = Some(self.time());
+            }
+        }
+        let running = current
+            .iter()
+            .filter(|p| p.state == PodState::Running && !p.terminating)
+            .count();
+        if running == self.world as usize {
+            if self.phase() != Some(Phase::Running) {
+                self.note(
+                    false,
+                    reasons::GANG_STARTED,
+                    format!("all {} ranks of attempt {attempt} are running", self.world),
+                );
+            }
+            self.set_phase(Phase::Running);
+            self.condition(
+                ct::RUNNING,
+                true,
+                reasons::GANG_STARTED,
+                format!("all {} ranks running", self.world),
+            );
+            self.condition(
+                ct::RESTARTING,
+                false,
+                reasons::GANG_STARTED,
+                "the gang runs".into(),
+            );
+        } else if self.phase() != Some(Phase::Running) {
+            self.set_phase(Phase::Starting);
+        }
+    }
+}
+
+fn reason_of(f: &RankFailure) -> FailureReason {
+    match f.reason.as_str() {
+        "OOMKilled" => FailureReason::OOMKilled,
+        "Evicted" => FailureReason::Evicted,
+        "Preempted" => FailureReason::Preempted,
+        "Deleted" => FailureReason::Deleted,
+        "NodeLost" => FailureReason::NodeLost,
+        "PeerFailed" => FailureReason::PeerFailed,
+        _ => FailureReason::Error,
+    }
+}
+
+fn describe(rank: u32, pod: &str, node: Option<&str>, f: &Failure) -> String {
+    let on = node.map(|n| format!(" on {n}")).unwrap_or_default();
+    let code = f
+        .exit_code
+        .map(|c| format!("exit code {c}, "))
+        .unwrap_or_default();
+    format!(
+        "rank {rank} (pod {pod}{on}) failed first: {code}{}: {}",
+        f.detail, f.message
+    )
+}
+
+/// The action for a failure: the first matching rule's, else the default (permanent worker
+/// errors fail the job, everything else restarts the gang).
+pub fn action_for(rules: &[lockstep_api::spec::FailureRule], f: &Failure) -> FailureAction {
+    for rule in rules {
+        let code_ok = rule.exit_codes.as_ref().is_none_or(|ranges| {
+            f.exit_code
+                .is_some_and(|c| ranges.iter().any(|r| r.contains(c)))
+        });
+        let reason_ok = rule
+            .reasons
+            .as_ref()
+            .is_none_or(|rs| rs.contains(&f.reason));
+        if code_ok && reason_ok {
+            return rule.action;
+        }
+    }
+    match f.exit_code.and_then(ExitCode::from_code) {
+        Some(c) if c.is_permanent() => FailureAction::FailJob,
+        _ => FailureAction::RestartGang,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::PodState::*;
+
+    fn job(yaml: &str) -> ParallelJob {
+        let text =
+            std::fs::read_to_string(format!("{}/../examples/{yaml}", env!("CARGO_MANIFEST_DIR")))
+                .unwrap();
+        let mut j = lockstep_api::validation::validate_yaml(&text).unwrap();
+        j.metadata.namespace = Some("ns".into());
+        j.metadata.generation = Some(1);
+        j
+    }
+
+    fn pod(rank: u32, attempt: i32, state: PodState) -> RankPod {
+        RankPod {
+            name: format!("j-{rank}"),
+            rank,
+            attempt,
+            state,
+            ready: false,
+            node: Some(format!("node-{rank}")),
+            terminating: false,
+        }
+    }
+
+    fn failed(code: i32, secs: i64) -> PodState {
+        let reason = if code == 5 {
+            FailureReason::PeerFailed
+        } else {
+            FailureReason::Error
+        };
+        Failed(Failure {
+            exit_code: Some(code),
+            reason,
+            detail: ExitCode::from_code(code).map_or("Error".into(), |c| c.reason().into()),
+            message: format!("exit {code}"),
+            time: Some(Timestamp::from_second(1_000 + secs).unwrap()),
+        })
+    }
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(2_000 + secs).unwrap()
+    }
+
+    /// Runs decide and feeds its status back, like the API server would.
+    fn step(j: &mut ParallelJob, pods: &[RankPod], now: Timestamp) -> Decision {
+        let d = decide(j, 4, pods, now);
+        j.status = Some(d.status.clone());
+        d
+    }
+
+    fn running(attempt: i32) -> Vec<RankPod> {
+        (0..4).map(|r| pod(r, attempt, Running)).collect()
+    }
+
+    #[test]
+    fn a_new_job_creates_every_rank_then_runs_then_succeeds() {
+        let mut j = job("ddp-digits.yaml");
+        let d = step(&mut j, &[], at(0));
+        assert_eq!(d.status.phase, Some(Phase::Starting));
+        assert!(d.actions.contains(&Action::CreatePods {
+            attempt: 0,
+            ranks: vec![0, 1, 2, 3]
+        }));
+        assert_eq!(d.events[0].reason, reasons::JOB_CREATED);
+        assert!(d.status.start_time.is_some());
+
+        let half = vec![
+            pod(0, 0, Running),
+            pod(1, 0, Pending),
+            pod(2, 0, Running),
+            pod(3, 0, Running),
+        ];
+        let d = step(&mut j, &half, at(1));
+        assert_eq!(
+            (d.status.phase, d.actions.len()),
+            (Some(Phase::Starting), 0)
+        );
+
+        let d = step(&mut j, &running(0), at(2));
+        assert_eq!(d.status.phase, Some(Phase::Running));
+        assert_eq!(
+            d.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+            [reasons::GANG_STARTED]
+        );
+        // Events only on transitions: the same state again records nothing.
+        assert!(step(&mut j, &running(0), at(3)).events.is_empty());
+
+        let done: Vec<_> = (0..4).map(|r| pod(r, 0, Succeeded)).collect();
+        let d = step(&mut j, &done, at(4));
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+        assert!(d.status.completion_time.is_some());
+        assert_eq!(d.events[0].reason, reasons::JOB_SUCCEEDED);
+    }
+
+    #[test]
+    fn a_failed_rank_restarts_the_whole_gang_and_the_first_failure_is_kept() {
+        let mut j = job("ddp-digits.yaml");
+        step(&mut j, &[], at(0));
+        step(&mut j, &running(0), at(1));
+        // Rank 2 is killed at t=10; rank 0 and 3 exit later because of it (a cascade).
+        let mut pods = running(0);
+        pods[2].state = failed(137, 10);
+        pods[0].state = failed(5, 11);
+        pods[3].state = failed(6, 12);
+        let d = step(&mut j, &pods, at(20));
+        let lf = d.status.last_failure.clone().unwrap();
+        assert_eq!(
+            (lf.rank, lf.exit_code, lf.attempt),
+            (2, Some(137), 0),
+            "{lf:?}"
+        );
+        assert_eq!(d.status.attempt, 1);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert!(matches!(&d.actions[0], Action::DeletePods(names) if names.len() == 4));
+        let reasons_seen: Vec<_> = d.events.iter().map(|e| e.reason).collect();
+        assert_eq!(
+            reasons_seen,
+            [reasons::RANK_FAILED, reasons::GANG_RESTARTING]
+        );
+
+        // Old pods still terminating: nothing new is created, they are not deleted twice.
+        let terminating: Vec<_> = pods
+            .iter()
+            .cloned()
+            .map(|mut p| {
+                p.terminating = true;
+                p
+            })
+            .collect();
+        let d = step(&mut j, &terminating, at(21));
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        // Gone, but inside the backoff (10 s for the first restart): wait.
+        let d = step(&mut j, &[], at(25));
+        assert!(d.actions.is_empty());
+        assert!(
+            d.requeue_after
+                .is_some_and(|r| r <= Duration::from_secs(10))
+        );
+        // After the backoff: attempt 1 starts, lastFailure still names rank 2.
+        let d = step(&mut j, &[], at(31));
+        assert!(d.actions.contains(&Action::CreatePods {
+            attempt: 1,
+            ranks: vec![0, 1, 2, 3]
+        }));
+        assert_eq!(d.status.last_failure.unwrap().rank, 2);
+    }
+
+    #[test]
+    fn a_fail_job_rule_fails_at_once_naming_the_first_failure() {
+        let mut j = job("torch-command.yaml"); // rules: FailJob on exit code 2
+        step(&mut j, &[], at(0));
+        let mut pods = running(0);
+        pods[1].state = failed(2, 5);
+        let d = step(&mut j, &pods, at(6));
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        let failed_cond = d
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ct::FAILED)
+            .unwrap();
+        assert_eq!(failed_cond.reason, reasons::FAILED_BY_RULE);
+        assert!(
+            failed_cond.message.contains("rank 1"),
+            "{}",
+            failed_cond.message
+        );
+        assert_eq!(d.status.attempt, 0);
+    }
+
+    #[test]
+    fn permanent_worker_errors_fail_by_default_and_restarts_run_out() {
+        let mut j = job("ddp-digits.yaml");
+        step(&mut j, &[], at(0));
+        let mut pods = running(0);
+        pods[0].state = failed(ExitCode::Config.code(), 1);
+        assert_eq!(step(&mut j, &pods, at(2)).status.phase, Some(Phase::Failed));
+
+        let mut j = job("ddp-digits.yaml");
+        j.spec.failure_policy.max_restarts = 1;
+        step(&mut j, &[], at(0));
+        let mut pods = running(0);
+        pods[3].state = failed(1, 1);
+        assert_eq!(step(&mut j, &pods, at(2)).status.attempt, 1);
+        step(&mut j, &[], at(100));
+        let mut pods = running(1);
+        pods[1].state = failed(1, 200);
+        let d = step(&mut j, &pods, at(300));
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        let c = d
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ct::FAILED)
+            .unwrap();
+        assert_eq!(c.reason, reasons::BACKOFF_LIMIT_EXCEEDED);
+        assert!(c.message.contains("rank 1"), "{}", c.message);
+    }
+
+    #[test]
+    fn suspend_deletes_pods_and_resume_starts_again() {
+        let mut j = job("ddp-digits.yaml");
+        step(&mut j, &[], at(0));
+        j.spec.run_policy.suspend = true;
+        let d = step(&mut j, &running(0), at(1));
+        assert_eq!(d.status.phase, Some(Phase::Suspended));
+        assert!(matches!(&d.actions[0], Action::DeletePods(n) if n.len() == 4));
+        j.spec.run_policy.suspend = false;
+        let d = step(&mut j, &[], at(2));
+        assert_eq!(d.status.phase, Some(Phase::Starting));
+        assert!(
+            d.actions
+                .iter()
+                .any(|a| matches!(a, Action::CreatePods { .. }))
+        );
+        assert!(d.events.iter().any(|e| e.reason == reasons::JOB_RESUMED));
+    }
+
+    #[test]
+    fn the_deadline_fails_the_job_and_ttl_deletes_it() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.run_policy.active_deadline_seconds = Some(60);
+        j.spec.run_policy.ttl_seconds_after_finished = Some(30);
+        step(&mut j, &[], at(0));
+        assert!(
+            step(&mut j, &running(0), at(30))
+                .requeue_after
+                .is_some_and(|r| r <= Duration::from_secs(30))
+        );
+        let d = step(&mut j, &running(0), at(61));
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(
+            d.status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == ct::FAILED)
+                .unwrap()
+                .reason,
+            reasons::DEADLINE_EXCEEDED
+        );
+        assert!(matches!(&d.actions[0], Action::DeletePods(n) if n.len() == 4));
+        assert!(
+            !step(&mut j, &[], at(70))
+                .actions
+                .contains(&Action::DeleteJob)
+        );
+        assert!(
+            step(&mut j, &[], at(92))
+                .actions
+                .contains(&Action::DeleteJob)
+        );
+    }
+
+    #[test]
+    fn a_pod_deleted_while_running_is_a_failure() {
+        let mut j = job("ddp-digits.yaml");
+        step(&mut j, &[], at(0));
+        step(&mut j, &running(0), at(1));
+        let three: Vec<_> = running(0).into_iter().filter(|p| p.rank != 1).collect();
+        let d = step(&mut j, &three, at(2));
+        let lf = d.status.last_failure.unwrap();
+        assert_eq!((lf.rank, lf.reason.as_str()), (1, "Deleted"));
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+    }
+
+    #[test]
+    fn rules_match_on_codes_and_reasons_in_order() {
+        use lockstep_api::spec::{ExitCodeRange, FailureRule};
+        let rules = vec![
+            FailureRule {
+                action: FailureAction::Ignore,
+                exit_codes: Some(vec![ExitCodeRange { from: 42, to: None }]),
+                reasons: None,
+            },
+            FailureRule {
+                action: FailureAction::FailJob,
+                exit_codes: Some(vec![ExitCodeRange {
+                    from: 128,
+                    to: Some(255),
+                }]),
+                reasons: Some(vec![FailureReason::OOMKilled]),
+            },
+        ];
+        let f = |code: i32, reason| Failure {
+            exit_code: Some(code),
+            reason,
+            detail: String::new(),
+            message: String::new(),
+            time: None,
+        };
+        assert_eq!(
+            action_for(&rules, &f(42, FailureReason::Error)),
+            FailureAction::Ignore
+        );
+        assert_eq!(
+            action_for(&rules, &f(137, FailureReason::OOMKilled)),
+            FailureAction::FailJob
+        );
+        assert_eq!(
+            action_for(&rules, &f(137, FailureReason::Error)),
+            FailureAction::RestartGang,
+            "both matchers must match"
+        );
+        assert_eq!(
+            action_for(&[], &f(ExitCode::Checkpoint.code(), FailureReason::Error)),
+            FailureAction::FailJob
+        );
+    }
+}

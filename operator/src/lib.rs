@@ -1,0 +1,45 @@
+//! The Lockstep operator: the single controller of every ParallelJob.
+//!
+//! - [`resources`]: pure builders of the owned objects (Service, ConfigMap, worker pods).
+//! - [`observe`]: worker pods reduced to per-rank facts.
+//! - [`decide`]: the pure phase machine and failure policy.
+//! - [`controller`]: reconcile = read, decide, apply (server-side apply), report status.
+
+pub mod controller;
+pub mod decide;
+pub mod observe;
+pub mod resources;
+
+/// Errors of the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A field the operator needs is missing.
+    #[error("{0} is missing")]
+    MissingField(&'static str),
+    /// The template has no container the operator can fill in.
+    #[error("spec.template has no container named 'worker' (and more than one container)")]
+    NoWorkerContainer,
+    /// The job's spec is invalid for the API crate.
+    #[error(transparent)]
+    Api(#[from] lockstep_api::Error),
+    /// A call to the API server failed.
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    /// Serializing an object failed.
+    #[error("serialization: {0}")]
+    Serde(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// A stable, low-cardinality category for metric labels and Event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::MissingField(_) | Error::NoWorkerContainer | Error::Api(_) => "invalid_spec",
+            Error::Kube(_) => "kubernetes",
+            Error::Serde(_) => "serialization",
+        }
+    }
+}
+
+/// Result with the operator's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

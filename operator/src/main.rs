@@ -1,0 +1,57 @@
+//! `lockstep-operator`: reconciles every ParallelJob of the cluster its kubeconfig (or in-cluster
+//! service account) points at.
+//!
+//!     lockstep-operator [--concurrency N]
+//!
+//! Logs are JSON lines when `LOG_FORMAT=json`, else human-readable; `RUST_LOG` filters them.
+
+use anyhow::Context as _;
+use lockstep_operator::controller::{Settings, run};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let mut settings = Settings::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--concurrency" => {
+                settings.concurrency = args
+                    .next()
+                    .context("--concurrency needs a number")?
+                    .parse()
+                    .context("--concurrency")?;
+            }
+            "-h" | "--help" => {
+                eprintln!("usage: lockstep-operator [--concurrency N]");
+                return Ok(());
+            }
+            other => anyhow::bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    if let Ok(pod) = std::env::var("POD_NAME") {
+        settings.instance = pod;
+    }
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the API server (KUBECONFIG or in-cluster)")?;
+    tracing::info!(
+        concurrency = settings.concurrency,
+        "lockstep-operator starting"
+    );
+    run(client, settings, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
+    tracing::info!("lockstep-operator stopped");
+    Ok(())
+}

@@ -1,0 +1,477 @@
+//! Pure builders of the objects a ParallelJob owns: a headless Service that gives every rank a
+//! stable DNS name, a ConfigMap with the worker config, and one pod per rank carrying the env
+//! contract of `lockstep_api::contract`. Nothing here talks to the API server.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, Pod, PodSchedulingGate,
+    PodSpec, ResourceRequirements, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+use lockstep_api::ParallelJob;
+use lockstep_api::config::WorkerConfig;
+use lockstep_api::contract::{annotations, env, labels, operator, ports};
+use lockstep_api::layout::Layout;
+use lockstep_api::training::Workload;
+
+use crate::{Error, Result};
+
+/// Seconds a worker gets between SIGTERM and SIGKILL, unless the template says otherwise: long
+/// enough to finish writing a checkpoint.
+pub const DEFAULT_GRACE_SECONDS: i64 = 30;
+
+/// Command the operator runs in the worker container of a built-in workload that sets none.
+pub const WORKER_COMMAND: &[&str] = &["lockstep-worker", "run"];
+
+/// Everything the builders need to know about one job.
+pub struct JobContext<'a> {
+    /// The job.
+    pub job: &'a ParallelJob,
+    /// Its name.
+    pub name: &'a str,
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// Its rank layout.
+    pub layout: Layout,
+}
+
+impl<'a> JobContext<'a> {
+    /// The context of `job`, which must have a name, a namespace and a valid layout.
+    pub fn new(job: &'a ParallelJob) -> Result<Self> {
+        let name = job
+            .metadata
+            .name
+            .as_deref()
+            .ok_or(Error::MissingField("metadata.name"))?;
+        let namespace = job
+            .metadata
+            .namespace
+            .as_deref()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let p = &job.spec.parallelism;
+        let layout = Layout::new(
+            p.data_parallel.max(0) as u32,
+            p.pipeline_stages.max(0) as u32,
+        )?;
+        Ok(Self {
+            job,
+            name,
+            namespace,
+            layout,
+        })
+    }
+
+    /// Name of the headless Service (the job's name).
+    pub fn service_name(&self) -> String {
+        self.name.to_string()
+    }
+
+    /// Name of the worker-config ConfigMap.
+    pub fn config_map_name(&self) -> String {
+        format!("{}-config", self.name)
+    }
+
+    /// Name (and hostname) of rank `rank`'s pod: stable across attempts, because an attempt
+    /// starts only after every pod of the previous one is gone.
+    pub fn pod_name(&self, rank: u32) -> String {
+        format!("{}-{rank}", self.name)
+    }
+
+    /// DNS name of rank 0 inside the cluster.
+    pub fn rank0_host(&self) -> String {
+        format!(
+            "{}.{}.{}.svc",
+            self.pod_name(0),
+            self.service_name(),
+            self.namespace
+        )
+    }
+
+    /// The owner reference that ties an object to the job (garbage-collected with it).
+    pub fn owner_reference(&self) -> Result<OwnerReference> {
+        self.job
+            .controller_owner_ref(&())
+            .ok_or(Error::MissingField("metadata.uid"))
+    }
+
+    /// Labels every owned object carries.
+    pub fn common_labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (labels::JOB_NAME.to_string(), self.name.to_string()),
+            (
+                labels::APP_NAME_KEY.to_string(),
+                labels::APP_NAME.to_string(),
+            ),
+            (labels::INSTANCE.to_string(), self.name.to_string()),
+            (
+                labels::MANAGED_BY.to_string(),
+                operator::FIELD_MANAGER.to_string(),
+            ),
+        ])
+    }
+
+    fn meta(&self, name: String) -> Result<ObjectMeta> {
+        Ok(ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.to_string()),
+            labels: Some(self.common_labels()),
+            owner_references: Some(vec![self.owner_reference()?]),
+            ..ObjectMeta::default()
+        })
+    }
+
+    /// The headless Service: `<job>-<rank>.<job>.<namespace>.svc` resolves for every rank, even
+    /// before it is Ready (ranks must find rank 0 to become ready at all).
+    pub fn service(&self) -> Result<Service> {
+        let mut selector = BTreeMap::new();
+        selector.insert(labels::JOB_NAME.to_string(), self.name.to_string());
+        Ok(Service {
+            metadata: self.meta(self.service_name())?,
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("None".into()),
+                publish_not_ready_addresses: Some(true),
+                selector: Some(selector),
+                ports: Some(vec![
+                    service_port("rendezvous", ports::RENDEZVOUS),
+                    service_port("torch", ports::TORCH_MASTER),
+                    service_port("metrics", self.metrics_port()),
+                ]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        })
+    }
+
+    fn metrics_port(&self) -> u16 {
+        u16::try_from(self.job.spec.monitoring.metrics_port).unwrap_or(ports::METRICS)
+    }
+
+    /// The ConfigMap with the worker config (mounted in every pod at the config path).
+    pub fn config_map(&self) -> Result<(ConfigMap, String)> {
+        let config = WorkerConfig::from_job(self.job)?;
+        let digest = config.digest();
+        let mut data = BTreeMap::new();
+        data.insert(operator::CONFIG_KEY.to_string(), config.to_json());
+        let mut meta = self.meta(self.config_map_name())?;
+        meta.annotations = Some(BTreeMap::from([(
+            annotations::CONFIG_DIGEST.to_string(),
+            digest.clone(),
+        )]));
+        Ok((
+            ConfigMap {
+                metadata: meta,
+                data: Some(data),
+                ..ConfigMap::default()
+            },
+            digest,
+        ))
+    }
+
+    /// The container the operator fills in: the one named `worker`, or the only one.
+    pub fn worker_container_index(&self) -> Result<usize> {
+        let containers = &self.template_spec()?.containers;
+        containers
+            .iter()
+            .position(|c| c.name == operator::WORKER_CONTAINER)
+            .or_else(|| (containers.len() == 1).then_some(0))
+            .ok_or(Error::NoWorkerContainer)
+    }
+
+    fn template_spec(&self) -> Result<&PodSpec> {
+        self.job
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .ok_or(Error::MissingField("spec.template.spec"))
+    }
+
+    /// The env contract of one rank of one attempt.
+    pub fn env(&self, rank: u32, attempt: i32, config_path: &str) -> Vec<EnvVar> {
+        let world = self.layout.world_size();
+        let master = self.rank0_host();
+        let p = |name: &str, value: String| EnvVar {
+            name: name.to_string(),
+            value: Some(value),
+            value_from: None,
+        };
+        vec![
+            p(env::JOB, self.name.to_string()),
+            p(env::NAMESPACE, self.namespace.to_string()),
+            p(env::RANK, rank.to_string()),
+            p(env::WORLD_SIZE, world.to_string()),
+            p(env::ATTEMPT, attempt.to_string()),
+            p(env::RENDEZVOUS, format!("{master}:{}", ports::RENDEZVOUS)),
+            p(env::CONFIG, config_path.to_string()),
+            p(
+                env::CHECKPOINT_DIR,
+                self.job.spec.training.checkpoint.path.clone(),
+            ),
+            p(env::METRICS_PORT, self.metrics_port().to_string()),
+            p(env::STAGE, self.layout.stage_of(rank).to_string()),
+            p(env::REPLICA, self.layout.replica_of(rank).to_string()),
+            p(env::MASTER_ADDR, master.clone()),
+            p(env::MASTER_PORT, ports::TORCH_MASTER.to_string()),
+            p(env::TORCH_WORLD_SIZE, world.to_string()),
+            p(env::TORCH_RANK, rank.to_string()),
+            p(env::LOCAL_RANK, "0".into()),
+            p(env::PET_NNODES, world.to_string()),
+            p(env::PET_NPROC_PER_NODE, "1".into()),
+            p(env::PET_NODE_RANK, rank.to_string()),
+            p(env::PET_MASTER_ADDR, master),
+            p(env::PET_MASTER_PORT, ports::TORCH_MASTER.to_string()),
+        ]
+    }
+
+    /// The pod of rank `rank` in attempt `attempt`. With `gated`, it carries the gang scheduling
+    /// gate and is not scheduled until gang admission removes it.
+    pub fn pod(&self, rank: u32, attempt: i32, config_digest: &str, gated: bool) -> Result<Pod> {
+        let template = &self.job.spec.template;
+        let mut spec = self.template_spec()?.clone();
+        let worker = self.worker_container_index()?;
+        let config_path = format!("{}/{}", operator::CONFIG_MOUNT_DIR, operator::CONFIG_KEY);
+
+        let c: &mut Container = &mut spec.containers[worker];
+        let mut env_vars = self.env(rank, attempt, &config_path);
+        env_vars.extend(c.env.take().unwrap_or_default());
+        c.env = Some(env_vars);
+        if self.job.spec.training.workload != Workload::Command && c.command.is_none() {
+            c.command = Some(WORKER_COMMAND.iter().map(|s| s.to_string()).collect());
+        }
+        let mut ports_list = c.ports.take().unwrap_or_default();
+        for (name, port) in [
+            ("rendezvous", ports::RENDEZVOUS),
+            ("metrics", self.metrics_port()),
+        ] {
+            if !ports_list
+                .iter()
+                .any(|p| p.container_port == i32::from(port))
+            {
+                ports_list.push(ContainerPort {
+                    name: Some(name.into()),
+                    container_port: i32::from(port),
+                    ..ContainerPort::default()
+                });
+            }
+        }
+        c.ports = Some(ports_list);
+        let gpus = self.job.spec.parallelism.gpus_per_worker;
+        if gpus > 0 {
+            let res = c
+                .resources
+                .get_or_insert_with(ResourceRequirements::default);
+            res.limits
+                .get_or_insert_with(BTreeMap::new)
+                .insert("nvidia.com/gpu".into(), Quantity(gpus.to_string()));
+        }
+        c.volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(VolumeMount {
+                name: "lockstep-config".into(),
+                mount_path: operator::CONFIG_MOUNT_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+        spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: "lockstep-config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: self.config_map_name(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        spec.hostname = Some(self.pod_name(rank));
+        spec.subdomain = Some(self.service_name());
+        // A failed rank fails the gang; the operator restarts the whole gang, never one pod.
+        spec.restart_policy = Some("Never".into());
+        spec.termination_grace_period_seconds
+            .get_or_insert(DEFAULT_GRACE_SECONDS);
+        if let Some(pc) = &self.job.spec.scheduling.priority_class_name {
+            spec.priority_class_name = Some(pc.clone());
+        }
+        if gated {
+            spec.scheduling_gates
+                .get_or_insert_with(Vec::new)
+                .push(PodSchedulingGate {
+                    name: operator::SCHEDULING_GATE.into(),
+                });
+        }
+
+        let mut meta = self.meta(self.pod_name(rank))?;
+        let mut pod_labels = template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
+        pod_labels.extend(self.common_labels());
+        pod_labels.insert(labels::RANK.into(), rank.to_string());
+        pod_labels.insert(labels::STAGE.into(), self.layout.stage_of(rank).to_string());
+        pod_labels.insert(
+            labels::REPLICA.into(),
+            self.layout.replica_of(rank).to_string(),
+        );
+        pod_labels.insert(labels::ATTEMPT.into(), attempt.to_string());
+        pod_labels.insert(labels::COMPONENT.into(), "worker".into());
+        meta.labels = Some(pod_labels);
+        let mut pod_annotations = template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.clone())
+            .unwrap_or_default();
+        pod_annotations.insert(annotations::CONFIG_DIGEST.into(), config_digest.to_string());
+        meta.annotations = Some(pod_annotations);
+        Ok(Pod {
+            metadata: meta,
+            spec: Some(spec),
+            status: None,
+        })
+    }
+}
+
+fn service_port(name: &str, port: u16) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port: i32::from(port),
+        ..ServicePort::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn job(yaml: &str) -> ParallelJob {
+        let text =
+            std::fs::read_to_string(format!("{}/../examples/{yaml}", env!("CARGO_MANIFEST_DIR")))
+                .unwrap();
+        let mut job = lockstep_api::validation::validate_yaml(&text).unwrap();
+        job.metadata.namespace = Some("team-a".into());
+        job.metadata.uid = Some("uid-1".into());
+        job
+    }
+
+    fn env_of(pod: &Pod) -> BTreeMap<String, String> {
+        pod.spec.as_ref().unwrap().containers[0]
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect()
+    }
+
+    #[test]
+    fn pods_carry_the_env_contract_and_labels() {
+        let j = job("pipeline-gpt.yaml");
+        let ctx = JobContext::new(&j).unwrap();
+        let pod = ctx.pod(3, 2, "abc", false).unwrap();
+        let e = env_of(&pod);
+        assert_eq!(e[env::RANK], "3");
+        assert_eq!(e[env::WORLD_SIZE], "4");
+        assert_eq!(e[env::ATTEMPT], "2");
+        assert_eq!(e[env::STAGE], "1");
+        assert_eq!(e[env::REPLICA], "1");
+        assert_eq!(
+            e[env::RENDEZVOUS],
+            "pipeline-gpt-0.pipeline-gpt.team-a.svc:29600"
+        );
+        assert_eq!(
+            e[env::MASTER_ADDR],
+            "pipeline-gpt-0.pipeline-gpt.team-a.svc"
+        );
+        assert_eq!(
+            (
+                e[env::TORCH_RANK].as_str(),
+                e[env::TORCH_WORLD_SIZE].as_str()
+            ),
+            ("3", "4")
+        );
+        assert_eq!(
+            (e[env::PET_NODE_RANK].as_str(), e[env::PET_NNODES].as_str()),
+            ("3", "4")
+        );
+        assert_eq!(e[env::CONFIG], "/etc/lockstep/worker.json");
+        // Every name the operator sets is one a user may not set.
+        assert!(e.keys().all(|k| env::is_reserved(k)), "{:?}", e.keys());
+
+        let l = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(l[labels::RANK], "3");
+        assert_eq!(l[labels::STAGE], "1");
+        assert_eq!(l[labels::ATTEMPT], "2");
+        assert_eq!(l[labels::JOB_NAME], "pipeline-gpt");
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.hostname.as_deref(), Some("pipeline-gpt-3"));
+        assert_eq!(spec.subdomain.as_deref(), Some("pipeline-gpt"));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(
+            pod.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "uid-1"
+        );
+        assert_eq!(
+            spec.containers[0].command.as_deref().unwrap(),
+            ["lockstep-worker", "run"]
+        );
+    }
+
+    #[test]
+    fn gpus_gates_and_user_env_are_kept() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.parallelism.gpus_per_worker = 8;
+        j.spec.template.spec.as_mut().unwrap().containers[0].env = Some(vec![EnvVar {
+            name: "NCCL_DEBUG".into(),
+            value: Some("INFO".into()),
+            value_from: None,
+        }]);
+        let ctx = JobContext::new(&j).unwrap();
+        let pod = ctx.pod(0, 0, "d", true).unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        let limits = spec.containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap();
+        assert_eq!(limits["nvidia.com/gpu"].0, "8");
+        assert_eq!(limits["memory"].0, "1Gi", "the template's own limits stay");
+        assert_eq!(
+            spec.scheduling_gates.as_ref().unwrap()[0].name,
+            operator::SCHEDULING_GATE
+        );
+        assert_eq!(env_of(&pod)["NCCL_DEBUG"], "INFO");
+    }
+
+    #[test]
+    fn command_jobs_keep_their_command_and_use_their_only_container() {
+        let mut j = job("torch-command.yaml");
+        j.spec.template.spec.as_mut().unwrap().containers[0].name = "pytorch".into();
+        let ctx = JobContext::new(&j).unwrap();
+        let pod = ctx.pod(1, 0, "d", false).unwrap();
+        let c = &pod.spec.as_ref().unwrap().containers[0];
+        assert_eq!(c.command.as_deref().unwrap(), ["bash", "-c"]);
+        assert_eq!(env_of(&pod)[env::MASTER_PORT], "29500");
+    }
+
+    #[test]
+    fn service_is_headless_and_publishes_not_ready_addresses() {
+        let j = job("ddp-digits.yaml");
+        let svc = JobContext::new(&j).unwrap().service().unwrap();
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.publish_not_ready_addresses, Some(true));
+        assert_eq!(spec.selector.unwrap()[labels::JOB_NAME], "ddp-digits");
+    }
+
+    #[test]
+    fn config_map_holds_the_worker_config_and_its_digest() {
+        let j = job("gpt-shakespeare.yaml");
+        let (cm, digest) = JobContext::new(&j).unwrap().config_map().unwrap();
+        let text = &cm.data.unwrap()[operator::CONFIG_KEY];
+        let parsed = WorkerConfig::from_json(text).unwrap();
+        assert_eq!(parsed.digest(), digest);
+        assert_eq!(parsed.training, j.spec.training);
+    }
+}
