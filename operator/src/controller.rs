@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
@@ -19,6 +20,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::{labels, operator};
+use lockstep_api::status::{condition_types, reasons};
 use tracing::{info, warn};
 
 use crate::decide::{Action, decide};
@@ -157,13 +159,77 @@ pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Re
         }
     }
     for action in &decision.actions {
-        apply(&ctx, &job_ctx, &pods, &jobs, action).await?;
+        match apply(&ctx, &job_ctx, &pods, &jobs, action).await {
+            Ok(()) => {}
+            // The API server refuses what the template makes (a pod that is invalid or forbidden):
+            // retrying cannot help until the user changes the job, so say so and wait for that.
+            Err(Error::Kube(kube::Error::Api(e))) if matches!(e.code, 400 | 403 | 422) => {
+                let message = format!(
+                    "the API server refused an object built from spec.template: {}",
+                    e.message
+                );
+                report_rejected(&ctx, &jobs, &job, &decision.status, &message).await?;
+                return Ok(Requeue::await_change());
+            }
+            Err(e) => return Err(e),
+        }
     }
     info!(job = job_ctx.name, namespace = %ns, phase = ?decision.status.phase, attempt = decision.status.attempt, actions = decision.actions.len(), "reconciled");
     Ok(decision.requeue_after.map_or_else(
         || Requeue::requeue(Duration::from_secs(300)),
         Requeue::requeue,
     ))
+}
+
+async fn report_rejected(
+    ctx: &Context,
+    jobs: &Api<ParallelJob>,
+    job: &ParallelJob,
+    status: &lockstep_api::ParallelJobStatus,
+    message: &str,
+) -> Result<()> {
+    let mut status = status.clone();
+    let already = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition_types::VALID && c.status == "False" && c.message == message);
+    if already {
+        return Ok(());
+    }
+    status
+        .conditions
+        .retain(|c| c.type_ != condition_types::VALID);
+    status.conditions.push(Condition {
+        type_: condition_types::VALID.into(),
+        status: "False".into(),
+        reason: reasons::TEMPLATE_REJECTED.into(),
+        message: message.into(),
+        last_transition_time: Time(Timestamp::now()),
+        observed_generation: job.metadata.generation,
+    });
+    let patch = serde_json::json!({
+        "apiVersion": ParallelJob::api_version(&()),
+        "kind": ParallelJob::kind(&()),
+        "status": status,
+    });
+    jobs.patch_status(
+        &job.name_any(),
+        &PatchParams::apply(operator::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: reasons::TEMPLATE_REJECTED.into(),
+        note: Some(message.chars().take(1000).collect()),
+        action: "CreatePods".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
+        warn!(job = %job.name_any(), error = %e, "recording an event failed");
+    }
+    warn!(job = %job.name_any(), message, "template rejected");
+    Ok(())
 }
 
 async fn apply(

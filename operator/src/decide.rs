@@ -72,6 +72,12 @@ struct Builder<'a> {
 pub fn decide(job: &ParallelJob, world: u32, pods: &[RankPod], now: Timestamp) -> Decision {
     let mut status = job.status.clone().unwrap_or_default();
     status.observed_generation = job.metadata.generation;
+    // A rejection reported for an older generation of the spec no longer holds.
+    status.conditions.retain(|c| {
+        !(c.type_ == ct::VALID
+            && c.status == "False"
+            && c.observed_generation != job.metadata.generation)
+    });
     let mut b = Builder {
         job,
         now,

@@ -226,3 +226,109 @@ async fn deleting_a_job_removes_everything_it_owns() -> anyhow::Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn restarts_run_out_and_the_job_fails_naming_the_first_failure() -> anyhow::Result<()> {
+    lockstep_e2e::with_namespace("op-exhausted", |ns| async move {
+        let policy = serde_json::json!({"failurePolicy": {"maxRestarts": 1,
+            "restartBackoff": {"initialSeconds": 0, "maxSeconds": 0}}});
+        let jobs = create_job(&ns, "flaky", 2, policy).await?;
+        let pods: Api<Pod> = ns.api();
+        for attempt in 0..2 {
+            wait_until(TIMEOUT, &format!("attempt {attempt} runs"), || async {
+                let s = jobs.get("flaky").await?.status.unwrap_or_default();
+                Ok(s.attempt == attempt && s.phase == Some(Phase::Running))
+            })
+            .await?;
+            terminate(&pods, "flaky-1", 1).await?;
+        }
+        let job = wait_phase(&jobs, "flaky", Phase::Failed).await?;
+        let status = job.status.unwrap();
+        let failed = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Failed")
+            .unwrap();
+        assert_eq!(failed.reason, "BackoffLimitExceeded");
+        assert!(failed.message.contains("rank 1"), "{}", failed.message);
+        assert_eq!(status.last_failure.unwrap().attempt, 1);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn suspend_deletes_the_pods_and_resume_starts_the_gang_again() -> anyhow::Result<()> {
+    lockstep_e2e::with_namespace("op-suspend", |ns| async move {
+        let jobs = create_job(&ns, "pausable", 2, serde_json::json!({})).await?;
+        wait_phase(&jobs, "pausable", Phase::Running).await?;
+        let pods: Api<Pod> = ns.api();
+        let set = |on: bool| serde_json::json!({"spec": {"runPolicy": {"suspend": on}}});
+        jobs.patch(
+            "pausable",
+            &PatchParams::default(),
+            &Patch::Merge(&set(true)),
+        )
+        .await?;
+        wait_phase(&jobs, "pausable", Phase::Suspended).await?;
+        wait_until(TIMEOUT, "the suspended job has no pods", || async {
+            Ok(gang(&pods, "pausable").await?.is_empty())
+        })
+        .await?;
+        jobs.patch(
+            "pausable",
+            &PatchParams::default(),
+            &Patch::Merge(&set(false)),
+        )
+        .await?;
+        wait_phase(&jobs, "pausable", Phase::Running).await?;
+        assert_eq!(gang(&pods, "pausable").await?.len(), 2);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_deadline_fails_the_job_and_the_ttl_deletes_it() -> anyhow::Result<()> {
+    lockstep_e2e::with_namespace("op-deadline", |ns| async move {
+        let policy = serde_json::json!({"runPolicy": {"activeDeadlineSeconds": 2, "ttlSecondsAfterFinished": 2}});
+        let jobs = create_job(&ns, "bounded", 2, policy).await?;
+        let job = wait_phase(&jobs, "bounded", Phase::Failed).await?;
+        let failed = job.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Failed").unwrap();
+        assert_eq!(failed.reason, "DeadlineExceeded");
+        wait_until(TIMEOUT, "the TTL deletes the finished job", || async {
+            Ok(jobs.get_opt("bounded").await?.is_none())
+        })
+        .await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_template_the_api_server_refuses_is_reported_not_retried_forever() -> anyhow::Result<()> {
+    lockstep_e2e::with_namespace("op-rejected", |ns| async move {
+        // Valid as a ParallelJob, invalid as a pod: the mount names a volume that does not exist.
+        let text = std::fs::read_to_string(repo_root().join("examples/ddp-digits.yaml"))?;
+        let mut v = lockstep_api::manifest::yaml_to_value(&text)?;
+        v["metadata"]["name"] = "rejected".into();
+        v["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] =
+            serde_json::json!([{"name": "no-such-volume", "mountPath": "/data"}]);
+        let jobs: Api<ParallelJob> = ns.api();
+        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+            .await?;
+        wait_until(TIMEOUT, "the job reports TemplateRejected", || async {
+            let s = jobs.get("rejected").await?.status.unwrap_or_default();
+            Ok(s.conditions.iter().any(|c| {
+                c.type_ == "Valid"
+                    && c.status == "False"
+                    && c.reason == "TemplateRejected"
+                    && c.message.contains("no-such-volume")
+            }))
+        })
+        .await?;
+        let pods: Api<Pod> = ns.api();
+        assert!(gang(&pods, "rejected").await?.is_empty());
+        Ok(())
+    })
+    .await
+}
