@@ -59,7 +59,7 @@ cluster-down: ## stop the test control plane
 
 .PHONY: run-operator
 run-operator: ## run the operator against $$KUBECONFIG (make cluster-up gives one)
-	$(CARGO) run --locked -p lockstep-operator
+	$(CARGO) run --locked -p lockstep-operator -- --metrics-addr 127.0.0.1:8080
 
 .PHONY: gpu-probe
 gpu-probe: ## build the GPU probe binary into .gpu/ (then run bench/gpu/probe.sh on a GPU machine)

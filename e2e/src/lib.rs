@@ -172,9 +172,11 @@ fn start_operator(kubeconfig: &Path, logs: &Path) -> Result<()> {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
+                let metrics = std::sync::Arc::new(lockstep_operator::metrics::Metrics::new());
                 lockstep_operator::controller::run(
                     client,
                     lockstep_operator::controller::Settings::default(),
+                    metrics,
                     std::future::pending(),
                 )
                 .await;

@@ -24,6 +24,7 @@ use lockstep_api::status::{condition_types, reasons};
 use tracing::{info, warn};
 
 use crate::decide::{Action, decide};
+use crate::metrics::Metrics;
 use crate::observe::{WORKER, observe};
 use crate::resources::JobContext;
 use crate::{Error, Result};
@@ -37,6 +38,8 @@ pub struct Context {
     pub client: Client,
     /// Event recorder.
     pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Operator settings.
@@ -61,6 +64,7 @@ impl Default for Settings {
 pub async fn run(
     client: Client,
     settings: Settings,
+    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let jobs: Api<ParallelJob> = Api::all(client.clone());
@@ -72,7 +76,9 @@ pub async fn run(
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
+        metrics: metrics.clone(),
     });
+    metrics.set_ready(true);
     let owned = watcher::Config::default().labels(&format!(
         "{}={}",
         labels::MANAGED_BY,
@@ -82,7 +88,7 @@ pub async fn run(
         .owns(pods, owned)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(timed_reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 warn!(error = %e, "reconcile failed");
@@ -91,9 +97,21 @@ pub async fn run(
         .await;
 }
 
-fn error_policy(job: Arc<ParallelJob>, err: &Error, _ctx: Arc<Context>) -> Requeue {
+fn error_policy(job: Arc<ParallelJob>, err: &Error, ctx: Arc<Context>) -> Requeue {
+    ctx.metrics
+        .errors
+        .with_label_values(&[err.category()])
+        .inc();
     warn!(job = %job.name_any(), category = err.category(), error = %err, "reconcile error");
     Requeue::requeue(Duration::from_secs(5))
+}
+
+async fn timed_reconcile(job: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Requeue> {
+    let timer = ctx.metrics.duration.start_timer();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile(job, ctx).await;
+    timer.observe_duration();
+    result
 }
 
 /// One reconcile pass of one job.
@@ -103,7 +121,9 @@ pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Re
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let jobs: Api<ParallelJob> = Api::namespaced(ctx.client.clone(), &ns);
     // Read the job fresh: the cache may not yet hold our own last status write.
+    let key = format!("{ns}/{}", cached.name_any());
     let Some(job) = jobs.get_opt(&cached.name_any()).await? else {
+        ctx.metrics.set_phase(&key, None);
         return Ok(Requeue::await_change());
     };
     if job.spec.run_policy.managed_by != operator::CONTROLLER_NAME
@@ -142,6 +162,8 @@ pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Re
         )
         .await?;
     }
+    ctx.metrics.set_phase(&key, decision.status.phase);
+    record_metrics(&ctx.metrics, &job, &decision);
     for note in &decision.events {
         let ev = Event {
             type_: if note.warning {
@@ -179,6 +201,35 @@ pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Re
         || Requeue::requeue(Duration::from_secs(300)),
         Requeue::requeue,
     ))
+}
+
+/// Counts restarts and observes time-to-all-running from a decision's transitions.
+fn record_metrics(metrics: &Metrics, job: &ParallelJob, decision: &crate::decide::Decision) {
+    for note in &decision.events {
+        if note.reason == reasons::GANG_RESTARTING {
+            let reason = decision
+                .status
+                .last_failure
+                .as_ref()
+                .map_or("Unknown", |f| f.reason.as_str());
+            metrics.restarts.with_label_values(&[reason]).inc();
+        }
+        if note.reason == reasons::GANG_STARTED {
+            // From the restart decision for a later attempt, from creation for the first.
+            let restarted = job.status.as_ref().and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == condition_types::RESTARTING && c.status == "True")
+                    .map(|c| c.last_transition_time.0)
+            });
+            if let Some(since) =
+                restarted.or_else(|| job.metadata.creation_timestamp.as_ref().map(|t| t.0))
+            {
+                let secs = Timestamp::now().duration_since(since).as_secs_f64();
+                metrics.time_to_all_running.observe(secs.max(0.0));
+            }
+        }
+    }
 }
 
 async fn report_rejected(

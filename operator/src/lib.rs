@@ -4,9 +4,11 @@
 //! - [`observe`]: worker pods reduced to per-rank facts.
 //! - [`decide`]: the pure phase machine and failure policy.
 //! - [`controller`]: reconcile = read, decide, apply (server-side apply), report status.
+//! - [`metrics`]: Prometheus metrics and the health endpoints.
 
 pub mod controller;
 pub mod decide;
+pub mod metrics;
 pub mod observe;
 pub mod resources;
 

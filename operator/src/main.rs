@@ -1,7 +1,9 @@
 //! `lockstep-operator`: reconciles every ParallelJob of the cluster its kubeconfig (or in-cluster
 //! service account) points at.
 //!
-//!     lockstep-operator [--concurrency N]
+//!     lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT]
+//!
+//! `/metrics`, `/healthz` and `/readyz` are served on `--metrics-addr` (default `0.0.0.0:8080`).
 //!
 //! Logs are JSON lines when `LOG_FORMAT=json`, else human-readable; `RUST_LOG` filters them.
 
@@ -21,6 +23,7 @@ async fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     let mut settings = Settings::default();
+    let mut metrics_addr = "0.0.0.0:8080".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -31,8 +34,11 @@ async fn main() -> anyhow::Result<()> {
                     .parse()
                     .context("--concurrency")?;
             }
+            "--metrics-addr" => {
+                metrics_addr = args.next().context("--metrics-addr needs HOST:PORT")?;
+            }
             "-h" | "--help" => {
-                eprintln!("usage: lockstep-operator [--concurrency N]");
+                eprintln!("usage: lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT]");
                 return Ok(());
             }
             other => anyhow::bail!("unknown argument {other:?} (try --help)"),
@@ -44,11 +50,13 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the API server (KUBECONFIG or in-cluster)")?;
-    tracing::info!(
-        concurrency = settings.concurrency,
-        "lockstep-operator starting"
-    );
-    run(client, settings, async {
+    let metrics = std::sync::Arc::new(lockstep_operator::metrics::Metrics::new());
+    let listener = tokio::net::TcpListener::bind(&metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {metrics_addr}"))?;
+    tokio::spawn(metrics.clone().serve(listener));
+    tracing::info!(concurrency = settings.concurrency, metrics = %metrics_addr, "lockstep-operator starting");
+    run(client, settings, metrics, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await;
