@@ -61,6 +61,10 @@ cluster-down: ## stop the test control plane
 run-operator: ## run the operator against $$KUBECONFIG (make cluster-up gives one)
 	$(CARGO) run --locked -p lockstep-operator -- --metrics-addr 127.0.0.1:8080
 
+.PHONY: bench-operator
+bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the API floor
+	bench/operator/run.sh
+
 .PHONY: gpu-probe
 gpu-probe: ## build the GPU probe binary into .gpu/ (then run bench/gpu/probe.sh on a GPU machine)
 	cd bench/gpu/probe && $(CARGO) build --release --locked

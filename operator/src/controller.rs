@@ -316,40 +316,24 @@ async fn apply(
                 .iter()
                 .map(|r| job.pod(*r, *attempt, &digest, false))
                 .collect::<Result<_>>()?;
-            futures::stream::iter(built)
-                .map(|pod| async move {
-                    match pods
-                        .create(
-                            &PostParams {
-                                field_manager: Some(operator::FIELD_MANAGER.into()),
-                                ..PostParams::default()
-                            },
-                            &pod,
-                        )
-                        .await
-                    {
-                        Ok(_) => Ok(()),
-                        // Created by an earlier pass whose status write we have not seen: fine.
-                        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-                        Err(e) => Err(Error::Kube(e)),
-                    }
-                })
-                .buffer_unordered(WRITE_CONCURRENCY)
-                .try_collect::<Vec<()>>()
-                .await?;
+            let params = PostParams {
+                field_manager: Some(operator::FIELD_MANAGER.into()),
+                ..PostParams::default()
+            };
+            // 409: created by an earlier pass whose status write we have not seen yet.
+            bounded(built, 409, |pod| {
+                let params = &params;
+                async move { pods.create(params, &pod).await.map(drop) }
+            })
+            .await?;
         }
         Action::DeletePods(names) => {
-            futures::stream::iter(names.iter().cloned())
-                .map(|name| async move {
-                    match pods.delete(&name, &DeleteParams::background()).await {
-                        Ok(_) => Ok(()),
-                        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-                        Err(e) => Err(Error::Kube(e)),
-                    }
-                })
-                .buffer_unordered(WRITE_CONCURRENCY)
-                .try_collect::<Vec<()>>()
-                .await?;
+            bounded(names.iter().cloned(), 404, |name| async move {
+                pods.delete(&name, &DeleteParams::background())
+                    .await
+                    .map(drop)
+            })
+            .await?;
         }
         Action::DeleteJob => match jobs.delete(job.name, &DeleteParams::background()).await {
             Ok(_) => {}
@@ -358,6 +342,31 @@ async fn apply(
         },
     }
     Ok(())
+}
+
+/// Runs `write` on every item with at most [`WRITE_CONCURRENCY`] in flight, treating the API
+/// status `ok_code` (already exists, already gone) as success: never one by one, never unbounded.
+async fn bounded<I, F, Fut>(items: I, ok_code: u16, write: F) -> Result<()>
+where
+    I: IntoIterator,
+    F: Fn(I::Item) -> Fut,
+    Fut: std::future::Future<Output = Result<(), kube::Error>>,
+{
+    futures::stream::iter(items)
+        .map(|item| {
+            let fut = write(item);
+            async move {
+                match fut.await {
+                    Ok(()) => Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == ok_code => Ok(()),
+                    Err(e) => Err(Error::Kube(e)),
+                }
+            }
+        })
+        .buffer_unordered(WRITE_CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await
+        .map(drop)
 }
 
 /// An object with apiVersion and kind set, as server-side apply requires.

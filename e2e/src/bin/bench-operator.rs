@@ -1,0 +1,235 @@
+//! Benchmark of the operator against the real control plane (not a test; prints figures).
+//!
+//! Starts a private cluster with `NODES` fake nodes (default 200), runs the operator binary given
+//! as the first argument as its own process, and measures in one run:
+//! 1. `JOBS` ParallelJobs (default 100) of `RANKS` ranks (default 8) applied at once: seconds until
+//!    every pod runs and every job is Running, pods per second;
+//! 2. the API floor: the same number of pods created directly (same concurrency as the operator's
+//!    writes), seconds until all run;
+//! 3. the operator's CPU seconds and peak resident memory (from /proc).
+//!
+//!     bench-operator target/release/lockstep-operator
+
+#![allow(clippy::print_stdout)] // a benchmark prints its figures
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, ListParams, PostParams};
+use lockstep_api::ParallelJob;
+use lockstep_e2e::repo_root;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// (CPU seconds, peak RSS in MiB) of a process.
+fn usage(pid: u32) -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("VmHWM")?
+        .parse()?;
+    Ok((ticks / 100.0, hwm_kib / 1024.0))
+}
+
+async fn running_pods(pods: &Api<Pod>) -> Result<usize> {
+    let list = pods.list(&ListParams::default()).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .count())
+}
+
+async fn wait_running(pods: &Api<Pod>, want: usize, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if running_pods(pods).await? >= want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {want} running pods");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn namespace(client: &kube::Client, name: &str) -> Result<()> {
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let operator = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .context("usage: bench-operator OPERATOR_BINARY")?,
+    );
+    let (nodes, jobs_n, ranks) = (
+        env_or("NODES", 200),
+        env_or("JOBS", 100),
+        env_or("RANKS", 8),
+    );
+    let root = repo_root();
+    let state = root.join(format!("target/bench-cluster-{}", std::process::id()));
+    let up = std::process::Command::new(root.join("e2e/cluster/up.sh"))
+        .env("STATE", &state)
+        .env("NODES", nodes.to_string())
+        .output()?;
+    if !up.status.success() {
+        bail!("cluster-up failed: {}", String::from_utf8_lossy(&up.stderr));
+    }
+    let kubeconfig = state.join("kubeconfig");
+    let result = run(&operator, &kubeconfig, nodes, jobs_n, ranks).await;
+    let _ = std::process::Command::new(root.join("e2e/cluster/down.sh"))
+        .env("STATE", &state)
+        .output();
+    let _ = std::fs::remove_dir_all(&state);
+    result
+}
+
+async fn run(
+    operator: &PathBuf,
+    kubeconfig: &PathBuf,
+    nodes: usize,
+    jobs_n: usize,
+    ranks: usize,
+) -> Result<()> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    let client = kube::Client::try_from(config)?;
+    let bin = PathBuf::from(
+        String::from_utf8(
+            std::process::Command::new(repo_root().join("e2e/cluster/build.sh"))
+                .output()?
+                .stdout,
+        )?
+        .trim(),
+    );
+    let cluster = lockstep_e2e::Cluster {
+        client: client.clone(),
+        kubeconfig: kubeconfig.clone(),
+        bin,
+        logs: kubeconfig.with_file_name("logs"),
+    };
+    cluster.install_crd().await?;
+
+    let mut child = tokio::process::Command::new(operator)
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting the operator")?;
+    let pid = child.id().context("operator pid")?;
+    let (cpu0, _) = usage(pid)?;
+
+    // 1. Through the operator.
+    namespace(&client, "bench-jobs").await?;
+    let text = std::fs::read_to_string(repo_root().join("examples/ddp-digits.yaml"))?;
+    let template = lockstep_api::manifest::yaml_to_value(&text)?;
+    let jobs: Api<ParallelJob> = Api::namespaced(client.clone(), "bench-jobs");
+    let start = Instant::now();
+    futures::stream::iter(0..jobs_n)
+        .map(|i| {
+            let jobs = jobs.clone();
+            let mut v = template.clone();
+            async move {
+                v["metadata"]["name"] = format!("job-{i:03}").into();
+                v["spec"]["parallelism"]["dataParallel"] = ranks.into();
+                v["spec"]["template"]["spec"]["containers"][0]["resources"] =
+                    serde_json::json!({"requests": {"cpu": "100m", "memory": "64Mi"}});
+                let job: ParallelJob = serde_json::from_value(v)?;
+                jobs.create(&PostParams::default(), &job).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()?;
+    let applied = start.elapsed();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "bench-jobs");
+    wait_running(&pods, jobs_n * ranks, Duration::from_secs(900)).await?;
+    let through_operator = start.elapsed();
+    let (cpu1, peak) = usage(pid)?;
+    let _ = child.kill().await;
+
+    // 2. The API floor: the same pods, created directly.
+    namespace(&client, "bench-floor").await?;
+    let direct: Api<Pod> = Api::namespaced(client.clone(), "bench-floor");
+    let start = Instant::now();
+    futures::stream::iter(0..jobs_n * ranks)
+        .map(|i| {
+            let direct = direct.clone();
+            async move {
+                let pod: Pod = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("pod-{i:04}")},
+                    "spec": {"containers": [{"name": "worker", "image": "lockstep/worker:0.1.0",
+                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}
+                }))?;
+                direct.create(&PostParams::default(), &pod).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(lockstep_operator::controller::WRITE_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()?;
+    wait_running(&direct, jobs_n * ranks, Duration::from_secs(900)).await?;
+    let floor = start.elapsed();
+
+    let pods_n = (jobs_n * ranks) as f64;
+    println!(
+        "operator benchmark: {nodes} fake nodes, {jobs_n} jobs x {ranks} ranks = {} pods",
+        jobs_n * ranks
+    );
+    println!(
+        "  jobs applied in              {:>8.2} s",
+        applied.as_secs_f64()
+    );
+    println!(
+        "  apply -> all pods Running    {:>8.2} s  ({:.0} pods/s)",
+        through_operator.as_secs_f64(),
+        pods_n / through_operator.as_secs_f64()
+    );
+    println!(
+        "  API floor (pods created directly, {} at a time) {:>6.2} s  ({:.0} pods/s)",
+        lockstep_operator::controller::WRITE_CONCURRENCY,
+        floor.as_secs_f64(),
+        pods_n / floor.as_secs_f64()
+    );
+    println!(
+        "  operator / floor             {:>8.2}x",
+        through_operator.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "  operator CPU                 {:>8.2} s  (peak RSS {peak:.1} MiB)",
+        cpu1 - cpu0
+    );
+    Ok(())
+}
