@@ -59,7 +59,7 @@ cluster-down: ## stop the test control plane
 
 .PHONY: run-operator
 run-operator: ## run the operator against $$KUBECONFIG (make cluster-up gives one)
-	$(CARGO) run --locked -p lockstep-operator -- --metrics-addr 127.0.0.1:8080
+	$(CARGO) run --locked -p lockstep-operator -- --metrics-addr 127.0.0.1:8080 --no-leader-elect
 
 .PHONY: bench-operator
 bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the API floor

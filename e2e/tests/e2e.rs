@@ -13,6 +13,8 @@ mod examples;
 mod gang;
 #[path = "e2e/gc.rs"]
 mod gc;
+#[path = "e2e/leader.rs"]
+mod leader;
 #[path = "e2e/operator.rs"]
 mod operator;
 #[path = "e2e/scheduling.rs"]

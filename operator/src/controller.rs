@@ -36,6 +36,8 @@ pub const WRITE_CONCURRENCY: usize = 32;
 pub struct Context {
     /// API client.
     pub client: Client,
+    /// The `managedBy` value this operator answers to.
+    pub controller_name: String,
     /// Event recorder.
     pub recorder: Recorder,
     /// Prometheus metrics.
@@ -49,6 +51,9 @@ pub struct Settings {
     pub concurrency: u16,
     /// Name reported on Events.
     pub instance: String,
+    /// The `spec.runPolicy.managedBy` value of the jobs this operator reconciles; jobs with any
+    /// other value are left alone.
+    pub controller_name: String,
 }
 
 impl Default for Settings {
@@ -56,6 +61,7 @@ impl Default for Settings {
         Self {
             concurrency: 16,
             instance: "lockstep-operator".into(),
+            controller_name: operator::CONTROLLER_NAME.into(),
         }
     }
 }
@@ -75,6 +81,7 @@ pub async fn run(
     };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
+        controller_name: settings.controller_name.clone(),
         client,
         metrics: metrics.clone(),
     });
@@ -126,7 +133,7 @@ pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Re
         ctx.metrics.set_phase(&key, None);
         return Ok(Requeue::await_change());
     };
-    if job.spec.run_policy.managed_by != operator::CONTROLLER_NAME
+    if job.spec.run_policy.managed_by != ctx.controller_name
         || job.metadata.deletion_timestamp.is_some()
     {
         return Ok(Requeue::await_change());

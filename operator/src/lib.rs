@@ -5,9 +5,11 @@
 //! - [`decide`]: the pure phase machine and failure policy.
 //! - [`controller`]: reconcile = read, decide, apply (server-side apply), report status.
 //! - [`metrics`]: Prometheus metrics and the health endpoints.
+//! - [`leader`]: leader election on a Lease, so one of several replicas acts.
 
 pub mod controller;
 pub mod decide;
+pub mod leader;
 pub mod metrics;
 pub mod observe;
 pub mod resources;

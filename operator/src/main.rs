@@ -1,7 +1,12 @@
 //! `lockstep-operator`: reconciles every ParallelJob of the cluster its kubeconfig (or in-cluster
 //! service account) points at.
 //!
-//!     lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT]
+//!     lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT] [--no-leader-elect]
+//!                       [--lease-namespace NS] [--lease-name NAME] [--controller-name NAME]
+//!
+//! With leader election (the default) the replica that holds the Lease `--lease-name` (default
+//! `lockstep-operator`) in `--lease-namespace` (default `$POD_NAMESPACE`, else `default`) acts;
+//! the others wait. A leader that cannot renew exits with code 3 so it restarts as a follower.
 //!
 //! `/metrics`, `/healthz` and `/readyz` are served on `--metrics-addr` (default `0.0.0.0:8080`).
 //!
@@ -9,6 +14,7 @@
 
 use anyhow::Context as _;
 use lockstep_operator::controller::{Settings, run};
+use lockstep_operator::leader::{LeaderElector, Stopped, lead};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -24,6 +30,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut settings = Settings::default();
     let mut metrics_addr = "0.0.0.0:8080".to_string();
+    let mut leader_elect = true;
+    let mut lease_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
+    let mut lease_name = "lockstep-operator".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -34,11 +43,22 @@ async fn main() -> anyhow::Result<()> {
                     .parse()
                     .context("--concurrency")?;
             }
+            "--no-leader-elect" => leader_elect = false,
+            "--lease-namespace" => {
+                lease_namespace = args.next().context("--lease-namespace needs a namespace")?
+            }
+            "--lease-name" => lease_name = args.next().context("--lease-name needs a name")?,
+            "--controller-name" => {
+                settings.controller_name = args.next().context("--controller-name needs a name")?;
+            }
             "--metrics-addr" => {
                 metrics_addr = args.next().context("--metrics-addr needs HOST:PORT")?;
             }
             "-h" | "--help" => {
-                eprintln!("usage: lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT]");
+                eprintln!(
+                    "usage: lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT] [--no-leader-elect] \
+                     [--lease-namespace NS] [--lease-name NAME] [--controller-name NAME]"
+                );
                 return Ok(());
             }
             other => anyhow::bail!("unknown argument {other:?} (try --help)"),
@@ -56,10 +76,25 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding the metrics endpoint {metrics_addr}"))?;
     tokio::spawn(metrics.clone().serve(listener));
     tracing::info!(concurrency = settings.concurrency, metrics = %metrics_addr, "lockstep-operator starting");
-    run(client, settings, metrics, async {
+    // Followers are ready too: a rollout must not wait for a replica that is not leading.
+    metrics.set_ready(true);
+    let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
-    })
-    .await;
+    };
+    if leader_elect {
+        let leases = kube::Api::namespaced(client.clone(), &lease_namespace);
+        let elector = LeaderElector::new(
+            leases,
+            &lease_name,
+            &settings.instance,
+            std::time::Duration::from_secs(15),
+        );
+        if lead(elector, client, settings, metrics, shutdown).await? == Stopped::LostLeadership {
+            std::process::exit(3);
+        }
+    } else {
+        run(client, settings, metrics, shutdown).await;
+    }
     tracing::info!("lockstep-operator stopped");
     Ok(())
 }
