@@ -10,13 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use std::collections::{HashMap, HashSet};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, reflector::reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::{labels, operator};
@@ -36,6 +40,8 @@ pub const WRITE_CONCURRENCY: usize = 32;
 pub struct Context {
     /// API client.
     pub client: Client,
+    /// Names of the cluster's nodes (metadata only), to tell when a rank's node is gone.
+    pub nodes: Store<PartialObjectMeta<Node>>,
     /// The `managedBy` value this operator answers to.
     pub controller_name: String,
     /// Event recorder.
@@ -79,7 +85,20 @@ pub async fn run(
         controller: operator::FIELD_MANAGER.into(),
         instance: Some(settings.instance.clone()),
     };
+    // Nodes, metadata only: a rank whose node disappears has failed (NodeLost), and every job is
+    // looked at again when a node is deleted.
+    let (nodes, writer) = reflector::store::<PartialObjectMeta<Node>>();
+    let node_deletions = reflector(
+        writer,
+        watcher(
+            Api::<PartialObjectMeta<Node>>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .filter_map(|ev| async move { matches!(ev, Ok(watcher::Event::Delete(_))).then_some(()) });
     let ctx = Arc::new(Context {
+        nodes,
         recorder: Recorder::new(client.clone(), reporter),
         controller_name: settings.controller_name.clone(),
         client,
@@ -93,6 +112,7 @@ pub async fn run(
     ));
     Controller::new(jobs, watcher::Config::default().any_semantic())
         .owns(pods, owned)
+        .reconcile_all_on(node_deletions)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(shutdown)
         .run(timed_reconcile, error_policy, ctx)
@@ -141,7 +161,7 @@ pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Re
     let job_ctx = JobContext::new(&job)?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = format!("{}={}", labels::JOB_NAME, job_ctx.name);
-    let observed: Vec<_> = pods
+    let mut observed: Vec<_> = pods
         .list(&ListParams::default().labels(&selector))
         .await?
         .items
@@ -149,6 +169,7 @@ pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Re
         .filter_map(|p| observe(p, WORKER))
         .collect();
 
+    let lost = mark_lost_nodes(&ctx, &mut observed).await?;
     let decision = decide(
         &job,
         job_ctx.layout.world_size(),
@@ -187,7 +208,22 @@ pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Re
             warn!(job = job_ctx.name, error = %e, "recording an event failed");
         }
     }
+    // A pod on a node that is gone never finishes terminating (no kubelet confirms it): force it,
+    // or the next attempt would wait for it forever.
+    let stuck: Vec<String> = observed
+        .iter()
+        .filter(|p| p.terminating && lost.contains(&p.name))
+        .map(|p| p.name.clone())
+        .collect();
+    force_delete(&pods, stuck).await?;
     for action in &decision.actions {
+        if let Action::DeletePods(names) = action {
+            let (dead, alive): (Vec<String>, Vec<String>) =
+                names.iter().cloned().partition(|n| lost.contains(n));
+            force_delete(&pods, dead).await?;
+            apply(&ctx, &job_ctx, &pods, &jobs, &Action::DeletePods(alive)).await?;
+            continue;
+        }
         match apply(&ctx, &job_ctx, &pods, &jobs, action).await {
             Ok(()) => {}
             // The API server refuses what the template makes (a pod that is invalid or forbidden):
@@ -208,6 +244,61 @@ pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Re
         || Requeue::requeue(Duration::from_secs(300)),
         Requeue::requeue,
     ))
+}
+
+/// Marks the ranks whose node is gone as failed with reason NodeLost and returns the names of
+/// every pod on a gone node. The node cache is trusted when it knows a node; a node it does not
+/// know is confirmed with a GET, so a cache that lags behind a new node raises no false alarm.
+async fn mark_lost_nodes(
+    ctx: &Context,
+    observed: &mut [crate::observe::RankPod],
+) -> Result<HashSet<String>> {
+    use crate::observe::{Failure, PodState};
+    ctx.nodes
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::MissingField("node cache"))?;
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let mut gone: HashMap<String, bool> = HashMap::new();
+    let mut lost = HashSet::new();
+    for p in observed.iter_mut() {
+        let Some(node) = p.node.clone() else { continue };
+        let is_gone = match gone.get(&node) {
+            Some(g) => *g,
+            None => {
+                let g = ctx.nodes.get(&ObjectRef::new(&node)).is_none()
+                    && nodes.get_opt(&node).await?.is_none();
+                gone.insert(node.clone(), g);
+                g
+            }
+        };
+        if !is_gone {
+            continue;
+        }
+        lost.insert(p.name.clone());
+        if matches!(p.state, PodState::Pending | PodState::Running) {
+            p.state = PodState::Failed(Failure {
+                exit_code: None,
+                reason: lockstep_api::spec::FailureReason::NodeLost,
+                detail: "NodeLost".into(),
+                message: format!("node {node} is gone"),
+                time: None,
+            });
+        }
+    }
+    Ok(lost)
+}
+
+async fn force_delete(pods: &Api<Pod>, names: Vec<String>) -> Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    bounded(names, 404, |name| async move {
+        pods.delete(&name, &DeleteParams::default().grace_period(0))
+            .await
+            .map(drop)
+    })
+    .await
 }
 
 /// Counts restarts and observes time-to-all-running from a decision's transitions.

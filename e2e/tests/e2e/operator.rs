@@ -332,3 +332,59 @@ async fn a_template_the_api_server_refuses_is_reported_not_retried_forever() -> 
     })
     .await
 }
+
+#[tokio::test]
+async fn losing_a_node_restarts_the_gang_and_names_the_node() -> anyhow::Result<()> {
+    lockstep_e2e::with_namespace("op-node-lost", |ns| async move {
+        ns.create_node_pool(2, 8).await?;
+        let mut placement = ns.pool_placement();
+        placement["containers"] =
+            serde_json::json!([{"name": "worker", "image": "lockstep/worker:0.1.0"}]);
+        let spec = serde_json::json!({
+            "parallelism": {"dataParallel": 2, "gpusPerWorker": 4},
+            "template": {"spec": placement},
+        });
+        let jobs = create_job(&ns, "nodeloss", 2, spec).await?;
+        wait_phase(&jobs, "nodeloss", Phase::Running).await?;
+        let pods: Api<Pod> = ns.api();
+        let node = pods
+            .get("nodeloss-1")
+            .await?
+            .spec
+            .and_then(|s| s.node_name)
+            .expect("rank 1 is bound");
+        let on_node: Vec<i32> = gang(&pods, "nodeloss")
+            .await?
+            .iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()))
+            .map(|p| label(p, labels::RANK).parse().unwrap_or(-1))
+            .collect();
+
+        Api::<k8s_openapi::api::core::v1::Node>::all(ns.cluster.client.clone())
+            .delete(&node, &DeleteParams::default())
+            .await?;
+        // Attempt 1 runs on the node that is left (2 ranks x 4 GPUs fit on its 8), and no pod of
+        // attempt 0 is left hanging in Terminating on the lost node.
+        wait_until(TIMEOUT, "attempt 1 runs without the lost node", || async {
+            let s = jobs.get("nodeloss").await?.status.unwrap_or_default();
+            let members = gang(&pods, "nodeloss").await?;
+            Ok(s.attempt == 1
+                && s.phase == Some(Phase::Running)
+                && members.len() == 2
+                && members.iter().all(|p| label(p, labels::ATTEMPT) == "1"))
+        })
+        .await?;
+        let failure = jobs
+            .get("nodeloss")
+            .await?
+            .status
+            .unwrap()
+            .last_failure
+            .unwrap();
+        assert_eq!(failure.reason, "NodeLost", "{failure:?}");
+        assert_eq!(failure.node.as_deref(), Some(node.as_str()));
+        assert_eq!(failure.rank, *on_node.iter().min().unwrap(), "{failure:?}");
+        Ok(())
+    })
+    .await
+}
