@@ -7,6 +7,8 @@
 mod broken;
 #[path = "e2e/crd.rs"]
 mod crd;
+#[path = "e2e/crash.rs"]
+mod crash;
 #[path = "e2e/examples.rs"]
 mod examples;
 #[path = "e2e/gang.rs"]
