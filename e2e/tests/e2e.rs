@@ -5,10 +5,10 @@
 
 #[path = "e2e/broken.rs"]
 mod broken;
-#[path = "e2e/crd.rs"]
-mod crd;
 #[path = "e2e/crash.rs"]
 mod crash;
+#[path = "e2e/crd.rs"]
+mod crd;
 #[path = "e2e/examples.rs"]
 mod examples;
 #[path = "e2e/gang.rs"]
