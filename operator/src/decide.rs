@@ -430,11 +430,7 @@ impl Builder<'_> {
         let root = self.d.status.last_failure.clone().unwrap_or_default();
         let root_failure = Failure {
             exit_code: root.exit_code,
-            reason: if root.rank == i32::try_from(rank).unwrap_or(-1) {
-                f.reason
-            } else {
-                reason_of(&root)
-            },
+            reason: reason_of(&root),
             detail: root.reason.clone(),
             message: root.message.clone().unwrap_or_default(),
             time: root.time.as_ref().map(|t| t.0),
@@ -602,6 +598,9 @@ impl Builder<'_> {
     }
 }
 
+/// The failure reason of a recorded failure: its `reason` is the detail `observe` gave, which
+/// names the FailureReason for everything but plain errors (those carry the worker's or the
+/// kubelet's own reason).
 fn reason_of(f: &RankFailure) -> FailureReason {
     match f.reason.as_str() {
         "OOMKilled" => FailureReason::OOMKilled,
