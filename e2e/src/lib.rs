@@ -313,6 +313,24 @@ pub struct TestNamespace {
     pub name: String,
 }
 
+/// Plays the kubelet: writes the status a kubelet reports when the worker container of pod
+/// `name` exits with `code` (Succeeded for 0, else Failed). kwok runs no containers, so this is how
+/// tests make a rank finish or fail.
+pub async fn terminate_worker(pods: &Api<Pod>, name: &str, code: i32) -> Result<()> {
+    use kube::api::{Patch, PatchParams};
+    let phase = if code == 0 { "Succeeded" } else { "Failed" };
+    let reason = if code == 0 { "Completed" } else { "Error" };
+    let status = serde_json::json!({"status": {"phase": phase, "containerStatuses": [{
+        "name": lockstep_api::contract::operator::WORKER_CONTAINER, "image": "lockstep/worker:0.1.0",
+        "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": code, "reason": reason,
+            "finishedAt": k8s_openapi::jiff::Timestamp::now().to_string()}}
+    }]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
 /// Label (and taint key) that marks the fake nodes of one test's private pool.
 pub const POOL_LABEL: &str = "lockstep.dev/e2e-pool";
 

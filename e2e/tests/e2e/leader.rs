@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use lockstep_api::ParallelJob;
 use lockstep_api::status::Phase;
 use lockstep_e2e::{repo_root, wait_until, with_namespace};
@@ -113,15 +113,7 @@ async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over() -> anyh
         let _ = stop_a.send(());
         assert_eq!(task_a.await??, Stopped::Shutdown);
         let pods: Api<Pod> = ns.api();
-        let failed = serde_json::json!({"status": {"phase": "Failed", "containerStatuses": [{
-            "name": "worker", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
-            "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}});
-        pods.patch_status(
-            "ddp-digits-1",
-            &PatchParams::default(),
-            &Patch::Merge(&failed),
-        )
-        .await?;
+        lockstep_e2e::terminate_worker(&pods, "ddp-digits-1", 1).await?;
         wait_until(
             Duration::from_secs(60),
             "the new leader restarts the gang",

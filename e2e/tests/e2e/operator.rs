@@ -9,7 +9,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use lockstep_api::contract::labels;
 use lockstep_api::status::Phase;
 use lockstep_api::{ParallelJob, contract};
-use lockstep_e2e::{TestNamespace, repo_root, wait_until};
+use lockstep_e2e::{TestNamespace, repo_root, terminate_worker as terminate, wait_until};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -48,19 +48,6 @@ async fn wait_phase(
     })
     .await?;
     Ok(jobs.get(name).await?)
-}
-
-/// Writes what a kubelet reports when the worker container exits with `code`.
-async fn terminate(pods: &Api<Pod>, name: &str, code: i32) -> anyhow::Result<()> {
-    let phase = if code == 0 { "Succeeded" } else { "Failed" };
-    let status = serde_json::json!({"status": {"phase": phase, "containerStatuses": [{
-        "name": "worker", "image": "lockstep/worker:0.1.0", "imageID": "", "ready": false, "restartCount": 0,
-        "state": {"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
-            "finishedAt": k8s_openapi::jiff::Timestamp::now().to_string()}}
-    }]}});
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await?;
-    Ok(())
 }
 
 async fn gang(pods: &Api<Pod>, job: &str) -> anyhow::Result<Vec<Pod>> {
