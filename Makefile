@@ -12,13 +12,11 @@ CRD := crds/paralleljobs.lockstep.dev.yaml
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-# The e2e suite reuses the cluster of `make cluster-up` when it runs; otherwise it starts a
-# private one for the duration of the test process (building the binaries first if needed).
-CLUSTER_ENV = $(shell e2e/cluster/status.sh >/dev/null 2>&1 && echo KUBECONFIG=$(CURDIR)/.cluster/kubeconfig)
-
+# The e2e suite runs against the cluster of `make cluster-up` when it runs; otherwise
+# e2e/run-tests.sh starts one (building the binaries first if needed) and stops it afterwards.
 .PHONY: test
 test: ## the README's test command: unit tests, then e2e against a real control plane
-	$(CLUSTER_ENV) $(CARGO) test --workspace --locked
+	e2e/run-tests.sh --workspace --locked
 
 .PHONY: unit
 unit: ## the tests that need no cluster
@@ -26,7 +24,7 @@ unit: ## the tests that need no cluster
 
 .PHONY: e2e
 e2e: ## the end-to-end suite against a real control plane (kube-apiserver, scheduler, kwok nodes)
-	$(CLUSTER_ENV) $(CARGO) test -p lockstep-e2e --locked
+	e2e/run-tests.sh -p lockstep-e2e --locked
 
 .PHONY: lint
 lint: ## rustfmt check and clippy with warnings as errors

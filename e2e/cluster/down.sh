@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Stops every process `up.sh` started (whole process groups) and waits until they are gone.
+# Stops every process `up.sh` started, whole process groups, in reverse start order (so the
+# apiserver is gone before etcd), TERM first and KILL after 10 s, and waits until each is gone.
+# The pid list is read into memory first: the state folder may vanish while this runs.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 state=${STATE:-$(cd "$here/../.." && pwd)/.cluster}
 [ -e "$state/pids" ] || { echo "no cluster in $state"; exit 0; }
-tac "$state/pids" | while read -r name pid; do kill -TERM -- "-$pid" 2>/dev/null; done
-for _ in $(seq 1 100); do
-  alive=0
-  while read -r name pid; do kill -0 "$pid" 2>/dev/null && alive=1; done < "$state/pids"
-  [ $alive = 0 ] && break
-  sleep 0.1
+mapfile -t entries < <(tac "$state/pids")
+alive() { kill -0 "$1" 2>/dev/null; }
+for entry in "${entries[@]}"; do
+  read -r name pid <<< "$entry"
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
+  for _ in $(seq 1 100); do alive "$pid" || break; sleep 0.1; done
+  if alive "$pid"; then
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
+    for _ in $(seq 1 50); do alive "$pid" || break; sleep 0.1; done
+  fi
+  alive "$pid" && echo "$name ($pid) survived SIGKILL" >&2
 done
-while read -r name pid; do kill -KILL -- "-$pid" 2>/dev/null; done < "$state/pids"
 rm -f "$state/pids"
 echo "cluster stopped"
