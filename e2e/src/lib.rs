@@ -48,6 +48,13 @@ struct ClusterInfo {
     logs: PathBuf,
 }
 
+/// The manifest `examples/<name>` as JSON, ready to be edited and created.
+pub fn example_manifest(name: &str) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(repo_root().join("examples").join(name))
+        .with_context(|| format!("reading examples/{name}"))?;
+    Ok(lockstep_api::manifest::yaml_to_value(&text)?)
+}
+
 static CLUSTER: OnceCell<ClusterInfo> = OnceCell::const_new();
 
 /// The shared cluster (started or found once per test process, with the CRD installed) and a

@@ -59,16 +59,10 @@ async fn running_pods(pods: &Api<Pod>) -> Result<usize> {
 }
 
 async fn wait_running(pods: &Api<Pod>, want: usize, limit: Duration) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if running_pods(pods).await? >= want {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {want} running pods");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    lockstep_e2e::wait_until(limit, &format!("{want} pods run"), || async {
+        Ok(running_pods(pods).await? >= want)
+    })
+    .await
 }
 
 async fn namespace(client: &kube::Client, name: &str) -> Result<()> {
@@ -148,8 +142,7 @@ async fn run(
 
     // 1. Through the operator.
     namespace(&client, "bench-jobs").await?;
-    let text = std::fs::read_to_string(repo_root().join("examples/ddp-digits.yaml"))?;
-    let template = lockstep_api::manifest::yaml_to_value(&text)?;
+    let template = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
     let jobs: Api<ParallelJob> = Api::namespaced(client.clone(), "bench-jobs");
     let start = Instant::now();
     futures::stream::iter(0..jobs_n)

@@ -56,9 +56,8 @@ async fn parallelism_cannot_change_after_creation() -> anyhow::Result<()> {
         let ar = ApiResource::erase::<ParallelJob>(&());
         let api: Api<DynamicObject> =
             Api::namespaced_with(ns.cluster.client.clone(), &ns.name, &ar);
-        let text = std::fs::read_to_string(repo_root().join("examples/ddp-digits.yaml"))?;
         let obj: DynamicObject =
-            serde_json::from_value(lockstep_api::manifest::yaml_to_value(&text)?)?;
+            serde_json::from_value(lockstep_e2e::example_manifest("ddp-digits.yaml")?)?;
         api.create(&PostParams::default(), &obj).await?;
 
         let grow = serde_json::json!({"spec": {"parallelism": {"dataParallel": 8}}});

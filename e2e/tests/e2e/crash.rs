@@ -13,7 +13,7 @@ use kube::api::{Api, ListParams, PostParams};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::labels;
 use lockstep_api::status::Phase;
-use lockstep_e2e::{repo_root, wait_until, with_namespace};
+use lockstep_e2e::{wait_until, with_namespace};
 use lockstep_operator::controller::{Settings, run};
 use lockstep_operator::metrics::Metrics;
 
@@ -58,8 +58,7 @@ async fn killing_the_operator_between_writes_never_leaves_duplicates_or_orphans(
 -> anyhow::Result<()> {
     with_namespace("crash", |ns| async move {
         let controller_name = format!("e2e.lockstep.dev/{}", ns.name);
-        let text = std::fs::read_to_string(repo_root().join("examples/ddp-digits.yaml"))?;
-        let mut v = lockstep_api::manifest::yaml_to_value(&text)?;
+        let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
         v["metadata"]["name"] = "crashy".into();
         v["spec"]["parallelism"]["dataParallel"] = RANKS.into();
         v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});

@@ -8,15 +8,14 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::discovery::ApiResource;
 use lockstep_api::ParallelJob;
-use lockstep_e2e::{repo_root, wait_until, with_namespace};
+use lockstep_e2e::{wait_until, with_namespace};
 
 #[tokio::test]
 async fn deleting_an_owner_deletes_its_pods() -> anyhow::Result<()> {
     with_namespace("gc", |ns| async move {
         let ar = ApiResource::erase::<ParallelJob>(&());
         let jobs: Api<DynamicObject> = Api::namespaced_with(ns.cluster.client.clone(), &ns.name, &ar);
-        let text = std::fs::read_to_string(repo_root().join("examples/ddp-digits.yaml"))?;
-        let mut raw = lockstep_api::manifest::yaml_to_value(&text)?;
+        let mut raw = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
         raw["spec"]["runPolicy"] = serde_json::json!({"managedBy": "example.com/another-controller"});
         let job: DynamicObject = serde_json::from_value(raw)?;
         let job = jobs.create(&PostParams::default(), &job).await?;

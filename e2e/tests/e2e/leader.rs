@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use lockstep_api::ParallelJob;
 use lockstep_api::status::Phase;
-use lockstep_e2e::{repo_root, wait_until, with_namespace};
+use lockstep_e2e::{wait_until, with_namespace};
 use lockstep_operator::controller::Settings;
 use lockstep_operator::leader::{LeaderElector, Stopped, lead};
 use lockstep_operator::metrics::Metrics;
@@ -87,8 +87,7 @@ async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over() -> anyh
         .await?;
         let (m_b, stop_b, task_b) = replica("replica-b");
 
-        let text = std::fs::read_to_string(repo_root().join("examples/ddp-digits.yaml"))?;
-        let mut v = lockstep_api::manifest::yaml_to_value(&text)?;
+        let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
         v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
         v["spec"]["failurePolicy"] =
             serde_json::json!({"restartBackoff": {"initialSeconds": 0, "maxSeconds": 0}});

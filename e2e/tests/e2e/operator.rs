@@ -9,7 +9,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use lockstep_api::contract::labels;
 use lockstep_api::status::Phase;
 use lockstep_api::{ParallelJob, contract};
-use lockstep_e2e::{TestNamespace, repo_root, terminate_worker as terminate, wait_until};
+use lockstep_e2e::{TestNamespace, terminate_worker as terminate, wait_until};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -21,8 +21,7 @@ async fn create_job(
     ranks: i32,
     extra: serde_json::Value,
 ) -> anyhow::Result<Api<ParallelJob>> {
-    let text = std::fs::read_to_string(repo_root().join("examples/ddp-digits.yaml"))?;
-    let mut v = lockstep_api::manifest::yaml_to_value(&text)?;
+    let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
     v["metadata"]["name"] = name.into();
     v["spec"]["parallelism"]["dataParallel"] = ranks.into();
     v["spec"]["failurePolicy"] =
@@ -295,8 +294,7 @@ async fn the_deadline_fails_the_job_and_the_ttl_deletes_it() -> anyhow::Result<(
 async fn a_template_the_api_server_refuses_is_reported_not_retried_forever() -> anyhow::Result<()> {
     lockstep_e2e::with_namespace("op-rejected", |ns| async move {
         // Valid as a ParallelJob, invalid as a pod: the mount names a volume that does not exist.
-        let text = std::fs::read_to_string(repo_root().join("examples/ddp-digits.yaml"))?;
-        let mut v = lockstep_api::manifest::yaml_to_value(&text)?;
+        let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
         v["metadata"]["name"] = "rejected".into();
         v["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] =
             serde_json::json!([{"name": "no-such-volume", "mountPath": "/data"}]);
