@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::decide::{Action, decide};
 use crate::metrics::Metrics;
-use crate::observe::{WORKER, observe};
+use crate::observe::observe;
 use crate::resources::JobContext;
 use crate::{Error, Result};
 
@@ -166,7 +166,7 @@ pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Re
         .await?
         .items
         .iter()
-        .filter_map(|p| observe(p, WORKER))
+        .filter_map(|p| observe(p, operator::WORKER_CONTAINER))
         .collect();
 
     let lost = mark_lost_nodes(&ctx, &mut observed).await?;
@@ -409,7 +409,7 @@ async fn apply(
             .await?;
         }
         Action::CreatePods { attempt, ranks } => {
-            let (_, digest) = job.config_map()?;
+            let digest = job.config_digest()?;
             let built: Vec<Pod> = ranks
                 .iter()
                 .map(|r| job.pod(*r, *attempt, &digest, false))

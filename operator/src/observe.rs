@@ -3,7 +3,7 @@
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use lockstep_api::contract::{ExitCode, labels, operator};
+use lockstep_api::contract::{ExitCode, labels};
 use lockstep_api::spec::FailureReason;
 
 /// The observed state of one worker pod.
@@ -173,12 +173,10 @@ fn failure(pod: &Pod, worker: &str) -> Failure {
     }
 }
 
-/// Default worker container name for [`observe`].
-pub const WORKER: &str = operator::WORKER_CONTAINER;
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lockstep_api::contract::operator::WORKER_CONTAINER as WORKER;
 
     fn pod(phase: &str, exit: Option<(i32, &str)>) -> Pod {
         let mut v = serde_json::json!({

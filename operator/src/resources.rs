@@ -170,6 +170,11 @@ impl<'a> JobContext<'a> {
         ))
     }
 
+    /// Digest of the worker config (what the ConfigMap carries, without building it).
+    pub fn config_digest(&self) -> Result<String> {
+        Ok(WorkerConfig::from_job(self.job)?.digest())
+    }
+
     /// The container the operator fills in: the one named `worker`, or the only one.
     pub fn worker_container_index(&self) -> Result<usize> {
         let containers = &self.template_spec()?.containers;
@@ -472,6 +477,10 @@ mod tests {
         let text = &cm.data.unwrap()[operator::CONFIG_KEY];
         let parsed = WorkerConfig::from_json(text).unwrap();
         assert_eq!(parsed.digest(), digest);
+        assert_eq!(
+            JobContext::new(&j).unwrap().config_digest().unwrap(),
+            digest
+        );
         assert_eq!(parsed.training, j.spec.training);
     }
 }
