@@ -1,0 +1,187 @@
+//! Collectives behind one [`Communicator`] trait: a TCP ring for CPUs ([`tcp`]) and NCCL for GPUs
+//! (`nccl`, with the `cuda` feature). The training loop is written once against the trait.
+//!
+//! Every rank of a communicator must issue the same collectives in the same order (as with MPI
+//! and NCCL). Results are bit-identical across ranks: each element is reduced once, by one rank,
+//! and copied to the others.
+
+use std::sync::mpsc;
+
+#[cfg(feature = "cuda")]
+pub mod nccl;
+pub mod tcp;
+
+/// How the elements of the ranks' buffers are combined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    /// Element-wise sum.
+    Sum,
+    /// Element-wise mean over the ranks of the communicator.
+    Avg,
+    /// Element-wise maximum.
+    Max,
+}
+
+impl ReduceOp {
+    /// Every operation.
+    pub const ALL: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max];
+
+    /// Folds `src` into `dst` (Avg sums; the mean is taken once at the end by [`Self::finish`]).
+    pub fn fold(self, dst: &mut [f32], src: &[f32]) {
+        match self {
+            ReduceOp::Sum | ReduceOp::Avg => dst.iter_mut().zip(src).for_each(|(d, s)| *d += *s),
+            ReduceOp::Max => dst.iter_mut().zip(src).for_each(|(d, s)| *d = d.max(*s)),
+        }
+    }
+
+    /// Applies the last step of the operation to a fully folded buffer of `ranks` ranks.
+    pub fn finish(self, buf: &mut [f32], ranks: usize) {
+        if self == ReduceOp::Avg && ranks > 1 {
+            let inv = 1.0 / ranks as f32;
+            buf.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+}
+
+/// Why a collective failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    /// A peer closed its connection or the connection broke: the peer is gone.
+    #[error("lost rank {peer} during {op}: {source}")]
+    PeerLost {
+        /// Global rank of the peer.
+        peer: usize,
+        /// The collective in progress.
+        op: &'static str,
+        /// The transport's error.
+        source: std::io::Error,
+    },
+    /// A peer did not send or receive within the transport's timeout: it hangs or is gone.
+    #[error("rank {peer} did not respond within {seconds} s during {op}")]
+    Timeout {
+        /// Global rank of the peer.
+        peer: usize,
+        /// The collective in progress.
+        op: &'static str,
+        /// The timeout.
+        seconds: u64,
+    },
+    /// The arguments do not fit the collective (sizes, ranks).
+    #[error("invalid {op}: {message}")]
+    Invalid {
+        /// The collective.
+        op: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The transport could not be set up (listen, connect, handshake).
+    #[error("transport setup failed: {0}")]
+    Setup(String),
+    /// NCCL (or the CUDA driver under it) reported an error.
+    #[error("NCCL: {0}")]
+    Nccl(String),
+}
+
+impl CommError {
+    /// The global rank this error blames, when it blames one.
+    pub fn peer(&self) -> Option<usize> {
+        match self {
+            CommError::PeerLost { peer, .. } | CommError::Timeout { peer, .. } => Some(*peer),
+            _ => None,
+        }
+    }
+}
+
+/// Result of a collective.
+pub type Result<T, E = CommError> = std::result::Result<T, E>;
+
+/// A collective started by an `*_async` call; [`Pending::wait`] returns its buffer.
+#[must_use = "a pending collective must be waited for"]
+#[derive(Debug)]
+pub struct Pending<T> {
+    rx: mpsc::Receiver<Result<T>>,
+}
+
+impl<T> Pending<T> {
+    /// A pending operation that completes when its sender sends.
+    pub(crate) fn channel() -> (mpsc::Sender<Result<T>>, Self) {
+        let (tx, rx) = mpsc::channel();
+        (tx, Self { rx })
+    }
+
+    /// An operation that has already completed.
+    pub fn ready(value: Result<T>) -> Self {
+        let (tx, p) = Self::channel();
+        // The receiver is alive: it is in `p`.
+        let _ = tx.send(value);
+        p
+    }
+
+    /// Blocks until the operation has completed.
+    pub fn wait(self) -> Result<T> {
+        self.rx
+            .recv()
+            .unwrap_or_else(|_| Err(CommError::Setup("the communicator was dropped".into())))
+    }
+}
+
+/// Collective communication among the ranks of a group.
+///
+/// `Buffer` is what the collectives read and write in place (`[f32]` on the host for the TCP
+/// ring; device memory for NCCL); `Owned` is an owned buffer, handed to the asynchronous variants
+/// and handed back when they complete.
+pub trait Communicator {
+    /// A borrowed buffer of elements.
+    type Buffer: ?Sized;
+    /// An owned buffer of elements.
+    type Owned;
+
+    /// This rank's index in the communicator, `0..world_size`.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the communicator.
+    fn world_size(&self) -> usize;
+
+    /// Reduces `buf` across all ranks in place; every rank ends with the same result.
+    fn all_reduce(&mut self, buf: &mut Self::Buffer, op: ReduceOp) -> Result<()>;
+    /// Copies `root`'s `buf` into every rank's `buf`.
+    fn broadcast(&mut self, buf: &mut Self::Buffer, root: usize) -> Result<()>;
+    /// Reduces `input` (`world_size x output.len()` elements) across ranks; rank r receives
+    /// segment r of the result in `output`.
+    fn reduce_scatter(
+        &mut self,
+        input: &Self::Buffer,
+        output: &mut Self::Buffer,
+        op: ReduceOp,
+    ) -> Result<()>;
+    /// Concatenates every rank's `input` in rank order into `output`
+    /// (`world_size x input.len()` elements).
+    fn all_gather(&mut self, input: &Self::Buffer, output: &mut Self::Buffer) -> Result<()>;
+    /// Sends `buf` to rank `peer`, which receives it with [`Communicator::recv`].
+    fn send(&mut self, buf: &Self::Buffer, peer: usize) -> Result<()>;
+    /// Receives from rank `peer` exactly `buf`'s length of elements.
+    fn recv(&mut self, buf: &mut Self::Buffer, peer: usize) -> Result<()>;
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&mut self) -> Result<()>;
+
+    /// Starts [`Communicator::all_reduce`] and returns at once; the buffer comes back from
+    /// [`Pending::wait`]. Operations complete in the order they were started.
+    fn all_reduce_async(&mut self, buf: Self::Owned, op: ReduceOp) -> Pending<Self::Owned>;
+    /// Starts [`Communicator::broadcast`] and returns at once.
+    fn broadcast_async(&mut self, buf: Self::Owned, root: usize) -> Pending<Self::Owned>;
+
+    /// Splits the communicator: ranks that pass the same `color` form a new communicator, ordered
+    /// by `key` (then by rank). Every rank must call it.
+    fn split(&mut self, color: u32, key: u32) -> Result<Self>
+    where
+        Self: Sized;
+}
+
+/// Bus bandwidth factor of a collective, as nccl-tests defines it: busbw = algbw x factor.
+pub fn bus_factor(collective: &str, ranks: usize) -> f64 {
+    let n = ranks as f64;
+    match collective {
+        "all_reduce" => 2.0 * (n - 1.0) / n,
+        "reduce_scatter" | "all_gather" => (n - 1.0) / n,
+        _ => 1.0,
+    }
+}

@@ -1,0 +1,5 @@
+//! The Lockstep worker: one program that runs in every pod of a gang (`lockstep-worker run`),
+//! launches a whole gang on one machine (`lockstep-worker local`) and measures the collectives
+//! (`lockstep-worker bench`).
+
+pub mod comm;
