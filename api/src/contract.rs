@@ -23,6 +23,9 @@ pub mod env {
     pub const CHECKPOINT_DIR: &str = "LOCKSTEP_CHECKPOINT_DIR";
     /// Port of the worker's Prometheus `/metrics` endpoint.
     pub const METRICS_PORT: &str = "LOCKSTEP_METRICS_PORT";
+    /// The job-scoped secret a rank presents to the rendezvous (from the job's Secret; generated
+    /// by `local` mode), so that no pod of another job can join the gang.
+    pub const TOKEN: &str = "LOCKSTEP_TOKEN";
     /// Pipeline stage of this rank (see [`crate::layout`]).
     pub const STAGE: &str = "LOCKSTEP_STAGE";
     /// Data-parallel replica index of this rank (see [`crate::layout`]).
@@ -64,6 +67,110 @@ pub mod env {
     /// Whether the operator owns `name`, so that a user may not set it.
     pub fn is_reserved(name: &str) -> bool {
         RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) || RESERVED_NAMES.contains(&name)
+    }
+
+    /// The values of the env contract for one rank (all but [`TOKEN`], which comes from a
+    /// Secret). The operator and `local` mode both set exactly [`RankEnv::pairs`]; the worker
+    /// reads it back with [`RankEnv::from_lookup`].
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct RankEnv {
+        /// Name of the ParallelJob.
+        pub job: String,
+        /// Namespace of the ParallelJob.
+        pub namespace: String,
+        /// Global rank.
+        pub rank: u32,
+        /// World size.
+        pub world_size: u32,
+        /// Gang attempt.
+        pub attempt: u32,
+        /// Host of rank 0 (its stable DNS name, or 127.0.0.1 in `local` mode).
+        pub master_host: String,
+        /// Port of rank 0's rendezvous.
+        pub rendezvous_port: u16,
+        /// Port of rank 0's `torch.distributed` store (`MASTER_PORT`).
+        pub torch_port: u16,
+        /// Path of the worker config.
+        pub config: String,
+        /// Checkpoint directory.
+        pub checkpoint_dir: String,
+        /// Port of this rank's `/metrics`.
+        pub metrics_port: u16,
+        /// Pipeline stage of this rank.
+        pub stage: u32,
+        /// Data-parallel replica index of this rank.
+        pub replica: u32,
+    }
+
+    impl RankEnv {
+        /// `(name, value)` of every variable, in a fixed order.
+        pub fn pairs(&self) -> Vec<(&'static str, String)> {
+            let (world, rank) = (self.world_size.to_string(), self.rank.to_string());
+            vec![
+                (JOB, self.job.clone()),
+                (NAMESPACE, self.namespace.clone()),
+                (RANK, rank.clone()),
+                (WORLD_SIZE, world.clone()),
+                (ATTEMPT, self.attempt.to_string()),
+                (RENDEZVOUS, self.rendezvous()),
+                (CONFIG, self.config.clone()),
+                (CHECKPOINT_DIR, self.checkpoint_dir.clone()),
+                (METRICS_PORT, self.metrics_port.to_string()),
+                (STAGE, self.stage.to_string()),
+                (REPLICA, self.replica.to_string()),
+                (MASTER_ADDR, self.master_host.clone()),
+                (MASTER_PORT, self.torch_port.to_string()),
+                (TORCH_WORLD_SIZE, world.clone()),
+                (TORCH_RANK, rank.clone()),
+                (LOCAL_RANK, "0".into()),
+                (PET_NNODES, world),
+                (PET_NPROC_PER_NODE, "1".into()),
+                (PET_NODE_RANK, rank),
+                (PET_MASTER_ADDR, self.master_host.clone()),
+                (PET_MASTER_PORT, self.torch_port.to_string()),
+            ]
+        }
+
+        /// `host:port` of rank 0's rendezvous.
+        pub fn rendezvous(&self) -> String {
+            format!("{}:{}", self.master_host, self.rendezvous_port)
+        }
+
+        /// Reads the contract through `get` (usually `std::env::var`); the error names the
+        /// variable that is missing or malformed.
+        pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+            let text = |name: &str| get(name).ok_or_else(|| format!("{name} is not set"));
+            fn num<T: std::str::FromStr>(name: &str, v: String) -> Result<T, String> {
+                v.parse()
+                    .map_err(|_| format!("{name}={v:?} is not a valid number"))
+            }
+            let rdzv = text(RENDEZVOUS)?;
+            let (host, port) = rdzv
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{RENDEZVOUS}={rdzv:?} is not host:port"))?;
+            let env = Self {
+                job: text(JOB)?,
+                namespace: text(NAMESPACE)?,
+                rank: num(RANK, text(RANK)?)?,
+                world_size: num(WORLD_SIZE, text(WORLD_SIZE)?)?,
+                attempt: num(ATTEMPT, text(ATTEMPT)?)?,
+                master_host: host.to_string(),
+                rendezvous_port: num(RENDEZVOUS, port.to_string())?,
+                torch_port: num(MASTER_PORT, text(MASTER_PORT)?)?,
+                config: text(CONFIG)?,
+                checkpoint_dir: text(CHECKPOINT_DIR)?,
+                metrics_port: num(METRICS_PORT, text(METRICS_PORT)?)?,
+                stage: num(STAGE, text(STAGE)?)?,
+                replica: num(REPLICA, text(REPLICA)?)?,
+            };
+            if env.world_size == 0 || env.rank >= env.world_size {
+                return Err(format!(
+                    "{RANK}={} is not below {WORLD_SIZE}={}",
+                    env.rank, env.world_size
+                ));
+            }
+            Ok(env)
+        }
     }
 }
 
@@ -229,6 +336,44 @@ mod tests {
         for n in ["RANKS", "MY_RANK", "NCCL_DEBUG", "lockstep_rank", "PETS"] {
             assert!(!env::is_reserved(n), "{n} should be free");
         }
+    }
+
+    #[test]
+    fn rank_env_round_trips_through_the_environment() {
+        let e = env::RankEnv {
+            job: "j".into(),
+            namespace: "ns".into(),
+            rank: 3,
+            world_size: 4,
+            attempt: 2,
+            master_host: "j-0.j".into(),
+            rendezvous_port: 29600,
+            torch_port: 29500,
+            config: "/etc/lockstep/worker.json".into(),
+            checkpoint_dir: "/ckpt".into(),
+            metrics_port: 9450,
+            stage: 1,
+            replica: 1,
+        };
+        let pairs: std::collections::HashMap<_, _> = e.pairs().into_iter().collect();
+        assert_eq!(pairs[env::RENDEZVOUS], "j-0.j:29600");
+        assert_eq!(pairs[env::TORCH_RANK], "3");
+        let back = env::RankEnv::from_lookup(|n| pairs.get(n).cloned()).expect("round trip");
+        assert_eq!(back, e);
+        let err = env::RankEnv::from_lookup(|n| {
+            (n != env::ATTEMPT).then(|| pairs.get(n).cloned()).flatten()
+        })
+        .expect_err("missing attempt");
+        assert_eq!(err, "LOCKSTEP_ATTEMPT is not set");
+        let err = env::RankEnv::from_lookup(|n| {
+            if n == env::RANK {
+                Some("4".into())
+            } else {
+                pairs.get(n).cloned()
+            }
+        })
+        .expect_err("rank out of range");
+        assert!(err.contains("is not below"), "{err}");
     }
 
     #[test]

@@ -196,39 +196,30 @@ impl<'a> JobContext<'a> {
 
     /// The env contract of one rank of one attempt.
     pub fn env(&self, rank: u32, attempt: i32, config_path: &str) -> Vec<EnvVar> {
-        let world = self.layout.world_size();
-        let master = self.rank0_host();
-        let p = |name: &str, value: String| EnvVar {
-            name: name.to_string(),
-            value: Some(value),
-            value_from: None,
+        let contract = env::RankEnv {
+            job: self.name.to_string(),
+            namespace: self.namespace.to_string(),
+            rank,
+            world_size: self.layout.world_size(),
+            attempt: attempt.max(0) as u32,
+            master_host: self.rank0_host(),
+            rendezvous_port: ports::RENDEZVOUS,
+            torch_port: ports::TORCH_MASTER,
+            config: config_path.to_string(),
+            checkpoint_dir: self.job.spec.training.checkpoint.path.clone(),
+            metrics_port: self.metrics_port(),
+            stage: self.layout.stage_of(rank),
+            replica: self.layout.replica_of(rank),
         };
-        vec![
-            p(env::JOB, self.name.to_string()),
-            p(env::NAMESPACE, self.namespace.to_string()),
-            p(env::RANK, rank.to_string()),
-            p(env::WORLD_SIZE, world.to_string()),
-            p(env::ATTEMPT, attempt.to_string()),
-            p(env::RENDEZVOUS, format!("{master}:{}", ports::RENDEZVOUS)),
-            p(env::CONFIG, config_path.to_string()),
-            p(
-                env::CHECKPOINT_DIR,
-                self.job.spec.training.checkpoint.path.clone(),
-            ),
-            p(env::METRICS_PORT, self.metrics_port().to_string()),
-            p(env::STAGE, self.layout.stage_of(rank).to_string()),
-            p(env::REPLICA, self.layout.replica_of(rank).to_string()),
-            p(env::MASTER_ADDR, master.clone()),
-            p(env::MASTER_PORT, ports::TORCH_MASTER.to_string()),
-            p(env::TORCH_WORLD_SIZE, world.to_string()),
-            p(env::TORCH_RANK, rank.to_string()),
-            p(env::LOCAL_RANK, "0".into()),
-            p(env::PET_NNODES, world.to_string()),
-            p(env::PET_NPROC_PER_NODE, "1".into()),
-            p(env::PET_NODE_RANK, rank.to_string()),
-            p(env::PET_MASTER_ADDR, master),
-            p(env::PET_MASTER_PORT, ports::TORCH_MASTER.to_string()),
-        ]
+        contract
+            .pairs()
+            .into_iter()
+            .map(|(name, value)| EnvVar {
+                name: name.to_string(),
+                value: Some(value),
+                value_from: None,
+            })
+            .collect()
     }
 
     /// The pod of rank `rank` in attempt `attempt`. With `gated`, it carries the gang scheduling

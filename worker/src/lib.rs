@@ -2,4 +2,10 @@
 //! launches a whole gang on one machine (`lockstep-worker local`) and measures the collectives
 //! (`lockstep-worker bench`).
 
+pub mod bench;
 pub mod comm;
+pub mod local;
+pub mod metrics;
+pub mod rendezvous;
+pub mod runtime;
+pub mod train;

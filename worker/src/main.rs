@@ -1,1 +1,191 @@
-fn main() {}
+//! `lockstep-worker`: `run` (one rank, as the operator starts it), `local` (a whole gang on this
+//! machine) and `bench allreduce`.
+
+use std::path::PathBuf;
+use std::process::ExitCode as ProcessExit;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use lockstep_api::contract::ExitCode;
+use lockstep_worker::bench::{self, Backend};
+use lockstep_worker::{local, rendezvous, runtime};
+
+#[derive(Parser, Debug)]
+#[command(name = "lockstep-worker", version, about = "The Lockstep worker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run one rank of a gang; everything comes from the env contract (LOCKSTEP_*).
+    Run {
+        /// Seconds to wait for every rank to join (rank 0) or to reach rank 0 (the others).
+        #[arg(long, default_value_t = 300)]
+        join_timeout: u64,
+        /// Milliseconds of heartbeat silence after which a rank is declared failed.
+        #[arg(long, default_value_t = 3000)]
+        heartbeat_timeout_ms: u64,
+        /// Seconds a collective may wait on one peer before it is declared lost.
+        #[arg(long, default_value_t = 30)]
+        comm_timeout: u64,
+    },
+    /// Run a ParallelJob on this machine, one process per rank, without Kubernetes.
+    Local {
+        /// The ParallelJob manifest (data paths are relative to the current directory).
+        manifest: PathBuf,
+        /// World size to use instead of the manifest's (dataParallel = ranks / stages).
+        #[arg(long)]
+        ranks: Option<u32>,
+        /// No progress bar (the default when standard error is not a terminal).
+        #[arg(long)]
+        no_progress: bool,
+        /// Directory for the run's config and checkpoints (default: a new temporary one).
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// All-reduce time and bandwidth per message size (nccl-tests style).
+    Allreduce {
+        /// Number of ranks.
+        #[arg(long, default_value_t = 2)]
+        ranks: usize,
+        /// Sizes as FIRST:LAST with K/M/G suffixes.
+        #[arg(long, default_value = "1K:256M")]
+        sizes: String,
+        /// Each size is the previous times this factor.
+        #[arg(long, default_value_t = 2)]
+        factor: usize,
+        /// Transport.
+        #[arg(long, value_enum, default_value_t = Backend::Tcp)]
+        backend: Backend,
+    },
+}
+
+fn main() -> ProcessExit {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ProcessExit::from(if e.use_stderr() {
+                ExitCode::Usage.code() as u8
+            } else {
+                0
+            });
+        }
+    };
+    match cli.command {
+        Cmd::Run {
+            join_timeout,
+            heartbeat_timeout_ms,
+            comm_timeout,
+        } => {
+            let opts = runtime::RunOptions {
+                rendezvous: rendezvous::Options {
+                    join_timeout: Duration::from_secs(join_timeout),
+                    heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms),
+                    ..rendezvous::Options::default()
+                },
+                comm_timeout: Duration::from_secs(comm_timeout),
+                ..runtime::RunOptions::default()
+            };
+            ProcessExit::from(runtime::run(opts).code() as u8)
+        }
+        Cmd::Local {
+            manifest,
+            ranks,
+            no_progress,
+            workdir,
+        } => {
+            use std::io::IsTerminal;
+            let opts = local::LocalOptions {
+                manifest,
+                ranks,
+                progress: !no_progress && std::io::stderr().is_terminal(),
+                workdir,
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("lockstep local: cannot start: {e}");
+                    return ProcessExit::from(ExitCode::Internal.code() as u8);
+                }
+            };
+            match rt.block_on(local::run(opts)) {
+                Ok(code) => ProcessExit::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("lockstep local: {e:#}");
+                    ProcessExit::from(ExitCode::Config.code() as u8)
+                }
+            }
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Allreduce {
+                    ranks,
+                    sizes,
+                    factor,
+                    backend,
+                },
+        } => match bench_allreduce(ranks, &sizes, factor, backend) {
+            Ok(()) => ProcessExit::SUCCESS,
+            Err(e) => {
+                eprintln!("lockstep bench: {e:#}");
+                ProcessExit::from(ExitCode::Internal.code() as u8)
+            }
+        },
+    }
+}
+
+fn bench_allreduce(
+    ranks: usize,
+    sizes: &str,
+    factor: usize,
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let sizes = bench::parse_sizes(sizes, factor)?;
+    match backend {
+        Backend::Tcp => {
+            let link = bench::probe_loopback(1 << 30)?;
+            let rows = bench::tcp_allreduce(ranks, &sizes)?;
+            bench::print_table(
+                &format!(
+                    "all_reduce, TCP ring, {ranks} ranks on 127.0.0.1, float32 sum, median of each size"
+                ),
+                &rows,
+                Some(link),
+            );
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Nccl => {
+            let rows = bench::nccl_allreduce(ranks, &sizes)?;
+            bench::print_table(
+                &format!("all_reduce, NCCL, {ranks} GPU rank(s), float32 sum"),
+                &rows,
+                None,
+            );
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Backend::Nccl => anyhow::bail!("this build has no NCCL: rebuild with the cuda feature"),
+    }
+}

@@ -77,18 +77,28 @@ fn ring_results_are_bit_identical_across_ranks() {
     let len = 100_003;
     let out = gang(5, small_opts(), |mut c| {
         let r = c.rank() as f32;
-        let mut b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37 + r).sin() / 3.0).collect();
+        let mut b: Vec<f32> = (0..len)
+            .map(|i| (i as f32 * 0.37 + r).sin() / 3.0)
+            .collect();
         c.all_reduce(&mut b, ReduceOp::Avg).expect("all_reduce");
         b
     });
     for r in 1..5 {
         assert!(
-            out[r].iter().zip(&out[0]).all(|(a, b)| a.to_bits() == b.to_bits()),
+            out[r]
+                .iter()
+                .zip(&out[0])
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
             "rank {r} differs from rank 0"
         );
     }
     let want: Vec<f32> = (0..len)
-        .map(|i| (0..5).map(|r| (i as f32 * 0.37 + r as f32).sin() / 3.0).sum::<f32>() / 5.0)
+        .map(|i| {
+            (0..5)
+                .map(|r| (i as f32 * 0.37 + r as f32).sin() / 3.0)
+                .sum::<f32>()
+                / 5.0
+        })
         .collect();
     let worst = out[0]
         .iter()
@@ -131,13 +141,18 @@ fn reduce_scatter_and_all_gather_match_reference() {
                     c.reduce_scatter(&data(c.rank(), per * n), &mut o, op)
                         .expect("reduce_scatter");
                     let mut g = vec![0.0; per * n];
-                    c.all_gather(&data(c.rank(), per), &mut g).expect("all_gather");
+                    c.all_gather(&data(c.rank(), per), &mut g)
+                        .expect("all_gather");
                     (o, g)
                 });
                 let full = reference(n, per * n, op);
                 let gathered: Vec<f32> = (0..n).flat_map(|r| data(r, per)).collect();
                 for (r, (o, g)) in out.iter().enumerate() {
-                    assert_eq!(o[..], full[r * per..(r + 1) * per], "rs n={n} per={per} {op:?}");
+                    assert_eq!(
+                        o[..],
+                        full[r * per..(r + 1) * per],
+                        "rs n={n} per={per} {op:?}"
+                    );
                     assert_eq!(*g, gathered, "ag n={n} per={per}");
                 }
             }
@@ -153,7 +168,11 @@ fn size_mismatches_are_refused_with_the_sizes_named() {
             .expect_err("5 is not 2 x 3")
             .to_string()
     });
-    assert!(out[0].contains("input has 5 elements, expected 2 ranks x 3"), "{}", out[0]);
+    assert!(
+        out[0].contains("input has 5 elements, expected 2 ranks x 3"),
+        "{}",
+        out[0]
+    );
 }
 
 #[test]
@@ -188,8 +207,12 @@ fn async_all_reduces_complete_in_order_and_mix_with_sync_ones() {
             .collect();
         // A synchronous collective waits for the asynchronous ones started before it.
         let mut b = data(r, 10);
-        c.all_reduce(&mut b, ReduceOp::Max).expect("sync all_reduce");
-        let done: Vec<_> = pending.into_iter().map(|p| p.wait().expect("async")).collect();
+        c.all_reduce(&mut b, ReduceOp::Max)
+            .expect("sync all_reduce");
+        let done: Vec<_> = pending
+            .into_iter()
+            .map(|p| p.wait().expect("async"))
+            .collect();
         (done, b)
     });
     for (done, b) in &out {
@@ -242,15 +265,23 @@ fn a_dead_peer_is_an_error_naming_it_not_a_hang() {
     let out = gang(4, opts, |mut c| {
         let r = c.rank();
         let mut b = data(r, 100_000);
-        c.all_reduce(&mut b, ReduceOp::Sum).expect("first all_reduce");
+        c.all_reduce(&mut b, ReduceOp::Sum)
+            .expect("first all_reduce");
         if r == 2 {
             // Rank 2 dies: its connections close.
             drop(c);
             return None;
         }
-        Some(c.all_reduce(&mut b, ReduceOp::Sum).expect_err("rank 2 is gone"))
+        Some(
+            c.all_reduce(&mut b, ReduceOp::Sum)
+                .expect_err("rank 2 is gone"),
+        )
     });
-    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
     // Rank 3 receives from rank 2 in the ring: it must blame rank 2.
     let e = out[3].as_ref().expect("rank 3 error");
     assert_eq!(e.peer(), Some(2), "{e}");
@@ -270,7 +301,10 @@ fn a_hung_peer_times_out_with_its_rank_named() {
             return None;
         }
         let mut b = data(0, 10);
-        Some(c.all_reduce(&mut b, ReduceOp::Sum).expect_err("rank 1 hangs"))
+        Some(
+            c.all_reduce(&mut b, ReduceOp::Sum)
+                .expect_err("rank 1 hangs"),
+        )
     });
     let e = out[0].as_ref().expect("rank 0 error");
     assert!(matches!(e, CommError::Timeout { peer: 1, .. }), "{e}");

@@ -6,6 +6,7 @@
 //! and copied to the others.
 
 use std::sync::mpsc;
+use std::time::Duration;
 
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -99,29 +100,37 @@ pub type Result<T, E = CommError> = std::result::Result<T, E>;
 #[must_use = "a pending collective must be waited for"]
 #[derive(Debug)]
 pub struct Pending<T> {
-    rx: mpsc::Receiver<Result<T>>,
+    rx: mpsc::Receiver<(Result<T>, Duration)>,
 }
 
 impl<T> Pending<T> {
-    /// A pending operation that completes when its sender sends.
-    pub(crate) fn channel() -> (mpsc::Sender<Result<T>>, Self) {
+    /// A pending operation that completes when its sender sends (the result and how long the
+    /// operation itself took).
+    pub(crate) fn channel() -> (mpsc::Sender<(Result<T>, Duration)>, Self) {
         let (tx, rx) = mpsc::channel();
         (tx, Self { rx })
     }
 
-    /// An operation that has already completed.
+    /// An operation that has already completed (or, on a GPU, is queued on a stream).
     pub fn ready(value: Result<T>) -> Self {
         let (tx, p) = Self::channel();
         // The receiver is alive: it is in `p`.
-        let _ = tx.send(value);
+        let _ = tx.send((value, Duration::ZERO));
         p
     }
 
     /// Blocks until the operation has completed.
     pub fn wait(self) -> Result<T> {
-        self.rx
-            .recv()
-            .unwrap_or_else(|_| Err(CommError::Setup("the communicator was dropped".into())))
+        self.wait_timed().map(|(v, _)| v)
+    }
+
+    /// Blocks until the operation has completed; also returns how long the operation ran (from
+    /// when the communication thread started it), to tell hidden from exposed communication.
+    pub fn wait_timed(self) -> Result<(T, Duration)> {
+        match self.rx.recv() {
+            Ok((r, d)) => r.map(|v| (v, d)),
+            Err(_) => Err(CommError::Setup("the communicator was dropped".into())),
+        }
     }
 }
 

@@ -117,7 +117,12 @@ impl Links {
     }
 
     /// Makes sure the connection to `peer` (sending) and from `peer` (receiving) exist.
-    fn ensure(&mut self, send_to: Option<usize>, recv_from: Option<usize>, op: &'static str) -> Result<()> {
+    fn ensure(
+        &mut self,
+        send_to: Option<usize>,
+        recv_from: Option<usize>,
+        op: &'static str,
+    ) -> Result<()> {
         if let Some(p) = send_to
             && self.out[p].is_none()
         {
@@ -127,7 +132,11 @@ impl Links {
             && self.inp[p].is_none()
         {
             let deadline = Instant::now() + self.timeout;
-            let mut streams = self.inbound.streams.lock().unwrap_or_else(|e| e.into_inner());
+            let mut streams = self
+                .inbound
+                .streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             loop {
                 if let Some(s) = streams[p].take() {
                     self.inp[p] = Some(s);
@@ -209,9 +218,9 @@ impl Links {
                 .then(|| scope.spawn(move || tx.write_all(bytemuck::cast_slice(send))));
             let received = recv_fold(rx, recv, fold, scratch, chunk);
             let sent = match sender {
-                Some(h) => h.join().unwrap_or_else(|_| {
-                    Err(std::io::Error::other("the sending thread panicked"))
-                }),
+                Some(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the sending thread panicked"))),
                 None => Ok(()),
             };
             (sent, received)
@@ -254,11 +263,7 @@ impl Drop for Links {
 }
 
 fn accept_loop(listener: TcpListener, inbound: Arc<Inbound>, key: u64, timeout: Duration) {
-    let world = inbound
-        .streams
-        .lock()
-        .map(|s| s.len())
-        .unwrap_or_default();
+    let world = inbound.streams.lock().map(|s| s.len()).unwrap_or_default();
     for conn in listener.incoming() {
         if inbound.closed.load(Ordering::SeqCst) {
             return;
@@ -408,27 +413,40 @@ impl Group<'_> {
 
     /// Ring reduce-scatter over `segs`: afterwards segment `me` holds the folded (not finished)
     /// result.
-    fn ring_reduce_scatter(&mut self, buf: &mut [f32], segs: &[Range<usize>], op: ReduceOp, name: &'static str) -> Result<()> {
+    fn ring_reduce_scatter(
+        &mut self,
+        buf: &mut [f32],
+        segs: &[Range<usize>],
+        op: ReduceOp,
+        name: &'static str,
+    ) -> Result<()> {
         let n = self.n();
         let (next, prev, chunk) = (self.next(), self.prev(), self.opts.chunk_elems);
         for k in 0..n - 1 {
             let s = (self.me + 2 * n - k - 1) % n;
             let r = (self.me + 2 * n - k - 2) % n;
             let (send, recv) = two(buf, &segs[s], &segs[r]);
-            self.links.exchange(next, send, prev, recv, Some(op), chunk, name)?;
+            self.links
+                .exchange(next, send, prev, recv, Some(op), chunk, name)?;
         }
         Ok(())
     }
 
     /// Ring all-gather over `segs`: segment `me` is this rank's; afterwards all are filled.
-    fn ring_all_gather(&mut self, buf: &mut [f32], segs: &[Range<usize>], name: &'static str) -> Result<()> {
+    fn ring_all_gather(
+        &mut self,
+        buf: &mut [f32],
+        segs: &[Range<usize>],
+        name: &'static str,
+    ) -> Result<()> {
         let n = self.n();
         let (next, prev, chunk) = (self.next(), self.prev(), self.opts.chunk_elems);
         for k in 0..n - 1 {
             let s = (self.me + n - k) % n;
             let r = (self.me + 2 * n - k - 1) % n;
             let (send, recv) = two(buf, &segs[s], &segs[r]);
-            self.links.exchange(next, send, prev, recv, None, chunk, name)?;
+            self.links
+                .exchange(next, send, prev, recv, None, chunk, name)?;
         }
         Ok(())
     }
@@ -501,10 +519,18 @@ impl TcpComm {
     /// Sets up this process's side of a gang of `addrs.len()` ranks: `addrs[r]` is where rank r
     /// listens, `listener` is this rank's own listener (bound before the addresses were
     /// exchanged), and `key` identifies the gang and attempt in every connection's handshake.
-    pub fn new(rank: usize, addrs: Vec<String>, listener: TcpListener, key: u64, opts: TcpOptions) -> Result<Self> {
+    pub fn new(
+        rank: usize,
+        addrs: Vec<String>,
+        listener: TcpListener,
+        key: u64,
+        opts: TcpOptions,
+    ) -> Result<Self> {
         let world = addrs.len();
         if rank >= world {
-            return Err(CommError::Setup(format!("rank {rank} is not below the world size {world}")));
+            return Err(CommError::Setup(format!(
+                "rank {rank} is not below the world size {world}"
+            )));
         }
         let listen_addr = listener
             .local_addr()
@@ -596,6 +622,7 @@ impl TcpComm {
         let (tx, pending) = Pending::channel();
         let (ranks, me, opts) = (Arc::clone(&self.group), self.me, self.opts.clone());
         self.shared.submit(move |links| {
+            let started = Instant::now();
             let mut buf = buf;
             let result = f(
                 &mut Group {
@@ -606,7 +633,7 @@ impl TcpComm {
                 },
                 &mut buf,
             );
-            let _ = tx.send(result.map(|()| buf));
+            let _ = tx.send((result.map(|()| buf), started.elapsed()));
         });
         pending
     }
@@ -615,7 +642,10 @@ impl TcpComm {
         if peer >= self.group.len() || peer == self.me {
             return Err(CommError::Invalid {
                 op,
-                message: format!("peer {peer} is not another rank of a group of {}", self.group.len()),
+                message: format!(
+                    "peer {peer} is not another rank of a group of {}",
+                    self.group.len()
+                ),
             });
         }
         Ok(self.group[peer])
@@ -739,7 +769,11 @@ impl Communicator for TcpComm {
             .expect("this rank passed its own color");
         Ok(Self {
             shared: Arc::clone(&self.shared),
-            group: members.iter().map(|&(_, i)| self.group[i]).collect::<Vec<_>>().into(),
+            group: members
+                .iter()
+                .map(|&(_, i)| self.group[i])
+                .collect::<Vec<_>>()
+                .into(),
             me,
             opts: self.opts.clone(),
         })

@@ -1,0 +1,345 @@
+//! `lockstep-worker bench allreduce`: all-reduce time, algorithm bandwidth and bus bandwidth per
+//! message size, in the style of nccl-tests, plus a probe of the transport's own speed (one TCP
+//! stream over the same interface) so that bus bandwidth reads as a fraction of the link.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::comm::tcp::{TcpComm, TcpOptions};
+use crate::comm::{Communicator, ReduceOp, bus_factor};
+
+/// Which transport to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The TCP ring, ranks as threads of this process over 127.0.0.1.
+    Tcp,
+    /// NCCL, one rank per GPU (needs the `cuda` feature, CUDA and NCCL).
+    Nccl,
+}
+
+/// One row of the table.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// Message size in bytes.
+    pub bytes: usize,
+    /// Median time of one all-reduce.
+    pub time: Duration,
+    /// Algorithm bandwidth, bytes per second.
+    pub algbw: f64,
+    /// Bus bandwidth, bytes per second.
+    pub busbw: f64,
+}
+
+/// Parses `1K:256M` (powers of two, suffixes K, M, G) into the sizes from the first to the last,
+/// multiplying by `factor`.
+pub fn parse_sizes(spec: &str, factor: usize) -> Result<Vec<usize>> {
+    fn one(s: &str) -> Result<usize> {
+        let s = s.trim();
+        let (num, mult) = match s.chars().last() {
+            Some('K' | 'k') => (&s[..s.len() - 1], 1usize << 10),
+            Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+            Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+            _ => (s, 1),
+        };
+        let n: usize = num
+            .parse()
+            .with_context(|| format!("{s:?} is not a size like 1K, 64M or 4096"))?;
+        Ok(n * mult)
+    }
+    let (lo, hi) = spec.split_once(':').unwrap_or((spec, spec));
+    let (lo, hi) = (one(lo)?, one(hi)?);
+    if lo == 0 || hi < lo || factor < 2 {
+        bail!("sizes {spec:?}: need 0 < first <= last and a factor of at least 2");
+    }
+    let mut v = Vec::new();
+    let mut s = lo;
+    while s <= hi {
+        v.push(s);
+        s *= factor;
+    }
+    Ok(v)
+}
+
+/// Iterations for a message of `bytes`: enough to measure, bounded in time.
+fn iterations(bytes: usize) -> usize {
+    ((256usize << 20) / bytes.max(1)).clamp(5, 200)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Streams `total` bytes over one TCP connection on 127.0.0.1; returns bytes per second.
+pub fn probe_loopback(total: usize) -> Result<f64> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let chunk = 4 << 20;
+    let reader = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; chunk];
+        let mut left = total;
+        while left > 0 {
+            let n = s.read(&mut buf[..chunk.min(left)])?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            left -= n;
+        }
+        s.write_all(&[1])
+    });
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let buf = vec![7u8; chunk];
+    let started = Instant::now();
+    let mut left = total;
+    while left > 0 {
+        let n = chunk.min(left);
+        s.write_all(&buf[..n])?;
+        left -= n;
+    }
+    let mut ack = [0u8];
+    s.read_exact(&mut ack)?;
+    let secs = started.elapsed().as_secs_f64();
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("probe reader panicked"))??;
+    Ok(total as f64 / secs)
+}
+
+/// Runs the TCP all-reduce benchmark with `ranks` ranks over `sizes` (bytes).
+pub fn tcp_allreduce(ranks: usize, sizes: &[usize]) -> Result<Vec<Row>> {
+    let comms = TcpComm::local_gang(ranks, TcpOptions::default())?;
+    let results: Vec<Result<Vec<Duration>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|mut c| {
+                s.spawn(move || -> Result<Vec<Duration>> {
+                    let mut out = Vec::new();
+                    for &bytes in sizes {
+                        let mut buf = vec![1.0f32; bytes / 4];
+                        for _ in 0..2 {
+                            c.all_reduce(&mut buf, ReduceOp::Sum)?;
+                        }
+                        let mut times = Vec::new();
+                        for _ in 0..iterations(bytes) {
+                            c.barrier()?;
+                            let t = Instant::now();
+                            c.all_reduce(&mut buf, ReduceOp::Sum)?;
+                            times.push(t.elapsed());
+                        }
+                        out.push(median(times));
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a rank panicked")))
+            })
+            .collect()
+    });
+    // The slowest rank's median decides (an all-reduce is done when every rank has it).
+    let per_rank: Vec<Vec<Duration>> = results.into_iter().collect::<Result<_>>()?;
+    Ok(sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &bytes)| {
+            let time = per_rank.iter().map(|t| t[i]).max().unwrap_or_default();
+            let algbw = bytes as f64 / time.as_secs_f64().max(1e-12);
+            Row {
+                bytes,
+                time,
+                algbw,
+                busbw: algbw * bus_factor("all_reduce", ranks),
+            }
+        })
+        .collect())
+}
+
+/// Prints the table; `link` (bytes per second) adds a busbw/link column.
+pub fn print_table(title: &str, rows: &[Row], link: Option<f64>) {
+    let mut out = String::new();
+    out.push_str(&format!("# {title}\n"));
+    if let Some(l) = link {
+        out.push_str(&format!("# link probe: {:.2} GB/s\n", l / 1e9));
+    }
+    out.push_str(&format!(
+        "#{:>13} {:>12} {:>12} {:>12} {:>11}\n",
+        "size(B)", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "busbw/link"
+    ));
+    for r in rows {
+        let frac = link
+            .map(|l| format!("{:.2}", r.busbw / l))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:>14} {:>12.1} {:>12.3} {:>12.3} {:>11}\n",
+            r.bytes,
+            r.time.as_secs_f64() * 1e6,
+            r.algbw / 1e9,
+            r.busbw / 1e9,
+            frac
+        ));
+    }
+    #[allow(clippy::print_stdout)] // the benchmark's output
+    {
+        print!("{out}");
+    }
+}
+
+/// The NCCL all-reduce benchmark and a check of every NCCL collective against the CPU
+/// reference, with one rank per GPU (threads of this process).
+#[cfg(feature = "cuda")]
+pub fn nccl_allreduce(ranks: usize, sizes: &[usize]) -> Result<Vec<Row>> {
+    use crate::comm::nccl::{NcclComm, available, new_id};
+    use cudarc::driver::CudaContext;
+    if !available() {
+        bail!("the CUDA driver or NCCL (libnccl.so) cannot be loaded on this machine");
+    }
+    let devices = CudaContext::device_count().map_err(|e| anyhow::anyhow!("{e:?}"))? as usize;
+    if devices < ranks {
+        bail!("{ranks} NCCL ranks need {ranks} GPUs; this machine has {devices}");
+    }
+    let id = new_id()?;
+    let results: Vec<Result<Vec<Duration>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..ranks)
+            .map(|r| {
+                let id = id.clone();
+                s.spawn(move || -> Result<Vec<Duration>> {
+                    let ctx = CudaContext::new(r).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    let stream = ctx.new_stream().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    let mut c = NcclComm::new(stream.clone(), r, ranks, &id)?;
+                    check_nccl(&mut c, &stream)?;
+                    let mut out = Vec::new();
+                    for &bytes in sizes {
+                        let mut buf = stream
+                            .alloc_zeros::<f32>(bytes / 4)
+                            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                        for _ in 0..2 {
+                            c.all_reduce(&mut buf, ReduceOp::Sum)?;
+                        }
+                        c.synchronize()?;
+                        let mut times = Vec::new();
+                        for _ in 0..iterations(bytes) {
+                            let t = Instant::now();
+                            c.all_reduce(&mut buf, ReduceOp::Sum)?;
+                            c.synchronize()?;
+                            times.push(t.elapsed());
+                        }
+                        out.push(median(times));
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a rank panicked")))
+            })
+            .collect()
+    });
+    let per_rank: Vec<Vec<Duration>> = results.into_iter().collect::<Result<_>>()?;
+    Ok(sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &bytes)| {
+            let time = per_rank.iter().map(|t| t[i]).max().unwrap_or_default();
+            let algbw = bytes as f64 / time.as_secs_f64().max(1e-12);
+            Row {
+                bytes,
+                time,
+                algbw,
+                busbw: algbw * bus_factor("all_reduce", ranks),
+            }
+        })
+        .collect())
+}
+
+/// Every NCCL collective against the same reference the TCP tests use.
+#[cfg(feature = "cuda")]
+fn check_nccl(
+    c: &mut crate::comm::nccl::NcclComm,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+) -> Result<()> {
+    let e = |e: cudarc::driver::DriverError| anyhow::anyhow!("{e:?}");
+    let (rank, n) = (c.rank(), c.world_size());
+    let data = |r: usize, len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((r * 31 + i * 7) % 97) as f32 - 48.0)
+            .collect()
+    };
+    for len in [1usize, 7, 1001, 1 << 20] {
+        for op in ReduceOp::ALL {
+            let mut want = data(0, len);
+            for r in 1..n {
+                op.fold(&mut want, &data(r, len));
+            }
+            op.finish(&mut want, n);
+            let mut buf = stream.clone_htod(&data(rank, len)).map_err(e)?;
+            c.all_reduce(&mut buf, op)?;
+            let got = stream.clone_dtoh(&buf).map_err(e)?;
+            if got != want {
+                bail!("NCCL all_reduce {op:?} of {len} elements differs from the CPU reference");
+            }
+        }
+        let mut buf = stream.clone_htod(&data(rank, len)).map_err(e)?;
+        c.broadcast(&mut buf, 0)?;
+        if stream.clone_dtoh(&buf).map_err(e)? != data(0, len) {
+            bail!("NCCL broadcast of {len} elements differs from the CPU reference");
+        }
+        let input = stream.clone_htod(&data(rank, len)).map_err(e)?;
+        let mut gathered = stream.alloc_zeros::<f32>(len * n).map_err(e)?;
+        c.all_gather(&input, &mut gathered)?;
+        let want: Vec<f32> = (0..n).flat_map(|r| data(r, len)).collect();
+        if stream.clone_dtoh(&gathered).map_err(e)? != want {
+            bail!("NCCL all_gather of {len} elements differs from the CPU reference");
+        }
+        let input = stream.clone_htod(&data(rank, len * n)).map_err(e)?;
+        let mut part = stream.alloc_zeros::<f32>(len).map_err(e)?;
+        c.reduce_scatter(&input, &mut part, ReduceOp::Sum)?;
+        let mut full = data(0, len * n);
+        for r in 1..n {
+            ReduceOp::Sum.fold(&mut full, &data(r, len * n));
+        }
+        if stream.clone_dtoh(&part).map_err(e)? != full[rank * len..(rank + 1) * len] {
+            bail!("NCCL reduce_scatter of {len} elements differs from the CPU reference");
+        }
+    }
+    let mut sub = c.split(0, rank as u32)?;
+    let mut one = stream.clone_htod(&[1.0f32]).map_err(e)?;
+    sub.all_reduce(&mut one, ReduceOp::Sum)?;
+    if stream.clone_dtoh(&one).map_err(e)? != [n as f32] {
+        bail!("NCCL split communicator gave a wrong all_reduce");
+    }
+    c.barrier()?;
+    tracing::info!(
+        rank,
+        ranks = n,
+        "every NCCL collective matches the CPU reference"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_nccl_tests() {
+        assert_eq!(
+            parse_sizes("1K:8K", 2).expect("valid"),
+            vec![1024, 2048, 4096, 8192]
+        );
+        assert_eq!(parse_sizes("64M", 2).expect("valid"), vec![64 << 20]);
+        assert_eq!(parse_sizes("1K:256M", 4).expect("valid").len(), 10);
+        assert!(parse_sizes("8K:1K", 2).is_err());
+        assert!(parse_sizes("lots", 2).is_err());
+    }
+}

@@ -1,0 +1,263 @@
+//! The worker's Prometheus metrics (`lockstep_worker_*`) on `/metrics`, and a sampler of the
+//! GPUs through NVML (loaded at run time: on a machine without NVIDIA's driver the GPU metrics are
+//! simply absent).
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric of the worker.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Current optimizer step.
+    pub step: IntGauge,
+    /// Wall time of each optimizer step.
+    pub step_seconds: Histogram,
+    /// Optimizer steps the run will take.
+    pub total_steps: IntGauge,
+    /// Training samples per second (this rank).
+    pub samples_per_second: Gauge,
+    /// Training tokens per second (this rank; language models).
+    pub tokens_per_second: Gauge,
+    /// Last training loss.
+    pub loss: Gauge,
+    /// Wall time of each all-reduce.
+    pub allreduce_seconds: Histogram,
+    /// Bytes all-reduced.
+    pub allreduce_bytes: IntCounter,
+    /// Bus bandwidth of the last all-reduce (nccl-tests' definition).
+    pub busbw: Gauge,
+    /// Share of communication time hidden behind computation (0 to 1).
+    pub comm_hidden_ratio: Gauge,
+    /// GPU utilization (0 to 1), by GPU index.
+    pub gpu_utilization: GaugeVec,
+    /// GPU memory in use, by GPU index.
+    pub gpu_memory_used: GaugeVec,
+    /// GPU power draw, by GPU index.
+    pub gpu_power: GaugeVec,
+    /// GPU SM clock, by GPU index.
+    pub gpu_sm_clock: GaugeVec,
+}
+
+impl Metrics {
+    /// A registry whose metrics all carry the `job` and `rank` labels.
+    pub fn new(job: &str, rank: u32) -> Self {
+        let registry = Registry::new_custom(
+            None,
+            Some(
+                [
+                    ("job_name".to_string(), job.to_string()),
+                    ("rank".to_string(), rank.to_string()),
+                ]
+                .into(),
+            ),
+        )
+        .expect("valid labels");
+        let r = &registry;
+        fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> M {
+            r.register(Box::new(m.clone())).expect("unique metric");
+            m
+        }
+        let buckets = prometheus::exponential_buckets(0.0005, 2.0, 18).expect("buckets");
+        let gpu = |name: &str, help: &str| {
+            reg(
+                r,
+                GaugeVec::new(Opts::new(name, help), &["gpu"]).expect("valid gauge"),
+            )
+        };
+        Self {
+            step: reg(
+                r,
+                IntGauge::new("lockstep_worker_step", "Current optimizer step.").expect("gauge"),
+            ),
+            total_steps: reg(
+                r,
+                IntGauge::new(
+                    "lockstep_worker_total_steps",
+                    "Optimizer steps the run will take.",
+                )
+                .expect("gauge"),
+            ),
+            step_seconds: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "lockstep_worker_step_seconds",
+                        "Wall time of each optimizer step.",
+                    )
+                    .buckets(buckets.clone()),
+                )
+                .expect("histogram"),
+            ),
+            samples_per_second: reg(
+                r,
+                Gauge::new(
+                    "lockstep_worker_samples_per_second",
+                    "Training samples per second on this rank.",
+                )
+                .expect("gauge"),
+            ),
+            tokens_per_second: reg(
+                r,
+                Gauge::new(
+                    "lockstep_worker_tokens_per_second",
+                    "Training tokens per second on this rank.",
+                )
+                .expect("gauge"),
+            ),
+            loss: reg(
+                r,
+                Gauge::new("lockstep_worker_loss", "Last training loss.").expect("gauge"),
+            ),
+            allreduce_seconds: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "lockstep_worker_allreduce_seconds",
+                        "Wall time of each all-reduce.",
+                    )
+                    .buckets(buckets),
+                )
+                .expect("histogram"),
+            ),
+            allreduce_bytes: reg(
+                r,
+                IntCounter::new(
+                    "lockstep_worker_allreduce_bytes_total",
+                    "Bytes all-reduced.",
+                )
+                .expect("counter"),
+            ),
+            busbw: reg(
+                r,
+                Gauge::new(
+                    "lockstep_worker_allreduce_busbw_bytes_per_second",
+                    "Bus bandwidth of the last all-reduce (algorithm bandwidth x 2(n-1)/n).",
+                )
+                .expect("gauge"),
+            ),
+            comm_hidden_ratio: reg(
+                r,
+                Gauge::new(
+                    "lockstep_worker_comm_hidden_ratio",
+                    "Share of communication time hidden behind computation (0 to 1).",
+                )
+                .expect("gauge"),
+            ),
+            gpu_utilization: gpu(
+                "lockstep_worker_gpu_utilization_ratio",
+                "GPU utilization (0 to 1).",
+            ),
+            gpu_memory_used: gpu(
+                "lockstep_worker_gpu_memory_used_bytes",
+                "GPU memory in use.",
+            ),
+            gpu_power: gpu("lockstep_worker_gpu_power_watts", "GPU power draw."),
+            gpu_sm_clock: gpu("lockstep_worker_gpu_sm_clock_hertz", "GPU SM clock."),
+            registry,
+        }
+    }
+
+    /// Records one all-reduce of `bytes` over `ranks` ranks that took `seconds`.
+    pub fn observe_allreduce(&self, bytes: usize, ranks: usize, seconds: f64) {
+        self.allreduce_seconds.observe(seconds);
+        self.allreduce_bytes.inc_by(bytes as u64);
+        if seconds > 0.0 {
+            self.busbw
+                .set(bytes as f64 / seconds * crate::comm::bus_factor("all_reduce", ranks));
+        }
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+
+    /// Serves `/metrics` (and `/healthz`) on `listener` until the process exits.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        use axum::routing::get;
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                get(move || {
+                    let m = self.clone();
+                    async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
+                }),
+            )
+            .route("/healthz", get(|| async { "ok" }));
+        axum::serve(listener, app).await
+    }
+
+    /// Samples every GPU through NVML every `every`, on a thread of its own. Returns false (and
+    /// samples nothing) when NVML cannot be loaded, as on a machine without NVIDIA's driver.
+    pub fn sample_gpus(&self, every: Duration) -> bool {
+        let nvml = match nvml_wrapper::Nvml::init() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "NVML not available: no GPU metrics");
+                return false;
+            }
+        };
+        let m = self.clone();
+        std::thread::Builder::new()
+            .name("lockstep-nvml".into())
+            .spawn(move || {
+                loop {
+                    m.sample_once(&nvml);
+                    std::thread::sleep(every);
+                }
+            })
+            .is_ok()
+    }
+
+    /// One sample of every GPU NVML sees.
+    pub fn sample_once(&self, nvml: &nvml_wrapper::Nvml) {
+        let count = nvml.device_count().unwrap_or(0);
+        for i in 0..count {
+            let Ok(d) = nvml.device_by_index(i) else {
+                continue;
+            };
+            let l = i.to_string();
+            if let Ok(u) = d.utilization_rates() {
+                self.gpu_utilization
+                    .with_label_values(&[&l])
+                    .set(f64::from(u.gpu) / 100.0);
+            }
+            if let Ok(mem) = d.memory_info() {
+                self.gpu_memory_used
+                    .with_label_values(&[&l])
+                    .set(mem.used as f64);
+            }
+            if let Ok(mw) = d.power_usage() {
+                self.gpu_power
+                    .with_label_values(&[&l])
+                    .set(f64::from(mw) / 1000.0);
+            }
+            if let Ok(mhz) = d.clock_info(nvml_wrapper::enum_wrappers::device::Clock::SM) {
+                self.gpu_sm_clock
+                    .with_label_values(&[&l])
+                    .set(f64::from(mhz) * 1e6);
+            }
+        }
+    }
+}
+
+/// The value of the sample `name` (without labels) in a Prometheus text exposition.
+pub fn scrape_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

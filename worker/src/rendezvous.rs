@@ -1,0 +1,855 @@
+//! The gang's rendezvous: rank 0 serves it (gRPC, `lockstep.v1.Rendezvous`, plus the standard
+//! health service); every other rank joins with retries until a deadline, learns the world, and
+//! keeps a heartbeat stream open. Rank 0 records the FIRST failure of the gang (a heartbeat stream
+//! that breaks, a rank that falls silent, a rank that reports one) and pushes it to every rank,
+//! which then stops. Every request carries the job token and the attempt: another job's pod, or a
+//! rank left over from an earlier attempt, is refused with a message that says which.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use lockstep_proto::v1::rendezvous_client::RendezvousClient;
+use lockstep_proto::v1::rendezvous_server::{Rendezvous, RendezvousServer};
+use lockstep_proto::v1::{
+    AbortRequest, AbortResponse, Ack, BarrierRequest, BarrierResponse, Beat, Command, Credentials,
+    Failure, JoinRequest, JoinResponse, Peer, command,
+};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+/// Timing of the rendezvous and of failure detection.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How long rank 0 waits for every rank to join, and a rank keeps trying to reach rank 0.
+    pub join_timeout: Duration,
+    /// Interval between heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a rank (or rank 0, seen from the others) is declared failed.
+    pub heartbeat_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            join_timeout: Duration::from_secs(300),
+            heartbeat_interval: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Why the rendezvous failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RendezvousError {
+    /// Not every rank joined before the deadline.
+    #[error("ranks {missing:?} of {world} never joined within {seconds} s")]
+    Missing {
+        /// The ranks that never arrived.
+        missing: Vec<u32>,
+        /// World size.
+        world: u32,
+        /// The deadline.
+        seconds: u64,
+    },
+    /// Rank 0 refused this rank (token, attempt, world size or config digest).
+    #[error("rank 0 refused to let this rank join: {0}")]
+    Refused(String),
+    /// Rank 0 could not be reached before the deadline.
+    #[error("could not reach rank 0 at {addr} within {seconds} s: {last}")]
+    Unreachable {
+        /// Rank 0's address.
+        addr: String,
+        /// The deadline.
+        seconds: u64,
+        /// The last error.
+        last: String,
+    },
+    /// The server could not start.
+    #[error("rendezvous server: {0}")]
+    Serve(String),
+}
+
+/// Who this rank is, as it presents itself to rank 0.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// Global rank.
+    pub rank: u32,
+    /// World size.
+    pub world_size: u32,
+    /// Gang attempt.
+    pub attempt: u32,
+    /// Job token.
+    pub token: String,
+    /// Digest of the worker config.
+    pub config_digest: String,
+    /// Host where this rank's data port is reachable by the others; empty to let rank 0 use the
+    /// address the join came from.
+    pub host: String,
+    /// Port of this rank's collective transport.
+    pub data_port: u32,
+}
+
+impl Identity {
+    fn credentials(&self) -> Credentials {
+        Credentials {
+            token: self.token.clone(),
+            attempt: self.attempt,
+            rank: self.rank,
+        }
+    }
+}
+
+/// The world as every rank learns it from rank 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct World {
+    /// Every rank, in rank order.
+    pub peers: Vec<Peer>,
+    /// NCCL unique id bytes, or empty.
+    pub nccl_id: Vec<u8>,
+}
+
+/// A failure of the gang.
+pub type GangFailure = Failure;
+
+struct State {
+    me: Identity,
+    opts: Options,
+    nccl_id: Vec<u8>,
+    started: Instant,
+    peers: Mutex<Vec<Option<Peer>>>,
+    last_seen: Mutex<Vec<Option<Instant>>>,
+    done: Mutex<Vec<bool>>,
+    world: watch::Sender<Option<Result<World, String>>>,
+    failure: watch::Sender<Option<Failure>>,
+    barriers: Mutex<HashMap<String, watch::Sender<Vec<bool>>>>,
+    /// Set when rank 0's session ends: every heartbeat stream closes.
+    stopping: watch::Sender<bool>,
+}
+
+impl State {
+    fn check(&self, c: Option<&Credentials>) -> Result<u32, Status> {
+        let c = c.ok_or_else(|| Status::invalid_argument("credentials are required"))?;
+        if c.token != self.me.token {
+            return Err(Status::unauthenticated(format!(
+                "rank {} presented a token that is not this job's: it belongs to another job",
+                c.rank
+            )));
+        }
+        if c.attempt != self.me.attempt {
+            return Err(Status::failed_precondition(format!(
+                "rank {} is from attempt {}, but the gang is at attempt {}: a rank of another \
+                 attempt may not join",
+                c.rank, c.attempt, self.me.attempt
+            )));
+        }
+        if c.rank >= self.me.world_size {
+            return Err(Status::invalid_argument(format!(
+                "rank {} is not below the world size {}",
+                c.rank, self.me.world_size
+            )));
+        }
+        Ok(c.rank)
+    }
+
+    /// Records `f` unless a failure is already recorded; returns the first failure.
+    fn fail(&self, f: Failure) -> Failure {
+        let mut first = None;
+        self.failure.send_if_modified(|cur| match cur {
+            Some(existing) => {
+                first = Some(existing.clone());
+                false
+            }
+            None => {
+                tracing::error!(rank = f.rank, reason = %f.reason, "rank failed: aborting the gang");
+                *cur = Some(f.clone());
+                first = Some(f.clone());
+                true
+            }
+        });
+        first.unwrap_or(f)
+    }
+
+    fn add_peer(&self, p: Peer) -> Result<(), Status> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = &mut peers[p.rank as usize];
+        if let Some(old) = slot
+            && old != &p
+            && self.world.borrow().is_some()
+        {
+            return Err(Status::already_exists(format!(
+                "rank {} already joined from {}:{}; a second process claims it from {}:{}",
+                p.rank, old.host, old.data_port, p.host, p.data_port
+            )));
+        }
+        *slot = Some(p.clone());
+        self.last_seen.lock().unwrap_or_else(|e| e.into_inner())[p.rank as usize] =
+            Some(Instant::now());
+        if peers.iter().all(Option::is_some) && self.world.borrow().is_none() {
+            let world = World {
+                peers: peers.iter().flatten().cloned().collect(),
+                nccl_id: self.nccl_id.clone(),
+            };
+            tracing::info!(world = peers.len(), "every rank joined");
+            self.world.send_replace(Some(Ok(world)));
+        }
+        Ok(())
+    }
+
+    fn missing(&self) -> Vec<u32> {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        (0..peers.len() as u32)
+            .filter(|&r| peers[r as usize].is_none())
+            .collect()
+    }
+
+    async fn wait_world(&self) -> Result<World, String> {
+        let mut rx = self.world.subscribe();
+        let r = rx.wait_for(Option::is_some).await;
+        match r {
+            Ok(w) => w.clone().expect("waited for Some"),
+            Err(_) => Err("the rendezvous server stopped".into()),
+        }
+    }
+
+    /// Rank 0's watchdog: the join deadline, then silent ranks.
+    async fn watch(self: Arc<Self>) {
+        let tick = self.opts.heartbeat_interval / 2;
+        loop {
+            tokio::time::sleep(tick).await;
+            if self.failure.borrow().is_some() {
+                return;
+            }
+            if self.world.borrow().is_none() {
+                if self.started.elapsed() >= self.opts.join_timeout {
+                    let e = RendezvousError::Missing {
+                        missing: self.missing(),
+                        world: self.me.world_size,
+                        seconds: self.opts.join_timeout.as_secs(),
+                    };
+                    self.world.send_replace(Some(Err(e.to_string())));
+                    return;
+                }
+                continue;
+            }
+            let silent = {
+                let seen = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+                let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+                (1..seen.len()).find(|&r| {
+                    !done[r] && seen[r].is_some_and(|t| t.elapsed() > self.opts.heartbeat_timeout)
+                })
+            };
+            if let Some(r) = silent {
+                self.fail(Failure {
+                    rank: r as u32,
+                    reason: format!(
+                        "rank {r} sent no heartbeat for {} ms: it hangs or its node is unreachable",
+                        self.opts.heartbeat_timeout.as_millis()
+                    ),
+                    reported_by: 0,
+                });
+            }
+        }
+    }
+}
+
+struct Service(Arc<State>);
+
+type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Rendezvous for Service {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let s = &self.0;
+        let seen_from = req.remote_addr().map(|a| a.ip().to_string());
+        let mut j = req.into_inner();
+        if j.host.is_empty() {
+            // The rank did not name a host: use the address its connection came from.
+            j.host = seen_from.ok_or_else(|| {
+                Status::invalid_argument("host is empty and the connection has no peer address")
+            })?;
+        }
+        let rank = s.check(j.credentials.as_ref())?;
+        if j.world_size != s.me.world_size {
+            return Err(Status::failed_precondition(format!(
+                "rank {rank} was started for a world of {}, rank 0 for a world of {}",
+                j.world_size, s.me.world_size
+            )));
+        }
+        if j.config_digest != s.me.config_digest {
+            return Err(Status::failed_precondition(format!(
+                "rank {rank} read a worker config with digest {}, rank 0 one with digest {}: \
+                 every rank must train the same config",
+                j.config_digest, s.me.config_digest
+            )));
+        }
+        tracing::info!(rank, host = %j.host, port = j.data_port, "rank joined");
+        s.add_peer(Peer {
+            rank,
+            host: j.host,
+            data_port: j.data_port,
+        })?;
+        match s.wait_world().await {
+            Ok(w) => Ok(Response::new(JoinResponse {
+                peers: w.peers,
+                nccl_id: w.nccl_id,
+                config_digest: s.me.config_digest.clone(),
+            })),
+            Err(e) => Err(Status::deadline_exceeded(e)),
+        }
+    }
+
+    type HeartbeatStream = CommandStream;
+
+    async fn heartbeat(
+        &self,
+        req: Request<Streaming<Beat>>,
+    ) -> Result<Response<CommandStream>, Status> {
+        let s = Arc::clone(&self.0);
+        let mut beats = req.into_inner();
+        let first = beats
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the heartbeat stream was empty"))?;
+        let rank = s.check(first.credentials.as_ref())? as usize;
+        let (tx, rx) = mpsc::channel::<Result<Command, Status>>(8);
+        let mut failure = s.failure.subscribe();
+        let mut stopping = s.stopping.subscribe();
+        tokio::spawn(async move {
+            let ack = || Command {
+                kind: Some(command::Kind::Ack(Ack {})),
+            };
+            let _ = tx.send(Ok(ack())).await;
+            let mut finished = first.done;
+            loop {
+                tokio::select! {
+                    beat = beats.message(), if !finished => match beat {
+                        Ok(Some(b)) => {
+                            s.last_seen.lock().unwrap_or_else(|e| e.into_inner())[rank] = Some(Instant::now());
+                            if b.done {
+                                s.done.lock().unwrap_or_else(|e| e.into_inner())[rank] = true;
+                                finished = true;
+                                tracing::info!(rank, "rank finished");
+                            }
+                            let _ = tx.send(Ok(ack())).await;
+                        }
+                        Ok(None) | Err(_) => {
+                            let done = s.done.lock().unwrap_or_else(|e| e.into_inner())[rank];
+                            if !done {
+                                s.fail(Failure {
+                                    rank: rank as u32,
+                                    reason: format!("rank {rank}'s heartbeat stream closed: the process exited or lost its connection"),
+                                    reported_by: 0,
+                                });
+                            }
+                            finished = true;
+                        }
+                    },
+                    // A failure recorded before this stream opened counts too.
+                    f = async { failure.wait_for(Option::is_some).await.map(|f| f.clone()) } => {
+                        if let Ok(Some(f)) = f {
+                            let _ = tx.send(Ok(Command { kind: Some(command::Kind::Abort(f)) })).await;
+                        }
+                        return;
+                    }
+                    _ = async { stopping.wait_for(|s| *s).await.map(|_| ()) } => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn abort(&self, req: Request<AbortRequest>) -> Result<Response<AbortResponse>, Status> {
+        let a = req.into_inner();
+        let from = self.0.check(a.credentials.as_ref())?;
+        let mut f = a
+            .failure
+            .ok_or_else(|| Status::invalid_argument("failure is required"))?;
+        f.reported_by = from;
+        let first = self.0.fail(f);
+        Ok(Response::new(AbortResponse { first: Some(first) }))
+    }
+
+    async fn barrier(
+        &self,
+        req: Request<BarrierRequest>,
+    ) -> Result<Response<BarrierResponse>, Status> {
+        let b = req.into_inner();
+        let rank = self.0.check(b.credentials.as_ref())?;
+        self.0
+            .enter_barrier(&b.name, rank)
+            .await
+            .map_err(Status::aborted)?;
+        Ok(Response::new(BarrierResponse {}))
+    }
+}
+
+impl State {
+    async fn enter_barrier(&self, name: &str, rank: u32) -> Result<(), String> {
+        let mut rx = {
+            let mut all = self.barriers.lock().unwrap_or_else(|e| e.into_inner());
+            let world = self.me.world_size as usize;
+            let tx = all
+                .entry(name.to_string())
+                .or_insert_with(|| watch::channel(vec![false; world]).0);
+            tx.send_modify(|v| v[rank as usize] = true);
+            tx.subscribe()
+        };
+        let mut failure = self.failure.subscribe();
+        tokio::select! {
+            r = rx.wait_for(|v| v.iter().all(|&b| b)) => r.map(|_| ()).map_err(|_| "the rendezvous server stopped".to_string()),
+            f = failure.wait_for(Option::is_some) => Err(match f {
+                Ok(f) => format!("barrier {name} aborted: {}", describe(f.as_ref().expect("waited for Some"))),
+                Err(_) => "the rendezvous server stopped".into(),
+            }),
+        }
+    }
+}
+
+/// One line that names a failure: rank, reason and who reported it.
+pub fn describe(f: &Failure) -> String {
+    if f.reported_by == f.rank || f.reported_by == 0 {
+        format!("rank {} failed: {}", f.rank, f.reason)
+    } else {
+        format!(
+            "rank {} failed: {} (reported by rank {})",
+            f.rank, f.reason, f.reported_by
+        )
+    }
+}
+
+enum Role {
+    Server {
+        state: Arc<State>,
+        shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+        served: Option<tokio::task::JoinHandle<()>>,
+    },
+    Client {
+        client: RendezvousClient<Channel>,
+        beats: mpsc::Sender<Beat>,
+        step: Arc<std::sync::atomic::AtomicU64>,
+    },
+}
+
+/// This rank's membership in the gang, from join to finish.
+pub struct Session {
+    me: Identity,
+    world: World,
+    failure: watch::Receiver<Option<Failure>>,
+    role: Role,
+    /// Background tasks that end with the session (heartbeat, watchdog, server).
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Session {
+    /// A session dropped without [`Session::finish`] ends as a dead rank does: its heartbeat
+    /// stops, and rank 0's server closes every stream.
+    fn drop(&mut self) {
+        if let Role::Server {
+            state, shutdown, ..
+        } = &mut self.role
+        {
+            state.stopping.send_replace(true);
+            if let Some(s) = shutdown.take() {
+                let _ = s.send(());
+            }
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("me", &self.me).finish()
+    }
+}
+
+impl Session {
+    /// Rank 0: serves the rendezvous on `listener`, joins itself, and waits until every rank has
+    /// joined (or the deadline).
+    pub async fn serve(
+        listener: tokio::net::TcpListener,
+        me: Identity,
+        nccl_id: Vec<u8>,
+        opts: Options,
+    ) -> Result<Self, RendezvousError> {
+        let world = me.world_size as usize;
+        let state = Arc::new(State {
+            me: me.clone(),
+            opts,
+            nccl_id,
+            started: Instant::now(),
+            peers: Mutex::new(vec![None; world]),
+            last_seen: Mutex::new(vec![None; world]),
+            done: Mutex::new(vec![false; world]),
+            world: watch::channel(None).0,
+            failure: watch::channel(None).0,
+            barriers: Mutex::new(HashMap::new()),
+            stopping: watch::channel(false).0,
+        });
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<RendezvousServer<Service>>().await;
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let svc = RendezvousServer::new(Service(Arc::clone(&state)));
+        let served = tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "rendezvous server stopped");
+            }
+        });
+        let watchdog = tokio::spawn(Arc::clone(&state).watch());
+        state
+            .add_peer(Peer {
+                rank: 0,
+                host: me.host.clone(),
+                data_port: me.data_port,
+            })
+            .map_err(|e| RendezvousError::Serve(e.message().to_string()))?;
+        let world = state.wait_world().await.map_err(|e| {
+            let missing = state.missing();
+            if missing.is_empty() {
+                RendezvousError::Serve(e)
+            } else {
+                RendezvousError::Missing {
+                    missing,
+                    world: me.world_size,
+                    seconds: state.opts.join_timeout.as_secs(),
+                }
+            }
+        })?;
+        Ok(Self {
+            me,
+            world,
+            failure: state.failure.subscribe(),
+            tasks: vec![watchdog.abort_handle(), served.abort_handle()],
+            role: Role::Server {
+                state,
+                shutdown: Some(shutdown),
+                served: Some(served),
+            },
+        })
+    }
+
+    /// Any rank but 0: joins rank 0 at `addr` (`host:port`), retrying until the deadline, then
+    /// starts the heartbeat.
+    pub async fn join(addr: &str, me: Identity, opts: Options) -> Result<Self, RendezvousError> {
+        let deadline = Instant::now() + opts.join_timeout;
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| RendezvousError::Serve(format!("bad rendezvous address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let mut last = String::new();
+        let (client, world) = loop {
+            if Instant::now() >= deadline {
+                return Err(RendezvousError::Unreachable {
+                    addr: addr.to_string(),
+                    seconds: opts.join_timeout.as_secs(),
+                    last,
+                });
+            }
+            let channel = match endpoint.connect().await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = format!("{e}: {}", source_chain(&e));
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut client = RendezvousClient::new(channel);
+            let mut req = Request::new(JoinRequest {
+                credentials: Some(me.credentials()),
+                host: me.host.clone(),
+                data_port: me.data_port,
+                world_size: me.world_size,
+                config_digest: me.config_digest.clone(),
+            });
+            req.set_timeout(
+                deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5),
+            );
+            match client.join(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    break (
+                        client,
+                        World {
+                            peers: r.peers,
+                            nccl_id: r.nccl_id,
+                        },
+                    );
+                }
+                Err(s) if s.code() == Code::Unavailable => {
+                    last = s.message().to_string();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(s) if s.code() == Code::DeadlineExceeded => {
+                    return Err(RendezvousError::Refused(s.message().to_string()));
+                }
+                Err(s) => return Err(RendezvousError::Refused(s.message().to_string())),
+            }
+        };
+        let (failure_tx, failure) = watch::channel(None);
+        let (beats, beat_rx) = mpsc::channel::<Beat>(4);
+        let step = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let heartbeat = tokio::spawn(client_heartbeat(
+            client.clone(),
+            me.clone(),
+            opts,
+            beat_rx,
+            beats.clone(),
+            Arc::clone(&step),
+            failure_tx,
+        ));
+        Ok(Self {
+            me,
+            world,
+            failure,
+            tasks: vec![heartbeat.abort_handle()],
+            role: Role::Client {
+                client,
+                beats,
+                step,
+            },
+        })
+    }
+
+    /// The world every rank agreed on.
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// Resolves when the gang is aborted, with the first failure.
+    pub fn aborted(&self) -> impl std::future::Future<Output = Failure> + Send + 'static {
+        let mut rx = self.failure.clone();
+        async move {
+            let first = rx.wait_for(Option::is_some).await.map(|f| f.clone());
+            match first {
+                Ok(f) => f.expect("waited for Some"),
+                // The session ended without a failure: never resolve.
+                Err(_) => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Reports this rank's step, carried by the next heartbeat.
+    pub fn set_step(&self, step: u64) {
+        if let Role::Client { step: s, .. } = &self.role {
+            s.store(step, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Reports a failure (of this rank, or of a peer it lost) so that rank 0 aborts the gang;
+    /// returns the gang's first failure, which may be another.
+    pub async fn report(&self, failed_rank: u32, reason: String) -> Failure {
+        let f = Failure {
+            rank: failed_rank,
+            reason,
+            reported_by: self.me.rank,
+        };
+        match &self.role {
+            Role::Server { state, .. } => state.fail(f),
+            Role::Client { client, .. } => {
+                let mut c = client.clone();
+                let mut req = Request::new(AbortRequest {
+                    credentials: Some(self.me.credentials()),
+                    failure: Some(f.clone()),
+                });
+                req.set_timeout(Duration::from_secs(2));
+                match c.abort(req).await {
+                    Ok(r) => r.into_inner().first.unwrap_or(f),
+                    Err(_) => f,
+                }
+            }
+        }
+    }
+
+    /// Waits until every rank has entered the barrier `name`.
+    pub async fn barrier(&self, name: &str) -> Result<(), String> {
+        match &self.role {
+            Role::Server { state, .. } => state.enter_barrier(name, 0).await,
+            Role::Client { client, .. } => {
+                let mut c = client.clone();
+                c.barrier(BarrierRequest {
+                    credentials: Some(self.me.credentials()),
+                    name: name.to_string(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| s.message().to_string())
+            }
+        }
+    }
+
+    /// Ends this rank's membership after its work is done. Other ranks tell rank 0 they are
+    /// done; rank 0 waits (up to `grace`) for them before it stops serving, so that no rank
+    /// mistakes the end of the server for a failure.
+    pub async fn finish(mut self, grace: Duration) {
+        let me = self.me.credentials();
+        match &mut self.role {
+            Role::Client { beats, step, .. } => {
+                let _ = beats
+                    .send(Beat {
+                        credentials: Some(me),
+                        step: step.load(std::sync::atomic::Ordering::Relaxed),
+                        done: true,
+                    })
+                    .await;
+                // Give the beat a moment to leave before the heartbeat task is stopped.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Role::Server {
+                state,
+                shutdown,
+                served,
+            } => {
+                let deadline = Instant::now() + grace;
+                while Instant::now() < deadline {
+                    let all = state
+                        .done
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .skip(1)
+                        .all(|&d| d);
+                    if all || state.failure.borrow().is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                state.stopping.send_replace(true);
+                if let Some(s) = shutdown.take() {
+                    let _ = s.send(());
+                }
+                if let Some(served) = served.take() {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), served).await;
+                }
+            }
+        }
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+async fn client_heartbeat(
+    mut client: RendezvousClient<Channel>,
+    me: Identity,
+    opts: Options,
+    beat_rx: mpsc::Receiver<Beat>,
+    beats: mpsc::Sender<Beat>,
+    step: Arc<std::sync::atomic::AtomicU64>,
+    failure: watch::Sender<Option<Failure>>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let lost = |reason: String| {
+        Some(Failure {
+            rank: 0,
+            reason,
+            reported_by: me.rank,
+        })
+    };
+    let creds = me.credentials();
+    let beat = || Beat {
+        credentials: Some(creds.clone()),
+        step: step.load(Ordering::Relaxed),
+        done: false,
+    };
+    // The request stream carries the beats of this task and the final one of
+    // `Session::finish`; it ends after the final beat, or when both senders are gone (the
+    // session was dropped: to rank 0 that is a rank that died).
+    let finished = Arc::new(AtomicBool::new(false));
+    let outbound = {
+        let finished = Arc::clone(&finished);
+        futures::stream::unfold((beat_rx, false), move |(mut rx, ended)| {
+            let finished = Arc::clone(&finished);
+            async move {
+                if ended {
+                    return None;
+                }
+                let b = rx.recv().await?;
+                if b.done {
+                    finished.store(true, Ordering::SeqCst);
+                }
+                let last = b.done;
+                Some((b, (rx, last)))
+            }
+        })
+    };
+    // Rank 0 answers once it has the first beat.
+    if beats.send(beat()).await.is_err() {
+        return;
+    }
+    let mut inbound = match client.heartbeat(outbound).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            if !finished.load(Ordering::SeqCst) {
+                failure.send_replace(lost(format!(
+                    "rank 0 refused the heartbeat: {}",
+                    s.message()
+                )));
+            }
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(opts.heartbeat_interval);
+    let mut last_answer = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                // Never block on a full queue: a missing beat is what the timeout is for.
+                let _ = beats.try_send(beat());
+            }
+            answer = inbound.message() => {
+                last_answer = tokio::time::Instant::now();
+                if finished.load(Ordering::SeqCst) {
+                    return;
+                }
+                match answer {
+                    Ok(Some(Command { kind: Some(command::Kind::Abort(f)) })) => {
+                        failure.send_replace(Some(f));
+                        return;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => {
+                        failure.send_replace(lost(
+                            "lost the connection to rank 0 (the rendezvous server): it exited \
+                             or its node is unreachable"
+                                .into(),
+                        ));
+                        return;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(last_answer + opts.heartbeat_timeout) => {
+                if !finished.load(Ordering::SeqCst) {
+                    failure.send_replace(lost(format!(
+                        "rank 0 did not answer heartbeats for {} ms: it hangs or its node is \
+                         unreachable",
+                        opts.heartbeat_timeout.as_millis()
+                    )));
+                }
+                return;
+            }
+        }
+    }
+}

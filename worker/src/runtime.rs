@@ -1,0 +1,252 @@
+//! `lockstep-worker run`: one rank of a gang, as the operator (or `local` mode) starts it. Reads
+//! the env contract and the worker config, serves `/metrics`, meets the other ranks at the
+//! rendezvous, sets up the collectives, trains, and exits with a documented code. When any rank
+//! fails, rank 0 aborts the whole gang: every rank prints the first failure (rank and reason),
+//! writes it to the container's termination message, and exits with `PeerFailed`.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use lockstep_api::config::WorkerConfig;
+use lockstep_api::contract::{ExitCode, env};
+
+use crate::comm::tcp::{TcpComm, TcpOptions};
+use crate::metrics::Metrics;
+use crate::rendezvous::{self, Identity, Session, describe};
+use crate::train::{self, WorkError};
+
+/// Where Kubernetes reads a container's termination message from.
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+
+/// Timing of a run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Rendezvous and heartbeat timing.
+    pub rendezvous: rendezvous::Options,
+    /// Timeout of a collective's single send or receive.
+    pub comm_timeout: Duration,
+    /// How long rank 0 waits for the others to finish before it stops serving.
+    pub finish_grace: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            rendezvous: rendezvous::Options::default(),
+            comm_timeout: Duration::from_secs(30),
+            finish_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Leaves a one-line reason where `kubectl describe pod` (and the operator) can read it.
+fn termination_message(message: &str) {
+    let path = std::path::Path::new(TERMINATION_LOG);
+    if path.exists() {
+        let _ = std::fs::write(path, message);
+    }
+}
+
+fn fail(code: ExitCode, message: &str) -> ExitCode {
+    tracing::error!(exit_code = code.code(), reason = code.reason(), "{message}");
+    termination_message(&format!("{}: {message}", code.reason()));
+    code
+}
+
+/// A 64-bit key of the gang and attempt, carried by every data connection's handshake.
+pub fn gang_key(token: &str, attempt: u32) -> u64 {
+    format!("{token}/{attempt}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+/// Runs this process as one rank; returns its exit code.
+pub fn run(opts: RunOptions) -> ExitCode {
+    let contract = match env::RankEnv::from_lookup(|n| std::env::var(n).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            return fail(
+                ExitCode::Config,
+                &format!("the env contract is incomplete: {e}"),
+            );
+        }
+    };
+    let Ok(token) = std::env::var(env::TOKEN) else {
+        return fail(ExitCode::Config, &format!("{} is not set", env::TOKEN));
+    };
+    let config = match std::fs::read_to_string(&contract.config)
+        .map_err(|e| format!("cannot read {}: {e}", contract.config))
+        .and_then(|t| WorkerConfig::from_json(&t).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => return fail(ExitCode::Config, &e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                ExitCode::Internal,
+                &format!("cannot start the runtime: {e}"),
+            );
+        }
+    };
+    runtime.block_on(run_rank(contract, token, config, opts))
+}
+
+async fn run_rank(
+    contract: env::RankEnv,
+    token: String,
+    config: WorkerConfig,
+    opts: RunOptions,
+) -> ExitCode {
+    let rank = contract.rank;
+    let metrics = Metrics::new(&contract.job, rank);
+    match tokio::net::TcpListener::bind(("0.0.0.0", contract.metrics_port)).await {
+        Ok(l) => {
+            tokio::spawn(metrics.clone().serve(l));
+        }
+        Err(e) => tracing::warn!(port = contract.metrics_port, error = %e, "cannot serve /metrics"),
+    }
+    if metrics.sample_gpus(Duration::from_secs(5)) {
+        tracing::info!("sampling GPUs through NVML");
+    }
+    let data = match TcpListener::bind("0.0.0.0:0") {
+        Ok(l) => l,
+        Err(e) => {
+            return fail(
+                ExitCode::Communication,
+                &format!("cannot open a data port: {e}"),
+            );
+        }
+    };
+    let data_port = data.local_addr().map(|a| a.port()).unwrap_or(0);
+    let me = Identity {
+        rank,
+        world_size: contract.world_size,
+        attempt: contract.attempt,
+        token: token.clone(),
+        config_digest: config.digest(),
+        // Rank 0 is reached at its stable name; rank 0 sees the others' addresses itself.
+        host: if rank == 0 {
+            contract.master_host.clone()
+        } else {
+            String::new()
+        },
+        data_port: u32::from(data_port),
+    };
+    let session = if rank == 0 {
+        let listener =
+            match tokio::net::TcpListener::bind(("0.0.0.0", contract.rendezvous_port)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    return fail(
+                        ExitCode::Rendezvous,
+                        &format!(
+                            "cannot serve the rendezvous on port {}: {e}",
+                            contract.rendezvous_port
+                        ),
+                    );
+                }
+            };
+        Session::serve(listener, me, Vec::new(), opts.rendezvous.clone()).await
+    } else {
+        Session::join(&contract.rendezvous(), me, opts.rendezvous.clone()).await
+    };
+    let session = match session {
+        Ok(s) => s,
+        Err(e) => return fail(ExitCode::Rendezvous, &e.to_string()),
+    };
+    let addrs = session
+        .world()
+        .peers
+        .iter()
+        .map(|p| format!("{}:{}", p.host, p.data_port))
+        .collect();
+    tracing::info!(
+        rank,
+        world = contract.world_size,
+        attempt = contract.attempt,
+        "gang formed"
+    );
+    let comm = match TcpComm::new(
+        rank as usize,
+        addrs,
+        data,
+        gang_key(&token, contract.attempt),
+        TcpOptions {
+            timeout: opts.comm_timeout,
+            ..TcpOptions::default()
+        },
+    ) {
+        Ok(c) => c,
+        Err(e) => return fail(ExitCode::Communication, &e.to_string()),
+    };
+
+    // When the gang is aborted, stop at once: the first failure is named, never a secondary one.
+    let aborted = session.aborted();
+    tokio::spawn(async move {
+        let f = aborted.await;
+        let code = if f.rank == rank {
+            ExitCode::Internal
+        } else {
+            ExitCode::PeerFailed
+        };
+        let code = fail(code, &format!("gang aborted: {}", describe(&f)));
+        if rank == 0 {
+            // Rank 0 serves the abort: give its streams a moment to carry it to every rank, so
+            // that none mistakes the end of the server for the failure.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        std::process::exit(code.code());
+    });
+
+    let session = std::sync::Arc::new(session);
+    let steps = std::sync::Arc::clone(&session);
+    let work = tokio::task::spawn_blocking(move || {
+        let mut comm = comm;
+        train::run(&config, &mut comm, &metrics, &|s| steps.set_step(s))
+    })
+    .await;
+    let result = work.unwrap_or_else(|e| {
+        Err(WorkError::new(
+            ExitCode::Internal,
+            format!("the training thread panicked: {e}"),
+        ))
+    });
+    match result {
+        Ok(summary) => {
+            tracing::info!(
+                rank,
+                steps = summary.steps,
+                loss = summary.loss,
+                eval_accuracy = summary.eval_accuracy,
+                params_digest = format!("{:016x}", summary.params_digest),
+                "training finished"
+            );
+            if let Ok(session) = std::sync::Arc::try_unwrap(session) {
+                session.finish(opts.finish_grace).await;
+            }
+            ExitCode::Success
+        }
+        Err(e) => {
+            let blamed = e.blame.unwrap_or(rank);
+            let first = session.report(blamed, e.message.clone()).await;
+            if first.rank != blamed || first.reported_by != rank {
+                // Another failure came first: that is the one to name.
+                let code = if first.rank == rank {
+                    e.code
+                } else {
+                    ExitCode::PeerFailed
+                };
+                return fail(code, &format!("gang aborted: {}", describe(&first)));
+            }
+            fail(e.code, &format!("rank {rank} failed: {}", e.message))
+        }
+    }
+}

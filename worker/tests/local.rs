@@ -1,0 +1,282 @@
+//! `lockstep-worker local` end to end: real processes, the real rendezvous and TCP collectives.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn worker() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lockstep-worker"));
+    c.current_dir(repo()).env("RUST_LOG", "info");
+    c
+}
+
+fn manifest(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(&p, body).expect("write manifest");
+    p
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lockstep-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+fn mlp_job(name: &str, hidden: &str, steps: u64) -> String {
+    format!(
+        r#"apiVersion: lockstep.dev/v1alpha1
+kind: ParallelJob
+metadata:
+  name: {name}
+spec:
+  parallelism:
+    dataParallel: 2
+  training:
+    workload: Ddp
+    model:
+      mlp:
+        hiddenSizes: {hidden}
+    data:
+      kind: Digits
+      path: data/digits.csv.gz
+    optimizer:
+      learningRate: 0.01
+      schedule: Constant
+    batchSize: 16
+    maxSteps: {steps}
+    seed: 3
+  template:
+    spec:
+      containers:
+        - name: worker
+          image: lockstep/worker:0.1.0
+"#
+    )
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    let rest = &line[start..];
+    Some(rest.split_whitespace().next()?.trim_matches('"'))
+}
+
+#[test]
+fn a_ddp_job_trains_and_every_rank_ends_with_the_same_parameters() {
+    let dir = scratch("ddp");
+    let m = manifest(&dir, "job", &mlp_job("digits-test", "[32]", 150));
+    let out = worker()
+        .args([
+            "local",
+            m.to_str().expect("utf-8"),
+            "--ranks",
+            "3",
+            "--workdir",
+        ])
+        .arg(dir.join("run"))
+        .output()
+        .expect("run local");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "local failed:\n{err}");
+    let finished: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("training finished"))
+        .collect();
+    assert_eq!(finished.len(), 3, "one summary per rank:\n{err}");
+    let digests: Vec<_> = finished.iter().map(|l| field(l, "params_digest")).collect();
+    assert!(
+        digests[0].is_some() && digests.iter().all(|d| *d == digests[0]),
+        "{finished:#?}"
+    );
+    let acc: f32 = field(finished[0], "eval_accuracy")
+        .and_then(|a| a.parse().ok())
+        .expect("an accuracy");
+    assert!(
+        acc > 0.6,
+        "the MLP did not learn the digits: accuracy {acc}"
+    );
+    assert!(err.contains("all 3 rank(s) succeeded"), "{err}");
+}
+
+fn child_with_rank(parent: u32, rank: u32) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{parent}/task")).ok()?;
+    for t in tasks.flatten() {
+        let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let want = format!("LOCKSTEP_RANK={rank}");
+            if env.split(|b| *b == 0).any(|v| v == want.as_bytes()) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn killing_a_rank_mid_training_stops_the_gang_within_5_seconds_and_names_it() {
+    let dir = scratch("kill");
+    // Wide layers: most of a step is the gradient all-reduce.
+    let m = manifest(&dir, "job", &mlp_job("kill-test", "[512, 512]", 1_000_000));
+    let mut child = worker()
+        .args([
+            "local",
+            m.to_str().expect("utf-8"),
+            "--ranks",
+            "4",
+            "--workdir",
+        ])
+        .arg(dir.join("run"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start local");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    // Wait until every rank trains.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while log
+        .iter()
+        .filter(|l: &&String| l.contains("training an MLP"))
+        .count()
+        < 4
+    {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("ranks did not start:\n{}", log.join("\n")));
+        log.push(line);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let victim = child_with_rank(child.id(), 2).expect("rank 2's process");
+    let killed = Instant::now();
+    Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .expect("kill");
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "the gang did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = killed.elapsed();
+    while let Ok(l) = rx.recv_timeout(Duration::from_millis(500)) {
+        log.push(l);
+    }
+    let log = log.join("\n");
+    assert!(
+        took < Duration::from_secs(5),
+        "the gang took {took:?} to stop:\n{log}"
+    );
+    assert_eq!(status.code(), Some(128 + 9), "{log}");
+    assert!(
+        log.contains("rank 2 failed first: killed by signal 9"),
+        "{log}"
+    );
+    for r in [0, 1, 3] {
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(&format!("[rank {r}]")) && l.contains("gang aborted"))
+            .unwrap_or_else(|| panic!("rank {r} did not report the abort:\n{log}"));
+        assert!(
+            line.contains("rank 2 failed"),
+            "rank {r} names another failure: {line}"
+        );
+    }
+}
+
+const COMMAND_JOB: &str = r#"apiVersion: lockstep.dev/v1alpha1
+kind: ParallelJob
+metadata:
+  name: command-test
+spec:
+  parallelism:
+    dataParallel: 3
+  training:
+    workload: Command
+  template:
+    spec:
+      containers:
+        - name: worker
+          image: busybox
+          command: ["sh", "-c"]
+          args:
+            - SCRIPT
+"#;
+
+#[test]
+fn a_command_workload_gets_the_env_contract() {
+    let dir = scratch("cmd");
+    let script = r#"test "$RANK" = "$LOCKSTEP_RANK" && test "$WORLD_SIZE" = 3 && test -n "$LOCKSTEP_TOKEN" && test -f "$LOCKSTEP_CONFIG" && echo "env-ok $RANK $MASTER_ADDR:$MASTER_PORT $PET_NNODES""#;
+    let body = COMMAND_JOB.replace("SCRIPT", &format!("'{script}'"));
+    let m = manifest(&dir, "job", &body);
+    let out = worker()
+        .args(["local", m.to_str().expect("utf-8")])
+        .output()
+        .expect("run local");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for r in 0..3 {
+        assert!(
+            err.lines().any(
+                |l| l.starts_with(&format!("[rank {r}] env-ok {r} 127.0.0.1:"))
+                    && l.ends_with(" 3")
+            ),
+            "rank {r}:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn a_failing_rank_fails_the_run_with_its_code() {
+    let dir = scratch("cmdfail");
+    let script = r#"if [ "$RANK" = 1 ]; then echo bad input >&2; exit 42; fi; sleep 60"#;
+    let body = COMMAND_JOB.replace("SCRIPT", &format!("'{script}'"));
+    let m = manifest(&dir, "job", &body);
+    let started = Instant::now();
+    let out = worker()
+        .args(["local", m.to_str().expect("utf-8")])
+        .output()
+        .expect("run local");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(42), "{err}");
+    assert!(err.contains("rank 1 failed first: exit code 42"), "{err}");
+    assert!(err.contains("[rank 1] bad input"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "the other ranks were not stopped"
+    );
+}
+
+#[test]
+fn an_invalid_manifest_is_refused_with_the_field_named() {
+    let dir = scratch("invalid");
+    let m = manifest(
+        &dir,
+        "job",
+        &mlp_job("bad", "[32]", 10).replace("dataParallel: 2", "dataParallel: 0"),
+    );
+    let out = worker()
+        .args(["local", m.to_str().expect("utf-8")])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("dataParallel"), "{err}");
+}

@@ -1,0 +1,233 @@
+//! The rendezvous against a real gRPC server on 127.0.0.1: join, refusals (token, attempt,
+//! config), a rank that never arrives, and the abort of the gang when a rank dies or reports.
+
+use std::time::{Duration, Instant};
+
+use lockstep_worker::rendezvous::{Identity, Options, RendezvousError, Session};
+
+fn me(rank: u32, world: u32) -> Identity {
+    Identity {
+        rank,
+        world_size: world,
+        attempt: 1,
+        token: "secret".into(),
+        config_digest: "abc".into(),
+        host: if rank == 0 {
+            "127.0.0.1".into()
+        } else {
+            String::new()
+        },
+        data_port: 1000 + rank,
+    }
+}
+
+fn opts(join: Duration) -> Options {
+    Options {
+        join_timeout: join,
+        heartbeat_interval: Duration::from_millis(100),
+        heartbeat_timeout: Duration::from_millis(800),
+    }
+}
+
+async fn listener() -> (tokio::net::TcpListener, String) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let a = l.local_addr().expect("addr").to_string();
+    (l, a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_rank_learns_the_same_world() {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(Session::serve(
+        l,
+        me(0, 3),
+        vec![9; 128],
+        opts(Duration::from_secs(20)),
+    ));
+    let a = tokio::spawn({
+        let addr = addr.clone();
+        async move { Session::join(&addr, me(1, 3), opts(Duration::from_secs(20))).await }
+    });
+    let b =
+        tokio::spawn(
+            async move { Session::join(&addr, me(2, 3), opts(Duration::from_secs(20))).await },
+        );
+    let s0 = server.await.expect("task").expect("rank 0");
+    let s1 = a.await.expect("task").expect("rank 1");
+    let s2 = b.await.expect("task").expect("rank 2");
+    assert_eq!(s0.world(), s1.world());
+    assert_eq!(s1.world(), s2.world());
+    let w = s0.world();
+    assert_eq!(w.nccl_id, vec![9; 128]);
+    assert_eq!(
+        w.peers.iter().map(|p| p.rank).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_eq!(
+        w.peers[2].host, "127.0.0.1",
+        "rank 0 fills in the address it saw"
+    );
+    assert_eq!(w.peers[2].data_port, 1002);
+    // A barrier, then a clean finish: no rank sees a failure.
+    let (r0, r1, r2) = tokio::join!(
+        s0.barrier("ready"),
+        s1.barrier("ready"),
+        s2.barrier("ready")
+    );
+    r0.and(r1).and(r2).expect("barrier");
+    let f1 = tokio::spawn(s1.finish(Duration::from_secs(5)));
+    let f2 = tokio::spawn(s2.finish(Duration::from_secs(5)));
+    s0.finish(Duration::from_secs(5)).await;
+    f1.await.expect("finish");
+    f2.await.expect("finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_token_a_stale_attempt_and_another_config_are_refused() {
+    let (l, addr) = listener().await;
+    let _server = tokio::spawn(Session::serve(
+        l,
+        me(0, 2),
+        vec![],
+        opts(Duration::from_secs(20)),
+    ));
+    let short = opts(Duration::from_secs(5));
+    let mut wrong = me(1, 2);
+    wrong.token = "other-job".into();
+    let e = Session::join(&addr, wrong, short.clone())
+        .await
+        .expect_err("wrong token");
+    assert!(matches!(e, RendezvousError::Refused(_)), "{e}");
+    assert!(e.to_string().contains("belongs to another job"), "{e}");
+
+    let mut stale = me(1, 2);
+    stale.attempt = 0;
+    let e = Session::join(&addr, stale, short.clone())
+        .await
+        .expect_err("stale attempt");
+    assert!(
+        e.to_string()
+            .contains("is from attempt 0, but the gang is at attempt 1"),
+        "{e}"
+    );
+
+    let mut other = me(1, 2);
+    other.config_digest = "zzz".into();
+    let e = Session::join(&addr, other, short)
+        .await
+        .expect_err("another config");
+    assert!(e.to_string().contains("digest zzz"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ranks_that_never_arrive_are_named() {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(Session::serve(
+        l,
+        me(0, 4),
+        vec![],
+        opts(Duration::from_secs(2)),
+    ));
+    let joined = Session::join(&addr, me(2, 4), opts(Duration::from_secs(2))).await;
+    let e = joined.expect_err("ranks 1 and 3 never come");
+    assert!(
+        e.to_string()
+            .contains("ranks [1, 3] of 4 never joined within 2 s"),
+        "{e}"
+    );
+    let e = server
+        .await
+        .expect("task")
+        .expect_err("rank 0 gives up too");
+    assert!(
+        e.to_string().contains("ranks [1, 3] of 4 never joined"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rank_zero_unreachable_is_a_clear_error() {
+    let (l, addr) = listener().await;
+    drop(l);
+    let e = Session::join(&addr, me(1, 2), opts(Duration::from_secs(1)))
+        .await
+        .expect_err("nobody serves");
+    assert!(matches!(e, RendezvousError::Unreachable { .. }), "{e}");
+    assert!(e.to_string().contains(&addr), "{e}");
+}
+
+async fn gang(world: u32) -> Vec<Session> {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(Session::serve(
+        l,
+        me(0, world),
+        vec![],
+        opts(Duration::from_secs(20)),
+    ));
+    let others: Vec<_> = (1..world)
+        .map(|r| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                Session::join(&addr, me(r, world), opts(Duration::from_secs(20))).await
+            })
+        })
+        .collect();
+    let mut all = vec![server.await.expect("task").expect("rank 0")];
+    for o in others {
+        all.push(o.await.expect("task").expect("join"));
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_rank_aborts_every_other_rank_with_its_name() {
+    let mut all = gang(4).await;
+    let started = Instant::now();
+    // Rank 2 dies: its heartbeat stream breaks.
+    let dead = all.remove(2);
+    drop(dead);
+    for s in &all {
+        let f = tokio::time::timeout(Duration::from_secs(5), s.aborted())
+            .await
+            .expect("aborted within 5 s");
+        assert_eq!(f.rank, 2, "{f:?}");
+        assert!(f.reason.contains("heartbeat stream closed"), "{f:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_first_reported_failure_wins_over_the_cascade() {
+    let all = gang(3).await;
+    // Rank 1 lost rank 2 in a collective and reports it; then rank 2 reports itself.
+    let first = all[1]
+        .report(2, "lost rank 2 during all_reduce".into())
+        .await;
+    assert_eq!((first.rank, first.reported_by), (2, 1));
+    let later = all[2].report(2, "secondary".into()).await;
+    assert_eq!(
+        later.reason, "lost rank 2 during all_reduce",
+        "the first failure is kept"
+    );
+    for (i, s) in all.iter().enumerate() {
+        let f = tokio::time::timeout(Duration::from_secs(5), s.aborted())
+            .await
+            .unwrap_or_else(|_| panic!("session {i} not aborted"));
+        assert_eq!(f.reason, "lost rank 2 during all_reduce");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_rank_zero_aborts_the_others() {
+    let mut all = gang(3).await;
+    let zero = all.remove(0);
+    drop(zero);
+    for s in &all {
+        let f = tokio::time::timeout(Duration::from_secs(5), s.aborted())
+            .await
+            .expect("aborted within 5 s");
+        assert_eq!(f.rank, 0, "{f:?}");
+    }
+}
