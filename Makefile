@@ -59,9 +59,24 @@ cluster-down: ## stop the test control plane
 run-operator: ## run the operator against $$KUBECONFIG (make cluster-up gives one)
 	$(CARGO) run --locked -p lockstep-operator -- --metrics-addr 127.0.0.1:8080 --no-leader-elect
 
+JOB ?= examples/ddp-digits.yaml
+.PHONY: local
+local: ## run a ParallelJob on this machine without Kubernetes (JOB=examples/ddp-digits.yaml)
+	$(CARGO) run --locked -q -p lockstep-worker -- local $(JOB)
+
+.PHONY: bench-allreduce
+bench-allreduce: ## all-reduce benchmark of the TCP ring, 2 and 4 ranks, 1 KiB to 256 MiB
+	$(CARGO) build --release --locked -q -p lockstep-worker
+	for n in 2 4; do $(CARGO_TARGET_DIR)/release/lockstep-worker bench allreduce --ranks $$n --sizes 1K:256M; done
+
 .PHONY: bench-operator
 bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the API floor
 	bench/operator/run.sh
+
+.PHONY: gpu-worker
+gpu-worker: ## build the stripped worker into .gpu/ (then run bench/gpu/worker.sh on a GPU machine)
+	$(CARGO) build --release --locked -p lockstep-worker
+	mkdir -p .gpu && cp $(CARGO_TARGET_DIR)/release/lockstep-worker .gpu/ && strip .gpu/lockstep-worker
 
 .PHONY: gpu-probe
 gpu-probe: ## build the GPU probe binary into .gpu/ (then run bench/gpu/probe.sh on a GPU machine)

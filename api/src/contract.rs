@@ -223,6 +223,43 @@ pub mod operator {
     pub const CONFIG_MOUNT_DIR: &str = "/etc/lockstep";
 }
 
+/// Names of the objects a job owns besides its pods, which the worker also needs to know.
+pub mod names {
+    /// The Secret holding the job's rendezvous token (key [`TOKEN_KEY`]).
+    pub fn token_secret(job: &str) -> String {
+        format!("{job}-token")
+    }
+
+    /// Key of the token in the token Secret.
+    pub const TOKEN_KEY: &str = "token";
+
+    /// The ConfigMap rank 0 writes its progress into (key [`PROGRESS_KEY`]); the operator
+    /// reflects it in `status.progress`.
+    pub fn progress_config_map(job: &str) -> String {
+        format!("{job}-progress")
+    }
+
+    /// Key of the progress (a JSON [`crate::status::Progress`]) in the progress ConfigMap.
+    pub const PROGRESS_KEY: &str = "progress.json";
+
+    /// Value of `app.kubernetes.io/component` on the progress ConfigMap.
+    pub const PROGRESS_COMPONENT: &str = "progress";
+
+    /// Seconds between two progress reports of rank 0.
+    pub const PROGRESS_INTERVAL_SECONDS: u64 = 5;
+
+    /// The ServiceAccount of a job's pods when the template names none: it may only write the
+    /// job's progress ConfigMap.
+    pub fn worker_service_account(job: &str) -> String {
+        format!("{job}-worker")
+    }
+
+    /// The Role (and RoleBinding) that lets the worker write its progress.
+    pub fn progress_role(job: &str) -> String {
+        format!("{job}-progress-writer")
+    }
+}
+
 /// Default ports.
 pub mod ports {
     /// Rank 0's Lockstep rendezvous (gRPC).

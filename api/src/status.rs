@@ -196,6 +196,19 @@ pub struct Progress {
     pub updated_at: Option<Time>,
 }
 
+impl Progress {
+    /// The JSON rank 0 writes into the progress ConfigMap.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a Progress always serializes")
+    }
+
+    /// Reads what rank 0 wrote; `None` when it is not a progress report (never an error: a
+    /// malformed report must not stop the reconcile of the job).
+    pub fn from_json(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+}
+
 /// Condition types the operator sets (`metav1.Condition.type`).
 pub mod condition_types {
     /// The gang has been admitted (all ranks placed at once).

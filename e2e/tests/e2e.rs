@@ -19,5 +19,7 @@ mod gc;
 mod leader;
 #[path = "e2e/operator.rs"]
 mod operator;
+#[path = "e2e/progress.rs"]
+mod progress;
 #[path = "e2e/scheduling.rs"]
 mod scheduling;

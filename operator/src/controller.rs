@@ -12,7 +12,8 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{HashMap, HashSet};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -23,8 +24,8 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector::reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use lockstep_api::ParallelJob;
-use lockstep_api::contract::{labels, operator};
-use lockstep_api::status::{condition_types, reasons};
+use lockstep_api::contract::{labels, names, operator};
+use lockstep_api::status::{Phase, Progress, condition_types, reasons};
 use tracing::{info, warn};
 
 use crate::decide::{Action, decide};
@@ -81,6 +82,7 @@ pub async fn run(
 ) {
     let jobs: Api<ParallelJob> = Api::all(client.clone());
     let pods: Api<Pod> = Api::all(client.clone());
+    let maps: Api<ConfigMap> = Api::all(client.clone());
     let reporter = Reporter {
         controller: operator::FIELD_MANAGER.into(),
         instance: Some(settings.instance.clone()),
@@ -110,8 +112,17 @@ pub async fn run(
         labels::MANAGED_BY,
         operator::FIELD_MANAGER
     ));
+    // Rank 0's progress reports wake the job up, through the progress ConfigMaps only.
+    let progress_maps = watcher::Config::default().labels(&format!(
+        "{}={},{}={}",
+        labels::MANAGED_BY,
+        operator::FIELD_MANAGER,
+        labels::COMPONENT,
+        names::PROGRESS_COMPONENT
+    ));
     Controller::new(jobs, watcher::Config::default().any_semantic())
         .owns(pods, owned)
+        .owns(maps, progress_maps)
         .reconcile_all_on(node_deletions)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(shutdown)
@@ -170,12 +181,13 @@ pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Re
         .collect();
 
     let lost = mark_lost_nodes(&ctx, &mut observed).await?;
-    let decision = decide(
+    let mut decision = decide(
         &job,
         job_ctx.layout.world_size(),
         &observed,
         Timestamp::now(),
     );
+    decision.status.progress = progress(&ctx, &job, &decision.status.phase).await?;
 
     if job.status.as_ref() != Some(&decision.status) {
         let patch = serde_json::json!({
@@ -244,6 +256,31 @@ pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Re
         || Requeue::requeue(Duration::from_secs(300)),
         Requeue::requeue,
     ))
+}
+
+/// The progress to show: what rank 0 last wrote into the progress ConfigMap while the gang runs
+/// (and once more as it stops), else what the status already holds.
+async fn progress(
+    ctx: &Context,
+    job: &ParallelJob,
+    phase: &Option<Phase>,
+) -> Result<Option<Progress>> {
+    let previous = job.status.as_ref().and_then(|s| s.progress.clone());
+    let was_running = job.status.as_ref().and_then(|s| s.phase) == Some(Phase::Running);
+    if *phase != Some(Phase::Running) && !was_running {
+        return Ok(previous);
+    }
+    let ns = job.namespace().unwrap_or_default();
+    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let written = maps
+        .get_opt(&names::progress_config_map(&job.name_any()))
+        .await?
+        .and_then(|cm| cm.data)
+        .and_then(|d| {
+            d.get(names::PROGRESS_KEY)
+                .and_then(|t| Progress::from_json(t))
+        });
+    Ok(written.or(previous))
 }
 
 /// Marks the ranks whose node is gone as failed with reason NodeLost and returns the names of
@@ -407,6 +444,40 @@ async fn apply(
                 &Patch::Apply(&typed(cm, "v1", "ConfigMap")),
             )
             .await?;
+            if let Some(sa) = job.service_account()? {
+                let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), job.namespace);
+                let name = sa.metadata.name.clone().unwrap_or_default();
+                api.patch(
+                    &name,
+                    &ssa,
+                    &Patch::Apply(&typed(sa, "v1", "ServiceAccount")),
+                )
+                .await?;
+            }
+            let rbac = "rbac.authorization.k8s.io/v1";
+            let role = job.progress_role()?;
+            let name = role.metadata.name.clone().unwrap_or_default();
+            Api::<Role>::namespaced(ctx.client.clone(), job.namespace)
+                .patch(&name, &ssa, &Patch::Apply(&typed(role, rbac, "Role")))
+                .await?;
+            let binding = job.progress_role_binding()?;
+            Api::<RoleBinding>::namespaced(ctx.client.clone(), job.namespace)
+                .patch(
+                    &name,
+                    &ssa,
+                    &Patch::Apply(&typed(binding, rbac, "RoleBinding")),
+                )
+                .await?;
+            // Created once and never re-applied: the token must not change under running ranks,
+            // and the progress belongs to the worker once it exists.
+            let create = PostParams {
+                field_manager: Some(operator::FIELD_MANAGER.into()),
+                ..PostParams::default()
+            };
+            let token = format!("{:032x}", rand::random::<u128>());
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), job.namespace);
+            ignore_conflict(secrets.create(&create, &job.token_secret(&token)?).await)?;
+            ignore_conflict(maps.create(&create, &job.progress_config_map()?).await)?;
         }
         Action::CreatePods { attempt, ranks } => {
             let digest = job.config_digest()?;
@@ -440,6 +511,15 @@ async fn apply(
         },
     }
     Ok(())
+}
+
+/// A create that found the object already there is a success.
+fn ignore_conflict<T>(r: Result<T, kube::Error>) -> Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Runs `write` on every item with at most [`WRITE_CONCURRENCY`] in flight, treating the API

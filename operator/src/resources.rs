@@ -5,15 +5,17 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, Pod, PodSchedulingGate,
-    PodSpec, ResourceRequirements, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, Pod,
+    PodSchedulingGate, PodSpec, ResourceRequirements, Secret, SecretKeySelector, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use lockstep_api::ParallelJob;
 use lockstep_api::config::WorkerConfig;
-use lockstep_api::contract::{annotations, env, labels, operator, ports};
+use lockstep_api::contract::{annotations, env, labels, names, operator, ports};
 use lockstep_api::layout::Layout;
 use lockstep_api::training::Workload;
 
@@ -170,6 +172,88 @@ impl<'a> JobContext<'a> {
         ))
     }
 
+    /// The Secret with the job's rendezvous token: every rank presents it, so that no pod of
+    /// another job can join the gang. Created once (never re-applied: the token must not change
+    /// under running ranks).
+    pub fn token_secret(&self, token: &str) -> Result<Secret> {
+        Ok(Secret {
+            metadata: self.meta(names::token_secret(self.name))?,
+            string_data: Some(BTreeMap::from([(
+                names::TOKEN_KEY.to_string(),
+                token.to_string(),
+            )])),
+            type_: Some("Opaque".into()),
+            ..Secret::default()
+        })
+    }
+
+    /// The ConfigMap rank 0 writes its progress into; created empty, once.
+    pub fn progress_config_map(&self) -> Result<ConfigMap> {
+        let mut meta = self.meta(names::progress_config_map(self.name))?;
+        meta.labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(labels::COMPONENT.into(), names::PROGRESS_COMPONENT.into());
+        Ok(ConfigMap {
+            metadata: meta,
+            ..ConfigMap::default()
+        })
+    }
+
+    /// The ServiceAccount the worker pods run as: the template's own, or `<job>-worker`.
+    pub fn worker_service_account_name(&self) -> Result<String> {
+        Ok(self
+            .template_spec()?
+            .service_account_name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| names::worker_service_account(self.name)))
+    }
+
+    /// `<job>-worker`, unless the template names its own ServiceAccount.
+    pub fn service_account(&self) -> Result<Option<ServiceAccount>> {
+        let name = self.worker_service_account_name()?;
+        if name != names::worker_service_account(self.name) {
+            return Ok(None);
+        }
+        Ok(Some(ServiceAccount {
+            metadata: self.meta(name)?,
+            ..ServiceAccount::default()
+        }))
+    }
+
+    /// The only thing a worker may do with the API: read and write its job's progress
+    /// ConfigMap (by name; it cannot create, list or touch anything else).
+    pub fn progress_role(&self) -> Result<Role> {
+        Ok(Role {
+            metadata: self.meta(names::progress_role(self.name))?,
+            rules: Some(vec![PolicyRule {
+                api_groups: Some(vec![String::new()]),
+                resources: Some(vec!["configmaps".into()]),
+                resource_names: Some(vec![names::progress_config_map(self.name)]),
+                verbs: vec!["get".into(), "patch".into(), "update".into()],
+                ..PolicyRule::default()
+            }]),
+        })
+    }
+
+    /// Binds [`Self::progress_role`] to the workers' ServiceAccount.
+    pub fn progress_role_binding(&self) -> Result<RoleBinding> {
+        Ok(RoleBinding {
+            metadata: self.meta(names::progress_role(self.name))?,
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                kind: "Role".into(),
+                name: names::progress_role(self.name),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: self.worker_service_account_name()?,
+                namespace: Some(self.namespace.to_string()),
+                ..Subject::default()
+            }]),
+        })
+    }
+
     /// Digest of the worker config (what the ConfigMap carries, without building it).
     pub fn config_digest(&self) -> Result<String> {
         Ok(WorkerConfig::from_job(self.job)?.digest())
@@ -232,6 +316,18 @@ impl<'a> JobContext<'a> {
 
         let c: &mut Container = &mut spec.containers[worker];
         let mut env_vars = self.env(rank, attempt, &config_path);
+        env_vars.push(EnvVar {
+            name: env::TOKEN.into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: names::token_secret(self.name),
+                    key: names::TOKEN_KEY.into(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+        });
         env_vars.extend(c.env.take().unwrap_or_default());
         c.env = Some(env_vars);
         if self.job.spec.training.workload != Workload::Command && c.command.is_none() {
@@ -281,6 +377,7 @@ impl<'a> JobContext<'a> {
         });
         spec.hostname = Some(self.pod_name(rank));
         spec.subdomain = Some(self.service_name());
+        spec.service_account_name = Some(self.worker_service_account_name()?);
         // A failed rank fails the gang; the operator restarts the whole gang, never one pod.
         spec.restart_policy = Some("Never".into());
         spec.termination_grace_period_seconds
@@ -449,6 +546,67 @@ mod tests {
         let c = &pod.spec.as_ref().unwrap().containers[0];
         assert_eq!(c.command.as_deref().unwrap(), ["bash", "-c"]);
         assert_eq!(env_of(&pod)[env::MASTER_PORT], "29500");
+    }
+
+    #[test]
+    fn workers_get_the_token_from_the_secret_and_a_service_account_that_only_writes_progress() {
+        let j = job("ddp-digits.yaml");
+        let ctx = JobContext::new(&j).expect("context");
+        let pod = ctx.pod(0, 0, "d", false).expect("pod");
+        let spec = pod.spec.as_ref().expect("spec");
+        assert_eq!(
+            spec.service_account_name.as_deref(),
+            Some("ddp-digits-worker")
+        );
+        let token = spec.containers[0]
+            .env
+            .as_ref()
+            .and_then(|e| e.iter().find(|v| v.name == env::TOKEN))
+            .and_then(|v| v.value_from.as_ref())
+            .and_then(|f| f.secret_key_ref.as_ref())
+            .expect("token from a secret");
+        assert_eq!(
+            (token.name.as_str(), token.key.as_str()),
+            ("ddp-digits-token", "token")
+        );
+        let role = ctx.progress_role().expect("role");
+        let rules = role.rules.expect("rules");
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            rules[0].resource_names.as_deref(),
+            Some(&["ddp-digits-progress".to_string()][..])
+        );
+        assert!(
+            !rules[0]
+                .verbs
+                .iter()
+                .any(|v| v == "create" || v == "list" || v == "delete")
+        );
+        let binding = ctx.progress_role_binding().expect("binding");
+        assert_eq!(
+            binding.subjects.expect("subjects")[0].name,
+            "ddp-digits-worker"
+        );
+        assert!(ctx.service_account().expect("sa").is_some());
+
+        // A template with its own ServiceAccount keeps it; the Role is bound to it instead.
+        let mut own = j.clone();
+        own.spec
+            .template
+            .spec
+            .as_mut()
+            .expect("spec")
+            .service_account_name = Some("trainer".into());
+        let ctx = JobContext::new(&own).expect("context");
+        assert!(ctx.service_account().expect("sa").is_none());
+        assert_eq!(
+            ctx.progress_role_binding()
+                .expect("binding")
+                .subjects
+                .expect("subjects")[0]
+                .name,
+            "trainer"
+        );
     }
 
     #[test]

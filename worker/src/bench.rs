@@ -72,41 +72,70 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Streams `total` bytes over one TCP connection on 127.0.0.1; returns bytes per second.
-pub fn probe_loopback(total: usize) -> Result<f64> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
+/// The transport's own speed: `streams` TCP connections on 127.0.0.1 carrying `total` bytes
+/// each at the same time, connection i from thread i to thread i+1 (the traffic of one ring
+/// step; one stream is the plain link). Returns the bytes per second of one connection (the
+/// median one).
+pub fn probe_loopback(streams: usize, total: usize) -> Result<f64> {
     let chunk = 4 << 20;
-    let reader = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = listener.accept()?;
-        let mut buf = vec![0u8; chunk];
-        let mut left = total;
-        while left > 0 {
-            let n = s.read(&mut buf[..chunk.min(left)])?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            left -= n;
+    let listeners = (0..streams)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let addrs = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let start = std::sync::Barrier::new(2 * streams);
+    let rates: Vec<std::io::Result<f64>> = std::thread::scope(|s| {
+        let readers: Vec<_> = listeners
+            .into_iter()
+            .map(|l| {
+                let start = &start;
+                s.spawn(move || -> std::io::Result<f64> {
+                    let (mut c, _) = l.accept()?;
+                    let mut buf = vec![0u8; chunk];
+                    start.wait();
+                    let t = Instant::now();
+                    let mut left = total;
+                    while left > 0 {
+                        let n = c.read(&mut buf[..chunk.min(left)])?;
+                        if n == 0 {
+                            return Err(std::io::ErrorKind::UnexpectedEof.into());
+                        }
+                        left -= n;
+                    }
+                    Ok(total as f64 / t.elapsed().as_secs_f64())
+                })
+            })
+            .collect();
+        for a in &addrs {
+            let a = *a;
+            let start = &start;
+            s.spawn(move || -> std::io::Result<()> {
+                let mut c = std::net::TcpStream::connect(a)?;
+                c.set_nodelay(true)?;
+                let buf = vec![7u8; chunk];
+                start.wait();
+                let mut left = total;
+                while left > 0 {
+                    let n = chunk.min(left);
+                    c.write_all(&buf[..n])?;
+                    left -= n;
+                }
+                Ok(())
+            });
         }
-        s.write_all(&[1])
+        readers
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("probe panicked")))
+            })
+            .collect()
     });
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_nodelay(true)?;
-    let buf = vec![7u8; chunk];
-    let started = Instant::now();
-    let mut left = total;
-    while left > 0 {
-        let n = chunk.min(left);
-        s.write_all(&buf[..n])?;
-        left -= n;
-    }
-    let mut ack = [0u8];
-    s.read_exact(&mut ack)?;
-    let secs = started.elapsed().as_secs_f64();
-    reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("probe reader panicked"))??;
-    Ok(total as f64 / secs)
+    let mut rates: Vec<f64> = rates.into_iter().collect::<std::io::Result<_>>()?;
+    rates.sort_by(f64::total_cmp);
+    Ok(rates[rates.len() / 2])
 }
 
 /// Runs the TCP all-reduce benchmark with `ranks` ranks over `sizes` (bytes).
@@ -162,13 +191,15 @@ pub fn tcp_allreduce(ranks: usize, sizes: &[usize]) -> Result<Vec<Row>> {
         .collect())
 }
 
-/// Prints the table; `link` (bytes per second) adds a busbw/link column.
-pub fn print_table(title: &str, rows: &[Row], link: Option<f64>) {
+/// Prints the table; `link` (bytes per second, and how it was measured) adds a busbw/link
+/// column.
+pub fn print_table(title: &str, rows: &[Row], link: Option<(f64, &str)>) {
     let mut out = String::new();
     out.push_str(&format!("# {title}\n"));
-    if let Some(l) = link {
-        out.push_str(&format!("# link probe: {:.2} GB/s\n", l / 1e9));
+    if let Some((l, how)) = link {
+        out.push_str(&format!("# link: {:.2} GB/s ({how})\n", l / 1e9));
     }
+    let link = link.map(|(l, _)| l);
     out.push_str(&format!(
         "#{:>13} {:>12} {:>12} {:>12} {:>11}\n",
         "size(B)", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "busbw/link"

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod comm;
 pub mod local;
 pub mod metrics;
+pub mod progress;
 pub mod rendezvous;
 pub mod runtime;
 pub mod train;

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub tokens_per_second: Gauge,
     /// Last training loss.
     pub loss: Gauge,
+    /// Last evaluation result (accuracy for the digits).
+    pub eval_metric: Gauge,
     /// Wall time of each all-reduce.
     pub allreduce_seconds: Histogram,
     /// Bytes all-reduced.
@@ -112,6 +114,14 @@ impl Metrics {
             loss: reg(
                 r,
                 Gauge::new("lockstep_worker_loss", "Last training loss.").expect("gauge"),
+            ),
+            eval_metric: reg(
+                r,
+                Gauge::new(
+                    "lockstep_worker_eval_metric",
+                    "Last evaluation result (accuracy, validation loss or average precision).",
+                )
+                .expect("gauge"),
             ),
             allreduce_seconds: reg(
                 r,

@@ -206,6 +206,29 @@ async fn run_rank(
         std::process::exit(code.code());
     });
 
+    // Rank 0 in a pod reports progress to the operator (see `progress`).
+    let reporter = if rank == 0 && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        match kube::Client::try_default().await {
+            Ok(client) => {
+                tokio::spawn(crate::progress::report_periodically(
+                    client.clone(),
+                    contract.namespace.clone(),
+                    contract.job.clone(),
+                    metrics.clone(),
+                    contract.world_size,
+                ));
+                Some(client)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no API access: progress is not reported");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let final_metrics = metrics.clone();
+
     let session = std::sync::Arc::new(session);
     let steps = std::sync::Arc::clone(&session);
     let work = tokio::task::spawn_blocking(move || {
@@ -229,6 +252,14 @@ async fn run_rank(
                 params_digest = format!("{:016x}", summary.params_digest),
                 "training finished"
             );
+            if let Some(client) = &reporter {
+                let p = crate::progress::from_metrics(&final_metrics, contract.world_size);
+                if let Err(e) =
+                    crate::progress::report(client, &contract.namespace, &contract.job, &p).await
+                {
+                    tracing::warn!(error = %e, "cannot report the final progress");
+                }
+            }
             if let Ok(session) = std::sync::Arc::try_unwrap(session) {
                 session.finish(opts.finish_grace).await;
             }

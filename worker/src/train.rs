@@ -645,6 +645,7 @@ fn run_ddp<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
         if eval_every.is_some_and(|e| (step + 1) % e == 0) || done {
             let acc = model.accuracy(&params, data, n_train);
             accuracy = Some(acc);
+            metrics.eval_metric.set(f64::from(acc));
             if rank == 0 {
                 tracing::info!(
                     step = step + 1,
@@ -683,7 +684,7 @@ mod tests {
         assert_eq!(order, vec![1, 0], "layers are reported last first");
         let mut scratch = vec![0.0; m.len()];
         for i in (0..m.len()).step_by(3) {
-            let h = 1e-2;
+            let h = 1e-3;
             let (mut a, mut b) = (p.clone(), p.clone());
             a[i] += h;
             b[i] -= h;

@@ -39,7 +39,7 @@ impl Default for TcpOptions {
         Self {
             timeout: Duration::from_secs(30),
             small_bytes: 64 * 1024,
-            chunk_elems: 64 * 1024,
+            chunk_elems: 256 * 1024,
         }
     }
 }
