@@ -263,6 +263,8 @@ pub mod reasons {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// The API server refused an object the operator built from the spec.
     pub const TEMPLATE_REJECTED: &str = "TemplateRejected";
+    /// The operator cannot read the object (a field of a newer version, say); Event only.
+    pub const INVALID_OBJECT: &str = "InvalidObject";
     /// The gang API chosen by `gangPolicy` is not served by this cluster.
     pub const GANG_API_MISSING: &str = "GangApiMissing";
 }

@@ -15,6 +15,8 @@ mod examples;
 mod gang;
 #[path = "e2e/gc.rs"]
 mod gc;
+#[path = "e2e/guard.rs"]
+mod guard;
 #[path = "e2e/leader.rs"]
 mod leader;
 #[path = "e2e/operator.rs"]

@@ -16,7 +16,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceA
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -80,7 +82,11 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let jobs: Api<ParallelJob> = Api::all(client.clone());
+    // Jobs are watched untyped: one object this version cannot read (written against a newer
+    // CRD, say) must not break the list and watch of all the others. Each is read typed in its
+    // own reconcile, where a failure concerns that job alone (see `read_job`).
+    let ar = ApiResource::erase::<ParallelJob>(&());
+    let jobs: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
     let pods: Api<Pod> = Api::all(client.clone());
     let maps: Api<ConfigMap> = Api::all(client.clone());
     let reporter = Reporter {
@@ -120,7 +126,7 @@ pub async fn run(
         labels::COMPONENT,
         names::PROGRESS_COMPONENT
     ));
-    Controller::new(jobs, watcher::Config::default().any_semantic())
+    Controller::new_with(jobs, watcher::Config::default().any_semantic(), ar)
         .owns(pods, owned)
         .owns(maps, progress_maps)
         .reconcile_all_on(node_deletions)
@@ -135,7 +141,7 @@ pub async fn run(
         .await;
 }
 
-fn error_policy(job: Arc<ParallelJob>, err: &Error, ctx: Arc<Context>) -> Requeue {
+fn error_policy(job: Arc<DynamicObject>, err: &Error, ctx: Arc<Context>) -> Requeue {
     ctx.metrics
         .errors
         .with_label_values(&[err.category()])
@@ -144,7 +150,7 @@ fn error_policy(job: Arc<ParallelJob>, err: &Error, ctx: Arc<Context>) -> Requeu
     Requeue::requeue(Duration::from_secs(5))
 }
 
-async fn timed_reconcile(job: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Requeue> {
+async fn timed_reconcile(job: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Requeue> {
     let timer = ctx.metrics.duration.start_timer();
     ctx.metrics.reconciles.inc();
     let result = reconcile(job, ctx).await;
@@ -152,23 +158,63 @@ async fn timed_reconcile(job: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Req
     result
 }
 
+/// Reads a job as the typed [`ParallelJob`]; the error names the field that does not fit.
+pub fn read_job(raw: &DynamicObject) -> std::result::Result<ParallelJob, String> {
+    let value = serde_json::to_value(raw).map_err(|e| e.to_string())?;
+    serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+}
+
+/// Says, once per change of the object, that the operator cannot read it, and why.
+async fn report_unreadable(ctx: &Context, raw: &DynamicObject, problem: &str) {
+    let ar = ApiResource::erase::<ParallelJob>(&());
+    let message = format!(
+        "the operator cannot read this ParallelJob: {problem}. It was probably written for a \
+         newer version of Lockstep: fix the field, or upgrade the operator"
+    );
+    ctx.metrics
+        .errors
+        .with_label_values(&["invalid_object"])
+        .inc();
+    warn!(job = %raw.name_any(), namespace = ?raw.namespace(), problem, "unreadable job");
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: reasons::INVALID_OBJECT.into(),
+        note: Some(message.chars().take(1000).collect()),
+        action: "Read".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &raw.object_ref(&ar)).await {
+        warn!(job = %raw.name_any(), error = %e, "recording an event failed");
+    }
+}
+
 /// One reconcile pass of one job.
-pub async fn reconcile(cached: Arc<ParallelJob>, ctx: Arc<Context>) -> Result<Requeue> {
+pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Requeue> {
     let ns = cached
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ar = ApiResource::erase::<ParallelJob>(&());
+    let raw_jobs: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
     let jobs: Api<ParallelJob> = Api::namespaced(ctx.client.clone(), &ns);
     // Read the job fresh: the cache may not yet hold our own last status write.
     let key = format!("{ns}/{}", cached.name_any());
-    let Some(job) = jobs.get_opt(&cached.name_any()).await? else {
+    let Some(raw) = raw_jobs.get_opt(&cached.name_any()).await? else {
         ctx.metrics.set_phase(&key, None);
         return Ok(Requeue::await_change());
     };
-    if job.spec.run_policy.managed_by != ctx.controller_name
-        || job.metadata.deletion_timestamp.is_some()
-    {
+    let managed_by = raw.data["spec"]["runPolicy"]["managedBy"]
+        .as_str()
+        .unwrap_or(operator::CONTROLLER_NAME);
+    if managed_by != ctx.controller_name || raw.metadata.deletion_timestamp.is_some() {
         return Ok(Requeue::await_change());
     }
+    let job = match read_job(&raw) {
+        Ok(job) => job,
+        Err(problem) => {
+            report_unreadable(&ctx, &raw, &problem).await;
+            return Ok(Requeue::await_change());
+        }
+    };
     let job_ctx = JobContext::new(&job)?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = format!("{}={}", labels::JOB_NAME, job_ctx.name);
