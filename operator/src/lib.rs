@@ -12,6 +12,7 @@ pub mod decide;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod ratelimit;
 pub mod resources;
 
 /// Errors of the operator.

@@ -33,6 +33,10 @@ async fn main() -> anyhow::Result<()> {
     let mut leader_elect = true;
     let mut lease_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
     let mut lease_name = "lockstep-operator".to_string();
+    // client-go's defaults for controllers are 20 and 30; an operator that creates whole gangs at
+    // once needs more.
+    let mut qps: f64 = 50.0;
+    let mut burst: u32 = 100;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -51,13 +55,28 @@ async fn main() -> anyhow::Result<()> {
             "--controller-name" => {
                 settings.controller_name = args.next().context("--controller-name needs a name")?;
             }
+            "--kube-api-qps" => {
+                qps = args
+                    .next()
+                    .context("--kube-api-qps needs a number")?
+                    .parse()
+                    .context("--kube-api-qps")?;
+            }
+            "--kube-api-burst" => {
+                burst = args
+                    .next()
+                    .context("--kube-api-burst needs a number")?
+                    .parse()
+                    .context("--kube-api-burst")?;
+            }
             "--metrics-addr" => {
                 metrics_addr = args.next().context("--metrics-addr needs HOST:PORT")?;
             }
             "-h" | "--help" => {
                 eprintln!(
                     "usage: lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT] [--no-leader-elect] \
-                     [--lease-namespace NS] [--lease-name NAME] [--controller-name NAME]"
+                     [--lease-namespace NS] [--lease-name NAME] [--controller-name NAME] \
+                     [--kube-api-qps Q (50; 0 = unlimited)] [--kube-api-burst B (100)]"
                 );
                 return Ok(());
             }
@@ -67,9 +86,15 @@ async fn main() -> anyhow::Result<()> {
     if let Ok(pod) = std::env::var("POD_NAME") {
         settings.instance = pod;
     }
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .context("connecting to the API server (KUBECONFIG or in-cluster)")?;
+        .context("finding the API server (KUBECONFIG or in-cluster)")?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("building the API client")?
+        .with_layer(&lockstep_operator::ratelimit::RateLimitLayer::new(
+            qps, burst,
+        ))
+        .build();
     let metrics = std::sync::Arc::new(lockstep_operator::metrics::Metrics::new());
     let listener = tokio::net::TcpListener::bind(&metrics_addr)
         .await

@@ -126,3 +126,28 @@ async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over() -> anyh
     })
     .await
 }
+
+#[tokio::test]
+async fn the_operators_client_keeps_to_its_api_rate() -> anyhow::Result<()> {
+    use lockstep_operator::ratelimit::RateLimitLayer;
+    let c = lockstep_e2e::cluster().await;
+    let kc = kube::config::Kubeconfig::read_from(&c.kubeconfig)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await?;
+    // 5 requests per second, bursts of 2: 7 requests need at least (7 - 2) / 5 = 1 s.
+    let client = kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&RateLimitLayer::new(5.0, 2))
+        .build();
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
+    let started = std::time::Instant::now();
+    for _ in 0..7 {
+        namespaces.get("default").await?;
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(950),
+        "7 requests took only {took:?}"
+    );
+    Ok(())
+}
