@@ -19,7 +19,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -30,7 +29,7 @@ use lockstep_api::contract::{labels, names, operator};
 use lockstep_api::status::{Phase, Progress, condition_types, reasons};
 use tracing::{info, warn};
 
-use crate::decide::{Action, decide};
+use crate::decide::{Action, GPU_RESOURCE, check_capacity, decide};
 use crate::metrics::Metrics;
 use crate::observe::observe;
 use crate::resources::JobContext;
@@ -43,8 +42,9 @@ pub const WRITE_CONCURRENCY: usize = 32;
 pub struct Context {
     /// API client.
     pub client: Client,
-    /// Names of the cluster's nodes (metadata only), to tell when a rank's node is gone.
-    pub nodes: Store<PartialObjectMeta<Node>>,
+    /// The cluster's nodes: to tell when a rank's node is gone, and whether any node offers the
+    /// GPUs a worker asks for.
+    pub nodes: Store<Node>,
     /// The `managedBy` value this operator answers to.
     pub controller_name: String,
     /// Event recorder.
@@ -95,13 +95,10 @@ pub async fn run(
     };
     // Nodes, metadata only: a rank whose node disappears has failed (NodeLost), and every job is
     // looked at again when a node is deleted.
-    let (nodes, writer) = reflector::store::<PartialObjectMeta<Node>>();
+    let (nodes, writer) = reflector::store::<Node>();
     let node_deletions = reflector(
         writer,
-        watcher(
-            Api::<PartialObjectMeta<Node>>::all(client.clone()),
-            watcher::Config::default(),
-        ),
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
     )
     .default_backoff()
     .filter_map(|ev| async move { matches!(ev, Ok(watcher::Event::Delete(_))).then_some(()) });
@@ -234,6 +231,14 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         Timestamp::now(),
     );
     decision.status.progress = progress(&ctx, &job, &decision.status.phase).await?;
+    if job.spec.parallelism.gpus_per_worker > 0 {
+        check_capacity(
+            &mut decision,
+            &job,
+            largest_gpu_node(&ctx.nodes),
+            Timestamp::now(),
+        );
+    }
 
     if job.status.as_ref() != Some(&decision.status) {
         let patch = serde_json::json!({
@@ -327,6 +332,31 @@ async fn progress(
                 .and_then(|t| Progress::from_json(t))
         });
     Ok(written.or(previous))
+}
+
+/// The most GPUs any schedulable node offers.
+fn largest_gpu_node(nodes: &Store<Node>) -> i64 {
+    nodes
+        .state()
+        .iter()
+        .filter(|n| {
+            !n.spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false)
+        })
+        .filter_map(|n| {
+            n.status
+                .as_ref()?
+                .allocatable
+                .as_ref()?
+                .get(GPU_RESOURCE)?
+                .0
+                .parse::<i64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Marks the ranks whose node is gone as failed with reason NodeLost and returns the names of

@@ -93,6 +93,61 @@ pub fn decide(job: &ParallelJob, world: u32, pods: &[RankPod], now: Timestamp) -
     b.d
 }
 
+/// The extended resource `gpusPerWorker` asks for.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// Says, in the `Valid` condition, when no node of the cluster offers the GPUs one worker asks
+/// for (`largest` is the most any schedulable node has), and clears that once one does. The
+/// pods are created all the same (a cluster autoscaler adds nodes for pending pods); the job
+/// waits, and the condition and a Warning Event say why instead of a silent Pending.
+pub fn check_capacity(d: &mut Decision, job: &ParallelJob, largest: i64, now: Timestamp) {
+    let wanted = i64::from(job.spec.parallelism.gpus_per_worker);
+    let finished = matches!(d.status.phase, Some(Phase::Succeeded | Phase::Failed));
+    let short = wanted > largest && !finished;
+    let conds = &mut d.status.conditions;
+    let current = conds
+        .iter()
+        .position(|c| c.type_ == ct::VALID && c.reason == reasons::INVALID_SPEC);
+    match (short, current) {
+        (true, existing) => {
+            let message = if largest == 0 {
+                format!(
+                    "spec.parallelism.gpusPerWorker asks for {wanted} {GPU_RESOURCE} per worker, \
+                     but no node of this cluster offers {GPU_RESOURCE}; the pods stay Pending \
+                     until such nodes join"
+                )
+            } else {
+                format!(
+                    "spec.parallelism.gpusPerWorker asks for {wanted} {GPU_RESOURCE} per worker, \
+                     but the largest node of this cluster offers {largest}; lower \
+                     gpusPerWorker (and raise dataParallel) or add larger nodes"
+                )
+            };
+            if existing.is_some_and(|i| conds[i].message == message) {
+                return;
+            }
+            conds.retain(|c| c.type_ != ct::VALID);
+            conds.push(Condition {
+                type_: ct::VALID.into(),
+                status: "False".into(),
+                reason: reasons::INVALID_SPEC.into(),
+                message: message.clone(),
+                last_transition_time: Time(now),
+                observed_generation: job.metadata.generation,
+            });
+            d.events.push(Note {
+                warning: true,
+                reason: reasons::INVALID_SPEC,
+                message,
+            });
+        }
+        (false, Some(i)) => {
+            conds.remove(i);
+        }
+        (false, None) => {}
+    }
+}
+
 impl Builder<'_> {
     fn run(&mut self, pods: &[RankPod]) {
         let spec = &self.job.spec;
@@ -957,5 +1012,64 @@ mod tests {
             action_for(&[], &f(ExitCode::Checkpoint.code(), FailureReason::Error)),
             FailureAction::FailJob
         );
+    }
+
+    #[test]
+    fn a_gpu_request_no_node_can_meet_is_explained_then_cleared() {
+        let mut job = job("ddp-digits.yaml");
+        job.spec.parallelism.gpus_per_worker = 8;
+        let now = Timestamp::now();
+        let mut d = decide(&job, 2, &[], now);
+        check_capacity(&mut d, &job, 0, now);
+        let c = d
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ct::VALID)
+            .expect("a Valid condition");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", reasons::INVALID_SPEC)
+        );
+        assert!(
+            c.message
+                .contains("no node of this cluster offers nvidia.com/gpu"),
+            "{}",
+            c.message
+        );
+        assert!(d.events.iter().any(|e| e.reason == reasons::INVALID_SPEC));
+        // Still creating the pods: an autoscaler may add GPU nodes for them.
+        assert!(!d.actions.is_empty());
+
+        // Reported once: the same shortfall next time adds no Event.
+        job.status = Some(d.status.clone());
+        let mut again = decide(&job, 2, &[], now);
+        check_capacity(&mut again, &job, 4, now);
+        let c = again
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ct::VALID)
+            .expect("Valid");
+        assert!(
+            c.message
+                .contains("the largest node of this cluster offers 4"),
+            "{}",
+            c.message
+        );
+        job.status = Some(again.status.clone());
+        let mut same = decide(&job, 2, &[], now);
+        check_capacity(&mut same, &job, 4, now);
+        assert!(
+            !same
+                .events
+                .iter()
+                .any(|e| e.reason == reasons::INVALID_SPEC)
+        );
+
+        // A node with 8 GPUs joins: the condition goes.
+        let mut fits = decide(&job, 2, &[], now);
+        check_capacity(&mut fits, &job, 8, now);
+        assert!(!fits.status.conditions.iter().any(|c| c.type_ == ct::VALID));
     }
 }

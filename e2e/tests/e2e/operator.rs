@@ -373,3 +373,60 @@ async fn losing_a_node_restarts_the_gang_and_names_the_node() -> anyhow::Result<
     })
     .await
 }
+
+#[tokio::test]
+async fn a_gpu_request_no_node_can_meet_is_explained_not_left_silent() -> anyhow::Result<()> {
+    lockstep_e2e::with_namespace("op-gpu", |ns| async move {
+        // The fake nodes offer 8 GPUs each.
+        let jobs = create_job(
+            &ns,
+            "too-wide",
+            2,
+            serde_json::json!({"parallelism": {"dataParallel": 2, "gpusPerWorker": 16}}),
+        )
+        .await?;
+        wait_until(TIMEOUT, "a Valid=False InvalidSpec condition", || async {
+            let job = jobs.get("too-wide").await?;
+            Ok(job.status.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Valid" && c.status == "False" && c.reason == "InvalidSpec")
+            }))
+        })
+        .await?;
+        let job = jobs.get("too-wide").await?;
+        let status = job.status.expect("status");
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Valid")
+            .expect("Valid");
+        assert!(
+            c.message.contains("asks for 16 nvidia.com/gpu"),
+            "{}",
+            c.message
+        );
+        assert!(
+            c.message
+                .contains("the largest node of this cluster offers 8"),
+            "{}",
+            c.message
+        );
+        // The pods exist and wait: no crash loop, no failure.
+        let pods: Api<Pod> = ns.api();
+        wait_until(TIMEOUT, "both pods are created", || async {
+            Ok(gang(&pods, "too-wide").await?.len() == 2)
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let g = gang(&pods, "too-wide").await?;
+        assert_eq!(g.len(), 2);
+        assert!(
+            g.iter()
+                .all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none())
+        );
+        assert_ne!(status.phase, Some(Phase::Failed));
+        Ok(())
+    })
+    .await
+}
