@@ -33,10 +33,10 @@ async fn main() -> anyhow::Result<()> {
     let mut leader_elect = true;
     let mut lease_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
     let mut lease_name = "lockstep-operator".to_string();
-    // client-go's defaults for controllers are 20 and 30; an operator that creates whole gangs at
-    // once needs more.
-    let mut qps: f64 = 50.0;
-    let mut burst: u32 = 100;
+    // client-go's defaults for controllers are 20 and 30; an operator that creates whole gangs of
+    // hundreds of pods at once needs more.
+    let mut qps: f64 = 200.0;
+    let mut burst: u32 = 400;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!(
                     "usage: lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT] [--no-leader-elect] \
                      [--lease-namespace NS] [--lease-name NAME] [--controller-name NAME] \
-                     [--kube-api-qps Q (50; 0 = unlimited)] [--kube-api-burst B (100)]"
+                     [--kube-api-qps Q (200; 0 = unlimited)] [--kube-api-burst B (400)]"
                 );
                 return Ok(());
             }
