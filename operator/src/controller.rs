@@ -51,6 +51,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// The resourceVersion of the last status this operator wrote, per job (`ns/name`): when the
+    /// watch has delivered exactly that version, the cached job is fresh and needs no GET.
+    pub written: std::sync::Mutex<HashMap<String, String>>,
 }
 
 /// Operator settings.
@@ -68,7 +71,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            concurrency: 16,
+            concurrency: 32,
             instance: "lockstep-operator".into(),
             controller_name: operator::CONTROLLER_NAME.into(),
         }
@@ -98,23 +101,31 @@ pub async fn run(
     let (nodes, writer) = reflector::store::<Node>();
     let node_deletions = reflector(
         writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        // Only what the operator reads is kept: no managedFields, images or conditions.
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(|n| {
+            n.managed_fields_mut().clear();
+            if let Some(st) = n.status.as_mut() {
+                st.images = None;
+                st.conditions = None;
+            }
+        }),
     )
     .default_backoff()
     .filter_map(|ev| async move { matches!(ev, Ok(watcher::Event::Delete(_))).then_some(()) });
-    let ctx = Arc::new(Context {
-        nodes,
-        recorder: Recorder::new(client.clone(), reporter),
-        controller_name: settings.controller_name.clone(),
-        client,
-        metrics: metrics.clone(),
-    });
-    metrics.set_ready(true);
     let owned = watcher::Config::default().labels(&format!(
         "{}={}",
         labels::MANAGED_BY,
         operator::FIELD_MANAGER
     ));
+    let ctx = Arc::new(Context {
+        nodes,
+        recorder: Recorder::new(client.clone(), reporter),
+        controller_name: settings.controller_name.clone(),
+        written: std::sync::Mutex::new(HashMap::new()),
+        client,
+        metrics: metrics.clone(),
+    });
+    metrics.set_ready(true);
     // Rank 0's progress reports wake the job up, through the progress ConfigMaps only.
     let progress_maps = watcher::Config::default().labels(&format!(
         "{}={},{}={}",
@@ -193,11 +204,26 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     let ar = ApiResource::erase::<ParallelJob>(&());
     let raw_jobs: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
     let jobs: Api<ParallelJob> = Api::namespaced(ctx.client.clone(), &ns);
-    // Read the job fresh: the cache may not yet hold our own last status write.
+    // Decide from a job that holds our own last status write: the cached one when the watch has
+    // delivered that write, else a fresh read.
     let key = format!("{ns}/{}", cached.name_any());
-    let Some(raw) = raw_jobs.get_opt(&cached.name_any()).await? else {
-        ctx.metrics.set_phase(&key, None);
-        return Ok(Requeue::await_change());
+    let fresh = {
+        let written = ctx.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.get(&key).is_some()
+            && written.get(&key) == cached.metadata.resource_version.as_ref()
+    };
+    let raw = if fresh {
+        (*cached).clone()
+    } else {
+        let Some(raw) = raw_jobs.get_opt(&cached.name_any()).await? else {
+            ctx.metrics.set_phase(&key, None);
+            ctx.written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+            return Ok(Requeue::await_change());
+        };
+        raw
     };
     let managed_by = raw.data["spec"]["runPolicy"]["managedBy"]
         .as_str()
@@ -214,6 +240,8 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     };
     let job_ctx = JobContext::new(&job)?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    // The gang is listed fresh: a cache fed by another watch than the one that triggered this
+    // pass could still show pods that are gone, and the next attempt waits for exactly those.
     let selector = format!("{}={}", labels::JOB_NAME, job_ctx.name);
     let mut observed: Vec<_> = pods
         .list(&ListParams::default().labels(&selector))
@@ -246,12 +274,18 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
             "kind": ParallelJob::kind(&()),
             "status": decision.status,
         });
-        jobs.patch_status(
-            job_ctx.name,
-            &PatchParams::apply(operator::FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        let updated = jobs
+            .patch_status(
+                job_ctx.name,
+                &PatchParams::apply(operator::FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        let mut written = ctx.written.lock().unwrap_or_else(|e| e.into_inner());
+        match updated.metadata.resource_version {
+            Some(rv) => written.insert(key.clone(), rv),
+            None => written.remove(&key),
+        };
     }
     ctx.metrics.set_phase(&key, decision.status.phase);
     record_metrics(&ctx.metrics, &job, &decision);

@@ -49,20 +49,40 @@ fn usage(pid: u32) -> Result<(f64, f64)> {
     Ok((ticks / 100.0, hwm_kib / 1024.0))
 }
 
-async fn running_pods(pods: &Api<Pod>) -> Result<usize> {
+/// Pods that exist, are bound to a node, and run.
+async fn count_pods(pods: &Api<Pod>) -> Result<(usize, usize, usize)> {
     let list = pods.list(&ListParams::default()).await?;
-    Ok(list
-        .items
-        .iter()
-        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-        .count())
+    let bound = |p: &&Pod| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+    let running = |p: &&Pod| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    Ok((
+        list.items.len(),
+        list.items.iter().filter(bound).count(),
+        list.items.iter().filter(running).count(),
+    ))
 }
 
-async fn wait_running(pods: &Api<Pod>, want: usize, limit: Duration) -> Result<()> {
+/// Waits until `want` pods run; returns when they all existed, were all bound, and all ran
+/// (time since `start`), to tell the operator's part from the scheduler's and the nodes'.
+async fn wait_running(
+    pods: &Api<Pod>,
+    want: usize,
+    limit: Duration,
+    start: Instant,
+) -> Result<[Duration; 3]> {
+    let mut seen: [Option<Duration>; 3] = [None; 3];
+    let seen_ref = std::sync::Mutex::new(&mut seen);
     lockstep_e2e::wait_until(limit, &format!("{want} pods run"), || async {
-        Ok(running_pods(pods).await? >= want)
+        let (n, bound, running) = count_pods(pods).await?;
+        let mut s = seen_ref.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, c) in [n, bound, running].into_iter().enumerate() {
+            if c >= want && s[i].is_none() {
+                s[i] = Some(start.elapsed());
+            }
+        }
+        Ok(running >= want)
     })
-    .await
+    .await?;
+    Ok(seen.map(|d| d.unwrap_or_default()))
 }
 
 async fn namespace(client: &kube::Client, name: &str) -> Result<()> {
@@ -131,6 +151,12 @@ async fn run(
 
     let mut child = tokio::process::Command::new(operator)
         .args(["--metrics-addr", "127.0.0.1:0"])
+        // Extra operator flags, to compare settings: OPERATOR_ARGS="--concurrency 64".
+        .args(
+            std::env::var("OPERATOR_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
@@ -166,7 +192,7 @@ async fn run(
         .collect::<Result<Vec<()>>>()?;
     let applied = start.elapsed();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "bench-jobs");
-    wait_running(&pods, jobs_n * ranks, Duration::from_secs(900)).await?;
+    let op_phases = wait_running(&pods, jobs_n * ranks, Duration::from_secs(900), start).await?;
     let through_operator = start.elapsed();
     let (cpu1, peak) = usage(pid)?;
     let _ = child.kill().await;
@@ -193,7 +219,8 @@ async fn run(
         .await
         .into_iter()
         .collect::<Result<Vec<()>>>()?;
-    wait_running(&direct, jobs_n * ranks, Duration::from_secs(900)).await?;
+    let floor_phases =
+        wait_running(&direct, jobs_n * ranks, Duration::from_secs(900), start).await?;
     let floor = start.elapsed();
 
     let pods_n = (jobs_n * ranks) as f64;
@@ -216,6 +243,16 @@ async fn run(
         floor.as_secs_f64(),
         pods_n / floor.as_secs_f64()
     );
+    let phases = |p: [Duration; 3]| {
+        format!(
+            "all created {:.2} s, all bound {:.2} s, all Running {:.2} s",
+            p[0].as_secs_f64(),
+            p[1].as_secs_f64(),
+            p[2].as_secs_f64()
+        )
+    };
+    println!("  through the operator: {}", phases(op_phases));
+    println!("  directly:             {}", phases(floor_phases));
     println!(
         "  operator / floor             {:>8.2}x",
         through_operator.as_secs_f64() / floor.as_secs_f64()
