@@ -165,16 +165,26 @@ pub fn tcp_allreduce(ranks: usize, sizes: &[usize]) -> Result<Vec<Row>> {
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a rank panicked")))
-            })
-            .collect()
+        join_all(handles)
     });
-    // The slowest rank's median decides (an all-reduce is done when every rank has it).
-    let per_rank: Vec<Vec<Duration>> = results.into_iter().collect::<Result<_>>()?;
+    rows(sizes, results, ranks)
+}
+
+/// Waits for every rank's thread.
+fn join_all<T>(handles: Vec<std::thread::ScopedJoinHandle<'_, Result<T>>>) -> Vec<Result<T>> {
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a rank panicked")))
+        })
+        .collect()
+}
+
+/// One row per size from every rank's median times: the slowest rank's decides (an
+/// all-reduce is done when every rank has it).
+fn rows(sizes: &[usize], per_rank: Vec<Result<Vec<Duration>>>, ranks: usize) -> Result<Vec<Row>> {
+    let per_rank: Vec<Vec<Duration>> = per_rank.into_iter().collect::<Result<_>>()?;
     Ok(sizes
         .iter()
         .enumerate()
@@ -268,29 +278,9 @@ pub fn nccl_allreduce(ranks: usize, sizes: &[usize]) -> Result<Vec<Row>> {
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a rank panicked")))
-            })
-            .collect()
+        join_all(handles)
     });
-    let per_rank: Vec<Vec<Duration>> = results.into_iter().collect::<Result<_>>()?;
-    Ok(sizes
-        .iter()
-        .enumerate()
-        .map(|(i, &bytes)| {
-            let time = per_rank.iter().map(|t| t[i]).max().unwrap_or_default();
-            let algbw = bytes as f64 / time.as_secs_f64().max(1e-12);
-            Row {
-                bytes,
-                time,
-                algbw,
-                busbw: algbw * bus_factor("all_reduce", ranks),
-            }
-        })
-        .collect())
+    rows(sizes, results, ranks)
 }
 
 /// Every NCCL collective against the same reference the TCP tests use.

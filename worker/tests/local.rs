@@ -9,6 +9,14 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The tests of this file each run a whole gang of processes: one at a time, so that the 5 s
+/// bound of the abort test measures the worker, not a machine running four gangs at once.
+static ONE_GANG_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_GANG_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn worker() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lockstep-worker"));
     c.current_dir(repo()).env("RUST_LOG", "info");
@@ -67,6 +75,7 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn a_ddp_job_trains_and_every_rank_ends_with_the_same_parameters() {
+    let _one = serial();
     let dir = scratch("ddp");
     let m = manifest(&dir, "job", &mlp_job("digits-test", "[32]", 150));
     let out = worker()
@@ -122,6 +131,7 @@ fn child_with_rank(parent: u32, rank: u32) -> Option<u32> {
 
 #[test]
 fn killing_a_rank_mid_training_stops_the_gang_within_5_seconds_and_names_it() {
+    let _one = serial();
     let dir = scratch("kill");
     // Wide layers: most of a step is the gradient all-reduce.
     let m = manifest(&dir, "job", &mlp_job("kill-test", "[512, 512]", 1_000_000));
@@ -222,6 +232,7 @@ spec:
 
 #[test]
 fn a_command_workload_gets_the_env_contract() {
+    let _one = serial();
     let dir = scratch("cmd");
     let script = r#"test "$RANK" = "$LOCKSTEP_RANK" && test "$WORLD_SIZE" = 3 && test -n "$LOCKSTEP_TOKEN" && test -f "$LOCKSTEP_CONFIG" && echo "env-ok $RANK $MASTER_ADDR:$MASTER_PORT $PET_NNODES""#;
     let body = COMMAND_JOB.replace("SCRIPT", &format!("'{script}'"));
@@ -245,6 +256,7 @@ fn a_command_workload_gets_the_env_contract() {
 
 #[test]
 fn a_failing_rank_fails_the_run_with_its_code() {
+    let _one = serial();
     let dir = scratch("cmdfail");
     let script = r#"if [ "$RANK" = 1 ]; then echo bad input >&2; exit 42; fi; sleep 60"#;
     let body = COMMAND_JOB.replace("SCRIPT", &format!("'{script}'"));
@@ -266,6 +278,7 @@ fn a_failing_rank_fails_the_run_with_its_code() {
 
 #[test]
 fn an_invalid_manifest_is_refused_with_the_field_named() {
+    let _one = serial();
     let dir = scratch("invalid");
     let m = manifest(
         &dir,

@@ -25,7 +25,8 @@ fn opts(join: Duration) -> Options {
     Options {
         join_timeout: join,
         heartbeat_interval: Duration::from_millis(100),
-        heartbeat_timeout: Duration::from_millis(800),
+        // Long enough that a loaded CI machine does not make a live rank look silent.
+        heartbeat_timeout: Duration::from_secs(2),
     }
 }
 
@@ -192,8 +193,13 @@ async fn a_dead_rank_aborts_every_other_rank_with_its_name() {
         let f = tokio::time::timeout(Duration::from_secs(5), s.aborted())
             .await
             .expect("aborted within 5 s");
+        // Its stream closes at once; on a loaded machine rank 0's silence check may see it first.
         assert_eq!(f.rank, 2, "{f:?}");
-        assert!(f.reason.contains("heartbeat stream closed"), "{f:?}");
+        assert!(
+            f.reason.contains("rank 2's heartbeat stream closed")
+                || f.reason.contains("rank 2 sent no heartbeat"),
+            "{f:?}"
+        );
     }
     assert!(started.elapsed() < Duration::from_secs(5));
 }
