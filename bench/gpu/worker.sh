@@ -18,7 +18,7 @@ timeout 180 $bin bench allreduce --backend nccl --ranks "$gpus" --sizes 1K:256M
 echo "== TCP ring on this machine, 2 and 4 ranks"
 timeout 120 $bin bench allreduce --backend tcp --ranks 2 --sizes 1K:256M --factor 4
 timeout 120 $bin bench allreduce --backend tcp --ranks 4 --sizes 1K:256M --factor 4
-echo "== NVML metrics of a running rank (one-rank gang, gpusPerWorker 1)"
+echo "== NVML metrics of a running rank, and NCCL set up through the rendezvous (one-rank gang, gpusPerWorker 1)"
 work=$(mktemp -d)
 cat > "$work/job.yaml" <<'YAML'
 apiVersion: lockstep.dev/v1alpha1
@@ -61,4 +61,5 @@ for l in text.splitlines():
 print("NVML metrics present:", "lockstep_worker_gpu_utilization_ratio" in text)
 PY
 kill -INT $launcher 2>/dev/null; sleep 2; kill -9 $launcher 2>/dev/null
-tail -3 "$work/local.log"
+echo "== the NCCL communicator made from the rendezvous id"
+grep -E "NCCL|gang formed|aborted|failed" "$work/local.log" | head -5

@@ -62,6 +62,59 @@ pub fn gang_key(token: &str, attempt: u32) -> u64 {
         })
 }
 
+/// Rank 0's NCCL unique id when the job asks for GPUs and NCCL can be loaded here, else empty
+/// (the gang then communicates over TCP only).
+fn nccl_id(config: &WorkerConfig) -> Vec<u8> {
+    #[cfg(feature = "cuda")]
+    if config.parallelism.gpus_per_worker > 0 && crate::comm::nccl::available() {
+        match crate::comm::nccl::new_id() {
+            Ok(id) => return id,
+            Err(e) => tracing::warn!(error = %e, "cannot make an NCCL id: TCP only"),
+        }
+    }
+    let _ = config;
+    Vec::new()
+}
+
+/// Joins the gang's NCCL communicator with the id from the rendezvous and checks it with one
+/// all-reduce; returns the device used. The CPU trainer still reduces over TCP: the CUDA engine
+/// (the engine issue) will keep this communicator and reduce its gradient buckets through it.
+#[cfg(feature = "cuda")]
+fn check_nccl(rank: usize, world: usize, id: &[u8]) -> Result<usize, String> {
+    use crate::comm::{Communicator, ReduceOp, nccl};
+    if !nccl::available() {
+        return Err(
+            "rank 0 chose NCCL, but this rank cannot load the CUDA driver or libnccl.so".into(),
+        );
+    }
+    let e = |e: cudarc::driver::DriverError| format!("{e:?}");
+    let devices = cudarc::driver::CudaContext::device_count().map_err(e)? as usize;
+    if devices == 0 {
+        return Err("no CUDA device is visible".into());
+    }
+    // One GPU per pod (device 0); several ranks on one machine (local mode) share them in turn.
+    let device = rank % devices;
+    let ctx = cudarc::driver::CudaContext::new(device).map_err(e)?;
+    let stream = ctx.default_stream();
+    let mut comm =
+        nccl::NcclComm::new(stream.clone(), rank, world, id).map_err(|e| e.to_string())?;
+    let mut one = stream.clone_htod(&[1.0f32]).map_err(e)?;
+    comm.all_reduce(&mut one, ReduceOp::Sum)
+        .map_err(|e| e.to_string())?;
+    let got = stream.clone_dtoh(&one).map_err(e)?;
+    if got != [world as f32] {
+        return Err(format!(
+            "a check all-reduce over {world} ranks gave {got:?}"
+        ));
+    }
+    Ok(device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn check_nccl(_rank: usize, _world: usize, _id: &[u8]) -> Result<usize, String> {
+    Err("rank 0 chose NCCL, but this build has no CUDA support (the cuda feature)".into())
+}
+
 /// Runs this process as one rank; returns its exit code.
 pub fn run(opts: RunOptions) -> ExitCode {
     let contract = match env::RankEnv::from_lookup(|n| std::env::var(n).ok()) {
@@ -154,7 +207,7 @@ async fn run_rank(
                     );
                 }
             };
-        Session::serve(listener, me, Vec::new(), opts.rendezvous.clone()).await
+        Session::serve(listener, me, nccl_id(&config), opts.rendezvous.clone()).await
     } else {
         Session::join(&contract.rendezvous(), me, opts.rendezvous.clone()).await
     };
@@ -174,6 +227,20 @@ async fn run_rank(
         attempt = contract.attempt,
         "gang formed"
     );
+    let id = session.world().nccl_id.clone();
+    if !id.is_empty() {
+        let (r, w) = (rank as usize, contract.world_size as usize);
+        let checked = tokio::task::spawn_blocking(move || check_nccl(r, w, &id)).await;
+        match checked {
+            Ok(Ok(device)) => tracing::info!(
+                rank,
+                device,
+                "NCCL communicator ready (from the rendezvous id)"
+            ),
+            Ok(Err(e)) => return fail(ExitCode::Communication, &format!("NCCL: {e}")),
+            Err(e) => return fail(ExitCode::Internal, &format!("NCCL set-up panicked: {e}")),
+        }
+    }
     let comm = match TcpComm::new(
         rank as usize,
         addrs,
