@@ -193,6 +193,25 @@ impl Links {
         recv_fold(s, into, Some(op), scratch, chunk).map_err(|e| io_error(e, peer, name, t))
     }
 
+    /// The connection to `next`, the one from `prev`, and the receive scratch buffer, borrowed
+    /// together for one ring operation.
+    fn ring_pair(
+        &mut self,
+        next: usize,
+        prev: usize,
+        name: &'static str,
+    ) -> Result<(&mut TcpStream, &mut TcpStream, &mut Vec<f32>)> {
+        self.ensure(Some(next), Some(prev), name)?;
+        let Links {
+            out, inp, scratch, ..
+        } = self;
+        Ok((
+            out[next].as_mut().expect("ensured"),
+            inp[prev].as_mut().expect("ensured"),
+            scratch,
+        ))
+    }
+
     /// One ring step: sends `send` to `next` while it receives into `recv` from `prev` (folding
     /// with `fold`, or copying).
     #[allow(clippy::too_many_arguments)]
@@ -206,13 +225,8 @@ impl Links {
         chunk: usize,
         name: &'static str,
     ) -> Result<()> {
-        self.ensure(Some(next), Some(prev), name)?;
         let t = self.timeout;
-        let Links {
-            out, inp, scratch, ..
-        } = self;
-        let tx = out[next].as_mut().expect("ensured");
-        let rx = inp[prev].as_mut().expect("ensured");
+        let (tx, rx, scratch) = self.ring_pair(next, prev, name)?;
         let (sent, received) = std::thread::scope(|scope| {
             let sender = (!send.is_empty())
                 .then(|| scope.spawn(move || tx.write_all(bytemuck::cast_slice(send))));
@@ -229,6 +243,145 @@ impl Links {
         received.map_err(|e| io_error(e, prev, name, t))?;
         sent.map_err(|e| io_error(e, next, name, t))
     }
+}
+
+impl Links {
+    /// The ring all-reduce, pipelined by chunk across steps, as NCCL does: what a step receives
+    /// (and folds) is what the next step sends, so each chunk goes on to the next rank as soon as
+    /// it is ready instead of after the whole segment. One thread sends, this one receives; the
+    /// chunks of `buf` move between them as `&mut` borrows over channels, so each is only ever
+    /// touched by one of them.
+    #[allow(clippy::too_many_arguments)]
+    fn pipelined_ring(
+        &mut self,
+        buf: &mut [f32],
+        n: usize,
+        me: usize,
+        next: usize,
+        prev: usize,
+        op: ReduceOp,
+        chunk: usize,
+    ) -> Result<()> {
+        const NAME: &str = "all_reduce";
+        let t = self.timeout;
+        let (tx, rx, scratch) = self.ring_pair(next, prev, NAME)?;
+        if scratch.len() < chunk {
+            scratch.resize(chunk, 0.0);
+        }
+        // Every segment as its list of chunks, each a separate `&mut` borrow of `buf`.
+        let segs = segments(buf.len(), n);
+        let mut slots: Vec<Vec<Option<&mut [f32]>>> = Vec::with_capacity(n);
+        let mut rest = buf;
+        for seg in &segs {
+            let (mine, tail) = rest.split_at_mut(seg.len());
+            rest = tail;
+            slots.push(mine.chunks_mut(chunk.max(1)).map(Some).collect());
+        }
+        let seg_of = |k: usize| (me + 2 * n - k - 1) % n; // segment sent at RS step k
+        type Piece<'a> = (usize, usize, &'a mut [f32]);
+        let (to_sender, sender_in) = mpsc::channel::<Piece<'_>>();
+        let (sender_out, back) = mpsc::channel::<Piece<'_>>();
+        std::thread::scope(|scope| -> Result<()> {
+            let sender = scope.spawn(move || -> std::io::Result<()> {
+                for (s, c, piece) in sender_in {
+                    tx.write_all(bytemuck::cast_slice(piece))?;
+                    if sender_out.send((s, c, piece)).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            let lost_next = |e: Option<std::io::Error>| {
+                io_error(
+                    e.unwrap_or_else(|| std::io::ErrorKind::BrokenPipe.into()),
+                    next,
+                    NAME,
+                    t,
+                )
+            };
+            let mut failed = None;
+            'steps: {
+                // Step 0 sends this rank's own data of segment me - 1.
+                let first = seg_of(0);
+                for c in 0..slots[first].len() {
+                    let piece = slots[first][c].take().expect("not sent yet");
+                    if to_sender.send((first, c, piece)).is_err() {
+                        failed = Some(lost_next(None));
+                        break 'steps;
+                    }
+                }
+                // 2 (n - 1) receives: reduce-scatter (fold), then all-gather (copy). Each received
+                // chunk is sent on at once, except the last all-gather step's.
+                for k in 0..2 * (n - 1) {
+                    let reducing = k < n - 1;
+                    let r = if reducing {
+                        (me + 2 * n - k - 2) % n
+                    } else {
+                        (me + 2 * n - (k - (n - 1)) - 1) % n
+                    };
+                    for c in 0..slots[r].len() {
+                        let Some(piece) = take_back(&mut slots, &back, r, c) else {
+                            failed = Some(lost_next(None));
+                            break 'steps;
+                        };
+                        let got = if reducing {
+                            let tmp = &mut scratch[..piece.len()];
+                            rx.read_exact(bytemuck::cast_slice_mut(tmp))
+                                .map(|()| op.fold(piece, tmp))
+                        } else {
+                            rx.read_exact(bytemuck::cast_slice_mut(piece))
+                        };
+                        if let Err(e) = got {
+                            failed = Some(io_error(e, prev, NAME, t));
+                            break 'steps;
+                        }
+                        if k == n - 2 {
+                            // The last reduce-scatter step completes segment `me`.
+                            op.finish(piece, n);
+                        }
+                        if k + 1 < 2 * (n - 1) {
+                            if to_sender.send((r, c, piece)).is_err() {
+                                failed = Some(lost_next(None));
+                                break 'steps;
+                            }
+                        } else {
+                            slots[r][c] = Some(piece);
+                        }
+                    }
+                }
+            }
+            drop(to_sender);
+            // Drain what the sender hands back, so that it never blocks on a full channel.
+            let drain = scope.spawn(move || back.into_iter().count());
+            let sent = sender
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the sending thread panicked")));
+            let _ = drain.join();
+            if let Some(e) = failed {
+                // Blame the receive side first: a dead predecessor is the root cause.
+                if e.peer() == Some(prev) {
+                    return Err(e);
+                }
+                return Err(sent.err().map_or(e, |se| io_error(se, next, NAME, t)));
+            }
+            sent.map_err(|e| io_error(e, next, NAME, t))
+        })
+    }
+}
+
+/// Takes chunk `c` of segment `s` back from the sending thread, waiting for it if it is still
+/// in flight; `None` when the sender is gone.
+fn take_back<'a>(
+    slots: &mut [Vec<Option<&'a mut [f32]>>],
+    back: &mpsc::Receiver<(usize, usize, &'a mut [f32])>,
+    s: usize,
+    c: usize,
+) -> Option<&'a mut [f32]> {
+    while slots[s][c].is_none() {
+        let (bs, bc, piece) = back.recv().ok()?;
+        slots[bs][bc] = Some(piece);
+    }
+    slots[s][c].take()
 }
 
 fn recv_fold(
@@ -482,10 +635,9 @@ impl Group<'_> {
         if std::mem::size_of_val(buf) <= self.opts.small_bytes || buf.len() < n {
             return self.reduce_at_first(buf, op, NAME);
         }
-        let segs = segments(buf.len(), n);
-        self.ring_reduce_scatter(buf, &segs, op, NAME)?;
-        op.finish(&mut buf[segs[self.me].clone()], n);
-        self.ring_all_gather(buf, &segs, NAME)
+        let (next, prev) = (self.next(), self.prev());
+        let (me, chunk) = (self.me, self.opts.chunk_elems);
+        self.links.pipelined_ring(buf, n, me, next, prev, op, chunk)
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
