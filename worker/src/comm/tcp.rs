@@ -3,9 +3,10 @@
 //! Every ordered pair of ranks has its own one-way connection, opened lazily by the sender and
 //! accepted by the receiver's listener thread; a handshake carries a magic number, the gang key
 //! (derived from the job token and attempt, so that no other job's rank can connect) and the
-//! sender's rank. Large all-reduces are a chunked, pipelined ring: a reduce-scatter then an
-//! all-gather, each of `n - 1` steps in which a rank sends one segment to its successor while it
-//! receives and folds another from its predecessor, chunk by chunk. Messages up to
+//! sender's rank. Large all-reduces are a chunked ring, pipelined across its steps: a
+//! reduce-scatter then an all-gather, 2 (n - 1) steps in which a rank receives (and folds) one
+//! segment from its predecessor while it sends its successor the segment of the step before,
+//! each chunk going on as soon as it has arrived (see `Links::pipelined_ring`). Messages up to
 //! [`TcpOptions::small_bytes`] use a two-hop algorithm instead (reduce at the group's first rank,
 //! then send the result back), which needs 2 latencies instead of `2 (n - 1)`. Every read and
 //! write has a timeout, so a peer that hangs becomes an error instead of a hang, and a peer that
