@@ -64,13 +64,16 @@ impl WorkerConfig {
     /// it detects ranks started with different configs, it does not authenticate them.
     pub fn digest(&self) -> String {
         let bytes = serde_json::to_vec(self).expect("a WorkerConfig always serializes");
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in bytes {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("{h:016x}")
+        format!("{:016x}", fnv1a64(&bytes))
     }
+}
+
+/// The 64-bit FNV-1a hash of `bytes`: the one digest of the project (configs, gang keys,
+/// parameters). Not cryptographic: it tells things apart, it does not authenticate them.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -100,6 +103,13 @@ mod tests {
             err.contains("training") && err.contains("learningRateTypo"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn fnv1a64_matches_the_reference_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
     }
 
     #[test]

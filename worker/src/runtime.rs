@@ -55,11 +55,7 @@ fn fail(code: ExitCode, message: &str) -> ExitCode {
 
 /// A 64-bit key of the gang and attempt, carried by every data connection's handshake.
 pub fn gang_key(token: &str, attempt: u32) -> u64 {
-    format!("{token}/{attempt}")
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        })
+    lockstep_api::config::fnv1a64(format!("{token}/{attempt}").as_bytes())
 }
 
 /// Rank 0's NCCL unique id when the job asks for GPUs and NCCL can be loaded here, else empty

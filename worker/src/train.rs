@@ -657,9 +657,7 @@ fn run_ddp<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
         }
         on_step(step + 1);
     }
-    let digest = params.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, p| {
-        (h ^ u64::from(p.to_bits())).wrapping_mul(0x0100_0000_01b3)
-    });
+    let digest = lockstep_api::config::fnv1a64(bytemuck::cast_slice(&params));
     Ok(Summary {
         steps: total,
         loss: loss_mean,
