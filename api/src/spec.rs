@@ -132,6 +132,19 @@ pub struct Parallelism {
     pub gpus_per_worker: i32,
 }
 
+impl ParallelJobSpec {
+    /// The container that gets the env contract (and, for a built-in workload, runs the worker):
+    /// the one named `worker`, or the only one. The CRD's rules refuse a job with neither.
+    pub fn worker_container(&self) -> Option<(usize, &k8s_openapi::api::core::v1::Container)> {
+        let containers = &self.template.spec.as_ref()?.containers;
+        containers
+            .iter()
+            .position(|c| c.name == contract::operator::WORKER_CONTAINER)
+            .or_else(|| (containers.len() == 1).then_some(0))
+            .map(|i| (i, &containers[i]))
+    }
+}
+
 fn one() -> i32 {
     1
 }

@@ -261,11 +261,11 @@ impl<'a> JobContext<'a> {
 
     /// The container the operator fills in: the one named `worker`, or the only one.
     pub fn worker_container_index(&self) -> Result<usize> {
-        let containers = &self.template_spec()?.containers;
-        containers
-            .iter()
-            .position(|c| c.name == operator::WORKER_CONTAINER)
-            .or_else(|| (containers.len() == 1).then_some(0))
+        self.template_spec()?; // a template without a pod spec is its own error
+        self.job
+            .spec
+            .worker_container()
+            .map(|(i, _)| i)
             .ok_or(Error::NoWorkerContainer)
     }
 

@@ -83,17 +83,9 @@ fn load(opts: &LocalOptions) -> Result<ParallelJob> {
 
 /// The command of the `worker` container for a Command workload.
 fn user_command(job: &ParallelJob) -> Result<Vec<String>> {
-    let containers = job
+    let (_, c) = job
         .spec
-        .template
-        .spec
-        .as_ref()
-        .map(|s| s.containers.clone())
-        .unwrap_or_default();
-    let c = containers
-        .iter()
-        .find(|c| c.name == operator::WORKER_CONTAINER)
-        .or_else(|| (containers.len() == 1).then(|| &containers[0]))
+        .worker_container()
         .context("a Command workload needs a container named worker in spec.template")?;
     let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
     argv.extend(c.args.clone().unwrap_or_default());
