@@ -135,17 +135,46 @@ pub struct Mlp {
     len: usize,
 }
 
-/// `c[m x n] (+)= a[m x k] * b[k x n]`, all row-major.
-fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, accumulate: bool) {
-    if !accumulate {
-        c[..m * n].fill(0.0);
-    }
+/// `c[m x n] = a[m x k] * b[k x n]`, all row-major.
+fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize) {
+    c[..m * n].fill(0.0);
     for i in 0..m {
         let row = &mut c[i * n..(i + 1) * n];
         for (p, &av) in a[i * k..(i + 1) * k].iter().enumerate() {
             if av != 0.0 {
                 row.iter_mut()
                     .zip(&b[p * n..(p + 1) * n])
+                    .for_each(|(r, &bv)| *r += av * bv);
+            }
+        }
+    }
+}
+
+/// `c[m x n] = a[m x k] * b[n x k]^T`, all row-major: each element a dot product of two rows,
+/// so a weight stored out x in is used as it is.
+fn matmul_nt(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize) {
+    for i in 0..m {
+        let arow = &a[i * k..(i + 1) * k];
+        for (j, out) in c[i * n..(i + 1) * n].iter_mut().enumerate() {
+            *out = arow
+                .iter()
+                .zip(&b[j * k..(j + 1) * k])
+                .map(|(x, y)| x * y)
+                .sum();
+        }
+    }
+}
+
+/// `c[m x n] += a[k x m]^T * b[k x n]`, all row-major: a weight gradient from the batch's
+/// output gradients and inputs, row by row, with no transposed copy.
+fn matmul_tn_acc(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize) {
+    for p in 0..k {
+        let brow = &b[p * n..(p + 1) * n];
+        for (i, &av) in a[p * m..(p + 1) * m].iter().enumerate() {
+            if av != 0.0 {
+                c[i * n..(i + 1) * n]
+                    .iter_mut()
+                    .zip(brow)
                     .for_each(|(r, &bv)| *r += av * bv);
             }
         }
@@ -219,15 +248,9 @@ impl Mlp {
             let (i, o) = (self.sizes[l], self.sizes[l + 1]);
             let r = self.layer_range(l);
             let (w, bias) = params[r].split_at(i * o);
-            // z = a W^T + b, with W stored out x in: compute through W^T once.
-            let mut wt = vec![0.0; i * o];
-            for a in 0..o {
-                for c in 0..i {
-                    wt[c * o + a] = w[a * i + c];
-                }
-            }
+            // z = a W^T + b, with W stored out x in.
             let mut z = vec![0.0; b * o];
-            matmul(&mut z, &acts[l], &wt, b, i, o, false);
+            matmul_nt(&mut z, &acts[l], w, b, i, o);
             for row in z.chunks_mut(o) {
                 row.iter_mut().zip(bias).for_each(|(v, bb)| *v += bb);
                 if l + 1 < self.layers() {
@@ -280,13 +303,7 @@ impl Mlp {
                     gw.fill(0.0);
                     gb.fill(0.0);
                 }
-                let mut dzt = vec![0.0; o * b];
-                for s in 0..b {
-                    for a in 0..o {
-                        dzt[a * b + s] = dz[s * o + a];
-                    }
-                }
-                matmul(gw, &dzt, &acts[l], o, b, i, true);
+                matmul_tn_acc(gw, &dz, &acts[l], o, b, i);
                 for row in dz.chunks(o) {
                     gb.iter_mut().zip(row).for_each(|(g, d)| *g += d);
                 }
@@ -295,7 +312,7 @@ impl Mlp {
                 // da = dz W, then through the ReLU.
                 let w = &params[r.start..r.start + i * o];
                 let mut da = vec![0.0; b * i];
-                matmul(&mut da, &dz, w, b, o, i, false);
+                matmul(&mut da, &dz, w, b, o, i);
                 da.iter_mut()
                     .zip(&acts[l])
                     .for_each(|(d, a)| *d = if *a > 0.0 { *d } else { 0.0 });
@@ -425,7 +442,6 @@ struct Reducer<'c, C: Communicator<Buffer = [f32], Owned = Vec<f32>>> {
     /// Range of the bucket being filled.
     open: Option<std::ops::Range<usize>>,
     pending: Vec<(std::ops::Range<usize>, Pending<Vec<f32>>)>,
-    error: Option<CommError>,
     launched_bytes: usize,
 }
 
@@ -545,6 +561,12 @@ fn run_ddp<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
     );
     let mut order: Vec<usize> = Vec::new();
     let (mut loss_mean, mut accuracy) = (0.0f32, None);
+    // Buffers of a step, allocated once: the batch, and the gradients as backward hands them
+    // over (a bucket is copied out of here when it is all-reduced).
+    let ranges: Vec<_> = (0..model.layers()).map(|l| model.layer_range(l)).collect();
+    let mut snapshot = vec![0.0f32; model.len()];
+    let mut x = Vec::with_capacity(batch * Digits::FEATURES);
+    let mut y = Vec::with_capacity(batch);
     for step in 0..total {
         let started = Instant::now();
         let epoch = step / steps_per_epoch as u64;
@@ -562,10 +584,10 @@ fn run_ddp<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
         for micro in 0..accum {
             let start = in_epoch * per_step + (micro * world + rank) * batch;
             let idx = &order[start..start + batch];
-            let mut x = Vec::with_capacity(batch * 64);
-            let mut y = Vec::with_capacity(batch);
+            x.clear();
+            y.clear();
             for &i in idx {
-                x.extend_from_slice(&data.x[i * 64..(i + 1) * 64]);
+                x.extend_from_slice(&data.x[i * Digits::FEATURES..(i + 1) * Digits::FEATURES]);
                 y.push(data.y[i]);
             }
             let last = micro + 1 == accum;
@@ -576,11 +598,8 @@ fn run_ddp<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
                 overlap: t.ddp.overlap && last,
                 open: None,
                 pending: Vec::new(),
-                error: None,
                 launched_bytes: 0,
             };
-            let ranges: Vec<_> = (0..model.layers()).map(|l| model.layer_range(l)).collect();
-            let mut snapshot = vec![0.0f32; model.len()];
             let loss =
                 model.forward_backward(&params, &mut grads, &x, &y, micro > 0, &mut |l, g| {
                     if !last {
@@ -596,6 +615,8 @@ fn run_ddp<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
                     reducer.launch(open, &snapshot);
                 }
                 let waiting = Instant::now();
+                // Wait for every bucket, even after an error, so none is left in flight.
+                let mut failed = None;
                 for (range, p) in std::mem::take(&mut reducer.pending) {
                     match p.wait_timed() {
                         Ok((reduced, took)) => {
@@ -603,13 +624,13 @@ fn run_ddp<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
                             grads[range].copy_from_slice(&reduced);
                         }
                         Err(e) => {
-                            reducer.error.get_or_insert(e);
+                            failed.get_or_insert(e);
                         }
                     }
                 }
                 exposed = waiting.elapsed();
                 launched = reducer.launched_bytes;
-                if let Some(e) = reducer.error.take() {
+                if let Some(e) = failed {
                     return Err(e.into());
                 }
             }
