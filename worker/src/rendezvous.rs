@@ -112,9 +112,6 @@ pub struct World {
     pub nccl_id: Vec<u8>,
 }
 
-/// A failure of the gang.
-pub type GangFailure = Failure;
-
 struct State {
     me: Identity,
     opts: Options,
@@ -594,9 +591,6 @@ impl Session {
                 Err(s) if s.code() == Code::Unavailable => {
                     last = s.message().to_string();
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(s) if s.code() == Code::DeadlineExceeded => {
-                    return Err(RendezvousError::Refused(s.message().to_string()));
                 }
                 Err(s) => return Err(RendezvousError::Refused(s.message().to_string())),
             }
