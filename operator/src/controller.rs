@@ -14,7 +14,6 @@ use std::collections::{HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
@@ -29,7 +28,7 @@ use lockstep_api::contract::{labels, names, operator};
 use lockstep_api::status::{Phase, Progress, condition_types, reasons};
 use tracing::{info, warn};
 
-use crate::decide::{Action, GPU_RESOURCE, check_capacity, decide};
+use crate::decide::{Action, GPU_RESOURCE, check_capacity, decide, set_invalid};
 use crate::metrics::Metrics;
 use crate::observe::observe;
 use crate::resources::JobContext;
@@ -485,24 +484,16 @@ async fn report_rejected(
     message: &str,
 ) -> Result<()> {
     let mut status = status.clone();
-    let already = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == condition_types::VALID && c.status == "False" && c.message == message);
-    if already {
+    let changed = set_invalid(
+        &mut status.conditions,
+        reasons::TEMPLATE_REJECTED,
+        message,
+        job.metadata.generation,
+        Timestamp::now(),
+    );
+    if !changed {
         return Ok(());
     }
-    status
-        .conditions
-        .retain(|c| c.type_ != condition_types::VALID);
-    status.conditions.push(Condition {
-        type_: condition_types::VALID.into(),
-        status: "False".into(),
-        reason: reasons::TEMPLATE_REJECTED.into(),
-        message: message.into(),
-        last_transition_time: Time(Timestamp::now()),
-        observed_generation: job.metadata.generation,
-    });
     let patch = serde_json::json!({
         "apiVersion": ParallelJob::api_version(&()),
         "kind": ParallelJob::kind(&()),

@@ -93,6 +93,33 @@ pub fn decide(job: &ParallelJob, world: u32, pods: &[RankPod], now: Timestamp) -
     b.d
 }
 
+/// Sets the condition `Valid=False` with `reason` and `message` in place of any other `Valid`
+/// condition; returns false (and changes nothing) when exactly that one is already there.
+pub fn set_invalid(
+    conds: &mut Vec<Condition>,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> bool {
+    let already = conds.iter().any(|c| {
+        c.type_ == ct::VALID && c.status == "False" && c.reason == reason && c.message == message
+    });
+    if already {
+        return false;
+    }
+    conds.retain(|c| c.type_ != ct::VALID);
+    conds.push(Condition {
+        type_: ct::VALID.into(),
+        status: "False".into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: Time(now),
+        observed_generation: generation,
+    });
+    true
+}
+
 /// The extended resource `gpusPerWorker` asks for.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
@@ -109,7 +136,7 @@ pub fn check_capacity(d: &mut Decision, job: &ParallelJob, largest: i64, now: Ti
         .iter()
         .position(|c| c.type_ == ct::VALID && c.reason == reasons::INVALID_SPEC);
     match (short, current) {
-        (true, existing) => {
+        (true, _) => {
             let message = if largest == 0 {
                 format!(
                     "spec.parallelism.gpusPerWorker asks for {wanted} {GPU_RESOURCE} per worker, \
@@ -123,23 +150,19 @@ pub fn check_capacity(d: &mut Decision, job: &ParallelJob, largest: i64, now: Ti
                      gpusPerWorker (and raise dataParallel) or add larger nodes"
                 )
             };
-            if existing.is_some_and(|i| conds[i].message == message) {
-                return;
+            if set_invalid(
+                conds,
+                reasons::INVALID_SPEC,
+                &message,
+                job.metadata.generation,
+                now,
+            ) {
+                d.events.push(Note {
+                    warning: true,
+                    reason: reasons::INVALID_SPEC,
+                    message,
+                });
             }
-            conds.retain(|c| c.type_ != ct::VALID);
-            conds.push(Condition {
-                type_: ct::VALID.into(),
-                status: "False".into(),
-                reason: reasons::INVALID_SPEC.into(),
-                message: message.clone(),
-                last_transition_time: Time(now),
-                observed_generation: job.metadata.generation,
-            });
-            d.events.push(Note {
-                warning: true,
-                reason: reasons::INVALID_SPEC,
-                message,
-            });
         }
         (false, Some(i)) => {
             conds.remove(i);
