@@ -25,7 +25,7 @@ use kube::runtime::{WatchStreamExt, reflector::reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::{labels, names, operator};
-use lockstep_api::status::{Phase, Progress, condition_types, reasons};
+use lockstep_api::status::{Progress, condition_types, reasons};
 use tracing::{info, warn};
 
 use crate::decide::{Action, GPU_RESOURCE, check_capacity, decide, set_invalid};
@@ -44,6 +44,8 @@ pub struct Context {
     /// The cluster's nodes: to tell when a rank's node is gone, and whether any node offers the
     /// GPUs a worker asks for.
     pub nodes: Store<Node>,
+    /// The progress ConfigMaps rank 0 writes (see `lockstep_worker::progress`).
+    pub progress: Store<ConfigMap>,
     /// The `managedBy` value this operator answers to.
     pub controller_name: String,
     /// Event recorder.
@@ -116,7 +118,21 @@ pub async fn run(
         labels::MANAGED_BY,
         operator::FIELD_MANAGER
     ));
+    // Rank 0's progress reports, through the progress ConfigMaps only: one watch keeps the cache
+    // that reconcile reads and, once the cache holds a new report, wakes its job up.
+    let progress_maps = watcher::Config::default().labels(&format!(
+        "{}={},{}={}",
+        labels::MANAGED_BY,
+        operator::FIELD_MANAGER,
+        labels::COMPONENT,
+        names::PROGRESS_COMPONENT
+    ));
+    let (progress_cache, progress_writer) = reflector::store::<ConfigMap>();
+    let progress_reports = reflector(progress_writer, watcher(maps, progress_maps))
+        .default_backoff()
+        .touched_objects();
     let ctx = Arc::new(Context {
+        progress: progress_cache,
         nodes,
         recorder: Recorder::new(client.clone(), reporter),
         controller_name: settings.controller_name.clone(),
@@ -125,17 +141,9 @@ pub async fn run(
         metrics: metrics.clone(),
     });
     metrics.set_ready(true);
-    // Rank 0's progress reports wake the job up, through the progress ConfigMaps only.
-    let progress_maps = watcher::Config::default().labels(&format!(
-        "{}={},{}={}",
-        labels::MANAGED_BY,
-        operator::FIELD_MANAGER,
-        labels::COMPONENT,
-        names::PROGRESS_COMPONENT
-    ));
     Controller::new_with(jobs, watcher::Config::default().any_semantic(), ar)
         .owns(pods, owned)
-        .owns(maps, progress_maps)
+        .owns_stream(progress_reports)
         .reconcile_all_on(node_deletions)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(shutdown)
@@ -257,7 +265,7 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         &observed,
         Timestamp::now(),
     );
-    decision.status.progress = progress(&ctx, &job, &decision.status.phase).await?;
+    decision.status.progress = progress(&ctx, &job);
     if job.spec.parallelism.gpus_per_worker > 0 {
         check_capacity(
             &mut decision,
@@ -342,29 +350,18 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     ))
 }
 
-/// The progress to show: what rank 0 last wrote into the progress ConfigMap while the gang runs
-/// (and once more as it stops), else what the status already holds.
-async fn progress(
-    ctx: &Context,
-    job: &ParallelJob,
-    phase: &Option<Phase>,
-) -> Result<Option<Progress>> {
-    let previous = job.status.as_ref().and_then(|s| s.progress.clone());
-    let was_running = job.status.as_ref().and_then(|s| s.phase) == Some(Phase::Running);
-    if *phase != Some(Phase::Running) && !was_running {
-        return Ok(previous);
-    }
+/// The progress to show: rank 0's last report in the progress ConfigMap (from the cache), else
+/// what the status already holds (a malformed report counts as none).
+fn progress(ctx: &Context, job: &ParallelJob) -> Option<Progress> {
     let ns = job.namespace().unwrap_or_default();
-    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    let written = maps
-        .get_opt(&names::progress_config_map(&job.name_any()))
-        .await?
-        .and_then(|cm| cm.data)
-        .and_then(|d| {
-            d.get(names::PROGRESS_KEY)
-                .and_then(|t| Progress::from_json(t))
-        });
-    Ok(written.or(previous))
+    let key = ObjectRef::new(&names::progress_config_map(&job.name_any())).within(&ns);
+    let written = ctx.progress.get(&key).and_then(|cm| {
+        cm.data
+            .as_ref()?
+            .get(names::PROGRESS_KEY)
+            .and_then(|t| Progress::from_json(t))
+    });
+    written.or_else(|| job.status.as_ref().and_then(|s| s.progress.clone()))
 }
 
 /// The most GPUs any schedulable node offers.
