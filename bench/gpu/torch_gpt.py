@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 
 class Block(nn.Module):
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, attention):
         super().__init__()
         self.heads = heads
+        self.attention = attention
         self.ln1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -31,17 +32,23 @@ class Block(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.attention == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # The same algorithm as the Lockstep engine: the full score matrix, masked softmax.
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            y = att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
         x = x + self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
         return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab, context, layers, width, heads):
+    def __init__(self, vocab, context, layers, width, heads, attention):
         super().__init__()
         self.wte = nn.Embedding(vocab, width)
         self.wpe = nn.Embedding(context, width)
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, attention) for _ in range(layers))
         self.lnf = nn.LayerNorm(width)
 
     def forward(self, idx, targets):
@@ -63,7 +70,8 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--precisions", default="tf32,bf16")
+    p.add_argument("--precisions", default="tf32,bf16", help="any of fp32, tf32, bf16")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "manual"])
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM)")
     a = p.parse_args()
     torch.manual_seed(0)
@@ -71,7 +79,7 @@ def main():
     for prec in a.precisions.split(","):
         torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
         torch.backends.cudnn.allow_tf32 = prec == "tf32"
-        model = GPT(a.vocab, a.context, a.layers, a.width, a.heads).to(dev)
+        model = GPT(a.vocab, a.context, a.layers, a.width, a.heads, a.attention).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
         n_params = sum(p.numel() for p in model.parameters())
         x = torch.randint(0, a.vocab, (a.batch, a.context), device=dev)
@@ -96,9 +104,10 @@ def main():
         flops_per_token = 6 * n_params + 12 * a.layers * a.width * a.context
         print(json.dumps({
             "impl": "pytorch-eager", "torch": torch.__version__, "device": torch.cuda.get_device_name(),
-            "precision": prec, "params": n_params, "batch": a.batch, "context": a.context,
+            "precision": prec, "attention": a.attention, "vocab": a.vocab, "params": n_params, "batch": a.batch, "context": a.context,
             "step_ms_median": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
             "mfu_vs_bf16_peak": round(flops_per_token * tokens / med / (a.peak_tflops * 1e12), 4),
+            "mfu_vs_tf32_peak": round(flops_per_token * tokens / med / (a.peak_tflops / 2 * 1e12), 4),
             "final_loss": round(loss.item(), 4), "loss_is_finite": math.isfinite(loss.item()),
         }), flush=True)
         del model, opt

@@ -364,3 +364,145 @@ mod tests {
         assert!(parse_sizes("lots", 2).is_err());
     }
 }
+
+/// Which engine backend a benchmark runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// The CPU reference backend.
+    Cpu,
+    /// The CUDA backend (cuBLAS and NVRTC kernels).
+    Cuda,
+}
+
+/// Shape of a GPT benchmark.
+#[derive(Clone, Copy, Debug)]
+pub struct GptBench {
+    /// The model.
+    pub config: crate::engine::gpt::GptConfig,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// TF32 GEMMs on the GPU.
+    pub tf32: bool,
+    /// Peak FLOP/s of the device, for MFU (0: not reported).
+    pub peak: f64,
+}
+
+/// Prints GPT training throughput on `device`.
+#[allow(clippy::print_stdout)] // the benchmark's output
+pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
+    use crate::engine::check::gpt_throughput;
+    let c = &g.config;
+    let (name, t) = match device {
+        Device::Cpu => {
+            let be = crate::engine::cpu::Cpu;
+            (
+                crate::engine::Backend::name(&be),
+                gpt_throughput(&be, *c, g.batch, g.seq, g.warmup, g.steps)?,
+            )
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda => {
+            let be = crate::engine::cuda::Cuda::new(0, g.tf32)?;
+            (
+                crate::engine::Backend::name(&be),
+                gpt_throughput(&be, *c, g.batch, g.seq, g.warmup, g.steps)?,
+            )
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => bail!("this build has no CUDA backend: rebuild with the cuda feature"),
+    };
+    println!(
+        "# GPT training, lockstep engine on {name}: {} layers, {} heads, {} wide, vocab {} (padded {}), {:.1}M parameters; batch {} x {} tokens; median of {} steps after {} warm-up",
+        c.layers,
+        c.heads,
+        c.channels,
+        c.vocab,
+        c.padded_vocab,
+        c.num_real_params() as f64 / 1e6,
+        g.batch,
+        g.seq,
+        g.steps,
+        g.warmup
+    );
+    let mfu = if g.peak > 0.0 {
+        format!("{:.1}%", 100.0 * t.flops / g.peak)
+    } else {
+        "-".into()
+    };
+    println!(
+        "engine=lockstep step_ms={:.2} tokens_per_s={:.0} tflops={:.2} mfu={mfu} loss_first={:.4} loss_last={:.4}",
+        t.step_seconds * 1e3,
+        t.tokens_per_second,
+        t.flops / 1e12,
+        t.loss.0,
+        t.loss.1
+    );
+    Ok(())
+}
+
+/// Compares the CUDA backend with the CPU reference, primitive by primitive and on whole GPT
+/// steps; prints one row per output and fails when any is out of tolerance.
+#[cfg(feature = "cuda")]
+#[allow(clippy::print_stdout)] // the check's report
+pub fn engine_check(tf32: bool) -> Result<()> {
+    use crate::engine::check::{CheckShape, compare, gpt_steps, primitives};
+    use crate::engine::gpt::GptConfig;
+    let cpu = crate::engine::cpu::Cpu;
+    let cuda = crate::engine::cuda::Cuda::new(0, tf32)?;
+    let shape = CheckShape::default();
+    // FP32 on both sides differs only in summation order: 1e-5 of the largest value for
+    // element-wise kernels, 1e-4 for GEMMs and what goes through them (sums of hundreds of
+    // terms). TF32 GEMMs round inputs to 10 mantissa bits: 1e-2.
+    let gemm_tol = if tf32 { 1e-2 } else { 1e-4 };
+    let tol = |name: &str| -> f32 {
+        if name.starts_with("gemm") || name.starts_with("attention") {
+            gemm_tol
+        } else if name.starts_with("gpt") {
+            if tf32 { 5e-2 } else { 1e-3 }
+        } else {
+            1e-5
+        }
+    };
+    let mut rows = compare(
+        &primitives(&cpu, &shape)?,
+        &primitives(&cuda, &shape)?,
+        &tol,
+    );
+    let cfg = GptConfig::new(2, 4, 64, 64, 256)?;
+    rows.extend(compare(
+        &gpt_steps(&cpu, cfg, 4, 64, 5)?,
+        &gpt_steps(&cuda, cfg, 4, 64, 5)?,
+        &tol,
+    ));
+    println!(
+        "# CUDA backend ({}) against the CPU reference; rel = max |cuda - cpu| / max |cpu|",
+        crate::engine::Backend::name(&cuda)
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>10}  result",
+        "output", "max abs", "rel", "tolerance"
+    );
+    let mut bad = 0;
+    for r in &rows {
+        println!(
+            "{:<34} {:>12.3e} {:>12.3e} {:>10.0e}  {}",
+            r.name,
+            r.max_abs,
+            r.rel,
+            r.tol,
+            if r.ok() { "ok" } else { "FAIL" }
+        );
+        bad += usize::from(!r.ok());
+    }
+    if bad > 0 {
+        bail!("{bad} of {} outputs differ beyond tolerance", rows.len());
+    }
+    println!("all {} outputs within tolerance", rows.len());
+    Ok(())
+}

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod comm;
+pub mod engine;
 pub mod local;
 pub mod metrics;
 pub mod progress;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lockstep_api::contract::ExitCode;
-use lockstep_worker::bench::{self, Backend};
+use lockstep_worker::bench::{self, Backend, Device};
 use lockstep_worker::{local, rendezvous, runtime};
 
 #[derive(Parser, Debug)]
@@ -68,6 +68,48 @@ enum BenchCmd {
         /// Transport.
         #[arg(long, value_enum, default_value_t = Backend::Tcp)]
         backend: Backend,
+    },
+    /// GPT training throughput (tokens/s, MFU) of the engine on random tokens.
+    Gpt {
+        /// Backend.
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+        /// Transformer blocks.
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        /// Attention heads.
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Residual width.
+        #[arg(long, default_value_t = 128)]
+        embed: usize,
+        /// Tokens per sequence (and the context length).
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Vocabulary size (65 is tinyshakespeare's characters, 50257 GPT-2's).
+        #[arg(long, default_value_t = 65)]
+        vocab: usize,
+        /// Untimed steps.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// FP32 GEMMs instead of TF32 on the GPU.
+        #[arg(long)]
+        no_tf32: bool,
+        /// Peak FLOP/s for MFU, in TFLOP/s (H100 SXM dense TF32: 494.7).
+        #[arg(long, default_value_t = 0.0)]
+        peak_tflops: f64,
+    },
+    /// The CUDA backend against the CPU reference, primitive by primitive and on GPT steps.
+    EngineCheck {
+        /// Use TF32 GEMMs (looser tolerances).
+        #[arg(long)]
+        tf32: bool,
     },
 }
 
@@ -145,13 +187,58 @@ fn main() -> ProcessExit {
                     factor,
                     backend,
                 },
-        } => match bench_allreduce(ranks, &sizes, factor, backend) {
-            Ok(()) => ProcessExit::SUCCESS,
-            Err(e) => {
-                eprintln!("lockstep bench: {e:#}");
-                ProcessExit::from(ExitCode::Internal.code() as u8)
-            }
-        },
+        } => bench_exit(bench_allreduce(ranks, &sizes, factor, backend)),
+        Cmd::Bench {
+            what:
+                BenchCmd::Gpt {
+                    device,
+                    layers,
+                    heads,
+                    embed,
+                    seq,
+                    batch,
+                    vocab,
+                    warmup,
+                    steps,
+                    no_tf32,
+                    peak_tflops,
+                },
+        } => bench_exit((|| {
+            let config =
+                lockstep_worker::engine::gpt::GptConfig::new(layers, heads, embed, seq, vocab)?;
+            bench::gpt(
+                device,
+                &bench::GptBench {
+                    config,
+                    batch,
+                    seq,
+                    warmup,
+                    steps,
+                    tf32: !no_tf32,
+                    peak: peak_tflops * 1e12,
+                },
+            )
+        })()),
+        #[cfg(feature = "cuda")]
+        Cmd::Bench {
+            what: BenchCmd::EngineCheck { tf32 },
+        } => bench_exit(bench::engine_check(tf32)),
+        #[cfg(not(feature = "cuda"))]
+        Cmd::Bench {
+            what: BenchCmd::EngineCheck { .. },
+        } => bench_exit(Err(anyhow::anyhow!(
+            "this build has no CUDA backend: rebuild with the cuda feature"
+        ))),
+    }
+}
+
+fn bench_exit(r: anyhow::Result<()>) -> ProcessExit {
+    match r {
+        Ok(()) => ProcessExit::SUCCESS,
+        Err(e) => {
+            eprintln!("lockstep bench: {e:#}");
+            ProcessExit::from(ExitCode::Internal.code() as u8)
+        }
     }
 }
 

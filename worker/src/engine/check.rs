@@ -1,0 +1,377 @@
+//! Checks and benchmarks of the engine: every primitive and a whole GPT step run on two
+//! backends with the same inputs and compared (the CUDA backend against the CPU reference),
+//! and GPT training throughput on one backend.
+
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+
+use super::gpt::{self, Adam, Gpt, GptConfig};
+use super::{AdamStep, Backend, Gemm, Op, Result};
+
+/// One compared output.
+#[derive(Clone, Debug)]
+pub struct Compared {
+    /// Primitive and output.
+    pub name: String,
+    /// Largest absolute difference.
+    pub max_abs: f32,
+    /// Largest absolute difference over the largest reference magnitude.
+    pub rel: f32,
+    /// The tolerance on `rel`.
+    pub tol: f32,
+}
+
+impl Compared {
+    /// Whether the difference is within tolerance.
+    pub fn ok(&self) -> bool {
+        self.rel <= self.tol && self.rel.is_finite()
+    }
+}
+
+/// Shape of the per-primitive check.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckShape {
+    /// Sequences.
+    pub b: usize,
+    /// Tokens per sequence.
+    pub t: usize,
+    /// Heads.
+    pub nh: usize,
+    /// Channels per head.
+    pub hs: usize,
+    /// Vocabulary (padded to `vp`).
+    pub v: usize,
+    /// Padded vocabulary.
+    pub vp: usize,
+}
+
+impl Default for CheckShape {
+    fn default() -> Self {
+        Self {
+            b: 4,
+            t: 64,
+            nh: 4,
+            hs: 32,
+            v: 1000,
+            vp: 1024,
+        }
+    }
+}
+
+fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n).map(|_| r.random_range(-scale..scale)).collect()
+}
+
+fn up<B: Backend>(be: &B, x: &[f32]) -> Result<B::Buf> {
+    let mut b = be.zeros(x.len())?;
+    be.upload(&mut b, x)?;
+    Ok(b)
+}
+
+fn down<B: Backend>(be: &B, b: &B::Buf, n: usize) -> Result<Vec<f32>> {
+    be.download(b, 0, n)
+}
+
+/// Runs every primitive on `be` with inputs fixed by the shape, returning each output by name.
+pub fn primitives<B: Backend>(be: &B, s: &CheckShape) -> Result<Vec<(String, Vec<f32>)>> {
+    let (b, t, nh, hs) = (s.b, s.t, s.nh, s.hs);
+    let c = nh * hs;
+    let n = b * t;
+    let mut out = Vec::new();
+    let mut seed = 100;
+    let mut next = |len: usize, scale: f32| {
+        seed += 1;
+        rnd(len, seed, scale)
+    };
+    // GEMMs: every transpose, a batched one, alpha and beta.
+    for (ta, tb) in [
+        (Op::N, Op::N),
+        (Op::N, Op::T),
+        (Op::T, Op::N),
+        (Op::T, Op::T),
+    ] {
+        let (m, nn, k) = (96, 80, 3 * c);
+        let mut g = Gemm::single(ta, tb, m, nn, k, 0.5);
+        g.alpha = 0.75;
+        let a = up(be, &next(m * k, 1.0))?;
+        let bb = up(be, &next(k * nn, 1.0))?;
+        let mut cc = up(be, &next(m * nn, 1.0))?;
+        be.gemm(&g, (&a, 0), (&bb, 0), (&mut cc, 0))?;
+        out.push((format!("gemm {ta:?}{tb:?}"), down(be, &cc, m * nn)?));
+    }
+    let qkv_host = next(3 * n * c, 1.0);
+    let qkv = up(be, &qkv_host)?;
+    let att_n = b * nh * t * t;
+    let (mut qkvr, mut att, mut pre, mut vacc, mut y) = (
+        be.zeros(3 * n * c)?,
+        be.zeros(att_n)?,
+        be.zeros(att_n)?,
+        be.zeros(n * c)?,
+        be.zeros(n * c)?,
+    );
+    gpt::attention_fwd(
+        be, &mut y, &mut qkvr, &mut att, &mut pre, &mut vacc, &qkv, b, t, nh, hs,
+    )?;
+    out.push(("attention fwd: att".into(), down(be, &att, att_n)?));
+    out.push(("attention fwd: out".into(), down(be, &y, n * c)?));
+    let dy = up(be, &next(n * c, 1.0))?;
+    let (mut dqkv, mut dqkvr, mut datt, mut dpre, mut dvacc) = (
+        be.zeros(3 * n * c)?,
+        be.zeros(3 * n * c)?,
+        be.zeros(att_n)?,
+        be.zeros(att_n)?,
+        be.zeros(n * c)?,
+    );
+    gpt::attention_bwd(
+        be, &mut dqkv, &mut dqkvr, &mut datt, &mut dpre, &mut dvacc, &dy, &qkvr, &att, b, t, nh, hs,
+    )?;
+    out.push(("attention bwd: dqkv".into(), down(be, &dqkv, 3 * n * c)?));
+
+    // Layer norm, bias, GELU, residual.
+    let x = up(be, &next(n * c, 2.0))?;
+    let mut p_host = next(2 * c + 4 * c, 1.0);
+    p_host[..c].iter_mut().for_each(|w| *w += 1.0);
+    let params = up(be, &p_host)?;
+    let (mut ln, mut mean, mut rstd) = (be.zeros(n * c)?, be.zeros(n)?, be.zeros(n)?);
+    be.layernorm_fwd(&mut ln, &mut mean, &mut rstd, &x, &params, 0, n, c)?;
+    out.push(("layernorm fwd".into(), down(be, &ln, n * c)?));
+    out.push(("layernorm fwd: rstd".into(), down(be, &rstd, n)?));
+    let dln = up(be, &next(n * c, 1.0))?;
+    let mut dx = up(be, &next(n * c, 0.1))?;
+    let mut grads = up(be, &next(2 * c + 4 * c, 0.1))?;
+    be.layernorm_bwd(
+        &mut dx, &mut grads, 0, &dln, &x, &params, 0, &mean, &rstd, n, c,
+    )?;
+    out.push(("layernorm bwd: dinp".into(), down(be, &dx, n * c)?));
+    out.push((
+        "layernorm bwd: dw, db".into(),
+        be.download(&grads, 0, 2 * c)?,
+    ));
+    let mut h = up(be, &next(n * 4 * c, 3.0))?;
+    be.bias_fwd(&mut h, &params, 2 * c, n, 4 * c)?;
+    out.push(("bias fwd".into(), down(be, &h, n * 4 * c)?));
+    be.bias_bwd(&mut grads, 2 * c, &h, n, 4 * c)?;
+    out.push(("bias bwd".into(), be.download(&grads, 2 * c, 4 * c)?));
+    let mut gl = be.zeros(n * 4 * c)?;
+    be.gelu_fwd(&mut gl, &h, n * 4 * c)?;
+    out.push(("gelu fwd".into(), down(be, &gl, n * 4 * c)?));
+    let mut dgl = be.zeros(n * 4 * c)?;
+    be.gelu_bwd(&mut dgl, &h, &gl, n * 4 * c)?;
+    out.push(("gelu bwd".into(), down(be, &dgl, n * 4 * c)?));
+    let mut sum = be.zeros(n * c)?;
+    be.add(&mut sum, &x, &dln, n * c)?;
+    out.push(("residual add".into(), down(be, &sum, n * c)?));
+
+    // Embedding.
+    let mut r = rand::rngs::StdRng::seed_from_u64(7);
+    let ids_host: Vec<i32> = (0..n).map(|_| r.random_range(0..s.v as i32)).collect();
+    let mut ids = be.ids(n)?;
+    be.upload_ids(&mut ids, &ids_host)?;
+    let emb = up(be, &next((s.vp + t) * c, 1.0))?;
+    let mut enc = be.zeros(n * c)?;
+    be.encoder_fwd(&mut enc, &ids, &emb, 0, s.vp * c, b, t, c)?;
+    out.push(("encoder fwd".into(), down(be, &enc, n * c)?));
+    let mut demb = be.zeros((s.vp + t) * c)?;
+    be.encoder_bwd(&mut demb, 0, s.vp * c, &dln, &ids, b, t, c)?;
+    out.push(("encoder bwd".into(), down(be, &demb, (s.vp + t) * c)?));
+
+    // Cross-entropy with the gradient in place.
+    let mut logits = up(be, &next(n * s.vp, 4.0))?;
+    let mut losses = be.zeros(n)?;
+    be.crossentropy(
+        &mut losses,
+        &mut logits,
+        &ids,
+        n,
+        s.v,
+        s.vp,
+        1.0 / n as f32,
+        true,
+    )?;
+    out.push(("crossentropy: losses".into(), down(be, &losses, n)?));
+    out.push(("crossentropy: dlogits".into(), down(be, &logits, n * s.vp)?));
+
+    // Optimizer.
+    let len = 100_003;
+    let mut p = up(be, &next(len, 1.0))?;
+    let g = up(be, &next(len, 1.0))?;
+    let (mut m, mut v) = (
+        up(be, &next(len, 0.1))?,
+        up(
+            be,
+            &next(len, 0.1).iter().map(|x| x.abs()).collect::<Vec<_>>(),
+        )?,
+    );
+    let step = AdamStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        t: 3,
+        grad_scale: 0.5,
+    };
+    be.adamw(&mut p, &g, &mut m, &mut v, 0, len, &step)?;
+    out.push(("adamw: params".into(), down(be, &p, len)?));
+    out.push(("adamw: v".into(), down(be, &v, len)?));
+    out.push((
+        "sum of squares".into(),
+        vec![be.sum_squares(&g, 0, len)? as f32],
+    ));
+    Ok(out)
+}
+
+/// A GPT step's loss, gradients and the losses of `steps` further training steps on `be`.
+pub fn gpt_steps<B: Backend>(
+    be: &B,
+    cfg: GptConfig,
+    b: usize,
+    t: usize,
+    steps: usize,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(11);
+    let ids: Vec<i32> = (0..b * t)
+        .map(|_| r.random_range(0..cfg.vocab as i32))
+        .collect();
+    let tg: Vec<i32> = (0..b * t)
+        .map(|_| r.random_range(0..cfg.vocab as i32))
+        .collect();
+    let mut model = Gpt::new(be, cfg, &cfg.init(5), b, t)?;
+    let mut adam = Adam::new(be, cfg.num_params())?;
+    let ranges = cfg.decay_ranges();
+    let mut losses = Vec::new();
+    let mut out = Vec::new();
+    for s in 0..=steps {
+        model.zero_grad(be)?;
+        model.forward(be, &ids, Some(&tg), b, t, Some(1.0 / (b * t) as f32))?;
+        losses.push(model.mean_loss(be)?);
+        model.backward(be, &mut |_, _| {})?;
+        if s == 0 {
+            out.push((
+                "gpt gradients (all)".into(),
+                be.download(&model.grads, 0, cfg.num_params())?,
+            ));
+        }
+        adam.step(
+            be,
+            &mut model.params,
+            &model.grads,
+            &ranges,
+            1e-3,
+            (0.9, 0.95),
+            1e-8,
+            0.1,
+            1.0,
+        )?;
+    }
+    out.insert(0, ("gpt losses per step".into(), losses));
+    out.push((
+        format!("gpt parameters after {steps} steps"),
+        be.download(&model.params, 0, cfg.num_params())?,
+    ));
+    Ok(out)
+}
+
+/// Compares two lists of named outputs; `tol` gives each output's tolerance.
+pub fn compare(
+    reference: &[(String, Vec<f32>)],
+    other: &[(String, Vec<f32>)],
+    tol: &dyn Fn(&str) -> f32,
+) -> Vec<Compared> {
+    reference
+        .iter()
+        .zip(other)
+        .map(|((name, a), (_, b))| {
+            let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-30);
+            let max_abs = a
+                .iter()
+                .zip(b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+                .max(if a.len() == b.len() {
+                    0.0
+                } else {
+                    f32::INFINITY
+                });
+            Compared {
+                name: name.clone(),
+                max_abs,
+                rel: max_abs / scale,
+                tol: tol(name),
+            }
+        })
+        .collect()
+}
+
+/// Throughput of GPT training on one backend.
+#[derive(Clone, Debug)]
+pub struct Throughput {
+    /// Median seconds per optimizer step.
+    pub step_seconds: f64,
+    /// Tokens per second (b x t / step).
+    pub tokens_per_second: f64,
+    /// Achieved training FLOP/s (6N + 12 L C T per token).
+    pub flops: f64,
+    /// Loss of the first and the last timed step.
+    pub loss: (f32, f32),
+}
+
+/// Times `steps` training steps (after `warmup`) of `cfg` at batch `b` x `t` on random
+/// tokens, each with forward, backward, a clipped AdamW update and the loss read back.
+pub fn gpt_throughput<B: Backend>(
+    be: &B,
+    cfg: GptConfig,
+    b: usize,
+    t: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<Throughput> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(3);
+    let ids: Vec<i32> = (0..b * t + 1)
+        .map(|_| r.random_range(0..cfg.vocab as i32))
+        .collect();
+    let mut model = Gpt::new(be, cfg, &cfg.init(1), b, t)?;
+    let mut adam = Adam::new(be, cfg.num_params())?;
+    let ranges = cfg.decay_ranges();
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for s in 0..warmup + steps {
+        let start = Instant::now();
+        model.zero_grad(be)?;
+        model.forward(
+            be,
+            &ids[..b * t],
+            Some(&ids[1..]),
+            b,
+            t,
+            Some(1.0 / (b * t) as f32),
+        )?;
+        model.backward(be, &mut |_, _| {})?;
+        adam.step(
+            be,
+            &mut model.params,
+            &model.grads,
+            &ranges,
+            6e-4,
+            (0.9, 0.95),
+            1e-8,
+            0.1,
+            1.0,
+        )?;
+        let loss = model.mean_loss(be)?;
+        if s >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+            losses.push(loss);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let step = times[times.len() / 2];
+    let tps = (b * t) as f64 / step;
+    Ok(Throughput {
+        step_seconds: step,
+        tokens_per_second: tps,
+        flops: tps * cfg.flops_per_token(t),
+        loss: (losses[0], *losses.last().unwrap_or(&f32::NAN)),
+    })
+}

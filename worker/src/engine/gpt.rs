@@ -1,0 +1,930 @@
+//! A GPT-2-style decoder-only transformer (pre-LayerNorm, GELU MLP, tied embeddings), forward
+//! and backward written once on the [`Backend`] primitives.
+//!
+//! Parameters are laid out so that backward finishes them as contiguous suffixes of the flat
+//! buffer: `[wte, wpe, block 0, ..., block L-1, lnf]`. Backward visits `lnf`, then the blocks
+//! from the last, then the embeddings, and after each reports the offset from which every
+//! gradient is final; data-parallel training all-reduces a bucket as soon as it lies past that
+//! offset. Inside a block the weight matrices come first, so weight decay applies to one
+//! range per block.
+
+use rand::SeedableRng;
+
+use super::{AdamStep, Backend, EngineError, Gemm, Op, Result};
+
+/// The shape of a GPT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GptConfig {
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Width of the residual stream.
+    pub channels: usize,
+    /// Longest sequence.
+    pub max_seq: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Vocabulary rounded up (to a multiple of 64 when large) for faster GEMMs; the padding
+    /// rows of the embedding stay zero and get no gradient.
+    pub padded_vocab: usize,
+}
+
+impl GptConfig {
+    /// A config, checked: heads divide channels, nothing is zero.
+    pub fn new(
+        layers: usize,
+        heads: usize,
+        channels: usize,
+        max_seq: usize,
+        vocab: usize,
+    ) -> Result<Self> {
+        if layers == 0 || heads == 0 || channels == 0 || max_seq == 0 || vocab == 0 {
+            return Err(EngineError::Config(format!(
+                "a GPT needs layers, heads, embedDim, contextLength and a vocabulary above 0 \
+                 (got {layers}, {heads}, {channels}, {max_seq}, {vocab})"
+            )));
+        }
+        if !channels.is_multiple_of(heads) {
+            return Err(EngineError::Config(format!(
+                "embedDim {channels} is not divisible by heads {heads}"
+            )));
+        }
+        let padded_vocab = if vocab >= 1024 {
+            vocab.div_ceil(64) * 64
+        } else {
+            vocab
+        };
+        Ok(Self {
+            layers,
+            heads,
+            channels,
+            max_seq,
+            vocab,
+            padded_vocab,
+        })
+    }
+
+    /// Channels per head.
+    pub fn head_size(&self) -> usize {
+        self.channels / self.heads
+    }
+
+    /// Parameters per block.
+    pub fn block_len(&self) -> usize {
+        let c = self.channels;
+        // qkvw, attprojw, fcw, fcprojw, then ln1 (w, b), qkvb, attprojb, ln2 (w, b), fcb, fcprojb.
+        3 * c * c + c * c + 4 * c * c + 4 * c * c + 2 * c + 3 * c + c + 2 * c + 4 * c + c
+    }
+
+    /// Parameters in all (padded vocabulary included).
+    pub fn num_params(&self) -> usize {
+        self.padded_vocab * self.channels
+            + self.max_seq * self.channels
+            + self.layers * self.block_len()
+            + 2 * self.channels
+    }
+
+    /// Parameters without the vocabulary padding (what FLOP counts use).
+    pub fn num_real_params(&self) -> usize {
+        self.num_params() - (self.padded_vocab - self.vocab) * self.channels
+    }
+
+    /// Training FLOPs per token at sequence length `t`: 6N + 12 L C T (PaLM's estimate).
+    pub fn flops_per_token(&self, t: usize) -> f64 {
+        6.0 * self.num_real_params() as f64 + 12.0 * (self.layers * self.channels * t) as f64
+    }
+
+    /// Offset of the token embedding (vocab x channels).
+    pub fn wte(&self) -> usize {
+        0
+    }
+
+    /// Offset of the position embedding (max_seq x channels).
+    pub fn wpe(&self) -> usize {
+        self.padded_vocab * self.channels
+    }
+
+    /// Offset of block `l`.
+    pub fn block(&self, l: usize) -> usize {
+        self.wpe() + self.max_seq * self.channels + l * self.block_len()
+    }
+
+    /// Offsets of block `l`'s tensors.
+    pub fn block_params(&self, l: usize) -> BlockParams {
+        let c = self.channels;
+        let o = self.block(l);
+        let qkvw = o;
+        let attprojw = qkvw + 3 * c * c;
+        let fcw = attprojw + c * c;
+        let fcprojw = fcw + 4 * c * c;
+        let ln1 = fcprojw + 4 * c * c;
+        let qkvb = ln1 + 2 * c;
+        let attprojb = qkvb + 3 * c;
+        let ln2 = attprojb + c;
+        let fcb = ln2 + 2 * c;
+        let fcprojb = fcb + 4 * c;
+        BlockParams {
+            qkvw,
+            attprojw,
+            fcw,
+            fcprojw,
+            ln1,
+            qkvb,
+            attprojb,
+            ln2,
+            fcb,
+            fcprojb,
+        }
+    }
+
+    /// Offset of the final layer norm (weight, then bias).
+    pub fn lnf(&self) -> usize {
+        self.block(self.layers)
+    }
+
+    /// Ranges of parameters with and without weight decay: `(offset, length, decays)`.
+    /// Weight matrices decay; embeddings, biases and norms do not.
+    pub fn decay_ranges(&self) -> Vec<(usize, usize, bool)> {
+        let c = self.channels;
+        let mut r = vec![(0, self.block(0), false)];
+        for l in 0..self.layers {
+            let o = self.block(l);
+            r.push((o, 12 * c * c, true));
+            r.push((o + 12 * c * c, self.block_len() - 12 * c * c, false));
+        }
+        r.push((self.lnf(), 2 * c, false));
+        r
+    }
+
+    /// GPT-2's initialisation, deterministic in `seed`: N(0, 0.02) weights and embeddings,
+    /// residual projections scaled by 1/sqrt(2 L), zero biases, unit norms, zero padding rows.
+    pub fn init(&self, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut p = vec![0.0f32; self.num_params()];
+        let c = self.channels;
+        let std = 0.02f32;
+        let proj_std = std / ((2 * self.layers) as f32).sqrt();
+        normal(&mut rng, &mut p[..self.vocab * c], std);
+        normal(
+            &mut rng,
+            &mut p[self.wpe()..self.wpe() + self.max_seq * c],
+            std,
+        );
+        for l in 0..self.layers {
+            let b = self.block_params(l);
+            normal(&mut rng, &mut p[b.qkvw..b.qkvw + 3 * c * c], std);
+            normal(&mut rng, &mut p[b.attprojw..b.attprojw + c * c], proj_std);
+            normal(&mut rng, &mut p[b.fcw..b.fcw + 4 * c * c], std);
+            normal(&mut rng, &mut p[b.fcprojw..b.fcprojw + 4 * c * c], proj_std);
+            p[b.ln1..b.ln1 + c].fill(1.0);
+            p[b.ln2..b.ln2 + c].fill(1.0);
+        }
+        p[self.lnf()..self.lnf() + c].fill(1.0);
+        p
+    }
+}
+
+/// Normal samples (Box-Muller) with standard deviation `std`.
+fn normal(rng: &mut rand::rngs::StdRng, out: &mut [f32], std: f32) {
+    use rand::Rng;
+    for pair in out.chunks_mut(2) {
+        let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+        let u2: f64 = rng.random();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let th = 2.0 * std::f64::consts::PI * u2;
+        pair[0] = (r * th.cos()) as f32 * std;
+        if pair.len() > 1 {
+            pair[1] = (r * th.sin()) as f32 * std;
+        }
+    }
+}
+
+/// Offsets of one block's tensors in the flat parameter buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockParams {
+    /// QKV projection weight (3C x C).
+    pub qkvw: usize,
+    /// Attention output projection weight (C x C).
+    pub attprojw: usize,
+    /// MLP up-projection weight (4C x C).
+    pub fcw: usize,
+    /// MLP down-projection weight (C x 4C).
+    pub fcprojw: usize,
+    /// First layer norm (weight, then bias).
+    pub ln1: usize,
+    /// QKV bias.
+    pub qkvb: usize,
+    /// Attention output bias.
+    pub attprojb: usize,
+    /// Second layer norm (weight, then bias).
+    pub ln2: usize,
+    /// MLP up-projection bias.
+    pub fcb: usize,
+    /// MLP down-projection bias.
+    pub fcprojb: usize,
+}
+
+/// One block's saved activations.
+struct BlockActs<B: Backend> {
+    ln1: B::Buf,
+    ln1_mean: B::Buf,
+    ln1_rstd: B::Buf,
+    qkv: B::Buf,
+    qkvr: B::Buf,
+    att: B::Buf,
+    atty: B::Buf,
+    attproj: B::Buf,
+    residual2: B::Buf,
+    ln2: B::Buf,
+    ln2_mean: B::Buf,
+    ln2_rstd: B::Buf,
+    fch: B::Buf,
+    fch_gelu: B::Buf,
+    fcproj: B::Buf,
+    residual3: B::Buf,
+}
+
+/// Buffers for backward, reused by every block.
+struct Scratch<B: Backend> {
+    preatt: B::Buf,
+    vaccum: B::Buf,
+    dresidual: B::Buf,
+    dln: B::Buf,
+    datty: B::Buf,
+    dqkvr: B::Buf,
+    dqkv: B::Buf,
+    dfch: B::Buf,
+    dfch_gelu: B::Buf,
+    datt: B::Buf,
+    dpreatt: B::Buf,
+}
+
+/// A GPT with its parameters, gradients and activations on one backend, sized for batches of
+/// up to `batch` sequences of up to `seq` tokens.
+pub struct Gpt<B: Backend> {
+    /// The shape.
+    pub config: GptConfig,
+    /// Flat parameters.
+    pub params: B::Buf,
+    /// Flat gradients, the same layout.
+    pub grads: B::Buf,
+    batch: usize,
+    seq: usize,
+    encoded: B::Buf,
+    blocks: Vec<BlockActs<B>>,
+    lnf: B::Buf,
+    lnf_mean: B::Buf,
+    lnf_rstd: B::Buf,
+    logits: B::Buf,
+    losses: B::Buf,
+    ids: B::Ids,
+    targets: B::Ids,
+    scratch: Scratch<B>,
+    /// Shape of the last forward pass.
+    last: (usize, usize),
+}
+
+/// `out (n x oc) = inp (n x c) W^T + b`, W stored oc x c row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_fwd<B: Backend>(
+    be: &B,
+    out: &mut B::Buf,
+    inp: &B::Buf,
+    params: &B::Buf,
+    w: usize,
+    bias: Option<usize>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    let g = Gemm::single(Op::T, Op::N, oc, n, c, 0.0);
+    be.gemm(&g, (params, w), (inp, 0), (out, 0))?;
+    if let Some(b) = bias {
+        be.bias_fwd(out, params, b, n, oc)?;
+    }
+    Ok(())
+}
+
+/// Backward of [`matmul_fwd`]: overwrites `dinp`, accumulates the weight and bias gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bwd<B: Backend>(
+    be: &B,
+    dinp: &mut B::Buf,
+    grads: &mut B::Buf,
+    dw: usize,
+    dbias: Option<usize>,
+    dout: &B::Buf,
+    inp: &B::Buf,
+    params: &B::Buf,
+    w: usize,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    let gi = Gemm::single(Op::N, Op::N, c, n, oc, 0.0);
+    be.gemm(&gi, (params, w), (dout, 0), (dinp, 0))?;
+    let gw = Gemm::single(Op::N, Op::T, c, oc, n, 1.0);
+    be.gemm(&gw, (inp, 0), (dout, 0), (grads, dw))?;
+    if let Some(db) = dbias {
+        be.bias_bwd(grads, db, dout, n, oc)?;
+    }
+    Ok(())
+}
+
+/// Causal self-attention of `qkv` (b, t, 3C) into `out` (b, t, C), keeping the permuted
+/// q, k, v (`qkvr`) and the attention matrix (`att`) for backward.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd<B: Backend>(
+    be: &B,
+    out: &mut B::Buf,
+    qkvr: &mut B::Buf,
+    att: &mut B::Buf,
+    preatt: &mut B::Buf,
+    vaccum: &mut B::Buf,
+    qkv: &B::Buf,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Result<()> {
+    let btc = b * t * nh * hs;
+    be.permute_qkv(qkvr, qkv, b, t, nh, hs)?;
+    let (q, k, v) = (0, btc, 2 * btc);
+    let scores = Gemm {
+        ta: Op::T,
+        tb: Op::N,
+        m: t,
+        n: t,
+        k: hs,
+        alpha: 1.0,
+        lda: hs,
+        stride_a: t * hs,
+        ldb: hs,
+        stride_b: t * hs,
+        beta: 0.0,
+        ldc: t,
+        stride_c: t * t,
+        batch: b * nh,
+    };
+    be.gemm(&scores, (qkvr, k), (qkvr, q), (preatt, 0))?;
+    let scale = 1.0 / (hs as f32).sqrt();
+    be.softmax_causal_fwd(att, preatt, scale, b * nh, t)?;
+    let values = Gemm {
+        ta: Op::N,
+        tb: Op::N,
+        m: hs,
+        n: t,
+        k: t,
+        alpha: 1.0,
+        lda: hs,
+        stride_a: t * hs,
+        ldb: t,
+        stride_b: t * t,
+        beta: 0.0,
+        ldc: hs,
+        stride_c: t * hs,
+        batch: b * nh,
+    };
+    be.gemm(&values, (qkvr, v), (att, 0), (vaccum, 0))?;
+    be.unpermute(out, vaccum, b, t, nh, hs, true)
+}
+
+/// Backward of [`attention_fwd`]: overwrites `dqkv` from `dout`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd<B: Backend>(
+    be: &B,
+    dqkv: &mut B::Buf,
+    dqkvr: &mut B::Buf,
+    datt: &mut B::Buf,
+    dpreatt: &mut B::Buf,
+    dvaccum: &mut B::Buf,
+    dout: &B::Buf,
+    qkvr: &B::Buf,
+    att: &B::Buf,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Result<()> {
+    let btc = b * t * nh * hs;
+    let (q, k, v) = (0, btc, 2 * btc);
+    be.unpermute(dvaccum, dout, b, t, nh, hs, false)?;
+    let tt = |ta, tb, m, n, k, lda, sa, ldb, sb, ldc, sc| Gemm {
+        ta,
+        tb,
+        m,
+        n,
+        k,
+        alpha: 1.0,
+        lda,
+        stride_a: sa,
+        ldb,
+        stride_b: sb,
+        beta: 0.0,
+        ldc,
+        stride_c: sc,
+        batch: b * nh,
+    };
+    // datt = dy v^T
+    let g = tt(Op::T, Op::N, t, t, hs, hs, t * hs, hs, t * hs, t, t * t);
+    be.gemm(&g, (qkvr, v), (dvaccum, 0), (datt, 0))?;
+    // dv = att^T dy
+    let g = tt(Op::N, Op::T, hs, t, t, hs, t * hs, t, t * t, hs, t * hs);
+    be.gemm(&g, (dvaccum, 0), (att, 0), (dqkvr, v))?;
+    let scale = 1.0 / (hs as f32).sqrt();
+    be.softmax_causal_bwd(dpreatt, datt, att, scale, b * nh, t)?;
+    // dq = dpreatt k
+    let g = tt(Op::N, Op::N, hs, t, t, hs, t * hs, t, t * t, hs, t * hs);
+    be.gemm(&g, (qkvr, k), (dpreatt, 0), (dqkvr, q))?;
+    // dk = dpreatt^T q
+    let g = tt(Op::N, Op::T, hs, t, t, hs, t * hs, t, t * t, hs, t * hs);
+    be.gemm(&g, (qkvr, q), (dpreatt, 0), (dqkvr, k))?;
+    be.permute_qkv_bwd(dqkv, dqkvr, b, t, nh, hs)
+}
+
+impl<B: Backend> Gpt<B> {
+    /// A GPT on `be` with parameters `params` (from [`GptConfig::init`] or a checkpoint), with
+    /// room for `batch` sequences of `seq` tokens.
+    pub fn new(
+        be: &B,
+        config: GptConfig,
+        params: &[f32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self> {
+        if params.len() != config.num_params() {
+            return Err(EngineError::Config(format!(
+                "{} parameters given for a model of {}",
+                params.len(),
+                config.num_params()
+            )));
+        }
+        if seq > config.max_seq {
+            return Err(EngineError::Config(format!(
+                "sequence length {seq} exceeds contextLength {}",
+                config.max_seq
+            )));
+        }
+        let c = config.channels;
+        let nh = config.heads;
+        let bt = batch * seq;
+        let btc = bt * c;
+        let att = batch * nh * seq * seq;
+        let z = |n: usize| be.zeros(n);
+        let mut p = be.zeros(config.num_params())?;
+        be.upload(&mut p, params)?;
+        let mut blocks = Vec::with_capacity(config.layers);
+        for _ in 0..config.layers {
+            blocks.push(BlockActs {
+                ln1: z(btc)?,
+                ln1_mean: z(bt)?,
+                ln1_rstd: z(bt)?,
+                qkv: z(3 * btc)?,
+                qkvr: z(3 * btc)?,
+                att: z(att)?,
+                atty: z(btc)?,
+                attproj: z(btc)?,
+                residual2: z(btc)?,
+                ln2: z(btc)?,
+                ln2_mean: z(bt)?,
+                ln2_rstd: z(bt)?,
+                fch: z(4 * btc)?,
+                fch_gelu: z(4 * btc)?,
+                fcproj: z(btc)?,
+                residual3: z(btc)?,
+            });
+        }
+        Ok(Self {
+            config,
+            grads: be.zeros(config.num_params())?,
+            params: p,
+            batch,
+            seq,
+            encoded: z(btc)?,
+            blocks,
+            lnf: z(btc)?,
+            lnf_mean: z(bt)?,
+            lnf_rstd: z(bt)?,
+            logits: z(bt * config.padded_vocab)?,
+            losses: z(bt)?,
+            ids: be.ids(bt)?,
+            targets: be.ids(bt)?,
+            scratch: Scratch {
+                preatt: z(att)?,
+                vaccum: z(btc)?,
+                dresidual: z(btc)?,
+                dln: z(btc)?,
+                datty: z(btc)?,
+                dqkvr: z(3 * btc)?,
+                dqkv: z(3 * btc)?,
+                dfch: z(4 * btc)?,
+                dfch_gelu: z(4 * btc)?,
+                datt: z(att)?,
+                dpreatt: z(att)?,
+            },
+            last: (0, 0),
+        })
+    }
+
+    /// Largest batch and sequence length this model has room for.
+    pub fn capacity(&self) -> (usize, usize) {
+        (self.batch, self.seq)
+    }
+
+    /// Forward pass over `ids` (`b` sequences of `t` tokens); with `targets`, also the
+    /// per-token losses (see [`Gpt::mean_loss`]). `grad` also leaves the loss gradient, scaled
+    /// by `dloss` per token, in the logits for [`Gpt::backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &mut self,
+        be: &B,
+        ids: &[i32],
+        targets: Option<&[i32]>,
+        b: usize,
+        t: usize,
+        grad: Option<f32>,
+    ) -> Result<()> {
+        let cfg = self.config;
+        if b > self.batch || t > self.seq || ids.len() != b * t {
+            return Err(EngineError::Config(format!(
+                "a batch of {b} x {t} ({} ids) does not fit a model sized {} x {}",
+                ids.len(),
+                self.batch,
+                self.seq
+            )));
+        }
+        if let Some(bad) = ids
+            .iter()
+            .chain(targets.unwrap_or(&[]))
+            .find(|&&i| i < 0 || i as usize >= cfg.vocab)
+        {
+            return Err(EngineError::Config(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                cfg.vocab
+            )));
+        }
+        let (c, nh, hs) = (cfg.channels, cfg.heads, cfg.head_size());
+        let n = b * t;
+        be.upload_ids(&mut self.ids, ids)?;
+        be.encoder_fwd(
+            &mut self.encoded,
+            &self.ids,
+            &self.params,
+            cfg.wte(),
+            cfg.wpe(),
+            b,
+            t,
+            c,
+        )?;
+        let p = &self.params;
+        let s = &mut self.scratch;
+        for l in 0..cfg.layers {
+            let (done, rest) = self.blocks.split_at_mut(l);
+            let a = &mut rest[0];
+            let residual = if l == 0 {
+                &self.encoded
+            } else {
+                &done[l - 1].residual3
+            };
+            let w = cfg.block_params(l);
+            be.layernorm_fwd(
+                &mut a.ln1,
+                &mut a.ln1_mean,
+                &mut a.ln1_rstd,
+                residual,
+                p,
+                w.ln1,
+                n,
+                c,
+            )?;
+            matmul_fwd(be, &mut a.qkv, &a.ln1, p, w.qkvw, Some(w.qkvb), n, c, 3 * c)?;
+            attention_fwd(
+                be,
+                &mut a.atty,
+                &mut a.qkvr,
+                &mut a.att,
+                &mut s.preatt,
+                &mut s.vaccum,
+                &a.qkv,
+                b,
+                t,
+                nh,
+                hs,
+            )?;
+            matmul_fwd(
+                be,
+                &mut a.attproj,
+                &a.atty,
+                p,
+                w.attprojw,
+                Some(w.attprojb),
+                n,
+                c,
+                c,
+            )?;
+            be.add(&mut a.residual2, residual, &a.attproj, n * c)?;
+            be.layernorm_fwd(
+                &mut a.ln2,
+                &mut a.ln2_mean,
+                &mut a.ln2_rstd,
+                &a.residual2,
+                p,
+                w.ln2,
+                n,
+                c,
+            )?;
+            matmul_fwd(be, &mut a.fch, &a.ln2, p, w.fcw, Some(w.fcb), n, c, 4 * c)?;
+            be.gelu_fwd(&mut a.fch_gelu, &a.fch, n * 4 * c)?;
+            matmul_fwd(
+                be,
+                &mut a.fcproj,
+                &a.fch_gelu,
+                p,
+                w.fcprojw,
+                Some(w.fcprojb),
+                n,
+                4 * c,
+                c,
+            )?;
+            be.add(&mut a.residual3, &a.residual2, &a.fcproj, n * c)?;
+        }
+        let last = match self.blocks.last() {
+            Some(a) => &a.residual3,
+            None => &self.encoded,
+        };
+        be.layernorm_fwd(
+            &mut self.lnf,
+            &mut self.lnf_mean,
+            &mut self.lnf_rstd,
+            last,
+            p,
+            cfg.lnf(),
+            n,
+            c,
+        )?;
+        matmul_fwd(
+            be,
+            &mut self.logits,
+            &self.lnf,
+            p,
+            cfg.wte(),
+            None,
+            n,
+            c,
+            cfg.padded_vocab,
+        )?;
+        if let Some(targets) = targets {
+            be.upload_ids(&mut self.targets, targets)?;
+            be.crossentropy(
+                &mut self.losses,
+                &mut self.logits,
+                &self.targets,
+                n,
+                cfg.vocab,
+                cfg.padded_vocab,
+                grad.unwrap_or(0.0),
+                grad.is_some(),
+            )?;
+        }
+        self.last = (b, t);
+        Ok(())
+    }
+
+    /// Mean of the per-token losses of the last forward pass (waits for the device).
+    pub fn mean_loss(&self, be: &B) -> Result<f32> {
+        let (b, t) = self.last;
+        let l = be.download(&self.losses, 0, b * t)?;
+        Ok((l.iter().map(|x| f64::from(*x)).sum::<f64>() / (b * t) as f64) as f32)
+    }
+
+    /// Logits of the last forward pass without targets, row by row (`padded_vocab` wide).
+    pub fn logits(&self, be: &B) -> Result<Vec<f32>> {
+        let (b, t) = self.last;
+        be.download(&self.logits, 0, b * t * self.config.padded_vocab)
+    }
+
+    /// Zeroes the gradients (before the first micro-step of an optimizer step).
+    pub fn zero_grad(&mut self, be: &B) -> Result<()> {
+        be.fill_zero(&mut self.grads, 0, self.config.num_params())
+    }
+
+    /// Backward pass of the last forward pass (which had targets and `grad`): accumulates into
+    /// the gradients, calling `ready(from)` each time every gradient at offsets `from..` is
+    /// final (after the final norm, after each block from the last, after the embeddings).
+    pub fn backward(&mut self, be: &B, ready: &mut dyn FnMut(&B::Buf, usize)) -> Result<()> {
+        let cfg = self.config;
+        let (b, t) = self.last;
+        let (c, nh, hs) = (cfg.channels, cfg.heads, cfg.head_size());
+        let n = b * t;
+        let p = &self.params;
+        let g = &mut self.grads;
+        let s = &mut self.scratch;
+        // The logits hold dloss/dlogits; the classifier shares its weight with wte.
+        matmul_bwd(
+            be,
+            &mut s.dln,
+            g,
+            cfg.wte(),
+            None,
+            &self.logits,
+            &self.lnf,
+            p,
+            cfg.wte(),
+            n,
+            c,
+            cfg.padded_vocab,
+        )?;
+        let last = match self.blocks.last() {
+            Some(a) => &a.residual3,
+            None => &self.encoded,
+        };
+        be.fill_zero(&mut s.dresidual, 0, n * c)?;
+        be.layernorm_bwd(
+            &mut s.dresidual,
+            g,
+            cfg.lnf(),
+            &s.dln,
+            last,
+            p,
+            cfg.lnf(),
+            &self.lnf_mean,
+            &self.lnf_rstd,
+            n,
+            c,
+        )?;
+        ready(g, cfg.lnf());
+        for l in (0..cfg.layers).rev() {
+            let a = &self.blocks[l];
+            let residual = if l == 0 {
+                &self.encoded
+            } else {
+                &self.blocks[l - 1].residual3
+            };
+            let w = cfg.block_params(l);
+            // residual3 = residual2 + fcproj: dfcproj is dresidual.
+            matmul_bwd(
+                be,
+                &mut s.dfch_gelu,
+                g,
+                w.fcprojw,
+                Some(w.fcprojb),
+                &s.dresidual,
+                &a.fch_gelu,
+                p,
+                w.fcprojw,
+                n,
+                4 * c,
+                c,
+            )?;
+            be.gelu_bwd(&mut s.dfch, &a.fch, &s.dfch_gelu, n * 4 * c)?;
+            matmul_bwd(
+                be,
+                &mut s.dln,
+                g,
+                w.fcw,
+                Some(w.fcb),
+                &s.dfch,
+                &a.ln2,
+                p,
+                w.fcw,
+                n,
+                c,
+                4 * c,
+            )?;
+            be.layernorm_bwd(
+                &mut s.dresidual,
+                g,
+                w.ln2,
+                &s.dln,
+                &a.residual2,
+                p,
+                w.ln2,
+                &a.ln2_mean,
+                &a.ln2_rstd,
+                n,
+                c,
+            )?;
+            // residual2 = residual + attproj: dattproj is dresidual.
+            matmul_bwd(
+                be,
+                &mut s.datty,
+                g,
+                w.attprojw,
+                Some(w.attprojb),
+                &s.dresidual,
+                &a.atty,
+                p,
+                w.attprojw,
+                n,
+                c,
+                c,
+            )?;
+            attention_bwd(
+                be,
+                &mut s.dqkv,
+                &mut s.dqkvr,
+                &mut s.datt,
+                &mut s.dpreatt,
+                &mut s.vaccum,
+                &s.datty,
+                &a.qkvr,
+                &a.att,
+                b,
+                t,
+                nh,
+                hs,
+            )?;
+            matmul_bwd(
+                be,
+                &mut s.dln,
+                g,
+                w.qkvw,
+                Some(w.qkvb),
+                &s.dqkv,
+                &a.ln1,
+                p,
+                w.qkvw,
+                n,
+                c,
+                3 * c,
+            )?;
+            be.layernorm_bwd(
+                &mut s.dresidual,
+                g,
+                w.ln1,
+                &s.dln,
+                residual,
+                p,
+                w.ln1,
+                &a.ln1_mean,
+                &a.ln1_rstd,
+                n,
+                c,
+            )?;
+            ready(g, cfg.block(l));
+        }
+        be.encoder_bwd(g, cfg.wte(), cfg.wpe(), &s.dresidual, &self.ids, b, t, c)?;
+        ready(g, 0);
+        Ok(())
+    }
+}
+
+/// AdamW state on a backend, with the learning rate decided by the caller.
+pub struct Adam<B: Backend> {
+    /// First moments.
+    pub m: B::Buf,
+    /// Second moments.
+    pub v: B::Buf,
+    /// Updates taken so far.
+    pub t: i32,
+}
+
+impl<B: Backend> Adam<B> {
+    /// Zero moments for `n` parameters.
+    pub fn new(be: &B, n: usize) -> Result<Self> {
+        Ok(Self {
+            m: be.zeros(n)?,
+            v: be.zeros(n)?,
+            t: 0,
+        })
+    }
+
+    /// One update over `ranges` (see [`GptConfig::decay_ranges`]); clips the global gradient
+    /// norm to `clip` when above 0. Returns the gradient norm before clipping.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        be: &B,
+        params: &mut B::Buf,
+        grads: &B::Buf,
+        ranges: &[(usize, usize, bool)],
+        lr: f32,
+        betas: (f32, f32),
+        eps: f32,
+        weight_decay: f32,
+        clip: f32,
+    ) -> Result<f32> {
+        let total: usize = ranges.iter().map(|r| r.1).sum();
+        let norm = be.sum_squares(grads, 0, total)?.sqrt() as f32;
+        let grad_scale = if clip > 0.0 && norm > clip {
+            clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        self.t += 1;
+        for &(off, len, decays) in ranges {
+            let s = AdamStep {
+                lr,
+                beta1: betas.0,
+                beta2: betas.1,
+                eps,
+                weight_decay: if decays { weight_decay } else { 0.0 },
+                t: self.t,
+                grad_scale,
+            };
+            be.adamw(params, grads, &mut self.m, &mut self.v, off, len, &s)?;
+        }
+        Ok(norm)
+    }
+}
