@@ -3,7 +3,10 @@
 //! (`lockstep-worker bench`).
 
 pub mod bench;
+pub mod checkpoint;
 pub mod comm;
+pub mod data;
+pub mod ddp;
 pub mod engine;
 pub mod local;
 pub mod metrics;

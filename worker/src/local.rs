@@ -152,6 +152,12 @@ pub async fn run(opts: LocalOptions) -> Result<i32> {
     );
     bar.enable_steady_tick(Duration::from_millis(200));
 
+    // The ranks share this machine's cores: each gets its share for the CPU engine's threads,
+    // unless RAYON_NUM_THREADS says otherwise.
+    let rayon_threads = std::env::var_os("RAYON_NUM_THREADS").is_none().then(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / world as usize).max(1).to_string()
+    });
     let mut children: Vec<(u32, Child)> = Vec::new();
     for rank in 0..world {
         let contract = env::RankEnv {
@@ -172,6 +178,11 @@ pub async fn run(opts: LocalOptions) -> Result<i32> {
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .envs(contract.pairs())
+            .envs(
+                rayon_threads
+                    .as_ref()
+                    .map(|n| ("RAYON_NUM_THREADS", n.clone())),
+            )
             .env(env::TOKEN, &token)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry,
-    TextEncoder,
+    Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric of the worker.
@@ -35,6 +35,10 @@ pub struct Metrics {
     pub busbw: Gauge,
     /// Share of communication time hidden behind computation (0 to 1).
     pub comm_hidden_ratio: Gauge,
+    /// Gradient communication time, summed over buckets.
+    pub comm_seconds: Counter,
+    /// Gradient communication time not hidden behind backward (the step waited for it).
+    pub comm_exposed_seconds: Counter,
     /// GPU utilization (0 to 1), by GPU index.
     pub gpu_utilization: GaugeVec,
     /// GPU memory in use, by GPU index.
@@ -157,6 +161,22 @@ impl Metrics {
                     "Share of communication time hidden behind computation (0 to 1).",
                 )
                 .expect("gauge"),
+            ),
+            comm_seconds: reg(
+                r,
+                Counter::new(
+                    "lockstep_worker_comm_seconds_total",
+                    "Gradient all-reduce time, summed over buckets.",
+                )
+                .expect("counter"),
+            ),
+            comm_exposed_seconds: reg(
+                r,
+                Counter::new(
+                    "lockstep_worker_comm_exposed_seconds_total",
+                    "Gradient all-reduce time the step waited for after backward (not overlapped).",
+                )
+                .expect("counter"),
             ),
             gpu_utilization: gpu(
                 "lockstep_worker_gpu_utilization_ratio",

@@ -72,45 +72,6 @@ fn nccl_id(config: &WorkerConfig) -> Vec<u8> {
     Vec::new()
 }
 
-/// Joins the gang's NCCL communicator with the id from the rendezvous and checks it with one
-/// all-reduce; returns the device used. The CPU trainer still reduces over TCP: the CUDA engine
-/// (the engine issue) will keep this communicator and reduce its gradient buckets through it.
-#[cfg(feature = "cuda")]
-fn check_nccl(rank: usize, world: usize, id: &[u8]) -> Result<usize, String> {
-    use crate::comm::{Communicator, ReduceOp, nccl};
-    if !nccl::available() {
-        return Err(
-            "rank 0 chose NCCL, but this rank cannot load the CUDA driver or libnccl.so".into(),
-        );
-    }
-    let e = |e: cudarc::driver::DriverError| format!("{e:?}");
-    let devices = cudarc::driver::CudaContext::device_count().map_err(e)? as usize;
-    if devices == 0 {
-        return Err("no CUDA device is visible".into());
-    }
-    // One GPU per pod (device 0); several ranks on one machine (local mode) share them in turn.
-    let device = rank % devices;
-    let ctx = cudarc::driver::CudaContext::new(device).map_err(e)?;
-    let stream = ctx.default_stream();
-    let mut comm =
-        nccl::NcclComm::new(stream.clone(), rank, world, id).map_err(|e| e.to_string())?;
-    let mut one = stream.clone_htod(&[1.0f32]).map_err(e)?;
-    comm.all_reduce(&mut one, ReduceOp::Sum)
-        .map_err(|e| e.to_string())?;
-    let got = stream.clone_dtoh(&one).map_err(e)?;
-    if got != [world as f32] {
-        return Err(format!(
-            "a check all-reduce over {world} ranks gave {got:?}"
-        ));
-    }
-    Ok(device)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn check_nccl(_rank: usize, _world: usize, _id: &[u8]) -> Result<usize, String> {
-    Err("rank 0 chose NCCL, but this build has no CUDA support (the cuda feature)".into())
-}
-
 /// Runs this process as one rank; returns its exit code.
 pub fn run(opts: RunOptions) -> ExitCode {
     let contract = match env::RankEnv::from_lookup(|n| std::env::var(n).ok()) {
@@ -223,20 +184,7 @@ async fn run_rank(
         attempt = contract.attempt,
         "gang formed"
     );
-    let id = session.world().nccl_id.clone();
-    if !id.is_empty() {
-        let (r, w) = (rank as usize, contract.world_size as usize);
-        let checked = tokio::task::spawn_blocking(move || check_nccl(r, w, &id)).await;
-        match checked {
-            Ok(Ok(device)) => tracing::info!(
-                rank,
-                device,
-                "NCCL communicator ready (from the rendezvous id)"
-            ),
-            Ok(Err(e)) => return fail(ExitCode::Communication, &format!("NCCL: {e}")),
-            Err(e) => return fail(ExitCode::Internal, &format!("NCCL set-up panicked: {e}")),
-        }
-    }
+    let nccl_id = session.world().nccl_id.clone();
     let comm = match TcpComm::new(
         rank as usize,
         addrs,
@@ -294,9 +242,15 @@ async fn run_rank(
 
     let session = std::sync::Arc::new(session);
     let steps = std::sync::Arc::clone(&session);
+    let checkpoint_dir = contract.checkpoint_dir.clone();
     let work = tokio::task::spawn_blocking(move || {
         let mut comm = comm;
-        train::run(&config, &mut comm, &metrics, &|s| steps.set_step(s))
+        let inputs = train::RunInputs {
+            checkpoint_dir: Some(std::path::PathBuf::from(&checkpoint_dir)),
+            nccl_id,
+            on_step: &|s| steps.set_step(s),
+        };
+        train::run(&config, &mut comm, &metrics, &inputs)
     })
     .await;
     let result = work.unwrap_or_else(|e| {
@@ -312,6 +266,8 @@ async fn run_rank(
                 steps = summary.steps,
                 loss = summary.loss,
                 eval_accuracy = summary.eval_accuracy,
+                val_loss = summary.val_loss,
+                resumed_from = summary.resumed_from,
                 params_digest = format!("{:016x}", summary.params_digest),
                 "training finished"
             );

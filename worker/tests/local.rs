@@ -67,6 +67,18 @@ spec:
     )
 }
 
+/// Stops a launcher (and so its ranks) when a test fails before it has ended.
+struct StopOnDrop(u32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let start = line.find(&format!("{key}="))? + key.len() + 1;
     let rest = &line[start..];
@@ -147,6 +159,7 @@ fn killing_a_rank_mid_training_stops_the_gang_within_5_seconds_and_names_it() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start local");
+    let _stop = StopOnDrop(child.id());
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -159,7 +172,7 @@ fn killing_a_rank_mid_training_stops_the_gang_within_5_seconds_and_names_it() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while log
         .iter()
-        .filter(|l: &&String| l.contains("training an MLP"))
+        .filter(|l: &&String| l.contains("training") && l.contains("model=mlp"))
         .count()
         < 4
     {

@@ -70,6 +70,22 @@ impl NcclComm {
         self.comm.context()
     }
 
+    /// All-reduces a view (a range of a larger buffer, such as a gradient bucket) in place on
+    /// the communicator's stream.
+    pub fn all_reduce_view(
+        &mut self,
+        view: &mut cudarc::driver::CudaViewMut<'_, f32>,
+        o: ReduceOp,
+    ) -> Result<()> {
+        if view.is_empty() {
+            return Ok(());
+        }
+        self.comm
+            .all_reduce_in_place(view, &op(o))
+            .map(|_| ())
+            .map_err(nccl_err)
+    }
+
     /// Waits until every queued collective has finished.
     pub fn synchronize(&self) -> Result<()> {
         self.comm.stream().synchronize().map_err(nccl_err)

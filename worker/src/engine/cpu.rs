@@ -108,8 +108,8 @@ impl Backend for Cpu {
         Ok(vec![0.0; n])
     }
 
-    fn upload(&self, dst: &mut Vec<f32>, src: &[f32]) -> Result<()> {
-        dst[..src.len()].copy_from_slice(src);
+    fn upload_at(&self, dst: &mut Vec<f32>, off: usize, src: &[f32]) -> Result<()> {
+        dst[off..off + src.len()].copy_from_slice(src);
         Ok(())
     }
 
@@ -352,6 +352,29 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn relu_fwd(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize) -> Result<()> {
+        out[..n]
+            .par_iter_mut()
+            .zip(&inp[..n])
+            .for_each(|(o, &x)| *o = x.max(0.0));
+        Ok(())
+    }
+
+    fn relu_bwd(
+        &self,
+        dinp: &mut Vec<f32>,
+        out: &Vec<f32>,
+        dout: &Vec<f32>,
+        n: usize,
+    ) -> Result<()> {
+        dinp[..n]
+            .par_iter_mut()
+            .zip(&out[..n])
+            .zip(&dout[..n])
+            .for_each(|((di, &o), &d)| *di = if o > 0.0 { d } else { 0.0 });
+        Ok(())
+    }
+
     fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, n: usize) -> Result<()> {
         out[..n]
             .par_iter_mut()
@@ -525,10 +548,12 @@ impl Backend for Cpu {
     }
 
     fn sum_squares(&self, buf: &Vec<f32>, off: usize, len: usize) -> Result<f64> {
-        Ok(buf[off..off + len]
+        // Per-chunk sums in parallel, then added in order: the same result on every run.
+        let parts: Vec<f64> = buf[off..off + len]
             .par_chunks(4096)
             .map(|c| c.iter().map(|g| f64::from(*g) * f64::from(*g)).sum::<f64>())
-            .sum())
+            .collect();
+        Ok(parts.iter().sum())
     }
 
     fn adamw(

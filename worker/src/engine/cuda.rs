@@ -18,7 +18,9 @@ use cudarc::driver::{
 use super::{AdamStep, At, Backend, EngineError, Gemm, Op, Result};
 
 const SOURCE: &str = include_str!("kernels.cu");
-const KERNELS: [&str; 17] = [
+const KERNELS: [&str; 19] = [
+    "relu_fwd",
+    "relu_bwd",
     "encoder_fwd",
     "encoder_bwd",
     "layernorm_fwd",
@@ -247,9 +249,9 @@ impl Backend for Cuda {
             .map_err(dev("allocating device memory"))
     }
 
-    fn upload(&self, dst: &mut CudaSlice<f32>, src: &[f32]) -> Result<()> {
+    fn upload_at(&self, dst: &mut CudaSlice<f32>, off: usize, src: &[f32]) -> Result<()> {
         self.stream
-            .memcpy_htod(src, &mut dst.slice_mut(0..src.len()))
+            .memcpy_htod(src, &mut dst.slice_mut(off..off + src.len()))
             .map_err(dev("copying to the device"))
     }
 
@@ -522,6 +524,31 @@ impl Backend for Cuda {
             l(n),
         ];
         self.elementwise("gelu_bwd", n, &args)
+    }
+
+    fn relu_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize) -> Result<()> {
+        let args = [
+            Arg::Ptr(self.ptr(out, 0, n)),
+            Arg::Ptr(self.ptr(inp, 0, n)),
+            l(n),
+        ];
+        self.elementwise("relu_fwd", n, &args)
+    }
+
+    fn relu_bwd(
+        &self,
+        dinp: &mut Self::Buf,
+        out: &Self::Buf,
+        dout: &Self::Buf,
+        n: usize,
+    ) -> Result<()> {
+        let args = [
+            Arg::Ptr(self.ptr(dinp, 0, n)),
+            Arg::Ptr(self.ptr(out, 0, n)),
+            Arg::Ptr(self.ptr(dout, 0, n)),
+            l(n),
+        ];
+        self.elementwise("relu_bwd", n, &args)
     }
 
     fn add(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, n: usize) -> Result<()> {

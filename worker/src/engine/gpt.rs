@@ -712,7 +712,7 @@ impl<B: Backend> Gpt<B> {
     /// Backward pass of the last forward pass (which had targets and `grad`): accumulates into
     /// the gradients, calling `ready(from)` each time every gradient at offsets `from..` is
     /// final (after the final norm, after each block from the last, after the embeddings).
-    pub fn backward(&mut self, be: &B, ready: &mut dyn FnMut(&B::Buf, usize)) -> Result<()> {
+    pub fn backward(&mut self, be: &B, ready: &mut dyn FnMut(&mut B::Buf, usize)) -> Result<()> {
         let cfg = self.config;
         let (b, t) = self.last;
         let (c, nh, hs) = (cfg.channels, cfg.heads, cfg.head_size());

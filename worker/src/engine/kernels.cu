@@ -134,6 +134,18 @@ extern "C" __global__ void gelu_bwd(float* dinp, const float* inp, const float* 
     dinp[i] = g * dout[i];
 }
 
+extern "C" __global__ void relu_fwd(float* out, const float* inp, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out[i] = fmaxf(inp[i], 0.0f);
+}
+
+extern "C" __global__ void relu_bwd(float* dinp, const float* out, const float* dout, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    dinp[i] = out[i] > 0.0f ? dout[i] : 0.0f;
+}
+
 extern "C" __global__ void add(float* out, const float* a, const float* b, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;

@@ -18,6 +18,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gpt;
+pub mod mlp;
 
 /// An engine failure: a device error, or a shape the engine cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +150,11 @@ pub trait Backend {
     /// A zero-filled buffer of `n` floats.
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
     /// Copies `src` into the start of `dst`.
-    fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
+    fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()> {
+        self.upload_at(dst, 0, src)
+    }
+    /// Copies `src` into `dst` from element `off`.
+    fn upload_at(&self, dst: &mut Self::Buf, off: usize, src: &[f32]) -> Result<()>;
     /// Copies `len` floats from `src` at `off` to the host.
     fn download(&self, src: &Self::Buf, off: usize, len: usize) -> Result<Vec<f32>>;
     /// A zero-filled id buffer of `n` ids.
@@ -252,6 +257,16 @@ pub trait Backend {
         &self,
         dinp: &mut Self::Buf,
         inp: &Self::Buf,
+        dout: &Self::Buf,
+        n: usize,
+    ) -> Result<()>;
+    /// `out = max(inp, 0)` over `n` values.
+    fn relu_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize) -> Result<()>;
+    /// `dinp = dout` where the ReLU's output `out` is positive, else 0.
+    fn relu_bwd(
+        &self,
+        dinp: &mut Self::Buf,
+        out: &Self::Buf,
         dout: &Self::Buf,
         n: usize,
     ) -> Result<()>;
