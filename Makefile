@@ -69,6 +69,11 @@ bench-allreduce: ## all-reduce benchmark of the TCP ring, 2 and 4 ranks, 1 KiB t
 	$(CARGO) build --release --locked -q -p lockstep-worker
 	for n in 2 4; do $(CARGO_TARGET_DIR)/release/lockstep-worker bench allreduce --ranks $$n --sizes 1K:256M; done
 
+.PHONY: bench-engine
+bench-engine: ## engine on the CPU: GPT tokens/s on 1 rank; 2-rank comm, exposed comm and overlap
+	$(CARGO) build --release --locked -q -p lockstep-worker
+	bench/engine-cpu.sh
+
 .PHONY: bench-operator
 bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the API floor
 	bench/operator/run.sh

@@ -202,7 +202,7 @@ fn default_tgn_heads() -> i32 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Data {
-    /// Digits (CSV of 64 pixels and a label; last 20% held out), Text (a UTF-8 file trained on
+    /// Digits (CSV of 64 pixels and a label; every fifth row held out), Text (a UTF-8 file trained on
     /// as characters; last 10% held out) or TemporalGraph (timestamped edges, `src dst t` lines
     /// or JODIE CSV; chronological 70/15/15 split).
     pub kind: DataKind,

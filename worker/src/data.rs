@@ -1,6 +1,7 @@
 //! The built-in data sets and the distributed sampler.
 //!
-//! - [`Digits`]: 8x8 hand-written digits (CSV of 64 pixels and a label); the last 20% is held out.
+//! - [`Digits`]: 8x8 hand-written digits (CSV of 64 pixels and a label); every fifth row
+//!   (rows 4, 9, 14, ...) is held out, so both parts mix every writer.
 //! - [`Text`]: a UTF-8 text modelled character by character; the vocabulary is the sorted set of
 //!   its characters; the last 10% is held out.
 //! - [`Sampler`]: each epoch a permutation of the training samples drawn from the seed; each
@@ -90,9 +91,19 @@ impl Digits {
         self.y.is_empty()
     }
 
-    /// Samples used for training (the first 80%).
-    pub fn train_len(&self) -> usize {
-        self.len() - self.len() / 5
+    /// Whether row `i` is held out for evaluation (every fifth row).
+    pub fn is_test(i: usize) -> bool {
+        i % 5 == 4
+    }
+
+    /// Rows used for training.
+    pub fn train_rows(&self) -> Vec<usize> {
+        (0..self.len()).filter(|&i| !Self::is_test(i)).collect()
+    }
+
+    /// Rows held out for evaluation.
+    pub fn test_rows(&self) -> Vec<usize> {
+        (0..self.len()).filter(|&i| Self::is_test(i)).collect()
     }
 }
 

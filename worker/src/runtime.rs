@@ -268,6 +268,11 @@ async fn run_rank(
                 eval_accuracy = summary.eval_accuracy,
                 val_loss = summary.val_loss,
                 resumed_from = summary.resumed_from,
+                train_s = summary.train_seconds,
+                tokens_per_s = summary.tokens as f64 / summary.train_seconds.max(1e-9),
+                comm_s = summary.comm.comm.as_secs_f64(),
+                exposed_comm_s = summary.comm.exposed.as_secs_f64(),
+                overlap = summary.comm.overlap_ratio(),
                 params_digest = format!("{:016x}", summary.params_digest),
                 "training finished"
             );

@@ -69,7 +69,12 @@ impl From<EngineError> for WorkError {
 
 impl From<CheckpointError> for WorkError {
     fn from(e: CheckpointError) -> Self {
-        Self::new(ExitCode::Config, e.to_string())
+        let code = match e {
+            CheckpointError::Refused { .. } => ExitCode::Checkpoint,
+            // A full or unmounted volume: the job may succeed once it is fixed.
+            CheckpointError::Io { .. } => ExitCode::Internal,
+        };
+        Self::new(code, e.to_string())
     }
 }
 
@@ -88,6 +93,12 @@ pub struct Summary {
     pub resumed_from: Option<u64>,
     /// Digest of the final parameters (equal on every rank).
     pub params_digest: u64,
+    /// Seconds of training steps in this run (evaluation and checkpoints excluded).
+    pub train_seconds: f64,
+    /// Tokens trained on by this rank in this run.
+    pub tokens: u64,
+    /// Gradient communication of this run, summed over steps.
+    pub comm: SyncStats,
 }
 
 /// What the runtime hands the training loop besides the config and the communicator.
@@ -157,6 +168,7 @@ pub trait Task<B: Backend> {
 /// The MLP on the digits.
 struct DigitsTask<B: Backend> {
     data: Digits,
+    train_rows: Vec<usize>,
     model: Mlp<B>,
     eval_batch: usize,
     x: Vec<f32>,
@@ -175,7 +187,7 @@ impl<B: Backend> Task<B> for DigitsTask<B> {
         format!("mlp {}", sizes.join("-"))
     }
     fn samples(&self) -> usize {
-        self.data.train_len()
+        self.train_rows.len()
     }
     fn tokens_per_sample(&self) -> usize {
         0
@@ -209,7 +221,7 @@ impl<B: Backend> Task<B> for DigitsTask<B> {
         const F: usize = Digits::FEATURES;
         self.x.clear();
         self.y.clear();
-        for &i in idx {
+        for &i in idx.iter().map(|&s| &self.train_rows[s]) {
             self.x.extend_from_slice(&self.data.x[i * F..(i + 1) * F]);
             self.y.push(i32::from(self.data.y[i]));
         }
@@ -221,7 +233,7 @@ impl<B: Backend> Task<B> for DigitsTask<B> {
     }
     fn evaluate(&mut self, be: &B, max_batches: Option<usize>) -> Result<f32, WorkError> {
         const F: usize = Digits::FEATURES;
-        let rows: Vec<usize> = (self.data.train_len()..self.data.len()).collect();
+        let rows = self.data.test_rows();
         let mut correct = 0usize;
         let mut seen = 0usize;
         let k = Digits::CLASSES;
@@ -438,6 +450,7 @@ fn dispatch<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
             let init = vec![0.0; config.num_params()];
             let model = Mlp::new(be, config, &init, batch.max(eval_batch))?;
             let mut task = DigitsTask {
+                train_rows: data.train_rows(),
                 data,
                 model,
                 eval_batch,
@@ -540,11 +553,14 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
         let d = dir.as_ref().expect("rank 0 found a checkpoint in it");
         let path = d.join(checkpoint::file_name(resume));
         let state = checkpoint::load(&path, &model, n).map_err(|e| {
-            config_error(format!(
-                "rank {rank}: {e} (every rank reads the checkpoint rank 0 chose: mount the \
+            WorkError::new(
+                ExitCode::Checkpoint,
+                format!(
+                    "rank {rank}: {e} (every rank reads the checkpoint rank 0 chose: mount the \
                  same storage at {} on every worker)",
-                d.display()
-            ))
+                    d.display()
+                ),
+            )
         })?;
         if state.seed != seed {
             tracing::warn!(
@@ -590,6 +606,7 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
         "training"
     );
     let (mut loss_mean, mut eval) = (f32::NAN, None);
+    let (mut train_seconds, mut tokens, mut comm_total) = (0.0f64, 0u64, SyncStats::default());
     for step in start..total {
         let started = Instant::now();
         let epoch = sampler.epoch_of(step);
@@ -656,6 +673,12 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
             ));
         }
         let secs = started.elapsed().as_secs_f64().max(1e-9);
+        train_seconds += secs;
+        tokens += (batch * accum * task.tokens_per_sample()) as u64;
+        comm_total.bytes += stats.bytes;
+        comm_total.buckets += stats.buckets;
+        comm_total.comm += stats.comm;
+        comm_total.exposed += stats.exposed;
         metrics.step.set(step as i64 + 1);
         metrics.step_seconds.observe(secs);
         metrics.loss.set(f64::from(loss_mean));
@@ -723,6 +746,9 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
         val_loss,
         resumed_from,
         params_digest: lockstep_api::config::fnv1a64(bytemuck::cast_slice(&params)),
+        train_seconds,
+        tokens,
+        comm: comm_total,
     })
 }
 

@@ -490,3 +490,29 @@ fn cuda_kernels_compile_with_nvrtc() {
         Err(e) => panic!("{e}"),
     }
 }
+
+#[test]
+fn the_mlp_gradient_matches_finite_differences_and_reports_layers_last_first() {
+    use lockstep_worker::engine::mlp::{Mlp, MlpConfig};
+    let be = Cpu;
+    let cfg = MlpConfig::new(vec![5, 7, 4, 3]).expect("a valid config");
+    let b = 4;
+    let x = rnd(b * 5, 20, 1.0);
+    let y = vec![0, 2, 1, 2];
+    let params = cfg.init(9);
+    let mut m = Mlp::new(&be, cfg.clone(), &params, b).unwrap();
+    m.zero_grad(&be).unwrap();
+    m.forward(&be, &x, Some(&y), b, Some(1.0 / b as f32))
+        .unwrap();
+    let mut ready = Vec::new();
+    m.backward(&be, &mut |_, from| ready.push(from)).unwrap();
+    assert_eq!(ready, vec![cfg.layer(2).0, cfg.layer(1).0, 0]);
+    let grads = m.grads.clone();
+    let mut probe = Mlp::new(&be, cfg.clone(), &params, b).unwrap();
+    // A small step, so that no ReLU input crosses zero between the two evaluations.
+    check_grad("mlp", &params, &grads, 200, 1e-3, 5e-3, &mut |p| {
+        probe.params.copy_from_slice(p);
+        probe.forward(&be, &x, Some(&y), b, None).unwrap();
+        f64::from(probe.mean_loss(&be).unwrap())
+    });
+}
