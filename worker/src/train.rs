@@ -392,6 +392,11 @@ fn run_cuda<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
     // One GPU per pod (device 0); ranks of one machine (local mode) take them in turn.
     let device = comm.rank() % devices as usize;
     let tf32 = cfg.training.precision != Precision::Fp32;
+    if cfg.training.precision == Precision::Bf16 {
+        tracing::warn!(
+            "precision Bf16 is not built yet: training in FP32 with TF32 GEMMs (the closest)"
+        );
+    }
     let be = crate::engine::cuda::Cuda::new(device, tf32)?;
     tracing::info!(backend = %be.name(), device, "training on the GPU");
     if inputs.nccl_id.is_empty() {
