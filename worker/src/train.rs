@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use lockstep_api::config::WorkerConfig;
 use lockstep_api::contract::ExitCode;
-use lockstep_api::training::{DataKind, LrSchedule, Model, Optimizer, Precision, Workload};
+use lockstep_api::training::{DataKind, LrSchedule, Model, Optimizer, Workload};
 
 use crate::checkpoint::{self, CheckpointError};
 use crate::comm::{CommError, Communicator, ReduceOp};
@@ -391,8 +391,8 @@ fn run_cuda<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
     }
     // One GPU per pod (device 0); ranks of one machine (local mode) take them in turn.
     let device = comm.rank() % devices as usize;
-    let tf32 = cfg.training.precision != Precision::Fp32;
-    if cfg.training.precision == Precision::Bf16 {
+    let tf32 = cfg.training.precision != lockstep_api::training::Precision::Fp32;
+    if cfg.training.precision == lockstep_api::training::Precision::Bf16 {
         tracing::warn!(
             "precision Bf16 is not built yet: training in FP32 with TF32 GEMMs (the closest)"
         );
