@@ -516,3 +516,85 @@ fn the_mlp_gradient_matches_finite_differences_and_reports_layers_last_first() {
         f64::from(probe.mean_loss(&be).unwrap())
     });
 }
+
+#[test]
+fn blocked_causal_attention_matches_a_direct_computation_and_finite_differences() {
+    let be = Cpu;
+    // t = 128: the attention runs as four causal blocks.
+    let (b, t, nh, hs) = (1, 128, 2, 4);
+    let c = nh * hs;
+    let qkv = rnd(b * t * 3 * c, 21, 1.0);
+    let att_n = b * nh * t * t;
+    let fwd = |qkv: &[f32]| {
+        let mut out = vec![0.0; b * t * c];
+        let (mut qkvr, mut att, mut pre, mut vacc) = (
+            vec![0.0; 3 * b * t * c],
+            vec![0.0; att_n],
+            vec![0.0; att_n],
+            vec![0.0; b * t * c],
+        );
+        gpt::attention_fwd(
+            &be,
+            &mut out,
+            &mut qkvr,
+            &mut att,
+            &mut pre,
+            &mut vacc,
+            &qkv.to_vec(),
+            b,
+            t,
+            nh,
+            hs,
+        )
+        .unwrap();
+        (out, qkvr, att)
+    };
+    let (out, qkvr, att) = fwd(&qkv);
+    // Direct: for each head and query, softmax over the keys up to it, then the weighted values.
+    let at = |ti: usize, which: usize, h: usize, d: usize| qkv[ti * 3 * c + which * c + h * hs + d];
+    for h in 0..nh {
+        for t1 in 0..t {
+            let s: Vec<f32> = (0..=t1)
+                .map(|t2| {
+                    (0..hs)
+                        .map(|d| at(t1, 0, h, d) * at(t2, 1, h, d))
+                        .sum::<f32>()
+                        / 2.0
+                })
+                .collect();
+            let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = s.iter().map(|x| (x - mx).exp()).sum();
+            for d in 0..hs {
+                let y: f32 = (0..=t1)
+                    .map(|t2| (s[t2] - mx).exp() / z * at(t2, 2, h, d))
+                    .sum();
+                let got = out[t1 * c + h * hs + d];
+                assert!(
+                    (got - y).abs() < 1e-5,
+                    "head {h} query {t1} channel {d}: {got} vs {y}"
+                );
+            }
+        }
+    }
+    let r = rnd(b * t * c, 22, 1.0);
+    let mut dqkv = vec![0.0; 3 * b * t * c];
+    let (mut dqkvr, mut datt, mut dpre, mut dvacc) = (
+        vec![0.0; 3 * b * t * c],
+        vec![0.0; att_n],
+        vec![0.0; att_n],
+        vec![0.0; b * t * c],
+    );
+    gpt::attention_bwd(
+        &be, &mut dqkv, &mut dqkvr, &mut datt, &mut dpre, &mut dvacc, &r, &qkvr, &att, b, t, nh, hs,
+    )
+    .unwrap();
+    check_grad(
+        "blocked attention",
+        &qkv,
+        &dqkv,
+        150,
+        1e-2,
+        2e-3,
+        &mut |x| dot(&fwd(x).0, &r),
+    );
+}

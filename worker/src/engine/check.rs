@@ -50,7 +50,8 @@ impl Default for CheckShape {
     fn default() -> Self {
         Self {
             b: 4,
-            t: 64,
+            // At least 128, so that attention runs in causal blocks.
+            t: 128,
             nh: 4,
             hs: 32,
             v: 1000,
