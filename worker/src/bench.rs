@@ -391,19 +391,26 @@ pub struct GptBench {
     pub tf32: bool,
     /// Peak FLOP/s of the device, for MFU (0: not reported).
     pub peak: f64,
+    /// Also print the device time of each primitive.
+    pub profile: bool,
 }
 
 /// Prints GPT training throughput on `device`.
 #[allow(clippy::print_stdout)] // the benchmark's output
 pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
-    use crate::engine::check::gpt_throughput;
+    use crate::engine::check::{gpt_profile, gpt_throughput};
     let c = &g.config;
-    let (name, t) = match device {
+    let (name, t, prof) = match device {
         Device::Cpu => {
             let be = crate::engine::cpu::Cpu;
             (
                 crate::engine::Backend::name(&be),
                 gpt_throughput(&be, *c, g.batch, g.seq, g.warmup, g.steps)?,
+                if g.profile {
+                    gpt_profile(&be, *c, g.batch, g.seq, 3)?
+                } else {
+                    Vec::new()
+                },
             )
         }
         #[cfg(feature = "cuda")]
@@ -412,6 +419,11 @@ pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
             (
                 crate::engine::Backend::name(&be),
                 gpt_throughput(&be, *c, g.batch, g.seq, g.warmup, g.steps)?,
+                if g.profile {
+                    gpt_profile(&be, *c, g.batch, g.seq, 3)?
+                } else {
+                    Vec::new()
+                },
             )
         }
         #[cfg(not(feature = "cuda"))]
@@ -443,6 +455,21 @@ pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
         t.loss.0,
         t.loss.1
     );
+    if g.profile {
+        let total: f64 = prof.iter().map(|p| p.1).sum();
+        println!("# device time per step by primitive (each call synchronised; mean of 3 steps)");
+        println!(
+            "{:<28} {:>10} {:>7} {:>8}",
+            "primitive", "ms/step", "share", "calls"
+        );
+        for (name, ms, calls) in &prof {
+            println!(
+                "{name:<28} {ms:>10.2} {:>6.1}% {calls:>8.0}",
+                100.0 * ms / total.max(1e-12)
+            );
+        }
+        println!("{:<28} {total:>10.2}", "total");
+    }
     Ok(())
 }
 

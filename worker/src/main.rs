@@ -104,6 +104,9 @@ enum BenchCmd {
         /// Peak FLOP/s for MFU, in TFLOP/s (H100 SXM dense TF32: 494.7).
         #[arg(long, default_value_t = 0.0)]
         peak_tflops: f64,
+        /// Also print the device time of each primitive (3 more steps, each call synchronised).
+        #[arg(long)]
+        profile: bool,
     },
     /// The CUDA backend against the CPU reference, primitive by primitive and on GPT steps.
     EngineCheck {
@@ -202,6 +205,7 @@ fn main() -> ProcessExit {
                     steps,
                     no_tf32,
                     peak_tflops,
+                    profile,
                 },
         } => bench_exit((|| {
             let config =
@@ -216,6 +220,7 @@ fn main() -> ProcessExit {
                     steps,
                     tf32: !no_tf32,
                     peak: peak_tflops * 1e12,
+                    profile,
                 },
             )
         })()),

@@ -328,6 +328,9 @@ pub fn gpt_throughput<B: Backend>(
     warmup: usize,
     steps: usize,
 ) -> Result<Throughput> {
+    if steps == 0 {
+        return Err(super::EngineError::Config("time at least one step".into()));
+    }
     let mut r = rand::rngs::StdRng::seed_from_u64(3);
     let ids: Vec<i32> = (0..b * t + 1)
         .map(|_| r.random_range(0..cfg.vocab as i32))
@@ -375,4 +378,24 @@ pub fn gpt_throughput<B: Backend>(
         flops: tps * cfg.flops_per_token(t),
         loss: (losses[0], *losses.last().unwrap_or(&f32::NAN)),
     })
+}
+
+/// Device time per primitive of one GPT training step (mean of `steps` after one untimed),
+/// longest first: (primitive, milliseconds per step, calls per step).
+pub fn gpt_profile<B: Backend>(
+    be: &B,
+    cfg: GptConfig,
+    b: usize,
+    t: usize,
+    steps: usize,
+) -> Result<Vec<(String, f64, f64)>> {
+    let p = super::profile::Profiled::new(be);
+    gpt_throughput(&p, cfg, b, t, 0, 1)?;
+    p.reset();
+    gpt_throughput(&p, cfg, b, t, 0, steps.max(1))?;
+    let s = steps.max(1) as f64;
+    Ok(p.report()
+        .into_iter()
+        .map(|(name, d, n)| (name, d.as_secs_f64() * 1e3 / s, n as f64 / s))
+        .collect())
 }

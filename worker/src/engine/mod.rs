@@ -19,6 +19,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod gpt;
 pub mod mlp;
+pub mod profile;
 
 /// An engine failure: a device error, or a shape the engine cannot run.
 #[derive(Debug, thiserror::Error)]
