@@ -31,7 +31,7 @@ impl<'a, B: Backend> Profiled<'a, B> {
             .iter()
             .map(|(k, (d, n))| (k.clone(), *d, *n))
             .collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
         v
     }
 
