@@ -328,6 +328,20 @@ pub fn gpt_throughput<B: Backend>(
     warmup: usize,
     steps: usize,
 ) -> Result<Throughput> {
+    throughput_with(be, cfg, b, t, warmup, steps, &|| {})
+}
+
+/// [`gpt_throughput`], calling `timed` when the timed steps start.
+#[allow(clippy::too_many_arguments)]
+fn throughput_with<B: Backend>(
+    be: &B,
+    cfg: GptConfig,
+    b: usize,
+    t: usize,
+    warmup: usize,
+    steps: usize,
+    timed: &dyn Fn(),
+) -> Result<Throughput> {
     if steps == 0 {
         return Err(super::EngineError::Config("time at least one step".into()));
     }
@@ -341,6 +355,9 @@ pub fn gpt_throughput<B: Backend>(
     let mut times = Vec::new();
     let mut losses = Vec::new();
     for s in 0..warmup + steps {
+        if s == warmup {
+            timed();
+        }
         let start = Instant::now();
         model.zero_grad(be)?;
         model.forward(
@@ -390,9 +407,7 @@ pub fn gpt_profile<B: Backend>(
     steps: usize,
 ) -> Result<Vec<(String, f64, f64)>> {
     let p = super::profile::Profiled::new(be);
-    gpt_throughput(&p, cfg, b, t, 0, 1)?;
-    p.reset();
-    gpt_throughput(&p, cfg, b, t, 0, steps.max(1))?;
+    throughput_with(&p, cfg, b, t, 1, steps.max(1), &|| p.reset())?;
     let s = steps.max(1) as f64;
     Ok(p.report()
         .into_iter()

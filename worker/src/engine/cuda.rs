@@ -209,6 +209,11 @@ impl Cuda {
     }
 
     fn elementwise(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
+        if n >= i32::MAX as usize {
+            return Err(EngineError::Config(format!(
+                "{name}: {n} elements exceed the kernels' 32-bit indexing; use a smaller batch"
+            )));
+        }
         let grid = n.div_ceil(THREADS as usize) as u32;
         self.launch(name, (grid, 1), THREADS, args)
     }

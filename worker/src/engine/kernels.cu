@@ -99,10 +99,11 @@ extern "C" __global__ void layernorm_bwd_params(float* dw, float* db, const floa
     atomicAdd(&db[c], ab);
 }
 
+// Index arithmetic in 32 bits (the host checks sizes below 2^31): 64-bit division is slow.
 extern "C" __global__ void bias_fwd(float* out, const float* b, int N, int OC) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)N * OC) return;
-    out[i] += b[i % OC];
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (unsigned)N * OC) return;
+    out[i] += b[i % (unsigned)OC];
 }
 
 extern "C" __global__ void bias_bwd(float* db, const float* dout, int N, int OC, int chunk) {
@@ -155,17 +156,19 @@ extern "C" __global__ void add(float* out, const float* a, const float* b, long 
 // qkv (B, T, 3, NH, HS) -> q, k, v each (B, NH, T, HS), one after the other.
 extern "C" __global__ void permute_qkv(float* qkvr, const float* qkv, int B, int T, int NH,
                                        int HS, int backward) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    long part = (long)B * T * NH * HS;
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned part = (unsigned)B * T * NH * HS;
     if (i >= 3 * part) return;
-    int which = i / part;
-    long j = i % part;
-    int d = j % HS;
-    int t = (j / HS) % T;
-    int h = (j / ((long)HS * T)) % NH;
-    int b = j / ((long)HS * T * NH);
-    long C = (long)NH * HS;
-    long src = ((long)b * T + t) * 3 * C + which * C + (long)h * HS + d;
+    unsigned which = i / part;
+    unsigned j = i - which * part;
+    unsigned d = j % HS;
+    unsigned r = j / HS;
+    unsigned t = r % T;
+    r /= T;
+    unsigned h = r % NH;
+    unsigned b = r / NH;
+    unsigned C = NH * HS;
+    unsigned src = (b * T + t) * 3 * C + which * C + h * HS + d;
     if (backward) ((float*)qkv)[src] = qkvr[i];
     else qkvr[i] = qkv[src];
 }
@@ -173,13 +176,15 @@ extern "C" __global__ void permute_qkv(float* qkvr, const float* qkv, int B, int
 // (B, NH, T, HS) -> (B, T, NH, HS) when forward, the other way when not.
 extern "C" __global__ void unpermute(float* out, const float* inp, int B, int T, int NH, int HS,
                                      int forward) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)B * T * NH * HS) return;
-    int d = i % HS;
-    int t = (i / HS) % T;
-    int h = (i / ((long)HS * T)) % NH;
-    int b = i / ((long)HS * T * NH);
-    long other = (((long)b * T + t) * NH + h) * HS + d;  // (b, t, h, d)
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (unsigned)B * T * NH * HS) return;
+    unsigned d = i % HS;
+    unsigned r = i / HS;
+    unsigned t = r % T;
+    r /= T;
+    unsigned h = r % NH;
+    unsigned b = r / NH;
+    unsigned other = ((b * T + t) * NH + h) * HS + d;  // (b, t, h, d)
     if (forward) out[other] = inp[i];
     else out[i] = inp[other];
 }
