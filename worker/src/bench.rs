@@ -395,37 +395,35 @@ pub struct GptBench {
     pub profile: bool,
 }
 
+/// Throughput of `g` on `be`, and its profile when asked.
+#[allow(clippy::type_complexity)]
+fn measure<B: crate::engine::Backend>(
+    be: &B,
+    g: &GptBench,
+) -> Result<(
+    String,
+    crate::engine::check::Throughput,
+    Vec<(String, f64, f64)>,
+)> {
+    use crate::engine::check::{gpt_profile, gpt_throughput};
+    let c = g.config;
+    let t = gpt_throughput(be, c, g.batch, g.seq, g.warmup, g.steps)?;
+    let prof = if g.profile {
+        gpt_profile(be, c, g.batch, g.seq, 3)?
+    } else {
+        Vec::new()
+    };
+    Ok((be.name(), t, prof))
+}
+
 /// Prints GPT training throughput on `device`.
 #[allow(clippy::print_stdout)] // the benchmark's output
 pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
-    use crate::engine::check::{gpt_profile, gpt_throughput};
     let c = &g.config;
     let (name, t, prof) = match device {
-        Device::Cpu => {
-            let be = crate::engine::cpu::Cpu;
-            (
-                crate::engine::Backend::name(&be),
-                gpt_throughput(&be, *c, g.batch, g.seq, g.warmup, g.steps)?,
-                if g.profile {
-                    gpt_profile(&be, *c, g.batch, g.seq, 3)?
-                } else {
-                    Vec::new()
-                },
-            )
-        }
+        Device::Cpu => measure(&crate::engine::cpu::Cpu, g)?,
         #[cfg(feature = "cuda")]
-        Device::Cuda => {
-            let be = crate::engine::cuda::Cuda::new(0, g.tf32)?;
-            (
-                crate::engine::Backend::name(&be),
-                gpt_throughput(&be, *c, g.batch, g.seq, g.warmup, g.steps)?,
-                if g.profile {
-                    gpt_profile(&be, *c, g.batch, g.seq, 3)?
-                } else {
-                    Vec::new()
-                },
-            )
-        }
+        Device::Cuda => measure(&crate::engine::cuda::Cuda::new(0, g.tf32)?, g)?,
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => bail!("this build has no CUDA backend: rebuild with the cuda feature"),
     };

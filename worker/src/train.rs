@@ -21,7 +21,7 @@ use crate::data::{Digits, Sampler, Text};
 use crate::ddp::{Buckets, GradSync, SyncStats, TcpSync};
 use crate::engine::gpt::{Adam, Gpt, GptConfig};
 use crate::engine::mlp::{Mlp, MlpConfig};
-use crate::engine::{Backend, EngineError};
+use crate::engine::{Backend, EngineError, Net};
 use crate::metrics::Metrics;
 
 /// Why training stopped early: the exit code, a message, and the rank it blames if another.
@@ -140,16 +140,8 @@ pub trait Task<B: Backend> {
     fn tokens_per_sample(&self) -> usize;
     /// Name of the evaluation result ("eval_accuracy", "val_loss").
     fn eval_name(&self) -> &'static str;
-    /// Number of parameters.
-    fn num_params(&self) -> usize;
-    /// Weight-decay ranges: `(offset, length, decays)`.
-    fn decay_ranges(&self) -> Vec<(usize, usize, bool)>;
-    /// Parameters initialised from the seed.
-    fn init(&self, seed: u64) -> Vec<f32>;
-    /// Parameters and gradients.
-    fn buffers(&mut self) -> (&mut B::Buf, &mut B::Buf);
-    /// Zeroes the gradients.
-    fn zero_grad(&mut self, be: &B) -> Result<(), WorkError>;
+    /// The model.
+    fn net(&mut self) -> &mut dyn Net<B>;
     /// Forward and backward of the samples `idx` of `epoch`, gradients scaled by `scale` and
     /// accumulated; `ready(grads, from)` as gradients at `from..` become final. Returns the
     /// mean loss.
@@ -195,20 +187,8 @@ impl<B: Backend> Task<B> for DigitsTask<B> {
     fn eval_name(&self) -> &'static str {
         "eval_accuracy"
     }
-    fn num_params(&self) -> usize {
-        self.model.config.num_params()
-    }
-    fn decay_ranges(&self) -> Vec<(usize, usize, bool)> {
-        self.model.config.decay_ranges()
-    }
-    fn init(&self, seed: u64) -> Vec<f32> {
-        self.model.config.init(seed)
-    }
-    fn buffers(&mut self) -> (&mut B::Buf, &mut B::Buf) {
-        (&mut self.model.params, &mut self.model.grads)
-    }
-    fn zero_grad(&mut self, be: &B) -> Result<(), WorkError> {
-        Ok(self.model.zero_grad(be)?)
+    fn net(&mut self) -> &mut dyn Net<B> {
+        &mut self.model
     }
     fn micro_step(
         &mut self,
@@ -290,20 +270,8 @@ impl<B: Backend> Task<B> for TextTask<B> {
     fn eval_name(&self) -> &'static str {
         "val_loss"
     }
-    fn num_params(&self) -> usize {
-        self.model.config.num_params()
-    }
-    fn decay_ranges(&self) -> Vec<(usize, usize, bool)> {
-        self.model.config.decay_ranges()
-    }
-    fn init(&self, seed: u64) -> Vec<f32> {
-        self.model.config.init(seed)
-    }
-    fn buffers(&mut self) -> (&mut B::Buf, &mut B::Buf) {
-        (&mut self.model.params, &mut self.model.grads)
-    }
-    fn zero_grad(&mut self, be: &B) -> Result<(), WorkError> {
-        Ok(self.model.zero_grad(be)?)
+    fn net(&mut self) -> &mut dyn Net<B> {
+        &mut self.model
     }
     fn micro_step(
         &mut self,
@@ -537,8 +505,8 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
         (None, None) => sampler.steps_per_epoch(),
     };
     metrics.total_steps.set(total as i64);
-    let n = task.num_params();
-    let ranges = task.decay_ranges();
+    let n = task.net().num_params();
+    let ranges = task.net().decay_ranges();
     let model = task.describe();
     let mut adam = Adam::new(be, n)?;
 
@@ -574,7 +542,7 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
                 "the checkpoint was written with another seed: data order differs from here on"
             );
         }
-        let (p, _) = task.buffers();
+        let (p, _) = task.net().buffers();
         be.upload(p, &state.params)?;
         be.upload(&mut adam.m, &state.m)?;
         be.upload(&mut adam.v, &state.v)?;
@@ -586,9 +554,9 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
         Some(start)
     } else {
         // Every rank starts from rank 0's parameters, as DDP does.
-        let mut p = task.init(seed);
+        let mut p = task.net().init(seed);
         comm.broadcast(&mut p, 0)?;
-        be.upload(task.buffers().0, &p)?;
+        be.upload(task.net().buffers().0, &p)?;
         None
     };
     let opt = &t.optimizer;
@@ -615,7 +583,8 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
     for step in start..total {
         let started = Instant::now();
         let epoch = sampler.epoch_of(step);
-        task.zero_grad(be)?;
+        let (_, g) = task.net().buffers();
+        be.fill_zero(g, 0, n)?;
         let mut loss_sum = 0.0f32;
         let mut stats = SyncStats::default();
         for micro in 0..accum {
@@ -644,7 +613,7 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
             }
             loss_sum += loss;
             if last && sync_grads {
-                let (_, g) = task.buffers();
+                let (_, g) = task.net().buffers();
                 for r in buckets.flush() {
                     sync.start(be, comm, g, r)?;
                 }
@@ -652,7 +621,7 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
             }
         }
         let lr = lr_at(opt, total, step) as f32;
-        let (p, g) = task.buffers();
+        let (p, g) = task.net().buffers();
         adam.step(
             be,
             p,
@@ -723,7 +692,7 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
             && let Some(d) = &dir
             && (done || ckpt_every.is_some_and(|e| (step + 1) % e == 0))
         {
-            let (p, _) = task.buffers();
+            let (p, _) = task.net().buffers();
             let state = checkpoint::State {
                 step: step + 1,
                 adam_t: adam.t,
@@ -738,7 +707,7 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
         }
         (inputs.on_step)(step + 1);
     }
-    let (p, _) = task.buffers();
+    let (p, _) = task.net().buffers();
     let params = be.download(p, 0, n)?;
     let (eval_accuracy, val_loss) = match task.eval_name() {
         "val_loss" => (None, eval),

@@ -892,6 +892,21 @@ impl<B: Backend> Gpt<B> {
     }
 }
 
+impl<B: Backend> super::Net<B> for Gpt<B> {
+    fn num_params(&self) -> usize {
+        self.config.num_params()
+    }
+    fn decay_ranges(&self) -> Vec<(usize, usize, bool)> {
+        self.config.decay_ranges()
+    }
+    fn init(&self, seed: u64) -> Vec<f32> {
+        self.config.init(seed)
+    }
+    fn buffers(&mut self) -> (&mut B::Buf, &mut B::Buf) {
+        (&mut self.params, &mut self.grads)
+    }
+}
+
 /// AdamW state on a backend, with the learning rate decided by the caller.
 pub struct Adam<B: Backend> {
     /// First moments.

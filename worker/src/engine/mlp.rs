@@ -268,3 +268,18 @@ impl<B: Backend> Mlp<B> {
         Ok(())
     }
 }
+
+impl<B: Backend> super::Net<B> for Mlp<B> {
+    fn num_params(&self) -> usize {
+        self.config.num_params()
+    }
+    fn decay_ranges(&self) -> Vec<(usize, usize, bool)> {
+        self.config.decay_ranges()
+    }
+    fn init(&self, seed: u64) -> Vec<f32> {
+        self.config.init(seed)
+    }
+    fn buffers(&mut self) -> (&mut B::Buf, &mut B::Buf) {
+        (&mut self.params, &mut self.grads)
+    }
+}

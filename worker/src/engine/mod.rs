@@ -133,6 +133,18 @@ pub struct AdamStep {
     pub grad_scale: f32,
 }
 
+/// What the training loop needs of a model, whichever it is.
+pub trait Net<B: Backend> {
+    /// Number of parameters.
+    fn num_params(&self) -> usize;
+    /// Weight-decay ranges: `(offset, length, decays)`.
+    fn decay_ranges(&self) -> Vec<(usize, usize, bool)>;
+    /// Parameters initialised from `seed`.
+    fn init(&self, seed: u64) -> Vec<f32>;
+    /// Parameters and gradients.
+    fn buffers(&mut self) -> (&mut B::Buf, &mut B::Buf);
+}
+
 /// A place in a buffer: the buffer and an element offset.
 pub type At<'a, B> = (&'a <B as Backend>::Buf, usize);
 
