@@ -338,6 +338,15 @@ pub fn run<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
              here: training on the CPU"
         );
     }
+    if !inputs.nccl_id.is_empty() {
+        // Rank 0 chose NCCL, so the other ranks are joining its communicator: training on the
+        // CPU here would leave them waiting. Failing aborts the whole gang, naming this rank.
+        return Err(WorkError::new(
+            ExitCode::Communication,
+            "rank 0 chose NCCL, but this rank cannot load CUDA (libcuda, libcublas, libnvrtc) \
+             or was built without the cuda feature",
+        ));
+    }
     let be = crate::engine::cpu::Cpu;
     tracing::info!(backend = %be.name(), "training on the CPU");
     let mut sync = TcpSync::default();

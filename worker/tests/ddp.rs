@@ -313,3 +313,30 @@ fn a_resumed_run_ends_exactly_where_the_uninterrupted_run_ends() {
         "nothing new was written"
     );
 }
+
+#[test]
+fn a_rank_without_cuda_refuses_a_gang_that_chose_nccl() {
+    #[cfg(feature = "cuda")]
+    if lockstep_worker::engine::cuda::available() {
+        eprintln!("CUDA loads here: this rank would join NCCL; nothing to check");
+        return;
+    }
+    let dir = scratch("nccl-refused");
+    let data = text(&dir);
+    let mut yaml_job = job(&data);
+    yaml_job.steps = 1;
+    let mut cfg = config(&yaml_job);
+    cfg.parallelism.gpus_per_worker = 1;
+    let mut comm = TcpComm::local_gang(1, TcpOptions::default())
+        .expect("gang")
+        .remove(0);
+    let metrics = Metrics::new("ddp-oracle", 0);
+    let inputs = RunInputs {
+        checkpoint_dir: None,
+        nccl_id: vec![7; 128],
+        on_step: &|_| {},
+    };
+    let e = train::run(&cfg, &mut comm, &metrics, &inputs).expect_err("must not train on the CPU");
+    assert_eq!(e.code, lockstep_api::contract::ExitCode::Communication);
+    assert!(e.message.contains("rank 0 chose NCCL"), "{}", e.message);
+}
