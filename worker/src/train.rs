@@ -592,8 +592,7 @@ fn train<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
     for step in start..total {
         let started = Instant::now();
         let epoch = sampler.epoch_of(step);
-        let (_, g) = task.net().buffers();
-        be.fill_zero(g, 0, n)?;
+        task.net().zero_grad(be)?;
         let mut loss_sum = 0.0f32;
         let mut stats = SyncStats::default();
         for micro in 0..accum {

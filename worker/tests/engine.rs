@@ -3,7 +3,7 @@
 
 use lockstep_worker::engine::cpu::Cpu;
 use lockstep_worker::engine::gpt::{self, Gpt, GptConfig};
-use lockstep_worker::engine::{Backend, Gemm, Op};
+use lockstep_worker::engine::{Backend, Gemm, Net, Op};
 use rand::{Rng, SeedableRng};
 
 fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {

@@ -7,7 +7,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 
 use super::gpt::{self, Adam, Gpt, GptConfig};
-use super::{AdamStep, Backend, Gemm, Op, Result};
+use super::{AdamStep, Backend, Gemm, Net, Op, Result};
 
 /// One compared output.
 #[derive(Clone, Debug)]
@@ -166,8 +166,7 @@ pub fn primitives<B: Backend>(be: &B, s: &CheckShape) -> Result<Vec<(String, Vec
     out.push(("residual add".into(), down(be, &sum, n * c)?));
 
     // Embedding.
-    let mut r = rand::rngs::StdRng::seed_from_u64(7);
-    let ids_host: Vec<i32> = (0..n).map(|_| r.random_range(0..s.v as i32)).collect();
+    let ids_host = random_ids(n, s.v, 7);
     let mut ids = be.ids(n)?;
     be.upload_ids(&mut ids, &ids_host)?;
     let emb = up(be, &next((s.vp + t) * c, 1.0))?;
@@ -224,6 +223,12 @@ pub fn primitives<B: Backend>(be: &B, s: &CheckShape) -> Result<Vec<(String, Vec
     Ok(out)
 }
 
+/// `n` token ids below `vocab`, drawn from `seed`.
+fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<i32> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n).map(|_| r.random_range(0..vocab as i32)).collect()
+}
+
 /// A GPT step's loss, gradients and the losses of `steps` further training steps on `be`.
 pub fn gpt_steps<B: Backend>(
     be: &B,
@@ -232,13 +237,8 @@ pub fn gpt_steps<B: Backend>(
     t: usize,
     steps: usize,
 ) -> Result<Vec<(String, Vec<f32>)>> {
-    let mut r = rand::rngs::StdRng::seed_from_u64(11);
-    let ids: Vec<i32> = (0..b * t)
-        .map(|_| r.random_range(0..cfg.vocab as i32))
-        .collect();
-    let tg: Vec<i32> = (0..b * t)
-        .map(|_| r.random_range(0..cfg.vocab as i32))
-        .collect();
+    let ids = random_ids(b * t, cfg.vocab, 11);
+    let tg = random_ids(b * t, cfg.vocab, 12);
     let mut model = Gpt::new(be, cfg, &cfg.init(5), b, t)?;
     let mut adam = Adam::new(be, cfg.num_params())?;
     let ranges = cfg.decay_ranges();
@@ -345,10 +345,7 @@ fn throughput_with<B: Backend>(
     if steps == 0 {
         return Err(super::EngineError::Config("time at least one step".into()));
     }
-    let mut r = rand::rngs::StdRng::seed_from_u64(3);
-    let ids: Vec<i32> = (0..b * t + 1)
-        .map(|_| r.random_range(0..cfg.vocab as i32))
-        .collect();
+    let ids = random_ids(b * t + 1, cfg.vocab, 3);
     let mut model = Gpt::new(be, cfg, &cfg.init(1), b, t)?;
     let mut adam = Adam::new(be, cfg.num_params())?;
     let ranges = cfg.decay_ranges();

@@ -726,11 +726,6 @@ impl<B: Backend> Gpt<B> {
         be.download(&self.logits, 0, b * t * self.config.padded_vocab)
     }
 
-    /// Zeroes the gradients (before the first micro-step of an optimizer step).
-    pub fn zero_grad(&mut self, be: &B) -> Result<()> {
-        be.fill_zero(&mut self.grads, 0, self.config.num_params())
-    }
-
     /// Backward pass of the last forward pass (which had targets and `grad`): accumulates into
     /// the gradients, calling `ready(from)` each time every gradient at offsets `from..` is
     /// final (after the final norm, after each block from the last, after the embeddings).
@@ -928,7 +923,8 @@ impl<B: Backend> Adam<B> {
     }
 
     /// One update over `ranges` (see [`GptConfig::decay_ranges`]); clips the global gradient
-    /// norm to `clip` when above 0. Returns the gradient norm before clipping.
+    /// norm to `clip` when above 0. Returns the gradient norm before clipping, which is only
+    /// computed (a pass over the gradients and a wait for the device) when clipping.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
@@ -941,13 +937,16 @@ impl<B: Backend> Adam<B> {
         eps: f32,
         weight_decay: f32,
         clip: f32,
-    ) -> Result<f32> {
-        let total: usize = ranges.iter().map(|r| r.1).sum();
-        let norm = be.sum_squares(grads, 0, total)?.sqrt() as f32;
-        let grad_scale = if clip > 0.0 && norm > clip {
-            clip / (norm + 1e-6)
+    ) -> Result<Option<f32>> {
+        let norm = if clip > 0.0 {
+            let total: usize = ranges.iter().map(|r| r.1).sum();
+            Some(be.sum_squares(grads, 0, total)?.sqrt() as f32)
         } else {
-            1.0
+            None
+        };
+        let grad_scale = match norm {
+            Some(n) if n > clip => clip / (n + 1e-6),
+            _ => 1.0,
         };
         self.t += 1;
         for &(off, len, decays) in ranges {

@@ -227,11 +227,6 @@ impl<B: Backend> Mlp<B> {
         )
     }
 
-    /// Zeroes the gradients.
-    pub fn zero_grad(&mut self, be: &B) -> Result<()> {
-        be.fill_zero(&mut self.grads, 0, self.config.num_params())
-    }
-
     /// Backward of the last forward pass (with targets and `grad`), accumulating into the
     /// gradients and calling `ready(from)` after each layer, last first.
     pub fn backward(&mut self, be: &B, ready: &mut dyn FnMut(&mut B::Buf, usize)) -> Result<()> {

@@ -143,6 +143,11 @@ pub trait Net<B: Backend> {
     fn init(&self, seed: u64) -> Vec<f32>;
     /// Parameters and gradients.
     fn buffers(&mut self) -> (&mut B::Buf, &mut B::Buf);
+    /// Zeroes the gradients (before the first micro-step of an optimizer step).
+    fn zero_grad(&mut self, be: &B) -> Result<()> {
+        let n = self.num_params();
+        be.fill_zero(self.buffers().1, 0, n)
+    }
 }
 
 /// A place in a buffer: the buffer and an element offset.
