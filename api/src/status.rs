@@ -132,6 +132,9 @@ pub struct WorkerCounts {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Admission {
+    /// The gang attempt this admission is for: a restarted gang is admitted again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i32>,
     /// When the gang was admitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admitted_at: Option<Time>,
@@ -141,7 +144,8 @@ pub struct Admission {
     /// Nodes the ranks were placed on, indexed by rank.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
-    /// Position in the admission queue while waiting (1 = next).
+    /// Position in the admission queue while waiting (1 = next); refreshed when the job is
+    /// reconciled, so it may lag behind the queue by up to half a minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<i32>,
 }
@@ -265,6 +269,8 @@ pub mod reasons {
     pub const TEMPLATE_REJECTED: &str = "TemplateRejected";
     /// The operator cannot read the object (a field of a newer version, say); Event only.
     pub const INVALID_OBJECT: &str = "InvalidObject";
+    /// An external gang scheduler has not placed every rank yet.
+    pub const WAITING_FOR_SCHEDULER: &str = "WaitingForScheduler";
     /// The gang API chosen by `gangPolicy` is not served by this cluster.
     pub const GANG_API_MISSING: &str = "GangApiMissing";
 }

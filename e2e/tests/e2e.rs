@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "e2e/admission.rs"]
+mod admission;
 #[path = "e2e/broken.rs"]
 mod broken;
 #[path = "e2e/crash.rs"]

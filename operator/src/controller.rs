@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
@@ -29,9 +30,11 @@ use lockstep_api::status::{Progress, condition_types, reasons};
 use tracing::{info, warn};
 
 use crate::decide::{Action, GPU_RESOURCE, check_capacity, decide, set_invalid};
+use crate::gang::admitter::Admitter;
 use crate::metrics::Metrics;
 use crate::observe::observe;
 use crate::resources::JobContext;
+use crate::resources::Pin;
 use crate::{Error, Result};
 
 /// Writes made concurrently at most (pod creations and deletions of one job).
@@ -52,6 +55,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Gang admission (the Builtin policy).
+    pub admitter: Arc<Admitter>,
     /// The resourceVersion of the last status this operator wrote, per job (`ns/name`): when the
     /// watch has delivered exactly that version, the cached job is fresh and needs no GET.
     pub written: std::sync::Mutex<HashMap<String, String>>,
@@ -100,6 +105,10 @@ pub async fn run(
     // Nodes, metadata only: a rank whose node disappears has failed (NodeLost), and every job is
     // looked at again when a node is deleted.
     let (nodes, writer) = reflector::store::<Node>();
+    // Capacity changed (a node came or went, a pod finished or was deleted): the admission queue
+    // runs again, a moment later, so that a burst of changes costs one cycle.
+    let capacity = Arc::new(tokio::sync::Notify::new());
+    let node_changes = capacity.clone();
     let node_deletions = reflector(
         writer,
         // Only what the operator reads is kept: no managedFields, images or conditions.
@@ -112,7 +121,47 @@ pub async fn run(
         }),
     )
     .default_backoff()
-    .filter_map(|ev| async move { matches!(ev, Ok(watcher::Event::Delete(_))).then_some(()) });
+    .filter_map(move |ev| {
+        if matches!(ev, Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) {
+            node_changes.notify_one();
+        }
+        async move { matches!(ev, Ok(watcher::Event::Delete(_))).then_some(()) }
+    });
+    // Every pod of the cluster, reduced to what admission counts: where it is (or is planned to
+    // be), what it asks for, and whether it has finished.
+    let (all_pods, pods_writer) = reflector::store::<Pod>();
+    let pod_changes = capacity.clone();
+    let pod_stream = reflector(
+        pods_writer,
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).modify(slim_pod),
+    )
+    .default_backoff();
+    tokio::spawn(pod_stream.for_each(move |ev| {
+        let freed = match &ev {
+            Ok(watcher::Event::Delete(_)) => true,
+            Ok(watcher::Event::Apply(p)) => matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ),
+            _ => false,
+        };
+        if freed {
+            pod_changes.notify_one();
+        }
+        async {}
+    }));
+    let (classes, classes_writer) = reflector::store::<PriorityClass>();
+    tokio::spawn(
+        reflector(
+            classes_writer,
+            watcher(
+                Api::<PriorityClass>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .for_each(|_| async {}),
+    );
     let owned = watcher::Config::default().labels(&format!(
         "{}={}",
         labels::MANAGED_BY,
@@ -131,6 +180,27 @@ pub async fn run(
     let progress_reports = reflector(progress_writer, watcher(maps, progress_maps))
         .default_backoff()
         .touched_objects();
+    let controller = Controller::new_with(jobs, watcher::Config::default().any_semantic(), ar);
+    let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
+    let admitter = Arc::new(Admitter::new(
+        nodes.clone(),
+        all_pods,
+        controller.store(),
+        classes,
+        settings.controller_name.clone(),
+        wake_tx,
+        metrics.clone(),
+    ));
+    let queue = admitter.clone();
+    tokio::spawn(async move {
+        loop {
+            capacity.notified().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if queue.has_waiting() {
+                queue.run_queue();
+            }
+        }
+    });
     let ctx = Arc::new(Context {
         progress: progress_cache,
         nodes,
@@ -139,10 +209,12 @@ pub async fn run(
         written: std::sync::Mutex::new(HashMap::new()),
         client,
         metrics: metrics.clone(),
+        admitter,
     });
     metrics.set_ready(true);
-    Controller::new_with(jobs, watcher::Config::default().any_semantic(), ar)
+    controller
         .owns(pods, owned)
+        .reconcile_on(wake_rx)
         .owns_stream(progress_reports)
         .reconcile_all_on(node_deletions)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
@@ -259,11 +331,14 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         .collect();
 
     let lost = mark_lost_nodes(&ctx, &mut observed).await?;
+    // Admission counts what the caches hold: never before they are complete.
+    ctx.admitter.wait_ready().await;
     let mut decision = decide(
         &job,
         job_ctx.layout.world_size(),
         &observed,
         Timestamp::now(),
+        &mut || ctx.admitter.request(&job),
     );
     decision.status.progress = progress(&ctx, &job);
     if job.spec.parallelism.gpus_per_worker > 0 {
@@ -340,6 +415,16 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
                 report_rejected(&ctx, &jobs, &job, &decision.status, &message).await?;
                 return Ok(Requeue::await_change());
             }
+            Err(Error::GangApiMissing(what)) => {
+                let message = format!(
+                    "spec.scheduling.gangPolicy is {:?}, which needs {what}, and this cluster \
+                     does not serve it: install that gang scheduler (or enable the API), or use \
+                     gangPolicy: Builtin",
+                    job.spec.scheduling.gang_policy
+                );
+                report_gang_api_missing(&ctx, &jobs, &job, &decision.status, &message).await?;
+                return Ok(Requeue::requeue(Duration::from_secs(60)));
+            }
             Err(e) => return Err(e),
         }
     }
@@ -405,7 +490,9 @@ async fn mark_lost_nodes(
     let mut gone: HashMap<String, bool> = HashMap::new();
     let mut lost = HashSet::new();
     for p in observed.iter_mut() {
-        let Some(node) = p.node.clone() else { continue };
+        let Some(node) = p.node.clone().or_else(|| p.planned_node.clone()) else {
+            continue;
+        };
         let is_gone = match gone.get(&node) {
             Some(g) => *g,
             None => {
@@ -455,6 +542,15 @@ fn record_metrics(metrics: &Metrics, job: &ParallelJob, decision: &crate::decide
                 .map_or("Unknown", |f| f.reason.as_str());
             metrics.restarts.with_label_values(&[reason]).inc();
         }
+        if note.reason == reasons::GANG_ADMITTED
+            && let Some(wait) = decision
+                .status
+                .admission
+                .as_ref()
+                .and_then(|a| a.wait_seconds)
+        {
+            metrics.gang_wait_seconds.observe(wait);
+        }
         if note.reason == reasons::GANG_STARTED {
             // From the restart decision for a later attempt, from creation for the first.
             let restarted = job.status.as_ref().and_then(|s| {
@@ -471,6 +567,63 @@ fn record_metrics(metrics: &Metrics, job: &ParallelJob, decision: &crate::decide
             }
         }
     }
+}
+
+/// Says in `Admitted=False` (and an Event, once) that the gang API is missing; no pod is made.
+async fn report_gang_api_missing(
+    ctx: &Context,
+    jobs: &Api<ParallelJob>,
+    job: &ParallelJob,
+    status: &lockstep_api::ParallelJobStatus,
+    message: &str,
+) -> Result<()> {
+    let mut status = status.clone();
+    let already = status.conditions.iter().any(|c| {
+        c.type_ == condition_types::ADMITTED
+            && c.reason == reasons::GANG_API_MISSING
+            && c.message == message
+    });
+    if already {
+        return Ok(());
+    }
+    status
+        .conditions
+        .retain(|c| c.type_ != condition_types::ADMITTED);
+    status
+        .conditions
+        .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: condition_types::ADMITTED.into(),
+            status: "False".into(),
+            reason: reasons::GANG_API_MISSING.into(),
+            message: message.into(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::now(),
+            ),
+            observed_generation: job.metadata.generation,
+        });
+    status.phase = Some(lockstep_api::status::Phase::Queued);
+    let patch = serde_json::json!({
+        "apiVersion": ParallelJob::api_version(&()),
+        "kind": ParallelJob::kind(&()),
+        "status": status,
+    });
+    jobs.patch_status(
+        &job.name_any(),
+        &PatchParams::apply(operator::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: reasons::GANG_API_MISSING.into(),
+        note: Some(message.chars().take(1000).collect()),
+        action: "EnsureGangObjects".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
+        warn!(job = %job.name_any(), error = %e, "recording an event failed");
+    }
+    Ok(())
 }
 
 async fn report_rejected(
@@ -577,11 +730,28 @@ async fn apply(
             ignore_conflict(secrets.create(&create, &job.token_secret(&token)?).await)?;
             ignore_conflict(maps.create(&create, &job.progress_config_map()?).await)?;
         }
-        Action::CreatePods { attempt, ranks } => {
+        Action::CreatePods {
+            attempt,
+            ranks,
+            nodes,
+        } => {
             let digest = job.config_digest()?;
             let built: Vec<Pod> = ranks
                 .iter()
-                .map(|r| job.pod(*r, *attempt, &digest, false))
+                .enumerate()
+                .map(|(i, r)| {
+                    let planned = nodes.as_ref().and_then(|n| n.get(i));
+                    let node = planned.and_then(|n| ctx.nodes.get(&ObjectRef::new(n)));
+                    let hostname = node
+                        .as_ref()
+                        .and_then(|n| n.labels().get(crate::resources::HOSTNAME_LABEL).cloned());
+                    let pin = planned.map(|n| (n.as_str(), hostname));
+                    let pin = pin.as_ref().map(|(node, hostname)| Pin {
+                        node,
+                        hostname: hostname.as_deref(),
+                    });
+                    job.pod(*r, *attempt, &digest, pin.is_some(), pin.as_ref())
+                })
                 .collect::<Result<_>>()?;
             let params = PostParams {
                 field_manager: Some(operator::FIELD_MANAGER.into()),
@@ -593,6 +763,41 @@ async fn apply(
                 async move { pods.create(params, &pod).await.map(drop) }
             })
             .await?;
+        }
+        Action::Ungate(names) => {
+            // Only the Lockstep gate goes; gates of other controllers stay.
+            let patch = serde_json::json!({"spec": {"schedulingGates": [
+                {"$patch": "delete", "name": operator::SCHEDULING_GATE}
+            ]}});
+            bounded(names.iter().cloned(), 404, |name| {
+                let patch = &patch;
+                async move {
+                    pods.patch(&name, &PatchParams::default(), &Patch::Strategic(patch))
+                        .await
+                        .map(drop)
+                }
+            })
+            .await?;
+        }
+        Action::EnsureGangObjects => {
+            for object in job.gang_objects()? {
+                let gvk =
+                    kube::api::GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
+                let ar = ApiResource::from_gvk_with_plural(&gvk, &object.plural);
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(ctx.client.clone(), job.namespace, &ar);
+                let body: DynamicObject = serde_json::from_value(object.body)?;
+                match api.patch(job.name, &ssa, &Patch::Apply(&body)).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {
+                        return Err(Error::GangApiMissing(format!(
+                            "{}/{} {}",
+                            object.group, object.version, object.kind
+                        )));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
         Action::DeletePods(names) => {
             bounded(names.iter().cloned(), 404, |name| async move {
@@ -651,4 +856,35 @@ fn typed<T: serde::Serialize>(obj: T, api_version: &str, kind: &str) -> serde_js
     v["apiVersion"] = api_version.into();
     v["kind"] = kind.into();
     v
+}
+
+/// Keeps of a pod only what admission reads: labels, annotations, node, resources, phase.
+fn slim_pod(p: &mut Pod) {
+    p.managed_fields_mut().clear();
+    if let Some(spec) = p.spec.as_mut() {
+        spec.volumes = None;
+        spec.affinity = None;
+        spec.tolerations = None;
+        for c in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            c.env = None;
+            c.env_from = None;
+            c.command = None;
+            c.args = None;
+            c.volume_mounts = None;
+            c.ports = None;
+            c.liveness_probe = None;
+            c.readiness_probe = None;
+            c.startup_probe = None;
+        }
+    }
+    if let Some(st) = p.status.as_mut() {
+        *st = k8s_openapi::api::core::v1::PodStatus {
+            phase: st.phase.take(),
+            ..Default::default()
+        };
+    }
 }

@@ -13,10 +13,13 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use lockstep_api::contract::ExitCode;
-use lockstep_api::spec::{CleanPodPolicy, FailureAction, FailureReason, SuccessPolicy};
-use lockstep_api::status::{Phase, RankFailure, WorkerCounts, condition_types as ct, reasons};
+use lockstep_api::spec::{CleanPodPolicy, FailureAction, FailureReason, GangPolicy, SuccessPolicy};
+use lockstep_api::status::{
+    Admission, Phase, RankFailure, WorkerCounts, condition_types as ct, reasons,
+};
 use lockstep_api::{ParallelJob, ParallelJobStatus};
 
+pub use crate::gang::admitter::Outcome;
 use crate::observe::{Failure, PodState, RankPod};
 
 /// A write reconcile makes.
@@ -24,13 +27,20 @@ use crate::observe::{Failure, PodState, RankPod};
 pub enum Action {
     /// Apply the headless Service and the config ConfigMap.
     EnsureSharedObjects,
+    /// Apply the objects an external gang scheduler reads (PodGroup, Workload).
+    EnsureGangObjects,
     /// Create the pods of these ranks for this attempt.
     CreatePods {
         /// Gang attempt.
         attempt: i32,
         /// Ranks to create.
         ranks: Vec<u32>,
+        /// The planned node of each of those ranks (Builtin admission): the pods are created
+        /// gated and pinned there.
+        nodes: Option<Vec<String>>,
     },
+    /// Remove the gang scheduling gate from these pods: the whole admitted gang exists.
+    Ungate(Vec<String>),
     /// Delete these pods.
     DeletePods(Vec<String>),
     /// Delete the job itself (TTL after finished).
@@ -63,13 +73,22 @@ pub struct Decision {
 
 struct Builder<'a> {
     job: &'a ParallelJob,
+    admit: &'a mut dyn FnMut() -> Outcome,
     now: Timestamp,
     world: u32,
     d: Decision,
 }
 
 /// Decides one reconcile pass of `job` given the observed pods of its gang (all attempts).
-pub fn decide(job: &ParallelJob, world: u32, pods: &[RankPod], now: Timestamp) -> Decision {
+/// `admit` asks gang admission (the `Builtin` policy) for the current attempt; it is called only
+/// when the attempt is about to start and has not been admitted yet.
+pub fn decide(
+    job: &ParallelJob,
+    world: u32,
+    pods: &[RankPod],
+    now: Timestamp,
+    admit: &mut dyn FnMut() -> Outcome,
+) -> Decision {
     let mut status = job.status.clone().unwrap_or_default();
     status.observed_generation = job.metadata.generation;
     // A rejection reported for an older generation of the spec no longer holds.
@@ -80,6 +99,7 @@ pub fn decide(job: &ParallelJob, world: u32, pods: &[RankPod], now: Timestamp) -
     });
     let mut b = Builder {
         job,
+        admit,
         now,
         world,
         d: Decision {
@@ -124,9 +144,10 @@ pub fn set_invalid(
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 /// Says, in the `Valid` condition, when no node of the cluster offers the GPUs one worker asks
-/// for (`largest` is the most any schedulable node has), and clears that once one does. The
-/// pods are created all the same (a cluster autoscaler adds nodes for pending pods); the job
-/// waits, and the condition and a Warning Event say why instead of a silent Pending.
+/// for (`largest` is the most any schedulable node has), and clears that once one does. The job
+/// waits (Builtin admission queues it and makes no pod; under an external gang scheduler the pods
+/// are created and stay Pending, so a cluster autoscaler can add nodes for them), and the
+/// condition and a Warning Event say why instead of a silent Pending.
 pub fn check_capacity(d: &mut Decision, job: &ParallelJob, largest: i64, now: Timestamp) {
     let wanted = i64::from(job.spec.parallelism.gpus_per_worker);
     let finished = matches!(d.status.phase, Some(Phase::Succeeded | Phase::Failed));
@@ -351,6 +372,8 @@ impl Builder<'_> {
 
     fn suspend(&mut self, pods: &[RankPod]) {
         self.delete(pods.iter());
+        // A resumed job is admitted again: its capacity was given back.
+        self.d.status.admission = None;
         if self.phase() != Some(Phase::Suspended) {
             self.note(
                 false,
@@ -635,15 +658,66 @@ impl Builder<'_> {
         let missing: Vec<u32> = (0..self.world)
             .filter(|r| !current.iter().any(|p| p.rank == *r))
             .collect();
+        let policy = self.job.spec.scheduling.gang_policy;
+        let mut plan = None;
+        if policy == GangPolicy::Builtin {
+            let admitted = self
+                .d
+                .status
+                .admission
+                .as_ref()
+                .filter(|a| a.attempt == Some(attempt) && a.admitted_at.is_some())
+                .map(|a| a.nodes.clone());
+            match admitted {
+                Some(nodes) => plan = Some(nodes),
+                // Pods of this attempt made before admission existed (an older operator): they
+                // are left to the scheduler as they are.
+                None if !current.is_empty() => {}
+                None => match (self.admit)() {
+                    Outcome::Admitted(nodes) => {
+                        self.admitted(&nodes);
+                        plan = Some(nodes);
+                    }
+                    Outcome::Waiting {
+                        reason,
+                        message,
+                        position,
+                    } => return self.queued(reason, message, position),
+                },
+            }
+        }
         if !missing.is_empty() {
             self.d.actions.push(Action::EnsureSharedObjects);
+            if policy != GangPolicy::Builtin {
+                self.d.actions.push(Action::EnsureGangObjects);
+            }
+            let nodes = plan.as_ref().map(|p| {
+                missing
+                    .iter()
+                    .map(|r| p.get(*r as usize).cloned().unwrap_or_default())
+                    .collect()
+            });
             self.d.actions.push(Action::CreatePods {
                 attempt,
                 ranks: missing,
+                nodes,
             });
             if self.d.status.start_time.is_none() {
                 self.d.status.start_time = Some(self.time());
             }
+        } else if plan.is_some() {
+            // Every rank exists: release them together.
+            let gated: Vec<String> = current
+                .iter()
+                .filter(|p| p.gated && !p.terminating)
+                .map(|p| p.name.clone())
+                .collect();
+            if !gated.is_empty() {
+                self.d.actions.push(Action::Ungate(gated));
+            }
+        }
+        if policy != GangPolicy::Builtin {
+            self.externally_admitted(current);
         }
         let running = current
             .iter()
@@ -675,6 +749,134 @@ impl Builder<'_> {
         }
     }
 }
+
+impl Builder<'_> {
+    /// When the current wait for admission began: when `Admitted` turned False, else when the
+    /// job was created.
+    fn queued_since(&self) -> Timestamp {
+        self.d
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ct::ADMITTED && c.status == "False")
+            .map(|c| c.last_transition_time.0)
+            .or_else(|| self.job.metadata.creation_timestamp.as_ref().map(|t| t.0))
+            .unwrap_or(self.now)
+    }
+
+    fn admitted(&mut self, nodes: &[String]) {
+        let attempt = self.d.status.attempt;
+        let waited = self
+            .now
+            .duration_since(self.queued_since())
+            .as_secs_f64()
+            .max(0.0);
+        let mut distinct: Vec<&String> = nodes.iter().collect();
+        distinct.sort();
+        distinct.dedup();
+        self.d.status.admission = Some(Admission {
+            attempt: Some(attempt),
+            admitted_at: Some(self.time()),
+            wait_seconds: Some((waited * 1000.0).round() / 1000.0),
+            nodes: nodes.to_vec(),
+            queue_position: None,
+        });
+        let message = format!(
+            "all {} ranks placed on {} node(s) after {waited:.1}s in the queue",
+            self.world,
+            distinct.len()
+        );
+        self.condition(ct::ADMITTED, true, reasons::GANG_ADMITTED, message.clone());
+        self.note(
+            false,
+            reasons::GANG_ADMITTED,
+            format!("attempt {attempt}: {message}"),
+        );
+    }
+
+    fn queued(&mut self, reason: &'static str, message: String, position: usize) {
+        let attempt = self.d.status.attempt;
+        let waited = self.now.duration_since(self.queued_since()).as_secs();
+        let (mut reason, mut message) = (reason, message);
+        if let Some(limit) = self.job.spec.scheduling.schedule_timeout_seconds {
+            if waited >= limit {
+                let already = self
+                    .d
+                    .status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == ct::ADMITTED && c.reason == reasons::ADMISSION_TIMEOUT);
+                message = format!(
+                    "waiting longer than spec.scheduling.scheduleTimeoutSeconds ({limit}s) and \
+                     still waiting: {message}"
+                );
+                reason = reasons::ADMISSION_TIMEOUT;
+                if !already {
+                    self.note(true, reasons::ADMISSION_TIMEOUT, message.clone());
+                }
+            } else {
+                self.requeue(Duration::from_secs(
+                    u64::try_from(limit - waited).unwrap_or(1),
+                ));
+            }
+        }
+        if self.phase() != Some(Phase::Queued) {
+            self.note(
+                false,
+                reason,
+                format!("attempt {attempt} waits for admission at position {position}: {message}"),
+            );
+        }
+        self.set_phase(Phase::Queued);
+        self.condition(ct::ADMITTED, false, reason, message);
+        self.d.status.admission = Some(Admission {
+            attempt: Some(attempt),
+            queue_position: i32::try_from(position).ok(),
+            ..Admission::default()
+        });
+        // Refresh the queue position now and then; admission itself wakes the job up.
+        self.requeue(QUEUE_REFRESH);
+    }
+
+    /// External gang schedulers: the gang is admitted once every rank of the attempt is bound.
+    fn externally_admitted(&mut self, current: &[&RankPod]) {
+        let attempt = self.d.status.attempt;
+        let bound: Vec<String> = (0..self.world)
+            .filter_map(|r| {
+                current
+                    .iter()
+                    .find(|p| p.rank == r && !p.terminating)
+                    .and_then(|p| p.node.clone())
+            })
+            .collect();
+        let policy = format!("{:?}", self.job.spec.scheduling.gang_policy);
+        let done = self
+            .d
+            .status
+            .admission
+            .as_ref()
+            .is_some_and(|a| a.attempt == Some(attempt) && a.admitted_at.is_some());
+        if bound.len() == self.world as usize {
+            if !done {
+                self.admitted(&bound);
+            }
+        } else if !done {
+            self.condition(
+                ct::ADMITTED,
+                false,
+                reasons::WAITING_FOR_SCHEDULER,
+                format!(
+                    "the {policy} gang scheduler has placed {} of {} ranks (it binds all or none)",
+                    bound.len(),
+                    self.world
+                ),
+            );
+        }
+    }
+}
+
+/// How often a queued job's status (its queue position) is refreshed.
+pub const QUEUE_REFRESH: Duration = Duration::from_secs(30);
 
 /// The failure reason of a recorded failure: its `reason` is the detail `observe` gave, which
 /// names the FailureReason for everything but plain errors (those carry the worker's or the
@@ -749,6 +951,8 @@ mod tests {
             ready: false,
             node: Some(format!("node-{rank}")),
             terminating: false,
+            gated: false,
+            planned_node: None,
         }
     }
 
@@ -773,7 +977,9 @@ mod tests {
 
     /// Runs decide and feeds its status back, like the API server would.
     fn step(j: &mut ParallelJob, pods: &[RankPod], now: Timestamp) -> Decision {
-        let d = decide(j, 4, pods, now);
+        let d = decide(j, 4, pods, now, &mut || {
+            Outcome::Admitted(vec!["n".into(); 4])
+        });
         j.status = Some(d.status.clone());
         d
     }
@@ -789,7 +995,8 @@ mod tests {
         assert_eq!(d.status.phase, Some(Phase::Starting));
         assert!(d.actions.contains(&Action::CreatePods {
             attempt: 0,
-            ranks: vec![0, 1, 2, 3]
+            ranks: vec![0, 1, 2, 3],
+            nodes: Some(vec!["n".into(); 4]),
         }));
         assert_eq!(d.events[0].reason, reasons::JOB_CREATED);
         assert!(d.status.start_time.is_some());
@@ -870,7 +1077,8 @@ mod tests {
         let d = step(&mut j, &[], at(31));
         assert!(d.actions.contains(&Action::CreatePods {
             attempt: 1,
-            ranks: vec![0, 1, 2, 3]
+            ranks: vec![0, 1, 2, 3],
+            nodes: Some(vec!["n".into(); 4]),
         }));
         assert_eq!(d.status.last_failure.unwrap().rank, 2);
     }
@@ -1042,7 +1250,9 @@ mod tests {
         let mut job = job("ddp-digits.yaml");
         job.spec.parallelism.gpus_per_worker = 8;
         let now = Timestamp::now();
-        let mut d = decide(&job, 2, &[], now);
+        let mut d = decide(&job, 2, &[], now, &mut || {
+            Outcome::Admitted(vec!["n".into(); 2])
+        });
         check_capacity(&mut d, &job, 0, now);
         let c = d
             .status
@@ -1061,12 +1271,14 @@ mod tests {
             c.message
         );
         assert!(d.events.iter().any(|e| e.reason == reasons::INVALID_SPEC));
-        // Still creating the pods: an autoscaler may add GPU nodes for them.
+        // Admission decides about the pods; the condition does not stop them.
         assert!(!d.actions.is_empty());
 
         // Reported once: the same shortfall next time adds no Event.
         job.status = Some(d.status.clone());
-        let mut again = decide(&job, 2, &[], now);
+        let mut again = decide(&job, 2, &[], now, &mut || {
+            Outcome::Admitted(vec!["n".into(); 2])
+        });
         check_capacity(&mut again, &job, 4, now);
         let c = again
             .status
@@ -1081,7 +1293,9 @@ mod tests {
             c.message
         );
         job.status = Some(again.status.clone());
-        let mut same = decide(&job, 2, &[], now);
+        let mut same = decide(&job, 2, &[], now, &mut || {
+            Outcome::Admitted(vec!["n".into(); 2])
+        });
         check_capacity(&mut same, &job, 4, now);
         assert!(
             !same
@@ -1091,7 +1305,9 @@ mod tests {
         );
 
         // A node with 8 GPUs joins: the condition goes.
-        let mut fits = decide(&job, 2, &[], now);
+        let mut fits = decide(&job, 2, &[], now, &mut || {
+            Outcome::Admitted(vec!["n".into(); 2])
+        });
         check_capacity(&mut fits, &job, 8, now);
         assert!(!fits.status.conditions.iter().any(|c| c.type_ == ct::VALID));
     }

@@ -3,12 +3,14 @@
 //! - [`resources`]: pure builders of the owned objects (Service, ConfigMap, worker pods).
 //! - [`observe`]: worker pods reduced to per-rank facts.
 //! - [`decide`]: the pure phase machine and failure policy.
+//! - [`gang`]: gang admission (capacity snapshot, queue, placement) for the Builtin policy.
 //! - [`controller`]: reconcile = read, decide, apply (server-side apply), report status.
 //! - [`metrics`]: Prometheus metrics and the health endpoints.
 //! - [`leader`]: leader election on a Lease, so one of several replicas acts.
 
 pub mod controller;
 pub mod decide;
+pub mod gang;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
@@ -30,6 +32,9 @@ pub enum Error {
     /// A call to the API server failed.
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
+    /// The API of the external gang scheduler `gangPolicy` names is not served.
+    #[error("{0} is not served by this cluster")]
+    GangApiMissing(String),
     /// Serializing an object failed.
     #[error("serialization: {0}")]
     Serde(#[from] serde_json::Error),
@@ -41,6 +46,7 @@ impl Error {
         match self {
             Error::MissingField(_) | Error::NoWorkerContainer | Error::Api(_) => "invalid_spec",
             Error::Kube(_) => "kubernetes",
+            Error::GangApiMissing(_) => "gang_api_missing",
             Error::Serde(_) => "serialization",
         }
     }

@@ -8,6 +8,9 @@
 //! | `lockstep_jobs` | gauge | `phase` |
 //! | `lockstep_job_restarts_total` | counter | `reason` |
 //! | `lockstep_job_time_to_all_running_seconds` | histogram | |
+//! | `lockstep_gang_queue_length` | gauge | |
+//! | `lockstep_gang_admission_wait_seconds` | histogram | |
+//! | `lockstep_gang_admission_decision_seconds` | histogram | |
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,8 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use lockstep_api::status::Phase;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The operator's metrics, registered in their own registry.
@@ -33,6 +36,12 @@ pub struct Metrics {
     pub restarts: IntCounterVec,
     /// Seconds from a job's creation (or a gang restart) until every rank runs.
     pub time_to_all_running: Histogram,
+    /// Gangs waiting for Builtin admission, after the latest admission cycle.
+    pub gang_queue_length: IntGauge,
+    /// Seconds a gang waited from entering the queue until it was admitted.
+    pub gang_wait_seconds: Histogram,
+    /// Seconds one admission cycle (snapshot, queue, placement) took.
+    pub gang_decision_seconds: Histogram,
     phases: Mutex<HashMap<String, Phase>>,
     ready: AtomicBool,
 }
@@ -87,8 +96,36 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let gang_queue_length = IntGauge::new(
+            "lockstep_gang_queue_length",
+            "Gangs waiting for admission (Builtin policy) after the latest admission cycle.",
+        )
+        .expect("valid metric");
+        let gang_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "lockstep_gang_admission_wait_seconds",
+                "Seconds a gang waited in the admission queue before it was admitted.",
+            )
+            .buckets(vec![
+                0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+            ]),
+        )
+        .expect("valid metric");
+        let gang_decision_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "lockstep_gang_admission_decision_seconds",
+                "Seconds one admission decision took (snapshot of the cluster, queue, placement).",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+            ]),
+        )
+        .expect("valid metric");
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(gang_queue_length.clone()),
+            Box::new(gang_wait_seconds.clone()),
+            Box::new(gang_decision_seconds.clone()),
             Box::new(errors.clone()),
             Box::new(duration.clone()),
             Box::new(jobs.clone()),
@@ -108,6 +145,9 @@ impl Metrics {
             jobs,
             restarts,
             time_to_all_running,
+            gang_queue_length,
+            gang_wait_seconds,
+            gang_decision_seconds,
             phases: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
         }

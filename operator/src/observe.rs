@@ -3,7 +3,7 @@
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use lockstep_api::contract::{ExitCode, labels};
+use lockstep_api::contract::{ExitCode, annotations, labels, operator};
 use lockstep_api::spec::FailureReason;
 
 /// The observed state of one worker pod.
@@ -23,6 +23,10 @@ pub struct RankPod {
     pub node: Option<String>,
     /// Whether it is being deleted.
     pub terminating: bool,
+    /// Whether it still carries the gang scheduling gate.
+    pub gated: bool,
+    /// The node gang admission planned it onto.
+    pub planned_node: Option<String>,
 }
 
 /// Phase of a worker pod, with the failure when it failed.
@@ -84,6 +88,16 @@ pub fn observe(pod: &Pod, worker_container: &str) -> Option<RankPod> {
         ready,
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         terminating: pod.metadata.deletion_timestamp.is_some(),
+        gated: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.scheduling_gates.as_ref())
+            .is_some_and(|g| g.iter().any(|g| g.name == operator::SCHEDULING_GATE)),
+        planned_node: pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(annotations::PLANNED_NODE).cloned()),
     })
 }
 

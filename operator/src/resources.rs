@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, Pod,
-    PodSchedulingGate, PodSpec, ResourceRequirements, Secret, SecretKeySelector, Service,
+    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSchedulingGate,
+    PodSchedulingGroup, PodSpec, ResourceRequirements, Secret, SecretKeySelector, Service,
     ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -17,6 +18,7 @@ use lockstep_api::ParallelJob;
 use lockstep_api::config::WorkerConfig;
 use lockstep_api::contract::{annotations, env, labels, names, operator, ports};
 use lockstep_api::layout::Layout;
+use lockstep_api::spec::{GangPolicy, TopologyMode};
 use lockstep_api::training::Workload;
 
 use crate::{Error, Result};
@@ -74,6 +76,135 @@ impl<'a> JobContext<'a> {
     /// Name of the worker-config ConfigMap.
     pub fn config_map_name(&self) -> String {
         format!("{}-config", self.name)
+    }
+
+    /// The gang object an external gang scheduler places the job by (`None` for Builtin): its
+    /// API group, version, kind and plural, and the objects to apply (the Workload policy writes a
+    /// Workload and the PodGroup made from its template).
+    pub fn gang_objects(&self) -> Result<Vec<GangObject>> {
+        let world = i64::from(self.layout.world_size());
+        let owner = self.owner_reference()?;
+        let meta = serde_json::json!({
+            "name": self.name, "namespace": self.namespace,
+            "labels": self.common_labels(), "ownerReferences": [owner],
+        });
+        let sched = &self.job.spec.scheduling;
+        let total = {
+            let pod = self.pod(0, 0, "", false, None)?;
+            let mut total = crate::gang::demand::Res::default();
+            total.add_times(
+                &crate::gang::demand::pod_request(&pod.spec.unwrap_or_default()),
+                world,
+            );
+            total
+                .0
+                .iter()
+                .filter(|(k, _)| k.as_str() != crate::gang::demand::PODS)
+                .map(|(k, v)| (k.clone(), format!("{v}m")))
+                .collect::<BTreeMap<String, String>>()
+        };
+        let object = |api_version: &str, kind: &str, plural: &str, spec: serde_json::Value| {
+            let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+            GangObject {
+                group: group.into(),
+                version: version.into(),
+                kind: kind.into(),
+                plural: plural.into(),
+                body: serde_json::json!({
+                    "apiVersion": api_version, "kind": kind, "metadata": meta, "spec": spec,
+                }),
+            }
+        };
+        Ok(match sched.gang_policy {
+            GangPolicy::Builtin => vec![],
+            GangPolicy::Workload => {
+                let mut policy = serde_json::json!({
+                    "schedulingPolicy": {"gang": {"minCount": world}},
+                });
+                if let Some(pc) = &sched.priority_class_name {
+                    policy["priorityClassName"] = pc.clone().into();
+                }
+                if let Some(t) = sched
+                    .topology
+                    .as_ref()
+                    .filter(|t| t.mode == TopologyMode::Required)
+                {
+                    policy["schedulingConstraints"] =
+                        serde_json::json!({"topology": [{"key": t.key}]});
+                }
+                let mut template = policy.clone();
+                template["name"] = WORKLOAD_TEMPLATE.into();
+                let mut group = policy;
+                group["podGroupTemplateRef"] = serde_json::json!({"workload": {
+                    "workloadName": self.name, "podGroupTemplateName": WORKLOAD_TEMPLATE}});
+                vec![
+                    object(
+                        "scheduling.k8s.io/v1alpha2",
+                        "Workload",
+                        "workloads",
+                        serde_json::json!({
+                            "controllerRef": {"apiGroup": "lockstep.dev", "kind": "ParallelJob", "name": self.name},
+                            "podGroupTemplates": [template],
+                        }),
+                    ),
+                    object("scheduling.k8s.io/v1alpha2", "PodGroup", "podgroups", group),
+                ]
+            }
+            GangPolicy::Coscheduling => {
+                let mut spec = serde_json::json!({"minMember": world, "minResources": total});
+                if let Some(t) = sched.schedule_timeout_seconds {
+                    spec["scheduleTimeoutSeconds"] = t.into();
+                }
+                vec![object(
+                    "scheduling.x-k8s.io/v1alpha1",
+                    "PodGroup",
+                    "podgroups",
+                    spec,
+                )]
+            }
+            GangPolicy::Volcano => {
+                let mut spec = serde_json::json!({"minMember": world, "minResources": total});
+                if let Some(q) = &sched.queue {
+                    spec["queue"] = q.clone().into();
+                }
+                if let Some(pc) = &sched.priority_class_name {
+                    spec["priorityClassName"] = pc.clone().into();
+                }
+                vec![object(
+                    "scheduling.volcano.sh/v1beta1",
+                    "PodGroup",
+                    "podgroups",
+                    spec,
+                )]
+            }
+        })
+    }
+
+    /// Points the pod at the external gang scheduler of `gangPolicy` (nothing for Builtin).
+    fn wire_gang_scheduler(&self, spec: &mut PodSpec) {
+        match self.job.spec.scheduling.gang_policy {
+            GangPolicy::Builtin => {}
+            GangPolicy::Workload => {
+                spec.scheduling_group = Some(PodSchedulingGroup {
+                    pod_group_name: Some(self.name.to_string()),
+                });
+            }
+            GangPolicy::Coscheduling => {
+                spec.scheduler_name
+                    .get_or_insert_with(|| COSCHEDULING_SCHEDULER.into());
+            }
+            GangPolicy::Volcano => {
+                spec.scheduler_name = Some(VOLCANO_SCHEDULER.into());
+            }
+        }
+    }
+
+    /// The annotation or label that ties a pod to its external PodGroup.
+    fn group_annotation(&self) -> Option<(&'static str, String)> {
+        match self.job.spec.scheduling.gang_policy {
+            GangPolicy::Volcano => Some(("scheduling.k8s.io/group-name", self.name.to_string())),
+            _ => None,
+        }
     }
 
     /// Name (and hostname) of rank `rank`'s pod: stable across attempts, because an attempt
@@ -307,8 +438,17 @@ impl<'a> JobContext<'a> {
     }
 
     /// The pod of rank `rank` in attempt `attempt`. With `gated`, it carries the gang scheduling
-    /// gate and is not scheduled until gang admission removes it.
-    pub fn pod(&self, rank: u32, attempt: i32, config_digest: &str, gated: bool) -> Result<Pod> {
+    /// gate and is not scheduled until gang admission removes it; with `pin`, it may only be
+    /// scheduled onto the node gang admission planned for it (required node affinity, ANDed with
+    /// the template's own) and says so in the planned-node annotation.
+    pub fn pod(
+        &self,
+        rank: u32,
+        attempt: i32,
+        config_digest: &str,
+        gated: bool,
+        pin: Option<&Pin<'_>>,
+    ) -> Result<Pod> {
         let template = &self.job.spec.template;
         let mut spec = self.template_spec()?.clone();
         let worker = self.worker_container_index()?;
@@ -385,6 +525,10 @@ impl<'a> JobContext<'a> {
         if let Some(pc) = &self.job.spec.scheduling.priority_class_name {
             spec.priority_class_name = Some(pc.clone());
         }
+        if let Some(pin) = pin {
+            pin_to(&mut spec, pin);
+        }
+        self.wire_gang_scheduler(&mut spec);
         if gated {
             spec.scheduling_gates
                 .get_or_insert_with(Vec::new)
@@ -408,6 +552,9 @@ impl<'a> JobContext<'a> {
         );
         pod_labels.insert(labels::ATTEMPT.into(), attempt.to_string());
         pod_labels.insert(labels::COMPONENT.into(), "worker".into());
+        if self.job.spec.scheduling.gang_policy == GangPolicy::Coscheduling {
+            pod_labels.insert(COSCHEDULING_LABEL.into(), self.name.to_string());
+        }
         meta.labels = Some(pod_labels);
         let mut pod_annotations = template
             .metadata
@@ -415,12 +562,89 @@ impl<'a> JobContext<'a> {
             .and_then(|m| m.annotations.clone())
             .unwrap_or_default();
         pod_annotations.insert(annotations::CONFIG_DIGEST.into(), config_digest.to_string());
+        if let Some(pin) = pin {
+            pod_annotations.insert(annotations::PLANNED_NODE.into(), pin.node.to_string());
+        }
+        if let Some(group) = self.group_annotation() {
+            pod_annotations.insert(group.0.into(), group.1);
+        }
         meta.annotations = Some(pod_annotations);
         Ok(Pod {
             metadata: meta,
             spec: Some(spec),
             status: None,
         })
+    }
+}
+
+/// The name of the Workload's pod group template.
+pub const WORKLOAD_TEMPLATE: &str = "workers";
+/// The scheduler name of a scheduler-plugins install that runs Coscheduling (the name its Helm
+/// chart gives); the template's `schedulerName` wins when it sets one.
+pub const COSCHEDULING_SCHEDULER: &str = "scheduler-plugins-scheduler";
+/// The label that puts a pod into a Coscheduling PodGroup.
+pub const COSCHEDULING_LABEL: &str = "scheduling.x-k8s.io/pod-group";
+/// Volcano's scheduler name.
+pub const VOLCANO_SCHEDULER: &str = "volcano";
+
+/// An object an external gang scheduler reads, ready for server-side apply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GangObject {
+    /// API group.
+    pub group: String,
+    /// API version.
+    pub version: String,
+    /// Kind.
+    pub kind: String,
+    /// Plural resource name.
+    pub plural: String,
+    /// The object.
+    pub body: serde_json::Value,
+}
+
+/// The node gang admission planned a rank onto.
+#[derive(Clone, Copy, Debug)]
+pub struct Pin<'a> {
+    /// Node name.
+    pub node: &'a str,
+    /// The node's `kubernetes.io/hostname` label, when it has one.
+    pub hostname: Option<&'a str>,
+}
+
+/// Label that names a node's host.
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+
+/// Adds the pin as a required node affinity: on `kubernetes.io/hostname` (by node name when the
+/// node has no such label), added to every term of the template's own required affinity (terms
+/// are ORed, expressions within a term ANDed), so both must hold.
+fn pin_to(spec: &mut PodSpec, pin: &Pin<'_>) {
+    let requirement = |key: &str, value: &str| NodeSelectorRequirement {
+        key: key.into(),
+        operator: "In".into(),
+        values: Some(vec![value.into()]),
+    };
+    let terms = &mut spec
+        .affinity
+        .get_or_insert_with(Affinity::default)
+        .node_affinity
+        .get_or_insert_with(NodeAffinity::default)
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(NodeSelector::default)
+        .node_selector_terms;
+    if terms.is_empty() {
+        terms.push(NodeSelectorTerm::default());
+    }
+    for term in terms.iter_mut() {
+        match pin.hostname {
+            Some(h) => term
+                .match_expressions
+                .get_or_insert_with(Vec::new)
+                .push(requirement(HOSTNAME_LABEL, h)),
+            None => term
+                .match_fields
+                .get_or_insert_with(Vec::new)
+                .push(requirement("metadata.name", pin.node)),
+        }
     }
 }
 
@@ -460,7 +684,7 @@ mod tests {
     fn pods_carry_the_env_contract_and_labels() {
         let j = job("pipeline-gpt.yaml");
         let ctx = JobContext::new(&j).unwrap();
-        let pod = ctx.pod(3, 2, "abc", false).unwrap();
+        let pod = ctx.pod(3, 2, "abc", false, None).unwrap();
         let e = env_of(&pod);
         assert_eq!(e[env::RANK], "3");
         assert_eq!(e[env::WORLD_SIZE], "4");
@@ -519,7 +743,7 @@ mod tests {
             value_from: None,
         }]);
         let ctx = JobContext::new(&j).unwrap();
-        let pod = ctx.pod(0, 0, "d", true).unwrap();
+        let pod = ctx.pod(0, 0, "d", true, None).unwrap();
         let spec = pod.spec.as_ref().unwrap();
         let limits = spec.containers[0]
             .resources
@@ -542,7 +766,7 @@ mod tests {
         let mut j = job("torch-command.yaml");
         j.spec.template.spec.as_mut().unwrap().containers[0].name = "pytorch".into();
         let ctx = JobContext::new(&j).unwrap();
-        let pod = ctx.pod(1, 0, "d", false).unwrap();
+        let pod = ctx.pod(1, 0, "d", false, None).unwrap();
         let c = &pod.spec.as_ref().unwrap().containers[0];
         assert_eq!(c.command.as_deref().unwrap(), ["bash", "-c"]);
         assert_eq!(env_of(&pod)[env::MASTER_PORT], "29500");
@@ -552,7 +776,7 @@ mod tests {
     fn workers_get_the_token_from_the_secret_and_a_service_account_that_only_writes_progress() {
         let j = job("ddp-digits.yaml");
         let ctx = JobContext::new(&j).expect("context");
-        let pod = ctx.pod(0, 0, "d", false).expect("pod");
+        let pod = ctx.pod(0, 0, "d", false, None).expect("pod");
         let spec = pod.spec.as_ref().expect("spec");
         assert_eq!(
             spec.service_account_name.as_deref(),

@@ -412,19 +412,22 @@ async fn a_gpu_request_no_node_can_meet_is_explained_not_left_silent() -> anyhow
             "{}",
             c.message
         );
-        // The pods exist and wait: no crash loop, no failure.
-        let pods: Api<Pod> = ns.api();
-        wait_until(TIMEOUT, "both pods are created", || async {
-            Ok(gang(&pods, "too-wide").await?.len() == 2)
+        // Builtin admission keeps the gang queued, saying why, and makes no pod: no crash loop,
+        // no failure, no half-placed gang.
+        wait_until(TIMEOUT, "the job is Queued with Admitted=False", || async {
+            let s = jobs.get("too-wide").await?.status.unwrap_or_default();
+            Ok(s.phase == Some(Phase::Queued)
+                && s.conditions.iter().any(|c| {
+                    c.type_ == "Admitted"
+                        && c.status == "False"
+                        && c.message
+                            .contains("can never be admitted on the current nodes")
+                }))
         })
         .await?;
+        let pods: Api<Pod> = ns.api();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let g = gang(&pods, "too-wide").await?;
-        assert_eq!(g.len(), 2);
-        assert!(
-            g.iter()
-                .all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none())
-        );
+        assert!(gang(&pods, "too-wide").await?.is_empty());
         assert_ne!(status.phase, Some(Phase::Failed));
         Ok(())
     })

@@ -1,0 +1,441 @@
+//! The admission queue of the running operator: builds the [`Snapshot`] from the caches of nodes,
+//! pods and jobs, runs a [`cycle`] under one lock (so two reconciles never count the same
+//! capacity twice), keeps the plans it grants until the job's status shows them, and wakes the
+//! jobs it admitted.
+//!
+//! **Reservations.** Capacity is taken by (1) every pod that has not finished and is bound to a
+//! node, or carries the planned-node annotation of an admitted gang (gated or not yet bound); (2)
+//! every rank of an admitted attempt whose pod does not exist yet, on its planned node (from the
+//! job's `status.admission`, which is written before any pod is created); (3) plans granted in
+//! this process whose status write the job cache has not shown yet. (1) and (2) live in the API
+//! server, so an operator that restarts rebuilds every reservation before it admits anything.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::scheduling::v1::PriorityClass;
+use kube::ResourceExt;
+use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::reflector::{ObjectRef, Store};
+use lockstep_api::ParallelJob;
+use lockstep_api::contract::{annotations, labels};
+use lockstep_api::spec::{GangPolicy, TopologyMode};
+use lockstep_api::status::{Phase, reasons};
+
+use super::demand::{Res, pod_request};
+use super::placement::Shape;
+use super::queue::{Verdict, Wait, Waiting, cycle};
+use super::snapshot::{NodeInfo, NodeRules, Snapshot};
+use crate::metrics::Metrics;
+use crate::resources::JobContext;
+
+/// What admission says to a job that asks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Admitted: the node of every rank.
+    Admitted(Vec<String>),
+    /// Waiting.
+    Waiting {
+        /// Condition reason (`InsufficientCapacity` or `QueuedBehind`).
+        reason: &'static str,
+        /// What is missing.
+        message: String,
+        /// Position in the queue (1 = next).
+        position: usize,
+    },
+}
+
+/// A job as admission needs it, parsed once per resourceVersion.
+#[derive(Clone, Debug)]
+struct JobInfo {
+    namespace: String,
+    name: String,
+    waiting: bool,
+    live: bool,
+    attempt: i32,
+    /// Planned nodes of the current attempt, when it is admitted.
+    admitted: Option<Vec<String>>,
+    priority_class: Option<String>,
+    created: i64,
+    shape: Shape,
+    rules: NodeRules,
+}
+
+fn key_of(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+impl JobInfo {
+    fn of(job: &ParallelJob, controller_name: &str) -> Option<JobInfo> {
+        let ctx = JobContext::new(job).ok()?;
+        let pod = ctx.pod(0, 0, "", true, None).ok()?;
+        let spec = pod.spec.unwrap_or_default();
+        let status = job.status.clone().unwrap_or_default();
+        let phase = status.phase;
+        let mine = job.spec.run_policy.managed_by == controller_name;
+        let builtin = job.spec.scheduling.gang_policy == GangPolicy::Builtin;
+        let live = mine
+            && builtin
+            && job.metadata.deletion_timestamp.is_none()
+            && !job.spec.run_policy.suspend
+            && !phase.is_some_and(Phase::is_terminal);
+        let admitted = status
+            .admission
+            .as_ref()
+            .filter(|a| a.attempt == Some(status.attempt) && a.admitted_at.is_some())
+            .map(|a| a.nodes.clone());
+        Some(JobInfo {
+            namespace: job.namespace().unwrap_or_default(),
+            name: job.name_any(),
+            waiting: live
+                && admitted.is_none()
+                && matches!(phase, None | Some(Phase::Pending | Phase::Queued)),
+            live,
+            attempt: status.attempt,
+            admitted,
+            priority_class: job.spec.scheduling.priority_class_name.clone(),
+            created: job
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(0, |t| t.0.as_second()),
+            shape: Shape {
+                replicas: ctx.layout.data_parallel(),
+                stages: ctx.layout.pipeline_stages(),
+                request: pod_request(&spec),
+                topology: job
+                    .spec
+                    .scheduling
+                    .topology
+                    .as_ref()
+                    .map(|t| (t.key.clone(), t.mode == TopologyMode::Required)),
+            },
+            rules: NodeRules::of(&spec),
+        })
+    }
+
+    fn key(&self) -> String {
+        key_of(&self.namespace, &self.name)
+    }
+}
+
+struct Plan {
+    attempt: i32,
+    nodes: Vec<String>,
+    namespace: String,
+    name: String,
+    request: Res,
+    granted: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    plans: HashMap<String, Plan>,
+    parsed: HashMap<String, (String, Option<Arc<JobInfo>>)>,
+}
+
+/// The admission queue: one per operator process.
+pub struct Admitter {
+    nodes: Store<Node>,
+    pods: Store<Pod>,
+    jobs: Store<DynamicObject>,
+    classes: Store<PriorityClass>,
+    controller_name: String,
+    state: Mutex<State>,
+    wake: UnboundedSender<ObjectRef<DynamicObject>>,
+    metrics: Arc<Metrics>,
+}
+
+/// How long a granted plan is kept for a job the job cache does not show (a job deleted right
+/// after it was admitted).
+const PLAN_GRACE: Duration = Duration::from_secs(60);
+
+impl Admitter {
+    /// An admitter over these caches; jobs it admits on behalf of others are sent to `wake`.
+    pub fn new(
+        nodes: Store<Node>,
+        pods: Store<Pod>,
+        jobs: Store<DynamicObject>,
+        classes: Store<PriorityClass>,
+        controller_name: String,
+        wake: UnboundedSender<ObjectRef<DynamicObject>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            nodes,
+            pods,
+            jobs,
+            classes,
+            controller_name,
+            state: Mutex::new(State::default()),
+            wake,
+            metrics,
+        }
+    }
+
+    /// Waits until every cache admission reads has been filled once.
+    pub async fn wait_ready(&self) {
+        let _ = self.nodes.wait_until_ready().await;
+        let _ = self.pods.wait_until_ready().await;
+        let _ = self.jobs.wait_until_ready().await;
+        let _ = self.classes.wait_until_ready().await;
+    }
+
+    /// Asks admission for the current attempt of `job` (read fresh by the caller).
+    pub fn request(&self, job: &ParallelJob) -> Outcome {
+        match self.run(Some(job)) {
+            Some(o) => o,
+            None => Outcome::Waiting {
+                reason: reasons::INSUFFICIENT_CAPACITY,
+                message: "the operator cannot work out what this job's pods ask for".into(),
+                position: 0,
+            },
+        }
+    }
+
+    /// Runs a cycle for the whole queue (after capacity was freed), waking every job it admits.
+    pub fn run_queue(&self) {
+        self.run(None);
+    }
+
+    /// Whether any job waits.
+    pub fn has_waiting(&self) -> bool {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.parsed
+            .values()
+            .any(|(_, info)| info.as_ref().is_some_and(|i| i.waiting))
+    }
+
+    fn run(&self, caller: Option<&ParallelJob>) -> Option<Outcome> {
+        let started = Instant::now();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let caller_info = caller.and_then(|j| JobInfo::of(j, &self.controller_name));
+        if caller.is_some() && caller_info.is_none() {
+            return None;
+        }
+        let caller_key = caller_info.as_ref().map(JobInfo::key);
+        if let Some(info) = &caller_info
+            && let Some(plan) = st.plans.get(&info.key())
+            && plan.attempt == info.attempt
+        {
+            return Some(Outcome::Admitted(plan.nodes.clone()));
+        }
+        let infos = self.parse_jobs(&mut st, caller_info);
+        prune_plans(&mut st.plans, &infos);
+
+        let mut snapshot = Snapshot::new(
+            self.nodes
+                .state()
+                .iter()
+                .map(|n| NodeInfo::from_node(n))
+                .collect(),
+        );
+        let present = self.count_pods(&mut snapshot);
+        for info in infos.values() {
+            if let (true, Some(nodes)) = (info.live, &info.admitted) {
+                reserve(
+                    &mut snapshot,
+                    &present,
+                    &info.namespace,
+                    &info.name,
+                    info.attempt,
+                    nodes,
+                    &info.shape.request,
+                );
+            }
+        }
+        for plan in st.plans.values() {
+            reserve(
+                &mut snapshot,
+                &present,
+                &plan.namespace,
+                &plan.name,
+                plan.attempt,
+                &plan.nodes,
+                &plan.request,
+            );
+        }
+        let mut queue: Vec<Waiting> = infos
+            .values()
+            .filter(|i| {
+                (i.waiting || caller_key.as_deref() == Some(&i.key()))
+                    && !st.plans.contains_key(&i.key())
+            })
+            .map(|i| Waiting {
+                key: i.key(),
+                priority: self.priority(i.priority_class.as_deref()),
+                created: i.created,
+                shape: i.shape.clone(),
+                rules: i.rules.clone(),
+            })
+            .collect();
+        let verdicts = cycle(&mut snapshot, &mut queue);
+        let mut waiting = 0;
+        let mut outcome = None;
+        for (key, verdict) in verdicts {
+            let mine = caller_key.as_deref() == Some(&key);
+            let result = match verdict {
+                Verdict::Admit(nodes) => {
+                    let names: Vec<String> = nodes
+                        .iter()
+                        .map(|i| snapshot.nodes[*i].name.clone())
+                        .collect();
+                    if let Some(info) = infos.get(&key) {
+                        st.plans.insert(
+                            key.clone(),
+                            Plan {
+                                attempt: info.attempt,
+                                nodes: names.clone(),
+                                namespace: info.namespace.clone(),
+                                name: info.name.clone(),
+                                request: info.shape.request.clone(),
+                                granted: Instant::now(),
+                            },
+                        );
+                        if !mine {
+                            let ar = ApiResource::erase::<ParallelJob>(&());
+                            let _ = self.wake.unbounded_send(
+                                ObjectRef::new_with(&info.name, ar).within(&info.namespace),
+                            );
+                        }
+                    }
+                    Outcome::Admitted(names)
+                }
+                Verdict::Waits {
+                    why,
+                    message,
+                    position,
+                } => {
+                    waiting += 1;
+                    Outcome::Waiting {
+                        reason: match why {
+                            Wait::Behind(_) => reasons::QUEUED_BEHIND,
+                            Wait::Capacity | Wait::Never => reasons::INSUFFICIENT_CAPACITY,
+                        },
+                        message,
+                        position,
+                    }
+                }
+            };
+            if mine {
+                outcome = Some(result);
+            }
+        }
+        self.metrics.gang_queue_length.set(waiting);
+        self.metrics
+            .gang_decision_seconds
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    /// Parses every cached job (reusing the parse of an unchanged resourceVersion), with the
+    /// caller's fresh copy in place of its cached one.
+    fn parse_jobs(&self, st: &mut State, caller: Option<JobInfo>) -> HashMap<String, Arc<JobInfo>> {
+        let mut infos = HashMap::new();
+        let mut seen = HashSet::new();
+        for raw in self.jobs.state() {
+            let key = key_of(&raw.namespace().unwrap_or_default(), &raw.name_any());
+            let rv = raw.resource_version().unwrap_or_default();
+            seen.insert(key.clone());
+            let fresh = st.parsed.get(&key).is_some_and(|(v, _)| *v == rv);
+            if !fresh {
+                let info = crate::controller::read_job(&raw)
+                    .ok()
+                    .and_then(|j| JobInfo::of(&j, &self.controller_name))
+                    .map(Arc::new);
+                st.parsed.insert(key.clone(), (rv, info));
+            }
+            if let Some((_, Some(info))) = st.parsed.get(&key) {
+                infos.insert(key, info.clone());
+            }
+        }
+        st.parsed.retain(|k, _| seen.contains(k));
+        if let Some(info) = caller {
+            infos.insert(info.key(), Arc::new(info));
+        }
+        infos
+    }
+
+    /// Counts every pod that holds capacity into the snapshot; returns the (namespace, job,
+    /// attempt, rank) of every worker pod that exists, finished or not.
+    fn count_pods(&self, snapshot: &mut Snapshot) -> HashSet<(String, String, i32, u32)> {
+        let mut present = HashSet::new();
+        for pod in self.pods.state() {
+            let labels_map = pod.metadata.labels.as_ref();
+            let worker = labels_map.and_then(|l| {
+                Some((
+                    l.get(labels::JOB_NAME)?.clone(),
+                    l.get(labels::ATTEMPT)?.parse::<i32>().ok()?,
+                    l.get(labels::RANK)?.parse::<u32>().ok()?,
+                ))
+            });
+            if let Some((job, attempt, rank)) = worker {
+                present.insert((pod.namespace().unwrap_or_default(), job, attempt, rank));
+            }
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            if matches!(phase, Some("Succeeded" | "Failed")) {
+                continue;
+            }
+            let Some(spec) = pod.spec.as_ref() else {
+                continue;
+            };
+            let node = spec.node_name.clone().or_else(|| {
+                pod.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(annotations::PLANNED_NODE).cloned())
+            });
+            if let Some(node) = node {
+                snapshot.take(&node, &pod_request(spec));
+            }
+        }
+        present
+    }
+
+    fn priority(&self, class: Option<&str>) -> i32 {
+        let classes = self.classes.state();
+        match class {
+            Some(name) => classes
+                .iter()
+                .find(|c| c.name_any() == name)
+                .map_or(0, |c| c.value.unwrap_or(0)),
+            None => classes
+                .iter()
+                .find(|c| c.global_default == Some(true))
+                .map_or(0, |c| c.value.unwrap_or(0)),
+        }
+    }
+}
+
+/// Takes the capacity of every rank of an admitted attempt whose pod does not exist yet.
+fn reserve(
+    snapshot: &mut Snapshot,
+    present: &HashSet<(String, String, i32, u32)>,
+    namespace: &str,
+    name: &str,
+    attempt: i32,
+    nodes: &[String],
+    request: &Res,
+) {
+    for (rank, node) in nodes.iter().enumerate() {
+        let rank = u32::try_from(rank).unwrap_or(u32::MAX);
+        if !present.contains(&(namespace.to_string(), name.to_string(), attempt, rank)) {
+            snapshot.take(node, request);
+        }
+    }
+}
+
+/// Drops the plans the job cache now shows in a status (the status holds the reservation from
+/// then on), of jobs that no longer wait for them (finished, suspended, deleted), and of jobs the
+/// cache has not shown for a while.
+fn prune_plans(plans: &mut HashMap<String, Plan>, infos: &HashMap<String, Arc<JobInfo>>) {
+    plans.retain(|key, plan| match infos.get(key) {
+        Some(info) => {
+            info.live && info.attempt == plan.attempt && info.admitted.as_ref() != Some(&plan.nodes)
+        }
+        None => plan.granted.elapsed() < PLAN_GRACE,
+    });
+}
