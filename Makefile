@@ -74,8 +74,13 @@ bench-engine: ## engine on the CPU: GPT tokens/s on 1 rank; 2-rank comm, exposed
 	$(CARGO) build --release --locked -q -p lockstep-worker
 	bench/engine-cpu.sh
 
+.PHONY: bench-admission
+bench-admission: ## admission decision alone: 1,000 nodes x 8 GPUs, 500 queued jobs (p50, p99)
+	$(CARGO) build --release --locked -q -p lockstep-e2e --bin bench-admission
+	$(CARGO_TARGET_DIR)/release/bench-admission
+
 .PHONY: bench-operator
-bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the API floor
+bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the API floor (NODES, JOBS, RANKS, GPUS)
 	bench/operator/run.sh
 
 .PHONY: gpu-worker

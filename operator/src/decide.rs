@@ -1311,4 +1311,158 @@ mod tests {
         check_capacity(&mut fits, &job, 8, now);
         assert!(!fits.status.conditions.iter().any(|c| c.type_ == ct::VALID));
     }
+
+    fn wait(reason: &'static str, position: usize) -> Outcome {
+        Outcome::Waiting {
+            reason,
+            message: "needs 8 nvidia.com/gpu".into(),
+            position,
+        }
+    }
+
+    #[test]
+    fn a_gang_waits_in_the_queue_then_is_admitted_gated_and_released_together() {
+        let mut j = job("ddp-digits.yaml");
+        j.metadata.creation_timestamp = Some(Time(at(0)));
+        j.spec.scheduling.schedule_timeout_seconds = Some(60);
+        let d = decide(&j, 4, &[], at(1), &mut || {
+            wait(reasons::INSUFFICIENT_CAPACITY, 2)
+        });
+        j.status = Some(d.status.clone());
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        assert!(
+            d.actions.is_empty(),
+            "a queued gang makes nothing: {:?}",
+            d.actions
+        );
+        let c = d
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ct::ADMITTED)
+            .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", reasons::INSUFFICIENT_CAPACITY)
+        );
+        assert_eq!(d.status.admission.as_ref().unwrap().queue_position, Some(2));
+        assert!(
+            d.events
+                .iter()
+                .any(|e| e.message.contains("waits for admission at position 2"))
+        );
+        // Looked at again before the timeout, and the position refresh.
+        assert_eq!(d.requeue_after, Some(QUEUE_REFRESH));
+
+        // Past scheduleTimeoutSeconds: a Warning once, and it keeps waiting.
+        let d = decide(&j, 4, &[], at(70), &mut || {
+            wait(reasons::INSUFFICIENT_CAPACITY, 1)
+        });
+        j.status = Some(d.status.clone());
+        let c = d
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ct::ADMITTED)
+            .unwrap();
+        assert_eq!(c.reason, reasons::ADMISSION_TIMEOUT);
+        assert!(
+            c.message.contains("scheduleTimeoutSeconds (60s)"),
+            "{}",
+            c.message
+        );
+        assert!(
+            d.events
+                .iter()
+                .any(|e| e.warning && e.reason == reasons::ADMISSION_TIMEOUT)
+        );
+        let again = decide(&j, 4, &[], at(80), &mut || {
+            wait(reasons::INSUFFICIENT_CAPACITY, 1)
+        });
+        assert!(
+            !again
+                .events
+                .iter()
+                .any(|e| e.reason == reasons::ADMISSION_TIMEOUT)
+        );
+
+        // Admitted: the plan is recorded before any pod, pods are created gated on their nodes.
+        let plan: Vec<String> = ["a", "a", "b", "b"].map(String::from).to_vec();
+        let d = decide(&j, 4, &[], at(100), &mut || Outcome::Admitted(plan.clone()));
+        j.status = Some(d.status.clone());
+        let a = d.status.admission.clone().unwrap();
+        assert_eq!((a.attempt, a.nodes.clone()), (Some(0), plan.clone()));
+        assert_eq!(
+            a.wait_seconds,
+            Some(99.0),
+            "queued since the job was created"
+        );
+        assert!(d.actions.contains(&Action::CreatePods {
+            attempt: 0,
+            ranks: vec![0, 1, 2, 3],
+            nodes: Some(plan.clone())
+        }));
+        assert_eq!(d.status.phase, Some(Phase::Starting));
+
+        // Admission is not asked again; two ranks exist: the other two are made on their nodes.
+        let mut made: Vec<RankPod> = (0..2)
+            .map(|r| RankPod {
+                gated: true,
+                node: None,
+                ..pod(r, 0, Pending)
+            })
+            .collect();
+        let d = decide(&j, 4, &made, at(101), &mut || {
+            panic!("admission asked twice")
+        });
+        j.status = Some(d.status.clone());
+        assert!(d.actions.contains(&Action::CreatePods {
+            attempt: 0,
+            ranks: vec![2, 3],
+            nodes: Some(plan[2..].to_vec())
+        }));
+        assert!(
+            !d.actions.iter().any(|a| matches!(a, Action::Ungate(_))),
+            "released before the gang is whole"
+        );
+        // The whole gang exists: every gate goes at once.
+        made.extend((2..4).map(|r| RankPod {
+            gated: true,
+            node: None,
+            ..pod(r, 0, Pending)
+        }));
+        let d = decide(&j, 4, &made, at(102), &mut || {
+            panic!("admission asked twice")
+        });
+        assert_eq!(
+            d.actions,
+            vec![Action::Ungate((0..4).map(|r| format!("j-{r}")).collect())]
+        );
+    }
+
+    #[test]
+    fn a_restarted_or_resumed_gang_goes_back_through_admission() {
+        let mut j = job("ddp-digits.yaml");
+        let mut asked = 0;
+        step(&mut j, &[], at(0));
+        step(&mut j, &running(0), at(1));
+        let mut pods = running(0);
+        pods[1].state = failed(1, 2);
+        let d = step(&mut j, &pods, at(3));
+        assert_eq!(d.status.attempt, 1);
+        // The old pods are gone and the backoff has passed: attempt 1 asks admission again.
+        let d = decide(&j, 4, &[], at(60), &mut || {
+            asked += 1;
+            wait(reasons::QUEUED_BEHIND, 1)
+        });
+        assert_eq!(asked, 1);
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        assert_eq!(d.status.admission.as_ref().unwrap().attempt, Some(1));
+        j.status = Some(d.status);
+
+        // Suspending gives the reservation back: resuming is admitted anew.
+        j.spec.run_policy.suspend = true;
+        let d = step(&mut j, &[], at(61));
+        assert_eq!(d.status.admission, None);
+    }
 }

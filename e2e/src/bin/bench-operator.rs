@@ -2,8 +2,9 @@
 //!
 //! Starts a private cluster with `NODES` fake nodes (default 200), runs the operator binary given
 //! as the first argument as its own process, and measures in one run:
-//! 1. `JOBS` ParallelJobs (default 100) of `RANKS` ranks (default 8) applied at once: seconds until
-//!    every pod runs and every job is Running, pods per second;
+//! 1. `JOBS` ParallelJobs (default 100) of `RANKS` ranks (default 8), `GPUS` GPUs per rank
+//!    (default 0), applied at once: seconds until every pod runs and every job is Running, pods
+//!    per second (every job goes through Builtin gang admission: gated, pinned, released);
 //! 2. the API floor: the same number of pods created directly (same concurrency as the operator's
 //!    writes), seconds until all run;
 //! 3. the operator's CPU seconds and peak resident memory (from /proc).
@@ -100,10 +101,11 @@ async fn main() -> Result<()> {
             .nth(1)
             .context("usage: bench-operator OPERATOR_BINARY")?,
     );
-    let (nodes, jobs_n, ranks) = (
+    let (nodes, jobs_n, ranks, gpus) = (
         env_or("NODES", 200),
         env_or("JOBS", 100),
         env_or("RANKS", 8),
+        env_or("GPUS", 0),
     );
     let root = repo_root();
     let state = root.join(format!("target/bench-cluster-{}", std::process::id()));
@@ -115,7 +117,7 @@ async fn main() -> Result<()> {
         bail!("cluster-up failed: {}", String::from_utf8_lossy(&up.stderr));
     }
     let kubeconfig = state.join("kubeconfig");
-    let result = run(&operator, &kubeconfig, nodes, jobs_n, ranks).await;
+    let result = run(&operator, &kubeconfig, nodes, jobs_n, ranks, gpus).await;
     let _ = std::process::Command::new(root.join("e2e/cluster/down.sh"))
         .env("STATE", &state)
         .output();
@@ -129,6 +131,7 @@ async fn run(
     nodes: usize,
     jobs_n: usize,
     ranks: usize,
+    gpus: usize,
 ) -> Result<()> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
@@ -178,6 +181,7 @@ async fn run(
             async move {
                 v["metadata"]["name"] = format!("job-{i:03}").into();
                 v["spec"]["parallelism"]["dataParallel"] = ranks.into();
+                v["spec"]["parallelism"]["gpusPerWorker"] = gpus.into();
                 v["spec"]["template"]["spec"]["containers"][0]["resources"] =
                     serde_json::json!({"requests": {"cpu": "100m", "memory": "64Mi"}});
                 let job: ParallelJob = serde_json::from_value(v)?;
@@ -208,7 +212,12 @@ async fn run(
                 let pod: Pod = serde_json::from_value(serde_json::json!({
                     "metadata": {"name": format!("pod-{i:04}")},
                     "spec": {"containers": [{"name": "worker", "image": "lockstep/worker:0.1.0",
-                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}
+                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
+                            "limits": if gpus > 0 {
+                                serde_json::json!({"nvidia.com/gpu": gpus.to_string()})
+                            } else {
+                                serde_json::json!({})
+                            }}}]}
                 }))?;
                 direct.create(&PostParams::default(), &pod).await?;
                 anyhow::Ok(())
@@ -225,7 +234,7 @@ async fn run(
 
     let pods_n = (jobs_n * ranks) as f64;
     println!(
-        "operator benchmark: {nodes} fake nodes, {jobs_n} jobs x {ranks} ranks = {} pods",
+        "operator benchmark: {nodes} fake nodes, {jobs_n} jobs x {ranks} ranks x {gpus} GPUs = {} pods",
         jobs_n * ranks
     );
     println!(

@@ -486,3 +486,90 @@ async fn killing_the_operator_while_it_admits_and_releases_never_oversubscribes_
     })
     .await
 }
+
+#[tokio::test]
+async fn the_workload_policy_places_a_gang_all_or_nothing_through_kube_scheduler()
+-> anyhow::Result<()> {
+    with_namespace("adm-workload", |ns| async move {
+        ns.create_node_pool(4, 8).await?;
+        // One node of four taken: room for three 8-GPU ranks, not four.
+        let blocker: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "blocker"},
+            "spec": {
+                "nodeSelector": ns.pool_placement()["nodeSelector"],
+                "tolerations": ns.pool_placement()["tolerations"],
+                "containers": [{"name": "c", "image": "x", "resources": {"limits": {"nvidia.com/gpu": "8"}}}]
+            }
+        }))?;
+        let pods: Api<Pod> = ns.api();
+        pods.create(&PostParams::default(), &blocker).await?;
+        wait_until(TIMEOUT, "the blocker is bound", || async { Ok(bound(&pods.get("blocker").await?).is_some()) }).await?;
+        create(&ns, job(&ns, "upstream", 4, 8, serde_json::json!({"scheduling": {"gangPolicy": "Workload"}}))?).await?;
+        wait_until(TIMEOUT, "the four pods exist, in the PodGroup", || async {
+            let g = gang(&ns, "upstream").await?;
+            Ok(g.len() == 4 && g.iter().all(|p| p.spec.as_ref().and_then(|s| s.scheduling_group.as_ref()).and_then(|sg| sg.pod_group_name.as_deref()) == Some("upstream")))
+        })
+        .await?;
+        wait_until(TIMEOUT, "Admitted=False WaitingForScheduler", || async {
+            Ok(admitted(&ns, "upstream").await?.is_some_and(|(s, r, _)| s == "False" && r == "WaitingForScheduler"))
+        })
+        .await?;
+        // The scheduler has judged the gang by the time its PodGroup says so; none of it is bound.
+        let groups: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            ns.cluster.client.clone(),
+            &ns.name,
+            &kube::api::ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk("scheduling.k8s.io", "v1alpha2", "PodGroup"), "podgroups"),
+        );
+        wait_until(TIMEOUT, "the scheduler reports the gang unschedulable", || async {
+            let g = groups.get("upstream").await?;
+            Ok(g.data["status"]["conditions"].as_array().is_some_and(|cs| cs.iter().any(|c| c["type"] == "PodGroupScheduled" && c["status"] == "False")))
+        })
+        .await?;
+        assert_eq!(gang(&ns, "upstream").await?.iter().filter(|p| bound(p).is_some()).count(), 0);
+        pods.delete("blocker", &DeleteParams::default().grace_period(0)).await?;
+        wait_phase(&ns, "upstream", Phase::Running).await?;
+        let (status, reason, _) = admitted(&ns, "upstream").await?.expect("Admitted");
+        assert_eq!((status.as_str(), reason.as_str()), ("True", "GangAdmitted"));
+        let workloads: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            ns.cluster.client.clone(),
+            &ns.name,
+            &kube::api::ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk("scheduling.k8s.io", "v1alpha2", "Workload"), "workloads"),
+        );
+        let w = workloads.get("upstream").await?;
+        assert_eq!(w.data["spec"]["podGroupTemplates"][0]["schedulingPolicy"]["gang"]["minCount"], 4);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_gang_scheduler_that_is_not_installed_is_named_in_a_condition() -> anyhow::Result<()> {
+    with_namespace("adm-volcano", |ns| async move {
+        create(
+            &ns,
+            job(
+                &ns,
+                "volcanic",
+                2,
+                0,
+                serde_json::json!({"scheduling": {"gangPolicy": "Volcano"}}),
+            )?,
+        )
+        .await?;
+        wait_until(TIMEOUT, "Admitted=False GangApiMissing", || async {
+            Ok(admitted(&ns, "volcanic").await?.is_some_and(|(s, r, m)| {
+                s == "False"
+                    && r == "GangApiMissing"
+                    && m.contains("scheduling.volcano.sh/v1beta1 PodGroup")
+            }))
+        })
+        .await?;
+        assert_eq!(phase(&ns, "volcanic").await?, Some(Phase::Queued));
+        assert!(
+            gang(&ns, "volcanic").await?.is_empty(),
+            "pods made for a scheduler that is not there"
+        );
+        Ok(())
+    })
+    .await
+}

@@ -27,7 +27,7 @@ use lockstep_api::status::{Phase, reasons};
 
 use super::demand::{Res, pod_request};
 use super::placement::Shape;
-use super::queue::{Verdict, Wait, Waiting, cycle};
+use super::queue::{Explain, Verdict, Wait, Waiting, cycle};
 use super::snapshot::{NodeInfo, NodeRules, Snapshot};
 use crate::metrics::Metrics;
 use crate::resources::JobContext;
@@ -51,6 +51,7 @@ pub enum Outcome {
 /// A job as admission needs it, parsed once per resourceVersion.
 #[derive(Clone, Debug)]
 struct JobInfo {
+    key: Arc<str>,
     namespace: String,
     name: String,
     waiting: bool,
@@ -60,8 +61,8 @@ struct JobInfo {
     admitted: Option<Vec<String>>,
     priority_class: Option<String>,
     created: i64,
-    shape: Shape,
-    rules: NodeRules,
+    shape: Arc<Shape>,
+    rules: Arc<NodeRules>,
 }
 
 fn key_of(namespace: &str, name: &str) -> String {
@@ -88,6 +89,7 @@ impl JobInfo {
             .filter(|a| a.attempt == Some(status.attempt) && a.admitted_at.is_some())
             .map(|a| a.nodes.clone());
         Some(JobInfo {
+            key: key_of(&job.namespace().unwrap_or_default(), &job.name_any()).into(),
             namespace: job.namespace().unwrap_or_default(),
             name: job.name_any(),
             waiting: live
@@ -102,7 +104,7 @@ impl JobInfo {
                 .creation_timestamp
                 .as_ref()
                 .map_or(0, |t| t.0.as_second()),
-            shape: Shape {
+            shape: Arc::new(Shape {
                 replicas: ctx.layout.data_parallel(),
                 stages: ctx.layout.pipeline_stages(),
                 request: pod_request(&spec),
@@ -112,13 +114,13 @@ impl JobInfo {
                     .topology
                     .as_ref()
                     .map(|t| (t.key.clone(), t.mode == TopologyMode::Required)),
-            },
-            rules: NodeRules::of(&spec),
+            }),
+            rules: Arc::new(NodeRules::of(&spec)),
         })
     }
 
     fn key(&self) -> String {
-        key_of(&self.namespace, &self.name)
+        self.key.to_string()
     }
 }
 
@@ -131,10 +133,52 @@ struct Plan {
     granted: Instant,
 }
 
+/// (namespace, job, attempt, rank) of a worker pod.
+type WorkerKey = (String, String, i32, u32);
+
+/// What a pod means to admission.
+struct PodUse {
+    /// The worker it is, for a worker pod.
+    worker: Option<Arc<WorkerKey>>,
+    /// The node it holds capacity on (bound, or planned by admission) and how much, unless it
+    /// has finished.
+    holds: Option<(String, Res)>,
+}
+
+impl PodUse {
+    fn of(pod: &Pod) -> PodUse {
+        let worker = pod.metadata.labels.as_ref().and_then(|l| {
+            Some(Arc::new((
+                pod.namespace().unwrap_or_default(),
+                l.get(labels::JOB_NAME)?.clone(),
+                l.get(labels::ATTEMPT)?.parse::<i32>().ok()?,
+                l.get(labels::RANK)?.parse::<u32>().ok()?,
+            )))
+        });
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        let finished = matches!(phase, Some("Succeeded" | "Failed"));
+        let holds = pod.spec.as_ref().filter(|_| !finished).and_then(|spec| {
+            let node = spec.node_name.clone().or_else(|| {
+                pod.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(annotations::PLANNED_NODE).cloned())
+            })?;
+            Some((node, pod_request(spec)))
+        });
+        PodUse { worker, holds }
+    }
+}
+
+/// A cached reading of an object, valid while the cache holds that very object.
+type Reading<K, T> = (Arc<K>, T);
+
 #[derive(Default)]
 struct State {
     plans: HashMap<String, Plan>,
-    parsed: HashMap<String, (String, Option<Arc<JobInfo>>)>,
+    parsed: HashMap<usize, Reading<DynamicObject, Option<Arc<JobInfo>>>>,
+    nodes: HashMap<usize, Reading<Node, NodeInfo>>,
+    pods: HashMap<usize, Reading<Pod, Arc<PodUse>>>,
 }
 
 /// The admission queue: one per operator process.
@@ -226,14 +270,8 @@ impl Admitter {
         let infos = self.parse_jobs(&mut st, caller_info);
         prune_plans(&mut st.plans, &infos);
 
-        let mut snapshot = Snapshot::new(
-            self.nodes
-                .state()
-                .iter()
-                .map(|n| NodeInfo::from_node(n))
-                .collect(),
-        );
-        let present = self.count_pods(&mut snapshot);
+        let mut snapshot = Snapshot::new(self.node_infos(&mut st));
+        let present = self.count_pods(&mut st, &mut snapshot);
         for info in infos.values() {
             if let (true, Some(nodes)) = (info.live, &info.admitted) {
                 reserve(
@@ -258,6 +296,7 @@ impl Admitter {
                 &plan.request,
             );
         }
+        let priorities = self.priorities();
         let mut queue: Vec<Waiting> = infos
             .values()
             .filter(|i| {
@@ -266,13 +305,17 @@ impl Admitter {
             })
             .map(|i| Waiting {
                 key: i.key(),
-                priority: self.priority(i.priority_class.as_deref()),
+                priority: priorities.of(i.priority_class.as_deref()),
                 created: i.created,
                 shape: i.shape.clone(),
                 rules: i.rules.clone(),
             })
             .collect();
-        let verdicts = cycle(&mut snapshot, &mut queue);
+        let explain = match &caller_key {
+            Some(k) => Explain::Only(k),
+            None => Explain::Nobody,
+        };
+        let verdicts = cycle(&mut snapshot, &mut queue, explain);
         let mut waiting = 0;
         let mut outcome = None;
         for (key, verdict) in verdicts {
@@ -283,7 +326,7 @@ impl Admitter {
                         .iter()
                         .map(|i| snapshot.nodes[*i].name.clone())
                         .collect();
-                    if let Some(info) = infos.get(&key) {
+                    if let Some(info) = infos.get(key.as_str()) {
                         st.plans.insert(
                             key.clone(),
                             Plan {
@@ -333,79 +376,107 @@ impl Admitter {
 
     /// Parses every cached job (reusing the parse of an unchanged resourceVersion), with the
     /// caller's fresh copy in place of its cached one.
-    fn parse_jobs(&self, st: &mut State, caller: Option<JobInfo>) -> HashMap<String, Arc<JobInfo>> {
-        let mut infos = HashMap::new();
-        let mut seen = HashSet::new();
-        for raw in self.jobs.state() {
-            let key = key_of(&raw.namespace().unwrap_or_default(), &raw.name_any());
-            let rv = raw.resource_version().unwrap_or_default();
-            seen.insert(key.clone());
-            let fresh = st.parsed.get(&key).is_some_and(|(v, _)| *v == rv);
-            if !fresh {
-                let info = crate::controller::read_job(&raw)
+    fn parse_jobs(
+        &self,
+        st: &mut State,
+        caller: Option<JobInfo>,
+    ) -> HashMap<Arc<str>, Arc<JobInfo>> {
+        let jobs = self.jobs.state();
+        let mut infos = HashMap::with_capacity(jobs.len() + 1);
+        let mut next = HashMap::with_capacity(jobs.len());
+        for raw in jobs {
+            // Keyed by the cached object itself, as for nodes and pods.
+            let at = Arc::as_ptr(&raw) as usize;
+            let info = match st.parsed.remove(&at) {
+                Some((_, info)) => info,
+                None => crate::controller::read_job(&raw)
                     .ok()
                     .and_then(|j| JobInfo::of(&j, &self.controller_name))
-                    .map(Arc::new);
-                st.parsed.insert(key.clone(), (rv, info));
+                    .map(Arc::new),
+            };
+            if let Some(info) = &info {
+                infos.insert(info.key.clone(), info.clone());
             }
-            if let Some((_, Some(info))) = st.parsed.get(&key) {
-                infos.insert(key, info.clone());
-            }
+            next.insert(at, (raw, info));
         }
-        st.parsed.retain(|k, _| seen.contains(k));
+        st.parsed = next;
         if let Some(info) = caller {
-            infos.insert(info.key(), Arc::new(info));
+            infos.insert(info.key.clone(), Arc::new(info));
         }
         infos
     }
 
+    /// Every node as admission sees it (reusing the reading of a node the cache has not
+    /// replaced since).
+    fn node_infos(&self, st: &mut State) -> Vec<NodeInfo> {
+        let nodes = self.nodes.state();
+        let mut out = Vec::with_capacity(nodes.len());
+        let mut next = HashMap::with_capacity(nodes.len());
+        for node in nodes {
+            // Keyed by the cached object itself: the cache replaces the Arc when the node changes,
+            // and holding it here keeps its address from being reused.
+            let at = Arc::as_ptr(&node) as usize;
+            let info = match st.nodes.remove(&at) {
+                Some((_, info)) => info,
+                None => NodeInfo::from_node(&node),
+            };
+            out.push(info.clone());
+            next.insert(at, (node, info));
+        }
+        st.nodes = next;
+        out
+    }
+
     /// Counts every pod that holds capacity into the snapshot; returns the (namespace, job,
     /// attempt, rank) of every worker pod that exists, finished or not.
-    fn count_pods(&self, snapshot: &mut Snapshot) -> HashSet<(String, String, i32, u32)> {
+    fn count_pods(&self, st: &mut State, snapshot: &mut Snapshot) -> HashSet<Arc<WorkerKey>> {
+        let pods = self.pods.state();
         let mut present = HashSet::new();
-        for pod in self.pods.state() {
-            let labels_map = pod.metadata.labels.as_ref();
-            let worker = labels_map.and_then(|l| {
-                Some((
-                    l.get(labels::JOB_NAME)?.clone(),
-                    l.get(labels::ATTEMPT)?.parse::<i32>().ok()?,
-                    l.get(labels::RANK)?.parse::<u32>().ok()?,
-                ))
-            });
-            if let Some((job, attempt, rank)) = worker {
-                present.insert((pod.namespace().unwrap_or_default(), job, attempt, rank));
-            }
-            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-            if matches!(phase, Some("Succeeded" | "Failed")) {
-                continue;
-            }
-            let Some(spec) = pod.spec.as_ref() else {
-                continue;
+        let mut next = HashMap::with_capacity(pods.len());
+        for pod in pods {
+            let at = Arc::as_ptr(&pod) as usize;
+            let usage = match st.pods.remove(&at) {
+                Some((_, u)) => u,
+                None => Arc::new(PodUse::of(&pod)),
             };
-            let node = spec.node_name.clone().or_else(|| {
-                pod.metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(annotations::PLANNED_NODE).cloned())
-            });
-            if let Some(node) = node {
-                snapshot.take(&node, &pod_request(spec));
+            if let Some(w) = &usage.worker {
+                present.insert(w.clone());
             }
+            if let Some((node, request)) = &usage.holds {
+                snapshot.take(node, request);
+            }
+            next.insert(at, (pod, usage));
         }
+        st.pods = next;
         present
     }
 
-    fn priority(&self, class: Option<&str>) -> i32 {
+    fn priorities(&self) -> Priorities {
         let classes = self.classes.state();
-        match class {
-            Some(name) => classes
-                .iter()
-                .find(|c| c.name_any() == name)
-                .map_or(0, |c| c.value.unwrap_or(0)),
-            None => classes
+        Priorities {
+            default: classes
                 .iter()
                 .find(|c| c.global_default == Some(true))
                 .map_or(0, |c| c.value.unwrap_or(0)),
+            by_name: classes
+                .iter()
+                .map(|c| (c.name_any(), c.value.unwrap_or(0)))
+                .collect(),
+        }
+    }
+}
+
+/// PriorityClass values: a named class, or the global default when none is named.
+struct Priorities {
+    default: i32,
+    by_name: HashMap<String, i32>,
+}
+
+impl Priorities {
+    fn of(&self, class: Option<&str>) -> i32 {
+        match class {
+            Some(name) => self.by_name.get(name).copied().unwrap_or(0),
+            None => self.default,
         }
     }
 }
@@ -413,7 +484,7 @@ impl Admitter {
 /// Takes the capacity of every rank of an admitted attempt whose pod does not exist yet.
 fn reserve(
     snapshot: &mut Snapshot,
-    present: &HashSet<(String, String, i32, u32)>,
+    present: &HashSet<Arc<WorkerKey>>,
     namespace: &str,
     name: &str,
     attempt: i32,
@@ -422,7 +493,8 @@ fn reserve(
 ) {
     for (rank, node) in nodes.iter().enumerate() {
         let rank = u32::try_from(rank).unwrap_or(u32::MAX);
-        if !present.contains(&(namespace.to_string(), name.to_string(), attempt, rank)) {
+        let key = Arc::new((namespace.to_string(), name.to_string(), attempt, rank));
+        if !present.contains(&key) {
             snapshot.take(node, request);
         }
     }
@@ -431,8 +503,8 @@ fn reserve(
 /// Drops the plans the job cache now shows in a status (the status holds the reservation from
 /// then on), of jobs that no longer wait for them (finished, suspended, deleted), and of jobs the
 /// cache has not shown for a while.
-fn prune_plans(plans: &mut HashMap<String, Plan>, infos: &HashMap<String, Arc<JobInfo>>) {
-    plans.retain(|key, plan| match infos.get(key) {
+fn prune_plans(plans: &mut HashMap<String, Plan>, infos: &HashMap<Arc<str>, Arc<JobInfo>>) {
+    plans.retain(|key, plan| match infos.get(key.as_str()) {
         Some(info) => {
             info.live && info.attempt == plan.attempt && info.admitted.as_ref() != Some(&plan.nodes)
         }

@@ -25,8 +25,13 @@ impl Res {
     /// Adds `other` `times` times (subtracts for a negative `times`).
     pub fn add_times(&mut self, other: &Res, times: i64) {
         for (k, v) in &other.0 {
-            let e = self.0.entry(k.clone()).or_insert(0);
-            *e = e.saturating_add(v.saturating_mul(times));
+            let d = v.saturating_mul(times);
+            match self.0.get_mut(k) {
+                Some(e) => *e = e.saturating_add(d),
+                None => {
+                    self.0.insert(k.clone(), d);
+                }
+            }
         }
     }
 

@@ -239,10 +239,10 @@ mod tests {
                 .enumerate()
                 .map(|(i, (gpus_free, rack))| NodeInfo {
                     name: format!("n{i}"),
-                    labels: [("rack".to_string(), rack.to_string())].into(),
-                    taints: vec![],
+                    labels: std::sync::Arc::new([("rack".to_string(), rack.to_string())].into()),
+                    taints: Default::default(),
                     schedulable: true,
-                    allocatable: res(8),
+                    allocatable: res(8).into(),
                     used: Res([(GPU.to_string(), (8 - gpus_free) * 1000)].into()),
                 })
                 .collect(),
@@ -297,7 +297,7 @@ mod tests {
         assert_eq!(p.len(), 16);
         // A node without the label is in no domain for Required.
         let mut s2 = cluster(&[(8, "a")]);
-        s2.nodes[0].labels.clear();
+        s2.nodes[0].labels = Default::default();
         assert!(place(&s2, &all(&s2), &shape(1, 1, 1, Some(("rack", true))), false).is_err());
         assert!(
             place(

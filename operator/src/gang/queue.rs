@@ -12,6 +12,7 @@
 //! can never fit (even on an empty cluster) blocks nothing; it says so and waits (nodes may join).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::demand::{PODS, Res};
 use super::placement::{Shape, Shortfall, place};
@@ -27,9 +28,9 @@ pub struct Waiting {
     /// Creation time of the job, in seconds since the epoch (older goes first).
     pub created: i64,
     /// What it asks for.
-    pub shape: Shape,
+    pub shape: Arc<Shape>,
     /// Which nodes it may use.
-    pub rules: NodeRules,
+    pub rules: Arc<NodeRules>,
 }
 
 /// Why a gang waits.
@@ -69,19 +70,62 @@ pub fn order(queue: &mut [Waiting]) {
     });
 }
 
+/// Which waiting gangs a cycle explains (works out why they wait and what is missing). Only the
+/// gang whose reconcile asked needs that; the others only need to know whether they go.
+#[derive(Clone, Copy, Debug)]
+pub enum Explain<'a> {
+    /// Every gang (tests, tools).
+    All,
+    /// The gang with this key only.
+    Only(&'a str),
+    /// None.
+    Nobody,
+}
+
+impl Explain<'_> {
+    fn covers(&self, key: &str) -> bool {
+        match self {
+            Explain::All => true,
+            Explain::Only(k) => *k == key,
+            Explain::Nobody => false,
+        }
+    }
+}
+
 /// Runs one cycle over `queue` (sorted here): admits what may go, in order, taking its capacity
-/// in `snapshot`, and returns a verdict per gang in queue order.
-pub fn cycle(snapshot: &mut Snapshot, queue: &mut [Waiting]) -> Vec<(String, Verdict)> {
+/// in `snapshot`, and returns a verdict per gang in queue order. A waiting gang that `explain`
+/// does not cover gets an empty message (and `Capacity` where it may be `Behind`).
+pub fn cycle(
+    snapshot: &mut Snapshot,
+    queue: &mut [Waiting],
+    explain: Explain<'_>,
+) -> Vec<(String, Verdict)> {
     order(queue);
     let n = snapshot.nodes.len();
-    let mut eligible: HashMap<NodeRules, Vec<bool>> = HashMap::new();
-    let mut possible: HashMap<(NodeRules, Shape), Result<(), Shortfall>> = HashMap::new();
+    let mut eligible: HashMap<Arc<NodeRules>, Vec<bool>> = HashMap::new();
+    let mut possible: HashMap<(Arc<NodeRules>, Arc<Shape>), Result<(), Shortfall>> = HashMap::new();
     let mut blocked = vec![false; n];
     let mut blocked_count = 0;
     let mut head: Option<String> = None;
     let mut position = 0;
     let mut out = Vec::with_capacity(queue.len());
     for w in queue.iter() {
+        let explained = explain.covers(&w.key);
+        let everything_kept = n > 0 && blocked_count == n;
+        if everything_kept && !explained {
+            // Every node is kept for gangs ahead: this one waits, and whether it could ever fit
+            // changes nothing (there is nothing left for it to keep).
+            position += 1;
+            out.push((
+                w.key.clone(),
+                Verdict::Waits {
+                    why: Wait::Behind(head.clone().unwrap_or_default()),
+                    message: String::new(),
+                    position,
+                },
+            ));
+            continue;
+        }
         let elig = eligible
             .entry(w.rules.clone())
             .or_insert_with(|| {
@@ -93,7 +137,7 @@ pub fn cycle(snapshot: &mut Snapshot, queue: &mut [Waiting]) -> Vec<(String, Ver
             })
             .clone();
         let overlaps = elig.iter().zip(&blocked).any(|(e, b)| *e && *b);
-        let attempt = if blocked_count == n && n > 0 {
+        let attempt = if everything_kept {
             None
         } else if overlaps {
             let avail: Vec<bool> = elig.iter().zip(&blocked).map(|(e, b)| *e && !*b).collect();
@@ -114,27 +158,35 @@ pub fn cycle(snapshot: &mut Snapshot, queue: &mut [Waiting]) -> Vec<(String, Ver
             .or_insert_with(|| place(snapshot, &elig, &w.shape, true).map(drop))
             .clone();
         let (why, message) = match ever {
-            Err(never) => (Wait::Never, never_message(&w.shape, &never)),
-            Ok(()) => {
-                // Would it fit now if nothing were kept for the gangs ahead?
-                let now = if overlaps {
-                    place(snapshot, &elig, &w.shape, false)
+            Err(never) => (
+                Wait::Never,
+                if explained {
+                    never_message(&w.shape, &never)
                 } else {
-                    match attempt {
-                        Some(r) => r,
-                        None => place(snapshot, &elig, &w.shape, false),
-                    }
-                };
-                let reply = match (now, &head) {
-                    (Ok(_), Some(ahead)) => (
-                        Wait::Behind(ahead.clone()),
-                        format!(
-                            "it fits, but the capacity it could use is kept for {ahead}, which is \
-                             ahead in the queue (higher priority or older) and waits for it"
+                    String::new()
+                },
+            ),
+            Ok(()) => {
+                let reply = if explained {
+                    // Would it fit now if nothing were kept for the gangs ahead?
+                    let now = match attempt {
+                        Some(r) if !overlaps => r,
+                        _ => place(snapshot, &elig, &w.shape, false),
+                    };
+                    match (now, &head) {
+                        (Ok(_), Some(ahead)) => (
+                            Wait::Behind(ahead.clone()),
+                            format!(
+                                "it fits, but the capacity it could use is kept for {ahead}, \
+                                 which is ahead in the queue (higher priority or older) and \
+                                 waits for it"
+                            ),
                         ),
-                    ),
-                    (Ok(_), None) => (Wait::Capacity, "waiting for capacity".into()),
-                    (Err(short), _) => (Wait::Capacity, capacity_message(&w.shape, &short)),
+                        (Ok(_), None) => (Wait::Capacity, "waiting for capacity".into()),
+                        (Err(short), _) => (Wait::Capacity, capacity_message(&w.shape, &short)),
+                    }
+                } else {
+                    (Wait::Capacity, String::new())
                 };
                 for (b, e) in blocked.iter_mut().zip(&elig) {
                     if *e && !*b {
@@ -276,8 +328,8 @@ mod tests {
     fn node(name: &str, gpus: i64, used: i64, rack: &str, tainted: bool) -> NodeInfo {
         NodeInfo {
             name: name.into(),
-            labels: [("rack".to_string(), rack.to_string())].into(),
-            taints: if tainted {
+            labels: std::sync::Arc::new([("rack".to_string(), rack.to_string())].into()),
+            taints: std::sync::Arc::new(if tainted {
                 vec![Taint {
                     key: "pool".into(),
                     value: Some("x".into()),
@@ -286,9 +338,9 @@ mod tests {
                 }]
             } else {
                 vec![]
-            },
+            }),
             schedulable: true,
-            allocatable: Res([(GPU.into(), gpus * 1000), (PODS.into(), 110_000)].into()),
+            allocatable: Res([(GPU.into(), gpus * 1000), (PODS.into(), 110_000)].into()).into(),
             used: Res([(GPU.into(), used * 1000)].into()),
         }
     }
@@ -298,13 +350,13 @@ mod tests {
             key: key.into(),
             priority,
             created,
-            shape: Shape {
+            shape: Arc::new(Shape {
                 replicas: ranks,
                 stages: 1,
                 request: Res([(GPU.into(), gpus * 1000), (PODS.into(), 1000)].into()),
                 topology: None,
-            },
-            rules: NodeRules::default(),
+            }),
+            rules: Arc::default(),
         }
     }
 
@@ -322,7 +374,7 @@ mod tests {
             gang("ns/second", 0, 20, 6, 1),
             gang("ns/first", 0, 10, 6, 1),
         ];
-        let out = cycle(&mut s, &mut q);
+        let out = cycle(&mut s, &mut q, Explain::All);
         assert!(matches!(verdict(&out, "ns/first"), Verdict::Admit(n) if n.len() == 6));
         let Verdict::Waits {
             why,
@@ -349,7 +401,7 @@ mod tests {
         // 4 GPUs free. The high-priority gang needs 8 and waits; the small old gang would fit but
         // must not take the head's capacity.
         let mut q = vec![gang("ns/small", 0, 1, 2, 1), gang("ns/high", 100, 50, 8, 1)];
-        let out = cycle(&mut s, &mut q);
+        let out = cycle(&mut s, &mut q, Explain::All);
         assert_eq!(out[0].0, "ns/high", "priority orders the queue");
         assert!(matches!(
             verdict(&out, "ns/high"),
@@ -374,14 +426,14 @@ mod tests {
             node("t", 8, 0, "r", true),
         ]);
         let mut tolerant = gang("ns/tolerant", 0, 20, 4, 1);
-        tolerant.rules = NodeRules::of(
+        tolerant.rules = Arc::new(NodeRules::of(
             &serde_json::from_value(serde_json::json!({
                 "containers": [], "tolerations": [{"key": "pool", "operator": "Exists"}]
             }))
             .unwrap(),
-        );
+        ));
         let mut q = vec![gang("ns/head", 0, 10, 4, 1), tolerant];
-        let out = cycle(&mut s, &mut q);
+        let out = cycle(&mut s, &mut q, Explain::All);
         assert!(matches!(verdict(&out, "ns/head"), Verdict::Waits { .. }));
         assert_eq!(verdict(&out, "ns/tolerant"), &Verdict::Admit(vec![1; 4]));
     }
@@ -393,9 +445,9 @@ mod tests {
             node("b", 8, 0, "r2", false),
         ]);
         let mut huge = gang("ns/huge", 100, 1, 2, 8);
-        huge.shape.topology = Some(("rack".into(), true));
+        Arc::make_mut(&mut huge.shape).topology = Some(("rack".into(), true));
         let mut q = vec![huge, gang("ns/small", 0, 5, 1, 8)];
-        let out = cycle(&mut s, &mut q);
+        let out = cycle(&mut s, &mut q, Explain::All);
         let Verdict::Waits { why, message, .. } = verdict(&out, "ns/huge") else {
             panic!("placed across racks");
         };
@@ -413,8 +465,8 @@ mod tests {
             node("d", 8, 0, "rack-2", false),
         ]);
         let mut g = gang("ns/g", 0, 1, 2, 8);
-        g.shape.topology = Some(("rack".into(), true));
-        let out = cycle(&mut s, &mut [g]);
+        Arc::make_mut(&mut g.shape).topology = Some(("rack".into(), true));
+        let out = cycle(&mut s, &mut [g], Explain::All);
         let Verdict::Waits { message, .. } = &out[0].1 else {
             panic!("admitted")
         };
@@ -437,10 +489,10 @@ mod tests {
         fn arb_queue()(gangs in prop::collection::vec((0i32..3, 1u32..4, 1u32..3, 0i64..=8, 0u8..3, any::<bool>()), 0..10)) -> Vec<Waiting> {
             gangs.into_iter().enumerate().map(|(i, (prio, replicas, stages, gpus, topo, tolerant))| {
                 let mut g = gang(&format!("ns/g{i}"), prio, i as i64, replicas, gpus);
-                g.shape.stages = stages;
-                g.shape.topology = match topo { 1 => Some(("rack".into(), true)), 2 => Some(("rack".into(), false)), _ => None };
+                Arc::make_mut(&mut g.shape).stages = stages;
+                Arc::make_mut(&mut g.shape).topology = match topo { 1 => Some(("rack".into(), true)), 2 => Some(("rack".into(), false)), _ => None };
                 if tolerant {
-                    g.rules.tolerations = NodeRules::of(&serde_json::from_value(serde_json::json!({
+                    Arc::make_mut(&mut g.rules).tolerations = NodeRules::of(&serde_json::from_value(serde_json::json!({
                         "containers": [], "tolerations": [{"key": "pool", "operator": "Exists"}]
                     })).unwrap()).tolerations;
                 }
@@ -459,7 +511,7 @@ mod tests {
             mut s in arb_cluster(), mut q in arb_queue()
         ) {
             let before = s.clone();
-            let out = cycle(&mut s, &mut q);
+            let out = cycle(&mut s, &mut q, Explain::All);
             let mut used: Vec<Res> = before.nodes.iter().map(|n| n.used.clone()).collect();
             let mut kept_for_ahead = vec![false; before.nodes.len()];
             for ((key, v), w) in out.iter().zip(q.iter()) {

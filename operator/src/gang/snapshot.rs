@@ -5,6 +5,7 @@
 //! NoExecute taints).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{
     Node, NodeSelectorRequirement, NodeSelectorTerm, PodSpec, Taint, Toleration,
@@ -17,14 +18,14 @@ use super::demand::Res;
 pub struct NodeInfo {
     /// Node name.
     pub name: String,
-    /// Its labels.
-    pub labels: BTreeMap<String, String>,
+    /// Its labels (shared: a snapshot is rebuilt for every decision, the labels rarely change).
+    pub labels: Arc<BTreeMap<String, String>>,
     /// Taints a pod must tolerate to be scheduled there (effects NoSchedule and NoExecute).
-    pub taints: Vec<Taint>,
+    pub taints: Arc<Vec<Taint>>,
     /// False when cordoned.
     pub schedulable: bool,
     /// Allocatable resources.
-    pub allocatable: Res,
+    pub allocatable: Arc<Res>,
     /// What is taken.
     pub used: Res,
 }
@@ -35,20 +36,22 @@ impl NodeInfo {
         let spec = node.spec.clone().unwrap_or_default();
         NodeInfo {
             name: node.metadata.name.clone().unwrap_or_default(),
-            labels: node.metadata.labels.clone().unwrap_or_default(),
-            taints: spec
-                .taints
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
-                .collect(),
+            labels: Arc::new(node.metadata.labels.clone().unwrap_or_default()),
+            taints: Arc::new(
+                spec.taints
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+                    .collect(),
+            ),
             schedulable: !spec.unschedulable.unwrap_or(false),
-            allocatable: node
-                .status
-                .as_ref()
-                .and_then(|s| s.allocatable.as_ref())
-                .map(Res::from_list)
-                .unwrap_or_default(),
+            allocatable: Arc::new(
+                node.status
+                    .as_ref()
+                    .and_then(|s| s.allocatable.as_ref())
+                    .map(Res::from_list)
+                    .unwrap_or_default(),
+            ),
             used: Res::default(),
         }
     }
@@ -232,21 +235,25 @@ mod tests {
     fn node(name: &str, labels: &[(&str, &str)], taints: &[(&str, &str, &str)]) -> NodeInfo {
         NodeInfo {
             name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            taints: taints
-                .iter()
-                .map(|(k, v, e)| Taint {
-                    key: k.to_string(),
-                    value: Some(v.to_string()),
-                    effect: e.to_string(),
-                    ..Default::default()
-                })
-                .collect(),
+            labels: Arc::new(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            taints: Arc::new(
+                taints
+                    .iter()
+                    .map(|(k, v, e)| Taint {
+                        key: k.to_string(),
+                        value: Some(v.to_string()),
+                        effect: e.to_string(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
             schedulable: true,
-            allocatable: Res::default(),
+            allocatable: Default::default(),
             used: Res::default(),
         }
     }
