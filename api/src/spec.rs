@@ -60,6 +60,20 @@ use crate::training::Training;
         description = "Gang restarts so far"
     ),
     printcolumn(
+        name = "Admission",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Admitted\")].reason",
+        description = "Why the gang waits, or GangAdmitted",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Position",
+        type_ = "integer",
+        json_path = ".status.admission.queuePosition",
+        description = "Position in the admission queue while the gang waits (1 = next)",
+        priority = "1"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"

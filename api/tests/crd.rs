@@ -51,8 +51,27 @@ fn names_scope_and_subresources() {
         .collect();
     assert_eq!(
         columns,
-        ["Phase", "Ready", "Step", "Loss", "Restarts", "Age"]
+        [
+            "Phase",
+            "Ready",
+            "Step",
+            "Loss",
+            "Restarts",
+            "Admission",
+            "Position",
+            "Age"
+        ]
     );
+    // The admission columns show with `-o wide` only.
+    let wide: Vec<&str> = v
+        .additional_printer_columns
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter(|c| c.priority == Some(1))
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(wide, ["Admission", "Position"]);
 }
 
 fn schema() -> Value {

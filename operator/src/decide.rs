@@ -697,11 +697,25 @@ impl Builder<'_> {
                     .map(|r| p.get(*r as usize).cloned().unwrap_or_default())
                     .collect()
             });
+            let pinned = nodes.is_some();
             self.d.actions.push(Action::CreatePods {
                 attempt,
                 ranks: missing,
                 nodes,
             });
+            if pinned {
+                // Once these creations have all landed the whole gang exists: release it in the
+                // same pass (the actions stop at the first failed write, and a later pass
+                // releases what a crash left gated).
+                let name = self.job.metadata.name.clone().unwrap_or_default();
+                let names: Vec<String> = (0..self.world)
+                    .filter_map(|r| match current.iter().find(|p| p.rank == r) {
+                        Some(p) => (p.gated && !p.terminating).then(|| p.name.clone()),
+                        None => Some(format!("{name}-{r}")),
+                    })
+                    .collect();
+                self.d.actions.push(Action::Ungate(names));
+            }
             if self.d.status.start_time.is_none() {
                 self.d.status.start_time = Some(self.time());
             }
@@ -1323,6 +1337,7 @@ mod tests {
     #[test]
     fn a_gang_waits_in_the_queue_then_is_admitted_gated_and_released_together() {
         let mut j = job("ddp-digits.yaml");
+        j.metadata.name = Some("j".into());
         j.metadata.creation_timestamp = Some(Time(at(0)));
         j.spec.scheduling.schedule_timeout_seconds = Some(60);
         let d = decide(&j, 4, &[], at(1), &mut || {
@@ -1421,9 +1436,19 @@ mod tests {
             ranks: vec![2, 3],
             nodes: Some(plan[2..].to_vec())
         }));
-        assert!(
-            !d.actions.iter().any(|a| matches!(a, Action::Ungate(_))),
-            "released before the gang is whole"
+        // Released in the same pass, only after the creations that make the gang whole.
+        let create = d
+            .actions
+            .iter()
+            .position(|a| matches!(a, Action::CreatePods { .. }));
+        let ungate = d
+            .actions
+            .iter()
+            .position(|a| matches!(a, Action::Ungate(_)));
+        assert!(create < ungate, "{:?}", d.actions);
+        assert_eq!(
+            d.actions[ungate.unwrap()],
+            Action::Ungate((0..4).map(|r| format!("j-{r}")).collect())
         );
         // The whole gang exists: every gate goes at once.
         made.extend((2..4).map(|r| RankPod {

@@ -614,9 +614,11 @@ pub struct Pin<'a> {
 /// Label that names a node's host.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
-/// Adds the pin as a required node affinity: on `kubernetes.io/hostname` (by node name when the
-/// node has no such label), added to every term of the template's own required affinity (terms
-/// are ORed, expressions within a term ANDed), so both must hold.
+/// Adds the pin as a required node affinity, added to every term of the template's own required
+/// affinity (terms are ORed, requirements within a term ANDed), so both must hold: the node's
+/// `kubernetes.io/hostname` (when it has that label), and its name as a field
+/// (`metadata.name`, as DaemonSet pods are pinned). The field lets kube-scheduler's PreFilter
+/// narrow the candidates to that one node instead of filtering every node of the cluster.
 fn pin_to(spec: &mut PodSpec, pin: &Pin<'_>) {
     let requirement = |key: &str, value: &str| NodeSelectorRequirement {
         key: key.into(),
@@ -635,16 +637,14 @@ fn pin_to(spec: &mut PodSpec, pin: &Pin<'_>) {
         terms.push(NodeSelectorTerm::default());
     }
     for term in terms.iter_mut() {
-        match pin.hostname {
-            Some(h) => term
-                .match_expressions
+        if let Some(h) = pin.hostname {
+            term.match_expressions
                 .get_or_insert_with(Vec::new)
-                .push(requirement(HOSTNAME_LABEL, h)),
-            None => term
-                .match_fields
-                .get_or_insert_with(Vec::new)
-                .push(requirement("metadata.name", pin.node)),
+                .push(requirement(HOSTNAME_LABEL, h));
         }
+        term.match_fields
+            .get_or_insert_with(Vec::new)
+            .push(requirement("metadata.name", pin.node));
     }
 }
 
@@ -759,6 +759,148 @@ mod tests {
             operator::SCHEDULING_GATE
         );
         assert_eq!(env_of(&pod)["NCCL_DEBUG"], "INFO");
+    }
+
+    #[test]
+    fn a_pinned_pod_must_meet_its_planned_node_and_the_templates_own_affinity() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.template.spec.as_mut().unwrap().affinity = Some(
+            serde_json::from_value(serde_json::json!({"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+                {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["b"]}]}
+            ]}}}))
+            .unwrap(),
+        );
+        let ctx = JobContext::new(&j).unwrap();
+        let pin = Pin {
+            node: "node-7",
+            hostname: Some("host-7"),
+        };
+        let pod = ctx.pod(1, 0, "d", true, Some(&pin)).unwrap();
+        let terms = &pod
+            .spec
+            .as_ref()
+            .unwrap()
+            .affinity
+            .as_ref()
+            .unwrap()
+            .node_affinity
+            .as_ref()
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .unwrap()
+            .node_selector_terms;
+        assert_eq!(terms.len(), 2, "the template's terms stay ORed");
+        for t in terms {
+            let exprs = t.match_expressions.as_ref().unwrap();
+            assert_eq!(exprs[0].key, "zone", "the template's requirement stays");
+            assert_eq!(
+                (exprs[1].key.as_str(), exprs[1].values.as_deref()),
+                (HOSTNAME_LABEL, Some(&["host-7".to_string()][..]))
+            );
+            let fields = t.match_fields.as_ref().unwrap();
+            assert_eq!(
+                (fields[0].key.as_str(), fields[0].values.as_deref()),
+                ("metadata.name", Some(&["node-7".to_string()][..]))
+            );
+        }
+        assert_eq!(
+            pod.metadata.annotations.as_ref().unwrap()[annotations::PLANNED_NODE],
+            "node-7"
+        );
+        assert_eq!(
+            pod.spec
+                .as_ref()
+                .unwrap()
+                .scheduling_gates
+                .as_ref()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn external_gang_policies_get_their_group_objects_and_scheduler() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.parallelism.gpus_per_worker = 2;
+        assert!(
+            JobContext::new(&j)
+                .unwrap()
+                .gang_objects()
+                .unwrap()
+                .is_empty(),
+            "Builtin writes none"
+        );
+
+        j.spec.scheduling.gang_policy = GangPolicy::Workload;
+        j.spec.scheduling.priority_class_name = Some("high".into());
+        let ctx = JobContext::new(&j).unwrap();
+        let objs = ctx.gang_objects().unwrap();
+        let kinds: Vec<&str> = objs.iter().map(|o| o.kind.as_str()).collect();
+        assert_eq!(kinds, ["Workload", "PodGroup"]);
+        let template = &objs[0].body["spec"]["podGroupTemplates"][0];
+        assert_eq!(template["schedulingPolicy"]["gang"]["minCount"], 2);
+        assert_eq!(template["priorityClassName"], "high");
+        assert_eq!(
+            objs[1].body["spec"]["podGroupTemplateRef"]["workload"]["workloadName"],
+            "ddp-digits"
+        );
+        let pod = ctx.pod(0, 0, "d", false, None).unwrap();
+        assert_eq!(
+            pod.spec
+                .unwrap()
+                .scheduling_group
+                .unwrap()
+                .pod_group_name
+                .as_deref(),
+            Some("ddp-digits")
+        );
+
+        j.spec.scheduling.gang_policy = GangPolicy::Coscheduling;
+        j.spec.scheduling.schedule_timeout_seconds = Some(120);
+        let ctx = JobContext::new(&j).unwrap();
+        let objs = ctx.gang_objects().unwrap();
+        assert_eq!(
+            (objs[0].group.as_str(), objs[0].kind.as_str()),
+            ("scheduling.x-k8s.io", "PodGroup")
+        );
+        let spec = &objs[0].body["spec"];
+        assert_eq!(
+            (
+                spec["minMember"].as_i64(),
+                spec["scheduleTimeoutSeconds"].as_i64()
+            ),
+            (Some(2), Some(120))
+        );
+        assert_eq!(spec["minResources"]["nvidia.com/gpu"], "4000m");
+        let pod = ctx.pod(0, 0, "d", false, None).unwrap();
+        assert_eq!(
+            pod.metadata.labels.as_ref().unwrap()[COSCHEDULING_LABEL],
+            "ddp-digits"
+        );
+        assert_eq!(
+            pod.spec.unwrap().scheduler_name.as_deref(),
+            Some(COSCHEDULING_SCHEDULER)
+        );
+
+        j.spec.scheduling.gang_policy = GangPolicy::Volcano;
+        j.spec.scheduling.queue = Some("research".into());
+        let ctx = JobContext::new(&j).unwrap();
+        let objs = ctx.gang_objects().unwrap();
+        assert_eq!(objs[0].group, "scheduling.volcano.sh");
+        assert_eq!(objs[0].body["spec"]["queue"], "research");
+        let pod = ctx.pod(0, 0, "d", false, None).unwrap();
+        assert_eq!(
+            pod.metadata.annotations.as_ref().unwrap()["scheduling.k8s.io/group-name"],
+            "ddp-digits"
+        );
+        assert_eq!(
+            pod.spec.unwrap().scheduler_name.as_deref(),
+            Some(VOLCANO_SCHEDULER)
+        );
     }
 
     #[test]
