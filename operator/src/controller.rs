@@ -602,28 +602,16 @@ async fn report_gang_api_missing(
             observed_generation: job.metadata.generation,
         });
     status.phase = Some(lockstep_api::status::Phase::Queued);
-    let patch = serde_json::json!({
-        "apiVersion": ParallelJob::api_version(&()),
-        "kind": ParallelJob::kind(&()),
-        "status": status,
-    });
-    jobs.patch_status(
-        &job.name_any(),
-        &PatchParams::apply(operator::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
+    report(
+        ctx,
+        jobs,
+        job,
+        &status,
+        reasons::GANG_API_MISSING,
+        "EnsureGangObjects",
+        message,
     )
-    .await?;
-    let ev = Event {
-        type_: EventType::Warning,
-        reason: reasons::GANG_API_MISSING.into(),
-        note: Some(message.chars().take(1000).collect()),
-        action: "EnsureGangObjects".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
-        warn!(job = %job.name_any(), error = %e, "recording an event failed");
-    }
-    Ok(())
+    .await
 }
 
 async fn report_rejected(
@@ -644,6 +632,30 @@ async fn report_rejected(
     if !changed {
         return Ok(());
     }
+    warn!(job = %job.name_any(), message, "template rejected");
+    report(
+        ctx,
+        jobs,
+        job,
+        &status,
+        reasons::TEMPLATE_REJECTED,
+        "CreatePods",
+        message,
+    )
+    .await
+}
+
+/// Writes `status` and records a Warning Event `reason` for `action` with `message`: how a
+/// problem that stops a job's pods from being made is reported outside `decide`.
+async fn report(
+    ctx: &Context,
+    jobs: &Api<ParallelJob>,
+    job: &ParallelJob,
+    status: &lockstep_api::ParallelJobStatus,
+    reason: &str,
+    action: &str,
+    message: &str,
+) -> Result<()> {
     let patch = serde_json::json!({
         "apiVersion": ParallelJob::api_version(&()),
         "kind": ParallelJob::kind(&()),
@@ -657,15 +669,14 @@ async fn report_rejected(
     .await?;
     let ev = Event {
         type_: EventType::Warning,
-        reason: reasons::TEMPLATE_REJECTED.into(),
+        reason: reason.into(),
         note: Some(message.chars().take(1000).collect()),
-        action: "CreatePods".into(),
+        action: action.into(),
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
         warn!(job = %job.name_any(), error = %e, "recording an event failed");
     }
-    warn!(job = %job.name_any(), message, "template rejected");
     Ok(())
 }
 

@@ -1326,6 +1326,14 @@ mod tests {
         assert!(!fits.status.conditions.iter().any(|c| c.type_ == ct::VALID));
     }
 
+    fn admitted(d: &Decision) -> &Condition {
+        d.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ct::ADMITTED)
+            .expect("an Admitted condition")
+    }
+
     fn wait(reason: &'static str, position: usize) -> Outcome {
         Outcome::Waiting {
             reason,
@@ -1350,12 +1358,7 @@ mod tests {
             "a queued gang makes nothing: {:?}",
             d.actions
         );
-        let c = d
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == ct::ADMITTED)
-            .unwrap();
+        let c = admitted(&d);
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),
             ("False", reasons::INSUFFICIENT_CAPACITY)
@@ -1374,12 +1377,7 @@ mod tests {
             wait(reasons::INSUFFICIENT_CAPACITY, 1)
         });
         j.status = Some(d.status.clone());
-        let c = d
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == ct::ADMITTED)
-            .unwrap();
+        let c = admitted(&d);
         assert_eq!(c.reason, reasons::ADMISSION_TIMEOUT);
         assert!(
             c.message.contains("scheduleTimeoutSeconds (60s)"),

@@ -86,6 +86,19 @@ async fn finish(ns: &TestNamespace, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Plays the kubelet for gangs that run: each finishes. Returns how many jobs have succeeded.
+async fn finish_running(ns: &TestNamespace, names: &[String]) -> anyhow::Result<usize> {
+    let mut done = 0;
+    for n in names {
+        match phase(ns, n).await? {
+            Some(Phase::Running) => finish(ns, n).await?,
+            Some(Phase::Succeeded) => done += 1,
+            _ => {}
+        }
+    }
+    Ok(done)
+}
+
 /// The Admitted condition of a job: (status, reason, message).
 async fn admitted(
     ns: &TestNamespace,
@@ -454,30 +467,13 @@ async fn killing_the_operator_while_it_admits_and_releases_never_oversubscribes_
             tokio::time::sleep(Duration::from_millis(50 + seed % 600)).await;
             operator.abort();
             let _ = operator.await;
-            // Play the kubelet: a running gang finishes.
-            let mut done = 0;
-            for n in &names {
-                match phase(&ns, n).await? {
-                    Some(Phase::Running) => finish(&ns, n).await?,
-                    Some(Phase::Succeeded) => done += 1,
-                    _ => {}
-                }
-            }
-            if done == names.len() {
+            if finish_running(&ns, &names).await? == names.len() {
                 break;
             }
         }
         let operator = spawn();
         let all = wait_until(Duration::from_secs(180), "every gang succeeds", || async {
-            let mut done = 0;
-            for n in &names {
-                match phase(&ns, n).await? {
-                    Some(Phase::Running) => finish(&ns, n).await?,
-                    Some(Phase::Succeeded) => done += 1,
-                    _ => {}
-                }
-            }
-            Ok(done == names.len())
+            Ok(finish_running(&ns, &names).await? == names.len())
         })
         .await;
         operator.abort();
