@@ -136,7 +136,10 @@ pub async fn run(
         watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).modify(slim_pod),
     )
     .default_backoff();
-    tokio::spawn(pod_stream.for_each(move |ev| {
+    // The caches' watches and the queue loop belong to this run: they stop when it returns or is
+    // dropped (aborted), and never outlive it.
+    let mut tasks = Tasks::default();
+    tasks.spawn(pod_stream.for_each(move |ev| {
         let freed = match &ev {
             Ok(watcher::Event::Delete(_)) => true,
             Ok(watcher::Event::Apply(p)) => matches!(
@@ -151,7 +154,7 @@ pub async fn run(
         async {}
     }));
     let (classes, classes_writer) = reflector::store::<PriorityClass>();
-    tokio::spawn(
+    tasks.spawn(
         reflector(
             classes_writer,
             watcher(
@@ -192,7 +195,7 @@ pub async fn run(
         metrics.clone(),
     ));
     let queue = admitter.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             capacity.notified().await;
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -226,6 +229,24 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// Tasks that are aborted when this is dropped.
+#[derive(Default)]
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Tasks {
+    fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.0.push(tokio::spawn(task));
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 fn error_policy(job: Arc<DynamicObject>, err: &Error, ctx: Arc<Context>) -> Requeue {
