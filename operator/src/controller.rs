@@ -352,8 +352,11 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         .collect();
 
     let lost = mark_lost_nodes(&ctx, &mut observed).await?;
-    // Admission counts what the caches hold: never before they are complete.
-    ctx.admitter.wait_ready().await;
+    // Admission counts what the caches hold: a job that may ask for it waits until they are
+    // complete. Other jobs (admitted, finished, external policies) do not wait for them.
+    if may_need_admission(&job) {
+        ctx.admitter.wait_ready().await;
+    }
     let mut decision = decide(
         &job,
         job_ctx.layout.world_size(),
@@ -454,6 +457,19 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         || Requeue::requeue(Duration::from_secs(300)),
         Requeue::requeue,
     ))
+}
+
+/// Whether `decide` may ask Builtin admission about this job: its current attempt has no
+/// recorded admission and it has not finished.
+fn may_need_admission(job: &ParallelJob) -> bool {
+    let status = job.status.clone().unwrap_or_default();
+    job.spec.scheduling.gang_policy == lockstep_api::spec::GangPolicy::Builtin
+        && !status
+            .phase
+            .is_some_and(lockstep_api::status::Phase::is_terminal)
+        && !status
+            .admission
+            .is_some_and(|a| a.attempt == Some(status.attempt) && a.admitted_at.is_some())
 }
 
 /// The progress to show: rank 0's last report in the progress ConfigMap (from the cache), else
