@@ -7,6 +7,7 @@ export LOCKSTEP_CACHE ?= $(HOME)/.cache/lockstep
 export CARGO_TARGET_DIR ?= $(LOCKSTEP_CACHE)/target
 CARGO ?= cargo
 CRD := crds/paralleljobs.lockstep.dev.yaml
+CHART_CRD := charts/lockstep/crds/paralleljobs.lockstep.dev.yaml
 
 .PHONY: help
 help: ## list the targets
@@ -36,12 +37,23 @@ fmt: ## format the code
 	$(CARGO) fmt --all
 
 .PHONY: crds
-crds: ## regenerate the CRD from the Rust types (a test fails when it is stale)
-	$(CARGO) run -q --locked -p lockstep-api --bin crdgen -- $(CRD)
+crds: ## regenerate the CRD (crds/ and the chart's copy) from the Rust types (a test fails when stale)
+	$(CARGO) run -q --locked -p lockstep-api --bin crdgen -- $(CRD) $(CHART_CRD)
 
 .PHONY: validate
 validate: ## check manifests like the API server would: make validate FILES="examples/*.yaml"
 	$(CARGO) run -q --locked -p lockstep-api --bin lockstep-validate -- $(or $(FILES),examples/*.yaml)
+
+.PHONY: chart-lint
+chart-lint: ## helm lint the chart and render it with every optional part on
+	bin=$$(e2e/cluster/build.sh 2>/dev/null) && $$bin/helm lint --strict charts/lockstep && \
+	$$bin/helm template lockstep charts/lockstep --set serviceMonitor.enabled=true,podMonitor.enabled=true,prometheusRule.enabled=true,networkPolicy.enabled=true >/dev/null && \
+	echo "charts/lockstep renders"
+
+.PHONY: chart-test
+chart-test: ## the chart's tests: files (no cluster), then lint, dry run, install, upgrade, uninstall on the control plane
+	$(CARGO) test --locked -p lockstep-e2e --test chart
+	e2e/run-tests.sh -p lockstep-e2e --locked --test e2e -- chart::
 
 .PHONY: cluster-build
 cluster-build: ## build the pinned test control plane from Go modules (cached by version)

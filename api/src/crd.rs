@@ -9,6 +9,10 @@ use crate::spec::ParallelJob;
 /// Path of the committed CRD, relative to the repository root.
 pub const CRD_PATH: &str = "crds/paralleljobs.lockstep.dev.yaml";
 
+/// Path of the Helm chart's copy of the CRD (`charts/lockstep/crds/`), relative to the
+/// repository root; `make crds` writes both, and a test fails when they differ.
+pub const CHART_CRD_PATH: &str = "charts/lockstep/crds/paralleljobs.lockstep.dev.yaml";
+
 /// The CRD, generated from the types.
 pub fn crd() -> CustomResourceDefinition {
     ParallelJob::crd()

@@ -6,7 +6,7 @@
 
 mod common;
 
-use lockstep_api::crd::{CRD_PATH, crd, crd_yaml};
+use lockstep_api::crd::{CHART_CRD_PATH, CRD_PATH, crd, crd_yaml};
 use serde_json::Value;
 
 #[test]
@@ -16,6 +16,16 @@ fn committed_crd_is_current() {
     assert!(
         committed == crd_yaml(),
         "{CRD_PATH} is stale: run `make crds` and commit the result"
+    );
+}
+
+#[test]
+fn the_chart_installs_the_same_crd() {
+    let chart = std::fs::read_to_string(common::repo_root().join(CHART_CRD_PATH))
+        .unwrap_or_else(|e| panic!("{CHART_CRD_PATH}: {e}; run `make crds`"));
+    assert!(
+        chart == crd_yaml(),
+        "{CHART_CRD_PATH} differs from the types: run `make crds` and commit the result"
     );
 }
 

@@ -40,6 +40,20 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The pinned helm (built from Go modules by `e2e/cluster/build.sh`, cached by version), for
+/// tests that need no cluster.
+pub fn helm() -> Result<PathBuf> {
+    let out = std::process::Command::new(repo_root().join("e2e/cluster/build.sh"))
+        .env("COMPONENTS", "helm")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running e2e/cluster/build.sh")?;
+    if !out.status.success() {
+        bail!("e2e/cluster/build.sh failed to build helm");
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()).join("helm"))
+}
+
 /// Where the shared cluster is; found or started once per test process. Clients are not shared:
 /// each `#[tokio::test]` has its own runtime, and a client dies with the runtime that made it.
 struct ClusterInfo {
@@ -101,6 +115,23 @@ impl Cluster {
         let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
         config.auth_info.impersonate = Some(user.to_string());
         config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+        Ok(Client::try_from(config)?)
+    }
+
+    /// A client that authenticates with `token` alone (a ServiceAccount token, say), so that a
+    /// test sees exactly what RBAC lets that account do.
+    pub async fn client_with_token(&self, token: &str) -> Result<Client> {
+        let text = std::fs::read_to_string(&self.kubeconfig)?;
+        let mut kc = lockstep_api::manifest::yaml_to_value(&text)?;
+        let users = kc["users"]
+            .as_array_mut()
+            .context("the kubeconfig has users")?;
+        for u in users {
+            u["user"] = serde_json::json!({ "token": token });
+        }
+        let kc = Kubeconfig::from_yaml(&serde_json::to_string(&kc)?)?;
+        let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+        config.read_timeout = Some(Duration::from_secs(60));
         Ok(Client::try_from(config)?)
     }
 }
@@ -265,6 +296,50 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok((out.status.success(), text))
+    }
+
+    /// Runs the pinned helm against this cluster and returns its stdout, or an error with its
+    /// output when it fails.
+    pub async fn helm(&self, args: &[&str]) -> Result<String> {
+        run(tokio::process::Command::new(self.bin.join("helm"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig))
+        .await
+    }
+
+    /// Installs the Prometheus Operator's ServiceMonitor, PodMonitor and PrometheusRule CRDs (from
+    /// its Go module, `e2e/cluster/monitoring-crds.sh`) and waits until they are served.
+    pub async fn install_monitoring_crds(&self) -> Result<()> {
+        let files = run(&mut tokio::process::Command::new(
+            repo_root().join("e2e/cluster/monitoring-crds.sh"),
+        ))
+        .await?;
+        for f in files.lines() {
+            self.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", f])
+                .await?;
+        }
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        for name in [
+            "servicemonitors.monitoring.coreos.com",
+            "podmonitors.monitoring.coreos.com",
+            "prometheusrules.monitoring.coreos.com",
+        ] {
+            wait_until(
+                Duration::from_secs(60),
+                &format!("{name} is Established"),
+                || async {
+                    let crd = crds.get(name).await?;
+                    Ok(crd
+                        .status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True"))
+                },
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// Applies `crds/` with kubectl (server-side: the CRD is larger than client-side apply's

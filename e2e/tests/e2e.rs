@@ -7,6 +7,8 @@
 mod admission;
 #[path = "e2e/broken.rs"]
 mod broken;
+#[path = "e2e/chart.rs"]
+mod chart;
 #[path = "e2e/crash.rs"]
 mod crash;
 #[path = "e2e/crd.rs"]

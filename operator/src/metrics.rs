@@ -9,6 +9,7 @@
 //! | `lockstep_job_restarts_total` | counter | `reason` |
 //! | `lockstep_job_time_to_all_running_seconds` | histogram | |
 //! | `lockstep_gang_queue_length` | gauge | |
+//! | `lockstep_gang_oldest_wait_seconds` | gauge | |
 //! | `lockstep_gang_admission_wait_seconds` | histogram | |
 //! | `lockstep_gang_admission_decision_seconds` | histogram | |
 
@@ -38,12 +39,15 @@ pub struct Metrics {
     pub time_to_all_running: Histogram,
     /// Gangs waiting for Builtin admission, after the latest admission cycle.
     pub gang_queue_length: IntGauge,
+    /// Seconds the longest-waiting gang of the queue has waited, after the latest cycle.
+    pub gang_oldest_wait_seconds: IntGauge,
     /// Seconds a gang waited from entering the queue until it was admitted.
     pub gang_wait_seconds: Histogram,
     /// Seconds one admission cycle (snapshot, queue, placement) took.
     pub gang_decision_seconds: Histogram,
     phases: Mutex<HashMap<String, Phase>>,
     ready: AtomicBool,
+    names: Vec<String>,
 }
 
 impl Metrics {
@@ -101,6 +105,12 @@ impl Metrics {
             "Gangs waiting for admission (Builtin policy) after the latest admission cycle.",
         )
         .expect("valid metric");
+        let gang_oldest_wait_seconds = IntGauge::new(
+            "lockstep_gang_oldest_wait_seconds",
+            "Seconds the longest-waiting gang has waited for admission (Builtin policy), after \
+             the latest admission cycle; 0 when none waits.",
+        )
+        .expect("valid metric");
         let gang_wait_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "lockstep_gang_admission_wait_seconds",
@@ -121,9 +131,11 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let mut names = Vec::new();
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(gang_queue_length.clone()),
+            Box::new(gang_oldest_wait_seconds.clone()),
             Box::new(gang_wait_seconds.clone()),
             Box::new(gang_decision_seconds.clone()),
             Box::new(errors.clone()),
@@ -132,6 +144,7 @@ impl Metrics {
             Box::new(restarts.clone()),
             Box::new(time_to_all_running.clone()),
         ] {
+            names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
         }
         for p in Phase::ALL {
@@ -146,10 +159,12 @@ impl Metrics {
             restarts,
             time_to_all_running,
             gang_queue_length,
+            gang_oldest_wait_seconds,
             gang_wait_seconds,
             gang_decision_seconds,
             phases: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
+            names,
         }
     }
 
@@ -166,6 +181,11 @@ impl Metrics {
                 .with_label_values(&[p.as_str()])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
+    }
+
+    /// The name of every metric registered (dashboards and alert rules may use only these).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// Marks the operator ready (its controller is running).

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub gpu_power: GaugeVec,
     /// GPU SM clock, by GPU index.
     pub gpu_sm_clock: GaugeVec,
+    names: Vec<String>,
 }
 
 impl Metrics {
@@ -63,9 +64,22 @@ impl Metrics {
             ),
         )
         .expect("valid labels");
-        let r = &registry;
-        fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> M {
-            r.register(Box::new(m.clone())).expect("unique metric");
+        /// The registry, and the names registered in it so far.
+        struct Reg<'a> {
+            registry: &'a Registry,
+            names: std::cell::RefCell<Vec<String>>,
+        }
+        let r = &Reg {
+            registry: &registry,
+            names: std::cell::RefCell::default(),
+        };
+        fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Reg<'_>, m: M) -> M {
+            r.names
+                .borrow_mut()
+                .extend(m.desc().iter().map(|d| d.fq_name.clone()));
+            r.registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
             m
         }
         let buckets = prometheus::exponential_buckets(0.0005, 2.0, 18).expect("buckets");
@@ -188,8 +202,14 @@ impl Metrics {
             ),
             gpu_power: gpu("lockstep_worker_gpu_power_watts", "GPU power draw."),
             gpu_sm_clock: gpu("lockstep_worker_gpu_sm_clock_hertz", "GPU SM clock."),
+            names: r.names.take(),
             registry,
         }
+    }
+
+    /// The name of every metric registered (dashboards and alert rules may use only these).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// Records one all-reduce of `bytes` over `ranks` ranks that took `seconds`.

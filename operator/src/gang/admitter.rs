@@ -23,7 +23,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::{annotations, labels};
 use lockstep_api::spec::{GangPolicy, TopologyMode};
-use lockstep_api::status::{Phase, reasons};
+use lockstep_api::status::{Phase, condition_types, reasons};
 
 use super::demand::{Res, pod_request};
 use super::placement::Shape;
@@ -61,6 +61,9 @@ struct JobInfo {
     admitted: Option<Vec<String>>,
     priority_class: Option<String>,
     created: i64,
+    /// When the current wait for admission began (seconds since the epoch): when `Admitted`
+    /// turned False, else the job's creation.
+    queued_since: i64,
     shape: Arc<Shape>,
     rules: Arc<NodeRules>,
 }
@@ -104,6 +107,18 @@ impl JobInfo {
                 .creation_timestamp
                 .as_ref()
                 .map_or(0, |t| t.0.as_second()),
+            queued_since: status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == condition_types::ADMITTED && c.status == "False")
+                .map(|c| c.last_transition_time.0.as_second())
+                .or_else(|| {
+                    job.metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map(|t| t.0.as_second())
+                })
+                .unwrap_or(0),
             shape: Arc::new(Shape {
                 replicas: ctx.layout.data_parallel(),
                 stages: ctx.layout.pipeline_stages(),
@@ -317,6 +332,8 @@ impl Admitter {
         };
         let verdicts = cycle(&mut snapshot, &mut queue, explain);
         let mut waiting = 0;
+        let mut oldest: i64 = 0;
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
         let mut outcome = None;
         for (key, verdict) in verdicts {
             let mine = caller_key.as_deref() == Some(&key);
@@ -353,6 +370,9 @@ impl Admitter {
                     position,
                 } => {
                     waiting += 1;
+                    if let Some(info) = infos.get(key.as_str()) {
+                        oldest = oldest.max(now - info.queued_since);
+                    }
                     Outcome::Waiting {
                         reason: match why {
                             Wait::Behind(_) => reasons::QUEUED_BEHIND,
@@ -368,6 +388,7 @@ impl Admitter {
             }
         }
         self.metrics.gang_queue_length.set(waiting);
+        self.metrics.gang_oldest_wait_seconds.set(oldest.max(0));
         self.metrics
             .gang_decision_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -510,4 +531,91 @@ fn prune_plans(plans: &mut HashMap<String, Plan>, infos: &HashMap<Arc<str>, Arc<
         }
         None => plan.granted.elapsed() < PLAN_GRACE,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::watcher::Event;
+
+    fn store<K>(dyntype: K::DynamicType, objects: Vec<K>) -> Store<K>
+    where
+        K: kube::Resource + Clone + 'static,
+        K::DynamicType: Eq + std::hash::Hash + Clone,
+    {
+        let mut writer = kube::runtime::reflector::store::Writer::<K>::new(dyntype);
+        let store = writer.as_reader();
+        writer.apply_watcher_event(&Event::Init);
+        for o in objects {
+            writer.apply_watcher_event(&Event::InitApply(o));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        store
+    }
+
+    /// `ddp-digits` (2 ranks) asking for 3 GPUs per rank, created at `created`; `queued` is when
+    /// its `Admitted` condition turned False, if it did.
+    fn job(name: &str, created: &str, queued: Option<&str>) -> ParallelJob {
+        let text = std::fs::read_to_string(format!(
+            "{}/../examples/ddp-digits.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let mut j = lockstep_api::validation::validate_yaml(&text).unwrap();
+        j.spec.parallelism.gpus_per_worker = 3;
+        let mut v = serde_json::to_value(&j).unwrap();
+        v["metadata"] = serde_json::json!({
+            "name": name, "namespace": "ns", "uid": name, "creationTimestamp": created
+        });
+        if let Some(at) = queued {
+            v["status"] = serde_json::json!({"conditions": [{
+                "type": "Admitted", "status": "False", "reason": "InsufficientCapacity",
+                "message": "", "lastTransitionTime": at
+            }]});
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_oldest_wait_is_that_of_the_longest_waiting_gang() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n0", "labels": {"kubernetes.io/hostname": "n0"}},
+            "status": {"allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110",
+                                       "nvidia.com/gpu": "8"}}
+        }))
+        .unwrap();
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let ago = |s: i64| (now - k8s_openapi::jiff::SignedDuration::from_secs(s)).to_string();
+        // a runs first (6 of 8 GPUs); b and c each need 6 and wait: b since 10 minutes ago (when
+        // a restart sent it back), c since its creation 5 minutes ago.
+        let jobs = [
+            job("a", &ago(3600), None),
+            job("b", &ago(1800), Some(&ago(600))),
+            job("c", &ago(300), None),
+        ];
+        let ar = ApiResource::erase::<ParallelJob>(&());
+        let raw: Vec<DynamicObject> = jobs
+            .iter()
+            .map(|j| serde_json::from_value(serde_json::to_value(j).unwrap()).unwrap())
+            .collect();
+        let metrics = Arc::new(Metrics::new());
+        let (wake, _woken) = futures::channel::mpsc::unbounded();
+        let admitter = Admitter::new(
+            store((), vec![node]),
+            store((), vec![]),
+            store(ar, raw),
+            store((), vec![]),
+            lockstep_api::contract::operator::CONTROLLER_NAME.into(),
+            wake,
+            metrics.clone(),
+        );
+        assert!(matches!(admitter.request(&jobs[0]), Outcome::Admitted(_)));
+        assert!(matches!(
+            admitter.request(&jobs[2]),
+            Outcome::Waiting { .. }
+        ));
+        assert_eq!(metrics.gang_queue_length.get(), 2);
+        let oldest = metrics.gang_oldest_wait_seconds.get();
+        assert!((600..610).contains(&oldest), "oldest wait {oldest}s");
+    }
 }

@@ -1,0 +1,411 @@
+//! The Helm chart against the real control plane: it lints; its objects, by default and with
+//! every optional part on, are accepted by the API server (server-side dry run, with the
+//! Prometheus Operator's CRDs installed); installed with `helm install`, the operator running with
+//! nothing but the chart's ServiceAccount token leads on the chart's Lease and runs a job end to
+//! end, and what it must not do is denied; `helm upgrade` keeps the leader; `helm uninstall`
+//! leaves nothing but the CRD.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use lockstep_api::ParallelJob;
+use lockstep_api::status::Phase;
+use lockstep_e2e::{repo_root, terminate_worker, wait_until, with_namespace};
+use lockstep_operator::controller::Settings;
+use lockstep_operator::leader::{LeaderElector, Stopped, lead};
+use lockstep_operator::metrics::Metrics;
+
+fn chart_dir() -> String {
+    repo_root().join("charts/lockstep").display().to_string()
+}
+
+/// Every optional part on, with the branches that take lists exercised too.
+const ALL_ON: &[&str] = &[
+    "--set",
+    "serviceMonitor.enabled=true,podMonitor.enabled=true,prometheusRule.enabled=true",
+    "--set",
+    "networkPolicy.enabled=true,networkPolicy.apiServerCidrs={10.96.0.1/32}",
+    "--set-json",
+    r#"networkPolicy.metricsFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]"#,
+    "--set",
+    "serviceMonitor.labels.release=prom,dashboard.annotations.grafana_folder=Lockstep",
+];
+
+/// The API status code of a request's error (0 when it succeeded or failed otherwise).
+fn code<T>(r: Result<T, kube::Error>) -> u16 {
+    match r {
+        Err(kube::Error::Api(e)) => e.code,
+        _ => 0,
+    }
+}
+
+#[tokio::test]
+async fn the_chart_lints_and_the_api_server_accepts_all_it_renders() -> anyhow::Result<()> {
+    with_namespace("chart-render", |ns| async move {
+        let c = &ns.cluster;
+        let chart = chart_dir();
+        let out = c.helm(&["lint", "--strict", &chart]).await?;
+        assert!(out.contains("0 chart(s) failed"), "{out}");
+        c.install_monitoring_crds().await?;
+        for (what, extra) in [("defaults", &[][..]), ("every optional part", ALL_ON)] {
+            let mut args = vec!["template", "rel", &chart, "-n", &ns.name];
+            args.extend_from_slice(extra);
+            let rendered = c.helm(&args).await?;
+            let (ok, out) = c
+                .kubectl_stdin(
+                    &["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"],
+                    &rendered,
+                )
+                .await?;
+            assert!(ok, "the API server refused the chart with {what}:\n{out}");
+            let kinds = if extra.is_empty() { 12 } else { 16 };
+            assert_eq!(
+                out.lines().count(),
+                kinds,
+                "objects rendered with {what}:\n{out}"
+            );
+            for kind in [
+                "deployment.apps",
+                "lease.coordination.k8s.io",
+                "clusterrole",
+            ] {
+                assert!(out.contains(kind), "no {kind} with {what}:\n{out}");
+            }
+            if !extra.is_empty() {
+                for kind in [
+                    "servicemonitor.monitoring.coreos.com",
+                    "podmonitor.monitoring.coreos.com",
+                    "prometheusrule.monitoring.coreos.com",
+                    "networkpolicy.networking.k8s.io",
+                ] {
+                    assert!(out.contains(kind), "no {kind} with {what}:\n{out}");
+                }
+            }
+        }
+        // A misspelt value is refused by the schema, naming it.
+        let bad = c
+            .helm(&["template", "rel", &chart_dir(), "--set", "replicas=3"])
+            .await
+            .expect_err("an unknown value renders");
+        assert!(
+            format!("{bad:#}").contains("'replicas' not allowed"),
+            "{bad:#}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn installed_by_helm_the_operator_runs_a_job_with_the_charts_rights_alone()
+-> anyhow::Result<()> {
+    with_namespace("chart", |ns| async move {
+        let c = ns.cluster.clone();
+        c.install_monitoring_crds().await?;
+        // The release is named after the namespace: its cluster-wide objects never collide with
+        // another run's.
+        let release = ns.name.clone();
+        let full = format!("{release}-lockstep");
+        let chart = chart_dir();
+        let jobs_ns = format!("{}-jobs", ns.name);
+        let outcome = async {
+            let mut install = vec![
+                "install",
+                &release,
+                &chart,
+                "-n",
+                &ns.name,
+                "--wait",
+                "--timeout",
+                "120s",
+            ];
+            install.extend_from_slice(ALL_ON);
+            c.helm(&install).await?;
+
+            // The Deployment: two replicas under the restricted profile, electing on the Lease.
+            let deployments: Api<Deployment> = ns.api();
+            let d = deployments.get(&format!("{full}-operator")).await?;
+            let spec = d.spec.unwrap();
+            assert_eq!(spec.replicas, Some(2));
+            let pod = spec.template.spec.unwrap();
+            let container = &pod.containers[0];
+            let sc = container.security_context.clone().unwrap();
+            assert_eq!(sc.read_only_root_filesystem, Some(true));
+            assert_eq!(sc.allow_privilege_escalation, Some(false));
+            assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+            let psc = pod.security_context.unwrap();
+            assert_eq!(psc.run_as_non_root, Some(true));
+            assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+            let args = container.args.clone().unwrap();
+            assert!(
+                args.windows(2)
+                    .any(|w| w[0] == "--lease-name" && w[1] == full),
+                "{args:?}"
+            );
+            assert!(container.liveness_probe.is_some() && container.readiness_probe.is_some());
+
+            // The operator as a local process with nothing but the chart's ServiceAccount token.
+            let token = c
+                .kubectl(&[
+                    "create",
+                    "token",
+                    &full,
+                    "-n",
+                    &ns.name,
+                    "--duration",
+                    "3600s",
+                ])
+                .await?;
+            let sa = c.client_with_token(token.trim()).await?;
+
+            // What it must not do.
+            let secrets: Api<Secret> = Api::namespaced(sa.clone(), "kube-system");
+            assert_eq!(
+                code(secrets.list(&ListParams::default()).await),
+                403,
+                "read Secrets of kube-system"
+            );
+            let own: Api<Secret> = Api::namespaced(sa.clone(), &ns.name);
+            assert_eq!(
+                code(own.list(&ListParams::default()).await),
+                403,
+                "read Secrets of its own namespace"
+            );
+            let nodes: Api<Node> = Api::all(sa.clone());
+            assert_eq!(
+                code(nodes.delete("no-such-node", &DeleteParams::default()).await),
+                403,
+                "delete a node"
+            );
+            let bindings: Api<ClusterRoleBinding> = Api::all(sa.clone());
+            let admin: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("{full}-escalate")},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "cluster-admin"
+                },
+                "subjects": [{"kind": "ServiceAccount", "name": full, "namespace": ns.name}]
+            }))?;
+            assert_eq!(
+                code(bindings.create(&PostParams::default(), &admin).await),
+                403,
+                "make itself cluster-admin"
+            );
+            let other_lease: Api<Lease> = Api::namespaced(sa.clone(), &ns.name);
+            assert_eq!(
+                code(other_lease.get("someone-elses").await),
+                403,
+                "read another Lease"
+            );
+
+            let controller_name = format!("e2e.lockstep.dev/{}", ns.name);
+            let identity = "chart-operator".to_string();
+            let elector = LeaderElector::new(
+                Api::namespaced(sa.clone(), &ns.name),
+                &full,
+                &identity,
+                Duration::from_secs(15),
+            );
+            let settings = Settings {
+                controller_name: controller_name.clone(),
+                instance: identity.clone(),
+                ..Settings::default()
+            };
+            let metrics = Arc::new(Metrics::new());
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let operator = tokio::spawn(lead(
+                elector,
+                sa.clone(),
+                settings,
+                metrics.clone(),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ));
+            let leases: Api<Lease> = ns.api();
+            let holder = || async {
+                anyhow::Ok(
+                    leases
+                        .get(&full)
+                        .await?
+                        .spec
+                        .and_then(|s| s.holder_identity)
+                        .unwrap_or_default(),
+                )
+            };
+            wait_until(
+                Duration::from_secs(30),
+                "the operator leads on the chart's Lease",
+                || async { Ok(holder().await? == identity) },
+            )
+            .await?;
+
+            // A job in another namespace, end to end: RBAC is cluster-wide where it must be.
+            c.kubectl(&["create", "namespace", &jobs_ns]).await?;
+            let run = async {
+                let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
+                v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
+                let jobs: Api<ParallelJob> = Api::namespaced(c.client.clone(), &jobs_ns);
+                jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+                    .await?;
+                let phase = || async {
+                    anyhow::Ok(
+                        jobs.get("ddp-digits")
+                            .await?
+                            .status
+                            .unwrap_or_default()
+                            .phase,
+                    )
+                };
+                wait_until(Duration::from_secs(90), "the job runs", || async {
+                    Ok(phase().await? == Some(Phase::Running))
+                })
+                .await?;
+                let pods: Api<Pod> = Api::namespaced(c.client.clone(), &jobs_ns);
+                for p in ["ddp-digits-0", "ddp-digits-1"] {
+                    terminate_worker(&pods, p, 0).await?;
+                }
+                wait_until(Duration::from_secs(60), "the job succeeds", || async {
+                    Ok(phase().await? == Some(Phase::Succeeded))
+                })
+                .await?;
+                // The workers' Role: the operator may grant it only because it holds those rights.
+                let roles: Api<Role> = Api::namespaced(c.client.clone(), &jobs_ns);
+                assert!(roles.get_opt("ddp-digits-progress-writer").await?.is_some());
+                // Events are recorded (a forbidden Event would only be logged).
+                let events: Api<k8s_openapi::api::core::v1::Event> =
+                    Api::namespaced(c.client.clone(), &jobs_ns);
+                wait_until(Duration::from_secs(30), "a JobSucceeded Event", || async {
+                    Ok(events
+                        .list(&ListParams::default())
+                        .await?
+                        .items
+                        .iter()
+                        .any(|e| e.reason.as_deref() == Some("JobSucceeded")))
+                })
+                .await?;
+                let status = jobs.get("ddp-digits").await?.status.unwrap_or_default();
+                assert!(status.admission.is_some_and(|a| a.nodes.len() == 2));
+                anyhow::Ok(jobs)
+            }
+            .await;
+            let jobs = run?;
+            assert!(metrics.reconciles.get() > 0);
+
+            // An upgrade changes the Deployment and keeps the running leader's Lease.
+            c.helm(&[
+                "upgrade",
+                &release,
+                &chart,
+                "-n",
+                &ns.name,
+                "--reuse-values",
+                "--set",
+                "operator.concurrency=8",
+                "--wait",
+                "--timeout",
+                "120s",
+            ])
+            .await?;
+            let args = deployments
+                .get(&format!("{full}-operator"))
+                .await?
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .containers[0]
+                .args
+                .clone()
+                .unwrap();
+            assert!(
+                args.windows(2)
+                    .any(|w| w[0] == "--concurrency" && w[1] == "8"),
+                "{args:?}"
+            );
+            assert_eq!(
+                holder().await?,
+                identity,
+                "the upgrade took the Lease from its holder"
+            );
+
+            let _ = stop_tx.send(());
+            assert_eq!(operator.await??, Stopped::Shutdown);
+
+            // Uninstall: nothing of the release is left, but the CRD and the user's job.
+            c.helm(&[
+                "uninstall",
+                &release,
+                "-n",
+                &ns.name,
+                "--wait",
+                "--timeout",
+                "120s",
+            ])
+            .await?;
+            let kinds = "deployments,replicasets,pods,services,serviceaccounts,configmaps,secrets,\
+                     leases,roles,rolebindings,poddisruptionbudgets,networkpolicies,clusterroles,\
+                     clusterrolebindings,servicemonitors,podmonitors,prometheusrules";
+            let selector = format!("app.kubernetes.io/instance={release}");
+            wait_until(
+                Duration::from_secs(60),
+                "nothing of the release is left",
+                || async {
+                    let left = c
+                        .kubectl(&["get", kinds, "-A", "-l", &selector, "-o", "name"])
+                        .await?;
+                    Ok(left.trim().is_empty())
+                },
+            )
+            .await?;
+            let left = c
+                .kubectl(&[
+                    "get",
+                    "secrets,leases,configmaps",
+                    "-n",
+                    &ns.name,
+                    "-o",
+                    "name",
+                ])
+                .await?;
+            assert_eq!(
+                left.trim(),
+                "configmap/kube-root-ca.crt",
+                "left in the release namespace"
+            );
+            let crds: Api<CustomResourceDefinition> = Api::all(c.client.clone());
+            assert!(
+                crds.get_opt("paralleljobs.lockstep.dev").await?.is_some(),
+                "the CRD went"
+            );
+            assert!(
+                jobs.get_opt("ddp-digits").await?.is_some(),
+                "the user's job went"
+            );
+            anyhow::Ok(())
+        }
+        .await;
+        // A failed run leaves no cluster-wide objects or extra namespace behind.
+        if outcome.is_err() {
+            let _ = c.helm(&["uninstall", &release, "-n", &ns.name]).await;
+        }
+        let _ = c
+            .kubectl(&[
+                "delete",
+                "namespace",
+                &jobs_ns,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
+            .await;
+        outcome
+    })
+    .await
+}
