@@ -55,6 +55,10 @@ chart-test: ## the chart's tests: files (no cluster), then lint, dry run, instal
 	$(CARGO) test --locked -p lockstep-e2e --test chart
 	e2e/run-tests.sh -p lockstep-e2e --locked --test e2e -- chart::
 
+.PHONY: images
+images: ## OCI images of the operator and the CPU worker, without a daemon or a base from a registry (target/images/)
+	images/build.sh
+
 .PHONY: cluster-build
 cluster-build: ## build the pinned test control plane from Go modules (cached by version)
 	e2e/cluster/build.sh
