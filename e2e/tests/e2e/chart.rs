@@ -114,6 +114,15 @@ async fn installed_by_helm_the_operator_runs_a_job_with_the_charts_rights_alone(
         let full = format!("{release}-lockstep");
         let chart = chart_dir();
         let jobs_ns = format!("{}-jobs", ns.name);
+        // The restricted Pod Security Standard, enforced by the API server's admission: a pod of
+        // the chart that breaks it is never created, and `helm install --wait` times out.
+        c.kubectl(&[
+            "label",
+            "namespace",
+            &ns.name,
+            "pod-security.kubernetes.io/enforce=restricted",
+        ])
+        .await?;
         let outcome = async {
             let mut install = vec![
                 "install",
@@ -131,6 +140,11 @@ async fn installed_by_helm_the_operator_runs_a_job_with_the_charts_rights_alone(
             // The Deployment: two replicas under the restricted profile, electing on the Lease.
             let deployments: Api<Deployment> = ns.api();
             let d = deployments.get(&format!("{full}-operator")).await?;
+            assert_eq!(
+                d.status.as_ref().and_then(|s| s.ready_replicas),
+                Some(2),
+                "both replicas admitted under the restricted profile and ready"
+            );
             let spec = d.spec.unwrap();
             assert_eq!(spec.replicas, Some(2));
             let pod = spec.template.spec.unwrap();
