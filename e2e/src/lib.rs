@@ -318,28 +318,33 @@ impl Cluster {
             self.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", f])
                 .await?;
         }
-        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
         for name in [
             "servicemonitors.monitoring.coreos.com",
             "podmonitors.monitoring.coreos.com",
             "prometheusrules.monitoring.coreos.com",
         ] {
-            wait_until(
-                Duration::from_secs(60),
-                &format!("{name} is Established"),
-                || async {
-                    let crd = crds.get(name).await?;
-                    Ok(crd
-                        .status
-                        .and_then(|s| s.conditions)
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True"))
-                },
-            )
-            .await?;
+            self.wait_established(name).await?;
         }
         Ok(())
+    }
+
+    /// Waits until the CRD `name` is Established (served by the API server).
+    async fn wait_established(&self, name: &str) -> Result<()> {
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        wait_until(
+            Duration::from_secs(60),
+            &format!("{name} is Established"),
+            || async {
+                let crd = crds.get(name).await?;
+                Ok(crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True"))
+            },
+        )
+        .await
     }
 
     /// Applies `crds/` with kubectl (server-side: the CRD is larger than client-side apply's
@@ -354,21 +359,7 @@ impl Cluster {
             &dir.to_string_lossy(),
         ])
         .await?;
-        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
-        wait_until(
-            Duration::from_secs(60),
-            "the ParallelJob CRD is Established",
-            || async {
-                let crd = crds.get("paralleljobs.lockstep.dev").await?;
-                Ok(crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True"))
-            },
-        )
-        .await
+        self.wait_established("paralleljobs.lockstep.dev").await
     }
 }
 

@@ -15,10 +15,8 @@ use anyhow::Result;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use kube::api::{ApiResource, DynamicObject};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher::Event;
 use lockstep_api::ParallelJob;
-use lockstep_operator::gang::admitter::{Admitter, Outcome};
+use lockstep_operator::gang::admitter::{Admitter, Outcome, filled_store};
 use lockstep_operator::gang::placement::Shape;
 use lockstep_operator::gang::queue::{Explain, Waiting, cycle};
 use lockstep_operator::gang::snapshot::{NodeInfo, NodeRules, Snapshot};
@@ -43,21 +41,6 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0 % n
     }
-}
-
-fn store<K>(dyntype: K::DynamicType, objects: Vec<K>) -> Store<K>
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    let mut writer = reflector::store::Writer::<K>::new(dyntype);
-    let store = writer.as_reader();
-    writer.apply_watcher_event(&Event::Init);
-    for o in objects {
-        writer.apply_watcher_event(&Event::InitApply(o));
-    }
-    writer.apply_watcher_event(&Event::InitDone);
-    store
 }
 
 fn quantiles(mut v: Vec<Duration>) -> (f64, f64, f64) {
@@ -189,10 +172,10 @@ fn main() -> Result<()> {
     // 2. The operator's decision: the Admitter over caches, as a reconcile asks it.
     let (wake, _woken) = futures::channel::mpsc::unbounded();
     let admitter = Arc::new(Admitter::new(
-        store((), nodes),
-        store((), pods.clone()),
-        store(ar, jobs.iter().map(|(_, raw)| raw.clone()).collect()),
-        store((), classes),
+        filled_store((), nodes),
+        filled_store((), pods.clone()),
+        filled_store(ar, jobs.iter().map(|(_, raw)| raw.clone()).collect()),
+        filled_store((), classes),
         lockstep_api::contract::operator::CONTROLLER_NAME.into(),
         wake,
         Arc::new(Metrics::new()),

@@ -533,25 +533,27 @@ fn prune_plans(plans: &mut HashMap<String, Plan>, infos: &HashMap<Arc<str>, Arc<
     });
 }
 
+/// A store holding `objects`, as a reflector's is after its first complete list: for admission
+/// benchmarks and tests that need no API server.
+pub fn filled_store<K>(dyntype: K::DynamicType, objects: Vec<K>) -> Store<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    use kube::runtime::watcher::Event;
+    let mut writer = kube::runtime::reflector::store::Writer::<K>::new(dyntype);
+    let store = writer.as_reader();
+    writer.apply_watcher_event(&Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&Event::InitApply(o));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+    store
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kube::runtime::watcher::Event;
-
-    fn store<K>(dyntype: K::DynamicType, objects: Vec<K>) -> Store<K>
-    where
-        K: kube::Resource + Clone + 'static,
-        K::DynamicType: Eq + std::hash::Hash + Clone,
-    {
-        let mut writer = kube::runtime::reflector::store::Writer::<K>::new(dyntype);
-        let store = writer.as_reader();
-        writer.apply_watcher_event(&Event::Init);
-        for o in objects {
-            writer.apply_watcher_event(&Event::InitApply(o));
-        }
-        writer.apply_watcher_event(&Event::InitDone);
-        store
-    }
 
     /// `ddp-digits` (2 ranks) asking for 3 GPUs per rank, created at `created`; `queued` is when
     /// its `Admitted` condition turned False, if it did.
@@ -601,10 +603,10 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let (wake, _woken) = futures::channel::mpsc::unbounded();
         let admitter = Admitter::new(
-            store((), vec![node]),
-            store((), vec![]),
-            store(ar, raw),
-            store((), vec![]),
+            filled_store((), vec![node]),
+            filled_store((), vec![]),
+            filled_store(ar, raw),
+            filled_store((), vec![]),
             lockstep_api::contract::operator::CONTROLLER_NAME.into(),
             wake,
             metrics.clone(),
