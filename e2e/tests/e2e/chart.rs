@@ -90,7 +90,7 @@ async fn the_chart_lints_and_the_api_server_accepts_all_it_renders() -> anyhow::
         }
         // A misspelt value is refused by the schema, naming it.
         let bad = c
-            .helm(&["template", "rel", &chart_dir(), "--set", "replicas=3"])
+            .helm(&["template", "rel", &chart, "--set", "replicas=3"])
             .await
             .expect_err("an unknown value renders");
         assert!(
@@ -282,6 +282,44 @@ async fn installed_by_helm_the_operator_runs_a_job_with_the_charts_rights_alone(
                 })
                 .await?;
                 let pods: Api<Pod> = Api::namespaced(c.client.clone(), &jobs_ns);
+                // The chart's PodMonitor selects the worker pods the operator made, on a port
+                // they have: its labels and port name are not the operator's own constants.
+                let monitor_ar = kube::api::ApiResource::from_gvk_with_plural(
+                    &kube::api::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PodMonitor"),
+                    "podmonitors",
+                );
+                let monitors: Api<kube::api::DynamicObject> =
+                    Api::namespaced_with(c.client.clone(), &ns.name, &monitor_ar);
+                let monitor = monitors.get(&format!("{full}-workers")).await?;
+                let worker = pods.get("ddp-digits-0").await?;
+                let pod_labels = worker.metadata.labels.clone().unwrap_or_default();
+                let selector = monitor.data["spec"]["selector"]["matchLabels"]
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default();
+                assert!(!selector.is_empty(), "the PodMonitor selects every pod");
+                for (k, v) in &selector {
+                    assert_eq!(
+                        pod_labels.get(k).map(String::as_str),
+                        v.as_str(),
+                        "the PodMonitor selects {k}={v}, the worker pod has {pod_labels:?}"
+                    );
+                }
+                let port = monitor.data["spec"]["podMetricsEndpoints"][0]["port"].as_str();
+                assert!(
+                    worker
+                        .spec
+                        .as_ref()
+                        .unwrap()
+                        .containers
+                        .iter()
+                        .any(|ctr| ctr
+                            .ports
+                            .iter()
+                            .flatten()
+                            .any(|p| p.name.as_deref() == port)),
+                    "no container port named {port:?} on the worker pod"
+                );
                 for p in ["ddp-digits-0", "ddp-digits-1"] {
                     terminate_worker(&pods, p, 0).await?;
                 }
