@@ -37,6 +37,41 @@ const ALL_ON: &[&str] = &[
     "serviceMonitor.labels.release=prom,dashboard.annotations.grafana_folder=Lockstep",
 ];
 
+/// Removes, when dropped, the release (unless the test uninstalled it) and the jobs'
+/// namespace, with blocking commands: it runs while a failed test unwinds too.
+struct Leftovers {
+    cluster: lockstep_e2e::Cluster,
+    release: String,
+    namespace: String,
+    jobs_namespace: String,
+    uninstalled: std::cell::Cell<bool>,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let run = |tool: &str, args: &[&str]| {
+            let _ = std::process::Command::new(self.cluster.bin.join(tool))
+                .args(args)
+                .env("KUBECONFIG", &self.cluster.kubeconfig)
+                .output();
+        };
+        if !self.uninstalled.get() {
+            run("helm", &["uninstall", &self.release, "-n", &self.namespace]);
+        }
+        let ns = &self.jobs_namespace;
+        run(
+            "kubectl",
+            &[
+                "delete",
+                "namespace",
+                ns,
+                "--wait=false",
+                "--ignore-not-found",
+            ],
+        );
+    }
+}
+
 /// The API status code of a request's error (0 when it succeeded or failed otherwise).
 fn code<T>(r: Result<T, kube::Error>) -> u16 {
     match r {
@@ -123,6 +158,15 @@ async fn installed_by_helm_the_operator_runs_a_job_with_the_charts_rights_alone(
             "pod-security.kubernetes.io/enforce=restricted",
         ])
         .await?;
+        // A failed run, by error or by panic, leaves no cluster-wide objects or extra
+        // namespace behind.
+        let leftovers = Leftovers {
+            cluster: c.clone(),
+            release: release.clone(),
+            namespace: ns.name.clone(),
+            jobs_namespace: jobs_ns.clone(),
+            uninstalled: std::cell::Cell::new(false),
+        };
         let outcome = async {
             let mut install = vec![
                 "install",
@@ -402,6 +446,7 @@ async fn installed_by_helm_the_operator_runs_a_job_with_the_charts_rights_alone(
                 "120s",
             ])
             .await?;
+            leftovers.uninstalled.set(true);
             let kinds = "deployments,replicasets,pods,services,serviceaccounts,configmaps,secrets,\
                      leases,roles,rolebindings,poddisruptionbudgets,networkpolicies,clusterroles,\
                      clusterrolebindings,servicemonitors,podmonitors,prometheusrules";
@@ -444,19 +489,7 @@ async fn installed_by_helm_the_operator_runs_a_job_with_the_charts_rights_alone(
             anyhow::Ok(())
         }
         .await;
-        // A failed run leaves no cluster-wide objects or extra namespace behind.
-        if outcome.is_err() {
-            let _ = c.helm(&["uninstall", &release, "-n", &ns.name]).await;
-        }
-        let _ = c
-            .kubectl(&[
-                "delete",
-                "namespace",
-                &jobs_ns,
-                "--wait=false",
-                "--ignore-not-found",
-            ])
-            .await;
+        drop(leftovers);
         outcome
     })
     .await
