@@ -5,9 +5,12 @@
 //! 1. `JOBS` ParallelJobs (default 100) of `RANKS` ranks (default 8), `GPUS` GPUs per rank
 //!    (default 0), applied at once: seconds until every pod runs and every job is Running, pods
 //!    per second (every job goes through Builtin gang admission: gated, pinned, released);
-//! 2. the API floor: the same number of pods created directly (same concurrency as the operator's
-//!    writes), seconds until all run;
-//! 3. the operator's CPU seconds and peak resident memory (from /proc).
+//! 2. the API floor: the same pods the operator made (see [`as_direct`]) created directly, with
+//!    the operator's write concurrency, seconds until all run;
+//! 3. the floor of earlier runs: as many minimal pods (one container, requests only);
+//! 4. the operator's CPU seconds and peak resident memory (from /proc).
+//!
+//! Times are taken from a pod watch, not by polling.
 //!
 //!     bench-operator target/release/lockstep-operator
 
@@ -18,8 +21,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
+use std::collections::HashMap;
+
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use lockstep_api::ParallelJob;
 use lockstep_e2e::repo_root;
 
@@ -50,40 +58,197 @@ fn usage(pid: u32) -> Result<(f64, f64)> {
     Ok((ticks / 100.0, hwm_kib / 1024.0))
 }
 
-/// Pods that exist, are bound to a node, and run.
-async fn count_pods(pods: &Api<Pod>) -> Result<(usize, usize, usize)> {
-    let list = pods.list(&ListParams::default()).await?;
-    let bound = |p: &&Pod| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-    let running = |p: &&Pod| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-    Ok((
-        list.items.len(),
-        list.items.iter().filter(bound).count(),
-        list.items.iter().filter(running).count(),
-    ))
-}
-
-/// Waits until `want` pods run; returns when they all existed, were all bound, and all ran
-/// (time since `start`), to tell the operator's part from the scheduler's and the nodes'.
-async fn wait_running(
-    pods: &Api<Pod>,
+/// Watches the pods of `pods` from now on and returns, once `want` of them run, when they all
+/// existed, were all bound, and all ran (time since `start`): to tell the operator's part from the
+/// scheduler's and the nodes'. A watch, not polling: the measurement must not load the API server
+/// it measures (a LIST of thousands of pods every second is a real share of a 2-core server).
+fn watch_running(
+    pods: Api<Pod>,
     want: usize,
     limit: Duration,
     start: Instant,
-) -> Result<[Duration; 3]> {
-    let mut seen: [Option<Duration>; 3] = [None; 3];
-    let seen_ref = std::sync::Mutex::new(&mut seen);
-    lockstep_e2e::wait_until(limit, &format!("{want} pods run"), || async {
-        let (n, bound, running) = count_pods(pods).await?;
-        let mut s = seen_ref.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, c) in [n, bound, running].into_iter().enumerate() {
-            if c >= want && s[i].is_none() {
-                s[i] = Some(start.elapsed());
+) -> tokio::task::JoinHandle<Result<[Duration; 3]>> {
+    tokio::spawn(async move {
+        // name -> (bound, running)
+        let mut seen: HashMap<String, (bool, bool)> = HashMap::new();
+        let mut at: [Option<Duration>; 3] = [None; 3];
+        let timeline = std::env::var_os("TIMELINE").is_some();
+        let mut printed = 0;
+        let events = watcher(pods, watcher::Config::default()).default_backoff();
+        futures::pin_mut!(events);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let ev = tokio::time::timeout_at(deadline, events.next())
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("timed out after {limit:?} waiting until {want} pods run")
+                })?
+                .context("the pod watch ended")??;
+            match ev {
+                watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
+                    let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+                    let running =
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                    seen.insert(p.name_any(), (bound, running));
+                }
+                watcher::Event::Delete(p) => {
+                    seen.remove(&p.name_any());
+                }
+                watcher::Event::Init | watcher::Event::InitDone => {}
+            }
+            let counts = [
+                seen.len(),
+                seen.values().filter(|s| s.0).count(),
+                seen.values().filter(|s| s.1).count(),
+            ];
+            for (i, c) in counts.into_iter().enumerate() {
+                if c >= want && at[i].is_none() {
+                    at[i] = Some(start.elapsed());
+                }
+            }
+            // TIMELINE=1: the counts once a second, to see where a phase spends its time.
+            let second = start.elapsed().as_secs();
+            if timeline && second > printed {
+                printed = second;
+                eprintln!(
+                    "  t={second:>4}s created {:>5} bound {:>5} running {:>5}",
+                    counts[0], counts[1], counts[2]
+                );
+            }
+            if counts[2] >= want {
+                return Ok(at.map(|d| d.unwrap_or_default()));
             }
         }
-        Ok(running >= want)
     })
-    .await?;
-    Ok(seen.map(|d| d.unwrap_or_default()))
+}
+
+/// The API server's request counts by verb, resource and subresource (`apiserver_request_total`).
+async fn requests(client: &kube::Client) -> Result<HashMap<String, f64>> {
+    let req = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(req).await?;
+    let mut out = HashMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        let sub = label("subresource");
+        let key = format!(
+            "{} {}{}",
+            label("verb"),
+            label("resource"),
+            if sub.is_empty() {
+                String::new()
+            } else {
+                format!("/{sub}")
+            }
+        );
+        *out.entry(key).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(out)
+}
+
+/// CPU seconds used so far by each process of the cluster (from its `pids` file), and by the
+/// operator (`pid`).
+fn cluster_cpu(state: &std::path::Path, operator: u32) -> Vec<(String, f64)> {
+    let pids = std::fs::read_to_string(state.join("pids")).unwrap_or_default();
+    pids.lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(name, pid)| Some((name.to_string(), pid.trim().parse::<u32>().ok()?)))
+        .chain([("operator".to_string(), operator)])
+        .filter_map(|(name, pid)| Some((name, usage(pid).ok()?.0)))
+        .collect()
+}
+
+/// REQUESTS=1: prints the CPU seconds each process used in one phase.
+fn print_cpu(phase: &str, before: &[(String, f64)], after: &[(String, f64)]) {
+    let used: Vec<String> = after
+        .iter()
+        .filter_map(|(name, a)| {
+            let b = before.iter().find(|(n, _)| n == name)?.1;
+            Some(format!("{name} {:.1}", a - b))
+        })
+        .collect();
+    eprintln!("  CPU seconds {phase}: {}", used.join(", "));
+}
+
+/// REQUESTS=1: prints the requests of one phase (after minus before), largest first.
+fn print_requests(phase: &str, before: &HashMap<String, f64>, after: &HashMap<String, f64>) {
+    let mut diff: Vec<(f64, &String)> = after
+        .iter()
+        .map(|(k, v)| (v - before.get(k).copied().unwrap_or(0.0), k))
+        .filter(|(d, _)| *d > 0.0)
+        .collect();
+    diff.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let total: f64 = diff.iter().map(|d| d.0).sum();
+    eprintln!("  requests {phase}: {total:.0} in all");
+    for (d, k) in diff.iter().take(20) {
+        eprintln!("    {d:>7.0}  {k}");
+    }
+}
+
+/// Creates `pods` in `api` with at most the operator's write concurrency in flight.
+async fn create_all(api: &Api<Pod>, pods: Vec<Pod>) -> Result<()> {
+    futures::stream::iter(pods)
+        .map(|pod| async move {
+            api.create(&PostParams::default(), &pod).await?;
+            anyhow::Ok(())
+        })
+        .buffer_unordered(lockstep_operator::controller::WRITE_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()
+        .map(drop)
+}
+
+/// A pod the operator made, as a user would create it directly: no owner, no gang gate, no pin
+/// to a planned node (the scheduler places it), the namespace's default service account (the
+/// job's own does not exist there). Everything else (labels, env, volumes, resources) is kept.
+fn as_direct(mut pod: Pod) -> Pod {
+    let name = pod.name_any();
+    let labels = pod.metadata.labels.take();
+    let mut annotations = pod.metadata.annotations.take().unwrap_or_default();
+    annotations.remove(lockstep_api::contract::annotations::PLANNED_NODE);
+    pod.metadata = ObjectMeta {
+        name: Some(name),
+        labels,
+        annotations: Some(annotations),
+        ..ObjectMeta::default()
+    };
+    pod.status = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.node_name = None;
+        spec.scheduling_gates = None;
+        spec.affinity = None; // the bench's template has none of its own: only the pin
+        spec.service_account_name = None;
+        spec.service_account = None; // the deprecated alias the API server fills in
+        spec.priority = None; // set again by the Priority admission plugin
+        // The service account token volume the API server added: it is added again on create.
+        if let Some(volumes) = spec.volumes.as_mut() {
+            volumes.retain(|v| !v.name.starts_with("kube-api-access-"));
+        }
+        for c in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            if let Some(mounts) = c.volume_mounts.as_mut() {
+                mounts.retain(|m| !m.name.starts_with("kube-api-access-"));
+            }
+        }
+    }
+    pod
 }
 
 async fn namespace(client: &kube::Client, name: &str) -> Result<()> {
@@ -116,8 +281,15 @@ async fn main() -> Result<()> {
     if !up.status.success() {
         bail!("cluster-up failed: {}", String::from_utf8_lossy(&up.stderr));
     }
-    let kubeconfig = state.join("kubeconfig");
-    let result = run(&operator, &kubeconfig, nodes, jobs_n, ranks, gpus).await;
+    let result = run(&operator, &state, nodes, jobs_n, ranks, gpus).await;
+    // KEEP_LOGS=DIR: the cluster's logs are copied there before it goes.
+    if let Some(dir) = std::env::var_os("KEEP_LOGS") {
+        let _ = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(state.join("logs"))
+            .arg(dir)
+            .status();
+    }
     let _ = std::process::Command::new(root.join("e2e/cluster/down.sh"))
         .env("STATE", &state)
         .output();
@@ -127,12 +299,13 @@ async fn main() -> Result<()> {
 
 async fn run(
     operator: &PathBuf,
-    kubeconfig: &PathBuf,
+    state: &std::path::Path,
     nodes: usize,
     jobs_n: usize,
     ranks: usize,
     gpus: usize,
 ) -> Result<()> {
+    let kubeconfig = &state.join("kubeconfig");
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
     let client = kube::Client::try_from(config)?;
@@ -173,7 +346,18 @@ async fn run(
     namespace(&client, "bench-jobs").await?;
     let template = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
     let jobs: Api<ParallelJob> = Api::namespaced(client.clone(), "bench-jobs");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "bench-jobs");
+    let want = jobs_n * ranks;
+    let limit = Duration::from_secs(900);
+    let counting = std::env::var_os("REQUESTS").is_some();
+    let before = if counting {
+        requests(&client).await?
+    } else {
+        HashMap::new()
+    };
+    let cpu_before = cluster_cpu(state, pid);
     let start = Instant::now();
+    let watch = watch_running(pods.clone(), want, limit, start);
     futures::stream::iter(0..jobs_n)
         .map(|i| {
             let jobs = jobs.clone();
@@ -195,42 +379,59 @@ async fn run(
         .into_iter()
         .collect::<Result<Vec<()>>>()?;
     let applied = start.elapsed();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "bench-jobs");
-    let op_phases = wait_running(&pods, jobs_n * ranks, Duration::from_secs(900), start).await?;
-    let through_operator = start.elapsed();
+    let op_phases = watch.await??;
+    let through_operator = op_phases[2];
     let (cpu1, peak) = usage(pid)?;
+    let cpu_after = cluster_cpu(state, pid);
     let _ = child.kill().await;
+    if counting {
+        print_requests("through the operator", &before, &requests(&client).await?);
+        print_cpu("through the operator", &cpu_before, &cpu_after);
+    }
 
     // 2. The API floor: the same pods, created directly.
     namespace(&client, "bench-floor").await?;
+    let made = pods.list(&ListParams::default()).await?.items;
     let direct: Api<Pod> = Api::namespaced(client.clone(), "bench-floor");
+    let same: Vec<Pod> = made.into_iter().map(as_direct).collect();
+    let before = if counting {
+        requests(&client).await?
+    } else {
+        HashMap::new()
+    };
+    let cpu_before = cluster_cpu(state, pid);
     let start = Instant::now();
-    futures::stream::iter(0..jobs_n * ranks)
+    let watch = watch_running(direct.clone(), want, limit, start);
+    create_all(&direct, same).await?;
+    let floor_phases = watch.await??;
+    if counting {
+        print_requests("of the floor", &before, &requests(&client).await?);
+        print_cpu("of the floor", &cpu_before, &cluster_cpu(state, pid));
+    }
+    let floor = floor_phases[2];
+
+    // 3. The floor of earlier runs: minimal pods (one container, requests only).
+    namespace(&client, "bench-floor-minimal").await?;
+    let minimal_api: Api<Pod> = Api::namespaced(client.clone(), "bench-floor-minimal");
+    let minimal = (0..want)
         .map(|i| {
-            let direct = direct.clone();
-            async move {
-                let pod: Pod = serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": format!("pod-{i:04}")},
-                    "spec": {"containers": [{"name": "worker", "image": "lockstep/worker:0.1.0",
-                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
-                            "limits": if gpus > 0 {
-                                serde_json::json!({"nvidia.com/gpu": gpus.to_string()})
-                            } else {
-                                serde_json::json!({})
-                            }}}]}
-                }))?;
-                direct.create(&PostParams::default(), &pod).await?;
-                anyhow::Ok(())
-            }
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("pod-{i:04}")},
+                "spec": {"containers": [{"name": "worker", "image": "lockstep/worker:0.1.0",
+                    "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
+                        "limits": if gpus > 0 {
+                            serde_json::json!({"nvidia.com/gpu": gpus.to_string()})
+                        } else {
+                            serde_json::json!({})
+                        }}}]}
+            }))
         })
-        .buffer_unordered(lockstep_operator::controller::WRITE_CONCURRENCY)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<()>>>()?;
-    let floor_phases =
-        wait_running(&direct, jobs_n * ranks, Duration::from_secs(900), start).await?;
-    let floor = start.elapsed();
+        .collect::<serde_json::Result<Vec<Pod>>>()?;
+    let start = Instant::now();
+    let watch = watch_running(minimal_api.clone(), want, limit, start);
+    create_all(&minimal_api, minimal).await?;
+    let minimal_phases = watch.await??;
+    let minimal_floor = minimal_phases[2];
 
     let pods_n = (jobs_n * ranks) as f64;
     println!(
@@ -247,10 +448,15 @@ async fn run(
         pods_n / through_operator.as_secs_f64()
     );
     println!(
-        "  API floor (pods created directly, {} at a time) {:>6.2} s  ({:.0} pods/s)",
+        "  API floor: the same pods created directly, {} at a time {:>6.2} s  ({:.0} pods/s)",
         lockstep_operator::controller::WRITE_CONCURRENCY,
         floor.as_secs_f64(),
         pods_n / floor.as_secs_f64()
+    );
+    println!(
+        "  minimal pods created directly (earlier runs' floor) {:>6.2} s  ({:.0} pods/s)",
+        minimal_floor.as_secs_f64(),
+        pods_n / minimal_floor.as_secs_f64()
     );
     let phases = |p: [Duration; 3]| {
         format!(
@@ -261,10 +467,12 @@ async fn run(
         )
     };
     println!("  through the operator: {}", phases(op_phases));
-    println!("  directly:             {}", phases(floor_phases));
+    println!("  same pods directly:   {}", phases(floor_phases));
+    println!("  minimal pods:         {}", phases(minimal_phases));
     println!(
-        "  operator / floor             {:>8.2}x",
-        through_operator.as_secs_f64() / floor.as_secs_f64()
+        "  operator / floor             {:>8.2}x  (/ minimal pods {:.2}x)",
+        through_operator.as_secs_f64() / floor.as_secs_f64(),
+        through_operator.as_secs_f64() / minimal_floor.as_secs_f64()
     );
     println!(
         "  operator CPU                 {:>8.2} s  (peak RSS {peak:.1} MiB)",
