@@ -1,6 +1,7 @@
-//! Reconcile one ParallelJob: read (the job fresh from the API server, its pods), decide (pure,
-//! [`crate::decide`]), apply (status first, then the writes; server-side apply under one field
-//! manager for shared objects), record Events on transitions.
+//! Reconcile one ParallelJob: read (the job as of this operator's last status write at least, its
+//! pods from the gang cache once that shows this operator's own writes, see [`crate::gangs`]),
+//! decide (pure, [`crate::decide`]), apply (status first, then the writes; server-side apply
+//! under one field manager for shared objects), record Events on transitions.
 //!
 //! The status is written before any pod is deleted or created: a crash between two writes then
 //! leaves a state the next pass completes (stale pods of an older attempt are deleted, missing
@@ -16,9 +17,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceA
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -31,8 +30,8 @@ use tracing::{info, warn};
 
 use crate::decide::{Action, GPU_RESOURCE, check_capacity, decide, set_invalid};
 use crate::gang::admitter::Admitter;
+use crate::gangs::{Gangs, Write};
 use crate::metrics::Metrics;
-use crate::observe::observe;
 use crate::resources::JobContext;
 use crate::resources::Pin;
 use crate::{Error, Result};
@@ -57,9 +56,11 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Gang admission (the Builtin policy).
     pub admitter: Arc<Admitter>,
-    /// The resourceVersion of the last status this operator wrote, per job (`ns/name`): when the
-    /// watch has delivered exactly that version, the cached job is fresh and needs no GET.
-    pub written: std::sync::Mutex<HashMap<String, String>>,
+    /// Every gang's pods, and the writes to them the cache must show before they are read.
+    pub gangs: Arc<Gangs>,
+    /// The API server's answer to the last status this operator wrote, per job (`ns/name`):
+    /// reconcile decides from it while the watch has not yet delivered that version.
+    pub written: std::sync::Mutex<HashMap<String, Arc<DynamicObject>>>,
 }
 
 /// Operator settings.
@@ -183,6 +184,23 @@ pub async fn run(
     let progress_reports = reflector(progress_writer, watcher(maps, progress_maps))
         .default_backoff()
         .touched_objects();
+    // The worker pods: one watch keeps the gangs reconcile reads and, once the cache holds a
+    // change, wakes the pod's job up.
+    // A pod's changes reach its job at most once per POD_BATCH (as the Job controller of
+    // Kubernetes batches them): a gang of eight starting costs a few passes, not dozens.
+    let gangs = Arc::new(Gangs::default());
+    let gang_cache = gangs.clone();
+    let owner = ar.clone();
+    let worker_pods = watcher(pods, owned)
+        .default_backoff()
+        .inspect_ok(move |ev| gang_cache.apply(ev))
+        .touched_objects()
+        .filter_map(move |pod| {
+            let job = pod.ok().and_then(|p| owning_job(&p, &owner));
+            async move { job }
+        });
+    let (pod_triggers, batched) = futures::channel::mpsc::unbounded();
+    tasks.spawn(batch(worker_pods, POD_BATCH, pod_triggers));
     let controller = Controller::new_with(jobs, watcher::Config::default().any_semantic(), ar);
     let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
     let admitter = Arc::new(Admitter::new(
@@ -213,10 +231,34 @@ pub async fn run(
         client,
         metrics: metrics.clone(),
         admitter,
+        gangs,
+    });
+    // What is kept per job (the last status written, expectations) goes with the job.
+    let jobs_seen = controller.store();
+    let pruned = ctx.clone();
+    tasks.spawn(async move {
+        if jobs_seen.wait_until_ready().await.is_err() {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let live: HashSet<String> = jobs_seen
+                .state()
+                .iter()
+                .filter_map(|j| Some(crate::gangs::key(&j.namespace()?, &j.name_any())))
+                .collect();
+            pruned
+                .written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|k, _| live.contains(k));
+            pruned.gangs.retain(|k| live.contains(k));
+        }
     });
     metrics.set_ready(true);
     controller
-        .owns(pods, owned)
+        .reconcile_on(batched)
         .reconcile_on(wake_rx)
         .owns_stream(progress_reports)
         .reconcile_all_on(node_deletions)
@@ -229,6 +271,50 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// How long a pod's change may wait to be reconciled together with its gang's other changes.
+pub const POD_BATCH: Duration = Duration::from_millis(500);
+
+/// The ParallelJob that controls a pod, if one does.
+fn owning_job(pod: &Pod, ar: &ApiResource) -> Option<ObjectRef<DynamicObject>> {
+    let owner = pod.owner_references().iter().find(|o| {
+        o.controller == Some(true) && o.kind == ar.kind && o.api_version == ar.api_version
+    })?;
+    Some(ObjectRef::new_with(&owner.name, ar.clone()).within(&pod.namespace()?))
+}
+
+/// Forwards what `input` yields to `output`, each item once per `period` at most: an item is
+/// held until the end of the period it arrived in, and repeats within it are merged.
+async fn batch<T: Eq + std::hash::Hash>(
+    input: impl futures::Stream<Item = T>,
+    period: Duration,
+    output: futures::channel::mpsc::UnboundedSender<T>,
+) {
+    futures::pin_mut!(input);
+    let mut held: HashSet<T> = HashSet::new();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            item = input.next() => match item {
+                Some(item) => {
+                    held.insert(item);
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                for item in held.drain() {
+                    if output.unbounded_send(item).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    for item in held.drain() {
+        let _ = output.unbounded_send(item);
+    }
 }
 
 /// Tasks that are aborted when this is dropped.
@@ -305,18 +391,32 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     let raw_jobs: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
     let jobs: Api<ParallelJob> = Api::namespaced(ctx.client.clone(), &ns);
     // Decide from a job that holds our own last status write: the cached one when the watch has
-    // delivered that write, else a fresh read.
+    // delivered that write (or something newer), else the answer to that write; a fresh read
+    // when this process has written no status for the job yet.
     let key = format!("{ns}/{}", cached.name_any());
-    let fresh = {
-        let written = ctx.written.lock().unwrap_or_else(|e| e.into_inner());
-        written.get(&key).is_some()
-            && written.get(&key) == cached.metadata.resource_version.as_ref()
-    };
-    let raw = if fresh {
-        (*cached).clone()
+    let last = ctx
+        .written
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    let newest = last
+        .filter(|w| w.metadata.uid == cached.metadata.uid)
+        .and_then(|w| {
+            match compare_resource_versions(
+                cached.metadata.resource_version.as_deref()?,
+                w.metadata.resource_version.as_deref()?,
+            )? {
+                std::cmp::Ordering::Less => Some((*w).clone()),
+                _ => Some((*cached).clone()),
+            }
+        });
+    let raw = if let Some(raw) = newest {
+        raw
     } else {
         let Some(raw) = raw_jobs.get_opt(&cached.name_any()).await? else {
             ctx.metrics.set_phase(&key, None);
+            ctx.gangs.forget(&key);
             ctx.written
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -340,16 +440,12 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     };
     let job_ctx = JobContext::new(&job)?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    // The gang is listed fresh: a cache fed by another watch than the one that triggered this
-    // pass could still show pods that are gone, and the next attempt waits for exactly those.
-    let selector = format!("{}={}", labels::JOB_NAME, job_ctx.name);
-    let mut observed: Vec<_> = pods
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
-        .iter()
-        .filter_map(|p| observe(p, operator::WORKER_CONTAINER))
-        .collect();
+    // The gang comes from the pod cache, once it shows every write this operator made to it (see
+    // `gangs`); the event that shows the last of them starts the next pass.
+    ctx.gangs.wait_ready().await;
+    let Some(mut observed) = ctx.gangs.view(&key, std::time::Instant::now()) else {
+        return Ok(Requeue::requeue(Duration::from_secs(2)));
+    };
 
     let lost = mark_lost_nodes(&ctx, &mut observed).await?;
     // Admission counts what the caches hold: a job that may ask for it waits until they are
@@ -380,23 +476,26 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
             "kind": ParallelJob::kind(&()),
             "status": decision.status,
         });
-        let updated = jobs
+        let updated = raw_jobs
             .patch_status(
                 job_ctx.name,
                 &PatchParams::apply(operator::FIELD_MANAGER).force(),
                 &Patch::Apply(&patch),
             )
             .await?;
-        let mut written = ctx.written.lock().unwrap_or_else(|e| e.into_inner());
-        match updated.metadata.resource_version {
-            Some(rv) => written.insert(key.clone(), rv),
-            None => written.remove(&key),
-        };
+        ctx.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), Arc::new(updated));
     }
     ctx.metrics.set_phase(&key, decision.status.phase);
     record_metrics(&ctx.metrics, &job, &decision);
-    for note in &decision.events {
-        let ev = Event {
+    // Events are recorded off the reconcile's path, in order, as client-go's recorder does: the
+    // status already says what happened, and the next writes need not wait for the Events.
+    let events: Vec<Event> = decision
+        .events
+        .iter()
+        .map(|note| Event {
             type_: if note.warning {
                 EventType::Warning
             } else {
@@ -406,10 +505,19 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
             note: Some(note.message.chars().take(1000).collect()),
             action: note.reason.into(),
             secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
-            warn!(job = job_ctx.name, error = %e, "recording an event failed");
-        }
+        })
+        .collect();
+    if !events.is_empty() {
+        let recorder = ctx.recorder.clone();
+        let reference = job.object_ref(&());
+        let name = job_ctx.name.to_string();
+        tokio::spawn(async move {
+            for ev in events {
+                if let Err(e) = recorder.publish(&ev, &reference).await {
+                    warn!(job = name, error = %e, "recording an event failed");
+                }
+            }
+        });
     }
     // A pod on a node that is gone never finishes terminating (no kubelet confirms it): force it,
     // or the next attempt would wait for it forever.
@@ -418,12 +526,12 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         .filter(|p| p.terminating && lost.contains(&p.name))
         .map(|p| p.name.clone())
         .collect();
-    force_delete(&pods, stuck).await?;
+    force_delete(&ctx, &key, &pods, stuck).await?;
     for action in &decision.actions {
         if let Action::DeletePods(names) = action {
             let (dead, alive): (Vec<String>, Vec<String>) =
                 names.iter().cloned().partition(|n| lost.contains(n));
-            force_delete(&pods, dead).await?;
+            force_delete(&ctx, &key, &pods, dead).await?;
             apply(&ctx, &job_ctx, &pods, &jobs, &Action::DeletePods(alive)).await?;
             continue;
         }
@@ -556,14 +664,16 @@ async fn mark_lost_nodes(
     Ok(lost)
 }
 
-async fn force_delete(pods: &Api<Pod>, names: Vec<String>) -> Result<()> {
+async fn force_delete(ctx: &Context, key: &str, pods: &Api<Pod>, names: Vec<String>) -> Result<()> {
     if names.is_empty() {
         return Ok(());
     }
     bounded(names, 404, |name| async move {
         pods.delete(&name, &DeleteParams::default().grace_period(0))
             .await
-            .map(drop)
+            .map(drop)?;
+        ctx.gangs.expect(key, Write::Deleted, [name]);
+        Ok(())
     })
     .await
 }
@@ -725,58 +835,80 @@ async fn apply(
     action: &Action,
 ) -> Result<()> {
     let ssa = PatchParams::apply(operator::FIELD_MANAGER).force();
+    let gang = crate::gangs::key(job.namespace, job.name);
+    let gang = gang.as_str();
     match action {
         Action::EnsureSharedObjects => {
-            let services: Api<Service> = Api::namespaced(ctx.client.clone(), job.namespace);
-            services
-                .patch(
-                    &job.service_name(),
+            // Independent writes, made at once: a reconcile waits for one round trip, not seven.
+            let c = &ctx.client;
+            let ns = job.namespace;
+            let service = async {
+                Api::<Service>::namespaced(c.clone(), ns)
+                    .patch(
+                        &job.service_name(),
+                        &ssa,
+                        &Patch::Apply(&typed(job.service()?, "v1", "Service")),
+                    )
+                    .await?;
+                Ok::<_, Error>(())
+            };
+            let maps: Api<ConfigMap> = Api::namespaced(c.clone(), ns);
+            let config = async {
+                let (cm, _) = job.config_map()?;
+                maps.patch(
+                    &job.config_map_name(),
                     &ssa,
-                    &Patch::Apply(&typed(job.service()?, "v1", "Service")),
+                    &Patch::Apply(&typed(cm, "v1", "ConfigMap")),
                 )
                 .await?;
-            let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), job.namespace);
-            let (cm, _) = job.config_map()?;
-            maps.patch(
-                &job.config_map_name(),
-                &ssa,
-                &Patch::Apply(&typed(cm, "v1", "ConfigMap")),
-            )
-            .await?;
-            if let Some(sa) = job.service_account()? {
-                let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), job.namespace);
-                let name = sa.metadata.name.clone().unwrap_or_default();
-                api.patch(
-                    &name,
-                    &ssa,
-                    &Patch::Apply(&typed(sa, "v1", "ServiceAccount")),
-                )
-                .await?;
-            }
-            let rbac = "rbac.authorization.k8s.io/v1";
-            let role = job.progress_role()?;
-            let name = role.metadata.name.clone().unwrap_or_default();
-            Api::<Role>::namespaced(ctx.client.clone(), job.namespace)
-                .patch(&name, &ssa, &Patch::Apply(&typed(role, rbac, "Role")))
-                .await?;
-            let binding = job.progress_role_binding()?;
-            Api::<RoleBinding>::namespaced(ctx.client.clone(), job.namespace)
-                .patch(
-                    &name,
-                    &ssa,
-                    &Patch::Apply(&typed(binding, rbac, "RoleBinding")),
-                )
-                .await?;
+                Ok(())
+            };
+            let account = async {
+                if let Some(sa) = job.service_account()? {
+                    let name = sa.metadata.name.clone().unwrap_or_default();
+                    Api::<ServiceAccount>::namespaced(c.clone(), ns)
+                        .patch(
+                            &name,
+                            &ssa,
+                            &Patch::Apply(&typed(sa, "v1", "ServiceAccount")),
+                        )
+                        .await?;
+                }
+                Ok(())
+            };
+            // The Role first: binding a Role that does not exist yet needs the `bind` verb,
+            // which the operator does not hold.
+            let rbac = async {
+                let rbac = "rbac.authorization.k8s.io/v1";
+                let role = job.progress_role()?;
+                let name = role.metadata.name.clone().unwrap_or_default();
+                Api::<Role>::namespaced(c.clone(), ns)
+                    .patch(&name, &ssa, &Patch::Apply(&typed(role, rbac, "Role")))
+                    .await?;
+                let binding = job.progress_role_binding()?;
+                Api::<RoleBinding>::namespaced(c.clone(), ns)
+                    .patch(
+                        &name,
+                        &ssa,
+                        &Patch::Apply(&typed(binding, rbac, "RoleBinding")),
+                    )
+                    .await?;
+                Ok(())
+            };
             // Created once and never re-applied: the token must not change under running ranks,
             // and the progress belongs to the worker once it exists.
             let create = PostParams {
                 field_manager: Some(operator::FIELD_MANAGER.into()),
                 ..PostParams::default()
             };
-            let token = format!("{:032x}", rand::random::<u128>());
-            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), job.namespace);
-            ignore_conflict(secrets.create(&create, &job.token_secret(&token)?).await)?;
-            ignore_conflict(maps.create(&create, &job.progress_config_map()?).await)?;
+            let token = async {
+                let token = format!("{:032x}", rand::random::<u128>());
+                let secrets: Api<Secret> = Api::namespaced(c.clone(), ns);
+                ignore_conflict(secrets.create(&create, &job.token_secret(&token)?).await)
+            };
+            let progress =
+                async { ignore_conflict(maps.create(&create, &job.progress_config_map()?).await) };
+            futures::try_join!(service, config, account, rbac, token, progress)?;
         }
         Action::CreatePods {
             attempt,
@@ -808,7 +940,16 @@ async fn apply(
             // 409: created by an earlier pass whose status write we have not seen yet.
             bounded(built, 409, |pod| {
                 let params = &params;
-                async move { pods.create(params, &pod).await.map(drop) }
+                async move {
+                    let name = pod.name_any();
+                    match pods.create(params, &pod).await {
+                        Ok(_) => {}
+                        Err(kube::Error::Api(e)) if e.code == 409 => {}
+                        Err(e) => return Err(e),
+                    }
+                    ctx.gangs.expect(gang, Write::Created, [name]);
+                    Ok(())
+                }
             })
             .await?;
         }
@@ -822,7 +963,9 @@ async fn apply(
                 async move {
                     pods.patch(&name, &PatchParams::default(), &Patch::Strategic(patch))
                         .await
-                        .map(drop)
+                        .map(drop)?;
+                    ctx.gangs.expect(gang, Write::Released, [name]);
+                    Ok(())
                 }
             })
             .await?;
@@ -851,7 +994,9 @@ async fn apply(
             bounded(names.iter().cloned(), 404, |name| async move {
                 pods.delete(&name, &DeleteParams::background())
                     .await
-                    .map(drop)
+                    .map(drop)?;
+                ctx.gangs.expect(gang, Write::Deleted, [name]);
+                Ok(())
             })
             .await?;
         }
@@ -862,6 +1007,18 @@ async fn apply(
         },
     }
     Ok(())
+}
+
+/// Orders two resourceVersions of objects of one resource: since Kubernetes 1.35 they are
+/// decimal integers without leading zeros, comparable by length and then digit by digit
+/// (KEP-5504). `None` when either is not of that form (then only equality means anything).
+pub fn compare_resource_versions(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    let well_formed = |v: &str| {
+        !v.is_empty()
+            && v.bytes().all(|c| c.is_ascii_digit())
+            && !(v.len() > 1 && v.starts_with('0'))
+    };
+    (well_formed(a) && well_formed(b)).then(|| a.len().cmp(&b.len()).then_with(|| a.cmp(b)))
 }
 
 /// A create that found the object already there is a success.
@@ -934,5 +1091,66 @@ fn slim_pod(p: &mut Pod) {
             phase: st.phase.take(),
             ..Default::default()
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{batch, compare_resource_versions};
+    use futures::StreamExt;
+    use std::cmp::Ordering;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_merges_repeats_and_holds_each_item_to_the_end_of_its_period() {
+        let (input, rx) = futures::channel::mpsc::unbounded::<&str>();
+        let (output, mut out) = futures::channel::mpsc::unbounded();
+        let period = Duration::from_millis(500);
+        let task = tokio::spawn(batch(rx, period, output));
+        // The first tick fires at once; what arrives after it waits for the next.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        for item in ["a", "a", "b", "a"] {
+            input.unbounded_send(item).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(out.try_recv().is_err(), "nothing before the period ends");
+        tokio::time::sleep(period).await;
+        let mut got = vec![out.next().await.unwrap(), out.next().await.unwrap()];
+        got.sort_unstable();
+        assert_eq!(got, ["a", "b"]);
+        assert!(out.try_recv().is_err(), "each item once");
+        input.unbounded_send("a").unwrap();
+        drop(input);
+        task.await.unwrap();
+        assert_eq!(
+            out.next().await,
+            Some("a"),
+            "what is held when the input ends still goes"
+        );
+    }
+
+    #[test]
+    fn resource_versions_compare_as_integers() {
+        assert_eq!(compare_resource_versions("99", "100"), Some(Ordering::Less));
+        assert_eq!(
+            compare_resource_versions("1000", "999"),
+            Some(Ordering::Greater)
+        );
+        assert_eq!(
+            compare_resource_versions("512", "512"),
+            Some(Ordering::Equal)
+        );
+        assert_eq!(
+            compare_resource_versions("123", "124"),
+            Some(Ordering::Less)
+        );
+    }
+
+    #[test]
+    fn resource_versions_of_another_form_do_not_compare() {
+        assert_eq!(compare_resource_versions("", "1"), None);
+        assert_eq!(compare_resource_versions("012", "13"), None);
+        assert_eq!(compare_resource_versions("1a", "2"), None);
+        assert_eq!(compare_resource_versions("-1", "2"), None);
     }
 }

@@ -4,6 +4,7 @@
 //! - [`observe`]: worker pods reduced to per-rank facts.
 //! - [`decide`]: the pure phase machine and failure policy.
 //! - [`gang`]: gang admission (capacity snapshot, queue, placement) for the Builtin policy.
+//! - [`gangs`]: every gang's pods from one watch, with expectations of the operator's own writes.
 //! - [`controller`]: reconcile = read, decide, apply (server-side apply), report status.
 //! - [`metrics`]: Prometheus metrics and the health endpoints.
 //! - [`leader`]: leader election on a Lease, so one of several replicas acts.
@@ -11,6 +12,7 @@
 pub mod controller;
 pub mod decide;
 pub mod gang;
+pub mod gangs;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
