@@ -96,7 +96,7 @@ bench-admission: ## admission decision alone: 1,000 nodes x 8 GPUs, 500 queued j
 	$(CARGO_TARGET_DIR)/release/bench-admission
 
 .PHONY: bench-operator
-bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the API floor (NODES, JOBS, RANKS, GPUS)
+bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the same pods created directly (NODES, JOBS, RANKS, GPUS; REQUESTS=1, TIMELINE=1)
 	bench/operator/run.sh
 
 .PHONY: gpu-worker
