@@ -171,6 +171,37 @@ fn cluster_cpu(state: &std::path::Path, operator: u32) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// What the cluster has done so far: the API server's requests (when counted) and each process's
+/// CPU seconds.
+struct Usage {
+    requests: HashMap<String, f64>,
+    cpu: Vec<(String, f64)>,
+}
+
+impl Usage {
+    async fn take(
+        counting: bool,
+        client: &kube::Client,
+        state: &std::path::Path,
+        operator: u32,
+    ) -> Result<Self> {
+        Ok(Self {
+            requests: if counting {
+                requests(client).await?
+            } else {
+                HashMap::new()
+            },
+            cpu: cluster_cpu(state, operator),
+        })
+    }
+
+    /// REQUESTS=1: prints what was done between `before` and this.
+    fn print_since(&self, before: &Usage, phase: &str) {
+        print_requests(phase, &before.requests, &self.requests);
+        print_cpu(phase, &before.cpu, &self.cpu);
+    }
+}
+
 /// REQUESTS=1: prints the CPU seconds each process used in one phase.
 fn print_cpu(phase: &str, before: &[(String, f64)], after: &[(String, f64)]) {
     let used: Vec<String> = after
@@ -380,12 +411,7 @@ async fn run(
     let want = jobs_n * ranks;
     let limit = Duration::from_secs(900);
     let counting = std::env::var_os("REQUESTS").is_some();
-    let before = if counting {
-        requests(&client).await?
-    } else {
-        HashMap::new()
-    };
-    let cpu_before = cluster_cpu(state, pid);
+    let before = Usage::take(counting, &client, state, pid).await?;
     let start = Instant::now();
     let watch = watch_running(pods.clone(), want, limit, start);
     futures::stream::iter(0..jobs_n)
@@ -412,7 +438,7 @@ async fn run(
     let op_phases = watch.await??;
     let through_operator = op_phases[2];
     let (cpu1, peak) = usage(pid)?;
-    let cpu_after = cluster_cpu(state, pid);
+    let after = Usage::take(counting, &client, state, pid).await?;
     let _ = child.kill().await;
     // Each phase's figures are printed as soon as it ends: a later phase that fails loses nothing.
     let pods_n = want as f64;
@@ -442,8 +468,7 @@ async fn run(
         cpu1 - cpu0
     );
     if counting {
-        print_requests("through the operator", &before, &requests(&client).await?);
-        print_cpu("through the operator", &cpu_before, &cpu_after);
+        after.print_since(&before, "through the operator");
     }
 
     // 2. The API floor: the same pods, created directly.
@@ -452,12 +477,7 @@ async fn run(
     clear(&client, "bench-jobs").await?;
     let direct: Api<Pod> = Api::namespaced(client.clone(), "bench-floor");
     let same: Vec<Pod> = made.into_iter().map(as_direct).collect();
-    let before = if counting {
-        requests(&client).await?
-    } else {
-        HashMap::new()
-    };
-    let cpu_before = cluster_cpu(state, pid);
+    let before = Usage::take(counting, &client, state, pid).await?;
     let start = Instant::now();
     let watch = watch_running(direct.clone(), want, limit, start);
     create_all(&direct, same).await?;
@@ -475,8 +495,8 @@ async fn run(
         through_operator.as_secs_f64() / floor.as_secs_f64()
     );
     if counting {
-        print_requests("of the floor", &before, &requests(&client).await?);
-        print_cpu("of the floor", &cpu_before, &cluster_cpu(state, pid));
+        let after = Usage::take(counting, &client, state, pid).await?;
+        after.print_since(&before, "of the floor");
     }
     clear(&client, "bench-floor").await?;
 
