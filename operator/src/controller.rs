@@ -393,7 +393,7 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     // Decide from a job that holds our own last status write: the cached one when the watch has
     // delivered that write (or something newer), else the answer to that write; a fresh read
     // when this process has written no status for the job yet.
-    let key = format!("{ns}/{}", cached.name_any());
+    let key = crate::gangs::key(&ns, &cached.name_any());
     let last = ctx
         .written
         .lock()
@@ -471,22 +471,7 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     }
 
     if job.status.as_ref() != Some(&decision.status) {
-        let patch = serde_json::json!({
-            "apiVersion": ParallelJob::api_version(&()),
-            "kind": ParallelJob::kind(&()),
-            "status": decision.status,
-        });
-        let updated = raw_jobs
-            .patch_status(
-                job_ctx.name,
-                &PatchParams::apply(operator::FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await?;
-        ctx.written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), Arc::new(updated));
+        write_status(&ctx, &raw_jobs, &job, &decision.status).await?;
     }
     ctx.metrics.set_phase(&key, decision.status.phase);
     record_metrics(&ctx.metrics, &job, &decision);
@@ -544,7 +529,7 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
                     "the API server refused an object built from spec.template: {}",
                     e.message
                 );
-                report_rejected(&ctx, &jobs, &job, &decision.status, &message).await?;
+                report_rejected(&ctx, &raw_jobs, &job, &decision.status, &message).await?;
                 return Ok(Requeue::await_change());
             }
             Err(Error::GangApiMissing(what)) => {
@@ -554,7 +539,7 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
                      gangPolicy: Builtin",
                     job.spec.scheduling.gang_policy
                 );
-                report_gang_api_missing(&ctx, &jobs, &job, &decision.status, &message).await?;
+                report_gang_api_missing(&ctx, &raw_jobs, &job, &decision.status, &message).await?;
                 return Ok(Requeue::requeue(Duration::from_secs(60)));
             }
             Err(e) => return Err(e),
@@ -719,7 +704,7 @@ fn record_metrics(metrics: &Metrics, job: &ParallelJob, decision: &crate::decide
 /// Says in `Admitted=False` (and an Event, once) that the gang API is missing; no pod is made.
 async fn report_gang_api_missing(
     ctx: &Context,
-    jobs: &Api<ParallelJob>,
+    jobs: &Api<DynamicObject>,
     job: &ParallelJob,
     status: &lockstep_api::ParallelJobStatus,
     message: &str,
@@ -763,7 +748,7 @@ async fn report_gang_api_missing(
 
 async fn report_rejected(
     ctx: &Context,
-    jobs: &Api<ParallelJob>,
+    jobs: &Api<DynamicObject>,
     job: &ParallelJob,
     status: &lockstep_api::ParallelJobStatus,
     message: &str,
@@ -792,28 +777,49 @@ async fn report_rejected(
     .await
 }
 
+/// Writes a job's status by server-side apply, and keeps the API server's answer for the next
+/// pass to decide from while the watch has not delivered it (see [`Context::written`]).
+async fn write_status(
+    ctx: &Context,
+    jobs: &Api<DynamicObject>,
+    job: &ParallelJob,
+    status: &lockstep_api::ParallelJobStatus,
+) -> Result<()> {
+    let name = job.name_any();
+    let patch = serde_json::json!({
+        "apiVersion": ParallelJob::api_version(&()),
+        "kind": ParallelJob::kind(&()),
+        "status": status,
+    });
+    let updated = jobs
+        .patch_status(
+            &name,
+            &PatchParams::apply(operator::FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    ctx.written
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            crate::gangs::key(&job.namespace().unwrap_or_default(), &name),
+            Arc::new(updated),
+        );
+    Ok(())
+}
+
 /// Writes `status` and records a Warning Event `reason` for `action` with `message`: how a
 /// problem that stops a job's pods from being made is reported outside `decide`.
 async fn report(
     ctx: &Context,
-    jobs: &Api<ParallelJob>,
+    jobs: &Api<DynamicObject>,
     job: &ParallelJob,
     status: &lockstep_api::ParallelJobStatus,
     reason: &str,
     action: &str,
     message: &str,
 ) -> Result<()> {
-    let patch = serde_json::json!({
-        "apiVersion": ParallelJob::api_version(&()),
-        "kind": ParallelJob::kind(&()),
-        "status": status,
-    });
-    jobs.patch_status(
-        &job.name_any(),
-        &PatchParams::apply(operator::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    write_status(ctx, jobs, job, status).await?;
     let ev = Event {
         type_: EventType::Warning,
         reason: reason.into(),
