@@ -258,6 +258,14 @@ async fn list_all(api: &Api<Pod>) -> Result<Vec<Pod>> {
     }
 }
 
+/// Creates `pods` directly in `api` and returns when they were all created, bound and running.
+async fn time_direct(api: &Api<Pod>, pods: Vec<Pod>, limit: Duration) -> Result<[Duration; 3]> {
+    let start = Instant::now();
+    let watch = watch_running(api.clone(), pods.len(), limit, start);
+    create_all(api, pods).await?;
+    watch.await?
+}
+
 /// Creates `pods` in `api` with at most the operator's write concurrency in flight.
 async fn create_all(api: &Api<Pod>, pods: Vec<Pod>) -> Result<()> {
     futures::stream::iter(pods)
@@ -478,10 +486,7 @@ async fn run(
     let direct: Api<Pod> = Api::namespaced(client.clone(), "bench-floor");
     let same: Vec<Pod> = made.into_iter().map(as_direct).collect();
     let before = Usage::take(counting, &client, state, pid).await?;
-    let start = Instant::now();
-    let watch = watch_running(direct.clone(), want, limit, start);
-    create_all(&direct, same).await?;
-    let floor_phases = watch.await??;
+    let floor_phases = time_direct(&direct, same, limit).await?;
     let floor = floor_phases[2];
     println!(
         "  API floor: the same pods created directly, {} at a time {:>6.2} s  ({:.0} pods/s)",
@@ -517,10 +522,7 @@ async fn run(
             }))
         })
         .collect::<serde_json::Result<Vec<Pod>>>()?;
-    let start = Instant::now();
-    let watch = watch_running(minimal_api.clone(), want, limit, start);
-    create_all(&minimal_api, minimal).await?;
-    let minimal_phases = watch.await??;
+    let minimal_phases = time_direct(&minimal_api, minimal, limit).await?;
     let minimal_floor = minimal_phases[2];
     println!(
         "  minimal pods created directly (earlier runs' floor) {:>6.2} s  ({:.0} pods/s)",
