@@ -659,6 +659,17 @@ impl Builder<'_> {
             .filter(|r| !current.iter().any(|p| p.rank == *r))
             .collect();
         let policy = self.job.spec.scheduling.gang_policy;
+        // The external gang scheduler's API was missing when last tried (the controller reports
+        // it as `Admitted=False` `GangApiMissing`, phase Queued): until a pod exists the job stays
+        // as reported, and this pass tries again. Deciding Starting here would undo the report
+        // on every pass and make it write again.
+        let api_missing = policy != GangPolicy::Builtin
+            && current.is_empty()
+            && self.d.status.conditions.iter().any(|c| {
+                c.type_ == ct::ADMITTED
+                    && c.status == "False"
+                    && c.reason == reasons::GANG_API_MISSING
+            });
         let mut plan = None;
         if policy == GangPolicy::Builtin {
             let admitted = self
@@ -730,7 +741,7 @@ impl Builder<'_> {
                 self.d.actions.push(Action::Ungate(gated));
             }
         }
-        if policy != GangPolicy::Builtin {
+        if policy != GangPolicy::Builtin && !api_missing {
             self.externally_admitted(current);
         }
         let running = current
@@ -758,7 +769,7 @@ impl Builder<'_> {
                 reasons::GANG_STARTED,
                 "the gang runs".into(),
             );
-        } else if self.phase() != Some(Phase::Running) {
+        } else if self.phase() != Some(Phase::Running) && !api_missing {
             self.set_phase(Phase::Starting);
         }
     }
@@ -1000,6 +1011,53 @@ mod tests {
 
     fn running(attempt: i32) -> Vec<RankPod> {
         (0..4).map(|r| pod(r, attempt, Running)).collect()
+    }
+
+    #[test]
+    fn a_missing_gang_api_keeps_the_job_queued_until_its_pods_exist() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.scheduling.gang_policy = GangPolicy::Volcano;
+        let d = step(&mut j, &[], at(0));
+        assert_eq!(d.status.phase, Some(Phase::Starting));
+        // What the controller reports when the PodGroup API is not served.
+        let status = j.status.as_mut().unwrap();
+        status.phase = Some(Phase::Queued);
+        status.conditions.retain(|c| c.type_ != ct::ADMITTED);
+        status.conditions.push(Condition {
+            type_: ct::ADMITTED.into(),
+            status: "False".into(),
+            reason: reasons::GANG_API_MISSING.into(),
+            message: "not served".into(),
+            last_transition_time: Time(at(1)),
+            observed_generation: Some(1),
+        });
+        let reported = j.status.clone();
+        let d = step(&mut j, &[], at(60));
+        assert_eq!(
+            Some(d.status),
+            reported,
+            "the report stands: nothing to write"
+        );
+        assert!(
+            d.actions.contains(&Action::EnsureGangObjects),
+            "tried again"
+        );
+        // Once the API is served the pods are made, and the gang waits for its scheduler.
+        let pending: Vec<RankPod> = (0..4)
+            .map(|r| RankPod {
+                node: None,
+                ..pod(r, 0, Pending)
+            })
+            .collect();
+        let d = step(&mut j, &pending, at(61));
+        assert_eq!(d.status.phase, Some(Phase::Starting));
+        let admitted = d
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ct::ADMITTED)
+            .unwrap();
+        assert_eq!(admitted.reason, reasons::WAITING_FOR_SCHEDULER);
     }
 
     #[test]

@@ -561,6 +561,11 @@ async fn a_gang_scheduler_that_is_not_installed_is_named_in_a_condition() -> any
         })
         .await?;
         assert_eq!(phase(&ns, "volcanic").await?, Some(Phase::Queued));
+        // It stays so: the passes the report's own write starts do not flip it back to Starting.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(phase(&ns, "volcanic").await?, Some(Phase::Queued));
+        let (_, reason, _) = admitted(&ns, "volcanic").await?.expect("Admitted");
+        assert_eq!(reason, "GangApiMissing");
         assert!(
             gang(&ns, "volcanic").await?.is_empty(),
             "pods made for a scheduler that is not there"
