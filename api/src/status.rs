@@ -144,8 +144,10 @@ pub struct Admission {
     /// Nodes the ranks were placed on, indexed by rank.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
-    /// Position in the admission queue while waiting (1 = next); refreshed when the job is
-    /// reconciled, so it may lag behind the queue by up to half a minute.
+    /// Position in the admission queue while waiting (1 = next), counting only the waiting jobs
+    /// ahead that may use a node this one may use (jobs on other node pools do not count);
+    /// refreshed when the job is reconciled, so it may lag behind the queue by up to half a
+    /// minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<i32>,
 }

@@ -55,7 +55,9 @@ pub enum Verdict {
         why: Wait,
         /// What is missing, for a person.
         message: String,
-        /// Position among the waiting gangs (1 = next).
+        /// Position among the waiting gangs that compete with it for nodes (1 = next): those
+        /// ahead of it in the queue that may use a node it may use. Gangs on other node pools
+        /// wait in a queue of their own.
         position: usize,
     },
 }
@@ -107,25 +109,14 @@ pub fn cycle(
     let mut blocked = vec![false; n];
     let mut blocked_count = 0;
     let mut head: Option<String> = None;
-    let mut position = 0;
+    // The gangs waiting so far, counted by the node rules they wait under, and whether two rules
+    // share a node.
+    let mut waiting: Vec<(Arc<NodeRules>, usize)> = Vec::new();
+    let mut shared: HashMap<(Arc<NodeRules>, Arc<NodeRules>), bool> = HashMap::new();
     let mut out = Vec::with_capacity(queue.len());
     for w in queue.iter() {
         let explained = explain.covers(&w.key);
         let everything_kept = n > 0 && blocked_count == n;
-        if everything_kept && !explained {
-            // Every node is kept for gangs ahead: this one waits, and whether it could ever fit
-            // changes nothing (there is nothing left for it to keep).
-            position += 1;
-            out.push((
-                w.key.clone(),
-                Verdict::Waits {
-                    why: Wait::Behind(head.clone().unwrap_or_default()),
-                    message: String::new(),
-                    position,
-                },
-            ));
-            continue;
-        }
         let elig = eligible
             .entry(w.rules.clone())
             .or_insert_with(|| {
@@ -136,6 +127,39 @@ pub fn cycle(
                     .collect()
             })
             .clone();
+        let mut wait_here = || {
+            let mut position = 1;
+            for (rules, count) in &waiting {
+                let shares = *shared
+                    .entry((rules.clone(), w.rules.clone()))
+                    .or_insert_with(|| {
+                        *rules == w.rules
+                            || eligible[rules].iter().zip(&elig).any(|(a, b)| *a && *b)
+                    });
+                if shares {
+                    position += count;
+                }
+            }
+            match waiting.iter_mut().find(|(r, _)| *r == w.rules) {
+                Some((_, count)) => *count += 1,
+                None => waiting.push((w.rules.clone(), 1)),
+            }
+            position
+        };
+        if everything_kept && !explained {
+            // Every node is kept for gangs ahead: this one waits, and whether it could ever fit
+            // changes nothing (there is nothing left for it to keep).
+            let position = wait_here();
+            out.push((
+                w.key.clone(),
+                Verdict::Waits {
+                    why: Wait::Behind(head.clone().unwrap_or_default()),
+                    message: String::new(),
+                    position,
+                },
+            ));
+            continue;
+        }
         let overlaps = elig.iter().zip(&blocked).any(|(e, b)| *e && *b);
         let attempt = if everything_kept {
             None
@@ -152,7 +176,7 @@ pub fn cycle(
             out.push((w.key.clone(), Verdict::Admit(nodes)));
             continue;
         }
-        position += 1;
+        let position = wait_here();
         let ever = possible
             .entry((w.rules.clone(), w.shape.clone()))
             .or_insert_with(|| place(snapshot, &elig, &w.shape, true).map(drop))
@@ -415,6 +439,41 @@ mod tests {
             panic!("the small gang jumped the head");
         };
         assert_eq!((why, *position), (&Wait::Behind("ns/high".into()), 2));
+    }
+
+    #[test]
+    fn the_queue_position_counts_only_gangs_that_compete_for_the_same_nodes() {
+        // Two racks, both full. A gang pinned to each rack waits at position 1 of its own rack's
+        // queue; a gang that may use either rack waits behind both.
+        let mut s = Snapshot::new(vec![
+            node("a", 8, 8, "r1", false),
+            node("b", 8, 8, "r2", false),
+        ]);
+        let pinned = |key: &str, created: i64, rack: &str| {
+            let mut g = gang(key, 0, created, 2, 1);
+            g.rules = Arc::new(NodeRules::of(
+                &serde_json::from_value(serde_json::json!({
+                    "containers": [], "nodeSelector": {"rack": rack}
+                }))
+                .unwrap(),
+            ));
+            g
+        };
+        let mut q = vec![
+            pinned("ns/r1-first", 1, "r1"),
+            pinned("ns/r2-first", 2, "r2"),
+            pinned("ns/r1-second", 3, "r1"),
+            gang("ns/anywhere", 0, 4, 2, 1),
+        ];
+        let out = cycle(&mut s, &mut q, Explain::All);
+        let position = |key: &str| match verdict(&out, key) {
+            Verdict::Waits { position, .. } => *position,
+            Verdict::Admit(_) => panic!("{key} admitted onto full nodes"),
+        };
+        assert_eq!(position("ns/r1-first"), 1);
+        assert_eq!(position("ns/r2-first"), 1);
+        assert_eq!(position("ns/r1-second"), 2);
+        assert_eq!(position("ns/anywhere"), 4);
     }
 
     #[test]
