@@ -5,10 +5,14 @@
 //! 1. `JOBS` ParallelJobs (default 100) of `RANKS` ranks (default 8), `GPUS` GPUs per rank
 //!    (default 0), applied at once: seconds until every pod runs and every job is Running, pods
 //!    per second (every job goes through Builtin gang admission: gated, pinned, released);
-//! 2. the API floor: the same pods the operator made (see [`as_direct`]) created directly, with
+//! 2. the design's floor: every write the design asks of any implementation, made directly with
+//!    no operator running (see [`design_floor`]): the job, its objects, its gated and pinned pods,
+//!    their release, one status write; seconds until all run. What the operator adds over this is
+//!    its own cost; what this adds over 3 is the design's;
+//! 3. the API floor: the same pods the operator made (see [`as_direct`]) created directly, with
 //!    the operator's write concurrency, seconds until all run;
-//! 3. the floor of earlier runs: as many minimal pods (one container, requests only);
-//! 4. the operator's CPU seconds and peak resident memory (from /proc).
+//! 4. the floor of earlier runs: as many minimal pods (one container, requests only);
+//! 5. the operator's CPU seconds and peak resident memory (from /proc).
 //!
 //! Times are taken from a pod watch, not by polling. Each phase starts on an empty cluster: the
 //! pods of the one before are deleted first.
@@ -320,6 +324,112 @@ fn as_direct(mut pod: Pod) -> Pod {
     pod
 }
 
+/// The design's floor for one job: the writes the design asks of any implementation, in the
+/// order they depend on each other, made directly (no operator runs, nothing is read back or
+/// decided). The job; its objects at once (headless Service, config, worker ServiceAccount,
+/// progress Role then RoleBinding, token Secret, progress ConfigMap), created plainly; its pods,
+/// gated and pinned to `planned` (the operator's own choice, by pod name); their release; one
+/// status write (admitted). The operator's builders make every body, so nothing differs but who
+/// writes and when.
+async fn design_floor(
+    client: &kube::Client,
+    job: ParallelJob,
+    planned: &HashMap<String, String>,
+) -> Result<()> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use kube::api::{Patch, PatchParams};
+    use lockstep_operator::resources::{JobContext, Pin};
+
+    let ns = job.metadata.namespace.clone().context("job namespace")?;
+    let jobs: Api<ParallelJob> = Api::namespaced(client.clone(), &ns);
+    let job = jobs.create(&PostParams::default(), &job).await?;
+    let ctx = JobContext::new(&job)?;
+    let pp = PostParams::default();
+    let create = |api_of: &'static str| move |e: kube::Error| anyhow::anyhow!("{api_of}: {e}");
+    let service = async {
+        Api::<Service>::namespaced(client.clone(), &ns)
+            .create(&pp, &ctx.service()?)
+            .await
+            .map_err(create("service"))
+    };
+    let config = async {
+        Api::<ConfigMap>::namespaced(client.clone(), &ns)
+            .create(&pp, &ctx.config_map()?.0)
+            .await
+            .map_err(create("config map"))
+    };
+    let account = async {
+        if let Some(sa) = ctx.service_account()? {
+            Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+                .create(&pp, &sa)
+                .await
+                .map_err(create("service account"))?;
+        }
+        anyhow::Ok(())
+    };
+    let rbac = async {
+        Api::<Role>::namespaced(client.clone(), &ns)
+            .create(&pp, &ctx.progress_role()?)
+            .await
+            .map_err(create("role"))?;
+        Api::<RoleBinding>::namespaced(client.clone(), &ns)
+            .create(&pp, &ctx.progress_role_binding()?)
+            .await
+            .map_err(create("role binding"))
+    };
+    let secret = async {
+        Api::<Secret>::namespaced(client.clone(), &ns)
+            .create(&pp, &ctx.token_secret("bench")?)
+            .await
+            .map_err(create("secret"))
+    };
+    let progress = async {
+        Api::<ConfigMap>::namespaced(client.clone(), &ns)
+            .create(&pp, &ctx.progress_config_map()?)
+            .await
+            .map_err(create("progress config map"))
+    };
+    futures::try_join!(service, config, account, rbac, secret, progress)?;
+
+    let digest = ctx.config_digest()?;
+    let world = ctx.layout.world_size();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let built = (0..world)
+        .map(|rank| {
+            let name = ctx.pod_name(rank);
+            let node = planned
+                .get(&name)
+                .with_context(|| format!("no planned node for {name}"))?;
+            let pin = Pin {
+                node,
+                hostname: Some(node),
+            };
+            Ok(ctx.pod(rank, 0, &digest, true, Some(&pin))?)
+        })
+        .collect::<Result<Vec<Pod>>>()?;
+    futures::future::try_join_all(built.iter().map(|pod| pods.create(&pp, pod))).await?;
+    let release = serde_json::json!({"spec": {"schedulingGates": [
+        {"$patch": "delete", "name": lockstep_api::contract::operator::SCHEDULING_GATE}
+    ]}});
+    let (params, release) = (PatchParams::default(), Patch::Strategic(&release));
+    futures::future::try_join_all(built.iter().map(|pod| {
+        pods.patch(
+            pod.metadata.name.as_deref().unwrap_or_default(),
+            &params,
+            &release,
+        )
+    }))
+    .await?;
+    let status = serde_json::json!({"status": {"phase": "Starting", "attempt": 0,
+        "admission": {"attempt": 0, "nodes": built.iter()
+            .map(|p| planned[p.metadata.name.as_deref().unwrap_or_default()].clone())
+            .collect::<Vec<_>>()}}});
+    jobs.patch_status(ctx.name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
 async fn namespace(client: &kube::Client, name: &str) -> Result<()> {
     let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
     Api::<Namespace>::all(client.clone())
@@ -419,21 +529,25 @@ async fn run(
     let want = jobs_n * ranks;
     let limit = Duration::from_secs(900);
     let counting = std::env::var_os("REQUESTS").is_some();
+    let manifest = |i: usize, ns: &str| -> Result<ParallelJob> {
+        let mut v = template.clone();
+        v["metadata"]["name"] = format!("job-{i:03}").into();
+        v["metadata"]["namespace"] = ns.into();
+        v["spec"]["parallelism"]["dataParallel"] = ranks.into();
+        v["spec"]["parallelism"]["gpusPerWorker"] = gpus.into();
+        v["spec"]["template"]["spec"]["containers"][0]["resources"] =
+            serde_json::json!({"requests": {"cpu": "100m", "memory": "64Mi"}});
+        Ok(serde_json::from_value(v)?)
+    };
     let before = Usage::take(counting, &client, state, pid).await?;
     let start = Instant::now();
     let watch = watch_running(pods.clone(), want, limit, start);
     futures::stream::iter(0..jobs_n)
         .map(|i| {
             let jobs = jobs.clone();
-            let mut v = template.clone();
+            let job = manifest(i, "bench-jobs");
             async move {
-                v["metadata"]["name"] = format!("job-{i:03}").into();
-                v["spec"]["parallelism"]["dataParallel"] = ranks.into();
-                v["spec"]["parallelism"]["gpusPerWorker"] = gpus.into();
-                v["spec"]["template"]["spec"]["containers"][0]["resources"] =
-                    serde_json::json!({"requests": {"cpu": "100m", "memory": "64Mi"}});
-                let job: ParallelJob = serde_json::from_value(v)?;
-                jobs.create(&PostParams::default(), &job).await?;
+                jobs.create(&PostParams::default(), &job?).await?;
                 anyhow::Ok(())
             }
         })
@@ -479,10 +593,55 @@ async fn run(
         after.print_since(&before, "through the operator");
     }
 
-    // 2. The API floor: the same pods, created directly.
-    namespace(&client, "bench-floor").await?;
+    // 2. The design's floor: the writes any implementation of the design makes, made directly.
     let made = list_all(&pods).await?;
+    let planned: HashMap<String, String> = made
+        .iter()
+        .filter_map(|p| {
+            let node = p
+                .annotations()
+                .get(lockstep_api::contract::annotations::PLANNED_NODE)?;
+            Some((p.name_any(), node.clone()))
+        })
+        .collect();
     clear(&client, "bench-jobs").await?;
+    namespace(&client, "bench-design").await?;
+    let design_pods: Api<Pod> = Api::namespaced(client.clone(), "bench-design");
+    let before = Usage::take(counting, &client, state, pid).await?;
+    let start = Instant::now();
+    let watch = watch_running(design_pods, want, limit, start);
+    let concurrency = usize::from(lockstep_operator::controller::Settings::default().concurrency);
+    futures::stream::iter(0..jobs_n)
+        .map(|i| {
+            let (client, planned) = (&client, &planned);
+            let job = manifest(i, "bench-design");
+            async move { design_floor(client, job?, planned).await }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()?;
+    let design_phases = watch.await??;
+    let design = design_phases[2];
+    println!(
+        "  design's floor: its writes made directly, {concurrency} jobs at a time {:>6.2} s  ({:.0} pods/s)",
+        design.as_secs_f64(),
+        pods_n / design.as_secs_f64()
+    );
+    println!("  design's writes directly: {}", phases(design_phases));
+    println!(
+        "  operator / design's floor    {:>8.2}x",
+        through_operator.as_secs_f64() / design.as_secs_f64()
+    );
+    if counting {
+        let after = Usage::take(counting, &client, state, pid).await?;
+        after.print_since(&before, "of the design's floor");
+    }
+    clear(&client, "bench-design").await?;
+
+    // 3. The API floor: the same pods, created directly.
+    namespace(&client, "bench-floor").await?;
     let direct: Api<Pod> = Api::namespaced(client.clone(), "bench-floor");
     let same: Vec<Pod> = made.into_iter().map(as_direct).collect();
     let before = Usage::take(counting, &client, state, pid).await?;
@@ -499,13 +658,17 @@ async fn run(
         "  operator / floor             {:>8.2}x",
         through_operator.as_secs_f64() / floor.as_secs_f64()
     );
+    println!(
+        "  design's floor / floor       {:>8.2}x",
+        design.as_secs_f64() / floor.as_secs_f64()
+    );
     if counting {
         let after = Usage::take(counting, &client, state, pid).await?;
         after.print_since(&before, "of the floor");
     }
     clear(&client, "bench-floor").await?;
 
-    // 3. The floor of earlier runs: minimal pods (one container, requests only).
+    // 4. The floor of earlier runs: minimal pods (one container, requests only).
     namespace(&client, "bench-floor-minimal").await?;
     let minimal_api: Api<Pod> = Api::namespaced(client.clone(), "bench-floor-minimal");
     let minimal = (0..want)
