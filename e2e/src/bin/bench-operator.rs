@@ -8,7 +8,8 @@
 //! 2. the design's floor: every write the design asks of any implementation, made directly with
 //!    no operator running (see [`design_floor`]): the job, its objects, its gated and pinned pods,
 //!    their release, one status write; seconds until all run. What the operator adds over this is
-//!    its own cost; what this adds over 3 is the design's;
+//!    its own cost; what this adds over 3 is the design's. `DESIGN_OMIT` leaves parts out, to
+//!    see what each costs (see [`Omit`]);
 //! 3. the API floor: the same pods the operator made (see [`as_direct`]) created directly, with
 //!    the operator's write concurrency, seconds until all run;
 //! 4. the floor of earlier runs: as many minimal pods (one container, requests only);
@@ -324,20 +325,67 @@ fn as_direct(mut pod: Pod) -> Pod {
     pod
 }
 
+/// Parts of the design its floor leaves out, to see what each costs: `DESIGN_OMIT`, a
+/// comma-separated list of `service` (the headless Service), `gate` (pods created released, so no
+/// release write), `rbac` (the worker ServiceAccount, progress Role, RoleBinding and ConfigMap;
+/// pods run as the namespace's default account) and `status` (the status write).
+#[derive(Clone, Copy, Debug, Default)]
+struct Omit {
+    service: bool,
+    gate: bool,
+    rbac: bool,
+    status: bool,
+}
+
+impl Omit {
+    fn from_env() -> Result<Self> {
+        let mut omit = Omit::default();
+        for part in std::env::var("DESIGN_OMIT").unwrap_or_default().split(',') {
+            match part.trim() {
+                "" => {}
+                "service" => omit.service = true,
+                "gate" => omit.gate = true,
+                "rbac" => omit.rbac = true,
+                "status" => omit.status = true,
+                other => bail!(
+                    "DESIGN_OMIT: unknown part {other:?}; the parts are service, gate, rbac, status"
+                ),
+            }
+        }
+        Ok(omit)
+    }
+}
+
+/// Creates `object` in namespace `ns`; an error names `what`.
+async fn make<K>(client: &kube::Client, ns: &str, object: &K, what: &str) -> Result<()>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + k8s_openapi::serde::Serialize
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), object)
+        .await
+        .with_context(|| format!("creating the {what}"))?;
+    Ok(())
+}
+
 /// The design's floor for one job: the writes the design asks of any implementation, in the
 /// order they depend on each other, made directly (no operator runs, nothing is read back or
 /// decided). The job; its objects at once (headless Service, config, worker ServiceAccount,
 /// progress Role then RoleBinding, token Secret, progress ConfigMap), created plainly; its pods,
 /// gated and pinned to `planned` (the operator's own choice, by pod name); their release; one
 /// status write (admitted). The operator's builders make every body, so nothing differs but who
-/// writes and when.
+/// writes and when; `omit` leaves parts out.
 async fn design_floor(
     client: &kube::Client,
     job: ParallelJob,
     planned: &HashMap<String, String>,
+    omit: Omit,
 ) -> Result<()> {
-    use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
-    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
     use kube::api::{Patch, PatchParams};
     use lockstep_operator::resources::{JobContext, Pin};
 
@@ -345,50 +393,40 @@ async fn design_floor(
     let jobs: Api<ParallelJob> = Api::namespaced(client.clone(), &ns);
     let job = jobs.create(&PostParams::default(), &job).await?;
     let ctx = JobContext::new(&job)?;
-    let pp = PostParams::default();
-    let create = |api_of: &'static str| move |e: kube::Error| anyhow::anyhow!("{api_of}: {e}");
     let service = async {
-        Api::<Service>::namespaced(client.clone(), &ns)
-            .create(&pp, &ctx.service()?)
-            .await
-            .map_err(create("service"))
-    };
-    let config = async {
-        Api::<ConfigMap>::namespaced(client.clone(), &ns)
-            .create(&pp, &ctx.config_map()?.0)
-            .await
-            .map_err(create("config map"))
-    };
-    let account = async {
-        if let Some(sa) = ctx.service_account()? {
-            Api::<ServiceAccount>::namespaced(client.clone(), &ns)
-                .create(&pp, &sa)
-                .await
-                .map_err(create("service account"))?;
+        if !omit.service {
+            make(client, &ns, &ctx.service()?, "service").await?;
         }
         anyhow::Ok(())
     };
+    let (config_map, secret) = (ctx.config_map()?.0, ctx.token_secret("bench")?);
+    let config = make(client, &ns, &config_map, "config map");
+    let account = async {
+        if let Some(sa) = ctx.service_account()?.filter(|_| !omit.rbac) {
+            make(client, &ns, &sa, "service account").await?;
+        }
+        anyhow::Ok(())
+    };
+    // The Role before its binding, as the operator does.
     let rbac = async {
-        Api::<Role>::namespaced(client.clone(), &ns)
-            .create(&pp, &ctx.progress_role()?)
-            .await
-            .map_err(create("role"))?;
-        Api::<RoleBinding>::namespaced(client.clone(), &ns)
-            .create(&pp, &ctx.progress_role_binding()?)
-            .await
-            .map_err(create("role binding"))
+        if !omit.rbac {
+            make(client, &ns, &ctx.progress_role()?, "role").await?;
+            make(client, &ns, &ctx.progress_role_binding()?, "role binding").await?;
+        }
+        anyhow::Ok(())
     };
-    let secret = async {
-        Api::<Secret>::namespaced(client.clone(), &ns)
-            .create(&pp, &ctx.token_secret("bench")?)
-            .await
-            .map_err(create("secret"))
-    };
+    let secret = make(client, &ns, &secret, "secret");
     let progress = async {
-        Api::<ConfigMap>::namespaced(client.clone(), &ns)
-            .create(&pp, &ctx.progress_config_map()?)
-            .await
-            .map_err(create("progress config map"))
+        if !omit.rbac {
+            make(
+                client,
+                &ns,
+                &ctx.progress_config_map()?,
+                "progress config map",
+            )
+            .await?;
+        }
+        anyhow::Ok(())
     };
     futures::try_join!(service, config, account, rbac, secret, progress)?;
 
@@ -405,29 +443,61 @@ async fn design_floor(
                 node,
                 hostname: Some(node),
             };
-            Ok(ctx.pod(rank, 0, &digest, true, Some(&pin))?)
+            let mut pod = ctx.pod(rank, 0, &digest, !omit.gate, Some(&pin))?;
+            if omit.rbac
+                && let Some(spec) = pod.spec.as_mut()
+            {
+                spec.service_account_name = None;
+            }
+            Ok(pod)
         })
         .collect::<Result<Vec<Pod>>>()?;
+    let pp = PostParams::default();
     futures::future::try_join_all(built.iter().map(|pod| pods.create(&pp, pod))).await?;
-    let release = serde_json::json!({"spec": {"schedulingGates": [
-        {"$patch": "delete", "name": lockstep_api::contract::operator::SCHEDULING_GATE}
-    ]}});
-    let (params, release) = (PatchParams::default(), Patch::Strategic(&release));
-    futures::future::try_join_all(built.iter().map(|pod| {
-        pods.patch(
-            pod.metadata.name.as_deref().unwrap_or_default(),
-            &params,
-            &release,
-        )
-    }))
-    .await?;
-    let status = serde_json::json!({"status": {"phase": "Starting", "attempt": 0,
-        "admission": {"attempt": 0, "nodes": built.iter()
-            .map(|p| planned[p.metadata.name.as_deref().unwrap_or_default()].clone())
-            .collect::<Vec<_>>()}}});
-    jobs.patch_status(ctx.name, &PatchParams::default(), &Patch::Merge(&status))
+    if !omit.gate {
+        let release = serde_json::json!({"spec": {"schedulingGates": [
+            {"$patch": "delete", "name": lockstep_api::contract::operator::SCHEDULING_GATE}
+        ]}});
+        let (params, release) = (PatchParams::default(), Patch::Strategic(&release));
+        futures::future::try_join_all(built.iter().map(|pod| {
+            pods.patch(
+                pod.metadata.name.as_deref().unwrap_or_default(),
+                &params,
+                &release,
+            )
+        }))
         .await?;
+    }
+    if !omit.status {
+        let status = serde_json::json!({"status": {"phase": "Starting", "attempt": 0,
+            "admission": {"attempt": 0, "nodes": built.iter()
+                .map(|p| planned[p.metadata.name.as_deref().unwrap_or_default()].clone())
+                .collect::<Vec<_>>()}}});
+        jobs.patch_status(ctx.name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+    }
     Ok(())
+}
+
+/// When a phase's pods were all created, all bound and all running.
+fn phases(p: [Duration; 3]) -> String {
+    format!(
+        "all created {:.2} s, all bound {:.2} s, all Running {:.2} s",
+        p[0].as_secs_f64(),
+        p[1].as_secs_f64(),
+        p[2].as_secs_f64()
+    )
+}
+
+/// Prints a direct phase's figures: its time and pods per second, [`phases`], and its ratios
+/// (`what`, ratio).
+fn print_phase(title: &str, short: &str, p: [Duration; 3], pods: f64, ratios: &[(&str, f64)]) {
+    let all = p[2].as_secs_f64();
+    println!("  {title} {all:>6.2} s  ({:.0} pods/s)", pods / all);
+    println!("  {short}: {}", phases(p));
+    for (what, ratio) in ratios {
+        println!("  {what:<28} {ratio:>8.2}x");
+    }
 }
 
 async fn namespace(client: &kube::Client, name: &str) -> Result<()> {
@@ -564,14 +634,6 @@ async fn run(
     let _ = child.kill().await;
     // Each phase's figures are printed as soon as it ends: a later phase that fails loses nothing.
     let pods_n = want as f64;
-    let phases = |p: [Duration; 3]| {
-        format!(
-            "all created {:.2} s, all bound {:.2} s, all Running {:.2} s",
-            p[0].as_secs_f64(),
-            p[1].as_secs_f64(),
-            p[2].as_secs_f64()
-        )
-    };
     println!(
         "operator benchmark: {nodes} fake nodes, {jobs_n} jobs x {ranks} ranks x {gpus} GPUs = {want} pods"
     );
@@ -611,11 +673,13 @@ async fn run(
     let start = Instant::now();
     let watch = watch_running(design_pods, want, limit, start);
     let concurrency = usize::from(lockstep_operator::controller::Settings::default().concurrency);
+    let omit = Omit::from_env()?;
+    let omit_text = std::env::var("DESIGN_OMIT").unwrap_or_default();
     futures::stream::iter(0..jobs_n)
         .map(|i| {
             let (client, planned) = (&client, &planned);
             let job = manifest(i, "bench-design");
-            async move { design_floor(client, job?, planned).await }
+            async move { design_floor(client, job?, planned, omit).await }
         })
         .buffer_unordered(concurrency)
         .collect::<Vec<_>>()
@@ -624,15 +688,20 @@ async fn run(
         .collect::<Result<Vec<()>>>()?;
     let design_phases = watch.await??;
     let design = design_phases[2];
-    println!(
-        "  design's floor: its writes made directly, {concurrency} jobs at a time {:>6.2} s  ({:.0} pods/s)",
-        design.as_secs_f64(),
-        pods_n / design.as_secs_f64()
-    );
-    println!("  design's writes directly: {}", phases(design_phases));
-    println!(
-        "  operator / design's floor    {:>8.2}x",
-        through_operator.as_secs_f64() / design.as_secs_f64()
+    let without = if omit_text.is_empty() {
+        String::new()
+    } else {
+        format!(", without {omit_text}")
+    };
+    print_phase(
+        &format!("design's floor: its writes made directly, {concurrency} jobs at a time{without}"),
+        "design's writes directly",
+        design_phases,
+        pods_n,
+        &[(
+            "operator / design's floor",
+            through_operator.div_duration_f64(design),
+        )],
     );
     if counting {
         let after = Usage::take(counting, &client, state, pid).await?;
@@ -647,20 +716,18 @@ async fn run(
     let before = Usage::take(counting, &client, state, pid).await?;
     let floor_phases = time_direct(&direct, same, limit).await?;
     let floor = floor_phases[2];
-    println!(
-        "  API floor: the same pods created directly, {} at a time {:>6.2} s  ({:.0} pods/s)",
-        lockstep_operator::controller::WRITE_CONCURRENCY,
-        floor.as_secs_f64(),
-        pods_n / floor.as_secs_f64()
-    );
-    println!("  same pods directly:   {}", phases(floor_phases));
-    println!(
-        "  operator / floor             {:>8.2}x",
-        through_operator.as_secs_f64() / floor.as_secs_f64()
-    );
-    println!(
-        "  design's floor / floor       {:>8.2}x",
-        design.as_secs_f64() / floor.as_secs_f64()
+    print_phase(
+        &format!(
+            "API floor: the same pods created directly, {} at a time",
+            lockstep_operator::controller::WRITE_CONCURRENCY
+        ),
+        "same pods directly",
+        floor_phases,
+        pods_n,
+        &[
+            ("operator / floor", through_operator.div_duration_f64(floor)),
+            ("design's floor / floor", design.div_duration_f64(floor)),
+        ],
     );
     if counting {
         let after = Usage::take(counting, &client, state, pid).await?;
@@ -686,16 +753,15 @@ async fn run(
         })
         .collect::<serde_json::Result<Vec<Pod>>>()?;
     let minimal_phases = time_direct(&minimal_api, minimal, limit).await?;
-    let minimal_floor = minimal_phases[2];
-    println!(
-        "  minimal pods created directly (earlier runs' floor) {:>6.2} s  ({:.0} pods/s)",
-        minimal_floor.as_secs_f64(),
-        pods_n / minimal_floor.as_secs_f64()
-    );
-    println!("  minimal pods:         {}", phases(minimal_phases));
-    println!(
-        "  operator / minimal pods      {:>8.2}x",
-        through_operator.as_secs_f64() / minimal_floor.as_secs_f64()
+    print_phase(
+        "minimal pods created directly (earlier runs' floor)",
+        "minimal pods",
+        minimal_phases,
+        pods_n,
+        &[(
+            "operator / minimal pods",
+            through_operator.div_duration_f64(minimal_phases[2]),
+        )],
     );
     Ok(())
 }
