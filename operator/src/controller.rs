@@ -14,6 +14,7 @@ use futures::{StreamExt, TryStreamExt};
 use std::collections::{HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::jiff::Timestamp;
@@ -32,6 +33,7 @@ use crate::decide::{Action, GPU_RESOURCE, check_capacity, decide, set_invalid};
 use crate::gang::admitter::Admitter;
 use crate::gangs::{Gangs, Write};
 use crate::metrics::Metrics;
+use crate::observe::RankPod;
 use crate::resources::JobContext;
 use crate::resources::Pin;
 use crate::{Error, Result};
@@ -61,6 +63,8 @@ pub struct Context {
     /// The API server's answer to the last status this operator wrote, per job (`ns/name`):
     /// reconcile decides from it while the watch has not yet delivered that version.
     pub written: std::sync::Mutex<HashMap<String, Arc<DynamicObject>>>,
+    /// The rank addresses this process last wrote into each job's EndpointSlice (`ns/name`).
+    pub published: std::sync::Mutex<HashMap<String, Vec<(u32, String)>>>,
 }
 
 /// Operator settings.
@@ -228,6 +232,7 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         controller_name: settings.controller_name.clone(),
         written: std::sync::Mutex::new(HashMap::new()),
+        published: std::sync::Mutex::new(HashMap::new()),
         client,
         metrics: metrics.clone(),
         admitter,
@@ -250,6 +255,11 @@ pub async fn run(
                 .collect();
             pruned
                 .written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|k, _| live.contains(k));
+            pruned
+                .published
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .retain(|k, _| live.contains(k));
@@ -421,6 +431,10 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&key);
+            ctx.published
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
             return Ok(Requeue::await_change());
         };
         raw
@@ -545,6 +559,7 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
             Err(e) => return Err(e),
         }
     }
+    publish_addresses(&ctx, &job_ctx, &key, &observed, decision.status.attempt).await?;
     info!(job = job_ctx.name, namespace = %ns, phase = ?decision.status.phase, attempt = decision.status.attempt, actions = decision.actions.len(), "reconciled");
     Ok(decision.requeue_after.map_or_else(
         || Requeue::requeue(Duration::from_secs(300)),
@@ -775,6 +790,70 @@ async fn report_rejected(
         message,
     )
     .await
+}
+
+/// What the job's EndpointSlice should now hold, when that differs from what was `published`:
+/// the addresses of the attempt's ranks (rank, pod IP), sorted by rank, once every one of the
+/// `world` ranks has one (the gang starts whole, so one write an attempt does); no addresses
+/// while the attempt is incomplete and the slice still holds an earlier attempt's, so that no
+/// name resolves to a pod that is gone. `None`: leave the slice as it is.
+pub fn addresses_to_publish(
+    observed: &[RankPod],
+    attempt: i32,
+    world: u32,
+    published: Option<&[(u32, String)]>,
+) -> Option<Vec<(u32, String)>> {
+    let mut ranks: Vec<(u32, String)> = observed
+        .iter()
+        .filter(|p| p.attempt == attempt && !p.terminating)
+        .filter_map(|p| Some((p.rank, p.ip.clone()?)))
+        .collect();
+    ranks.sort();
+    ranks.dedup_by_key(|r| r.0);
+    let published = published.unwrap_or_default();
+    let want = if ranks.len() == usize::try_from(world).ok()? {
+        ranks
+    } else if published.is_empty() {
+        return None;
+    } else {
+        Vec::new()
+    };
+    (want != published).then_some(want)
+}
+
+/// Writes the job's EndpointSlice (server-side apply) when [`addresses_to_publish`] says so.
+async fn publish_addresses(
+    ctx: &Context,
+    job: &JobContext<'_>,
+    key: &str,
+    observed: &[RankPod],
+    attempt: i32,
+) -> Result<()> {
+    let want = {
+        let published = ctx.published.lock().unwrap_or_else(|e| e.into_inner());
+        addresses_to_publish(
+            observed,
+            attempt,
+            job.layout.world_size(),
+            published.get(key).map(Vec::as_slice),
+        )
+    };
+    let Some(want) = want else {
+        return Ok(());
+    };
+    let slice = job.endpoint_slice(&want)?;
+    Api::<EndpointSlice>::namespaced(ctx.client.clone(), job.namespace)
+        .patch(
+            &job.endpoint_slice_name(),
+            &PatchParams::apply(operator::FIELD_MANAGER).force(),
+            &Patch::Apply(&typed(slice, "discovery.k8s.io/v1", "EndpointSlice")),
+        )
+        .await?;
+    ctx.published
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key.to_string(), want);
+    Ok(())
 }
 
 /// Writes a job's status by server-side apply, and keeps the API server's answer for the next
@@ -1102,10 +1181,72 @@ fn slim_pod(p: &mut Pod) {
 
 #[cfg(test)]
 mod tests {
-    use super::{batch, compare_resource_versions};
+    use super::{addresses_to_publish, batch, compare_resource_versions};
+    use crate::observe::{PodState, RankPod};
     use futures::StreamExt;
     use std::cmp::Ordering;
     use std::time::Duration;
+
+    fn rank(rank: u32, attempt: i32, ip: Option<&str>) -> RankPod {
+        RankPod {
+            name: format!("j-{rank}"),
+            rank,
+            attempt,
+            state: PodState::Running,
+            ready: false,
+            node: Some("n".into()),
+            terminating: false,
+            gated: false,
+            planned_node: None,
+            ip: ip.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn addresses_are_published_once_an_attempt_is_whole_and_withdrawn_when_it_goes() {
+        let addr = |r: u32, ip: &str| (r, ip.to_string());
+        // Rank 1 has no address yet: nothing is written.
+        let partial = [rank(1, 0, None), rank(0, 0, Some("10.0.0.1"))];
+        assert_eq!(addresses_to_publish(&partial, 0, 2, None), None);
+        // Whole: both, sorted by rank.
+        let whole = [rank(1, 0, Some("10.0.0.2")), rank(0, 0, Some("10.0.0.1"))];
+        let first = vec![addr(0, "10.0.0.1"), addr(1, "10.0.0.2")];
+        assert_eq!(
+            addresses_to_publish(&whole, 0, 2, None),
+            Some(first.clone())
+        );
+        // Written already: nothing to do.
+        assert_eq!(addresses_to_publish(&whole, 0, 2, Some(&first)), None);
+        // A restart: the old attempt's pods terminate, the new ones have no address yet. The
+        // old addresses are withdrawn once, so no name resolves to a pod that is gone.
+        let mut restarting = vec![rank(0, 1, None), rank(1, 1, None)];
+        restarting.extend(whole.iter().cloned().map(|mut p| {
+            p.terminating = true;
+            p
+        }));
+        assert_eq!(
+            addresses_to_publish(&restarting, 1, 2, Some(&first)),
+            Some(vec![])
+        );
+        assert_eq!(addresses_to_publish(&restarting, 1, 2, Some(&[])), None);
+        // The new attempt is whole: its addresses replace them.
+        let next = [rank(0, 1, Some("10.0.0.5")), rank(1, 1, Some("10.0.0.6"))];
+        assert_eq!(
+            addresses_to_publish(&next, 1, 2, Some(&[])),
+            Some(vec![addr(0, "10.0.0.5"), addr(1, "10.0.0.6")])
+        );
+        // A rank that got a new address (its pod was replaced) is written again.
+        let moved = [rank(0, 1, Some("10.0.0.5")), rank(1, 1, Some("10.0.0.8"))];
+        assert_eq!(
+            addresses_to_publish(
+                &moved,
+                1,
+                2,
+                Some(&[addr(0, "10.0.0.5"), addr(1, "10.0.0.6")])
+            ),
+            Some(vec![addr(0, "10.0.0.5"), addr(1, "10.0.0.8")])
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_batch_merges_repeats_and_holds_each_item_to_the_end_of_its_period() {

@@ -978,6 +978,7 @@ mod tests {
             terminating: false,
             gated: false,
             planned_node: None,
+            ip: None,
         }
     }
 

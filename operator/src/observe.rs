@@ -27,6 +27,8 @@ pub struct RankPod {
     pub gated: bool,
     /// The node gang admission planned it onto.
     pub planned_node: Option<String>,
+    /// Its IP (`status.podIP`), once it has one: what its rank's DNS name resolves to.
+    pub ip: Option<String>,
 }
 
 /// Phase of a worker pod, with the failure when it failed.
@@ -98,6 +100,7 @@ pub fn observe(pod: &Pod, worker_container: &str) -> Option<RankPod> {
             .annotations
             .as_ref()
             .and_then(|a| a.get(annotations::PLANNED_NODE).cloned()),
+        ip: status.pod_ip.filter(|ip| !ip.is_empty()),
     })
 }
 

@@ -1,15 +1,17 @@
-//! Pure builders of the objects a ParallelJob owns: a headless Service that gives every rank a
-//! stable DNS name, a ConfigMap with the worker config, and one pod per rank carrying the env
+//! Pure builders of the objects a ParallelJob owns: a headless Service and its EndpointSlice that
+//! give every rank a stable DNS name, a ConfigMap with the worker config, and one pod per rank carrying the env
 //! contract of `lockstep_api::contract`. Nothing here talks to the API server.
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSchedulingGate,
     PodSchedulingGroup, PodSpec, ResourceRequirements, Secret, SecretKeySelector, Service,
     ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -258,23 +260,86 @@ impl<'a> JobContext<'a> {
 
     /// The headless Service: `<job>-<rank>.<job>.<namespace>.svc` resolves for every rank, even
     /// before it is Ready (ranks must find rank 0 to become ready at all).
+    ///
+    /// It has no selector: the operator writes its EndpointSlice ([`Self::endpoint_slice`]) once
+    /// per attempt, when every rank has an address. With a selector, Kubernetes' endpoints and
+    /// EndpointSlice controllers rewrite both objects on every change of every pod (about ten
+    /// writes a job while a gang starts, and most of the control plane's cost of this design).
     pub fn service(&self) -> Result<Service> {
-        let mut selector = BTreeMap::new();
-        selector.insert(labels::JOB_NAME.to_string(), self.name.to_string());
         Ok(Service {
             metadata: self.meta(self.service_name())?,
             spec: Some(ServiceSpec {
                 cluster_ip: Some("None".into()),
                 publish_not_ready_addresses: Some(true),
-                selector: Some(selector),
-                ports: Some(vec![
-                    service_port("rendezvous", ports::RENDEZVOUS),
-                    service_port("torch", ports::TORCH_MASTER),
-                    service_port("metrics", self.metrics_port()),
-                ]),
+                ports: Some(
+                    self.ports()
+                        .map(|(name, port)| service_port(name, port))
+                        .to_vec(),
+                ),
                 ..ServiceSpec::default()
             }),
             ..Service::default()
+        })
+    }
+
+    /// The ports the Service and its EndpointSlice name.
+    fn ports(&self) -> [(&'static str, u16); 3] {
+        [
+            ("rendezvous", ports::RENDEZVOUS),
+            ("torch", ports::TORCH_MASTER),
+            ("metrics", self.metrics_port()),
+        ]
+    }
+
+    /// Name of the EndpointSlice of the Service.
+    pub fn endpoint_slice_name(&self) -> String {
+        format!("{}-ranks", self.service_name())
+    }
+
+    /// The EndpointSlice of the Service: each rank's pod as an endpoint with its hostname (so
+    /// `<job>-<rank>.<job>` resolves) and its address, from `ranks` (rank, pod IP). Addresses of
+    /// another family than the first are left out (a slice holds one family).
+    pub fn endpoint_slice(&self, ranks: &[(u32, String)]) -> Result<EndpointSlice> {
+        let family = |ip: &str| if ip.contains(':') { "IPv6" } else { "IPv4" };
+        let address_type = ranks.first().map_or("IPv4", |(_, ip)| family(ip));
+        let mut meta = self.meta(self.endpoint_slice_name())?;
+        let labels = meta.labels.get_or_insert_with(BTreeMap::new);
+        labels.insert(SERVICE_NAME_LABEL.into(), self.service_name());
+        labels.insert(MANAGED_BY_LABEL.into(), SLICE_MANAGER.into());
+        Ok(EndpointSlice {
+            metadata: meta,
+            address_type: address_type.into(),
+            endpoints: Some(
+                ranks
+                    .iter()
+                    .filter(|(_, ip)| family(ip) == address_type)
+                    .map(|(rank, ip)| Endpoint {
+                        addresses: vec![ip.clone()],
+                        hostname: Some(self.pod_name(*rank)),
+                        conditions: Some(EndpointConditions {
+                            ready: Some(true),
+                            ..EndpointConditions::default()
+                        }),
+                        target_ref: Some(ObjectReference {
+                            kind: Some("Pod".into()),
+                            name: Some(self.pod_name(*rank)),
+                            namespace: Some(self.namespace.to_string()),
+                            ..ObjectReference::default()
+                        }),
+                        ..Endpoint::default()
+                    })
+                    .collect(),
+            ),
+            ports: Some(
+                self.ports()
+                    .map(|(name, port)| EndpointPort {
+                        name: Some(name.into()),
+                        port: Some(i32::from(port)),
+                        protocol: Some("TCP".into()),
+                        ..EndpointPort::default()
+                    })
+                    .to_vec(),
+            ),
         })
     }
 
@@ -610,6 +675,17 @@ pub struct Pin<'a> {
     /// The node's `kubernetes.io/hostname` label, when it has one.
     pub hostname: Option<&'a str>,
 }
+
+/// Label that ties an EndpointSlice to its Service (what DNS servers look up).
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Label that says which controller manages an EndpointSlice (Kubernetes' own leaves the others
+/// alone).
+pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+
+/// This operator's value of [`MANAGED_BY_LABEL`] (a label value, so no `/`; Kubernetes' own is
+/// `endpointslice-controller.k8s.io`).
+pub const SLICE_MANAGER: &str = "lockstep-operator.lockstep.dev";
 
 /// Label that names a node's host.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
@@ -976,13 +1052,71 @@ mod tests {
     }
 
     #[test]
-    fn service_is_headless_and_publishes_not_ready_addresses() {
+    fn service_is_headless_publishes_not_ready_addresses_and_selects_nothing() {
         let j = job("ddp-digits.yaml");
         let svc = JobContext::new(&j).unwrap().service().unwrap();
         let spec = svc.spec.unwrap();
         assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
         assert_eq!(spec.publish_not_ready_addresses, Some(true));
-        assert_eq!(spec.selector.unwrap()[labels::JOB_NAME], "ddp-digits");
+        assert_eq!(spec.selector, None, "the operator writes its EndpointSlice");
+    }
+
+    #[test]
+    fn the_endpoint_slice_names_every_rank_by_its_hostname_under_the_service() {
+        let j = job("ddp-digits.yaml");
+        let ctx = JobContext::new(&j).unwrap();
+        let slice = ctx
+            .endpoint_slice(&[(0, "10.0.0.7".into()), (1, "10.0.0.9".into())])
+            .unwrap();
+        let labels = slice.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[SERVICE_NAME_LABEL], ctx.service_name());
+        assert_eq!(labels[MANAGED_BY_LABEL], SLICE_MANAGER);
+        assert_eq!(
+            slice.metadata.owner_references.as_ref().unwrap()[0].kind,
+            "ParallelJob"
+        );
+        assert_eq!(slice.address_type, "IPv4");
+        let endpoints = slice.endpoints.unwrap();
+        let seen: Vec<(&str, &str, Option<bool>)> = endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.hostname.as_deref().unwrap(),
+                    e.addresses[0].as_str(),
+                    e.conditions.as_ref().and_then(|c| c.ready),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("ddp-digits-0", "10.0.0.7", Some(true)),
+                ("ddp-digits-1", "10.0.0.9", Some(true))
+            ]
+        );
+        // The hostname is the pod's, so `<hostname>.<subdomain>` is the rank's DNS name.
+        let pod = ctx.pod(1, 0, "d", false, None).unwrap();
+        assert_eq!(
+            pod.spec.as_ref().unwrap().hostname.as_deref(),
+            Some("ddp-digits-1")
+        );
+        let names: Vec<Option<String>> = slice.ports.unwrap().into_iter().map(|p| p.name).collect();
+        let service_names: Vec<Option<String>> = ctx
+            .service()
+            .unwrap()
+            .spec
+            .unwrap()
+            .ports
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(names, service_names, "the slice names the Service's ports");
+        let v6 = ctx
+            .endpoint_slice(&[(0, "fd00::1".into()), (1, "10.0.0.9".into())])
+            .unwrap();
+        assert_eq!(v6.address_type, "IPv6");
+        assert_eq!(v6.endpoints.unwrap().len(), 1, "one family per slice");
     }
 
     #[test]

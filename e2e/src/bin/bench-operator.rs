@@ -326,9 +326,10 @@ fn as_direct(mut pod: Pod) -> Pod {
 }
 
 /// Parts of the design its floor leaves out, to see what each costs: `DESIGN_OMIT`, a
-/// comma-separated list of `service` (the headless Service), `gate` (pods created released, so no
-/// release write), `rbac` (the worker ServiceAccount, progress Role, RoleBinding and ConfigMap;
-/// pods run as the namespace's default account) and `status` (the status write).
+/// comma-separated list of `service` (the headless Service and its EndpointSlice), `gate` (pods
+/// created released, so no release write), `rbac` (the worker ServiceAccount, progress Role,
+/// RoleBinding and ConfigMap; pods run as the namespace's default account) and `status` (the
+/// status write).
 #[derive(Clone, Copy, Debug, Default)]
 struct Omit {
     service: bool,
@@ -377,8 +378,8 @@ where
 /// order they depend on each other, made directly (no operator runs, nothing is read back or
 /// decided). The job; its objects at once (headless Service, config, worker ServiceAccount,
 /// progress Role then RoleBinding, token Secret, progress ConfigMap), created plainly; its pods,
-/// gated and pinned to `planned` (the operator's own choice, by pod name); their release; one
-/// status write (admitted). The operator's builders make every body, so nothing differs but who
+/// gated and pinned to `planned` (the operator's own choice, by pod name); their release; the
+/// Service's EndpointSlice; one status write (admitted). The operator's builders make every body, so nothing differs but who
 /// writes and when; `omit` leaves parts out.
 async fn design_floor(
     client: &kube::Client,
@@ -466,6 +467,20 @@ async fn design_floor(
                 &release,
             )
         }))
+        .await?;
+    }
+    if !omit.service {
+        // The Service has no selector: the operator writes its EndpointSlice once the ranks have
+        // addresses. The floor reads nothing, so it writes stand-in addresses after the release.
+        let addresses: Vec<(u32, String)> = (0..world)
+            .map(|rank| (rank, format!("10.255.{}.{}", rank / 250, rank % 250 + 1)))
+            .collect();
+        make(
+            client,
+            &ns,
+            &ctx.endpoint_slice(&addresses)?,
+            "endpoint slice",
+        )
         .await?;
     }
     if !omit.status {

@@ -326,6 +326,21 @@ async fn installed_by_helm_the_operator_runs_a_job_with_the_charts_rights_alone(
                 })
                 .await?;
                 let pods: Api<Pod> = Api::namespaced(c.client.clone(), &jobs_ns);
+                // The rank addresses, which the operator may publish only with the chart's
+                // rights on EndpointSlices (a refused write would only be logged).
+                let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+                    Api::namespaced(c.client.clone(), &jobs_ns);
+                wait_until(
+                    Duration::from_secs(60),
+                    "the ranks' EndpointSlice",
+                    || async {
+                        Ok(slices
+                            .get_opt("ddp-digits-ranks")
+                            .await?
+                            .is_some_and(|s| s.endpoints.is_some_and(|e| e.len() == 2)))
+                    },
+                )
+                .await?;
                 // The chart's PodMonitor selects the worker pods the operator made, on a port
                 // they have: its labels and port name are not the operator's own constants.
                 let monitor_ar = kube::api::ApiResource::from_gvk_with_plural(

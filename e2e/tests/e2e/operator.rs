@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use lockstep_api::contract::labels;
 use lockstep_api::status::Phase;
@@ -56,6 +57,40 @@ async fn gang(pods: &Api<Pod>, job: &str) -> anyhow::Result<Vec<Pod>> {
         .items)
 }
 
+/// Waits until the EndpointSlice of `job`'s Service lists exactly `members`: each pod's hostname
+/// with its address.
+async fn wait_published(ns: &TestNamespace, job: &str, members: &[Pod]) -> anyhow::Result<()> {
+    let mut want: Vec<(String, String)> = members
+        .iter()
+        .map(|p| {
+            let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
+            let host = p.spec.as_ref().and_then(|s| s.hostname.clone());
+            (host.unwrap_or_default(), ip.unwrap_or_default())
+        })
+        .collect();
+    want.sort();
+    anyhow::ensure!(
+        want.iter().all(|(h, ip)| !h.is_empty() && !ip.is_empty()),
+        "a pod without hostname or address: {want:?}"
+    );
+    let slices: Api<EndpointSlice> = ns.api();
+    let selector = format!("kubernetes.io/service-name={job}");
+    wait_until(TIMEOUT, "the EndpointSlice lists every rank", || async {
+        let list = slices
+            .list(&ListParams::default().labels(&selector))
+            .await?;
+        let mut got: Vec<(String, String)> = list
+            .items
+            .into_iter()
+            .flat_map(|s| s.endpoints.unwrap_or_default())
+            .map(|e| (e.hostname.unwrap_or_default(), e.addresses.join(",")))
+            .collect();
+        got.sort();
+        Ok(got == want)
+    })
+    .await
+}
+
 fn label(p: &Pod, key: &str) -> String {
     p.metadata
         .labels
@@ -101,6 +136,9 @@ async fn a_four_rank_job_runs_and_succeeds() -> anyhow::Result<()> {
             .get("four")
             .await?;
         assert_eq!(svc.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+        // The Service's EndpointSlice, written by the operator: every rank's hostname with the
+        // address of its pod, which is what `four-<rank>.four` resolves to.
+        wait_published(&ns, "four", &members).await?;
         Api::<ConfigMap>::namespaced(ns.cluster.client.clone(), &ns.name)
             .get("four-config")
             .await?;
@@ -150,6 +188,9 @@ async fn rank_2_failing_with_137_restarts_the_whole_gang_as_attempt_1() -> anyho
             "{failure:?}"
         );
         assert_eq!(failure.pod, "restart-2");
+        // The slice follows the new attempt's pods.
+        let members = gang(&pods, "restart").await?;
+        wait_published(&ns, "restart", &members).await?;
         Ok(())
     })
     .await
@@ -195,16 +236,19 @@ async fn deleting_a_job_removes_everything_it_owns() -> anyhow::Result<()> {
     lockstep_e2e::with_namespace("op-delete", |ns| async move {
         let jobs = create_job(&ns, "doomed", 2, serde_json::json!({})).await?;
         wait_phase(&jobs, "doomed", Phase::Running).await?;
-        jobs.delete("doomed", &DeleteParams::background()).await?;
         let pods: Api<Pod> = ns.api();
+        wait_published(&ns, "doomed", &gang(&pods, "doomed").await?).await?;
+        jobs.delete("doomed", &DeleteParams::background()).await?;
         let services: Api<Service> = ns.api();
         let maps: Api<ConfigMap> = ns.api();
+        let slices: Api<EndpointSlice> = ns.api();
         wait_until(
             TIMEOUT,
-            "the pods, Service and ConfigMap are gone",
+            "the pods, Service, EndpointSlice and ConfigMap are gone",
             || async {
                 Ok(gang(&pods, "doomed").await?.is_empty()
                     && services.get_opt("doomed").await?.is_none()
+                    && slices.get_opt("doomed-ranks").await?.is_none()
                     && maps.get_opt("doomed-config").await?.is_none())
             },
         )
