@@ -1,15 +1,14 @@
 //! Pure builders of the objects a ParallelJob owns: a headless Service and its EndpointSlice that
-//! give every rank a stable DNS name, a ConfigMap with the worker config, and one pod per rank carrying the env
-//! contract of `lockstep_api::contract`. Nothing here talks to the API server.
+//! give every rank a stable DNS name, a ConfigMap with the worker config, and one pod per rank
+//! carrying the env contract of `lockstep_api::contract`. Nothing here talks to the API server.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSchedulingGate,
-    PodSchedulingGroup, PodSpec, ResourceRequirements, Secret, SecretKeySelector, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectReference, Pod,
+    PodSchedulingGate, PodSchedulingGroup, PodSpec, ResourceRequirements, Secret,
+    SecretKeySelector, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};

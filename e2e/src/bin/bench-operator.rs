@@ -379,8 +379,8 @@ where
 /// decided). The job; its objects at once (headless Service, config, worker ServiceAccount,
 /// progress Role then RoleBinding, token Secret, progress ConfigMap), created plainly; its pods,
 /// gated and pinned to `planned` (the operator's own choice, by pod name); their release; the
-/// Service's EndpointSlice; one status write (admitted). The operator's builders make every body, so nothing differs but who
-/// writes and when; `omit` leaves parts out.
+/// Service's EndpointSlice; one status write (admitted). The operator's builders make every
+/// body, so nothing differs but who writes and when; `omit` leaves parts out.
 async fn design_floor(
     client: &kube::Client,
     job: ParallelJob,
