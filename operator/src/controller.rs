@@ -65,6 +65,27 @@ pub struct Context {
     pub written: std::sync::Mutex<HashMap<String, Arc<DynamicObject>>>,
     /// The rank addresses this process last wrote into each job's EndpointSlice (`ns/name`).
     pub published: std::sync::Mutex<HashMap<String, Vec<(u32, String)>>>,
+    /// When this process last wrote each job's status (`ns/name`): see [`COUNTS_PERIOD`].
+    pub status_written_at: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// How long a status change of the worker counts alone (`status.ready`, `status.workers`) may
+/// wait to be written after the job's last status write. While a gang starts its pods come up one
+/// batch at a time, and writing every step cost about two more status writes a job (each the
+/// whole job through the API server and every watcher). A change of phase, conditions or
+/// anything else is written at once, and the counts with it; the Kubernetes Job controller
+/// batches its counts in the same way.
+pub const COUNTS_PERIOD: Duration = Duration::from_secs(5);
+
+/// Whether `new` differs from `old` in the worker counts alone.
+pub fn counts_only(
+    old: &lockstep_api::ParallelJobStatus,
+    new: &lockstep_api::ParallelJobStatus,
+) -> bool {
+    let mut with_new_counts = old.clone();
+    with_new_counts.ready.clone_from(&new.ready);
+    with_new_counts.workers.clone_from(&new.workers);
+    with_new_counts == *new && old != new
 }
 
 /// Operator settings.
@@ -233,6 +254,7 @@ pub async fn run(
         controller_name: settings.controller_name.clone(),
         written: std::sync::Mutex::new(HashMap::new()),
         published: std::sync::Mutex::new(HashMap::new()),
+        status_written_at: std::sync::Mutex::new(HashMap::new()),
         client,
         metrics: metrics.clone(),
         admitter,
@@ -260,6 +282,11 @@ pub async fn run(
                 .retain(|k, _| live.contains(k));
             pruned
                 .published
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|k, _| live.contains(k));
+            pruned
+                .status_written_at
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .retain(|k, _| live.contains(k));
@@ -435,6 +462,10 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&key);
+            ctx.status_written_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
             return Ok(Requeue::await_change());
         };
         raw
@@ -485,7 +516,27 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     }
 
     if job.status.as_ref() != Some(&decision.status) {
-        write_status(&ctx, &raw_jobs, &job, &decision.status).await?;
+        // A change of the counts alone waits out COUNTS_PERIOD after the last write.
+        let since = ctx
+            .status_written_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .map(std::time::Instant::elapsed);
+        let wait = since
+            .filter(|_| {
+                job.status
+                    .as_ref()
+                    .is_some_and(|old| counts_only(old, &decision.status))
+            })
+            .and_then(|since| COUNTS_PERIOD.checked_sub(since))
+            .filter(|wait| !wait.is_zero());
+        match wait {
+            Some(wait) => {
+                decision.requeue_after = Some(decision.requeue_after.map_or(wait, |r| r.min(wait)));
+            }
+            None => write_status(&ctx, &raw_jobs, &job, &decision.status).await?,
+        }
     }
     ctx.metrics.set_phase(&key, decision.status.phase);
     record_metrics(&ctx.metrics, &job, &decision);
@@ -877,13 +928,15 @@ async fn write_status(
             &Patch::Apply(&patch),
         )
         .await?;
+    let key = crate::gangs::key(&job.namespace().unwrap_or_default(), &name);
+    ctx.status_written_at
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key.clone(), std::time::Instant::now());
     ctx.written
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(
-            crate::gangs::key(&job.namespace().unwrap_or_default(), &name),
-            Arc::new(updated),
-        );
+        .insert(key, Arc::new(updated));
     Ok(())
 }
 
@@ -1181,11 +1234,42 @@ fn slim_pod(p: &mut Pod) {
 
 #[cfg(test)]
 mod tests {
-    use super::{addresses_to_publish, batch, compare_resource_versions};
+    use super::{addresses_to_publish, batch, compare_resource_versions, counts_only};
     use crate::observe::{PodState, RankPod};
     use futures::StreamExt;
+    use lockstep_api::ParallelJobStatus;
+    use lockstep_api::status::{Phase, WorkerCounts};
     use std::cmp::Ordering;
     use std::time::Duration;
+
+    #[test]
+    fn only_a_change_of_the_worker_counts_alone_may_wait() {
+        let starting = ParallelJobStatus {
+            phase: Some(Phase::Starting),
+            ready: Some("1/8".into()),
+            workers: Some(WorkerCounts {
+                active: 8,
+                ready: 1,
+                running: 1,
+                ..WorkerCounts::default()
+            }),
+            ..ParallelJobStatus::default()
+        };
+        let mut more = starting.clone();
+        more.ready = Some("5/8".into());
+        more.workers.as_mut().unwrap().ready = 5;
+        assert!(counts_only(&starting, &more));
+        assert!(!counts_only(&starting, &starting), "nothing changed");
+        let mut running = more.clone();
+        running.phase = Some(Phase::Running);
+        assert!(
+            !counts_only(&starting, &running),
+            "a phase change goes at once, with the counts"
+        );
+        let mut restarted = more.clone();
+        restarted.attempt = 1;
+        assert!(!counts_only(&starting, &restarted));
+    }
 
     fn rank(rank: u32, attempt: i32, ip: Option<&str>) -> RankPod {
         RankPod {
