@@ -60,13 +60,25 @@ pub struct Context {
     pub admitter: Arc<Admitter>,
     /// Every gang's pods, and the writes to them the cache must show before they are read.
     pub gangs: Arc<Gangs>,
-    /// The API server's answer to the last status this operator wrote, per job (`ns/name`):
-    /// reconcile decides from it while the watch has not yet delivered that version.
-    pub written: std::sync::Mutex<HashMap<String, Arc<DynamicObject>>>,
-    /// The rank addresses this process last wrote into each job's EndpointSlice (`ns/name`).
-    pub published: std::sync::Mutex<HashMap<String, Vec<(u32, String)>>>,
-    /// When this process last wrote each job's status (`ns/name`): see [`COUNTS_PERIOD`].
-    pub status_written_at: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// What this process keeps of each job between passes (`ns/name`); it goes with the job.
+    pub kept: std::sync::Mutex<HashMap<String, Kept>>,
+}
+
+impl Context {
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What this process keeps of one job between passes.
+#[derive(Debug, Default)]
+pub struct Kept {
+    /// The API server's answer to the last status this process wrote, and when: reconcile
+    /// decides from it while the watch has not yet delivered that version, and a change of the
+    /// worker counts alone waits out [`COUNTS_PERIOD`] after it.
+    pub status: Option<(Arc<DynamicObject>, std::time::Instant)>,
+    /// The rank addresses last written into the job's EndpointSlice.
+    pub published: Vec<(u32, String)>,
 }
 
 /// How long a status change of the worker counts alone (`status.ready`, `status.workers`) may
@@ -252,9 +264,7 @@ pub async fn run(
         nodes,
         recorder: Recorder::new(client.clone(), reporter),
         controller_name: settings.controller_name.clone(),
-        written: std::sync::Mutex::new(HashMap::new()),
-        published: std::sync::Mutex::new(HashMap::new()),
-        status_written_at: std::sync::Mutex::new(HashMap::new()),
+        kept: std::sync::Mutex::new(HashMap::new()),
         client,
         metrics: metrics.clone(),
         admitter,
@@ -275,21 +285,7 @@ pub async fn run(
                 .iter()
                 .filter_map(|j| Some(crate::gangs::key(&j.namespace()?, &j.name_any())))
                 .collect();
-            pruned
-                .written
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|k, _| live.contains(k));
-            pruned
-                .published
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|k, _| live.contains(k));
-            pruned
-                .status_written_at
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|k, _| live.contains(k));
+            pruned.kept().retain(|k, _| live.contains(k));
             pruned.gangs.retain(|k| live.contains(k));
         }
     });
@@ -432,11 +428,9 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     // when this process has written no status for the job yet.
     let key = crate::gangs::key(&ns, &cached.name_any());
     let last = ctx
-        .written
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .kept()
         .get(&key)
-        .cloned();
+        .and_then(|k| k.status.as_ref().map(|(w, _)| w.clone()));
     let newest = last
         .filter(|w| w.metadata.uid == cached.metadata.uid)
         .and_then(|w| {
@@ -454,18 +448,7 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         let Some(raw) = raw_jobs.get_opt(&cached.name_any()).await? else {
             ctx.metrics.set_phase(&key, None);
             ctx.gangs.forget(&key);
-            ctx.written
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
-            ctx.published
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
-            ctx.status_written_at
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
+            ctx.kept().remove(&key);
             return Ok(Requeue::await_change());
         };
         raw
@@ -518,11 +501,9 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     if job.status.as_ref() != Some(&decision.status) {
         // A change of the counts alone waits out COUNTS_PERIOD after the last write.
         let since = ctx
-            .status_written_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .kept()
             .get(&key)
-            .map(std::time::Instant::elapsed);
+            .and_then(|k| k.status.as_ref().map(|(_, at)| at.elapsed()));
         let wait = since
             .filter(|_| {
                 job.status
@@ -852,7 +833,7 @@ pub fn addresses_to_publish(
     observed: &[RankPod],
     attempt: i32,
     world: u32,
-    published: Option<&[(u32, String)]>,
+    published: &[(u32, String)],
 ) -> Option<Vec<(u32, String)>> {
     let mut ranks: Vec<(u32, String)> = observed
         .iter()
@@ -861,7 +842,6 @@ pub fn addresses_to_publish(
         .collect();
     ranks.sort();
     ranks.dedup_by_key(|r| r.0);
-    let published = published.unwrap_or_default();
     let want = if ranks.len() == usize::try_from(world).ok()? {
         ranks
     } else if published.is_empty() {
@@ -880,15 +860,12 @@ async fn publish_addresses(
     observed: &[RankPod],
     attempt: i32,
 ) -> Result<()> {
-    let want = {
-        let published = ctx.published.lock().unwrap_or_else(|e| e.into_inner());
-        addresses_to_publish(
-            observed,
-            attempt,
-            job.layout.world_size(),
-            published.get(key).map(Vec::as_slice),
-        )
-    };
+    let want = addresses_to_publish(
+        observed,
+        attempt,
+        job.layout.world_size(),
+        ctx.kept().get(key).map_or(&[][..], |k| &k.published),
+    );
     let Some(want) = want else {
         return Ok(());
     };
@@ -900,15 +877,12 @@ async fn publish_addresses(
             &Patch::Apply(&typed(slice, "discovery.k8s.io/v1", "EndpointSlice")),
         )
         .await?;
-    ctx.published
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key.to_string(), want);
+    ctx.kept().entry(key.to_string()).or_default().published = want;
     Ok(())
 }
 
 /// Writes a job's status by server-side apply, and keeps the API server's answer for the next
-/// pass to decide from while the watch has not delivered it (see [`Context::written`]).
+/// pass to decide from while the watch has not delivered it (see [`Kept::status`]).
 async fn write_status(
     ctx: &Context,
     jobs: &Api<DynamicObject>,
@@ -929,14 +903,8 @@ async fn write_status(
         )
         .await?;
     let key = crate::gangs::key(&job.namespace().unwrap_or_default(), &name);
-    ctx.status_written_at
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key.clone(), std::time::Instant::now());
-    ctx.written
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, Arc::new(updated));
+    ctx.kept().entry(key).or_default().status =
+        Some((Arc::new(updated), std::time::Instant::now()));
     Ok(())
 }
 
@@ -1291,16 +1259,13 @@ mod tests {
         let addr = |r: u32, ip: &str| (r, ip.to_string());
         // Rank 1 has no address yet: nothing is written.
         let partial = [rank(1, 0, None), rank(0, 0, Some("10.0.0.1"))];
-        assert_eq!(addresses_to_publish(&partial, 0, 2, None), None);
+        assert_eq!(addresses_to_publish(&partial, 0, 2, &[]), None);
         // Whole: both, sorted by rank.
         let whole = [rank(1, 0, Some("10.0.0.2")), rank(0, 0, Some("10.0.0.1"))];
         let first = vec![addr(0, "10.0.0.1"), addr(1, "10.0.0.2")];
-        assert_eq!(
-            addresses_to_publish(&whole, 0, 2, None),
-            Some(first.clone())
-        );
+        assert_eq!(addresses_to_publish(&whole, 0, 2, &[]), Some(first.clone()));
         // Written already: nothing to do.
-        assert_eq!(addresses_to_publish(&whole, 0, 2, Some(&first)), None);
+        assert_eq!(addresses_to_publish(&whole, 0, 2, &first), None);
         // A restart: the old attempt's pods terminate, the new ones have no address yet. The
         // old addresses are withdrawn once, so no name resolves to a pod that is gone.
         let mut restarting = vec![rank(0, 1, None), rank(1, 1, None)];
@@ -1309,25 +1274,20 @@ mod tests {
             p
         }));
         assert_eq!(
-            addresses_to_publish(&restarting, 1, 2, Some(&first)),
+            addresses_to_publish(&restarting, 1, 2, &first),
             Some(vec![])
         );
-        assert_eq!(addresses_to_publish(&restarting, 1, 2, Some(&[])), None);
+        assert_eq!(addresses_to_publish(&restarting, 1, 2, &[]), None);
         // The new attempt is whole: its addresses replace them.
         let next = [rank(0, 1, Some("10.0.0.5")), rank(1, 1, Some("10.0.0.6"))];
         assert_eq!(
-            addresses_to_publish(&next, 1, 2, Some(&[])),
+            addresses_to_publish(&next, 1, 2, &[]),
             Some(vec![addr(0, "10.0.0.5"), addr(1, "10.0.0.6")])
         );
         // A rank that got a new address (its pod was replaced) is written again.
         let moved = [rank(0, 1, Some("10.0.0.5")), rank(1, 1, Some("10.0.0.8"))];
         assert_eq!(
-            addresses_to_publish(
-                &moved,
-                1,
-                2,
-                Some(&[addr(0, "10.0.0.5"), addr(1, "10.0.0.6")])
-            ),
+            addresses_to_publish(&moved, 1, 2, &[addr(0, "10.0.0.5"), addr(1, "10.0.0.6")]),
             Some(vec![addr(0, "10.0.0.5"), addr(1, "10.0.0.8")])
         );
     }
