@@ -440,6 +440,7 @@ async fn design_floor(
             let node = planned
                 .get(&name)
                 .with_context(|| format!("no planned node for {name}"))?;
+            // The benchmark's nodes carry their own name as kubernetes.io/hostname.
             let pin = Pin {
                 node,
                 hostname: Some(node),

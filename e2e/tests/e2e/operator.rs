@@ -74,7 +74,7 @@ async fn wait_published(ns: &TestNamespace, job: &str, members: &[Pod]) -> anyho
         "a pod without hostname or address: {want:?}"
     );
     let slices: Api<EndpointSlice> = ns.api();
-    let selector = format!("kubernetes.io/service-name={job}");
+    let selector = format!("{}={job}", lockstep_operator::resources::SERVICE_NAME_LABEL);
     wait_until(TIMEOUT, "the EndpointSlice lists every rank", || async {
         let list = slices
             .list(&ListParams::default().labels(&selector))
