@@ -378,7 +378,7 @@ pub enum Device {
 #[derive(Clone, Copy, Debug)]
 pub struct GptBench {
     /// The model.
-    pub config: crate::engine::gpt::GptConfig,
+    pub config: lockstep_engine::models::gpt::GptConfig,
     /// Sequences per step.
     pub batch: usize,
     /// Tokens per sequence.
@@ -397,15 +397,15 @@ pub struct GptBench {
 
 /// Throughput of `g` on `be`, and its profile when asked.
 #[allow(clippy::type_complexity)]
-fn measure<B: crate::engine::Backend>(
+fn measure<B: lockstep_engine::Backend>(
     be: &B,
     g: &GptBench,
 ) -> Result<(
     String,
-    crate::engine::check::Throughput,
+    lockstep_engine::check::Throughput,
     Vec<(String, f64, f64)>,
 )> {
-    use crate::engine::check::{gpt_profile, gpt_throughput};
+    use lockstep_engine::check::{gpt_profile, gpt_throughput};
     let c = g.config;
     let t = gpt_throughput(be, c, g.batch, g.seq, g.warmup, g.steps)?;
     let prof = if g.profile {
@@ -421,9 +421,9 @@ fn measure<B: crate::engine::Backend>(
 pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
     let c = &g.config;
     let (name, t, prof) = match device {
-        Device::Cpu => measure(&crate::engine::cpu::Cpu, g)?,
+        Device::Cpu => measure(&lockstep_engine::cpu::Cpu, g)?,
         #[cfg(feature = "cuda")]
-        Device::Cuda => measure(&crate::engine::cuda::Cuda::new(0, g.tf32)?, g)?,
+        Device::Cuda => measure(&lockstep_engine::cuda::Cuda::new(0, g.tf32)?, g)?,
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => bail!("this build has no CUDA backend: rebuild with the cuda feature"),
     };
@@ -476,10 +476,10 @@ pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
 #[cfg(feature = "cuda")]
 #[allow(clippy::print_stdout)] // the check's report
 pub fn engine_check(tf32: bool) -> Result<()> {
-    use crate::engine::check::{CheckShape, compare, gpt_steps, primitives};
-    use crate::engine::gpt::GptConfig;
-    let cpu = crate::engine::cpu::Cpu;
-    let cuda = crate::engine::cuda::Cuda::new(0, tf32)?;
+    use lockstep_engine::check::{CheckShape, compare, gpt_steps, primitives};
+    use lockstep_engine::models::gpt::GptConfig;
+    let cpu = lockstep_engine::cpu::Cpu;
+    let cuda = lockstep_engine::cuda::Cuda::new(0, tf32)?;
     let shape = CheckShape::default();
     // FP32 on both sides differs only in summation order: 1e-5 of the largest value for
     // element-wise kernels, 1e-4 for GEMMs and what goes through them (sums of hundreds of
@@ -507,7 +507,7 @@ pub fn engine_check(tf32: bool) -> Result<()> {
     ));
     println!(
         "# CUDA backend ({}) against the CPU reference; rel = max |cuda - cpu| / max |cpu|",
-        crate::engine::Backend::name(&cuda)
+        lockstep_engine::Backend::name(&cuda)
     );
     println!(
         "{:<34} {:>12} {:>12} {:>10}  result",

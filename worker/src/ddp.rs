@@ -12,8 +12,8 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use crate::comm::{Communicator, Pending, ReduceOp};
-use crate::engine::Backend;
 use crate::train::WorkError;
+use lockstep_engine::Backend;
 
 /// Communication of one optimizer step.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -210,10 +210,10 @@ fn cuda_err(e: impl std::fmt::Debug) -> WorkError {
 }
 
 #[cfg(feature = "cuda")]
-impl<C> GradSync<crate::engine::cuda::Cuda, C> for NcclSync {
+impl<C> GradSync<lockstep_engine::cuda::Cuda, C> for NcclSync {
     fn start(
         &mut self,
-        be: &crate::engine::cuda::Cuda,
+        be: &lockstep_engine::cuda::Cuda,
         _comm: &mut C,
         grads: &mut cudarc::driver::CudaSlice<f32>,
         range: Range<usize>,
@@ -240,7 +240,7 @@ impl<C> GradSync<crate::engine::cuda::Cuda, C> for NcclSync {
 
     fn finish(
         &mut self,
-        be: &crate::engine::cuda::Cuda,
+        be: &lockstep_engine::cuda::Cuda,
         _comm: &mut C,
         _grads: &mut cudarc::driver::CudaSlice<f32>,
     ) -> Result<SyncStats, WorkError> {

@@ -7,7 +7,6 @@ pub mod checkpoint;
 pub mod comm;
 pub mod data;
 pub mod ddp;
-pub mod engine;
 pub mod local;
 pub mod metrics;
 pub mod progress;

@@ -209,7 +209,7 @@ fn main() -> ProcessExit {
                 },
         } => bench_exit((|| {
             let config =
-                lockstep_worker::engine::gpt::GptConfig::new(layers, heads, embed, seq, vocab)?;
+                lockstep_engine::models::gpt::GptConfig::new(layers, heads, embed, seq, vocab)?;
             bench::gpt(
                 device,
                 &bench::GptBench {

@@ -19,10 +19,11 @@ use crate::checkpoint::{self, CheckpointError};
 use crate::comm::{CommError, Communicator, ReduceOp};
 use crate::data::{Digits, Sampler, Text};
 use crate::ddp::{Buckets, GradSync, SyncStats, TcpSync};
-use crate::engine::gpt::{Adam, Gpt, GptConfig};
-use crate::engine::mlp::{Mlp, MlpConfig};
-use crate::engine::{Backend, EngineError, Net};
 use crate::metrics::Metrics;
+use lockstep_engine::models::gpt::{Gpt, GptConfig};
+use lockstep_engine::models::mlp::{Mlp, MlpConfig};
+use lockstep_engine::optim::Adam;
+use lockstep_engine::{Backend, EngineError, Net};
 
 /// Why training stopped early: the exit code, a message, and the rank it blames if another.
 #[derive(Debug, thiserror::Error)]
@@ -329,7 +330,7 @@ pub fn run<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
 ) -> Result<Summary, WorkError> {
     #[cfg(feature = "cuda")]
     if cfg.parallelism.gpus_per_worker > 0 {
-        if crate::engine::cuda::available() {
+        if lockstep_engine::cuda::available() {
             return run_cuda(cfg, comm, metrics, inputs);
         }
         tracing::warn!(
@@ -347,7 +348,7 @@ pub fn run<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
              or was built without the cuda feature",
         ));
     }
-    let be = crate::engine::cpu::Cpu;
+    let be = lockstep_engine::cpu::Cpu;
     tracing::info!(backend = %be.name(), "training on the CPU");
     let mut sync = TcpSync::default();
     dispatch(&be, &mut sync, false, cfg, comm, metrics, inputs)
@@ -374,7 +375,7 @@ fn run_cuda<C: Communicator<Buffer = [f32], Owned = Vec<f32>>>(
             "precision Bf16 is not built yet: training in FP32 with TF32 GEMMs (the closest)"
         );
     }
-    let be = crate::engine::cuda::Cuda::new(device, tf32)?;
+    let be = lockstep_engine::cuda::Cuda::new(device, tf32)?;
     tracing::info!(backend = %be.name(), device, "training on the GPU");
     if inputs.nccl_id.is_empty() {
         tracing::info!("no NCCL id from rank 0: gradients are averaged over TCP");

@@ -317,7 +317,7 @@ fn a_resumed_run_ends_exactly_where_the_uninterrupted_run_ends() {
 #[test]
 fn a_rank_without_cuda_refuses_a_gang_that_chose_nccl() {
     #[cfg(feature = "cuda")]
-    if lockstep_worker::engine::cuda::available() {
+    if lockstep_engine::cuda::available() {
         eprintln!("CUDA loads here: this rank would join NCCL; nothing to check");
         return;
     }

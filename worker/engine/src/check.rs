@@ -6,8 +6,11 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 
-use super::gpt::{self, Adam, Gpt, GptConfig};
-use super::{AdamStep, Backend, Gemm, Net, Op, Result};
+use crate::backend::{AdamStep, Backend, Gemm, Op};
+use crate::models::gpt::{Gpt, GptConfig};
+use crate::nn;
+use crate::optim::Adam;
+use crate::{Net, Result};
 
 /// One compared output.
 #[derive(Clone, Debug)]
@@ -112,7 +115,7 @@ pub fn primitives<B: Backend>(be: &B, s: &CheckShape) -> Result<Vec<(String, Vec
         be.zeros(n * c)?,
         be.zeros(n * c)?,
     );
-    gpt::attention_fwd(
+    nn::attention_fwd(
         be, &mut y, &mut qkvr, &mut att, &mut pre, &mut vacc, &qkv, b, t, nh, hs,
     )?;
     out.push(("attention fwd: att".into(), down(be, &att, att_n)?));
@@ -125,7 +128,7 @@ pub fn primitives<B: Backend>(be: &B, s: &CheckShape) -> Result<Vec<(String, Vec
         be.zeros(att_n)?,
         be.zeros(n * c)?,
     );
-    gpt::attention_bwd(
+    nn::attention_bwd(
         be, &mut dqkv, &mut dqkvr, &mut datt, &mut dpre, &mut dvacc, &dy, &qkvr, &att, b, t, nh, hs,
     )?;
     out.push(("attention bwd: dqkv".into(), down(be, &dqkv, 3 * n * c)?));
@@ -343,7 +346,7 @@ fn throughput_with<B: Backend>(
     timed: &dyn Fn(),
 ) -> Result<Throughput> {
     if steps == 0 {
-        return Err(super::EngineError::Config("time at least one step".into()));
+        return Err(crate::EngineError::Config("time at least one step".into()));
     }
     let ids = random_ids(b * t + 1, cfg.vocab, 3);
     let mut model = Gpt::new(be, cfg, &cfg.init(1), b, t)?;
@@ -403,7 +406,7 @@ pub fn gpt_profile<B: Backend>(
     t: usize,
     steps: usize,
 ) -> Result<Vec<(String, f64, f64)>> {
-    let p = super::profile::Profiled::new(be);
+    let p = crate::profile::Profiled::new(be);
     throughput_with(&p, cfg, b, t, 1, steps.max(1), &|| p.reset())?;
     let s = steps.max(1) as f64;
     Ok(p.report()

@@ -4,8 +4,9 @@
 
 use rand::SeedableRng;
 
-use super::gpt::{matmul_bwd, matmul_fwd};
-use super::{Backend, EngineError, Result};
+use crate::backend::Backend;
+use crate::nn::{matmul_bwd, matmul_fwd};
+use crate::{EngineError, Result};
 
 /// Layer widths, input first, classes last.
 #[derive(Clone, Debug, PartialEq, Eq)]

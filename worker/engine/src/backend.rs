@@ -1,44 +1,7 @@
-//! The training engine: explicit forward and backward passes over flat buffers, in the style
-//! of llm.c.
-//!
-//! A [`Backend`] owns memory and runs a small set of primitives: one strided batched GEMM with
-//! cuBLAS's column-major semantics, and a handful of element-wise and row-wise kernels
-//! (embedding, layer norm, GELU, causal softmax, fused softmax cross-entropy, AdamW). The
-//! models ([`gpt::Gpt`]) are written once on top of these primitives, so the CPU backend
-//! ([`cpu::Cpu`], the reference) and the CUDA backend (`cuda::Cuda`, cuBLAS and NVRTC
-//! kernels) run exactly the same algorithm, and can be compared layer by layer.
-//!
-//! Parameters and gradients each live in one flat buffer; a layer's weights are an offset in
-//! it. Activations are one buffer per tensor. Every primitive that reads parameters takes the
-//! parameter buffer and offsets, and every primitive that writes gradients accumulates into
-//! the gradient buffer at offsets (so gradient accumulation over micro-steps is free).
+//! The device interface: a [`Backend`] owns memory and runs the primitives every layer is written
+//! on. Offsets and lengths are in elements; all floats are f32.
 
-pub mod check;
-pub mod cpu;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-pub mod gpt;
-pub mod mlp;
-pub mod profile;
-
-/// An engine failure: a device error, or a shape the engine cannot run.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// The device (CUDA driver, cuBLAS, NVRTC) reported an error.
-    #[error("{what}: {detail}")]
-    Device {
-        /// What the engine was doing.
-        what: &'static str,
-        /// The device's own words.
-        detail: String,
-    },
-    /// A configuration the engine cannot run, with the reason.
-    #[error("{0}")]
-    Config(String),
-}
-
-/// Result of an engine operation.
-pub type Result<T> = std::result::Result<T, EngineError>;
+use crate::Result;
 
 /// Whether a GEMM operand is used as stored or transposed (cuBLAS `CUBLAS_OP_N`/`_T`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,23 +94,6 @@ pub struct AdamStep {
     pub t: i32,
     /// Factor applied to every gradient first (gradient clipping).
     pub grad_scale: f32,
-}
-
-/// What the training loop needs of a model, whichever it is.
-pub trait Net<B: Backend> {
-    /// Number of parameters.
-    fn num_params(&self) -> usize;
-    /// Weight-decay ranges: `(offset, length, decays)`.
-    fn decay_ranges(&self) -> Vec<(usize, usize, bool)>;
-    /// Parameters initialised from `seed`.
-    fn init(&self, seed: u64) -> Vec<f32>;
-    /// Parameters and gradients.
-    fn buffers(&mut self) -> (&mut B::Buf, &mut B::Buf);
-    /// Zeroes the gradients (before the first micro-step of an optimizer step).
-    fn zero_grad(&mut self, be: &B) -> Result<()> {
-        let n = self.num_params();
-        be.fill_zero(self.buffers().1, 0, n)
-    }
 }
 
 /// A place in a buffer: the buffer and an element offset.

@@ -1,9 +1,10 @@
 //! The engine's CPU backend against finite differences and naive references: every layer's
 //! backward, and the whole GPT's gradient on a tiny config.
 
-use lockstep_worker::engine::cpu::Cpu;
-use lockstep_worker::engine::gpt::{self, Gpt, GptConfig};
-use lockstep_worker::engine::{Backend, Gemm, Net, Op};
+use lockstep_engine::cpu::Cpu;
+use lockstep_engine::models::gpt::{Gpt, GptConfig};
+use lockstep_engine::nn;
+use lockstep_engine::{Backend, Gemm, Net, Op};
 use rand::{Rng, SeedableRng};
 
 fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -272,7 +273,7 @@ fn attention_and_matmul_backward_match_finite_differences() {
             vec![0.0; att_n],
             vec![0.0; b * t * c],
         );
-        gpt::attention_fwd(
+        nn::attention_fwd(
             &be,
             &mut out,
             &mut qkvr,
@@ -296,7 +297,7 @@ fn attention_and_matmul_backward_match_finite_differences() {
         vec![0.0; att_n],
         vec![0.0; b * t * c],
     );
-    gpt::attention_bwd(
+    nn::attention_bwd(
         &be, &mut dqkv, &mut dqkvr, &mut datt, &mut dpre, &mut dvacc, &r, &qkvr, &att, b, t, nh, hs,
     )
     .unwrap();
@@ -310,7 +311,7 @@ fn attention_and_matmul_backward_match_finite_differences() {
     let r = rnd(n * oc, 16, 1.0);
     let mm = |x: &[f32], p: &[f32]| {
         let mut out = vec![0.0; n * oc];
-        gpt::matmul_fwd(
+        nn::matmul_fwd(
             &be,
             &mut out,
             &x.to_vec(),
@@ -326,7 +327,7 @@ fn attention_and_matmul_backward_match_finite_differences() {
     };
     let mut dx = vec![0.0; n * ic];
     let mut dp = vec![0.0; oc * ic + oc];
-    gpt::matmul_bwd(
+    nn::matmul_bwd(
         &be,
         &mut dx,
         &mut dp,
@@ -411,7 +412,7 @@ fn gpt_training_on_cpu_lowers_the_loss_on_a_repeated_batch() {
     let (b, t) = (2, 5);
     let (ids, tg) = batch(&cfg, b, t, 19);
     let mut model = Gpt::new(&be, cfg, &cfg.init(1), b, t).unwrap();
-    let mut adam = gpt::Adam::new(&be, cfg.num_params()).unwrap();
+    let mut adam = lockstep_engine::optim::Adam::new(&be, cfg.num_params()).unwrap();
     let ranges = cfg.decay_ranges();
     let mut losses = Vec::new();
     for _ in 0..60 {
@@ -466,7 +467,7 @@ fn decay_ranges_cover_every_parameter_once() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_kernels_compile_with_nvrtc() {
-    match lockstep_worker::engine::cuda::compile("sm_90") {
+    match lockstep_engine::cuda::compile("sm_90") {
         Ok(ptx) => {
             let src = ptx.to_src();
             for k in [
@@ -493,7 +494,7 @@ fn cuda_kernels_compile_with_nvrtc() {
 
 #[test]
 fn the_mlp_gradient_matches_finite_differences_and_reports_layers_last_first() {
-    use lockstep_worker::engine::mlp::{Mlp, MlpConfig};
+    use lockstep_engine::models::mlp::{Mlp, MlpConfig};
     let be = Cpu;
     let cfg = MlpConfig::new(vec![5, 7, 4, 3]).expect("a valid config");
     let b = 4;
@@ -533,7 +534,7 @@ fn blocked_causal_attention_matches_a_direct_computation_and_finite_differences(
             vec![0.0; att_n],
             vec![0.0; b * t * c],
         );
-        gpt::attention_fwd(
+        nn::attention_fwd(
             &be,
             &mut out,
             &mut qkvr,
@@ -584,7 +585,7 @@ fn blocked_causal_attention_matches_a_direct_computation_and_finite_differences(
         vec![0.0; att_n],
         vec![0.0; b * t * c],
     );
-    gpt::attention_bwd(
+    nn::attention_bwd(
         &be, &mut dqkv, &mut dqkvr, &mut datt, &mut dpre, &mut dvacc, &r, &qkvr, &att, b, t, nh, hs,
     )
     .unwrap();

@@ -6,7 +6,8 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::{AdamStep, At, Backend, Gemm, Result};
+use crate::Result;
+use crate::backend::{AdamStep, At, Backend, Gemm};
 
 /// Times the primitives of an inner backend.
 pub struct Profiled<'a, B: Backend> {

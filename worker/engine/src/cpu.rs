@@ -7,7 +7,8 @@
 
 use rayon::prelude::*;
 
-use super::{AdamStep, At, Backend, Gemm, Op, Result};
+use crate::Result;
+use crate::backend::{AdamStep, At, Backend, Gemm, Op};
 
 /// The CPU backend, on the global rayon pool (`RAYON_NUM_THREADS` threads).
 #[derive(Clone, Debug, Default)]

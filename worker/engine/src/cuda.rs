@@ -15,7 +15,8 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::{AdamStep, At, Backend, EngineError, Gemm, Op, Result};
+use crate::backend::{AdamStep, At, Backend, Gemm, Op};
+use crate::{EngineError, Result};
 
 const SOURCE: &str = include_str!("kernels.cu");
 const KERNELS: [&str; 19] = [

@@ -1,0 +1,51 @@
+//! The fully connected layer: `out = inp W^T + b` and its backward, two GEMMs and a bias.
+
+use crate::Result;
+use crate::backend::{Backend, Gemm, Op};
+
+/// `out (n x oc) = inp (n x c) W^T + b`, W stored oc x c row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_fwd<B: Backend>(
+    be: &B,
+    out: &mut B::Buf,
+    inp: &B::Buf,
+    params: &B::Buf,
+    w: usize,
+    bias: Option<usize>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    let g = Gemm::single(Op::T, Op::N, oc, n, c, 0.0);
+    be.gemm(&g, (params, w), (inp, 0), (out, 0))?;
+    if let Some(b) = bias {
+        be.bias_fwd(out, params, b, n, oc)?;
+    }
+    Ok(())
+}
+
+/// Backward of [`matmul_fwd`]: overwrites `dinp`, accumulates the weight and bias gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bwd<B: Backend>(
+    be: &B,
+    dinp: &mut B::Buf,
+    grads: &mut B::Buf,
+    dw: usize,
+    dbias: Option<usize>,
+    dout: &B::Buf,
+    inp: &B::Buf,
+    params: &B::Buf,
+    w: usize,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    let gi = Gemm::single(Op::N, Op::N, c, n, oc, 0.0);
+    be.gemm(&gi, (params, w), (dout, 0), (dinp, 0))?;
+    let gw = Gemm::single(Op::N, Op::T, c, oc, n, 1.0);
+    be.gemm(&gw, (inp, 0), (dout, 0), (grads, dw))?;
+    if let Some(db) = dbias {
+        be.bias_bwd(grads, db, dout, n, oc)?;
+    }
+    Ok(())
+}
