@@ -99,13 +99,6 @@ pub enum Workload {
     Command,
 }
 
-impl Workload {
-    /// Whether the built-in worker runs this workload (everything but Command).
-    pub fn is_builtin(self) -> bool {
-        self != Workload::Command
-    }
-}
-
 /// The model, exactly one of `mlp`, `gpt` and `tgn`.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]

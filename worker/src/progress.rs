@@ -34,15 +34,16 @@ pub async fn report(
     .map(drop)
 }
 
-/// The progress of the gang as rank 0's metrics tell it (`world` ranks each process the same
-/// number of samples per step).
-pub fn from_metrics(m: &Metrics, world: u32) -> Progress {
+/// The progress of the gang as rank 0's metrics tell it: rank 0's data-parallel replica is one
+/// of `replicas` that each train the same number of samples per step (its pipeline stages, if
+/// any, see the same samples, so the world size would overcount).
+pub fn from_metrics(m: &Metrics, replicas: u32) -> Progress {
     let positive = |v: f64| (v > 0.0).then_some(v);
     Progress {
         step: m.step.get(),
         total_steps: Some(m.total_steps.get()).filter(|t| *t > 0),
         loss: Some(m.loss.get()).filter(|l| l.is_finite() && m.step.get() > 0),
-        samples_per_second: positive(m.samples_per_second.get() * f64::from(world)),
+        samples_per_second: positive(m.samples_per_second.get() * f64::from(replicas)),
         eval_metric: positive(m.eval_metric.get()),
         updated_at: Some(Time(k8s_openapi::jiff::Timestamp::now())),
     }
@@ -54,7 +55,7 @@ pub async fn report_periodically(
     namespace: String,
     job: String,
     metrics: Metrics,
-    world: u32,
+    replicas: u32,
 ) {
     let mut last_step = -1;
     let mut warned = false;
@@ -63,7 +64,7 @@ pub async fn report_periodically(
             names::PROGRESS_INTERVAL_SECONDS,
         ))
         .await;
-        let p = from_metrics(&metrics, world);
+        let p = from_metrics(&metrics, replicas);
         if p.step == last_step {
             continue;
         }

@@ -11,9 +11,10 @@ use lockstep_api::config::WorkerConfig;
 use lockstep_api::contract::{ExitCode, env};
 
 use crate::comm::tcp::{TcpComm, TcpOptions};
+use crate::error::WorkError;
 use crate::metrics::Metrics;
 use crate::rendezvous::{self, Identity, Session, describe};
-use crate::train::{self, WorkError};
+use crate::trainer;
 
 /// Where Kubernetes reads a container's termination message from.
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
@@ -56,20 +57,6 @@ fn fail(code: ExitCode, message: &str) -> ExitCode {
 /// A 64-bit key of the gang and attempt, carried by every data connection's handshake.
 pub fn gang_key(token: &str, attempt: u32) -> u64 {
     lockstep_api::config::fnv1a64(format!("{token}/{attempt}").as_bytes())
-}
-
-/// Rank 0's NCCL unique id when the job asks for GPUs and NCCL can be loaded here, else empty
-/// (the gang then communicates over TCP only).
-fn nccl_id(config: &WorkerConfig) -> Vec<u8> {
-    #[cfg(feature = "cuda")]
-    if config.parallelism.gpus_per_worker > 0 && crate::comm::nccl::available() {
-        match crate::comm::nccl::new_id() {
-            Ok(id) => return id,
-            Err(e) => tracing::warn!(error = %e, "cannot make an NCCL id: TCP only"),
-        }
-    }
-    let _ = config;
-    Vec::new()
 }
 
 /// Runs this process as one rank; returns its exit code.
@@ -164,7 +151,13 @@ async fn run_rank(
                     );
                 }
             };
-        Session::serve(listener, me, nccl_id(&config), opts.rendezvous.clone()).await
+        Session::serve(
+            listener,
+            me,
+            crate::device::nccl_id(&config),
+            opts.rendezvous.clone(),
+        )
+        .await
     } else {
         Session::join(&contract.rendezvous(), me, opts.rendezvous.clone()).await
     };
@@ -218,6 +211,7 @@ async fn run_rank(
     });
 
     // Rank 0 in a pod reports progress to the operator (see `progress`).
+    let replicas = config.parallelism.data_parallel.max(1) as u32;
     let reporter = if rank == 0 && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
         match kube::Client::try_default().await {
             Ok(client) => {
@@ -226,7 +220,7 @@ async fn run_rank(
                     contract.namespace.clone(),
                     contract.job.clone(),
                     metrics.clone(),
-                    contract.world_size,
+                    replicas,
                 ));
                 Some(client)
             }
@@ -244,13 +238,12 @@ async fn run_rank(
     let steps = std::sync::Arc::clone(&session);
     let checkpoint_dir = contract.checkpoint_dir.clone();
     let work = tokio::task::spawn_blocking(move || {
-        let mut comm = comm;
-        let inputs = train::RunInputs {
+        let inputs = trainer::RunInputs {
             checkpoint_dir: Some(std::path::PathBuf::from(&checkpoint_dir)),
             nccl_id,
             on_step: &|s| steps.set_step(s),
         };
-        train::run(&config, &mut comm, &metrics, &inputs)
+        trainer::run(&config, comm, &metrics, &inputs)
     })
     .await;
     let result = work.unwrap_or_else(|e| {
@@ -277,7 +270,7 @@ async fn run_rank(
                 "training finished"
             );
             if let Some(client) = &reporter {
-                let p = crate::progress::from_metrics(&final_metrics, contract.world_size);
+                let p = crate::progress::from_metrics(&final_metrics, replicas);
                 if let Err(e) =
                     crate::progress::report(client, &contract.namespace, &contract.job, &p).await
                 {

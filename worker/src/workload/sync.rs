@@ -1,19 +1,24 @@
-//! Data-parallel gradient synchronisation with PyTorch DDP's semantics: gradient buckets are
-//! contiguous ranges of the flat gradient buffer, filled in reverse order as backward makes
-//! gradients final (a smaller first bucket so communication starts early, then `cap`-sized
-//! ones); each full bucket is averaged over the ranks at once, asynchronously, while backward
-//! goes on; the optimizer waits for all of them.
+//! Gradient synchronisation over a data-parallel group, with PyTorch DDP's semantics, shared by
+//! every workload that averages gradients: gradient buckets are contiguous ranges of the flat
+//! gradient buffer, filled in reverse order as backward makes gradients final (a smaller first
+//! bucket so communication starts early, then `cap`-sized ones); each full bucket is averaged
+//! over the group at once, asynchronously, while backward goes on; the optimizer waits for all
+//! of them.
 //!
 //! Two transports implement [`GradSync`]: [`TcpSync`] (any backend; the all-reduce runs on the
-//! TCP communicator's thread) and, with CUDA, `NcclSync` (in place on the device, on a
-//! communication stream that waits for the compute stream's event).
+//! TCP communicator's thread, through the [`Communicator`] trait) and, with CUDA, `NcclSync`
+//! (in place on the device, on a communication stream that waits for the compute stream's
+//! event). `NcclSync` calls NCCL's in-place all-reduce of a view directly rather than through
+//! the trait: a bucket is a sub-range of the device's gradient buffer, which the trait's owned
+//! device buffers cannot express without a copy.
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use crate::comm::{Communicator, Pending, ReduceOp};
-use crate::train::WorkError;
 use lockstep_engine::Backend;
+
+use crate::comm::{Communicator, Pending, ReduceOp};
+use crate::error::WorkError;
 
 /// Communication of one optimizer step.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

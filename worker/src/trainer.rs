@@ -1,0 +1,286 @@
+//! The step loop, written once for every workload: resume from the newest checkpoint (or
+//! start fresh), then optimizer steps with the learning-rate schedule, the mean loss over the
+//! gang, evaluation and checkpoint cadence, and the metrics. It drives a
+//! [`Workload`](crate::workload::Workload) and never names one.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use lockstep_api::config::WorkerConfig;
+use lockstep_api::contract::ExitCode;
+use lockstep_api::layout::Layout;
+use lockstep_api::training::{LrSchedule as Schedule, Optimizer};
+use lockstep_engine::optim::{Decay, LrSchedule};
+
+use crate::checkpoint;
+use crate::comm::ReduceOp;
+use crate::device;
+use crate::error::WorkError;
+use crate::metrics::Metrics;
+use crate::topology::Topology;
+use crate::workload::sync::SyncStats;
+use crate::workload::{self, HostComm, Metric, Workload};
+
+/// What a finished run reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// Optimizer steps taken in all (including those before a resume).
+    pub steps: u64,
+    /// Training loss of the last step (mean over the ranks that compute one).
+    pub loss: f32,
+    /// Accuracy on the held-out data (classifiers).
+    pub eval_accuracy: Option<f32>,
+    /// Loss on the held-out data (language models).
+    pub val_loss: Option<f32>,
+    /// The step this run resumed from, when it loaded a checkpoint.
+    pub resumed_from: Option<u64>,
+    /// Digest of this rank's final parameters (equal on the ranks that hold the same ones).
+    pub params_digest: u64,
+    /// Seconds of training steps in this run (evaluation and checkpoints excluded).
+    pub train_seconds: f64,
+    /// Tokens trained on by this rank in this run.
+    pub tokens: u64,
+    /// Gradient communication of this run, summed over steps.
+    pub comm: SyncStats,
+}
+
+/// What the runtime hands the trainer besides the config and the communicator.
+pub struct RunInputs<'a> {
+    /// Where checkpoints are read and written (none: no checkpoints).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Rank 0's NCCL id from the rendezvous (empty: no NCCL).
+    pub nccl_id: Vec<u8>,
+    /// Called after every optimizer step with the number of steps done.
+    pub on_step: &'a dyn Fn(u64),
+}
+
+/// The learning-rate schedule of the job's optimizer `o` over `total` steps.
+pub fn schedule(o: &Optimizer, total: u64) -> LrSchedule {
+    LrSchedule {
+        peak: o.learning_rate,
+        min: o.min_learning_rate,
+        warmup_steps: o.warmup_steps.max(0) as u64,
+        decay: match o.schedule {
+            Schedule::Constant => Decay::Constant,
+            Schedule::Cosine => Decay::Cosine,
+        },
+        total_steps: total,
+    }
+}
+
+/// Trains the job `cfg` describes as this rank of the gang `world` connects.
+pub fn run<C: HostComm + 'static>(
+    cfg: &WorkerConfig,
+    world: C,
+    metrics: &Metrics,
+    inputs: &RunInputs<'_>,
+) -> Result<Summary, WorkError> {
+    let p = &cfg.parallelism;
+    let layout = Layout::new(
+        p.data_parallel.max(0) as u32,
+        p.pipeline_stages.max(0) as u32,
+    )
+    .map_err(|e| WorkError::config(format!("spec.parallelism: {e}")))?;
+    let mut topo = Topology::new(layout, world)?;
+    let device = device::open(cfg, &topo, &inputs.nccl_id)?;
+    let mut work = workload::build(cfg, device, &topo)?;
+    train(cfg, &mut topo, work.as_mut(), metrics, inputs)
+}
+
+/// Splits a step number into two floats that survive a broadcast exactly.
+fn step_to_floats(step: u64) -> [f32; 2] {
+    [(step >> 24) as f32, (step & 0xff_ffff) as f32]
+}
+
+fn step_from_floats(v: [f32; 2]) -> u64 {
+    ((v[0] as u64) << 24) | v[1] as u64
+}
+
+/// The step loop over `work`.
+pub fn train<C: HostComm>(
+    cfg: &WorkerConfig,
+    topo: &mut Topology<C>,
+    work: &mut dyn Workload<C>,
+    metrics: &Metrics,
+    inputs: &RunInputs<'_>,
+) -> Result<Summary, WorkError> {
+    let t = &cfg.training;
+    let rank = topo.rank;
+    let total = match (t.max_steps, t.epochs) {
+        (Some(s), _) => s.max(1) as u64,
+        (None, Some(e)) => e.max(1) as u64 * work.steps_per_epoch(),
+        (None, None) => work.steps_per_epoch(),
+    };
+    metrics.total_steps.set(total as i64);
+    let lr = schedule(&t.optimizer, total);
+
+    // Resume from the newest checkpoint rank 0 sees, or start fresh.
+    let dir = inputs.checkpoint_dir.clone();
+    let mut latest = [0.0f32; 2];
+    if rank == 0
+        && let Some(d) = &dir
+        && let Some((step, _)) = checkpoint::list(d)?.last()
+    {
+        latest = step_to_floats(*step);
+    }
+    topo.world.broadcast(&mut latest, 0)?;
+    let resume = step_from_floats(latest);
+    let resumed_from = match &dir {
+        Some(d) if resume > 0 => {
+            work.load(topo, d, resume)?;
+            if rank == 0 {
+                tracing::info!(
+                    step = resume,
+                    path = %d.join(checkpoint::file_name(resume)).display(),
+                    "resumed from a checkpoint"
+                );
+            }
+            Some(resume)
+        }
+        _ => {
+            work.init(topo)?;
+            None
+        }
+    };
+    let start = resumed_from.unwrap_or(0);
+    let eval_every = t.evaluation.every_steps.map(|e| e.max(1) as u64);
+    let ckpt_every = t.checkpoint.every_steps.map(|e| e.max(1) as u64);
+    let keep = t.checkpoint.keep.max(1) as usize;
+    let max_batches = t.evaluation.max_batches.map(|m| m.max(1) as usize);
+    let replicas = topo.data_parallel_degree();
+    tracing::info!(
+        rank,
+        world = topo.layout.world_size(),
+        stage = topo.stage,
+        replica = topo.replica,
+        data_parallel_ranks = ?topo.data_parallel_ranks(),
+        pipeline_ranks = ?topo.pipeline_ranks(),
+        model = %work.describe(),
+        params = work.num_params(),
+        steps = total,
+        start,
+        steps_per_epoch = work.steps_per_epoch(),
+        batch = t.batch_size.unwrap_or(32).max(1),
+        accum = t.ddp.grad_accumulation_steps.max(1),
+        "training"
+    );
+    let (mut loss_mean, mut eval) = (f32::NAN, None);
+    let (mut train_seconds, mut tokens, mut comm_total) = (0.0f64, 0u64, SyncStats::default());
+    for step in start..total {
+        let started = Instant::now();
+        let lr = lr.at(step) as f32;
+        let report = work.step(topo, step, lr)?;
+        // The mean loss over the ranks that compute one (a tiny all-reduce over the whole gang
+        // that doubles as a liveness check).
+        let mut l = match report.loss {
+            Some(v) => [v, 1.0],
+            None => [0.0, 0.0],
+        };
+        topo.world.all_reduce(&mut l, ReduceOp::Sum)?;
+        loss_mean = l[0] / l[1];
+        if !loss_mean.is_finite() {
+            return Err(WorkError::new(
+                ExitCode::Diverged,
+                format!(
+                    "the loss became {loss_mean} at step {step}: lower \
+                     spec.training.optimizer.learningRate"
+                ),
+            ));
+        }
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let stats = report.comm;
+        train_seconds += secs;
+        tokens += report.tokens;
+        comm_total.bytes += stats.bytes;
+        comm_total.buckets += stats.buckets;
+        comm_total.comm += stats.comm;
+        comm_total.exposed += stats.exposed;
+        metrics.step.set(step as i64 + 1);
+        metrics.step_seconds.observe(secs);
+        metrics.loss.set(f64::from(loss_mean));
+        metrics.samples_per_second.set(report.samples as f64 / secs);
+        metrics.tokens_per_second.set(report.tokens as f64 / secs);
+        if stats.buckets > 0 {
+            metrics.observe_allreduce(stats.bytes, replicas, stats.comm.as_secs_f64());
+            metrics.comm_seconds.inc_by(stats.comm.as_secs_f64());
+            metrics
+                .comm_exposed_seconds
+                .inc_by(stats.exposed.as_secs_f64());
+            metrics.comm_hidden_ratio.set(stats.overlap_ratio());
+        }
+        let done = step + 1 == total;
+        if eval_every.is_some_and(|e| (step + 1) % e == 0) || done {
+            let v = work.evaluate(topo, max_batches)?;
+            eval = Some(v);
+            metrics.eval_metric.set(f64::from(v.value));
+            if rank == 0 {
+                tracing::info!(
+                    step = step + 1,
+                    loss = loss_mean,
+                    lr,
+                    step_ms = secs * 1e3,
+                    comm_ms = stats.comm.as_secs_f64() * 1e3,
+                    exposed_ms = stats.exposed.as_secs_f64() * 1e3,
+                    "{} = {:.4}",
+                    v.metric.name(),
+                    v.value
+                );
+            }
+        }
+        if let Some(d) = &dir
+            && (done || ckpt_every.is_some_and(|e| (step + 1) % e == 0))
+            && let Some(path) = work.save(topo, d, step + 1, keep)?
+        {
+            tracing::info!(step = step + 1, path = %path.display(), "checkpoint written");
+        }
+        (inputs.on_step)(step + 1);
+    }
+    let (eval_accuracy, val_loss) = match eval {
+        Some(e) if e.metric == Metric::Loss => (None, Some(e.value)),
+        Some(e) => (Some(e.value), None),
+        None => (None, None),
+    };
+    Ok(Summary {
+        steps: total,
+        loss: loss_mean,
+        eval_accuracy,
+        val_loss,
+        resumed_from,
+        params_digest: work.params_digest()?,
+        train_seconds,
+        tokens,
+        comm: comm_total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_job_schedule_maps_onto_the_engine_schedule() {
+        let mut o = Optimizer {
+            learning_rate: 1.0,
+            min_learning_rate: 0.1,
+            warmup_steps: 10,
+            schedule: Schedule::Cosine,
+            ..Optimizer::default()
+        };
+        let s = schedule(&o, 110);
+        assert_eq!(
+            (s.decay, s.warmup_steps, s.total_steps),
+            (Decay::Cosine, 10, 110)
+        );
+        assert!((s.at(0) - 0.1).abs() < 1e-12);
+        assert!((s.at(60) - 0.55).abs() < 1e-12);
+        o.schedule = Schedule::Constant;
+        assert!((schedule(&o, 110).at(60) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn step_numbers_survive_the_float_broadcast() {
+        for s in [0, 1, 500, (1 << 24) + 3, 123_456_789_012] {
+            assert_eq!(step_from_floats(step_to_floats(s)), s);
+        }
+    }
+}

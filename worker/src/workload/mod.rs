@@ -1,0 +1,155 @@
+//! What the trainer trains: a [`Workload`] is one way of computing an optimizer step over the
+//! gang (data-parallel today; pipeline-parallel and PRES later), with its model, data,
+//! optimizer state and checkpoints. The trainer (`crate::trainer`) drives any of them through
+//! this trait and never names one; [`build`] is the one place that maps the job's
+//! `spec.training.workload` onto an implementation.
+//!
+//! Adding a workload: implement [`Workload`] in a new file of this folder and add its arm to
+//! [`build`].
+//!
+//! - [`ddp`]: data parallelism with PyTorch DDP's semantics, over [`task`]'s model and data.
+//! - [`sync`]: the gradient buckets and their transports, shared by every workload that averages
+//!   gradients over a data-parallel group.
+
+pub mod ddp;
+pub mod sync;
+pub mod task;
+
+use std::path::{Path, PathBuf};
+
+use lockstep_api::config::WorkerConfig;
+use lockstep_api::training::Workload as Kind;
+use lockstep_engine::Backend;
+
+use crate::comm::Communicator;
+use crate::device::Device;
+use crate::error::WorkError;
+use crate::topology::Topology;
+use sync::{GradSync, SyncStats, TcpSync};
+
+/// The communicators workloads run on: host buffers of f32 (the TCP ring; NCCL's device
+/// buffers are reached through the gradient sync's transport, see [`sync`]).
+pub trait HostComm: Communicator<Buffer = [f32], Owned = Vec<f32>> {}
+impl<C: Communicator<Buffer = [f32], Owned = Vec<f32>>> HostComm for C {}
+
+/// What one optimizer step did on this rank.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepReport {
+    /// Mean loss over this rank's micro-batches, when this rank computes a loss (every rank in
+    /// data parallelism; only the last stage of a pipeline).
+    pub loss: Option<f32>,
+    /// Training samples this rank's data-parallel replica consumed in the step.
+    pub samples: u64,
+    /// Tokens among those samples (0 when the model has no tokens).
+    pub tokens: u64,
+    /// This rank's gradient communication in the step.
+    pub comm: SyncStats,
+}
+
+/// What an evaluation measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// Share of held-out samples classified correctly (higher is better).
+    Accuracy,
+    /// Mean loss on held-out data (lower is better).
+    Loss,
+}
+
+impl Metric {
+    /// The name logs use ("eval_accuracy", "val_loss").
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Accuracy => "eval_accuracy",
+            Metric::Loss => "val_loss",
+        }
+    }
+}
+
+/// One evaluation on held-out data.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Evaluation {
+    /// What was measured.
+    pub metric: Metric,
+    /// Its value.
+    pub value: f32,
+}
+
+/// A way of training: what an optimizer step, an evaluation and a checkpoint are. Every rank of
+/// the gang calls the same methods in the same order (they may communicate).
+pub trait Workload<C> {
+    /// The model, as logs name it and checkpoints record it (a checkpoint of another is
+    /// refused).
+    fn describe(&self) -> String;
+    /// Number of parameters this rank trains.
+    fn num_params(&self) -> usize;
+    /// Optimizer steps in one pass over the training data.
+    fn steps_per_epoch(&self) -> u64;
+    /// Starts from fresh parameters (the same on every replica).
+    fn init(&mut self, topo: &mut Topology<C>) -> Result<(), WorkError>;
+    /// Resumes from the checkpoint of `step` in `dir`.
+    fn load(&mut self, topo: &mut Topology<C>, dir: &Path, step: u64) -> Result<(), WorkError>;
+    /// One optimizer step (0-based `step`) at learning rate `lr`.
+    fn step(&mut self, topo: &mut Topology<C>, step: u64, lr: f32)
+    -> Result<StepReport, WorkError>;
+    /// Evaluates on held-out data, over at most `max_batches` batches.
+    fn evaluate(
+        &mut self,
+        topo: &mut Topology<C>,
+        max_batches: Option<usize>,
+    ) -> Result<Evaluation, WorkError>;
+    /// Writes the state after `step` steps into `dir`, keeping the newest `keep`; returns the
+    /// file when this rank wrote one.
+    fn save(
+        &mut self,
+        topo: &mut Topology<C>,
+        dir: &Path,
+        step: u64,
+        keep: usize,
+    ) -> Result<Option<PathBuf>, WorkError>;
+    /// A digest of this rank's parameters (equal on the ranks that hold the same ones).
+    fn params_digest(&mut self) -> Result<u64, WorkError>;
+}
+
+/// The workload `cfg` asks for, on `device`.
+pub fn build<C: HostComm + 'static>(
+    cfg: &WorkerConfig,
+    device: Device,
+    topo: &Topology<C>,
+) -> Result<Box<dyn Workload<C>>, WorkError> {
+    match device {
+        Device::Cpu(be) => on(be, Box::new(TcpSync::default()), false, cfg, topo),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { backend, nccl } => match nccl {
+            None => on(backend, Box::new(TcpSync::default()), false, cfg, topo),
+            Some(nccl) => on(
+                backend,
+                Box::new(sync::NcclSync::new(nccl)),
+                true,
+                cfg,
+                topo,
+            ),
+        },
+    }
+}
+
+/// The workload on a backend and gradient transport; `always_sync` when the transport must run
+/// even on one replica (NCCL: the gang chose it, every rank joins every collective).
+fn on<B: Backend + 'static, C: HostComm + 'static>(
+    be: B,
+    sync: Box<dyn GradSync<B, C>>,
+    always_sync: bool,
+    cfg: &WorkerConfig,
+    topo: &Topology<C>,
+) -> Result<Box<dyn Workload<C>>, WorkError> {
+    let t = &cfg.training;
+    match t.workload {
+        Kind::Ddp => Ok(Box::new(ddp::Ddp::new(be, sync, always_sync, cfg, topo)?)),
+        Kind::Pipeline | Kind::Pres => Err(WorkError::config(format!(
+            "workload {:?} is not built yet: this worker trains Ddp",
+            t.workload
+        ))),
+        Kind::Command => Err(WorkError::config(
+            "workload Command runs the template's own command; lockstep-worker does not train it",
+        )),
+    }
+}
