@@ -2,6 +2,11 @@
 //! to report, the writes to make and the Events to record. Level-triggered: the same inputs give
 //! the same decision, so a crash between two writes is mended by the next pass.
 //!
+//! Nothing here talks to the API server or to gang admission. A pass that needs admission's
+//! answer (the `Builtin` policy, an attempt about to start without one) stops and says so
+//! ([`Decided::AwaitsAdmission`]); reconcile asks the admission queue and resumes the pass with
+//! the [`Outcome`].
+//!
 //! The life of an attempt: create every missing rank (Starting) -> all Running (Running) -> a
 //! rank fails: record the FIRST failure of the attempt, match the failure rules; RestartGang
 //! deletes the whole attempt (Restarting), waits until every old pod is gone and the backoff has
@@ -19,8 +24,10 @@ use lockstep_api::status::{
 };
 use lockstep_api::{ParallelJob, ParallelJobStatus};
 
-pub use crate::gang::admitter::Outcome;
+use crate::gang::Outcome;
+use crate::job;
 use crate::observe::{Failure, PodState, RankPod};
+use crate::resources::GPU_RESOURCE;
 
 /// A write reconcile makes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,24 +78,73 @@ pub struct Decision {
     pub requeue_after: Option<Duration>,
 }
 
-struct Builder<'a> {
+/// Where [`decide`] got to: a decision, or a pass that waits for gang admission's answer.
+pub enum Decided<'a> {
+    /// The decision of the pass.
+    Done(Decision),
+    /// The current attempt is about to start and has no admission yet (the `Builtin` policy,
+    /// no pod of it exists): ask the admission queue, and [`AwaitsAdmission::resume`] the pass
+    /// with its answer.
+    AwaitsAdmission(AwaitsAdmission<'a>),
+}
+
+impl Decided<'_> {
+    /// The decision, asking `admit` for gang admission's answer if, and only if, the pass waits
+    /// for it.
+    pub fn answer_with(self, admit: impl FnOnce() -> Outcome) -> Decision {
+        match self {
+            Decided::Done(d) => d,
+            Decided::AwaitsAdmission(pass) => pass.resume(admit()),
+        }
+    }
+}
+
+/// A pass of [`decide`] stopped where the current attempt needs gang admission's answer.
+pub struct AwaitsAdmission<'a>(Pass<'a>);
+
+impl AwaitsAdmission<'_> {
+    /// Finishes the pass with admission's answer: an admitted gang is made on its planned
+    /// nodes; a waiting one is Queued.
+    pub fn resume(self, outcome: Outcome) -> Decision {
+        let mut pass = self.0;
+        match outcome {
+            Outcome::Admitted(nodes) => {
+                pass.admitted(&nodes);
+                // Admission is asked only while no pod of the attempt exists.
+                pass.make_gang(&[], Some(nodes));
+            }
+            Outcome::Waiting {
+                reason,
+                message,
+                position,
+            } => pass.queued(reason, message, position),
+        }
+        pass.d
+    }
+}
+
+/// The state of one reconcile pass of one job: its inputs, and the decision so far.
+struct Pass<'a> {
     job: &'a ParallelJob,
-    admit: &'a mut dyn FnMut() -> Outcome,
     now: Timestamp,
     world: u32,
     d: Decision,
 }
 
+/// Whether a pass goes on, or stops for gang admission.
+#[must_use]
+enum Step {
+    Done,
+    AwaitsAdmission,
+}
+
 /// Decides one reconcile pass of `job` given the observed pods of its gang (all attempts).
-/// `admit` asks gang admission (the `Builtin` policy) for the current attempt; it is called only
-/// when the attempt is about to start and has not been admitted yet.
-pub fn decide(
-    job: &ParallelJob,
+pub fn decide<'a>(
+    job: &'a ParallelJob,
     world: u32,
     pods: &[RankPod],
     now: Timestamp,
-    admit: &mut dyn FnMut() -> Outcome,
-) -> Decision {
+) -> Decided<'a> {
     let mut status = job.status.clone().unwrap_or_default();
     status.observed_generation = job.metadata.generation;
     // A rejection reported for an older generation of the spec no longer holds.
@@ -97,9 +153,8 @@ pub fn decide(
             && c.status == "False"
             && c.observed_generation != job.metadata.generation)
     });
-    let mut b = Builder {
+    let mut pass = Pass {
         job,
-        admit,
         now,
         world,
         d: Decision {
@@ -109,8 +164,10 @@ pub fn decide(
             requeue_after: None,
         },
     };
-    b.run(pods);
-    b.d
+    match pass.run(pods) {
+        Step::Done => Decided::Done(pass.d),
+        Step::AwaitsAdmission => Decided::AwaitsAdmission(AwaitsAdmission(pass)),
+    }
 }
 
 /// Sets the condition `Valid=False` with `reason` and `message` in place of any other `Valid`
@@ -140,8 +197,33 @@ pub fn set_invalid(
     true
 }
 
-/// The extended resource `gpusPerWorker` asks for.
-pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Says in `Admitted=False` (reason `GangApiMissing`, phase Queued) that the API of the external
+/// gang scheduler is not served; returns false (and changes nothing) when exactly that is said
+/// already. A pass keeps the job so until its pods exist (see `make_gang`).
+pub fn set_gang_api_missing(
+    status: &mut ParallelJobStatus,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> bool {
+    let already = status.conditions.iter().any(|c| {
+        c.type_ == ct::ADMITTED && c.reason == reasons::GANG_API_MISSING && c.message == message
+    });
+    if already {
+        return false;
+    }
+    status.conditions.retain(|c| c.type_ != ct::ADMITTED);
+    status.conditions.push(Condition {
+        type_: ct::ADMITTED.into(),
+        status: "False".into(),
+        reason: reasons::GANG_API_MISSING.into(),
+        message: message.into(),
+        last_transition_time: Time(now),
+        observed_generation: generation,
+    });
+    status.phase = Some(Phase::Queued);
+    true
+}
 
 /// Says, in the `Valid` condition, when no node of the cluster offers the GPUs one worker asks
 /// for (`largest` is the most any schedulable node has), and clears that once one does. The job
@@ -192,8 +274,8 @@ pub fn check_capacity(d: &mut Decision, job: &ParallelJob, largest: i64, now: Ti
     }
 }
 
-impl Builder<'_> {
-    fn run(&mut self, pods: &[RankPod]) {
+impl Pass<'_> {
+    fn run(&mut self, pods: &[RankPod]) -> Step {
         let spec = &self.job.spec;
         if self.d.status.phase.is_none() {
             self.note(
@@ -205,10 +287,12 @@ impl Builder<'_> {
         }
         self.count(pods);
         if self.phase().is_some_and(Phase::is_terminal) {
-            return self.finished(pods);
+            self.finished(pods);
+            return Step::Done;
         }
         if spec.run_policy.suspend {
-            return self.suspend(pods);
+            self.suspend(pods);
+            return Step::Done;
         }
         if self.phase() == Some(Phase::Suspended) {
             self.condition(ct::SUSPENDED, false, reasons::JOB_RESUMED, "resumed".into());
@@ -220,7 +304,7 @@ impl Builder<'_> {
             self.set_phase(Phase::Starting);
         }
         if self.deadline_passed(pods) {
-            return;
+            return Step::Done;
         }
         let attempt = self.d.status.attempt;
         let stale: Vec<&RankPod> = pods.iter().filter(|p| p.attempt != attempt).collect();
@@ -229,21 +313,21 @@ impl Builder<'_> {
             // can ever meet an old one.
             self.delete(stale.iter().copied());
             self.set_phase(Phase::Restarting);
-            return;
+            return Step::Done;
         }
         if self.phase() == Some(Phase::Restarting) && pods.is_empty() && self.backing_off() {
-            return;
+            return Step::Done;
         }
         let current: Vec<&RankPod> = pods.iter().filter(|p| p.attempt == attempt).collect();
         if let Some((rank, pod, failure)) = self.first_failure(&current)
             && self.on_failure(rank, pod, failure, &current)
         {
-            return;
+            return Step::Done;
         }
         if self.succeeded(&current) {
-            return;
+            return Step::Done;
         }
-        self.ensure_gang(&current);
+        self.ensure_gang(&current)
     }
 
     fn phase(&self) -> Option<Phase> {
@@ -450,13 +534,10 @@ impl Builder<'_> {
                 _ if p.terminating && self.phase() == Some(Phase::Running) => Some((
                     p.rank,
                     Some(*p),
-                    Failure {
-                        exit_code: None,
-                        reason: FailureReason::Deleted,
-                        detail: "Deleted".into(),
-                        message: "the pod was deleted while the gang ran".into(),
-                        time: None,
-                    },
+                    Failure::of(
+                        FailureReason::Deleted,
+                        "the pod was deleted while the gang ran".into(),
+                    ),
                 )),
                 _ => None,
             })
@@ -467,13 +548,10 @@ impl Builder<'_> {
                     failures.push((
                         rank,
                         None,
-                        Failure {
-                            exit_code: None,
-                            reason: FailureReason::Deleted,
-                            detail: "Deleted".into(),
-                            message: "the pod disappeared while the gang ran".into(),
-                            time: None,
-                        },
+                        Failure::of(
+                            FailureReason::Deleted,
+                            "the pod disappeared while the gang ran".into(),
+                        ),
                     ));
                 }
             }
@@ -504,45 +582,33 @@ impl Builder<'_> {
             || format!("{}-{rank}", self.job.metadata.name.as_deref().unwrap_or("")),
             |p| p.name.clone(),
         );
-        let first_of_attempt = self
-            .d
-            .status
-            .last_failure
-            .as_ref()
-            .is_none_or(|l| l.attempt != attempt);
-        if first_of_attempt {
-            self.d.status.last_failure = Some(RankFailure {
-                attempt,
-                rank: i32::try_from(rank).unwrap_or(i32::MAX),
-                pod: pod_name.clone(),
-                node: pod.and_then(|p| p.node.clone()),
-                exit_code: f.exit_code,
-                reason: f.detail.clone(),
-                message: Some(f.message.clone()),
-                time: Some(Time(f.time.unwrap_or(self.now))),
-            });
-            self.note(
-                true,
-                reasons::RANK_FAILED,
-                describe(rank, &pod_name, pod.and_then(|p| p.node.as_deref()), &f),
-            );
-        }
-        // Decide on the recorded first failure, never on a later secondary one.
-        let root = self.d.status.last_failure.clone().unwrap_or_default();
-        let root_failure = Failure {
-            exit_code: root.exit_code,
-            reason: reason_of(&root),
-            detail: root.reason.clone(),
-            message: root.message.clone().unwrap_or_default(),
-            time: root.time.as_ref().map(|t| t.0),
+        let node = pod.and_then(|p| p.node.clone());
+        // Decide on the first failure of the attempt, never on a later secondary one: this one
+        // when none is recorded for the attempt yet (then it is recorded), else the recorded one.
+        let (first, root) = match &self.d.status.last_failure {
+            Some(recorded) if recorded.attempt == attempt => {
+                let root = Failure::from_record(recorded);
+                let rank = u32::try_from(recorded.rank).unwrap_or(0);
+                let first = describe(rank, &recorded.pod, recorded.node.as_deref(), &root);
+                (first, root)
+            }
+            _ => {
+                let first = describe(rank, &pod_name, node.as_deref(), &f);
+                self.d.status.last_failure = Some(RankFailure {
+                    attempt,
+                    rank: i32::try_from(rank).unwrap_or(i32::MAX),
+                    pod: pod_name,
+                    node,
+                    exit_code: f.exit_code,
+                    reason: f.detail.clone(),
+                    message: Some(f.message.clone()),
+                    time: Some(Time(f.time.unwrap_or(self.now))),
+                });
+                self.note(true, reasons::RANK_FAILED, first.clone());
+                (first, f)
+            }
         };
-        let first = describe(
-            u32::try_from(root.rank).unwrap_or(0),
-            &root.pod,
-            root.node.as_deref(),
-            &root_failure,
-        );
-        match action_for(&self.job.spec.failure_policy.rules, &root_failure) {
+        match action_for(&self.job.spec.failure_policy.rules, &root) {
             FailureAction::Ignore => false,
             FailureAction::FailJob => {
                 self.fail(
@@ -653,16 +719,36 @@ impl Builder<'_> {
         true
     }
 
-    fn ensure_gang(&mut self, current: &[&RankPod]) {
+    /// Makes sure every rank of the current attempt exists and, once admitted, runs. Under the
+    /// `Builtin` policy an attempt without admission and without pods stops the pass here for
+    /// admission's answer.
+    fn ensure_gang(&mut self, current: &[&RankPod]) -> Step {
+        let mut plan = None;
+        if self.job.spec.scheduling.gang_policy == GangPolicy::Builtin {
+            match job::admitted_nodes(&self.d.status) {
+                Some(nodes) => plan = Some(nodes.to_vec()),
+                // Pods of this attempt made before admission existed (an older operator): they
+                // are left to the scheduler as they are.
+                None if !current.is_empty() => {}
+                None => return Step::AwaitsAdmission,
+            }
+        }
+        self.make_gang(current, plan);
+        Step::Done
+    }
+
+    /// Creates the missing ranks (on the planned nodes of `plan`, when admission made one),
+    /// releases the gang once it is whole, and sets the phase from the ranks' states.
+    fn make_gang(&mut self, current: &[&RankPod], plan: Option<Vec<String>>) {
         let attempt = self.d.status.attempt;
         let missing: Vec<u32> = (0..self.world)
             .filter(|r| !current.iter().any(|p| p.rank == *r))
             .collect();
         let policy = self.job.spec.scheduling.gang_policy;
-        // The external gang scheduler's API was missing when last tried (the controller reports
-        // it as `Admitted=False` `GangApiMissing`, phase Queued): until a pod exists the job stays
-        // as reported, and this pass tries again. Deciding Starting here would undo the report
-        // on every pass and make it write again.
+        // The external gang scheduler's API was missing when last tried (reconcile reports it
+        // with `set_gang_api_missing`): until a pod exists the job stays as reported, and this
+        // pass tries again. Deciding Starting here would undo the report on every pass and make
+        // it write again.
         let api_missing = policy != GangPolicy::Builtin
             && current.is_empty()
             && self.d.status.conditions.iter().any(|c| {
@@ -670,33 +756,6 @@ impl Builder<'_> {
                     && c.status == "False"
                     && c.reason == reasons::GANG_API_MISSING
             });
-        let mut plan = None;
-        if policy == GangPolicy::Builtin {
-            let admitted = self
-                .d
-                .status
-                .admission
-                .as_ref()
-                .filter(|a| a.attempt == Some(attempt) && a.admitted_at.is_some())
-                .map(|a| a.nodes.clone());
-            match admitted {
-                Some(nodes) => plan = Some(nodes),
-                // Pods of this attempt made before admission existed (an older operator): they
-                // are left to the scheduler as they are.
-                None if !current.is_empty() => {}
-                None => match (self.admit)() {
-                    Outcome::Admitted(nodes) => {
-                        self.admitted(&nodes);
-                        plan = Some(nodes);
-                    }
-                    Outcome::Waiting {
-                        reason,
-                        message,
-                        position,
-                    } => return self.queued(reason, message, position),
-                },
-            }
-        }
         if !missing.is_empty() {
             self.d.actions.push(Action::EnsureSharedObjects);
             if policy != GangPolicy::Builtin {
@@ -775,18 +834,12 @@ impl Builder<'_> {
     }
 }
 
-impl Builder<'_> {
-    /// When the current wait for admission began: when `Admitted` turned False, else when the
-    /// job was created.
+impl Pass<'_> {
+    /// When the current wait for admission began (see [`job::queued_since`]); now, if the job
+    /// has no creation time.
     fn queued_since(&self) -> Timestamp {
-        self.d
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == ct::ADMITTED && c.status == "False")
-            .map(|c| c.last_transition_time.0)
-            .or_else(|| self.job.metadata.creation_timestamp.as_ref().map(|t| t.0))
-            .unwrap_or(self.now)
+        let created = self.job.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        job::queued_since(&self.d.status, created).unwrap_or(self.now)
     }
 
     fn admitted(&mut self, nodes: &[String]) {
@@ -865,7 +918,6 @@ impl Builder<'_> {
 
     /// External gang schedulers: the gang is admitted once every rank of the attempt is bound.
     fn externally_admitted(&mut self, current: &[&RankPod]) {
-        let attempt = self.d.status.attempt;
         let bound: Vec<String> = (0..self.world)
             .filter_map(|r| {
                 current
@@ -875,12 +927,7 @@ impl Builder<'_> {
             })
             .collect();
         let policy = format!("{:?}", self.job.spec.scheduling.gang_policy);
-        let done = self
-            .d
-            .status
-            .admission
-            .as_ref()
-            .is_some_and(|a| a.attempt == Some(attempt) && a.admitted_at.is_some());
+        let done = job::admitted_nodes(&self.d.status).is_some();
         if bound.len() == self.world as usize {
             if !done {
                 self.admitted(&bound);
@@ -902,21 +949,6 @@ impl Builder<'_> {
 
 /// How often a queued job's status (its queue position) is refreshed.
 pub const QUEUE_REFRESH: Duration = Duration::from_secs(30);
-
-/// The failure reason of a recorded failure: its `reason` is the detail `observe` gave, which
-/// names the FailureReason for everything but plain errors (those carry the worker's or the
-/// kubelet's own reason).
-fn reason_of(f: &RankFailure) -> FailureReason {
-    match f.reason.as_str() {
-        "OOMKilled" => FailureReason::OOMKilled,
-        "Evicted" => FailureReason::Evicted,
-        "Preempted" => FailureReason::Preempted,
-        "Deleted" => FailureReason::Deleted,
-        "NodeLost" => FailureReason::NodeLost,
-        "PeerFailed" => FailureReason::PeerFailed,
-        _ => FailureReason::Error,
-    }
-}
 
 fn describe(rank: u32, pod: &str, node: Option<&str>, f: &Failure) -> String {
     let on = node.map(|n| format!(" on {n}")).unwrap_or_default();
@@ -1003,9 +1035,7 @@ mod tests {
 
     /// Runs decide and feeds its status back, like the API server would.
     fn step(j: &mut ParallelJob, pods: &[RankPod], now: Timestamp) -> Decision {
-        let d = decide(j, 4, pods, now, &mut || {
-            Outcome::Admitted(vec!["n".into(); 4])
-        });
+        let d = decide(j, 4, pods, now).answer_with(|| Outcome::Admitted(vec!["n".into(); 4]));
         j.status = Some(d.status.clone());
         d
     }
@@ -1020,18 +1050,13 @@ mod tests {
         j.spec.scheduling.gang_policy = GangPolicy::Volcano;
         let d = step(&mut j, &[], at(0));
         assert_eq!(d.status.phase, Some(Phase::Starting));
-        // What the controller reports when the PodGroup API is not served.
+        // What reconcile reports when the PodGroup API is not served.
         let status = j.status.as_mut().unwrap();
-        status.phase = Some(Phase::Queued);
-        status.conditions.retain(|c| c.type_ != ct::ADMITTED);
-        status.conditions.push(Condition {
-            type_: ct::ADMITTED.into(),
-            status: "False".into(),
-            reason: reasons::GANG_API_MISSING.into(),
-            message: "not served".into(),
-            last_transition_time: Time(at(1)),
-            observed_generation: Some(1),
-        });
+        assert!(set_gang_api_missing(status, "not served", Some(1), at(1)));
+        assert!(
+            !set_gang_api_missing(status, "not served", Some(1), at(2)),
+            "said once"
+        );
         let reported = j.status.clone();
         let d = step(&mut j, &[], at(60));
         assert_eq!(
@@ -1323,9 +1348,8 @@ mod tests {
         let mut job = job("ddp-digits.yaml");
         job.spec.parallelism.gpus_per_worker = 8;
         let now = Timestamp::now();
-        let mut d = decide(&job, 2, &[], now, &mut || {
-            Outcome::Admitted(vec!["n".into(); 2])
-        });
+        let mut d =
+            decide(&job, 2, &[], now).answer_with(|| Outcome::Admitted(vec!["n".into(); 2]));
         check_capacity(&mut d, &job, 0, now);
         let c = d
             .status
@@ -1349,9 +1373,8 @@ mod tests {
 
         // Reported once: the same shortfall next time adds no Event.
         job.status = Some(d.status.clone());
-        let mut again = decide(&job, 2, &[], now, &mut || {
-            Outcome::Admitted(vec!["n".into(); 2])
-        });
+        let mut again =
+            decide(&job, 2, &[], now).answer_with(|| Outcome::Admitted(vec!["n".into(); 2]));
         check_capacity(&mut again, &job, 4, now);
         let c = again
             .status
@@ -1366,9 +1389,8 @@ mod tests {
             c.message
         );
         job.status = Some(again.status.clone());
-        let mut same = decide(&job, 2, &[], now, &mut || {
-            Outcome::Admitted(vec!["n".into(); 2])
-        });
+        let mut same =
+            decide(&job, 2, &[], now).answer_with(|| Outcome::Admitted(vec!["n".into(); 2]));
         check_capacity(&mut same, &job, 4, now);
         assert!(
             !same
@@ -1378,9 +1400,8 @@ mod tests {
         );
 
         // A node with 8 GPUs joins: the condition goes.
-        let mut fits = decide(&job, 2, &[], now, &mut || {
-            Outcome::Admitted(vec!["n".into(); 2])
-        });
+        let mut fits =
+            decide(&job, 2, &[], now).answer_with(|| Outcome::Admitted(vec!["n".into(); 2]));
         check_capacity(&mut fits, &job, 8, now);
         assert!(!fits.status.conditions.iter().any(|c| c.type_ == ct::VALID));
     }
@@ -1407,9 +1428,7 @@ mod tests {
         j.metadata.name = Some("j".into());
         j.metadata.creation_timestamp = Some(Time(at(0)));
         j.spec.scheduling.schedule_timeout_seconds = Some(60);
-        let d = decide(&j, 4, &[], at(1), &mut || {
-            wait(reasons::INSUFFICIENT_CAPACITY, 2)
-        });
+        let d = decide(&j, 4, &[], at(1)).answer_with(|| wait(reasons::INSUFFICIENT_CAPACITY, 2));
         j.status = Some(d.status.clone());
         assert_eq!(d.status.phase, Some(Phase::Queued));
         assert!(
@@ -1432,9 +1451,7 @@ mod tests {
         assert_eq!(d.requeue_after, Some(QUEUE_REFRESH));
 
         // Past scheduleTimeoutSeconds: a Warning once, and it keeps waiting.
-        let d = decide(&j, 4, &[], at(70), &mut || {
-            wait(reasons::INSUFFICIENT_CAPACITY, 1)
-        });
+        let d = decide(&j, 4, &[], at(70)).answer_with(|| wait(reasons::INSUFFICIENT_CAPACITY, 1));
         j.status = Some(d.status.clone());
         let c = admitted(&d);
         assert_eq!(c.reason, reasons::ADMISSION_TIMEOUT);
@@ -1448,9 +1465,8 @@ mod tests {
                 .iter()
                 .any(|e| e.warning && e.reason == reasons::ADMISSION_TIMEOUT)
         );
-        let again = decide(&j, 4, &[], at(80), &mut || {
-            wait(reasons::INSUFFICIENT_CAPACITY, 1)
-        });
+        let again =
+            decide(&j, 4, &[], at(80)).answer_with(|| wait(reasons::INSUFFICIENT_CAPACITY, 1));
         assert!(
             !again
                 .events
@@ -1460,7 +1476,7 @@ mod tests {
 
         // Admitted: the plan is recorded before any pod, pods are created gated on their nodes.
         let plan: Vec<String> = ["a", "a", "b", "b"].map(String::from).to_vec();
-        let d = decide(&j, 4, &[], at(100), &mut || Outcome::Admitted(plan.clone()));
+        let d = decide(&j, 4, &[], at(100)).answer_with(|| Outcome::Admitted(plan.clone()));
         j.status = Some(d.status.clone());
         let a = d.status.admission.clone().unwrap();
         assert_eq!((a.attempt, a.nodes.clone()), (Some(0), plan.clone()));
@@ -1484,9 +1500,7 @@ mod tests {
                 ..pod(r, 0, Pending)
             })
             .collect();
-        let d = decide(&j, 4, &made, at(101), &mut || {
-            panic!("admission asked twice")
-        });
+        let d = decide(&j, 4, &made, at(101)).answer_with(|| panic!("admission asked twice"));
         j.status = Some(d.status.clone());
         assert!(d.actions.contains(&Action::CreatePods {
             attempt: 0,
@@ -1513,9 +1527,7 @@ mod tests {
             node: None,
             ..pod(r, 0, Pending)
         }));
-        let d = decide(&j, 4, &made, at(102), &mut || {
-            panic!("admission asked twice")
-        });
+        let d = decide(&j, 4, &made, at(102)).answer_with(|| panic!("admission asked twice"));
         assert_eq!(
             d.actions,
             vec![Action::Ungate((0..4).map(|r| format!("j-{r}")).collect())]
@@ -1533,7 +1545,7 @@ mod tests {
         let d = step(&mut j, &pods, at(3));
         assert_eq!(d.status.attempt, 1);
         // The old pods are gone and the backoff has passed: attempt 1 asks admission again.
-        let d = decide(&j, 4, &[], at(60), &mut || {
+        let d = decide(&j, 4, &[], at(60)).answer_with(|| {
             asked += 1;
             wait(reasons::QUEUED_BEHIND, 1)
         });

@@ -1,21 +1,26 @@
 //! The Lockstep operator: the single controller of every ParallelJob.
 //!
-//! - [`resources`]: pure builders of the owned objects (Service, ConfigMap, worker pods).
-//! - [`observe`]: worker pods reduced to per-rank facts.
+//! - [`controller`]: watches and wiring; reconcile = read, decide, apply (server-side apply),
+//!   report status.
 //! - [`decide`]: the pure phase machine and failure policy.
+//! - [`observe`]: worker pods reduced to per-rank facts, and ranks on lost nodes.
+//! - [`job`]: what the operator reads of a ParallelJob in more than one place.
+//! - [`pods`]: the pod cache: every gang's pods from one watch, with expectations of the
+//!   operator's own writes.
 //! - [`gang`]: gang admission (capacity snapshot, queue, placement) for the Builtin policy.
-//! - [`gangs`]: every gang's pods from one watch, with expectations of the operator's own writes.
-//! - [`controller`]: reconcile = read, decide, apply (server-side apply), report status.
+//! - [`resources`]: pure builders of the owned objects (Service, ConfigMap, worker pods).
 //! - [`metrics`]: Prometheus metrics and the health endpoints.
 //! - [`leader`]: leader election on a Lease, so one of several replicas acts.
+//! - [`ratelimit`]: the client's limit on requests per second to the API server.
 
 pub mod controller;
 pub mod decide;
 pub mod gang;
-pub mod gangs;
+pub mod job;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod pods;
 pub mod ratelimit;
 pub mod resources;
 

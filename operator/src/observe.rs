@@ -1,10 +1,17 @@
 //! What the operator sees of a gang: each worker pod reduced to the facts reconcile decides on
-//! (rank, attempt, phase, readiness, node, and why it failed).
+//! (rank, attempt, phase, readiness, node, and why it failed), and ranks on lost nodes.
+//!
+//! A failure's [`FailureReason`] is typed from here to the failure policy. Only
+//! `status.lastFailure` holds it as text (its `reason` is the failure's `detail`), and
+//! [`Failure::from_record`] reads that back for a later pass.
+
+use std::collections::{BTreeSet, HashSet};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use lockstep_api::contract::{ExitCode, annotations, labels, operator};
 use lockstep_api::spec::FailureReason;
+use lockstep_api::status::RankFailure;
 
 /// The observed state of one worker pod.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,15 +56,54 @@ pub enum PodState {
 pub struct Failure {
     /// Exit code of the worker container, if it terminated.
     pub exit_code: Option<i32>,
-    /// Failure reason the failure policy matches on.
+    /// Failure reason the failure policy matches on; always [`reason_named`] by `detail`.
     pub reason: FailureReason,
-    /// A reason to show: the worker's own exit-code reason when it is one of ours, else the
-    /// Kubernetes one.
+    /// A reason to show: the name of `reason`, except for an `Error`, where it is the worker's
+    /// own exit-code reason when it is one of ours, else the Kubernetes one.
     pub detail: String,
     /// What happened, for a person.
     pub message: String,
     /// When it happened (when the container finished, if known).
     pub time: Option<Timestamp>,
+}
+
+impl Failure {
+    /// A failure without an exit code, named by its reason alone (evicted, preempted, deleted,
+    /// node lost).
+    pub fn of(reason: FailureReason, message: String) -> Failure {
+        Failure {
+            exit_code: None,
+            reason,
+            detail: format!("{reason:?}"),
+            message,
+            time: None,
+        }
+    }
+
+    /// A failure as an earlier pass recorded it in `status.lastFailure`.
+    pub fn from_record(f: &RankFailure) -> Failure {
+        Failure {
+            exit_code: f.exit_code,
+            reason: reason_named(&f.reason),
+            detail: f.reason.clone(),
+            message: f.message.clone().unwrap_or_default(),
+            time: f.time.as_ref().map(|t| t.0),
+        }
+    }
+}
+
+/// The failure reason a failure's `detail` names: every reason but `Error` has its own name as
+/// its detail; any other detail (the worker's or the kubelet's reason) is an `Error`.
+pub fn reason_named(detail: &str) -> FailureReason {
+    match detail {
+        "OOMKilled" => FailureReason::OOMKilled,
+        "Evicted" => FailureReason::Evicted,
+        "Preempted" => FailureReason::Preempted,
+        "Deleted" => FailureReason::Deleted,
+        "NodeLost" => FailureReason::NodeLost,
+        "PeerFailed" => FailureReason::PeerFailed,
+        _ => FailureReason::Error,
+    }
 }
 
 /// Reduces a pod to its [`RankPod`]; `None` for a pod that is not a worker of a gang (labels
@@ -141,13 +187,8 @@ fn failure(pod: &Pod, worker: &str) -> Failure {
         } else {
             FailureReason::Evicted
         };
-        return Failure {
-            exit_code: None,
-            reason,
-            detail: format!("{reason:?}"),
-            message: status.message.unwrap_or_else(|| format!("pod {reason:?}")),
-            time: None,
-        };
+        let message = status.message.unwrap_or_else(|| format!("pod {reason:?}"));
+        return Failure::of(reason, message);
     }
     match worker_termination(pod, worker) {
         Some(Termination {
@@ -156,38 +197,64 @@ fn failure(pod: &Pod, worker: &str) -> Failure {
             message,
             finished: time,
         }) => {
-            let ours = ExitCode::from_code(code);
-            let (kind, detail) = if reason.as_deref() == Some("OOMKilled") {
-                (FailureReason::OOMKilled, "OOMKilled".to_string())
-            } else if ours == Some(ExitCode::PeerFailed) {
-                (
-                    FailureReason::PeerFailed,
-                    ExitCode::PeerFailed.reason().to_string(),
-                )
+            // OOMKilled (the kubelet's reason) and PeerFailed (the worker's) name their
+            // FailureReason; anything else is an Error with the worker's or the kubelet's reason.
+            let detail = if reason.as_deref() == Some("OOMKilled") {
+                "OOMKilled".to_string()
             } else {
-                let detail = ours
+                ExitCode::from_code(code)
                     .map(|c| c.reason().to_string())
                     .or(reason)
-                    .unwrap_or_else(|| "Error".into());
-                (FailureReason::Error, detail)
+                    .unwrap_or_else(|| "Error".into())
             };
             Failure {
                 exit_code: Some(code),
-                reason: kind,
+                reason: reason_named(&detail),
                 detail,
                 message: message
                     .unwrap_or_else(|| format!("container {worker} exited with code {code}")),
                 time,
             }
         }
-        None => Failure {
-            exit_code: None,
-            reason: FailureReason::Error,
-            detail: status.reason.clone().unwrap_or_else(|| "Error".into()),
-            message: status.message.unwrap_or_else(|| "pod failed".into()),
-            time: None,
-        },
+        None => {
+            let detail = status.reason.clone().unwrap_or_else(|| "Error".into());
+            Failure {
+                exit_code: None,
+                reason: reason_named(&detail),
+                detail,
+                message: status.message.unwrap_or_else(|| "pod failed".into()),
+                time: None,
+            }
+        }
     }
+}
+
+/// The nodes the ranks are bound to, or planned onto by admission.
+pub fn nodes_of(observed: &[RankPod]) -> BTreeSet<&str> {
+    observed.iter().filter_map(node_of).collect()
+}
+
+fn node_of(p: &RankPod) -> Option<&str> {
+    p.node.as_deref().or(p.planned_node.as_deref())
+}
+
+/// Marks every rank whose node is `gone` and that has not finished as failed with reason
+/// NodeLost; returns the names of every pod on a gone node, finished or not.
+pub fn mark_lost_nodes(observed: &mut [RankPod], gone: &HashSet<String>) -> HashSet<String> {
+    let mut lost = HashSet::new();
+    for p in observed.iter_mut() {
+        let Some(node) = node_of(p).filter(|n| gone.contains(*n)).map(str::to_string) else {
+            continue;
+        };
+        lost.insert(p.name.clone());
+        if matches!(p.state, PodState::Pending | PodState::Running) {
+            p.state = PodState::Failed(Failure::of(
+                FailureReason::NodeLost,
+                format!("node {node} is gone"),
+            ));
+        }
+    }
+    lost
 }
 
 #[cfg(test)]
@@ -259,5 +326,70 @@ mod tests {
         assert_eq!(f.reason, FailureReason::Evicted);
         p.metadata.labels = None;
         assert!(observe(&p, WORKER).is_none());
+    }
+
+    #[test]
+    fn ranks_on_a_gone_node_are_lost_and_unfinished_ones_failed() {
+        let mut running = observe(&pod("Running", None), WORKER).unwrap();
+        running.name = "j-0".into();
+        let mut planned = running.clone();
+        planned.name = "j-1".into();
+        planned.node = None;
+        planned.planned_node = Some("node-b".into());
+        planned.state = PodState::Pending;
+        let mut done = running.clone();
+        done.name = "j-2".into();
+        done.state = PodState::Succeeded;
+        let mut elsewhere = running.clone();
+        elsewhere.name = "j-3".into();
+        elsewhere.node = Some("node-c".into());
+        let mut observed = vec![running, planned, done, elsewhere];
+        assert_eq!(
+            nodes_of(&observed),
+            BTreeSet::from(["node-a", "node-b", "node-c"])
+        );
+        let gone = HashSet::from(["node-a".to_string(), "node-b".to_string()]);
+        let lost = mark_lost_nodes(&mut observed, &gone);
+        assert_eq!(
+            lost,
+            HashSet::from(["j-0".into(), "j-1".into(), "j-2".into()])
+        );
+        for p in &observed[..2] {
+            let PodState::Failed(f) = &p.state else {
+                panic!("{p:?}")
+            };
+            assert_eq!(
+                (f.reason, f.detail.as_str()),
+                (FailureReason::NodeLost, "NodeLost")
+            );
+        }
+        assert_eq!(
+            observed[2].state,
+            PodState::Succeeded,
+            "finished stays finished"
+        );
+        assert_eq!(observed[3].state, PodState::Running);
+    }
+
+    #[test]
+    fn a_recorded_failure_reads_back_as_the_reason_it_was_observed_with() {
+        let observed = [
+            observe(&pod("Failed", Some((137, "OOMKilled"))), WORKER),
+            observe(&pod("Failed", Some((5, "Error"))), WORKER),
+            observe(&pod("Failed", Some((3, "Error"))), WORKER),
+            observe(&pod("Failed", Some((1, "Error"))), WORKER),
+        ];
+        for r in observed {
+            let PodState::Failed(f) = r.unwrap().state else {
+                panic!()
+            };
+            let record = RankFailure {
+                exit_code: f.exit_code,
+                reason: f.detail.clone(),
+                message: Some(f.message.clone()),
+                ..RankFailure::default()
+            };
+            assert_eq!(Failure::from_record(&record).reason, f.reason, "{f:?}");
+        }
     }
 }

@@ -28,6 +28,9 @@ use crate::{Error, Result};
 /// enough to finish writing a checkpoint.
 pub const DEFAULT_GRACE_SECONDS: i64 = 30;
 
+/// The extended resource `spec.parallelism.gpusPerWorker` asks for, as a limit of every worker.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
 /// Command the operator runs in the worker container of a built-in workload that sets none.
 pub const WORKER_COMMAND: &[&str] = &["lockstep-worker", "run"];
 
@@ -561,7 +564,7 @@ impl<'a> JobContext<'a> {
                 .get_or_insert_with(ResourceRequirements::default);
             res.limits
                 .get_or_insert_with(BTreeMap::new)
-                .insert("nvidia.com/gpu".into(), Quantity(gpus.to_string()));
+                .insert(GPU_RESOURCE.into(), Quantity(gpus.to_string()));
         }
         c.volume_mounts
             .get_or_insert_with(Vec::new)
@@ -827,7 +830,7 @@ mod tests {
             .limits
             .as_ref()
             .unwrap();
-        assert_eq!(limits["nvidia.com/gpu"].0, "8");
+        assert_eq!(limits[GPU_RESOURCE].0, "8");
         assert_eq!(limits["memory"].0, "1Gi", "the template's own limits stay");
         assert_eq!(
             spec.scheduling_gates.as_ref().unwrap()[0].name,
@@ -950,7 +953,7 @@ mod tests {
             ),
             (Some(2), Some(120))
         );
-        assert_eq!(spec["minResources"]["nvidia.com/gpu"], "4000m");
+        assert_eq!(spec["minResources"][GPU_RESOURCE], "4000m");
         let pod = ctx.pod(0, 0, "d", false, None).unwrap();
         assert_eq!(
             pod.metadata.labels.as_ref().unwrap()[COSCHEDULING_LABEL],

@@ -23,30 +23,16 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::{annotations, labels};
 use lockstep_api::spec::{GangPolicy, TopologyMode};
-use lockstep_api::status::{Phase, condition_types, reasons};
+use lockstep_api::status::{Phase, reasons};
 
+use super::Outcome;
 use super::demand::{Res, pod_request};
 use super::placement::Shape;
 use super::queue::{Explain, Verdict, Wait, Waiting, cycle};
 use super::snapshot::{NodeInfo, NodeRules, Snapshot};
+use crate::job;
 use crate::metrics::Metrics;
 use crate::resources::JobContext;
-
-/// What admission says to a job that asks.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    /// Admitted: the node of every rank.
-    Admitted(Vec<String>),
-    /// Waiting.
-    Waiting {
-        /// Condition reason (`InsufficientCapacity` or `QueuedBehind`).
-        reason: &'static str,
-        /// What is missing.
-        message: String,
-        /// Position in the queue (1 = next).
-        position: usize,
-    },
-}
 
 /// A job as admission needs it, parsed once per resourceVersion.
 #[derive(Clone, Debug)]
@@ -61,15 +47,11 @@ struct JobInfo {
     admitted: Option<Vec<String>>,
     priority_class: Option<String>,
     created: i64,
-    /// When the current wait for admission began (seconds since the epoch): when `Admitted`
-    /// turned False, else the job's creation.
+    /// When the current wait for admission began (seconds since the epoch, see
+    /// [`job::queued_since`]).
     queued_since: i64,
     shape: Arc<Shape>,
     rules: Arc<NodeRules>,
-}
-
-fn key_of(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
 }
 
 impl JobInfo {
@@ -86,13 +68,10 @@ impl JobInfo {
             && job.metadata.deletion_timestamp.is_none()
             && !job.spec.run_policy.suspend
             && !phase.is_some_and(Phase::is_terminal);
-        let admitted = status
-            .admission
-            .as_ref()
-            .filter(|a| a.attempt == Some(status.attempt) && a.admitted_at.is_some())
-            .map(|a| a.nodes.clone());
+        let admitted = job::admitted_nodes(&status).map(<[String]>::to_vec);
+        let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
         Some(JobInfo {
-            key: key_of(&job.namespace().unwrap_or_default(), &job.name_any()).into(),
+            key: job::key(&job.namespace().unwrap_or_default(), &job.name_any()).into(),
             namespace: job.namespace().unwrap_or_default(),
             name: job.name_any(),
             waiting: live
@@ -102,23 +81,8 @@ impl JobInfo {
             attempt: status.attempt,
             admitted,
             priority_class: job.spec.scheduling.priority_class_name.clone(),
-            created: job
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map_or(0, |t| t.0.as_second()),
-            queued_since: status
-                .conditions
-                .iter()
-                .find(|c| c.type_ == condition_types::ADMITTED && c.status == "False")
-                .map(|c| c.last_transition_time.0.as_second())
-                .or_else(|| {
-                    job.metadata
-                        .creation_timestamp
-                        .as_ref()
-                        .map(|t| t.0.as_second())
-                })
-                .unwrap_or(0),
+            created: created.map_or(0, |t| t.as_second()),
+            queued_since: job::queued_since(&status, created).map_or(0, |t| t.as_second()),
             shape: Arc::new(Shape {
                 replicas: ctx.layout.data_parallel(),
                 stages: ctx.layout.pipeline_stages(),
@@ -410,7 +374,7 @@ impl Admitter {
             let at = Arc::as_ptr(&raw) as usize;
             let info = match st.parsed.remove(&at) {
                 Some((_, info)) => info,
-                None => crate::controller::read_job(&raw)
+                None => job::read_job(&raw)
                     .ok()
                     .and_then(|j| JobInfo::of(&j, &self.controller_name))
                     .map(Arc::new),

@@ -227,7 +227,7 @@ mod tests {
     use crate::gang::demand::PODS;
     use crate::gang::snapshot::NodeInfo;
 
-    const GPU: &str = "nvidia.com/gpu";
+    use crate::resources::GPU_RESOURCE as GPU;
 
     fn res(gpus: i64) -> Res {
         Res([(GPU.to_string(), gpus * 1000), (PODS.to_string(), 110_000)].into())

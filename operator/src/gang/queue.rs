@@ -347,7 +347,7 @@ mod tests {
     use k8s_openapi::api::core::v1::Taint;
     use proptest::prelude::*;
 
-    const GPU: &str = "nvidia.com/gpu";
+    use crate::resources::GPU_RESOURCE as GPU;
 
     fn node(name: &str, gpus: i64, used: i64, rack: &str, tainted: bool) -> NodeInfo {
         NodeInfo {

@@ -1,5 +1,5 @@
-//! The operator's view of every gang, kept from one watch on the worker pods, with
-//! expectations of its own writes: reconcile reads a gang from here instead of listing it.
+//! The pod cache: every gang's worker pods, kept from one watch, with expectations of the
+//! operator's own writes to them. Reconcile reads a gang from here instead of listing it.
 //!
 //! A cache lags the API server. A lag behind other writers (the kubelet, the scheduler, a user)
 //! is what every level-triggered controller lives with: the change reaches the cache and then
@@ -7,7 +7,7 @@
 //! see the pods it just created would count the gang as short, and one that still sees pods it
 //! deleted would wait on them. So, as Kubernetes' own ReplicaSet and Job controllers do, every
 //! creation, release (ungate) and deletion is recorded as an expectation, and a gang is read only
-//! once the cache shows all of its expectations met ([`Gangs::view`] says `None` until then; the
+//! once the cache shows all of its expectations met ([`PodCache::view`] says `None` until then; the
 //! watch event that meets them triggers the next pass). An expectation that the cache has not
 //! met after [`EXPECTATION_TTL`] is dropped, so a write whose effect was undone before the cache
 //! saw it (a pod created and at once deleted by someone else) cannot stall a gang for good.
@@ -26,15 +26,11 @@ use lockstep_api::contract::{labels, operator};
 use tokio::sync::watch;
 use tracing::warn;
 
+use crate::job::key;
 use crate::observe::{RankPod, observe};
 
 /// How long an expectation may stay unmet before it is dropped.
 pub const EXPECTATION_TTL: Duration = Duration::from_secs(30);
-
-/// The key of a gang: `namespace/job`.
-pub fn key(namespace: &str, job: &str) -> String {
-    format!("{namespace}/{job}")
-}
 
 /// What the cache must show before a gang is read from it.
 #[derive(Debug, Default)]
@@ -109,14 +105,15 @@ struct State {
     expected: HashMap<String, Expected>,
 }
 
-/// Every gang's pods, as the watch last showed them, and the operator's expectations.
+/// Every gang's pods, as the watch last showed them, and the operator's expectations; gangs are
+/// keyed by their job's [`key`].
 #[derive(Debug)]
-pub struct Gangs {
+pub struct PodCache {
     state: Mutex<State>,
     ready: watch::Sender<bool>,
 }
 
-impl Default for Gangs {
+impl Default for PodCache {
     fn default() -> Self {
         Self {
             state: Mutex::default(),
@@ -132,7 +129,7 @@ fn entry(pod: &Pod) -> Option<(String, RankPod)> {
     Some((key(&pod.namespace()?, job), seen))
 }
 
-impl Gangs {
+impl PodCache {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -271,7 +268,7 @@ mod tests {
         .unwrap()
     }
 
-    fn listed(g: &Gangs, pods: &[Pod]) {
+    fn listed(g: &PodCache, pods: &[Pod]) {
         g.apply(&watcher::Event::Init);
         for p in pods {
             g.apply(&watcher::Event::InitApply(p.clone()));
@@ -285,7 +282,7 @@ mod tests {
 
     #[test]
     fn a_gang_is_read_by_job_and_namespace_sorted_by_name() {
-        let g = Gangs::default();
+        let g = PodCache::default();
         listed(
             &g,
             &[
@@ -306,7 +303,7 @@ mod tests {
 
     #[test]
     fn created_pods_must_show_before_the_gang_is_read() {
-        let g = Gangs::default();
+        let g = PodCache::default();
         listed(&g, &[]);
         g.expect(
             "ns/a",
@@ -326,7 +323,7 @@ mod tests {
 
     #[test]
     fn released_pods_must_show_without_the_gate() {
-        let g = Gangs::default();
+        let g = PodCache::default();
         listed(&g, &[pod("a", 0, true, false)]);
         g.expect("ns/a", Write::Released, ["a-0".to_string()]);
         let now = Instant::now();
@@ -338,7 +335,7 @@ mod tests {
 
     #[test]
     fn deleted_pods_must_show_terminating_or_gone() {
-        let g = Gangs::default();
+        let g = PodCache::default();
         listed(&g, &[pod("a", 0, false, false), pod("a", 1, false, false)]);
         g.expect(
             "ns/a",
@@ -356,7 +353,7 @@ mod tests {
 
     #[test]
     fn a_pod_deleted_before_the_pass_still_meets_its_creation_and_release() {
-        let g = Gangs::default();
+        let g = PodCache::default();
         listed(&g, &[]);
         g.expect("ns/a", Write::Created, ["a-0".to_string()]);
         g.expect("ns/a", Write::Released, ["a-0".to_string()]);
@@ -367,7 +364,7 @@ mod tests {
 
     #[test]
     fn the_expectations_of_a_gone_job_are_dropped() {
-        let g = Gangs::default();
+        let g = PodCache::default();
         listed(&g, &[]);
         g.expect("ns/a", Write::Created, ["a-0".to_string()]);
         g.expect("ns/b", Write::Created, ["b-0".to_string()]);
@@ -379,7 +376,7 @@ mod tests {
 
     #[test]
     fn an_expectation_unmet_past_its_ttl_is_dropped() {
-        let g = Gangs::default();
+        let g = PodCache::default();
         listed(&g, &[]);
         g.expect("ns/a", Write::Created, ["a-0".to_string()]);
         assert_eq!(g.view("ns/a", Instant::now()), None);
@@ -391,7 +388,7 @@ mod tests {
 
     #[test]
     fn a_relist_replaces_the_gangs_only_once_complete() {
-        let g = Gangs::default();
+        let g = PodCache::default();
         listed(&g, &[pod("a", 0, false, false), pod("a", 1, false, false)]);
         g.apply(&watcher::Event::Init);
         g.apply(&watcher::Event::InitApply(pod("a", 1, false, false)));
@@ -407,7 +404,7 @@ mod tests {
 
     #[tokio::test]
     async fn readiness_waits_for_the_first_complete_list() {
-        let g = std::sync::Arc::new(Gangs::default());
+        let g = std::sync::Arc::new(PodCache::default());
         let waiter = tokio::spawn({
             let g = g.clone();
             async move { g.wait_ready().await }

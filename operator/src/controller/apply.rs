@@ -1,0 +1,434 @@
+//! Carrying out a decision's writes: server-side apply under the operator's field manager for
+//! the objects it shares with others, creations and deletions of pods (recorded as expectations
+//! in the pod cache), and the EndpointSlice that publishes the ranks' addresses.
+
+use std::collections::HashSet;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::ResourceExt;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
+use kube::runtime::reflector::ObjectRef;
+use lockstep_api::ParallelJob;
+use lockstep_api::contract::operator;
+
+use super::{Context, WRITE_CONCURRENCY};
+use crate::decide::Action;
+use crate::observe::RankPod;
+use crate::pods::Write;
+use crate::resources::{HOSTNAME_LABEL, JobContext, Pin};
+use crate::{Error, Result};
+
+/// How the writes of a decision ended.
+pub(super) enum Applied {
+    /// Every write was made.
+    All,
+    /// The API server refused an object built from `spec.template` (400, 403 or 422, with its
+    /// message): retrying cannot help until the user changes the job.
+    Rejected(String),
+    /// The API of the external gang scheduler is not served (the API named).
+    GangApiMissing(String),
+}
+
+/// Makes the writes of `actions` in order, stopping at the first that fails. Pods on a node that
+/// is gone (`lost`) are deleted at once (grace period 0): no kubelet would ever confirm their
+/// end, and the next attempt would wait for them forever; that includes pods of `observed` that
+/// already terminate there.
+pub(super) async fn actions(
+    ctx: &Context,
+    job: &JobContext<'_>,
+    actions: &[Action],
+    observed: &[RankPod],
+    lost: &HashSet<String>,
+) -> Result<Applied> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), job.namespace);
+    let jobs: Api<ParallelJob> = Api::namespaced(ctx.client.clone(), job.namespace);
+    let gang = crate::job::key(job.namespace, job.name);
+    let stuck: Vec<String> = observed
+        .iter()
+        .filter(|p| p.terminating && lost.contains(&p.name))
+        .map(|p| p.name.clone())
+        .collect();
+    force_delete(ctx, &gang, &pods, stuck).await?;
+    for action in actions {
+        if let Action::DeletePods(names) = action {
+            let (dead, alive): (Vec<String>, Vec<String>) =
+                names.iter().cloned().partition(|n| lost.contains(n));
+            force_delete(ctx, &gang, &pods, dead).await?;
+            apply(ctx, job, &gang, &pods, &jobs, &Action::DeletePods(alive)).await?;
+            continue;
+        }
+        match apply(ctx, job, &gang, &pods, &jobs, action).await {
+            Ok(()) => {}
+            Err(Error::Kube(kube::Error::Api(e))) if matches!(e.code, 400 | 403 | 422) => {
+                return Ok(Applied::Rejected(e.message));
+            }
+            Err(Error::GangApiMissing(what)) => return Ok(Applied::GangApiMissing(what)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Applied::All)
+}
+
+/// Makes the writes of one action; `gang` is the key of the job's gang in the pod cache.
+async fn apply(
+    ctx: &Context,
+    job: &JobContext<'_>,
+    gang: &str,
+    pods: &Api<Pod>,
+    jobs: &Api<ParallelJob>,
+    action: &Action,
+) -> Result<()> {
+    let ssa = PatchParams::apply(operator::FIELD_MANAGER).force();
+    match action {
+        Action::EnsureSharedObjects => {
+            // Independent writes, made at once: a reconcile waits for one round trip, not seven.
+            let c = &ctx.client;
+            let ns = job.namespace;
+            let service = async {
+                Api::<Service>::namespaced(c.clone(), ns)
+                    .patch(
+                        &job.service_name(),
+                        &ssa,
+                        &Patch::Apply(&typed(job.service()?, "v1", "Service")),
+                    )
+                    .await?;
+                Ok::<_, Error>(())
+            };
+            let maps: Api<ConfigMap> = Api::namespaced(c.clone(), ns);
+            let config = async {
+                let (cm, _) = job.config_map()?;
+                maps.patch(
+                    &job.config_map_name(),
+                    &ssa,
+                    &Patch::Apply(&typed(cm, "v1", "ConfigMap")),
+                )
+                .await?;
+                Ok(())
+            };
+            let account = async {
+                if let Some(sa) = job.service_account()? {
+                    let name = sa.metadata.name.clone().unwrap_or_default();
+                    Api::<ServiceAccount>::namespaced(c.clone(), ns)
+                        .patch(
+                            &name,
+                            &ssa,
+                            &Patch::Apply(&typed(sa, "v1", "ServiceAccount")),
+                        )
+                        .await?;
+                }
+                Ok(())
+            };
+            // The Role first: binding a Role that does not exist yet needs the `bind` verb,
+            // which the operator does not hold.
+            let rbac = async {
+                let rbac = "rbac.authorization.k8s.io/v1";
+                let role = job.progress_role()?;
+                let name = role.metadata.name.clone().unwrap_or_default();
+                Api::<Role>::namespaced(c.clone(), ns)
+                    .patch(&name, &ssa, &Patch::Apply(&typed(role, rbac, "Role")))
+                    .await?;
+                let binding = job.progress_role_binding()?;
+                Api::<RoleBinding>::namespaced(c.clone(), ns)
+                    .patch(
+                        &name,
+                        &ssa,
+                        &Patch::Apply(&typed(binding, rbac, "RoleBinding")),
+                    )
+                    .await?;
+                Ok(())
+            };
+            // Created once and never re-applied: the token must not change under running ranks,
+            // and the progress belongs to the worker once it exists.
+            let create = PostParams {
+                field_manager: Some(operator::FIELD_MANAGER.into()),
+                ..PostParams::default()
+            };
+            let token = async {
+                let token = format!("{:032x}", rand::random::<u128>());
+                let secrets: Api<Secret> = Api::namespaced(c.clone(), ns);
+                ignore_conflict(secrets.create(&create, &job.token_secret(&token)?).await)
+            };
+            let progress =
+                async { ignore_conflict(maps.create(&create, &job.progress_config_map()?).await) };
+            futures::try_join!(service, config, account, rbac, token, progress)?;
+        }
+        Action::CreatePods {
+            attempt,
+            ranks,
+            nodes,
+        } => {
+            let digest = job.config_digest()?;
+            let built: Vec<Pod> = ranks
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let planned = nodes.as_ref().and_then(|n| n.get(i));
+                    let node = planned.and_then(|n| ctx.nodes.get(&ObjectRef::new(n)));
+                    let hostname = node
+                        .as_ref()
+                        .and_then(|n| n.labels().get(HOSTNAME_LABEL).cloned());
+                    let pin = planned.map(|n| (n.as_str(), hostname));
+                    let pin = pin.as_ref().map(|(node, hostname)| Pin {
+                        node,
+                        hostname: hostname.as_deref(),
+                    });
+                    job.pod(*r, *attempt, &digest, pin.is_some(), pin.as_ref())
+                })
+                .collect::<Result<_>>()?;
+            let params = PostParams {
+                field_manager: Some(operator::FIELD_MANAGER.into()),
+                ..PostParams::default()
+            };
+            // 409: created by an earlier pass whose status write we have not seen yet.
+            bounded(built, 409, |pod| {
+                let params = &params;
+                async move {
+                    let name = pod.name_any();
+                    match pods.create(params, &pod).await {
+                        Ok(_) => {}
+                        Err(kube::Error::Api(e)) if e.code == 409 => {}
+                        Err(e) => return Err(e),
+                    }
+                    ctx.pods.expect(gang, Write::Created, [name]);
+                    Ok(())
+                }
+            })
+            .await?;
+        }
+        Action::Ungate(names) => {
+            // Only the Lockstep gate goes; gates of other controllers stay.
+            let patch = serde_json::json!({"spec": {"schedulingGates": [
+                {"$patch": "delete", "name": operator::SCHEDULING_GATE}
+            ]}});
+            bounded(names.iter().cloned(), 404, |name| {
+                let patch = &patch;
+                async move {
+                    pods.patch(&name, &PatchParams::default(), &Patch::Strategic(patch))
+                        .await
+                        .map(drop)?;
+                    ctx.pods.expect(gang, Write::Released, [name]);
+                    Ok(())
+                }
+            })
+            .await?;
+        }
+        Action::EnsureGangObjects => {
+            for object in job.gang_objects()? {
+                let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
+                let ar = ApiResource::from_gvk_with_plural(&gvk, &object.plural);
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(ctx.client.clone(), job.namespace, &ar);
+                let body: DynamicObject = serde_json::from_value(object.body)?;
+                match api.patch(job.name, &ssa, &Patch::Apply(&body)).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {
+                        return Err(Error::GangApiMissing(format!(
+                            "{}/{} {}",
+                            object.group, object.version, object.kind
+                        )));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Action::DeletePods(names) => {
+            bounded(names.iter().cloned(), 404, |name| async move {
+                pods.delete(&name, &DeleteParams::background())
+                    .await
+                    .map(drop)?;
+                ctx.pods.expect(gang, Write::Deleted, [name]);
+                Ok(())
+            })
+            .await?;
+        }
+        Action::DeleteJob => match jobs.delete(job.name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        },
+    }
+    Ok(())
+}
+
+/// Deletes pods at once (grace period 0), expecting their deletion in the pod cache.
+async fn force_delete(
+    ctx: &Context,
+    gang: &str,
+    pods: &Api<Pod>,
+    names: Vec<String>,
+) -> Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    bounded(names, 404, |name| async move {
+        pods.delete(&name, &DeleteParams::default().grace_period(0))
+            .await
+            .map(drop)?;
+        ctx.pods.expect(gang, Write::Deleted, [name]);
+        Ok(())
+    })
+    .await
+}
+
+/// What the job's EndpointSlice should now hold, when that differs from what was `published`:
+/// the addresses of the attempt's ranks (rank, pod IP), sorted by rank, once every one of the
+/// `world` ranks has one (the gang starts whole, so one write an attempt does); no addresses
+/// while the attempt is incomplete and the slice still holds an earlier attempt's, so that no
+/// name resolves to a pod that is gone. `None`: leave the slice as it is.
+pub fn addresses_to_publish(
+    observed: &[RankPod],
+    attempt: i32,
+    world: u32,
+    published: &[(u32, String)],
+) -> Option<Vec<(u32, String)>> {
+    let mut ranks: Vec<(u32, String)> = observed
+        .iter()
+        .filter(|p| p.attempt == attempt && !p.terminating)
+        .filter_map(|p| Some((p.rank, p.ip.clone()?)))
+        .collect();
+    ranks.sort();
+    ranks.dedup_by_key(|r| r.0);
+    let want = if ranks.len() == usize::try_from(world).ok()? {
+        ranks
+    } else if published.is_empty() {
+        return None;
+    } else {
+        Vec::new()
+    };
+    (want != published).then_some(want)
+}
+
+/// Writes the job's EndpointSlice (server-side apply) when [`addresses_to_publish`] says so.
+pub(super) async fn publish_addresses(
+    ctx: &Context,
+    job: &JobContext<'_>,
+    observed: &[RankPod],
+    attempt: i32,
+) -> Result<()> {
+    let key = crate::job::key(job.namespace, job.name);
+    let want = addresses_to_publish(
+        observed,
+        attempt,
+        job.layout.world_size(),
+        ctx.kept().get(&key).map_or(&[][..], |k| &k.published),
+    );
+    let Some(want) = want else {
+        return Ok(());
+    };
+    let slice = job.endpoint_slice(&want)?;
+    Api::<EndpointSlice>::namespaced(ctx.client.clone(), job.namespace)
+        .patch(
+            &job.endpoint_slice_name(),
+            &PatchParams::apply(operator::FIELD_MANAGER).force(),
+            &Patch::Apply(&typed(slice, "discovery.k8s.io/v1", "EndpointSlice")),
+        )
+        .await?;
+    ctx.kept().entry(key).or_default().published = want;
+    Ok(())
+}
+
+/// A create that found the object already there is a success.
+fn ignore_conflict<T>(r: Result<T, kube::Error>) -> Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs `write` on every item with at most [`WRITE_CONCURRENCY`] in flight, treating the API
+/// status `ok_code` (already exists, already gone) as success: never one by one, never unbounded.
+async fn bounded<I, F, Fut>(items: I, ok_code: u16, write: F) -> Result<()>
+where
+    I: IntoIterator,
+    F: Fn(I::Item) -> Fut,
+    Fut: std::future::Future<Output = Result<(), kube::Error>>,
+{
+    futures::stream::iter(items)
+        .map(|item| {
+            let fut = write(item);
+            async move {
+                match fut.await {
+                    Ok(()) => Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == ok_code => Ok(()),
+                    Err(e) => Err(Error::Kube(e)),
+                }
+            }
+        })
+        .buffer_unordered(WRITE_CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await
+        .map(drop)
+}
+
+/// An object with apiVersion and kind set, as server-side apply requires.
+fn typed<T: serde::Serialize>(obj: T, api_version: &str, kind: &str) -> serde_json::Value {
+    let mut v = serde_json::to_value(obj).unwrap_or_default();
+    v["apiVersion"] = api_version.into();
+    v["kind"] = kind.into();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::addresses_to_publish;
+    use crate::observe::{PodState, RankPod};
+
+    fn rank(rank: u32, attempt: i32, ip: Option<&str>) -> RankPod {
+        RankPod {
+            name: format!("j-{rank}"),
+            rank,
+            attempt,
+            state: PodState::Running,
+            ready: false,
+            node: Some("n".into()),
+            terminating: false,
+            gated: false,
+            planned_node: None,
+            ip: ip.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn addresses_are_published_once_an_attempt_is_whole_and_withdrawn_when_it_goes() {
+        let addr = |r: u32, ip: &str| (r, ip.to_string());
+        // Rank 1 has no address yet: nothing is written.
+        let partial = [rank(1, 0, None), rank(0, 0, Some("10.0.0.1"))];
+        assert_eq!(addresses_to_publish(&partial, 0, 2, &[]), None);
+        // Whole: both, sorted by rank.
+        let whole = [rank(1, 0, Some("10.0.0.2")), rank(0, 0, Some("10.0.0.1"))];
+        let first = vec![addr(0, "10.0.0.1"), addr(1, "10.0.0.2")];
+        assert_eq!(addresses_to_publish(&whole, 0, 2, &[]), Some(first.clone()));
+        // Written already: nothing to do.
+        assert_eq!(addresses_to_publish(&whole, 0, 2, &first), None);
+        // A restart: the old attempt's pods terminate, the new ones have no address yet. The
+        // old addresses are withdrawn once, so no name resolves to a pod that is gone.
+        let mut restarting = vec![rank(0, 1, None), rank(1, 1, None)];
+        restarting.extend(whole.iter().cloned().map(|mut p| {
+            p.terminating = true;
+            p
+        }));
+        assert_eq!(
+            addresses_to_publish(&restarting, 1, 2, &first),
+            Some(vec![])
+        );
+        assert_eq!(addresses_to_publish(&restarting, 1, 2, &[]), None);
+        // The new attempt is whole: its addresses replace them.
+        let next = [rank(0, 1, Some("10.0.0.5")), rank(1, 1, Some("10.0.0.6"))];
+        assert_eq!(
+            addresses_to_publish(&next, 1, 2, &[]),
+            Some(vec![addr(0, "10.0.0.5"), addr(1, "10.0.0.6")])
+        );
+        // A rank that got a new address (its pod was replaced) is written again.
+        let moved = [rank(0, 1, Some("10.0.0.5")), rank(1, 1, Some("10.0.0.8"))];
+        assert_eq!(
+            addresses_to_publish(&moved, 1, 2, &[addr(0, "10.0.0.5"), addr(1, "10.0.0.6")]),
+            Some(vec![addr(0, "10.0.0.5"), addr(1, "10.0.0.8")])
+        );
+    }
+}

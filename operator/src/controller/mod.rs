@@ -1,0 +1,211 @@
+//! The controller: the watches, caches and admission queue wired into kube's [`Controller`],
+//! which runs [`reconcile`] for every ParallelJob.
+//!
+//! - [`watch`]: the watch streams, what triggers a pass, and the batching of pod changes.
+//! - [`reconcile`]: one pass, as a named pipeline: read -> decide -> report -> apply.
+//! - [`apply`]: carrying out the decided writes (server-side apply, creations, deletions).
+//! - [`status`]: the one path of every status write and Event, with the counts-only throttle.
+
+mod apply;
+mod reconcile;
+mod status;
+mod watch;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::Controller;
+use kube::runtime::controller::Config as ControllerConfig;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use lockstep_api::ParallelJob;
+use lockstep_api::contract::operator;
+use tracing::warn;
+
+use crate::gang::admitter::Admitter;
+use crate::metrics::Metrics;
+use crate::pods::PodCache;
+
+/// Writes made concurrently at most (pod creations and deletions of one job).
+pub const WRITE_CONCURRENCY: usize = 32;
+
+/// What reconcile needs, injected once.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// The cluster's nodes: to tell when a rank's node is gone, and whether any node offers the
+    /// GPUs a worker asks for.
+    pub nodes: Store<Node>,
+    /// The progress ConfigMaps rank 0 writes (see `lockstep_worker::progress`).
+    pub progress: Store<ConfigMap>,
+    /// The `managedBy` value this operator answers to.
+    pub controller_name: String,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Gang admission (the Builtin policy).
+    pub admitter: Arc<Admitter>,
+    /// Every gang's pods, and the writes to them the cache must show before they are read.
+    pub pods: Arc<PodCache>,
+    /// What this process keeps of each job between passes (by [`crate::job::key`]); it goes
+    /// with the job.
+    pub kept: Mutex<HashMap<String, Kept>>,
+}
+
+impl Context {
+    fn kept(&self) -> MutexGuard<'_, HashMap<String, Kept>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets, once a minute, what is kept of jobs that are gone (the last status written,
+    /// the pod cache's expectations).
+    async fn forget_gone_jobs(self: Arc<Self>, jobs: Store<DynamicObject>) {
+        if jobs.wait_until_ready().await.is_err() {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let live: HashSet<String> = jobs
+                .state()
+                .iter()
+                .filter_map(|j| Some(crate::job::key(&j.namespace()?, &j.name_any())))
+                .collect();
+            self.kept().retain(|k, _| live.contains(k));
+            self.pods.retain(|k| live.contains(k));
+        }
+    }
+}
+
+/// What this process keeps of one job between passes.
+#[derive(Debug, Default)]
+pub struct Kept {
+    /// The API server's answer to the last status this process wrote, and when: reconcile
+    /// decides from it while the watch has not yet delivered that version, and a change of the
+    /// worker counts alone waits out [`status::COUNTS_PERIOD`] after it.
+    pub status: Option<(Arc<DynamicObject>, Instant)>,
+    /// The rank addresses last written into the job's EndpointSlice.
+    pub published: Vec<(u32, String)>,
+}
+
+/// Operator settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Jobs reconciled at once.
+    pub concurrency: u16,
+    /// Name reported on Events.
+    pub instance: String,
+    /// The `spec.runPolicy.managedBy` value of the jobs this operator reconciles; jobs with any
+    /// other value are left alone.
+    pub controller_name: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            concurrency: 32,
+            instance: "lockstep-operator".into(),
+            controller_name: operator::CONTROLLER_NAME.into(),
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    // Jobs are watched untyped: one object this version cannot read (written against a newer
+    // CRD, say) must not break the list and watch of all the others. Each is read typed in its
+    // own reconcile, where a failure concerns that job alone (see `crate::job::read_job`).
+    let ar = ApiResource::erase::<ParallelJob>(&());
+    let controller = Controller::new_with(
+        kube::Api::<DynamicObject>::all_with(client.clone(), &ar),
+        watcher::Config::default().any_semantic(),
+        ar.clone(),
+    );
+    // The caches' watches and the loops belong to this run: they stop when it returns or is
+    // dropped (aborted), and never outlive it.
+    let mut tasks = Tasks::default();
+    // Capacity changed (a node came or went, a pod finished or was deleted): the admission queue
+    // runs again, a moment later, so that a burst of changes costs one cycle.
+    let capacity = Arc::new(tokio::sync::Notify::new());
+    let (nodes, node_deletions) = watch::nodes(&client, capacity.clone());
+    let (all_pods, all_pods_watch) = watch::all_pods(&client, capacity.clone());
+    tasks.spawn(all_pods_watch);
+    let (classes, classes_watch) = watch::priority_classes(&client);
+    tasks.spawn(classes_watch);
+    let (progress, progress_reports) = watch::progress_reports(&client);
+    let pods = Arc::new(PodCache::default());
+    let (pod_changes, pod_triggers) = watch::worker_pods(&client, pods.clone(), ar);
+    tasks.spawn(pod_changes);
+    let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
+    let admitter = Arc::new(Admitter::new(
+        nodes.clone(),
+        all_pods,
+        controller.store(),
+        classes,
+        settings.controller_name.clone(),
+        wake_tx,
+        metrics.clone(),
+    ));
+    tasks.spawn(watch::admission_queue(capacity, admitter.clone()));
+    let reporter = Reporter {
+        controller: operator::FIELD_MANAGER.into(),
+        instance: Some(settings.instance.clone()),
+    };
+    let ctx = Arc::new(Context {
+        progress,
+        nodes,
+        recorder: Recorder::new(client.clone(), reporter),
+        controller_name: settings.controller_name.clone(),
+        kept: Mutex::new(HashMap::new()),
+        client,
+        metrics: metrics.clone(),
+        admitter,
+        pods,
+    });
+    tasks.spawn(ctx.clone().forget_gone_jobs(controller.store()));
+    metrics.set_ready(true);
+    controller
+        .reconcile_on(pod_triggers)
+        .reconcile_on(wake_rx)
+        .owns_stream(progress_reports)
+        .reconcile_all_on(node_deletions)
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::timed_reconcile, reconcile::error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+/// Tasks that are aborted when this is dropped.
+#[derive(Default)]
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Tasks {
+    fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.0.push(tokio::spawn(task));
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! One reconcile pass of one job, as a named pipeline: read (the job as of this operator's last
+//! status write at least; its gang from the pod cache once that shows this operator's own
+//! writes, see [`crate::pods`]; the nodes that are gone) -> decide (pure, [`crate::decide`],
+//! with gang admission's answer when the pass needs it) -> report the status and Events
+//! ([`super::status`]) -> apply the writes ([`super::apply`]).
+//!
+//! The status is written before any pod is deleted or created: a crash between two writes then
+//! leaves a state the next pass completes (stale pods of an older attempt are deleted, missing
+//! ranks created), and the recorded first failure is never lost.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::reflector::{ObjectRef, Store};
+use lockstep_api::ParallelJob;
+use lockstep_api::contract::{names, operator};
+use lockstep_api::status::{Progress, condition_types, reasons};
+use tracing::{info, warn};
+
+use super::apply::{self, Applied};
+use super::{Context, status};
+use crate::decide::{Decided, Decision, check_capacity, decide, set_gang_api_missing, set_invalid};
+use crate::job;
+use crate::metrics::Metrics;
+use crate::observe::{self, RankPod};
+use crate::resources::{GPU_RESOURCE, JobContext};
+use crate::{Error, Result};
+
+/// Counts a failed pass by its error's category and looks again in 5 seconds.
+pub(super) fn error_policy(job: Arc<DynamicObject>, err: &Error, ctx: Arc<Context>) -> Requeue {
+    ctx.metrics
+        .errors
+        .with_label_values(&[err.category()])
+        .inc();
+    warn!(job = %job.name_any(), category = err.category(), error = %err, "reconcile error");
+    Requeue::requeue(Duration::from_secs(5))
+}
+
+/// [`reconcile`], counted and timed.
+pub(super) async fn timed_reconcile(job: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Requeue> {
+    let timer = ctx.metrics.duration.start_timer();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile(job, ctx).await;
+    timer.observe_duration();
+    result
+}
+
+/// One reconcile pass of one job.
+pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Requeue> {
+    let ns = cached
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ar = ApiResource::erase::<ParallelJob>(&());
+    let jobs: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
+    let key = job::key(&ns, &cached.name_any());
+
+    // Read.
+    let Some(job) = read_job(&ctx, &jobs, &cached, &key).await? else {
+        return Ok(Requeue::await_change());
+    };
+    let job_ctx = JobContext::new(&job)?;
+    // The gang comes from the pod cache, once it shows every write this operator made to it (see
+    // `crate::pods`); the event that shows the last of them starts the next pass.
+    ctx.pods.wait_ready().await;
+    let Some(mut observed) = ctx.pods.view(&key, Instant::now()) else {
+        return Ok(Requeue::requeue(Duration::from_secs(2)));
+    };
+    let gone = gone_nodes(&ctx, &observed).await?;
+    let lost = observe::mark_lost_nodes(&mut observed, &gone);
+
+    // Decide.
+    let mut decision = decide_pass(&ctx, &job, &job_ctx, &observed).await;
+
+    // Report.
+    let wait = status::report(
+        &ctx,
+        &jobs,
+        &job,
+        &decision.status,
+        status::events_of(&decision.events),
+    )
+    .await?;
+    if let Some(wait) = wait {
+        decision.requeue_after = Some(decision.requeue_after.map_or(wait, |r| r.min(wait)));
+    }
+    ctx.metrics.set_phase(&key, decision.status.phase);
+    record_metrics(&ctx.metrics, &job, &decision);
+
+    // Apply.
+    match apply::actions(&ctx, &job_ctx, &decision.actions, &observed, &lost).await? {
+        Applied::All => {}
+        Applied::Rejected(refusal) => {
+            let message =
+                format!("the API server refused an object built from spec.template: {refusal}");
+            let mut status = decision.status;
+            let generation = job.metadata.generation;
+            let reason = reasons::TEMPLATE_REJECTED;
+            if set_invalid(
+                &mut status.conditions,
+                reason,
+                &message,
+                generation,
+                Timestamp::now(),
+            ) {
+                warn!(job = %job.name_any(), message, "template rejected");
+                let event = status::event(true, reason, "CreatePods", &message);
+                status::report(&ctx, &jobs, &job, &status, vec![event]).await?;
+            }
+            return Ok(Requeue::await_change());
+        }
+        Applied::GangApiMissing(what) => {
+            let message = format!(
+                "spec.scheduling.gangPolicy is {:?}, which needs {what}, and this cluster does \
+                 not serve it: install that gang scheduler (or enable the API), or use \
+                 gangPolicy: Builtin",
+                job.spec.scheduling.gang_policy
+            );
+            let mut status = decision.status;
+            if set_gang_api_missing(
+                &mut status,
+                &message,
+                job.metadata.generation,
+                Timestamp::now(),
+            ) {
+                let reason = reasons::GANG_API_MISSING;
+                let event = status::event(true, reason, "EnsureGangObjects", &message);
+                status::report(&ctx, &jobs, &job, &status, vec![event]).await?;
+            }
+            return Ok(Requeue::requeue(Duration::from_secs(60)));
+        }
+    }
+    apply::publish_addresses(&ctx, &job_ctx, &observed, decision.status.attempt).await?;
+    info!(job = job_ctx.name, namespace = %ns, phase = ?decision.status.phase, attempt = decision.status.attempt, actions = decision.actions.len(), "reconciled");
+    Ok(decision.requeue_after.map_or_else(
+        || Requeue::requeue(Duration::from_secs(300)),
+        Requeue::requeue,
+    ))
+}
+
+/// Reads the job to decide on: one that holds this process's own last status write, that is the
+/// cached one when the watch has delivered that write (or something newer), else the answer to
+/// that write; a fresh read when this process has written no status for the job yet. `None`
+/// when there is nothing to do: the job is gone (what is kept of it is forgotten), is another
+/// controller's, is being deleted, or cannot be read (that is reported on the job).
+async fn read_job(
+    ctx: &Context,
+    jobs: &Api<DynamicObject>,
+    cached: &DynamicObject,
+    key: &str,
+) -> Result<Option<ParallelJob>> {
+    let last = ctx
+        .kept()
+        .get(key)
+        .and_then(|k| k.status.as_ref().map(|(w, _)| w.clone()));
+    let newest = last
+        .filter(|w| w.metadata.uid == cached.metadata.uid)
+        .and_then(|w| {
+            match compare_resource_versions(
+                cached.metadata.resource_version.as_deref()?,
+                w.metadata.resource_version.as_deref()?,
+            )? {
+                std::cmp::Ordering::Less => Some((*w).clone()),
+                _ => Some(cached.clone()),
+            }
+        });
+    let raw = match newest {
+        Some(raw) => raw,
+        None => {
+            let Some(raw) = jobs.get_opt(&cached.name_any()).await? else {
+                ctx.metrics.set_phase(key, None);
+                ctx.pods.forget(key);
+                ctx.kept().remove(key);
+                return Ok(None);
+            };
+            raw
+        }
+    };
+    let managed_by = raw.data["spec"]["runPolicy"]["managedBy"]
+        .as_str()
+        .unwrap_or(operator::CONTROLLER_NAME);
+    if managed_by != ctx.controller_name || raw.metadata.deletion_timestamp.is_some() {
+        return Ok(None);
+    }
+    match job::read_job(&raw) {
+        Ok(job) => Ok(Some(job)),
+        Err(problem) => {
+            status::report_unreadable(ctx, &raw, &problem);
+            Ok(None)
+        }
+    }
+}
+
+/// Orders two resourceVersions of objects of one resource: since Kubernetes 1.35 they are
+/// decimal integers without leading zeros, comparable by length and then digit by digit
+/// (KEP-5504). `None` when either is not of that form (then only equality means anything).
+pub fn compare_resource_versions(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    let well_formed = |v: &str| {
+        !v.is_empty()
+            && v.bytes().all(|c| c.is_ascii_digit())
+            && !(v.len() > 1 && v.starts_with('0'))
+    };
+    (well_formed(a) && well_formed(b)).then(|| a.len().cmp(&b.len()).then_with(|| a.cmp(b)))
+}
+
+/// The nodes the ranks of `observed` are on (or planned onto) that are gone. The node cache is
+/// trusted when it knows a node; a node it does not know is confirmed with a GET, so a cache
+/// that lags behind a new node raises no false alarm.
+async fn gone_nodes(ctx: &Context, observed: &[RankPod]) -> Result<HashSet<String>> {
+    ctx.nodes
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::MissingField("node cache"))?;
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let mut gone = HashSet::new();
+    for node in observe::nodes_of(observed) {
+        if ctx.nodes.get(&ObjectRef::new(node)).is_none() && nodes.get_opt(node).await?.is_none() {
+            gone.insert(node.to_string());
+        }
+    }
+    Ok(gone)
+}
+
+/// Decides the pass, asking gang admission when the pass needs it, and adds what reconcile
+/// reads besides the pods: rank 0's progress, and whether any node offers the GPUs a worker
+/// asks for.
+async fn decide_pass(
+    ctx: &Context,
+    job: &ParallelJob,
+    job_ctx: &JobContext<'_>,
+    observed: &[RankPod],
+) -> Decision {
+    let decided = decide(job, job_ctx.layout.world_size(), observed, Timestamp::now());
+    if let Decided::AwaitsAdmission(_) = &decided {
+        // Admission counts what the caches hold: a job that asks it waits until they are
+        // complete. Other jobs (admitted, finished, external policies) do not wait for them.
+        ctx.admitter.wait_ready().await;
+    }
+    let mut decision = decided.answer_with(|| ctx.admitter.request(job));
+    decision.status.progress = progress(ctx, job);
+    if job.spec.parallelism.gpus_per_worker > 0 {
+        check_capacity(
+            &mut decision,
+            job,
+            largest_gpu_node(&ctx.nodes),
+            Timestamp::now(),
+        );
+    }
+    decision
+}
+
+/// The progress to show: rank 0's last report in the progress ConfigMap (from the cache), else
+/// what the status already holds (a malformed report counts as none).
+fn progress(ctx: &Context, job: &ParallelJob) -> Option<Progress> {
+    let ns = job.namespace().unwrap_or_default();
+    let key = ObjectRef::new(&names::progress_config_map(&job.name_any())).within(&ns);
+    let written = ctx.progress.get(&key).and_then(|cm| {
+        cm.data
+            .as_ref()?
+            .get(names::PROGRESS_KEY)
+            .and_then(|t| Progress::from_json(t))
+    });
+    written.or_else(|| job.status.as_ref().and_then(|s| s.progress.clone()))
+}
+
+/// The most GPUs any schedulable node offers.
+fn largest_gpu_node(nodes: &Store<Node>) -> i64 {
+    nodes
+        .state()
+        .iter()
+        .filter(|n| {
+            !n.spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false)
+        })
+        .filter_map(|n| {
+            n.status
+                .as_ref()?
+                .allocatable
+                .as_ref()?
+                .get(GPU_RESOURCE)?
+                .0
+                .parse::<i64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Counts restarts and observes queue waits and time-to-all-running from a decision's
+/// transitions.
+fn record_metrics(metrics: &Metrics, job: &ParallelJob, decision: &Decision) {
+    for note in &decision.events {
+        if note.reason == reasons::GANG_RESTARTING {
+            let reason = decision
+                .status
+                .last_failure
+                .as_ref()
+                .map_or("Unknown", |f| f.reason.as_str());
+            metrics.restarts.with_label_values(&[reason]).inc();
+        }
+        if note.reason == reasons::GANG_ADMITTED
+            && let Some(wait) = decision
+                .status
+                .admission
+                .as_ref()
+                .and_then(|a| a.wait_seconds)
+        {
+            metrics.gang_wait_seconds.observe(wait);
+        }
+        if note.reason == reasons::GANG_STARTED {
+            // From the restart decision for a later attempt, from creation for the first.
+            let restarted = job.status.as_ref().and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == condition_types::RESTARTING && c.status == "True")
+                    .map(|c| c.last_transition_time.0)
+            });
+            if let Some(since) =
+                restarted.or_else(|| job.metadata.creation_timestamp.as_ref().map(|t| t.0))
+            {
+                let secs = Timestamp::now().duration_since(since).as_secs_f64();
+                metrics.time_to_all_running.observe(secs.max(0.0));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compare_resource_versions;
+    use std::cmp::Ordering;
+
+    #[test]
+    fn resource_versions_compare_as_integers() {
+        assert_eq!(compare_resource_versions("99", "100"), Some(Ordering::Less));
+        assert_eq!(
+            compare_resource_versions("1000", "999"),
+            Some(Ordering::Greater)
+        );
+        assert_eq!(
+            compare_resource_versions("512", "512"),
+            Some(Ordering::Equal)
+        );
+        assert_eq!(
+            compare_resource_versions("123", "124"),
+            Some(Ordering::Less)
+        );
+    }
+
+    #[test]
+    fn resource_versions_of_another_form_do_not_compare() {
+        assert_eq!(compare_resource_versions("", "1"), None);
+        assert_eq!(compare_resource_versions("012", "13"), None);
+        assert_eq!(compare_resource_versions("1a", "2"), None);
+        assert_eq!(compare_resource_versions("-1", "2"), None);
+    }
+}

@@ -1,0 +1,274 @@
+//! The watches behind the controller: the caches reconcile and admission read, what wakes a job
+//! up (its pods, its progress report, a deleted node, admission), and the batching of pod changes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, PodStatus};
+use k8s_openapi::api::scheduling::v1::PriorityClass;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use lockstep_api::contract::{labels, names, operator};
+use tokio::sync::Notify;
+
+use crate::gang::admitter::Admitter;
+use crate::pods::PodCache;
+
+/// How long a pod's change may wait to be reconciled together with its gang's other changes.
+pub const POD_BATCH: Duration = Duration::from_millis(500);
+
+/// The node cache, metadata only, and a stream that yields when a node is deleted: a rank whose
+/// node disappears has failed (NodeLost), and every job is looked at again. Every change of a
+/// node notifies `capacity`.
+pub(super) fn nodes(
+    client: &Client,
+    capacity: Arc<Notify>,
+) -> (Store<Node>, impl Stream<Item = ()> + Send + 'static) {
+    let (nodes, writer) = reflector::store::<Node>();
+    let deletions = reflector(
+        writer,
+        // Only what the operator reads is kept: no managedFields, images or conditions.
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(|n| {
+            n.managed_fields_mut().clear();
+            if let Some(st) = n.status.as_mut() {
+                st.images = None;
+                st.conditions = None;
+            }
+        }),
+    )
+    .default_backoff()
+    .filter_map(move |ev| {
+        if matches!(ev, Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) {
+            capacity.notify_one();
+        }
+        async move { matches!(ev, Ok(watcher::Event::Delete(_))).then_some(()) }
+    });
+    (nodes, deletions)
+}
+
+/// Every pod of the cluster, reduced to what admission counts (see [`slim_pod`]), and the task
+/// that keeps the cache; a pod that finishes or is deleted notifies `capacity`.
+pub(super) fn all_pods(
+    client: &Client,
+    capacity: Arc<Notify>,
+) -> (Store<Pod>, impl Future<Output = ()> + Send + 'static) {
+    let (pods, writer) = reflector::store::<Pod>();
+    let watch = reflector(
+        writer,
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).modify(slim_pod),
+    )
+    .default_backoff()
+    .for_each(move |ev| {
+        let freed = match &ev {
+            Ok(watcher::Event::Delete(_)) => true,
+            Ok(watcher::Event::Apply(p)) => matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ),
+            _ => false,
+        };
+        if freed {
+            capacity.notify_one();
+        }
+        async {}
+    });
+    (pods, watch)
+}
+
+/// The PriorityClasses admission orders the queue by, and the task that keeps the cache.
+pub(super) fn priority_classes(
+    client: &Client,
+) -> (
+    Store<PriorityClass>,
+    impl Future<Output = ()> + Send + 'static,
+) {
+    let (classes, writer) = reflector::store::<PriorityClass>();
+    let watch = reflector(
+        writer,
+        watcher(
+            Api::<PriorityClass>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .for_each(|_| async {});
+    (classes, watch)
+}
+
+/// Rank 0's progress reports, through the progress ConfigMaps only: one watch keeps the cache
+/// that reconcile reads and, once the cache holds a new report, yields the ConfigMap (its owner,
+/// the job, is woken up).
+pub(super) fn progress_reports(
+    client: &Client,
+) -> (
+    Store<ConfigMap>,
+    impl Stream<Item = Result<ConfigMap, watcher::Error>> + Send + 'static,
+) {
+    let selector = watcher::Config::default().labels(&format!(
+        "{}={},{}={}",
+        labels::MANAGED_BY,
+        operator::FIELD_MANAGER,
+        labels::COMPONENT,
+        names::PROGRESS_COMPONENT
+    ));
+    let (cache, writer) = reflector::store::<ConfigMap>();
+    let reports = reflector(
+        writer,
+        watcher(Api::<ConfigMap>::all(client.clone()), selector),
+    )
+    .default_backoff()
+    .touched_objects();
+    (cache, reports)
+}
+
+/// The worker pods: one watch keeps `cache` (the gangs reconcile reads) and, once the cache holds
+/// a change, wakes the pod's job up (`job` is the job's resource). Returns the task that runs the
+/// watch and the jobs to wake: a pod's changes reach its job at most once per [`POD_BATCH`] (as
+/// the Job controller of Kubernetes batches them), so a gang of eight starting costs a few
+/// passes, not dozens.
+pub(super) fn worker_pods(
+    client: &Client,
+    cache: Arc<PodCache>,
+    job: ApiResource,
+) -> (
+    impl Future<Output = ()> + Send + 'static,
+    impl Stream<Item = ObjectRef<DynamicObject>> + Send + 'static,
+) {
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        labels::MANAGED_BY,
+        operator::FIELD_MANAGER
+    ));
+    let changed = watcher(Api::<Pod>::all(client.clone()), owned)
+        .default_backoff()
+        .inspect_ok(move |ev| cache.apply(ev))
+        .touched_objects()
+        .filter_map(move |pod| {
+            let owner = pod.ok().and_then(|p| owning_job(&p, &job));
+            async move { owner }
+        });
+    let (triggers, batched) = futures::channel::mpsc::unbounded();
+    (batch(changed, POD_BATCH, triggers), batched)
+}
+
+/// Runs the admission queue again, a moment after `capacity` was freed, while any job waits.
+pub(super) async fn admission_queue(capacity: Arc<Notify>, admitter: Arc<Admitter>) {
+    loop {
+        capacity.notified().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if admitter.has_waiting() {
+            admitter.run_queue();
+        }
+    }
+}
+
+/// The ParallelJob that controls a pod, if one does.
+fn owning_job(pod: &Pod, ar: &ApiResource) -> Option<ObjectRef<DynamicObject>> {
+    let owner = pod.owner_references().iter().find(|o| {
+        o.controller == Some(true) && o.kind == ar.kind && o.api_version == ar.api_version
+    })?;
+    Some(ObjectRef::new_with(&owner.name, ar.clone()).within(&pod.namespace()?))
+}
+
+/// Forwards what `input` yields to `output`, each item once per `period` at most: an item is
+/// held until the end of the period it arrived in, and repeats within it are merged.
+async fn batch<T: Eq + std::hash::Hash>(
+    input: impl Stream<Item = T>,
+    period: Duration,
+    output: futures::channel::mpsc::UnboundedSender<T>,
+) {
+    futures::pin_mut!(input);
+    let mut held: HashSet<T> = HashSet::new();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            item = input.next() => match item {
+                Some(item) => {
+                    held.insert(item);
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                for item in held.drain() {
+                    if output.unbounded_send(item).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    for item in held.drain() {
+        let _ = output.unbounded_send(item);
+    }
+}
+
+/// Keeps of a pod only what admission reads: labels, annotations, node, resources, phase.
+fn slim_pod(p: &mut Pod) {
+    p.managed_fields_mut().clear();
+    if let Some(spec) = p.spec.as_mut() {
+        spec.volumes = None;
+        spec.affinity = None;
+        spec.tolerations = None;
+        for c in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            c.env = None;
+            c.env_from = None;
+            c.command = None;
+            c.args = None;
+            c.volume_mounts = None;
+            c.ports = None;
+            c.liveness_probe = None;
+            c.readiness_probe = None;
+            c.startup_probe = None;
+        }
+    }
+    if let Some(st) = p.status.as_mut() {
+        *st = PodStatus {
+            phase: st.phase.take(),
+            ..Default::default()
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch;
+    use futures::StreamExt;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_merges_repeats_and_holds_each_item_to_the_end_of_its_period() {
+        let (input, rx) = futures::channel::mpsc::unbounded::<&str>();
+        let (output, mut out) = futures::channel::mpsc::unbounded();
+        let period = Duration::from_millis(500);
+        let task = tokio::spawn(batch(rx, period, output));
+        // The first tick fires at once; what arrives after it waits for the next.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        for item in ["a", "a", "b", "a"] {
+            input.unbounded_send(item).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(out.try_recv().is_err(), "nothing before the period ends");
+        tokio::time::sleep(period).await;
+        let mut got = vec![out.next().await.unwrap(), out.next().await.unwrap()];
+        got.sort_unstable();
+        assert_eq!(got, ["a", "b"]);
+        assert!(out.try_recv().is_err(), "each item once");
+        input.unbounded_send("a").unwrap();
+        drop(input);
+        task.await.unwrap();
+        assert_eq!(
+            out.next().await,
+            Some("a"),
+            "what is held when the input ends still goes"
+        );
+    }
+}
