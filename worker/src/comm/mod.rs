@@ -1,5 +1,7 @@
 //! Collectives behind one [`Communicator`] trait: a TCP ring for CPUs ([`tcp`]) and NCCL for GPUs
-//! (`nccl`, with the `cuda` feature). The training loop is written once against the trait.
+//! (`nccl`, with the `cuda` feature). The trainer and the workloads use the trait over host
+//! buffers; the one exception is the NCCL gradient sync (`workload::sync`), which all-reduces
+//! views of the device's gradient buffer in place through `NcclComm::all_reduce_view`.
 //!
 //! Every rank of a communicator must issue the same collectives in the same order (as with MPI
 //! and NCCL). Results are bit-identical across ranks: each element is reduced once, by one rank,
@@ -175,8 +177,6 @@ pub trait Communicator {
     /// Starts [`Communicator::all_reduce`] and returns at once; the buffer comes back from
     /// [`Pending::wait`]. Operations complete in the order they were started.
     fn all_reduce_async(&mut self, buf: Self::Owned, op: ReduceOp) -> Pending<Self::Owned>;
-    /// Starts [`Communicator::broadcast`] and returns at once.
-    fn broadcast_async(&mut self, buf: Self::Owned, root: usize) -> Pending<Self::Owned>;
 
     /// Splits the communicator: ranks that pass the same `color` form a new communicator, ordered
     /// by `key` (then by rank). Every rank must call it.

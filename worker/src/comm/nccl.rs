@@ -196,10 +196,6 @@ impl Communicator for NcclComm {
         Pending::ready(self.all_reduce(&mut buf, o).map(|()| buf))
     }
 
-    fn broadcast_async(&mut self, mut buf: CudaSlice<f32>, root: usize) -> Pending<CudaSlice<f32>> {
-        Pending::ready(self.broadcast(&mut buf, root).map(|()| buf))
-    }
-
     fn split(&mut self, color: u32, key: u32) -> Result<Self> {
         // NCCL's own split needs the raw communicator, which cudarc keeps private; exchange
         // (color, key) and a fresh id per color over this communicator instead, as PyTorch's

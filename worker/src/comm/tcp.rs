@@ -895,10 +895,6 @@ impl Communicator for TcpComm {
         self.start(buf, move |g, b| g.all_reduce(b, op))
     }
 
-    fn broadcast_async(&mut self, buf: Vec<f32>, root: usize) -> Pending<Vec<f32>> {
-        self.start(buf, move |g, b| g.broadcast(b, root))
-    }
-
     fn split(&mut self, color: u32, key: u32) -> Result<Self> {
         let n = self.group.len();
         // Exchange (color, key) as 16-bit halves, which f32 holds exactly.
