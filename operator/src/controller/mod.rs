@@ -1,10 +1,10 @@
 //! The controller: the watches, caches and admission queue wired into kube's [`Controller`],
-//! which runs [`reconcile`] for every ParallelJob.
+//! which reconciles every ParallelJob.
 //!
-//! - [`watch`]: the watch streams, what triggers a pass, and the batching of pod changes.
-//! - [`reconcile`]: one pass, as a named pipeline: read -> decide -> report -> apply.
-//! - [`apply`]: carrying out the decided writes (server-side apply, creations, deletions).
-//! - [`status`]: the one path of every status write and Event, with the counts-only throttle.
+//! - `watch`: the watch streams, what triggers a pass, and the batching of pod changes.
+//! - `reconcile`: one pass, as a named pipeline: read -> decide -> report -> apply.
+//! - `apply`: carrying out the decided writes (server-side apply, creations, deletions).
+//! - `status`: the one path of every status write and Event, with the counts-only throttle.
 
 mod apply;
 mod reconcile;
@@ -89,7 +89,7 @@ impl Context {
 pub struct Kept {
     /// The API server's answer to the last status this process wrote, and when: reconcile
     /// decides from it while the watch has not yet delivered that version, and a change of the
-    /// worker counts alone waits out [`status::COUNTS_PERIOD`] after it.
+    /// worker counts alone waits out `status::COUNTS_PERIOD` after it.
     pub status: Option<(Arc<DynamicObject>, Instant)>,
     /// The rank addresses last written into the job's EndpointSlice.
     pub published: Vec<(u32, String)>,

@@ -2,7 +2,7 @@
 //! status write at least; its gang from the pod cache once that shows this operator's own
 //! writes, see [`crate::pods`]; the nodes that are gone) -> decide (pure, [`crate::decide`],
 //! with gang admission's answer when the pass needs it) -> report the status and Events
-//! ([`super::status`]) -> apply the writes ([`super::apply`]).
+//! (`super::status`) -> apply the writes (`super::apply`).
 //!
 //! The status is written before any pod is deleted or created: a crash between two writes then
 //! leaves a state the next pass completes (stale pods of an older attempt are deleted, missing
