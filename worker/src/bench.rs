@@ -472,7 +472,8 @@ pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
 }
 
 /// Compares the CUDA backend with the CPU reference, primitive by primitive and on whole GPT
-/// steps; prints one row per output and fails when any is out of tolerance.
+/// steps, and runs the conformance suite (every primitive against a naive reference) on it;
+/// prints one row per output and fails when any is out of tolerance.
 #[cfg(feature = "cuda")]
 #[allow(clippy::print_stdout)] // the check's report
 pub fn engine_check(tf32: bool) -> Result<()> {
@@ -499,6 +500,7 @@ pub fn engine_check(tf32: bool) -> Result<()> {
         &primitives(&cuda, &shape)?,
         &tol,
     );
+    rows.extend(lockstep_engine::conformance::conformance(&cuda, gemm_tol)?);
     let cfg = GptConfig::new(2, 4, 64, 64, 256)?;
     rows.extend(compare(
         &gpt_steps(&cpu, cfg, 4, 64, 5)?,
@@ -506,17 +508,18 @@ pub fn engine_check(tf32: bool) -> Result<()> {
         &tol,
     ));
     println!(
-        "# CUDA backend ({}) against the CPU reference; rel = max |cuda - cpu| / max |cpu|",
+        "# CUDA backend ({}) against the CPU reference and the conformance suite's naive \
+         references; rel = max |cuda - reference| / max |reference|",
         lockstep_engine::Backend::name(&cuda)
     );
     println!(
-        "{:<34} {:>12} {:>12} {:>10}  result",
+        "{:<48} {:>12} {:>12} {:>10}  result",
         "output", "max abs", "rel", "tolerance"
     );
     let mut bad = 0;
     for r in &rows {
         println!(
-            "{:<34} {:>12.3e} {:>12.3e} {:>10.0e}  {}",
+            "{:<48} {:>12.3e} {:>12.3e} {:>10.0e}  {}",
             r.name,
             r.max_abs,
             r.rel,

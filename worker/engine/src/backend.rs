@@ -1,7 +1,13 @@
-//! The device interface: a [`Backend`] owns memory and runs the primitives every layer is written
-//! on. Offsets and lengths are in elements; all floats are f32.
+//! The device interface: a [`Backend`] owns memory and runs [`Kernel`]s, the few generic,
+//! op-parametrised primitives every layer is written on. Offsets and lengths are in elements;
+//! all floats are f32.
+//!
+//! A new layer is written on these primitives and needs no new trait method. A new primitive is
+//! a new [`Kernel`] variant (or a new variant of one of the op enums), run by `Cpu::launch`,
+//! `Cuda::launch` and a kernel in `kernels.cu`; wrappers such as [`crate::profile::Profiled`]
+//! see it through [`Backend::launch`] with no change.
 
-use crate::Result;
+use crate::{EngineError, Result};
 
 /// Whether a GEMM operand is used as stored or transposed (cuBLAS `CUBLAS_OP_N`/`_T`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,17 +102,404 @@ pub struct AdamStep {
     pub grad_scale: f32,
 }
 
+/// An element-wise function of one value ([`Kernel::Unary`], [`Kernel::UnaryBwd`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnaryOp {
+    /// GELU, tanh approximation (GPT-2's).
+    Gelu,
+    /// `max(x, 0)`.
+    Relu,
+    /// `1 / (1 + exp(-x))`.
+    Sigmoid,
+    /// Hyperbolic tangent.
+    Tanh,
+}
+
+/// An element-wise function of two values ([`Kernel::Binary`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryOp {
+    /// `a + b`.
+    Add,
+    /// `a - b`.
+    Sub,
+    /// `a * b`.
+    Mul,
+}
+
+/// Which entries of a row a softmax sees ([`Kernel::Softmax`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mask {
+    /// Every entry of the row.
+    Full,
+    /// Causal: rows come in square blocks of `width x width`, and row `r` sees the entries up
+    /// to its own position `r % width`; the later ones come out 0.
+    Causal,
+}
+
+/// The most axes a [`Kernel::Permute`] takes.
+pub const MAX_RANK: usize = 6;
+
 /// A place in a buffer: the buffer and an element offset.
 pub type At<'a, B> = (&'a <B as Backend>::Buf, usize);
 
-/// The primitives a device provides. Offsets and lengths are in elements; all floats are f32.
+/// A place in a buffer that a primitive writes: the buffer and an element offset.
+pub type AtMut<'a, B> = (&'a mut <B as Backend>::Buf, usize);
+
+/// One primitive with its operands, over float buffers `F` and id buffers `I` (a backend's
+/// [`Backend::Buf`] and [`Backend::Ids`]); [`Backend::launch`] runs it.
 ///
-/// Shapes follow llm.c: `n` rows of `c` channels, `b` sequences of `t` tokens, `nh` heads of
-/// `hs` channels each. "Accumulates" means the result is added to the destination.
+/// Shapes follow llm.c: `n` rows of `c` (or `width`) channels. Operands given as a pair
+/// `(buffer, offset)` start at that offset (parameters and gradients live in one flat buffer
+/// each); bare buffers start at 0. "Accumulates" means the result is added to the
+/// destination; every other output is overwritten. Outputs never alias inputs.
+#[derive(Debug)]
+pub enum Kernel<'a, F, I> {
+    /// One strided batched GEMM (see [`Gemm`]) on `a`, `b` and `c`.
+    Gemm {
+        /// The shape.
+        g: Gemm,
+        /// A.
+        a: (&'a F, usize),
+        /// B.
+        b: (&'a F, usize),
+        /// C, scaled by `beta` and accumulated.
+        c: (&'a mut F, usize),
+    },
+    /// `out = op(inp)` over `n` values.
+    Unary {
+        /// The function.
+        op: UnaryOp,
+        /// Output.
+        out: &'a mut F,
+        /// Input.
+        inp: &'a F,
+        /// Values.
+        n: usize,
+    },
+    /// `dinp = op'(inp) * dout` over `n` values, from the forward input `inp`.
+    UnaryBwd {
+        /// The function of the forward pass.
+        op: UnaryOp,
+        /// Input gradient.
+        dinp: &'a mut F,
+        /// The forward pass's input.
+        inp: &'a F,
+        /// Output gradient.
+        dout: &'a F,
+        /// Values.
+        n: usize,
+    },
+    /// `out = op(a, b)` over `n` values.
+    Binary {
+        /// The function.
+        op: BinaryOp,
+        /// Output.
+        out: &'a mut F,
+        /// First operand.
+        a: &'a F,
+        /// Second operand.
+        b: &'a F,
+        /// Values.
+        n: usize,
+    },
+    /// `out[i, :] = table[ids[i], :]` for `n` rows of `width` (index-select: an embedding
+    /// lookup, gathering node memories). Every id must name a row of the table: the CPU
+    /// backend refuses one that does not, the CUDA backend does not check.
+    GatherRows {
+        /// Output, `n x width`.
+        out: &'a mut F,
+        /// The table's first row.
+        table: (&'a F, usize),
+        /// Rows of the table.
+        table_rows: usize,
+        /// Row of the table for each output row.
+        ids: &'a I,
+        /// Rows.
+        n: usize,
+        /// Floats per row.
+        width: usize,
+    },
+    /// `table[ids[i], :] += src[i, :]` for `n` rows of `width` (index-add: the gradient of
+    /// [`Kernel::GatherRows`], scattering messages to nodes); accumulates. Repeated ids add up:
+    /// in row order on the CPU, in any order on the GPU. Ids are checked as for
+    /// [`Kernel::GatherRows`].
+    ScatterAddRows {
+        /// The table's first row.
+        table: (&'a mut F, usize),
+        /// Rows of the table.
+        table_rows: usize,
+        /// Row of the table for each source row.
+        ids: &'a I,
+        /// Source, `n x width`.
+        src: &'a F,
+        /// Rows.
+        n: usize,
+        /// Floats per row.
+        width: usize,
+    },
+    /// `out[i, :] += row` for each of `n` rows of `width` (a broadcast add: a bias, or the
+    /// position embedding with one "row" of `t x c`).
+    AddRow {
+        /// Output, `n x width`; accumulates.
+        out: &'a mut F,
+        /// The row, `width` floats.
+        row: (&'a F, usize),
+        /// Rows.
+        n: usize,
+        /// Floats per row.
+        width: usize,
+    },
+    /// `dst += src[0, :] + ... + src[n - 1, :]`: column sums of `n` rows of `width` (the
+    /// gradient of [`Kernel::AddRow`]); accumulates, each column summed in row order on the
+    /// CPU.
+    SumRows {
+        /// Destination, `width` floats; accumulates.
+        dst: (&'a mut F, usize),
+        /// Source, `n x width`.
+        src: &'a F,
+        /// Rows.
+        n: usize,
+        /// Floats per row.
+        width: usize,
+    },
+    /// `*out = sum of squares of len floats of src`, in f64 on the host (waits for the device).
+    SumSquares {
+        /// The values.
+        src: (&'a F, usize),
+        /// Values.
+        len: usize,
+        /// The result.
+        out: &'a mut f64,
+    },
+    /// `out` = `inp` (row-major, of `shape`) with its axes reordered: axis `j` of `out` is axis
+    /// `perm[j]` of `inp` (as `torch.permute`). At most [`MAX_RANK`] axes.
+    Permute {
+        /// Output, row-major.
+        out: &'a mut F,
+        /// Input, row-major.
+        inp: &'a F,
+        /// Sizes of the input's axes, outermost first.
+        shape: &'a [usize],
+        /// The input axis each output axis takes.
+        perm: &'a [usize],
+    },
+    /// Softmax of each of `rows` rows of `width` scores, each scaled by `scale` first; entries
+    /// the mask hides come out 0.
+    Softmax {
+        /// Probabilities, `rows x width`.
+        out: &'a mut F,
+        /// Scores, `rows x width`.
+        inp: &'a F,
+        /// Rows.
+        rows: usize,
+        /// Entries per row.
+        width: usize,
+        /// Factor on the scores.
+        scale: f32,
+        /// Which entries each row sees.
+        mask: Mask,
+    },
+    /// Gradient of [`Kernel::Softmax`] with respect to the unscaled scores.
+    SoftmaxBwd {
+        /// Score gradient, `rows x width`.
+        dinp: &'a mut F,
+        /// Probability gradient.
+        dout: &'a F,
+        /// The forward pass's probabilities.
+        out: &'a F,
+        /// Rows.
+        rows: usize,
+        /// Entries per row.
+        width: usize,
+        /// Factor on the scores.
+        scale: f32,
+        /// Which entries each row sees.
+        mask: Mask,
+    },
+    /// Layer norm of each of `n` rows of `c`, with weight and bias at `params.1` and
+    /// `params.1 + c`; keeps each row's mean and reciprocal standard deviation for backward.
+    LayerNorm {
+        /// Output, `n x c`.
+        out: &'a mut F,
+        /// Row means, `n`.
+        mean: &'a mut F,
+        /// Row reciprocal standard deviations, `n`.
+        rstd: &'a mut F,
+        /// Input, `n x c`.
+        inp: &'a F,
+        /// Weight, then bias.
+        params: (&'a F, usize),
+        /// Rows.
+        n: usize,
+        /// Channels.
+        c: usize,
+    },
+    /// Backward of [`Kernel::LayerNorm`]: accumulates the input gradient into `dinp` and the
+    /// weight and bias gradients into `grads` at `grads.1` and `grads.1 + c`.
+    LayerNormBwd {
+        /// Input gradient, `n x c`; accumulates.
+        dinp: &'a mut F,
+        /// Weight gradient, then bias gradient; accumulates.
+        grads: (&'a mut F, usize),
+        /// Output gradient.
+        dout: &'a F,
+        /// The forward pass's input.
+        inp: &'a F,
+        /// Weight, then bias.
+        params: (&'a F, usize),
+        /// The forward pass's row means.
+        mean: &'a F,
+        /// The forward pass's reciprocal standard deviations.
+        rstd: &'a F,
+        /// Rows.
+        n: usize,
+        /// Channels.
+        c: usize,
+    },
+    /// Softmax cross-entropy of `n` rows of logits (`vp` wide, the first `v` real) against
+    /// `targets`: writes each row's loss into `losses`; with `grad: Some(dloss)`, overwrites
+    /// the logits with `dloss * (softmax - onehot)` (0 in the padding).
+    CrossEntropy {
+        /// Per-row losses, `n`.
+        losses: &'a mut F,
+        /// Logits, `n x vp`; the gradient when `grad`.
+        logits: &'a mut F,
+        /// Target of each row, below `v`.
+        targets: &'a I,
+        /// Rows.
+        n: usize,
+        /// Real classes.
+        v: usize,
+        /// Row width (padded classes).
+        vp: usize,
+        /// The loss gradient's scale per row, when the gradient is wanted.
+        grad: Option<f32>,
+    },
+    /// AdamW on `len` parameters at `off`, with gradients and moments `m` and `v` at the same
+    /// offset.
+    AdamW {
+        /// Parameters.
+        params: &'a mut F,
+        /// Gradients.
+        grads: &'a F,
+        /// First moments.
+        m: &'a mut F,
+        /// Second moments.
+        v: &'a mut F,
+        /// First parameter.
+        off: usize,
+        /// Parameters.
+        len: usize,
+        /// Hyper-parameters.
+        step: AdamStep,
+    },
+}
+
+impl<F, I> Kernel<'_, F, I> {
+    /// A short name for profiles and errors: the primitive, and its op where it has one.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kernel::Gemm { g, .. } if g.batch > 1 => "gemm (attention, batched)",
+            Kernel::Gemm { g, .. } if g.beta != 0.0 => "gemm (weight gradients)",
+            Kernel::Gemm { .. } => "gemm (linear)",
+            Kernel::Unary { op, .. } => match op {
+                UnaryOp::Gelu => "gelu",
+                UnaryOp::Relu => "relu",
+                UnaryOp::Sigmoid => "sigmoid",
+                UnaryOp::Tanh => "tanh",
+            },
+            Kernel::UnaryBwd { op, .. } => match op {
+                UnaryOp::Gelu => "gelu bwd",
+                UnaryOp::Relu => "relu bwd",
+                UnaryOp::Sigmoid => "sigmoid bwd",
+                UnaryOp::Tanh => "tanh bwd",
+            },
+            Kernel::Binary { op, .. } => match op {
+                BinaryOp::Add => "add",
+                BinaryOp::Sub => "sub",
+                BinaryOp::Mul => "mul",
+            },
+            Kernel::GatherRows { .. } => "gather rows",
+            Kernel::ScatterAddRows { .. } => "scatter-add rows",
+            Kernel::AddRow { .. } => "add row (bias)",
+            Kernel::SumRows { .. } => "sum rows (bias bwd)",
+            Kernel::SumSquares { .. } => "sum of squares",
+            Kernel::Permute { .. } => "permute",
+            Kernel::Softmax { .. } => "softmax",
+            Kernel::SoftmaxBwd { .. } => "softmax bwd",
+            Kernel::LayerNorm { .. } => "layernorm",
+            Kernel::LayerNormBwd { .. } => "layernorm bwd",
+            Kernel::CrossEntropy { .. } => "crossentropy",
+            Kernel::AdamW { .. } => "adamw",
+        }
+    }
+}
+
+/// A [`Kernel::Permute`] resolved for a backend: the output's axis sizes and, for each output
+/// axis, the step in the input between neighbours along it. Axes are right-aligned in the
+/// [`MAX_RANK`] slots (the leading ones have size 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Permutation {
+    /// Number of axes.
+    pub rank: usize,
+    /// Output axis sizes, the last `rank` slots.
+    pub dims: [usize; MAX_RANK],
+    /// Input stride of each output axis, the last `rank` slots.
+    pub strides: [usize; MAX_RANK],
+    /// Elements in all.
+    pub len: usize,
+}
+
+impl Permutation {
+    /// Checks `perm` against `shape` and resolves it.
+    pub fn new(shape: &[usize], perm: &[usize]) -> Result<Self> {
+        let rank = shape.len();
+        let mut seen = [false; MAX_RANK];
+        let valid = rank == perm.len()
+            && (1..=MAX_RANK).contains(&rank)
+            && perm
+                .iter()
+                .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
+        if !valid {
+            return Err(EngineError::Config(format!(
+                "permute: {perm:?} is not a permutation of the {rank} axes of {shape:?} \
+                 (at most {MAX_RANK})"
+            )));
+        }
+        let mut input_stride = [0; MAX_RANK];
+        let mut s = 1;
+        for a in (0..rank).rev() {
+            input_stride[a] = s;
+            s *= shape[a];
+        }
+        let (mut dims, mut strides) = ([1; MAX_RANK], [0; MAX_RANK]);
+        let lead = MAX_RANK - rank;
+        for (j, &p) in perm.iter().enumerate() {
+            dims[lead + j] = shape[p];
+            strides[lead + j] = input_stride[p];
+        }
+        Ok(Self {
+            rank,
+            dims,
+            strides,
+            len: s,
+        })
+    }
+}
+
+/// A device: memory, and the primitives of [`Kernel`]. Offsets and lengths are in elements;
+/// all floats are f32.
+///
+/// Every compute primitive goes through [`Backend::launch`]: a wrapper (timing, tracing)
+/// implements that one method and the memory methods, whatever the primitives are. [`gemm`]
+/// and [`sum_squares`] are shorthands for their kernels.
+///
+/// [`gemm`]: Backend::gemm
+/// [`sum_squares`]: Backend::sum_squares
 pub trait Backend {
     /// A buffer of f32 on the device.
     type Buf: Send;
-    /// A buffer of i32 (token ids) on the device.
+    /// A buffer of i32 (token ids, row indices) on the device.
     type Ids: Send;
 
     /// Short name for logs ("cpu", "cuda").
@@ -130,193 +523,47 @@ pub trait Backend {
     /// Waits until all queued work is done.
     fn sync(&self) -> Result<()>;
 
-    /// One strided batched GEMM (see [`Gemm`]) on `a`, `b` and `c` at their offsets.
-    fn gemm(
-        &self,
-        g: &Gemm,
-        a: At<'_, Self>,
-        b: At<'_, Self>,
-        c: (&mut Self::Buf, usize),
-    ) -> Result<()>;
+    /// Runs one primitive (queues it, on a device with a queue).
+    fn launch(&self, kernel: Kernel<'_, Self::Buf, Self::Ids>) -> Result<()>;
 
-    /// `out[b,t,:] = wte[ids[b,t],:] + wpe[t,:]`.
-    #[allow(clippy::too_many_arguments)]
-    fn encoder_fwd(
-        &self,
-        out: &mut Self::Buf,
-        ids: &Self::Ids,
-        params: &Self::Buf,
-        wte: usize,
-        wpe: usize,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// Accumulates `dout` into the rows of `wte` named by `ids` and into `wpe`.
-    #[allow(clippy::too_many_arguments)]
-    fn encoder_bwd(
-        &self,
-        grads: &mut Self::Buf,
-        dwte: usize,
-        dwpe: usize,
-        dout: &Self::Buf,
-        ids: &Self::Ids,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// Layer norm of each row of `inp` with weight and bias at `w` and `w + c` in `params`;
-    /// keeps each row's mean and reciprocal standard deviation for the backward pass.
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_fwd(
-        &self,
-        out: &mut Self::Buf,
-        mean: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        inp: &Self::Buf,
-        params: &Self::Buf,
-        w: usize,
-        n: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// Accumulates the input gradient into `dinp` and the weight and bias gradients into
-    /// `grads` at `dw` and `dw + c`.
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_bwd(
-        &self,
-        dinp: &mut Self::Buf,
-        grads: &mut Self::Buf,
-        dw: usize,
-        dout: &Self::Buf,
-        inp: &Self::Buf,
-        params: &Self::Buf,
-        w: usize,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// `out[i, :] += bias` for each of `n` rows of `oc` channels.
-    fn bias_fwd(
-        &self,
-        out: &mut Self::Buf,
-        params: &Self::Buf,
-        bias: usize,
-        n: usize,
-        oc: usize,
-    ) -> Result<()>;
-    /// Accumulates the column sums of `dout` (`n` rows of `oc`) into `grads` at `dbias`.
-    fn bias_bwd(
-        &self,
-        grads: &mut Self::Buf,
-        dbias: usize,
-        dout: &Self::Buf,
-        n: usize,
-        oc: usize,
-    ) -> Result<()>;
-    /// GELU (tanh approximation) of `n` values.
-    fn gelu_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize) -> Result<()>;
-    /// `dinp = gelu'(inp) * dout` over `n` values.
-    fn gelu_bwd(
-        &self,
-        dinp: &mut Self::Buf,
-        inp: &Self::Buf,
-        dout: &Self::Buf,
-        n: usize,
-    ) -> Result<()>;
-    /// `out = max(inp, 0)` over `n` values.
-    fn relu_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize) -> Result<()>;
-    /// `dinp = dout` where the ReLU's output `out` is positive, else 0.
-    fn relu_bwd(
-        &self,
-        dinp: &mut Self::Buf,
-        out: &Self::Buf,
-        dout: &Self::Buf,
-        n: usize,
-    ) -> Result<()>;
-    /// `out = a + b` over `n` values.
-    fn add(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, n: usize) -> Result<()>;
-    /// Splits `qkv` (b, t, 3, nh, hs) into q, k and v, each (b, nh, t, hs), one after the
-    /// other in `qkvr`.
-    #[allow(clippy::too_many_arguments)]
-    fn permute_qkv(
-        &self,
-        qkvr: &mut Self::Buf,
-        qkv: &Self::Buf,
-        b: usize,
-        t: usize,
-        nh: usize,
-        hs: usize,
-    ) -> Result<()>;
-    /// The inverse of [`Backend::permute_qkv`] for gradients: `dqkv` from `dqkvr`.
-    fn permute_qkv_bwd(
-        &self,
-        dqkv: &mut Self::Buf,
-        dqkvr: &Self::Buf,
-        b: usize,
-        t: usize,
-        nh: usize,
-        hs: usize,
-    ) -> Result<()>;
-    /// (b, nh, t, hs) to (b, t, nh, hs) when `forward`, the other way when not.
-    #[allow(clippy::too_many_arguments)]
-    fn unpermute(
-        &self,
-        out: &mut Self::Buf,
-        inp: &Self::Buf,
-        b: usize,
-        t: usize,
-        nh: usize,
-        hs: usize,
-        forward: bool,
-    ) -> Result<()>;
-    /// Causal softmax of `rows` blocks of `t x t` scores, each scaled by `scale` first:
-    /// entries above the diagonal become 0.
-    fn softmax_causal_fwd(
-        &self,
-        att: &mut Self::Buf,
-        preatt: &Self::Buf,
-        scale: f32,
-        rows: usize,
-        t: usize,
-    ) -> Result<()>;
-    /// Gradient of [`Backend::softmax_causal_fwd`] with respect to the unscaled scores.
-    fn softmax_causal_bwd(
-        &self,
-        dpreatt: &mut Self::Buf,
-        datt: &Self::Buf,
-        att: &Self::Buf,
-        scale: f32,
-        rows: usize,
-        t: usize,
-    ) -> Result<()>;
-    /// Softmax cross-entropy of `n` rows of logits (`vp` wide, the first `v` real) against
-    /// `targets`: writes each row's loss into `losses`; when `grad`, overwrites the logits with
-    /// `dloss * (softmax - onehot)` (0 in the padding).
-    #[allow(clippy::too_many_arguments)]
-    fn crossentropy(
-        &self,
-        losses: &mut Self::Buf,
-        logits: &mut Self::Buf,
-        targets: &Self::Ids,
-        n: usize,
-        v: usize,
-        vp: usize,
-        dloss: f32,
-        grad: bool,
-    ) -> Result<()>;
-    /// Sum of squares of `len` floats of `buf` at `off`.
-    fn sum_squares(&self, buf: &Self::Buf, off: usize, len: usize) -> Result<f64>;
-    /// AdamW on `len` parameters at `off`, with moments `m` and `v` at the same offset.
-    #[allow(clippy::too_many_arguments)]
-    fn adamw(
-        &self,
-        params: &mut Self::Buf,
-        grads: &Self::Buf,
-        m: &mut Self::Buf,
-        v: &mut Self::Buf,
-        off: usize,
-        len: usize,
-        s: &AdamStep,
-    ) -> Result<()>;
+    /// One strided batched GEMM (see [`Gemm`]) on `a`, `b` and `c` at their offsets.
+    fn gemm(&self, g: &Gemm, a: At<'_, Self>, b: At<'_, Self>, c: AtMut<'_, Self>) -> Result<()> {
+        self.launch(Kernel::Gemm { g: *g, a, b, c })
+    }
+
+    /// Sum of squares of `len` floats of `buf` at `off`, in f64 (waits for the device).
+    fn sum_squares(&self, buf: &Self::Buf, off: usize, len: usize) -> Result<f64> {
+        let mut out = 0.0;
+        self.launch(Kernel::SumSquares {
+            src: (buf, off),
+            len,
+            out: &mut out,
+        })?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_permutation_resolves_to_output_sizes_and_input_strides() {
+        // (b, t, 3, nh, hs) -> (3, b, nh, t, hs): attention's q, k, v split.
+        let p = Permutation::new(&[2, 5, 3, 4, 7], &[2, 0, 3, 1, 4]).unwrap();
+        assert_eq!(p.rank, 5);
+        assert_eq!(p.len, 2 * 5 * 3 * 4 * 7);
+        assert_eq!(p.dims, [1, 3, 2, 4, 5, 7]);
+        assert_eq!(p.strides[1..], [28, 420, 7, 84, 1]);
+    }
+
+    #[test]
+    fn a_permutation_refuses_repeated_missing_or_too_many_axes() {
+        assert!(Permutation::new(&[2, 3], &[0, 0]).is_err());
+        assert!(Permutation::new(&[2, 3], &[1]).is_err());
+        assert!(Permutation::new(&[2, 3], &[0, 2]).is_err());
+        assert!(Permutation::new(&[1; 7], &[0, 1, 2, 3, 4, 5, 6]).is_err());
+        assert!(Permutation::new(&[], &[]).is_err());
+        assert!(Permutation::new(&[4, 1, 2], &[2, 1, 0]).is_ok());
+    }
 }

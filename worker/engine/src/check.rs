@@ -1,12 +1,13 @@
-//! Checks and benchmarks of the engine: every primitive and a whole GPT step run on two
-//! backends with the same inputs and compared (the CUDA backend against the CPU reference),
-//! and GPT training throughput on one backend.
+//! Checks and benchmarks of the engine: the primitives of a GPT step and whole GPT steps run on
+//! two backends with the same inputs and compared (the CUDA backend against the CPU reference),
+//! and GPT training throughput on one backend. Every primitive against a naive reference, on
+//! one backend, is [`crate::conformance`].
 
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 
-use crate::backend::{AdamStep, Backend, Gemm, Op};
+use crate::backend::{AdamStep, Backend, Gemm, Kernel, Op, UnaryOp};
 use crate::models::gpt::{Gpt, GptConfig};
 use crate::nn;
 use crate::optim::Adam;
@@ -78,7 +79,9 @@ fn down<B: Backend>(be: &B, b: &B::Buf, n: usize) -> Result<Vec<f32>> {
     be.download(b, 0, n)
 }
 
-/// Runs every primitive on `be` with inputs fixed by the shape, returning each output by name.
+/// Runs the primitives of a GPT step on `be` (GEMMs, attention, layer norm, bias, GELU,
+/// residual, embedding, cross-entropy, AdamW) with inputs fixed by the shape, returning each
+/// output by name.
 pub fn primitives<B: Backend>(be: &B, s: &CheckShape) -> Result<Vec<(String, Vec<f32>)>> {
     let (b, t, nh, hs) = (s.b, s.t, s.nh, s.hs);
     let c = nh * hs;
@@ -139,14 +142,14 @@ pub fn primitives<B: Backend>(be: &B, s: &CheckShape) -> Result<Vec<(String, Vec
     p_host[..c].iter_mut().for_each(|w| *w += 1.0);
     let params = up(be, &p_host)?;
     let (mut ln, mut mean, mut rstd) = (be.zeros(n * c)?, be.zeros(n)?, be.zeros(n)?);
-    be.layernorm_fwd(&mut ln, &mut mean, &mut rstd, &x, &params, 0, n, c)?;
+    nn::layernorm_fwd(be, &mut ln, &mut mean, &mut rstd, &x, &params, 0, n, c)?;
     out.push(("layernorm fwd".into(), down(be, &ln, n * c)?));
     out.push(("layernorm fwd: rstd".into(), down(be, &rstd, n)?));
     let dln = up(be, &next(n * c, 1.0))?;
     let mut dx = up(be, &next(n * c, 0.1))?;
     let mut grads = up(be, &next(2 * c + 4 * c, 0.1))?;
-    be.layernorm_bwd(
-        &mut dx, &mut grads, 0, &dln, &x, &params, 0, &mean, &rstd, n, c,
+    nn::layernorm_bwd(
+        be, &mut dx, &mut grads, 0, &dln, &x, &params, 0, &mean, &rstd, n, c,
     )?;
     out.push(("layernorm bwd: dinp".into(), down(be, &dx, n * c)?));
     out.push((
@@ -154,18 +157,28 @@ pub fn primitives<B: Backend>(be: &B, s: &CheckShape) -> Result<Vec<(String, Vec
         be.download(&grads, 0, 2 * c)?,
     ));
     let mut h = up(be, &next(n * 4 * c, 3.0))?;
-    be.bias_fwd(&mut h, &params, 2 * c, n, 4 * c)?;
+    be.launch(Kernel::AddRow {
+        out: &mut h,
+        row: (&params, 2 * c),
+        n,
+        width: 4 * c,
+    })?;
     out.push(("bias fwd".into(), down(be, &h, n * 4 * c)?));
-    be.bias_bwd(&mut grads, 2 * c, &h, n, 4 * c)?;
+    be.launch(Kernel::SumRows {
+        dst: (&mut grads, 2 * c),
+        src: &h,
+        n,
+        width: 4 * c,
+    })?;
     out.push(("bias bwd".into(), be.download(&grads, 2 * c, 4 * c)?));
     let mut gl = be.zeros(n * 4 * c)?;
-    be.gelu_fwd(&mut gl, &h, n * 4 * c)?;
+    nn::activation_fwd(be, UnaryOp::Gelu, &mut gl, &h, n * 4 * c)?;
     out.push(("gelu fwd".into(), down(be, &gl, n * 4 * c)?));
     let mut dgl = be.zeros(n * 4 * c)?;
-    be.gelu_bwd(&mut dgl, &h, &gl, n * 4 * c)?;
+    nn::activation_bwd(be, UnaryOp::Gelu, &mut dgl, &h, &gl, n * 4 * c)?;
     out.push(("gelu bwd".into(), down(be, &dgl, n * 4 * c)?));
     let mut sum = be.zeros(n * c)?;
-    be.add(&mut sum, &x, &dln, n * c)?;
+    nn::residual_fwd(be, &mut sum, &x, &dln, n * c)?;
     out.push(("residual add".into(), down(be, &sum, n * c)?));
 
     // Embedding.
@@ -174,24 +187,24 @@ pub fn primitives<B: Backend>(be: &B, s: &CheckShape) -> Result<Vec<(String, Vec
     be.upload_ids(&mut ids, &ids_host)?;
     let emb = up(be, &next((s.vp + t) * c, 1.0))?;
     let mut enc = be.zeros(n * c)?;
-    be.encoder_fwd(&mut enc, &ids, &emb, 0, s.vp * c, b, t, c)?;
+    nn::encoder_fwd(be, &mut enc, &ids, &emb, 0, s.vp, s.vp * c, b, t, c)?;
     out.push(("encoder fwd".into(), down(be, &enc, n * c)?));
     let mut demb = be.zeros((s.vp + t) * c)?;
-    be.encoder_bwd(&mut demb, 0, s.vp * c, &dln, &ids, b, t, c)?;
+    nn::encoder_bwd(be, &mut demb, 0, s.vp, s.vp * c, &dln, &ids, b, t, c)?;
     out.push(("encoder bwd".into(), down(be, &demb, (s.vp + t) * c)?));
 
     // Cross-entropy with the gradient in place.
     let mut logits = up(be, &next(n * s.vp, 4.0))?;
     let mut losses = be.zeros(n)?;
-    be.crossentropy(
+    nn::crossentropy(
+        be,
         &mut losses,
         &mut logits,
         &ids,
         n,
         s.v,
         s.vp,
-        1.0 / n as f32,
-        true,
+        Some(1.0 / n as f32),
     )?;
     out.push(("crossentropy: losses".into(), down(be, &losses, n)?));
     out.push(("crossentropy: dlogits".into(), down(be, &logits, n * s.vp)?));
@@ -216,7 +229,15 @@ pub fn primitives<B: Backend>(be: &B, s: &CheckShape) -> Result<Vec<(String, Vec
         t: 3,
         grad_scale: 0.5,
     };
-    be.adamw(&mut p, &g, &mut m, &mut v, 0, len, &step)?;
+    be.launch(Kernel::AdamW {
+        params: &mut p,
+        grads: &g,
+        m: &mut m,
+        v: &mut v,
+        off: 0,
+        len,
+        step,
+    })?;
     out.push(("adamw: params".into(), down(be, &p, len)?));
     out.push(("adamw: v".into(), down(be, &v, len)?));
     out.push((
@@ -255,25 +276,16 @@ pub fn gpt_steps<B: Backend>(
         if s == 0 {
             out.push((
                 "gpt gradients (all)".into(),
-                be.download(&model.grads, 0, cfg.num_params())?,
+                be.download(&model.params.grads, 0, cfg.num_params())?,
             ));
         }
-        adam.step(
-            be,
-            &mut model.params,
-            &model.grads,
-            &ranges,
-            1e-3,
-            (0.9, 0.95),
-            1e-8,
-            0.1,
-            1.0,
-        )?;
+        let (p, g) = model.buffers();
+        adam.step(be, p, g, &ranges, 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0)?;
     }
     out.insert(0, ("gpt losses per step".into(), losses));
     out.push((
         format!("gpt parameters after {steps} steps"),
-        be.download(&model.params, 0, cfg.num_params())?,
+        be.download(&model.params.values, 0, cfg.num_params())?,
     ));
     Ok(out)
 }
@@ -369,17 +381,8 @@ fn throughput_with<B: Backend>(
             Some(1.0 / (b * t) as f32),
         )?;
         model.backward(be, &mut |_, _| {})?;
-        adam.step(
-            be,
-            &mut model.params,
-            &model.grads,
-            &ranges,
-            6e-4,
-            (0.9, 0.95),
-            1e-8,
-            0.1,
-            1.0,
-        )?;
+        let (p, g) = model.buffers();
+        adam.step(be, p, g, &ranges, 6e-4, (0.9, 0.95), 1e-8, 0.1, 1.0)?;
         let loss = model.mean_loss(be)?;
         if s >= warmup {
             times.push(start.elapsed().as_secs_f64());

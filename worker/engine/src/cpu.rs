@@ -7,8 +7,10 @@
 
 use rayon::prelude::*;
 
-use crate::Result;
-use crate::backend::{AdamStep, At, Backend, Gemm, Op};
+use crate::backend::{
+    AdamStep, Backend, BinaryOp, Gemm, Kernel, MAX_RANK, Mask, Op, Permutation, UnaryOp,
+};
+use crate::{EngineError, Result};
 
 /// The CPU backend, on the global rayon pool (`RAYON_NUM_THREADS` threads).
 #[derive(Clone, Debug, Default)]
@@ -97,6 +99,16 @@ fn rows_mut(buf: &mut [f32], width: usize) -> rayon::slice::ChunksMut<'_, f32> {
     buf.par_chunks_mut(width.max(1))
 }
 
+/// Checks that `ids` name rows below `rows`, so that no row is read or written out of place.
+fn check_ids(what: &str, ids: &[i32], rows: usize) -> Result<()> {
+    match ids.iter().find(|&&i| i < 0 || i as usize >= rows) {
+        Some(bad) => Err(EngineError::Config(format!(
+            "{what}: row id {bad} is outside the table's {rows} rows"
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Ids = Vec<i32>;
@@ -136,454 +148,450 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn gemm(
-        &self,
-        g: &Gemm,
-        a: At<'_, Self>,
-        b: At<'_, Self>,
-        c: (&mut Vec<f32>, usize),
-    ) -> Result<()> {
-        if g.m == 0 || g.n == 0 || g.batch == 0 {
-            return Ok(());
-        }
-        let need_a = a.1 + extent(g.ta, g.m, g.k, g.lda, g.stride_a, g.batch);
-        let need_b = b.1 + extent(g.tb, g.k, g.n, g.ldb, g.stride_b, g.batch);
-        let need_c = c.1 + extent(Op::N, g.m, g.n, g.ldc, g.stride_c, g.batch);
-        assert!(
-            need_a <= a.0.len() && need_b <= b.0.len() && need_c <= c.0.len(),
-            "gemm {g:?} reads or writes past its buffers"
-        );
-        assert!(
-            g.batch == 1 || g.stride_c >= g.ldc * g.n,
-            "gemm {g:?}: batch entries of C overlap"
-        );
-        assert!(g.ldc >= g.m, "gemm {g:?}: ldc < m");
-        let pa = a.0[a.1..].as_ptr() as usize;
-        let pb = b.0[b.1..].as_ptr() as usize;
-        let pc = c.0[c.1..].as_mut_ptr() as usize;
-        // SAFETY: the extents of A, B and C were checked against their buffers above, C's
-        // batch entries do not overlap, and C is borrowed mutably (so it aliases neither A nor
-        // B).
-        unsafe { Self::gemm_raw(g, pa, pb, pc) };
-        Ok(())
-    }
-
-    fn encoder_fwd(
-        &self,
-        out: &mut Vec<f32>,
-        ids: &Vec<i32>,
-        params: &Vec<f32>,
-        wte: usize,
-        wpe: usize,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()> {
-        rows_mut(&mut out[..b * t * c], c)
-            .enumerate()
-            .for_each(|(bt, row)| {
-                let id = ids[bt] as usize;
-                let te = &params[wte + id * c..wte + (id + 1) * c];
-                let pe = &params[wpe + (bt % t) * c..wpe + (bt % t + 1) * c];
-                for ((o, x), y) in row.iter_mut().zip(te).zip(pe) {
-                    *o = x + y;
+    fn launch(&self, kernel: Kernel<'_, Vec<f32>, Vec<i32>>) -> Result<()> {
+        match kernel {
+            Kernel::Gemm { g, a, b, c } => gemm(&g, (a.0, a.1), (b.0, b.1), (c.0, c.1)),
+            Kernel::Unary { op, out, inp, n } => unary(op, &mut out[..n], &inp[..n]),
+            Kernel::UnaryBwd {
+                op,
+                dinp,
+                inp,
+                dout,
+                n,
+            } => unary_bwd(op, &mut dinp[..n], &inp[..n], &dout[..n]),
+            Kernel::Binary { op, out, a, b, n } => binary(op, &mut out[..n], &a[..n], &b[..n]),
+            Kernel::GatherRows {
+                out,
+                table,
+                table_rows,
+                ids,
+                n,
+                width,
+            } => {
+                check_ids("gather rows", &ids[..n], table_rows)?;
+                let table = &table.0[table.1..table.1 + table_rows * width];
+                rows_mut(&mut out[..n * width], width)
+                    .zip(ids[..n].par_iter())
+                    .for_each(|(row, &id)| {
+                        let s = id as usize * width;
+                        row.copy_from_slice(&table[s..s + width]);
+                    });
+            }
+            Kernel::ScatterAddRows {
+                table,
+                table_rows,
+                ids,
+                src,
+                n,
+                width,
+            } => {
+                check_ids("scatter-add rows", &ids[..n], table_rows)?;
+                let table = &mut table.0[table.1..table.1 + table_rows * width];
+                // In row order, so that repeated ids add up the same way on every run.
+                for (i, &id) in ids[..n].iter().enumerate() {
+                    let d = &src[i * width..(i + 1) * width];
+                    let s = id as usize * width;
+                    table[s..s + width]
+                        .iter_mut()
+                        .zip(d)
+                        .for_each(|(g, x)| *g += x);
                 }
-            });
-        Ok(())
-    }
-
-    fn encoder_bwd(
-        &self,
-        grads: &mut Vec<f32>,
-        dwte: usize,
-        dwpe: usize,
-        dout: &Vec<f32>,
-        ids: &Vec<i32>,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()> {
-        for bt in 0..b * t {
-            let id = ids[bt] as usize;
-            let d = &dout[bt * c..(bt + 1) * c];
-            let te = dwte + id * c;
-            grads[te..te + c]
-                .iter_mut()
-                .zip(d)
-                .for_each(|(g, x)| *g += x);
-            let pe = dwpe + (bt % t) * c;
-            grads[pe..pe + c]
-                .iter_mut()
-                .zip(d)
-                .for_each(|(g, x)| *g += x);
-        }
-        Ok(())
-    }
-
-    fn layernorm_fwd(
-        &self,
-        out: &mut Vec<f32>,
-        mean: &mut Vec<f32>,
-        rstd: &mut Vec<f32>,
-        inp: &Vec<f32>,
-        params: &Vec<f32>,
-        w: usize,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        let (wt, bias) = (&params[w..w + c], &params[w + c..w + 2 * c]);
-        rows_mut(&mut out[..n * c], c)
-            .zip(mean[..n].par_iter_mut())
-            .zip(rstd[..n].par_iter_mut())
-            .enumerate()
-            .for_each(|(i, ((row, mu), rs))| {
-                let x = &inp[i * c..(i + 1) * c];
-                let m = x.iter().sum::<f32>() / c as f32;
-                let var = x.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / c as f32;
-                let s = 1.0 / (var + 1e-5).sqrt();
-                for (j, o) in row.iter_mut().enumerate() {
-                    *o = (x[j] - m) * s * wt[j] + bias[j];
+            }
+            Kernel::AddRow { out, row, n, width } => {
+                let b = &row.0[row.1..row.1 + width];
+                rows_mut(&mut out[..n * width], width).for_each(|row| {
+                    row.iter_mut().zip(b).for_each(|(o, x)| *o += x);
+                });
+            }
+            Kernel::SumRows { dst, src, n, width } => {
+                let g = &mut dst.0[dst.1..dst.1 + width];
+                for row in src[..n * width].chunks(width.max(1)) {
+                    g.iter_mut().zip(row).for_each(|(a, x)| *a += x);
                 }
-                *mu = m;
-                *rs = s;
-            });
-        Ok(())
-    }
-
-    fn layernorm_bwd(
-        &self,
-        dinp: &mut Vec<f32>,
-        grads: &mut Vec<f32>,
-        dw: usize,
-        dout: &Vec<f32>,
-        inp: &Vec<f32>,
-        params: &Vec<f32>,
-        w: usize,
-        mean: &Vec<f32>,
-        rstd: &Vec<f32>,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        let wt = &params[w..w + c];
-        rows_mut(&mut dinp[..n * c], c)
-            .enumerate()
-            .for_each(|(i, di)| {
-                let x = &inp[i * c..(i + 1) * c];
-                let d = &dout[i * c..(i + 1) * c];
-                let (m, s) = (mean[i], rstd[i]);
-                let (mut dnorm_mean, mut dnorm_norm_mean) = (0.0f32, 0.0f32);
-                for j in 0..c {
-                    let norm = (x[j] - m) * s;
-                    let dn = wt[j] * d[j];
-                    dnorm_mean += dn;
-                    dnorm_norm_mean += dn * norm;
-                }
-                dnorm_mean /= c as f32;
-                dnorm_norm_mean /= c as f32;
-                for j in 0..c {
-                    let norm = (x[j] - m) * s;
-                    let dn = wt[j] * d[j];
-                    di[j] += (dn - dnorm_mean - norm * dnorm_norm_mean) * s;
-                }
-            });
-        let (gw, rest) = grads[dw..dw + 2 * c].split_at_mut(c);
-        let gb = rest;
-        for i in 0..n {
-            let x = &inp[i * c..(i + 1) * c];
-            let d = &dout[i * c..(i + 1) * c];
-            let (m, s) = (mean[i], rstd[i]);
-            for j in 0..c {
-                gw[j] += (x[j] - m) * s * d[j];
-                gb[j] += d[j];
+            }
+            Kernel::SumSquares { src, len, out } => {
+                // Per-chunk sums in parallel, then added in order: the same result on every run.
+                let parts: Vec<f64> = src.0[src.1..src.1 + len]
+                    .par_chunks(4096)
+                    .map(|c| c.iter().map(|g| f64::from(*g) * f64::from(*g)).sum::<f64>())
+                    .collect();
+                *out = parts.iter().sum();
+            }
+            Kernel::Permute {
+                out,
+                inp,
+                shape,
+                perm,
+            } => permute(out, inp, &Permutation::new(shape, perm)?),
+            Kernel::Softmax {
+                out,
+                inp,
+                rows,
+                width,
+                scale,
+                mask,
+            } => softmax(out, inp, rows, width, scale, mask),
+            Kernel::SoftmaxBwd {
+                dinp,
+                dout,
+                out,
+                rows,
+                width,
+                scale,
+                mask,
+            } => softmax_bwd(dinp, dout, out, rows, width, scale, mask),
+            Kernel::LayerNorm {
+                out,
+                mean,
+                rstd,
+                inp,
+                params,
+                n,
+                c,
+            } => layernorm(out, mean, rstd, inp, (params.0, params.1), n, c),
+            Kernel::LayerNormBwd {
+                dinp,
+                grads,
+                dout,
+                inp,
+                params,
+                mean,
+                rstd,
+                n,
+                c,
+            } => layernorm_bwd(
+                dinp,
+                (grads.0, grads.1),
+                dout,
+                inp,
+                (params.0, params.1),
+                (mean, rstd),
+                n,
+                c,
+            ),
+            Kernel::CrossEntropy {
+                losses,
+                logits,
+                targets,
+                n,
+                v,
+                vp,
+                grad,
+            } => crossentropy(losses, logits, targets, n, v, vp, grad),
+            Kernel::AdamW {
+                params,
+                grads,
+                m,
+                v,
+                off,
+                len,
+                step,
+            } => {
+                let r = off..off + len;
+                adamw(
+                    &mut params[r.clone()],
+                    &grads[r.clone()],
+                    &mut m[r.clone()],
+                    &mut v[r],
+                    &step,
+                );
             }
         }
         Ok(())
     }
+}
 
-    fn bias_fwd(
-        &self,
-        out: &mut Vec<f32>,
-        params: &Vec<f32>,
-        bias: usize,
-        n: usize,
-        oc: usize,
-    ) -> Result<()> {
-        let b = &params[bias..bias + oc];
-        rows_mut(&mut out[..n * oc], oc).for_each(|row| {
-            row.iter_mut().zip(b).for_each(|(o, x)| *o += x);
-        });
-        Ok(())
+/// [`Kernel::Gemm`]: checks the operands' extents, then runs the product.
+fn gemm(g: &Gemm, a: (&[f32], usize), b: (&[f32], usize), c: (&mut [f32], usize)) {
+    if g.m == 0 || g.n == 0 || g.batch == 0 {
+        return;
     }
+    let need_a = a.1 + extent(g.ta, g.m, g.k, g.lda, g.stride_a, g.batch);
+    let need_b = b.1 + extent(g.tb, g.k, g.n, g.ldb, g.stride_b, g.batch);
+    let need_c = c.1 + extent(Op::N, g.m, g.n, g.ldc, g.stride_c, g.batch);
+    assert!(
+        need_a <= a.0.len() && need_b <= b.0.len() && need_c <= c.0.len(),
+        "gemm {g:?} reads or writes past its buffers"
+    );
+    assert!(
+        g.batch == 1 || g.stride_c >= g.ldc * g.n,
+        "gemm {g:?}: batch entries of C overlap"
+    );
+    assert!(g.ldc >= g.m, "gemm {g:?}: ldc < m");
+    let pa = a.0[a.1..].as_ptr() as usize;
+    let pb = b.0[b.1..].as_ptr() as usize;
+    let pc = c.0[c.1..].as_mut_ptr() as usize;
+    // SAFETY: the extents of A, B and C were checked against their buffers above, C's batch
+    // entries do not overlap, and C is borrowed mutably (so it aliases neither A nor B).
+    unsafe { Cpu::gemm_raw(g, pa, pb, pc) };
+}
 
-    fn bias_bwd(
-        &self,
-        grads: &mut Vec<f32>,
-        dbias: usize,
-        dout: &Vec<f32>,
-        n: usize,
-        oc: usize,
-    ) -> Result<()> {
-        let g = &mut grads[dbias..dbias + oc];
-        for row in dout[..n * oc].chunks(oc) {
-            g.iter_mut().zip(row).for_each(|(a, x)| *a += x);
-        }
-        Ok(())
+/// `out[i] = f(inp[i])`.
+fn map(out: &mut [f32], inp: &[f32], f: impl Fn(f32) -> f32 + Sync) {
+    out.par_iter_mut().zip(inp).for_each(|(o, &x)| *o = f(x));
+}
+
+/// `out[i] = f(a[i], b[i])`.
+fn zip_map(out: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
+    out.par_iter_mut()
+        .zip(a)
+        .zip(b)
+        .for_each(|((o, &x), &y)| *o = f(x, y));
+}
+
+/// [`Kernel::Unary`]; one loop per op, so that each compiles to its own tight loop.
+fn unary(op: UnaryOp, out: &mut [f32], inp: &[f32]) {
+    match op {
+        UnaryOp::Gelu => map(out, inp, gelu),
+        UnaryOp::Relu => map(out, inp, |x| x.max(0.0)),
+        UnaryOp::Sigmoid => map(out, inp, sigmoid),
+        UnaryOp::Tanh => map(out, inp, f32::tanh),
     }
+}
 
-    fn gelu_fwd(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize) -> Result<()> {
-        out[..n]
-            .par_iter_mut()
-            .zip(&inp[..n])
-            .for_each(|(o, &x)| *o = gelu(x));
-        Ok(())
+/// [`Kernel::UnaryBwd`]: `dinp = op'(inp) * dout`.
+fn unary_bwd(op: UnaryOp, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+    match op {
+        UnaryOp::Gelu => zip_map(dinp, inp, dout, |x, d| gelu_grad(x) * d),
+        UnaryOp::Relu => zip_map(dinp, inp, dout, |x, d| if x > 0.0 { d } else { 0.0 }),
+        UnaryOp::Sigmoid => zip_map(dinp, inp, dout, |x, d| {
+            let s = sigmoid(x);
+            s * (1.0 - s) * d
+        }),
+        UnaryOp::Tanh => zip_map(dinp, inp, dout, |x, d| {
+            let t = x.tanh();
+            (1.0 - t * t) * d
+        }),
     }
+}
 
-    fn gelu_bwd(
-        &self,
-        dinp: &mut Vec<f32>,
-        inp: &Vec<f32>,
-        dout: &Vec<f32>,
-        n: usize,
-    ) -> Result<()> {
-        dinp[..n]
-            .par_iter_mut()
-            .zip(&inp[..n])
-            .zip(&dout[..n])
-            .for_each(|((di, &x), &d)| *di = gelu_grad(x) * d);
-        Ok(())
+/// [`Kernel::Binary`].
+fn binary(op: BinaryOp, out: &mut [f32], a: &[f32], b: &[f32]) {
+    match op {
+        BinaryOp::Add => zip_map(out, a, b, |x, y| x + y),
+        BinaryOp::Sub => zip_map(out, a, b, |x, y| x - y),
+        BinaryOp::Mul => zip_map(out, a, b, |x, y| x * y),
     }
+}
 
-    fn relu_fwd(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize) -> Result<()> {
-        out[..n]
-            .par_iter_mut()
-            .zip(&inp[..n])
-            .for_each(|(o, &x)| *o = x.max(0.0));
-        Ok(())
+/// [`Kernel::Permute`]: copies runs that are contiguous in both tensors (the last axis, when
+/// it stays last), in parallel tasks that each walk their runs with an odometer over the
+/// output's axes (no division per run).
+fn permute(out: &mut [f32], inp: &[f32], p: &Permutation) {
+    if p.len == 0 {
+        return;
     }
-
-    fn relu_bwd(
-        &self,
-        dinp: &mut Vec<f32>,
-        out: &Vec<f32>,
-        dout: &Vec<f32>,
-        n: usize,
-    ) -> Result<()> {
-        dinp[..n]
-            .par_iter_mut()
-            .zip(&out[..n])
-            .zip(&dout[..n])
-            .for_each(|((di, &o), &d)| *di = if o > 0.0 { d } else { 0.0 });
-        Ok(())
-    }
-
-    fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, n: usize) -> Result<()> {
-        out[..n]
-            .par_iter_mut()
-            .zip(&a[..n])
-            .zip(&b[..n])
-            .for_each(|((o, x), y)| *o = x + y);
-        Ok(())
-    }
-
-    fn permute_qkv(
-        &self,
-        qkvr: &mut Vec<f32>,
-        qkv: &Vec<f32>,
-        b: usize,
-        t: usize,
-        nh: usize,
-        hs: usize,
-    ) -> Result<()> {
-        let c = nh * hs;
-        let part = b * t * c;
-        for (which, dst) in qkvr[..3 * part].chunks_mut(part).enumerate() {
-            dst.par_chunks_mut(hs).enumerate().for_each(|(r, row)| {
-                // r = ((bi * nh + h) * t + ti)
-                let (ti, bh) = (r % t, r / t);
-                let (bi, h) = (bh / nh, bh % nh);
-                let src = (bi * t + ti) * 3 * c + which * c + h * hs;
-                row.copy_from_slice(&qkv[src..src + hs]);
-            });
-        }
-        Ok(())
-    }
-
-    fn permute_qkv_bwd(
-        &self,
-        dqkv: &mut Vec<f32>,
-        dqkvr: &Vec<f32>,
-        b: usize,
-        t: usize,
-        nh: usize,
-        hs: usize,
-    ) -> Result<()> {
-        let c = nh * hs;
-        let part = b * t * c;
-        dqkv[..3 * part]
-            .par_chunks_mut(hs)
-            .enumerate()
-            .for_each(|(r, row)| {
-                // r = ((bi * t + ti) * 3 + which) * nh + h
-                let h = r % nh;
-                let which = (r / nh) % 3;
-                let bt = r / (3 * nh);
-                let (bi, ti) = (bt / t, bt % t);
-                let src = which * part + ((bi * nh + h) * t + ti) * hs;
-                row.copy_from_slice(&dqkvr[src..src + hs]);
-            });
-        Ok(())
-    }
-
-    fn unpermute(
-        &self,
-        out: &mut Vec<f32>,
-        inp: &Vec<f32>,
-        b: usize,
-        t: usize,
-        nh: usize,
-        hs: usize,
-        forward: bool,
-    ) -> Result<()> {
-        out[..b * t * nh * hs]
-            .par_chunks_mut(hs)
-            .enumerate()
-            .for_each(|(r, row)| {
-                let src = if forward {
-                    // out row r = (bi, ti, h); input (bi, h, ti)
-                    let h = r % nh;
-                    let bt = r / nh;
-                    let (bi, ti) = (bt / t, bt % t);
-                    ((bi * nh + h) * t + ti) * hs
-                } else {
-                    // out row r = (bi, h, ti); input (bi, ti, h)
-                    let ti = r % t;
-                    let bh = r / t;
-                    let (bi, h) = (bh / nh, bh % nh);
-                    ((bi * t + ti) * nh + h) * hs
-                };
-                row.copy_from_slice(&inp[src..src + hs]);
-            });
-        Ok(())
-    }
-
-    fn softmax_causal_fwd(
-        &self,
-        att: &mut Vec<f32>,
-        preatt: &Vec<f32>,
-        scale: f32,
-        rows: usize,
-        t: usize,
-    ) -> Result<()> {
-        rows_mut(&mut att[..rows * t * t], t)
-            .enumerate()
-            .for_each(|(r, out)| {
-                let t1 = r % t;
-                let x = &preatt[r * t..r * t + t1 + 1];
-                let max = x.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
-                let mut sum = 0.0f32;
-                for (o, v) in out.iter_mut().zip(x) {
-                    *o = (v * scale - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                out[..=t1].iter_mut().for_each(|o| *o *= inv);
-                out[t1 + 1..].fill(0.0);
-            });
-        Ok(())
-    }
-
-    fn softmax_causal_bwd(
-        &self,
-        dpreatt: &mut Vec<f32>,
-        datt: &Vec<f32>,
-        att: &Vec<f32>,
-        scale: f32,
-        rows: usize,
-        t: usize,
-    ) -> Result<()> {
-        rows_mut(&mut dpreatt[..rows * t * t], t)
-            .enumerate()
-            .for_each(|(r, out)| {
-                let t1 = r % t;
-                let a = &att[r * t..r * t + t1 + 1];
-                let d = &datt[r * t..r * t + t1 + 1];
-                let dot: f32 = a.iter().zip(d).map(|(x, y)| x * y).sum();
-                for ((o, x), y) in out.iter_mut().zip(a).zip(d) {
-                    *o = scale * x * (y - dot);
-                }
-                out[t1 + 1..].fill(0.0);
-            });
-        Ok(())
-    }
-
-    fn crossentropy(
-        &self,
-        losses: &mut Vec<f32>,
-        logits: &mut Vec<f32>,
-        targets: &Vec<i32>,
-        n: usize,
-        v: usize,
-        vp: usize,
-        dloss: f32,
-        grad: bool,
-    ) -> Result<()> {
-        rows_mut(&mut logits[..n * vp], vp)
-            .zip(losses[..n].par_iter_mut())
-            .enumerate()
-            .for_each(|(i, (row, loss))| {
-                let x = &mut row[..v];
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = x.iter().map(|l| (l - max).exp()).sum();
-                let target = targets[i] as usize;
-                *loss = sum.ln() + max - x[target];
-                if grad {
-                    let inv = 1.0 / sum;
-                    for (j, l) in x.iter_mut().enumerate() {
-                        let p = (*l - max).exp() * inv;
-                        *l = dloss * (p - f32::from(j == target));
+    let last = MAX_RANK - 1;
+    let first = MAX_RANK - p.rank;
+    let contiguous = p.strides[last] == 1;
+    let inner = if contiguous { p.dims[last] } else { 1 };
+    // The axes that index the runs.
+    let top = if contiguous { last } else { MAX_RANK };
+    let runs = p.len / inner;
+    let per_task = runs.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let inp = &inp[..p.len];
+    out[..p.len]
+        .par_chunks_mut(per_task * inner)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let mut idx = [0usize; MAX_RANK];
+            let mut rem = task * per_task;
+            let mut src = 0;
+            for a in (first..top).rev() {
+                idx[a] = rem % p.dims[a];
+                rem /= p.dims[a];
+                src += idx[a] * p.strides[a];
+            }
+            for run in chunk.chunks_mut(inner) {
+                run.copy_from_slice(&inp[src..src + inner]);
+                let mut a = top;
+                while a > first {
+                    a -= 1;
+                    idx[a] += 1;
+                    src += p.strides[a];
+                    if idx[a] < p.dims[a] {
+                        break;
                     }
-                    row[v..].fill(0.0);
+                    src -= p.dims[a] * p.strides[a];
+                    idx[a] = 0;
                 }
-            });
-        Ok(())
-    }
+            }
+        });
+}
 
-    fn sum_squares(&self, buf: &Vec<f32>, off: usize, len: usize) -> Result<f64> {
-        // Per-chunk sums in parallel, then added in order: the same result on every run.
-        let parts: Vec<f64> = buf[off..off + len]
-            .par_chunks(4096)
-            .map(|c| c.iter().map(|g| f64::from(*g) * f64::from(*g)).sum::<f64>())
-            .collect();
-        Ok(parts.iter().sum())
+/// Entries row `r` of a softmax `width` wide sees under `mask`.
+fn visible(mask: Mask, r: usize, width: usize) -> usize {
+    match mask {
+        Mask::Full => width,
+        Mask::Causal => r % width + 1,
     }
+}
 
-    fn adamw(
-        &self,
-        params: &mut Vec<f32>,
-        grads: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
-        off: usize,
-        len: usize,
-        s: &AdamStep,
-    ) -> Result<()> {
-        let bc1 = 1.0 - s.beta1.powi(s.t);
-        let bc2 = 1.0 - s.beta2.powi(s.t);
-        params[off..off + len]
-            .par_iter_mut()
-            .zip(&grads[off..off + len])
-            .zip(&mut m[off..off + len])
-            .zip(&mut v[off..off + len])
-            .for_each(|(((p, &g), m), v)| {
-                let g = g * s.grad_scale;
-                *m = s.beta1 * *m + (1.0 - s.beta1) * g;
-                *v = s.beta2 * *v + (1.0 - s.beta2) * g * g;
-                let mh = *m / bc1;
-                let vh = *v / bc2;
-                *p -= s.lr * (mh / (vh.sqrt() + s.eps) + s.weight_decay * *p);
-            });
-        Ok(())
+/// [`Kernel::Softmax`].
+fn softmax(out: &mut [f32], inp: &[f32], rows: usize, t: usize, scale: f32, mask: Mask) {
+    rows_mut(&mut out[..rows * t], t)
+        .enumerate()
+        .for_each(|(r, out)| {
+            let seen = visible(mask, r, t);
+            let x = &inp[r * t..r * t + seen];
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
+            let mut sum = 0.0f32;
+            for (o, v) in out.iter_mut().zip(x) {
+                *o = (v * scale - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            out[..seen].iter_mut().for_each(|o| *o *= inv);
+            out[seen..].fill(0.0);
+        });
+}
+
+/// [`Kernel::SoftmaxBwd`].
+#[allow(clippy::too_many_arguments)]
+fn softmax_bwd(
+    dinp: &mut [f32],
+    dout: &[f32],
+    att: &[f32],
+    rows: usize,
+    t: usize,
+    scale: f32,
+    mask: Mask,
+) {
+    rows_mut(&mut dinp[..rows * t], t)
+        .enumerate()
+        .for_each(|(r, out)| {
+            let seen = visible(mask, r, t);
+            let a = &att[r * t..r * t + seen];
+            let d = &dout[r * t..r * t + seen];
+            let dot: f32 = a.iter().zip(d).map(|(x, y)| x * y).sum();
+            for ((o, x), y) in out.iter_mut().zip(a).zip(d) {
+                *o = scale * x * (y - dot);
+            }
+            out[seen..].fill(0.0);
+        });
+}
+
+/// [`Kernel::LayerNorm`].
+fn layernorm(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    (params, w): (&[f32], usize),
+    n: usize,
+    c: usize,
+) {
+    let (wt, bias) = (&params[w..w + c], &params[w + c..w + 2 * c]);
+    rows_mut(&mut out[..n * c], c)
+        .zip(mean[..n].par_iter_mut())
+        .zip(rstd[..n].par_iter_mut())
+        .enumerate()
+        .for_each(|(i, ((row, mu), rs))| {
+            let x = &inp[i * c..(i + 1) * c];
+            let m = x.iter().sum::<f32>() / c as f32;
+            let var = x.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / c as f32;
+            let s = 1.0 / (var + 1e-5).sqrt();
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = (x[j] - m) * s * wt[j] + bias[j];
+            }
+            *mu = m;
+            *rs = s;
+        });
+}
+
+/// [`Kernel::LayerNormBwd`].
+#[allow(clippy::too_many_arguments)]
+fn layernorm_bwd(
+    dinp: &mut [f32],
+    (grads, dw): (&mut [f32], usize),
+    dout: &[f32],
+    inp: &[f32],
+    (params, w): (&[f32], usize),
+    (mean, rstd): (&[f32], &[f32]),
+    n: usize,
+    c: usize,
+) {
+    let wt = &params[w..w + c];
+    rows_mut(&mut dinp[..n * c], c)
+        .enumerate()
+        .for_each(|(i, di)| {
+            let x = &inp[i * c..(i + 1) * c];
+            let d = &dout[i * c..(i + 1) * c];
+            let (m, s) = (mean[i], rstd[i]);
+            let (mut dnorm_mean, mut dnorm_norm_mean) = (0.0f32, 0.0f32);
+            for j in 0..c {
+                let norm = (x[j] - m) * s;
+                let dn = wt[j] * d[j];
+                dnorm_mean += dn;
+                dnorm_norm_mean += dn * norm;
+            }
+            dnorm_mean /= c as f32;
+            dnorm_norm_mean /= c as f32;
+            for j in 0..c {
+                let norm = (x[j] - m) * s;
+                let dn = wt[j] * d[j];
+                di[j] += (dn - dnorm_mean - norm * dnorm_norm_mean) * s;
+            }
+        });
+    let (gw, gb) = grads[dw..dw + 2 * c].split_at_mut(c);
+    for i in 0..n {
+        let x = &inp[i * c..(i + 1) * c];
+        let d = &dout[i * c..(i + 1) * c];
+        let (m, s) = (mean[i], rstd[i]);
+        for j in 0..c {
+            gw[j] += (x[j] - m) * s * d[j];
+            gb[j] += d[j];
+        }
     }
+}
+
+/// [`Kernel::CrossEntropy`].
+fn crossentropy(
+    losses: &mut [f32],
+    logits: &mut [f32],
+    targets: &[i32],
+    n: usize,
+    v: usize,
+    vp: usize,
+    grad: Option<f32>,
+) {
+    rows_mut(&mut logits[..n * vp], vp)
+        .zip(losses[..n].par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (row, loss))| {
+            let x = &mut row[..v];
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = x.iter().map(|l| (l - max).exp()).sum();
+            let target = targets[i] as usize;
+            *loss = sum.ln() + max - x[target];
+            if let Some(dloss) = grad {
+                let inv = 1.0 / sum;
+                for (j, l) in x.iter_mut().enumerate() {
+                    let p = (*l - max).exp() * inv;
+                    *l = dloss * (p - f32::from(j == target));
+                }
+                row[v..].fill(0.0);
+            }
+        });
+}
+
+/// [`Kernel::AdamW`] on one range of parameters, gradients and moments.
+fn adamw(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamStep) {
+    let bc1 = 1.0 - s.beta1.powi(s.t);
+    let bc2 = 1.0 - s.beta2.powi(s.t);
+    params
+        .par_iter_mut()
+        .zip(grads)
+        .zip(m)
+        .zip(v)
+        .for_each(|(((p, &g), m), v)| {
+            let g = g * s.grad_scale;
+            *m = s.beta1 * *m + (1.0 - s.beta1) * g;
+            *v = s.beta2 * *v + (1.0 - s.beta2) * g * g;
+            let mh = *m / bc1;
+            let vh = *v / bc2;
+            *p -= s.lr * (mh / (vh.sqrt() + s.eps) + s.weight_decay * *p);
+        });
 }
 
 const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2 / pi)
@@ -606,4 +614,9 @@ pub fn gelu_grad(x: f32) -> f32 {
     let th = tanh(arg);
     let sech2 = 1.0 - th * th;
     0.5 * (1.0 + th) + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
+}
+
+/// The logistic function, `1 / (1 + exp(-x))`.
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
 }

@@ -15,27 +15,25 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use crate::backend::{AdamStep, At, Backend, Gemm, Op};
+use crate::backend::{Backend, BinaryOp, Gemm, Kernel, MAX_RANK, Mask, Op, Permutation, UnaryOp};
 use crate::{EngineError, Result};
 
 const SOURCE: &str = include_str!("kernels.cu");
-const KERNELS: [&str; 19] = [
-    "relu_fwd",
-    "relu_bwd",
-    "encoder_fwd",
-    "encoder_bwd",
+/// The kernels of `kernels.cu` the backend loads, one or more per [`Kernel`].
+pub const KERNELS: [&str; 16] = [
+    "unary",
+    "unary_bwd",
+    "binary",
+    "gather_rows",
+    "scatter_add_rows",
+    "add_row",
+    "sum_rows",
+    "permute",
     "layernorm_fwd",
     "layernorm_bwd_input",
     "layernorm_bwd_params",
-    "bias_fwd",
-    "bias_bwd",
-    "gelu_fwd",
-    "gelu_bwd",
-    "add",
-    "permute_qkv",
-    "unpermute",
-    "softmax_causal_fwd",
-    "softmax_causal_bwd",
+    "softmax_fwd",
+    "softmax_bwd",
     "crossentropy",
     "sum_squares",
     "adamw",
@@ -183,7 +181,7 @@ impl Cuda {
         p + (off * std::mem::size_of::<T>()) as u64
     }
 
-    fn launch(&self, name: &str, grid: (u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+    fn run(&self, name: &str, grid: (u32, u32), block: u32, args: &[Arg]) -> Result<()> {
         let f = &self.kernels[name];
         let mut b = self.stream.launch_builder(f);
         for a in args {
@@ -216,12 +214,12 @@ impl Cuda {
             )));
         }
         let grid = n.div_ceil(THREADS as usize) as u32;
-        self.launch(name, (grid, 1), THREADS, args)
+        self.run(name, (grid, 1), THREADS, args)
     }
 
     fn per_row(&self, name: &str, rows: usize, args: &[Arg]) -> Result<()> {
         let per_block = THREADS as usize / 32;
-        self.launch(name, (rows.div_ceil(per_block) as u32, 1), THREADS, args)
+        self.run(name, (rows.div_ceil(per_block) as u32, 1), THREADS, args)
     }
 }
 
@@ -298,12 +296,309 @@ impl Backend for Cuda {
             .map_err(dev("waiting for the device"))
     }
 
-    fn gemm(
+    fn launch(&self, kernel: Kernel<'_, CudaSlice<f32>, CudaSlice<i32>>) -> Result<()> {
+        match kernel {
+            Kernel::Gemm { g, a, b, c } => self.gemm_blas(&g, (a.0, a.1), (b.0, b.1), (c.0, c.1)),
+            Kernel::Unary { op, out, inp, n } => {
+                let args = [
+                    Arg::Ptr(self.ptr(out, 0, n)),
+                    Arg::Ptr(self.ptr(inp, 0, n)),
+                    l(n),
+                    Arg::Int(unary_code(op)),
+                ];
+                self.elementwise("unary", n, &args)
+            }
+            Kernel::UnaryBwd {
+                op,
+                dinp,
+                inp,
+                dout,
+                n,
+            } => {
+                let args = [
+                    Arg::Ptr(self.ptr(dinp, 0, n)),
+                    Arg::Ptr(self.ptr(inp, 0, n)),
+                    Arg::Ptr(self.ptr(dout, 0, n)),
+                    l(n),
+                    Arg::Int(unary_code(op)),
+                ];
+                self.elementwise("unary_bwd", n, &args)
+            }
+            Kernel::Binary { op, out, a, b, n } => {
+                let args = [
+                    Arg::Ptr(self.ptr(out, 0, n)),
+                    Arg::Ptr(self.ptr(a, 0, n)),
+                    Arg::Ptr(self.ptr(b, 0, n)),
+                    l(n),
+                    Arg::Int(binary_code(op)),
+                ];
+                self.elementwise("binary", n, &args)
+            }
+            Kernel::GatherRows {
+                out,
+                table,
+                table_rows,
+                ids,
+                n,
+                width,
+            } => {
+                let args = [
+                    Arg::Ptr(self.ptr(out, 0, n * width)),
+                    Arg::Ptr(self.ptr(table.0, table.1, table_rows * width)),
+                    Arg::Ptr(self.ptr(ids, 0, n)),
+                    i(n),
+                    i(width),
+                ];
+                self.elementwise("gather_rows", n * width, &args)
+            }
+            Kernel::ScatterAddRows {
+                table,
+                table_rows,
+                ids,
+                src,
+                n,
+                width,
+            } => {
+                let args = [
+                    Arg::Ptr(self.ptr(table.0, table.1, table_rows * width)),
+                    Arg::Ptr(self.ptr(src, 0, n * width)),
+                    Arg::Ptr(self.ptr(ids, 0, n)),
+                    i(n),
+                    i(width),
+                ];
+                self.elementwise("scatter_add_rows", n * width, &args)
+            }
+            Kernel::AddRow { out, row, n, width } => {
+                let args = [
+                    Arg::Ptr(self.ptr(out, 0, n * width)),
+                    Arg::Ptr(self.ptr(row.0, row.1, width)),
+                    i(n),
+                    i(width),
+                ];
+                self.elementwise("add_row", n * width, &args)
+            }
+            Kernel::SumRows { dst, src, n, width } => {
+                let args = [
+                    Arg::Ptr(self.ptr(dst.0, dst.1, width)),
+                    Arg::Ptr(self.ptr(src, 0, n * width)),
+                    i(n),
+                    i(width),
+                    i(CHUNK),
+                ];
+                let grid = (
+                    width.div_ceil(THREADS as usize) as u32,
+                    n.div_ceil(CHUNK) as u32,
+                );
+                self.run("sum_rows", grid, THREADS, &args)
+            }
+            Kernel::SumSquares { src, len, out } => {
+                let args = [
+                    Arg::Ptr(self.ptr(&self.partial, 0, SUM_BLOCKS)),
+                    Arg::Ptr(self.ptr(src.0, src.1, len)),
+                    l(len),
+                ];
+                self.run("sum_squares", (SUM_BLOCKS as u32, 1), THREADS, &args)?;
+                let parts = self.download(&self.partial, 0, SUM_BLOCKS)?;
+                *out = parts.iter().map(|p| f64::from(*p)).sum();
+                Ok(())
+            }
+            Kernel::Permute {
+                out,
+                inp,
+                shape,
+                perm,
+            } => {
+                let p = Permutation::new(shape, perm)?;
+                let mut args = vec![
+                    Arg::Ptr(self.ptr(out, 0, p.len)),
+                    Arg::Ptr(self.ptr(inp, 0, p.len)),
+                    i(p.len),
+                    i(MAX_RANK - p.rank),
+                ];
+                args.extend(p.dims.iter().map(|&d| i(d)));
+                args.extend(p.strides.iter().map(|&s| i(s)));
+                self.elementwise("permute", p.len, &args)
+            }
+            Kernel::Softmax {
+                out,
+                inp,
+                rows,
+                width,
+                scale,
+                mask,
+            } => {
+                let n = rows * width;
+                let args = [
+                    Arg::Ptr(self.ptr(out, 0, n)),
+                    Arg::Ptr(self.ptr(inp, 0, n)),
+                    Arg::Float(scale),
+                    i(rows),
+                    i(width),
+                    Arg::Int(i32::from(mask == Mask::Causal)),
+                ];
+                self.per_row("softmax_fwd", rows, &args)
+            }
+            Kernel::SoftmaxBwd {
+                dinp,
+                dout,
+                out,
+                rows,
+                width,
+                scale,
+                mask,
+            } => {
+                let n = rows * width;
+                let args = [
+                    Arg::Ptr(self.ptr(dinp, 0, n)),
+                    Arg::Ptr(self.ptr(dout, 0, n)),
+                    Arg::Ptr(self.ptr(out, 0, n)),
+                    Arg::Float(scale),
+                    i(rows),
+                    i(width),
+                    Arg::Int(i32::from(mask == Mask::Causal)),
+                ];
+                self.per_row("softmax_bwd", rows, &args)
+            }
+            Kernel::LayerNorm {
+                out,
+                mean,
+                rstd,
+                inp,
+                params,
+                n,
+                c,
+            } => {
+                let args = [
+                    Arg::Ptr(self.ptr(out, 0, n * c)),
+                    Arg::Ptr(self.ptr(mean, 0, n)),
+                    Arg::Ptr(self.ptr(rstd, 0, n)),
+                    Arg::Ptr(self.ptr(inp, 0, n * c)),
+                    Arg::Ptr(self.ptr(params.0, params.1, c)),
+                    Arg::Ptr(self.ptr(params.0, params.1 + c, c)),
+                    i(n),
+                    i(c),
+                ];
+                self.per_row("layernorm_fwd", n, &args)
+            }
+            Kernel::LayerNormBwd {
+                dinp,
+                grads,
+                dout,
+                inp,
+                params,
+                mean,
+                rstd,
+                n,
+                c,
+            } => {
+                let (pd, pi) = (self.ptr(dout, 0, n * c), self.ptr(inp, 0, n * c));
+                let (pm, pr) = (self.ptr(mean, 0, n), self.ptr(rstd, 0, n));
+                let args = [
+                    Arg::Ptr(self.ptr(dinp, 0, n * c)),
+                    Arg::Ptr(pd),
+                    Arg::Ptr(pi),
+                    Arg::Ptr(self.ptr(params.0, params.1, c)),
+                    Arg::Ptr(pm),
+                    Arg::Ptr(pr),
+                    i(n),
+                    i(c),
+                ];
+                self.per_row("layernorm_bwd_input", n, &args)?;
+                let args = [
+                    Arg::Ptr(self.ptr(grads.0, grads.1, c)),
+                    Arg::Ptr(self.ptr(grads.0, grads.1 + c, c)),
+                    Arg::Ptr(pd),
+                    Arg::Ptr(pi),
+                    Arg::Ptr(pm),
+                    Arg::Ptr(pr),
+                    i(n),
+                    i(c),
+                    i(CHUNK),
+                ];
+                let grid = (
+                    c.div_ceil(THREADS as usize) as u32,
+                    n.div_ceil(CHUNK) as u32,
+                );
+                self.run("layernorm_bwd_params", grid, THREADS, &args)
+            }
+            Kernel::CrossEntropy {
+                losses,
+                logits,
+                targets,
+                n,
+                v,
+                vp,
+                grad,
+            } => {
+                let args = [
+                    Arg::Ptr(self.ptr(losses, 0, n)),
+                    Arg::Ptr(self.ptr(logits, 0, n * vp)),
+                    Arg::Ptr(self.ptr(targets, 0, n)),
+                    i(n),
+                    i(v),
+                    i(vp),
+                    Arg::Float(grad.unwrap_or(0.0)),
+                    Arg::Int(i32::from(grad.is_some())),
+                ];
+                self.run("crossentropy", (n as u32, 1), 512, &args)
+            }
+            Kernel::AdamW {
+                params,
+                grads,
+                m,
+                v,
+                off,
+                len,
+                step: s,
+            } => {
+                let args = [
+                    Arg::Ptr(self.ptr(params, off, len)),
+                    Arg::Ptr(self.ptr(grads, off, len)),
+                    Arg::Ptr(self.ptr(m, off, len)),
+                    Arg::Ptr(self.ptr(v, off, len)),
+                    l(len),
+                    Arg::Float(s.lr),
+                    Arg::Float(s.beta1),
+                    Arg::Float(s.beta2),
+                    Arg::Float(s.eps),
+                    Arg::Float(s.weight_decay),
+                    Arg::Float(1.0 - s.beta1.powi(s.t)),
+                    Arg::Float(1.0 - s.beta2.powi(s.t)),
+                    Arg::Float(s.grad_scale),
+                ];
+                self.elementwise("adamw", len, &args)
+            }
+        }
+    }
+}
+
+/// The code of `op` in kernels.cu's `unary` and `unary_bwd` (`OP_GELU` and the rest).
+fn unary_code(op: UnaryOp) -> i32 {
+    match op {
+        UnaryOp::Gelu => 0,
+        UnaryOp::Relu => 1,
+        UnaryOp::Sigmoid => 2,
+        UnaryOp::Tanh => 3,
+    }
+}
+
+/// The code of `op` in kernels.cu's `binary` (`OP_ADD` and the rest).
+fn binary_code(op: BinaryOp) -> i32 {
+    match op {
+        BinaryOp::Add => 0,
+        BinaryOp::Sub => 1,
+        BinaryOp::Mul => 2,
+    }
+}
+
+impl Cuda {
+    /// [`Kernel::Gemm`] through cuBLAS, after checking the operands' extents.
+    fn gemm_blas(
         &self,
         g: &Gemm,
-        a: At<'_, Self>,
-        b: At<'_, Self>,
-        c: (&mut Self::Buf, usize),
+        a: (&CudaSlice<f32>, usize),
+        b: (&CudaSlice<f32>, usize),
+        c: (&mut CudaSlice<f32>, usize),
     ) -> Result<()> {
         if g.m == 0 || g.n == 0 || g.batch == 0 {
             return Ok(());
@@ -349,391 +644,5 @@ impl Backend for Cuda {
         }
         .result()
         .map_err(dev("cuBLAS GEMM"))
-    }
-
-    fn encoder_fwd(
-        &self,
-        out: &mut Self::Buf,
-        ids: &Self::Ids,
-        params: &Self::Buf,
-        wte: usize,
-        wpe: usize,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()> {
-        let n = b * t * c;
-        let args = [
-            Arg::Ptr(self.ptr(out, 0, n)),
-            Arg::Ptr(self.ptr(ids, 0, b * t)),
-            Arg::Ptr(self.ptr(params, wte, c)),
-            Arg::Ptr(self.ptr(params, wpe, t * c)),
-            i(b),
-            i(t),
-            i(c),
-        ];
-        self.elementwise("encoder_fwd", n, &args)
-    }
-
-    fn encoder_bwd(
-        &self,
-        grads: &mut Self::Buf,
-        dwte: usize,
-        dwpe: usize,
-        dout: &Self::Buf,
-        ids: &Self::Ids,
-        b: usize,
-        t: usize,
-        c: usize,
-    ) -> Result<()> {
-        let n = b * t * c;
-        let args = [
-            Arg::Ptr(self.ptr(grads, dwte, c)),
-            Arg::Ptr(self.ptr(grads, dwpe, t * c)),
-            Arg::Ptr(self.ptr(dout, 0, n)),
-            Arg::Ptr(self.ptr(ids, 0, b * t)),
-            i(b),
-            i(t),
-            i(c),
-        ];
-        self.elementwise("encoder_bwd", n, &args)
-    }
-
-    fn layernorm_fwd(
-        &self,
-        out: &mut Self::Buf,
-        mean: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        inp: &Self::Buf,
-        params: &Self::Buf,
-        w: usize,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        let args = [
-            Arg::Ptr(self.ptr(out, 0, n * c)),
-            Arg::Ptr(self.ptr(mean, 0, n)),
-            Arg::Ptr(self.ptr(rstd, 0, n)),
-            Arg::Ptr(self.ptr(inp, 0, n * c)),
-            Arg::Ptr(self.ptr(params, w, c)),
-            Arg::Ptr(self.ptr(params, w + c, c)),
-            i(n),
-            i(c),
-        ];
-        self.per_row("layernorm_fwd", n, &args)
-    }
-
-    fn layernorm_bwd(
-        &self,
-        dinp: &mut Self::Buf,
-        grads: &mut Self::Buf,
-        dw: usize,
-        dout: &Self::Buf,
-        inp: &Self::Buf,
-        params: &Self::Buf,
-        w: usize,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        let (pd, pi) = (self.ptr(dout, 0, n * c), self.ptr(inp, 0, n * c));
-        let (pm, pr) = (self.ptr(mean, 0, n), self.ptr(rstd, 0, n));
-        let args = [
-            Arg::Ptr(self.ptr(dinp, 0, n * c)),
-            Arg::Ptr(pd),
-            Arg::Ptr(pi),
-            Arg::Ptr(self.ptr(params, w, c)),
-            Arg::Ptr(pm),
-            Arg::Ptr(pr),
-            i(n),
-            i(c),
-        ];
-        self.per_row("layernorm_bwd_input", n, &args)?;
-        let args = [
-            Arg::Ptr(self.ptr(grads, dw, c)),
-            Arg::Ptr(self.ptr(grads, dw + c, c)),
-            Arg::Ptr(pd),
-            Arg::Ptr(pi),
-            Arg::Ptr(pm),
-            Arg::Ptr(pr),
-            i(n),
-            i(c),
-            i(CHUNK),
-        ];
-        let grid = (
-            c.div_ceil(THREADS as usize) as u32,
-            n.div_ceil(CHUNK) as u32,
-        );
-        self.launch("layernorm_bwd_params", grid, THREADS, &args)
-    }
-
-    fn bias_fwd(
-        &self,
-        out: &mut Self::Buf,
-        params: &Self::Buf,
-        bias: usize,
-        n: usize,
-        oc: usize,
-    ) -> Result<()> {
-        let args = [
-            Arg::Ptr(self.ptr(out, 0, n * oc)),
-            Arg::Ptr(self.ptr(params, bias, oc)),
-            i(n),
-            i(oc),
-        ];
-        self.elementwise("bias_fwd", n * oc, &args)
-    }
-
-    fn bias_bwd(
-        &self,
-        grads: &mut Self::Buf,
-        dbias: usize,
-        dout: &Self::Buf,
-        n: usize,
-        oc: usize,
-    ) -> Result<()> {
-        let args = [
-            Arg::Ptr(self.ptr(grads, dbias, oc)),
-            Arg::Ptr(self.ptr(dout, 0, n * oc)),
-            i(n),
-            i(oc),
-            i(CHUNK),
-        ];
-        let grid = (
-            oc.div_ceil(THREADS as usize) as u32,
-            n.div_ceil(CHUNK) as u32,
-        );
-        self.launch("bias_bwd", grid, THREADS, &args)
-    }
-
-    fn gelu_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize) -> Result<()> {
-        let args = [
-            Arg::Ptr(self.ptr(out, 0, n)),
-            Arg::Ptr(self.ptr(inp, 0, n)),
-            l(n),
-        ];
-        self.elementwise("gelu_fwd", n, &args)
-    }
-
-    fn gelu_bwd(
-        &self,
-        dinp: &mut Self::Buf,
-        inp: &Self::Buf,
-        dout: &Self::Buf,
-        n: usize,
-    ) -> Result<()> {
-        let args = [
-            Arg::Ptr(self.ptr(dinp, 0, n)),
-            Arg::Ptr(self.ptr(inp, 0, n)),
-            Arg::Ptr(self.ptr(dout, 0, n)),
-            l(n),
-        ];
-        self.elementwise("gelu_bwd", n, &args)
-    }
-
-    fn relu_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize) -> Result<()> {
-        let args = [
-            Arg::Ptr(self.ptr(out, 0, n)),
-            Arg::Ptr(self.ptr(inp, 0, n)),
-            l(n),
-        ];
-        self.elementwise("relu_fwd", n, &args)
-    }
-
-    fn relu_bwd(
-        &self,
-        dinp: &mut Self::Buf,
-        out: &Self::Buf,
-        dout: &Self::Buf,
-        n: usize,
-    ) -> Result<()> {
-        let args = [
-            Arg::Ptr(self.ptr(dinp, 0, n)),
-            Arg::Ptr(self.ptr(out, 0, n)),
-            Arg::Ptr(self.ptr(dout, 0, n)),
-            l(n),
-        ];
-        self.elementwise("relu_bwd", n, &args)
-    }
-
-    fn add(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, n: usize) -> Result<()> {
-        let args = [
-            Arg::Ptr(self.ptr(out, 0, n)),
-            Arg::Ptr(self.ptr(a, 0, n)),
-            Arg::Ptr(self.ptr(b, 0, n)),
-            l(n),
-        ];
-        self.elementwise("add", n, &args)
-    }
-
-    fn permute_qkv(
-        &self,
-        qkvr: &mut Self::Buf,
-        qkv: &Self::Buf,
-        b: usize,
-        t: usize,
-        nh: usize,
-        hs: usize,
-    ) -> Result<()> {
-        let n = 3 * b * t * nh * hs;
-        let args = [
-            Arg::Ptr(self.ptr(qkvr, 0, n)),
-            Arg::Ptr(self.ptr(qkv, 0, n)),
-            i(b),
-            i(t),
-            i(nh),
-            i(hs),
-            Arg::Int(0),
-        ];
-        self.elementwise("permute_qkv", n, &args)
-    }
-
-    fn permute_qkv_bwd(
-        &self,
-        dqkv: &mut Self::Buf,
-        dqkvr: &Self::Buf,
-        b: usize,
-        t: usize,
-        nh: usize,
-        hs: usize,
-    ) -> Result<()> {
-        let n = 3 * b * t * nh * hs;
-        let args = [
-            Arg::Ptr(self.ptr(dqkvr, 0, n)),
-            Arg::Ptr(self.ptr(dqkv, 0, n)),
-            i(b),
-            i(t),
-            i(nh),
-            i(hs),
-            Arg::Int(1),
-        ];
-        self.elementwise("permute_qkv", n, &args)
-    }
-
-    fn unpermute(
-        &self,
-        out: &mut Self::Buf,
-        inp: &Self::Buf,
-        b: usize,
-        t: usize,
-        nh: usize,
-        hs: usize,
-        forward: bool,
-    ) -> Result<()> {
-        let n = b * t * nh * hs;
-        let args = [
-            Arg::Ptr(self.ptr(out, 0, n)),
-            Arg::Ptr(self.ptr(inp, 0, n)),
-            i(b),
-            i(t),
-            i(nh),
-            i(hs),
-            Arg::Int(i32::from(forward)),
-        ];
-        self.elementwise("unpermute", n, &args)
-    }
-
-    fn softmax_causal_fwd(
-        &self,
-        att: &mut Self::Buf,
-        preatt: &Self::Buf,
-        scale: f32,
-        rows: usize,
-        t: usize,
-    ) -> Result<()> {
-        let n = rows * t * t;
-        let args = [
-            Arg::Ptr(self.ptr(att, 0, n)),
-            Arg::Ptr(self.ptr(preatt, 0, n)),
-            Arg::Float(scale),
-            i(rows),
-            i(t),
-        ];
-        self.per_row("softmax_causal_fwd", rows * t, &args)
-    }
-
-    fn softmax_causal_bwd(
-        &self,
-        dpreatt: &mut Self::Buf,
-        datt: &Self::Buf,
-        att: &Self::Buf,
-        scale: f32,
-        rows: usize,
-        t: usize,
-    ) -> Result<()> {
-        let n = rows * t * t;
-        let args = [
-            Arg::Ptr(self.ptr(dpreatt, 0, n)),
-            Arg::Ptr(self.ptr(datt, 0, n)),
-            Arg::Ptr(self.ptr(att, 0, n)),
-            Arg::Float(scale),
-            i(rows),
-            i(t),
-        ];
-        self.per_row("softmax_causal_bwd", rows * t, &args)
-    }
-
-    fn crossentropy(
-        &self,
-        losses: &mut Self::Buf,
-        logits: &mut Self::Buf,
-        targets: &Self::Ids,
-        n: usize,
-        v: usize,
-        vp: usize,
-        dloss: f32,
-        grad: bool,
-    ) -> Result<()> {
-        let args = [
-            Arg::Ptr(self.ptr(losses, 0, n)),
-            Arg::Ptr(self.ptr(logits, 0, n * vp)),
-            Arg::Ptr(self.ptr(targets, 0, n)),
-            i(n),
-            i(v),
-            i(vp),
-            Arg::Float(dloss),
-            Arg::Int(i32::from(grad)),
-        ];
-        self.launch("crossentropy", (n as u32, 1), 512, &args)
-    }
-
-    fn sum_squares(&self, buf: &Self::Buf, off: usize, len: usize) -> Result<f64> {
-        let args = [
-            Arg::Ptr(self.ptr(&self.partial, 0, SUM_BLOCKS)),
-            Arg::Ptr(self.ptr(buf, off, len)),
-            l(len),
-        ];
-        self.launch("sum_squares", (SUM_BLOCKS as u32, 1), THREADS, &args)?;
-        let parts = self.download(&self.partial, 0, SUM_BLOCKS)?;
-        Ok(parts.iter().map(|p| f64::from(*p)).sum())
-    }
-
-    fn adamw(
-        &self,
-        params: &mut Self::Buf,
-        grads: &Self::Buf,
-        m: &mut Self::Buf,
-        v: &mut Self::Buf,
-        off: usize,
-        len: usize,
-        s: &AdamStep,
-    ) -> Result<()> {
-        let args = [
-            Arg::Ptr(self.ptr(params, off, len)),
-            Arg::Ptr(self.ptr(grads, off, len)),
-            Arg::Ptr(self.ptr(m, off, len)),
-            Arg::Ptr(self.ptr(v, off, len)),
-            l(len),
-            Arg::Float(s.lr),
-            Arg::Float(s.beta1),
-            Arg::Float(s.beta2),
-            Arg::Float(s.eps),
-            Arg::Float(s.weight_decay),
-            Arg::Float(1.0 - s.beta1.powi(s.t)),
-            Arg::Float(1.0 - s.beta2.powi(s.t)),
-            Arg::Float(s.grad_scale),
-        ];
-        self.elementwise("adamw", len, &args)
     }
 }

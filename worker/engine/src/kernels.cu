@@ -1,5 +1,6 @@
-// The CUDA backend's kernels, compiled by NVRTC once per process (see cuda.rs). Each mirrors
-// one primitive of the CPU backend (cpu.rs); shapes and names follow llm.c.
+// The CUDA backend's kernels, compiled by NVRTC once per process (see cuda.rs). Each runs one
+// primitive of backend.rs's Kernel the way the CPU backend (cpu.rs) does; shapes and names
+// follow llm.c.
 
 #define WARP 32
 // NVRTC has no math.h: infinity by its bits.
@@ -15,26 +16,26 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-extern "C" __global__ void encoder_fwd(float* out, const int* ids, const float* wte,
-                                       const float* wpe, int B, int T, int C) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)B * T * C) return;
-    int c = i % C;
-    long bt = i / C;
-    int t = bt % T;
-    out[i] = wte[(long)ids[bt] * C + c] + wpe[(long)t * C + c];
+// out[i, :] = table[ids[i], :] for N rows of W (an embedding lookup). Index arithmetic in 32
+// bits (the host checks sizes below 2^31): 64-bit division is slow.
+extern "C" __global__ void gather_rows(float* out, const float* table, const int* ids, int N,
+                                       int W) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (unsigned)N * W) return;
+    unsigned r = i / (unsigned)W;
+    unsigned c = i - r * W;
+    out[i] = table[(long)ids[r] * W + c];
 }
 
-extern "C" __global__ void encoder_bwd(float* dwte, float* dwpe, const float* dout,
-                                       const int* ids, int B, int T, int C) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)B * T * C) return;
-    int c = i % C;
-    long bt = i / C;
-    int t = bt % T;
-    float d = dout[i];
-    atomicAdd(&dwte[(long)ids[bt] * C + c], d);
-    atomicAdd(&dwpe[(long)t * C + c], d);
+// table[ids[i], :] += src[i, :] for N rows of W (an embedding's gradient); atomic, so repeated
+// ids add up in any order.
+extern "C" __global__ void scatter_add_rows(float* table, const float* src, const int* ids, int N,
+                                            int W) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (unsigned)N * W) return;
+    unsigned r = i / (unsigned)W;
+    unsigned c = i - r * W;
+    atomicAdd(&table[(long)ids[r] * W + c], src[i]);
 }
 
 // One warp per row.
@@ -99,14 +100,15 @@ extern "C" __global__ void layernorm_bwd_params(float* dw, float* db, const floa
     atomicAdd(&db[c], ab);
 }
 
-// Index arithmetic in 32 bits (the host checks sizes below 2^31): 64-bit division is slow.
-extern "C" __global__ void bias_fwd(float* out, const float* b, int N, int OC) {
+// out[i, :] += b for N rows of OC (a bias; the position embedding, one row of T x C).
+extern "C" __global__ void add_row(float* out, const float* b, int N, int OC) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (unsigned)N * OC) return;
     out[i] += b[i % (unsigned)OC];
 }
 
-extern "C" __global__ void bias_bwd(float* db, const float* dout, int N, int OC, int chunk) {
+// db += the column sums of N rows of OC: a chunk of rows per block row, added atomically.
+extern "C" __global__ void sum_rows(float* db, const float* dout, int N, int OC, int chunk) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= OC) return;
     long r0 = (long)blockIdx.y * chunk;
@@ -117,85 +119,100 @@ extern "C" __global__ void bias_bwd(float* db, const float* dout, int N, int OC,
 }
 
 #define GELU_SCALE 0.7978845608f
+// The codes of UnaryOp and BinaryOp (unary_code and binary_code in cuda.rs).
+#define OP_GELU 0
+#define OP_RELU 1
+#define OP_SIGMOID 2
+#define OP_TANH 3
+#define OP_ADD 0
+#define OP_SUB 1
+#define OP_MUL 2
 
-extern "C" __global__ void gelu_fwd(float* out, const float* inp, long n) {
+// out = op(inp) over n values.
+extern "C" __global__ void unary(float* out, const float* inp, long n, int op) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float x = inp[i];
-    out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x)));
+    float y;
+    switch (op) {
+    case OP_GELU: y = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x))); break;
+    case OP_RELU: y = fmaxf(x, 0.0f); break;
+    case OP_SIGMOID: y = 1.0f / (1.0f + expf(-x)); break;
+    default: y = tanhf(x); break;
+    }
+    out[i] = y;
 }
 
-extern "C" __global__ void gelu_bwd(float* dinp, const float* inp, const float* dout, long n) {
+// dinp = op'(inp) * dout over n values, from the forward pass's input.
+extern "C" __global__ void unary_bwd(float* dinp, const float* inp, const float* dout, long n,
+                                     int op) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float x = inp[i];
-    float th = tanhf(GELU_SCALE * (x + 0.044715f * x * x * x));
-    float sech2 = 1.0f - th * th;
-    float g = 0.5f * (1.0f + th) + x * 0.5f * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
-    dinp[i] = g * dout[i];
+    float d = dout[i];
+    float r;
+    switch (op) {
+    case OP_GELU: {
+        float th = tanhf(GELU_SCALE * (x + 0.044715f * x * x * x));
+        float sech2 = 1.0f - th * th;
+        float g = 0.5f * (1.0f + th) + x * 0.5f * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
+        r = g * d;
+        break;
+    }
+    case OP_RELU: r = x > 0.0f ? d : 0.0f; break;
+    case OP_SIGMOID: {
+        float s = 1.0f / (1.0f + expf(-x));
+        r = s * (1.0f - s) * d;
+        break;
+    }
+    default: {
+        float t = tanhf(x);
+        r = (1.0f - t * t) * d;
+        break;
+    }
+    }
+    dinp[i] = r;
 }
 
-extern "C" __global__ void relu_fwd(float* out, const float* inp, long n) {
+// out = op(a, b) over n values.
+extern "C" __global__ void binary(float* out, const float* a, const float* b, long n, int op) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    out[i] = fmaxf(inp[i], 0.0f);
+    float x = a[i], y = b[i];
+    out[i] = op == OP_ADD ? x + y : op == OP_SUB ? x - y : x * y;
 }
 
-extern "C" __global__ void relu_bwd(float* dinp, const float* out, const float* dout, long n) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    dinp[i] = out[i] > 0.0f ? dout[i] : 0.0f;
-}
-
-extern "C" __global__ void add(float* out, const float* a, const float* b, long n) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    out[i] = a[i] + b[i];
-}
-
-// qkv (B, T, 3, NH, HS) -> q, k, v each (B, NH, T, HS), one after the other.
-extern "C" __global__ void permute_qkv(float* qkvr, const float* qkv, int B, int T, int NH,
-                                       int HS, int backward) {
+// out = inp with its axes reordered (backend.rs's Permutation): output axis a, in the last 6 -
+// first of 6 slots, has size dN and steps sN through the input.
+extern "C" __global__ void permute(float* out, const float* inp, int n, int first, int d0,
+                                   int d1, int d2, int d3, int d4, int d5, int s0, int s1,
+                                   int s2, int s3, int s4, int s5) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
-    unsigned part = (unsigned)B * T * NH * HS;
-    if (i >= 3 * part) return;
-    unsigned which = i / part;
-    unsigned j = i - which * part;
-    unsigned d = j % HS;
-    unsigned r = j / HS;
-    unsigned t = r % T;
-    r /= T;
-    unsigned h = r % NH;
-    unsigned b = r / NH;
-    unsigned C = NH * HS;
-    unsigned src = (b * T + t) * 3 * C + which * C + h * HS + d;
-    if (backward) ((float*)qkv)[src] = qkvr[i];
-    else qkvr[i] = qkv[src];
+    if (i >= (unsigned)n) return;
+    const unsigned dims[6] = {(unsigned)d0, (unsigned)d1, (unsigned)d2,
+                              (unsigned)d3, (unsigned)d4, (unsigned)d5};
+    const unsigned strides[6] = {(unsigned)s0, (unsigned)s1, (unsigned)s2,
+                                 (unsigned)s3, (unsigned)s4, (unsigned)s5};
+    unsigned rem = i, src = 0;
+#pragma unroll
+    for (int a = 5; a >= 0; a--) {
+        if (a >= first) {
+            unsigned q = rem / dims[a];
+            src += (rem - q * dims[a]) * strides[a];
+            rem = q;
+        }
+    }
+    out[i] = inp[src];
 }
 
-// (B, NH, T, HS) -> (B, T, NH, HS) when forward, the other way when not.
-extern "C" __global__ void unpermute(float* out, const float* inp, int B, int T, int NH, int HS,
-                                     int forward) {
-    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (unsigned)B * T * NH * HS) return;
-    unsigned d = i % HS;
-    unsigned r = i / HS;
-    unsigned t = r % T;
-    r /= T;
-    unsigned h = r % NH;
-    unsigned b = r / NH;
-    unsigned other = ((b * T + t) * NH + h) * HS + d;  // (b, t, h, d)
-    if (forward) out[other] = inp[i];
-    else out[i] = inp[other];
-}
-
-// One warp per row of T scores; row r is query t1 = r % T of block r / T.
-extern "C" __global__ void softmax_causal_fwd(float* att, const float* preatt, float scale,
-                                              int blocks, int T) {
+// One warp per row of T scores, of N rows. With causal, row r is query t1 = r % T of block
+// r / T and sees the scores up to t1; without, it sees all T.
+extern "C" __global__ void softmax_fwd(float* att, const float* preatt, float scale, int N, int T,
+                                       int causal) {
     int lane = threadIdx.x % WARP;
     long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
-    if (row >= (long)blocks * T) return;
-    int t1 = row % T;
+    if (row >= N) return;
+    int t1 = causal ? row % T : T - 1;
     const float* x = preatt + row * T;
     float* o = att + row * T;
     float mx = NEG_INF;
@@ -207,12 +224,12 @@ extern "C" __global__ void softmax_causal_fwd(float* att, const float* preatt, f
     for (int i = lane; i < T; i += WARP) o[i] = i <= t1 ? expf(x[i] * scale - mx) * inv : 0.0f;
 }
 
-extern "C" __global__ void softmax_causal_bwd(float* dpreatt, const float* datt, const float* att,
-                                              float scale, int blocks, int T) {
+extern "C" __global__ void softmax_bwd(float* dpreatt, const float* datt, const float* att,
+                                       float scale, int N, int T, int causal) {
     int lane = threadIdx.x % WARP;
     long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
-    if (row >= (long)blocks * T) return;
-    int t1 = row % T;
+    if (row >= N) return;
+    int t1 = causal ? row % T : T - 1;
     const float* a = att + row * T;
     const float* d = datt + row * T;
     float* o = dpreatt + row * T;

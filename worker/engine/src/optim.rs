@@ -2,7 +2,7 @@
 //! then constant or cosine decay).
 
 use crate::Result;
-use crate::backend::{AdamStep, Backend};
+use crate::backend::{AdamStep, Backend, Kernel};
 
 /// AdamW state on a backend, with the learning rate decided by the caller.
 pub struct Adam<B: Backend> {
@@ -52,7 +52,7 @@ impl<B: Backend> Adam<B> {
         };
         self.t += 1;
         for &(off, len, decays) in ranges {
-            let s = AdamStep {
+            let step = AdamStep {
                 lr,
                 beta1: betas.0,
                 beta2: betas.1,
@@ -61,7 +61,15 @@ impl<B: Backend> Adam<B> {
                 t: self.t,
                 grad_scale,
             };
-            be.adamw(params, grads, &mut self.m, &mut self.v, off, len, &s)?;
+            be.launch(Kernel::AdamW {
+                params,
+                grads,
+                m: &mut self.m,
+                v: &mut self.v,
+                off,
+                len,
+                step,
+            })?;
         }
         Ok(norm)
     }

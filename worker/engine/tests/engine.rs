@@ -4,7 +4,7 @@
 use lockstep_engine::cpu::Cpu;
 use lockstep_engine::models::gpt::{Gpt, GptConfig};
 use lockstep_engine::nn;
-use lockstep_engine::{Backend, Gemm, Net, Op};
+use lockstep_engine::{Backend, Gemm, Kernel, Mask, Net, Op, UnaryOp};
 use rand::{Rng, SeedableRng};
 
 fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -144,7 +144,8 @@ fn layernorm_backward_matches_finite_differences() {
     let r = rnd(n * c, 6, 1.0);
     let fwd = |x: &[f32], p: &[f32]| {
         let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-        be.layernorm_fwd(
+        nn::layernorm_fwd(
+            &be,
             &mut out,
             &mut mean,
             &mut rstd,
@@ -160,8 +161,8 @@ fn layernorm_backward_matches_finite_differences() {
     let (_, mean, rstd) = fwd(&x, &params);
     let mut dinp = vec![0.0; n * c];
     let mut grads = vec![0.0; 2 * c];
-    be.layernorm_bwd(
-        &mut dinp, &mut grads, 0, &r, &x, &params, 0, &mean, &rstd, n, c,
+    nn::layernorm_bwd(
+        &be, &mut dinp, &mut grads, 0, &r, &x, &params, 0, &mean, &rstd, n, c,
     )
     .unwrap();
     check_grad("layernorm input", &x, &dinp, 24, 1e-2, 2e-3, &mut |x| {
@@ -186,11 +187,11 @@ fn gelu_and_softmax_backward_match_finite_differences() {
     let r = rnd(n, 8, 1.0);
     let gelu = |x: &[f32]| {
         let mut o = vec![0.0; n];
-        be.gelu_fwd(&mut o, &x.to_vec(), n).unwrap();
+        nn::activation_fwd(&be, UnaryOp::Gelu, &mut o, &x.to_vec(), n).unwrap();
         dot(&o, &r)
     };
     let mut d = vec![0.0; n];
-    be.gelu_bwd(&mut d, &x, &r, n).unwrap();
+    nn::activation_bwd(&be, UnaryOp::Gelu, &mut d, &x, &r, n).unwrap();
     check_grad("gelu", &x, &d, n, 1e-2, 2e-3, &mut |x| gelu(x));
 
     let (blocks, t, scale) = (2, 5, 0.7);
@@ -198,8 +199,15 @@ fn gelu_and_softmax_backward_match_finite_differences() {
     let r = rnd(blocks * t * t, 10, 1.0);
     let soft = |p: &[f32]| {
         let mut o = vec![0.0; blocks * t * t];
-        be.softmax_causal_fwd(&mut o, &p.to_vec(), scale, blocks, t)
-            .unwrap();
+        be.launch(Kernel::Softmax {
+            out: &mut o,
+            inp: &p.to_vec(),
+            rows: blocks * t,
+            width: t,
+            scale,
+            mask: Mask::Causal,
+        })
+        .unwrap();
         o
     };
     let att = soft(&pre);
@@ -213,8 +221,16 @@ fn gelu_and_softmax_backward_match_finite_differences() {
         );
     }
     let mut dpre = vec![0.0; blocks * t * t];
-    be.softmax_causal_bwd(&mut dpre, &r, &att, scale, blocks, t)
-        .unwrap();
+    be.launch(Kernel::SoftmaxBwd {
+        dinp: &mut dpre,
+        dout: &r,
+        out: &att,
+        rows: blocks * t,
+        width: t,
+        scale,
+        mask: Mask::Causal,
+    })
+    .unwrap();
     check_grad("causal softmax", &pre, &dpre, 50, 1e-2, 2e-3, &mut |p| {
         dot(&soft(p), &r)
     });
@@ -228,21 +244,20 @@ fn crossentropy_gradient_matches_finite_differences_and_ignores_padding() {
     let targets = vec![0, 5, 2, 3];
     let loss = |l: &[f32]| {
         let mut losses = vec![0.0; n];
-        be.crossentropy(&mut losses, &mut l.to_vec(), &targets, n, v, vp, 0.0, false)
-            .unwrap();
+        nn::crossentropy(&be, &mut losses, &mut l.to_vec(), &targets, n, v, vp, None).unwrap();
         losses.iter().map(|x| f64::from(*x)).sum::<f64>() / n as f64
     };
     let mut d = logits.clone();
     let mut losses = vec![0.0; n];
-    be.crossentropy(
+    nn::crossentropy(
+        &be,
         &mut losses,
         &mut d,
         &targets,
         n,
         v,
         vp,
-        1.0 / n as f32,
-        true,
+        Some(1.0 / n as f32),
     )
     .unwrap();
     for row in d.chunks(vp) {
@@ -394,10 +409,10 @@ fn the_whole_gpt_gradient_matches_finite_differences() {
         vec![cfg.lnf(), cfg.block(1), cfg.block(0), 0],
         "gradients become final as suffixes, last layer first"
     );
-    let grads = model.grads.clone();
+    let grads = model.params.grads.clone();
     let mut probe = Gpt::new(&be, cfg, &params, b, t).unwrap();
     check_grad("gpt", &params, &grads, 400, 1e-2, 1e-2, &mut |p| {
-        probe.params.copy_from_slice(p);
+        probe.params.values.copy_from_slice(p);
         probe.forward(&be, &ids, Some(&tg), b, t, None).unwrap();
         f64::from(probe.mean_loss(&be).unwrap())
     });
@@ -422,18 +437,9 @@ fn gpt_training_on_cpu_lowers_the_loss_on_a_repeated_batch() {
             .unwrap();
         losses.push(model.mean_loss(&be).unwrap());
         model.backward(&be, &mut |_, _| {}).unwrap();
-        adam.step(
-            &be,
-            &mut model.params,
-            &model.grads,
-            &ranges,
-            1e-2,
-            (0.9, 0.95),
-            1e-8,
-            0.1,
-            1.0,
-        )
-        .unwrap();
+        let (p, g) = model.buffers();
+        adam.step(&be, p, g, &ranges, 1e-2, (0.9, 0.95), 1e-8, 0.1, 1.0)
+            .unwrap();
     }
     assert!(
         (losses[0] - (cfg.vocab as f32).ln()).abs() < 0.1,
@@ -470,12 +476,7 @@ fn cuda_kernels_compile_with_nvrtc() {
     match lockstep_engine::cuda::compile("sm_90") {
         Ok(ptx) => {
             let src = ptx.to_src();
-            for k in [
-                "layernorm_fwd",
-                "crossentropy",
-                "softmax_causal_bwd",
-                "adamw",
-            ] {
+            for k in lockstep_engine::cuda::KERNELS {
                 assert!(
                     src.contains(&format!(".entry {k}")),
                     "{k} missing from the PTX"
@@ -508,11 +509,11 @@ fn the_mlp_gradient_matches_finite_differences_and_reports_layers_last_first() {
     let mut ready = Vec::new();
     m.backward(&be, &mut |_, from| ready.push(from)).unwrap();
     assert_eq!(ready, vec![cfg.layer(2).0, cfg.layer(1).0, 0]);
-    let grads = m.grads.clone();
+    let grads = m.params.grads.clone();
     let mut probe = Mlp::new(&be, cfg.clone(), &params, b).unwrap();
     // A small step, so that no ReLU input crosses zero between the two evaluations.
     check_grad("mlp", &params, &grads, 200, 1e-3, 5e-3, &mut |p| {
-        probe.params.copy_from_slice(p);
+        probe.params.values.copy_from_slice(p);
         probe.forward(&be, &x, Some(&y), b, None).unwrap();
         f64::from(probe.mean_loss(&be).unwrap())
     });

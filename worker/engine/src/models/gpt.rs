@@ -1,5 +1,5 @@
 //! A GPT-2-style decoder-only transformer (pre-LayerNorm, GELU MLP, tied embeddings), forward
-//! and backward written once on the [`Backend`] primitives.
+//! and backward written once on the [`crate::nn`] layers.
 //!
 //! Parameters are laid out so that backward finishes them as contiguous suffixes of the flat
 //! buffer: `[wte, wpe, block 0, ..., block L-1, lnf]`. Backward visits `lnf`, then the blocks
@@ -10,8 +10,12 @@
 
 use rand::SeedableRng;
 
-use crate::backend::Backend;
-use crate::nn::{attention_bwd, attention_fwd, matmul_bwd, matmul_fwd};
+use super::{Net, Params};
+use crate::backend::{Backend, UnaryOp};
+use crate::nn::{
+    activation_bwd, activation_fwd, attention_bwd, attention_fwd, crossentropy, encoder_bwd,
+    encoder_fwd, layernorm_bwd, layernorm_fwd, matmul_bwd, matmul_fwd, residual_fwd,
+};
 use crate::{EngineError, Result};
 
 /// The shape of a GPT.
@@ -267,10 +271,8 @@ struct Scratch<B: Backend> {
 pub struct Gpt<B: Backend> {
     /// The shape.
     pub config: GptConfig,
-    /// Flat parameters.
-    pub params: B::Buf,
-    /// Flat gradients, the same layout.
-    pub grads: B::Buf,
+    /// Parameters and gradients, laid out as [`GptConfig`] says.
+    pub params: Params<B>,
     batch: usize,
     seq: usize,
     encoded: B::Buf,
@@ -297,13 +299,13 @@ impl<B: Backend> Gpt<B> {
         batch: usize,
         seq: usize,
     ) -> Result<Self> {
-        if params.len() != config.num_params() {
-            return Err(EngineError::Config(format!(
-                "{} parameters given for a model of {}",
-                params.len(),
-                config.num_params()
-            )));
-        }
+        let params = Params::new(
+            be,
+            params,
+            config.num_params(),
+            config.decay_ranges(),
+            move |seed| config.init(seed),
+        )?;
         if seq > config.max_seq {
             return Err(EngineError::Config(format!(
                 "sequence length {seq} exceeds contextLength {}",
@@ -316,8 +318,6 @@ impl<B: Backend> Gpt<B> {
         let btc = bt * c;
         let att = batch * nh * seq * seq;
         let z = |n: usize| be.zeros(n);
-        let mut p = be.zeros(config.num_params())?;
-        be.upload(&mut p, params)?;
         let mut blocks = Vec::with_capacity(config.layers);
         for _ in 0..config.layers {
             blocks.push(BlockActs {
@@ -341,8 +341,7 @@ impl<B: Backend> Gpt<B> {
         }
         Ok(Self {
             config,
-            grads: be.zeros(config.num_params())?,
-            params: p,
+            params,
             batch,
             seq,
             encoded: z(btc)?,
@@ -369,11 +368,6 @@ impl<B: Backend> Gpt<B> {
             },
             last: (0, 0),
         })
-    }
-
-    /// Largest batch and sequence length this model has room for.
-    pub fn capacity(&self) -> (usize, usize) {
-        (self.batch, self.seq)
     }
 
     /// Forward pass over `ids` (`b` sequences of `t` tokens); with `targets`, also the
@@ -411,17 +405,19 @@ impl<B: Backend> Gpt<B> {
         let (c, nh, hs) = (cfg.channels, cfg.heads, cfg.head_size());
         let n = b * t;
         be.upload_ids(&mut self.ids, ids)?;
-        be.encoder_fwd(
+        let p = &self.params.values;
+        encoder_fwd(
+            be,
             &mut self.encoded,
             &self.ids,
-            &self.params,
+            p,
             cfg.wte(),
+            cfg.padded_vocab,
             cfg.wpe(),
             b,
             t,
             c,
         )?;
-        let p = &self.params;
         let s = &mut self.scratch;
         for l in 0..cfg.layers {
             let (done, rest) = self.blocks.split_at_mut(l);
@@ -432,7 +428,8 @@ impl<B: Backend> Gpt<B> {
                 &done[l - 1].residual3
             };
             let w = cfg.block_params(l);
-            be.layernorm_fwd(
+            layernorm_fwd(
+                be,
                 &mut a.ln1,
                 &mut a.ln1_mean,
                 &mut a.ln1_rstd,
@@ -467,8 +464,9 @@ impl<B: Backend> Gpt<B> {
                 c,
                 c,
             )?;
-            be.add(&mut a.residual2, residual, &a.attproj, n * c)?;
-            be.layernorm_fwd(
+            residual_fwd(be, &mut a.residual2, residual, &a.attproj, n * c)?;
+            layernorm_fwd(
+                be,
                 &mut a.ln2,
                 &mut a.ln2_mean,
                 &mut a.ln2_rstd,
@@ -479,7 +477,7 @@ impl<B: Backend> Gpt<B> {
                 c,
             )?;
             matmul_fwd(be, &mut a.fch, &a.ln2, p, w.fcw, Some(w.fcb), n, c, 4 * c)?;
-            be.gelu_fwd(&mut a.fch_gelu, &a.fch, n * 4 * c)?;
+            activation_fwd(be, UnaryOp::Gelu, &mut a.fch_gelu, &a.fch, n * 4 * c)?;
             matmul_fwd(
                 be,
                 &mut a.fcproj,
@@ -491,13 +489,14 @@ impl<B: Backend> Gpt<B> {
                 4 * c,
                 c,
             )?;
-            be.add(&mut a.residual3, &a.residual2, &a.fcproj, n * c)?;
+            residual_fwd(be, &mut a.residual3, &a.residual2, &a.fcproj, n * c)?;
         }
         let last = match self.blocks.last() {
             Some(a) => &a.residual3,
             None => &self.encoded,
         };
-        be.layernorm_fwd(
+        layernorm_fwd(
+            be,
             &mut self.lnf,
             &mut self.lnf_mean,
             &mut self.lnf_rstd,
@@ -520,15 +519,15 @@ impl<B: Backend> Gpt<B> {
         )?;
         if let Some(targets) = targets {
             be.upload_ids(&mut self.targets, targets)?;
-            be.crossentropy(
+            crossentropy(
+                be,
                 &mut self.losses,
                 &mut self.logits,
                 &self.targets,
                 n,
                 cfg.vocab,
                 cfg.padded_vocab,
-                grad.unwrap_or(0.0),
-                grad.is_some(),
+                grad,
             )?;
         }
         self.last = (b, t);
@@ -556,8 +555,8 @@ impl<B: Backend> Gpt<B> {
         let (b, t) = self.last;
         let (c, nh, hs) = (cfg.channels, cfg.heads, cfg.head_size());
         let n = b * t;
-        let p = &self.params;
-        let g = &mut self.grads;
+        let p = &self.params.values;
+        let g = &mut self.params.grads;
         let s = &mut self.scratch;
         // The logits hold dloss/dlogits; the classifier shares its weight with wte.
         matmul_bwd(
@@ -579,7 +578,8 @@ impl<B: Backend> Gpt<B> {
             None => &self.encoded,
         };
         be.fill_zero(&mut s.dresidual, 0, n * c)?;
-        be.layernorm_bwd(
+        layernorm_bwd(
+            be,
             &mut s.dresidual,
             g,
             cfg.lnf(),
@@ -616,7 +616,14 @@ impl<B: Backend> Gpt<B> {
                 4 * c,
                 c,
             )?;
-            be.gelu_bwd(&mut s.dfch, &a.fch, &s.dfch_gelu, n * 4 * c)?;
+            activation_bwd(
+                be,
+                UnaryOp::Gelu,
+                &mut s.dfch,
+                &a.fch,
+                &s.dfch_gelu,
+                n * 4 * c,
+            )?;
             matmul_bwd(
                 be,
                 &mut s.dln,
@@ -631,7 +638,8 @@ impl<B: Backend> Gpt<B> {
                 c,
                 4 * c,
             )?;
-            be.layernorm_bwd(
+            layernorm_bwd(
+                be,
                 &mut s.dresidual,
                 g,
                 w.ln2,
@@ -688,7 +696,8 @@ impl<B: Backend> Gpt<B> {
                 c,
                 3 * c,
             )?;
-            be.layernorm_bwd(
+            layernorm_bwd(
+                be,
                 &mut s.dresidual,
                 g,
                 w.ln1,
@@ -703,23 +712,28 @@ impl<B: Backend> Gpt<B> {
             )?;
             ready(g, cfg.block(l));
         }
-        be.encoder_bwd(g, cfg.wte(), cfg.wpe(), &s.dresidual, &self.ids, b, t, c)?;
+        encoder_bwd(
+            be,
+            g,
+            cfg.wte(),
+            cfg.padded_vocab,
+            cfg.wpe(),
+            &s.dresidual,
+            &self.ids,
+            b,
+            t,
+            c,
+        )?;
         ready(g, 0);
         Ok(())
     }
 }
 
-impl<B: Backend> super::Net<B> for Gpt<B> {
-    fn num_params(&self) -> usize {
-        self.config.num_params()
-    }
-    fn decay_ranges(&self) -> Vec<(usize, usize, bool)> {
-        self.config.decay_ranges()
-    }
-    fn init(&self, seed: u64) -> Vec<f32> {
-        self.config.init(seed)
+impl<B: Backend> Net<B> for Gpt<B> {
+    fn params(&self) -> &Params<B> {
+        &self.params
     }
     fn buffers(&mut self) -> (&mut B::Buf, &mut B::Buf) {
-        (&mut self.params, &mut self.grads)
+        (&mut self.params.values, &mut self.params.grads)
     }
 }

@@ -1,11 +1,12 @@
 //! A multi-layer perceptron classifier (ReLU between layers, softmax cross-entropy) on the
-//! [`Backend`] primitives. Its flat parameters are layer by layer, each weight (out x in,
+//! [`crate::nn`] layers. Its flat parameters are layer by layer, each weight (out x in,
 //! row-major) then its bias; backward finishes them last layer first, as contiguous suffixes.
 
 use rand::SeedableRng;
 
-use crate::backend::Backend;
-use crate::nn::{matmul_bwd, matmul_fwd};
+use super::{Net, Params};
+use crate::backend::{Backend, UnaryOp};
+use crate::nn::{activation_bwd, activation_fwd, crossentropy, matmul_bwd, matmul_fwd};
 use crate::{EngineError, Result};
 
 /// Layer widths, input first, classes last.
@@ -100,10 +101,8 @@ impl MlpConfig {
 pub struct Mlp<B: Backend> {
     /// The shape.
     pub config: MlpConfig,
-    /// Flat parameters.
-    pub params: B::Buf,
-    /// Flat gradients.
-    pub grads: B::Buf,
+    /// Parameters and gradients, laid out as [`MlpConfig`] says.
+    pub params: Params<B>,
     batch: usize,
     /// Input, then each hidden layer's ReLU output.
     acts: Vec<B::Buf>,
@@ -118,16 +117,15 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// An MLP on `be` with `params`, for batches of up to `batch`.
     pub fn new(be: &B, config: MlpConfig, params: &[f32], batch: usize) -> Result<Self> {
-        if params.len() != config.num_params() {
-            return Err(EngineError::Config(format!(
-                "{} parameters given for an MLP of {}",
-                params.len(),
-                config.num_params()
-            )));
-        }
+        let layout = config.clone();
+        let params = Params::new(
+            be,
+            params,
+            config.num_params(),
+            config.decay_ranges(),
+            move |seed| layout.init(seed),
+        )?;
         let widest = config.sizes.iter().copied().max().unwrap_or(1);
-        let mut p = be.zeros(config.num_params())?;
-        be.upload(&mut p, params)?;
         let mut acts = Vec::new();
         let mut pre = Vec::new();
         for l in 0..config.layers() {
@@ -135,8 +133,7 @@ impl<B: Backend> Mlp<B> {
             pre.push(be.zeros(batch * config.sizes[l + 1])?);
         }
         Ok(Self {
-            grads: be.zeros(config.num_params())?,
-            params: p,
+            params,
             batch,
             acts,
             pre,
@@ -176,7 +173,7 @@ impl<B: Backend> Mlp<B> {
                 be,
                 &mut self.pre[l],
                 &self.acts[l],
-                &self.params,
+                &self.params.values,
                 w,
                 Some(bias),
                 b,
@@ -184,7 +181,13 @@ impl<B: Backend> Mlp<B> {
                 o,
             )?;
             if l + 1 < c.layers() {
-                be.relu_fwd(&mut self.acts[l + 1], &self.pre[l], b * o)?;
+                activation_fwd(
+                    be,
+                    UnaryOp::Relu,
+                    &mut self.acts[l + 1],
+                    &self.pre[l],
+                    b * o,
+                )?;
             }
         }
         if let Some(t) = targets {
@@ -197,16 +200,7 @@ impl<B: Backend> Mlp<B> {
             be.upload_ids(&mut self.targets, t)?;
             let k = c.classes();
             let logits = self.pre.last_mut().expect("at least one layer");
-            be.crossentropy(
-                &mut self.losses,
-                logits,
-                &self.targets,
-                b,
-                k,
-                k,
-                grad.unwrap_or(0.0),
-                grad.is_some(),
-            )?;
+            crossentropy(be, &mut self.losses, logits, &self.targets, b, k, k, grad)?;
         }
         self.last = b;
         Ok(())
@@ -245,37 +239,32 @@ impl<B: Backend> Mlp<B> {
             matmul_bwd(
                 be,
                 s1,
-                &mut self.grads,
+                &mut self.params.grads,
                 w,
                 Some(bias),
                 dout,
                 &self.acts[l],
-                &self.params,
+                &self.params.values,
                 w,
                 b,
                 i,
                 o,
             )?;
-            ready(&mut self.grads, w);
+            ready(&mut self.params.grads, w);
             if l > 0 {
-                be.relu_bwd(s2, &self.acts[l], s1, b * i)?;
+                // acts[l] = relu(pre[l - 1]).
+                activation_bwd(be, UnaryOp::Relu, s2, &self.pre[l - 1], s1, b * i)?;
             }
         }
         Ok(())
     }
 }
 
-impl<B: Backend> super::Net<B> for Mlp<B> {
-    fn num_params(&self) -> usize {
-        self.config.num_params()
-    }
-    fn decay_ranges(&self) -> Vec<(usize, usize, bool)> {
-        self.config.decay_ranges()
-    }
-    fn init(&self, seed: u64) -> Vec<f32> {
-        self.config.init(seed)
+impl<B: Backend> Net<B> for Mlp<B> {
+    fn params(&self) -> &Params<B> {
+        &self.params
     }
     fn buffers(&mut self) -> (&mut B::Buf, &mut B::Buf) {
-        (&mut self.params, &mut self.grads)
+        (&mut self.params.values, &mut self.params.grads)
     }
 }

@@ -1,8 +1,9 @@
 //! Causal multi-head self-attention, forward and backward, as batched GEMMs around a causal
-//! softmax (the unfused path: the `t x t` attention matrix is kept for backward).
+//! softmax, with permutes between the token-major and head-major layouts (the unfused path:
+//! the `t x t` attention matrix is kept for backward).
 
 use crate::Result;
-use crate::backend::{Backend, Gemm, Op};
+use crate::backend::{Backend, Gemm, Kernel, Mask, Op};
 
 /// Blocks of a causal `t x t` attention: query block `j0..j1` sees only keys `..j1`, key block
 /// `i0..i1` is seen only by queries `i0..`. Four blocks skip 3/8 of the attention GEMMs' work
@@ -47,9 +48,17 @@ fn head_gemm(
     }
 }
 
+/// `(b, t, 3, nh, hs)` to `(3, b, nh, t, hs)`: q, k and v, each head-major, one after the other.
+const SPLIT_QKV: [usize; 5] = [2, 0, 3, 1, 4];
+/// The inverse of [`SPLIT_QKV`]: `(3, b, nh, t, hs)` back to `(b, t, 3, nh, hs)`.
+const JOIN_QKV: [usize; 5] = [1, 3, 0, 2, 4];
+/// Swaps the middle axes of a 4-axis tensor: `(b, nh, t, hs)` and `(b, t, nh, hs)` both ways.
+const SWAP_HEADS: [usize; 4] = [0, 2, 1, 3];
+
 /// Causal self-attention of `qkv` (b, t, 3C) into `out` (b, t, C), keeping the permuted
 /// q, k, v (`qkvr`) and the attention matrix (`att`, zero above the diagonal) for backward.
-/// Entries of `preatt` above the diagonal are left unwritten.
+/// Entries of `preatt` above the diagonal may be left unwritten: the causal softmax never
+/// reads them.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd<B: Backend>(
     be: &B,
@@ -65,7 +74,12 @@ pub fn attention_fwd<B: Backend>(
     hs: usize,
 ) -> Result<()> {
     let btc = b * t * nh * hs;
-    be.permute_qkv(qkvr, qkv, b, t, nh, hs)?;
+    be.launch(Kernel::Permute {
+        out: qkvr,
+        inp: qkv,
+        shape: &[b, t, 3, nh, hs],
+        perm: &SPLIT_QKV,
+    })?;
     let (q, k, v) = (0, btc, 2 * btc);
     let (heads, vec, mat) = (b * nh, (hs, t * hs), (t, t * t));
     let blocks = causal_blocks(t);
@@ -74,14 +88,25 @@ pub fn attention_fwd<B: Backend>(
         let g = head_gemm(Op::T, Op::N, j1, j1 - j0, hs, vec, vec, mat, heads);
         be.gemm(&g, (qkvr, k), (qkvr, q + j0 * hs), (preatt, j0 * t))?;
     }
-    let scale = 1.0 / (hs as f32).sqrt();
-    be.softmax_causal_fwd(att, preatt, scale, heads, t)?;
+    be.launch(Kernel::Softmax {
+        out: att,
+        inp: preatt,
+        rows: heads * t,
+        width: t,
+        scale: 1.0 / (hs as f32).sqrt(),
+        mask: Mask::Causal,
+    })?;
     // y[t1] = sum over t2 < j1 of att[t1][t2] v[t2].
     for &(j0, j1) in &blocks {
         let g = head_gemm(Op::N, Op::N, hs, j1 - j0, j1, vec, mat, vec, heads);
         be.gemm(&g, (qkvr, v), (att, j0 * t), (vaccum, j0 * hs))?;
     }
-    be.unpermute(out, vaccum, b, t, nh, hs, true)
+    be.launch(Kernel::Permute {
+        out,
+        inp: vaccum,
+        shape: &[b, nh, t, hs],
+        perm: &SWAP_HEADS,
+    })
 }
 
 /// Backward of [`attention_fwd`]: overwrites `dqkv` from `dout`.
@@ -105,7 +130,12 @@ pub fn attention_bwd<B: Backend>(
     let (q, k, v) = (0, btc, 2 * btc);
     let (heads, vec, mat) = (b * nh, (hs, t * hs), (t, t * t));
     let blocks = causal_blocks(t);
-    be.unpermute(dvaccum, dout, b, t, nh, hs, false)?;
+    be.launch(Kernel::Permute {
+        out: dvaccum,
+        inp: dout,
+        shape: &[b, t, nh, hs],
+        perm: &SWAP_HEADS,
+    })?;
     for &(i0, i1) in &blocks {
         // datt[t1][t2] = dy[t1] . v[t2] for queries i0..i1 and keys t2 < i1.
         let g = head_gemm(Op::T, Op::N, i1, i1 - i0, hs, vec, vec, mat, heads);
@@ -119,8 +149,15 @@ pub fn attention_bwd<B: Backend>(
             (dqkvr, v + i0 * hs),
         )?;
     }
-    let scale = 1.0 / (hs as f32).sqrt();
-    be.softmax_causal_bwd(dpreatt, datt, att, scale, heads, t)?;
+    be.launch(Kernel::SoftmaxBwd {
+        dinp: dpreatt,
+        dout: datt,
+        out: att,
+        rows: heads * t,
+        width: t,
+        scale: 1.0 / (hs as f32).sqrt(),
+        mask: Mask::Causal,
+    })?;
     for &(i0, i1) in &blocks {
         // dq[t1] = sum over t2 < i1 of dpreatt[t1][t2] k[t2], for queries i0..i1.
         let g = head_gemm(Op::N, Op::N, hs, i1 - i0, i1, vec, mat, vec, heads);
@@ -134,5 +171,10 @@ pub fn attention_bwd<B: Backend>(
             (dqkvr, k + i0 * hs),
         )?;
     }
-    be.permute_qkv_bwd(dqkv, dqkvr, b, t, nh, hs)
+    be.launch(Kernel::Permute {
+        out: dqkv,
+        inp: dqkvr,
+        shape: &[3, b, nh, t, hs],
+        perm: &JOIN_QKV,
+    })
 }

@@ -1,7 +1,8 @@
-//! The fully connected layer: `out = inp W^T + b` and its backward, two GEMMs and a bias.
+//! The fully connected layer: `out = inp W^T + b` and its backward, GEMMs and a broadcast bias
+//! (its gradient: column sums).
 
 use crate::Result;
-use crate::backend::{Backend, Gemm, Op};
+use crate::backend::{Backend, Gemm, Kernel, Op};
 
 /// `out (n x oc) = inp (n x c) W^T + b`, W stored oc x c row-major.
 #[allow(clippy::too_many_arguments)]
@@ -19,7 +20,12 @@ pub fn matmul_fwd<B: Backend>(
     let g = Gemm::single(Op::T, Op::N, oc, n, c, 0.0);
     be.gemm(&g, (params, w), (inp, 0), (out, 0))?;
     if let Some(b) = bias {
-        be.bias_fwd(out, params, b, n, oc)?;
+        be.launch(Kernel::AddRow {
+            out,
+            row: (params, b),
+            n,
+            width: oc,
+        })?;
     }
     Ok(())
 }
@@ -45,7 +51,12 @@ pub fn matmul_bwd<B: Backend>(
     let gw = Gemm::single(Op::N, Op::T, c, oc, n, 1.0);
     be.gemm(&gw, (inp, 0), (dout, 0), (grads, dw))?;
     if let Some(db) = dbias {
-        be.bias_bwd(grads, db, dout, n, oc)?;
+        be.launch(Kernel::SumRows {
+            dst: (grads, db),
+            src: dout,
+            n,
+            width: oc,
+        })?;
     }
     Ok(())
 }
