@@ -77,12 +77,23 @@ mod tests {
     use super::*;
     use crate::comm::tcp::{TcpComm, TcpOptions};
 
+    /// What a rank saw: its rank, its groups' ranks, its data-parallel communicator's members,
+    /// and the sums of the global ranks over its two groups.
+    struct Seen {
+        rank: u32,
+        dp_ranks: Vec<u32>,
+        pp_ranks: Vec<u32>,
+        members: Vec<usize>,
+        dp_sum: f32,
+        pp_sum: f32,
+    }
+
     #[test]
     fn groups_follow_the_layout_and_reduce_within_themselves() {
         // 2 replicas x 3 stages: rank r is stage r / 2, replica r % 2.
         let layout = Layout::new(2, 3).expect("layout");
         let gang = TcpComm::local_gang(6, TcpOptions::default()).expect("gang");
-        let seen: Vec<(u32, Vec<u32>, Vec<u32>, Vec<usize>, f32, f32)> = std::thread::scope(|s| {
+        let seen: Vec<Seen> = std::thread::scope(|s| {
             let handles: Vec<_> = gang
                 .into_iter()
                 .map(|comm| {
@@ -98,14 +109,14 @@ mod tests {
                         t.pipeline
                             .all_reduce(&mut pp, crate::comm::ReduceOp::Sum)
                             .expect("pp all-reduce");
-                        (
-                            t.rank,
-                            t.data_parallel_ranks(),
-                            t.pipeline_ranks(),
+                        Seen {
+                            rank: t.rank,
+                            dp_ranks: t.data_parallel_ranks(),
+                            pp_ranks: t.pipeline_ranks(),
                             members,
-                            dp[0],
-                            pp[0],
-                        )
+                            dp_sum: dp[0],
+                            pp_sum: pp[0],
+                        }
                     })
                 })
                 .collect();
@@ -114,7 +125,15 @@ mod tests {
                 .map(|h| h.join().expect("rank"))
                 .collect()
         });
-        for (rank, dp_ranks, pp_ranks, members, dp_sum, pp_sum) in seen {
+        for Seen {
+            rank,
+            dp_ranks,
+            pp_ranks,
+            members,
+            dp_sum,
+            pp_sum,
+        } in seen
+        {
             let stage = rank / 2;
             let replica = rank % 2;
             assert_eq!(dp_ranks, vec![stage * 2, stage * 2 + 1], "rank {rank}");

@@ -19,6 +19,10 @@ use lockstep_worker::workload::{Evaluation, Metric, StepReport, Workload};
 /// What the trainer asked of the workload, in order.
 type Calls = Arc<Mutex<Vec<String>>>;
 
+fn record(calls: &Calls, call: String) {
+    calls.lock().expect("calls").push(call);
+}
+
 /// A workload that records every call; its loss is `rank + 1` on the ranks that compute one.
 struct Recording {
     calls: Calls,
@@ -36,11 +40,11 @@ impl<C> Workload<C> for Recording {
         4
     }
     fn init(&mut self, _topo: &mut Topology<C>) -> Result<(), WorkError> {
-        self.calls.lock().unwrap().push("init".into());
+        record(&self.calls, "init".into());
         Ok(())
     }
     fn load(&mut self, _topo: &mut Topology<C>, _dir: &Path, step: u64) -> Result<(), WorkError> {
-        self.calls.lock().unwrap().push(format!("load {step}"));
+        record(&self.calls, format!("load {step}"));
         Ok(())
     }
     fn step(
@@ -49,10 +53,7 @@ impl<C> Workload<C> for Recording {
         step: u64,
         lr: f32,
     ) -> Result<StepReport, WorkError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(format!("step {step} lr {lr}"));
+        record(&self.calls, format!("step {step} lr {lr}"));
         Ok(StepReport {
             loss: self.has_loss.then_some(topo.rank as f32 + 1.0),
             samples: 8,
@@ -65,7 +66,7 @@ impl<C> Workload<C> for Recording {
         _topo: &mut Topology<C>,
         _max_batches: Option<usize>,
     ) -> Result<Evaluation, WorkError> {
-        self.calls.lock().unwrap().push("evaluate".into());
+        record(&self.calls, "evaluate".into());
         Ok(Evaluation {
             metric: Metric::Loss,
             value: 0.5,
@@ -78,7 +79,7 @@ impl<C> Workload<C> for Recording {
         step: u64,
         _keep: usize,
     ) -> Result<Option<PathBuf>, WorkError> {
-        self.calls.lock().unwrap().push(format!("save {step}"));
+        record(&self.calls, format!("save {step}"));
         Ok((topo.rank == 0).then(|| dir.join(format!("{step}"))))
     }
     fn params_digest(&mut self) -> Result<u64, WorkError> {
@@ -142,7 +143,7 @@ fn run(
                     };
                     let summary = trainer::train(cfg, &mut topo, &mut work, &metrics, &inputs)
                         .unwrap_or_else(|e| panic!("rank {r}: {e}"));
-                    let calls = calls.lock().unwrap().clone();
+                    let calls = calls.lock().expect("calls").clone();
                     (summary, calls)
                 })
             })
