@@ -4,7 +4,7 @@
 use lockstep_engine::cpu::Cpu;
 use lockstep_engine::models::gpt::{Gpt, GptConfig};
 use lockstep_engine::nn;
-use lockstep_engine::{Backend, Gemm, Kernel, Mask, Net, Op, UnaryOp};
+use lockstep_engine::{Backend, BinaryOp, Gemm, Kernel, Mask, Net, Op, UnaryOp};
 use rand::{Rng, SeedableRng};
 
 fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -598,5 +598,186 @@ fn blocked_causal_attention_matches_a_direct_computation_and_finite_differences(
         1e-2,
         2e-3,
         &mut |x| dot(&fwd(x).0, &r),
+    );
+}
+
+#[test]
+fn gather_rows_copies_the_named_rows_and_scatter_add_sums_repeated_ids_in_place() {
+    let be = Cpu;
+    // A table of 3 rows of 2 after one float of something else.
+    let table = vec![-1.0, 10.0, 11.0, 20.0, 21.0, 30.0, 31.0];
+    let ids = vec![2, 0, 2, 1];
+    let mut out = vec![0.0; 8];
+    be.launch(Kernel::GatherRows {
+        out: &mut out,
+        table: (&table, 1),
+        table_rows: 3,
+        ids: &ids,
+        n: 4,
+        width: 2,
+    })
+    .unwrap();
+    assert_eq!(out, [30.0, 31.0, 10.0, 11.0, 30.0, 31.0, 20.0, 21.0]);
+    let src = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+    let mut acc = table.clone();
+    be.launch(Kernel::ScatterAddRows {
+        table: (&mut acc, 1),
+        table_rows: 3,
+        ids: &ids,
+        src: &src,
+        n: 4,
+        width: 2,
+    })
+    .unwrap();
+    assert_eq!(acc, [-1.0, 13.0, 15.0, 27.0, 29.0, 36.0, 39.0]);
+}
+
+#[test]
+fn gather_and_scatter_add_refuse_ids_outside_the_table() {
+    let be = Cpu;
+    let mut table = vec![0.0; 6];
+    let mut out = vec![0.0; 2];
+    for bad in [3, -1] {
+        let ids = vec![bad];
+        let e = be
+            .launch(Kernel::GatherRows {
+                out: &mut out,
+                table: (&table, 0),
+                table_rows: 3,
+                ids: &ids,
+                n: 1,
+                width: 2,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("outside the table's 3 rows"), "{e}");
+        let e = be
+            .launch(Kernel::ScatterAddRows {
+                table: (&mut table, 0),
+                table_rows: 3,
+                ids: &ids,
+                src: &out,
+                n: 1,
+                width: 2,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("outside the table's 3 rows"), "{e}");
+    }
+    assert!(table.iter().all(|x| *x == 0.0), "nothing written");
+}
+
+#[test]
+fn sigmoid_tanh_and_mul_backward_match_finite_differences() {
+    let be = Cpu;
+    let n = 40;
+    let x = rnd(n, 23, 4.0);
+    let r = rnd(n, 24, 1.0);
+    for op in [UnaryOp::Sigmoid, UnaryOp::Tanh, UnaryOp::Relu] {
+        let f = |x: &[f32]| {
+            let mut o = vec![0.0; n];
+            nn::activation_fwd(&be, op, &mut o, &x.to_vec(), n).unwrap();
+            dot(&o, &r)
+        };
+        let mut d = vec![0.0; n];
+        nn::activation_bwd(&be, op, &mut d, &x, &r, n).unwrap();
+        check_grad(&format!("{op:?}"), &x, &d, n, 1e-3, 2e-3, &mut |x| f(x));
+    }
+    // d/da of r . (a * b) is r * b: the product's backward is the product itself.
+    let b = rnd(n, 25, 2.0);
+    let mul = |a: &[f32], b: &[f32]| {
+        let mut o = vec![0.0; n];
+        be.launch(Kernel::Binary {
+            op: BinaryOp::Mul,
+            out: &mut o,
+            a: &a.to_vec(),
+            b: &b.to_vec(),
+            n,
+        })
+        .unwrap();
+        o
+    };
+    let da = mul(&r, &b);
+    check_grad("mul", &x, &da, n, 1e-2, 2e-3, &mut |a| dot(&mul(a, &b), &r));
+}
+
+#[test]
+fn unmasked_softmax_rows_sum_to_one_and_backward_matches_finite_differences() {
+    let be = Cpu;
+    let (rows, width, scale) = (3, 7, 1.3);
+    let x = rnd(rows * width, 26, 2.0);
+    let r = rnd(rows * width, 27, 1.0);
+    let soft = |x: &[f32]| {
+        let mut o = vec![0.0; rows * width];
+        be.launch(Kernel::Softmax {
+            out: &mut o,
+            inp: &x.to_vec(),
+            rows,
+            width,
+            scale,
+            mask: Mask::Full,
+        })
+        .unwrap();
+        o
+    };
+    let p = soft(&x);
+    for row in p.chunks(width) {
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        assert!(row.iter().all(|v| *v > 0.0), "every entry is seen: {row:?}");
+    }
+    let mut d = vec![0.0; rows * width];
+    be.launch(Kernel::SoftmaxBwd {
+        dinp: &mut d,
+        dout: &r,
+        out: &p,
+        rows,
+        width,
+        scale,
+        mask: Mask::Full,
+    })
+    .unwrap();
+    check_grad("softmax", &x, &d, rows * width, 1e-2, 2e-3, &mut |x| {
+        dot(&soft(x), &r)
+    });
+}
+
+/// Checks that `net` reports the layout its config gives: `len` parameters, `ranges`, and
+/// `init` from seed 7; and that zeroing its gradients zeroes all of them.
+fn reports_layout(
+    net: &mut dyn Net<Cpu>,
+    len: usize,
+    ranges: &[(usize, usize, bool)],
+    init: &[f32],
+) {
+    assert_eq!(net.num_params(), len);
+    assert_eq!(net.decay_ranges(), ranges);
+    assert_eq!(net.init(7), init);
+    net.buffers().1.fill(1.0);
+    net.zero_grad(&Cpu).expect("zeroing the gradients");
+    let (p, grads) = net.buffers();
+    assert_eq!((p.len(), grads.len()), (len, len));
+    assert!(grads.iter().all(|x| *x == 0.0));
+}
+
+#[test]
+fn a_model_reports_its_config_layout_through_net() {
+    use lockstep_engine::models::mlp::{Mlp, MlpConfig};
+    let be = Cpu;
+    let cfg = MlpConfig::new(vec![4, 3, 2]).unwrap();
+    let mut mlp = Mlp::new(&be, cfg.clone(), &cfg.init(1), 2).unwrap();
+    reports_layout(
+        &mut mlp,
+        cfg.num_params(),
+        &cfg.decay_ranges(),
+        &cfg.init(7),
+    );
+    let gpt = tiny();
+    let mut g = Gpt::new(&be, gpt, &gpt.init(2), 1, 5).unwrap();
+    reports_layout(&mut g, gpt.num_params(), &gpt.decay_ranges(), &gpt.init(7));
+    let e = Mlp::new(&be, cfg, &[0.0; 3], 2)
+        .err()
+        .expect("too few parameters");
+    assert!(
+        e.to_string()
+            .contains("3 parameters given for a model of 23"),
+        "{e}"
     );
 }
