@@ -1,5 +1,7 @@
 //! The CPU backend: the reference for every primitive. GEMMs through `matrixmultiply`, split
-//! across a rayon pool by batch entry or by columns; row-wise kernels split by rows.
+//! across a rayon pool by batch entry or by columns; row-wise kernels split by rows. The
+//! accumulating reductions (scatter-add, column sums) run in row order, so every run of a
+//! model gives the same bits.
 //!
 //! The only `unsafe` is the call into `matrixmultiply`, whose pointers are checked against
 //! the buffers' lengths first.
