@@ -177,7 +177,8 @@ pub fn train<C: HostComm>(
             None => [0.0, 0.0],
         };
         topo.world.all_reduce(&mut l, ReduceOp::Sum)?;
-        loss_mean = l[0] / l[1];
+        // Times the reciprocal, as the all-reduce's Avg does, so that the figure is the same.
+        loss_mean = l[0] * (1.0 / l[1]);
         if !loss_mean.is_finite() {
             return Err(WorkError::new(
                 ExitCode::Diverged,

@@ -235,11 +235,15 @@ async fn decide_pass(
     job_ctx: &JobContext<'_>,
     observed: &[RankPod],
 ) -> Decision {
-    let decided = decide(job, job_ctx.layout.world_size(), observed, Timestamp::now());
+    let world = job_ctx.layout.world_size();
+    let mut decided = decide(job, world, observed, Timestamp::now());
     if let Decided::AwaitsAdmission(_) = &decided {
         // Admission counts what the caches hold: a job that asks it waits until they are
         // complete. Other jobs (admitted, finished, external policies) do not wait for them.
+        // The pass is decided again after the wait, so that its time (the admission time, the
+        // queue wait, the schedule timeout) is not the time before the caches synced.
         ctx.admitter.wait_ready().await;
+        decided = decide(job, world, observed, Timestamp::now());
     }
     let mut decision = decided.answer_with(|| ctx.admitter.request(job));
     decision.status.progress = progress(ctx, job);

@@ -208,11 +208,7 @@ impl Cuda {
     }
 
     fn elementwise(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
-        if n >= i32::MAX as usize {
-            return Err(EngineError::Config(format!(
-                "{name}: {n} elements exceed the kernels' 32-bit indexing; use a smaller batch"
-            )));
-        }
+        fits_32_bits(name, n)?;
         let grid = n.div_ceil(THREADS as usize) as u32;
         self.run(name, (grid, 1), THREADS, args)
     }
@@ -221,6 +217,16 @@ impl Cuda {
         let per_block = THREADS as usize / 32;
         self.run(name, (rows.div_ceil(per_block) as u32, 1), THREADS, args)
     }
+}
+
+/// Refuses `n` elements that the kernels' 32-bit index arithmetic cannot address.
+fn fits_32_bits(name: &str, n: usize) -> Result<()> {
+    if n >= i32::MAX as usize {
+        return Err(EngineError::Config(format!(
+            "{name}: {n} elements exceed the kernels' 32-bit indexing; use a smaller batch"
+        )));
+    }
+    Ok(())
 }
 
 fn i(x: usize) -> Arg {
@@ -409,6 +415,8 @@ impl Backend for Cuda {
                 perm,
             } => {
                 let p = Permutation::new(shape, perm)?;
+                // Before the arguments: every dimension and stride is at most the length.
+                fits_32_bits("permute", p.len)?;
                 let mut args = vec![
                     Arg::Ptr(self.ptr(out, 0, p.len)),
                     Arg::Ptr(self.ptr(inp, 0, p.len)),

@@ -4,8 +4,8 @@
 //! this trait and never names one; [`build`] is the one place that maps the job's
 //! `spec.training.workload` onto an implementation.
 //!
-//! Adding a workload: implement [`Workload`] in a new file of this folder and add its arm to
-//! [`build`].
+//! Adding a workload: implement [`Workload`] in a new file of this folder and add its arm to the
+//! match on the job's workload below [`build`].
 //!
 //! - [`ddp`]: data parallelism with PyTorch DDP's semantics, over [`task`]'s model and data.
 //! - [`sync`]: the gradient buckets and their transports, shared by every workload that averages
@@ -18,7 +18,7 @@ pub mod task;
 use std::path::{Path, PathBuf};
 
 use lockstep_api::config::WorkerConfig;
-use lockstep_api::training::Workload as Kind;
+use lockstep_api::training::{Model, Training, Workload as Kind};
 use lockstep_engine::Backend;
 
 use crate::comm::Communicator;
@@ -144,12 +144,22 @@ fn on<B: Backend + 'static, C: HostComm + 'static>(
     let t = &cfg.training;
     match t.workload {
         Kind::Ddp => Ok(Box::new(ddp::Ddp::new(be, sync, always_sync, cfg, topo)?)),
-        Kind::Pipeline | Kind::Pres => Err(WorkError::config(format!(
-            "workload {:?} is not built yet: this worker trains Ddp",
-            t.workload
-        ))),
-        Kind::Command => Err(WorkError::config(
-            "workload Command runs the template's own command; lockstep-worker does not train it",
-        )),
+        Kind::Pipeline | Kind::Pres | Kind::Command => Err(not_built(t)),
     }
+}
+
+/// The error for a workload, model and data this worker does not train yet.
+pub(crate) fn not_built(t: &Training) -> WorkError {
+    let model = match t.model.as_ref() {
+        Some(Model::Mlp(_)) => "mlp",
+        Some(Model::Gpt(_)) => "gpt",
+        Some(Model::Tgn(_)) => "tgn",
+        None => "none",
+    };
+    WorkError::config(format!(
+        "workload {:?} with model {model} and data {:?} is not built yet: this worker trains Ddp \
+         with mlp on Digits and gpt on Text",
+        t.workload,
+        t.data.as_ref().map(|d| d.kind)
+    ))
 }

@@ -262,18 +262,6 @@ pub fn build<B: Backend + 'static>(
                 y: Vec::new(),
             }))
         }
-        (model, data) => {
-            let model = match model {
-                Some(Model::Mlp(_)) => "mlp",
-                Some(Model::Gpt(_)) => "gpt",
-                Some(Model::Tgn(_)) => "tgn",
-                None => "none",
-            };
-            Err(WorkError::config(format!(
-                "model {model} with data {data:?} is not built yet for workload {:?}: it trains \
-                 mlp on Digits and gpt on Text",
-                t.workload
-            )))
-        }
+        _ => Err(super::not_built(t)),
     }
 }
