@@ -15,6 +15,7 @@ use crate::error::WorkError;
 use crate::metrics::Metrics;
 use crate::rendezvous::{self, Identity, Session, describe};
 use crate::trainer;
+use lockstep_proto::v1::Failure;
 
 /// Where Kubernetes reads a container's termination message from.
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
@@ -57,6 +58,23 @@ fn fail(code: ExitCode, message: &str) -> ExitCode {
 /// A 64-bit key of the gang and attempt, carried by every data connection's handshake.
 pub fn gang_key(token: &str, attempt: u32) -> u64 {
     lockstep_api::config::fnv1a64(format!("{token}/{attempt}").as_bytes())
+}
+
+/// How a rank whose training failed with `e` exits, once the rendezvous has answered with the
+/// gang's `first` failure: with its own code and words only when it is the first failure itself;
+/// otherwise with `PeerFailed`, naming the first failure. A rank whose error blames a peer (it
+/// lost rank 2 in an all-reduce) is never the cause, even when its report reached rank 0 first.
+pub fn failure_exit(rank: u32, e: &WorkError, first: &Failure) -> (ExitCode, String) {
+    if first.rank == rank && first.reported_by == rank {
+        (e.code, format!("rank {rank} failed: {}", e.message))
+    } else if first.rank == rank {
+        (e.code, format!("gang aborted: {}", describe(first)))
+    } else {
+        (
+            ExitCode::PeerFailed,
+            format!("gang aborted: {}", describe(first)),
+        )
+    }
 }
 
 /// Runs this process as one rank; returns its exit code.
@@ -285,16 +303,49 @@ async fn run_rank(
         Err(e) => {
             let blamed = e.blame.unwrap_or(rank);
             let first = session.report(blamed, e.message.clone()).await;
-            if first.rank != blamed || first.reported_by != rank {
-                // Another failure came first: that is the one to name.
-                let code = if first.rank == rank {
-                    e.code
-                } else {
-                    ExitCode::PeerFailed
-                };
-                return fail(code, &format!("gang aborted: {}", describe(&first)));
-            }
-            fail(e.code, &format!("rank {rank} failed: {}", e.message))
+            let (code, message) = failure_exit(rank, &e, &first);
+            fail(code, &message)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(rank: u32, reported_by: u32) -> Failure {
+        Failure {
+            rank,
+            reason: "lost rank 2 during all_reduce: connection reset".into(),
+            reported_by,
+        }
+    }
+
+    #[test]
+    fn a_rank_that_blames_a_peer_exits_peer_failed_even_when_it_reported_first() {
+        // Rank 0 lost rank 2 in a collective and its report was the gang's first failure.
+        let mut e = WorkError::new(ExitCode::Communication, "lost rank 2 during all_reduce");
+        e.blame = Some(2);
+        let (code, message) = failure_exit(0, &e, &failure(2, 0));
+        assert_eq!(code, ExitCode::PeerFailed);
+        assert!(
+            message.starts_with("gang aborted: rank 2 failed"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_first_failure_exits_with_its_own_code_and_others_name_it() {
+        let e = WorkError::new(ExitCode::Data, "bad line 7");
+        let (code, message) = failure_exit(1, &e, &failure(1, 1));
+        assert_eq!(code, ExitCode::Data);
+        assert_eq!(message, "rank 1 failed: bad line 7");
+        // Another rank failed first: this one is secondary.
+        let (code, message) = failure_exit(3, &e, &failure(1, 1));
+        assert_eq!(code, ExitCode::PeerFailed);
+        assert!(message.contains("rank 1 failed"), "{message}");
+        // Rank 0 noticed this rank's failure first (its heartbeat stopped): still its own code.
+        let (code, _) = failure_exit(1, &e, &failure(1, 0));
+        assert_eq!(code, ExitCode::Data);
     }
 }

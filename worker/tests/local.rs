@@ -221,6 +221,11 @@ fn killing_a_rank_mid_training_stops_the_gang_within_5_seconds_and_names_it() {
             line.contains("rank 2 failed"),
             "rank {r} names another failure: {line}"
         );
+        // A survivor is never the cause, even when it lost rank 2 in a collective first.
+        assert!(
+            log.contains(&format!("rank {r}: exit code 5 (PeerFailed)")),
+            "rank {r} did not exit PeerFailed:\n{log}"
+        );
     }
 }
 
