@@ -301,11 +301,15 @@ pub enum ExitCode {
     Data = 8,
     /// Training diverged (loss became NaN or infinite).
     Diverged = 9,
+    /// Stopped by SIGTERM (the pod was deleted, the gang restarted or suspended, the node
+    /// drained): the gang stopped together after the step in progress, writing a checkpoint
+    /// first when the job keeps them. 128 + 15, the code of a process SIGTERM ends.
+    Terminated = 143,
 }
 
 impl ExitCode {
     /// Every code, in numeric order.
-    pub const ALL: [ExitCode; 10] = [
+    pub const ALL: [ExitCode; 11] = [
         ExitCode::Success,
         ExitCode::Internal,
         ExitCode::Usage,
@@ -316,6 +320,7 @@ impl ExitCode {
         ExitCode::Checkpoint,
         ExitCode::Data,
         ExitCode::Diverged,
+        ExitCode::Terminated,
     ];
 
     /// The numeric process exit code.
@@ -341,6 +346,7 @@ impl ExitCode {
             ExitCode::Checkpoint => "CheckpointInvalid",
             ExitCode::Data => "DataUnreadable",
             ExitCode::Diverged => "Diverged",
+            ExitCode::Terminated => "Terminated",
         }
     }
 

@@ -29,6 +29,8 @@ pub struct RunOptions {
     pub comm_timeout: Duration,
     /// How long rank 0 waits for the others to finish before it stops serving.
     pub finish_grace: Duration,
+    /// How long after SIGTERM a rank that has not stopped exits anyway.
+    pub stop_deadline: Duration,
 }
 
 impl Default for RunOptions {
@@ -37,6 +39,7 @@ impl Default for RunOptions {
             rendezvous: rendezvous::Options::default(),
             comm_timeout: Duration::from_secs(30),
             finish_grace: Duration::from_secs(30),
+            stop_deadline: Duration::from_secs(10),
         }
     }
 }
@@ -252,6 +255,37 @@ async fn run_rank(
     };
     let final_metrics = metrics.clone();
 
+    // SIGTERM (a delete, a gang restart, a suspend, a drain): the trainer stops the gang after
+    // the step in progress, writing a checkpoint first; a rank that cannot get there (still at
+    // the rendezvous, stuck in a collective) exits when the stop deadline passes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            let stop = std::sync::Arc::clone(&stop);
+            let deadline = opts.stop_deadline;
+            tokio::spawn(async move {
+                if term.recv().await.is_none() {
+                    return;
+                }
+                tracing::warn!(
+                    deadline_s = deadline.as_secs_f64(),
+                    "SIGTERM: stopping the gang after this step"
+                );
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(deadline).await;
+                let code = fail(
+                    ExitCode::Terminated,
+                    &format!(
+                        "stopped by SIGTERM: training did not stop within {} s",
+                        deadline.as_secs()
+                    ),
+                );
+                std::process::exit(code.code());
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGTERM"),
+    }
+
     let session = std::sync::Arc::new(session);
     let steps = std::sync::Arc::clone(&session);
     let checkpoint_dir = contract.checkpoint_dir.clone();
@@ -260,6 +294,7 @@ async fn run_rank(
             checkpoint_dir: Some(std::path::PathBuf::from(&checkpoint_dir)),
             nccl_id,
             on_step: &|s| steps.set_step(s),
+            stop: &stop,
         };
         trainer::run(&config, comm, &metrics, &inputs)
     })
@@ -299,6 +334,16 @@ async fn run_rank(
                 session.finish(opts.finish_grace).await;
             }
             ExitCode::Success
+        }
+        Err(e) if e.code == ExitCode::Terminated => {
+            // Every rank agreed to stop after the same step: end the membership as on success,
+            // so that no rank takes the others' exit for a failure.
+            if let Ok(session) = std::sync::Arc::try_unwrap(session) {
+                session
+                    .finish(opts.finish_grace.min(opts.stop_deadline))
+                    .await;
+            }
+            fail(ExitCode::Terminated, &e.message)
         }
         Err(e) => {
             let blamed = e.blame.unwrap_or(rank);

@@ -4,6 +4,7 @@
 //! [`Workload`](crate::workload::Workload) and never names one.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use lockstep_api::config::WorkerConfig;
@@ -52,6 +53,11 @@ pub struct RunInputs<'a> {
     pub nccl_id: Vec<u8>,
     /// Called after every optimizer step with the number of steps done.
     pub on_step: &'a dyn Fn(u64),
+    /// Set when this rank is asked to stop (SIGTERM). The gang agrees on it in the all-reduce
+    /// that ends every step, so every rank stops after the same step; a checkpoint of that step
+    /// is written first when there is a checkpoint directory, and the run ends with
+    /// `Terminated`.
+    pub stop: &'a AtomicBool,
 }
 
 /// The learning-rate schedule of the job's optimizer `o` over `total` steps.
@@ -170,13 +176,19 @@ pub fn train<C: HostComm>(
         let started = Instant::now();
         let lr = lr.at(step) as f32;
         let report = work.step(topo, step, lr)?;
-        // The mean loss over the ranks that compute one (a tiny all-reduce over the whole gang
-        // that doubles as a liveness check).
+        // The mean loss over the ranks that compute one, and whether any rank was asked to stop
+        // (a tiny all-reduce over the whole gang that doubles as a liveness check).
+        let stop = if inputs.stop.load(Ordering::Relaxed) {
+            1.0
+        } else {
+            0.0
+        };
         let mut l = match report.loss {
-            Some(v) => [v, 1.0],
-            None => [0.0, 0.0],
+            Some(v) => [v, 1.0, stop],
+            None => [0.0, 0.0, stop],
         };
         topo.world.all_reduce(&mut l, ReduceOp::Sum)?;
+        let stopping = l[2] > 0.0;
         // Times the reciprocal, as the all-reduce's Avg does, so that the figure is the same.
         loss_mean = l[0] * (1.0 / l[1]);
         if !loss_mean.is_finite() {
@@ -228,13 +240,28 @@ pub fn train<C: HostComm>(
                 );
             }
         }
+        // A stop writes a checkpoint of this step, as the last step does (every rank calls save,
+        // as on the cadence: the workload decides which ranks write).
         if let Some(d) = &dir
-            && (done || ckpt_every.is_some_and(|e| (step + 1) % e == 0))
+            && (done || ckpt_every.is_some_and(|e| (step + 1) % e == 0) || stopping)
             && let Some(path) = work.save(topo, d, step + 1, keep)?
         {
             tracing::info!(step = step + 1, path = %path.display(), "checkpoint written");
         }
         (inputs.on_step)(step + 1);
+        if stopping && !done {
+            let saved = match &dir {
+                Some(d) => format!("a checkpoint of step {} is in {}", step + 1, d.display()),
+                None => "the job keeps no checkpoints".into(),
+            };
+            return Err(WorkError::new(
+                ExitCode::Terminated,
+                format!(
+                    "stopped by SIGTERM after step {} of {total}: {saved}",
+                    step + 1
+                ),
+            ));
+        }
     }
     let (eval_accuracy, val_loss) = match eval {
         Some(e) if e.metric == Metric::Loss => (None, Some(e.value)),

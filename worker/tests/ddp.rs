@@ -5,6 +5,7 @@
 //! refused.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use lockstep_api::config::WorkerConfig;
 use lockstep_engine::models::gpt::GptConfig;
@@ -102,6 +103,7 @@ fn train_gang(j: &Job<'_>, ckpt: &Path) -> Vec<Result<Summary, WorkError>> {
                         checkpoint_dir: Some(ckpt.to_path_buf()),
                         nccl_id: Vec::new(),
                         on_step: &|_| {},
+                        stop: &AtomicBool::new(false),
                     };
                     trainer::run(cfg, comm, &metrics, &inputs)
                 })
@@ -351,6 +353,7 @@ fn a_rank_without_cuda_refuses_a_gang_that_chose_nccl() {
         checkpoint_dir: None,
         nccl_id: vec![7; 128],
         on_step: &|_| {},
+        stop: &AtomicBool::new(false),
     };
     let e = trainer::run(&cfg, comm, &metrics, &inputs).expect_err("must not train on the CPU");
     assert_eq!(e.code, lockstep_api::contract::ExitCode::Communication);

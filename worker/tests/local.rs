@@ -141,68 +141,94 @@ fn child_with_rank(parent: u32, rank: u32) -> Option<u32> {
     None
 }
 
+/// A gang of `ranks` processes training a wide MLP (most of a step is the gradient all-reduce)
+/// under `local`, started and waited for until every rank trains.
+struct Gang {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: Vec<String>,
+    _stop: StopOnDrop,
+}
+
+impl Gang {
+    fn start(dir: &Path, name: &str, ranks: u32) -> Self {
+        let m = manifest(dir, "job", &mlp_job(name, "[512, 512]", 1_000_000));
+        let mut child = worker()
+            .args(["local", m.to_str().expect("utf-8"), "--ranks"])
+            .arg(ranks.to_string())
+            .arg("--workdir")
+            .arg(dir.join("run"))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start local");
+        let stop = StopOnDrop(child.id());
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut log = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while log
+            .iter()
+            .filter(|l: &&String| l.contains("training") && l.contains("model=mlp"))
+            .count()
+            < ranks as usize
+        {
+            let line = lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("ranks did not start:\n{}", log.join("\n")));
+            log.push(line);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        Self {
+            child,
+            lines,
+            log,
+            _stop: stop,
+        }
+    }
+
+    /// Sends `signal` to rank `rank`'s process.
+    fn signal(&self, rank: u32, signal: &str) {
+        let pid = child_with_rank(self.child.id(), rank).expect("the rank's process");
+        Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+    }
+
+    /// Waits for the launcher to end (at most 30 s); returns its status, how long it took and
+    /// the whole log.
+    fn wait(mut self, since: Instant) -> (std::process::ExitStatus, Duration, String) {
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(30),
+                "the gang did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = since.elapsed();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.log.push(l);
+        }
+        (status, took, self.log.join("\n"))
+    }
+}
+
 #[test]
 fn killing_a_rank_mid_training_stops_the_gang_within_5_seconds_and_names_it() {
     let _one = serial();
     let dir = scratch("kill");
-    // Wide layers: most of a step is the gradient all-reduce.
-    let m = manifest(&dir, "job", &mlp_job("kill-test", "[512, 512]", 1_000_000));
-    let mut child = worker()
-        .args([
-            "local",
-            m.to_str().expect("utf-8"),
-            "--ranks",
-            "4",
-            "--workdir",
-        ])
-        .arg(dir.join("run"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start local");
-    let _stop = StopOnDrop(child.id());
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut log = Vec::new();
-    // Wait until every rank trains.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while log
-        .iter()
-        .filter(|l: &&String| l.contains("training") && l.contains("model=mlp"))
-        .count()
-        < 4
-    {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("ranks did not start:\n{}", log.join("\n")));
-        log.push(line);
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let victim = child_with_rank(child.id(), 2).expect("rank 2's process");
+    let gang = Gang::start(&dir, "kill-test", 4);
     let killed = Instant::now();
-    Command::new("kill")
-        .args(["-9", &victim.to_string()])
-        .status()
-        .expect("kill");
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(30),
-            "the gang did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let took = killed.elapsed();
-    while let Ok(l) = rx.recv_timeout(Duration::from_millis(500)) {
-        log.push(l);
-    }
-    let log = log.join("\n");
+    gang.signal(2, "-9");
+    let (status, took, log) = gang.wait(killed);
     assert!(
         took < Duration::from_secs(5),
         "the gang took {took:?} to stop:\n{log}"
@@ -227,6 +253,44 @@ fn killing_a_rank_mid_training_stops_the_gang_within_5_seconds_and_names_it() {
             "rank {r} did not exit PeerFailed:\n{log}"
         );
     }
+}
+
+#[test]
+fn sigterm_to_one_rank_stops_the_whole_gang_after_one_step_with_a_checkpoint() {
+    let _one = serial();
+    let dir = scratch("sigterm");
+    let gang = Gang::start(&dir, "sigterm-test", 3);
+    let sent = Instant::now();
+    // What the kubelet sends a pod it deletes; here to one rank only: the gang stops together.
+    gang.signal(1, "-TERM");
+    let (status, took, log) = gang.wait(sent);
+    assert!(
+        took < Duration::from_secs(5),
+        "the gang took {took:?} to stop:\n{log}"
+    );
+    assert_eq!(status.code(), Some(143), "{log}");
+    for r in 0..3 {
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(&format!("[rank {r}]")) && l.contains("stopped by SIGTERM"))
+            .unwrap_or_else(|| panic!("rank {r} did not stop on SIGTERM:\n{log}"));
+        assert!(line.contains("Terminated"), "{line}");
+    }
+    assert!(
+        !log.contains("PeerFailed"),
+        "an agreed stop is no failure:\n{log}"
+    );
+    // The checkpoint of the step the gang stopped after.
+    let stopped_after: u64 = log
+        .lines()
+        .find_map(|l| l.split("stopped by SIGTERM after step ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no step in the stop message:\n{log}"));
+    let name = format!("step-{stopped_after:08}.safetensors");
+    assert!(
+        dir.join("run/checkpoints").join(&name).exists(),
+        "{name} was not written:\n{log}"
+    );
 }
 
 const COMMAND_JOB: &str = r#"apiVersion: lockstep.dev/v1alpha1

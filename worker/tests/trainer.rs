@@ -4,6 +4,7 @@
 //! the loss averaged over the ranks that compute one.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use lockstep_api::config::WorkerConfig;
@@ -140,6 +141,7 @@ fn run(
                         checkpoint_dir: checkpoint_dir.map(Path::to_path_buf),
                         nccl_id: Vec::new(),
                         on_step: &|_| {},
+                        stop: &AtomicBool::new(false),
                     };
                     let summary = trainer::train(cfg, &mut topo, &mut work, &metrics, &inputs)
                         .unwrap_or_else(|e| panic!("rank {r}: {e}"));
