@@ -63,6 +63,10 @@ images: ## OCI images of the operator and the CPU worker, without a daemon or a 
 cluster-build: ## build the pinned test control plane from Go modules (cached by version)
 	e2e/cluster/build.sh
 
+.PHONY: node-build
+node-build: ## build what a real node of the test cluster runs (kubelet, containerd, runc, CNI, CoreDNS, pause), cached by version
+	e2e/cluster/node-build.sh
+
 .PHONY: cluster-up
 cluster-up: ## start the test control plane on 127.0.0.1 (NODES=4; KUBECONFIG=.cluster/kubeconfig)
 	e2e/cluster/up.sh
