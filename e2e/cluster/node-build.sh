@@ -3,8 +3,9 @@
 # C toolchain, nothing prebuilt: kubelet (from the control plane's Kubernetes module), containerd
 # 2 with its runc shim and ctr, runc, the CNI plugins (bridge, host-local, loopback, portmap),
 # CoreDNS (coredns/, only the plugins the cluster needs) and the pause image (pause.c from the
-# Kubernetes module, linked statically, packed as an OCI archive with umoci). Cached outside the
-# clone keyed by version, like build.sh; prints the bin directory.
+# Kubernetes module, linked statically, packed as an OCI archive with umoci under the tag 3.10:
+# imported as registry.k8s.io/pause:3.10, the sandbox image of the node's containerd). Cached
+# outside the clone keyed by version, like build.sh; prints the bin directory.
 #   LOCKSTEP_CACHE  cache root (default ~/.cache/lockstep)
 #   COMPONENTS      subset to build (default: all)
 set -euo pipefail
@@ -73,11 +74,11 @@ for c in $want; do
       gcc -Os -static -DVERSION="v$KUBE_VERSION" -o "$work/pause" "$kdir/build/pause/linux/pause.c"
       strip "$work/pause"
       umoci init --layout "$work/oci" >/dev/null
-      umoci new --image "$work/oci:pause" >/dev/null
-      umoci unpack --rootless --image "$work/oci:pause" "$work/bundle" >/dev/null
+      umoci new --image "$work/oci:3.10" >/dev/null
+      umoci unpack --rootless --image "$work/oci:3.10" "$work/bundle" >/dev/null
       install -m 0755 "$work/pause" "$work/bundle/rootfs/pause"
-      umoci repack --image "$work/oci:pause" "$work/bundle" >/dev/null
-      umoci config --image "$work/oci:pause" --config.entrypoint /pause --config.user 65535:65535 \
+      umoci repack --image "$work/oci:3.10" "$work/bundle" >/dev/null
+      umoci config --image "$work/oci:3.10" --config.entrypoint /pause --config.user 65535:65535 \
         --os linux --architecture amd64 >/dev/null
       tar -C "$work/oci" -cf "$bin/pause.oci.tar.tmp" .
       chmod -R u+w "$work"; rm -rf "$work"

@@ -6,6 +6,7 @@
 #   STATE   state folder (default: .cluster at the repository root)
 #   NODES   fake nodes (default 4)
 #   ONLY_APISERVER=1   start etcd and kube-apiserver only
+#   REAL_NODES=1       also start one real node (realnode.sh: kubelet, containerd, CoreDNS; root)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -35,7 +36,8 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=lockstep-test-ca
   -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout "$pki/apiserver.key" \
   -out "$pki/apiserver.csr" 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n' > "$pki/san.ext"
+# 10.96.0.1: the `kubernetes` Service, how pods on a real node reach the API server.
+printf 'subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes.default.svc\n' > "$pki/san.ext"
 openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
   -days 3650 -extfile "$pki/san.ext" -out "$pki/apiserver.crt" 2>/dev/null
 openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
@@ -63,7 +65,8 @@ spawn kube-apiserver "$bin/kube-apiserver" \
   --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
   --service-cluster-ip-range 10.96.0.0/16 --allow-privileged=true \
   --feature-gates "$gates" --runtime-config "scheduling.k8s.io/v1alpha2=true" \
-  --enable-priority-and-fairness=false --max-requests-inflight 2000 --max-mutating-requests-inflight 1000
+  --enable-priority-and-fairness=false --max-requests-inflight 2000 --max-mutating-requests-inflight 1000 \
+  --kubelet-preferred-address-types InternalIP,Hostname
 
 cat > "$state/kubeconfig" <<KC
 apiVersion: v1
@@ -141,5 +144,8 @@ for _ in $(seq 1 240); do
   "$kubectl" get serviceaccount default -n default >/dev/null 2>&1 && break
   sleep 0.5
 done
+if [ "${REAL_NODES:-0}" = 1 ]; then
+  "$here/realnode.sh" up "$state" "$api_port"
+fi
 log "cluster up with $nodes nodes after $(python3 -c "import time; print(round(time.time()-$started,1))")s"
 echo "export KUBECONFIG=$state/kubeconfig"

@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# The test cluster's real node (REAL_NODES=1): kubelet, containerd and runc running pods for real
+# beside the kwok nodes, on a bridge of its own, with CoreDNS for the cluster's names. Called by
+# up.sh and down.sh; see ../../../shared/notes/real-node.md for why each setting is there.
+#   realnode.sh up STATE API_PORT   start it (STATE/pids gets its processes), import the images of
+#                                   `make images` (IMAGES_DIR, default target/images), wait until
+#                                   the node is Ready
+#   realnode.sh stop-pods STATE     kill every pod's processes and shims (before the processes stop)
+#   realnode.sh clean STATE         undo what it did outside STATE (after the processes stopped)
+#   realnode.sh leftovers STATE     list what a stopped node left behind; fails when anything
+#
+# Machine-wide: one real node per machine (the bridge, 10.96.0.1, /kubepods, port 10250).
+# Pod traffic never leaves the machine: a FORWARD rule drops what pods send to any interface but
+# their bridge, and pods reach only the API server (10.96.0.1:443, DNAT to 127.0.0.1), CoreDNS on
+# the bridge, and each other.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+cmd=${1:?usage: realnode.sh up|stop-pods|clean|leftovers STATE [API_PORT]}
+state=${2:?state folder}
+node_dir=$state/node
+BRIDGE=lockstep0
+GATEWAY=10.244.0.1
+SUBNET=10.244.0.0/24
+SERVICE_IP=10.96.0.1
+NODE_NAME=lockstep-real-0
+# The label and taint that keep every other pod off the real node.
+NODE_LABEL=lockstep.dev/real-node
+log() { printf '[real-node] %s\n' "$*" >&2; }
+
+stop_pods() {
+  local sock=$node_dir/containerd.sock
+  # Every process of every pod (their cgroups), then the shims that supervise them.
+  for procs in /sys/fs/cgroup/*/kubepods/cgroup.procs /sys/fs/cgroup/*/kubepods/*/cgroup.procs \
+    /sys/fs/cgroup/*/kubepods/*/*/cgroup.procs /sys/fs/cgroup/*/kubepods/*/*/*/cgroup.procs; do
+    [ -r "$procs" ] || continue
+    while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done < "$procs"
+  done
+  pkill -KILL -f "containerd-shim-runc-v2 -namespace k8s.io -address $sock" 2>/dev/null || true
+}
+
+clean() {
+  # Mounts under the state folder (kubelet bind-mounts its root dir onto itself; overlays and
+  # network namespaces), deepest first.
+  if [ -d "$node_dir" ]; then
+    awk -v d="$node_dir" '$2 ~ "^"d {print $2}' /proc/self/mounts | sort -r | while read -r m; do
+      umount -l "$m" 2>/dev/null || true
+    done
+  fi
+  # The pods' cgroups, depth first.
+  for root in /sys/fs/cgroup/*/kubepods; do
+    [ -d "$root" ] && find "$root" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
+  for t in 4 6; do
+    ipt=iptables; [ $t = 6 ] && ipt=ip6tables
+    command -v "$ipt" >/dev/null || continue
+    if [ $t = 4 ]; then
+      while iptables -D FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -j DROP 2>/dev/null; do :; done
+      while { iptables -t nat -S PREROUTING 2>/dev/null || true; } | grep -q -- "-i $BRIDGE"; do
+        rule=$(iptables -t nat -S PREROUTING | grep -- "-i $BRIDGE" | head -1 | sed 's/^-A /-D /')
+        # shellcheck disable=SC2086
+        iptables -t nat $rule 2>/dev/null || break
+      done
+    fi
+    # kubelet's own chains.
+    for table in filter nat mangle; do
+      for chain in KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do
+        { $ipt -t $table -S 2>/dev/null | grep -- "-j $chain" || true; } | sed 's/^-A /-D /' |
+          while read -r r; do
+            # shellcheck disable=SC2086
+            $ipt -t $table $r 2>/dev/null || true
+          done
+        $ipt -t $table -F $chain 2>/dev/null || true
+        $ipt -t $table -X $chain 2>/dev/null || true
+      done
+    done
+  done
+  # What kubelet, containerd and the CNI plugins write outside their configured folders.
+  rm -rf /var/lib/kubelet/device-plugins /var/lib/kubelet/plugins_registry /var/lib/kubelet/plugins \
+    /var/lib/kubelet/pod-resources /usr/libexec/kubernetes /var/log/containers /var/lib/cni \
+    /run/containerd /run/netns
+  rmdir /var/lib/kubelet 2>/dev/null || true
+  if [ -e "$node_dir/ip_forward" ]; then
+    cat "$node_dir/ip_forward" > /proc/sys/net/ipv4/ip_forward
+  fi
+}
+
+# What a stopped real node may have left behind; prints each and fails when there is any.
+leftovers() {
+  local found=0
+  say() { echo "left behind: $*"; found=1; }
+  local p
+  for p in $(pgrep -f "$node_dir" 2>/dev/null); do say "process $p: $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null)"; done
+  awk -v d="$node_dir" '$2 ~ "^"d {print $2}' /proc/self/mounts | while read -r m; do echo "left behind: mount $m"; done
+  awk -v d="$node_dir" '$2 ~ "^"d {f=1} END {exit !f}' /proc/self/mounts && found=1
+  for d in /sys/fs/cgroup/*/kubepods; do [ -d "$d" ] && say "cgroup $d"; done
+  ip link show "$BRIDGE" >/dev/null 2>&1 && say "bridge $BRIDGE"
+  local rules
+  rules=$({ iptables-save 2>/dev/null; ip6tables-save 2>/dev/null; } | grep -E -- "$BRIDGE|KUBE-" || true)
+  [ -n "$rules" ] && say "iptables: $(echo "$rules" | tr '\n' ';')"
+  for f in /var/lib/kubelet /usr/libexec/kubernetes /var/log/containers /var/lib/cni /run/containerd /run/netns; do
+    [ -e "$f" ] && say "$f"
+  done
+  if [ -e "$node_dir/ip_forward" ] && [ "$(cat /proc/sys/net/ipv4/ip_forward)" != "$(cat "$node_dir/ip_forward")" ]; then
+    say "net.ipv4.ip_forward changed"
+  fi
+  return $found
+}
+
+up() {
+  local api_port=${1:?api port}
+  [ "$(id -u)" = 0 ] || { log "a real node needs root (kubelet, containerd, the bridge)"; exit 1; }
+  command -v iptables >/dev/null || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >/dev/null
+  }
+  local bin
+  bin=$("$here/node-build.sh")
+  local kbin
+  kbin=$("$here/build.sh" 2>/dev/null)
+  mkdir -p "$node_dir"/{cni/net.d,cni/ipam,containerd/root,containerd/state,kubelet,logs}
+  cat /proc/sys/net/ipv4/ip_forward > "$node_dir/ip_forward"
+  # --- the bridge, and the rules that keep pod traffic on this machine.
+  ip link add "$BRIDGE" type bridge 2>/dev/null || true
+  ip addr replace "$GATEWAY/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  echo 1 > "/proc/sys/net/ipv4/conf/$BRIDGE/route_localnet"
+  iptables -C FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -j DROP 2>/dev/null ||
+    iptables -I FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -j DROP
+  iptables -t nat -A PREROUTING -i "$BRIDGE" -d "$SERVICE_IP/32" -p tcp --dport 443 \
+    -j DNAT --to-destination "127.0.0.1:$api_port"
+  # --- CNI: the bridge plugin on lockstep0, addresses from host-local, no masquerade.
+  cat > "$node_dir/cni/net.d/10-lockstep.conflist" <<CNI
+{"cniVersion": "1.0.0", "name": "lockstep", "plugins": [
+  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "isDefaultGateway": true,
+   "ipMasq": false, "hairpinMode": true,
+   "ipam": {"type": "host-local", "dataDir": "$node_dir/cni/ipam",
+            "ranges": [[{"subnet": "$SUBNET", "rangeStart": "10.244.0.10", "gateway": "$GATEWAY"}]]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}
+]}
+CNI
+  # --- containerd: everything under the state folder; restrict_oom_score_adj because this
+  # machine's sandbox lacks CAP_SYS_RESOURCE.
+  local sock=$node_dir/containerd.sock
+  cat > "$node_dir/containerd.toml" <<TOML
+version = 3
+root = '$node_dir/containerd/root'
+state = '$node_dir/containerd/state'
+[grpc]
+  address = '$sock'
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = 'registry.k8s.io/pause:3.10'
+[plugins.'io.containerd.cri.v1.runtime']
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  enable_cdi = false
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+    BinaryName = '$bin/runc'
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ['$bin/cni']
+    conf_dir = '$node_dir/cni/net.d'
+TOML
+  setsid env PATH="$bin:$PATH" "$bin/containerd" --config "$node_dir/containerd.toml" \
+    > "$state/logs/containerd.log" 2>&1 < /dev/null &
+  echo "containerd $!" >> "$state/pids"
+  for _ in $(seq 1 100); do [ -S "$sock" ] && break; sleep 0.1; done
+  [ -S "$sock" ] || { log "containerd did not start; see $state/logs/containerd.log"; exit 1; }
+  "$bin/ctr" --address "$sock" -n k8s.io images import --base-name registry.k8s.io/pause \
+    "$bin/pause.oci.tar" >/dev/null
+  "$bin/ctr" --address "$sock" -n k8s.io images label registry.k8s.io/pause:3.10 \
+    io.cri-containerd.pinned=pinned >/dev/null
+  # --- the project's images from `make images`, under the names the examples and the chart use.
+  local images=${IMAGES_DIR:-$root/target/images} version
+  version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
+  for pair in "lockstep-worker:docker.io/lockstep/worker" \
+    "lockstep-operator:ghcr.io/lockstep-dev/lockstep-operator"; do
+    local archive=$images/${pair%%:*}-$version.oci.tar
+    if [ -e "$archive" ]; then
+      "$bin/ctr" --address "$sock" -n k8s.io images import --base-name "${pair#*:}" "$archive" >/dev/null
+      log "imported ${pair#*:}:$version"
+    else
+      log "no $archive (make images): ${pair#*:}:$version is not on the node"
+    fi
+  done
+  # --- CoreDNS on the bridge: the cluster's names from the API server.
+  cat > "$node_dir/Corefile" <<DNS
+cluster.local:53 {
+  bind $GATEWAY
+  errors
+  cache 5
+  kubernetes cluster.local {
+    kubeconfig $state/kubeconfig
+  }
+}
+DNS
+  setsid "$bin/coredns" -conf "$node_dir/Corefile" > "$state/logs/coredns.log" 2>&1 < /dev/null &
+  echo "coredns $!" >> "$state/pids"
+  printf 'nameserver %s\nsearch svc.cluster.local cluster.local\noptions ndots:5\n' "$GATEWAY" \
+    > "$node_dir/resolv.conf"
+  # --- kubelet, with the admin credentials (the test cluster authorizes with RBAC only).
+  cat > "$node_dir/kubelet.yaml" <<KUBELET
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+failCgroupV1: false
+failSwapOn: false
+cgroupDriver: cgroupfs
+containerRuntimeEndpoint: unix://$sock
+address: $GATEWAY
+port: 10250
+readOnlyPort: 0
+healthzPort: 0
+authentication:
+  anonymous: {enabled: true}
+  webhook: {enabled: false}
+authorization: {mode: AlwaysAllow}
+clusterDNS: [$GATEWAY]
+clusterDomain: cluster.local
+resolvConf: $node_dir/resolv.conf
+podLogsDir: $node_dir/pods-logs
+podCIDR: $SUBNET
+maxPods: 30
+serializeImagePulls: false
+evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+registerWithTaints:
+- {key: $NODE_LABEL, value: "true", effect: NoSchedule}
+KUBELET
+  setsid "$bin/kubelet" --config "$node_dir/kubelet.yaml" --kubeconfig "$state/kubeconfig" \
+    --root-dir "$node_dir/kubelet" --cert-dir "$node_dir/kubelet/pki" \
+    --hostname-override "$NODE_NAME" --node-ip "$GATEWAY" \
+    --node-labels "$NODE_LABEL=true,topology.lockstep.dev/rack=real" \
+    > "$state/logs/kubelet.log" 2>&1 < /dev/null &
+  echo "kubelet $!" >> "$state/pids"
+  for _ in $(seq 1 120); do
+    ready=$("$kbin/kubectl" --kubeconfig "$state/kubeconfig" get node "$NODE_NAME" \
+      -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null || true)
+    [ "$ready" = True ] && break
+    sleep 0.5
+  done
+  [ "$ready" = True ] || { log "$NODE_NAME not Ready; see $state/logs/kubelet.log"; exit 1; }
+  log "$NODE_NAME Ready (label and taint $NODE_LABEL=true)"
+}
+
+case "$cmd" in
+  up) up "${3:-}" ;;
+  stop-pods) stop_pods ;;
+  clean) clean ;;
+  leftovers) leftovers ;;
+  *) log "unknown command $cmd"; exit 2 ;;
+esac
