@@ -639,6 +639,15 @@ impl Pass<'_> {
                     self.d.status.attempt = attempt + 1;
                     self.delete(current.iter().copied());
                     self.set_phase(Phase::Restarting);
+                    // The next attempt is admitted anew: its wait (status.admission.waitSeconds,
+                    // the wait histogram, scheduleTimeoutSeconds) starts now, not when the job
+                    // was created.
+                    self.condition(
+                        ct::ADMITTED,
+                        false,
+                        reasons::GANG_RESTARTING,
+                        format!("attempt {} waits to be admitted as a whole", attempt + 1),
+                    );
                     self.condition(ct::RUNNING, false, reasons::GANG_RESTARTING, first.clone());
                     self.condition(
                         ct::RESTARTING,
@@ -1531,6 +1540,38 @@ mod tests {
         assert_eq!(
             d.actions,
             vec![Action::Ungate((0..4).map(|r| format!("j-{r}")).collect())]
+        );
+    }
+
+    #[test]
+    fn a_restarted_attempt_waits_from_its_restart_not_from_the_jobs_creation() {
+        let mut j = job("ddp-digits.yaml");
+        j.metadata.creation_timestamp = Some(Time(at(0)));
+        step(&mut j, &[], at(0));
+        step(&mut j, &running(0), at(1));
+        let mut pods = running(0);
+        pods[1].state = failed(1, 2);
+        // The gang restarts at 80 s; attempt 1 is admitted at 140 s, once the old pods are gone
+        // and the backoff has passed.
+        let d = step(&mut j, &pods, at(80));
+        assert_eq!(d.status.attempt, 1);
+        assert_eq!(
+            admitted(&d).status,
+            "False",
+            "attempt 1 is not admitted yet"
+        );
+        let d = step(&mut j, &[], at(140));
+        let a = d.status.admission.clone().expect("admitted");
+        assert_eq!(a.attempt, Some(1));
+        assert_eq!(
+            a.wait_seconds,
+            Some(60.0),
+            "attempt 1 waited from its restart"
+        );
+        assert!(
+            admitted(&d).message.contains("after 60.0s"),
+            "{}",
+            admitted(&d).message
         );
     }
 
