@@ -27,6 +27,11 @@ unit: ## the tests that need no cluster
 e2e: ## the end-to-end suite against a real control plane (kube-apiserver, scheduler, kwok nodes)
 	e2e/run-tests.sh -p lockstep-e2e --locked
 
+.PHONY: e2e-real
+e2e-real: ## the e2e tests on a real node (root): builds the worker image and the node, starts a cluster with REAL_NODES=1
+	IMAGES=worker images/build.sh
+	REAL_NODES=1 e2e/run-tests.sh -p lockstep-e2e --locked --test e2e -- --ignored real_node::
+
 .PHONY: lint
 lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

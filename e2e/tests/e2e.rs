@@ -27,5 +27,7 @@ mod leader;
 mod operator;
 #[path = "e2e/progress.rs"]
 mod progress;
+#[path = "e2e/real_node.rs"]
+mod real_node;
 #[path = "e2e/scheduling.rs"]
 mod scheduling;

@@ -1,0 +1,103 @@
+//! Jobs in real pods, on the real node of `make cluster-up REAL_NODES=1`: the worker image of
+//! `make images`, the env contract, the token, rendezvous through the ranks' DNS names, training,
+//! progress written with the pod's ServiceAccount, exit codes and the job's status, as a user's
+//! first `kubectl apply` takes them.
+//!
+//! Ignored in `make e2e` (they need root, the node's build and the worker image): `make e2e-real`
+//! runs them.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
+use lockstep_api::ParallelJob;
+use lockstep_api::contract::{labels, ports};
+use lockstep_api::status::Phase;
+use lockstep_e2e::{example_manifest, wait_until, with_namespace};
+
+/// The real node's name and the label and taint that keep other pods off it (realnode.sh).
+const NODE: &str = "lockstep-real-0";
+const NODE_LABEL: &str = "lockstep.dev/real-node";
+
+/// An example pinned to the real node.
+fn on_the_real_node(example: &str) -> anyhow::Result<serde_json::Value> {
+    let mut v = example_manifest(example)?;
+    let spec = &mut v["spec"]["template"]["spec"];
+    spec["nodeSelector"] = serde_json::json!({ NODE_LABEL: "true" });
+    spec["tolerations"] = serde_json::json!([{"key": NODE_LABEL, "operator": "Exists"}]);
+    Ok(v)
+}
+
+#[tokio::test]
+#[ignore = "needs the real node and the worker image: make e2e-real"]
+async fn ddp_digits_trains_in_real_pods_to_succeeded_with_its_progress_and_metrics()
+-> anyhow::Result<()> {
+    with_namespace("real-ddp", |ns| async move {
+        let jobs: Api<ParallelJob> = ns.api();
+        let mut v = on_the_real_node("ddp-digits.yaml")?;
+        // Long enough (about 20 s here) to watch it run; the example trains 40 epochs.
+        v["spec"]["training"]["epochs"] = 400.into();
+        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+            .await?;
+
+        // While it runs: the Step and Loss columns fill, and rank 0's /metrics answers through
+        // the API server's pod proxy with the training series, labelled with job and rank.
+        wait_until(Duration::from_secs(120), "a reported step", || async {
+            let s = jobs.get("ddp-digits").await?.status.unwrap_or_default();
+            Ok(s.phase == Some(Phase::Running)
+                && s.progress
+                    .as_ref()
+                    .is_some_and(|p| p.step > 0 && p.loss.is_some()))
+        })
+        .await?;
+        let path = format!(
+            "/api/v1/namespaces/{}/pods/ddp-digits-0:{}/proxy/metrics",
+            ns.name,
+            ports::METRICS
+        );
+        let metrics = ns.cluster.kubectl(&["get", "--raw", &path]).await?;
+        let step = metrics
+            .lines()
+            .find(|l| l.starts_with("lockstep_worker_step{"))
+            .unwrap_or_else(|| panic!("no lockstep_worker_step in:\n{metrics}"));
+        assert!(
+            step.contains("job_name=\"ddp-digits\"") && step.contains("rank=\"0\""),
+            "{step}"
+        );
+
+        wait_until(Duration::from_secs(300), "Succeeded", || async {
+            Ok(
+                jobs.get("ddp-digits").await?.status.and_then(|s| s.phase)
+                    == Some(Phase::Succeeded),
+            )
+        })
+        .await?;
+        let status = jobs.get("ddp-digits").await?.status.unwrap_or_default();
+        let progress = status.progress.expect("progress");
+        assert_eq!(Some(progress.step), progress.total_steps, "{progress:?}");
+        let accuracy = progress.eval_metric.expect("the final accuracy");
+        assert!(accuracy >= 0.95, "accuracy {accuracy}");
+        assert_eq!(status.attempt, 0, "no restart");
+
+        // Both ranks ran on the real node and exited 0.
+        let pods: Api<Pod> = ns.api();
+        let list = pods
+            .list(&ListParams::default().labels(&format!("{}=ddp-digits", labels::JOB_NAME)))
+            .await?;
+        assert_eq!(list.items.len(), 2, "{:?}", list.items);
+        for p in list.items {
+            let spec = p.spec.expect("spec");
+            assert_eq!(spec.node_name.as_deref(), Some(NODE));
+            let code = p
+                .status
+                .and_then(|s| s.container_statuses)
+                .and_then(|c| c.into_iter().next())
+                .and_then(|c| c.state)
+                .and_then(|s| s.terminated)
+                .map(|t| t.exit_code);
+            assert_eq!(code, Some(0));
+        }
+        Ok(())
+    })
+    .await
+}
