@@ -101,3 +101,113 @@ async fn ddp_digits_trains_in_real_pods_to_succeeded_with_its_progress_and_metri
     })
     .await
 }
+
+/// The pid of the worker process of `rank` of job `job` in namespace `ns`, found by its env
+/// contract (the test runs on the real node's machine).
+fn worker_pid(ns: &str, job: &str, rank: u32) -> Option<i32> {
+    let want = [
+        format!("LOCKSTEP_NAMESPACE={ns}"),
+        format!("LOCKSTEP_JOB={job}"),
+        format!("LOCKSTEP_RANK={rank}"),
+    ];
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let env = std::fs::read(e.path().join("environ")).ok()?;
+        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+        want.iter()
+            .all(|w| vars.contains(&w.as_bytes()))
+            .then_some(pid)
+    })
+}
+
+#[tokio::test]
+#[ignore = "needs the real node and the worker image: make e2e-real"]
+async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_that_rank()
+-> anyhow::Result<()> {
+    with_namespace("real-kill", |ns| async move {
+        let jobs: Api<ParallelJob> = ns.api();
+        // A checkpoint volume the ranks share: a host folder the workers' user may write.
+        let dir = std::env::temp_dir().join(format!("lockstep-{}", ns.name));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        let mut v = on_the_real_node("ddp-digits.yaml")?;
+        let interval = 500;
+        v["spec"]["training"]["epochs"] = 300.into();
+        v["spec"]["training"]["checkpoint"] = serde_json::json!({"everySteps": interval});
+        let spec = &mut v["spec"]["template"]["spec"];
+        spec["volumes"] = serde_json::json!([{"name": "checkpoints",
+            "hostPath": {"path": dir.to_string_lossy(), "type": "Directory"}}]);
+        spec["containers"][0]["volumeMounts"] = serde_json::json!([{"name": "checkpoints",
+            "mountPath": lockstep_api::contract::paths::CHECKPOINT_DIR}]);
+        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+            .await?;
+
+        // Past the first checkpoints, rank 1's worker process is killed inside its container.
+        wait_until(Duration::from_secs(120), "two checkpoints", || async {
+            Ok(std::fs::read_dir(&dir)?.count() >= 2)
+        })
+        .await?;
+        let pid = worker_pid(&ns.name, "ddp-digits", 1).expect("rank 1's worker process");
+        nix_kill(pid)?;
+        let killed = std::time::Instant::now();
+        wait_until(Duration::from_secs(30), "the gang restarting", || async {
+            let s = jobs.get("ddp-digits").await?.status.unwrap_or_default();
+            Ok(s.attempt == 1)
+        })
+        .await?;
+        let stopped = killed.elapsed();
+
+        wait_until(Duration::from_secs(300), "Succeeded", || async {
+            Ok(
+                jobs.get("ddp-digits").await?.status.and_then(|s| s.phase)
+                    == Some(Phase::Succeeded),
+            )
+        })
+        .await?;
+        let status = jobs.get("ddp-digits").await?.status.unwrap_or_default();
+        let f = status.last_failure.expect("the first failure");
+        assert_eq!(
+            (
+                f.attempt,
+                f.rank,
+                f.pod.as_str(),
+                f.node.as_deref(),
+                f.exit_code
+            ),
+            (0, 1, "ddp-digits-1", Some(NODE), Some(137)),
+            "{f:?}"
+        );
+        assert!(
+            stopped < Duration::from_secs(5),
+            "the gang took {stopped:?} to stop"
+        );
+        // The next attempt resumed from a checkpoint of the first, and trained to the end.
+        let log = ns
+            .cluster
+            .kubectl(&["logs", "-n", &ns.name, "ddp-digits-0"])
+            .await?;
+        let resumed: u64 = log
+            .lines()
+            .find(|l| l.contains("resumed from a checkpoint"))
+            .and_then(|l| l.split("step=").nth(1))
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("attempt 1 did not resume:\n{log}"));
+        assert!(
+            resumed >= interval && resumed.is_multiple_of(interval),
+            "resumed from {resumed}"
+        );
+        let progress = status.progress.expect("progress");
+        assert_eq!(Some(progress.step), progress.total_steps);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    })
+    .await
+}
+
+fn nix_kill(pid: i32) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -9 {pid} failed");
+    Ok(())
+}
