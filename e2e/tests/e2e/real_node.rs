@@ -211,3 +211,42 @@ fn nix_kill(pid: i32) -> anyhow::Result<()> {
     anyhow::ensure!(status.success(), "kill -9 {pid} failed");
     Ok(())
 }
+
+#[tokio::test]
+#[ignore = "needs the real node and the worker image: make e2e-real"]
+async fn deleting_a_running_job_stops_its_real_pods_in_seconds_not_the_grace_period()
+-> anyhow::Result<()> {
+    with_namespace("real-delete", |ns| async move {
+        let jobs: Api<ParallelJob> = ns.api();
+        let mut v = on_the_real_node("ddp-digits.yaml")?;
+        v["spec"]["training"]["epochs"] = 100_000.into();
+        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+            .await?;
+        wait_until(Duration::from_secs(120), "training", || async {
+            let s = jobs.get("ddp-digits").await?.status.unwrap_or_default();
+            Ok(s.progress.is_some_and(|p| p.step > 0))
+        })
+        .await?;
+        let deleted = std::time::Instant::now();
+        jobs.delete("ddp-digits", &kube::api::DeleteParams::foreground())
+            .await?;
+        let pods: Api<Pod> = ns.api();
+        let selector = format!("{}=ddp-digits", labels::JOB_NAME);
+        wait_until(Duration::from_secs(60), "the pods gone", || async {
+            Ok(pods
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .items
+                .is_empty())
+        })
+        .await?;
+        let took = deleted.elapsed();
+        // The pods' grace period is 30 s: a worker that ignores SIGTERM takes all of it.
+        assert!(
+            took < Duration::from_secs(10),
+            "the pods took {took:?} to go"
+        );
+        Ok(())
+    })
+    .await
+}
