@@ -29,5 +29,7 @@ mod operator;
 mod progress;
 #[path = "e2e/real_node.rs"]
 mod real_node;
+#[path = "e2e/restricted.rs"]
+mod restricted;
 #[path = "e2e/scheduling.rs"]
 mod scheduling;

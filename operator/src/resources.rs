@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectReference, Pod,
-    PodSchedulingGate, PodSchedulingGroup, PodSpec, ResourceRequirements, Secret,
-    SecretKeySelector, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+    EnvVarSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    ObjectReference, Pod, PodSchedulingGate, PodSchedulingGroup, PodSecurityContext, PodSpec,
+    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -566,6 +567,16 @@ impl<'a> JobContext<'a> {
                 .get_or_insert_with(BTreeMap::new)
                 .insert(GPU_RESOURCE.into(), Quantity(gpus.to_string()));
         }
+        // The restricted Pod Security level where the template says nothing (the worker needs
+        // no privilege): see `restricted_pod`.
+        c.security_context.get_or_insert_with(|| SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        });
         c.volume_mounts
             .get_or_insert_with(Vec::new)
             .push(VolumeMount {
@@ -582,6 +593,9 @@ impl<'a> JobContext<'a> {
             }),
             ..Volume::default()
         });
+        let command = self.job.spec.training.workload == Workload::Command;
+        spec.security_context
+            .get_or_insert_with(|| restricted_pod(command));
         spec.hostname = Some(self.pod_name(rank));
         spec.subdomain = Some(self.service_name());
         spec.service_account_name = Some(self.worker_service_account_name()?);
@@ -691,6 +705,22 @@ pub const SLICE_MANAGER: &str = "lockstep-operator.lockstep.dev";
 
 /// Label that names a node's host.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+
+/// The pod-level part of the restricted Pod Security level, for a template without a pod
+/// securityContext: the RuntimeDefault seccomp profile and, for the built-in workloads (whose
+/// image runs as the non-root user 65532), `runAsNonRoot`. A `Command` workload's image may run as
+/// root (PyTorch's do), so it is not made to run as non-root: such a template sets its own user
+/// to run in a namespace that enforces the restricted level.
+fn restricted_pod(command: bool) -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: (!command).then_some(true),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
+}
 
 /// Adds the pin as a required node affinity, added to every term of the template's own required
 /// affinity (terms are ORed, requirements within a term ANDed), so both must hold: the node's
@@ -809,6 +839,73 @@ mod tests {
             spec.containers[0].command.as_deref().unwrap(),
             ["lockstep-worker", "run"]
         );
+    }
+
+    #[test]
+    fn pods_default_to_the_restricted_level_only_where_the_template_says_nothing() {
+        let j = job("ddp-digits.yaml");
+        let pod = JobContext::new(&j)
+            .unwrap()
+            .pod(0, 0, "d", false, None)
+            .unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        let psc = spec
+            .security_context
+            .as_ref()
+            .expect("a pod securityContext");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        let csc = spec.containers[0]
+            .security_context
+            .as_ref()
+            .expect("a container one");
+        assert_eq!(csc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            csc.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_string()])
+        );
+
+        // The template's own contexts are kept as they are.
+        let mut own = job("ddp-digits.yaml");
+        let t = own.spec.template.spec.as_mut().unwrap();
+        t.security_context = Some(PodSecurityContext {
+            run_as_user: Some(1000),
+            ..PodSecurityContext::default()
+        });
+        t.containers[0].security_context = Some(SecurityContext {
+            privileged: Some(true),
+            ..SecurityContext::default()
+        });
+        let pod = JobContext::new(&own)
+            .unwrap()
+            .pod(0, 0, "d", false, None)
+            .unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.security_context,
+            own.spec.template.spec.as_ref().unwrap().security_context
+        );
+        assert_eq!(
+            spec.containers[0]
+                .security_context
+                .as_ref()
+                .unwrap()
+                .privileged,
+            Some(true)
+        );
+
+        // A Command workload's image may run as root: it is not made to run as non-root.
+        let cmd = job("torch-command.yaml");
+        let pod = JobContext::new(&cmd)
+            .unwrap()
+            .pod(0, 0, "d", false, None)
+            .unwrap();
+        let psc = pod.spec.as_ref().unwrap().security_context.clone().unwrap();
+        assert_eq!(psc.run_as_non_root, None);
+        assert!(psc.seccomp_profile.is_some());
     }
 
     #[test]

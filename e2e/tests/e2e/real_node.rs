@@ -250,3 +250,24 @@ async fn deleting_a_running_job_stops_its_real_pods_in_seconds_not_the_grace_per
     })
     .await
 }
+
+#[tokio::test]
+#[ignore = "needs the real node and the worker image: make e2e-real"]
+async fn the_example_trains_in_real_pods_of_a_namespace_that_enforces_the_restricted_level()
+-> anyhow::Result<()> {
+    with_namespace("real-restricted", |ns| async move {
+        crate::restricted::enforce_restricted(&ns.cluster.client, &ns.name).await?;
+        let jobs: Api<ParallelJob> = ns.api();
+        let v = on_the_real_node("ddp-digits.yaml")?;
+        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+            .await?;
+        wait_until(Duration::from_secs(300), "Succeeded", || async {
+            Ok(
+                jobs.get("ddp-digits").await?.status.and_then(|s| s.phase)
+                    == Some(Phase::Succeeded),
+            )
+        })
+        .await
+    })
+    .await
+}
