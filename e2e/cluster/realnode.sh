@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test cluster's real node (REAL_NODES=1): kubelet, containerd and runc running pods for real
 # beside the kwok nodes, on a bridge of its own, with CoreDNS for the cluster's names. Called by
-# up.sh and down.sh; see ../../../shared/notes/real-node.md for why each setting is there.
+# up.sh and down.sh; the settings follow a probe of this machine kind (the project's shared notes,
+# real-node.md), each commented where it is made.
 #   realnode.sh up STATE API_PORT   start it (STATE/pids gets its processes), import the images of
 #                                   `make images` (IMAGES_DIR, default target/images), wait until
 #                                   the node is Ready
