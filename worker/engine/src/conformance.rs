@@ -61,6 +61,39 @@ fn wide(x: &[f32]) -> Vec<f64> {
     x.iter().map(|v| f64::from(*v)).collect()
 }
 
+/// The reference of one strided batched GEMM (see [`Gemm`]): `c` (from its offset) with every
+/// entry `alpha * op(A) op(B) + beta * C` computed in f64, the operands read at their offsets.
+/// What every backend's GEMM is checked against, here and in the engine's tests.
+pub fn reference_gemm(
+    g: &Gemm,
+    (a, oa): (&[f32], usize),
+    (b, ob): (&[f32], usize),
+    (c, oc): (&[f32], usize),
+) -> Vec<f64> {
+    let mut out = wide(c);
+    for bi in 0..g.batch {
+        for i in 0..g.m {
+            for j in 0..g.n {
+                let mut s = 0.0f64;
+                for p in 0..g.k {
+                    let av = match g.ta {
+                        Op::N => a[oa + bi * g.stride_a + i + p * g.lda],
+                        Op::T => a[oa + bi * g.stride_a + p + i * g.lda],
+                    };
+                    let bv = match g.tb {
+                        Op::N => b[ob + bi * g.stride_b + p + j * g.ldb],
+                        Op::T => b[ob + bi * g.stride_b + j + p * g.ldb],
+                    };
+                    s += f64::from(av) * f64::from(bv);
+                }
+                let ci = oc + bi * g.stride_c + i + j * g.ldc;
+                out[ci] = f64::from(g.alpha) * s + f64::from(g.beta) * out[ci];
+            }
+        }
+    }
+    out
+}
+
 /// A real function, for the references.
 type Real = fn(f64) -> f64;
 
@@ -142,27 +175,7 @@ impl<B: Backend> Suite<'_, B> {
                 let a = self.rnd(oa + g.stride_a * batch, 1.0);
                 let b = self.rnd(ob + g.stride_b * batch, 1.0);
                 let c = self.rnd(oc + g.stride_c * batch, 1.0);
-                let mut want = wide(&c);
-                for bi in 0..batch {
-                    for i in 0..m {
-                        for j in 0..n {
-                            let mut s = 0.0f64;
-                            for p in 0..k {
-                                let av = match ta {
-                                    Op::N => a[oa + bi * g.stride_a + i + p * lda],
-                                    Op::T => a[oa + bi * g.stride_a + p + i * lda],
-                                };
-                                let bv = match tb {
-                                    Op::N => b[ob + bi * g.stride_b + p + j * ldb],
-                                    Op::T => b[ob + bi * g.stride_b + j + p * ldb],
-                                };
-                                s += f64::from(av) * f64::from(bv);
-                            }
-                            let ci = oc + bi * g.stride_c + i + j * ldc;
-                            want[ci] = 0.75 * s + 0.5 * want[ci];
-                        }
-                    }
-                }
+                let want = reference_gemm(&g, (&a, oa), (&b, ob), (&c, oc));
                 let (da, db, mut dc) = (self.up(&a)?, self.up(&b)?, self.up(&c)?);
                 self.be.gemm(&g, (&da, oa), (&db, ob), (&mut dc, oc))?;
                 self.check(format!("gemm {ta:?}{tb:?} batch {batch}"), &want, &dc, tol)?;

@@ -1,6 +1,7 @@
 //! The engine's CPU backend against finite differences and naive references: every layer's
 //! backward, and the whole GPT's gradient on a tiny config.
 
+use lockstep_engine::conformance::reference_gemm;
 use lockstep_engine::cpu::Cpu;
 use lockstep_engine::models::gpt::{Gpt, GptConfig};
 use lockstep_engine::nn;
@@ -54,29 +55,6 @@ fn check_grad(
     eprintln!("{name}: worst error {worst:.2e} of the largest gradient");
 }
 
-fn naive_gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
-    for bi in 0..g.batch {
-        for i in 0..g.m {
-            for j in 0..g.n {
-                let mut s = 0.0f64;
-                for p in 0..g.k {
-                    let av = match g.ta {
-                        Op::N => a[bi * g.stride_a + i + p * g.lda],
-                        Op::T => a[bi * g.stride_a + p + i * g.lda],
-                    };
-                    let bv = match g.tb {
-                        Op::N => b[bi * g.stride_b + p + j * g.ldb],
-                        Op::T => b[bi * g.stride_b + j + p * g.ldb],
-                    };
-                    s += f64::from(av) * f64::from(bv);
-                }
-                let ci = bi * g.stride_c + i + j * g.ldc;
-                c[ci] = g.alpha * s as f32 + g.beta * c[ci];
-            }
-        }
-    }
-}
-
 #[test]
 fn gemm_matches_a_naive_product_for_every_transpose_stride_and_batch() {
     let be = Cpu;
@@ -114,12 +92,14 @@ fn gemm_matches_a_naive_product_for_every_transpose_stride_and_batch() {
             let a = rnd(g.stride_a * batch, 1, 1.0);
             let b = rnd(g.stride_b * batch, 2, 1.0);
             let c0 = rnd(g.stride_c * batch, 3, 1.0);
-            let mut want = c0.clone();
-            naive_gemm(&g, &a, &b, &mut want);
+            let want = reference_gemm(&g, (&a, 0), (&b, 0), (&c0, 0));
             let mut got = c0.clone();
             be.gemm(&g, (&a, 0), (&b, 0), (&mut got, 0)).unwrap();
             for (i, (x, y)) in got.iter().zip(&want).enumerate() {
-                assert!((x - y).abs() < 1e-4, "{g:?}: element {i}: {x} vs {y}");
+                assert!(
+                    (f64::from(*x) - y).abs() < 1e-4,
+                    "{g:?}: element {i}: {x} vs {y}"
+                );
             }
         }
     }
@@ -268,6 +248,78 @@ fn crossentropy_gradient_matches_finite_differences_and_ignores_padding() {
     });
 }
 
+/// Causal self-attention of `qkv` on the CPU: the output, and the permuted q, k, v and the
+/// attention matrix that backward needs.
+fn attention(
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (btc, att_n) = (b * t * nh * hs, b * nh * t * t);
+    let mut out = vec![0.0; btc];
+    let (mut qkvr, mut att, mut pre, mut vacc) = (
+        vec![0.0; 3 * btc],
+        vec![0.0; att_n],
+        vec![0.0; att_n],
+        vec![0.0; btc],
+    );
+    nn::attention_fwd(
+        &Cpu,
+        &mut out,
+        &mut qkvr,
+        &mut att,
+        &mut pre,
+        &mut vacc,
+        &qkv.to_vec(),
+        b,
+        t,
+        nh,
+        hs,
+    )
+    .expect("attention forward");
+    (out, qkvr, att)
+}
+
+/// The gradient of [`attention`]'s input for the output gradient `dout`.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward(
+    dout: &[f32],
+    qkvr: &[f32],
+    att: &[f32],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Vec<f32> {
+    let (btc, att_n) = (b * t * nh * hs, b * nh * t * t);
+    let mut dqkv = vec![0.0; 3 * btc];
+    let (mut dqkvr, mut datt, mut dpre, mut dvacc) = (
+        vec![0.0; 3 * btc],
+        vec![0.0; att_n],
+        vec![0.0; att_n],
+        vec![0.0; btc],
+    );
+    nn::attention_bwd(
+        &Cpu,
+        &mut dqkv,
+        &mut dqkvr,
+        &mut datt,
+        &mut dpre,
+        &mut dvacc,
+        &dout.to_vec(),
+        &qkvr.to_vec(),
+        &att.to_vec(),
+        b,
+        t,
+        nh,
+        hs,
+    )
+    .expect("attention backward");
+    dqkv
+}
+
 fn tiny() -> GptConfig {
     GptConfig::new(2, 2, 8, 5, 11).expect("a valid config")
 }
@@ -279,43 +331,9 @@ fn attention_and_matmul_backward_match_finite_differences() {
     let c = nh * hs;
     let qkv = rnd(b * t * 3 * c, 12, 1.0);
     let r = rnd(b * t * c, 13, 1.0);
-    let att_n = b * nh * t * t;
-    let fwd = |qkv: &[f32]| {
-        let mut out = vec![0.0; b * t * c];
-        let (mut qkvr, mut att, mut pre, mut vacc) = (
-            vec![0.0; 3 * b * t * c],
-            vec![0.0; att_n],
-            vec![0.0; att_n],
-            vec![0.0; b * t * c],
-        );
-        nn::attention_fwd(
-            &be,
-            &mut out,
-            &mut qkvr,
-            &mut att,
-            &mut pre,
-            &mut vacc,
-            &qkv.to_vec(),
-            b,
-            t,
-            nh,
-            hs,
-        )
-        .unwrap();
-        (out, qkvr, att)
-    };
+    let fwd = |qkv: &[f32]| attention(qkv, b, t, nh, hs);
     let (_, qkvr, att) = fwd(&qkv);
-    let mut dqkv = vec![0.0; 3 * b * t * c];
-    let (mut dqkvr, mut datt, mut dpre, mut dvacc) = (
-        vec![0.0; 3 * b * t * c],
-        vec![0.0; att_n],
-        vec![0.0; att_n],
-        vec![0.0; b * t * c],
-    );
-    nn::attention_bwd(
-        &be, &mut dqkv, &mut dqkvr, &mut datt, &mut dpre, &mut dvacc, &r, &qkvr, &att, b, t, nh, hs,
-    )
-    .unwrap();
+    let dqkv = attention_backward(&r, &qkvr, &att, b, t, nh, hs);
     check_grad("attention", &qkv, &dqkv, 72, 1e-2, 2e-3, &mut |x| {
         dot(&fwd(x).0, &r)
     });
@@ -521,36 +539,11 @@ fn the_mlp_gradient_matches_finite_differences_and_reports_layers_last_first() {
 
 #[test]
 fn blocked_causal_attention_matches_a_direct_computation_and_finite_differences() {
-    let be = Cpu;
     // t = 128: the attention runs as four causal blocks.
     let (b, t, nh, hs) = (1, 128, 2, 4);
     let c = nh * hs;
     let qkv = rnd(b * t * 3 * c, 21, 1.0);
-    let att_n = b * nh * t * t;
-    let fwd = |qkv: &[f32]| {
-        let mut out = vec![0.0; b * t * c];
-        let (mut qkvr, mut att, mut pre, mut vacc) = (
-            vec![0.0; 3 * b * t * c],
-            vec![0.0; att_n],
-            vec![0.0; att_n],
-            vec![0.0; b * t * c],
-        );
-        nn::attention_fwd(
-            &be,
-            &mut out,
-            &mut qkvr,
-            &mut att,
-            &mut pre,
-            &mut vacc,
-            &qkv.to_vec(),
-            b,
-            t,
-            nh,
-            hs,
-        )
-        .unwrap();
-        (out, qkvr, att)
-    };
+    let fwd = |qkv: &[f32]| attention(qkv, b, t, nh, hs);
     let (out, qkvr, att) = fwd(&qkv);
     // Direct: for each head and query, softmax over the keys up to it, then the weighted values.
     let at = |ti: usize, which: usize, h: usize, d: usize| qkv[ti * 3 * c + which * c + h * hs + d];
@@ -579,17 +572,7 @@ fn blocked_causal_attention_matches_a_direct_computation_and_finite_differences(
         }
     }
     let r = rnd(b * t * c, 22, 1.0);
-    let mut dqkv = vec![0.0; 3 * b * t * c];
-    let (mut dqkvr, mut datt, mut dpre, mut dvacc) = (
-        vec![0.0; 3 * b * t * c],
-        vec![0.0; att_n],
-        vec![0.0; att_n],
-        vec![0.0; b * t * c],
-    );
-    nn::attention_bwd(
-        &be, &mut dqkv, &mut dqkvr, &mut datt, &mut dpre, &mut dvacc, &r, &qkvr, &att, b, t, nh, hs,
-    )
-    .unwrap();
+    let dqkv = attention_backward(&r, &qkvr, &att, b, t, nh, hs);
     check_grad(
         "blocked attention",
         &qkv,
