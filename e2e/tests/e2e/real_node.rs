@@ -19,6 +19,14 @@ use lockstep_e2e::{example_manifest, wait_until, with_namespace};
 const NODE: &str = "lockstep-real-0";
 const NODE_LABEL: &str = "lockstep.dev/real-node";
 
+/// Waits (up to 5 minutes) until the job `ddp-digits` has Succeeded.
+async fn succeeded(jobs: &Api<ParallelJob>) -> anyhow::Result<()> {
+    wait_until(Duration::from_secs(300), "Succeeded", || async {
+        Ok(jobs.get("ddp-digits").await?.status.and_then(|s| s.phase) == Some(Phase::Succeeded))
+    })
+    .await
+}
+
 /// An example pinned to the real node.
 fn on_the_real_node(example: &str) -> anyhow::Result<serde_json::Value> {
     let mut v = example_manifest(example)?;
@@ -65,13 +73,7 @@ async fn ddp_digits_trains_in_real_pods_to_succeeded_with_its_progress_and_metri
             "{step}"
         );
 
-        wait_until(Duration::from_secs(300), "Succeeded", || async {
-            Ok(
-                jobs.get("ddp-digits").await?.status.and_then(|s| s.phase)
-                    == Some(Phase::Succeeded),
-            )
-        })
-        .await?;
+        succeeded(&jobs).await?;
         let status = jobs.get("ddp-digits").await?.status.unwrap_or_default();
         let progress = status.progress.expect("progress");
         assert_eq!(Some(progress.step), progress.total_steps, "{progress:?}");
@@ -148,7 +150,7 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
         })
         .await?;
         let pid = worker_pid(&ns.name, "ddp-digits", 1).expect("rank 1's worker process");
-        nix_kill(pid)?;
+        kill_9(pid)?;
         let killed = std::time::Instant::now();
         wait_until(Duration::from_secs(30), "the gang restarting", || async {
             let s = jobs.get("ddp-digits").await?.status.unwrap_or_default();
@@ -157,13 +159,7 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
         .await?;
         let stopped = killed.elapsed();
 
-        wait_until(Duration::from_secs(300), "Succeeded", || async {
-            Ok(
-                jobs.get("ddp-digits").await?.status.and_then(|s| s.phase)
-                    == Some(Phase::Succeeded),
-            )
-        })
-        .await?;
+        succeeded(&jobs).await?;
         let status = jobs.get("ddp-digits").await?.status.unwrap_or_default();
         let f = status.last_failure.expect("the first failure");
         assert_eq!(
@@ -204,7 +200,7 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
     .await
 }
 
-fn nix_kill(pid: i32) -> anyhow::Result<()> {
+fn kill_9(pid: i32) -> anyhow::Result<()> {
     let status = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()?;
@@ -261,13 +257,7 @@ async fn the_example_trains_in_real_pods_of_a_namespace_that_enforces_the_restri
         let v = on_the_real_node("ddp-digits.yaml")?;
         jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
             .await?;
-        wait_until(Duration::from_secs(300), "Succeeded", || async {
-            Ok(
-                jobs.get("ddp-digits").await?.status.and_then(|s| s.phase)
-                    == Some(Phase::Succeeded),
-            )
-        })
-        .await
+        succeeded(&jobs).await
     })
     .await
 }
