@@ -16,8 +16,8 @@ help: ## list the targets
 # The e2e suite runs against the cluster of `make cluster-up` when it runs; otherwise
 # e2e/run-tests.sh starts one (building the binaries first if needed) and stops it afterwards.
 .PHONY: test
-test: ## the README's test command: unit tests, then e2e against a real control plane
-	e2e/run-tests.sh --workspace --locked
+test: ## the README's test command: unit tests, e2e against a real control plane, then the real-node tests (root)
+	e2e/run-tests.sh --real-node --workspace --locked
 
 .PHONY: unit
 unit: ## the tests that need no cluster
@@ -28,9 +28,8 @@ e2e: ## the end-to-end suite against a real control plane (kube-apiserver, sched
 	e2e/run-tests.sh -p lockstep-e2e --locked
 
 .PHONY: e2e-real
-e2e-real: ## the e2e tests on a real node (root): builds the worker image and the node, starts a cluster with REAL_NODES=1
-	IMAGES=worker images/build.sh
-	REAL_NODES=1 e2e/run-tests.sh -p lockstep-e2e --locked --test e2e -- --ignored real_node::
+e2e-real: ## only the e2e tests on a real node (root): builds the node and the images, starts a cluster with REAL_NODES=1
+	e2e/run-tests.sh --real-node-only
 
 .PHONY: lint
 lint: ## rustfmt check and clippy with warnings as errors

@@ -10,7 +10,9 @@
 #   realnode.sh clean STATE         undo what it did outside STATE (after the processes stopped)
 #   realnode.sh leftovers STATE     list what a stopped node left behind; fails when anything
 #
-# Machine-wide: one real node per machine (the bridge, 10.96.0.1, /kubepods, port 10250).
+# Machine-wide: one real node per machine (the bridge, 10.96.0.1, /kubepods, port 10250). The
+# cluster that runs it owns $OWNER (its state folder); another `up` waits until that cluster is
+# down (REAL_NODE_WAIT seconds, default 1800), or takes the node over when its owner is gone.
 # Pod traffic never leaves the machine: a FORWARD rule drops what pods send to any interface but
 # their bridge, and pods reach only the API server (10.96.0.1:443, DNAT to 127.0.0.1), CoreDNS on
 # the bridge, and each other.
@@ -27,7 +29,41 @@ SERVICE_IP=10.96.0.1
 NODE_NAME=lockstep-real-0
 # The label and taint that keep every other pod off the real node.
 NODE_LABEL=lockstep.dev/real-node
+OWNER=${REAL_NODE_OWNER:-/run/lockstep-real-node.owner}
 log() { printf '[real-node] %s\n' "$*" >&2; }
+
+# Whether any process of the cluster whose state folder is $1 still runs.
+cluster_alive() {
+  local name pid
+  [ -r "$1/pids" ] || return 1
+  while read -r name pid; do kill -0 "$pid" 2>/dev/null && return 0; done < "$1/pids"
+  return 1
+}
+
+# Takes the machine's real node for this cluster: waits while another live cluster has it, and
+# cleans up after one that died without `down`.
+acquire() {
+  local waited=0 limit=${REAL_NODE_WAIT:-1800} owner
+  while ! (set -o noclobber; echo "$state" > "$OWNER") 2>/dev/null; do
+    owner=$(cat "$OWNER" 2>/dev/null || true)
+    [ "$owner" = "$state" ] && return 0
+    if [ -n "$owner" ] && cluster_alive "$owner"; then
+      [ $waited = 0 ] && log "the real node belongs to the cluster in $owner (one per machine): waiting up to ${limit}s"
+      [ $waited -ge "$limit" ] && { log "gave up waiting for the real node of $owner"; exit 1; }
+      sleep 2; waited=$((waited + 2))
+      continue
+    fi
+    log "the cluster in ${owner:-?} left the real node without stopping it: cleaning up after it"
+    [ -n "$owner" ] && (state=$owner; node_dir=$owner/node; stop_pods; clean)
+    rm -f "$OWNER"
+  done
+  [ $waited = 0 ] || log "the real node is free after ${waited}s"
+}
+
+release() {
+  [ "$(cat "$OWNER" 2>/dev/null)" = "$state" ] && rm -f "$OWNER"
+  return 0
+}
 
 stop_pods() {
   local sock=$node_dir/containerd.sock
@@ -85,6 +121,7 @@ clean() {
   if [ -e "$node_dir/ip_forward" ]; then
     cat "$node_dir/ip_forward" > /proc/sys/net/ipv4/ip_forward
   fi
+  release
 }
 
 # What a stopped real node may have left behind; prints each and fails when there is any.
@@ -100,6 +137,7 @@ leftovers() {
   local rules
   rules=$({ iptables-save 2>/dev/null; ip6tables-save 2>/dev/null; } | grep -E -- "$BRIDGE|KUBE-" || true)
   [ -n "$rules" ] && say "iptables: $(echo "$rules" | tr '\n' ';')"
+  [ "$(cat "$OWNER" 2>/dev/null)" = "$state" ] && say "$OWNER"
   for f in /var/lib/kubelet /usr/libexec/kubernetes /var/log/containers /var/lib/cni /run/containerd /run/netns; do
     [ -e "$f" ] && say "$f"
   done
@@ -115,6 +153,7 @@ up() {
   command -v iptables >/dev/null || {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >/dev/null
   }
+  acquire
   local bin
   bin=$("$here/node-build.sh")
   local kbin
@@ -174,7 +213,8 @@ TOML
   local images=${IMAGES_DIR:-$root/target/images} version
   version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
   for pair in "lockstep-worker:docker.io/lockstep/worker" \
-    "lockstep-operator:ghcr.io/lockstep-dev/lockstep-operator"; do
+    "lockstep-operator:ghcr.io/lockstep-dev/lockstep-operator" \
+    "lockstep-pytorch:docker.io/lockstep/pytorch"; do
     local archive=$images/${pair%%:*}-$version.oci.tar
     if [ -e "$archive" ]; then
       "$bin/ctr" --address "$sock" -n k8s.io images import --base-name "${pair#*:}" "$archive" >/dev/null
