@@ -276,6 +276,51 @@ pub mod paths {
     pub const CHECKPOINT_DIR: &str = "/var/lib/lockstep/checkpoints";
 }
 
+/// The termination message of a rank that stopped because its gang aborted, as the worker writes
+/// it and the operator reads it: `<reason>: gang aborted: rank <R> failed: <why>`, where R is the
+/// rank the rendezvous holds for the gang's first failure (rank 0 keeps the first report).
+pub mod aborted {
+    /// What precedes the rank in the message.
+    const PREFIX: &str = "gang aborted: rank ";
+
+    /// The message of a rank the abort stopped; `first` says who failed first and why, as
+    /// `rank <R> failed: <why>`.
+    pub fn message(first: &str) -> String {
+        format!("gang aborted: {first}")
+    }
+
+    /// The rank that failed first, as a termination message written by [`message`] names it.
+    pub fn first_failed_rank(message: &str) -> Option<u32> {
+        let (_, rest) = message.split_once(PREFIX)?;
+        let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+        let tail = &rest[digits.len()..];
+        tail.starts_with(" failed")
+            .then(|| digits.parse().ok())
+            .flatten()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn the_first_failed_rank_is_read_back_from_the_message() {
+            let m = format!(
+                "PeerFailed: {}",
+                super::message("rank 12 failed: killed (reported by rank 0)")
+            );
+            assert_eq!(super::first_failed_rank(&m), Some(12));
+            assert_eq!(
+                super::first_failed_rank("container exited with code 5"),
+                None
+            );
+            assert_eq!(
+                super::first_failed_rank("gang aborted: rank x failed"),
+                None
+            );
+            assert_eq!(super::first_failed_rank("gang aborted: rank 3 left"), None);
+        }
+    }
+}
+
 /// Exit codes of `lockstep-worker`, so that failure rules can match on them and the operator can
 /// explain a failure. Codes above 128 are signals (`128 + n`) and are not used here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

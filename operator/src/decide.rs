@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use lockstep_api::contract::ExitCode;
+use lockstep_api::contract::{ExitCode, aborted};
 use lockstep_api::spec::{CleanPodPolicy, FailureAction, FailureReason, GangPolicy, SuccessPolicy};
 use lockstep_api::status::{
     Admission, Phase, RankFailure, WorkerCounts, condition_types as ct, reasons,
@@ -130,6 +130,21 @@ struct Pass<'a> {
     world: u32,
     d: Decision,
 }
+
+/// The first failure of an attempt, as `Pass::first_failure` finds it.
+enum First<'p> {
+    /// No rank failed.
+    None,
+    /// This rank failed first (its pod, when it still has one).
+    Found(u32, Option<&'p RankPod>, Failure),
+    /// A survivor names the rank that failed first, whose pod does not show it yet: decide
+    /// again after this.
+    Awaited(Duration),
+}
+
+/// How long after a survivor's PeerFailed the decision waits for the pod of the rank it names
+/// to show that rank's own failure (the kubelet reports the pods of a gang one by one).
+pub const FIRST_FAILURE_WAIT: Duration = Duration::from_secs(3);
 
 /// Whether a pass goes on, or stops for gang admission.
 #[must_use]
@@ -319,10 +334,17 @@ impl Pass<'_> {
             return Step::Done;
         }
         let current: Vec<&RankPod> = pods.iter().filter(|p| p.attempt == attempt).collect();
-        if let Some((rank, pod, failure)) = self.first_failure(&current)
-            && self.on_failure(rank, pod, failure, &current)
-        {
-            return Step::Done;
+        match self.first_failure(&current) {
+            First::Found(rank, pod, failure) => {
+                if self.on_failure(rank, pod, failure, &current) {
+                    return Step::Done;
+                }
+            }
+            First::Awaited(wait) => {
+                self.requeue(wait);
+                return Step::Done;
+            }
+            First::None => {}
         }
         if self.succeeded(&current) {
             return Step::Done;
@@ -521,12 +543,13 @@ impl Pass<'_> {
         false
     }
 
-    /// The first failure among the current attempt's pods: the earliest by its time, then the
-    /// lowest rank; a rank whose pod vanished while the gang ran counts as Deleted.
-    fn first_failure<'p>(
-        &self,
-        current: &[&'p RankPod],
-    ) -> Option<(u32, Option<&'p RankPod>, Failure)> {
+    /// The first failure among the current attempt's pods. The rendezvous's word comes first: a
+    /// rank the gang's abort stopped (PeerFailed) names the rank that failed first, and that
+    /// rank's own failure is the one, whatever the times say (they have one-second resolution);
+    /// while its pod does not show it yet, the decision waits a moment for it rather than blame a
+    /// survivor. Otherwise the earliest by its time, then the lowest rank, a PeerFailed last; a
+    /// rank whose pod vanished while the gang ran counts as Deleted.
+    fn first_failure<'p>(&self, current: &[&'p RankPod]) -> First<'p> {
         let mut failures: Vec<(u32, Option<&RankPod>, Failure)> = current
             .iter()
             .filter_map(|p| match &p.state {
@@ -566,7 +589,34 @@ impl Pass<'_> {
                 *rank,
             )
         });
-        failures.into_iter().next()
+        let named = failures.iter().find_map(|(_, _, f)| {
+            (f.reason == FailureReason::PeerFailed)
+                .then(|| aborted::first_failed_rank(&f.message).map(|r| (r, f.time)))
+                .flatten()
+        });
+        if let Some((named, seen)) = named {
+            if let Some(i) = failures
+                .iter()
+                .position(|(rank, _, f)| *rank == named && f.reason != FailureReason::PeerFailed)
+            {
+                let (rank, pod, f) = failures.swap_remove(i);
+                return First::Found(rank, pod, f);
+            }
+            let alive = current.iter().any(|p| {
+                p.rank == named
+                    && !p.terminating
+                    && matches!(p.state, PodState::Running | PodState::Pending)
+            });
+            let deadline =
+                seen.map(|t| t + SignedDuration::from_secs(FIRST_FAILURE_WAIT.as_secs() as i64));
+            if alive && let Some(at) = deadline.filter(|at| self.now < *at) {
+                return First::Awaited(self.until(at).min(Duration::from_secs(1)));
+            }
+        }
+        match failures.into_iter().next() {
+            Some((rank, pod, f)) => First::Found(rank, pod, f),
+            None => First::None,
+        }
     }
 
     /// Applies the failure policy; true when reconcile is done for this pass.
@@ -1188,6 +1238,76 @@ mod tests {
             nodes: Some(vec!["n".into(); 4]),
         }));
         assert_eq!(d.status.last_failure.unwrap().rank, 2);
+    }
+
+    /// What a survivor's pod shows: exit 5, naming the rank the rendezvous holds for the first
+    /// failure, at `at(secs)`.
+    fn stopped_by(first: u32, secs: i64) -> PodState {
+        Failed(Failure {
+            exit_code: Some(5),
+            reason: FailureReason::PeerFailed,
+            detail: "PeerFailed".into(),
+            message: format!(
+                "PeerFailed: {}",
+                aborted::message(&format!("rank {first} failed: lost (reported by rank 0)"))
+            ),
+            time: Some(at(secs)),
+        })
+    }
+
+    fn exited(code: i32, secs: i64) -> PodState {
+        Failed(Failure {
+            exit_code: Some(code),
+            reason: FailureReason::Error,
+            detail: "Error".into(),
+            message: format!("exit {code}"),
+            time: Some(at(secs)),
+        })
+    }
+
+    #[test]
+    fn the_rank_a_survivor_names_is_the_first_failure_and_is_awaited_while_its_pod_runs() {
+        let mut j = job("ddp-digits.yaml");
+        step(&mut j, &[], at(0));
+        step(&mut j, &running(0), at(1));
+        // Rank 1 was killed; rank 0 saw it first, and its pod is the first to show a failure.
+        let mut pods = running(0);
+        pods[0].state = stopped_by(1, 10);
+        let d = step(&mut j, &pods, at(10));
+        assert_eq!(
+            (d.status.last_failure.as_ref(), d.status.attempt),
+            (None, 0)
+        );
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        assert!(d.requeue_after.is_some_and(|r| r <= Duration::from_secs(1)));
+        // Rank 1's pod shows its 137; rank 3's own error carries an earlier time (clocks have a
+        // second's resolution): the rendezvous's word decides.
+        pods[1].state = exited(137, 10);
+        pods[3].state = exited(6, 9);
+        let d = step(&mut j, &pods, at(11));
+        let lf = d.status.last_failure.clone().unwrap();
+        assert_eq!((lf.rank, lf.exit_code), (1, Some(137)), "{lf:?}");
+        assert_eq!(d.status.attempt, 1);
+    }
+
+    #[test]
+    fn a_survivor_is_blamed_only_when_the_rank_it_names_shows_nothing_in_time() {
+        let mut j = job("ddp-digits.yaml");
+        step(&mut j, &[], at(0));
+        step(&mut j, &running(0), at(1));
+        let mut pods = running(0);
+        pods[0].state = stopped_by(1, 10);
+        let wait = i64::try_from(FIRST_FAILURE_WAIT.as_secs()).unwrap();
+        assert!(
+            step(&mut j, &pods, at(10 + wait - 1))
+                .status
+                .last_failure
+                .is_none()
+        );
+        let d = step(&mut j, &pods, at(10 + wait));
+        let lf = d.status.last_failure.clone().unwrap();
+        assert_eq!((lf.rank, lf.exit_code), (0, Some(5)), "{lf:?}");
+        assert_eq!(d.status.attempt, 1);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use lockstep_api::config::WorkerConfig;
-use lockstep_api::contract::{ExitCode, env};
+use lockstep_api::contract::{ExitCode, aborted, env};
 
 use crate::comm::tcp::{TcpComm, TcpOptions};
 use crate::error::WorkError;
@@ -71,12 +71,9 @@ pub fn failure_exit(rank: u32, e: &WorkError, first: &Failure) -> (ExitCode, Str
     if first.rank == rank && first.reported_by == rank {
         (e.code, format!("rank {rank} failed: {}", e.message))
     } else if first.rank == rank {
-        (e.code, format!("gang aborted: {}", describe(first)))
+        (e.code, aborted::message(&describe(first)))
     } else {
-        (
-            ExitCode::PeerFailed,
-            format!("gang aborted: {}", describe(first)),
-        )
+        (ExitCode::PeerFailed, aborted::message(&describe(first)))
     }
 }
 
@@ -214,15 +211,15 @@ async fn run_rank(
     };
 
     // When the gang is aborted, stop at once: the first failure is named, never a secondary one.
-    let aborted = session.aborted();
+    let abort = session.aborted();
     tokio::spawn(async move {
-        let f = aborted.await;
+        let f = abort.await;
         let code = if f.rank == rank {
             ExitCode::Internal
         } else {
             ExitCode::PeerFailed
         };
-        let code = fail(code, &format!("gang aborted: {}", describe(&f)));
+        let code = fail(code, &aborted::message(&describe(&f)));
         if rank == 0 {
             // Rank 0 serves the abort: give its streams a moment to carry it to every rank, so
             // that none mistakes the end of the server for the failure.
@@ -242,6 +239,7 @@ async fn run_rank(
                     contract.job.clone(),
                     metrics.clone(),
                     replicas,
+                    contract.attempt,
                 ));
                 Some(client)
             }
@@ -323,7 +321,7 @@ async fn run_rank(
                 "training finished"
             );
             if let Some(client) = &reporter {
-                let p = crate::progress::from_metrics(&final_metrics, replicas);
+                let p = crate::progress::from_metrics(&final_metrics, replicas, contract.attempt);
                 if let Err(e) =
                     crate::progress::report(client, &contract.namespace, &contract.job, &p).await
                 {
