@@ -200,6 +200,10 @@ pub struct Progress {
     /// When rank 0 reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Time>,
+    /// The gang attempt whose rank 0 reported it: a report of an earlier attempt is not shown
+    /// while the next one starts (it resumes from its checkpoint, not from that step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i32>,
 }
 
 impl Progress {

@@ -36,8 +36,8 @@ pub async fn report(
 
 /// The progress of the gang as rank 0's metrics tell it: rank 0's data-parallel replica is one
 /// of `replicas` that each train the same number of samples per step (its pipeline stages, if
-/// any, see the same samples, so the world size would overcount).
-pub fn from_metrics(m: &Metrics, replicas: u32) -> Progress {
+/// any, see the same samples, so the world size would overcount); `attempt` is the gang's.
+pub fn from_metrics(m: &Metrics, replicas: u32, attempt: u32) -> Progress {
     let positive = |v: f64| (v > 0.0).then_some(v);
     Progress {
         step: m.step.get(),
@@ -46,6 +46,7 @@ pub fn from_metrics(m: &Metrics, replicas: u32) -> Progress {
         samples_per_second: positive(m.samples_per_second.get() * f64::from(replicas)),
         eval_metric: positive(m.eval_metric.get()),
         updated_at: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+        attempt: i32::try_from(attempt).ok(),
     }
 }
 
@@ -56,6 +57,7 @@ pub async fn report_periodically(
     job: String,
     metrics: Metrics,
     replicas: u32,
+    attempt: u32,
 ) {
     let mut last_step = -1;
     let mut warned = false;
@@ -64,7 +66,7 @@ pub async fn report_periodically(
             names::PROGRESS_INTERVAL_SECONDS,
         ))
         .await;
-        let p = from_metrics(&metrics, replicas);
+        let p = from_metrics(&metrics, replicas, attempt);
         if p.step == last_step {
             continue;
         }

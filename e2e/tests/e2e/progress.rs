@@ -72,6 +72,7 @@ async fn rank_zero_reports_progress_through_a_narrow_role() -> anyhow::Result<()
             samples_per_second: Some(1234.0),
             eval_metric: Some(0.9),
             updated_at: None,
+            attempt: Some(0),
         };
         lockstep_worker::progress::report(&worker, &ns.name, "trainer", &report).await?;
         wait_until(TIMEOUT, "status.progress shows step 42", || async {

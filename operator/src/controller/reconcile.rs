@@ -269,7 +269,25 @@ fn progress(ctx: &Context, job: &ParallelJob) -> Option<Progress> {
             .get(names::PROGRESS_KEY)
             .and_then(|t| Progress::from_json(t))
     });
-    written.or_else(|| job.status.as_ref().and_then(|s| s.progress.clone()))
+    let status = job.status.as_ref();
+    shown_progress(
+        written,
+        status.and_then(|s| s.progress.clone()),
+        status.map_or(0, |s| s.attempt),
+    )
+}
+
+/// The progress to show for a job at gang attempt `attempt`: the report `written` by rank 0,
+/// else the one `shown` before; neither when it comes from an earlier attempt (the next attempt
+/// resumes from its checkpoint, not from that step: the Step column stays empty until it reports).
+fn shown_progress(
+    written: Option<Progress>,
+    shown: Option<Progress>,
+    attempt: i32,
+) -> Option<Progress> {
+    written
+        .or(shown)
+        .filter(|p| p.attempt.is_none_or(|a| a == attempt))
 }
 
 /// The most GPUs any schedulable node offers.
@@ -338,8 +356,41 @@ fn record_metrics(metrics: &Metrics, job: &ParallelJob, decision: &Decision) {
 
 #[cfg(test)]
 mod tests {
-    use super::compare_resource_versions;
+    use super::{compare_resource_versions, shown_progress};
+    use lockstep_api::status::Progress;
     use std::cmp::Ordering;
+
+    fn report(step: i64, attempt: Option<i32>) -> Option<Progress> {
+        Some(Progress {
+            step,
+            attempt,
+            ..Progress::default()
+        })
+    }
+
+    #[test]
+    fn a_report_of_an_earlier_attempt_is_not_shown_while_the_next_starts() {
+        let step = |p: Option<Progress>| p.map(|p| p.step);
+        // The restart to attempt 1: rank 0 of attempt 0 reported step 700 last.
+        assert_eq!(step(shown_progress(report(700, Some(0)), None, 1)), None);
+        assert_eq!(step(shown_progress(None, report(700, Some(0)), 1)), None);
+        // Attempt 1 resumed from its checkpoint at 500 and reports.
+        assert_eq!(
+            step(shown_progress(
+                report(520, Some(1)),
+                report(700, Some(0)),
+                1
+            )),
+            Some(520)
+        );
+        // The report written wins over the one shown before; a report without an attempt (an
+        // older worker) is shown.
+        assert_eq!(
+            step(shown_progress(report(42, Some(0)), report(7, Some(0)), 0)),
+            Some(42)
+        );
+        assert_eq!(step(shown_progress(report(42, None), None, 3)), Some(42));
+    }
 
     #[test]
     fn resource_versions_compare_as_integers() {
