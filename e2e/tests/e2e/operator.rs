@@ -191,6 +191,29 @@ async fn rank_2_failing_with_137_restarts_the_whole_gang_as_attempt_1() -> anyho
         // The slice follows the new attempt's pods.
         let members = gang(&pods, "restart").await?;
         wait_published(&ns, "restart", &members).await?;
+        // Each attempt's gang Events stand on their own, saying which attempt they are about
+        // (not folded into attempt 0's Event, whose note would still say attempt 0).
+        let events: Api<k8s_openapi::api::core::v1::Event> = ns.api();
+        for reason in ["GangAdmitted", "GangStarted"] {
+            wait_until(
+                TIMEOUT,
+                &format!("a {reason} Event per attempt"),
+                || async {
+                    let notes: Vec<String> = events
+                        .list(&Default::default())
+                        .await?
+                        .items
+                        .into_iter()
+                        .filter(|e| e.reason.as_deref() == Some(reason))
+                        .filter_map(|e| e.message)
+                        .collect();
+                    Ok(["attempt 0", "attempt 1"]
+                        .iter()
+                        .all(|a| notes.iter().any(|n| n.contains(a))))
+                },
+            )
+            .await?;
+        }
         Ok(())
     })
     .await

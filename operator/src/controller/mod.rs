@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::Controller;
 use kube::runtime::controller::Config as ControllerConfig;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -46,8 +46,8 @@ pub struct Context {
     pub progress: Store<ConfigMap>,
     /// The `managedBy` value this operator answers to.
     pub controller_name: String,
-    /// Event recorder.
-    pub recorder: Recorder,
+    /// Who records the Events (see `status::record`).
+    pub reporter: Reporter,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// Gang admission (the Builtin policy).
@@ -166,7 +166,7 @@ pub async fn run(
     let ctx = Arc::new(Context {
         progress,
         nodes,
-        recorder: Recorder::new(client.clone(), reporter),
+        reporter,
         controller_name: settings.controller_name.clone(),
         kept: Mutex::new(HashMap::new()),
         client,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
 use lockstep_api::contract::operator;
 use lockstep_api::status::reasons;
@@ -120,11 +120,16 @@ pub(super) fn event(warning: bool, reason: &str, action: &str, message: &str) ->
 /// Records `events` on the object `regarding`, off the reconcile's path and in order, as
 /// client-go's recorder does: the status already says what happened, and the next writes need
 /// not wait for the Events. A failure to record one is logged.
+///
+/// Each Event stands on its own: kube-runtime's `Recorder` folds an Event into an earlier one of
+/// the same reason and object (for 6 minutes) and keeps the earlier note, so attempt 1's
+/// GangStarted would show as a second count of attempt 0's. The operator records Events on
+/// transitions only, so there is no flood to fold: a recorder with an empty cache per batch.
 pub(super) fn record(ctx: &Context, regarding: ObjectReference, events: Vec<Event>) {
     if events.is_empty() {
         return;
     }
-    let recorder = ctx.recorder.clone();
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     tokio::spawn(async move {
         for ev in events {
             if let Err(e) = recorder.publish(&ev, &regarding).await {
