@@ -21,7 +21,7 @@ use lockstep_operator::controller::Settings;
 use lockstep_operator::leader::{LeaderElector, Stopped, lead};
 use lockstep_operator::metrics::Metrics;
 
-fn chart_dir() -> String {
+pub(crate) fn chart_dir() -> String {
     repo_root().join("charts/lockstep").display().to_string()
 }
 
@@ -39,12 +39,12 @@ const ALL_ON: &[&str] = &[
 
 /// Removes, when dropped, the release (unless the test uninstalled it) and the jobs'
 /// namespace, with blocking commands: it runs while a failed test unwinds too.
-struct Leftovers {
-    cluster: lockstep_e2e::Cluster,
-    release: String,
-    namespace: String,
-    jobs_namespace: String,
-    uninstalled: std::cell::Cell<bool>,
+pub(crate) struct Leftovers {
+    pub(crate) cluster: lockstep_e2e::Cluster,
+    pub(crate) release: String,
+    pub(crate) namespace: String,
+    pub(crate) jobs_namespace: String,
+    pub(crate) uninstalled: std::cell::Cell<bool>,
 }
 
 impl Drop for Leftovers {

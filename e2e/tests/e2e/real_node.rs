@@ -19,6 +19,10 @@ use lockstep_e2e::{example_manifest, wait_until, with_namespace};
 const NODE: &str = "lockstep-real-0";
 const NODE_LABEL: &str = "lockstep.dev/real-node";
 
+/// The real node has the machine's few cores: its tests run one at a time, so that each gang is
+/// admitted at once and its timings are its own.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Waits (up to 5 minutes) until the job `ddp-digits` has Succeeded.
 async fn succeeded(jobs: &Api<ParallelJob>) -> anyhow::Result<()> {
     wait_until(Duration::from_secs(300), "Succeeded", || async {
@@ -40,6 +44,7 @@ fn on_the_real_node(example: &str) -> anyhow::Result<serde_json::Value> {
 #[ignore = "needs the real node and the worker image: make e2e-real"]
 async fn ddp_digits_trains_in_real_pods_to_succeeded_with_its_progress_and_metrics()
 -> anyhow::Result<()> {
+    let _node = ONE_AT_A_TIME.lock().await;
     with_namespace("real-ddp", |ns| async move {
         let jobs: Api<ParallelJob> = ns.api();
         let mut v = on_the_real_node("ddp-digits.yaml")?;
@@ -126,6 +131,7 @@ fn worker_pid(ns: &str, job: &str, rank: u32) -> Option<i32> {
 #[ignore = "needs the real node and the worker image: make e2e-real"]
 async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_that_rank()
 -> anyhow::Result<()> {
+    let _node = ONE_AT_A_TIME.lock().await;
     with_namespace("real-kill", |ns| async move {
         let jobs: Api<ParallelJob> = ns.api();
         // A checkpoint volume the ranks share: a host folder the workers' user may write.
@@ -212,6 +218,7 @@ fn kill_9(pid: i32) -> anyhow::Result<()> {
 #[ignore = "needs the real node and the worker image: make e2e-real"]
 async fn deleting_a_running_job_stops_its_real_pods_in_seconds_not_the_grace_period()
 -> anyhow::Result<()> {
+    let _node = ONE_AT_A_TIME.lock().await;
     with_namespace("real-delete", |ns| async move {
         let jobs: Api<ParallelJob> = ns.api();
         let mut v = on_the_real_node("ddp-digits.yaml")?;
@@ -251,6 +258,7 @@ async fn deleting_a_running_job_stops_its_real_pods_in_seconds_not_the_grace_per
 #[ignore = "needs the real node and the worker image: make e2e-real"]
 async fn the_example_trains_in_real_pods_of_a_namespace_that_enforces_the_restricted_level()
 -> anyhow::Result<()> {
+    let _node = ONE_AT_A_TIME.lock().await;
     with_namespace("real-restricted", |ns| async move {
         crate::restricted::enforce_restricted(&ns.cluster.client, &ns.name).await?;
         let jobs: Api<ParallelJob> = ns.api();
@@ -258,6 +266,220 @@ async fn the_example_trains_in_real_pods_of_a_namespace_that_enforces_the_restri
         jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
             .await?;
         succeeded(&jobs).await
+    })
+    .await
+}
+
+#[tokio::test]
+#[ignore = "needs the real node and the worker image: make e2e-real"]
+async fn a_short_gpt_shakespeare_run_trains_in_real_pods_and_its_loss_falls() -> anyhow::Result<()>
+{
+    let _node = ONE_AT_A_TIME.lock().await;
+    with_namespace("real-gpt", |ns| async move {
+        let jobs: Api<ParallelJob> = ns.api();
+        let mut v = on_the_real_node("gpt-shakespeare.yaml")?;
+        let steps = 30;
+        let training = &mut v["spec"]["training"];
+        training["maxSteps"] = steps.into();
+        training["optimizer"]["warmupSteps"] = 5.into();
+        training["evaluation"] = serde_json::json!({"everySteps": steps, "maxBatches": 2});
+        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+            .await?;
+        wait_until(Duration::from_secs(300), "Succeeded", || async {
+            let s = jobs
+                .get("gpt-shakespeare")
+                .await?
+                .status
+                .unwrap_or_default();
+            anyhow::ensure!(s.phase != Some(Phase::Failed), "the job failed: {s:?}");
+            Ok(s.phase == Some(Phase::Succeeded))
+        })
+        .await?;
+        let status = jobs
+            .get("gpt-shakespeare")
+            .await?
+            .status
+            .unwrap_or_default();
+        let p = status.progress.expect("progress");
+        assert_eq!((p.step, p.total_steps), (steps, Some(steps)), "{p:?}");
+        // A character model starts at ln(65) = 4.17 (a uniform guess over the vocabulary).
+        let loss = p.loss.expect("the loss");
+        assert!(loss < 3.9, "the loss did not fall: {loss}");
+        assert!(p.eval_metric.is_some(), "no validation loss: {p:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+#[ignore = "needs the real node and the worker image: make e2e-real"]
+async fn a_gang_restart_after_a_deleted_pod_takes_seconds_not_the_grace_period()
+-> anyhow::Result<()> {
+    let _node = ONE_AT_A_TIME.lock().await;
+    with_namespace("real-restart", |ns| async move {
+        let jobs: Api<ParallelJob> = ns.api();
+        let mut v = on_the_real_node("ddp-digits.yaml")?;
+        v["spec"]["training"]["epochs"] = 100_000.into();
+        v["spec"]["failurePolicy"]["restartBackoff"] =
+            serde_json::json!({"initialSeconds": 0, "maxSeconds": 0});
+        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+            .await?;
+        wait_until(Duration::from_secs(120), "training", || async {
+            let s = jobs.get("ddp-digits").await?.status.unwrap_or_default();
+            Ok(s.progress.is_some_and(|p| p.step > 0))
+        })
+        .await?;
+        // A pod deleted (as a drain or a user would): SIGTERM to rank 1, the gang restarts.
+        let pods: Api<Pod> = ns.api();
+        let deleted = std::time::Instant::now();
+        pods.delete("ddp-digits-1", &kube::api::DeleteParams::default())
+            .await?;
+        let selector = format!("{}=ddp-digits", labels::JOB_NAME);
+        wait_until(Duration::from_secs(60), "attempt 0's pods gone", || async {
+            Ok(pods
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .items
+                .iter()
+                .all(|p| {
+                    p.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(labels::ATTEMPT))
+                        != Some(&"0".to_string())
+                }))
+        })
+        .await?;
+        let took = deleted.elapsed();
+        // The pods' grace period is 30 s: a worker that ignores SIGTERM takes all of it.
+        assert!(
+            took < Duration::from_secs(10),
+            "attempt 0's pods took {took:?} to go"
+        );
+        let status = jobs.get("ddp-digits").await?.status.unwrap_or_default();
+        assert_eq!(status.attempt, 1);
+        let f = status.last_failure.expect("the failure");
+        assert_eq!((f.rank, f.pod.as_str()), (1, "ddp-digits-1"), "{f:?}");
+        // Until attempt 1's rank 0 reports, the Step column does not show attempt 0's step.
+        if let Some(p) = status.progress {
+            assert_eq!(p.attempt, Some(1), "{p:?}");
+        }
+        wait_until(Duration::from_secs(120), "attempt 1 trains", || async {
+            let s = jobs.get("ddp-digits").await?.status.unwrap_or_default();
+            Ok(s.phase == Some(Phase::Running)
+                && s.progress
+                    .is_some_and(|p| p.attempt == Some(1) && p.step > 0))
+        })
+        .await?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+#[ignore = "needs the real node and the operator and worker images: make e2e-real"]
+async fn the_operator_installed_by_helm_from_its_image_leads_and_takes_a_job_to_succeeded()
+-> anyhow::Result<()> {
+    let _node = ONE_AT_A_TIME.lock().await;
+    with_namespace("real-helm", |ns| async move {
+        let c = ns.cluster.clone();
+        // The operator and the workers under the restricted Pod Security level.
+        crate::restricted::enforce_restricted(&c.client, &ns.name).await?;
+        let release = ns.name.clone();
+        let full = format!("{release}-lockstep");
+        let controller_name = format!("e2e.lockstep.dev/{}", ns.name);
+        let _leftovers = crate::chart::Leftovers {
+            cluster: c.clone(),
+            release: release.clone(),
+            namespace: ns.name.clone(),
+            jobs_namespace: ns.name.clone(),
+            uninstalled: std::cell::Cell::new(false),
+        };
+        let chart = crate::chart::chart_dir();
+        let controller = format!("operator.controllerName={controller_name}");
+        let node_selector = format!(r#"nodeSelector={{"{NODE_LABEL}":"true"}}"#);
+        let tolerations = format!(r#"tolerations=[{{"key":"{NODE_LABEL}","operator":"Exists"}}]"#);
+        // The image from `make images`, imported into the node: never pulled.
+        c.helm(&[
+            "install",
+            &release,
+            &chart,
+            "-n",
+            &ns.name,
+            "--wait",
+            "--timeout",
+            "180s",
+            "--set",
+            "replicaCount=1,image.pullPolicy=Never,operator.logFormat=text",
+            "--set",
+            &controller,
+            "--set-json",
+            &node_selector,
+            "--set-json",
+            &tolerations,
+        ])
+        .await?;
+        let pods: Api<Pod> = ns.api();
+        let operator = pods
+            .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={release}")))
+            .await?
+            .items
+            .into_iter()
+            .next()
+            .expect("the operator's pod");
+        let operator_pod = operator.metadata.name.clone().unwrap_or_default();
+        assert_eq!(
+            operator.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+            Some(NODE)
+        );
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> = ns.api();
+        wait_until(
+            Duration::from_secs(60),
+            "the operator leads on its Lease",
+            || async {
+                let holder = leases
+                    .get_opt(&full)
+                    .await?
+                    .and_then(|l| l.spec?.holder_identity)
+                    .unwrap_or_default();
+                Ok(holder == operator_pod)
+            },
+        )
+        .await?;
+
+        // A job for that operator alone (the test's own operator leaves it to it).
+        let jobs: Api<ParallelJob> = ns.api();
+        let mut v = on_the_real_node("ddp-digits.yaml")?;
+        v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
+        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+            .await?;
+        succeeded(&jobs).await?;
+        let status = jobs.get("ddp-digits").await?.status.unwrap_or_default();
+        assert!(
+            status
+                .progress
+                .as_ref()
+                .and_then(|p| p.eval_metric)
+                .is_some_and(|a| a >= 0.95),
+            "{status:?}"
+        );
+
+        // Its /metrics through the API server's service proxy: it reconciled that job.
+        let path = format!(
+            "/api/v1/namespaces/{}/services/{full}-metrics:metrics/proxy/metrics",
+            ns.name
+        );
+        let metrics = c.kubectl(&["get", "--raw", &path]).await?;
+        let reconciles: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("lockstep_operator_reconcile_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(reconciles > 0.0, "no reconciles in:\n{metrics}");
+        c.helm(&["uninstall", &release, "-n", &ns.name, "--wait"])
+            .await?;
+        _leftovers.uninstalled.set(true);
+        Ok(())
     })
     .await
 }
