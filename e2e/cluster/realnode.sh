@@ -83,6 +83,8 @@ clean() {
     awk -v d="$node_dir" '$2 ~ "^"d {print $2}' /proc/self/mounts | sort -r | while read -r m; do
       umount -l "$m" 2>/dev/null || true
     done
+    # containerd's content store and snapshots: the images, unpacked (gigabytes with PyTorch).
+    rm -rf "$node_dir/containerd"
   fi
   # The pods' cgroups, depth first.
   for root in /sys/fs/cgroup/*/kubepods; do

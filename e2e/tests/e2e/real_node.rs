@@ -156,6 +156,19 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
         })
         .await?;
         let pid = worker_pid(&ns.name, "ddp-digits", 1).expect("rank 1's worker process");
+        // The last checkpoint before the kill: the next attempt must resume from it (or a later
+        // one), losing no more than the checkpoint interval.
+        let latest_before = std::fs::read_dir(&dir)?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_prefix("step-")?
+                    .strip_suffix(".safetensors")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .expect("a checkpoint");
         kill_9(pid)?;
         let killed = std::time::Instant::now();
         wait_until(Duration::from_secs(30), "the gang restarting", || async {
@@ -195,8 +208,8 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
             .and_then(|s| s.split_whitespace().next()?.parse().ok())
             .unwrap_or_else(|| panic!("attempt 1 did not resume:\n{log}"));
         assert!(
-            resumed >= interval && resumed.is_multiple_of(interval),
-            "resumed from {resumed}"
+            resumed >= latest_before && resumed.is_multiple_of(interval),
+            "resumed from {resumed}, the last checkpoint before the kill was {latest_before}"
         );
         let progress = status.progress.expect("progress");
         assert_eq!(Some(progress.step), progress.total_steps);
