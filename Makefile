@@ -116,3 +116,13 @@ gpu-worker: ## build the stripped worker into .gpu/ (then run bench/gpu/worker.s
 gpu-probe: ## build the GPU probe binary into .gpu/ (then run bench/gpu/probe.sh on a GPU machine)
 	cd bench/gpu/probe && $(CARGO) build --release --locked
 	mkdir -p .gpu && cp $(CARGO_TARGET_DIR)/release/gpuprobe .gpu/
+
+# A plain PyTorch image (torch from PyPI on Debian's python3) and the test that runs
+# examples/torch-command.yaml with it on the real node (root), in a cluster of its own.
+.PHONY: pytorch-image
+pytorch-image: ## OCI image of PyTorch from PyPI on Debian bookworm, without a daemon (target/images/lockstep-pytorch-*.oci.tar)
+	images/pytorch/build.sh
+
+.PHONY: e2e-torch
+e2e-torch: ## the torchrun example (Gloo) in real pods on the real node (root): builds the worker and PyTorch images, starts its own cluster
+	IMAGES=worker images/build.sh && images/pytorch/build.sh && TEST_STATE=$(CURDIR)/target/test-cluster-torch REAL_NODES=1 e2e/run-tests.sh -p lockstep-e2e --locked --test e2e -- --ignored real_node_torch::

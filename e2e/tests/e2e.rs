@@ -29,6 +29,8 @@ mod operator;
 mod progress;
 #[path = "e2e/real_node.rs"]
 mod real_node;
+#[path = "e2e/real_node_torch.rs"]
+mod real_node_torch;
 #[path = "e2e/restricted.rs"]
 mod restricted;
 #[path = "e2e/scheduling.rs"]
