@@ -125,4 +125,4 @@ pytorch-image: ## OCI image of PyTorch from PyPI on Debian bookworm, without a d
 
 .PHONY: e2e-torch
 e2e-torch: ## the torchrun example (Gloo) in real pods on the real node (root): builds the worker and PyTorch images, starts its own cluster
-	IMAGES=worker images/build.sh && images/pytorch/build.sh && TEST_STATE=$(CURDIR)/target/test-cluster-torch REAL_NODES=1 e2e/run-tests.sh -p lockstep-e2e --locked --test e2e -- --ignored real_node_torch::
+	IMAGES=worker images/build.sh && images/pytorch/build.sh && TEST_STATE=$(CURDIR)/target/test-cluster-torch REAL_NODES=1 NODE_IMAGES="worker pytorch" e2e/run-tests.sh -p lockstep-e2e --locked --test e2e -- --ignored real_node_torch::

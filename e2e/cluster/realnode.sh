@@ -4,8 +4,8 @@
 # up.sh and down.sh; the settings follow a probe of this machine kind (the project's shared notes,
 # real-node.md), each commented where it is made.
 #   realnode.sh up STATE API_PORT   start it (STATE/pids gets its processes), import the images of
-#                                   `make images` (IMAGES_DIR, default target/images), wait until
-#                                   the node is Ready
+#                                   `make images` (IMAGES_DIR, default target/images; NODE_IMAGES,
+#                                   default "worker operator"), wait until the node is Ready
 #   realnode.sh stop-pods STATE     kill every pod's processes and shims (before the processes stop)
 #   realnode.sh clean STATE         undo what it did outside STATE (after the processes stopped)
 #   realnode.sh leftovers STATE     list what a stopped node left behind; fails when anything
@@ -214,9 +214,15 @@ TOML
   # --- the project's images from `make images`, under the names the examples and the chart use.
   local images=${IMAGES_DIR:-$root/target/images} version
   version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
-  for pair in "lockstep-worker:docker.io/lockstep/worker" \
-    "lockstep-operator:ghcr.io/lockstep-dev/lockstep-operator" \
-    "lockstep-pytorch:docker.io/lockstep/pytorch"; do
+  # NODE_IMAGES: which (default: worker operator; `make e2e-torch`: worker pytorch, gigabytes).
+  local pair name
+  for name in ${NODE_IMAGES:-worker operator}; do
+    case "$name" in
+      worker) pair=lockstep-worker:docker.io/lockstep/worker ;;
+      operator) pair=lockstep-operator:ghcr.io/lockstep-dev/lockstep-operator ;;
+      pytorch) pair=lockstep-pytorch:docker.io/lockstep/pytorch ;;
+      *) log "NODE_IMAGES: no image $name (worker, operator, pytorch)"; exit 1 ;;
+    esac
     local archive=$images/${pair%%:*}-$version.oci.tar
     if [ -e "$archive" ]; then
       "$bin/ctr" --address "$sock" -n k8s.io images import --base-name "${pair#*:}" "$archive" >/dev/null
