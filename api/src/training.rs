@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new("self.workload != 'Pipeline' || !has(self.batchSize) || self.batchSize % self.pipeline.microBatches == 0").message("spec.training.batchSize must be a multiple of spec.training.pipeline.microBatches").field_path(".pipeline.microBatches"))]
 #[serde(rename_all = "camelCase")]
 pub struct Training {
-    /// Ddp (data-parallel), Pipeline (pipeline-parallel, GPipe or 1F1B), Pres (memory-based
-    /// dynamic GNN with PRES) or Command (the template's own command under the env contract).
+    /// Ddp (data-parallel), Pipeline (pipeline-parallel: GPipe, 1F1B, interleaved 1F1B or
+    /// zero-bubble ZB-H1), Pres (memory-based dynamic GNN with PRES) or Command (the template's
+    /// own command under the env contract).
     pub workload: Workload,
 
     /// The model to train (built-in workloads).
@@ -90,8 +91,8 @@ pub struct Training {
 pub enum Workload {
     /// Data-parallel training with bucketed gradient all-reduce overlapped with backward.
     Ddp,
-    /// Pipeline-parallel training (GPipe, 1F1B or interleaved 1F1B), data-parallel across
-    /// replicas.
+    /// Pipeline-parallel training (GPipe, 1F1B, interleaved 1F1B or zero-bubble ZB-H1),
+    /// data-parallel across replicas.
     Pipeline,
     /// Memory-based dynamic-GNN training (TGN) with PRES prediction-correction.
     Pres,
@@ -358,14 +359,18 @@ impl Default for Ddp {
 
 /// Pipeline-parallel settings.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("self.schedule == 'Interleaved' ? self.chunksPerStage >= 2 : self.chunksPerStage == 1").message("spec.training.pipeline.chunksPerStage must be at least 2 for the Interleaved schedule and 1 otherwise").field_path(".chunksPerStage"))]
+#[x_kube(validation = Rule::new("self.schedule == 'Interleaved' ? self.chunksPerStage >= 2 : self.chunksPerStage == 1").message("spec.training.pipeline.chunksPerStage must be at least 2 for the Interleaved schedule and 1 for GPipe, OneFOneB and ZeroBubble").field_path(".chunksPerStage"))]
 #[serde(rename_all = "camelCase")]
 pub struct Pipeline {
     /// GPipe (all forwards, then all backwards), OneFOneB (PipeDream-Flush: at most as many
-    /// micro-batches alive as stages) or Interleaved (1F1B over several model chunks per stage).
+    /// micro-batches alive as stages), Interleaved (1F1B over several model chunks per stage) or
+    /// ZeroBubble (ZB-H1: 1F1B with weight-gradient passes delayed into the bubble).
     #[serde(default)]
     pub schedule: PipelineSchedule,
-    /// Micro-batches per step; the bubble is (stages-1)/(microBatches+stages-1).
+    /// Micro-batches per step. With GPipe and OneFOneB the stages idle for
+    /// (stages-1)/(microBatches+stages-1) of the step; Interleaved divides that idle time by
+    /// chunksPerStage (and needs microBatches to be a multiple of stages); ZeroBubble cuts it to
+    /// about a third.
     #[serde(default = "default_micro_batches")]
     #[schemars(range(min = 1, max = 65536))]
     pub micro_batches: i32,
@@ -400,8 +405,14 @@ pub enum PipelineSchedule {
     /// One forward, one backward after a warm-up (PipeDream-Flush).
     #[default]
     OneFOneB,
-    /// 1F1B over several model chunks per stage (Megatron).
+    /// 1F1B over several model chunks per stage (Megatron): chunk c of stage s holds model part
+    /// c x stages + s, which divides the bubble by the number of chunks at the cost of more
+    /// communication; microBatches must be a multiple of stages.
     Interleaved,
+    /// ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024): 1F1B with each backward
+    /// split into its input-gradient and weight-gradient passes, the weight-gradient passes
+    /// delayed into the bubble; 1F1B's activation memory and about a third of its bubble.
+    ZeroBubble,
 }
 
 /// PRES settings (Su, Zou, Wu, ICLR 2024).
@@ -498,4 +509,44 @@ pub struct Evaluation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_batches: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PipelineSchedule;
+    use crate::manifest::yaml_to_value;
+    use crate::validation::validate;
+
+    /// The pipeline example with its schedule and chunks per stage replaced.
+    fn pipeline_job(schedule: &str, chunks: i32) -> serde_json::Value {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/pipeline-gpt.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut job = yaml_to_value(&text).unwrap();
+        job["spec"]["training"]["pipeline"]["schedule"] = schedule.into();
+        job["spec"]["training"]["pipeline"]["chunksPerStage"] = chunks.into();
+        job
+    }
+
+    #[test]
+    fn every_schedule_takes_its_chunks_per_stage_and_no_other() {
+        for (schedule, good, bad) in [
+            ("GPipe", 1, 2),
+            ("OneFOneB", 1, 2),
+            ("Interleaved", 2, 1),
+            ("ZeroBubble", 1, 2),
+        ] {
+            let job = validate(&pipeline_job(schedule, good), None)
+                .unwrap_or_else(|e| panic!("{schedule} with {good} chunks: {e:?}"));
+            let parsed: PipelineSchedule = serde_json::from_value(schedule.into()).unwrap();
+            assert_eq!(job.spec.training.pipeline.schedule, parsed);
+            let errors = validate(&pipeline_job(schedule, bad), None)
+                .expect_err(&format!("{schedule} with {bad} chunks is accepted"));
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.field == "spec.training.pipeline.chunksPerStage"),
+                "{schedule}: {errors:?}"
+            );
+        }
+    }
 }
