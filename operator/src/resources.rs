@@ -706,14 +706,22 @@ pub const SLICE_MANAGER: &str = "lockstep-operator.lockstep.dev";
 /// Label that names a node's host.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
+/// The user of Lockstep's worker image.
+pub const WORKER_IMAGE_USER: i64 = 65532;
+
 /// The pod-level part of the restricted Pod Security level, for a template without a pod
 /// securityContext: the RuntimeDefault seccomp profile and, for the built-in workloads (whose
-/// image runs as the non-root user 65532), `runAsNonRoot`. A `Command` workload's image may run as
-/// root (PyTorch's do), so it is not made to run as non-root: such a template sets its own user
-/// to run in a namespace that enforces the restricted level.
+/// image runs as the non-root user 65532), `runAsNonRoot` and that user's group as `fsGroup`, so
+/// that a volume mounted for checkpoints (a PersistentVolumeClaim, an emptyDir) is writable by the
+/// worker (changed only where its root's group differs, as large volumes are slow to walk). A
+/// `Command` workload's image may run as root (PyTorch's do), so it is not made to run as
+/// non-root: such a template sets its own user to run in a namespace that enforces the
+/// restricted level.
 fn restricted_pod(command: bool) -> PodSecurityContext {
     PodSecurityContext {
         run_as_non_root: (!command).then_some(true),
+        fs_group: (!command).then_some(WORKER_IMAGE_USER),
+        fs_group_change_policy: (!command).then(|| "OnRootMismatch".to_string()),
         seccomp_profile: Some(SeccompProfile {
             type_: "RuntimeDefault".into(),
             ..SeccompProfile::default()
@@ -858,6 +866,12 @@ mod tests {
             psc.seccomp_profile.as_ref().unwrap().type_,
             "RuntimeDefault"
         );
+        // A checkpoint volume is the worker's to write.
+        assert_eq!(psc.fs_group, Some(WORKER_IMAGE_USER));
+        assert_eq!(
+            psc.fs_group_change_policy.as_deref(),
+            Some("OnRootMismatch")
+        );
         let csc = spec.containers[0]
             .security_context
             .as_ref()
@@ -904,7 +918,7 @@ mod tests {
             .pod(0, 0, "d", false, None)
             .unwrap();
         let psc = pod.spec.as_ref().unwrap().security_context.clone().unwrap();
-        assert_eq!(psc.run_as_non_root, None);
+        assert_eq!((psc.run_as_non_root, psc.fs_group), (None, None));
         assert!(psc.seccomp_profile.is_some());
     }
 

@@ -29,6 +29,19 @@ pub enum CheckpointError {
         /// The error.
         source: std::io::Error,
     },
+    /// The checkpoint directory cannot be written: found before training starts, so that no
+    /// step is trained for a checkpoint that could never be saved.
+    #[error(
+        "the checkpoint directory {path} is not writable: {source}. Create it writable by the \
+         worker's user (uid 65532 in Lockstep's image), or mount a volume there and set the pod's \
+         spec.securityContext.fsGroup so that the volume is"
+    )]
+    Unwritable {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The file is not a valid checkpoint of this model.
     #[error("checkpoint {path} is refused: {reason}; delete it to start from the previous one")]
     Refused {
@@ -93,6 +106,28 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     }
     found.sort();
     Ok(found)
+}
+
+/// Checks that checkpoints can be written into `dir` (creating it if needed), with a probe file
+/// of a unique name created exclusively and removed.
+pub fn ensure_writable(dir: &Path) -> Result<(), CheckpointError> {
+    use std::io::Write;
+    let unwritable = |source| CheckpointError::Unwritable {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(unwritable)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let probe = dir.join(format!(".write-probe-{}-{nanos}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .and_then(|mut f| f.write_all(b"lockstep"));
+    let removed = std::fs::remove_file(&probe);
+    written.and(removed).map_err(unwritable)
 }
 
 /// Writes `state` into `dir` atomically and keeps the newest `keep` checkpoints.

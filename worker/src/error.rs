@@ -59,6 +59,8 @@ impl From<CheckpointError> for WorkError {
     fn from(e: CheckpointError) -> Self {
         let code = match e {
             CheckpointError::Refused { .. } => ExitCode::Checkpoint,
+            // The pod's volume or securityContext: restarting cannot help.
+            CheckpointError::Unwritable { .. } => ExitCode::Config,
             // A full or unmounted volume: the job may succeed once it is fixed.
             CheckpointError::Io { .. } => ExitCode::Internal,
         };

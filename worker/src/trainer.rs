@@ -120,8 +120,14 @@ pub fn train<C: HostComm>(
     metrics.total_steps.set(total as i64);
     let lr = schedule(&t.optimizer, total);
 
-    // Resume from the newest checkpoint rank 0 sees, or start fresh.
+    // Resume from the newest checkpoint rank 0 sees, or start fresh. Rank 0 writes them: it
+    // finds an unwritable directory now, not at the first save (the last step, by default).
     let dir = inputs.checkpoint_dir.clone();
+    if rank == 0
+        && let Some(d) = &dir
+    {
+        checkpoint::ensure_writable(d)?;
+    }
     let mut latest = [0.0f32; 2];
     if rank == 0
         && let Some(d) = &dir

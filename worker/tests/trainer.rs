@@ -220,3 +220,40 @@ fn a_gang_resumes_from_the_newest_checkpoint_rank_0_sees() {
         assert_eq!(summary.resumed_from, Some(4));
     }
 }
+
+#[test]
+fn an_unwritable_checkpoint_directory_stops_the_run_before_the_first_step() {
+    // A directory under a regular file: nobody can create it, root included.
+    let file = std::env::temp_dir().join(format!("lockstep-trainer-file-{}", std::process::id()));
+    std::fs::write(&file, b"not a directory").expect("file");
+    let dir = file.join("checkpoints");
+    let cfg = config(1, 5);
+    let comm = TcpComm::local_gang(1, TcpOptions::default())
+        .expect("gang")
+        .remove(0);
+    let mut topo = Topology::new(Layout::new(1, 1).expect("layout"), comm).expect("topology");
+    let calls = Calls::default();
+    let mut work = Recording {
+        calls: Arc::clone(&calls),
+        has_loss: true,
+    };
+    let inputs = RunInputs {
+        checkpoint_dir: Some(dir.clone()),
+        nccl_id: Vec::new(),
+        on_step: &|_| {},
+        stop: &AtomicBool::new(false),
+    };
+    let metrics = Metrics::new("recording", 0);
+    let e = trainer::train(&cfg, &mut topo, &mut work, &metrics, &inputs)
+        .expect_err("an unwritable checkpoint directory");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(e.code, lockstep_api::contract::ExitCode::Config, "{e}");
+    assert!(
+        e.message.contains(&dir.display().to_string()) && e.message.contains("fsGroup"),
+        "{e}"
+    );
+    assert!(
+        calls.lock().expect("calls").is_empty(),
+        "nothing trained before the failure"
+    );
+}
