@@ -17,6 +17,7 @@ pub mod device;
 pub mod error;
 pub mod local;
 pub mod metrics;
+pub mod pipeline;
 pub mod progress;
 pub mod rendezvous;
 pub mod runtime;
