@@ -9,7 +9,14 @@
 //!   tensors that stay on the stage (one stage holding consecutive model parts, as with
 //!   `p = 1`) are neither sent nor received;
 //! - the step ends with one [`Action::GradSync`] and one [`Action::OptimizerStep`] per stage,
-//!   after the stage's last backward.
+//!   after the stage's last backward;
+//! - between two stages, the receives come in the order of the sends, so a transport without
+//!   tags (NCCL send/recv, one socket per peer) pairs them right;
+//! - sends are meant to return at once (an asynchronous send, a buffered socket): with sends
+//!   that wait for their receive, 1F1B's steady state deadlocks, stage `s` sending an
+//!   activation to `s+1` while `s+1` sends a gradient to `s` (see
+//!   [`SendMode::Rendezvous`](super::sim::SendMode::Rendezvous)). A transport with synchronous
+//!   sends has to post a send together with the receive that follows it, as Megatron-LM does.
 //!
 //! The schedules decide only the order of the compute actions:
 //!
@@ -23,7 +30,10 @@
 //!   `p` micro-batches per chunk (forwards chunk 0 up to chunk v-1, backwards chunk v-1 down
 //!   to 0), with `2(p-1-s) + (v-1)p` warm-up forwards on stage `s`, as in Megatron-LM's
 //!   `forward_backward_pipelining_with_interleaving`. Megatron needs `m` to be a multiple of
-//!   `p` (the groups are whole), and so does [`plan`].
+//!   `p` (the groups are whole), and so does [`plan`]. One difference: when `m = p`, Megatron
+//!   runs every forward before any backward; this plan keeps the warm-up above, which gives
+//!   the same bubble, `(p-1)/(v m)` of the ideal step (the simulator's tests check it), with
+//!   fewer live activations on the later stages.
 //! - [`PipelineSchedule::ZeroBubble`] (ZB-H1, Qi et al., ICLR 2024): 1F1B's order of forwards
 //!   and backwards, with each backward split into [`Action::BackwardInput`] (B, on the critical
 //!   path to the previous stage) and [`Action::BackwardWeight`] (W, needed only by the
