@@ -16,8 +16,8 @@ use lockstep_api::status::Phase;
 use lockstep_e2e::{example_manifest, wait_until, with_namespace};
 
 /// The real node's name and the label and taint that keep other pods off it (realnode.sh).
-const NODE: &str = "lockstep-real-0";
-const NODE_LABEL: &str = "lockstep.dev/real-node";
+pub(crate) const NODE: &str = "lockstep-real-0";
+pub(crate) const NODE_LABEL: &str = "lockstep.dev/real-node";
 
 /// The real node has the machine's few cores: its tests run one at a time, so that each gang is
 /// admitted at once and its timings are its own.
@@ -32,7 +32,7 @@ async fn succeeded(jobs: &Api<ParallelJob>) -> anyhow::Result<()> {
 }
 
 /// An example pinned to the real node.
-fn on_the_real_node(example: &str) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn on_the_real_node(example: &str) -> anyhow::Result<serde_json::Value> {
     let mut v = example_manifest(example)?;
     let spec = &mut v["spec"]["template"]["spec"];
     spec["nodeSelector"] = serde_json::json!({ NODE_LABEL: "true" });

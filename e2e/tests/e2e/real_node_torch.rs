@@ -15,24 +15,14 @@ use kube::api::{Api, ListParams, PostParams};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::labels;
 use lockstep_api::status::Phase;
-use lockstep_e2e::{example_manifest, wait_until, with_namespace};
+use lockstep_e2e::{wait_until, with_namespace};
 
-/// The real node's name and the label and taint that keep other pods off it (realnode.sh).
-const NODE: &str = "lockstep-real-0";
-const NODE_LABEL: &str = "lockstep.dev/real-node";
+use crate::real_node::{NODE, on_the_real_node};
+
 /// The image of `make pytorch-image`, as the real node imports it.
 const IMAGE: &str = "docker.io/lockstep/pytorch:0.1.0";
 const JOB: &str = "torch-command";
 const RANKS: u32 = 2;
-
-/// An example pinned to the real node.
-fn on_the_real_node(example: &str) -> anyhow::Result<serde_json::Value> {
-    let mut v = example_manifest(example)?;
-    let spec = &mut v["spec"]["template"]["spec"];
-    spec["nodeSelector"] = serde_json::json!({ NODE_LABEL: "true" });
-    spec["tolerations"] = serde_json::json!([{"key": NODE_LABEL, "operator": "Exists"}]);
-    Ok(v)
-}
 
 #[tokio::test]
 #[ignore = "needs the real node and the PyTorch image: make e2e-torch"]
