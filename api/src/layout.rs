@@ -16,6 +16,11 @@
 
 use crate::{Error, Result};
 
+/// The most ranks a gang may have (the CRD refuses more): one rendezvous on rank 0 serves every
+/// rank's join and heartbeat stream, and rank labels and pod names (`<job>-<rank>`, the job's
+/// name at most 52 characters) stay within a 63-character DNS label.
+pub const MAX_WORLD_SIZE: u32 = 16384;
+
 /// The shape of a gang: data-parallel replicas times pipeline stages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Layout {

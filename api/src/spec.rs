@@ -129,6 +129,7 @@ pub struct ParallelJobSpec {
 /// `r / dataParallel` and data-parallel replica `r % dataParallel`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec.parallelism is immutable: delete the job and create it again to change the world size"))]
+#[x_kube(validation = Rule::new("self.dataParallel * self.pipelineStages <= 16384").message("spec.parallelism: dataParallel x pipelineStages must be at most 16384 ranks, the largest gang one rendezvous serves").field_path(".dataParallel"))]
 #[serde(rename_all = "camelCase")]
 pub struct Parallelism {
     /// Number of data-parallel replicas (ranks per pipeline stage).
@@ -460,6 +461,7 @@ pub enum SuccessPolicy {
 
 /// Where the workers export metrics.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!(self.metricsPort in [29500, 29600])").message("spec.monitoring.metricsPort must differ from the ports the ranks meet on: 29600 (Lockstep's rendezvous) and 29500 (torch's MASTER_PORT)").field_path(".metricsPort"))]
 #[serde(rename_all = "camelCase")]
 pub struct Monitoring {
     /// Port of each worker's Prometheus `/metrics` endpoint.
@@ -483,6 +485,23 @@ impl Default for Monitoring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_crds_port_and_world_rules_use_the_contracts_numbers() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_string(&crate::ParallelJob::crd()).expect("crd");
+        let ports = format!(
+            "!(self.metricsPort in [{}, {}])",
+            contract::ports::TORCH_MASTER,
+            contract::ports::RENDEZVOUS
+        );
+        assert!(crd.contains(&ports), "no rule {ports:?}");
+        let world = format!(
+            "self.dataParallel * self.pipelineStages <= {}",
+            crate::layout::MAX_WORLD_SIZE
+        );
+        assert!(crd.contains(&world), "no rule {world:?}");
+    }
 
     #[test]
     fn exit_code_ranges_are_inclusive() {
