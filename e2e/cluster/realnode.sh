@@ -73,7 +73,10 @@ stop_pods() {
     [ -r "$procs" ] || continue
     while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done < "$procs"
   done
-  pkill -KILL -f "containerd-shim-runc-v2 -namespace k8s.io -address $sock" 2>/dev/null || true
+  # A shim's command line is `containerd-shim-runc-v2 -namespace k8s.io -id <id> -address <sock>`.
+  local shims="containerd-shim-runc-v2 -namespace k8s.io .*-address $sock"
+  pkill -KILL -f "$shims" 2>/dev/null || true
+  for _ in $(seq 1 50); do pgrep -f "$shims" >/dev/null || break; sleep 0.1; done
 }
 
 clean() {
