@@ -88,6 +88,9 @@ use crate::training::Training;
     "self.training.workload != 'Pipeline' || self.parallelism.pipelineStages >= 2"
 ).message("spec.training.workload Pipeline needs spec.parallelism.pipelineStages >= 2: add stages or use workload Ddp").field_path(".parallelism.pipelineStages"))]
 #[x_kube(validation = Rule::new(
+    "self.training.workload != 'Pipeline' || self.training.pipeline.schedule != 'Interleaved' || self.training.pipeline.microBatches % self.parallelism.pipelineStages == 0"
+).message("spec.training.pipeline.microBatches must be a multiple of spec.parallelism.pipelineStages for the Interleaved schedule (Megatron's micro-batch groups)").field_path(".training.pipeline.microBatches"))]
+#[x_kube(validation = Rule::new(
     "self.training.workload == 'Command' || self.template.spec.containers.exists(c, c.name == 'worker')"
 ).message("spec.template.spec.containers needs a container named 'worker' for a built-in workload: the operator runs lockstep-worker in it").field_path(".template.spec.containers"))]
 #[x_kube(validation = Rule::new(
