@@ -32,31 +32,53 @@ NODE_LABEL=lockstep.dev/real-node
 OWNER=${REAL_NODE_OWNER:-/run/lockstep-real-node.owner}
 log() { printf '[real-node] %s\n' "$*" >&2; }
 
-# Whether any process of the cluster whose state folder is $1 still runs.
+# Whether any process of the cluster whose state folder is $1 still runs (its command line
+# names the folder, so a recycled pid does not count).
 cluster_alive() {
   local name pid
   [ -r "$1/pids" ] || return 1
-  while read -r name pid; do kill -0 "$pid" 2>/dev/null && return 0; done < "$1/pids"
+  while read -r name pid; do
+    kill -0 "$pid" 2>/dev/null || continue
+    # etcd, the apiserver, ... all take a path under the state folder.
+    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF "$1" && return 0
+  done < "$1/pids"
   return 1
 }
 
+# Whether the machine's real node belongs to another cluster than this one (then this cluster
+# must not touch what is machine-wide: the pods' cgroups, the bridge, iptables, kubelet's files).
+owned_by_another() {
+  local owner
+  owner=$(cat "$OWNER" 2>/dev/null || true)
+  [ -n "$owner" ] && [ "$owner" != "$state" ]
+}
+
 # Takes the machine's real node for this cluster: waits while another live cluster has it, and
-# cleans up after one that died without `down`.
+# cleans up after one that died without `down`. The check and the claim are made under a lock.
 acquire() {
   local waited=0 limit=${REAL_NODE_WAIT:-1800} owner
-  while ! (set -o noclobber; echo "$state" > "$OWNER") 2>/dev/null; do
+  exec 9>"$OWNER.lock"
+  while :; do
+    flock 9
     owner=$(cat "$OWNER" 2>/dev/null || true)
-    [ "$owner" = "$state" ] && return 0
-    if [ -n "$owner" ] && cluster_alive "$owner"; then
+    if [ -n "$owner" ] && [ "$owner" != "$state" ] && cluster_alive "$owner"; then
+      flock -u 9
       [ $waited = 0 ] && log "the real node belongs to the cluster in $owner (one per machine): waiting up to ${limit}s"
       [ $waited -ge "$limit" ] && { log "gave up waiting for the real node of $owner"; exit 1; }
       sleep 2; waited=$((waited + 2))
       continue
     fi
-    log "the cluster in ${owner:-?} left the real node without stopping it: cleaning up after it"
-    [ -n "$owner" ] && (state=$owner; node_dir=$owner/node; stop_pods; clean)
-    rm -f "$OWNER"
+    if [ -n "$owner" ] && [ "$owner" != "$state" ]; then
+      log "the cluster in $owner left the real node without stopping it: cleaning up after it"
+      (state=$owner; node_dir=$owner/node; stop_pods; clean) || true
+      # Its down.sh must not tear down the node this cluster is about to run.
+      rm -f "$owner/pids"
+    fi
+    echo "$state" > "$OWNER"
+    flock -u 9
+    break
   done
+  exec 9>&-
   [ $waited = 0 ] || log "the real node is free after ${waited}s"
 }
 
@@ -67,12 +89,15 @@ release() {
 
 stop_pods() {
   local sock=$node_dir/containerd.sock
-  # Every process of every pod (their cgroups), then the shims that supervise them.
-  for procs in /sys/fs/cgroup/*/kubepods/cgroup.procs /sys/fs/cgroup/*/kubepods/*/cgroup.procs \
-    /sys/fs/cgroup/*/kubepods/*/*/cgroup.procs /sys/fs/cgroup/*/kubepods/*/*/*/cgroup.procs; do
-    [ -r "$procs" ] || continue
-    while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done < "$procs"
-  done
+  # Every process of every pod (their cgroups: machine-wide, so only while the node is this
+  # cluster's), then the shims that supervise them.
+  if ! owned_by_another; then
+    for procs in /sys/fs/cgroup/*/kubepods/cgroup.procs /sys/fs/cgroup/*/kubepods/*/cgroup.procs \
+      /sys/fs/cgroup/*/kubepods/*/*/cgroup.procs /sys/fs/cgroup/*/kubepods/*/*/*/cgroup.procs; do
+      [ -r "$procs" ] || continue
+      { while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done < "$procs"; } 2>/dev/null || true
+    done
+  fi
   # A shim's command line is `containerd-shim-runc-v2 -namespace k8s.io -id <id> -address <sock>`.
   local shims="containerd-shim-runc-v2 -namespace k8s.io .*-address $sock"
   pkill -KILL -f "$shims" 2>/dev/null || true
@@ -87,7 +112,12 @@ clean() {
       umount -l "$m" 2>/dev/null || true
     done
     # containerd's content store and snapshots: the images, unpacked (gigabytes with PyTorch).
-    rm -rf "$node_dir/containerd"
+    rm -rf "$node_dir/containerd" 2>/dev/null || log "could not remove $node_dir/containerd"
+  fi
+  # What is machine-wide belongs to the cluster that owns the node now, if another does.
+  if owned_by_another; then
+    log "the real node now belongs to the cluster in $(cat "$OWNER"): leaving it as it is"
+    return 0
   fi
   # The pods' cgroups, depth first.
   for root in /sys/fs/cgroup/*/kubepods; do
@@ -137,6 +167,8 @@ leftovers() {
   for p in $(pgrep -f "$node_dir" 2>/dev/null); do say "process $p: $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null)"; done
   awk -v d="$node_dir" '$2 ~ "^"d {print $2}' /proc/self/mounts | while read -r m; do echo "left behind: mount $m"; done
   awk -v d="$node_dir" '$2 ~ "^"d {f=1} END {exit !f}' /proc/self/mounts && found=1
+  # The rest is machine-wide: another cluster's, once it owns the node.
+  owned_by_another && return $found
   for d in /sys/fs/cgroup/*/kubepods; do [ -d "$d" ] && say "cgroup $d"; done
   ip link show "$BRIDGE" >/dev/null 2>&1 && say "bridge $BRIDGE"
   local rules

@@ -18,6 +18,9 @@ bin=$("$here/build.sh" 2>/dev/null)
 if [ -e "$state/pids" ] && "$here/status.sh" >/dev/null 2>&1; then
   echo "cluster already running: KUBECONFIG=$state/kubeconfig"; exit 0
 fi
+# A cluster of this state that died without down.sh: stop what is left of it first (a real
+# node's pods, shims and iptables rules would outlive the folder).
+[ -e "$state/pids" ] && { STATE="$state" "$here/down.sh" >/dev/null 2>&1 || true; }
 rm -rf "$state"; mkdir -p "$state/logs" "$state/pki" "$state/etcd"
 # A failed start leaves nothing running.
 trap 'rc=$?; [ $rc = 0 ] || STATE="$state" "$here/down.sh" >/dev/null; exit $rc' EXIT

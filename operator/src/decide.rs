@@ -609,7 +609,13 @@ impl Pass<'_> {
             });
             let deadline =
                 seen.map(|t| t + SignedDuration::from_secs(FIRST_FAILURE_WAIT.as_secs() as i64));
-            if alive && let Some(at) = deadline.filter(|at| self.now < *at) {
+            // Measured on the operator's clock: a node whose clock runs ahead (a future
+            // `finishedAt`) gets no wait rather than a longer one.
+            let seen_now = seen.is_some_and(|s| s <= self.now);
+            if alive
+                && seen_now
+                && let Some(at) = deadline.filter(|at| self.now < *at)
+            {
                 return First::Awaited(self.until(at).min(Duration::from_secs(1)));
             }
         }
@@ -1288,6 +1294,18 @@ mod tests {
         let lf = d.status.last_failure.clone().unwrap();
         assert_eq!((lf.rank, lf.exit_code), (1, Some(137)), "{lf:?}");
         assert_eq!(d.status.attempt, 1);
+    }
+
+    #[test]
+    fn a_node_clock_ahead_of_the_operator_gets_no_wait() {
+        let mut j = job("ddp-digits.yaml");
+        step(&mut j, &[], at(0));
+        step(&mut j, &running(0), at(1));
+        let mut pods = running(0);
+        // The survivor's finishedAt is 60 s in the operator's future.
+        pods[0].state = stopped_by(1, 70);
+        let d = step(&mut j, &pods, at(10));
+        assert_eq!(d.status.attempt, 1, "the restart waited on a skewed clock");
     }
 
     #[test]

@@ -112,9 +112,19 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
 /// of a unique name created exclusively and removed.
 pub fn ensure_writable(dir: &Path) -> Result<(), CheckpointError> {
     use std::io::Write;
-    let unwritable = |source| CheckpointError::Unwritable {
-        path: dir.to_path_buf(),
-        source,
+    // Refused by the pod's setup (permissions, a read-only or missing mount): the job cannot
+    // run as configured. Anything else (a full or failing volume) may pass once it is fixed.
+    let unwritable = |source: std::io::Error| {
+        use std::io::ErrorKind::{NotADirectory, PermissionDenied, ReadOnlyFilesystem};
+        let path = dir.to_path_buf();
+        if matches!(
+            source.kind(),
+            PermissionDenied | ReadOnlyFilesystem | NotADirectory
+        ) {
+            CheckpointError::Unwritable { path, source }
+        } else {
+            CheckpointError::Io { path, source }
+        }
     };
     std::fs::create_dir_all(dir).map_err(unwritable)?;
     let nanos = std::time::SystemTime::now()

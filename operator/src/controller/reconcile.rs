@@ -246,7 +246,8 @@ async fn decide_pass(
         decided = decide(job, world, observed, Timestamp::now());
     }
     let mut decision = decided.answer_with(|| ctx.admitter.request(job));
-    decision.status.progress = progress(ctx, job);
+    // For the attempt this pass decides on (a restart starts the next one now).
+    decision.status.progress = progress(ctx, job, decision.status.attempt);
     if job.spec.parallelism.gpus_per_worker > 0 {
         check_capacity(
             &mut decision,
@@ -260,7 +261,7 @@ async fn decide_pass(
 
 /// The progress to show: rank 0's last report in the progress ConfigMap (from the cache), else
 /// what the status already holds (a malformed report counts as none).
-fn progress(ctx: &Context, job: &ParallelJob) -> Option<Progress> {
+fn progress(ctx: &Context, job: &ParallelJob, attempt: i32) -> Option<Progress> {
     let ns = job.namespace().unwrap_or_default();
     let key = ObjectRef::new(&names::progress_config_map(&job.name_any())).within(&ns);
     let written = ctx.progress.get(&key).and_then(|cm| {
@@ -269,11 +270,10 @@ fn progress(ctx: &Context, job: &ParallelJob) -> Option<Progress> {
             .get(names::PROGRESS_KEY)
             .and_then(|t| Progress::from_json(t))
     });
-    let status = job.status.as_ref();
     shown_progress(
         written,
-        status.and_then(|s| s.progress.clone()),
-        status.map_or(0, |s| s.attempt),
+        job.status.as_ref().and_then(|s| s.progress.clone()),
+        attempt,
     )
 }
 
