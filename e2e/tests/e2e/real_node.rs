@@ -40,6 +40,48 @@ pub(crate) fn on_the_real_node(example: &str) -> anyhow::Result<serde_json::Valu
     Ok(v)
 }
 
+/// Creates the `ddp-digits` job `v` and waits (up to 2 minutes) until rank 0 reports a step.
+async fn create_and_wait_training(
+    jobs: &Api<ParallelJob>,
+    v: serde_json::Value,
+) -> anyhow::Result<()> {
+    jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+        .await?;
+    wait_until(Duration::from_secs(120), "training", || async {
+        let s = jobs.get("ddp-digits").await?.status.unwrap_or_default();
+        Ok(s.progress.is_some_and(|p| p.step > 0))
+    })
+    .await
+}
+
+/// Checks that the job `job` had `ranks` pods, each on the real node with its worker exited 0.
+pub(crate) async fn ranks_ran_on_the_real_node_and_exited_0(
+    pods: &Api<Pod>,
+    job: &str,
+    ranks: usize,
+) -> anyhow::Result<()> {
+    let list = pods
+        .list(&ListParams::default().labels(&format!("{}={job}", labels::JOB_NAME)))
+        .await?;
+    anyhow::ensure!(list.items.len() == ranks, "{:?}", list.items);
+    for p in list.items {
+        let name = p.metadata.name.unwrap_or_default();
+        let node = p.spec.and_then(|s| s.node_name);
+        let code = p
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c.into_iter().next())
+            .and_then(|c| c.state)
+            .and_then(|s| s.terminated)
+            .map(|t| t.exit_code);
+        anyhow::ensure!(
+            (node.as_deref(), code) == (Some(NODE), Some(0)),
+            "{name}: node {node:?}, exit code {code:?}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 #[ignore = "needs the real node and the worker image: make e2e-real"]
 async fn ddp_digits_trains_in_real_pods_to_succeeded_with_its_progress_and_metrics()
@@ -87,24 +129,7 @@ async fn ddp_digits_trains_in_real_pods_to_succeeded_with_its_progress_and_metri
         assert_eq!(status.attempt, 0, "no restart");
 
         // Both ranks ran on the real node and exited 0.
-        let pods: Api<Pod> = ns.api();
-        let list = pods
-            .list(&ListParams::default().labels(&format!("{}=ddp-digits", labels::JOB_NAME)))
-            .await?;
-        assert_eq!(list.items.len(), 2, "{:?}", list.items);
-        for p in list.items {
-            let spec = p.spec.expect("spec");
-            assert_eq!(spec.node_name.as_deref(), Some(NODE));
-            let code = p
-                .status
-                .and_then(|s| s.container_statuses)
-                .and_then(|c| c.into_iter().next())
-                .and_then(|c| c.state)
-                .and_then(|s| s.terminated)
-                .map(|t| t.exit_code);
-            assert_eq!(code, Some(0));
-        }
-        Ok(())
+        ranks_ran_on_the_real_node_and_exited_0(&ns.api(), "ddp-digits", 2).await
     })
     .await
 }
@@ -236,13 +261,7 @@ async fn deleting_a_running_job_stops_its_real_pods_in_seconds_not_the_grace_per
         let jobs: Api<ParallelJob> = ns.api();
         let mut v = on_the_real_node("ddp-digits.yaml")?;
         v["spec"]["training"]["epochs"] = 100_000.into();
-        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
-            .await?;
-        wait_until(Duration::from_secs(120), "training", || async {
-            let s = jobs.get("ddp-digits").await?.status.unwrap_or_default();
-            Ok(s.progress.is_some_and(|p| p.step > 0))
-        })
-        .await?;
+        create_and_wait_training(&jobs, v).await?;
         let deleted = std::time::Instant::now();
         jobs.delete("ddp-digits", &kube::api::DeleteParams::foreground())
             .await?;
@@ -335,13 +354,7 @@ async fn a_gang_restart_after_a_deleted_pod_takes_seconds_not_the_grace_period()
         v["spec"]["training"]["epochs"] = 100_000.into();
         v["spec"]["failurePolicy"]["restartBackoff"] =
             serde_json::json!({"initialSeconds": 0, "maxSeconds": 0});
-        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
-            .await?;
-        wait_until(Duration::from_secs(120), "training", || async {
-            let s = jobs.get("ddp-digits").await?.status.unwrap_or_default();
-            Ok(s.progress.is_some_and(|p| p.step > 0))
-        })
-        .await?;
+        create_and_wait_training(&jobs, v).await?;
         // A pod deleted (as a drain or a user would): SIGTERM to rank 1, the gang restarts.
         let pods: Api<Pod> = ns.api();
         let deleted = std::time::Instant::now();

@@ -10,14 +10,12 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use lockstep_api::ParallelJob;
-use lockstep_api::contract::labels;
 use lockstep_api::status::Phase;
 use lockstep_e2e::{wait_until, with_namespace};
 
-use crate::real_node::{NODE, on_the_real_node};
+use crate::real_node::{on_the_real_node, ranks_ran_on_the_real_node_and_exited_0};
 
 /// The image of `make pytorch-image`, as the real node imports it.
 const IMAGE: &str = "docker.io/lockstep/pytorch:0.1.0";
@@ -61,26 +59,7 @@ async fn torch_command_runs_torchrun_ddp_with_gloo_in_real_pods() -> anyhow::Res
         );
 
         // Both ranks ran on the real node and exited 0.
-        let pods: Api<Pod> = ns.api();
-        let list = pods
-            .list(&ListParams::default().labels(&format!("{}={JOB}", labels::JOB_NAME)))
-            .await?;
-        anyhow::ensure!(list.items.len() == RANKS as usize, "{:?}", list.items);
-        for p in list.items {
-            let name = p.metadata.name.unwrap_or_default();
-            let node = p.spec.and_then(|s| s.node_name);
-            let code = p
-                .status
-                .and_then(|s| s.container_statuses)
-                .and_then(|c| c.into_iter().next())
-                .and_then(|c| c.state)
-                .and_then(|s| s.terminated)
-                .map(|t| t.exit_code);
-            anyhow::ensure!(
-                (node.as_deref(), code) == (Some(NODE), Some(0)),
-                "{name}: node {node:?}, exit code {code:?}"
-            );
-        }
+        ranks_ran_on_the_real_node_and_exited_0(&ns.api(), JOB, RANKS as usize).await?;
 
         // Each rank all-reduced its rank + 1 over Gloo with the other: 1 + 2 = 3.
         for (rank, log) in logs.iter().enumerate() {
