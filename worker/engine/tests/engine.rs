@@ -764,3 +764,180 @@ fn a_model_reports_its_config_layout_through_net() {
         "{e}"
     );
 }
+
+/// Runs micro-batches through a GPT cut into parts, the way a pipeline does (each part's
+/// output is the next one's input; each input gradient the previous one's output gradient),
+/// with a full or a split backward, and returns the loss and the whole model's gradient
+/// gathered from the parts (the tied token embedding's two halves added up).
+fn run_parts(
+    cfg: GptConfig,
+    cuts: &[std::ops::Range<usize>],
+    params: &[f32],
+    micro: &[(Vec<i32>, Vec<i32>)],
+    split: bool,
+    (b, t): (usize, usize),
+) -> (f32, Vec<f32>) {
+    use lockstep_engine::models::gpt::{Input, PartSpec, Pass};
+    let be = Cpu;
+    let last = cuts.len() - 1;
+    let mut parts: Vec<Gpt<Cpu>> = cuts
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let spec = PartSpec {
+                layers: r.clone(),
+                embed: i == 0,
+                head: i == last,
+            };
+            let lay = lockstep_engine::models::gpt::PartLayout::new(cfg, spec.clone()).unwrap();
+            Gpt::part(
+                &be,
+                cfg,
+                spec,
+                &lay.gather(params),
+                b,
+                t,
+                micro.len(),
+                split,
+            )
+            .unwrap()
+        })
+        .collect();
+    let scale = 1.0 / (micro.len() * b * t) as f32;
+    let mut loss = 0.0;
+    // GPipe order: every forward, then every backward from the last micro-batch.
+    for (k, (ids, tg)) in micro.iter().enumerate() {
+        let mut x = Vec::new();
+        for (i, part) in parts.iter_mut().enumerate() {
+            let input = if i == 0 {
+                Input::Ids(ids)
+            } else {
+                Input::Acts(&x)
+            };
+            let targets = (i == last).then_some(&tg[..]);
+            part.forward_slot(&be, k, input, targets, b, t, Some(scale))
+                .unwrap();
+            if i < last {
+                x = part.output(&be, k).unwrap();
+            } else {
+                loss += part.mean_loss_slot(&be, k).unwrap() / micro.len() as f32;
+            }
+        }
+    }
+    for k in (0..micro.len()).rev() {
+        let mut d: Option<Vec<f32>> = None;
+        for (i, part) in parts.iter_mut().enumerate().rev() {
+            let pass = if split { Pass::Input } else { Pass::Full };
+            part.backward_slot(&be, k, d.as_deref(), pass, &mut |_, _| {})
+                .unwrap();
+            if i > 0 {
+                d = Some(part.input_grad(&be, k).unwrap());
+            }
+        }
+    }
+    if split {
+        // The weight passes, in another order than the input passes.
+        for k in 0..micro.len() {
+            for part in &mut parts {
+                part.backward_weight(&be, k).unwrap();
+            }
+        }
+    }
+    let mut whole = vec![0.0f32; cfg.num_params()];
+    let wte = cfg.padded_vocab * cfg.channels;
+    let mut tied = vec![0.0f32; wte];
+    for part in &parts {
+        let g = part.params.grads.clone();
+        part.layout.scatter(&g, &mut whole);
+        if part.layout.spec.embed || part.layout.spec.head {
+            tied.iter_mut().zip(&g[..wte]).for_each(|(s, x)| *s += x);
+        }
+    }
+    if cuts.len() > 1 {
+        whole[..wte].copy_from_slice(&tied);
+    }
+    (loss, whole)
+}
+
+#[test]
+fn a_gpt_cut_into_parts_computes_the_whole_gpts_loss_and_gradient() {
+    let cfg = GptConfig::new(4, 2, 8, 6, 11).unwrap();
+    let (b, t) = (2, 5);
+    let params = cfg.init(4);
+    let micro: Vec<_> = (0..3).map(|k| batch(&cfg, b, t, 40 + k)).collect();
+    let (whole_loss, whole) = run_parts(cfg, &[0..4], &params, &micro, false, (b, t));
+    // The whole model, one micro-batch at a time in the same order, as DDP's accumulation.
+    let be = Cpu;
+    let mut m = Gpt::new(&be, cfg, &params, b, t).unwrap();
+    m.zero_grad(&be).unwrap();
+    for (ids, tg) in micro.iter().rev() {
+        m.forward(&be, ids, Some(tg), b, t, Some(1.0 / (3 * b * t) as f32))
+            .unwrap();
+        m.backward(&be, &mut |_, _| {}).unwrap();
+    }
+    assert_eq!(
+        whole, m.params.grads,
+        "one part with every slot is the whole model, bit for bit"
+    );
+    for cuts in [
+        vec![0..1, 1..4],
+        vec![0..1, 1..2, 2..3, 3..4],
+        vec![0..2, 2..4],
+    ] {
+        for split in [false, true] {
+            let (loss, g) = run_parts(cfg, &cuts, &params, &micro, split, (b, t));
+            assert!(
+                (loss - whole_loss).abs() < 1e-6,
+                "{cuts:?} split={split}: loss {loss} vs {whole_loss}"
+            );
+            let worst = g
+                .iter()
+                .zip(&whole)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            let scale = whole.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            assert!(
+                worst <= 1e-5 * scale,
+                "{cuts:?} split={split}: gradients differ by {worst} (largest {scale})"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_part_layout_gathers_and_scatters_the_whole_models_tensors() {
+    use lockstep_engine::models::gpt::{PartLayout, PartSpec};
+    let cfg = GptConfig::new(3, 2, 8, 6, 11).unwrap();
+    let whole: Vec<f32> = (0..cfg.num_params()).map(|i| i as f32).collect();
+    let spec = |layers, embed, head| PartSpec {
+        layers,
+        embed,
+        head,
+    };
+    let first = PartLayout::new(cfg, spec(0..1, true, false)).unwrap();
+    let mid = PartLayout::new(cfg, spec(1..2, false, false)).unwrap();
+    let last = PartLayout::new(cfg, spec(2..3, false, true)).unwrap();
+    // The parts hold every parameter once, and the token embedding twice.
+    let wte = cfg.padded_vocab * cfg.channels;
+    assert_eq!(first.len() + mid.len() + last.len(), cfg.num_params() + wte);
+    assert_eq!(first.gather(&whole)[..], whole[..cfg.block(1)]);
+    assert_eq!(mid.gather(&whole)[..], whole[cfg.block(1)..cfg.block(2)]);
+    let l = last.gather(&whole);
+    assert_eq!(l[..wte], whole[..wte], "the head's tied embedding");
+    assert_eq!(l[wte..], whole[cfg.block(2)..]);
+    assert_eq!(last.lnf(), wte + cfg.block_len());
+    let mut back = vec![-1.0f32; cfg.num_params()];
+    for p in [&first, &mid, &last] {
+        p.scatter(&p.gather(&whole), &mut back);
+    }
+    assert_eq!(back, whole);
+    // Decay ranges cover each part once and decay exactly the blocks' weight matrices.
+    for p in [&first, &mid, &last] {
+        let r = p.decay_ranges();
+        assert_eq!(r.iter().map(|x| x.1).sum::<usize>(), p.len());
+        let decayed: usize = r.iter().filter(|x| x.2).map(|x| x.1).sum();
+        assert_eq!(decayed, 12 * cfg.channels * cfg.channels);
+    }
+    assert!(PartLayout::new(cfg, spec(2..2, false, true)).is_err());
+    assert!(PartLayout::new(cfg, spec(2..4, false, true)).is_err());
+}

@@ -7,6 +7,16 @@
 //! gradient is final; data-parallel training all-reduces a bucket as soon as it lies past that
 //! offset. Inside a block the weight matrices come first, so weight decay applies to one
 //! range per block.
+//!
+//! A [`Gpt`] is the whole model or a part of it ([`PartSpec`]: a run of blocks, with or without
+//! the embedding and the head), as a pipeline stage holds it: a part takes token ids or the
+//! previous part's output, hands its output and its input gradient on, and keeps the
+//! activations of several micro-batches in flight, one slot each. Its backward runs whole or
+//! split into the input-gradient pass and the weight-gradient pass ([`Pass`]) that the
+//! zero-bubble schedules reorder. The head's part keeps its own copy of the tied token
+//! embedding; the pipeline adds up the two copies' gradients.
+
+use std::ops::Range;
 
 use rand::SeedableRng;
 
@@ -14,7 +24,8 @@ use super::{Net, Params};
 use crate::backend::{Backend, UnaryOp};
 use crate::nn::{
     activation_bwd, activation_fwd, attention_bwd, attention_fwd, crossentropy, encoder_bwd,
-    encoder_fwd, layernorm_bwd, layernorm_fwd, matmul_bwd, matmul_fwd, residual_fwd,
+    encoder_fwd, layernorm_bwd, layernorm_fwd, matmul_bwd_input, matmul_bwd_weight, matmul_fwd,
+    residual_fwd,
 };
 use crate::{EngineError, Result};
 
@@ -118,30 +129,7 @@ impl GptConfig {
 
     /// Offsets of block `l`'s tensors.
     pub fn block_params(&self, l: usize) -> BlockParams {
-        let c = self.channels;
-        let o = self.block(l);
-        let qkvw = o;
-        let attprojw = qkvw + 3 * c * c;
-        let fcw = attprojw + c * c;
-        let fcprojw = fcw + 4 * c * c;
-        let ln1 = fcprojw + 4 * c * c;
-        let qkvb = ln1 + 2 * c;
-        let attprojb = qkvb + 3 * c;
-        let ln2 = attprojb + c;
-        let fcb = ln2 + 2 * c;
-        let fcprojb = fcb + 4 * c;
-        BlockParams {
-            qkvw,
-            attprojw,
-            fcw,
-            fcprojw,
-            ln1,
-            qkvb,
-            attprojb,
-            ln2,
-            fcb,
-            fcprojb,
-        }
+        BlockParams::at(self.block(l), self.channels)
     }
 
     /// Offset of the final layer norm (weight, then bias).
@@ -231,6 +219,194 @@ pub struct BlockParams {
     pub fcprojb: usize,
 }
 
+impl BlockParams {
+    /// The offsets of a block that starts at `o`, of width `c`.
+    pub fn at(o: usize, c: usize) -> Self {
+        let qkvw = o;
+        let attprojw = qkvw + 3 * c * c;
+        let fcw = attprojw + c * c;
+        let fcprojw = fcw + 4 * c * c;
+        let ln1 = fcprojw + 4 * c * c;
+        let qkvb = ln1 + 2 * c;
+        let attprojb = qkvb + 3 * c;
+        let ln2 = attprojb + c;
+        let fcb = ln2 + 2 * c;
+        let fcprojb = fcb + 4 * c;
+        Self {
+            qkvw,
+            attprojw,
+            fcw,
+            fcprojw,
+            ln1,
+            qkvb,
+            attprojb,
+            ln2,
+            fcb,
+            fcprojb,
+        }
+    }
+}
+
+/// Which part of a GPT a [`Gpt`] holds: a run of blocks, with the embedding (the first part of
+/// a pipeline) and the final norm, head and loss (the last part). The whole model is the one
+/// part that holds everything ([`PartSpec::whole`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartSpec {
+    /// The blocks, a non-empty range of `0..layers`.
+    pub layers: Range<usize>,
+    /// Holds the token and position embeddings (and takes token ids as input).
+    pub embed: bool,
+    /// Holds the final norm and the head (tied to the token embedding) and computes the loss.
+    pub head: bool,
+}
+
+impl PartSpec {
+    /// The whole model.
+    pub fn whole(config: &GptConfig) -> Self {
+        Self {
+            layers: 0..config.layers,
+            embed: true,
+            head: true,
+        }
+    }
+}
+
+/// Where a part's tensors lie in its own flat buffer: the token embedding (when the part holds
+/// the embedding or the head, which shares it), the position embedding (the embedding part),
+/// its blocks, the final norm (the head part), in the whole model's order. The whole model's
+/// layout is [`GptConfig`]'s.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartLayout {
+    /// The model.
+    pub config: GptConfig,
+    /// The part.
+    pub spec: PartSpec,
+}
+
+impl PartLayout {
+    /// The layout of `spec` in `config`, checked: the blocks are a non-empty range of the
+    /// model's.
+    pub fn new(config: GptConfig, spec: PartSpec) -> Result<Self> {
+        if spec.layers.is_empty() || spec.layers.end > config.layers {
+            return Err(EngineError::Config(format!(
+                "a part of a GPT of {} blocks must hold some of them (got blocks {:?})",
+                config.layers, spec.layers
+            )));
+        }
+        Ok(Self { config, spec })
+    }
+
+    fn wte_len(&self) -> usize {
+        if self.spec.embed || self.spec.head {
+            self.config.padded_vocab * self.config.channels
+        } else {
+            0
+        }
+    }
+
+    fn wpe_len(&self) -> usize {
+        if self.spec.embed {
+            self.config.max_seq * self.config.channels
+        } else {
+            0
+        }
+    }
+
+    /// Offset of the token embedding (when the part holds it).
+    pub fn wte(&self) -> usize {
+        0
+    }
+
+    /// Offset of the position embedding (embedding part).
+    pub fn wpe(&self) -> usize {
+        self.wte_len()
+    }
+
+    /// Offset of block `l` (one of the part's).
+    pub fn block(&self, l: usize) -> usize {
+        self.wte_len() + self.wpe_len() + (l - self.spec.layers.start) * self.config.block_len()
+    }
+
+    /// Offsets of block `l`'s tensors.
+    pub fn block_params(&self, l: usize) -> BlockParams {
+        BlockParams::at(self.block(l), self.config.channels)
+    }
+
+    /// Offset of the final layer norm (head part).
+    pub fn lnf(&self) -> usize {
+        self.block(self.spec.layers.end)
+    }
+
+    /// Parameters of the part.
+    pub fn len(&self) -> usize {
+        self.lnf()
+            + if self.spec.head {
+                2 * self.config.channels
+            } else {
+                0
+            }
+    }
+
+    /// Whether the part has no parameters (never: it holds at least one block).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The ranges of the whole model's flat buffer the part holds, with their offsets in the
+    /// part: `(part offset, whole offset, length)`.
+    pub fn pieces(&self) -> Vec<(usize, usize, usize)> {
+        let cfg = &self.config;
+        let mut v = Vec::new();
+        if self.wte_len() > 0 {
+            v.push((0, cfg.wte(), self.wte_len()));
+        }
+        if self.wpe_len() > 0 {
+            v.push((self.wpe(), cfg.wpe(), self.wpe_len()));
+        }
+        let (lo, hi) = (self.spec.layers.start, self.spec.layers.end);
+        v.push((self.block(lo), cfg.block(lo), (hi - lo) * cfg.block_len()));
+        if self.spec.head {
+            v.push((self.lnf(), cfg.lnf(), 2 * cfg.channels));
+        }
+        v
+    }
+
+    /// The part's parameters out of the whole model's.
+    pub fn gather(&self, whole: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0; self.len()];
+        for (at, from, len) in self.pieces() {
+            out[at..at + len].copy_from_slice(&whole[from..from + len]);
+        }
+        out
+    }
+
+    /// Writes the part's parameters into the whole model's.
+    pub fn scatter(&self, part: &[f32], whole: &mut [f32]) {
+        for (at, to, len) in self.pieces() {
+            whole[to..to + len].copy_from_slice(&part[at..at + len]);
+        }
+    }
+
+    /// Weight-decay ranges in the part (see [`GptConfig::decay_ranges`]).
+    pub fn decay_ranges(&self) -> Vec<(usize, usize, bool)> {
+        let c = self.config.channels;
+        let lo = self.spec.layers.start;
+        let mut r = Vec::new();
+        if self.block(lo) > 0 {
+            r.push((0, self.block(lo), false));
+        }
+        for l in self.spec.layers.clone() {
+            let o = self.block(l);
+            r.push((o, 12 * c * c, true));
+            r.push((o + 12 * c * c, self.config.block_len() - 12 * c * c, false));
+        }
+        if self.spec.head {
+            r.push((self.lnf(), 2 * c, false));
+        }
+        r
+    }
+}
+
 /// One block's saved activations.
 struct BlockActs<B: Backend> {
     ln1: B::Buf,
@@ -251,7 +427,39 @@ struct BlockActs<B: Backend> {
     residual3: B::Buf,
 }
 
-/// Buffers for backward, reused by every block.
+/// One block's output gradients of its four matmuls, kept from the input-gradient pass for the
+/// weight-gradient pass of a split backward.
+struct Stash<B: Backend> {
+    d_qkv: B::Buf,
+    d_attproj: B::Buf,
+    d_fch: B::Buf,
+    d_fcproj: B::Buf,
+}
+
+/// The final norm's and the head's activations (head part).
+struct HeadActs<B: Backend> {
+    lnf: B::Buf,
+    lnf_mean: B::Buf,
+    lnf_rstd: B::Buf,
+    logits: B::Buf,
+    losses: B::Buf,
+    targets: B::Ids,
+}
+
+/// Everything one micro-batch's forward keeps for its backward.
+struct Slot<B: Backend> {
+    /// The part's input: the embedding's output, or the activation received from the part
+    /// before.
+    input: B::Buf,
+    ids: B::Ids,
+    blocks: Vec<BlockActs<B>>,
+    head: Option<HeadActs<B>>,
+    stash: Vec<Stash<B>>,
+    /// Shape of the forward pass that filled the slot.
+    shape: (usize, usize),
+}
+
+/// Buffers for backward, reused by every block and slot.
 struct Scratch<B: Backend> {
     preatt: B::Buf,
     vaccum: B::Buf,
@@ -264,34 +472,47 @@ struct Scratch<B: Backend> {
     dfch_gelu: B::Buf,
     datt: B::Buf,
     dpreatt: B::Buf,
+    zeros: B::Buf,
 }
 
-/// A GPT with its parameters, gradients and activations on one backend, sized for batches of
-/// up to `batch` sequences of up to `seq` tokens.
+/// What a part's forward pass starts from.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// Token ids (the embedding part).
+    Ids(&'a [i32]),
+    /// The previous part's output, `b x t x channels` (every other part).
+    Acts(&'a [f32]),
+}
+
+/// How much of a backward pass to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Input and weight gradients together.
+    Full,
+    /// The input gradients only (B); [`Gpt::backward_weight`] adds the weight gradients (W)
+    /// later. Needs a part built with `split`.
+    Input,
+}
+
+/// A GPT, or a part of one (a pipeline stage's model chunk, see [`PartSpec`]), with its
+/// parameters, gradients and activations on one backend: room for `slots` micro-batches in
+/// flight, each of up to `batch` sequences of up to `seq` tokens.
 pub struct Gpt<B: Backend> {
-    /// The shape.
+    /// The shape of the whole model.
     pub config: GptConfig,
-    /// Parameters and gradients, laid out as [`GptConfig`] says.
+    /// Where the part's tensors lie in its parameters.
+    pub layout: PartLayout,
+    /// Parameters and gradients, laid out as [`PartLayout`] says.
     pub params: Params<B>,
     batch: usize,
     seq: usize,
-    encoded: B::Buf,
-    blocks: Vec<BlockActs<B>>,
-    lnf: B::Buf,
-    lnf_mean: B::Buf,
-    lnf_rstd: B::Buf,
-    logits: B::Buf,
-    losses: B::Buf,
-    ids: B::Ids,
-    targets: B::Ids,
+    slots: Vec<Slot<B>>,
     scratch: Scratch<B>,
-    /// Shape of the last forward pass.
-    last: (usize, usize),
 }
 
 impl<B: Backend> Gpt<B> {
-    /// A GPT on `be` with parameters `params` (from [`GptConfig::init`] or a checkpoint), with
-    /// room for `batch` sequences of `seq` tokens.
+    /// The whole GPT on `be` with parameters `params` (from [`GptConfig::init`] or a
+    /// checkpoint), with room for `batch` sequences of `seq` tokens.
     pub fn new(
         be: &B,
         config: GptConfig,
@@ -299,12 +520,40 @@ impl<B: Backend> Gpt<B> {
         batch: usize,
         seq: usize,
     ) -> Result<Self> {
+        Self::part(
+            be,
+            config,
+            PartSpec::whole(&config),
+            params,
+            batch,
+            seq,
+            1,
+            false,
+        )
+    }
+
+    /// The part `spec` of a GPT on `be`, with the part's parameters `params` (see
+    /// [`PartLayout::gather`]), room for `slots` micro-batches of up to `batch` x `seq` in
+    /// flight, and, with `split`, what a split backward ([`Pass::Input`]) keeps.
+    #[allow(clippy::too_many_arguments)]
+    pub fn part(
+        be: &B,
+        config: GptConfig,
+        spec: PartSpec,
+        params: &[f32],
+        batch: usize,
+        seq: usize,
+        slots: usize,
+        split: bool,
+    ) -> Result<Self> {
+        let layout = PartLayout::new(config, spec)?;
+        let init_layout = layout.clone();
         let params = Params::new(
             be,
             params,
-            config.num_params(),
-            config.decay_ranges(),
-            move |seed| config.init(seed),
+            layout.len(),
+            layout.decay_ranges(),
+            move |seed| init_layout.gather(&config.init(seed)),
         )?;
         if seq > config.max_seq {
             return Err(EngineError::Config(format!(
@@ -312,47 +561,78 @@ impl<B: Backend> Gpt<B> {
                 config.max_seq
             )));
         }
+        if slots == 0 {
+            return Err(EngineError::Config(
+                "a model needs room for one micro-batch".into(),
+            ));
+        }
         let c = config.channels;
         let nh = config.heads;
         let bt = batch * seq;
         let btc = bt * c;
         let att = batch * nh * seq * seq;
         let z = |n: usize| be.zeros(n);
-        let mut blocks = Vec::with_capacity(config.layers);
-        for _ in 0..config.layers {
-            blocks.push(BlockActs {
-                ln1: z(btc)?,
-                ln1_mean: z(bt)?,
-                ln1_rstd: z(bt)?,
-                qkv: z(3 * btc)?,
-                qkvr: z(3 * btc)?,
-                att: z(att)?,
-                atty: z(btc)?,
-                attproj: z(btc)?,
-                residual2: z(btc)?,
-                ln2: z(btc)?,
-                ln2_mean: z(bt)?,
-                ln2_rstd: z(bt)?,
-                fch: z(4 * btc)?,
-                fch_gelu: z(4 * btc)?,
-                fcproj: z(btc)?,
-                residual3: z(btc)?,
+        let layers = layout.spec.layers.len();
+        let mut all = Vec::with_capacity(slots);
+        for _ in 0..slots {
+            let mut blocks = Vec::with_capacity(layers);
+            let mut stash = Vec::new();
+            for _ in 0..layers {
+                blocks.push(BlockActs {
+                    ln1: z(btc)?,
+                    ln1_mean: z(bt)?,
+                    ln1_rstd: z(bt)?,
+                    qkv: z(3 * btc)?,
+                    qkvr: z(3 * btc)?,
+                    att: z(att)?,
+                    atty: z(btc)?,
+                    attproj: z(btc)?,
+                    residual2: z(btc)?,
+                    ln2: z(btc)?,
+                    ln2_mean: z(bt)?,
+                    ln2_rstd: z(bt)?,
+                    fch: z(4 * btc)?,
+                    fch_gelu: z(4 * btc)?,
+                    fcproj: z(btc)?,
+                    residual3: z(btc)?,
+                });
+                if split {
+                    stash.push(Stash {
+                        d_qkv: z(3 * btc)?,
+                        d_attproj: z(btc)?,
+                        d_fch: z(4 * btc)?,
+                        d_fcproj: z(btc)?,
+                    });
+                }
+            }
+            let head = if layout.spec.head {
+                Some(HeadActs {
+                    lnf: z(btc)?,
+                    lnf_mean: z(bt)?,
+                    lnf_rstd: z(bt)?,
+                    logits: z(bt * config.padded_vocab)?,
+                    losses: z(bt)?,
+                    targets: be.ids(bt)?,
+                })
+            } else {
+                None
+            };
+            all.push(Slot {
+                input: z(btc)?,
+                ids: be.ids(if layout.spec.embed { bt } else { 0 })?,
+                blocks,
+                head,
+                stash,
+                shape: (0, 0),
             });
         }
         Ok(Self {
             config,
+            layout,
             params,
             batch,
             seq,
-            encoded: z(btc)?,
-            blocks,
-            lnf: z(btc)?,
-            lnf_mean: z(bt)?,
-            lnf_rstd: z(bt)?,
-            logits: z(bt * config.padded_vocab)?,
-            losses: z(bt)?,
-            ids: be.ids(bt)?,
-            targets: be.ids(bt)?,
+            slots: all,
             scratch: Scratch {
                 preatt: z(att)?,
                 vaccum: z(btc)?,
@@ -365,14 +645,39 @@ impl<B: Backend> Gpt<B> {
                 dfch_gelu: z(4 * btc)?,
                 datt: z(att)?,
                 dpreatt: z(att)?,
+                zeros: z(if split { btc } else { 0 })?,
             },
-            last: (0, 0),
         })
     }
 
-    /// Forward pass over `ids` (`b` sequences of `t` tokens); with `targets`, also the
-    /// per-token losses (see [`Gpt::mean_loss`]). `grad` also leaves the loss gradient, scaled
-    /// by `dloss` per token, in the logits for [`Gpt::backward`].
+    /// Micro-batches the part has room for.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Bytes of activations one slot holds (what one micro-batch in flight costs).
+    pub fn slot_bytes(&self) -> usize {
+        let c = self.config.channels;
+        let bt = self.batch * self.seq;
+        let att = self.batch * self.config.heads * self.seq * self.seq;
+        let block =
+            2 * bt + 3 * bt * c + 2 * 3 * bt * c + att + 4 * bt * c + 2 * 4 * bt * c + 2 * bt;
+        let stash = if self.slots[0].stash.is_empty() {
+            0
+        } else {
+            9 * bt * c
+        };
+        let head = if self.layout.spec.head {
+            bt * c + 3 * bt + bt * self.config.padded_vocab
+        } else {
+            0
+        };
+        (bt * c + self.layout.spec.layers.len() * (block + stash) + head) * 4
+    }
+
+    /// Forward pass of the whole model over `ids` (`b` sequences of `t` tokens); with
+    /// `targets`, also the per-token losses (see [`Gpt::mean_loss`]). `grad` also leaves the
+    /// loss gradient, scaled by `dloss` per token, in the logits for [`Gpt::backward`].
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
@@ -383,14 +688,55 @@ impl<B: Backend> Gpt<B> {
         t: usize,
         grad: Option<f32>,
     ) -> Result<()> {
+        self.forward_slot(be, 0, Input::Ids(ids), targets, b, t, grad)
+    }
+
+    /// Forward pass of the part over `input` (`b` sequences of `t` tokens) into `slot`; with
+    /// `targets` (head part), also the per-token losses, and with `grad` the loss gradient,
+    /// scaled by `grad` per token, left in the slot's logits for its backward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_slot(
+        &mut self,
+        be: &B,
+        slot: usize,
+        input: Input<'_>,
+        targets: Option<&[i32]>,
+        b: usize,
+        t: usize,
+        grad: Option<f32>,
+    ) -> Result<()> {
         let cfg = self.config;
-        if b > self.batch || t > self.seq || ids.len() != b * t {
+        let spec = self.layout.spec.clone();
+        let (c, nh, hs) = (cfg.channels, cfg.heads, cfg.head_size());
+        let n = b * t;
+        if b > self.batch || t > self.seq || slot >= self.slots.len() {
             return Err(EngineError::Config(format!(
-                "a batch of {b} x {t} ({} ids) does not fit a model sized {} x {}",
-                ids.len(),
+                "a batch of {b} x {t} in slot {slot} does not fit a model sized {} x {} with {} \
+                 slots",
                 self.batch,
-                self.seq
+                self.seq,
+                self.slots.len()
             )));
+        }
+        let ids = match input {
+            Input::Ids(ids) if spec.embed && ids.len() == n => ids,
+            Input::Acts(x) if !spec.embed && x.len() == n * c => &[][..],
+            _ => {
+                return Err(EngineError::Config(format!(
+                    "the input of a {} part for a batch of {b} x {t} must be {}",
+                    if spec.embed { "first" } else { "later" },
+                    if spec.embed {
+                        format!("{n} token ids")
+                    } else {
+                        format!("{} activations", n * c)
+                    }
+                )));
+            }
+        };
+        if targets.is_some() && !spec.head {
+            return Err(EngineError::Config(
+                "only the part with the head takes targets".into(),
+            ));
         }
         if let Some(bad) = ids
             .iter()
@@ -402,331 +748,539 @@ impl<B: Backend> Gpt<B> {
                 cfg.vocab
             )));
         }
-        let (c, nh, hs) = (cfg.channels, cfg.heads, cfg.head_size());
-        let n = b * t;
-        be.upload_ids(&mut self.ids, ids)?;
+        if targets.is_some_and(|t| t.len() != n) {
+            return Err(EngineError::Config(format!("{n} targets expected")));
+        }
         let p = &self.params.values;
-        encoder_fwd(
-            be,
-            &mut self.encoded,
-            &self.ids,
-            p,
-            cfg.wte(),
-            cfg.padded_vocab,
-            cfg.wpe(),
-            b,
-            t,
-            c,
-        )?;
-        let s = &mut self.scratch;
-        for l in 0..cfg.layers {
-            let (done, rest) = self.blocks.split_at_mut(l);
+        let s = &mut self.slots[slot];
+        match input {
+            Input::Ids(ids) => {
+                be.upload_ids(&mut s.ids, ids)?;
+                encoder_fwd(
+                    be,
+                    &mut s.input,
+                    &s.ids,
+                    p,
+                    self.layout.wte(),
+                    cfg.padded_vocab,
+                    self.layout.wpe(),
+                    b,
+                    t,
+                    c,
+                )?;
+            }
+            Input::Acts(x) => be.upload_at(&mut s.input, 0, x)?,
+        }
+        let sc = &mut self.scratch;
+        for (i, l) in spec.layers.clone().enumerate() {
+            let (done, rest) = s.blocks.split_at_mut(i);
             let a = &mut rest[0];
-            let residual = if l == 0 {
-                &self.encoded
+            let residual = if i == 0 {
+                &s.input
             } else {
-                &done[l - 1].residual3
+                &done[i - 1].residual3
             };
-            let w = cfg.block_params(l);
-            layernorm_fwd(
-                be,
-                &mut a.ln1,
-                &mut a.ln1_mean,
-                &mut a.ln1_rstd,
-                residual,
-                p,
-                w.ln1,
-                n,
-                c,
-            )?;
-            matmul_fwd(be, &mut a.qkv, &a.ln1, p, w.qkvw, Some(w.qkvb), n, c, 3 * c)?;
-            attention_fwd(
-                be,
-                &mut a.atty,
-                &mut a.qkvr,
-                &mut a.att,
-                &mut s.preatt,
-                &mut s.vaccum,
-                &a.qkv,
-                b,
-                t,
-                nh,
-                hs,
-            )?;
-            matmul_fwd(
-                be,
-                &mut a.attproj,
-                &a.atty,
-                p,
-                w.attprojw,
-                Some(w.attprojb),
-                n,
-                c,
-                c,
-            )?;
-            residual_fwd(be, &mut a.residual2, residual, &a.attproj, n * c)?;
-            layernorm_fwd(
-                be,
-                &mut a.ln2,
-                &mut a.ln2_mean,
-                &mut a.ln2_rstd,
-                &a.residual2,
-                p,
-                w.ln2,
-                n,
-                c,
-            )?;
-            matmul_fwd(be, &mut a.fch, &a.ln2, p, w.fcw, Some(w.fcb), n, c, 4 * c)?;
-            activation_fwd(be, UnaryOp::Gelu, &mut a.fch_gelu, &a.fch, n * 4 * c)?;
-            matmul_fwd(
-                be,
-                &mut a.fcproj,
-                &a.fch_gelu,
-                p,
-                w.fcprojw,
-                Some(w.fcprojb),
-                n,
-                4 * c,
-                c,
-            )?;
-            residual_fwd(be, &mut a.residual3, &a.residual2, &a.fcproj, n * c)?;
+            let w = self.layout.block_params(l);
+            block_fwd(be, a, residual, p, &w, sc, (b, t, c, nh, hs))?;
         }
-        let last = match self.blocks.last() {
-            Some(a) => &a.residual3,
-            None => &self.encoded,
-        };
-        layernorm_fwd(
-            be,
-            &mut self.lnf,
-            &mut self.lnf_mean,
-            &mut self.lnf_rstd,
-            last,
-            p,
-            cfg.lnf(),
-            n,
-            c,
-        )?;
-        matmul_fwd(
-            be,
-            &mut self.logits,
-            &self.lnf,
-            p,
-            cfg.wte(),
-            None,
-            n,
-            c,
-            cfg.padded_vocab,
-        )?;
-        if let Some(targets) = targets {
-            be.upload_ids(&mut self.targets, targets)?;
-            crossentropy(
+        if let Some(h) = s.head.as_mut() {
+            let last = &s.blocks.last().expect("a part holds a block").residual3;
+            layernorm_fwd(
                 be,
-                &mut self.losses,
-                &mut self.logits,
-                &self.targets,
+                &mut h.lnf,
+                &mut h.lnf_mean,
+                &mut h.lnf_rstd,
+                last,
+                p,
+                self.layout.lnf(),
                 n,
-                cfg.vocab,
+                c,
+            )?;
+            matmul_fwd(
+                be,
+                &mut h.logits,
+                &h.lnf,
+                p,
+                self.layout.wte(),
+                None,
+                n,
+                c,
                 cfg.padded_vocab,
-                grad,
             )?;
+            if let Some(targets) = targets {
+                be.upload_ids(&mut h.targets, targets)?;
+                crossentropy(
+                    be,
+                    &mut h.losses,
+                    &mut h.logits,
+                    &h.targets,
+                    n,
+                    cfg.vocab,
+                    cfg.padded_vocab,
+                    grad,
+                )?;
+            }
         }
-        self.last = (b, t);
+        s.shape = (b, t);
         Ok(())
     }
 
     /// Mean of the per-token losses of the last forward pass (waits for the device).
     pub fn mean_loss(&self, be: &B) -> Result<f32> {
-        let (b, t) = self.last;
-        let l = be.download(&self.losses, 0, b * t)?;
+        self.mean_loss_slot(be, 0)
+    }
+
+    /// Mean of the per-token losses of the forward pass in `slot` (head part).
+    pub fn mean_loss_slot(&self, be: &B, slot: usize) -> Result<f32> {
+        let s = &self.slots[slot];
+        let (b, t) = s.shape;
+        let h = s.head.as_ref().ok_or_else(no_head)?;
+        let l = be.download(&h.losses, 0, b * t)?;
         Ok((l.iter().map(|x| f64::from(*x)).sum::<f64>() / (b * t) as f64) as f32)
     }
 
     /// Logits of the last forward pass without targets, row by row (`padded_vocab` wide).
     pub fn logits(&self, be: &B) -> Result<Vec<f32>> {
-        let (b, t) = self.last;
-        be.download(&self.logits, 0, b * t * self.config.padded_vocab)
+        let s = &self.slots[0];
+        let (b, t) = s.shape;
+        let h = s.head.as_ref().ok_or_else(no_head)?;
+        be.download(&h.logits, 0, b * t * self.config.padded_vocab)
     }
 
-    /// Backward pass of the last forward pass (which had targets and `grad`): accumulates into
-    /// the gradients, calling `ready(from)` each time every gradient at offsets `from..` is
-    /// final (after the final norm, after each block from the last, after the embeddings).
+    /// The output of the forward pass in `slot` (parts without the head): the residual stream
+    /// after the part's last block, `b x t x channels`, which the next part takes as input.
+    pub fn output(&self, be: &B, slot: usize) -> Result<Vec<f32>> {
+        let s = &self.slots[slot];
+        let (b, t) = s.shape;
+        let last = &s.blocks.last().expect("a part holds a block").residual3;
+        be.download(last, 0, b * t * self.config.channels)
+    }
+
+    /// The gradient with respect to the part's input from the last backward pass (parts
+    /// without the embedding), which the previous part's backward takes.
+    pub fn input_grad(&self, be: &B, slot: usize) -> Result<Vec<f32>> {
+        let (b, t) = self.slots[slot].shape;
+        be.download(&self.scratch.dresidual, 0, b * t * self.config.channels)
+    }
+
+    /// Backward pass of the whole model's last forward pass (which had targets and `grad`):
+    /// accumulates into the gradients, calling `ready(from)` each time every gradient at
+    /// offsets `from..` is final (after the final norm, after each block from the last, after
+    /// the embeddings).
     pub fn backward(&mut self, be: &B, ready: &mut dyn FnMut(&mut B::Buf, usize)) -> Result<()> {
+        self.backward_slot(be, 0, None, Pass::Full, ready)
+    }
+
+    /// Backward pass of the forward pass in `slot`: from the loss gradient left by the forward
+    /// (head part) or from `dout`, the gradient with respect to the part's output (`b x t x
+    /// channels`, every other part). Accumulates into the gradients (all of them with
+    /// [`Pass::Full`], calling `ready(from)` as gradients at `from..` become final; the
+    /// embeddings' and norms' with [`Pass::Input`]) and leaves the gradient with respect to the
+    /// part's input for [`Gpt::input_grad`].
+    pub fn backward_slot(
+        &mut self,
+        be: &B,
+        slot: usize,
+        dout: Option<&[f32]>,
+        pass: Pass,
+        ready: &mut dyn FnMut(&mut B::Buf, usize),
+    ) -> Result<()> {
         let cfg = self.config;
-        let (b, t) = self.last;
+        let lay = &self.layout;
+        let s = &mut self.slots[slot];
+        let (b, t) = s.shape;
         let (c, nh, hs) = (cfg.channels, cfg.heads, cfg.head_size());
         let n = b * t;
+        if pass == Pass::Input && s.stash.is_empty() {
+            return Err(EngineError::Config(
+                "a split backward needs a part built with split".into(),
+            ));
+        }
         let p = &self.params.values;
         let g = &mut self.params.grads;
-        let s = &mut self.scratch;
-        // The logits hold dloss/dlogits; the classifier shares its weight with wte.
-        matmul_bwd(
-            be,
-            &mut s.dln,
-            g,
-            cfg.wte(),
-            None,
-            &self.logits,
-            &self.lnf,
-            p,
-            cfg.wte(),
-            n,
-            c,
-            cfg.padded_vocab,
-        )?;
-        let last = match self.blocks.last() {
-            Some(a) => &a.residual3,
-            None => &self.encoded,
-        };
-        be.fill_zero(&mut s.dresidual, 0, n * c)?;
-        layernorm_bwd(
-            be,
-            &mut s.dresidual,
-            g,
-            cfg.lnf(),
-            &s.dln,
-            last,
-            p,
-            cfg.lnf(),
-            &self.lnf_mean,
-            &self.lnf_rstd,
-            n,
-            c,
-        )?;
-        ready(g, cfg.lnf());
-        for l in (0..cfg.layers).rev() {
-            let a = &self.blocks[l];
-            let residual = if l == 0 {
-                &self.encoded
+        let sc = &mut self.scratch;
+        match (s.head.as_ref(), dout) {
+            (Some(h), None) => {
+                // The logits hold dloss/dlogits; the classifier shares its weight with wte.
+                matmul_bwd_input(
+                    be,
+                    &mut sc.dln,
+                    &h.logits,
+                    p,
+                    lay.wte(),
+                    n,
+                    c,
+                    cfg.padded_vocab,
+                )?;
+                if pass == Pass::Full {
+                    matmul_bwd_weight(
+                        be,
+                        g,
+                        lay.wte(),
+                        None,
+                        &h.logits,
+                        &h.lnf,
+                        n,
+                        c,
+                        cfg.padded_vocab,
+                    )?;
+                }
+                let last = &s.blocks.last().expect("a part holds a block").residual3;
+                be.fill_zero(&mut sc.dresidual, 0, n * c)?;
+                layernorm_bwd(
+                    be,
+                    &mut sc.dresidual,
+                    g,
+                    lay.lnf(),
+                    &sc.dln,
+                    last,
+                    p,
+                    lay.lnf(),
+                    &h.lnf_mean,
+                    &h.lnf_rstd,
+                    n,
+                    c,
+                )?;
+                if pass == Pass::Full {
+                    ready(g, lay.lnf());
+                }
+            }
+            (None, Some(d)) if d.len() == n * c => be.upload_at(&mut sc.dresidual, 0, d)?,
+            _ => {
+                return Err(EngineError::Config(format!(
+                    "the backward of a part {} the head takes {}",
+                    if lay.spec.head { "with" } else { "without" },
+                    if lay.spec.head {
+                        "no output gradient".to_string()
+                    } else {
+                        format!("an output gradient of {} values", n * c)
+                    }
+                )));
+            }
+        }
+        for (i, l) in lay.spec.layers.clone().enumerate().rev() {
+            let residual = if i == 0 {
+                &s.input
             } else {
-                &self.blocks[l - 1].residual3
+                &s.blocks[i - 1].residual3
             };
-            let w = cfg.block_params(l);
-            // residual3 = residual2 + fcproj: dfcproj is dresidual.
-            matmul_bwd(
+            let stash = if pass == Pass::Input {
+                Some(&mut s.stash[i])
+            } else {
+                None
+            };
+            let w = lay.block_params(l);
+            block_bwd(
                 be,
-                &mut s.dfch_gelu,
+                &s.blocks[i],
+                residual,
+                p,
+                g,
+                &w,
+                sc,
+                stash,
+                (b, t, c, nh, hs),
+            )?;
+            if pass == Pass::Full {
+                ready(g, lay.block(l));
+            }
+        }
+        if lay.spec.embed {
+            encoder_bwd(
+                be,
+                g,
+                lay.wte(),
+                cfg.padded_vocab,
+                lay.wpe(),
+                &sc.dresidual,
+                &s.ids,
+                b,
+                t,
+                c,
+            )?;
+        }
+        if pass == Pass::Full && (lay.spec.embed || lay.spec.head) {
+            ready(g, 0);
+        }
+        Ok(())
+    }
+
+    /// The weight-gradient pass (W) of a split backward of `slot` (after its
+    /// [`Pass::Input`] pass): accumulates the matmuls' weight and bias gradients.
+    pub fn backward_weight(&mut self, be: &B, slot: usize) -> Result<()> {
+        let cfg = self.config;
+        let lay = &self.layout;
+        let s = &self.slots[slot];
+        let (b, t) = s.shape;
+        let (c, n) = (cfg.channels, b * t);
+        let g = &mut self.params.grads;
+        if s.stash.is_empty() {
+            return Err(EngineError::Config(
+                "a split backward needs a part built with split".into(),
+            ));
+        }
+        if let Some(h) = s.head.as_ref() {
+            matmul_bwd_weight(
+                be,
+                g,
+                lay.wte(),
+                None,
+                &h.logits,
+                &h.lnf,
+                n,
+                c,
+                cfg.padded_vocab,
+            )?;
+        }
+        for (i, l) in lay.spec.layers.clone().enumerate().rev() {
+            let (a, st, w) = (&s.blocks[i], &s.stash[i], lay.block_params(l));
+            matmul_bwd_weight(
+                be,
                 g,
                 w.fcprojw,
                 Some(w.fcprojb),
-                &s.dresidual,
+                &st.d_fcproj,
                 &a.fch_gelu,
-                p,
-                w.fcprojw,
                 n,
                 4 * c,
                 c,
             )?;
-            activation_bwd(
+            matmul_bwd_weight(be, g, w.fcw, Some(w.fcb), &st.d_fch, &a.ln2, n, c, 4 * c)?;
+            matmul_bwd_weight(
                 be,
-                UnaryOp::Gelu,
-                &mut s.dfch,
-                &a.fch,
-                &s.dfch_gelu,
-                n * 4 * c,
-            )?;
-            matmul_bwd(
-                be,
-                &mut s.dln,
-                g,
-                w.fcw,
-                Some(w.fcb),
-                &s.dfch,
-                &a.ln2,
-                p,
-                w.fcw,
-                n,
-                c,
-                4 * c,
-            )?;
-            layernorm_bwd(
-                be,
-                &mut s.dresidual,
-                g,
-                w.ln2,
-                &s.dln,
-                &a.residual2,
-                p,
-                w.ln2,
-                &a.ln2_mean,
-                &a.ln2_rstd,
-                n,
-                c,
-            )?;
-            // residual2 = residual + attproj: dattproj is dresidual.
-            matmul_bwd(
-                be,
-                &mut s.datty,
                 g,
                 w.attprojw,
                 Some(w.attprojb),
-                &s.dresidual,
+                &st.d_attproj,
                 &a.atty,
-                p,
-                w.attprojw,
                 n,
                 c,
                 c,
             )?;
-            attention_bwd(
-                be,
-                &mut s.dqkv,
-                &mut s.dqkvr,
-                &mut s.datt,
-                &mut s.dpreatt,
-                &mut s.vaccum,
-                &s.datty,
-                &a.qkvr,
-                &a.att,
-                b,
-                t,
-                nh,
-                hs,
-            )?;
-            matmul_bwd(
-                be,
-                &mut s.dln,
-                g,
-                w.qkvw,
-                Some(w.qkvb),
-                &s.dqkv,
-                &a.ln1,
-                p,
-                w.qkvw,
-                n,
-                c,
-                3 * c,
-            )?;
-            layernorm_bwd(
-                be,
-                &mut s.dresidual,
-                g,
-                w.ln1,
-                &s.dln,
-                residual,
-                p,
-                w.ln1,
-                &a.ln1_mean,
-                &a.ln1_rstd,
-                n,
-                c,
-            )?;
-            ready(g, cfg.block(l));
+            matmul_bwd_weight(be, g, w.qkvw, Some(w.qkvb), &st.d_qkv, &a.ln1, n, c, 3 * c)?;
         }
-        encoder_bwd(
-            be,
-            g,
-            cfg.wte(),
-            cfg.padded_vocab,
-            cfg.wpe(),
-            &s.dresidual,
-            &self.ids,
-            b,
-            t,
-            c,
-        )?;
-        ready(g, 0);
         Ok(())
     }
+}
+
+fn no_head() -> EngineError {
+    EngineError::Config("only the part with the head computes a loss and logits".into())
+}
+
+/// `b, t, c, heads, head size`.
+type Dims = (usize, usize, usize, usize, usize);
+
+/// One block's forward from `residual` into `a`.
+fn block_fwd<B: Backend>(
+    be: &B,
+    a: &mut BlockActs<B>,
+    residual: &B::Buf,
+    p: &B::Buf,
+    w: &BlockParams,
+    sc: &mut Scratch<B>,
+    (b, t, c, nh, hs): Dims,
+) -> Result<()> {
+    let n = b * t;
+    layernorm_fwd(
+        be,
+        &mut a.ln1,
+        &mut a.ln1_mean,
+        &mut a.ln1_rstd,
+        residual,
+        p,
+        w.ln1,
+        n,
+        c,
+    )?;
+    matmul_fwd(be, &mut a.qkv, &a.ln1, p, w.qkvw, Some(w.qkvb), n, c, 3 * c)?;
+    attention_fwd(
+        be,
+        &mut a.atty,
+        &mut a.qkvr,
+        &mut a.att,
+        &mut sc.preatt,
+        &mut sc.vaccum,
+        &a.qkv,
+        b,
+        t,
+        nh,
+        hs,
+    )?;
+    matmul_fwd(
+        be,
+        &mut a.attproj,
+        &a.atty,
+        p,
+        w.attprojw,
+        Some(w.attprojb),
+        n,
+        c,
+        c,
+    )?;
+    residual_fwd(be, &mut a.residual2, residual, &a.attproj, n * c)?;
+    layernorm_fwd(
+        be,
+        &mut a.ln2,
+        &mut a.ln2_mean,
+        &mut a.ln2_rstd,
+        &a.residual2,
+        p,
+        w.ln2,
+        n,
+        c,
+    )?;
+    matmul_fwd(be, &mut a.fch, &a.ln2, p, w.fcw, Some(w.fcb), n, c, 4 * c)?;
+    activation_fwd(be, UnaryOp::Gelu, &mut a.fch_gelu, &a.fch, n * 4 * c)?;
+    matmul_fwd(
+        be,
+        &mut a.fcproj,
+        &a.fch_gelu,
+        p,
+        w.fcprojw,
+        Some(w.fcprojb),
+        n,
+        4 * c,
+        c,
+    )?;
+    residual_fwd(be, &mut a.residual3, &a.residual2, &a.fcproj, n * c)
+}
+
+/// `dst = src` over `n` values (an add of zeros: the kernels have no copy).
+fn copy<B: Backend>(
+    be: &B,
+    dst: &mut B::Buf,
+    src: &B::Buf,
+    zeros: &B::Buf,
+    n: usize,
+) -> Result<()> {
+    residual_fwd(be, dst, src, zeros, n)
+}
+
+/// One block's backward from the gradient of its output in `sc.dresidual` (which ends as the
+/// gradient of its input). Without `stash`, accumulates every parameter gradient; with it, only
+/// the norms', keeping the matmuls' output gradients in `stash` for [`Gpt::backward_weight`].
+#[allow(clippy::too_many_arguments)]
+fn block_bwd<B: Backend>(
+    be: &B,
+    a: &BlockActs<B>,
+    residual: &B::Buf,
+    p: &B::Buf,
+    g: &mut B::Buf,
+    w: &BlockParams,
+    sc: &mut Scratch<B>,
+    mut stash: Option<&mut Stash<B>>,
+    (b, t, c, nh, hs): Dims,
+) -> Result<()> {
+    let n = b * t;
+    // residual3 = residual2 + fcproj: dfcproj is dresidual.
+    matmul_bwd_input(
+        be,
+        &mut sc.dfch_gelu,
+        &sc.dresidual,
+        p,
+        w.fcprojw,
+        n,
+        4 * c,
+        c,
+    )?;
+    match stash.as_deref_mut() {
+        Some(st) => copy(be, &mut st.d_fcproj, &sc.dresidual, &sc.zeros, n * c)?,
+        None => matmul_bwd_weight(
+            be,
+            g,
+            w.fcprojw,
+            Some(w.fcprojb),
+            &sc.dresidual,
+            &a.fch_gelu,
+            n,
+            4 * c,
+            c,
+        )?,
+    }
+    let dfch = match stash.as_deref_mut() {
+        Some(st) => &mut st.d_fch,
+        None => &mut sc.dfch,
+    };
+    activation_bwd(be, UnaryOp::Gelu, dfch, &a.fch, &sc.dfch_gelu, n * 4 * c)?;
+    let dfch: &B::Buf = match stash.as_deref() {
+        Some(st) => &st.d_fch,
+        None => &sc.dfch,
+    };
+    matmul_bwd_input(be, &mut sc.dln, dfch, p, w.fcw, n, c, 4 * c)?;
+    if stash.is_none() {
+        matmul_bwd_weight(be, g, w.fcw, Some(w.fcb), dfch, &a.ln2, n, c, 4 * c)?;
+    }
+    layernorm_bwd(
+        be,
+        &mut sc.dresidual,
+        g,
+        w.ln2,
+        &sc.dln,
+        &a.residual2,
+        p,
+        w.ln2,
+        &a.ln2_mean,
+        &a.ln2_rstd,
+        n,
+        c,
+    )?;
+    // residual2 = residual + attproj: dattproj is dresidual.
+    matmul_bwd_input(be, &mut sc.datty, &sc.dresidual, p, w.attprojw, n, c, c)?;
+    match stash.as_deref_mut() {
+        Some(st) => copy(be, &mut st.d_attproj, &sc.dresidual, &sc.zeros, n * c)?,
+        None => matmul_bwd_weight(
+            be,
+            g,
+            w.attprojw,
+            Some(w.attprojb),
+            &sc.dresidual,
+            &a.atty,
+            n,
+            c,
+            c,
+        )?,
+    }
+    let dqkv = match stash.as_deref_mut() {
+        Some(st) => &mut st.d_qkv,
+        None => &mut sc.dqkv,
+    };
+    attention_bwd(
+        be,
+        dqkv,
+        &mut sc.dqkvr,
+        &mut sc.datt,
+        &mut sc.dpreatt,
+        &mut sc.vaccum,
+        &sc.datty,
+        &a.qkvr,
+        &a.att,
+        b,
+        t,
+        nh,
+        hs,
+    )?;
+    let dqkv: &B::Buf = match stash.as_deref() {
+        Some(st) => &st.d_qkv,
+        None => &sc.dqkv,
+    };
+    matmul_bwd_input(be, &mut sc.dln, dqkv, p, w.qkvw, n, c, 3 * c)?;
+    if stash.is_none() {
+        matmul_bwd_weight(be, g, w.qkvw, Some(w.qkvb), dqkv, &a.ln1, n, c, 3 * c)?;
+    }
+    layernorm_bwd(
+        be,
+        &mut sc.dresidual,
+        g,
+        w.ln1,
+        &sc.dln,
+        residual,
+        p,
+        w.ln1,
+        &a.ln1_mean,
+        &a.ln1_rstd,
+        n,
+        c,
+    )
 }
 
 impl<B: Backend> Net<B> for Gpt<B> {

@@ -15,6 +15,6 @@ pub use activation::{activation_bwd, activation_fwd};
 pub use attention::{attention_bwd, attention_fwd};
 pub use embedding::{encoder_bwd, encoder_fwd};
 pub use layernorm::{layernorm_bwd, layernorm_fwd};
-pub use linear::{matmul_bwd, matmul_fwd};
+pub use linear::{matmul_bwd, matmul_bwd_input, matmul_bwd_weight, matmul_fwd};
 pub use loss::crossentropy;
 pub use residual::residual_fwd;
