@@ -378,6 +378,14 @@ pub struct Pipeline {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 64))]
     pub chunks_per_stage: i32,
+    /// Transformer blocks of each model part, in model order (pipelineStages x
+    /// chunksPerStage entries, at least 1 each, adding up to the model's layers; part
+    /// c x pipelineStages + s is chunk c of stage s). The first part also holds the embeddings,
+    /// the last the final norm and the head. Default: the cut that makes the largest part, in
+    /// parameters, as small as possible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub layers_per_part: Option<Vec<i32>>,
 }
 
 fn default_micro_batches() -> i32 {
@@ -393,6 +401,7 @@ impl Default for Pipeline {
             schedule: PipelineSchedule::default(),
             micro_batches: default_micro_batches(),
             chunks_per_stage: 1,
+            layers_per_part: None,
         }
     }
 }

@@ -7,6 +7,11 @@
 //! fsync of the directory) and then deletes all but the newest `keep`. Every rank loads the
 //! same file. A file that fails its checksum or belongs to another model is refused with an
 //! error that names it; nothing is half-loaded.
+//!
+//! A pipeline saves one shard per stage instead, `step-NNNNNNNN.stage-S-of-P.safetensors`
+//! (written by the stage's first replica, the same format); a step counts as saved only when
+//! every one of its `P` shards is there, so a gang that died halfway through a save resumes
+//! from the step before, and old shards are deleted only once the whole newer step is saved.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -83,15 +88,30 @@ pub fn file_name(step: u64) -> String {
     format!("step-{step:08}.safetensors")
 }
 
-fn step_of(name: &str) -> Option<u64> {
-    name.strip_prefix("step-")?
-        .strip_suffix(".safetensors")?
-        .parse()
-        .ok()
+/// The file of stage `stage`'s shard of step `step` of a pipeline of `stages` stages.
+pub fn shard_name(step: u64, stage: u32, stages: u32) -> String {
+    format!("step-{step:08}.stage-{stage}-of-{stages}.safetensors")
 }
 
-/// Checkpoints in `dir`, oldest first, as (step, path).
-pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+/// The step of a checkpoint file and, for a shard, its (stage, stages).
+fn parse(name: &str) -> Option<(u64, Option<(u32, u32)>)> {
+    let rest = name.strip_prefix("step-")?.strip_suffix(".safetensors")?;
+    match rest.split_once(".stage-") {
+        None => Some((rest.parse().ok()?, None)),
+        Some((step, shard)) => {
+            let (s, p) = shard.split_once("-of-")?;
+            let (s, p): (u32, u32) = (s.parse().ok()?, p.parse().ok()?);
+            (s < p).then_some(())?;
+            Some((step.parse().ok()?, Some((s, p))))
+        }
+    }
+}
+
+/// A checkpoint file: its step, its (stage, stages) when it is a shard, its path.
+type File = (u64, Option<(u32, u32)>, PathBuf);
+
+/// Every checkpoint file in `dir`.
+fn files(dir: &Path) -> Result<Vec<File>, CheckpointError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -100,12 +120,67 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     let mut found = Vec::new();
     for e in entries {
         let e = e.map_err(io(dir))?;
-        if let Some(step) = e.file_name().to_str().and_then(step_of) {
-            found.push((step, e.path()));
+        if let Some((step, shard)) = e.file_name().to_str().and_then(parse) {
+            found.push((step, shard, e.path()));
         }
     }
     found.sort();
     Ok(found)
+}
+
+/// Complete checkpoints in `dir`, oldest first, as (step, path): a whole-model file, or a
+/// pipeline step with every stage's shard (the path is stage 0's).
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+    let all = files(dir)?;
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < all.len() {
+        let step = all[i].0;
+        let same: Vec<_> = all[i..].iter().take_while(|f| f.0 == step).collect();
+        i += same.len();
+        if let Some(whole) = same.iter().find(|f| f.1.is_none()) {
+            found.push((step, whole.2.clone()));
+            continue;
+        }
+        // Shards of one pipeline shape, all of them.
+        for p in same
+            .iter()
+            .filter_map(|f| f.1.map(|s| s.1))
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let stages: std::collections::BTreeSet<u32> = same
+                .iter()
+                .filter_map(|f| f.1.filter(|s| s.1 == p).map(|s| s.0))
+                .collect();
+            if stages.len() == p as usize {
+                found.push((step, dir.join(shard_name(step, 0, p))));
+                break;
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Deletes every checkpoint file (whole or shard, complete or not) older than the newest
+/// `keep` complete steps.
+pub fn prune(dir: &Path, keep: usize) -> Result<(), CheckpointError> {
+    let complete = list(dir)?;
+    let Some(&(oldest_kept, _)) = complete
+        .iter()
+        .rev()
+        .nth(keep.max(1) - 1)
+        .or(complete.first())
+    else {
+        return Ok(());
+    };
+    for (step, _, old) in files(dir)? {
+        if step < oldest_kept
+            && let Err(e) = std::fs::remove_file(&old)
+        {
+            tracing::warn!(path = %old.display(), error = %e, "cannot delete an old checkpoint");
+        }
+    }
+    Ok(())
 }
 
 /// Checks that checkpoints can be written into `dir` (creating it if needed), with a probe file
@@ -142,6 +217,14 @@ pub fn ensure_writable(dir: &Path) -> Result<(), CheckpointError> {
 
 /// Writes `state` into `dir` atomically and keeps the newest `keep` checkpoints.
 pub fn save(dir: &Path, state: &State, keep: usize) -> Result<PathBuf, CheckpointError> {
+    let path = write(dir, state, &file_name(state.step))?;
+    prune(dir, keep)?;
+    Ok(path)
+}
+
+/// Writes `state` atomically as `name` in `dir` (a temporary file, fsync, rename, fsync of the
+/// directory), without deleting older checkpoints (a pipeline stage's shard: see [`prune`]).
+pub fn write(dir: &Path, state: &State, name: &str) -> Result<PathBuf, CheckpointError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tensors = [
         ("adam.m", &state.m),
@@ -163,7 +246,7 @@ pub fn save(dir: &Path, state: &State, keep: usize) -> Result<PathBuf, Checkpoin
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let path = dir.join(file_name(state.step));
+    let path = dir.join(name);
     let refuse = |reason: String| CheckpointError::Refused {
         path: path.clone(),
         reason,
@@ -178,7 +261,7 @@ pub fn save(dir: &Path, state: &State, keep: usize) -> Result<PathBuf, Checkpoin
         .collect::<Result<Vec<_>, _>>()?;
     let bytes = safetensors::serialize(views, Some(meta))
         .map_err(|e| refuse(format!("cannot serialize: {e}")))?;
-    let tmp = dir.join(format!(".{}.tmp", file_name(state.step)));
+    let tmp = dir.join(format!(".{name}.tmp"));
     {
         let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&bytes).map_err(io(&tmp))?;
@@ -188,12 +271,6 @@ pub fn save(dir: &Path, state: &State, keep: usize) -> Result<PathBuf, Checkpoin
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir))?;
-    let all = list(dir)?;
-    for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
-        if let Err(e) = std::fs::remove_file(old) {
-            tracing::warn!(path = %old.display(), error = %e, "cannot delete an old checkpoint");
-        }
-    }
     Ok(path)
 }
 
@@ -324,6 +401,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a valid safetensors file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_pipeline_step_counts_only_with_every_shard_and_old_shards_go_after_a_whole_newer_step() {
+        let dir = std::env::temp_dir().join(format!("lockstep-shards-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let shard = |step, stage| {
+            write(&dir, &state(step), &shard_name(step, stage, 3)).unwrap();
+        };
+        for stage in 0..3 {
+            shard(10, stage);
+        }
+        // Step 20 lost its last stage's shard (the gang died while saving).
+        shard(20, 0);
+        shard(20, 1);
+        let steps = |d: &Path| list(d).unwrap().iter().map(|a| a.0).collect::<Vec<_>>();
+        assert_eq!(
+            steps(&dir),
+            vec![10],
+            "an incomplete step is not a checkpoint"
+        );
+        assert_eq!(list(&dir).unwrap()[0].1, dir.join(shard_name(10, 0, 3)));
+        prune(&dir, 1).unwrap();
+        assert!(
+            dir.join(shard_name(10, 2, 3)).exists(),
+            "the only complete step stays"
+        );
+        shard(20, 2);
+        assert_eq!(steps(&dir), vec![10, 20]);
+        prune(&dir, 1).unwrap();
+        assert_eq!(steps(&dir), vec![20]);
+        let left = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(left, 3, "step 10's shards are gone once step 20 is whole");
+        assert_eq!(parse("step-00000005.stage-3-of-3.safetensors"), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -60,6 +60,7 @@ impl<C> Workload<C> for Recording {
             samples: 8,
             tokens: 0,
             comm: SyncStats::default(),
+            pipeline: None,
         })
     }
     fn evaluate(

@@ -46,10 +46,36 @@ impl<B: Backend> Adam<B> {
         } else {
             None
         };
-        let grad_scale = match norm {
-            Some(n) if n > clip => clip / (n + 1e-6),
-            _ => 1.0,
-        };
+        self.apply(
+            be,
+            params,
+            grads,
+            ranges,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            clip_scale(norm, clip),
+        )?;
+        Ok(norm)
+    }
+
+    /// One update over `ranges` with every gradient multiplied by `grad_scale` first (the
+    /// clipping factor of a global norm computed elsewhere, e.g. across pipeline stages: see
+    /// [`clip_scale`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &mut self,
+        be: &B,
+        params: &mut B::Buf,
+        grads: &B::Buf,
+        ranges: &[(usize, usize, bool)],
+        lr: f32,
+        betas: (f32, f32),
+        eps: f32,
+        weight_decay: f32,
+        grad_scale: f32,
+    ) -> Result<()> {
         self.t += 1;
         for &(off, len, decays) in ranges {
             let step = AdamStep {
@@ -71,7 +97,16 @@ impl<B: Backend> Adam<B> {
                 step,
             })?;
         }
-        Ok(norm)
+        Ok(())
+    }
+}
+
+/// The factor that clips a gradient of global norm `norm` to `clip` (1 when it is within, or
+/// when there is no norm).
+pub fn clip_scale(norm: Option<f32>, clip: f32) -> f32 {
+    match norm {
+        Some(n) if n > clip => clip / (n + 1e-6),
+        _ => 1.0,
     }
 }
 

@@ -789,7 +789,8 @@ fn run_parts(
                 embed: i == 0,
                 head: i == last,
             };
-            let lay = lockstep_engine::models::gpt::PartLayout::new(cfg, spec.clone()).unwrap();
+            let lay = lockstep_engine::models::gpt::PartLayout::new(cfg, spec.clone())
+                .expect("the part runs");
             Gpt::part(
                 &be,
                 cfg,
@@ -800,7 +801,7 @@ fn run_parts(
                 micro.len(),
                 split,
             )
-            .unwrap()
+            .expect("the part runs")
         })
         .collect();
     let scale = 1.0 / (micro.len() * b * t) as f32;
@@ -816,11 +817,11 @@ fn run_parts(
             };
             let targets = (i == last).then_some(&tg[..]);
             part.forward_slot(&be, k, input, targets, b, t, Some(scale))
-                .unwrap();
+                .expect("the part runs");
             if i < last {
-                x = part.output(&be, k).unwrap();
+                x = part.output(&be, k).expect("the part runs");
             } else {
-                loss += part.mean_loss_slot(&be, k).unwrap() / micro.len() as f32;
+                loss += part.mean_loss_slot(&be, k).expect("the part runs") / micro.len() as f32;
             }
         }
     }
@@ -829,9 +830,9 @@ fn run_parts(
         for (i, part) in parts.iter_mut().enumerate().rev() {
             let pass = if split { Pass::Input } else { Pass::Full };
             part.backward_slot(&be, k, d.as_deref(), pass, &mut |_, _| {})
-                .unwrap();
+                .expect("the part runs");
             if i > 0 {
-                d = Some(part.input_grad(&be, k).unwrap());
+                d = Some(part.input_grad(&be, k).expect("the part runs"));
             }
         }
     }
@@ -839,7 +840,7 @@ fn run_parts(
         // The weight passes, in another order than the input passes.
         for k in 0..micro.len() {
             for part in &mut parts {
-                part.backward_weight(&be, k).unwrap();
+                part.backward_weight(&be, k).expect("the part runs");
             }
         }
     }

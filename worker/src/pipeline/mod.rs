@@ -20,6 +20,7 @@
 //! interleaved 1F1B (Megatron's paper) and at most (p-1)/(3m) for ZB-H1 with equal forward,
 //! input-gradient and weight-gradient costs (the zero-bubble paper).
 
+pub mod partition;
 pub mod schedule;
 pub mod sim;
 

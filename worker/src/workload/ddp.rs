@@ -229,6 +229,7 @@ impl<B: Backend, C: HostComm> Workload<C> for Ddp<B, C> {
             samples,
             tokens: samples * self.task.tokens_per_sample() as u64,
             comm: stats,
+            pipeline: None,
         })
     }
 

@@ -8,10 +8,13 @@
 //! match on the job's workload below [`build`].
 //!
 //! - [`ddp`]: data parallelism with PyTorch DDP's semantics, over [`task`]'s model and data.
+//! - [`pipeline`]: pipeline parallelism over the GPT (GPipe, 1F1B, interleaved, ZB-H1), composed
+//!   with data parallelism.
 //! - [`sync`]: the gradient buckets and their transports, shared by every workload that averages
 //!   gradients over a data-parallel group.
 
 pub mod ddp;
+pub mod pipeline;
 pub mod sync;
 pub mod task;
 
@@ -44,6 +47,8 @@ pub struct StepReport {
     pub tokens: u64,
     /// This rank's gradient communication in the step.
     pub comm: SyncStats,
+    /// What the pipeline measured on this rank (pipeline workloads).
+    pub pipeline: Option<pipeline::StageStats>,
 }
 
 /// What an evaluation measures.
@@ -144,7 +149,14 @@ fn on<B: Backend + 'static, C: HostComm + 'static>(
     let t = &cfg.training;
     match t.workload {
         Kind::Ddp => Ok(Box::new(ddp::Ddp::new(be, sync, always_sync, cfg, topo)?)),
-        Kind::Pipeline | Kind::Pres | Kind::Command => Err(not_built(t)),
+        Kind::Pipeline => Ok(Box::new(pipeline::Pipeline::new(
+            be,
+            sync,
+            always_sync,
+            cfg,
+            topo,
+        )?)),
+        Kind::Pres | Kind::Command => Err(not_built(t)),
     }
 }
 

@@ -1,0 +1,820 @@
+//! Pipeline parallelism over the GPT: each stage holds model parts (one, or `chunksPerStage`
+//! with the interleaved schedule; chunk `c` of stage `s` is part `c * p + s`), and runs its
+//! plan from [`crate::pipeline::plan`] literally, one action after the other: forwards and
+//! backwards (whole, or split into the input-gradient and weight-gradient passes for ZB-H1) on
+//! the engine's micro-batch slots, activations and their gradients sent to the neighbouring
+//! stages with the pipeline communicator's asynchronous sends and received with its blocking
+//! receives, then the gradient sync and the optimizer step.
+//!
+//! - Data: every replica's stages see the same micro-batches (the sampler's `(step, micro,
+//!   replica)`, as DDP with `m` accumulation steps of `batchSize / m`), so a 1-stage pipeline is
+//!   DDP with gradient accumulation, bit for bit.
+//! - Gradients: a stage's gradients are averaged over its data-parallel group with the DDP
+//!   buckets; with one chunk per stage the buckets start during the stage's last backward, as
+//!   DDP's do. The token embedding is tied: the first and last stages each hold a copy, and
+//!   add up their two gradients before the optimizer, as Megatron does, so the copies stay
+//!   equal. Global-norm clipping takes the norm over every stage (the tied copy counted once).
+//! - Checkpoints: each stage's first replica writes its shard
+//!   ([`checkpoint::shard_name`]); a step is saved when every shard is, and old shards go only
+//!   then.
+//! - Measured per step: each stage's busy time (compute) and idle time (waiting for a
+//!   neighbour), their ratio (the bubble), and the peak of live micro-batches' activations.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lockstep_api::config::WorkerConfig;
+use lockstep_api::contract::ExitCode;
+use lockstep_api::training::{DataKind, Model};
+use lockstep_engine::models::gpt::{Gpt, GptConfig, Input, PartLayout, PartSpec, Pass};
+use lockstep_engine::optim::{Adam, clip_scale};
+use lockstep_engine::{Backend, Net};
+
+use super::sync::{Buckets, GradSync, SyncStats};
+use super::{Evaluation, HostComm, Metric, StepReport, Workload};
+use crate::checkpoint;
+use crate::comm::{Pending, ReduceOp};
+use crate::data::{Sampler, Text};
+use crate::error::WorkError;
+use crate::pipeline::{Action, PipelineSchedule, partition, plan};
+use crate::topology::Topology;
+
+/// What the pipeline measured on this rank in one step.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageStats {
+    /// This rank's stage.
+    pub stage: u32,
+    /// Time spent computing forwards and backwards.
+    pub busy: Duration,
+    /// Time spent waiting for a neighbouring stage's activation or gradient.
+    pub idle: Duration,
+    /// Most micro-batches whose activations were alive at once.
+    pub peak_micro_batches: usize,
+    /// Bytes of those activations.
+    pub peak_activation_bytes: usize,
+}
+
+impl StageStats {
+    /// Share of the step's forward-backward phase the stage spent waiting: its bubble.
+    pub fn bubble_ratio(&self) -> f64 {
+        let total = (self.busy + self.idle).as_secs_f64();
+        if total == 0.0 {
+            0.0
+        } else {
+            self.idle.as_secs_f64() / total
+        }
+    }
+}
+
+/// An error for a plan that does not fit the executor (a bug, not the job's fault).
+fn broken(what: String) -> WorkError {
+    WorkError::new(ExitCode::Internal, format!("pipeline plan: {what}"))
+}
+
+/// The pipeline workload on backend `B`, over communicator `C`.
+pub struct Pipeline<B: Backend, C> {
+    be: B,
+    config: GptConfig,
+    parts: Vec<Gpt<B>>,
+    adams: Vec<Adam<B>>,
+    plan: Vec<Action>,
+    stages: usize,
+    stage: usize,
+    micro: usize,
+    micro_batch: usize,
+    eval_batch: usize,
+    data: Text,
+    t: usize,
+    seed: u64,
+    windows: Option<(u64, Vec<usize>)>,
+    sampler: Sampler,
+    sync: Box<dyn GradSync<B, C>>,
+    always_sync: bool,
+    tied: Option<C>,
+    grouped: bool,
+    model: String,
+    first_bucket_bytes: usize,
+    bucket_bytes: usize,
+    overlap: bool,
+    betas: (f32, f32),
+    eps: f32,
+    weight_decay: f32,
+    clip: f32,
+}
+
+impl<B: Backend, C: HostComm> Pipeline<B, C> {
+    /// The pipeline `cfg` asks for, on `be`, for this rank's stage of `topo`.
+    pub fn new(
+        be: B,
+        sync: Box<dyn GradSync<B, C>>,
+        always_sync: bool,
+        cfg: &WorkerConfig,
+        topo: &Topology<C>,
+    ) -> Result<Self, WorkError> {
+        let t = &cfg.training;
+        let pp = &t.pipeline;
+        let g = match (t.model.as_ref(), t.data.as_ref().map(|d| d.kind)) {
+            (Some(Model::Gpt(g)), Some(DataKind::Text)) => g,
+            _ => {
+                return Err(WorkError::config(
+                    "workload Pipeline trains spec.training.model.gpt on data of kind Text",
+                ));
+            }
+        };
+        let stages = topo.layout.pipeline_stages() as usize;
+        let stage = topo.stage as usize;
+        let chunks = pp.chunks_per_stage.max(1) as usize;
+        let micro = pp.micro_batches.max(1) as usize;
+        let batch = t.batch_size.unwrap_or(32).max(1) as usize;
+        if !batch.is_multiple_of(micro) {
+            return Err(WorkError::config(format!(
+                "spec.training.batchSize {batch} is not a multiple of \
+                 spec.training.pipeline.microBatches {micro}"
+            )));
+        }
+        let micro_batch = batch / micro;
+        let eval_batch = t.eval_batch_size.map_or(batch, |b| b.max(1) as usize);
+        let path = t.data.as_ref().map(|d| d.path.clone()).unwrap_or_default();
+        let data = Text::load(&path)?;
+        let vocab = match g.vocab_size {
+            Some(v) if (v as usize) < data.vocab.len() => {
+                return Err(WorkError::config(format!(
+                    "spec.training.model.gpt.vocabSize {v} is smaller than the {} distinct \
+                     characters of {path}",
+                    data.vocab.len()
+                )));
+            }
+            Some(v) => v as usize,
+            None => data.vocab.len(),
+        };
+        let t_len = g.context_length.max(1) as usize;
+        let config = GptConfig::new(
+            g.layers.max(0) as usize,
+            g.heads.max(0) as usize,
+            g.embed_dim.max(0) as usize,
+            t_len,
+            vocab,
+        )
+        .map_err(|e| WorkError::config(format!("spec.training.model.gpt: {e}")))?;
+        let n_parts = stages * chunks;
+        let cuts = match &pp.layers_per_part {
+            Some(counts) => {
+                partition::from_counts(&config, n_parts, counts).map_err(WorkError::config)?
+            }
+            None => partition::balance(&config, n_parts).ok_or_else(|| {
+                WorkError::config(format!(
+                    "spec.training.model.gpt.layers {} is fewer than the pipeline's {n_parts} \
+                     model parts (pipelineStages x chunksPerStage): every part needs a block",
+                    config.layers
+                ))
+            })?,
+        };
+        let plans = plan(pp.schedule, stages as u32, micro as u32, chunks as u32)
+            .map_err(|e| WorkError::config(format!("spec.training.pipeline: {e}")))?;
+        let my_plan = plans[stage].clone();
+        let split = pp.schedule == PipelineSchedule::ZeroBubble;
+        let mut parts = Vec::with_capacity(chunks);
+        let mut adams = Vec::with_capacity(chunks);
+        for c in 0..chunks {
+            let k = c * stages + stage;
+            let spec = PartSpec {
+                layers: cuts[k].clone(),
+                embed: k == 0,
+                head: k + 1 == n_parts,
+            };
+            let layout = PartLayout::new(config, spec.clone())?;
+            let zeros = vec![0.0; layout.len()];
+            let slots = peak_live(&my_plan, c as u32).max(1);
+            // Evaluation runs micro-batches of up to eval_batch through slot 0.
+            let room = micro_batch.max(eval_batch.min(micro_batch.max(1)));
+            let part = Gpt::part(&be, config, spec, &zeros, room, t_len, slots, split)?;
+            adams.push(Adam::new(&be, layout.len())?);
+            parts.push(part);
+        }
+        let cut_text: Vec<String> = cuts
+            .iter()
+            .map(|r| format!("{}..{}", r.start, r.end))
+            .collect();
+        let model = format!(
+            "gpt layers={} heads={} embed={} context={} vocab={} pipeline stage {stage} of \
+             {stages}, blocks [{}]",
+            config.layers,
+            config.heads,
+            config.channels,
+            config.max_seq,
+            config.vocab,
+            cut_text.join(" ")
+        );
+        let sampler = Sampler::new(
+            data.windows_per_epoch(t_len),
+            micro_batch,
+            topo.data_parallel_degree(),
+            micro,
+            t.seed as u64,
+        )
+        .map_err(WorkError::config)?;
+        let mb = |v: f64| (v * 1024.0 * 1024.0) as usize;
+        let opt = &t.optimizer;
+        Ok(Self {
+            be,
+            config,
+            parts,
+            adams,
+            plan: my_plan,
+            stages,
+            stage,
+            micro,
+            micro_batch,
+            eval_batch,
+            data,
+            t: t_len,
+            seed: t.seed as u64,
+            windows: None,
+            sampler,
+            sync,
+            always_sync,
+            tied: None,
+            grouped: false,
+            model,
+            first_bucket_bytes: mb(t.ddp.first_bucket_cap_mb),
+            bucket_bytes: mb(t.ddp.bucket_cap_mb),
+            overlap: t.ddp.overlap,
+            betas: (opt.beta1 as f32, opt.beta2 as f32),
+            eps: opt.epsilon as f32,
+            weight_decay: opt.weight_decay as f32,
+            clip: opt.grad_clip_norm as f32,
+        })
+    }
+
+    fn n_parts(&self) -> usize {
+        self.stages * self.parts.len()
+    }
+
+    /// Model part of local chunk `c`.
+    fn part_of(&self, c: usize) -> usize {
+        c * self.stages + self.stage
+    }
+
+    /// Splits off the communicator of the two stages that hold the tied embedding (every rank
+    /// of the pipeline takes part, once).
+    fn groups(&mut self, topo: &mut Topology<C>) -> Result<(), WorkError> {
+        if self.grouped {
+            return Ok(());
+        }
+        if self.stages > 1 {
+            let ends = self.stage == 0 || self.stage + 1 == self.stages;
+            let comm = topo.pipeline.split(u32::from(ends), topo.stage)?;
+            if ends {
+                self.tied = Some(comm);
+            }
+        }
+        self.grouped = true;
+        Ok(())
+    }
+
+    /// Token ids and targets of micro-batch `micro` of `step` for `replica`.
+    fn micro_batch(&mut self, step: u64, micro: usize, replica: usize) -> (Vec<i32>, Vec<i32>) {
+        let epoch = self.sampler.epoch_of(step);
+        if self.windows.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            self.windows = Some((epoch, self.data.windows(self.t, self.seed, epoch)));
+        }
+        let windows = &self.windows.as_ref().expect("set above").1;
+        let starts: Vec<usize> = self
+            .sampler
+            .indices(step, micro, replica)
+            .iter()
+            .map(|&i| windows[i])
+            .collect();
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        self.data.batch(&starts, self.t, &mut x, &mut y);
+        (x, y)
+    }
+
+    /// Averages every part's gradients over the data-parallel group (finishing the buckets
+    /// started during backward), then adds up the tied embedding's two copies.
+    fn sync_grads(
+        &mut self,
+        topo: &mut Topology<C>,
+        started: &mut [Option<Buckets>],
+    ) -> Result<SyncStats, WorkError> {
+        let be = &self.be;
+        let dp = &mut topo.data_parallel;
+        let mut stats = SyncStats::default();
+        if dp.world_size() > 1 || self.always_sync {
+            for (c, part) in self.parts.iter_mut().enumerate() {
+                let n = part.num_params();
+                let mut buckets = started[c].take().unwrap_or_else(|| {
+                    Buckets::new(n, self.first_bucket_bytes, self.bucket_bytes, false)
+                });
+                let (_, g) = part.buffers();
+                for r in buckets.flush() {
+                    self.sync.start(be, dp, g, r)?;
+                }
+                let s = self.sync.finish(be, dp, g)?;
+                stats.bytes += s.bytes;
+                stats.buckets += s.buckets;
+                stats.comm += s.comm;
+                stats.exposed += s.exposed;
+            }
+        }
+        let wte = self.config.padded_vocab * self.config.channels;
+        let last = self.parts.len() - 1;
+        if self.stages == 1 && last > 0 {
+            // Both copies on this rank (one stage of several chunks).
+            let a = be.download(&self.parts[0].params.grads, 0, wte)?;
+            let b = be.download(&self.parts[last].params.grads, 0, wte)?;
+            let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+            be.upload_at(&mut self.parts[0].params.grads, 0, &sum)?;
+            be.upload_at(&mut self.parts[last].params.grads, 0, &sum)?;
+        } else if let Some(tied) = self.tied.as_mut() {
+            let c = if self.stage == 0 { 0 } else { last };
+            let mut g = be.download(&self.parts[c].params.grads, 0, wte)?;
+            tied.all_reduce(&mut g, ReduceOp::Sum)?;
+            be.upload_at(&mut self.parts[c].params.grads, 0, &g)?;
+        }
+        Ok(stats)
+    }
+
+    /// AdamW on every part, with the gradient norm taken over the whole pipeline.
+    fn optimize(&mut self, topo: &mut Topology<C>, lr: f32) -> Result<(), WorkError> {
+        let be = &self.be;
+        let norm = if self.clip > 0.0 {
+            let wte = self.config.padded_vocab * self.config.channels;
+            let n_parts = self.n_parts();
+            let mut local = 0.0f64;
+            for (c, part) in self.parts.iter().enumerate() {
+                let k = c * self.stages + self.stage;
+                let len = part.num_params();
+                // The head's copy of the tied embedding is counted on the first part.
+                let from = if k + 1 == n_parts && n_parts > 1 {
+                    wte
+                } else {
+                    0
+                };
+                local += be.sum_squares(&part.params.grads, from, len - from)?;
+            }
+            if self.stages > 1 {
+                let mut x = [local as f32];
+                topo.pipeline.all_reduce(&mut x, ReduceOp::Sum)?;
+                local = f64::from(x[0]);
+            }
+            Some(local.sqrt() as f32)
+        } else {
+            None
+        };
+        let scale = clip_scale(norm, self.clip);
+        for (part, adam) in self.parts.iter_mut().zip(&mut self.adams) {
+            let ranges = part.decay_ranges();
+            let (p, g) = part.buffers();
+            adam.apply(
+                be,
+                p,
+                g,
+                &ranges,
+                lr,
+                self.betas,
+                self.eps,
+                self.weight_decay,
+                scale,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Runs this stage's plan for `step`.
+    fn run_plan(
+        &mut self,
+        topo: &mut Topology<C>,
+        step: u64,
+        lr: f32,
+    ) -> Result<(StepReport, StageStats), WorkError> {
+        let (p, s) = (self.stages, self.stage);
+        let n_parts = self.n_parts();
+        let chunks = self.parts.len();
+        let replica = topo.replica as usize;
+        let (mb, t, c) = (self.micro_batch, self.t, self.config.channels);
+        // As DDP's accumulation computes it, so that one stage is DDP bit for bit.
+        let scale = (1.0 / self.micro as f32) / (mb * t) as f32;
+        let sync_grads = topo.data_parallel.world_size() > 1 || self.always_sync;
+        let overlap = sync_grads && self.overlap && chunks == 1;
+        // The index of each chunk's last gradient-producing action: its buckets start there.
+        let mut last_grad = vec![usize::MAX; chunks];
+        for (i, a) in self.plan.iter().enumerate() {
+            if let Action::Backward { chunk, .. } | Action::BackwardWeight { chunk, .. } = *a {
+                last_grad[chunk as usize] = i;
+            }
+        }
+        for part in &mut self.parts {
+            part.zero_grad(&self.be)?;
+        }
+        let mut slot_of: Vec<HashMap<u32, usize>> = vec![HashMap::new(); chunks];
+        let mut free: Vec<Vec<usize>> = self
+            .parts
+            .iter()
+            .map(|part| (0..part.slots()).rev().collect())
+            .collect();
+        let mut acts: HashMap<(u32, u32), Vec<f32>> = HashMap::new();
+        let mut grads: HashMap<(u32, u32), Vec<f32>> = HashMap::new();
+        let mut out_acts: HashMap<(u32, u32), Vec<f32>> = HashMap::new();
+        let mut out_grads: HashMap<(u32, u32), Vec<f32>> = HashMap::new();
+        let mut sends: Vec<Pending<Vec<f32>>> = Vec::new();
+        let mut started: Vec<Option<Buckets>> = (0..chunks).map(|_| None).collect();
+        let mut stats = StageStats {
+            stage: s as u32,
+            ..StageStats::default()
+        };
+        let (mut live, mut live_bytes) = (0usize, 0usize);
+        let mut comm = SyncStats::default();
+        let (mut loss_sum, mut losses) = (0.0f32, 0usize);
+        let plan = self.plan.clone();
+        let missing = |what: &str, micro: u32, chunk: u32| {
+            broken(format!(
+                "stage {s}: no {what} for micro-batch {micro} of chunk {chunk}"
+            ))
+        };
+        for (i, action) in plan.iter().enumerate() {
+            match *action {
+                Action::RecvActivation { from, micro, chunk } => {
+                    let mut buf = vec![0.0f32; mb * t * c];
+                    let t0 = Instant::now();
+                    topo.pipeline.recv(&mut buf, from as usize)?;
+                    stats.idle += t0.elapsed();
+                    acts.insert((micro, chunk), buf);
+                }
+                Action::RecvGrad { from, micro, chunk } => {
+                    let mut buf = vec![0.0f32; mb * t * c];
+                    let t0 = Instant::now();
+                    topo.pipeline.recv(&mut buf, from as usize)?;
+                    stats.idle += t0.elapsed();
+                    grads.insert((micro, chunk), buf);
+                }
+                Action::SendActivation { to, micro, chunk } => {
+                    let buf = out_acts
+                        .remove(&(micro, chunk))
+                        .ok_or_else(|| missing("activation to send", micro, chunk))?;
+                    sends.push(topo.pipeline.send_async(buf, to as usize));
+                }
+                Action::SendGrad { to, micro, chunk } => {
+                    let buf = out_grads
+                        .remove(&(micro, chunk))
+                        .ok_or_else(|| missing("gradient to send", micro, chunk))?;
+                    sends.push(topo.pipeline.send_async(buf, to as usize));
+                }
+                Action::Forward { micro, chunk } => {
+                    let k = self.part_of(chunk as usize);
+                    let (x, y) = if k == 0 || k + 1 == n_parts {
+                        self.micro_batch(step, micro as usize, replica)
+                    } else {
+                        (Vec::new(), Vec::new())
+                    };
+                    let t0 = Instant::now();
+                    let slot = free[chunk as usize]
+                        .pop()
+                        .ok_or_else(|| missing("free activation slot", micro, chunk))?;
+                    slot_of[chunk as usize].insert(micro, slot);
+                    let received;
+                    let input = if k == 0 {
+                        Input::Ids(&x)
+                    } else {
+                        received = acts
+                            .remove(&(micro, chunk))
+                            .ok_or_else(|| missing("input activation", micro, chunk))?;
+                        Input::Acts(&received)
+                    };
+                    let part = &mut self.parts[chunk as usize];
+                    let targets = (k + 1 == n_parts).then_some(&y[..]);
+                    part.forward_slot(&self.be, slot, input, targets, mb, t, Some(scale))?;
+                    live += 1;
+                    live_bytes += part.slot_bytes();
+                    stats.peak_micro_batches = stats.peak_micro_batches.max(live);
+                    stats.peak_activation_bytes = stats.peak_activation_bytes.max(live_bytes);
+                    if k + 1 == n_parts {
+                        loss_sum += part.mean_loss_slot(&self.be, slot)?;
+                        losses += 1;
+                    } else {
+                        let out = part.output(&self.be, slot)?;
+                        match home(k + 1, p) {
+                            (st, next) if st == s => {
+                                acts.insert((micro, next as u32), out);
+                            }
+                            _ => {
+                                out_acts.insert((micro, chunk), out);
+                            }
+                        }
+                    }
+                    stats.busy += t0.elapsed();
+                }
+                Action::Backward { micro, chunk } | Action::BackwardInput { micro, chunk } => {
+                    let whole = matches!(action, Action::Backward { .. });
+                    let k = self.part_of(chunk as usize);
+                    let slot = *slot_of[chunk as usize]
+                        .get(&micro)
+                        .ok_or_else(|| missing("forward", micro, chunk))?;
+                    let dout = if k + 1 == n_parts {
+                        None
+                    } else {
+                        Some(
+                            grads
+                                .remove(&(micro, chunk))
+                                .ok_or_else(|| missing("output gradient", micro, chunk))?,
+                        )
+                    };
+                    let t0 = Instant::now();
+                    let pass = if whole { Pass::Full } else { Pass::Input };
+                    let be = &self.be;
+                    let part = &mut self.parts[chunk as usize];
+                    let n = part.num_params();
+                    let mut failed = None;
+                    if overlap && whole && last_grad[chunk as usize] == i {
+                        let mut buckets =
+                            Buckets::new(n, self.first_bucket_bytes, self.bucket_bytes, true);
+                        let (sync, dp) = (&mut self.sync, &mut topo.data_parallel);
+                        part.backward_slot(be, slot, dout.as_deref(), pass, &mut |g, from| {
+                            if failed.is_some() {
+                                return;
+                            }
+                            for r in buckets.ready(from) {
+                                if let Err(e) = sync.start(be, dp, g, r) {
+                                    failed = Some(e);
+                                    return;
+                                }
+                            }
+                        })?;
+                        started[chunk as usize] = Some(buckets);
+                    } else {
+                        part.backward_slot(be, slot, dout.as_deref(), pass, &mut |_, _| {})?;
+                    }
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                    if k > 0 {
+                        let g = part.input_grad(be, slot)?;
+                        match home(k - 1, p) {
+                            (st, prev) if st == s => {
+                                grads.insert((micro, prev as u32), g);
+                            }
+                            _ => {
+                                out_grads.insert((micro, chunk), g);
+                            }
+                        }
+                    }
+                    if whole {
+                        slot_of[chunk as usize].remove(&micro);
+                        free[chunk as usize].push(slot);
+                        live -= 1;
+                        live_bytes -= part.slot_bytes();
+                    }
+                    stats.busy += t0.elapsed();
+                }
+                Action::BackwardWeight { micro, chunk } => {
+                    let slot = slot_of[chunk as usize]
+                        .remove(&micro)
+                        .ok_or_else(|| missing("input-gradient pass", micro, chunk))?;
+                    let t0 = Instant::now();
+                    let part = &mut self.parts[chunk as usize];
+                    part.backward_weight(&self.be, slot)?;
+                    free[chunk as usize].push(slot);
+                    live -= 1;
+                    live_bytes -= part.slot_bytes();
+                    stats.busy += t0.elapsed();
+                }
+                Action::GradSync => {
+                    comm = self.sync_grads(topo, &mut started)?;
+                }
+                Action::OptimizerStep => self.optimize(topo, lr)?,
+            }
+        }
+        for pending in sends {
+            pending.wait()?;
+        }
+        let samples = (self.micro_batch * self.micro) as u64;
+        let report = StepReport {
+            loss: (losses > 0).then(|| loss_sum / losses as f32),
+            samples,
+            tokens: samples * self.t as u64,
+            comm,
+            pipeline: Some(stats),
+        };
+        Ok((report, stats))
+    }
+
+    /// Writes the parts' state as one vector each of parameters, first and second moments.
+    fn state(&self, step: u64) -> Result<checkpoint::State, WorkError> {
+        let (mut params, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        for (part, adam) in self.parts.iter().zip(&self.adams) {
+            let n = part.num_params();
+            params.extend(self.be.download(&part.params.values, 0, n)?);
+            m.extend(self.be.download(&adam.m, 0, n)?);
+            v.extend(self.be.download(&adam.v, 0, n)?);
+        }
+        Ok(checkpoint::State {
+            step,
+            adam_t: self.adams[0].t,
+            seed: self.seed,
+            model: self.model.clone(),
+            params,
+            m,
+            v,
+        })
+    }
+}
+
+/// Where model part `k` of a pipeline of `p` stages lives: (stage, chunk).
+fn home(k: usize, p: usize) -> (usize, usize) {
+    (k % p, k / p)
+}
+
+/// Most micro-batches of `chunk` alive at once in `plan` (a forward makes one alive; its
+/// whole backward or weight-gradient pass ends it).
+pub fn peak_live(plan: &[Action], chunk: u32) -> usize {
+    let (mut live, mut peak) = (0usize, 0usize);
+    for a in plan {
+        match *a {
+            Action::Forward { chunk: c, .. } if c == chunk => {
+                live += 1;
+                peak = peak.max(live);
+            }
+            Action::Backward { chunk: c, .. } | Action::BackwardWeight { chunk: c, .. }
+                if c == chunk =>
+            {
+                live = live.saturating_sub(1);
+            }
+            _ => {}
+        }
+    }
+    peak
+}
+
+impl<B: Backend, C: HostComm> Workload<C> for Pipeline<B, C> {
+    fn describe(&self) -> String {
+        self.model.clone()
+    }
+
+    fn num_params(&self) -> usize {
+        self.parts.iter().map(|p| p.num_params()).sum()
+    }
+
+    fn steps_per_epoch(&self) -> u64 {
+        self.sampler.steps_per_epoch()
+    }
+
+    fn init(&mut self, topo: &mut Topology<C>) -> Result<(), WorkError> {
+        self.groups(topo)?;
+        // Every rank draws the whole model from the seed and keeps its parts: the replicas,
+        // and the two copies of the tied embedding, start equal.
+        let whole = self.config.init(self.seed);
+        for part in &mut self.parts {
+            let host = part.layout.gather(&whole);
+            self.be.upload(part.buffers().0, &host)?;
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, topo: &mut Topology<C>, dir: &Path, step: u64) -> Result<(), WorkError> {
+        self.groups(topo)?;
+        let path = dir.join(checkpoint::shard_name(
+            step,
+            self.stage as u32,
+            self.stages as u32,
+        ));
+        let state = checkpoint::load(&path, &self.model, self.num_params()).map_err(|e| {
+            WorkError::new(
+                ExitCode::Checkpoint,
+                format!(
+                    "rank {} (stage {}): {e} (every rank reads its stage's shard of the step \
+                     rank 0 chose: mount the same storage at {} on every worker)",
+                    topo.rank,
+                    self.stage,
+                    dir.display()
+                ),
+            )
+        })?;
+        let mut at = 0;
+        for (part, adam) in self.parts.iter_mut().zip(&mut self.adams) {
+            let n = part.num_params();
+            let r = at..at + n;
+            self.be.upload(part.buffers().0, &state.params[r.clone()])?;
+            self.be.upload(&mut adam.m, &state.m[r.clone()])?;
+            self.be.upload(&mut adam.v, &state.v[r])?;
+            adam.t = state.adam_t;
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn step(
+        &mut self,
+        topo: &mut Topology<C>,
+        step: u64,
+        lr: f32,
+    ) -> Result<StepReport, WorkError> {
+        Ok(self.run_plan(topo, step, lr)?.0)
+    }
+
+    fn evaluate(
+        &mut self,
+        topo: &mut Topology<C>,
+        max_batches: Option<usize>,
+    ) -> Result<Evaluation, WorkError> {
+        // The windows DDP evaluates (max_batches batches of eval_batch), in micro-batches
+        // passed through the parts in model order.
+        let starts: Vec<usize> = self
+            .data
+            .val_windows(self.t)
+            .chunks(self.eval_batch)
+            .take(max_batches.unwrap_or(usize::MAX))
+            .flatten()
+            .copied()
+            .collect();
+        let (p, s, n_parts) = (self.stages, self.stage, self.n_parts());
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        let mut sends = Vec::new();
+        for chunk in starts.chunks(self.micro_batch) {
+            let b = chunk.len();
+            self.data.batch(chunk, self.t, &mut x, &mut y);
+            let mut carried: Option<Vec<f32>> = None;
+            for k in 0..n_parts {
+                let (home, c) = home(k, p);
+                if home != s {
+                    carried = None;
+                    continue;
+                }
+                let input = if k == 0 {
+                    None
+                } else {
+                    match carried.take() {
+                        Some(v) => Some(v),
+                        None => {
+                            let mut buf = vec![0.0f32; b * self.t * self.config.channels];
+                            topo.pipeline.recv(&mut buf, (k - 1) % p)?;
+                            Some(buf)
+                        }
+                    }
+                };
+                let part = &mut self.parts[c];
+                let input = match &input {
+                    None => Input::Ids(&x),
+                    Some(v) => Input::Acts(v),
+                };
+                let targets = (k + 1 == n_parts).then_some(&y[..]);
+                part.forward_slot(&self.be, 0, input, targets, b, self.t, None)?;
+                if k + 1 == n_parts {
+                    sum += f64::from(part.mean_loss_slot(&self.be, 0)?) * b as f64;
+                    count += b;
+                } else {
+                    let out = part.output(&self.be, 0)?;
+                    if (k + 1) % p == s {
+                        carried = Some(out);
+                    } else {
+                        sends.push(topo.pipeline.send_async(out, (k + 1) % p));
+                    }
+                }
+            }
+        }
+        for pending in sends {
+            pending.wait()?;
+        }
+        // The last stage computed the loss; every rank reports it.
+        let mut v = [(sum / count.max(1) as f64) as f32];
+        topo.pipeline.broadcast(&mut v, (n_parts - 1) % p)?;
+        Ok(Evaluation {
+            metric: Metric::Loss,
+            value: v[0],
+        })
+    }
+
+    fn save(
+        &mut self,
+        topo: &mut Topology<C>,
+        dir: &Path,
+        step: u64,
+        keep: usize,
+    ) -> Result<Option<PathBuf>, WorkError> {
+        // Each stage's first replica writes the stage's shard; the step is whole once every
+        // stage has (the barrier), and only then do older shards go.
+        let written = if topo.replica == 0 {
+            let name = checkpoint::shard_name(step, self.stage as u32, self.stages as u32);
+            Some(checkpoint::write(dir, &self.state(step)?, &name)?)
+        } else {
+            None
+        };
+        topo.world.barrier()?;
+        if written.is_some() {
+            checkpoint::prune(dir, keep)?;
+        }
+        Ok(written)
+    }
+
+    fn params_digest(&mut self) -> Result<u64, WorkError> {
+        let mut all = Vec::new();
+        for part in &self.parts {
+            all.extend(
+                self.be
+                    .download(&part.params.values, 0, part.num_params())?,
+            );
+        }
+        Ok(lockstep_api::config::fnv1a64(bytemuck::cast_slice(&all)))
+    }
+}

@@ -1,0 +1,386 @@
+//! The pipeline oracles on the real training loop, with ranks as threads over the real TCP
+//! communicator: every schedule on 2 and 4 stages ends within float noise of single-process
+//! training on the same global batch; one stage is DDP with gradient accumulation bit for bit;
+//! 2 replicas x 2 stages match too; a gang restarted from the per-stage checkpoints ends where
+//! the uninterrupted run ends.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use lockstep_api::config::WorkerConfig;
+use lockstep_engine::models::gpt::{GptConfig, PartLayout, PartSpec};
+use lockstep_worker::checkpoint;
+use lockstep_worker::comm::tcp::{TcpComm, TcpOptions};
+use lockstep_worker::error::WorkError;
+use lockstep_worker::metrics::Metrics;
+use lockstep_worker::pipeline::partition;
+use lockstep_worker::trainer::{self, RunInputs, Summary};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lockstep-pp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// A text with some structure to learn.
+fn text(dir: &Path) -> PathBuf {
+    let words = [
+        "the ", "quick ", "brown ", "fox ", "jumps ", "over ", "a ", "lazy ", "dog. ",
+    ];
+    let mut s = String::new();
+    let mut x = 7u64;
+    while s.len() < 20_000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        s.push_str(words[(x >> 33) as usize % words.len()]);
+    }
+    let p = dir.join("text.txt");
+    std::fs::write(&p, s).expect("write text");
+    p
+}
+
+const LAYERS: usize = 4;
+
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    data: &'a Path,
+    /// None: DDP.
+    schedule: Option<&'a str>,
+    stages: usize,
+    replicas: usize,
+    chunks: usize,
+    micro: usize,
+    /// Per replica per step (DDP: per micro-step).
+    batch: usize,
+    accum: usize,
+    steps: u64,
+    every: u64,
+}
+
+fn config(j: &Job<'_>) -> WorkerConfig {
+    let workload = match j.schedule {
+        Some(s) => format!(
+            "workload: Pipeline\n    pipeline: {{schedule: {s}, microBatches: {}, chunksPerStage: {}}}",
+            j.micro, j.chunks
+        ),
+        None => format!(
+            "workload: Ddp\n    ddp: {{gradAccumulationSteps: {}}}",
+            j.accum
+        ),
+    };
+    let yaml = format!(
+        r#"apiVersion: lockstep.dev/v1alpha1
+kind: ParallelJob
+metadata: {{name: pp-oracle}}
+spec:
+  parallelism: {{dataParallel: {dp}, pipelineStages: {pp}}}
+  training:
+    {workload}
+    model: {{gpt: {{layers: {LAYERS}, heads: 2, embedDim: 16, contextLength: 16}}}}
+    data: {{kind: Text, path: "{data}"}}
+    optimizer: {{learningRate: 0.003, warmupSteps: 2, gradClipNorm: 1.0, weightDecay: 0.1}}
+    batchSize: {batch}
+    maxSteps: {steps}
+    seed: 5
+    checkpoint: {{everySteps: {every}, keep: 100}}
+  template:
+    spec:
+      containers: [{{name: worker, image: lockstep/worker:0.1.0}}]
+"#,
+        dp = j.replicas,
+        pp = j.stages,
+        data = j.data.display(),
+        batch = j.batch,
+        steps = j.steps,
+        every = j.every,
+    );
+    let job = lockstep_api::manifest::parse_job(&yaml).expect("valid job");
+    WorkerConfig::from_job(&job).expect("config")
+}
+
+/// Trains the job on one thread per rank; returns every rank's result.
+fn train_gang(j: &Job<'_>, ckpt: &Path) -> Vec<Result<Summary, WorkError>> {
+    let cfg = config(j);
+    let world = j.stages * j.replicas;
+    let gang = TcpComm::local_gang(world, TcpOptions::default()).expect("gang");
+    std::thread::scope(|s| {
+        let handles: Vec<_> = gang
+            .into_iter()
+            .enumerate()
+            .map(|(r, comm)| {
+                let cfg = &cfg;
+                s.spawn(move || {
+                    let metrics = Metrics::new("pp-oracle", r as u32);
+                    let inputs = RunInputs {
+                        checkpoint_dir: Some(ckpt.to_path_buf()),
+                        nccl_id: Vec::new(),
+                        on_step: &|_| {},
+                        stop: &AtomicBool::new(false),
+                    };
+                    trainer::run(cfg, comm, &metrics, &inputs)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    })
+}
+
+fn ok(results: Vec<Result<Summary, WorkError>>) -> Vec<Summary> {
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("a rank failed: {e}")))
+        .collect()
+}
+
+fn model(data: &Path) -> GptConfig {
+    let text = std::fs::read_to_string(data).expect("text");
+    let mut c: Vec<char> = text.chars().collect();
+    c.sort_unstable();
+    c.dedup();
+    GptConfig::new(LAYERS, 2, 16, 16, c.len()).expect("config")
+}
+
+fn tensor(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).expect("read");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    st.tensor("params")
+        .expect("params")
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// The whole model's parameters after the newest checkpoint of a run: one file (DDP), or every
+/// stage's shard put together (the tied embedding from the first stage, checked equal to the
+/// last stage's copy).
+fn whole_params(j: &Job<'_>, ckpt: &Path) -> Vec<f32> {
+    let (step, path) = checkpoint::list(ckpt).expect("list").pop().expect("a step");
+    assert_eq!(step, j.steps);
+    if j.schedule.is_none() {
+        return tensor(&path);
+    }
+    let cfg = model(j.data);
+    let (p, v) = (j.stages, j.chunks);
+    let cuts = partition::balance(&cfg, p * v).expect("cut");
+    let mut whole = vec![f32::NAN; cfg.num_params()];
+    let wte = cfg.padded_vocab * cfg.channels;
+    let mut tied = Vec::new();
+    for s in (0..p).rev() {
+        let shard = tensor(&ckpt.join(checkpoint::shard_name(step, s as u32, p as u32)));
+        let mut at = 0;
+        for c in 0..v {
+            let k = c * p + s;
+            let lay = PartLayout::new(
+                cfg,
+                PartSpec {
+                    layers: cuts[k].clone(),
+                    embed: k == 0,
+                    head: k + 1 == p * v,
+                },
+            )
+            .expect("layout");
+            let part = &shard[at..at + lay.len()];
+            if k + 1 == p * v {
+                tied = part[..wte].to_vec();
+            }
+            lay.scatter(part, &mut whole);
+            at += lay.len();
+        }
+        assert_eq!(at, shard.len(), "stage {s}'s shard holds its parts");
+    }
+    assert_eq!(
+        tied[..],
+        whole[..wte],
+        "the two copies of the tied embedding stayed equal"
+    );
+    assert!(
+        whole.iter().all(|x| x.is_finite()),
+        "every parameter is set"
+    );
+    whole
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn base(data: &Path) -> Job<'_> {
+    Job {
+        data,
+        schedule: Some("OneFOneB"),
+        stages: 2,
+        replicas: 1,
+        chunks: 1,
+        micro: 4,
+        batch: 8,
+        accum: 1,
+        steps: 5,
+        every: 1000,
+    }
+}
+
+/// Runs `j` in its own checkpoint folder; returns rank 0's summary and the final parameters.
+fn run(dir: &Path, name: &str, j: Job<'_>) -> (Summary, Vec<f32>) {
+    let ck = dir.join(name);
+    let s = ok(train_gang(&j, &ck));
+    (s[0].clone(), whole_params(&j, &ck))
+}
+
+#[test]
+fn every_schedule_on_two_and_four_stages_ends_where_one_process_ends() {
+    let dir = scratch("equiv");
+    let data = text(&dir);
+    // One process, the same global batch of 8 in 4 accumulation steps of 2.
+    let ddp = Job {
+        schedule: None,
+        stages: 1,
+        batch: 2,
+        accum: 4,
+        ..base(&data)
+    };
+    let (one, reference) = run(&dir, "ddp", ddp);
+    let start = model(&data).init(5);
+    let moved = max_diff(&reference, &start);
+    assert!(moved > 1e-3, "the parameters barely moved ({moved})");
+    let mut cases = Vec::new();
+    for schedule in ["GPipe", "OneFOneB", "ZeroBubble"] {
+        for stages in [2, 4] {
+            cases.push((schedule, stages, 1));
+        }
+    }
+    cases.push(("Interleaved", 2, 2));
+    for (schedule, stages, chunks) in cases {
+        let j = Job {
+            schedule: Some(schedule),
+            stages,
+            chunks,
+            ..base(&data)
+        };
+        let (s, params) = run(&dir, &format!("{schedule}-{stages}"), j);
+        let d = max_diff(&params, &reference);
+        eprintln!("{schedule} on {stages} stages: largest parameter difference {d:.2e}");
+        // The same arithmetic up to the order of float additions (the tied embedding's two
+        // halves, the norm summed over stages), through AdamW's division: as DDP's ranks.
+        assert!(d < 1e-5, "{schedule} on {stages} stages differs by {d}");
+        assert!(
+            (s.loss - one.loss).abs() < 1e-4,
+            "{schedule} on {stages} stages: loss {} vs {}",
+            s.loss,
+            one.loss
+        );
+        let val = s.val_loss.expect("a validation loss");
+        let want = one.val_loss.expect("a validation loss");
+        assert!(
+            (val - want).abs() < 1e-4,
+            "{schedule}: val_loss {val} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn one_stage_is_ddp_with_gradient_accumulation_bit_for_bit() {
+    let dir = scratch("one");
+    let data = text(&dir);
+    let ddp = Job {
+        schedule: None,
+        stages: 1,
+        batch: 2,
+        accum: 4,
+        ..base(&data)
+    };
+    let (_, reference) = run(&dir, "ddp", ddp);
+    for schedule in ["GPipe", "OneFOneB"] {
+        let j = Job {
+            schedule: Some(schedule),
+            stages: 1,
+            ..base(&data)
+        };
+        let (_, params) = run(&dir, schedule, j);
+        assert!(
+            params == reference,
+            "{schedule} on 1 stage differs from DDP by {}",
+            max_diff(&params, &reference)
+        );
+    }
+}
+
+#[test]
+fn two_replicas_of_two_stages_match_one_process() {
+    let dir = scratch("dpxpp");
+    let data = text(&dir);
+    let ddp = Job {
+        schedule: None,
+        stages: 1,
+        batch: 2,
+        accum: 4,
+        ..base(&data)
+    };
+    let (_, reference) = run(&dir, "ddp", ddp);
+    for schedule in ["OneFOneB", "ZeroBubble"] {
+        // 2 replicas x 4 micro-batches of 1 = the global batch of 8.
+        let j = Job {
+            schedule: Some(schedule),
+            replicas: 2,
+            batch: 4,
+            ..base(&data)
+        };
+        let ck = dir.join(format!("dpxpp-{schedule}"));
+        let s = ok(train_gang(&j, &ck));
+        // Ranks of one stage hold the same parameters.
+        assert_eq!(s[0].params_digest, s[1].params_digest, "stage 0's replicas");
+        assert_eq!(s[2].params_digest, s[3].params_digest, "stage 1's replicas");
+        let d = max_diff(&whole_params(&j, &ck), &reference);
+        eprintln!("{schedule} 2 x 2: largest parameter difference {d:.2e}");
+        assert!(d < 1e-5, "{schedule} 2 x 2 differs by {d}");
+    }
+}
+
+#[test]
+fn a_pipeline_restarted_from_its_stage_checkpoints_ends_where_it_would_have() {
+    let dir = scratch("resume");
+    let data = text(&dir);
+    let j = Job {
+        schedule: Some("ZeroBubble"),
+        steps: 6,
+        every: 3,
+        ..base(&data)
+    };
+    let full = dir.join("full");
+    let whole = ok(train_gang(&j, &full));
+    let saved: Vec<u64> = checkpoint::list(&full)
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(saved, vec![3, 6]);
+    // A gang restarted after step 3 finds step 3's shards, and step 6's first shard only (it
+    // died while saving): it resumes from step 3.
+    let again = dir.join("again");
+    std::fs::create_dir_all(&again).unwrap();
+    for (step, stage) in [(3, 0), (3, 1), (6, 0)] {
+        let name = checkpoint::shard_name(step, stage, 2);
+        std::fs::copy(full.join(&name), again.join(&name)).unwrap();
+    }
+    let resumed = ok(train_gang(&j, &again));
+    assert_eq!(resumed[0].resumed_from, Some(3));
+    for (a, b) in resumed.iter().zip(&whole) {
+        assert_eq!(
+            a.params_digest, b.params_digest,
+            "the resumed run ends elsewhere"
+        );
+    }
+    assert_eq!(
+        resumed[1].loss, whole[1].loss,
+        "the last step's loss differs"
+    );
+}
