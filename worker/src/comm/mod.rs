@@ -6,6 +6,15 @@
 //! Every rank of a communicator must issue the same collectives in the same order (as with MPI
 //! and NCCL). Results are bit-identical across ranks: each element is reduced once, by one rank,
 //! and copied to the others.
+//!
+//! Point-to-point messages ([`Communicator::send_async`], [`Communicator::send`] and
+//! [`Communicator::recv`], for pipeline parallelism) are not collectives: only the two ranks
+//! involved take part, and they run on a channel of their own, so that they neither wait for nor
+//! delay the collectives in flight (over TCP, separate connections; NCCL queues them on its
+//! stream, and the host call returns at once). A send returns once its message has been handed to
+//! the transport, without waiting for the receiver's `recv`, so two neighbouring pipeline stages
+//! may both send before they receive. Messages from one rank to another arrive in the order they
+//! were started.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -98,7 +107,8 @@ impl CommError {
 /// Result of a collective.
 pub type Result<T, E = CommError> = std::result::Result<T, E>;
 
-/// A collective started by an `*_async` call; [`Pending::wait`] returns its buffer.
+/// An operation (a collective or a send) started by an `*_async` call; [`Pending::wait`] returns
+/// its buffer.
 #[must_use = "a pending collective must be waited for"]
 #[derive(Debug)]
 pub struct Pending<T> {
@@ -167,10 +177,21 @@ pub trait Communicator {
     /// Concatenates every rank's `input` in rank order into `output`
     /// (`world_size x input.len()` elements).
     fn all_gather(&mut self, input: &Self::Buffer, output: &mut Self::Buffer) -> Result<()>;
-    /// Sends `buf` to rank `peer`, which receives it with [`Communicator::recv`].
+    /// Sends `buf` to rank `peer`, which receives it with [`Communicator::recv`]: the blocking
+    /// form of [`Communicator::send_async`], on the same point-to-point channel (separate from the
+    /// collectives' and ordered with the asynchronous sends); returns once the message has been
+    /// handed to the transport, not when the receiver has received it.
     fn send(&mut self, buf: &Self::Buffer, peer: usize) -> Result<()>;
-    /// Receives from rank `peer` exactly `buf`'s length of elements.
+    /// Receives from rank `peer` exactly `buf`'s length of elements: the next message `peer`
+    /// sent to this rank with [`Communicator::send`] or [`Communicator::send_async`]. It runs on
+    /// the point-to-point channel: it neither waits for nor delays the collectives in flight.
     fn recv(&mut self, buf: &mut Self::Buffer, peer: usize) -> Result<()>;
+    /// Starts sending `buf` to rank `peer` (an index in this communicator) and returns at once;
+    /// the buffer comes back from [`Pending::wait`] once it has been handed to the transport.
+    /// Messages to one peer arrive in the order they were started (whether by this or by
+    /// [`Communicator::send`]). It never waits for the receiver's [`Communicator::recv`], and it
+    /// does not wait for nor delay collectives: point-to-point messages have their own channel.
+    fn send_async(&mut self, buf: Self::Owned, peer: usize) -> Pending<Self::Owned>;
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<()>;
 

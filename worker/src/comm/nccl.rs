@@ -182,6 +182,12 @@ impl Communicator for NcclComm {
             .map_err(nccl_err)
     }
 
+    fn send_async(&mut self, buf: CudaSlice<f32>, peer: usize) -> Pending<CudaSlice<f32>> {
+        // Queued on the stream like every NCCL operation: the host returns at once, and cudarc's
+        // per-buffer events keep a later writer of `buf` behind the send.
+        Pending::ready(self.send(&buf, peer).map(|()| buf))
+    }
+
     fn barrier(&mut self) -> Result<()> {
         let mut token = self.stream().alloc_zeros::<f32>(1).map_err(nccl_err)?;
         self.all_reduce(&mut token, ReduceOp::Sum)?;

@@ -11,9 +11,22 @@
 //! then send the result back), which needs 2 latencies instead of `2 (n - 1)`. Every read and
 //! write has a timeout, so a peer that hangs becomes an error instead of a hang, and a peer that
 //! dies is an error at once (its connection closes).
+//!
+//! Point-to-point messages (`send`, `send_async`, `recv`) have connections of their own, marked as
+//! such in the handshake (the high bit of the rank field), so that they never queue behind a
+//! collective nor hold one up: `recv` reads the connection from its peer under that connection's
+//! own lock, without the collectives' lock and without waiting for the asynchronous collectives in
+//! flight. Each destination rank has a sending thread with its own connection, fed in order:
+//! `send_async` only queues the message, and its `Pending` (or `send`) completes once the message
+//! is written to the socket, whether or not the receiver is receiving yet, so two pipeline stages
+//! that send each other a large tensor at the same time do not deadlock. Each message is its length (8 bytes) then its elements, so a
+//! receive of the wrong size is an error instead of garbage. Their reads and writes wait up to
+//! [`TcpOptions::p2p_timeout`], much longer than a collective's, since a pipeline stage waits for
+//! its neighbours' compute. A connection that broke is not opened again: later messages on it
+//! fail too.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
@@ -22,6 +35,8 @@ use std::time::{Duration, Instant};
 use super::{CommError, Communicator, Pending, ReduceOp, Result};
 
 const MAGIC: u32 = 0x4c4b_5354; // "LKST"
+/// Set in the handshake's rank field on a point-to-point connection.
+const P2P_FLAG: u32 = 1 << 31;
 
 /// Tuning and failure detection of the TCP transport.
 #[derive(Clone, Debug)]
@@ -33,6 +48,12 @@ pub struct TcpOptions {
     /// Elements per chunk of the ring's pipeline (a received chunk is folded while the next
     /// one is in flight).
     pub chunk_elems: usize,
+    /// Longest wait for a point-to-point read or write, or for a peer's first point-to-point
+    /// connection, before the peer is declared lost. A pipeline stage legitimately waits for its
+    /// neighbours' compute, so this is longer than `timeout`; a dead peer is still detected at
+    /// once because its connection closes. Connecting to a peer's listener still waits at most
+    /// `timeout`.
+    pub p2p_timeout: Duration,
 }
 
 impl Default for TcpOptions {
@@ -41,22 +62,130 @@ impl Default for TcpOptions {
             timeout: Duration::from_secs(30),
             small_bytes: 64 * 1024,
             chunk_elems: 256 * 1024,
+            p2p_timeout: Duration::from_secs(600),
         }
     }
 }
 
-/// Connections accepted by the listener thread, by sender rank.
+/// Which of the two kinds of connection a stream is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Channel {
+    /// The collectives' connections, owned by [`Links`].
+    Collective,
+    /// Point-to-point messages' connections, owned by [`P2p`].
+    P2p,
+}
+
+/// Connections accepted by the listener thread and not taken yet, by sender rank.
 struct Inbound {
     streams: Mutex<Vec<Option<TcpStream>>>,
     arrived: Condvar,
+    /// Point-to-point connections (separate lock and condition: `recv` never waits on the
+    /// collectives' side).
+    p2p: Mutex<Vec<Option<TcpStream>>>,
+    p2p_arrived: Condvar,
     closed: AtomicBool,
 }
 
-/// All the connections of one process, shared by a communicator and the ones split from it.
-struct Links {
+impl Inbound {
+    /// Takes the connection of `channel` from `peer`, waiting up to `timeout` for it to arrive.
+    fn take(
+        &self,
+        channel: Channel,
+        peer: usize,
+        timeout: Duration,
+        op: &'static str,
+    ) -> Result<TcpStream> {
+        let (slots, arrived) = match channel {
+            Channel::Collective => (&self.streams, &self.arrived),
+            Channel::P2p => (&self.p2p, &self.p2p_arrived),
+        };
+        let deadline = Instant::now() + timeout;
+        let mut streams = slots.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(s) = streams[peer].take() {
+                return Ok(s);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CommError::Timeout {
+                    peer,
+                    op,
+                    seconds: timeout.as_secs(),
+                });
+            }
+            streams = arrived
+                .wait_timeout(streams, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// How this rank connects to its peers: where they listen, and what its handshake says.
+#[derive(Clone)]
+struct Dialer {
     me: usize,
-    addrs: Vec<String>,
+    addrs: Arc<[String]>,
     key: u64,
+    /// Longest wait for a peer's listener to accept.
+    timeout: Duration,
+}
+
+impl Dialer {
+    /// Connects to `peer`'s listener for `channel`, retrying until `self.timeout` while it is not
+    /// up yet, and sends the handshake; `io_timeout` becomes the connection's write timeout.
+    fn connect(
+        &self,
+        peer: usize,
+        channel: Channel,
+        io_timeout: Duration,
+        op: &'static str,
+    ) -> Result<TcpStream> {
+        let deadline = Instant::now() + self.timeout;
+        let addr = &self.addrs[peer];
+        let rank = match channel {
+            Channel::Collective => self.me as u32,
+            Channel::P2p => self.me as u32 | P2P_FLAG,
+        };
+        loop {
+            let attempt = addr.to_socket_addrs().and_then(|mut it| {
+                it.next().ok_or_else(|| {
+                    std::io::Error::new(ErrorKind::NotFound, format!("{addr} has no address"))
+                })
+            });
+            let result = attempt.and_then(|sa| {
+                let left = deadline.saturating_duration_since(Instant::now());
+                TcpStream::connect_timeout(&sa, left.max(Duration::from_millis(10)))
+            });
+            match result {
+                Ok(mut s) => {
+                    let mut hello = [0u8; 16];
+                    hello[..4].copy_from_slice(&MAGIC.to_le_bytes());
+                    hello[4..12].copy_from_slice(&self.key.to_le_bytes());
+                    hello[12..].copy_from_slice(&rank.to_le_bytes());
+                    let setup = s
+                        .set_nodelay(true)
+                        .and_then(|_| s.set_write_timeout(Some(io_timeout)))
+                        .and_then(|_| s.write_all(&hello));
+                    return match setup {
+                        Ok(()) => Ok(s),
+                        Err(e) => Err(io_error(e, peer, op, io_timeout)),
+                    };
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(io_error(e, peer, op, self.timeout));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// The collectives' connections of one process, shared by a communicator and the ones split from
+/// it.
+struct Links {
+    dial: Dialer,
     timeout: Duration,
     out: Vec<Option<TcpStream>>,
     inp: Vec<Option<TcpStream>>,
@@ -81,42 +210,6 @@ fn io_error(e: std::io::Error, peer: usize, op: &'static str, timeout: Duration)
 }
 
 impl Links {
-    fn connect(&self, peer: usize, op: &'static str) -> Result<TcpStream> {
-        let deadline = Instant::now() + self.timeout;
-        let addr = &self.addrs[peer];
-        loop {
-            let attempt = addr.to_socket_addrs().and_then(|mut it| {
-                it.next().ok_or_else(|| {
-                    std::io::Error::new(ErrorKind::NotFound, format!("{addr} has no address"))
-                })
-            });
-            let result = attempt.and_then(|sa| {
-                let left = deadline.saturating_duration_since(Instant::now());
-                TcpStream::connect_timeout(&sa, left.max(Duration::from_millis(10)))
-            });
-            match result {
-                Ok(mut s) => {
-                    let mut hello = [0u8; 16];
-                    hello[..4].copy_from_slice(&MAGIC.to_le_bytes());
-                    hello[4..12].copy_from_slice(&self.key.to_le_bytes());
-                    hello[12..].copy_from_slice(&(self.me as u32).to_le_bytes());
-                    let setup = s
-                        .set_nodelay(true)
-                        .and_then(|_| s.set_write_timeout(Some(self.timeout)))
-                        .and_then(|_| s.write_all(&hello));
-                    return match setup {
-                        Ok(()) => Ok(s),
-                        Err(e) => Err(io_error(e, peer, op, self.timeout)),
-                    };
-                }
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(io_error(e, peer, op, self.timeout));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-
     /// Makes sure the connection to `peer` (sending) and from `peer` (receiving) exist.
     fn ensure(
         &mut self,
@@ -127,37 +220,18 @@ impl Links {
         if let Some(p) = send_to
             && self.out[p].is_none()
         {
-            self.out[p] = Some(self.connect(p, op)?);
+            self.out[p] = Some(
+                self.dial
+                    .connect(p, Channel::Collective, self.timeout, op)?,
+            );
         }
         if let Some(p) = recv_from
             && self.inp[p].is_none()
         {
-            let deadline = Instant::now() + self.timeout;
-            let mut streams = self
-                .inbound
-                .streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            loop {
-                if let Some(s) = streams[p].take() {
-                    self.inp[p] = Some(s);
-                    break;
-                }
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(CommError::Timeout {
-                        peer: p,
-                        op,
-                        seconds: self.timeout.as_secs(),
-                    });
-                }
-                streams = self
-                    .inbound
-                    .arrived
-                    .wait_timeout(streams, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
+            self.inp[p] = Some(
+                self.inbound
+                    .take(Channel::Collective, p, self.timeout, op)?,
+            );
         }
         Ok(())
     }
@@ -416,7 +490,16 @@ impl Drop for Links {
     }
 }
 
-fn accept_loop(listener: TcpListener, inbound: Arc<Inbound>, key: u64, timeout: Duration) {
+/// Accepts the peers' connections, checks their handshakes and files them by channel and sender
+/// rank; `timeout` and `p2p_timeout` become the read timeouts of the collective and the
+/// point-to-point connections.
+fn accept_loop(
+    listener: TcpListener,
+    inbound: Arc<Inbound>,
+    key: u64,
+    timeout: Duration,
+    p2p_timeout: Duration,
+) {
     let world = inbound.streams.lock().map(|s| s.len()).unwrap_or_default();
     for conn in listener.incoming() {
         if inbound.closed.load(Ordering::SeqCst) {
@@ -432,7 +515,23 @@ fn accept_loop(listener: TcpListener, inbound: Arc<Inbound>, key: u64, timeout: 
         }
         let magic = u32::from_le_bytes(hello[..4].try_into().expect("4 bytes"));
         let their_key = u64::from_le_bytes(hello[4..12].try_into().expect("8 bytes"));
-        let rank = u32::from_le_bytes(hello[12..].try_into().expect("4 bytes")) as usize;
+        let field = u32::from_le_bytes(hello[12..].try_into().expect("4 bytes"));
+        let (channel, read_timeout, slots, arrived) = if field & P2P_FLAG == 0 {
+            (
+                Channel::Collective,
+                timeout,
+                &inbound.streams,
+                &inbound.arrived,
+            )
+        } else {
+            (
+                Channel::P2p,
+                p2p_timeout,
+                &inbound.p2p,
+                &inbound.p2p_arrived,
+            )
+        };
+        let rank = (field & !P2P_FLAG) as usize;
         if magic != MAGIC || their_key != key || rank >= world {
             tracing::warn!(
                 peer = ?s.peer_addr().ok(),
@@ -440,21 +539,231 @@ fn accept_loop(listener: TcpListener, inbound: Arc<Inbound>, key: u64, timeout: 
             );
             continue;
         }
-        if s.set_read_timeout(Some(timeout)).is_err() || s.set_nodelay(true).is_err() {
+        if s.set_read_timeout(Some(read_timeout)).is_err() || s.set_nodelay(true).is_err() {
             continue;
         }
-        let mut streams = inbound.streams.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::trace!(rank, ?channel, "accepted a data connection");
+        let mut streams = slots.lock().unwrap_or_else(|e| e.into_inner());
         streams[rank] = Some(s);
-        inbound.arrived.notify_all();
+        arrived.notify_all();
     }
+}
+
+/// A copy of `e` (which is not `Clone`: it may hold an `io::Error`) for a later operation on a
+/// connection that `e` broke.
+fn broke(e: &CommError) -> CommError {
+    let earlier =
+        |op: &str, what: &dyn std::fmt::Display| format!("an earlier {op} failed: {what}");
+    match e {
+        CommError::PeerLost { peer, op, source } => CommError::PeerLost {
+            peer: *peer,
+            op,
+            source: std::io::Error::new(source.kind(), earlier(op, source)),
+        },
+        CommError::Timeout { peer, op, seconds } => CommError::Timeout {
+            peer: *peer,
+            op,
+            seconds: *seconds,
+        },
+        CommError::Invalid { op, message } => CommError::Invalid {
+            op,
+            message: earlier(op, message),
+        },
+        CommError::Setup(m) => CommError::Setup(m.clone()),
+        CommError::Nccl(m) => CommError::Nccl(m.clone()),
+    }
+}
+
+/// One message for a sending thread, and where its result goes.
+type SendJob = (Vec<f32>, mpsc::Sender<(Result<Vec<f32>>, Duration)>);
+
+/// The sending threads' connections, kept so that dropping the communicator can shut them down
+/// (which ends a write in progress).
+#[derive(Default)]
+struct Outbound {
+    closed: bool,
+    streams: Vec<TcpStream>,
+}
+
+/// The receiving side of the point-to-point connection from one peer.
+enum Incoming {
+    /// The peer has not connected yet (or no `recv` has needed it yet).
+    Waiting,
+    Open(TcpStream),
+    /// A receive failed: the stream may be in the middle of a message, so every later receive
+    /// fails with (a copy of) this.
+    Broken(CommError),
+}
+
+/// Point-to-point messages of one process, apart from the collectives' [`Links`]: a sending thread
+/// per destination rank, each with its own connection, and the connection from each source rank
+/// behind its own lock.
+struct P2p {
+    dial: Dialer,
+    /// Read and write timeout ([`TcpOptions::p2p_timeout`]).
+    timeout: Duration,
+    /// The sending threads' queues, by destination global rank, started by the first send.
+    senders: Mutex<Vec<Option<mpsc::Sender<SendJob>>>>,
+    outbound: Arc<Mutex<Outbound>>,
+    /// By source global rank.
+    incoming: Vec<Mutex<Incoming>>,
+    inbound: Arc<Inbound>,
+}
+
+const DROPPED: &str = "the communicator was dropped";
+
+impl P2p {
+    /// Queues `buf` for global rank `to`, starting its sending thread on the first message.
+    fn send(&self, to: usize, buf: Vec<f32>) -> Pending<Vec<f32>> {
+        let (done, pending) = Pending::channel();
+        let mut senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
+        if senders[to].is_none() {
+            match self.spawn_sender(to) {
+                Ok(tx) => senders[to] = Some(tx),
+                Err(e) => return Pending::ready(Err(e)),
+            }
+        }
+        let queue = senders[to].as_ref().expect("started");
+        if let Err(mpsc::SendError((_, done))) = queue.send((buf, done)) {
+            // The thread only ends early if it panicked; do not start another one, which would
+            // reconnect behind the receiver's back.
+            let gone = CommError::Setup(format!("the sending thread for rank {to} is gone"));
+            let _ = done.send((Err(gone), Duration::ZERO));
+        }
+        pending
+    }
+
+    fn spawn_sender(&self, to: usize) -> Result<mpsc::Sender<SendJob>> {
+        let (tx, rx) = mpsc::channel::<SendJob>();
+        let (dial, timeout) = (self.dial.clone(), self.timeout);
+        let outbound = Arc::clone(&self.outbound);
+        std::thread::Builder::new()
+            .name(format!("lockstep-send-{to}"))
+            .spawn(move || send_loop(rx, to, &dial, timeout, &outbound))
+            .map_err(|e| CommError::Setup(format!("sending thread: {e}")))?;
+        Ok(tx)
+    }
+
+    /// Receives the next message from global rank `from` into `buf`.
+    fn recv(&self, from: usize, buf: &mut [f32]) -> Result<()> {
+        const OP: &str = "recv";
+        let mut side = self.incoming[from]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Incoming::Waiting = *side {
+            // Nothing read yet: a peer that has not connected in time leaves the side waiting.
+            let s = self.inbound.take(Channel::P2p, from, self.timeout, OP)?;
+            *side = Incoming::Open(s);
+        }
+        let s = match &mut *side {
+            Incoming::Open(s) => s,
+            Incoming::Broken(e) => return Err(broke(e)),
+            Incoming::Waiting => unreachable!("opened above"),
+        };
+        let result = read_message(s, buf, from, self.timeout);
+        if let Err(e) = &result {
+            *side = Incoming::Broken(broke(e));
+        }
+        result
+    }
+}
+
+impl Drop for P2p {
+    fn drop(&mut self) {
+        // Shut the connections down, which ends a write in progress; each sending thread then
+        // fails what is still queued and ends when its queue (in `senders`) is dropped.
+        let mut out = self.outbound.lock().unwrap_or_else(|e| e.into_inner());
+        out.closed = true;
+        for s in out.streams.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// A sending thread: connects to global rank `to` on its first message, then writes every queued
+/// message in order and reports each one's result. After a failure every later message fails
+/// too: reconnecting would lose or reorder messages behind the receiver's back.
+fn send_loop(
+    jobs: mpsc::Receiver<SendJob>,
+    to: usize,
+    dial: &Dialer,
+    timeout: Duration,
+    outbound: &Mutex<Outbound>,
+) {
+    const OP: &str = "send";
+    let mut stream: Option<TcpStream> = None;
+    let mut broken: Option<CommError> = None;
+    let closed = || outbound.lock().map_or(true, |o| o.closed);
+    for (buf, done) in jobs {
+        let started = Instant::now();
+        let result = if closed() {
+            Err(CommError::Setup(DROPPED.into()))
+        } else if let Some(e) = &broken {
+            Err(broke(e))
+        } else {
+            let sent = (|| {
+                if stream.is_none() {
+                    let s = dial.connect(to, Channel::P2p, timeout, OP)?;
+                    let mut out = outbound.lock().unwrap_or_else(|e| e.into_inner());
+                    if out.closed {
+                        return Err(CommError::Setup(DROPPED.into()));
+                    }
+                    out.streams
+                        .push(s.try_clone().map_err(|e| io_error(e, to, OP, timeout))?);
+                    stream = Some(s);
+                }
+                let s = stream.as_mut().expect("connected");
+                write_message(s, &buf).map_err(|e| io_error(e, to, OP, timeout))
+            })();
+            match sent {
+                // The write failed because the communicator was dropped, not the peer.
+                Err(_) if closed() => Err(CommError::Setup(DROPPED.into())),
+                Err(e) => {
+                    broken = Some(broke(&e));
+                    Err(e)
+                }
+                Ok(()) => Ok(()),
+            }
+        };
+        // The caller may have dropped its `Pending`: the message is sent all the same.
+        let _ = done.send((result.map(|()| buf), started.elapsed()));
+    }
+}
+
+/// Writes one point-to-point message: its length in elements (8 bytes), then its elements.
+fn write_message(s: &mut TcpStream, buf: &[f32]) -> std::io::Result<()> {
+    s.write_all(&(buf.len() as u64).to_le_bytes())?;
+    s.write_all(bytemuck::cast_slice(buf))
+}
+
+/// Reads one point-to-point message from global rank `from`, which must be `buf.len()` elements.
+fn read_message(s: &mut TcpStream, buf: &mut [f32], from: usize, timeout: Duration) -> Result<()> {
+    const OP: &str = "recv";
+    let mut len = [0u8; 8];
+    s.read_exact(&mut len)
+        .map_err(|e| io_error(e, from, OP, timeout))?;
+    let len = u64::from_le_bytes(len);
+    if len != buf.len() as u64 {
+        return Err(CommError::Invalid {
+            op: OP,
+            message: format!(
+                "rank {from} sent {len} elements, the receive expects {}",
+                buf.len()
+            ),
+        });
+    }
+    s.read_exact(bytemuck::cast_slice_mut(buf))
+        .map_err(|e| io_error(e, from, OP, timeout))
 }
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// What a communicator and those split from it share: the connections, and the thread that runs
-/// asynchronous collectives in the order they were started.
+/// What a communicator and those split from it share: the collectives' connections, the thread
+/// that runs asynchronous collectives in the order they were started, and the point-to-point
+/// side.
 struct Shared {
     links: Mutex<Links>,
+    p2p: P2p,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     inflight: Mutex<usize>,
     idle: Condvar,
@@ -699,20 +1008,34 @@ impl TcpComm {
         let inbound = Arc::new(Inbound {
             streams: Mutex::new((0..world).map(|_| None).collect()),
             arrived: Condvar::new(),
+            p2p: Mutex::new((0..world).map(|_| None).collect()),
+            p2p_arrived: Condvar::new(),
             closed: AtomicBool::new(false),
         });
         {
             let inbound = Arc::clone(&inbound);
-            let timeout = opts.timeout;
+            let (timeout, p2p_timeout) = (opts.timeout, opts.p2p_timeout);
             std::thread::Builder::new()
                 .name("lockstep-accept".into())
-                .spawn(move || accept_loop(listener, inbound, key, timeout))
+                .spawn(move || accept_loop(listener, inbound, key, timeout, p2p_timeout))
                 .map_err(|e| CommError::Setup(format!("listener thread: {e}")))?;
         }
-        let links = Links {
+        let dial = Dialer {
             me: rank,
-            addrs,
+            addrs: addrs.into(),
             key,
+            timeout: opts.timeout,
+        };
+        let p2p = P2p {
+            dial: dial.clone(),
+            timeout: opts.p2p_timeout,
+            senders: Mutex::new((0..world).map(|_| None).collect()),
+            outbound: Arc::default(),
+            incoming: (0..world).map(|_| Mutex::new(Incoming::Waiting)).collect(),
+            inbound: Arc::clone(&inbound),
+        };
+        let links = Links {
+            dial,
             timeout: opts.timeout,
             out: (0..world).map(|_| None).collect(),
             inp: (0..world).map(|_| None).collect(),
@@ -723,6 +1046,7 @@ impl TcpComm {
         Ok(Self {
             shared: Arc::new(Shared {
                 links: Mutex::new(links),
+                p2p,
                 jobs: Mutex::new(None),
                 inflight: Mutex::new(0),
                 idle: Condvar::new(),
@@ -872,13 +1196,20 @@ impl Communicator for TcpComm {
     }
 
     fn send(&mut self, buf: &[f32], peer: usize) -> Result<()> {
-        let to = self.check_peer(peer, "send")?;
-        self.run(|g| g.links.write(to, buf, "send"))
+        self.send_async(buf.to_vec(), peer).wait().map(drop)
     }
 
     fn recv(&mut self, buf: &mut [f32], peer: usize) -> Result<()> {
         let from = self.check_peer(peer, "recv")?;
-        self.run(|g| g.links.read(from, buf, "recv"))
+        // Neither `run` nor the collectives' lock: a receive does not wait for collectives.
+        self.shared.p2p.recv(from, buf)
+    }
+
+    fn send_async(&mut self, buf: Vec<f32>, peer: usize) -> Pending<Vec<f32>> {
+        match self.check_peer(peer, "send") {
+            Ok(to) => self.shared.p2p.send(to, buf),
+            Err(e) => Pending::ready(Err(e)),
+        }
     }
 
     fn barrier(&mut self) -> Result<()> {
@@ -926,5 +1257,285 @@ impl Communicator for TcpComm {
             me,
             opts: self.opts.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+
+    use super::*;
+
+    fn opts() -> TcpOptions {
+        TcpOptions {
+            timeout: Duration::from_secs(10),
+            p2p_timeout: Duration::from_secs(10),
+            ..TcpOptions::default()
+        }
+    }
+
+    /// Runs `f` on every rank of a fresh local gang, each on its own thread, and returns the
+    /// results in rank order. A gang still running after `limit` fails the test (a deadlock is a
+    /// failure, not a stuck test run); a rank's panic is the test's.
+    fn gang<T: Send + 'static>(
+        n: usize,
+        opts: TcpOptions,
+        limit: Duration,
+        f: impl Fn(TcpComm) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
+        let comms = TcpComm::local_gang(n, opts).expect("a local gang");
+        let f = Arc::new(f);
+        let (tx, rx) = mpsc::channel();
+        for c in comms {
+            let (f, tx) = (Arc::clone(&f), tx.clone());
+            std::thread::spawn(move || {
+                let r = c.rank();
+                let _ = tx.send((r, catch_unwind(AssertUnwindSafe(|| f(c)))));
+            });
+        }
+        let deadline = Instant::now() + limit;
+        let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((r, Ok(v))) => out[r] = Some(v),
+                Ok((_, Err(panic))) => resume_unwind(panic),
+                Err(_) => {
+                    let missing: Vec<_> = (0..n).filter(|&r| out[r].is_none()).collect();
+                    panic!("ranks {missing:?} still running after {limit:?}: a deadlock");
+                }
+            }
+        }
+        out.into_iter().map(|v| v.expect("every rank")).collect()
+    }
+
+    /// Element `i` of the message that `tag` sends: small integers, exact in f32.
+    fn pattern(tag: usize, i: usize) -> f32 {
+        (tag * 1000 + i % 1000) as f32
+    }
+
+    fn message(tag: usize, len: usize) -> Vec<f32> {
+        (0..len).map(|i| pattern(tag, i)).collect()
+    }
+
+    #[test]
+    fn crossing_large_sends_do_not_deadlock() {
+        // Each message is far larger than the sockets' buffers: with blocking writes on one
+        // connection both ranks would wait in their write for a read that never comes.
+        const LEN: usize = 16 << 20;
+        let out = gang(2, opts(), Duration::from_secs(60), |mut c| {
+            let (me, other) = (c.rank(), 1 - c.rank());
+            let pending = c.send_async(message(me, LEN), other);
+            let mut got = vec![0.0f32; LEN];
+            c.recv(&mut got, other).expect("recv");
+            let back = pending.wait().expect("send_async");
+            let intact = got.iter().enumerate().all(|(i, &x)| x == pattern(other, i));
+            let returned = back.len() == LEN && back[LEN - 1] == pattern(me, LEN - 1);
+            (intact, returned)
+        });
+        assert_eq!(out, vec![(true, true); 2]);
+    }
+
+    #[test]
+    fn messages_arrive_in_order_and_intact() {
+        const COUNT: usize = 100;
+        // Empty, small and large messages (one of a million elements), in no particular order.
+        let len = |k: usize| match k {
+            50 => 1 << 20,
+            _ if k % 10 == 3 => 0,
+            _ => (k * 7919) % 20_011,
+        };
+        let out = gang(2, opts(), Duration::from_secs(60), move |mut c| {
+            if c.rank() == 0 {
+                // Every message is queued before the first one is waited for.
+                let pending: Vec<_> = (0..COUNT)
+                    .map(|k| c.send_async(message(k, len(k)), 1))
+                    .collect();
+                pending
+                    .into_iter()
+                    .enumerate()
+                    .all(|(k, p)| p.wait().expect("send_async") == message(k, len(k)))
+            } else {
+                (0..COUNT).all(|k| {
+                    let mut got = vec![-1.0f32; len(k)];
+                    c.recv(&mut got, 0).expect("recv");
+                    got == message(k, len(k))
+                })
+            }
+        });
+        assert_eq!(
+            out,
+            vec![true, true],
+            "[buffers came back, messages intact]"
+        );
+    }
+
+    #[test]
+    fn p2p_completes_while_an_async_all_reduce_is_in_flight() {
+        // Rank 2 holds the all-reduce up: it joins only once ranks 0 and 1 have exchanged their
+        // messages, so the exchange must not wait for the collective.
+        const LEN: usize = 4 << 20;
+        let (done_tx, done_rx) = mpsc::channel::<usize>();
+        let done_rx = Mutex::new(done_rx);
+        let out = gang(3, opts(), Duration::from_secs(60), move |mut c| {
+            let r = c.rank();
+            let mine = vec![r as f32 + 1.0; LEN];
+            if r == 2 {
+                let rx = done_rx.lock().expect("the only user");
+                let exchanged = (0..2).all(|_| rx.recv_timeout(Duration::from_secs(5)).is_ok());
+                let mut b = mine;
+                c.all_reduce(&mut b, ReduceOp::Sum).expect("all_reduce");
+                return (exchanged, b.iter().all(|&x| x == 6.0));
+            }
+            let pending = c.all_reduce_async(mine, ReduceOp::Sum);
+            let other = 1 - r;
+            let sent = c.send_async(message(r, 1 << 20), other);
+            let mut got = vec![0.0f32; 1 << 20];
+            c.recv(&mut got, other).expect("recv");
+            sent.wait().expect("send_async");
+            let exchanged = got == message(other, 1 << 20);
+            done_tx.send(r).expect("rank 2 listens");
+            let sum = pending.wait().expect("all_reduce_async");
+            (exchanged, sum.iter().all(|&x| x == 6.0))
+        });
+        assert_eq!(
+            out,
+            vec![(true, true); 3],
+            "[exchanged before the all-reduce, all-reduce right]"
+        );
+    }
+
+    #[test]
+    fn split_communicators_send_and_receive_by_group_index() {
+        // Groups {0, 1} and {2, 3}, each in reverse order of global rank: index 0 is global 1
+        // (and 3), index 1 is global 0 (and 2).
+        let out = gang(4, opts(), Duration::from_secs(60), |mut c| {
+            let r = c.rank();
+            let mut g = c.split((r / 2) as u32, (3 - r) as u32).expect("split");
+            let other = 1 - g.rank();
+            let sent = g.send_async(vec![r as f32; 5], other);
+            let mut got = vec![0.0f32; 5];
+            g.recv(&mut got, other).expect("recv");
+            sent.wait().expect("send_async");
+            let mut got2 = vec![0.0f32; 1];
+            if g.rank() == 0 {
+                g.send(&[10.0 * r as f32], 1).expect("send");
+            } else {
+                g.recv(&mut got2, 0).expect("recv");
+            }
+            let outside = g.send(&[0.0], 2).expect_err("no index 2 in a group of 2");
+            (
+                g.members().to_vec(),
+                got,
+                got2[0],
+                matches!(outside, CommError::Invalid { op: "send", .. }),
+            )
+        });
+        let want_members = [vec![1, 0], vec![1, 0], vec![3, 2], vec![3, 2]];
+        let partner = [1usize, 0, 3, 2];
+        for (r, (members, got, got2, refused)) in out.into_iter().enumerate() {
+            assert_eq!(members, want_members[r], "rank {r}");
+            assert_eq!(got, vec![partner[r] as f32; 5], "rank {r}");
+            // Index 1 (global 0 and 2) received the blocking send of index 0.
+            let want2 = if r % 2 == 0 {
+                10.0 * partner[r] as f32
+            } else {
+                0.0
+            };
+            assert_eq!(got2, want2, "rank {r}");
+            assert!(refused, "rank {r}");
+        }
+    }
+
+    #[test]
+    fn a_receiver_whose_peer_is_gone_gets_peer_lost_at_once() {
+        // A small p2p_timeout: if the loss were only noticed by the timeout, the test would fail
+        // (wrong error, too slow) within seconds instead of hanging.
+        let p2p_timeout = Duration::from_secs(5);
+        let opts = TcpOptions {
+            p2p_timeout,
+            ..opts()
+        };
+        // Ranks 0 and 2 form a group in which global rank 2 is index 1.
+        let out = gang(3, opts, Duration::from_secs(60), |mut c| {
+            let r = c.rank();
+            let mut g = c.split((r % 2) as u32, r as u32).expect("split");
+            match r {
+                2 => {
+                    g.send(&[7.0; 3], 0).expect("send");
+                    // Rank 2 is gone: every communicator of its process is dropped.
+                    drop(g);
+                    drop(c);
+                    None
+                }
+                0 => {
+                    let mut got = [0.0f32; 3];
+                    g.recv(&mut got, 1)
+                        .expect("the message sent before leaving");
+                    assert_eq!(got, [7.0; 3]);
+                    let started = Instant::now();
+                    let e = g.recv(&mut got, 1).expect_err("rank 2 is gone");
+                    let took = started.elapsed();
+                    let again = g.recv(&mut got, 1).expect_err("still gone");
+                    Some((e, took, again))
+                }
+                _ => None,
+            }
+        });
+        let (e, took, again) = out.into_iter().next().flatten().expect("rank 0's result");
+        assert!(
+            matches!(
+                e,
+                CommError::PeerLost {
+                    peer: 2,
+                    op: "recv",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(took < p2p_timeout / 2, "noticed after {took:?}");
+        assert!(
+            matches!(again, CommError::PeerLost { peer: 2, .. }),
+            "{again}"
+        );
+    }
+
+    #[test]
+    fn sending_to_self_is_refused() {
+        let out = gang(2, opts(), Duration::from_secs(30), |mut c| {
+            let me = c.rank();
+            [
+                c.send(&[1.0], me).expect_err("send to self"),
+                c.send_async(vec![1.0], me)
+                    .wait()
+                    .expect_err("send_async to self"),
+                c.recv(&mut [0.0], me).expect_err("recv from self"),
+                c.send(&[1.0], 2).expect_err("send outside the gang"),
+            ]
+            .iter()
+            .all(|e| matches!(e, CommError::Invalid { .. }))
+        });
+        assert_eq!(out, vec![true, true]);
+    }
+
+    #[test]
+    fn a_receive_of_the_wrong_size_is_refused() {
+        let out = gang(2, opts(), Duration::from_secs(30), |mut c| {
+            if c.rank() == 0 {
+                c.send(&[1.0; 4], 1).expect("send");
+                return None;
+            }
+            let mut got = [0.0f32; 3];
+            Some(
+                c.recv(&mut got, 0)
+                    .expect_err("4 elements sent, 3 expected"),
+            )
+        });
+        let e = out[1].as_ref().expect("rank 1's error");
+        assert!(
+            matches!(e, CommError::Invalid { op: "recv", message } if message.contains("sent 4 elements")),
+            "{e}"
+        );
     }
 }
