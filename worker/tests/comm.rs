@@ -41,6 +41,7 @@ fn small_opts() -> TcpOptions {
         timeout: Duration::from_secs(20),
         small_bytes: 256,
         chunk_elems: 37,
+        ..TcpOptions::default()
     }
 }
 
