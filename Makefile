@@ -93,6 +93,11 @@ bench-allreduce: ## all-reduce benchmark of the TCP ring, 2 and 4 ranks, 1 KiB t
 	$(CARGO) build --release --locked -q -p lockstep-worker
 	for n in 2 4; do $(CARGO_TARGET_DIR)/release/lockstep-worker bench allreduce --ranks $$n --sizes 1K:256M; done
 
+.PHONY: bench-pipeline
+bench-pipeline: ## pipeline schedules on the CPU: bubble measured vs simulated vs formula, tokens/s, activations (STAGES=2 MICRO=4,8,16)
+	$(CARGO) build --release --locked -q -p lockstep-worker
+	$(CARGO_TARGET_DIR)/release/lockstep-worker bench pipeline --stages $(or $(STAGES),2) --micro $(or $(MICRO),4,8,16) --steps 7 --warmup 2
+
 .PHONY: bench-engine
 bench-engine: ## engine on the CPU: GPT tokens/s on 1 rank; 2-rank comm, exposed comm and overlap
 	$(CARGO) build --release --locked -q -p lockstep-worker

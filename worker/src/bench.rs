@@ -534,3 +534,333 @@ pub fn engine_check(tf32: bool) -> Result<()> {
     println!("all {} outputs within tolerance", rows.len());
     Ok(())
 }
+
+/// Shape of a pipeline benchmark: a GPT on a text, cut into `stages` ranks (threads of this
+/// process over the TCP transport, each with its own `threads` CPU threads).
+#[derive(Clone, Debug)]
+pub struct PipelineBench {
+    /// The job's model and data (`spec.training.model.gpt`, `spec.training.data`) as YAML
+    /// lines under `training:`.
+    pub model_yaml: String,
+    /// Pipeline stages.
+    pub stages: usize,
+    /// Micro-batch counts to measure.
+    pub micro: Vec<usize>,
+    /// Sequences per micro-batch.
+    pub micro_batch: usize,
+    /// Schedules to measure.
+    pub schedules: Vec<lockstep_api::training::PipelineSchedule>,
+    /// Model chunks per stage for the interleaved schedule.
+    pub chunks: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// CPU threads per stage.
+    pub threads: usize,
+    /// The engine.
+    pub device: Device,
+}
+
+/// One measured configuration.
+#[derive(Clone, Debug)]
+pub struct PipelineRow {
+    /// The schedule.
+    pub schedule: lockstep_api::training::PipelineSchedule,
+    /// Micro-batches.
+    pub micro: usize,
+    /// Chunks per stage.
+    pub chunks: usize,
+    /// Measured share of stage-time spent idle over the forward-backward phase (median).
+    pub measured: f64,
+    /// The simulator's share on the same plan with each stage's measured costs.
+    pub simulated: f64,
+    /// The published formula's share (unit costs).
+    pub formula: f64,
+    /// Median forward-backward phase (makespan), seconds.
+    pub makespan: f64,
+    /// Median step time, seconds.
+    pub step: f64,
+    /// Tokens per second of the whole pipeline.
+    pub tokens_per_second: f64,
+    /// Peak activation bytes per stage.
+    pub activations: Vec<usize>,
+    /// Each stage's mean cost per action (microseconds), as given to the simulator.
+    pub costs: Vec<crate::pipeline::Costs>,
+}
+
+/// The published bubble of a schedule as a share of the step, with unit costs (ZB-H1: the
+/// simulator's, with F = B = W).
+fn formula_share(
+    schedule: lockstep_api::training::PipelineSchedule,
+    p: usize,
+    m: usize,
+    v: usize,
+) -> f64 {
+    use lockstep_api::training::PipelineSchedule as S;
+    let (p, m, v) = (p as f64, m as f64, v as f64);
+    match schedule {
+        S::GPipe | S::OneFOneB => (p - 1.0) / (m + p - 1.0),
+        S::Interleaved => (p - 1.0) / (v * m + p - 1.0),
+        S::ZeroBubble => {
+            let plan = crate::pipeline::plan(schedule, p as u32, m as u32, 1);
+            plan.ok()
+                .and_then(|pl| {
+                    crate::pipeline::simulate(
+                        &pl,
+                        1,
+                        &crate::pipeline::Costs::default(),
+                        crate::pipeline::SendMode::Buffered,
+                    )
+                    .ok()
+                })
+                .map_or(f64::NAN, |r| r.bubble_share())
+        }
+    }
+}
+
+/// What one stage measured: its stats and step times of the timed steps, and the tokens of a
+/// step.
+type Measured = (
+    Vec<crate::workload::pipeline::StageStats>,
+    Vec<Duration>,
+    u64,
+);
+
+/// Trains `steps` steps of one configuration and measures it.
+fn pipeline_one(
+    b: &PipelineBench,
+    schedule: lockstep_api::training::PipelineSchedule,
+    m: usize,
+) -> Result<PipelineRow> {
+    use crate::pipeline::{Costs, SendMode, plan, simulate_stages};
+    use crate::workload::pipeline::StageStats;
+    use lockstep_api::training::PipelineSchedule as S;
+    let p = b.stages;
+    let v = if schedule == S::Interleaved {
+        b.chunks
+    } else {
+        1
+    };
+    let yaml = format!(
+        r#"apiVersion: lockstep.dev/v1alpha1
+kind: ParallelJob
+metadata: {{name: bench-pipeline}}
+spec:
+  parallelism: {{dataParallel: 1, pipelineStages: {p}}}
+  training:
+    workload: Pipeline
+{model}
+    optimizer: {{learningRate: 0.0003, warmupSteps: 1}}
+    batchSize: {batch}
+    maxSteps: 1000000
+    seed: 1
+    pipeline: {{schedule: {schedule:?}, microBatches: {m}, chunksPerStage: {v}}}
+  template:
+    spec:
+      containers: [{{name: worker, image: lockstep/worker:0.1.0}}]
+"#,
+        model = b.model_yaml,
+        batch = b.micro_batch * m,
+    );
+    let job = lockstep_api::manifest::parse_job(&yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg =
+        lockstep_api::config::WorkerConfig::from_job(&job).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let layout =
+        lockstep_api::layout::Layout::new(1, p as u32).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let gang = TcpComm::local_gang(p, TcpOptions::default())?;
+    let total = b.warmup + b.steps;
+    let per_rank: Vec<Result<Measured>> = std::thread::scope(|s| {
+        let handles: Vec<_> = gang
+            .into_iter()
+            .map(|comm| {
+                let cfg = &cfg;
+                s.spawn(move || -> Result<Measured> {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(b.threads.max(1))
+                        .build()?;
+                    pool.install(|| {
+                        let mut topo = crate::topology::Topology::new(layout, comm)?;
+                        let device = match b.device {
+                            Device::Cpu => crate::device::Device::Cpu(lockstep_engine::cpu::Cpu),
+                            #[cfg(feature = "cuda")]
+                            Device::Cuda => crate::device::Device::Cuda {
+                                backend: lockstep_engine::cuda::Cuda::new(0, true)?,
+                                nccl: None,
+                            },
+                            #[cfg(not(feature = "cuda"))]
+                            Device::Cuda => bail!("this build has no CUDA backend"),
+                        };
+                        let mut work = crate::workload::build(cfg, device, &topo)?;
+                        work.init(&mut topo)?;
+                        let (mut stats, mut times, mut tokens) = (Vec::new(), Vec::new(), 0);
+                        for step in 0..total as u64 {
+                            topo.world.barrier()?;
+                            let t0 = Instant::now();
+                            let r = work.step(&mut topo, step, 3e-4)?;
+                            let mut done = [0.0f32];
+                            topo.world.all_reduce(&mut done, ReduceOp::Sum)?;
+                            if step as usize >= b.warmup {
+                                times.push(t0.elapsed());
+                                stats.push(r.pipeline.unwrap_or_default());
+                                tokens = r.tokens;
+                            }
+                        }
+                        Ok((stats, times, tokens))
+                    })
+                })
+            })
+            .collect();
+        join_all(handles)
+    });
+    let mut stages = Vec::with_capacity(p);
+    for r in per_rank {
+        stages.push(r?);
+    }
+    let tokens = stages[0].2;
+    // Per timed step: the measured share, over the common time line of the stages.
+    let mut shares = Vec::new();
+    let mut spans = Vec::new();
+    for i in 0..b.steps {
+        let start = stages
+            .iter()
+            .filter_map(|s| s.0[i].phase.map(|x| x.0))
+            .min();
+        let end = stages
+            .iter()
+            .filter_map(|s| s.0[i].phase.map(|x| x.1))
+            .max();
+        let (Some(start), Some(end)) = (start, end) else {
+            bail!("a stage measured no phase");
+        };
+        let makespan = end.duration_since(start).as_secs_f64();
+        let busy: f64 = stages.iter().map(|s| s.0[i].busy.as_secs_f64()).sum();
+        shares.push(1.0 - busy / (p as f64 * makespan));
+        spans.push(makespan);
+    }
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    // Each stage's mean cost per action, in microseconds, for the simulator.
+    let n = (m * v * b.steps) as f64;
+    let us = |d: Duration| (d.as_secs_f64() * 1e6 / n).round().max(1.0) as u64;
+    let costs: Vec<Costs> = stages
+        .iter()
+        .map(|s| {
+            let sum = |f: fn(&StageStats) -> Duration| s.0.iter().map(f).sum::<Duration>();
+            let (bwd, bi, bw) = (
+                sum(|x| x.backward),
+                sum(|x| x.backward_input),
+                sum(|x| x.backward_weight),
+            );
+            Costs {
+                forward: us(sum(|x| x.forward)),
+                backward_input: if bwd.is_zero() { us(bi) } else { us(bwd) },
+                backward_weight: if bwd.is_zero() { us(bw) } else { 0 },
+                ..Costs::default()
+            }
+        })
+        .collect();
+    let pl = plan(schedule, p as u32, m as u32, v as u32)?;
+    let sim = simulate_stages(&pl, v as u32, &costs, SendMode::Buffered)?;
+    let step = med(stages[0].1.iter().map(Duration::as_secs_f64).collect());
+    Ok(PipelineRow {
+        schedule,
+        micro: m,
+        chunks: v,
+        measured: med(shares),
+        simulated: sim.bubble_share(),
+        formula: formula_share(schedule, p, m, v),
+        makespan: med(spans),
+        step,
+        tokens_per_second: tokens as f64 / step,
+        activations: stages
+            .iter()
+            .map(|s| {
+                s.0.iter()
+                    .map(|x| x.peak_activation_bytes)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect(),
+        costs,
+    })
+}
+
+/// Measures every schedule and micro-batch count of `b`, and prints one row each: the bubble
+/// measured, simulated on the measured costs and by the formula, throughput and activation
+/// memory per stage.
+#[allow(clippy::print_stdout)] // the benchmark's output
+pub fn pipeline(b: &PipelineBench) -> Result<()> {
+    println!(
+        "# pipeline, {} stages as threads ({} CPU thread(s) each), micro-batches of {} sequences; median of {} steps after {} warm-up",
+        b.stages, b.threads, b.micro_batch, b.steps, b.warmup
+    );
+    println!(
+        "# bubble = idle share of stage-time over the forward-backward phase: measured (one time line), simulated (same plan, each stage's measured F/B/W costs), formula (unit costs)"
+    );
+    println!(
+        "{:<12} {:>3} {:>2} {:>9} {:>9} {:>8} {:>8} {:>10} {:>10} {:>12}  activations MiB per stage; F/B/W ms per stage",
+        "schedule",
+        "m",
+        "v",
+        "measured",
+        "simulated",
+        "gap",
+        "formula",
+        "phase_ms",
+        "step_ms",
+        "tokens/s"
+    );
+    for &schedule in &b.schedules {
+        for &m in &b.micro {
+            let v = if schedule == lockstep_api::training::PipelineSchedule::Interleaved {
+                b.chunks
+            } else {
+                1
+            };
+            if schedule == lockstep_api::training::PipelineSchedule::Interleaved
+                && !m.is_multiple_of(b.stages)
+            {
+                continue;
+            }
+            let r = pipeline_one(b, schedule, m)
+                .with_context(|| format!("{schedule:?} with {m} micro-batches, {v} chunk(s)"))?;
+            let act: Vec<String> = r
+                .activations
+                .iter()
+                .map(|a| format!("{:.1}", *a as f64 / (1 << 20) as f64))
+                .collect();
+            let fbw: Vec<String> = r
+                .costs
+                .iter()
+                .map(|c| {
+                    let ms = |us: u64| us as f64 / 1e3;
+                    format!(
+                        "{:.2}/{:.2}/{:.2}",
+                        ms(c.forward),
+                        ms(c.backward_input),
+                        ms(c.backward_weight)
+                    )
+                })
+                .collect();
+            println!(
+                "{:<12} {:>3} {:>2} {:>8.1}% {:>8.1}% {:>+7.1}% {:>7.1}% {:>10.1} {:>10.1} {:>12.0}  {}; {}",
+                format!("{:?}", r.schedule),
+                r.micro,
+                r.chunks,
+                100.0 * r.measured,
+                100.0 * r.simulated,
+                100.0 * (r.measured - r.simulated) / r.simulated.max(1e-9),
+                100.0 * r.formula,
+                r.makespan * 1e3,
+                r.step * 1e3,
+                r.tokens_per_second,
+                act.join(" "),
+                fbw.join(" ")
+            );
+        }
+    }
+    Ok(())
+}

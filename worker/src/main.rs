@@ -108,6 +108,56 @@ enum BenchCmd {
         #[arg(long)]
         profile: bool,
     },
+    /// Pipeline schedules on a GPT: the bubble measured, simulated on the measured costs and by
+    /// the formula; tokens/s; activation memory per stage.
+    Pipeline {
+        /// Backend.
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+        /// Pipeline stages (ranks, as threads of this process).
+        #[arg(long, default_value_t = 2)]
+        stages: usize,
+        /// Micro-batch counts, comma-separated.
+        #[arg(long, default_value = "4,8,16", value_delimiter = ',')]
+        micro: Vec<usize>,
+        /// Sequences per micro-batch.
+        #[arg(long, default_value_t = 2)]
+        micro_batch: usize,
+        /// Schedules, comma-separated (GPipe, OneFOneB, Interleaved, ZeroBubble).
+        #[arg(
+            long,
+            default_value = "GPipe,OneFOneB,Interleaved,ZeroBubble",
+            value_delimiter = ','
+        )]
+        schedules: Vec<String>,
+        /// Model chunks per stage for Interleaved.
+        #[arg(long, default_value_t = 2)]
+        chunks: usize,
+        /// Transformer blocks.
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        /// Attention heads.
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Residual width.
+        #[arg(long, default_value_t = 128)]
+        embed: usize,
+        /// Tokens per sequence (and the context length).
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// The text to train on.
+        #[arg(long, default_value = "data/tinyshakespeare.txt.gz")]
+        data: String,
+        /// CPU threads per stage.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Untimed steps.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
     /// The CUDA backend against the CPU reference, primitive by primitive and on GPT steps.
     EngineCheck {
         /// Use TF32 GEMMs (looser tolerances).
@@ -223,6 +273,50 @@ fn main() -> ProcessExit {
                     profile,
                 },
             )
+        })()),
+        Cmd::Bench {
+            what:
+                BenchCmd::Pipeline {
+                    device,
+                    stages,
+                    micro,
+                    micro_batch,
+                    schedules,
+                    chunks,
+                    layers,
+                    heads,
+                    embed,
+                    seq,
+                    data,
+                    threads,
+                    warmup,
+                    steps,
+                },
+        } => bench_exit((|| {
+            let schedules = schedules
+                .iter()
+                .map(|s| {
+                    serde_json::from_value(serde_json::Value::String(s.clone())).map_err(|_| {
+                        anyhow::anyhow!(
+                            "unknown schedule {s}: GPipe, OneFOneB, Interleaved or ZeroBubble"
+                        )
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            bench::pipeline(&bench::PipelineBench {
+                model_yaml: format!(
+                    "    model: {{gpt: {{layers: {layers}, heads: {heads}, embedDim: {embed}, contextLength: {seq}}}}}\n    data: {{kind: Text, path: \"{data}\"}}"
+                ),
+                stages,
+                micro,
+                micro_batch,
+                schedules,
+                chunks,
+                warmup,
+                steps,
+                threads,
+                device,
+            })
         })()),
         #[cfg(feature = "cuda")]
         Cmd::Bench {

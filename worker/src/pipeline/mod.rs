@@ -25,7 +25,7 @@ pub mod schedule;
 pub mod sim;
 
 pub use schedule::{Action, PipelineSchedule, PlanError, plan};
-pub use sim::{Costs, Report, SendMode, SimError, chart, simulate};
+pub use sim::{Costs, Report, SendMode, SimError, chart, simulate, simulate_stages};
 
 #[cfg(test)]
 mod tests;

@@ -260,6 +260,18 @@ pub fn simulate(
     costs: &Costs,
     sends: SendMode,
 ) -> Result<Report, SimError> {
+    simulate_stages(plan, chunks, &vec![*costs; plan.len()], sends)
+}
+
+/// [`simulate`] with each stage's own costs (`costs[s]` for stage `s`; a send's latency is
+/// its sender's): stages whose parts differ (the embedding on the first, the head on the last)
+/// or whose costs were measured.
+pub fn simulate_stages(
+    plan: &[Vec<Action>],
+    chunks: u32,
+    costs: &[Costs],
+    sends: SendMode,
+) -> Result<Report, SimError> {
     if chunks == 0 {
         return Err(SimError::NoChunks);
     }
@@ -271,7 +283,7 @@ pub fn simulate(
     let mut peak_activations = Vec::with_capacity(plan.len());
     let mut messages = Vec::with_capacity(plan.len());
     for (stage, actions) in plan.iter().enumerate() {
-        let checked = check_stage(&layout, stage as u32, actions, costs)?;
+        let checked = check_stage(&layout, stage as u32, actions, &costs[stage])?;
         busy.push(checked.busy);
         peak_activations.push(checked.peak);
         messages.push(checked.messages);
@@ -529,7 +541,7 @@ struct Posted {
 fn run(
     plan: &[Vec<Action>],
     messages: &[Vec<Option<Result<Message, Message>>>],
-    costs: &Costs,
+    costs: &[Costs],
     sends: SendMode,
 ) -> Result<(u64, Vec<Vec<Span>>), SimError> {
     let mut spans: Vec<Vec<Span>> = plan
@@ -552,7 +564,7 @@ fn run(
             let index = next[stage];
             match messages[stage][index] {
                 None => {
-                    let end = t + costs.of(action);
+                    let end = t + costs[stage].of(action);
                     spans[stage][index] = Span { start: t, end };
                     next[stage] += 1;
                     if end > t {
@@ -564,7 +576,7 @@ fn run(
                     (SendMode::Buffered, receiver) => {
                         spans[stage][index] = Span { start: t, end: t };
                         next[stage] += 1;
-                        let arrival = t + costs.latency;
+                        let arrival = t + costs[stage].latency;
                         match receiver {
                             Some(r) => {
                                 spans[r.stage][r.index] = Span {
@@ -587,7 +599,7 @@ fn run(
                         }
                     }
                     (SendMode::Rendezvous, Some(r)) => {
-                        let end = t + costs.latency;
+                        let end = t + costs[stage].latency;
                         spans[r.stage][r.index] = Span { start: r.at, end };
                         spans[stage][index] = Span { start: t, end };
                         next[r.stage] += 1;
@@ -614,7 +626,7 @@ fn run(
                             SendMode::Buffered => t.max(s.at),
                             SendMode::Rendezvous => {
                                 // The sender has been waiting since s.at <= t.
-                                let end = t + costs.latency;
+                                let end = t + costs[stage].latency;
                                 spans[s.stage][s.index] = Span { start: s.at, end };
                                 next[s.stage] += 1;
                                 events.push(Reverse((end, s.stage)));

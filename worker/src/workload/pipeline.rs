@@ -53,6 +53,17 @@ pub struct StageStats {
     pub peak_micro_batches: usize,
     /// Bytes of those activations.
     pub peak_activation_bytes: usize,
+    /// Time in forwards (F).
+    pub forward: Duration,
+    /// Time in whole backwards (B + W).
+    pub backward: Duration,
+    /// Time in input-gradient passes (B, split backward).
+    pub backward_input: Duration,
+    /// Time in weight-gradient passes (W, split backward).
+    pub backward_weight: Duration,
+    /// When the stage started its plan and when it ended its last forward or backward (to put
+    /// stages of one process on one time line).
+    pub phase: Option<(Instant, Instant)>,
 }
 
 impl StageStats {
@@ -428,6 +439,8 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         let mut comm = SyncStats::default();
         let (mut loss_sum, mut losses) = (0.0f32, 0usize);
         let plan = self.plan.clone();
+        let phase_start = Instant::now();
+        let mut phase_end = phase_start;
         let missing = |what: &str, micro: u32, chunk: u32| {
             broken(format!(
                 "stage {s}: no {what} for micro-batch {micro} of chunk {chunk}"
@@ -503,7 +516,9 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                             }
                         }
                     }
+                    stats.forward += t0.elapsed();
                     stats.busy += t0.elapsed();
+                    phase_end = Instant::now();
                 }
                 Action::Backward { micro, chunk } | Action::BackwardInput { micro, chunk } => {
                     let whole = matches!(action, Action::Backward { .. });
@@ -564,8 +579,12 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                         free[chunk as usize].push(slot);
                         live -= 1;
                         live_bytes -= part.slot_bytes();
+                        stats.backward += t0.elapsed();
+                    } else {
+                        stats.backward_input += t0.elapsed();
                     }
                     stats.busy += t0.elapsed();
+                    phase_end = Instant::now();
                 }
                 Action::BackwardWeight { micro, chunk } => {
                     let slot = slot_of[chunk as usize]
@@ -577,7 +596,9 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     free[chunk as usize].push(slot);
                     live -= 1;
                     live_bytes -= part.slot_bytes();
+                    stats.backward_weight += t0.elapsed();
                     stats.busy += t0.elapsed();
+                    phase_end = Instant::now();
                 }
                 Action::GradSync => {
                     comm = self.sync_grads(topo, &mut started)?;
@@ -588,6 +609,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         for pending in sends {
             pending.wait()?;
         }
+        stats.phase = Some((phase_start, phase_end));
         let samples = (self.micro_batch * self.micro) as u64;
         let report = StepReport {
             loss: (losses > 0).then(|| loss_sum / losses as f32),
