@@ -142,9 +142,34 @@ fn the_dashboard_queries_only_metrics_the_code_exports() {
         "lockstep_worker_gpu_memory_used_bytes",
         "lockstep_worker_allreduce_busbw_bytes_per_second",
         "lockstep_worker_comm_hidden_ratio",
+        "lockstep_worker_pipeline_bubble_ratio",
+        "lockstep_worker_pipeline_busy_seconds_total",
+        "lockstep_worker_pipeline_idle_seconds_total",
+        "lockstep_worker_pipeline_activation_peak_bytes",
+        "lockstep_worker_pipeline_stage",
     ] {
         assert!(used.contains(needed), "no panel shows {needed}");
     }
+    // The pipeline's bubble, by rank and stage (the stage gauge's value made a label).
+    let bubble = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["title"] == "Pipeline bubble")
+        .expect("a Pipeline bubble panel");
+    let target = &bubble["targets"][0];
+    let expr = target["expr"].as_str().unwrap();
+    assert!(
+        selected(&without_variables(expr))
+            .unwrap()
+            .contains("lockstep_worker_pipeline_bubble_ratio"),
+        "{expr}"
+    );
+    let legend = target["legendFormat"].as_str().unwrap();
+    assert!(
+        legend.contains("{{rank}}") && legend.contains("{{stage}}") && expr.contains("\"stage\""),
+        "{legend} {expr}"
+    );
     let mut ids = BTreeSet::new();
     for p in dashboard["panels"].as_array().unwrap() {
         assert!(ids.insert(p["id"].as_u64().unwrap()), "panel id repeated");

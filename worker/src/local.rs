@@ -3,8 +3,9 @@
 //! world-size processes with exactly the env contract the operator sets (rank 0's rendezvous on
 //! 127.0.0.1): `lockstep-worker run` for the built-in workloads, the `worker` container's own
 //! command for `Command` workloads. Shows one progress bar fed by rank 0's `/metrics`, prefixes
-//! every rank's output with its rank, forwards Ctrl-C, and when a rank fails exits with the code
-//! of the first failure after the others have stopped.
+//! every rank's output with its rank (and its pipeline stage, for pipelines), forwards Ctrl-C,
+//! and when a rank fails exits with the code of the first failure after the others have
+//! stopped.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -57,6 +58,41 @@ impl Ended {
             (None, None) => "ended without a status".into(),
         }
     }
+}
+
+/// How output names `rank`: `rank 2`, or `rank 2 (stage 1)` in a job of several pipeline
+/// stages.
+fn rank_name(layout: &Layout, rank: u32) -> String {
+    if layout.pipeline_stages() > 1 {
+        format!("rank {rank} (stage {})", layout.stage_of(rank))
+    } else {
+        format!("rank {rank}")
+    }
+}
+
+/// The prefix of `rank`'s output lines: `[rank 2]`, or `[rank 2 stage 1]` in a job of several
+/// pipeline stages.
+fn line_prefix(layout: &Layout, rank: u32) -> String {
+    if layout.pipeline_stages() > 1 {
+        format!("[rank {rank} stage {}]", layout.stage_of(rank))
+    } else {
+        format!("[rank {rank}]")
+    }
+}
+
+/// The progress bar's message from rank 0's metrics: loss and throughput, and the bubble of
+/// rank 0's stage when the job is a pipeline.
+fn progress_message(
+    loss: f64,
+    samples_per_second: f64,
+    bubble: Option<f64>,
+    pipeline: bool,
+) -> String {
+    let mut m = format!("loss {loss:.4}  {samples_per_second:.0} samples/s/rank");
+    if let Some(b) = bubble.filter(|_| pipeline) {
+        m.push_str(&format!("  bubble {:.0}%", b * 100.0));
+    }
+    m
 }
 
 fn free_port() -> Result<u16> {
@@ -205,10 +241,11 @@ pub async fn run(opts: LocalOptions) -> Result<i32> {
         .flatten()
         {
             let bar = bar.clone();
+            let prefix = line_prefix(&layout, rank);
             tokio::spawn(async move {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let line = format!("[rank {rank}] {line}");
+                    let line = format!("{prefix} {line}");
                     if bar.is_hidden() {
                         eprintln!("{line}");
                     } else {
@@ -224,6 +261,7 @@ pub async fn run(opts: LocalOptions) -> Result<i32> {
     if builtin {
         let bar = bar.clone();
         let url = format!("127.0.0.1:{}", metrics_ports[0]);
+        let pipeline = layout.pipeline_stages() > 1;
         tokio::spawn(async move {
             loop {
                 if let Some(text) = scrape(&url).await {
@@ -238,7 +276,12 @@ pub async fn run(opts: LocalOptions) -> Result<i32> {
                         get("lockstep_worker_loss"),
                         get("lockstep_worker_samples_per_second"),
                     ) {
-                        bar.set_message(format!("loss {l:.4}  {:.0} samples/s/rank", sps));
+                        bar.set_message(progress_message(
+                            l,
+                            sps,
+                            get("lockstep_worker_pipeline_bubble_ratio"),
+                            pipeline,
+                        ));
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -246,7 +289,7 @@ pub async fn run(opts: LocalOptions) -> Result<i32> {
         });
     }
 
-    let code = supervise(children, builtin).await;
+    let code = supervise(children, builtin, &layout).await;
     bar.finish_and_clear();
     Ok(code)
 }
@@ -254,8 +297,8 @@ pub async fn run(opts: LocalOptions) -> Result<i32> {
 /// Waits for every rank. After the first failure, built-in workers get 10 s to stop by
 /// themselves (rank 0 aborts them within 5 s) before they are killed; the ranks of a Command
 /// workload, which have no rendezvous to abort them, are killed at once. Ctrl-C is forwarded to
-/// every rank.
-async fn supervise(children: Vec<(u32, Child)>, builtin: bool) -> i32 {
+/// every rank. The summary names each failed rank as [`rank_name`] does.
+async fn supervise(children: Vec<(u32, Child)>, builtin: bool, layout: &Layout) -> i32 {
     let grace = if builtin {
         Duration::from_secs(10)
     } else {
@@ -349,13 +392,17 @@ async fn supervise(children: Vec<(u32, Child)>, builtin: bool) -> i32 {
         .or(failed.first())
         .expect("at least one failure");
     eprintln!(
-        "lockstep local: rank {} failed first: {}; {} rank(s) failed in all",
-        first.rank,
+        "lockstep local: {} failed first: {}; {} rank(s) failed in all",
+        rank_name(layout, first.rank),
         first.describe(builtin),
         failed.len()
     );
     for e in failed.iter().filter(|e| e.rank != first.rank) {
-        eprintln!("lockstep local:   rank {}: {}", e.rank, e.describe(builtin));
+        eprintln!(
+            "lockstep local:   {}: {}",
+            rank_name(layout, e.rank),
+            e.describe(builtin)
+        );
     }
     match (first.code, first.signal) {
         (Some(c), _) if c != 0 => c,
@@ -382,4 +429,40 @@ async fn scrape(addr: &str) -> Option<String> {
         .ok()?
         .ok()?;
     Some(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_are_named_with_their_stage_only_in_pipelines() {
+        let ddp = Layout::new(4, 1).expect("layout");
+        assert_eq!(line_prefix(&ddp, 2), "[rank 2]");
+        assert_eq!(rank_name(&ddp, 2), "rank 2");
+        let pp = Layout::new(2, 3).expect("layout");
+        assert_eq!(line_prefix(&pp, 0), "[rank 0 stage 0]");
+        assert_eq!(line_prefix(&pp, 3), "[rank 3 stage 1]");
+        assert_eq!(rank_name(&pp, 5), "rank 5 (stage 2)");
+    }
+
+    #[test]
+    fn the_progress_shows_the_bubble_of_pipelines_only() {
+        assert_eq!(
+            progress_message(1.23456, 455.6, None, false),
+            "loss 1.2346  456 samples/s/rank"
+        );
+        assert_eq!(
+            progress_message(1.23456, 455.6, Some(0.0), false),
+            "loss 1.2346  456 samples/s/rank"
+        );
+        assert_eq!(
+            progress_message(1.23456, 455.6, Some(0.1234), true),
+            "loss 1.2346  456 samples/s/rank  bubble 12%"
+        );
+        assert_eq!(
+            progress_message(1.23456, 455.6, None, true),
+            "loss 1.2346  456 samples/s/rank"
+        );
+    }
 }

@@ -9,6 +9,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::workload::pipeline::StageStats;
+
 /// Every metric of the worker.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -47,6 +49,19 @@ pub struct Metrics {
     pub gpu_power: GaugeVec,
     /// GPU SM clock, by GPU index.
     pub gpu_sm_clock: GaugeVec,
+    /// Share of the last step's forward-backward phase this rank's pipeline stage waited for a
+    /// neighbouring stage (0 to 1): its bubble. 0 for jobs that are no pipeline.
+    pub pipeline_bubble_ratio: Gauge,
+    /// Time this rank's pipeline stage spent computing forwards and backwards.
+    pub pipeline_busy_seconds: Counter,
+    /// Time this rank's pipeline stage spent waiting for a neighbouring stage's activation or
+    /// gradient.
+    pub pipeline_idle_seconds: Counter,
+    /// High-water mark of the activations alive at once on this rank's pipeline stage, over
+    /// every step of the run.
+    pub pipeline_activation_peak_bytes: Gauge,
+    /// This rank's pipeline stage (0 for jobs that are no pipeline).
+    pub pipeline_stage: IntGauge,
     names: Vec<String>,
 }
 
@@ -202,6 +217,48 @@ impl Metrics {
             ),
             gpu_power: gpu("lockstep_worker_gpu_power_watts", "GPU power draw."),
             gpu_sm_clock: gpu("lockstep_worker_gpu_sm_clock_hertz", "GPU SM clock."),
+            pipeline_bubble_ratio: reg(
+                r,
+                Gauge::new(
+                    "lockstep_worker_pipeline_bubble_ratio",
+                    "Share of the last step's forward-backward phase this pipeline stage waited \
+                     for a neighbouring stage (0 to 1).",
+                )
+                .expect("gauge"),
+            ),
+            pipeline_busy_seconds: reg(
+                r,
+                Counter::new(
+                    "lockstep_worker_pipeline_busy_seconds_total",
+                    "Time this pipeline stage spent computing forwards and backwards.",
+                )
+                .expect("counter"),
+            ),
+            pipeline_idle_seconds: reg(
+                r,
+                Counter::new(
+                    "lockstep_worker_pipeline_idle_seconds_total",
+                    "Time this pipeline stage spent waiting for a neighbouring stage.",
+                )
+                .expect("counter"),
+            ),
+            pipeline_activation_peak_bytes: reg(
+                r,
+                Gauge::new(
+                    "lockstep_worker_pipeline_activation_peak_bytes",
+                    "Most bytes of micro-batch activations alive at once on this pipeline \
+                     stage, over the run.",
+                )
+                .expect("gauge"),
+            ),
+            pipeline_stage: reg(
+                r,
+                IntGauge::new(
+                    "lockstep_worker_pipeline_stage",
+                    "This rank's pipeline stage.",
+                )
+                .expect("gauge"),
+            ),
             names: r.names.take(),
             registry,
         }
@@ -219,6 +276,19 @@ impl Metrics {
         if seconds > 0.0 {
             self.busbw
                 .set(bytes as f64 / seconds * crate::comm::bus_factor("all_reduce", ranks));
+        }
+    }
+
+    /// Records what a pipeline stage measured in one step: the bubble of that step, its busy
+    /// and idle time added to the totals, the activation peak kept at its highest.
+    pub fn observe_pipeline(&self, s: &StageStats) {
+        self.pipeline_stage.set(i64::from(s.stage));
+        self.pipeline_bubble_ratio.set(s.bubble_ratio());
+        self.pipeline_busy_seconds.inc_by(s.busy.as_secs_f64());
+        self.pipeline_idle_seconds.inc_by(s.idle.as_secs_f64());
+        let peak = s.peak_activation_bytes as f64;
+        if peak > self.pipeline_activation_peak_bytes.get() {
+            self.pipeline_activation_peak_bytes.set(peak);
         }
     }
 
@@ -310,4 +380,74 @@ pub fn scrape_value(text: &str, name: &str) -> Option<f64> {
         })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const PIPELINE: [&str; 5] = [
+        "lockstep_worker_pipeline_bubble_ratio",
+        "lockstep_worker_pipeline_busy_seconds_total",
+        "lockstep_worker_pipeline_idle_seconds_total",
+        "lockstep_worker_pipeline_activation_peak_bytes",
+        "lockstep_worker_pipeline_stage",
+    ];
+
+    #[test]
+    fn every_metric_is_named_once_with_the_worker_prefix() {
+        let m = Metrics::new("job", 3);
+        let names = m.names();
+        assert!(
+            names.iter().all(|n| n.starts_with("lockstep_worker_")),
+            "{names:?}"
+        );
+        let unique: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
+        for n in PIPELINE
+            .iter()
+            .chain(&["lockstep_worker_step", "lockstep_worker_comm_hidden_ratio"])
+        {
+            assert!(names.iter().any(|x| x == n), "{n} is not registered");
+        }
+    }
+
+    #[test]
+    fn the_pipeline_metrics_stay_at_zero_until_a_stage_reports() {
+        let text = Metrics::new("job", 0).render();
+        for n in PIPELINE {
+            assert_eq!(scrape_value(&text, n), Some(0.0), "{n} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_stage_report_sets_the_bubble_adds_the_times_and_keeps_the_highest_peak() {
+        let m = Metrics::new("job", 5);
+        let stats = |busy_ms, idle_ms, peak| StageStats {
+            stage: 2,
+            busy: Duration::from_millis(busy_ms),
+            idle: Duration::from_millis(idle_ms),
+            peak_micro_batches: 2,
+            peak_activation_bytes: peak,
+            ..StageStats::default()
+        };
+        m.observe_pipeline(&stats(750, 250, 4096));
+        m.observe_pipeline(&stats(900, 100, 1024));
+        let text = m.render();
+        let get = |n| scrape_value(&text, n).unwrap_or_else(|| panic!("{n} in\n{text}"));
+        assert!((get("lockstep_worker_pipeline_bubble_ratio") - 0.1).abs() < 1e-9);
+        assert!((get("lockstep_worker_pipeline_busy_seconds_total") - 1.65).abs() < 1e-9);
+        assert!((get("lockstep_worker_pipeline_idle_seconds_total") - 0.35).abs() < 1e-9);
+        assert_eq!(
+            get("lockstep_worker_pipeline_activation_peak_bytes"),
+            4096.0
+        );
+        assert_eq!(get("lockstep_worker_pipeline_stage"), 2.0);
+        assert!(
+            text.contains(r#"lockstep_worker_pipeline_stage{job_name="job",rank="5"} 2"#),
+            "{text}"
+        );
+    }
 }

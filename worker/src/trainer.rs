@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lockstep_api::config::WorkerConfig;
 use lockstep_api::contract::ExitCode;
@@ -19,6 +19,7 @@ use crate::device;
 use crate::error::WorkError;
 use crate::metrics::Metrics;
 use crate::topology::Topology;
+use crate::workload::pipeline::StageStats;
 use crate::workload::sync::SyncStats;
 use crate::workload::{self, HostComm, Metric, Workload};
 
@@ -91,6 +92,14 @@ pub fn run<C: HostComm + 'static>(
     let device = device::open(cfg, &topo, &inputs.nccl_id)?;
     let mut work = workload::build(cfg, device, &topo)?;
     train(cfg, &mut topo, work.as_mut(), metrics, inputs)
+}
+
+/// Bytes in a MiB.
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// `x` rounded to 3 decimals, as logs show it.
+fn round3(x: f64) -> f64 {
+    (x * 1e3).round() / 1e3
 }
 
 /// Splits a step number into two floats that survive a broadcast exactly.
@@ -178,6 +187,9 @@ pub fn train<C: HostComm>(
     );
     let (mut loss_mean, mut eval) = (f32::NAN, None);
     let (mut train_seconds, mut tokens, mut comm_total) = (0.0f64, 0u64, SyncStats::default());
+    // A pipeline stage's busy and idle time since the last evaluation line, and its highest
+    // activation peak so far (what that line shows).
+    let (mut busy, mut idle, mut peak_bytes) = (Duration::ZERO, Duration::ZERO, 0usize);
     for step in start..total {
         let started = Instant::now();
         let lr = lr.at(step) as f32;
@@ -227,23 +239,65 @@ pub fn train<C: HostComm>(
                 .inc_by(stats.exposed.as_secs_f64());
             metrics.comm_hidden_ratio.set(stats.overlap_ratio());
         }
+        if let Some(ps) = &report.pipeline {
+            metrics.observe_pipeline(ps);
+            busy += ps.busy;
+            idle += ps.idle;
+            peak_bytes = peak_bytes.max(ps.peak_activation_bytes);
+        }
         let done = step + 1 == total;
         if eval_every.is_some_and(|e| (step + 1) % e == 0) || done {
             let v = work.evaluate(topo, max_batches)?;
             eval = Some(v);
             metrics.eval_metric.set(f64::from(v.value));
-            if rank == 0 {
-                tracing::info!(
-                    step = step + 1,
-                    loss = loss_mean,
-                    lr,
-                    step_ms = secs * 1e3,
-                    comm_ms = stats.comm.as_secs_f64() * 1e3,
-                    exposed_ms = stats.exposed.as_secs_f64() * 1e3,
-                    "{} = {:.4}",
-                    v.metric.name(),
-                    v.value
-                );
+            // Pipelines: every rank shows its stage's bubble over the steps since the last
+            // evaluation, and its activation peak.
+            let pipeline = report.pipeline.map(|ps| {
+                let bubble = StageStats { busy, idle, ..ps }.bubble_ratio();
+                (busy, idle) = (Duration::ZERO, Duration::ZERO);
+                (ps.stage, round3(bubble), round3(peak_bytes as f64 / MIB))
+            });
+            match pipeline {
+                None if rank == 0 => {
+                    tracing::info!(
+                        step = step + 1,
+                        loss = loss_mean,
+                        lr,
+                        step_ms = secs * 1e3,
+                        comm_ms = stats.comm.as_secs_f64() * 1e3,
+                        exposed_ms = stats.exposed.as_secs_f64() * 1e3,
+                        "{} = {:.4}",
+                        v.metric.name(),
+                        v.value
+                    );
+                }
+                None => {}
+                Some((stage, bubble, peak_act_mib)) if rank == 0 => {
+                    tracing::info!(
+                        step = step + 1,
+                        loss = loss_mean,
+                        lr,
+                        step_ms = secs * 1e3,
+                        comm_ms = stats.comm.as_secs_f64() * 1e3,
+                        exposed_ms = stats.exposed.as_secs_f64() * 1e3,
+                        stage,
+                        bubble,
+                        peak_act_mib,
+                        "{} = {:.4}",
+                        v.metric.name(),
+                        v.value
+                    );
+                }
+                Some((stage, bubble, peak_act_mib)) => {
+                    tracing::info!(
+                        step = step + 1,
+                        rank,
+                        stage,
+                        bubble,
+                        peak_act_mib,
+                        "pipeline stage"
+                    );
+                }
             }
         }
         // A stop writes a checkpoint of this step, as the last step does (every rank calls save,
@@ -309,6 +363,198 @@ mod tests {
         assert!((s.at(60) - 0.55).abs() < 1e-12);
         o.schedule = Schedule::Constant;
         assert!((schedule(&o, 110).at(60) - 1.0).abs() < 1e-12);
+    }
+
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use crate::comm::tcp::{TcpComm, TcpOptions};
+    use crate::workload::{Evaluation, StepReport};
+
+    /// A workload whose steps report the pipeline stats it is given, one per step (none: a DDP
+    /// job).
+    struct Stub(Vec<Option<StageStats>>);
+
+    impl<C> Workload<C> for Stub {
+        fn describe(&self) -> String {
+            "stub".into()
+        }
+        fn num_params(&self) -> usize {
+            1
+        }
+        fn steps_per_epoch(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn init(&mut self, _: &mut Topology<C>) -> Result<(), WorkError> {
+            Ok(())
+        }
+        fn load(&mut self, _: &mut Topology<C>, _: &Path, _: u64) -> Result<(), WorkError> {
+            Ok(())
+        }
+        fn step(
+            &mut self,
+            _: &mut Topology<C>,
+            step: u64,
+            _: f32,
+        ) -> Result<StepReport, WorkError> {
+            Ok(StepReport {
+                loss: Some(1.0),
+                samples: 4,
+                pipeline: self.0[step as usize],
+                ..StepReport::default()
+            })
+        }
+        fn evaluate(
+            &mut self,
+            _: &mut Topology<C>,
+            _: Option<usize>,
+        ) -> Result<Evaluation, WorkError> {
+            Ok(Evaluation {
+                metric: Metric::Loss,
+                value: 0.5,
+            })
+        }
+        fn save(
+            &mut self,
+            _: &mut Topology<C>,
+            _: &Path,
+            _: u64,
+            _: usize,
+        ) -> Result<Option<PathBuf>, WorkError> {
+            Ok(None)
+        }
+        fn params_digest(&mut self) -> Result<u64, WorkError> {
+            Ok(0)
+        }
+    }
+
+    /// A log written into memory.
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Trains `work` as the only rank of a gang, evaluating every 2 steps; returns its metrics
+    /// and log.
+    fn train_alone(work: &mut Stub) -> (String, String) {
+        let yaml = format!(
+            r#"apiVersion: lockstep.dev/v1alpha1
+kind: ParallelJob
+metadata: {{name: stub}}
+spec:
+  parallelism: {{dataParallel: 1}}
+  training:
+    workload: Ddp
+    model: {{mlp: {{hiddenSizes: [4]}}}}
+    data: {{kind: Digits, path: data/digits.csv.gz}}
+    optimizer: {{learningRate: 0.1}}
+    maxSteps: {}
+    evaluation: {{everySteps: 2}}
+  template:
+    spec:
+      containers: [{{name: worker, image: lockstep/worker:0.1.0}}]
+"#,
+            work.0.len()
+        );
+        let job = lockstep_api::manifest::parse_job(&yaml).expect("valid job");
+        let cfg = WorkerConfig::from_job(&job).expect("config");
+        let comm = TcpComm::local_gang(1, TcpOptions::default())
+            .expect("gang")
+            .remove(0);
+        let mut topo = Topology::new(Layout::new(1, 1).expect("layout"), comm).expect("topology");
+        let metrics = Metrics::new("stub", 0);
+        let inputs = RunInputs {
+            checkpoint_dir: None,
+            nccl_id: Vec::new(),
+            on_step: &|_| {},
+            stop: &AtomicBool::new(false),
+        };
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            train(&cfg, &mut topo, work, &metrics, &inputs).expect("trains")
+        });
+        let log = String::from_utf8(log.0.lock().expect("log").clone()).expect("utf-8");
+        (metrics.render(), log)
+    }
+
+    fn stage(busy_ms: u64, idle_ms: u64, peak: usize) -> Option<StageStats> {
+        Some(StageStats {
+            stage: 1,
+            busy: Duration::from_millis(busy_ms),
+            idle: Duration::from_millis(idle_ms),
+            peak_micro_batches: 2,
+            peak_activation_bytes: peak,
+            ..StageStats::default()
+        })
+    }
+
+    #[test]
+    fn a_pipeline_steps_stats_become_the_metrics_and_the_evaluation_line() {
+        let mib = 1 << 20;
+        let mut work = Stub(vec![
+            stage(300, 100, 2 * mib),
+            stage(500, 100, 3 * mib),
+            stage(600, 400, mib),
+        ]);
+        let (text, log) = train_alone(&mut work);
+        let get = |n| crate::metrics::scrape_value(&text, n).unwrap_or_else(|| panic!("{n}"));
+        // The last step's bubble, the times summed, the highest peak.
+        assert!((get("lockstep_worker_pipeline_bubble_ratio") - 0.4).abs() < 1e-9);
+        assert!((get("lockstep_worker_pipeline_busy_seconds_total") - 1.4).abs() < 1e-9);
+        assert!((get("lockstep_worker_pipeline_idle_seconds_total") - 0.6).abs() < 1e-9);
+        assert_eq!(
+            get("lockstep_worker_pipeline_activation_peak_bytes"),
+            3.0 * mib as f64
+        );
+        assert_eq!(get("lockstep_worker_pipeline_stage"), 1.0);
+        // Evaluations after steps 2 and 3: the bubble over the steps since the last one.
+        let evals: Vec<&str> = log.lines().filter(|l| l.contains("val_loss =")).collect();
+        assert_eq!(evals.len(), 2, "{log}");
+        let field = |line: &str, key: &str| -> Option<f64> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        };
+        for (line, bubble) in evals.iter().zip([0.2, 0.4]) {
+            assert_eq!(field(line, "stage"), Some(1.0), "{line}");
+            assert_eq!(field(line, "bubble"), Some(bubble), "{line}");
+            assert_eq!(field(line, "peak_act_mib"), Some(3.0), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_ddp_job_leaves_the_pipeline_metrics_at_zero_and_its_log_as_it_was() {
+        let mut work = Stub(vec![None; 3]);
+        let (text, log) = train_alone(&mut work);
+        for n in [
+            "lockstep_worker_pipeline_bubble_ratio",
+            "lockstep_worker_pipeline_busy_seconds_total",
+            "lockstep_worker_pipeline_idle_seconds_total",
+            "lockstep_worker_pipeline_activation_peak_bytes",
+            "lockstep_worker_pipeline_stage",
+        ] {
+            assert_eq!(crate::metrics::scrape_value(&text, n), Some(0.0), "{n}");
+        }
+        let evals: Vec<&str> = log.lines().filter(|l| l.contains("val_loss =")).collect();
+        assert_eq!(evals.len(), 2, "{log}");
+        for line in evals {
+            for absent in ["stage=", "bubble=", "peak_act_mib="] {
+                assert!(!line.contains(absent), "{line}");
+            }
+            assert!(line.contains("exposed_ms="), "{line}");
+        }
     }
 
     #[test]

@@ -67,6 +67,42 @@ spec:
     )
 }
 
+/// A GPT cut into 2 pipeline stages of 2 replicas each (4 ranks: rank r is stage r / 2),
+/// trained with 1F1B over 4 micro-batches.
+fn pipeline_job(name: &str, steps: u64) -> String {
+    format!(
+        r#"apiVersion: lockstep.dev/v1alpha1
+kind: ParallelJob
+metadata:
+  name: {name}
+spec:
+  parallelism:
+    dataParallel: 2
+    pipelineStages: 2
+  training:
+    workload: Pipeline
+    model:
+      gpt: {{layers: 2, heads: 2, embedDim: 32, contextLength: 32}}
+    data:
+      kind: Text
+      path: data/tinyshakespeare.txt.gz
+    pipeline:
+      schedule: OneFOneB
+      microBatches: 4
+    optimizer:
+      learningRate: 0.001
+    batchSize: 8
+    maxSteps: {steps}
+    seed: 3
+  template:
+    spec:
+      containers:
+        - name: worker
+          image: lockstep/worker:0.1.0
+"#
+    )
+}
+
 /// Stops a launcher (and so its ranks) when a test fails before it has ended.
 struct StopOnDrop(u32);
 
@@ -141,8 +177,8 @@ fn child_with_rank(parent: u32, rank: u32) -> Option<u32> {
     None
 }
 
-/// A gang of `ranks` processes training a wide MLP (most of a step is the gradient all-reduce)
-/// under `local`, started and waited for until every rank trains.
+/// A gang of `ranks` processes training the job `body` under `local`, started and waited for
+/// until every rank trains.
 struct Gang {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
@@ -151,8 +187,20 @@ struct Gang {
 }
 
 impl Gang {
-    fn start(dir: &Path, name: &str, ranks: u32) -> Self {
-        let m = manifest(dir, "job", &mlp_job(name, "[512, 512]", 1_000_000));
+    /// A wide MLP (most of a step is the gradient all-reduce) of `ranks` replicas.
+    fn start_mlp(dir: &Path, name: &str, ranks: u32) -> Self {
+        Self::start(
+            dir,
+            &mlp_job(name, "[512, 512]", 1_000_000),
+            "model=mlp",
+            ranks,
+        )
+    }
+
+    /// The job `body` on `ranks` ranks; every rank has started when each logged `training`
+    /// with `model` (the start of the model's description, `model=mlp`).
+    fn start(dir: &Path, body: &str, model: &str, ranks: u32) -> Self {
+        let m = manifest(dir, "job", body);
         let mut child = worker()
             .args(["local", m.to_str().expect("utf-8"), "--ranks"])
             .arg(ranks.to_string())
@@ -173,7 +221,7 @@ impl Gang {
         let deadline = Instant::now() + Duration::from_secs(60);
         while log
             .iter()
-            .filter(|l: &&String| l.contains("training") && l.contains("model=mlp"))
+            .filter(|l: &&String| l.contains("training") && l.contains(model))
             .count()
             < ranks as usize
         {
@@ -225,7 +273,7 @@ impl Gang {
 fn killing_a_rank_mid_training_stops_the_gang_within_5_seconds_and_names_it() {
     let _one = serial();
     let dir = scratch("kill");
-    let gang = Gang::start(&dir, "kill-test", 4);
+    let gang = Gang::start_mlp(&dir, "kill-test", 4);
     let killed = Instant::now();
     gang.signal(2, "-9");
     let (status, took, log) = gang.wait(killed);
@@ -256,10 +304,54 @@ fn killing_a_rank_mid_training_stops_the_gang_within_5_seconds_and_names_it() {
 }
 
 #[test]
+fn killing_a_pipeline_stage_mid_training_stops_the_gang_within_5_seconds_and_names_it() {
+    let _one = serial();
+    let dir = scratch("kill-stage");
+    // Ranks 0, 1 are stage 0; ranks 2, 3 stage 1.
+    let gang = Gang::start(
+        &dir,
+        &pipeline_job("kill-stage-test", 1_000_000),
+        "model=gpt",
+        4,
+    );
+    let killed = Instant::now();
+    gang.signal(2, "-9");
+    let (status, took, log) = gang.wait(killed);
+    assert!(
+        took < Duration::from_secs(5),
+        "the gang took {took:?} to stop:\n{log}"
+    );
+    assert_eq!(status.code(), Some(128 + 9), "{log}");
+    assert!(
+        log.contains("rank 2 (stage 1) failed first: killed by signal 9"),
+        "{log}"
+    );
+    for (r, stage) in [(0, 0), (1, 0), (3, 1)] {
+        let line = log
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("[rank {r} stage {stage}] ")) && l.contains("gang aborted")
+            })
+            .unwrap_or_else(|| panic!("rank {r} did not report the abort:\n{log}"));
+        assert!(
+            line.contains("rank 2 failed"),
+            "rank {r} names another failure: {line}\n{log}"
+        );
+        // A survivor is never the cause, even when it lost rank 2 in a send or receive first.
+        assert!(
+            log.contains(&format!(
+                "rank {r} (stage {stage}): exit code 5 (PeerFailed)"
+            )),
+            "rank {r} did not exit PeerFailed:\n{log}"
+        );
+    }
+}
+
+#[test]
 fn sigterm_to_one_rank_stops_the_whole_gang_after_one_step_with_a_checkpoint() {
     let _one = serial();
     let dir = scratch("sigterm");
-    let gang = Gang::start(&dir, "sigterm-test", 3);
+    let gang = Gang::start_mlp(&dir, "sigterm-test", 3);
     let sent = Instant::now();
     // What the kubelet sends a pod it deletes; here to one rank only: the gang stops together.
     gang.signal(1, "-TERM");
