@@ -284,6 +284,8 @@ async fn run_rank(
         Err(e) => tracing::warn!(error = %e, "cannot handle SIGTERM"),
     }
 
+    // Held until a failure is reported (see `Connections`).
+    let connections = comm.connections();
     let session = std::sync::Arc::new(session);
     let steps = std::sync::Arc::clone(&session);
     let checkpoint_dir = contract.checkpoint_dir.clone();
@@ -347,7 +349,15 @@ async fn run_rank(
             let blamed = e.blame.unwrap_or(rank);
             let first = session.report(blamed, e.message.clone()).await;
             let (code, message) = failure_exit(rank, &e, &first);
-            fail(code, &message)
+            let code = fail(code, &message);
+            if rank == 0 {
+                // Rank 0 serves the abort: give its streams a moment to carry it to every rank
+                // (as the abort task does), so that none mistakes the end of the server for the
+                // failure.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            drop(connections);
+            code
         }
     }
 }

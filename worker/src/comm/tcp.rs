@@ -810,6 +810,14 @@ impl Shared {
     }
 }
 
+/// A hold on a communicator's connections: they stay open while it lives, even after every
+/// communicator that uses them is gone. A rank whose training failed keeps them open until it
+/// has reported its failure, so that its peers learn the failure from the gang's abort instead
+/// of taking the closed sockets for a failure of their own.
+pub struct Connections {
+    _shared: Arc<Shared>,
+}
+
 /// A group of ranks that communicate over TCP.
 pub struct TcpComm {
     shared: Arc<Shared>,
@@ -1074,6 +1082,13 @@ impl TcpComm {
             .enumerate()
             .map(|(r, l)| TcpComm::new(r, addrs.clone(), l, key, opts.clone()))
             .collect()
+    }
+
+    /// A hold that keeps this communicator's connections open (see [`Connections`]).
+    pub fn connections(&self) -> Connections {
+        Connections {
+            _shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Global ranks of this communicator's members, in its rank order.
