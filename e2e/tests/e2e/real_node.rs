@@ -244,6 +244,108 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
     .await
 }
 
+#[tokio::test]
+#[ignore = "needs the real node and the worker image: make e2e-real"]
+async fn a_pipeline_stage_killed_for_real_restarts_the_gang_from_every_stages_shard()
+-> anyhow::Result<()> {
+    let _node = ONE_AT_A_TIME.lock().await;
+    with_namespace("real-pipeline", |ns| async move {
+        let jobs: Api<ParallelJob> = ns.api();
+        let dir = std::env::temp_dir().join(format!("lockstep-{}", ns.name));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        // The example (2 stages x 2 replicas, 1F1B), shortened, with a shared checkpoint folder.
+        let mut v = on_the_real_node("pipeline-gpt.yaml")?;
+        let (steps, interval) = (60u64, 10u64);
+        let training = &mut v["spec"]["training"];
+        training["maxSteps"] = steps.into();
+        training["optimizer"]["warmupSteps"] = 5.into();
+        training["checkpoint"] = serde_json::json!({"everySteps": interval, "keep": 2});
+        training["evaluation"] = serde_json::json!({"everySteps": steps, "maxBatches": 2});
+        let spec = &mut v["spec"]["template"]["spec"];
+        spec["containers"][0]["resources"] = serde_json::json!({"requests": {"cpu": "250m"}});
+        spec["volumes"] = serde_json::json!([{"name": "checkpoints",
+            "hostPath": {"path": dir.to_string_lossy(), "type": "Directory"}}]);
+        spec["containers"][0]["volumeMounts"] = serde_json::json!([{"name": "checkpoints",
+            "mountPath": lockstep_api::contract::paths::CHECKPOINT_DIR}]);
+        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+            .await?;
+        // The newest step with both stages' shards in the folder.
+        let complete = |dir: &std::path::Path| -> anyhow::Result<Option<u64>> {
+            let mut shards: std::collections::BTreeMap<u64, usize> = Default::default();
+            for e in std::fs::read_dir(dir)?.flatten() {
+                let name = e.file_name().into_string().unwrap_or_default();
+                if let Some(step) = name
+                    .strip_prefix("step-")
+                    .and_then(|r| r.split_once(".stage-"))
+                    .and_then(|(n, _)| n.parse::<u64>().ok())
+                {
+                    *shards.entry(step).or_default() += 1;
+                }
+            }
+            Ok(shards.into_iter().rev().find(|s| s.1 == 2).map(|s| s.0))
+        };
+        wait_until(
+            Duration::from_secs(180),
+            "a whole pipeline checkpoint",
+            || async { Ok(complete(&dir)?.is_some()) },
+        )
+        .await?;
+        // Stage 1's first replica (rank 2) dies; the gang restarts from every stage's shard.
+        let pid = worker_pid(&ns.name, "pipeline-gpt", 2).expect("rank 2's worker process");
+        let latest_before = complete(&dir)?.expect("a checkpoint");
+        kill_9(pid)?;
+        let killed = std::time::Instant::now();
+        wait_until(Duration::from_secs(30), "the gang restarting", || async {
+            let s = jobs.get("pipeline-gpt").await?.status.unwrap_or_default();
+            Ok(s.attempt == 1)
+        })
+        .await?;
+        let stopped = killed.elapsed();
+        wait_until(Duration::from_secs(300), "Succeeded", || async {
+            let s = jobs.get("pipeline-gpt").await?.status.unwrap_or_default();
+            anyhow::ensure!(s.phase != Some(Phase::Failed), "the job failed: {s:?}");
+            Ok(s.phase == Some(Phase::Succeeded))
+        })
+        .await?;
+        let status = jobs.get("pipeline-gpt").await?.status.unwrap_or_default();
+        let f = status.last_failure.expect("the first failure");
+        assert_eq!(
+            (f.attempt, f.rank, f.pod.as_str(), f.exit_code),
+            (0, 2, "pipeline-gpt-2", Some(137)),
+            "{f:?}"
+        );
+        assert!(
+            stopped < Duration::from_secs(5),
+            "the gang took {stopped:?} to stop"
+        );
+        let log = ns
+            .cluster
+            .kubectl(&["logs", "-n", &ns.name, "pipeline-gpt-0"])
+            .await?;
+        let resumed: u64 = log
+            .lines()
+            .find(|l| l.contains("resumed from a checkpoint"))
+            .and_then(|l| l.split("step=").nth(1))
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("attempt 1 did not resume:\n{log}"));
+        assert!(
+            resumed >= latest_before && resumed.is_multiple_of(interval),
+            "resumed from {resumed}, the last whole checkpoint before the kill was {latest_before}"
+        );
+        let p = status.progress.expect("progress");
+        assert_eq!(
+            (p.step, p.total_steps),
+            (steps as i64, Some(steps as i64)),
+            "{p:?}"
+        );
+        assert!(p.eval_metric.is_some(), "no validation loss: {p:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    })
+    .await
+}
+
 fn kill_9(pid: i32) -> anyhow::Result<()> {
     let status = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
