@@ -866,7 +866,15 @@ fn a_gpt_cut_into_parts_computes_the_whole_gpts_loss_and_gradient() {
     let (b, t) = (2, 5);
     let params = cfg.init(4);
     let micro: Vec<_> = (0..3).map(|k| batch(&cfg, b, t, 40 + k)).collect();
-    let (whole_loss, whole) = run_parts(cfg, &[0..4], &params, &micro, false, (b, t));
+    let whole_model = 0..cfg.layers;
+    let (whole_loss, whole) = run_parts(
+        cfg,
+        std::slice::from_ref(&whole_model),
+        &params,
+        &micro,
+        false,
+        (b, t),
+    );
     // The whole model, one micro-batch at a time in the same order, as DDP's accumulation.
     let be = Cpu;
     let mut m = Gpt::new(&be, cfg, &params, b, t).unwrap();
