@@ -94,6 +94,9 @@ use crate::training::Training;
     "self.training.workload != 'Pipeline' || !has(self.training.pipeline.layersPerPart) || size(self.training.pipeline.layersPerPart) == self.parallelism.pipelineStages * self.training.pipeline.chunksPerStage"
 ).message("spec.training.pipeline.layersPerPart needs one entry per model part: pipelineStages x chunksPerStage").field_path(".training.pipeline.layersPerPart"))]
 #[x_kube(validation = Rule::new(
+    "!has(self.training.pipeline.layersPerPart) || self.training.pipeline.layersPerPart.all(n, n >= 1)"
+).message("spec.training.pipeline.layersPerPart: every model part needs at least one transformer block").field_path(".training.pipeline.layersPerPart"))]
+#[x_kube(validation = Rule::new(
     "self.training.workload == 'Command' || self.template.spec.containers.exists(c, c.name == 'worker')"
 ).message("spec.template.spec.containers needs a container named 'worker' for a built-in workload: the operator runs lockstep-worker in it").field_path(".template.spec.containers"))]
 #[x_kube(validation = Rule::new(

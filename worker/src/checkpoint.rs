@@ -128,43 +128,51 @@ fn files(dir: &Path) -> Result<Vec<File>, CheckpointError> {
     Ok(found)
 }
 
-/// Complete checkpoints in `dir`, oldest first, as (step, path): a whole-model file, or a
-/// pipeline step with every stage's shard (the path is stage 0's).
-pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
-    let all = files(dir)?;
-    let mut found = Vec::new();
-    let mut i = 0;
-    while i < all.len() {
-        let step = all[i].0;
-        let same: Vec<_> = all[i..].iter().take_while(|f| f.0 == step).collect();
-        i += same.len();
-        if let Some(whole) = same.iter().find(|f| f.1.is_none()) {
-            found.push((step, whole.2.clone()));
-            continue;
-        }
-        // Shards of one pipeline shape, all of them.
-        for p in same
-            .iter()
-            .filter_map(|f| f.1.map(|s| s.1))
-            .collect::<std::collections::BTreeSet<_>>()
-        {
-            let stages: std::collections::BTreeSet<u32> = same
-                .iter()
-                .filter_map(|f| f.1.filter(|s| s.1 == p).map(|s| s.0))
-                .collect();
-            if stages.len() == p as usize {
-                found.push((step, dir.join(shard_name(step, 0, p))));
-                break;
-            }
-        }
-    }
-    Ok(found)
+/// Which checkpoint files a job reads and writes: whole-model files (`None`), or the shards of a
+/// pipeline of this many stages. A job never counts, resumes from or deletes files of another
+/// shape (a job whose stages changed, another workload in the same folder).
+pub type Shape = Option<u32>;
+
+/// The files in `dir` of `shape`: (step, stage or `None`, path).
+fn files_of(dir: &Path, shape: Shape) -> Result<Vec<(u64, Option<u32>, PathBuf)>, CheckpointError> {
+    Ok(files(dir)?
+        .into_iter()
+        .filter(|f| f.1.map(|s| s.1) == shape)
+        .map(|(step, shard, path)| (step, shard.map(|s| s.0), path))
+        .collect())
 }
 
-/// Deletes every checkpoint file (whole or shard, complete or not) older than the newest
-/// `keep` complete steps.
-pub fn prune(dir: &Path, keep: usize) -> Result<(), CheckpointError> {
-    let complete = list(dir)?;
+/// Complete checkpoints of `shape` in `dir`, oldest first, as (step, path): a whole-model file,
+/// or a pipeline step with every stage's shard (the path is stage 0's).
+pub fn list(dir: &Path, shape: Shape) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+    let mut by_step: std::collections::BTreeMap<u64, (usize, PathBuf)> = Default::default();
+    for (step, _, path) in files_of(dir, shape)? {
+        let e = by_step.entry(step).or_insert((0, path.clone()));
+        e.0 += 1;
+        if path.file_name() == Some(std::ffi::OsStr::new(&first_name(step, shape))) {
+            e.1 = path;
+        }
+    }
+    let need = shape.map_or(1, |p| p as usize);
+    Ok(by_step
+        .into_iter()
+        .filter(|(_, (n, _))| *n == need)
+        .map(|(step, (_, path))| (step, path))
+        .collect())
+}
+
+/// The file that names a step of `shape`: the whole file, or stage 0's shard.
+fn first_name(step: u64, shape: Shape) -> String {
+    match shape {
+        None => file_name(step),
+        Some(p) => shard_name(step, 0, p),
+    }
+}
+
+/// Deletes the files of `shape` (whole or shard, complete or not) older than its newest `keep`
+/// complete steps.
+pub fn prune(dir: &Path, keep: usize, shape: Shape) -> Result<(), CheckpointError> {
+    let complete = list(dir, shape)?;
     let Some(&(oldest_kept, _)) = complete
         .iter()
         .rev()
@@ -173,10 +181,22 @@ pub fn prune(dir: &Path, keep: usize) -> Result<(), CheckpointError> {
     else {
         return Ok(());
     };
-    for (step, _, old) in files(dir)? {
-        if step < oldest_kept
-            && let Err(e) = std::fs::remove_file(&old)
-        {
+    remove(
+        files_of(dir, shape)?
+            .into_iter()
+            .filter(|f| f.0 < oldest_kept),
+    )
+}
+
+/// Deletes the files of `shape` newer than `step`, the step a gang resumes from: shards of a
+/// save that never completed, which a later save of the same step must not complete with.
+pub fn discard_newer(dir: &Path, step: u64, shape: Shape) -> Result<(), CheckpointError> {
+    remove(files_of(dir, shape)?.into_iter().filter(|f| f.0 > step))
+}
+
+fn remove(files: impl Iterator<Item = (u64, Option<u32>, PathBuf)>) -> Result<(), CheckpointError> {
+    for (_, _, old) in files {
+        if let Err(e) = std::fs::remove_file(&old) {
             tracing::warn!(path = %old.display(), error = %e, "cannot delete an old checkpoint");
         }
     }
@@ -218,7 +238,7 @@ pub fn ensure_writable(dir: &Path) -> Result<(), CheckpointError> {
 /// Writes `state` into `dir` atomically and keeps the newest `keep` checkpoints.
 pub fn save(dir: &Path, state: &State, keep: usize) -> Result<PathBuf, CheckpointError> {
     let path = write(dir, state, &file_name(state.step))?;
-    prune(dir, keep)?;
+    prune(dir, keep, None)?;
     Ok(path)
 }
 
@@ -369,7 +389,7 @@ mod tests {
         for step in [10, 20, 30] {
             save(&dir, &state(step), 2).unwrap();
         }
-        let all = list(&dir).unwrap();
+        let all = list(&dir, None).unwrap();
         assert_eq!(all.iter().map(|a| a.0).collect::<Vec<_>>(), vec![20, 30]);
         let names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
@@ -417,24 +437,56 @@ mod tests {
         // Step 20 lost its last stage's shard (the gang died while saving).
         shard(20, 0);
         shard(20, 1);
-        let steps = |d: &Path| list(d).unwrap().iter().map(|a| a.0).collect::<Vec<_>>();
+        let steps = |d: &Path| {
+            list(d, Some(3))
+                .unwrap()
+                .iter()
+                .map(|a| a.0)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             steps(&dir),
             vec![10],
             "an incomplete step is not a checkpoint"
         );
-        assert_eq!(list(&dir).unwrap()[0].1, dir.join(shard_name(10, 0, 3)));
-        prune(&dir, 1).unwrap();
+        assert_eq!(
+            list(&dir, Some(3)).unwrap()[0].1,
+            dir.join(shard_name(10, 0, 3))
+        );
+        prune(&dir, 1, Some(3)).unwrap();
         assert!(
             dir.join(shard_name(10, 2, 3)).exists(),
             "the only complete step stays"
         );
         shard(20, 2);
         assert_eq!(steps(&dir), vec![10, 20]);
-        prune(&dir, 1).unwrap();
+        prune(&dir, 1, Some(3)).unwrap();
         assert_eq!(steps(&dir), vec![20]);
         let left = std::fs::read_dir(&dir).unwrap().count();
         assert_eq!(left, 3, "step 10's shards are gone once step 20 is whole");
+        // Files of another shape (2 stages; a whole model) are neither counted nor deleted.
+        for stage in 0..2 {
+            write(&dir, &state(40), &shard_name(40, stage, 2)).unwrap();
+        }
+        save(&dir, &state(50), 1).unwrap();
+        assert_eq!(steps(&dir), vec![20]);
+        assert_eq!(list(&dir, Some(2)).unwrap()[0].0, 40);
+        assert_eq!(list(&dir, None).unwrap()[0].0, 50);
+        prune(&dir, 1, Some(3)).unwrap();
+        assert!(dir.join(shard_name(40, 1, 2)).exists() && dir.join(file_name(50)).exists());
+        // A save of step 30 that died after one shard: a gang resuming from 20 discards it, so
+        // that a later save of 30 is not completed by it.
+        shard(30, 1);
+        discard_newer(&dir, 20, Some(3)).unwrap();
+        assert!(!dir.join(shard_name(30, 1, 3)).exists());
+        assert!(
+            dir.join(shard_name(20, 1, 3)).exists(),
+            "the resume step stays"
+        );
+        assert!(
+            dir.join(shard_name(40, 1, 2)).exists(),
+            "another shape stays"
+        );
         assert_eq!(parse("step-00000005.stage-3-of-3.safetensors"), None);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -222,7 +222,7 @@ impl Metrics {
                 Gauge::new(
                     "lockstep_worker_pipeline_bubble_ratio",
                     "Share of the last step's forward-backward phase this pipeline stage waited \
-                     for a neighbouring stage (0 to 1).",
+                     for a neighbouring stage (0 to 1), up to its own last compute.",
                 )
                 .expect("gauge"),
             ),
@@ -445,9 +445,16 @@ mod tests {
             4096.0
         );
         assert_eq!(get("lockstep_worker_pipeline_stage"), 2.0);
+        // The labels, in whatever order the registry writes them.
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("lockstep_worker_pipeline_stage{"))
+            .unwrap_or_else(|| panic!("no stage line in\n{text}"));
         assert!(
-            text.contains(r#"lockstep_worker_pipeline_stage{job_name="job",rank="5"} 2"#),
-            "{text}"
+            line.contains(r#"job_name="job""#)
+                && line.contains(r#"rank="5""#)
+                && line.ends_with(" 2"),
+            "{line}"
         );
     }
 }

@@ -138,11 +138,19 @@ pub fn train<C: HostComm>(
         checkpoint::ensure_writable(d)?;
     }
     let mut latest = [0.0f32; 2];
+    let shape = work.checkpoint_shape();
+    let mut resume_path = None;
     if rank == 0
         && let Some(d) = &dir
-        && let Some((step, _)) = checkpoint::list(d)?.last()
     {
-        latest = step_to_floats(*step);
+        let newest = checkpoint::list(d, shape)?.pop();
+        // Files of an unfinished save after the newest whole step go, so that saving that step
+        // again cannot be completed by them.
+        checkpoint::discard_newer(d, newest.as_ref().map_or(0, |n| n.0), shape)?;
+        if let Some((step, path)) = newest {
+            latest = step_to_floats(step);
+            resume_path = Some(path);
+        }
     }
     topo.world.broadcast(&mut latest, 0)?;
     let resume = step_from_floats(latest);
@@ -152,7 +160,7 @@ pub fn train<C: HostComm>(
             if rank == 0 {
                 tracing::info!(
                     step = resume,
-                    path = %d.join(checkpoint::file_name(resume)).display(),
+                    path = %resume_path.unwrap_or_else(|| d.join(checkpoint::file_name(resume))).display(),
                     "resumed from a checkpoint"
                 );
             }

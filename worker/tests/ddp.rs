@@ -118,7 +118,7 @@ fn train_gang(j: &Job<'_>, ckpt: &Path) -> Vec<Result<Summary, WorkError>> {
 
 /// Final parameters (from the last checkpoint) of a run.
 fn final_params(ckpt: &Path, steps: u64) -> Vec<f32> {
-    let (step, path) = checkpoint::list(ckpt)
+    let (step, path) = checkpoint::list(ckpt, None)
         .expect("list")
         .pop()
         .expect("a checkpoint");
@@ -285,7 +285,7 @@ fn a_resumed_run_ends_exactly_where_the_uninterrupted_run_ends() {
     };
     let full = dir.join("full");
     let whole = ok(train_gang(&j(), &full));
-    let saved: Vec<u64> = checkpoint::list(&full)
+    let saved: Vec<u64> = checkpoint::list(&full, None)
         .unwrap()
         .iter()
         .map(|c| c.0)
@@ -326,7 +326,7 @@ fn a_resumed_run_ends_exactly_where_the_uninterrupted_run_ends() {
         );
     }
     assert_eq!(
-        checkpoint::list(&corrupt_dir).unwrap().len(),
+        checkpoint::list(&corrupt_dir, None).unwrap().len(),
         1,
         "nothing new was written"
     );

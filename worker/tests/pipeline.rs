@@ -57,6 +57,8 @@ struct Job<'a> {
     accum: usize,
     steps: u64,
     every: u64,
+    /// `gradClipNorm` (0: no clipping).
+    clip: f64,
 }
 
 fn config(j: &Job<'_>) -> WorkerConfig {
@@ -80,7 +82,7 @@ spec:
     {workload}
     model: {{gpt: {{layers: {LAYERS}, heads: 2, embedDim: 16, contextLength: 16}}}}
     data: {{kind: Text, path: "{data}"}}
-    optimizer: {{learningRate: 0.003, warmupSteps: 2, gradClipNorm: 1.0, weightDecay: 0.1}}
+    optimizer: {{learningRate: 0.003, warmupSteps: 2, gradClipNorm: {clip}, weightDecay: 0.1}}
     batchSize: {batch}
     maxSteps: {steps}
     seed: 5
@@ -95,6 +97,7 @@ spec:
         batch = j.batch,
         steps = j.steps,
         every = j.every,
+        clip = j.clip,
     );
     let job = lockstep_api::manifest::parse_job(&yaml).expect("valid job");
     WorkerConfig::from_job(&job).expect("config")
@@ -145,25 +148,29 @@ fn model(data: &Path) -> GptConfig {
     GptConfig::new(LAYERS, 2, 16, 16, c.len()).expect("config")
 }
 
-fn tensor(path: &Path) -> Vec<f32> {
+fn tensor(path: &Path, name: &str) -> Vec<f32> {
     let bytes = std::fs::read(path).expect("read");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    st.tensor("params")
-        .expect("params")
+    st.tensor(name)
+        .expect("the tensor")
         .data()
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
 }
 
-/// The whole model's parameters after the newest checkpoint of a run: one file (DDP), or every
+/// A tensor of the whole model (`params`, `adam.m`, `adam.v`) after the newest checkpoint of a run: one file (DDP), or every
 /// stage's shard put together (the tied embedding from the first stage, checked equal to the
 /// last stage's copy).
-fn whole_params(j: &Job<'_>, ckpt: &Path) -> Vec<f32> {
-    let (step, path) = checkpoint::list(ckpt).expect("list").pop().expect("a step");
+fn whole_tensor(j: &Job<'_>, ckpt: &Path, name: &str) -> Vec<f32> {
+    let shape = j.schedule.map(|_| j.stages as u32);
+    let (step, path) = checkpoint::list(ckpt, shape)
+        .expect("list")
+        .pop()
+        .expect("a step");
     assert_eq!(step, j.steps);
     if j.schedule.is_none() {
-        return tensor(&path);
+        return tensor(&path, name);
     }
     let cfg = model(j.data);
     let (p, v) = (j.stages, j.chunks);
@@ -172,7 +179,10 @@ fn whole_params(j: &Job<'_>, ckpt: &Path) -> Vec<f32> {
     let wte = cfg.padded_vocab * cfg.channels;
     let mut tied = Vec::new();
     for s in (0..p).rev() {
-        let shard = tensor(&ckpt.join(checkpoint::shard_name(step, s as u32, p as u32)));
+        let shard = tensor(
+            &ckpt.join(checkpoint::shard_name(step, s as u32, p as u32)),
+            name,
+        );
         let mut at = 0;
         for c in 0..v {
             let k = c * p + s;
@@ -206,6 +216,11 @@ fn whole_params(j: &Job<'_>, ckpt: &Path) -> Vec<f32> {
     whole
 }
 
+/// The whole model's parameters after the newest checkpoint of a run.
+fn whole_params(j: &Job<'_>, ckpt: &Path) -> Vec<f32> {
+    whole_tensor(j, ckpt, "params")
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -226,6 +241,7 @@ fn base(data: &Path) -> Job<'_> {
         accum: 1,
         steps: 5,
         every: 1000,
+        clip: 1.0,
     }
 }
 
@@ -312,6 +328,20 @@ fn one_stage_is_ddp_with_gradient_accumulation_bit_for_bit() {
             max_diff(&params, &reference)
         );
     }
+    // Two chunks on one stage hand activations and gradients over locally and hold both copies
+    // of the tied embedding: the same up to the order of the embedding's two additions, as ZB-H1
+    // (whose weight-gradient pass adds the head's half after the input pass's embedding half).
+    for (schedule, chunks) in [("Interleaved", 2), ("ZeroBubble", 1)] {
+        let j = Job {
+            schedule: Some(schedule),
+            stages: 1,
+            chunks,
+            ..base(&data)
+        };
+        let (_, params) = run(&dir, &format!("{schedule}-1"), j);
+        let d = max_diff(&params, &reference);
+        assert!(d < 1e-5, "{schedule} on 1 stage differs from DDP by {d}");
+    }
 }
 
 #[test]
@@ -357,7 +387,7 @@ fn a_pipeline_restarted_from_its_stage_checkpoints_ends_where_it_would_have() {
     };
     let full = dir.join("full");
     let whole = ok(train_gang(&j, &full));
-    let saved: Vec<u64> = checkpoint::list(&full)
+    let saved: Vec<u64> = checkpoint::list(&full, Some(2))
         .unwrap()
         .iter()
         .map(|c| c.0)
@@ -382,5 +412,69 @@ fn a_pipeline_restarted_from_its_stage_checkpoints_ends_where_it_would_have() {
     assert_eq!(
         resumed[1].loss, whole[1].loss,
         "the last step's loss differs"
+    );
+}
+
+/// After one step AdamW's first moment is (1 - beta1) times the step's gradient, clipped: the
+/// pipelines' gradients themselves (the tied embedding's two halves added once, the replicas
+/// averaged, the micro-batches scaled, the norm over all stages) against one process's. AdamW's
+/// parameters alone would hide a gradient off by a constant factor.
+#[test]
+fn the_first_steps_gradient_matches_one_process_with_and_without_clipping() {
+    let dir = scratch("grad");
+    let data = text(&dir);
+    fn one_step(j: Job<'_>) -> Job<'_> {
+        Job { steps: 1, ..j }
+    }
+    let mut largest_by_clip = Vec::new();
+    for clip in [0.0, 0.05] {
+        let ddp = one_step(Job {
+            schedule: None,
+            stages: 1,
+            batch: 2,
+            accum: 4,
+            clip,
+            ..base(&data)
+        });
+        let ck = dir.join(format!("ddp-{clip}"));
+        ok(train_gang(&ddp, &ck));
+        let reference = whole_tensor(&ddp, &ck, "adam.m");
+        let largest = reference.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        largest_by_clip.push(largest);
+        for (schedule, stages, chunks, replicas, batch) in [
+            ("OneFOneB", 2, 1, 1, 8),
+            ("ZeroBubble", 4, 1, 1, 8),
+            ("Interleaved", 2, 2, 1, 8),
+            ("GPipe", 2, 1, 2, 4),
+            ("ZeroBubble", 2, 1, 2, 4),
+        ] {
+            let j = one_step(Job {
+                schedule: Some(schedule),
+                stages,
+                chunks,
+                replicas,
+                batch,
+                clip,
+                ..base(&data)
+            });
+            let ck = dir.join(format!("{schedule}-{stages}x{replicas}-{clip}"));
+            ok(train_gang(&j, &ck));
+            let m = whole_tensor(&j, &ck, "adam.m");
+            let d = max_diff(&m, &reference);
+            eprintln!(
+                "{schedule} {stages} stages x {replicas} replicas, clip {clip}: largest \
+                 gradient difference {d:.2e} of {largest:.2e}"
+            );
+            assert!(
+                d <= 1e-5 * largest,
+                "{schedule} {stages} x {replicas}, clip {clip}: gradients differ by {d} (largest {largest})"
+            );
+        }
+    }
+    // Clipping at 0.05 engaged: it shrank the gradient.
+    let (unclipped, clipped) = (largest_by_clip[0], largest_by_clip[1]);
+    assert!(
+        clipped < 0.5 * unclipped,
+        "clipping did not engage: {clipped} vs {unclipped}"
     );
 }

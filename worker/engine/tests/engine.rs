@@ -840,7 +840,8 @@ fn run_parts(
         // The weight passes, in another order than the input passes.
         for k in 0..micro.len() {
             for part in &mut parts {
-                part.backward_weight(&be, k).expect("the part runs");
+                part.backward_weight(&be, k, &mut |_, _| {})
+                    .expect("the part runs");
             }
         }
     }

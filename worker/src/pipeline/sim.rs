@@ -197,6 +197,14 @@ pub enum SimError {
     /// Chunks per stage is 0.
     #[error("chunks per stage must be at least 1")]
     NoChunks,
+    /// Per-stage costs given for another number of stages than the plan has.
+    #[error("costs for {costs} stages given for a plan of {stages}")]
+    Costs {
+        /// Stages in the plan.
+        stages: usize,
+        /// Costs given.
+        costs: usize,
+    },
     /// An action that names a chunk, stage or model part that does not exist or does not fit
     /// the layout (a send to a stage that does not hold the next part, say).
     #[error("stage {stage}, action {index} ({action}): {reason}")]
@@ -274,6 +282,12 @@ pub fn simulate_stages(
 ) -> Result<Report, SimError> {
     if chunks == 0 {
         return Err(SimError::NoChunks);
+    }
+    if costs.len() != plan.len() {
+        return Err(SimError::Costs {
+            stages: plan.len(),
+            costs: costs.len(),
+        });
     }
     let layout = Layout {
         stages: plan.len() as u32,

@@ -113,6 +113,10 @@ pub trait Workload<C> {
     ) -> Result<Option<PathBuf>, WorkError>;
     /// A digest of this rank's parameters (equal on the ranks that hold the same ones).
     fn params_digest(&mut self) -> Result<u64, WorkError>;
+    /// The checkpoint files this workload writes and reads: whole-model files by default.
+    fn checkpoint_shape(&self) -> crate::checkpoint::Shape {
+        None
+    }
 }
 
 /// The workload `cfg` asks for, on `device`.

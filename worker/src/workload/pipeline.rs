@@ -7,18 +7,23 @@
 //! receives, then the gradient sync and the optimizer step.
 //!
 //! - Data: every replica's stages see the same micro-batches (the sampler's `(step, micro,
-//!   replica)`, as DDP with `m` accumulation steps of `batchSize / m`), so a 1-stage pipeline is
-//!   DDP with gradient accumulation, bit for bit.
+//!   replica)`, as DDP with `m` accumulation steps of `batchSize / m`), so a 1-stage GPipe or
+//!   1F1B pipeline is DDP with gradient accumulation, bit for bit (ZB-H1 and two chunks on one
+//!   stage add the tied embedding's two halves in another order).
 //! - Gradients: a stage's gradients are averaged over its data-parallel group with the DDP
-//!   buckets; with one chunk per stage the buckets start during the stage's last backward, as
-//!   DDP's do. The token embedding is tied: the first and last stages each hold a copy, and
+//!   buckets; with one chunk per stage the buckets start during the stage's last backward (or
+//!   last weight-gradient pass, ZB-H1), as DDP's do; with several chunks, after the last one. The token embedding is tied: the first and last stages each hold a copy, and
 //!   add up their two gradients before the optimizer, as Megatron does, so the copies stay
 //!   equal. Global-norm clipping takes the norm over every stage (the tied copy counted once).
 //! - Checkpoints: each stage's first replica writes its shard
 //!   ([`checkpoint::shard_name`]); a step is saved when every shard is, and old shards go only
 //!   then.
 //! - Measured per step: each stage's busy time (compute) and idle time (waiting for a
-//!   neighbour), their ratio (the bubble), and the peak of live micro-batches' activations.
+//!   neighbour), their ratio (the bubble), and the peak of live micro-batches' activations. A
+//!   stage measures up to its own last compute: the time a stage that finishes early waits for
+//!   the others (the last stage in 1F1B) is not in its figure, so the stages' bubbles differ
+//!   and their mean is below the formula's share of the step; `bench pipeline` puts the stages
+//!   on one time line for that figure.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -77,6 +82,9 @@ impl StageStats {
         }
     }
 }
+
+/// Activations an evaluation keeps in flight to the next stage at most.
+const MAX_EVAL_SENDS: usize = 8;
 
 /// An error for a plan that does not fit the executor (a bug, not the job's fault).
 fn broken(what: String) -> WorkError {
@@ -197,9 +205,8 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
             let layout = PartLayout::new(config, spec.clone())?;
             let zeros = vec![0.0; layout.len()];
             let slots = peak_live(&my_plan, c as u32).max(1);
-            // Evaluation runs micro-batches of up to eval_batch through slot 0.
-            let room = micro_batch.max(eval_batch.min(micro_batch.max(1)));
-            let part = Gpt::part(&be, config, spec, &zeros, room, t_len, slots, split)?;
+            // Evaluation runs micro-batches of the same size through slot 0.
+            let part = Gpt::part(&be, config, spec, &zeros, micro_batch, t_len, slots, split)?;
             adams.push(Adam::new(&be, layout.len())?);
             parts.push(part);
         }
@@ -540,28 +547,14 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     let be = &self.be;
                     let part = &mut self.parts[chunk as usize];
                     let n = part.num_params();
-                    let mut failed = None;
                     if overlap && whole && last_grad[chunk as usize] == i {
-                        let mut buckets =
-                            Buckets::new(n, self.first_bucket_bytes, self.bucket_bytes, true);
-                        let (sync, dp) = (&mut self.sync, &mut topo.data_parallel);
-                        part.backward_slot(be, slot, dout.as_deref(), pass, &mut |g, from| {
-                            if failed.is_some() {
-                                return;
-                            }
-                            for r in buckets.ready(from) {
-                                if let Err(e) = sync.start(be, dp, g, r) {
-                                    failed = Some(e);
-                                    return;
-                                }
-                            }
-                        })?;
-                        started[chunk as usize] = Some(buckets);
+                        let b = Buckets::new(n, self.first_bucket_bytes, self.bucket_bytes, true);
+                        let (sync, dp) = (self.sync.as_mut(), &mut topo.data_parallel);
+                        started[chunk as usize] = Some(overlapped(be, sync, dp, b, |ready| {
+                            part.backward_slot(be, slot, dout.as_deref(), pass, ready)
+                        })?);
                     } else {
                         part.backward_slot(be, slot, dout.as_deref(), pass, &mut |_, _| {})?;
-                    }
-                    if let Some(e) = failed {
-                        return Err(e);
                     }
                     if k > 0 {
                         let g = part.input_grad(be, slot)?;
@@ -591,8 +584,19 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                         .remove(&micro)
                         .ok_or_else(|| missing("input-gradient pass", micro, chunk))?;
                     let t0 = Instant::now();
+                    let be = &self.be;
                     let part = &mut self.parts[chunk as usize];
-                    part.backward_weight(&self.be, slot)?;
+                    if overlap && last_grad[chunk as usize] == i {
+                        // The last weight-gradient pass makes the chunk's gradients final.
+                        let n = part.num_params();
+                        let b = Buckets::new(n, self.first_bucket_bytes, self.bucket_bytes, true);
+                        let (sync, dp) = (self.sync.as_mut(), &mut topo.data_parallel);
+                        started[chunk as usize] = Some(overlapped(be, sync, dp, b, |ready| {
+                            part.backward_weight(be, slot, ready)
+                        })?);
+                    } else {
+                        part.backward_weight(be, slot, &mut |_, _| {})?;
+                    }
                     free[chunk as usize].push(slot);
                     live -= 1;
                     live_bytes -= part.slot_bytes();
@@ -639,6 +643,33 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
             m,
             v,
         })
+    }
+}
+
+/// Runs a backward `pass` with a callback that starts the data-parallel buckets as the pass
+/// makes gradients final (as DDP does); returns the buckets to finish.
+fn overlapped<B: Backend, C>(
+    be: &B,
+    sync: &mut dyn GradSync<B, C>,
+    dp: &mut C,
+    mut buckets: Buckets,
+    pass: impl FnOnce(&mut dyn FnMut(&mut B::Buf, usize)) -> lockstep_engine::Result<()>,
+) -> Result<Buckets, WorkError> {
+    let mut failed = None;
+    pass(&mut |g, from| {
+        if failed.is_some() {
+            return;
+        }
+        for r in buckets.ready(from) {
+            if let Err(e) = sync.start(be, dp, g, r) {
+                failed = Some(e);
+                return;
+            }
+        }
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(buckets),
     }
 }
 
@@ -752,7 +783,7 @@ impl<B: Backend, C: HostComm> Workload<C> for Pipeline<B, C> {
         let (p, s, n_parts) = (self.stages, self.stage, self.n_parts());
         let (mut sum, mut count) = (0.0f64, 0usize);
         let (mut x, mut y) = (Vec::new(), Vec::new());
-        let mut sends = Vec::new();
+        let mut sends = std::collections::VecDeque::new();
         for chunk in starts.chunks(self.micro_batch) {
             let b = chunk.len();
             self.data.batch(chunk, self.t, &mut x, &mut y);
@@ -790,7 +821,13 @@ impl<B: Backend, C: HostComm> Workload<C> for Pipeline<B, C> {
                     if (k + 1) % p == s {
                         carried = Some(out);
                     } else {
-                        sends.push(topo.pipeline.send_async(out, (k + 1) % p));
+                        sends.push_back(topo.pipeline.send_async(out, (k + 1) % p));
+                        // A bounded number in flight: the validation set can be large.
+                        while sends.len() > MAX_EVAL_SENDS {
+                            if let Some(oldest) = sends.pop_front() {
+                                oldest.wait()?;
+                            }
+                        }
                     }
                 }
             }
@@ -798,9 +835,21 @@ impl<B: Backend, C: HostComm> Workload<C> for Pipeline<B, C> {
         for pending in sends {
             pending.wait()?;
         }
-        // The last stage computed the loss; every rank reports it.
+        // The last stage computed the loss and sends it to the others on the point-to-point
+        // channel (whose timeout allows for the whole evaluation, unlike a collective's).
+        let last = (n_parts - 1) % p;
         let mut v = [(sum / count.max(1) as f64) as f32];
-        topo.pipeline.broadcast(&mut v, (n_parts - 1) % p)?;
+        if s == last {
+            let done: Vec<_> = (0..p)
+                .filter(|&o| o != s)
+                .map(|o| topo.pipeline.send_async(v.to_vec(), o))
+                .collect();
+            for d in done {
+                d.wait()?;
+            }
+        } else {
+            topo.pipeline.recv(&mut v, last)?;
+        }
         Ok(Evaluation {
             metric: Metric::Loss,
             value: v[0],
@@ -823,10 +872,26 @@ impl<B: Backend, C: HostComm> Workload<C> for Pipeline<B, C> {
             None
         };
         topo.world.barrier()?;
+        let shape = self.checkpoint_shape();
+        if topo.rank == 0 && !checkpoint::list(dir, shape)?.iter().any(|c| c.0 == step) {
+            // Every stage wrote its shard, yet rank 0 does not see them all: the ranks do not
+            // share the storage, and no restart could ever resume.
+            return Err(WorkError::new(
+                ExitCode::Checkpoint,
+                format!(
+                    "every stage wrote its shard of step {step}, but rank 0 does not find them                      all in {}: the stages' shards must meet in one folder, so mount the same                      storage (a ReadWriteMany volume) at that path on every worker",
+                    dir.display()
+                ),
+            ));
+        }
         if written.is_some() {
-            checkpoint::prune(dir, keep)?;
+            checkpoint::prune(dir, keep, shape)?;
         }
         Ok(written)
+    }
+
+    fn checkpoint_shape(&self) -> checkpoint::Shape {
+        Some(self.stages as u32)
     }
 
     fn params_digest(&mut self) -> Result<u64, WorkError> {

@@ -1006,8 +1006,15 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// The weight-gradient pass (W) of a split backward of `slot` (after its
-    /// [`Pass::Input`] pass): accumulates the matmuls' weight and bias gradients.
-    pub fn backward_weight(&mut self, be: &B, slot: usize) -> Result<()> {
+    /// [`Pass::Input`] pass): accumulates the matmuls' weight and bias gradients, calling
+    /// `ready(from)` as [`Gpt::backward_slot`] does (meaningful on the last micro-batch's pass,
+    /// when the gradients it completes are final).
+    pub fn backward_weight(
+        &mut self,
+        be: &B,
+        slot: usize,
+        ready: &mut dyn FnMut(&mut B::Buf, usize),
+    ) -> Result<()> {
         let cfg = self.config;
         let lay = &self.layout;
         let s = &self.slots[slot];
@@ -1058,6 +1065,10 @@ impl<B: Backend> Gpt<B> {
                 c,
             )?;
             matmul_bwd_weight(be, g, w.qkvw, Some(w.qkvb), &st.d_qkv, &a.ln1, n, c, 3 * c)?;
+            ready(g, lay.block(l));
+        }
+        if lay.spec.embed || lay.spec.head {
+            ready(g, 0);
         }
         Ok(())
     }
