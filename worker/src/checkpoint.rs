@@ -128,6 +128,157 @@ fn files(dir: &Path) -> Result<Vec<File>, CheckpointError> {
     Ok(found)
 }
 
+/// Writes checkpoints on a thread of its own, so that a slow disk never holds the rank that
+/// writes (and with it, in their next collective, every other rank) past the transport's
+/// timeout: the caller copies the state to host memory, [`Background::start`] queues it and
+/// returns, and the thread writes the queued states in order. [`Background::wait`] (at the end,
+/// before a stop) waits for all of them. A queue longer than one means the disk is slower than
+/// `checkpoint.everySteps`: each waiting state holds the parameters and moments in memory, and
+/// a warning says so.
+#[derive(Debug, Default)]
+pub struct Background {
+    queue: Option<std::sync::mpsc::Sender<WriteJob>>,
+    results:
+        std::collections::VecDeque<std::sync::mpsc::Receiver<Result<PathBuf, CheckpointError>>>,
+}
+
+/// One queued write: the folder, the state, the file name, what to prune after it, and where
+/// the result goes.
+type WriteJob = (
+    PathBuf,
+    State,
+    String,
+    Option<(usize, Shape)>,
+    std::sync::mpsc::Sender<Result<PathBuf, CheckpointError>>,
+);
+
+impl Background {
+    /// Waits for every queued write; returns the file of the last.
+    pub fn wait(&mut self) -> Result<Option<PathBuf>, CheckpointError> {
+        let mut last = None;
+        while let Some(rx) = self.results.pop_front() {
+            last = Some(rx.recv().unwrap_or_else(|_| Err(writer_gone()))?);
+        }
+        Ok(last)
+    }
+
+    /// Queues `state` to be written as `name` in `dir` and then, with `prune_after`, the
+    /// checkpoints of the shape pruned to the newest `keep`; returns at once, with the file of
+    /// the newest earlier write that has finished since (or its error).
+    pub fn start(
+        &mut self,
+        dir: &Path,
+        state: State,
+        name: String,
+        prune_after: Option<(usize, Shape)>,
+    ) -> Result<Option<PathBuf>, CheckpointError> {
+        let mut done = None;
+        while let Some(r) = self.results.front().and_then(|rx| rx.try_recv().ok()) {
+            self.results.pop_front();
+            done = Some(r?);
+        }
+        let queue = match &self.queue {
+            Some(q) => q.clone(),
+            None => {
+                let (tx, rx) = std::sync::mpsc::channel::<WriteJob>();
+                std::thread::Builder::new()
+                    .name("lockstep-checkpoint".into())
+                    .spawn(move || {
+                        for (dir, state, name, prune_after, reply) in rx {
+                            let r = write(&dir, &state, &name).and_then(|path| {
+                                if let Some((keep, shape)) = prune_after {
+                                    prune(&dir, keep, shape)?;
+                                }
+                                Ok(path)
+                            });
+                            let _ = reply.send(r);
+                        }
+                    })
+                    .map_err(io(dir))?;
+                self.queue = Some(tx.clone());
+                tx
+            }
+        };
+        let (reply, result) = std::sync::mpsc::channel();
+        queue
+            .send((dir.to_path_buf(), state, name, prune_after, reply))
+            .map_err(|_| writer_gone())?;
+        self.results.push_back(result);
+        if self.results.len() > 1 {
+            tracing::warn!(
+                waiting = self.results.len(),
+                "checkpoints are written more slowly than spec.training.checkpoint.everySteps \
+                 asks for: raise everySteps, or use faster storage"
+            );
+        }
+        Ok(done)
+    }
+}
+
+fn writer_gone() -> CheckpointError {
+    CheckpointError::Refused {
+        path: PathBuf::new(),
+        reason: "the checkpoint writer thread ended".into(),
+    }
+}
+
+/// A test hook: writes into a folder whose path ends with the given name take this much longer
+/// (a slow disk).
+#[doc(hidden)]
+pub static SLOW_WRITES: std::sync::Mutex<Option<(String, std::time::Duration)>> =
+    std::sync::Mutex::new(None);
+
+/// The end of a temporary file's name (`.step-...<pid>-<random>.tmp`).
+const TMP_SUFFIX: &str = ".tmp";
+
+/// Removes the temporary files a writer killed mid-save left in `dir`.
+pub fn remove_leftovers(dir: &Path) -> Result<(), CheckpointError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".step-") && name.ends_with(TMP_SUFFIX) {
+            tracing::warn!(path = %e.path().display(), "removing a checkpoint left half-written");
+            remove(std::iter::once((0, None, e.path())))?;
+        }
+    }
+    Ok(())
+}
+
+/// The files that make up step `step` of `shape` in `dir`.
+pub fn step_files(dir: &Path, step: u64, shape: Shape) -> Vec<PathBuf> {
+    match shape {
+        None => vec![dir.join(file_name(step))],
+        Some(p) => (0..p).map(|s| dir.join(shard_name(step, s, p))).collect(),
+    }
+}
+
+/// The step to resume from among the complete checkpoints of `shape` in `dir`: the newest whose
+/// every file passes [`verify`]. A newer one that fails is skipped with a warning naming it (a
+/// crash or a bad disk while it was written); when none passes, the newest, which every rank
+/// then refuses with the reason.
+pub fn choose(dir: &Path, shape: Shape) -> Result<Option<(u64, PathBuf)>, CheckpointError> {
+    let complete = list(dir, shape)?;
+    for (step, path) in complete.iter().rev() {
+        match step_files(dir, *step, shape)
+            .iter()
+            .try_for_each(|f| verify(f))
+        {
+            Ok(()) => return Ok(Some((*step, path.clone()))),
+            Err(e) => tracing::warn!(
+                step,
+                error = %e,
+                "a checkpoint is refused: trying the one before it"
+            ),
+        }
+    }
+    Ok(complete.last().cloned())
+}
+
 /// Which checkpoint files a job reads and writes: whole-model files (`None`), or the shards of a
 /// pipeline of this many stages. A job never counts, resumes from or deletes files of another
 /// shape (a job whose stages changed, another workload in the same folder).
@@ -246,6 +397,14 @@ pub fn save(dir: &Path, state: &State, keep: usize) -> Result<PathBuf, Checkpoin
 /// directory), without deleting older checkpoints (a pipeline stage's shard: see [`prune`]).
 pub fn write(dir: &Path, state: &State, name: &str) -> Result<PathBuf, CheckpointError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let slow = SLOW_WRITES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .filter(|(d, _)| dir.ends_with(d));
+    if let Some((_, delay)) = slow {
+        std::thread::sleep(delay);
+    }
     let tensors = [
         ("adam.m", &state.m),
         ("adam.v", &state.v),
@@ -281,9 +440,18 @@ pub fn write(dir: &Path, state: &State, name: &str) -> Result<PathBuf, Checkpoin
         .collect::<Result<Vec<_>, _>>()?;
     let bytes = safetensors::serialize(views, Some(meta))
         .map_err(|e| refuse(format!("cannot serialize: {e}")))?;
-    let tmp = dir.join(format!(".{name}.tmp"));
+    // A name of its own, created exclusively: two writers never share a temporary file.
+    let tmp = dir.join(format!(
+        ".{name}.{}-{:016x}{TMP_SUFFIX}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
         f.write_all(&bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
     }
@@ -297,6 +465,18 @@ pub fn write(dir: &Path, state: &State, name: &str) -> Result<PathBuf, Checkpoin
 /// Reads and checks the checkpoint at `path` for a model described as `model` with `n`
 /// parameters.
 pub fn load(path: &Path, model: &str, n: usize) -> Result<State, CheckpointError> {
+    read_checked(path, Some((model, n)))
+}
+
+/// Checks the file at `path` is a whole checkpoint (its format, tensors and checksum), whatever
+/// model it holds.
+pub fn verify(path: &Path) -> Result<(), CheckpointError> {
+    read_checked(path, None).map(drop)
+}
+
+/// Reads and checks `path`; with `want`, also that it holds that model with that many
+/// parameters.
+fn read_checked(path: &Path, want: Option<(&str, usize)>) -> Result<State, CheckpointError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
     let refuse = |reason: String| CheckpointError::Refused {
         path: path.to_path_buf(),
@@ -317,7 +497,9 @@ pub fn load(path: &Path, model: &str, n: usize) -> Result<State, CheckpointError
         return Err(refuse(format!("format {format}, expected {FORMAT}")));
     }
     let saved_model = get("model")?;
-    if saved_model != model {
+    if let Some((model, _)) = want
+        && saved_model != model
+    {
         return Err(refuse(format!(
             "it holds the model `{saved_model}`, but this job trains `{model}`"
         )));
@@ -333,6 +515,7 @@ pub fn load(path: &Path, model: &str, n: usize) -> Result<State, CheckpointError
         let t = st
             .tensor(name)
             .map_err(|e| refuse(format!("tensor {name} is missing ({e})")))?;
+        let n = want.map_or_else(|| t.shape().first().copied().unwrap_or(0), |w| w.1);
         if t.dtype() != Dtype::F32 || t.shape() != [n] {
             return Err(refuse(format!(
                 "tensor {name} is {:?} {:?}, expected F32 [{n}]",

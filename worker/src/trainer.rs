@@ -143,11 +143,12 @@ pub fn train<C: HostComm>(
     if rank == 0
         && let Some(d) = &dir
     {
-        let newest = checkpoint::list(d, shape)?.pop();
+        checkpoint::remove_leftovers(d)?;
         // Files of an unfinished save after the newest whole step go, so that saving that step
         // again cannot be completed by them.
-        checkpoint::discard_newer(d, newest.as_ref().map_or(0, |n| n.0), shape)?;
-        if let Some((step, path)) = newest {
+        let newest = checkpoint::list(d, shape)?.pop().map_or(0, |n| n.0);
+        checkpoint::discard_newer(d, newest, shape)?;
+        if let Some((step, path)) = checkpoint::choose(d, shape)? {
             latest = step_to_floats(step);
             resume_path = Some(path);
         }
@@ -312,9 +313,16 @@ pub fn train<C: HostComm>(
         // as on the cadence: the workload decides which ranks write).
         if let Some(d) = &dir
             && (done || ckpt_every.is_some_and(|e| (step + 1) % e == 0) || stopping)
-            && let Some(path) = work.save(topo, d, step + 1, keep)?
         {
-            tracing::info!(step = step + 1, path = %path.display(), "checkpoint written");
+            if let Some(path) = work.save(topo, d, step + 1, keep)? {
+                tracing::info!(path = %path.display(), "checkpoint written");
+            }
+            // The last step's and a stop's checkpoint are on disk before the rank ends.
+            if (done || stopping)
+                && let Some(path) = work.flush(topo)?
+            {
+                tracing::info!(path = %path.display(), "checkpoint written");
+            }
         }
         (inputs.on_step)(step + 1);
         if stopping && !done {

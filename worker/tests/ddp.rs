@@ -89,8 +89,13 @@ spec:
 
 /// Trains the job on `world` threads; returns every rank's result.
 fn train_gang(j: &Job<'_>, ckpt: &Path) -> Vec<Result<Summary, WorkError>> {
+    train_gang_with(j, ckpt, TcpOptions::default())
+}
+
+/// [`train_gang`] over a transport with `opts`.
+fn train_gang_with(j: &Job<'_>, ckpt: &Path, opts: TcpOptions) -> Vec<Result<Summary, WorkError>> {
     let cfg = config(j);
-    let gang = TcpComm::local_gang(j.world, TcpOptions::default()).expect("gang");
+    let gang = TcpComm::local_gang(j.world, opts).expect("gang");
     std::thread::scope(|s| {
         let handles: Vec<_> = gang
             .into_iter()
@@ -330,6 +335,27 @@ fn a_resumed_run_ends_exactly_where_the_uninterrupted_run_ends() {
         1,
         "nothing new was written"
     );
+
+    // The newest checkpoint is corrupt, an older one is whole: the gang resumes from the older
+    // one (with a warning) and still ends where the uninterrupted run ends. A temporary file a
+    // killed writer left behind is removed.
+    let fallback = dir.join("fallback");
+    std::fs::create_dir_all(&fallback).unwrap();
+    std::fs::copy(full.join(&name), fallback.join(&name)).unwrap();
+    let newer = checkpoint::file_name(6);
+    let mut bytes = std::fs::read(full.join(&newer)).unwrap();
+    let mid = bytes.len() - 100;
+    bytes[mid] ^= 0x01;
+    std::fs::write(fallback.join(&newer), bytes).unwrap();
+    let leftover = fallback.join(format!(".{newer}.1234-00000000deadbeef.tmp"));
+    std::fs::write(&leftover, b"half a checkpoint").unwrap();
+    let resumed = ok(train_gang(&j(), &fallback));
+    assert_eq!(resumed[0].resumed_from, Some(3), "skips the corrupt step 6");
+    assert_eq!(resumed[0].params_digest, whole[0].params_digest);
+    assert!(
+        !leftover.exists(),
+        "the leftover temporary file was removed"
+    );
 }
 
 #[test]
@@ -358,4 +384,43 @@ fn a_rank_without_cuda_refuses_a_gang_that_chose_nccl() {
     let e = trainer::run(&cfg, comm, &metrics, &inputs).expect_err("must not train on the CPU");
     assert_eq!(e.code, lockstep_api::contract::ExitCode::Communication);
     assert!(e.message.contains("rank 0 chose NCCL"), "{}", e.message);
+}
+
+/// Rank 0 writes checkpoints while the others go on to the next step's all-reduce, where they
+/// wait for it: a write slower than the transport's timeout must not stop the gang. Writes into
+/// this test's folder take 2.5 s (a slow disk), the transport times out after 1 s.
+#[test]
+fn a_checkpoint_slower_than_the_communication_timeout_does_not_stop_the_gang() {
+    let dir = scratch("slow-disk");
+    let data = text(&dir);
+    let ckpt = dir.join("slow-checkpoints");
+    *checkpoint::SLOW_WRITES.lock().unwrap() = Some((
+        "slow-checkpoints".into(),
+        std::time::Duration::from_millis(2500),
+    ));
+    let j = Job {
+        world: 2,
+        batch: 4,
+        steps: 6,
+        checkpoint_every: 2,
+        ..job(&data)
+    };
+    let opts = TcpOptions {
+        timeout: std::time::Duration::from_secs(1),
+        ..TcpOptions::default()
+    };
+    let results = train_gang_with(&j, &ckpt, opts);
+    *checkpoint::SLOW_WRITES.lock().unwrap() = None;
+    let s = ok(results);
+    assert_eq!(s[0].params_digest, s[1].params_digest);
+    let saved: Vec<u64> = checkpoint::list(&ckpt, None)
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(
+        saved,
+        vec![2, 4, 6],
+        "every checkpoint was written, the last before the end"
+    );
 }

@@ -33,11 +33,25 @@ impl Digits {
                 .map(|f| f.trim().parse::<f32>())
                 .collect::<Result<_, _>>()
                 .map_err(|e| bad(format!("{path} line {}: {e}", i + 1)))?;
-            if v.len() != Self::FEATURES + 1 || !(0.0..10.0).contains(&v[64]) {
+            if v.len() != Self::FEATURES + 1 {
                 return Err(bad(format!(
                     "{path} line {}: expected 64 pixels and a label 0-9, got {} fields",
                     i + 1,
                     v.len()
+                )));
+            }
+            if let Some((col, bad_value)) = v.iter().enumerate().find(|(_, p)| !p.is_finite()) {
+                return Err(bad(format!(
+                    "{path} line {}, field {}: {bad_value} is not a number a model can train on",
+                    i + 1,
+                    col + 1
+                )));
+            }
+            let label = v[64];
+            if label.fract() != 0.0 || !(0.0..10.0).contains(&label) {
+                return Err(bad(format!(
+                    "{path} line {}: the label {label} is not an integer 0-9",
+                    i + 1
                 )));
             }
             x.extend(v[..64].iter().map(|p| p / 16.0));
@@ -72,5 +86,51 @@ impl Digits {
     /// Rows held out for evaluation.
     pub fn test_rows(&self) -> Vec<usize> {
         (0..self.len()).filter(|&i| Self::is_test(i)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(name: &str, rows: &[String]) -> Result<Digits, WorkError> {
+        let dir = std::env::temp_dir().join(format!("lockstep-digits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, rows.join("\n")).unwrap();
+        Digits::load(p.to_str().unwrap())
+    }
+
+    fn row(pixel: &str, label: &str) -> String {
+        let mut f = vec!["1"; 64];
+        f[7] = pixel;
+        f.push(label);
+        f.join(",")
+    }
+
+    #[test]
+    fn non_finite_pixels_and_non_integer_labels_are_refused_naming_the_line() {
+        let good = row("3", "7");
+        let d = load("good.csv", &[good.clone(), row("16", "0")]).unwrap();
+        assert_eq!((d.len(), d.y[0], d.y[1]), (2, 7, 0));
+        for (name, bad_row, want) in [
+            ("nan.csv", row("NaN", "3"), "line 2, field 8: NaN"),
+            ("inf.csv", row("inf", "3"), "line 2, field 8: inf"),
+            (
+                "frac.csv",
+                row("2", "3.5"),
+                "line 2: the label 3.5 is not an integer",
+            ),
+            (
+                "range.csv",
+                row("2", "10"),
+                "line 2: the label 10 is not an integer",
+            ),
+            ("nanlabel.csv", row("2", "nan"), "line 2, field 65: NaN"),
+        ] {
+            let e = load(name, &[good.clone(), bad_row]).unwrap_err();
+            assert!(e.message.contains(want), "{name}: {}", e.message);
+            assert_eq!(e.code, lockstep_api::contract::ExitCode::Data);
+        }
     }
 }

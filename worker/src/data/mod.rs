@@ -25,16 +25,43 @@ fn bad(m: String) -> WorkError {
     WorkError::new(ExitCode::Data, m)
 }
 
-/// Reads a file, decompressing `.gz`, as UTF-8 text.
+/// The largest data set read into memory, decompressed: a file (or a gzip bomb) past it is
+/// refused with its size named instead of exhausting the pod's memory.
+pub const MAX_DATA_BYTES: u64 = 2 << 30;
+
+/// Reads a file, decompressing `.gz`, as UTF-8 text of at most [`MAX_DATA_BYTES`].
 pub fn read_text(path: &str) -> Result<String, WorkError> {
-    let raw =
-        std::fs::read(path).map_err(|e| bad(format!("cannot read the data set {path}: {e}")))?;
+    read_text_limited(path, MAX_DATA_BYTES)
+}
+
+/// [`read_text`] with another limit.
+fn read_text_limited(path: &str, limit: u64) -> Result<String, WorkError> {
+    let too_big = |what: &str| {
+        bad(format!(
+            "{path} is larger than {} MiB {what}: Lockstep reads a data set into memory whole; \
+             use a smaller file",
+            limit >> 20
+        ))
+    };
+    let file = std::fs::File::open(path)
+        .map_err(|e| bad(format!("cannot read the data set {path}: {e}")))?;
+    let mut raw = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| bad(format!("cannot read the data set {path}: {e}")))?;
+    if raw.len() as u64 > limit {
+        return Err(too_big("on disk"));
+    }
     if path.ends_with(".gz") {
-        let mut s = String::new();
+        let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
-            .read_to_string(&mut s)
-            .map_err(|e| bad(format!("{path} is not valid gzip text: {e}")))?;
-        Ok(s)
+            .take(limit + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| bad(format!("{path} is not valid gzip: {e}")))?;
+        if out.len() as u64 > limit {
+            return Err(too_big("once decompressed"));
+        }
+        String::from_utf8(out).map_err(|e| bad(format!("{path} is not UTF-8 text: {e}")))
     } else {
         String::from_utf8(raw).map_err(|e| bad(format!("{path} is not UTF-8: {e}")))
     }
@@ -46,4 +73,43 @@ pub fn mix(seed: u64, n: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_file_past_the_limit_is_refused_compressed_or_not() {
+        let dir = std::env::temp_dir().join(format!("lockstep-data-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("big.txt");
+        std::fs::write(&plain, "a".repeat(5000)).unwrap();
+        let p = plain.to_str().unwrap();
+        assert_eq!(read_text_limited(p, 5000).unwrap().len(), 5000);
+        let refused = |r: Result<String, WorkError>| match r {
+            Ok(s) => panic!("{} bytes accepted past the limit", s.len()),
+            Err(e) => e,
+        };
+        let e = refused(read_text_limited(p, 4096));
+        assert!(
+            e.message.contains("on disk") && e.message.contains(p),
+            "{}",
+            e.message
+        );
+        // A small gzip that decompresses to far more than the limit: refused before it is all
+        // in memory.
+        let gz = dir.join("bomb.txt.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(&vec![b'a'; 1 << 20]).unwrap();
+        std::fs::write(&gz, enc.finish().unwrap()).unwrap();
+        let g = gz.to_str().unwrap();
+        assert!(std::fs::metadata(&gz).unwrap().len() < 4096);
+        let e = refused(read_text_limited(g, 64 << 10));
+        assert!(e.message.contains("once decompressed"), "{}", e.message);
+        assert_eq!(e.code, ExitCode::Data);
+        assert_eq!(read_text_limited(g, 1 << 20).unwrap().len(), 1 << 20);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

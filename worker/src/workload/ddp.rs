@@ -42,6 +42,7 @@ pub struct Ddp<B: Backend, C> {
     eps: f32,
     weight_decay: f32,
     clip: f32,
+    writer: checkpoint::Background,
 }
 
 impl<B: Backend, C: HostComm> Ddp<B, C> {
@@ -101,6 +102,7 @@ impl<B: Backend, C: HostComm> Ddp<B, C> {
             eps: opt.epsilon as f32,
             weight_decay: opt.weight_decay as f32,
             clip: opt.grad_clip_norm as f32,
+            writer: checkpoint::Background::default(),
             be,
         })
     }
@@ -266,7 +268,12 @@ impl<B: Backend, C: HostComm> Workload<C> for Ddp<B, C> {
             m: self.be.download(&self.adam.m, 0, n)?,
             v: self.be.download(&self.adam.v, 0, n)?,
         };
-        Ok(Some(checkpoint::save(dir, &state, keep)?))
+        let name = checkpoint::file_name(step);
+        Ok(self.writer.start(dir, state, name, Some((keep, None)))?)
+    }
+
+    fn flush(&mut self, _topo: &mut Topology<C>) -> Result<Option<PathBuf>, WorkError> {
+        Ok(self.writer.wait()?)
     }
 
     fn params_digest(&mut self) -> Result<u64, WorkError> {

@@ -102,8 +102,9 @@ pub trait Workload<C> {
         topo: &mut Topology<C>,
         max_batches: Option<usize>,
     ) -> Result<Evaluation, WorkError>;
-    /// Writes the state after `step` steps into `dir`, keeping the newest `keep`; returns the
-    /// file when this rank wrote one.
+    /// Starts writing the state after `step` steps into `dir`, keeping the newest `keep` (the
+    /// state is copied at once; the file is written in the background); returns the file of an
+    /// earlier save this rank has now finished writing.
     fn save(
         &mut self,
         topo: &mut Topology<C>,
@@ -113,6 +114,12 @@ pub trait Workload<C> {
     ) -> Result<Option<PathBuf>, WorkError>;
     /// A digest of this rank's parameters (equal on the ranks that hold the same ones).
     fn params_digest(&mut self) -> Result<u64, WorkError>;
+    /// Waits until the saves started so far are written (every rank calls it, at the end and
+    /// before a stop); returns the file this rank wrote last. By default a workload's saves are
+    /// written when `save` returns, and there is nothing to wait for.
+    fn flush(&mut self, _topo: &mut Topology<C>) -> Result<Option<PathBuf>, WorkError> {
+        Ok(None)
+    }
     /// The checkpoint files this workload writes and reads: whole-model files by default.
     fn checkpoint_shape(&self) -> crate::checkpoint::Shape {
         None

@@ -15,9 +15,9 @@
 //!   last weight-gradient pass, ZB-H1), as DDP's do; with several chunks, after the last one. The token embedding is tied: the first and last stages each hold a copy, and
 //!   add up their two gradients before the optimizer, as Megatron does, so the copies stay
 //!   equal. Global-norm clipping takes the norm over every stage (the tied copy counted once).
-//! - Checkpoints: each stage's first replica writes its shard
-//!   ([`checkpoint::shard_name`]); a step is saved when every shard is, and old shards go only
-//!   then.
+//! - Checkpoints: each stage's first replica writes its shard ([`checkpoint::shard_name`]) in
+//!   the background; a step counts once every shard is on disk, and old shards go only then;
+//!   at the end rank 0 waits until it sees every shard of the last save (shared storage).
 //! - Measured per step: each stage's busy time (compute) and idle time (waiting for a
 //!   neighbour), their ratio (the bubble), and the peak of live micro-batches' activations. A
 //!   stage measures up to its own last compute: the time a stage that finishes early waits for
@@ -83,6 +83,9 @@ impl StageStats {
     }
 }
 
+/// How long rank 0 waits, at the end, for the other stages' shards of the last save.
+const SHARDS_WAIT: Duration = Duration::from_secs(600);
+
 /// Activations an evaluation keeps in flight to the next stage at most.
 const MAX_EVAL_SENDS: usize = 8;
 
@@ -120,6 +123,9 @@ pub struct Pipeline<B: Backend, C> {
     eps: f32,
     weight_decay: f32,
     clip: f32,
+    writer: checkpoint::Background,
+    /// The last save: (folder, step).
+    last_saved: Option<(PathBuf, u64)>,
 }
 
 impl<B: Backend, C: HostComm> Pipeline<B, C> {
@@ -262,6 +268,8 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
             eps: opt.epsilon as f32,
             weight_decay: opt.weight_decay as f32,
             clip: opt.grad_clip_norm as f32,
+            writer: checkpoint::Background::default(),
+            last_saved: None,
         })
     }
 
@@ -863,29 +871,45 @@ impl<B: Backend, C: HostComm> Workload<C> for Pipeline<B, C> {
         step: u64,
         keep: usize,
     ) -> Result<Option<PathBuf>, WorkError> {
-        // Each stage's first replica writes the stage's shard; the step is whole once every
-        // stage has (the barrier), and only then do older shards go.
-        let written = if topo.replica == 0 {
-            let name = checkpoint::shard_name(step, self.stage as u32, self.stages as u32);
-            Some(checkpoint::write(dir, &self.state(step)?, &name)?)
-        } else {
-            None
-        };
-        topo.world.barrier()?;
-        let shape = self.checkpoint_shape();
-        if topo.rank == 0 && !checkpoint::list(dir, shape)?.iter().any(|c| c.0 == step) {
-            // Every stage wrote its shard, yet rank 0 does not see them all: the ranks do not
-            // share the storage, and no restart could ever resume.
-            return Err(WorkError::new(
-                ExitCode::Checkpoint,
-                format!(
-                    "every stage wrote its shard of step {step}, but rank 0 does not find them                      all in {}: the stages' shards must meet in one folder, so mount the same                      storage (a ReadWriteMany volume) at that path on every worker",
-                    dir.display()
-                ),
-            ));
+        // Each stage's first replica writes the stage's shard in the background, then prunes:
+        // pruning counts only steps whose every shard is on disk, so no rank waits for another.
+        self.last_saved = Some((dir.to_path_buf(), step));
+        if topo.replica != 0 {
+            return Ok(None);
         }
-        if written.is_some() {
-            checkpoint::prune(dir, keep, shape)?;
+        let name = checkpoint::shard_name(step, self.stage as u32, self.stages as u32);
+        let shape = self.checkpoint_shape();
+        Ok(self
+            .writer
+            .start(dir, self.state(step)?, name, Some((keep, shape)))?)
+    }
+
+    fn flush(&mut self, topo: &mut Topology<C>) -> Result<Option<PathBuf>, WorkError> {
+        let written = self.writer.wait()?;
+        let Some((dir, step)) = self.last_saved.take() else {
+            return Ok(written);
+        };
+        // Rank 0 checks, on the file system alone (no collective a slow disk could time out),
+        // that every stage's shard of the last save arrived where it reads them.
+        if topo.rank == 0 {
+            let shape = self.checkpoint_shape();
+            let deadline = Instant::now() + SHARDS_WAIT;
+            while !checkpoint::list(&dir, shape)?.iter().any(|c| c.0 == step) {
+                if Instant::now() >= deadline {
+                    return Err(WorkError::new(
+                        ExitCode::Checkpoint,
+                        format!(
+                            "rank 0 does not find every stage's shard of step {step} in {} \
+                             after {} s: the stages' shards must meet in one folder, so mount \
+                             the same storage (a ReadWriteMany volume) at that path on every \
+                             worker",
+                            dir.display(),
+                            SHARDS_WAIT.as_secs()
+                        ),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         Ok(written)
     }
