@@ -589,7 +589,10 @@ struct Outbound {
 enum Incoming {
     /// The peer has not connected yet (or no `recv` has needed it yet).
     Waiting,
-    Open(TcpStream),
+    /// A reading thread takes the peer's messages off the connection as they arrive (so that a
+    /// transfer overlaps the receiver's compute instead of waiting for its `recv`) and queues
+    /// them; the stream is kept to shut it down when the communicator goes.
+    Reading(mpsc::Receiver<Result<Vec<f32>>>, TcpStream),
     /// A receive failed: the stream may be in the middle of a message, so every later receive
     /// fails with (a copy of) this.
     Broken(CommError),
@@ -653,19 +656,98 @@ impl P2p {
         if let Incoming::Waiting = *side {
             // Nothing read yet: a peer that has not connected in time leaves the side waiting.
             let s = self.inbound.take(Channel::P2p, from, self.timeout, OP)?;
-            *side = Incoming::Open(s);
+            let keep = s
+                .try_clone()
+                .map_err(|e| io_error(e, from, OP, self.timeout))?;
+            let (tx, rx) = mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("lockstep-recv-{from}"))
+                .spawn({
+                    let timeout = self.timeout;
+                    move || read_loop(s, from, timeout, &tx)
+                })
+                .map_err(|e| CommError::Setup(format!("receiving thread: {e}")))?;
+            *side = Incoming::Reading(rx, keep);
         }
-        let s = match &mut *side {
-            Incoming::Open(s) => s,
+        let rx = match &*side {
+            Incoming::Reading(rx, _) => rx,
             Incoming::Broken(e) => return Err(broke(e)),
             Incoming::Waiting => unreachable!("opened above"),
         };
-        let result = read_message(s, buf, from, self.timeout);
+        let result = match rx.recv_timeout(self.timeout) {
+            Ok(Ok(v)) if v.len() == buf.len() => {
+                buf.copy_from_slice(&v);
+                Ok(())
+            }
+            Ok(Ok(v)) => Err(CommError::Invalid {
+                op: OP,
+                message: format!(
+                    "rank {from} sent {} elements, the receive expects {}",
+                    v.len(),
+                    buf.len()
+                ),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(CommError::Timeout {
+                peer: from,
+                op: OP,
+                seconds: self.timeout.as_secs(),
+            }),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(CommError::Setup(format!(
+                "the receiving thread for rank {from} is gone"
+            ))),
+        };
         if let Err(e) = &result {
             *side = Incoming::Broken(broke(e));
         }
         result
     }
+}
+
+/// Reads `from`'s messages off `s` and queues them, until the connection fails or closes (the
+/// error is queued last) or nobody receives any more. A quiet connection is not an error here:
+/// the receive that waits for a message has its own time limit.
+fn read_loop(
+    mut s: TcpStream,
+    from: usize,
+    timeout: Duration,
+    queue: &mpsc::Sender<Result<Vec<f32>>>,
+) {
+    loop {
+        let r = read_next(&mut s, from, timeout);
+        let failed = r.is_err();
+        if queue.send(r).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// One length-prefixed message; waits through read timeouts before its first byte.
+fn read_next(s: &mut TcpStream, from: usize, timeout: Duration) -> Result<Vec<f32>> {
+    const OP: &str = "recv";
+    let lost = |e: std::io::Error| io_error(e, from, OP, timeout);
+    let mut len = [0u8; 8];
+    let mut got = 0;
+    while got == 0 {
+        match s.read(&mut len) {
+            Ok(0) => {
+                return Err(lost(std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the peer closed the connection",
+                )));
+            }
+            Ok(n) => got = n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(lost(e)),
+        }
+    }
+    s.read_exact(&mut len[got..]).map_err(lost)?;
+    let n = u64::from_le_bytes(len) as usize;
+    let mut v = vec![0.0f32; n];
+    s.read_exact(bytemuck::cast_slice_mut(&mut v))
+        .map_err(lost)?;
+    Ok(v)
 }
 
 impl Drop for P2p {
@@ -676,6 +758,12 @@ impl Drop for P2p {
         out.closed = true;
         for s in out.streams.drain(..) {
             let _ = s.shutdown(Shutdown::Both);
+        }
+        // And the incoming ones, which ends each reading thread.
+        for side in &self.incoming {
+            if let Incoming::Reading(_, s) = &*side.lock().unwrap_or_else(|e| e.into_inner()) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
         }
     }
 }
@@ -734,26 +822,6 @@ fn send_loop(
 fn write_message(s: &mut TcpStream, buf: &[f32]) -> std::io::Result<()> {
     s.write_all(&(buf.len() as u64).to_le_bytes())?;
     s.write_all(bytemuck::cast_slice(buf))
-}
-
-/// Reads one point-to-point message from global rank `from`, which must be `buf.len()` elements.
-fn read_message(s: &mut TcpStream, buf: &mut [f32], from: usize, timeout: Duration) -> Result<()> {
-    const OP: &str = "recv";
-    let mut len = [0u8; 8];
-    s.read_exact(&mut len)
-        .map_err(|e| io_error(e, from, OP, timeout))?;
-    let len = u64::from_le_bytes(len);
-    if len != buf.len() as u64 {
-        return Err(CommError::Invalid {
-            op: OP,
-            message: format!(
-                "rank {from} sent {len} elements, the receive expects {}",
-                buf.len()
-            ),
-        });
-    }
-    s.read_exact(bytemuck::cast_slice_mut(buf))
-        .map_err(|e| io_error(e, from, OP, timeout))
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -1349,6 +1417,44 @@ mod tests {
             (intact, returned)
         });
         assert_eq!(out, vec![(true, true); 2]);
+    }
+
+    #[test]
+    fn a_large_message_is_read_off_the_wire_before_its_receive_is_called() {
+        // 64 MiB, far more than the sockets' buffers: its send completes only if the receiver
+        // takes it off the connection while it is busy elsewhere (prefetching), not when it
+        // finally calls recv.
+        const LEN: usize = 16 << 20;
+        let out = gang(2, opts(), Duration::from_secs(60), |mut c| {
+            if c.rank() == 0 {
+                c.send_async(vec![1.0], 1).wait().expect("first send");
+                let t = Instant::now();
+                c.send_async(message(7, LEN), 1).wait().expect("big send");
+                // Written while rank 1 still computes (it receives after 3 s).
+                let sent = t.elapsed() < Duration::from_millis(1500);
+                // Tell rank 1 that the big send completed: only then does it receive.
+                c.send_async(vec![2.0], 1).wait().expect("signal");
+                let mut done = [0.0f32];
+                c.recv(&mut done, 1).expect("done");
+                sent
+            } else {
+                let mut first = [0.0f32];
+                c.recv(&mut first, 0).expect("first");
+                // Busy while rank 0 sends: a receive posted late, after a 3 s compute.
+                std::thread::sleep(Duration::from_secs(3));
+                let mut big = vec![0.0f32; LEN];
+                let t = Instant::now();
+                c.recv(&mut big, 0).expect("big");
+                let took = t.elapsed();
+                let mut signal = [0.0f32];
+                c.recv(&mut signal, 0).expect("signal");
+                c.send_async(vec![3.0], 0).wait().expect("done");
+                // Already in memory: the receive is a copy, not a 64 MiB transfer.
+                took < Duration::from_millis(1000)
+                    && big.iter().enumerate().all(|(i, &x)| x == pattern(7, i))
+            }
+        });
+        assert_eq!(out, vec![true, true]);
     }
 
     #[test]
