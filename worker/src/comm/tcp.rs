@@ -14,13 +14,15 @@
 //!
 //! Point-to-point messages (`send`, `send_async`, `recv`) have connections of their own, marked as
 //! such in the handshake (the high bit of the rank field), so that they never queue behind a
-//! collective nor hold one up: `recv` reads the connection from its peer under that connection's
-//! own lock, without the collectives' lock and without waiting for the asynchronous collectives in
-//! flight. Each destination rank has a sending thread with its own connection, fed in order:
-//! `send_async` only queues the message, and its `Pending` (or `send`) completes once the message
-//! is written to the socket, whether or not the receiver is receiving yet, so two pipeline stages
-//! that send each other a large tensor at the same time do not deadlock. Each message is its length (8 bytes) then its elements, so a
-//! receive of the wrong size is an error instead of garbage. Their reads and writes wait up to
+//! collective nor hold one up. Each destination rank has a sending thread with its own
+//! connection, fed in order: `send_async` only queues the message, and its `Pending` (or `send`)
+//! completes once the message is written to the socket. Each source rank has a reading thread
+//! (started by the first `recv` from it) that takes messages off the connection as they arrive
+//! and queues them, so a transfer overlaps the receiver's compute and two pipeline stages that
+//! send each other a large tensor at the same time do not deadlock; `recv` takes the next one
+//! from that queue, without the collectives' lock and without waiting for the asynchronous
+//! collectives in flight. Each message is its length (8 bytes) then its elements, so a receive
+//! of the wrong size is an error instead of garbage. Their reads and writes wait up to
 //! [`TcpOptions::p2p_timeout`], much longer than a collective's, since a pipeline stage waits for
 //! its neighbours' compute. A connection that broke is not opened again: later messages on it
 //! fail too.
