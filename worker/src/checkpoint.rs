@@ -20,6 +20,10 @@ use std::path::{Path, PathBuf};
 use lockstep_api::config::fnv1a64;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
+/// What every refusal of a damaged file (not a checkpoint of another model) says: a gang that
+/// resumes sets such a file aside and falls back to the one before.
+pub const CORRUPT: &str = "the file is corrupt";
+
 /// The format written in the metadata; a file with another is refused.
 pub const FORMAT: &str = "lockstep-checkpoint/1";
 
@@ -128,43 +132,31 @@ fn files(dir: &Path) -> Result<Vec<File>, CheckpointError> {
     Ok(found)
 }
 
-/// Writes checkpoints on a thread of its own, so that a slow disk never holds the rank that
-/// writes (and with it, in their next collective, every other rank) past the transport's
-/// timeout: the caller copies the state to host memory, [`Background::start`] queues it and
-/// returns, and the thread writes the queued states in order. [`Background::wait`] (at the end,
-/// before a stop) waits for all of them. A queue longer than one means the disk is slower than
-/// `checkpoint.everySteps`: each waiting state holds the parameters and moments in memory, and
-/// a warning says so.
+/// Writes a checkpoint on a thread of its own, so that one slow save does not hold the rank
+/// that writes (and with it, in their next collective, every other rank) past the transport's
+/// timeout: the caller copies the state to host memory, [`Background::start`] hands it to the
+/// thread and returns, and training goes on while it is written. One write at a time: the next
+/// save (or [`Background::wait`], at the end and before a stop) first waits for the one in
+/// progress, so at most one state is held in memory and at most the newest save is in flight
+/// when a gang fails. A disk slower than `checkpoint.everySteps` then holds the writing rank at
+/// each save, with a warning.
 #[derive(Debug, Default)]
 pub struct Background {
-    queue: Option<std::sync::mpsc::Sender<WriteJob>>,
-    results:
-        std::collections::VecDeque<std::sync::mpsc::Receiver<Result<PathBuf, CheckpointError>>>,
+    pending: Option<std::thread::JoinHandle<Result<PathBuf, CheckpointError>>>,
 }
 
-/// One queued write: the folder, the state, the file name, what to prune after it, and where
-/// the result goes.
-type WriteJob = (
-    PathBuf,
-    State,
-    String,
-    Option<(usize, Shape)>,
-    std::sync::mpsc::Sender<Result<PathBuf, CheckpointError>>,
-);
-
 impl Background {
-    /// Waits for every queued write; returns the file of the last.
+    /// Waits for the write in progress, if any; returns its file.
     pub fn wait(&mut self) -> Result<Option<PathBuf>, CheckpointError> {
-        let mut last = None;
-        while let Some(rx) = self.results.pop_front() {
-            last = Some(rx.recv().unwrap_or_else(|_| Err(writer_gone()))?);
+        match self.pending.take() {
+            None => Ok(None),
+            Some(h) => h.join().unwrap_or_else(|_| Err(writer_gone())).map(Some),
         }
-        Ok(last)
     }
 
-    /// Queues `state` to be written as `name` in `dir` and then, with `prune_after`, the
-    /// checkpoints of the shape pruned to the newest `keep`; returns at once, with the file of
-    /// the newest earlier write that has finished since (or its error).
+    /// Waits for the write in progress, then starts writing `state` as `name` in `dir` and,
+    /// with `prune_after`, pruning the checkpoints of the shape to the newest `keep`. Returns the
+    /// file of the write it waited for.
     pub fn start(
         &mut self,
         dir: &Path,
@@ -172,53 +164,37 @@ impl Background {
         name: String,
         prune_after: Option<(usize, Shape)>,
     ) -> Result<Option<PathBuf>, CheckpointError> {
-        let mut done = None;
-        while let Some(r) = self.results.front().and_then(|rx| rx.try_recv().ok()) {
-            self.results.pop_front();
-            done = Some(r?);
-        }
-        let queue = match &self.queue {
-            Some(q) => q.clone(),
-            None => {
-                let (tx, rx) = std::sync::mpsc::channel::<WriteJob>();
-                std::thread::Builder::new()
-                    .name("lockstep-checkpoint".into())
-                    .spawn(move || {
-                        for (dir, state, name, prune_after, reply) in rx {
-                            let r = write(&dir, &state, &name).and_then(|path| {
-                                if let Some((keep, shape)) = prune_after {
-                                    prune(&dir, keep, shape)?;
-                                }
-                                Ok(path)
-                            });
-                            let _ = reply.send(r);
-                        }
-                    })
-                    .map_err(io(dir))?;
-                self.queue = Some(tx.clone());
-                tx
-            }
-        };
-        let (reply, result) = std::sync::mpsc::channel();
-        queue
-            .send((dir.to_path_buf(), state, name, prune_after, reply))
-            .map_err(|_| writer_gone())?;
-        self.results.push_back(result);
-        if self.results.len() > 1 {
+        let busy = self.pending.as_ref().is_some_and(|h| !h.is_finished());
+        if busy {
             tracing::warn!(
-                waiting = self.results.len(),
-                "checkpoints are written more slowly than spec.training.checkpoint.everySteps \
-                 asks for: raise everySteps, or use faster storage"
+                "the previous checkpoint is still being written: the disk is slower than \
+                 spec.training.checkpoint.everySteps asks for (raise everySteps, or use faster \
+                 storage); this rank waits for it"
             );
         }
+        let done = self.wait()?;
+        let target = dir.to_path_buf();
+        let dir = dir.to_path_buf();
+        self.pending = Some(
+            std::thread::Builder::new()
+                .name("lockstep-checkpoint".into())
+                .spawn(move || {
+                    let path = write(&dir, &state, &name)?;
+                    if let Some((keep, shape)) = prune_after {
+                        prune(&dir, keep, shape)?;
+                    }
+                    Ok(path)
+                })
+                .map_err(io(target.as_path()))?,
+        );
         Ok(done)
     }
 }
 
 fn writer_gone() -> CheckpointError {
-    CheckpointError::Refused {
-        path: PathBuf::new(),
-        reason: "the checkpoint writer thread ended".into(),
+    CheckpointError::Io {
+        path: PathBuf::from("(checkpoint writer)"),
+        source: std::io::Error::other("the checkpoint writer thread panicked"),
     }
 }
 
@@ -231,7 +207,11 @@ pub static SLOW_WRITES: std::sync::Mutex<Option<(String, std::time::Duration)>> 
 /// The end of a temporary file's name (`.step-...<pid>-<random>.tmp`).
 const TMP_SUFFIX: &str = ".tmp";
 
-/// Removes the temporary files a writer killed mid-save left in `dir`.
+/// How long a temporary file must have been left alone before it counts as a dead writer's.
+pub const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the temporary files a writer killed mid-save left in `dir` (untouched for
+/// [`LEFTOVER_AGE`]).
 pub fn remove_leftovers(dir: &Path) -> Result<(), CheckpointError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -241,7 +221,15 @@ pub fn remove_leftovers(dir: &Path) -> Result<(), CheckpointError> {
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(".step-") && name.ends_with(TMP_SUFFIX) {
+        // Untouched for a minute: a live writer (a previous attempt's pod still terminating)
+        // keeps writing to its file.
+        let idle = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= LEFTOVER_AGE);
+        if name.starts_with(".step-") && name.ends_with(TMP_SUFFIX) && idle {
             tracing::warn!(path = %e.path().display(), "removing a checkpoint left half-written");
             remove(std::iter::once((0, None, e.path())))?;
         }
@@ -249,34 +237,19 @@ pub fn remove_leftovers(dir: &Path) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-/// The files that make up step `step` of `shape` in `dir`.
-pub fn step_files(dir: &Path, step: u64, shape: Shape) -> Vec<PathBuf> {
-    match shape {
-        None => vec![dir.join(file_name(step))],
-        Some(p) => (0..p).map(|s| dir.join(shard_name(step, s, p))).collect(),
-    }
-}
-
-/// The step to resume from among the complete checkpoints of `shape` in `dir`: the newest whose
-/// every file passes [`verify`]. A newer one that fails is skipped with a warning naming it (a
-/// crash or a bad disk while it was written); when none passes, the newest, which every rank
-/// then refuses with the reason.
-pub fn choose(dir: &Path, shape: Shape) -> Result<Option<(u64, PathBuf)>, CheckpointError> {
-    let complete = list(dir, shape)?;
-    for (step, path) in complete.iter().rev() {
-        match step_files(dir, *step, shape)
-            .iter()
-            .try_for_each(|f| verify(f))
-        {
-            Ok(()) => return Ok(Some((*step, path.clone()))),
-            Err(e) => tracing::warn!(
-                step,
-                error = %e,
-                "a checkpoint is refused: trying the one before it"
-            ),
+/// Renames the files of step `step` of `shape` in `dir` to `<name>.<suffix>`, out of every
+/// listing (a refused checkpoint kept for inspection, or a save that never completed), so that
+/// nothing counts, resumes from or completes them, and nothing is deleted.
+pub fn set_aside(dir: &Path, step: u64, shape: Shape, suffix: &str) -> Result<(), CheckpointError> {
+    for (s, _, path) in files_of(dir, shape)? {
+        if s == step {
+            let mut to = path.clone().into_os_string();
+            to.push(format!(".{suffix}"));
+            std::fs::rename(&path, &to).map_err(io(&path))?;
+            tracing::warn!(from = %path.display(), to = %PathBuf::from(&to).display(), "a checkpoint file set aside");
         }
     }
-    Ok(complete.last().cloned())
+    Ok(())
 }
 
 /// Which checkpoint files a job reads and writes: whole-model files (`None`), or the shards of a
@@ -339,10 +312,20 @@ pub fn prune(dir: &Path, keep: usize, shape: Shape) -> Result<(), CheckpointErro
     )
 }
 
-/// Deletes the files of `shape` newer than `step`, the step a gang resumes from: shards of a
-/// save that never completed, which a later save of the same step must not complete with.
-pub fn discard_newer(dir: &Path, step: u64, shape: Shape) -> Result<(), CheckpointError> {
-    remove(files_of(dir, shape)?.into_iter().filter(|f| f.0 > step))
+/// Sets aside (as `.incomplete`) the files of `shape` newer than `step`, the newest complete
+/// step: shards of a save that never completed, which a later save of the same step must not
+/// complete with. Nothing is deleted.
+pub fn set_aside_newer(dir: &Path, step: u64, shape: Shape) -> Result<(), CheckpointError> {
+    let mut newer: Vec<u64> = files_of(dir, shape)?
+        .into_iter()
+        .filter(|f| f.0 > step)
+        .map(|f| f.0)
+        .collect();
+    newer.dedup();
+    for s in newer {
+        set_aside(dir, s, shape, "incomplete")?;
+    }
+    Ok(())
 }
 
 fn remove(files: impl Iterator<Item = (u64, Option<u32>, PathBuf)>) -> Result<(), CheckpointError> {
@@ -483,9 +466,9 @@ fn read_checked(path: &Path, want: Option<(&str, usize)>) -> Result<State, Check
         reason,
     };
     let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| refuse(format!("not a valid safetensors file ({e})")))?;
+        .map_err(|e| refuse(format!("not a valid safetensors file ({e}): {CORRUPT}")))?;
     let (_, header) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| refuse(format!("unreadable header ({e})")))?;
+        .map_err(|e| refuse(format!("unreadable header ({e}): {CORRUPT}")))?;
     let meta = header.metadata().clone().unwrap_or_default();
     let get = |k: &str| {
         meta.get(k)
@@ -535,7 +518,7 @@ fn read_checked(path: &Path, want: Option<(&str, usize)>) -> Result<State, Check
     let got = format!("{:016x}", fnv1a64(&sum));
     if want != got {
         return Err(refuse(format!(
-            "its checksum is {got}, but it was written as {want} (the file is corrupt)"
+            "its checksum is {got}, but it was written as {want} ({CORRUPT})"
         )));
     }
     Ok(State {
@@ -657,11 +640,15 @@ mod tests {
         assert_eq!(list(&dir, None).unwrap()[0].0, 50);
         prune(&dir, 1, Some(3)).unwrap();
         assert!(dir.join(shard_name(40, 1, 2)).exists() && dir.join(file_name(50)).exists());
-        // A save of step 30 that died after one shard: a gang resuming from 20 discards it, so
-        // that a later save of 30 is not completed by it.
+        // A save of step 30 that died after one shard: a gang resuming from 20 sets it aside, so
+        // that a later save of 30 is not completed by it; nothing is deleted.
         shard(30, 1);
-        discard_newer(&dir, 20, Some(3)).unwrap();
+        set_aside_newer(&dir, 20, Some(3)).unwrap();
         assert!(!dir.join(shard_name(30, 1, 3)).exists());
+        assert!(
+            dir.join(format!("{}.incomplete", shard_name(30, 1, 3)))
+                .exists()
+        );
         assert!(
             dir.join(shard_name(20, 1, 3)).exists(),
             "the resume step stays"

@@ -137,39 +137,73 @@ pub fn train<C: HostComm>(
     {
         checkpoint::ensure_writable(d)?;
     }
-    let mut latest = [0.0f32; 2];
+    // Rank 0 lists the complete checkpoints, newest first; every rank loads the one it names.
+    // When a rank refuses it as damaged (a checksum that fails: a crash or a bad disk while it
+    // was written), the gang sets it aside and tries the one before; with none before, or when
+    // it holds another model, every rank fails with the reason.
     let shape = work.checkpoint_shape();
-    let mut resume_path = None;
+    let mut candidates: Vec<(u64, PathBuf)> = Vec::new();
     if rank == 0
         && let Some(d) = &dir
     {
         checkpoint::remove_leftovers(d)?;
-        // Files of an unfinished save after the newest whole step go, so that saving that step
-        // again cannot be completed by them.
-        let newest = checkpoint::list(d, shape)?.pop().map_or(0, |n| n.0);
-        checkpoint::discard_newer(d, newest, shape)?;
-        if let Some((step, path)) = checkpoint::choose(d, shape)? {
-            latest = step_to_floats(step);
-            resume_path = Some(path);
-        }
+        candidates = checkpoint::list(d, shape)?;
+        // An unfinished save after the newest whole step is set aside, so that saving that
+        // step again cannot be completed by it.
+        let newest = candidates.last().map_or(0, |n| n.0);
+        checkpoint::set_aside_newer(d, newest, shape)?;
+        candidates.reverse();
     }
-    topo.world.broadcast(&mut latest, 0)?;
-    let resume = step_from_floats(latest);
-    let resumed_from = match &dir {
-        Some(d) if resume > 0 => {
-            work.load(topo, d, resume)?;
-            if rank == 0 {
-                tracing::info!(
-                    step = resume,
-                    path = %resume_path.unwrap_or_else(|| d.join(checkpoint::file_name(resume))).display(),
-                    "resumed from a checkpoint"
-                );
-            }
-            Some(resume)
+    let resumed_from = loop {
+        let mut latest = [0.0f32; 2];
+        if let Some((step, _)) = candidates.first() {
+            latest = step_to_floats(*step);
         }
-        _ => {
+        topo.world.broadcast(&mut latest, 0)?;
+        let resume = step_from_floats(latest);
+        let Some(d) = dir.as_ref().filter(|_| resume > 0) else {
             work.init(topo)?;
-            None
+            break None;
+        };
+        let loaded = work.load(topo, d, resume);
+        // [ranks that refused it, of which for another reason than damage (another model)].
+        let mut refused = match &loaded {
+            Ok(()) => [0.0f32, 0.0],
+            Err(e) if e.message.contains(checkpoint::CORRUPT) => [1.0, 0.0],
+            Err(_) => [1.0, 1.0],
+        };
+        topo.world.all_reduce(&mut refused, ReduceOp::Sum)?;
+        if refused[0] == 0.0 {
+            if rank == 0 {
+                let path = candidates.first().map(|c| c.1.display().to_string());
+                tracing::info!(step = resume, path, "resumed from a checkpoint");
+            }
+            break Some(resume);
+        }
+        let mut older = [0.0f32];
+        if rank == 0 && candidates.len() > 1 && refused[1] == 0.0 {
+            tracing::warn!(
+                step = resume,
+                refused_by = refused[0],
+                "the newest checkpoint is refused: setting it aside (.corrupt) and resuming from \
+                 the one before"
+            );
+            checkpoint::set_aside(d, resume, shape, "corrupt")?;
+            candidates.remove(0);
+            older[0] = 1.0;
+        }
+        topo.world.broadcast(&mut older, 0)?;
+        if older[0] == 0.0 {
+            return Err(loaded.err().unwrap_or_else(|| {
+                WorkError::new(
+                    ExitCode::Checkpoint,
+                    format!(
+                        "rank {rank}: another rank refused the checkpoint of step {resume} in {} \
+                         (its log says why)",
+                        d.display()
+                    ),
+                )
+            }));
         }
     };
     let start = resumed_from.unwrap_or(0);

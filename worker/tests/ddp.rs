@@ -349,12 +349,23 @@ fn a_resumed_run_ends_exactly_where_the_uninterrupted_run_ends() {
     std::fs::write(fallback.join(&newer), bytes).unwrap();
     let leftover = fallback.join(format!(".{newer}.1234-00000000deadbeef.tmp"));
     std::fs::write(&leftover, b"half a checkpoint").unwrap();
+    // Left alone for longer than a live writer would be.
+    std::fs::File::options()
+        .write(true)
+        .open(&leftover)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - checkpoint::LEFTOVER_AGE * 2)
+        .unwrap();
     let resumed = ok(train_gang(&j(), &fallback));
     assert_eq!(resumed[0].resumed_from, Some(3), "skips the corrupt step 6");
     assert_eq!(resumed[0].params_digest, whole[0].params_digest);
     assert!(
         !leftover.exists(),
         "the leftover temporary file was removed"
+    );
+    assert!(
+        fallback.join(format!("{newer}.corrupt")).exists(),
+        "the refused checkpoint is kept aside, not deleted"
     );
 }
 
@@ -402,7 +413,7 @@ fn a_checkpoint_slower_than_the_communication_timeout_does_not_stop_the_gang() {
         world: 2,
         batch: 4,
         steps: 6,
-        checkpoint_every: 2,
+        checkpoint_every: 3,
         ..job(&data)
     };
     let opts = TcpOptions {
@@ -420,7 +431,7 @@ fn a_checkpoint_slower_than_the_communication_timeout_does_not_stop_the_gang() {
         .collect();
     assert_eq!(
         saved,
-        vec![2, 4, 6],
+        vec![3, 6],
         "every checkpoint was written, the last before the end"
     );
 }

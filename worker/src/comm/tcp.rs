@@ -18,8 +18,8 @@
 //! connection, fed in order: `send_async` only queues the message, and its `Pending` (or `send`)
 //! completes once the message is written to the socket. Each source rank has a reading thread
 //! (started by the first `recv` from it) that takes messages off the connection as they arrive
-//! and queues them, so a transfer overlaps the receiver's compute and two pipeline stages that
-//! send each other a large tensor at the same time do not deadlock; `recv` takes the next one
+//! and queues up to 16 of them, so a transfer overlaps the receiver's compute and two pipeline
+//! stages that send each other a large tensor at the same time do not deadlock; `recv` takes the next one
 //! from that queue, without the collectives' lock and without waiting for the asynchronous
 //! collectives in flight. Each message is its length (8 bytes) then its elements, so a receive
 //! of the wrong size is an error instead of garbage. Their reads and writes wait up to
@@ -661,7 +661,9 @@ impl P2p {
             let keep = s
                 .try_clone()
                 .map_err(|e| io_error(e, from, OP, self.timeout))?;
-            let (tx, rx) = mpsc::channel();
+            // A bounded queue: past it the socket holds the rest and the sender waits, as
+            // without the thread (a fast stage cannot pile its activations up here).
+            let (tx, rx) = mpsc::sync_channel(PREFETCH_MESSAGES);
             std::thread::Builder::new()
                 .name(format!("lockstep-recv-{from}"))
                 .spawn({
@@ -700,11 +702,22 @@ impl P2p {
             ))),
         };
         if let Err(e) = &result {
+            // The reading thread ends with its connection.
+            if let Incoming::Reading(_, s) = &*side {
+                let _ = s.shutdown(Shutdown::Both);
+            }
             *side = Incoming::Broken(broke(e));
         }
         result
     }
 }
+
+/// Messages a reading thread queues ahead of the receives at most.
+const PREFETCH_MESSAGES: usize = 16;
+
+/// The largest message a reading thread accepts (elements): a length past it is a corrupt or
+/// foreign stream, refused instead of allocated.
+const MAX_MESSAGE: u64 = 1 << 32;
 
 /// Reads `from`'s messages off `s` and queues them, until the connection fails or closes (the
 /// error is queued last) or nobody receives any more. A quiet connection is not an error here:
@@ -713,7 +726,7 @@ fn read_loop(
     mut s: TcpStream,
     from: usize,
     timeout: Duration,
-    queue: &mpsc::Sender<Result<Vec<f32>>>,
+    queue: &mpsc::SyncSender<Result<Vec<f32>>>,
 ) {
     loop {
         let r = read_next(&mut s, from, timeout);
@@ -745,8 +758,14 @@ fn read_next(s: &mut TcpStream, from: usize, timeout: Duration) -> Result<Vec<f3
         }
     }
     s.read_exact(&mut len[got..]).map_err(lost)?;
-    let n = u64::from_le_bytes(len) as usize;
-    let mut v = vec![0.0f32; n];
+    let n = u64::from_le_bytes(len);
+    if n > MAX_MESSAGE {
+        return Err(CommError::Invalid {
+            op: OP,
+            message: format!("rank {from} announced a message of {n} elements: a corrupt stream"),
+        });
+    }
+    let mut v = vec![0.0f32; n as usize];
     s.read_exact(bytemuck::cast_slice_mut(&mut v))
         .map_err(lost)?;
     Ok(v)

@@ -84,7 +84,7 @@ impl StageStats {
 }
 
 /// How long rank 0 waits, at the end, for the other stages' shards of the last save.
-const SHARDS_WAIT: Duration = Duration::from_secs(600);
+const SHARDS_WAIT: Duration = Duration::from_secs(60);
 
 /// Activations an evaluation keeps in flight to the next stage at most.
 const MAX_EVAL_SENDS: usize = 8;
@@ -873,6 +873,21 @@ impl<B: Backend, C: HostComm> Workload<C> for Pipeline<B, C> {
     ) -> Result<Option<PathBuf>, WorkError> {
         // Each stage's first replica writes the stage's shard in the background, then prunes:
         // pruning counts only steps whose every shard is on disk, so no rank waits for another.
+        // By now the previous save's shards have long been written: rank 0 not seeing them all
+        // means the stages do not share the storage (said now, failed at the end).
+        if topo.rank == 0
+            && let Some((prev_dir, prev)) = &self.last_saved
+            && !checkpoint::list(prev_dir, self.checkpoint_shape())?
+                .iter()
+                .any(|c| c.0 == *prev)
+        {
+            tracing::warn!(
+                step = prev,
+                dir = %prev_dir.display(),
+                "rank 0 does not see every stage's shard of the previous checkpoint yet: if the \
+                 workers do not share this storage, no restart can resume from it"
+            );
+        }
         self.last_saved = Some((dir.to_path_buf(), step));
         if topo.replica != 0 {
             return Ok(None);
