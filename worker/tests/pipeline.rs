@@ -16,30 +16,13 @@ use lockstep_worker::metrics::Metrics;
 use lockstep_worker::pipeline::partition;
 use lockstep_worker::trainer::{self, RunInputs, Summary};
 
+mod common;
+
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lockstep-pp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
+    common::scratch("pp", name)
 }
 
-/// A text with some structure to learn.
-fn text(dir: &Path) -> PathBuf {
-    let words = [
-        "the ", "quick ", "brown ", "fox ", "jumps ", "over ", "a ", "lazy ", "dog. ",
-    ];
-    let mut s = String::new();
-    let mut x = 7u64;
-    while s.len() < 20_000 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        s.push_str(words[(x >> 33) as usize % words.len()]);
-    }
-    let p = dir.join("text.txt");
-    std::fs::write(&p, s).expect("write text");
-    p
-}
+use common::text;
 
 const LAYERS: usize = 4;
 

@@ -136,6 +136,29 @@ async fn ddp_digits_trains_in_real_pods_to_succeeded_with_its_progress_and_metri
 
 /// The pid of the worker process of `rank` of job `job` in namespace `ns`, found by its env
 /// contract (the test runs on the real node's machine).
+/// Mounts a host folder that every rank shares at the checkpoint path of the job `v` (a folder
+/// the workers' user may write), and returns it.
+fn shared_checkpoints(ns: &str, v: &mut serde_json::Value) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("lockstep-{ns}"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    let spec = &mut v["spec"]["template"]["spec"];
+    spec["volumes"] = serde_json::json!([{"name": "checkpoints",
+        "hostPath": {"path": dir.to_string_lossy(), "type": "Directory"}}]);
+    spec["containers"][0]["volumeMounts"] = serde_json::json!([{"name": "checkpoints",
+        "mountPath": lockstep_api::contract::paths::CHECKPOINT_DIR}]);
+    Ok(dir)
+}
+
+/// The step rank 0's log says the gang resumed from.
+fn resumed_step(log: &str) -> u64 {
+    log.lines()
+        .find(|l| l.contains("resumed from a checkpoint"))
+        .and_then(|l| l.split("step=").nth(1))
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("attempt 1 did not resume:\n{log}"))
+}
+
 fn worker_pid(ns: &str, job: &str, rank: u32) -> Option<i32> {
     let want = [
         format!("LOCKSTEP_NAMESPACE={ns}"),
@@ -159,19 +182,11 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
     let _node = ONE_AT_A_TIME.lock().await;
     with_namespace("real-kill", |ns| async move {
         let jobs: Api<ParallelJob> = ns.api();
-        // A checkpoint volume the ranks share: a host folder the workers' user may write.
-        let dir = std::env::temp_dir().join(format!("lockstep-{}", ns.name));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
         let mut v = on_the_real_node("ddp-digits.yaml")?;
         let interval = 500;
         v["spec"]["training"]["epochs"] = 300.into();
         v["spec"]["training"]["checkpoint"] = serde_json::json!({"everySteps": interval});
-        let spec = &mut v["spec"]["template"]["spec"];
-        spec["volumes"] = serde_json::json!([{"name": "checkpoints",
-            "hostPath": {"path": dir.to_string_lossy(), "type": "Directory"}}]);
-        spec["containers"][0]["volumeMounts"] = serde_json::json!([{"name": "checkpoints",
-            "mountPath": lockstep_api::contract::paths::CHECKPOINT_DIR}]);
+        let dir = shared_checkpoints(&ns.name, &mut v)?;
         jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
             .await?;
 
@@ -226,12 +241,7 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
             .cluster
             .kubectl(&["logs", "-n", &ns.name, "ddp-digits-0"])
             .await?;
-        let resumed: u64 = log
-            .lines()
-            .find(|l| l.contains("resumed from a checkpoint"))
-            .and_then(|l| l.split("step=").nth(1))
-            .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("attempt 1 did not resume:\n{log}"));
+        let resumed = resumed_step(&log);
         assert!(
             resumed >= latest_before && resumed.is_multiple_of(interval),
             "resumed from {resumed}, the last checkpoint before the kill was {latest_before}"
@@ -251,9 +261,6 @@ async fn a_pipeline_stage_killed_for_real_restarts_the_gang_from_every_stages_sh
     let _node = ONE_AT_A_TIME.lock().await;
     with_namespace("real-pipeline", |ns| async move {
         let jobs: Api<ParallelJob> = ns.api();
-        let dir = std::env::temp_dir().join(format!("lockstep-{}", ns.name));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
         // The example (2 stages x 2 replicas, 1F1B), shortened, with a shared checkpoint folder.
         let mut v = on_the_real_node("pipeline-gpt.yaml")?;
         let (steps, interval) = (60u64, 10u64);
@@ -262,12 +269,9 @@ async fn a_pipeline_stage_killed_for_real_restarts_the_gang_from_every_stages_sh
         training["optimizer"]["warmupSteps"] = 5.into();
         training["checkpoint"] = serde_json::json!({"everySteps": interval, "keep": 2});
         training["evaluation"] = serde_json::json!({"everySteps": steps, "maxBatches": 2});
-        let spec = &mut v["spec"]["template"]["spec"];
-        spec["containers"][0]["resources"] = serde_json::json!({"requests": {"cpu": "250m"}});
-        spec["volumes"] = serde_json::json!([{"name": "checkpoints",
-            "hostPath": {"path": dir.to_string_lossy(), "type": "Directory"}}]);
-        spec["containers"][0]["volumeMounts"] = serde_json::json!([{"name": "checkpoints",
-            "mountPath": lockstep_api::contract::paths::CHECKPOINT_DIR}]);
+        v["spec"]["template"]["spec"]["containers"][0]["resources"] =
+            serde_json::json!({"requests": {"cpu": "250m"}});
+        let dir = shared_checkpoints(&ns.name, &mut v)?;
         jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
             .await?;
         // The newest step with both stages' shards in the folder.
@@ -323,12 +327,7 @@ async fn a_pipeline_stage_killed_for_real_restarts_the_gang_from_every_stages_sh
             .cluster
             .kubectl(&["logs", "-n", &ns.name, "pipeline-gpt-0"])
             .await?;
-        let resumed: u64 = log
-            .lines()
-            .find(|l| l.contains("resumed from a checkpoint"))
-            .and_then(|l| l.split("step=").nth(1))
-            .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("attempt 1 did not resume:\n{log}"));
+        let resumed = resumed_step(&log);
         assert!(
             resumed >= latest_before && resumed.is_multiple_of(interval),
             "resumed from {resumed}, the last whole checkpoint before the kill was {latest_before}"

@@ -161,27 +161,8 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         let micro_batch = batch / micro;
         let eval_batch = t.eval_batch_size.map_or(batch, |b| b.max(1) as usize);
         let path = t.data.as_ref().map(|d| d.path.clone()).unwrap_or_default();
-        let data = Text::load(&path)?;
-        let vocab = match g.vocab_size {
-            Some(v) if (v as usize) < data.vocab.len() => {
-                return Err(WorkError::config(format!(
-                    "spec.training.model.gpt.vocabSize {v} is smaller than the {} distinct \
-                     characters of {path}",
-                    data.vocab.len()
-                )));
-            }
-            Some(v) => v as usize,
-            None => data.vocab.len(),
-        };
-        let t_len = g.context_length.max(1) as usize;
-        let config = GptConfig::new(
-            g.layers.max(0) as usize,
-            g.heads.max(0) as usize,
-            g.embed_dim.max(0) as usize,
-            t_len,
-            vocab,
-        )
-        .map_err(|e| WorkError::config(format!("spec.training.model.gpt: {e}")))?;
+        let (data, config) = super::task::gpt_on_text(g, &path)?;
+        let t_len = config.max_seq;
         let n_parts = stages * chunks;
         let cuts = match &pp.layers_per_part {
             Some(counts) => {

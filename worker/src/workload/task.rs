@@ -228,27 +228,8 @@ pub fn build<B: Backend + 'static>(
             }))
         }
         (Some(Model::Gpt(g)), Some(DataKind::Text)) => {
-            let data = Text::load(&path)?;
-            let vocab = match g.vocab_size {
-                Some(v) if (v as usize) < data.vocab.len() => {
-                    return Err(WorkError::config(format!(
-                        "spec.training.model.gpt.vocabSize {v} is smaller than the {} distinct \
-                         characters of {path}",
-                        data.vocab.len()
-                    )));
-                }
-                Some(v) => v as usize,
-                None => data.vocab.len(),
-            };
-            let t_len = g.context_length.max(1) as usize;
-            let config = GptConfig::new(
-                g.layers.max(0) as usize,
-                g.heads.max(0) as usize,
-                g.embed_dim.max(0) as usize,
-                t_len,
-                vocab,
-            )
-            .map_err(|e| WorkError::config(format!("spec.training.model.gpt: {e}")))?;
+            let (data, config) = gpt_on_text(g, &path)?;
+            let t_len = config.max_seq;
             let init = vec![0.0; config.num_params()];
             let model = Gpt::new(be, config, &init, batch.max(eval_batch), t_len)?;
             Ok(Box::new(TextTask {
@@ -264,4 +245,33 @@ pub fn build<B: Backend + 'static>(
         }
         _ => Err(super::not_built(t)),
     }
+}
+
+/// The text at `path` and the GPT `g` describes on it: its vocabulary is the text's (or
+/// `vocabSize`, which must hold it), its context `contextLength`.
+pub fn gpt_on_text(
+    g: &lockstep_api::training::Gpt,
+    path: &str,
+) -> Result<(Text, GptConfig), WorkError> {
+    let data = Text::load(path)?;
+    let vocab = match g.vocab_size {
+        Some(v) if (v as usize) < data.vocab.len() => {
+            return Err(WorkError::config(format!(
+                "spec.training.model.gpt.vocabSize {v} is smaller than the {} distinct \
+                 characters of {path}",
+                data.vocab.len()
+            )));
+        }
+        Some(v) => v as usize,
+        None => data.vocab.len(),
+    };
+    let config = GptConfig::new(
+        g.layers.max(0) as usize,
+        g.heads.max(0) as usize,
+        g.embed_dim.max(0) as usize,
+        g.context_length.max(1) as usize,
+        vocab,
+    )
+    .map_err(|e| WorkError::config(format!("spec.training.model.gpt: {e}")))?;
+    Ok((data, config))
 }
