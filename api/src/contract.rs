@@ -299,8 +299,37 @@ pub mod aborted {
             .flatten()
     }
 
+    /// What precedes the rank in the stop message of a rank that stopped with its gang because
+    /// another rank received SIGTERM.
+    const STOPPED_FOR: &str = "stopped by SIGTERM to rank ";
+
+    /// The start of the stop message of a rank that stopped with its gang because rank `by`
+    /// received SIGTERM (an agreed stop: no failure of its own).
+    pub fn stopped_for(by: u32) -> String {
+        format!("{STOPPED_FOR}{by}")
+    }
+
+    /// The rank whose SIGTERM stopped the gang, as a message of [`stopped_for`] names it.
+    pub fn stopped_by(message: &str) -> Option<u32> {
+        let (_, rest) = message.split_once(STOPPED_FOR)?;
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    }
+
     #[cfg(test)]
     mod tests {
+        #[test]
+        fn the_rank_a_stop_was_for_is_read_back_from_the_message() {
+            let m = format!("Terminated: {} after step 9 of 100", super::stopped_for(3));
+            assert_eq!(super::stopped_by(&m), Some(3));
+            assert_eq!(
+                super::stopped_by("Terminated: stopped by SIGTERM after step 9"),
+                None
+            );
+        }
+
         #[test]
         fn the_first_failed_rank_is_read_back_from_the_message() {
             let m = format!(

@@ -579,25 +579,26 @@ impl Pass<'_> {
                 }
             }
         }
-        // A rank that reports it only stopped because another failed is never the root cause
-        // while a real failure exists.
-        failures.sort_by_key(|(rank, _, f)| {
-            (
-                f.reason == FailureReason::PeerFailed,
-                f.time.is_none(),
-                f.time,
-                *rank,
-            )
-        });
-        let named = failures.iter().find_map(|(_, _, f)| {
-            (f.reason == FailureReason::PeerFailed)
-                .then(|| aborted::first_failed_rank(&f.message).map(|r| (r, f.time)))
-                .flatten()
-        });
+        // A rank that reports it only stopped because another failed (or because another rank
+        // received SIGTERM) is never the root cause while a real failure exists.
+        let names = |rank: u32, f: &Failure| -> Option<u32> {
+            if f.reason == FailureReason::PeerFailed {
+                aborted::first_failed_rank(&f.message)
+            } else {
+                aborted::stopped_by(&f.message).filter(|by| *by != rank)
+            }
+        };
+        let secondary = |rank: u32, f: &Failure| {
+            f.reason == FailureReason::PeerFailed || names(rank, f).is_some()
+        };
+        failures.sort_by_key(|(rank, _, f)| (secondary(*rank, f), f.time.is_none(), f.time, *rank));
+        let named = failures
+            .iter()
+            .find_map(|(rank, _, f)| names(*rank, f).map(|r| (r, f.time)));
         if let Some((named, seen)) = named {
             if let Some(i) = failures
                 .iter()
-                .position(|(rank, _, f)| *rank == named && f.reason != FailureReason::PeerFailed)
+                .position(|(rank, _, f)| *rank == named && !secondary(*rank, f))
             {
                 let (rank, pod, f) = failures.swap_remove(i);
                 return First::Found(rank, pod, f);
@@ -1294,6 +1295,35 @@ mod tests {
         let lf = d.status.last_failure.clone().unwrap();
         assert_eq!((lf.rank, lf.exit_code), (1, Some(137)), "{lf:?}");
         assert_eq!(d.status.attempt, 1);
+    }
+
+    /// What a rank's pod shows after an agreed stop: exit 143 with the trainer's stop message.
+    fn terminated(message: String, secs: i64) -> PodState {
+        Failed(Failure {
+            exit_code: Some(143),
+            reason: FailureReason::Error,
+            detail: "Terminated".into(),
+            message: format!("Terminated: {message}"),
+            time: Some(at(secs)),
+        })
+    }
+
+    #[test]
+    fn an_agreed_stop_is_blamed_on_the_rank_that_received_sigterm_not_the_first_to_exit() {
+        let mut j = job("ddp-digits.yaml");
+        step(&mut j, &[], at(0));
+        step(&mut j, &running(0), at(1));
+        // Rank 1's pod was deleted; the gang stopped after the same step, and rank 0 (which
+        // names rank 1) exited in the same second, so it sorts first by time and rank.
+        let mut pods = running(0);
+        let stop = |m: &str| format!("{m} after step 9 of 100: a checkpoint of step 9 is in /c");
+        pods[0].state = terminated(stop(&aborted::stopped_for(1)), 10);
+        pods[1].state = terminated(stop("stopped by SIGTERM"), 10);
+        pods[2].state = terminated(stop(&aborted::stopped_for(1)), 10);
+        pods[3].state = terminated(stop(&aborted::stopped_for(1)), 10);
+        let d = step(&mut j, &pods, at(11));
+        let lf = d.status.last_failure.clone().unwrap();
+        assert_eq!((lf.rank, lf.exit_code), (1, Some(143)), "{lf:?}");
     }
 
     #[test]

@@ -364,12 +364,21 @@ pub fn train<C: HostComm>(
                 Some(d) => format!("a checkpoint of step {} is in {}", step + 1, d.display()),
                 None => "the job keeps no checkpoints".into(),
             };
+            // The lowest rank that received SIGTERM: the others name it, so that the operator
+            // reports the rank whose pod was stopped, not whichever rank exited first.
+            let world = topo.layout.world_size();
+            let mine = inputs.stop.load(Ordering::Relaxed);
+            let mut who = [if mine { (world - rank) as f32 } else { 0.0 }];
+            topo.world.all_reduce(&mut who, ReduceOp::Max)?;
+            let by = world - who[0] as u32;
+            let stopped = if mine || who[0] == 0.0 {
+                "stopped by SIGTERM".to_string()
+            } else {
+                lockstep_api::contract::aborted::stopped_for(by)
+            };
             return Err(WorkError::new(
                 ExitCode::Terminated,
-                format!(
-                    "stopped by SIGTERM after step {} of {total}: {saved}",
-                    step + 1
-                ),
+                format!("{stopped} after step {} of {total}: {saved}", step + 1),
             ));
         }
     }
