@@ -13,9 +13,9 @@ use lockstep_api::contract::ExitCode;
 use lockstep_engine::Backend;
 use lockstep_engine::optim::Adam;
 
-use super::sync::{Buckets, GradSync, SyncStats};
+use super::sync::{GradSync, SyncStats};
 use super::task::{self, Task};
-use super::{Evaluation, HostComm, StepReport, Workload};
+use super::{Evaluation, HostComm, StepReport, StepSettings, Workload};
 use crate::checkpoint;
 use crate::data::Sampler;
 use crate::error::WorkError;
@@ -35,13 +35,7 @@ pub struct Ddp<B: Backend, C> {
     batch: usize,
     accum: usize,
     seed: u64,
-    first_bucket_bytes: usize,
-    bucket_bytes: usize,
-    overlap: bool,
-    betas: (f32, f32),
-    eps: f32,
-    weight_decay: f32,
-    clip: f32,
+    settings: StepSettings,
     writer: checkpoint::Background,
 }
 
@@ -81,8 +75,6 @@ impl<B: Backend, C: HostComm> Ddp<B, C> {
         let num_params = task.net().num_params();
         let decay_ranges = task.net().decay_ranges();
         let adam = Adam::new(&be, num_params)?;
-        let mb = |v: f64| (v * 1024.0 * 1024.0) as usize;
-        let opt = &t.optimizer;
         Ok(Self {
             model: task.describe(),
             task,
@@ -95,13 +87,7 @@ impl<B: Backend, C: HostComm> Ddp<B, C> {
             batch,
             accum,
             seed,
-            first_bucket_bytes: mb(t.ddp.first_bucket_cap_mb),
-            bucket_bytes: mb(t.ddp.bucket_cap_mb),
-            overlap: t.ddp.overlap,
-            betas: (opt.beta1 as f32, opt.beta2 as f32),
-            eps: opt.epsilon as f32,
-            weight_decay: opt.weight_decay as f32,
-            clip: opt.grad_clip_norm as f32,
+            settings: StepSettings::new(t),
             writer: checkpoint::Background::default(),
             be,
         })
@@ -176,12 +162,9 @@ impl<B: Backend, C: HostComm> Workload<C> for Ddp<B, C> {
                 .indices(step, micro, topo.replica as usize)
                 .to_vec();
             let last = micro + 1 == self.accum;
-            let mut buckets = Buckets::new(
-                self.num_params,
-                self.first_bucket_bytes,
-                self.bucket_bytes,
-                self.overlap,
-            );
+            let mut buckets = self
+                .settings
+                .buckets(self.num_params, self.settings.overlap);
             let mut failed = None;
             let sync = &mut self.sync;
             let loss = self.task.micro_step(
@@ -220,10 +203,10 @@ impl<B: Backend, C: HostComm> Workload<C> for Ddp<B, C> {
             g,
             &self.decay_ranges,
             lr,
-            self.betas,
-            self.eps,
-            self.weight_decay,
-            self.clip,
+            self.settings.betas,
+            self.settings.eps,
+            self.settings.weight_decay,
+            self.settings.clip,
         )?;
         let samples = (self.batch * self.accum) as u64;
         Ok(StepReport {

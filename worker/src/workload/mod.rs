@@ -35,6 +35,49 @@ use sync::{GradSync, SyncStats, TcpSync};
 pub trait HostComm: Communicator<Buffer = [f32], Owned = Vec<f32>> {}
 impl<C: Communicator<Buffer = [f32], Owned = Vec<f32>>> HostComm for C {}
 
+/// The job's gradient-bucket and AdamW settings, as every workload that averages gradients and
+/// steps AdamW uses them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepSettings {
+    /// Cap of the first bucket (bytes).
+    pub first_bucket_bytes: usize,
+    /// Cap of the other buckets (bytes).
+    pub bucket_bytes: usize,
+    /// Whether buckets start during backward.
+    pub overlap: bool,
+    /// AdamW's betas.
+    pub betas: (f32, f32),
+    /// AdamW's epsilon.
+    pub eps: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// Global-norm clipping threshold (0: none).
+    pub clip: f32,
+}
+
+impl StepSettings {
+    /// The settings `t` gives.
+    pub fn new(t: &Training) -> Self {
+        let mb = |v: f64| (v * 1024.0 * 1024.0) as usize;
+        let opt = &t.optimizer;
+        Self {
+            first_bucket_bytes: mb(t.ddp.first_bucket_cap_mb),
+            bucket_bytes: mb(t.ddp.bucket_cap_mb),
+            overlap: t.ddp.overlap,
+            betas: (opt.beta1 as f32, opt.beta2 as f32),
+            eps: opt.epsilon as f32,
+            weight_decay: opt.weight_decay as f32,
+            clip: opt.grad_clip_norm as f32,
+        }
+    }
+
+    /// Buckets over `n` gradients with these caps; with `overlap`, started as backward makes
+    /// them final.
+    pub fn buckets(&self, n: usize, overlap: bool) -> sync::Buckets {
+        sync::Buckets::new(n, self.first_bucket_bytes, self.bucket_bytes, overlap)
+    }
+}
+
 /// What one optimizer step did on this rank.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepReport {

@@ -37,7 +37,7 @@ use lockstep_engine::optim::{Adam, clip_scale};
 use lockstep_engine::{Backend, Net};
 
 use super::sync::{Buckets, GradSync, SyncStats};
-use super::{Evaluation, HostComm, Metric, StepReport, Workload};
+use super::{Evaluation, HostComm, Metric, StepReport, StepSettings, Workload};
 use crate::checkpoint;
 use crate::comm::{Pending, ReduceOp};
 use crate::data::{Sampler, Text};
@@ -116,13 +116,7 @@ pub struct Pipeline<B: Backend, C> {
     tied: Option<C>,
     grouped: bool,
     model: String,
-    first_bucket_bytes: usize,
-    bucket_bytes: usize,
-    overlap: bool,
-    betas: (f32, f32),
-    eps: f32,
-    weight_decay: f32,
-    clip: f32,
+    settings: StepSettings,
     writer: checkpoint::Background,
     /// The last save: (folder, step).
     last_saved: Option<(PathBuf, u64)>,
@@ -219,8 +213,6 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
             t.seed as u64,
         )
         .map_err(WorkError::config)?;
-        let mb = |v: f64| (v * 1024.0 * 1024.0) as usize;
-        let opt = &t.optimizer;
         Ok(Self {
             be,
             config,
@@ -242,13 +234,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
             tied: None,
             grouped: false,
             model,
-            first_bucket_bytes: mb(t.ddp.first_bucket_cap_mb),
-            bucket_bytes: mb(t.ddp.bucket_cap_mb),
-            overlap: t.ddp.overlap,
-            betas: (opt.beta1 as f32, opt.beta2 as f32),
-            eps: opt.epsilon as f32,
-            weight_decay: opt.weight_decay as f32,
-            clip: opt.grad_clip_norm as f32,
+            settings: StepSettings::new(t),
             writer: checkpoint::Background::default(),
             last_saved: None,
         })
@@ -311,9 +297,9 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         if dp.world_size() > 1 || self.always_sync {
             for (c, part) in self.parts.iter_mut().enumerate() {
                 let n = part.num_params();
-                let mut buckets = started[c].take().unwrap_or_else(|| {
-                    Buckets::new(n, self.first_bucket_bytes, self.bucket_bytes, false)
-                });
+                let mut buckets = started[c]
+                    .take()
+                    .unwrap_or_else(|| self.settings.buckets(n, false));
                 let (_, g) = part.buffers();
                 for r in buckets.flush() {
                     self.sync.start(be, dp, g, r)?;
@@ -346,7 +332,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
     /// AdamW on every part, with the gradient norm taken over the whole pipeline.
     fn optimize(&mut self, topo: &mut Topology<C>, lr: f32) -> Result<(), WorkError> {
         let be = &self.be;
-        let norm = if self.clip > 0.0 {
+        let norm = if self.settings.clip > 0.0 {
             let wte = self.config.padded_vocab * self.config.channels;
             let n_parts = self.n_parts();
             let mut local = 0.0f64;
@@ -370,7 +356,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         } else {
             None
         };
-        let scale = clip_scale(norm, self.clip);
+        let scale = clip_scale(norm, self.settings.clip);
         for (part, adam) in self.parts.iter_mut().zip(&mut self.adams) {
             let ranges = part.decay_ranges();
             let (p, g) = part.buffers();
@@ -380,9 +366,9 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                 g,
                 &ranges,
                 lr,
-                self.betas,
-                self.eps,
-                self.weight_decay,
+                self.settings.betas,
+                self.settings.eps,
+                self.settings.weight_decay,
                 scale,
             )?;
         }
@@ -404,7 +390,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         // As DDP's accumulation computes it, so that one stage is DDP bit for bit.
         let scale = (1.0 / self.micro as f32) / (mb * t) as f32;
         let sync_grads = topo.data_parallel.world_size() > 1 || self.always_sync;
-        let overlap = sync_grads && self.overlap && chunks == 1;
+        let overlap = sync_grads && self.settings.overlap && chunks == 1;
         // The index of each chunk's last gradient-producing action: its buckets start there.
         let mut last_grad = vec![usize::MAX; chunks];
         for (i, a) in self.plan.iter().enumerate() {
@@ -537,7 +523,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     let part = &mut self.parts[chunk as usize];
                     let n = part.num_params();
                     if overlap && whole && last_grad[chunk as usize] == i {
-                        let b = Buckets::new(n, self.first_bucket_bytes, self.bucket_bytes, true);
+                        let b = self.settings.buckets(n, true);
                         let (sync, dp) = (self.sync.as_mut(), &mut topo.data_parallel);
                         started[chunk as usize] = Some(overlapped(be, sync, dp, b, |ready| {
                             part.backward_slot(be, slot, dout.as_deref(), pass, ready)
@@ -578,7 +564,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     if overlap && last_grad[chunk as usize] == i {
                         // The last weight-gradient pass makes the chunk's gradients final.
                         let n = part.num_params();
-                        let b = Buckets::new(n, self.first_bucket_bytes, self.bucket_bytes, true);
+                        let b = self.settings.buckets(n, true);
                         let (sync, dp) = (self.sync.as_mut(), &mut topo.data_parallel);
                         started[chunk as usize] = Some(overlapped(be, sync, dp, b, |ready| {
                             part.backward_weight(be, slot, ready)
