@@ -21,7 +21,7 @@ fn scratch(name: &str) -> PathBuf {
     common::scratch("ddp", name)
 }
 
-use common::text;
+use common::{max_diff, ok, text};
 
 struct Job<'a> {
     data: &'a Path,
@@ -77,31 +77,7 @@ fn train_gang(j: &Job<'_>, ckpt: &Path) -> Vec<Result<Summary, WorkError>> {
 
 /// [`train_gang`] over a transport with `opts`.
 fn train_gang_with(j: &Job<'_>, ckpt: &Path, opts: TcpOptions) -> Vec<Result<Summary, WorkError>> {
-    let cfg = config(j);
-    let gang = TcpComm::local_gang(j.world, opts).expect("gang");
-    std::thread::scope(|s| {
-        let handles: Vec<_> = gang
-            .into_iter()
-            .enumerate()
-            .map(|(r, comm)| {
-                let cfg = &cfg;
-                s.spawn(move || {
-                    let metrics = Metrics::new("ddp-oracle", r as u32);
-                    let inputs = RunInputs {
-                        checkpoint_dir: Some(ckpt.to_path_buf()),
-                        nccl_id: Vec::new(),
-                        on_step: &|_| {},
-                        stop: &AtomicBool::new(false),
-                    };
-                    trainer::run(cfg, comm, &metrics, &inputs)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank thread"))
-            .collect()
-    })
+    common::train_gang(&config(j), j.world, ckpt, opts)
 }
 
 /// Final parameters (from the last checkpoint) of a run.
@@ -156,21 +132,6 @@ fn job(data: &Path) -> Job<'_> {
         steps: 6,
         checkpoint_every: 1000,
     }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn ok(results: Vec<Result<Summary, WorkError>>) -> Vec<Summary> {
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|e| panic!("a rank failed: {e}")))
-        .collect()
 }
 
 #[test]

@@ -5,16 +5,14 @@
 //! the uninterrupted run ends.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use lockstep_api::config::WorkerConfig;
 use lockstep_engine::models::gpt::{GptConfig, PartLayout, PartSpec};
 use lockstep_worker::checkpoint;
-use lockstep_worker::comm::tcp::{TcpComm, TcpOptions};
+use lockstep_worker::comm::tcp::TcpOptions;
 use lockstep_worker::error::WorkError;
-use lockstep_worker::metrics::Metrics;
 use lockstep_worker::pipeline::partition;
-use lockstep_worker::trainer::{self, RunInputs, Summary};
+use lockstep_worker::trainer::Summary;
 
 mod common;
 
@@ -22,7 +20,7 @@ fn scratch(name: &str) -> PathBuf {
     common::scratch("pp", name)
 }
 
-use common::text;
+use common::{max_diff, ok, text};
 
 const LAYERS: usize = 4;
 
@@ -88,39 +86,12 @@ spec:
 
 /// Trains the job on one thread per rank; returns every rank's result.
 fn train_gang(j: &Job<'_>, ckpt: &Path) -> Vec<Result<Summary, WorkError>> {
-    let cfg = config(j);
-    let world = j.stages * j.replicas;
-    let gang = TcpComm::local_gang(world, TcpOptions::default()).expect("gang");
-    std::thread::scope(|s| {
-        let handles: Vec<_> = gang
-            .into_iter()
-            .enumerate()
-            .map(|(r, comm)| {
-                let cfg = &cfg;
-                s.spawn(move || {
-                    let metrics = Metrics::new("pp-oracle", r as u32);
-                    let inputs = RunInputs {
-                        checkpoint_dir: Some(ckpt.to_path_buf()),
-                        nccl_id: Vec::new(),
-                        on_step: &|_| {},
-                        stop: &AtomicBool::new(false),
-                    };
-                    trainer::run(cfg, comm, &metrics, &inputs)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank thread"))
-            .collect()
-    })
-}
-
-fn ok(results: Vec<Result<Summary, WorkError>>) -> Vec<Summary> {
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|e| panic!("a rank failed: {e}")))
-        .collect()
+    common::train_gang(
+        &config(j),
+        j.stages * j.replicas,
+        ckpt,
+        TcpOptions::default(),
+    )
 }
 
 fn model(data: &Path) -> GptConfig {
@@ -204,14 +175,6 @@ fn whole_params(j: &Job<'_>, ckpt: &Path) -> Vec<f32> {
     whole_tensor(j, ckpt, "params")
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn base(data: &Path) -> Job<'_> {
     Job {
         data,
@@ -228,6 +191,17 @@ fn base(data: &Path) -> Job<'_> {
     }
 }
 
+/// One process (DDP on one rank) on `base`'s global batch of 8: 4 accumulation steps of 2.
+fn one_process(data: &Path) -> Job<'_> {
+    Job {
+        schedule: None,
+        stages: 1,
+        batch: 2,
+        accum: 4,
+        ..base(data)
+    }
+}
+
 /// Runs `j` in its own checkpoint folder; returns rank 0's summary and the final parameters.
 fn run(dir: &Path, name: &str, j: Job<'_>) -> (Summary, Vec<f32>) {
     let ck = dir.join(name);
@@ -240,13 +214,7 @@ fn every_schedule_on_two_and_four_stages_ends_where_one_process_ends() {
     let dir = scratch("equiv");
     let data = text(&dir);
     // One process, the same global batch of 8 in 4 accumulation steps of 2.
-    let ddp = Job {
-        schedule: None,
-        stages: 1,
-        batch: 2,
-        accum: 4,
-        ..base(&data)
-    };
+    let ddp = one_process(&data);
     let (one, reference) = run(&dir, "ddp", ddp);
     let start = model(&data).init(5);
     let moved = max_diff(&reference, &start);
@@ -290,13 +258,7 @@ fn every_schedule_on_two_and_four_stages_ends_where_one_process_ends() {
 fn one_stage_is_ddp_with_gradient_accumulation_bit_for_bit() {
     let dir = scratch("one");
     let data = text(&dir);
-    let ddp = Job {
-        schedule: None,
-        stages: 1,
-        batch: 2,
-        accum: 4,
-        ..base(&data)
-    };
+    let ddp = one_process(&data);
     let (_, reference) = run(&dir, "ddp", ddp);
     for schedule in ["GPipe", "OneFOneB"] {
         let j = Job {
@@ -331,13 +293,7 @@ fn one_stage_is_ddp_with_gradient_accumulation_bit_for_bit() {
 fn two_replicas_of_two_stages_match_one_process() {
     let dir = scratch("dpxpp");
     let data = text(&dir);
-    let ddp = Job {
-        schedule: None,
-        stages: 1,
-        batch: 2,
-        accum: 4,
-        ..base(&data)
-    };
+    let ddp = one_process(&data);
     let (_, reference) = run(&dir, "ddp", ddp);
     for schedule in ["OneFOneB", "ZeroBubble"] {
         // 2 replicas x 4 micro-batches of 1 = the global batch of 8.
@@ -412,12 +368,8 @@ fn the_first_steps_gradient_matches_one_process_with_and_without_clipping() {
     let mut largest_by_clip = Vec::new();
     for clip in [0.0, 0.05] {
         let ddp = one_step(Job {
-            schedule: None,
-            stages: 1,
-            batch: 2,
-            accum: 4,
             clip,
-            ..base(&data)
+            ..one_process(&data)
         });
         let ck = dir.join(format!("ddp-{clip}"));
         ok(train_gang(&ddp, &ck));
