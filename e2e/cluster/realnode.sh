@@ -196,6 +196,10 @@ up() {
   local kbin
   kbin=$("$here/build.sh" 2>/dev/null)
   mkdir -p "$node_dir"/{cni/net.d,cni/ipam,containerd/root,containerd/state,kubelet,logs}
+  # The kubelet evicts every pod when its disk runs low: say so now rather than after the tests.
+  local free
+  free=$(df -P --block-size=1M "$node_dir" | awk 'NR == 2 {print $4}')
+  [ "$free" -ge 2048 ] || { log "only ${free} MiB free under $node_dir; the node needs 2 GiB"; exit 1; }
   cat /proc/sys/net/ipv4/ip_forward > "$node_dir/ip_forward"
   # --- the bridge, and the rules that keep pod traffic on this machine.
   ip link add "$BRIDGE" type bridge 2>/dev/null || true
@@ -304,7 +308,7 @@ podLogsDir: $node_dir/pods-logs
 podCIDR: $SUBNET
 maxPods: 30
 serializeImagePulls: false
-evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
+evictionHard: {memory.available: "100Mi", nodefs.available: "512Mi", imagefs.available: "512Mi"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 registerWithTaints:
