@@ -23,6 +23,14 @@ pub struct WorkerConfig {
     pub training: Training,
     /// Where to export metrics.
     pub monitoring: Monitoring,
+    /// `spec.failurePolicy.progressTimeoutSeconds`: how long a rank may make no progress before
+    /// rank 0 fails the gang.
+    #[serde(default = "default_progress_timeout")]
+    pub progress_timeout_seconds: u64,
+}
+
+fn default_progress_timeout() -> u64 {
+    crate::spec::DEFAULT_PROGRESS_TIMEOUT_SECONDS as u64
 }
 
 impl WorkerConfig {
@@ -43,6 +51,8 @@ impl WorkerConfig {
             parallelism: job.spec.parallelism.clone(),
             training: job.spec.training.clone(),
             monitoring: job.spec.monitoring.clone(),
+            progress_timeout_seconds: job.spec.failure_policy.progress_timeout_seconds.max(1)
+                as u64,
         })
     }
 

@@ -261,10 +261,27 @@ pub struct FailurePolicy {
     /// Exponential backoff between gang restarts.
     #[serde(default)]
     pub restart_backoff: RestartBackoff,
+
+    /// Seconds a rank may go without progress (no step finished, no collective or pipeline
+    /// message started or finished) while the rest of the gang is alive, before rank 0 fails the
+    /// gang naming that rank and the operation it is stuck in (a hung collective, a stuck
+    /// communication thread). The default fits a slow checkpoint load or evaluation; set it above
+    /// the longest stretch a rank legitimately spends without communicating.
+    #[serde(default = "default_progress_timeout_seconds")]
+    #[schemars(range(min = 5, max = 86400))]
+    pub progress_timeout_seconds: i64,
 }
 
 fn default_max_restarts() -> i32 {
     3
+}
+
+/// The default of `spec.failurePolicy.progressTimeoutSeconds`: ten minutes, as PyTorch's NCCL
+/// watchdog.
+pub const DEFAULT_PROGRESS_TIMEOUT_SECONDS: i64 = 600;
+
+fn default_progress_timeout_seconds() -> i64 {
+    DEFAULT_PROGRESS_TIMEOUT_SECONDS
 }
 
 impl Default for FailurePolicy {
@@ -273,6 +290,7 @@ impl Default for FailurePolicy {
             max_restarts: default_max_restarts(),
             rules: Vec::new(),
             restart_backoff: RestartBackoff::default(),
+            progress_timeout_seconds: default_progress_timeout_seconds(),
         }
     }
 }

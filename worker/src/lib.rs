@@ -23,4 +23,5 @@ pub mod rendezvous;
 pub mod runtime;
 pub mod topology;
 pub mod trainer;
+pub mod watchdog;
 pub mod workload;

@@ -18,6 +18,8 @@ use lockstep_proto::v1::{
     Failure, JoinRequest, JoinResponse, Peer, command,
 };
 use tokio::sync::{mpsc, watch};
+
+use crate::watchdog::{self, Activity, Snapshot};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -30,6 +32,9 @@ pub struct Options {
     pub heartbeat_interval: Duration,
     /// Silence after which a rank (or rank 0, seen from the others) is declared failed.
     pub heartbeat_timeout: Duration,
+    /// How long a live rank may go without progress before rank 0 fails the gang naming it
+    /// (`spec.failurePolicy.progressTimeoutSeconds`; see [`crate::watchdog`]).
+    pub progress_timeout: Duration,
 }
 
 impl Default for Options {
@@ -38,6 +43,9 @@ impl Default for Options {
             join_timeout: Duration::from_secs(300),
             heartbeat_interval: Duration::from_millis(500),
             heartbeat_timeout: Duration::from_secs(3),
+            progress_timeout: Duration::from_secs(
+                lockstep_api::spec::DEFAULT_PROGRESS_TIMEOUT_SECONDS as u64,
+            ),
         }
     }
 }
@@ -119,6 +127,11 @@ struct State {
     started: Instant,
     peers: Mutex<Vec<Option<Peer>>>,
     last_seen: Mutex<Vec<Option<Instant>>>,
+    /// Each rank's last progress report and when it arrived (rank 0's own is read from
+    /// `activity`).
+    progress: Mutex<Vec<Option<(Snapshot, Instant)>>>,
+    /// Rank 0's own progress.
+    activity: Arc<Activity>,
     done: Mutex<Vec<bool>>,
     world: watch::Sender<Option<Result<World, String>>>,
     failure: watch::Sender<Option<Failure>>,
@@ -247,9 +260,42 @@ impl State {
                         self.opts.heartbeat_timeout.as_millis()
                     ),
                     reported_by: 0,
+                    ..Failure::default()
+                });
+            } else if let Some(s) =
+                watchdog::judge(&self.progress_now(), self.opts.progress_timeout)
+            {
+                self.fail(Failure {
+                    rank: s.rank,
+                    reason: s.reason,
+                    reported_by: 0,
+                    exit_code: s.code.code(),
                 });
             }
         }
+    }
+
+    /// Every rank's progress brought up to now: rank 0's own, and the others' last reports, their
+    /// idle time grown by the time since they arrived; `None` for a rank that finished.
+    fn progress_now(&self) -> Vec<Option<Snapshot>> {
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let reports = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        reports
+            .iter()
+            .enumerate()
+            .map(|(r, p)| {
+                if done[r] {
+                    return None;
+                }
+                if r == 0 {
+                    return Some(self.activity.snapshot());
+                }
+                p.as_ref().map(|(s, at)| Snapshot {
+                    idle_ms: s.idle_ms + at.elapsed().as_millis() as u64,
+                    ..s.clone()
+                })
+            })
+            .collect()
     }
 }
 
@@ -325,7 +371,16 @@ impl Rendezvous for Service {
                 tokio::select! {
                     beat = beats.message(), if !finished => match beat {
                         Ok(Some(b)) => {
-                            s.last_seen.lock().unwrap_or_else(|e| e.into_inner())[rank] = Some(Instant::now());
+                            let now = Instant::now();
+                            s.last_seen.lock().unwrap_or_else(|e| e.into_inner())[rank] = Some(now);
+                            s.progress.lock().unwrap_or_else(|e| e.into_inner())[rank] =
+                                Some((Snapshot {
+                                    step: b.step,
+                                    idle_ms: b.idle_ms,
+                                    doing: b.doing.clone(),
+                                    communicating: b.communicating,
+                                    waiting_on_peers: b.waiting_on_peers,
+                                }, now));
                             if b.done {
                                 s.done.lock().unwrap_or_else(|e| e.into_inner())[rank] = true;
                                 finished = true;
@@ -340,6 +395,7 @@ impl Rendezvous for Service {
                                     rank: rank as u32,
                                     reason: format!("rank {rank}'s heartbeat stream closed: the process exited or lost its connection"),
                                     reported_by: 0,
+                                    ..Failure::default()
                                 });
                             }
                             finished = true;
@@ -429,7 +485,6 @@ enum Role {
     Client {
         client: RendezvousClient<Channel>,
         beats: mpsc::Sender<Beat>,
-        step: Arc<std::sync::atomic::AtomicU64>,
     },
 }
 
@@ -438,6 +493,7 @@ pub struct Session {
     me: Identity,
     world: World,
     failure: watch::Receiver<Option<Failure>>,
+    activity: Arc<Activity>,
     role: Role,
     /// Background tasks that end with the session (heartbeat, watchdog, server).
     tasks: Vec<tokio::task::AbortHandle>,
@@ -478,6 +534,7 @@ impl Session {
         opts: Options,
     ) -> Result<Self, RendezvousError> {
         let world = me.world_size as usize;
+        let activity = Arc::new(Activity::new());
         let state = Arc::new(State {
             me: me.clone(),
             opts,
@@ -485,6 +542,8 @@ impl Session {
             started: Instant::now(),
             peers: Mutex::new(vec![None; world]),
             last_seen: Mutex::new(vec![None; world]),
+            progress: Mutex::new(vec![None; world]),
+            activity: Arc::clone(&activity),
             done: Mutex::new(vec![false; world]),
             world: watch::channel(None).0,
             failure: watch::channel(None).0,
@@ -532,6 +591,7 @@ impl Session {
             me,
             world,
             failure: state.failure.subscribe(),
+            activity,
             tasks: vec![watchdog.abort_handle(), served.abort_handle()],
             role: Role::Server {
                 state,
@@ -597,26 +657,23 @@ impl Session {
         };
         let (failure_tx, failure) = watch::channel(None);
         let (beats, beat_rx) = mpsc::channel::<Beat>(4);
-        let step = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let activity = Arc::new(Activity::new());
         let heartbeat = tokio::spawn(client_heartbeat(
             client.clone(),
             me.clone(),
             opts,
             beat_rx,
             beats.clone(),
-            Arc::clone(&step),
+            Arc::clone(&activity),
             failure_tx,
         ));
         Ok(Self {
             me,
             world,
             failure,
+            activity,
             tasks: vec![heartbeat.abort_handle()],
-            role: Role::Client {
-                client,
-                beats,
-                step,
-            },
+            role: Role::Client { client, beats },
         })
     }
 
@@ -640,9 +697,13 @@ impl Session {
 
     /// Reports this rank's step, carried by the next heartbeat.
     pub fn set_step(&self, step: u64) {
-        if let Role::Client { step: s, .. } = &self.role {
-            s.store(step, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.activity.set_step(step);
+    }
+
+    /// Where this rank records its progress: its communicators record their operations in it
+    /// (see [`crate::watchdog`]), its heartbeat reports it, and rank 0 judges it.
+    pub fn activity(&self) -> Arc<Activity> {
+        Arc::clone(&self.activity)
     }
 
     /// Reports a failure (of this rank, or of a peer it lost) so that rank 0 aborts the gang;
@@ -652,6 +713,7 @@ impl Session {
             rank: failed_rank,
             reason,
             reported_by: self.me.rank,
+            ..Failure::default()
         };
         match &self.role {
             Role::Server { state, .. } => state.fail(f),
@@ -693,12 +755,13 @@ impl Session {
     pub async fn finish(mut self, grace: Duration) {
         let me = self.me.credentials();
         match &mut self.role {
-            Role::Client { beats, step, .. } => {
+            Role::Client { beats, .. } => {
                 let _ = beats
                     .send(Beat {
                         credentials: Some(me),
-                        step: step.load(std::sync::atomic::Ordering::Relaxed),
+                        step: self.activity.step(),
                         done: true,
+                        ..Beat::default()
                     })
                     .await;
                 // Give the beat a moment to leave before the heartbeat task is stopped.
@@ -751,7 +814,7 @@ async fn client_heartbeat(
     opts: Options,
     beat_rx: mpsc::Receiver<Beat>,
     beats: mpsc::Sender<Beat>,
-    step: Arc<std::sync::atomic::AtomicU64>,
+    activity: Arc<Activity>,
     failure: watch::Sender<Option<Failure>>,
 ) {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -760,13 +823,21 @@ async fn client_heartbeat(
             rank: 0,
             reason,
             reported_by: me.rank,
+            ..Failure::default()
         })
     };
     let creds = me.credentials();
-    let beat = || Beat {
-        credentials: Some(creds.clone()),
-        step: step.load(Ordering::Relaxed),
-        done: false,
+    let beat = || {
+        let s = activity.snapshot();
+        Beat {
+            credentials: Some(creds.clone()),
+            step: s.step,
+            done: false,
+            idle_ms: s.idle_ms,
+            doing: s.doing,
+            communicating: s.communicating,
+            waiting_on_peers: s.waiting_on_peers,
+        }
     };
     // The request stream carries the beats of this task and the final one of
     // `Session::finish`; it ends after the final beat, or when both senders are gone (the

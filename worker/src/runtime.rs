@@ -15,6 +15,7 @@ use crate::error::WorkError;
 use crate::metrics::Metrics;
 use crate::rendezvous::{self, Identity, Session, describe};
 use crate::trainer;
+use crate::watchdog::Fault;
 use lockstep_proto::v1::Failure;
 
 /// Where Kubernetes reads a container's termination message from.
@@ -118,9 +119,17 @@ async fn run_rank(
     contract: env::RankEnv,
     token: String,
     config: WorkerConfig,
-    opts: RunOptions,
+    mut opts: RunOptions,
 ) -> ExitCode {
     let rank = contract.rank;
+    opts.rendezvous.progress_timeout = Duration::from_secs(config.progress_timeout_seconds);
+    let fault = match std::env::var(Fault::ENV) {
+        Ok(spec) => match Fault::parse(&spec, rank) {
+            Ok(f) => f,
+            Err(e) => return fail(ExitCode::Usage, &e),
+        },
+        Err(_) => None,
+    };
     let metrics = Metrics::new(&contract.job, rank);
     match tokio::net::TcpListener::bind(("0.0.0.0", contract.metrics_port)).await {
         Ok(l) => {
@@ -196,6 +205,8 @@ async fn run_rank(
         "gang formed"
     );
     let nccl_id = session.world().nccl_id.clone();
+    let activity = session.activity();
+    activity.inject(fault);
     let comm = match TcpComm::new(
         rank as usize,
         addrs,
@@ -203,6 +214,7 @@ async fn run_rank(
         gang_key(&token, contract.attempt),
         TcpOptions {
             timeout: opts.comm_timeout,
+            activity,
             ..TcpOptions::default()
         },
     ) {
@@ -214,12 +226,21 @@ async fn run_rank(
     let abort = session.aborted();
     tokio::spawn(async move {
         let f = abort.await;
-        let code = if f.rank == rank {
-            ExitCode::Internal
-        } else {
+        let code = if f.rank != rank {
             ExitCode::PeerFailed
+        } else {
+            // Rank 0 judged this rank stuck (see `watchdog`): the code it chose.
+            ExitCode::from_code(f.exit_code)
+                .filter(|c| *c != ExitCode::Success)
+                .unwrap_or(ExitCode::Internal)
         };
-        let code = fail(code, &aborted::message(&describe(&f)));
+        // A rank rank 0 judged stuck reports its own failure; the others, the gang's abort.
+        let message = if f.rank == rank {
+            describe(&f)
+        } else {
+            aborted::message(&describe(&f))
+        };
+        let code = fail(code, &message);
         if rank == 0 {
             // Rank 0 serves the abort: give its streams a moment to carry it to every rank, so
             // that none mistakes the end of the server for the failure.
@@ -371,6 +392,7 @@ mod tests {
             rank,
             reason: "lost rank 2 during all_reduce: connection reset".into(),
             reported_by,
+            ..Failure::default()
         }
     }
 

@@ -200,8 +200,20 @@ impl Gang {
     /// The job `body` on `ranks` ranks; every rank has started when each logged `training`
     /// with `model` (the start of the model's description, `model=mlp`).
     fn start(dir: &Path, body: &str, model: &str, ranks: u32) -> Self {
+        Self::start_with_env(dir, body, model, ranks, &[])
+    }
+
+    /// As [`Gang::start`], with `env` set on the launcher (and so on every rank).
+    fn start_with_env(
+        dir: &Path,
+        body: &str,
+        model: &str,
+        ranks: u32,
+        env: &[(&str, &str)],
+    ) -> Self {
         let m = manifest(dir, "job", body);
         let mut child = worker()
+            .envs(env.iter().copied())
             .args(["local", m.to_str().expect("utf-8"), "--ranks"])
             .arg(ranks.to_string())
             .arg("--workdir")
@@ -342,6 +354,51 @@ fn killing_a_pipeline_stage_mid_training_stops_the_gang_within_5_seconds_and_nam
             log.contains(&format!(
                 "rank {r} (stage {stage}): exit code 5 (PeerFailed)"
             )),
+            "rank {r} did not exit PeerFailed:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_rank_whose_communication_thread_hangs_is_named_within_the_progress_timeout() {
+    let _one = serial();
+    let dir = scratch("hang");
+    let job = mlp_job("hang-test", "[512, 512]", 1_000_000).replace(
+        "  parallelism:",
+        "  failurePolicy:\n    progressTimeoutSeconds: 5\n  parallelism:",
+    );
+    // Rank 2's communication thread stops before the first all-reduce of step 20; its process
+    // and heartbeat live on, and its peers' TCP timeout (30 s) is far off.
+    let gang = Gang::start_with_env(
+        &dir,
+        &job,
+        "model=mlp",
+        4,
+        &[("LOCKSTEP_FAULT", "hang-comm-thread@rank=2,step=20")],
+    );
+    let (status, _, log) = gang.wait(Instant::now());
+    assert!(
+        log.contains("injected fault: the communication thread hangs"),
+        "{log}"
+    );
+    assert_eq!(status.code(), Some(6), "{log}");
+    assert!(log.contains("rank 2 failed first: exit code 6"), "{log}");
+    let reason = log
+        .lines()
+        .find(|l| l.contains("rank 2 made no progress for"))
+        .unwrap_or_else(|| panic!("no rank was judged stuck:\n{log}"));
+    assert!(
+        reason.contains("progressTimeoutSeconds is 5): at step 20, waiting for all_reduce #")
+            && reason.contains("to start (its communication thread is stuck)"),
+        "{reason}"
+    );
+    assert!(
+        !log.contains("did not respond within"),
+        "the TCP timeout, not the watchdog, stopped the gang:\n{log}"
+    );
+    for r in [0, 1, 3] {
+        assert!(
+            log.contains(&format!("rank {r}: exit code 5 (PeerFailed)")),
             "rank {r} did not exit PeerFailed:\n{log}"
         );
     }

@@ -27,6 +27,7 @@ fn opts(join: Duration) -> Options {
         heartbeat_interval: Duration::from_millis(100),
         // Long enough that a loaded CI machine does not make a live rank look silent.
         heartbeat_timeout: Duration::from_secs(2),
+        ..Options::default()
     }
 }
 
@@ -160,26 +161,65 @@ async fn rank_zero_unreachable_is_a_clear_error() {
 }
 
 async fn gang(world: u32) -> Vec<Session> {
+    gang_with(world, opts(Duration::from_secs(20))).await
+}
+
+async fn gang_with(world: u32, o: Options) -> Vec<Session> {
     let (l, addr) = listener().await;
-    let server = tokio::spawn(Session::serve(
-        l,
-        me(0, world),
-        vec![],
-        opts(Duration::from_secs(20)),
-    ));
+    let server = tokio::spawn(Session::serve(l, me(0, world), vec![], o.clone()));
     let others: Vec<_> = (1..world)
         .map(|r| {
-            let addr = addr.clone();
-            tokio::spawn(async move {
-                Session::join(&addr, me(r, world), opts(Duration::from_secs(20))).await
-            })
+            let (addr, o) = (addr.clone(), o.clone());
+            tokio::spawn(async move { Session::join(&addr, me(r, world), o).await })
         })
         .collect();
     let mut all = vec![server.await.expect("task").expect("rank 0")];
-    for o in others {
-        all.push(o.await.expect("task").expect("join"));
+    for j in others {
+        all.push(j.await.expect("task").expect("join"));
     }
     all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_rank_without_progress_is_named_by_rank_zero_even_when_it_is_rank_zero() {
+    let all = gang_with(
+        3,
+        Options {
+            progress_timeout: Duration::from_secs(2),
+            ..opts(Duration::from_secs(20))
+        },
+    )
+    .await;
+    // Ranks 1 and 2 finish steps; rank 0 (alive, heartbeating) makes none. Rank 1 is inside
+    // a receive from rank 0 the whole time: it waits on its peer, which is no fault of its own.
+    let waiting = all[1].activity();
+    let _recv = waiting.enter("recv", Some(0));
+    let started = Instant::now();
+    let aborted = all[0].aborted();
+    tokio::pin!(aborted);
+    let mut step = 0;
+    let f = loop {
+        step += 1;
+        all[1].set_step(step);
+        all[2].set_step(step);
+        assert!(started.elapsed() < Duration::from_secs(10), "not aborted");
+        tokio::select! {
+            f = &mut aborted => break f,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    };
+    assert_eq!((f.rank, f.reported_by, f.exit_code), (0, 0, 1), "{f:?}");
+    assert!(
+        f.reason.starts_with("rank 0 made no progress for 2.")
+            && f.reason.contains("at step 0, outside any collective"),
+        "{f:?}"
+    );
+    for s in &all[1..] {
+        let g = tokio::time::timeout(Duration::from_secs(5), s.aborted())
+            .await
+            .expect("every rank learns it");
+        assert_eq!(g.reason, f.reason);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -204,6 +204,13 @@ pub trait Communicator {
     fn split(&mut self, color: u32, key: u32) -> Result<Self>
     where
         Self: Sized;
+
+    /// Where this rank's operations are recorded as progress (see [`crate::watchdog`]), when
+    /// this communicator records them; code that waits for communication outside the trait (a
+    /// CUDA stream) records its waits there too.
+    fn activity(&self) -> Option<std::sync::Arc<crate::watchdog::Activity>> {
+        None
+    }
 }
 
 /// Bus bandwidth factor of a collective, as nccl-tests defines it: busbw = algbw x factor.

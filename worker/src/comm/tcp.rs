@@ -35,6 +35,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use super::{CommError, Communicator, Pending, ReduceOp, Result};
+use crate::watchdog::Activity;
 
 const MAGIC: u32 = 0x4c4b_5354; // "LKST"
 /// Set in the handshake's rank field on a point-to-point connection.
@@ -56,6 +57,9 @@ pub struct TcpOptions {
     /// once because its connection closes. Connecting to a peer's listener still waits at most
     /// `timeout`.
     pub p2p_timeout: Duration,
+    /// Where this rank's collectives and received messages are recorded as progress (see
+    /// [`crate::watchdog`]); shared with the communicators split from this one.
+    pub activity: Arc<Activity>,
 }
 
 impl Default for TcpOptions {
@@ -65,6 +69,7 @@ impl Default for TcpOptions {
             small_bytes: 64 * 1024,
             chunk_elems: 256 * 1024,
             p2p_timeout: Duration::from_secs(600),
+            activity: Arc::default(),
         }
     }
 }
@@ -869,10 +874,17 @@ impl Shared {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn submit(self: &Arc<Self>, job: impl FnOnce(&mut Links) + Send + 'static) {
+    /// Queues `job` on the communication thread, which calls `begin` first, before it takes the
+    /// connections.
+    fn submit(
+        self: &Arc<Self>,
+        begin: impl FnOnce() + Send + 'static,
+        job: impl FnOnce(&mut Links) + Send + 'static,
+    ) {
         *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         let me = Arc::clone(self);
         let job: Job = Box::new(move || {
+            begin();
             {
                 let mut links = me.links.lock().unwrap_or_else(|e| e.into_inner());
                 job(&mut links);
@@ -1169,7 +1181,14 @@ impl TcpComm {
         listeners
             .into_iter()
             .enumerate()
-            .map(|(r, l)| TcpComm::new(r, addrs.clone(), l, key, opts.clone()))
+            .map(|(r, l)| {
+                // Each rank records its own progress.
+                let opts = TcpOptions {
+                    activity: Arc::default(),
+                    ..opts.clone()
+                };
+                TcpComm::new(r, addrs.clone(), l, key, opts)
+            })
             .collect()
     }
 
@@ -1185,7 +1204,8 @@ impl TcpComm {
         &self.group
     }
 
-    fn run<T>(&self, f: impl FnOnce(&mut Group<'_>) -> Result<T>) -> Result<T> {
+    fn run<T>(&self, name: &'static str, f: impl FnOnce(&mut Group<'_>) -> Result<T>) -> Result<T> {
+        let _op = self.opts.activity.enter(name, None);
         let mut links = self.shared.quiet();
         f(&mut Group {
             links: &mut links,
@@ -1197,25 +1217,32 @@ impl TcpComm {
 
     fn start(
         &self,
+        name: &'static str,
         buf: Vec<f32>,
         f: impl FnOnce(&mut Group<'_>, &mut [f32]) -> Result<()> + Send + 'static,
     ) -> Pending<Vec<f32>> {
         let (tx, pending) = Pending::channel();
         let (ranks, me, opts) = (Arc::clone(&self.group), self.me, self.opts.clone());
-        self.shared.submit(move |links| {
-            let started = Instant::now();
-            let mut buf = buf;
-            let result = f(
-                &mut Group {
-                    links,
-                    ranks: &ranks,
-                    me,
-                    opts: &opts,
-                },
-                &mut buf,
-            );
-            let _ = tx.send((result.map(|()| buf), started.elapsed()));
-        });
+        let seq = opts.activity.queue(name);
+        let activity = Arc::clone(&opts.activity);
+        self.shared.submit(
+            move || activity.start(seq),
+            move |links| {
+                let started = Instant::now();
+                let mut buf = buf;
+                let result = f(
+                    &mut Group {
+                        links,
+                        ranks: &ranks,
+                        me,
+                        opts: &opts,
+                    },
+                    &mut buf,
+                );
+                opts.activity.finish(seq);
+                let _ = tx.send((result.map(|()| buf), started.elapsed()));
+            },
+        );
         pending
     }
 
@@ -1246,11 +1273,11 @@ impl Communicator for TcpComm {
     }
 
     fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
-        self.run(|g| g.all_reduce(buf, op))
+        self.run("all_reduce", |g| g.all_reduce(buf, op))
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
-        self.run(|g| g.broadcast(buf, root))
+        self.run("broadcast", |g| g.broadcast(buf, root))
     }
 
     fn reduce_scatter(&mut self, input: &[f32], output: &mut [f32], op: ReduceOp) -> Result<()> {
@@ -1268,7 +1295,7 @@ impl Communicator for TcpComm {
         let mut work = input.to_vec();
         let len = output.len();
         let segs: Vec<_> = (0..n).map(|i| i * len..(i + 1) * len).collect();
-        self.run(|g| {
+        self.run("reduce_scatter", |g| {
             if n > 1 && len > 0 {
                 g.ring_reduce_scatter(&mut work, &segs, op, "reduce_scatter")?;
             }
@@ -1296,7 +1323,9 @@ impl Communicator for TcpComm {
         if n == 1 || len == 0 {
             return Ok(());
         }
-        self.run(|g| g.ring_all_gather(output, &segs, "all_gather"))
+        self.run("all_gather", |g| {
+            g.ring_all_gather(output, &segs, "all_gather")
+        })
     }
 
     fn send(&mut self, buf: &[f32], peer: usize) -> Result<()> {
@@ -1306,6 +1335,7 @@ impl Communicator for TcpComm {
     fn recv(&mut self, buf: &mut [f32], peer: usize) -> Result<()> {
         let from = self.check_peer(peer, "recv")?;
         // Neither `run` nor the collectives' lock: a receive does not wait for collectives.
+        let _op = self.opts.activity.enter("recv", Some(from));
         self.shared.p2p.recv(from, buf)
     }
 
@@ -1318,7 +1348,7 @@ impl Communicator for TcpComm {
 
     fn barrier(&mut self) -> Result<()> {
         let mut token = [0.0f32];
-        self.run(|g| {
+        self.run("barrier", |g| {
             if g.n() > 1 {
                 g.reduce_at_first(&mut token, ReduceOp::Sum, "barrier")?;
             }
@@ -1327,7 +1357,7 @@ impl Communicator for TcpComm {
     }
 
     fn all_reduce_async(&mut self, buf: Vec<f32>, op: ReduceOp) -> Pending<Vec<f32>> {
-        self.start(buf, move |g, b| g.all_reduce(b, op))
+        self.start("all_reduce", buf, move |g, b| g.all_reduce(b, op))
     }
 
     fn split(&mut self, color: u32, key: u32) -> Result<Self> {
@@ -1361,6 +1391,10 @@ impl Communicator for TcpComm {
             me,
             opts: self.opts.clone(),
         })
+    }
+
+    fn activity(&self) -> Option<Arc<Activity>> {
+        Some(Arc::clone(&self.opts.activity))
     }
 }
 

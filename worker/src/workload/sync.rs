@@ -215,7 +215,7 @@ fn cuda_err(e: impl std::fmt::Debug) -> WorkError {
 }
 
 #[cfg(feature = "cuda")]
-impl<C> GradSync<lockstep_engine::cuda::Cuda, C> for NcclSync {
+impl<C: crate::comm::Communicator> GradSync<lockstep_engine::cuda::Cuda, C> for NcclSync {
     fn start(
         &mut self,
         be: &lockstep_engine::cuda::Cuda,
@@ -246,10 +246,15 @@ impl<C> GradSync<lockstep_engine::cuda::Cuda, C> for NcclSync {
     fn finish(
         &mut self,
         be: &lockstep_engine::cuda::Cuda,
-        _comm: &mut C,
+        comm: &mut C,
         _grads: &mut cudarc::driver::CudaSlice<f32>,
     ) -> Result<SyncStats, WorkError> {
         use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        // The NCCL all-reduces run on their stream: a hang shows here, as this wait.
+        let activity = comm.activity();
+        let _op = activity
+            .as_deref()
+            .map(|a| a.enter("NCCL gradient all_reduce", None));
         let backward_done = be
             .stream()
             .record_event(Some(CU_EVENT_DEFAULT))
