@@ -279,6 +279,9 @@ pub mod reasons {
     pub const WAITING_FOR_SCHEDULER: &str = "WaitingForScheduler";
     /// The gang API chosen by `gangPolicy` is not served by this cluster.
     pub const GANG_API_MISSING: &str = "GangApiMissing";
+    /// The namespace's ResourceQuota refused part of the gang (what it counts is used up): the
+    /// gang waits, with no pod kept, and is tried again with backoff.
+    pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ mod leader;
 mod operator;
 #[path = "e2e/progress.rs"]
 mod progress;
+#[path = "e2e/quota.rs"]
+mod quota;
 #[path = "e2e/real_node.rs"]
 mod real_node;
 #[path = "e2e/real_node_torch.rs"]

@@ -240,6 +240,112 @@ pub fn set_gang_api_missing(
     true
 }
 
+/// Says in `Admitted=False` (reason `QuotaExceeded`, phase Queued) that the namespace's
+/// ResourceQuota refused part of the gang, with `message` (which names the quota and what was
+/// asked), and gives back the admission: the next try is admitted anew, and meanwhile the job
+/// holds no capacity. The condition keeps the time of a wait for admission already under way in
+/// the `previous` status (the job's before this pass). Returns whether this is news, that is
+/// whether `previous` did not say exactly this already (then an Event says it).
+pub fn wait_for_quota(
+    status: &mut ParallelJobStatus,
+    previous: Option<&ParallelJobStatus>,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> bool {
+    let before = previous.and_then(|s| s.conditions.iter().find(|c| c.type_ == ct::ADMITTED));
+    let since = before
+        .filter(|c| c.status == "False")
+        .map_or(Time(now), |c| c.last_transition_time.clone());
+    let news = !before.is_some_and(|c| {
+        c.status == "False" && c.reason == reasons::QUOTA_EXCEEDED && c.message == message
+    });
+    status.conditions.retain(|c| c.type_ != ct::ADMITTED);
+    status.conditions.push(Condition {
+        type_: ct::ADMITTED.into(),
+        status: "False".into(),
+        reason: reasons::QUOTA_EXCEEDED.into(),
+        message: message.into(),
+        last_transition_time: since,
+        observed_generation: generation,
+    });
+    status.phase = Some(Phase::Queued);
+    status.admission = None;
+    news
+}
+
+/// Whether an action makes or releases part of the gang (what a quota wait holds back).
+fn makes_gang(action: &Action) -> bool {
+    matches!(
+        action,
+        Action::EnsureSharedObjects
+            | Action::EnsureGangObjects
+            | Action::CreatePods { .. }
+            | Action::Ungate(_)
+    )
+}
+
+/// The decision of a pass made while the gang waits for the namespace's ResourceQuota (it
+/// refused part of the gang, see [`wait_for_quota`]) and the next try is `retry_in` away. A pass
+/// that would make the gang (ask admission, create, release) makes nothing instead: it keeps
+/// the quota wait with `message`, deletes any pod of the current attempt that is left (a partly
+/// made gang never stays), and looks again when the wait is over. Any other pass (the job
+/// finishes, is suspended, an older attempt's pods go) is decided as ever.
+pub fn hold_for_quota(
+    decided: Decided<'_>,
+    job: &ParallelJob,
+    pods: &[RankPod],
+    message: &str,
+    retry_in: Duration,
+    now: Timestamp,
+) -> Decision {
+    let (mut d, asks_admission) = match decided {
+        Decided::Done(d) => (d, false),
+        Decided::AwaitsAdmission(pass) => (pass.0.d, true),
+    };
+    if !asks_admission && !d.actions.iter().any(makes_gang) {
+        return d;
+    }
+    d.actions.retain(|a| !makes_gang(a));
+    let deleting: Vec<&String> = d
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeletePods(names) => Some(names),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let left: Vec<String> = pods
+        .iter()
+        .filter(|p| p.attempt == d.status.attempt && !p.terminating)
+        .filter(|p| !deleting.contains(&&p.name))
+        .map(|p| p.name.clone())
+        .collect();
+    if !left.is_empty() {
+        d.actions.push(Action::DeletePods(left));
+    }
+    // Nothing was started: the start time stays what it was.
+    d.status.start_time = job.status.as_ref().and_then(|s| s.start_time.clone());
+    let previous = job.status.as_ref();
+    if wait_for_quota(
+        &mut d.status,
+        previous,
+        message,
+        job.metadata.generation,
+        now,
+    ) {
+        d.events.push(Note {
+            warning: true,
+            reason: reasons::QUOTA_EXCEEDED,
+            message: message.to_string(),
+        });
+    }
+    let after = retry_in.max(Duration::from_millis(100));
+    d.requeue_after = Some(d.requeue_after.map_or(after, |r| r.min(after)));
+    d
+}
+
 /// Says, in the `Valid` condition, when no node of the cluster offers the GPUs one worker asks
 /// for (`largest` is the most any schedulable node has), and clears that once one does. The job
 /// waits (Builtin admission queues it and makes no pod; under an external gang scheduler the pods
@@ -1767,5 +1873,115 @@ mod tests {
         j.spec.run_policy.suspend = true;
         let d = step(&mut j, &[], at(61));
         assert_eq!(d.status.admission, None);
+    }
+
+    #[test]
+    fn a_gang_its_quota_refused_waits_queued_without_pods_then_is_admitted_whole() {
+        let mut j = job("ddp-digits.yaml");
+        j.metadata.name = Some("j".into());
+        let plan: Vec<String> = ["a", "a", "b", "b"].map(String::from).to_vec();
+        let before = j.status.clone();
+        let d = decide(&j, 4, &[], at(1)).answer_with(|| Outcome::Admitted(plan.clone()));
+        assert_eq!(d.status.phase, Some(Phase::Starting));
+        // Creating the pods, the API server says the quota is used up: what reconcile reports.
+        let message = "ResourceQuota team-cpu: requested: requests.cpu=500m";
+        let mut status = d.status.clone();
+        assert!(wait_for_quota(
+            &mut status,
+            before.as_ref(),
+            message,
+            Some(1),
+            at(2)
+        ));
+        j.status = Some(status.clone());
+        assert_eq!(status.phase, Some(Phase::Queued));
+        assert_eq!(status.admission, None, "the capacity is given back");
+        let reported = d_of(&status);
+        let c = admitted(&reported);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str(), c.message.as_str()),
+            ("False", reasons::QUOTA_EXCEEDED, message)
+        );
+        assert!(
+            !status.conditions.iter().any(|c| c.type_ == ct::VALID),
+            "not a rejected template"
+        );
+        // Said again, it is no news (no second Event), and the wait keeps its start.
+        let mut again = status.clone();
+        assert!(!wait_for_quota(
+            &mut again,
+            j.status.as_ref(),
+            message,
+            Some(1),
+            at(9)
+        ));
+        assert_eq!(again, status);
+
+        // While it waits, a pass makes nothing: two ranks made before the refusal go, admission
+        // is not asked, and the job stays as reported.
+        let made: Vec<RankPod> = (0..2)
+            .map(|r| RankPod {
+                gated: true,
+                node: None,
+                ..pod(r, 0, Pending)
+            })
+            .collect();
+        let retry_in = Duration::from_secs(5);
+        let d = hold_for_quota(
+            decide(&j, 4, &made, at(3)),
+            &j,
+            &made,
+            message,
+            retry_in,
+            at(3),
+        );
+        assert_eq!(
+            d.actions,
+            vec![Action::DeletePods(vec!["j-0".into(), "j-1".into()])]
+        );
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        assert_eq!(admitted(&d).reason, reasons::QUOTA_EXCEEDED);
+        assert!(d.events.is_empty(), "{:?}", d.events);
+        assert!(d.requeue_after.is_some_and(|r| r <= retry_in));
+        let d = hold_for_quota(decide(&j, 4, &[], at(4)), &j, &[], message, retry_in, at(4));
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        assert_eq!(Some(&d.status), j.status.as_ref(), "nothing to write");
+
+        // The wait is over: the gang is admitted again and made whole, on its planned nodes.
+        let d = decide(&j, 4, &[], at(8)).answer_with(|| Outcome::Admitted(plan.clone()));
+        assert!(d.actions.contains(&Action::CreatePods {
+            attempt: 0,
+            ranks: vec![0, 1, 2, 3],
+            nodes: Some(plan.clone()),
+        }));
+        assert!(
+            d.actions
+                .contains(&Action::Ungate((0..4).map(|r| format!("j-{r}")).collect()))
+        );
+        assert_eq!(admitted(&d).reason, reasons::GANG_ADMITTED);
+
+        // A pass that makes nothing of the gang (here: the job is suspended while it waits) is
+        // decided as ever.
+        j.spec.run_policy.suspend = true;
+        let undisturbed = decide(&j, 4, &made, at(5)).answer_with(|| panic!("admission asked"));
+        let held = hold_for_quota(
+            decide(&j, 4, &made, at(5)),
+            &j,
+            &made,
+            message,
+            retry_in,
+            at(5),
+        );
+        assert_eq!(held, undisturbed);
+        assert_eq!(held.status.phase, Some(Phase::Suspended));
+    }
+
+    fn d_of(status: &ParallelJobStatus) -> Decision {
+        Decision {
+            status: status.clone(),
+            actions: Vec::new(),
+            events: Vec::new(),
+            requeue_after: None,
+        }
     }
 }

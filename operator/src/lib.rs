@@ -12,7 +12,10 @@
 //! - [`metrics`]: Prometheus metrics and the health endpoints.
 //! - [`leader`]: leader election on a Lease, so one of several replicas acts.
 //! - [`ratelimit`]: the client's limit on requests per second to the API server.
+//! - [`quota`]: ResourceQuota refusals: which are a wait (usage) and which a broken template.
+//! - [`backoff`]: exponential backoff for failed passes and quota waits.
 
+pub mod backoff;
 pub mod controller;
 pub mod decide;
 pub mod gang;
@@ -21,6 +24,7 @@ pub mod leader;
 pub mod metrics;
 pub mod observe;
 pub mod pods;
+pub mod quota;
 pub mod ratelimit;
 pub mod resources;
 

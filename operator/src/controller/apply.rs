@@ -21,7 +21,7 @@ use crate::decide::Action;
 use crate::observe::RankPod;
 use crate::pods::Write;
 use crate::resources::{HOSTNAME_LABEL, JobContext, Pin};
-use crate::{Error, Result};
+use crate::{Error, Result, quota};
 
 /// How the writes of a decision ended.
 pub(super) enum Applied {
@@ -30,6 +30,10 @@ pub(super) enum Applied {
     /// The API server refused an object built from `spec.template` (400, 403 or 422, with its
     /// message): retrying cannot help until the user changes the job.
     Rejected(String),
+    /// The namespace's ResourceQuota refused an object because of what is used (403 "exceeded
+    /// quota"): the gang waits, and is tried again (see [`crate::quota`]). The writes stopped
+    /// there; the pods of the gang created before it are left to the caller.
+    QuotaExceeded(quota::Refusal),
     /// The API of the external gang scheduler is not served (the API named).
     GangApiMissing(String),
 }
@@ -65,7 +69,10 @@ pub(super) async fn actions(
         match apply(ctx, job, &gang, &pods, &jobs, action).await {
             Ok(()) => {}
             Err(Error::Kube(kube::Error::Api(e))) if matches!(e.code, 400 | 403 | 422) => {
-                return Ok(Applied::Rejected(e.message));
+                return Ok(match quota::Refusal::read(e.code, &e.message) {
+                    Some(refusal) => Applied::QuotaExceeded(refusal),
+                    None => Applied::Rejected(e.message),
+                });
             }
             Err(Error::GangApiMissing(what)) => return Ok(Applied::GangApiMissing(what)),
             Err(e) => return Err(e),
@@ -184,21 +191,28 @@ async fn apply(
                 field_manager: Some(operator::FIELD_MANAGER.into()),
                 ..PostParams::default()
             };
-            // 409: created by an earlier pass whose status write we have not seen yet.
-            bounded(built, 409, |pod| {
-                let params = &params;
-                async move {
-                    let name = pod.name_any();
-                    match pods.create(params, &pod).await {
-                        Ok(_) => {}
-                        Err(kube::Error::Api(e)) if e.code == 409 => {}
-                        Err(e) => return Err(e),
+            // 409: created by an earlier pass whose status write we have not seen yet. Every
+            // creation runs to its end even when another fails, so that the pods this pass made
+            // are known (and expected in the cache) when a refusal of the rest (a ResourceQuota's)
+            // deletes them again.
+            let results: Vec<Result<(), kube::Error>> = futures::stream::iter(built)
+                .map(|pod| {
+                    let params = &params;
+                    async move {
+                        let name = pod.name_any();
+                        match pods.create(params, &pod).await {
+                            Ok(_) => {}
+                            Err(kube::Error::Api(e)) if e.code == 409 => {}
+                            Err(e) => return Err(e),
+                        }
+                        ctx.pods.expect(gang, Write::Created, [name]);
+                        Ok(())
                     }
-                    ctx.pods.expect(gang, Write::Created, [name]);
-                    Ok(())
-                }
-            })
-            .await?;
+                })
+                .buffer_unordered(WRITE_CONCURRENCY)
+                .collect()
+                .await;
+            results.into_iter().collect::<Result<Vec<()>, _>>()?;
         }
         Action::Ungate(names) => {
             // Only the Lockstep gate goes; gates of other controllers stay.

@@ -28,9 +28,11 @@ use lockstep_api::ParallelJob;
 use lockstep_api::contract::operator;
 use tracing::warn;
 
+use crate::backoff::Backoff;
 use crate::gang::admitter::Admitter;
 use crate::metrics::Metrics;
 use crate::pods::PodCache;
+use crate::quota;
 
 /// Writes made concurrently at most (pod creations and deletions of one job).
 pub const WRITE_CONCURRENCY: usize = 32;
@@ -93,6 +95,10 @@ pub struct Kept {
     pub status: Option<(Arc<DynamicObject>, Instant)>,
     /// The rank addresses last written into the job's EndpointSlice.
     pub published: Vec<(u32, String)>,
+    /// The job's failed passes in a row, which space its retries (`reconcile::error_policy`).
+    pub errors: Backoff,
+    /// The gang's wait for the namespace's ResourceQuota, while it lasts.
+    pub quota: Option<quota::Hold>,
 }
 
 /// Operator settings.

@@ -25,29 +25,43 @@ use tracing::{info, warn};
 
 use super::apply::{self, Applied};
 use super::{Context, status};
-use crate::decide::{Decided, Decision, check_capacity, decide, set_gang_api_missing, set_invalid};
+use crate::decide::{
+    Action, Decided, Decision, check_capacity, decide, hold_for_quota, set_gang_api_missing,
+    set_invalid, wait_for_quota,
+};
 use crate::job;
 use crate::metrics::Metrics;
 use crate::observe::{self, RankPod};
 use crate::resources::{GPU_RESOURCE, JobContext};
-use crate::{Error, Result};
+use crate::{Error, Result, quota};
 
-/// Counts a failed pass by its error's category and looks again in 5 seconds.
+/// Counts a failed pass by its error's category and looks again after a delay that doubles with
+/// every failure of this job in a row (see [`crate::backoff`]): a job whose passes keep failing
+/// (an API server that refuses, a webhook that is down) is not tried every few seconds for ever.
+/// A pass that succeeds starts the count again.
 pub(super) fn error_policy(job: Arc<DynamicObject>, err: &Error, ctx: Arc<Context>) -> Requeue {
     ctx.metrics
         .errors
         .with_label_values(&[err.category()])
         .inc();
-    warn!(job = %job.name_any(), category = err.category(), error = %err, "reconcile error");
-    Requeue::requeue(Duration::from_secs(5))
+    let key = job::key(&job.namespace().unwrap_or_default(), &job.name_any());
+    let retry_in = ctx.kept().entry(key).or_default().errors.fail();
+    warn!(job = %job.name_any(), category = err.category(), error = %err, ?retry_in, "reconcile error");
+    Requeue::requeue(retry_in)
 }
 
-/// [`reconcile`], counted and timed.
+/// [`reconcile`], counted and timed; a pass that succeeds resets the job's error backoff.
 pub(super) async fn timed_reconcile(job: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Requeue> {
     let timer = ctx.metrics.duration.start_timer();
     ctx.metrics.reconciles.inc();
-    let result = reconcile(job, ctx).await;
+    let key = job::key(&job.namespace().unwrap_or_default(), &job.name_any());
+    let result = reconcile(job, ctx.clone()).await;
     timer.observe_duration();
+    if result.is_ok()
+        && let Some(kept) = ctx.kept().get_mut(&key)
+    {
+        kept.errors.reset();
+    }
     result
 }
 
@@ -74,8 +88,13 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     let gone = gone_nodes(&ctx, &observed).await?;
     let lost = observe::mark_lost_nodes(&mut observed, &gone);
 
-    // Decide.
-    let mut decision = decide_pass(&ctx, &job, &job_ctx, &observed).await;
+    // Decide. While the gang waits for the namespace's ResourceQuota, a pass makes none of it.
+    let hold = ctx
+        .kept()
+        .get(&key)
+        .and_then(|k| k.quota.as_ref())
+        .and_then(|q| q.holds(job.metadata.uid.as_deref(), Instant::now()));
+    let mut decision = decide_pass(&ctx, &job, &job_ctx, &observed, hold).await;
 
     // Report.
     let wait = status::report(
@@ -94,7 +113,31 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
 
     // Apply.
     match apply::actions(&ctx, &job_ctx, &decision.actions, &observed, &lost).await? {
-        Applied::All => {}
+        Applied::All => {
+            let created = decision
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::CreatePods { .. }));
+            if created && let Some(kept) = ctx.kept().get_mut(&key) {
+                kept.quota = None;
+            }
+        }
+        Applied::QuotaExceeded(refusal) => {
+            // No part of the gang is kept, so that a later try creates it whole, and a partly
+            // made gang neither runs nor holds quota that others could use. Deleted before the
+            // status says so: a crash in between leaves the admitted attempt without pods, which
+            // the next pass creates (and, the quota still short, deletes) again.
+            let doomed = partial_gang(&decision, &observed, &job_ctx);
+            apply::actions(
+                &ctx,
+                &job_ctx,
+                &[Action::DeletePods(doomed)],
+                &observed,
+                &lost,
+            )
+            .await?;
+            return wait_for_namespace_quota(&ctx, &jobs, &job, &job_ctx, decision, &refusal).await;
+        }
         Applied::Rejected(refusal) => {
             let message =
                 format!("the API server refused an object built from spec.template: {refusal}");
@@ -141,6 +184,80 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         || Requeue::requeue(Duration::from_secs(300)),
         Requeue::requeue,
     ))
+}
+
+/// The pods of the current attempt that exist, or may: those observed, and those this pass
+/// tried to create.
+fn partial_gang(
+    decision: &Decision,
+    observed: &[RankPod],
+    job_ctx: &JobContext<'_>,
+) -> Vec<String> {
+    let attempt = decision.status.attempt;
+    let mut names: Vec<String> = observed
+        .iter()
+        .filter(|p| p.attempt == attempt && !p.terminating)
+        .map(|p| p.name.clone())
+        .collect();
+    for action in &decision.actions {
+        if let Action::CreatePods { ranks, .. } = action {
+            names.extend(ranks.iter().map(|r| job_ctx.pod_name(*r)));
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The namespace's ResourceQuota refused part of the gang (`refusal`), and what was made of it is
+/// deleted: a wait, not a broken template. The job says so in `Admitted=False`, reason
+/// `QuotaExceeded`, with a Warning Event when that is news, over the status this pass reported
+/// (`decision`'s); gives its admission back (the status's, and the plan admission may still
+/// keep); and is tried again after a delay that doubles with every refusal in a row (see
+/// [`quota::Hold`]).
+async fn wait_for_namespace_quota(
+    ctx: &Context,
+    jobs: &Api<DynamicObject>,
+    job: &ParallelJob,
+    job_ctx: &JobContext<'_>,
+    decision: Decision,
+    refusal: &quota::Refusal,
+) -> Result<Requeue> {
+    let key = job::key(job_ctx.namespace, job_ctx.name);
+    ctx.admitter.give_back(&key);
+    let message = refusal.explain(job_ctx.layout.world_size());
+    let retry_in = ctx
+        .kept()
+        .entry(key.clone())
+        .or_default()
+        .quota
+        .get_or_insert_with(quota::Hold::default)
+        .refused(job.metadata.uid.clone(), message.clone(), Instant::now());
+    let mut status = decision.status.clone();
+    let news = wait_for_quota(
+        &mut status,
+        job.status.as_ref(),
+        &message,
+        job.metadata.generation,
+        Timestamp::now(),
+    );
+    warn!(job = %job.name_any(), quota = %refusal.quota, ?retry_in, message, "the namespace's ResourceQuota refused part of the gang");
+    let events = if news {
+        vec![status::event(
+            true,
+            reasons::QUOTA_EXCEEDED,
+            "CreatePods",
+            &message,
+        )]
+    } else {
+        Vec::new()
+    };
+    // This pass reported `decision.status` already: the quota wait is written over it.
+    let mut reported = job.clone();
+    reported.status = Some(decision.status);
+    status::report(ctx, jobs, &reported, &status, events).await?;
+    ctx.metrics.set_phase(&key, status.phase);
+    Ok(Requeue::requeue(retry_in))
 }
 
 /// Reads the job to decide on: one that holds this process's own last status write, that is the
@@ -228,24 +345,35 @@ async fn gone_nodes(ctx: &Context, observed: &[RankPod]) -> Result<HashSet<Strin
 
 /// Decides the pass, asking gang admission when the pass needs it, and adds what reconcile
 /// reads besides the pods: rank 0's progress, and whether any node offers the GPUs a worker
-/// asks for.
+/// asks for. While the gang waits for the namespace's ResourceQuota (`hold`: the condition's
+/// message and how long until the next try) admission is not asked and nothing of the gang is
+/// made (see [`hold_for_quota`]).
 async fn decide_pass(
     ctx: &Context,
     job: &ParallelJob,
     job_ctx: &JobContext<'_>,
     observed: &[RankPod],
+    hold: Option<(String, Duration)>,
 ) -> Decision {
     let world = job_ctx.layout.world_size();
     let mut decided = decide(job, world, observed, Timestamp::now());
-    if let Decided::AwaitsAdmission(_) = &decided {
-        // Admission counts what the caches hold: a job that asks it waits until they are
-        // complete. Other jobs (admitted, finished, external policies) do not wait for them.
-        // The pass is decided again after the wait, so that its time (the admission time, the
-        // queue wait, the schedule timeout) is not the time before the caches synced.
-        ctx.admitter.wait_ready().await;
-        decided = decide(job, world, observed, Timestamp::now());
-    }
-    let mut decision = decided.answer_with(|| ctx.admitter.request(job));
+    let mut decision = match hold {
+        Some((message, retry_in)) => {
+            hold_for_quota(decided, job, observed, &message, retry_in, Timestamp::now())
+        }
+        None => {
+            if let Decided::AwaitsAdmission(_) = &decided {
+                // Admission counts what the caches hold: a job that asks it waits until they
+                // are complete. Other jobs (admitted, finished, external policies) do not wait
+                // for them. The pass is decided again after the wait, so that its time (the
+                // admission time, the queue wait, the schedule timeout) is not the time before
+                // the caches synced.
+                ctx.admitter.wait_ready().await;
+                decided = decide(job, world, observed, Timestamp::now());
+            }
+            decided.answer_with(|| ctx.admitter.request(job))
+        }
+    };
     // For the attempt this pass decides on (a restart starts the next one now).
     decision.status.progress = progress(ctx, job, decision.status.attempt);
     if job.spec.parallelism.gpus_per_worker > 0 {

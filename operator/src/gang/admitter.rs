@@ -23,7 +23,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::{annotations, labels};
 use lockstep_api::spec::{GangPolicy, TopologyMode};
-use lockstep_api::status::{Phase, reasons};
+use lockstep_api::status::{Phase, condition_types, reasons};
 
 use super::Outcome;
 use super::demand::{Res, pod_request};
@@ -70,12 +70,20 @@ impl JobInfo {
             && !phase.is_some_and(Phase::is_terminal);
         let admitted = job::admitted_nodes(&status).map(<[String]>::to_vec);
         let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        // A gang its namespace's ResourceQuota refused is not in the queue: admitted on its
+        // behalf, it would hold capacity it cannot use. It asks itself when it tries again.
+        let quota_wait = status.conditions.iter().any(|c| {
+            c.type_ == condition_types::ADMITTED
+                && c.status == "False"
+                && c.reason == reasons::QUOTA_EXCEEDED
+        });
         Some(JobInfo {
             key: job::key(&job.namespace().unwrap_or_default(), &job.name_any()).into(),
             namespace: job.namespace().unwrap_or_default(),
             name: job.name_any(),
             waiting: live
                 && admitted.is_none()
+                && !quota_wait
                 && matches!(phase, None | Some(Phase::Pending | Phase::Queued)),
             live,
             attempt: status.attempt,
@@ -217,6 +225,14 @@ impl Admitter {
                 position: 0,
             },
         }
+    }
+
+    /// Drops the plan granted to the job `key` that its status does not show yet: its gang was
+    /// refused (by the namespace's ResourceQuota) after admission, and its status gives the
+    /// admission back, so the plan must not keep holding that capacity.
+    pub fn give_back(&self, key: &str) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.plans.remove(key);
     }
 
     /// Runs a cycle for the whole queue (after capacity was freed), waking every job it admits.
@@ -583,5 +599,47 @@ mod tests {
         assert_eq!(metrics.gang_queue_length.get(), 2);
         let oldest = metrics.gang_oldest_wait_seconds.get();
         assert!((600..610).contains(&oldest), "oldest wait {oldest}s");
+    }
+
+    #[test]
+    fn a_gang_that_waits_for_its_quota_is_not_admitted_on_its_behalf() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n0", "labels": {"kubernetes.io/hostname": "n0"}},
+            "status": {"allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110",
+                                       "nvidia.com/gpu": "8"}}
+        }))
+        .unwrap();
+        let mut waits = job("q", "2026-01-01T00:00:00Z", None);
+        waits.status = Some(
+            serde_json::from_value(serde_json::json!({"phase": "Queued", "conditions": [{
+                "type": "Admitted", "status": "False", "reason": "QuotaExceeded",
+                "message": "ResourceQuota team-cpu", "lastTransitionTime": "2026-01-01T00:00:01Z"
+            }]}))
+            .unwrap(),
+        );
+        let ar = ApiResource::erase::<ParallelJob>(&());
+        let raw: DynamicObject =
+            serde_json::from_value(serde_json::to_value(&waits).unwrap()).unwrap();
+        let (wake, mut woken) = futures::channel::mpsc::unbounded();
+        let admitter = Admitter::new(
+            filled_store((), vec![node]),
+            filled_store((), vec![]),
+            filled_store(ar, vec![raw]),
+            filled_store((), vec![]),
+            lockstep_api::contract::operator::CONTROLLER_NAME.into(),
+            wake,
+            Arc::new(Metrics::new()),
+        );
+        // Capacity is freed: the queue runs, and does not take it for a gang that cannot use it.
+        admitter.run_queue();
+        assert!(woken.try_recv().is_err(), "admitted on its behalf");
+        assert!(!admitter.has_waiting());
+        // Its wait over, the job asks itself, and is admitted.
+        assert!(matches!(admitter.request(&waits), Outcome::Admitted(_)));
+        // Refused by its quota again, it gives the plan back: another gang may have it.
+        let other = job("r", "2026-01-01T00:00:02Z", None);
+        assert!(matches!(admitter.request(&other), Outcome::Waiting { .. }));
+        admitter.give_back("ns/q");
+        assert!(matches!(admitter.request(&other), Outcome::Admitted(_)));
     }
 }
