@@ -304,3 +304,168 @@ fn the_chart_version_follows_the_workspace() {
     assert_eq!(chart["version"], version, "Chart.yaml version");
     assert_eq!(chart["appVersion"], version, "Chart.yaml appVersion");
 }
+
+/// The objects `helm template` renders with `args` (release `t`, namespace `ops`).
+fn render(args: &[&str]) -> Vec<Value> {
+    let helm = lockstep_e2e::helm().expect("helm builds");
+    let out = std::process::Command::new(helm)
+        .args(["template", "t"])
+        .arg(chart())
+        .args(["-n", "ops"])
+        .args(args)
+        .output()
+        .expect("helm runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split("\n---")
+        .map(|doc| lockstep_api::manifest::yaml_to_value(doc).expect("a rendered object is YAML"))
+        .filter(|v| v.is_object())
+        .collect()
+}
+
+/// The verbs `rules` grant on `resource` of the API group `group`.
+fn verbs(rules: &Value, group: &str, resource: &str) -> BTreeSet<String> {
+    let has = |v: &Value, s: &str| v.as_array().is_some_and(|a| a.iter().any(|x| x == s));
+    rules
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| has(&r["apiGroups"], group) && has(&r["resources"], resource))
+        .flat_map(|r| r["verbs"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+}
+
+const READ: [&str; 3] = ["get", "list", "watch"];
+
+#[test]
+fn the_operator_holds_on_configmaps_only_the_verbs_its_code_uses() {
+    let objects = render(&[]);
+    let role = find(&objects, "ClusterRole", "t-lockstep-operator").expect("the ClusterRole");
+    // Server-side apply of the worker config (patch; create when new), the progress ConfigMap
+    // created once, its watch (list, watch); `patch` is also all the workers' Role grants.
+    assert_eq!(
+        verbs(&role["rules"], "", "configmaps"),
+        ["create", "list", "patch", "watch"]
+            .map(String::from)
+            .into(),
+        "the operator's verbs on configmaps"
+    );
+}
+
+#[test]
+fn a_namespace_scoped_install_lets_the_operator_write_in_its_namespace_only() {
+    for (args, watched) in [
+        (&["--set", "rbac.scope=namespace"][..], "ops"),
+        (
+            &[
+                "--set",
+                "rbac.scope=namespace,operator.watchNamespace=team-a",
+            ][..],
+            "team-a",
+        ),
+    ] {
+        let objects = render(args);
+        // Cluster-wide, only reads: the nodes and PriorityClasses admission needs, and every
+        // pod's requests (what each node has taken). The user-facing aggregated roles aside.
+        let cluster_roles: Vec<&Value> = objects
+            .iter()
+            .filter(|o| o["kind"] == "ClusterRole")
+            .filter(|o| {
+                o["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"].is_null()
+                    && o["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"]
+                        .is_null()
+            })
+            .collect();
+        assert_eq!(cluster_roles.len(), 1, "{args:?}: {cluster_roles:?}");
+        let reads = cluster_roles[0];
+        assert_eq!(
+            reads["metadata"]["name"],
+            "t-lockstep-operator-cluster-reads"
+        );
+        for rule in reads["rules"].as_array().unwrap() {
+            for v in rule["verbs"].as_array().unwrap() {
+                assert!(READ.contains(&v.as_str().unwrap()), "{args:?}: {rule}");
+            }
+            for r in rule["resources"].as_array().unwrap() {
+                assert!(
+                    ["nodes", "priorityclasses", "pods"].contains(&r.as_str().unwrap()),
+                    "{args:?}: the cluster-wide role names {r}"
+                );
+            }
+        }
+        assert!(
+            verbs(&reads["rules"], "", "pods")
+                .iter()
+                .all(|v| v != "get"),
+            "pods are listed and watched for capacity, not read one by one"
+        );
+        let binding = find(
+            &objects,
+            "ClusterRoleBinding",
+            "t-lockstep-operator-cluster-reads",
+        )
+        .expect("its binding");
+        assert_eq!(
+            binding["roleRef"]["name"],
+            "t-lockstep-operator-cluster-reads"
+        );
+
+        // Everything else in a Role of the watched namespace, bound to the operator's account.
+        let role = find(&objects, "Role", "t-lockstep-operator").expect("the operator's Role");
+        assert_eq!(role["metadata"]["namespace"], watched, "{args:?}");
+        let rules = &role["rules"];
+        assert!(verbs(rules, "lockstep.dev", "paralleljobs").contains("watch"));
+        assert!(verbs(rules, "lockstep.dev", "paralleljobs/status").contains("patch"));
+        assert!(verbs(rules, "", "pods").contains("create"));
+        assert_eq!(
+            verbs(rules, "", "configmaps"),
+            ["create", "list", "patch", "watch"]
+                .map(String::from)
+                .into()
+        );
+        assert!(verbs(rules, "rbac.authorization.k8s.io", "roles").contains("create"));
+        let rb = find(&objects, "RoleBinding", "t-lockstep-operator").expect("its RoleBinding");
+        assert_eq!(rb["metadata"]["namespace"], watched);
+        assert_eq!(rb["roleRef"]["kind"], "Role");
+        assert_eq!(rb["subjects"][0]["name"], "t-lockstep");
+        assert_eq!(rb["subjects"][0]["namespace"], "ops");
+        assert!(
+            find(&objects, "ClusterRoleBinding", "t-lockstep-operator").is_none(),
+            "{args:?}: a cluster-wide binding of the operator's writes"
+        );
+
+        // The operator watches that namespace alone.
+        let deployment =
+            find(&objects, "Deployment", "t-lockstep-operator").expect("the Deployment");
+        let args_of: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            args_of.windows(2).any(|w| w == ["--namespace", watched]),
+            "{args_of:?}"
+        );
+    }
+    // The default stays cluster-wide: no Role of the operator's own, no --namespace.
+    let objects = render(&[]);
+    assert!(find(&objects, "Role", "t-lockstep-operator").is_none());
+    let deployment = find(&objects, "Deployment", "t-lockstep-operator").unwrap();
+    assert!(
+        !deployment.to_string().contains("\"--namespace\""),
+        "the default install watches every namespace"
+    );
+}

@@ -23,6 +23,8 @@ mod gc;
 mod guard;
 #[path = "e2e/leader.rs"]
 mod leader;
+#[path = "e2e/namespaced.rs"]
+mod namespaced;
 #[path = "e2e/operator.rs"]
 mod operator;
 #[path = "e2e/progress.rs"]
@@ -37,3 +39,5 @@ mod real_node_torch;
 mod restricted;
 #[path = "e2e/scheduling.rs"]
 mod scheduling;
+#[path = "e2e/token.rs"]
+mod token;

@@ -3,6 +3,11 @@
 //!
 //!     lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT] [--no-leader-elect]
 //!                       [--lease-namespace NS] [--lease-name NAME] [--controller-name NAME]
+//!                       [--namespace NS]
+//!
+//! With `--namespace`, only the jobs of that namespace are reconciled (and only its worker pods
+//! and progress ConfigMaps watched), so the operator needs write rights there alone; nodes,
+//! PriorityClasses and every pod's requests are still read cluster-wide, for gang admission.
 //!
 //! With leader election (the default) the replica that holds the Lease `--lease-name` (default
 //! `lockstep-operator`) in `--lease-namespace` (default `$POD_NAMESPACE`, else `default`) acts;
@@ -52,6 +57,9 @@ async fn main() -> anyhow::Result<()> {
                 lease_namespace = args.next().context("--lease-namespace needs a namespace")?
             }
             "--lease-name" => lease_name = args.next().context("--lease-name needs a name")?,
+            "--namespace" => {
+                settings.namespace = Some(args.next().context("--namespace needs a namespace")?);
+            }
             "--controller-name" => {
                 settings.controller_name = args.next().context("--controller-name needs a name")?;
             }
@@ -76,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!(
                     "usage: lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT] [--no-leader-elect] \
                      [--lease-namespace NS] [--lease-name NAME] [--controller-name NAME] \
+                     [--namespace NS (default: every namespace)] \
                      [--kube-api-qps Q (200; 0 = unlimited)] [--kube-api-burst B (400)]"
                 );
                 return Ok(());
@@ -100,7 +109,12 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the metrics endpoint {metrics_addr}"))?;
     tokio::spawn(metrics.clone().serve(listener));
-    tracing::info!(concurrency = settings.concurrency, metrics = %metrics_addr, "lockstep-operator starting");
+    tracing::info!(
+        concurrency = settings.concurrency,
+        metrics = %metrics_addr,
+        namespace = settings.namespace.as_deref().unwrap_or("(all)"),
+        "lockstep-operator starting"
+    );
     // Followers are ready too: a rollout must not wait for a replica that is not leading.
     metrics.set_ready(true);
     let shutdown = async {

@@ -420,8 +420,10 @@ impl<'a> JobContext<'a> {
         }))
     }
 
-    /// The only thing a worker may do with the API: read and write its job's progress
-    /// ConfigMap (by name; it cannot create, list or touch anything else).
+    /// The only thing a worker may do with the API: patch its job's progress ConfigMap (by
+    /// name; it cannot read it, create, list or touch anything else). A merge patch is all
+    /// `lockstep_worker::progress::report` sends, and only rank 0 holds a token to send it with
+    /// (see [`Self::pod`]).
     pub fn progress_role(&self) -> Result<Role> {
         Ok(Role {
             metadata: self.meta(names::progress_role(self.name))?,
@@ -429,7 +431,7 @@ impl<'a> JobContext<'a> {
                 api_groups: Some(vec![String::new()]),
                 resources: Some(vec!["configmaps".into()]),
                 resource_names: Some(vec![names::progress_config_map(self.name)]),
-                verbs: vec!["get".into(), "patch".into(), "update".into()],
+                verbs: vec!["patch".into()],
                 ..PolicyRule::default()
             }]),
         })
@@ -509,6 +511,10 @@ impl<'a> JobContext<'a> {
     /// gate and is not scheduled until gang admission removes it; with `pin`, it may only be
     /// scheduled onto the node gang admission planned for it (required node affinity, ANDed with
     /// the template's own) and says so in the planned-node annotation.
+    ///
+    /// Only rank 0 gets a service-account token: it alone talks to the API server (it reports
+    /// progress), so every other rank's pod says `automountServiceAccountToken: false`, unless
+    /// the template sets that field itself, which is then kept on every rank.
     pub fn pod(
         &self,
         rank: u32,
@@ -599,6 +605,9 @@ impl<'a> JobContext<'a> {
         spec.hostname = Some(self.pod_name(rank));
         spec.subdomain = Some(self.service_name());
         spec.service_account_name = Some(self.worker_service_account_name()?);
+        if rank != 0 {
+            spec.automount_service_account_token.get_or_insert(false);
+        }
         // A failed rank fails the gang; the operator restarts the whole gang, never one pod.
         spec.restart_policy = Some("Never".into());
         spec.termination_grace_period_seconds
@@ -1131,12 +1140,8 @@ mod tests {
             rules[0].resource_names.as_deref(),
             Some(&["ddp-digits-progress".to_string()][..])
         );
-        assert!(
-            !rules[0]
-                .verbs
-                .iter()
-                .any(|v| v == "create" || v == "list" || v == "delete")
-        );
+        // What `lockstep_worker::progress::report` sends: a merge patch, nothing else.
+        assert_eq!(rules[0].verbs, ["patch"]);
         let binding = ctx.progress_role_binding().expect("binding");
         assert_eq!(
             binding.subjects.expect("subjects")[0].name,
@@ -1162,6 +1167,40 @@ mod tests {
                 .name,
             "trainer"
         );
+    }
+
+    #[test]
+    fn only_rank_0_mounts_the_service_account_token_unless_the_template_says() {
+        let j = job("ddp-digits.yaml");
+        let ctx = JobContext::new(&j).unwrap();
+        let automount = |ctx: &JobContext<'_>, rank| {
+            ctx.pod(rank, 0, "d", false, None)
+                .unwrap()
+                .spec
+                .unwrap()
+                .automount_service_account_token
+        };
+        // Rank 0 reports progress with the token; the others never call the API.
+        assert_eq!(
+            automount(&ctx, 0),
+            None,
+            "rank 0 keeps the account's default"
+        );
+        assert_eq!(automount(&ctx, 1), Some(false));
+
+        // The template's own choice wins, on every rank.
+        for own in [true, false] {
+            let mut j = job("ddp-digits.yaml");
+            j.spec
+                .template
+                .spec
+                .as_mut()
+                .unwrap()
+                .automount_service_account_token = Some(own);
+            let ctx = JobContext::new(&j).unwrap();
+            assert_eq!(automount(&ctx, 0), Some(own));
+            assert_eq!(automount(&ctx, 1), Some(own));
+        }
     }
 
     #[test]

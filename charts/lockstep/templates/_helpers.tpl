@@ -60,3 +60,12 @@ app.kubernetes.io/component: operator
 {{- define "lockstep.metricsJob" -}}
 {{- default (printf "%s-metrics" (include "lockstep.fullname" .)) .Values.prometheusRule.operatorJob }}
 {{- end }}
+
+{{/* The one namespace the operator watches (its `--namespace`), or nothing for every namespace. */}}
+{{- define "lockstep.watchNamespace" -}}
+{{- if .Values.operator.watchNamespace }}
+{{- .Values.operator.watchNamespace }}
+{{- else if eq .Values.rbac.scope "namespace" }}
+{{- .Release.Namespace }}
+{{- end }}
+{{- end }}

@@ -37,6 +37,9 @@ const ALL_ON: &[&str] = &[
     "serviceMonitor.labels.release=prom,dashboard.annotations.grafana_folder=Lockstep",
 ];
 
+/// The namespace-scoped install: the operator's writes in its own namespace only.
+const NAMESPACED: &[&str] = &["--set", "rbac.scope=namespace"];
+
 /// Removes, when dropped, the release (unless the test uninstalled it) and the jobs'
 /// namespace, with blocking commands: it runs while a failed test unwinds too.
 pub(crate) struct Leftovers {
@@ -88,7 +91,12 @@ async fn the_chart_lints_and_the_api_server_accepts_all_it_renders() -> anyhow::
         let out = c.helm(&["lint", "--strict", &chart]).await?;
         assert!(out.contains("0 chart(s) failed"), "{out}");
         c.install_monitoring_crds().await?;
-        for (what, extra) in [("defaults", &[][..]), ("every optional part", ALL_ON)] {
+        for (what, extra, kinds) in [
+            ("defaults", &[][..], 12),
+            ("every optional part", ALL_ON, 16),
+            // Role and RoleBinding of the operator besides its ClusterRole (of reads) and binding.
+            ("a namespace scope", NAMESPACED, 14),
+        ] {
             let mut args = vec!["template", "rel", &chart, "-n", &ns.name];
             args.extend_from_slice(extra);
             let rendered = c.helm(&args).await?;
@@ -99,7 +107,6 @@ async fn the_chart_lints_and_the_api_server_accepts_all_it_renders() -> anyhow::
                 )
                 .await?;
             assert!(ok, "the API server refused the chart with {what}:\n{out}");
-            let kinds = if extra.is_empty() { 12 } else { 16 };
             assert_eq!(
                 out.lines().count(),
                 kinds,
@@ -112,7 +119,13 @@ async fn the_chart_lints_and_the_api_server_accepts_all_it_renders() -> anyhow::
             ] {
                 assert!(out.contains(kind), "no {kind} with {what}:\n{out}");
             }
-            if !extra.is_empty() {
+            if extra == NAMESPACED {
+                assert!(
+                    out.contains("role.rbac.authorization.k8s.io/rel-lockstep-operator "),
+                    "no Role of the operator with {what}:\n{out}"
+                );
+            }
+            if extra == ALL_ON {
                 for kind in [
                     "servicemonitor.monitoring.coreos.com",
                     "podmonitor.monitoring.coreos.com",
@@ -501,6 +514,177 @@ async fn installed_by_helm_the_operator_runs_a_job_with_the_charts_rights_alone(
                 jobs.get_opt("ddp-digits").await?.is_some(),
                 "the user's job went"
             );
+            anyhow::Ok(())
+        }
+        .await;
+        drop(leftovers);
+        outcome
+    })
+    .await
+}
+
+#[tokio::test]
+async fn installed_namespace_scoped_the_operator_runs_jobs_in_its_namespace_and_writes_nowhere_else()
+-> anyhow::Result<()> {
+    with_namespace("chart-ns", |ns| async move {
+        let c = ns.cluster.clone();
+        let release = ns.name.clone();
+        let full = format!("{release}-lockstep");
+        let chart = chart_dir();
+        // The watched namespace exists before the install: the chart puts the operator's Role there.
+        let jobs_ns = format!("{}-jobs", ns.name);
+        c.kubectl(&["create", "namespace", &jobs_ns]).await?;
+        let leftovers = Leftovers {
+            cluster: c.clone(),
+            release: release.clone(),
+            namespace: ns.name.clone(),
+            jobs_namespace: jobs_ns.clone(),
+            uninstalled: std::cell::Cell::new(false),
+        };
+        let outcome = async {
+            let scope = format!("rbac.scope=namespace,operator.watchNamespace={jobs_ns}");
+            c.helm(&[
+                "install",
+                &release,
+                &chart,
+                "-n",
+                &ns.name,
+                "--set",
+                &scope,
+                "--set",
+                "replicaCount=1",
+                "--wait",
+                "--timeout",
+                "120s",
+            ])
+            .await?;
+            // The Deployment tells the operator which namespace to watch.
+            let deployments: Api<Deployment> = ns.api();
+            let args = deployments
+                .get(&format!("{full}-operator"))
+                .await?
+                .spec
+                .and_then(|s| s.template.spec)
+                .and_then(|s| s.containers[0].args.clone())
+                .unwrap_or_default();
+            let watched = args
+                .windows(2)
+                .find(|w| w[0] == "--namespace")
+                .map(|w| w[1].clone());
+            assert_eq!(watched.as_deref(), Some(jobs_ns.as_str()), "{args:?}");
+
+            let token = c
+                .kubectl(&[
+                    "create",
+                    "token",
+                    &full,
+                    "-n",
+                    &ns.name,
+                    "--duration",
+                    "3600s",
+                ])
+                .await?;
+            let sa = c.client_with_token(token.trim()).await?;
+
+            // Outside the watched namespace it may write nothing, and read none of the
+            // namespaced objects but pods (admission counts every node's pods).
+            let pod: Pod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "intruder"},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]}
+            }))?;
+            for elsewhere in [ns.name.as_str(), "default"] {
+                let pods: Api<Pod> = Api::namespaced(sa.clone(), elsewhere);
+                assert_eq!(
+                    code(pods.create(&PostParams::default(), &pod).await),
+                    403,
+                    "create a pod in {elsewhere}"
+                );
+                let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+                    Api::namespaced(sa.clone(), elsewhere);
+                assert_eq!(
+                    code(maps.list(&ListParams::default()).await),
+                    403,
+                    "list ConfigMaps of {elsewhere}"
+                );
+            }
+            let all_jobs: Api<ParallelJob> = Api::all(sa.clone());
+            assert_eq!(
+                code(all_jobs.list(&ListParams::default()).await),
+                403,
+                "list jobs cluster-wide"
+            );
+            let all_pods: Api<Pod> = Api::all(sa.clone());
+            all_pods.list(&ListParams::default().limit(1)).await?;
+
+            // With those rights alone, the operator runs a job in its namespace end to end.
+            let controller_name = format!("e2e.lockstep.dev/{}", ns.name);
+            let identity = "chart-ns-operator".to_string();
+            let elector = LeaderElector::new(
+                Api::namespaced(sa.clone(), &ns.name),
+                &full,
+                &identity,
+                Duration::from_secs(15),
+            );
+            let settings = Settings {
+                controller_name: controller_name.clone(),
+                instance: identity,
+                namespace: watched,
+                ..Settings::default()
+            };
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let operator = tokio::spawn(lead(
+                elector,
+                sa.clone(),
+                settings,
+                Arc::new(Metrics::new()),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ));
+            let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
+            v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
+            let jobs: Api<ParallelJob> = Api::namespaced(c.client.clone(), &jobs_ns);
+            jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+                .await?;
+            let phase = || async {
+                anyhow::Ok(
+                    jobs.get("ddp-digits")
+                        .await?
+                        .status
+                        .unwrap_or_default()
+                        .phase,
+                )
+            };
+            wait_until(Duration::from_secs(90), "the job runs", || async {
+                Ok(phase().await? == Some(Phase::Running))
+            })
+            .await?;
+            let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+                Api::namespaced(c.client.clone(), &jobs_ns);
+            wait_until(
+                Duration::from_secs(60),
+                "the ranks' EndpointSlice",
+                || async {
+                    Ok(slices
+                        .get_opt("ddp-digits-ranks")
+                        .await?
+                        .is_some_and(|s| s.endpoints.is_some_and(|e| e.len() == 2)))
+                },
+            )
+            .await?;
+            // The workers' Role, which the operator may grant only because its Role holds it.
+            let roles: Api<Role> = Api::namespaced(c.client.clone(), &jobs_ns);
+            assert!(roles.get_opt("ddp-digits-progress-writer").await?.is_some());
+            let pods: Api<Pod> = Api::namespaced(c.client.clone(), &jobs_ns);
+            for p in ["ddp-digits-0", "ddp-digits-1"] {
+                terminate_worker(&pods, p, 0).await?;
+            }
+            wait_until(Duration::from_secs(60), "the job succeeds", || async {
+                Ok(phase().await? == Some(Phase::Succeeded))
+            })
+            .await?;
+            let _ = stop_tx.send(());
+            assert_eq!(operator.await??, Stopped::Shutdown);
             anyhow::Ok(())
         }
         .await;

@@ -119,6 +119,20 @@ async fn rank_zero_reports_progress_through_a_narrow_role() -> anyhow::Result<()
             as_worker_maps.get("trainer-config").await.map(drop),
             "reading another ConfigMap",
         );
+        // Not even its own progress ConfigMap may it read or replace: the worker only patches.
+        let own = names::progress_config_map("trainer");
+        forbidden(
+            as_worker_maps.get(&own).await.map(drop),
+            "reading its progress ConfigMap",
+        );
+        let current = ns.api::<ConfigMap>().get(&own).await?;
+        forbidden(
+            as_worker_maps
+                .replace(&own, &PostParams::default(), &current)
+                .await
+                .map(drop),
+            "replacing its progress ConfigMap (update)",
+        );
         let as_worker_secrets: Api<Secret> = Api::namespaced(worker, &ns.name);
         forbidden(
             as_worker_secrets.get("trainer-token").await.map(drop),

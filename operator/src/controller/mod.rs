@@ -111,6 +111,11 @@ pub struct Settings {
     /// The `spec.runPolicy.managedBy` value of the jobs this operator reconciles; jobs with any
     /// other value are left alone.
     pub controller_name: String,
+    /// The one namespace whose jobs this operator reconciles (and whose worker pods and progress
+    /// ConfigMaps it watches), so that it needs rights there alone; `None`: every namespace.
+    /// Nodes, PriorityClasses and every pod's requests are still read cluster-wide: gang
+    /// admission counts what each node has free, whoever's pods take it.
+    pub namespace: Option<String>,
 }
 
 impl Default for Settings {
@@ -119,6 +124,7 @@ impl Default for Settings {
             concurrency: 32,
             instance: "lockstep-operator".into(),
             controller_name: operator::CONTROLLER_NAME.into(),
+            namespace: None,
         }
     }
 }
@@ -134,11 +140,13 @@ pub async fn run(
     // CRD, say) must not break the list and watch of all the others. Each is read typed in its
     // own reconcile, where a failure concerns that job alone (see `crate::job::read_job`).
     let ar = ApiResource::erase::<ParallelJob>(&());
-    let controller = Controller::new_with(
-        kube::Api::<DynamicObject>::all_with(client.clone(), &ar),
-        watcher::Config::default().any_semantic(),
-        ar.clone(),
-    );
+    let namespace = settings.namespace.as_deref();
+    let jobs = match namespace {
+        Some(ns) => kube::Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
+        None => kube::Api::<DynamicObject>::all_with(client.clone(), &ar),
+    };
+    let controller =
+        Controller::new_with(jobs, watcher::Config::default().any_semantic(), ar.clone());
     // The caches' watches and the loops belong to this run: they stop when it returns or is
     // dropped (aborted), and never outlive it.
     let mut tasks = Tasks::default();
@@ -150,9 +158,9 @@ pub async fn run(
     tasks.spawn(all_pods_watch);
     let (classes, classes_watch) = watch::priority_classes(&client);
     tasks.spawn(classes_watch);
-    let (progress, progress_reports) = watch::progress_reports(&client);
+    let (progress, progress_reports) = watch::progress_reports(&client, namespace);
     let pods = Arc::new(PodCache::default());
-    let (pod_changes, pod_triggers) = watch::worker_pods(&client, pods.clone(), ar);
+    let (pod_changes, pod_triggers) = watch::worker_pods(&client, namespace, pods.clone(), ar);
     tasks.spawn(pod_changes);
     let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
     let admitter = Arc::new(Admitter::new(

@@ -99,11 +99,12 @@ pub(super) fn priority_classes(
     (classes, watch)
 }
 
-/// Rank 0's progress reports, through the progress ConfigMaps only: one watch keeps the cache
-/// that reconcile reads and, once the cache holds a new report, yields the ConfigMap (its owner,
-/// the job, is woken up).
+/// Rank 0's progress reports (in `namespace`, or in every namespace), through the progress
+/// ConfigMaps only: one watch keeps the cache that reconcile reads and, once the cache holds a
+/// new report, yields the ConfigMap (its owner, the job, is woken up).
 pub(super) fn progress_reports(
     client: &Client,
+    namespace: Option<&str>,
 ) -> (
     Store<ConfigMap>,
     impl Stream<Item = Result<ConfigMap, watcher::Error>> + Send + 'static,
@@ -118,20 +119,21 @@ pub(super) fn progress_reports(
     let (cache, writer) = reflector::store::<ConfigMap>();
     let reports = reflector(
         writer,
-        watcher(Api::<ConfigMap>::all(client.clone()), selector),
+        watcher(scoped::<ConfigMap>(client, namespace), selector),
     )
     .default_backoff()
     .touched_objects();
     (cache, reports)
 }
 
-/// The worker pods: one watch keeps `cache` (the gangs reconcile reads) and, once the cache holds
-/// a change, wakes the pod's job up (`job` is the job's resource). Returns the task that runs the
-/// watch and the jobs to wake: a pod's changes reach its job at most once per [`POD_BATCH`] (as
-/// the Job controller of Kubernetes batches them), so a gang of eight starting costs a few
-/// passes, not dozens.
+/// The worker pods (in `namespace`, or in every namespace): one watch keeps `cache` (the gangs
+/// reconcile reads) and, once the cache holds a change, wakes the pod's job up (`job` is the
+/// job's resource). Returns the task that runs the watch and the jobs to wake: a pod's changes
+/// reach its job at most once per [`POD_BATCH`] (as the Job controller of Kubernetes batches
+/// them), so a gang of eight starting costs a few passes, not dozens.
 pub(super) fn worker_pods(
     client: &Client,
+    namespace: Option<&str>,
     cache: Arc<PodCache>,
     job: ApiResource,
 ) -> (
@@ -143,7 +145,7 @@ pub(super) fn worker_pods(
         labels::MANAGED_BY,
         operator::FIELD_MANAGER
     ));
-    let changed = watcher(Api::<Pod>::all(client.clone()), owned)
+    let changed = watcher(scoped::<Pod>(client, namespace), owned)
         .default_backoff()
         .inspect_ok(move |ev| cache.apply(ev))
         .touched_objects()
@@ -153,6 +155,18 @@ pub(super) fn worker_pods(
         });
     let (triggers, batched) = futures::channel::mpsc::unbounded();
     (batch(changed, POD_BATCH, triggers), batched)
+}
+
+/// The objects of kind `K` in `namespace`, or in every namespace.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
 }
 
 /// Runs the admission queue again, a moment after `capacity` was freed, while any job waits.
