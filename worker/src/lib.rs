@@ -9,6 +9,7 @@
 //! reports to the operator). The model arithmetic lives in the `lockstep-engine` crate, which
 //! knows nothing of any of these.
 
+pub mod auth;
 pub mod bench;
 pub mod checkpoint;
 pub mod comm;

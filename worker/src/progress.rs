@@ -4,9 +4,9 @@
 //! [`names::PROGRESS_INTERVAL_SECONDS`]; the operator watches those ConfigMaps and copies the
 //! report into the job's status. Chosen over the operator scraping rank 0's `/metrics` because
 //! the operator then needs no network path to every pod (NetworkPolicies, other clusters' pod
-//! CIDRs) and does no polling per job; the worker's only API permission is `get`/`patch`/`update`
-//! on that one ConfigMap, by name (a Role the operator creates per job), so a compromised worker
-//! can neither touch the job's status nor any other object.
+//! CIDRs) and does no polling per job; the worker's only API permission is `patch` on that one
+//! ConfigMap, by name (a Role the operator creates per job; only rank 0 mounts a token), so a
+//! compromised worker can neither touch the job's status nor any other object.
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;

@@ -14,11 +14,12 @@ use futures::Stream;
 use lockstep_proto::v1::rendezvous_client::RendezvousClient;
 use lockstep_proto::v1::rendezvous_server::{Rendezvous, RendezvousServer};
 use lockstep_proto::v1::{
-    AbortRequest, AbortResponse, Ack, BarrierRequest, BarrierResponse, Beat, Command, Credentials,
-    Failure, JoinRequest, JoinResponse, Peer, command,
+    AbortRequest, AbortResponse, Ack, BarrierRequest, BarrierResponse, Beat, ChallengeRequest,
+    ChallengeResponse, Command, Credentials, Failure, JoinRequest, JoinResponse, Peer, command,
 };
 use tokio::sync::{mpsc, watch};
 
+use crate::auth::{self, GangKeys};
 use crate::watchdog::{self, Activity, Snapshot};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -101,12 +102,45 @@ pub struct Identity {
     pub data_port: u32,
 }
 
-impl Identity {
-    fn credentials(&self) -> Credentials {
-        Credentials {
-            token: self.token.clone(),
-            attempt: self.attempt,
-            rank: self.rank,
+/// Metadata key of a heartbeat stream's credentials (the encoded [`Credentials`]).
+const CREDENTIALS_HEADER: &str = "lockstep-credentials-bin";
+/// How long an issued nonce stays valid.
+const NONCE_TTL: Duration = Duration::from_secs(60);
+/// Nonces a rank may hold unanswered at once; asking for more forgets its oldest.
+const NONCES_PER_RANK: usize = 4;
+/// How long rank 0 waits for the first beat of an authenticated heartbeat stream.
+const FIRST_BEAT_LIMIT: Duration = Duration::from_secs(10);
+
+/// The nonces rank 0 has issued and not seen answered: each is accepted once, within
+/// [`NONCE_TTL`], from the rank it was issued to.
+#[derive(Default)]
+struct Nonces(HashMap<Vec<u8>, (u32, Instant)>);
+
+impl Nonces {
+    fn issue(&mut self, rank: u32) -> Vec<u8> {
+        self.0.retain(|_, (_, at)| at.elapsed() < NONCE_TTL);
+        let mut held: Vec<(Instant, Vec<u8>)> = self
+            .0
+            .iter()
+            .filter(|(_, (r, _))| *r == rank)
+            .map(|(n, (_, at))| (*at, n.clone()))
+            .collect();
+        if held.len() >= NONCES_PER_RANK {
+            held.sort();
+            for (_, n) in &held[..=held.len() - NONCES_PER_RANK] {
+                self.0.remove(n);
+            }
+        }
+        let n = auth::nonce().to_vec();
+        self.0.insert(n.clone(), (rank, Instant::now()));
+        n
+    }
+
+    /// Takes `nonce` if it was issued to `rank` and is still valid.
+    fn take(&mut self, nonce: &[u8], rank: u32) -> bool {
+        match self.0.remove(nonce) {
+            Some((r, at)) => r == rank && at.elapsed() < NONCE_TTL,
+            None => false,
         }
     }
 }
@@ -122,6 +156,8 @@ pub struct World {
 
 struct State {
     me: Identity,
+    keys: GangKeys,
+    nonces: Mutex<Nonces>,
     opts: Options,
     nccl_id: Vec<u8>,
     started: Instant,
@@ -141,14 +177,10 @@ struct State {
 }
 
 impl State {
-    fn check(&self, c: Option<&Credentials>) -> Result<u32, Status> {
-        let c = c.ok_or_else(|| Status::invalid_argument("credentials are required"))?;
-        if c.token != self.me.token {
-            return Err(Status::unauthenticated(format!(
-                "rank {} presented a token that is not this job's: it belongs to another job",
-                c.rank
-            )));
-        }
+    /// Checks the credentials of a `method` request: the attempt and rank, then that the nonce is
+    /// one rank 0 issued to that rank and has not seen answered, then the proof (constant time).
+    fn check(&self, c: Option<&Credentials>, method: &str) -> Result<u32, Status> {
+        let c = c.ok_or_else(|| Status::unauthenticated("credentials are required"))?;
         if c.attempt != self.me.attempt {
             return Err(Status::failed_precondition(format!(
                 "rank {} is from attempt {}, but the gang is at attempt {}: a rank of another \
@@ -160,6 +192,29 @@ impl State {
             return Err(Status::invalid_argument(format!(
                 "rank {} is not below the world size {}",
                 c.rank, self.me.world_size
+            )));
+        }
+        let fresh = self
+            .nonces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(&c.nonce, c.rank);
+        if !fresh {
+            // Aborted: the client asks for a new challenge and tries again.
+            return Err(Status::aborted(format!(
+                "rank {} answered a challenge rank 0 did not issue to it, or already saw \
+                 answered, or issued over {} s ago: ask for a new one",
+                c.rank,
+                NONCE_TTL.as_secs()
+            )));
+        }
+        if !self
+            .keys
+            .check_rendezvous(method, c.rank, c.attempt, &c.nonce, &c.proof)
+        {
+            return Err(Status::unauthenticated(format!(
+                "rank {} could not prove that it holds this job's token: it belongs to another job",
+                c.rank
             )));
         }
         Ok(c.rank)
@@ -301,10 +356,145 @@ impl State {
 
 struct Service(Arc<State>);
 
+/// Streams (requests in flight) one connection may hold: a rank needs its heartbeat and a
+/// request or two.
+const STREAMS_PER_CONNECTION: u32 = 16;
+
+/// The limits on the rendezvous server's connections, so that clients that connect and hold on
+/// cannot use up rank 0's sockets: `world + 8` from one address (`local` mode has every rank on
+/// 127.0.0.1), `2 world + 64` in all.
+#[derive(Clone)]
+struct Limits {
+    open: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    per_address: usize,
+    total: usize,
+}
+
+impl Limits {
+    fn new(world: usize) -> Self {
+        Self {
+            open: Arc::default(),
+            per_address: world + 8,
+            total: 2 * world + 64,
+        }
+    }
+
+    /// The connection `io`, counted, or `None` (it is closed) when it is over a limit.
+    fn admit(&self, io: tokio::net::TcpStream) -> Option<Counted> {
+        let ip = io.peer_addr().ok()?.ip();
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let all: usize = open.values().sum();
+        let mine = open.get(&ip).copied().unwrap_or(0);
+        if all >= self.total || mine >= self.per_address {
+            tracing::warn!(%ip, all, from_address = mine, "refused a rendezvous connection: too many open");
+            return None;
+        }
+        *open.entry(ip).or_default() += 1;
+        Some(Counted {
+            io,
+            ip,
+            open: Arc::clone(&self.open),
+        })
+    }
+}
+
+/// A connection of the rendezvous server, uncounted when it closes.
+struct Counted {
+    io: tokio::net::TcpStream,
+    ip: std::net::IpAddr,
+    open: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Counted {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
 type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Rendezvous for Service {
+    async fn challenge(
+        &self,
+        req: Request<ChallengeRequest>,
+    ) -> Result<Response<ChallengeResponse>, Status> {
+        let rank = req.into_inner().rank;
+        if rank >= self.0.me.world_size {
+            return Err(Status::invalid_argument(format!(
+                "rank {rank} is not below the world size {}",
+                self.0.me.world_size
+            )));
+        }
+        let nonce = self
+            .0
+            .nonces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .issue(rank);
+        Ok(Response::new(ChallengeResponse { nonce }))
+    }
+
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let s = &self.0;
         let seen_from = req.remote_addr().map(|a| a.ip().to_string());
@@ -315,7 +505,7 @@ impl Rendezvous for Service {
                 Status::invalid_argument("host is empty and the connection has no peer address")
             })?;
         }
-        let rank = s.check(j.credentials.as_ref())?;
+        let rank = s.check(j.credentials.as_ref(), "join")?;
         if j.world_size != s.me.world_size {
             return Err(Status::failed_precondition(format!(
                 "rank {rank} was started for a world of {}, rank 0 for a world of {}",
@@ -352,12 +542,23 @@ impl Rendezvous for Service {
         req: Request<Streaming<Beat>>,
     ) -> Result<Response<CommandStream>, Status> {
         let s = Arc::clone(&self.0);
+        // Credentials first, from the metadata: nothing waits on a stream nobody proved.
+        let creds = req
+            .metadata()
+            .get_bin(CREDENTIALS_HEADER)
+            .and_then(|v| v.to_bytes().ok())
+            .and_then(|b| <Credentials as lockstep_proto::prost::Message>::decode(b).ok());
+        let rank = s.check(creds.as_ref(), "heartbeat")? as usize;
         let mut beats = req.into_inner();
-        let first = beats
-            .message()
-            .await?
+        let first = tokio::time::timeout(FIRST_BEAT_LIMIT, beats.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "rank {rank} sent no beat within {} s of opening its heartbeat",
+                    FIRST_BEAT_LIMIT.as_secs()
+                ))
+            })??
             .ok_or_else(|| Status::invalid_argument("the heartbeat stream was empty"))?;
-        let rank = s.check(first.credentials.as_ref())? as usize;
         let (tx, rx) = mpsc::channel::<Result<Command, Status>>(8);
         let mut failure = s.failure.subscribe();
         let mut stopping = s.stopping.subscribe();
@@ -419,7 +620,7 @@ impl Rendezvous for Service {
 
     async fn abort(&self, req: Request<AbortRequest>) -> Result<Response<AbortResponse>, Status> {
         let a = req.into_inner();
-        let from = self.0.check(a.credentials.as_ref())?;
+        let from = self.0.check(a.credentials.as_ref(), "abort")?;
         let mut f = a
             .failure
             .ok_or_else(|| Status::invalid_argument("failure is required"))?;
@@ -433,7 +634,7 @@ impl Rendezvous for Service {
         req: Request<BarrierRequest>,
     ) -> Result<Response<BarrierResponse>, Status> {
         let b = req.into_inner();
-        let rank = self.0.check(b.credentials.as_ref())?;
+        let rank = self.0.check(b.credentials.as_ref(), "barrier")?;
         self.0
             .enter_barrier(&b.name, rank)
             .await
@@ -485,6 +686,7 @@ enum Role {
     Client {
         client: RendezvousClient<Channel>,
         beats: mpsc::Sender<Beat>,
+        keys: Arc<GangKeys>,
     },
 }
 
@@ -536,6 +738,8 @@ impl Session {
         let world = me.world_size as usize;
         let activity = Arc::new(Activity::new());
         let state = Arc::new(State {
+            keys: GangKeys::derive(&me.token, me.attempt),
+            nonces: Mutex::default(),
             me: me.clone(),
             opts,
             nccl_id,
@@ -553,10 +757,20 @@ impl Session {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<RendezvousServer<Service>>().await;
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let limits = Limits::new(world);
+        let incoming = tokio_stream::StreamExt::filter_map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            move |conn| match conn {
+                Ok(io) => limits.admit(io).map(Ok::<_, std::io::Error>),
+                Err(e) => Some(Err(e)),
+            },
+        );
         let svc = RendezvousServer::new(Service(Arc::clone(&state)));
         let served = tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
+                .max_concurrent_streams(STREAMS_PER_CONNECTION)
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(health_service)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async {
@@ -605,6 +819,7 @@ impl Session {
     /// starts the heartbeat.
     pub async fn join(addr: &str, me: Identity, opts: Options) -> Result<Self, RendezvousError> {
         let deadline = Instant::now() + opts.join_timeout;
+        let keys = Arc::new(GangKeys::derive(&me.token, me.attempt));
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| RendezvousError::Serve(format!("bad rendezvous address {addr}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
@@ -626,18 +841,22 @@ impl Session {
                     continue;
                 }
             };
-            let mut client = RendezvousClient::new(channel);
-            let mut req = Request::new(JoinRequest {
-                credentials: Some(me.credentials()),
-                host: me.host.clone(),
-                data_port: me.data_port,
-                world_size: me.world_size,
-                config_digest: me.config_digest.clone(),
-            });
-            req.set_timeout(
-                deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5),
-            );
-            match client.join(req).await {
+            let client = RendezvousClient::new(channel);
+            let joined = with_credentials(&client, &me, &keys, "join", |mut c, creds| {
+                let mut req = Request::new(JoinRequest {
+                    credentials: Some(creds),
+                    host: me.host.clone(),
+                    data_port: me.data_port,
+                    world_size: me.world_size,
+                    config_digest: me.config_digest.clone(),
+                });
+                req.set_timeout(
+                    deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5),
+                );
+                async move { c.join(req).await }
+            })
+            .await;
+            match joined {
                 Ok(r) => {
                     let r = r.into_inner();
                     break (
@@ -661,9 +880,9 @@ impl Session {
         let heartbeat = tokio::spawn(client_heartbeat(
             client.clone(),
             me.clone(),
+            Arc::clone(&keys),
             opts,
-            beat_rx,
-            beats.clone(),
+            (beat_rx, beats.clone()),
             Arc::clone(&activity),
             failure_tx,
         ));
@@ -673,7 +892,11 @@ impl Session {
             failure,
             activity,
             tasks: vec![heartbeat.abort_handle()],
-            role: Role::Client { client, beats },
+            role: Role::Client {
+                client,
+                beats,
+                keys,
+            },
         })
     }
 
@@ -717,16 +940,18 @@ impl Session {
         };
         match &self.role {
             Role::Server { state, .. } => state.fail(f),
-            Role::Client { client, .. } => {
-                let mut c = client.clone();
-                let mut req = Request::new(AbortRequest {
-                    credentials: Some(self.me.credentials()),
-                    failure: Some(f.clone()),
+            Role::Client { client, keys, .. } => {
+                let reported = with_credentials(client, &self.me, keys, "abort", |mut c, creds| {
+                    let mut req = Request::new(AbortRequest {
+                        credentials: Some(creds),
+                        failure: Some(f.clone()),
+                    });
+                    req.set_timeout(Duration::from_secs(2));
+                    async move { c.abort(req).await }
                 });
-                req.set_timeout(Duration::from_secs(2));
-                match c.abort(req).await {
-                    Ok(r) => r.into_inner().first.unwrap_or(f),
-                    Err(_) => f,
+                match tokio::time::timeout(Duration::from_secs(5), reported).await {
+                    Ok(Ok(r)) => r.into_inner().first.unwrap_or(f),
+                    _ => f,
                 }
             }
         }
@@ -736,11 +961,13 @@ impl Session {
     pub async fn barrier(&self, name: &str) -> Result<(), String> {
         match &self.role {
             Role::Server { state, .. } => state.enter_barrier(name, 0).await,
-            Role::Client { client, .. } => {
-                let mut c = client.clone();
-                c.barrier(BarrierRequest {
-                    credentials: Some(self.me.credentials()),
-                    name: name.to_string(),
+            Role::Client { client, keys, .. } => {
+                with_credentials(client, &self.me, keys, "barrier", |mut c, creds| {
+                    let req = BarrierRequest {
+                        credentials: Some(creds),
+                        name: name.to_string(),
+                    };
+                    async move { c.barrier(req).await }
                 })
                 .await
                 .map(|_| ())
@@ -753,12 +980,10 @@ impl Session {
     /// done; rank 0 waits (up to `grace`) for them before it stops serving, so that no rank
     /// mistakes the end of the server for a failure.
     pub async fn finish(mut self, grace: Duration) {
-        let me = self.me.credentials();
         match &mut self.role {
             Role::Client { beats, .. } => {
                 let _ = beats
                     .send(Beat {
-                        credentials: Some(me),
                         step: self.activity.step(),
                         done: true,
                         ..Beat::default()
@@ -798,6 +1023,50 @@ impl Session {
     }
 }
 
+/// Credentials for one `method` request of `me`: a fresh challenge from rank 0, answered.
+async fn credentials(
+    client: &mut RendezvousClient<Channel>,
+    me: &Identity,
+    keys: &GangKeys,
+    method: &str,
+) -> Result<Credentials, Status> {
+    let nonce = client
+        .challenge(ChallengeRequest { rank: me.rank })
+        .await?
+        .into_inner()
+        .nonce;
+    Ok(Credentials {
+        attempt: me.attempt,
+        rank: me.rank,
+        proof: keys.rendezvous_proof(method, me.rank, me.attempt, &nonce),
+        nonce,
+    })
+}
+
+/// Runs `call` with fresh credentials for `method`, asking for a new challenge (up to 3 times)
+/// when rank 0 no longer holds the one answered (it expired, or too many were asked for).
+async fn with_credentials<T, F, Fut>(
+    client: &RendezvousClient<Channel>,
+    me: &Identity,
+    keys: &GangKeys,
+    method: &str,
+    mut call: F,
+) -> Result<T, Status>
+where
+    F: FnMut(RendezvousClient<Channel>, Credentials) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let mut tries = 0;
+    loop {
+        let mut c = client.clone();
+        let creds = credentials(&mut c, me, keys, method).await?;
+        match call(c, creds).await {
+            Err(s) if s.code() == Code::Aborted && tries < 3 => tries += 1,
+            r => return r,
+        }
+    }
+}
+
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut parts = Vec::new();
     let mut cur = e.source();
@@ -811,9 +1080,9 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 async fn client_heartbeat(
     mut client: RendezvousClient<Channel>,
     me: Identity,
+    keys: Arc<GangKeys>,
     opts: Options,
-    beat_rx: mpsc::Receiver<Beat>,
-    beats: mpsc::Sender<Beat>,
+    (beat_rx, beats): (mpsc::Receiver<Beat>, mpsc::Sender<Beat>),
     activity: Arc<Activity>,
     failure: watch::Sender<Option<Failure>>,
 ) {
@@ -826,11 +1095,9 @@ async fn client_heartbeat(
             ..Failure::default()
         })
     };
-    let creds = me.credentials();
     let beat = || {
         let s = activity.snapshot();
         Beat {
-            credentials: Some(creds.clone()),
             step: s.step,
             done: false,
             idle_ms: s.idle_ms,
@@ -864,7 +1131,21 @@ async fn client_heartbeat(
     if beats.send(beat()).await.is_err() {
         return;
     }
-    let mut inbound = match client.heartbeat(outbound).await {
+    // Credentials in the metadata, so that rank 0 checks them before it waits for a beat.
+    let opened = match credentials(&mut client, &me, &keys, "heartbeat").await {
+        Ok(c) => {
+            let mut req = Request::new(outbound);
+            req.metadata_mut().insert_bin(
+                CREDENTIALS_HEADER,
+                tonic::metadata::MetadataValue::from_bytes(
+                    &lockstep_proto::prost::Message::encode_to_vec(&c),
+                ),
+            );
+            client.heartbeat(req).await
+        }
+        Err(s) => Err(s),
+    };
+    let mut inbound = match opened {
         Ok(r) => r.into_inner(),
         Err(s) => {
             if !finished.load(Ordering::SeqCst) {

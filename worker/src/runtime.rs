@@ -10,6 +10,7 @@ use std::time::Duration;
 use lockstep_api::config::WorkerConfig;
 use lockstep_api::contract::{ExitCode, aborted, env};
 
+use crate::auth::GangKeys;
 use crate::comm::tcp::{TcpComm, TcpOptions};
 use crate::error::WorkError;
 use crate::metrics::Metrics;
@@ -59,9 +60,18 @@ fn fail(code: ExitCode, message: &str) -> ExitCode {
     code
 }
 
-/// A 64-bit key of the gang and attempt, carried by every data connection's handshake.
-pub fn gang_key(token: &str, attempt: u32) -> u64 {
-    lockstep_api::config::fnv1a64(format!("{token}/{attempt}").as_bytes())
+/// Where a rank listens (rendezvous, data, metrics): on loopback only when rank 0 is on loopback
+/// (`local` mode: nothing off this machine has any business with the gang), else everywhere.
+pub fn bind_host(master_host: &str) -> std::net::IpAddr {
+    let loopback = master_host == "localhost"
+        || master_host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    }
 }
 
 /// How a rank whose training failed with `e` exits, once the rendezvous has answered with the
@@ -131,7 +141,8 @@ async fn run_rank(
         Err(_) => None,
     };
     let metrics = Metrics::new(&contract.job, rank);
-    match tokio::net::TcpListener::bind(("0.0.0.0", contract.metrics_port)).await {
+    let host = bind_host(&contract.master_host);
+    match tokio::net::TcpListener::bind((host, contract.metrics_port)).await {
         Ok(l) => {
             tokio::spawn(metrics.clone().serve(l));
         }
@@ -140,7 +151,7 @@ async fn run_rank(
     if metrics.sample_gpus(Duration::from_secs(5)) {
         tracing::info!("sampling GPUs through NVML");
     }
-    let data = match TcpListener::bind("0.0.0.0:0") {
+    let data = match TcpListener::bind((host, 0)) {
         Ok(l) => l,
         Err(e) => {
             return fail(
@@ -165,19 +176,18 @@ async fn run_rank(
         data_port: u32::from(data_port),
     };
     let session = if rank == 0 {
-        let listener =
-            match tokio::net::TcpListener::bind(("0.0.0.0", contract.rendezvous_port)).await {
-                Ok(l) => l,
-                Err(e) => {
-                    return fail(
-                        ExitCode::Rendezvous,
-                        &format!(
-                            "cannot serve the rendezvous on port {}: {e}",
-                            contract.rendezvous_port
-                        ),
-                    );
-                }
-            };
+        let listener = match tokio::net::TcpListener::bind((host, contract.rendezvous_port)).await {
+            Ok(l) => l,
+            Err(e) => {
+                return fail(
+                    ExitCode::Rendezvous,
+                    &format!(
+                        "cannot serve the rendezvous on port {}: {e}",
+                        contract.rendezvous_port
+                    ),
+                );
+            }
+        };
         Session::serve(
             listener,
             me,
@@ -211,7 +221,7 @@ async fn run_rank(
         rank as usize,
         addrs,
         data,
-        gang_key(&token, contract.attempt),
+        GangKeys::derive(&token, contract.attempt),
         TcpOptions {
             timeout: opts.comm_timeout,
             activity,

@@ -281,11 +281,47 @@ impl Gang {
     }
 }
 
+/// The local addresses (`ip:port`, as /proc/net/tcp* writes them in hex) on which process
+/// `pid` listens.
+fn listening(pid: u32) -> Vec<String> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the rank's fds")
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for row in text.lines().skip(1) {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            // local_address, st (0A: LISTEN), inode.
+            if cols.len() > 9 && cols[3] == "0A" && inodes.iter().any(|i| i == cols[9]) {
+                out.push(cols[1].to_string());
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn killing_a_rank_mid_training_stops_the_gang_within_5_seconds_and_names_it() {
     let _one = serial();
     let dir = scratch("kill");
     let gang = Gang::start_mlp(&dir, "kill-test", 4);
+    // Local mode listens on loopback only: rendezvous (rank 0), data and metrics ports.
+    for r in 0..4 {
+        let pid = child_with_rank(gang.child.id(), r).expect("the rank's process");
+        let addrs = listening(pid);
+        assert!(addrs.len() >= 2, "rank {r} listens on {addrs:?}");
+        assert!(
+            addrs.iter().all(|a| a.starts_with("0100007F:")),
+            "rank {r} listens beyond 127.0.0.1: {addrs:?}"
+        );
+    }
     let killed = Instant::now();
     gang.signal(2, "-9");
     let (status, took, log) = gang.wait(killed);

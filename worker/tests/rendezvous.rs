@@ -277,3 +277,70 @@ async fn losing_rank_zero_aborts_the_others() {
         assert_eq!(f.rank, 0, "{f:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replayed_request_a_forged_proof_and_an_unproved_heartbeat_are_refused_at_once() {
+    use lockstep_proto::v1::rendezvous_client::RendezvousClient;
+    use lockstep_proto::v1::{AbortRequest, Beat, ChallengeRequest, Credentials, Failure};
+    use lockstep_worker::auth::GangKeys;
+
+    let (l, addr) = listener().await;
+    let _server = tokio::spawn(Session::serve(
+        l,
+        me(0, 2),
+        vec![],
+        opts(Duration::from_secs(20)),
+    ));
+    let mut client = loop {
+        if let Ok(c) = RendezvousClient::connect(format!("http://{addr}")).await {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let keys = GangKeys::derive("secret", 1);
+    let creds = |nonce: Vec<u8>, method: &str| Credentials {
+        attempt: 1,
+        rank: 1,
+        proof: keys.rendezvous_proof(method, 1, 1, &nonce),
+        nonce,
+    };
+    let asker = client.clone();
+    let challenge = async || {
+        asker
+            .clone()
+            .challenge(ChallengeRequest { rank: 1 })
+            .await
+            .expect("challenge")
+            .into_inner()
+            .nonce
+    };
+    let abort = AbortRequest {
+        credentials: Some(creds(challenge().await, "abort")),
+        failure: Some(Failure {
+            rank: 1,
+            reason: "a test".into(),
+            ..Failure::default()
+        }),
+    };
+    client.abort(abort.clone()).await.expect("a proved request");
+    // The same request again (a listener's recording): its nonce is spent.
+    let e = client.abort(abort).await.expect_err("replayed");
+    assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
+    assert!(e.message().contains("already saw answered"), "{e:?}");
+    // A proof for another method does not carry over.
+    let wrong = AbortRequest {
+        credentials: Some(creds(challenge().await, "barrier")),
+        failure: None,
+    };
+    let e = client.abort(wrong).await.expect_err("wrong method");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    // A heartbeat without credentials is refused before rank 0 waits for its first beat.
+    let e = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.heartbeat(futures::stream::pending::<Beat>()),
+    )
+    .await
+    .expect("refused at once, not left waiting")
+    .expect_err("no credentials");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+}

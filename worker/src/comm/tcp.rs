@@ -1,9 +1,13 @@
 //! Collectives over TCP, for CPU ranks.
 //!
 //! Every ordered pair of ranks has its own one-way connection, opened lazily by the sender and
-//! accepted by the receiver's listener thread; a handshake carries a magic number, the gang key
-//! (derived from the job token and attempt, so that no other job's rank can connect) and the
-//! sender's rank. Large all-reduces are a chunked ring, pipelined across its steps: a
+//! accepted by the receiver's listener thread. Its handshake is a mutual challenge-response (see
+//! [`crate::auth`]): the dialer sends a magic number, its rank and a nonce; the listener answers
+//! with its own nonce and a proof (an HMAC with the attempt's data key over both nonces), which
+//! the dialer checks before it answers with its own proof. No secret travels, a recorded
+//! handshake cannot be replayed, and no other job's or attempt's rank can connect. The listener
+//! runs each handshake on its own thread with a 5 s limit, at most 64 at once and 8 per remote
+//! address, so that clients that connect and say nothing cannot stall the gang. Large all-reduces are a chunked ring, pipelined across its steps: a
 //! reduce-scatter then an all-gather, 2 (n - 1) steps in which a rank receives (and folds) one
 //! segment from its predecessor while it sends its successor the segment of the step before,
 //! each chunk going on as soon as it has arrived (see `Links::pipelined_ring`). Messages up to
@@ -35,9 +39,16 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use super::{CommError, Communicator, Pending, ReduceOp, Result};
+use crate::auth::{self, GangKeys, NONCE_LEN, PROOF_LEN};
 use crate::watchdog::Activity;
 
 const MAGIC: u32 = 0x4c4b_5354; // "LKST"
+
+/// Longest a handshake may take on the listener's side.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(5);
+/// Handshakes a listener runs at once, in all and from one remote address.
+const HANDSHAKES: usize = 64;
+const HANDSHAKES_PER_ADDRESS: usize = 8;
 /// Set in the handshake's rank field on a point-to-point connection.
 const P2P_FLAG: u32 = 1 << 31;
 
@@ -134,7 +145,7 @@ impl Inbound {
 struct Dialer {
     me: usize,
     addrs: Arc<[String]>,
-    key: u64,
+    keys: Arc<GangKeys>,
     /// Longest wait for a peer's listener to accept.
     timeout: Duration,
 }
@@ -167,18 +178,28 @@ impl Dialer {
             });
             match result {
                 Ok(mut s) => {
-                    let mut hello = [0u8; 16];
-                    hello[..4].copy_from_slice(&MAGIC.to_le_bytes());
-                    hello[4..12].copy_from_slice(&self.key.to_le_bytes());
-                    hello[12..].copy_from_slice(&rank.to_le_bytes());
                     let setup = s
                         .set_nodelay(true)
                         .and_then(|_| s.set_write_timeout(Some(io_timeout)))
-                        .and_then(|_| s.write_all(&hello));
-                    return match setup {
-                        Ok(()) => Ok(s),
-                        Err(e) => Err(io_error(e, peer, op, io_timeout)),
-                    };
+                        .and_then(|_| s.set_read_timeout(Some(self.timeout)));
+                    if let Err(e) = setup {
+                        return Err(io_error(e, peer, op, io_timeout));
+                    }
+                    match self.handshake(&mut s, rank) {
+                        Ok(true) => return Ok(s),
+                        Ok(false) => {
+                            return Err(CommError::Setup(format!(
+                                "the listener at {addr} (rank {peer}) could not prove that it \
+                                 belongs to this job and attempt"
+                            )));
+                        }
+                        // The listener dropped the connection (too many handshakes at once):
+                        // try again until the deadline.
+                        Err(e) if Instant::now() >= deadline => {
+                            return Err(io_error(e, peer, op, self.timeout));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
                 }
                 Err(e) if Instant::now() >= deadline => {
                     return Err(io_error(e, peer, op, self.timeout));
@@ -186,6 +207,29 @@ impl Dialer {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
+    }
+}
+
+impl Dialer {
+    /// The dialer's side of the handshake on `s`; false when the listener's proof is wrong.
+    fn handshake(&self, s: &mut TcpStream, field: u32) -> std::io::Result<bool> {
+        let mine = auth::nonce();
+        let mut hello = [0u8; 8 + NONCE_LEN];
+        hello[..4].copy_from_slice(&MAGIC.to_le_bytes());
+        hello[4..8].copy_from_slice(&field.to_le_bytes());
+        hello[8..].copy_from_slice(&mine);
+        s.write_all(&hello)?;
+        let mut answer = [0u8; NONCE_LEN + PROOF_LEN];
+        s.read_exact(&mut answer)?;
+        let (theirs, proof) = answer.split_at(NONCE_LEN);
+        if !self
+            .keys
+            .check_data(b"listener", field, &mine, theirs, proof)
+        {
+            return Ok(false);
+        }
+        s.write_all(&self.keys.data_proof(b"dialer", field, &mine, theirs))?;
+        Ok(true)
     }
 }
 
@@ -497,63 +541,117 @@ impl Drop for Links {
     }
 }
 
-/// Accepts the peers' connections, checks their handshakes and files them by channel and sender
-/// rank; `timeout` and `p2p_timeout` become the read timeouts of the collective and the
-/// point-to-point connections.
+/// Accepts the peers' connections and files them by channel and sender rank once their
+/// handshakes prove them (each on its own thread, see [`handshake`]); `timeout` and
+/// `p2p_timeout` become the read timeouts of the collective and the point-to-point connections.
 fn accept_loop(
     listener: TcpListener,
     inbound: Arc<Inbound>,
-    key: u64,
+    keys: Arc<GangKeys>,
     timeout: Duration,
     p2p_timeout: Duration,
 ) {
     let world = inbound.streams.lock().map(|s| s.len()).unwrap_or_default();
+    let in_flight: Arc<Mutex<Vec<std::net::IpAddr>>> = Arc::default();
     for conn in listener.incoming() {
         if inbound.closed.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(mut s) = conn else { continue };
-        let mut hello = [0u8; 16];
-        let ok = s
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .and_then(|_| s.read_exact(&mut hello));
-        if ok.is_err() {
-            continue;
+        let Ok(s) = conn else { continue };
+        let Ok(peer) = s.peer_addr() else { continue };
+        {
+            let mut busy = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            let from_peer = busy.iter().filter(|a| **a == peer.ip()).count();
+            if busy.len() >= HANDSHAKES || from_peer >= HANDSHAKES_PER_ADDRESS {
+                tracing::warn!(%peer, "refused a data connection: too many handshakes in progress");
+                continue;
+            }
+            busy.push(peer.ip());
         }
-        let magic = u32::from_le_bytes(hello[..4].try_into().expect("4 bytes"));
-        let their_key = u64::from_le_bytes(hello[4..12].try_into().expect("8 bytes"));
-        let field = u32::from_le_bytes(hello[12..].try_into().expect("4 bytes"));
-        let (channel, read_timeout, slots, arrived) = if field & P2P_FLAG == 0 {
-            (
-                Channel::Collective,
-                timeout,
-                &inbound.streams,
-                &inbound.arrived,
-            )
-        } else {
-            (
-                Channel::P2p,
-                p2p_timeout,
-                &inbound.p2p,
-                &inbound.p2p_arrived,
-            )
-        };
-        let rank = (field & !P2P_FLAG) as usize;
-        if magic != MAGIC || their_key != key || rank >= world {
-            tracing::warn!(
-                peer = ?s.peer_addr().ok(),
-                "refused a data connection: not a rank of this gang and attempt"
-            );
-            continue;
+        let (inbound, keys, busy) = (
+            Arc::clone(&inbound),
+            Arc::clone(&keys),
+            Arc::clone(&in_flight),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("lockstep-handshake".into())
+            .spawn(move || {
+                let accepted = handshake(s, &keys, world);
+                {
+                    let mut busy = busy.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(i) = busy.iter().position(|a| *a == peer.ip()) {
+                        busy.swap_remove(i);
+                    }
+                }
+                let Some((s, channel, rank)) = accepted else {
+                    tracing::warn!(
+                        %peer,
+                        "refused a data connection: not a rank of this gang and attempt"
+                    );
+                    return;
+                };
+                let (read_timeout, slots, arrived) = match channel {
+                    Channel::Collective => (timeout, &inbound.streams, &inbound.arrived),
+                    Channel::P2p => (p2p_timeout, &inbound.p2p, &inbound.p2p_arrived),
+                };
+                if s.set_read_timeout(Some(read_timeout)).is_err()
+                    || s.set_write_timeout(None).is_err()
+                    || s.set_nodelay(true).is_err()
+                {
+                    return;
+                }
+                tracing::trace!(rank, ?channel, "accepted a data connection");
+                let mut streams = slots.lock().unwrap_or_else(|e| e.into_inner());
+                streams[rank] = Some(s);
+                arrived.notify_all();
+            });
+        if spawned.is_err() {
+            let mut busy = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = busy.iter().position(|a| *a == peer.ip()) {
+                busy.swap_remove(i);
+            }
         }
-        if s.set_read_timeout(Some(read_timeout)).is_err() || s.set_nodelay(true).is_err() {
-            continue;
-        }
-        tracing::trace!(rank, ?channel, "accepted a data connection");
-        let mut streams = slots.lock().unwrap_or_else(|e| e.into_inner());
-        streams[rank] = Some(s);
-        arrived.notify_all();
     }
+}
+
+/// The listener's side of a handshake: the dialer's hello, this side's nonce and proof, the
+/// dialer's proof, all within [`HANDSHAKE_LIMIT`]. Returns the stream, its channel and the
+/// dialer's rank when the dialer proved that it is a rank of this gang and attempt.
+fn handshake(
+    mut s: TcpStream,
+    keys: &GangKeys,
+    world: usize,
+) -> Option<(TcpStream, Channel, usize)> {
+    let deadline = Instant::now() + HANDSHAKE_LIMIT;
+    let left = || Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero());
+    s.set_read_timeout(left()).ok()?;
+    s.set_write_timeout(left()).ok()?;
+    let mut hello = [0u8; 8 + NONCE_LEN];
+    s.read_exact(&mut hello).ok()?;
+    let magic = u32::from_le_bytes(hello[..4].try_into().expect("4 bytes"));
+    let field = u32::from_le_bytes(hello[4..8].try_into().expect("4 bytes"));
+    let rank = (field & !P2P_FLAG) as usize;
+    if magic != MAGIC || rank >= world {
+        return None;
+    }
+    let theirs = &hello[8..];
+    let mine = auth::nonce();
+    let mut answer = Vec::with_capacity(NONCE_LEN + PROOF_LEN);
+    answer.extend_from_slice(&mine);
+    answer.extend_from_slice(&keys.data_proof(b"listener", field, theirs, &mine));
+    s.write_all(&answer).ok()?;
+    let mut proof = [0u8; PROOF_LEN];
+    s.set_read_timeout(left()).ok()?;
+    s.read_exact(&mut proof).ok()?;
+    if !keys.check_data(b"dialer", field, theirs, &mine, &proof) {
+        return None;
+    }
+    let channel = if field & P2P_FLAG == 0 {
+        Channel::Collective
+    } else {
+        Channel::P2p
+    };
+    Some((s, channel, rank))
 }
 
 /// A copy of `e` (which is not `Clone`: it may hold an `io::Error`) for a later operation on a
@@ -1089,14 +1187,15 @@ impl Group<'_> {
 impl TcpComm {
     /// Sets up this process's side of a gang of `addrs.len()` ranks: `addrs[r]` is where rank r
     /// listens, `listener` is this rank's own listener (bound before the addresses were
-    /// exchanged), and `key` identifies the gang and attempt in every connection's handshake.
+    /// exchanged), and `keys` (the attempt's) authenticate every connection's handshake.
     pub fn new(
         rank: usize,
         addrs: Vec<String>,
         listener: TcpListener,
-        key: u64,
+        keys: GangKeys,
         opts: TcpOptions,
     ) -> Result<Self> {
+        let keys = Arc::new(keys);
         let world = addrs.len();
         if rank >= world {
             return Err(CommError::Setup(format!(
@@ -1122,17 +1221,17 @@ impl TcpComm {
             closed: AtomicBool::new(false),
         });
         {
-            let inbound = Arc::clone(&inbound);
+            let (inbound, keys) = (Arc::clone(&inbound), Arc::clone(&keys));
             let (timeout, p2p_timeout) = (opts.timeout, opts.p2p_timeout);
             std::thread::Builder::new()
                 .name("lockstep-accept".into())
-                .spawn(move || accept_loop(listener, inbound, key, timeout, p2p_timeout))
+                .spawn(move || accept_loop(listener, inbound, keys, timeout, p2p_timeout))
                 .map_err(|e| CommError::Setup(format!("listener thread: {e}")))?;
         }
         let dial = Dialer {
             me: rank,
             addrs: addrs.into(),
-            key,
+            keys,
             timeout: opts.timeout,
         };
         let p2p = P2p {
@@ -1177,7 +1276,7 @@ impl TcpComm {
             .map(|l| l.local_addr().map(|a| a.to_string()))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| CommError::Setup(format!("bind: {e}")))?;
-        let key = rand::random();
+        let keys = GangKeys::derive(&format!("{:032x}", rand::random::<u128>()), 0);
         listeners
             .into_iter()
             .enumerate()
@@ -1187,7 +1286,7 @@ impl TcpComm {
                     activity: Arc::default(),
                     ..opts.clone()
                 };
-                TcpComm::new(r, addrs.clone(), l, key, opts)
+                TcpComm::new(r, addrs.clone(), l, keys.clone(), opts)
             })
             .collect()
     }
@@ -1454,6 +1553,54 @@ mod tests {
 
     fn message(tag: usize, len: usize) -> Vec<f32> {
         (0..len).map(|i| pattern(tag, i)).collect()
+    }
+
+    #[test]
+    fn clients_that_say_nothing_or_cannot_prove_the_key_neither_stall_nor_join_the_gang() {
+        let opts = TcpOptions {
+            timeout: Duration::from_secs(3),
+            ..opts()
+        };
+        let comms = TcpComm::local_gang(2, opts).unwrap();
+        let addr = comms[0].shared.links.lock().unwrap().dial.addrs[1].clone();
+        // Connections that never speak: the listener must not wait for them one by one.
+        let idle: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+        // One that claims to be rank 0 but cannot prove the key (an old-style hello, then a
+        // made-up proof).
+        let mut forged = TcpStream::connect(&addr).unwrap();
+        let mut hello = Vec::new();
+        hello.extend_from_slice(&MAGIC.to_le_bytes());
+        hello.extend_from_slice(&0u32.to_le_bytes());
+        hello.extend_from_slice(&[7u8; NONCE_LEN]);
+        forged.write_all(&hello).unwrap();
+        let sums = std::thread::scope(|scope| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .enumerate()
+                .map(|(r, mut c)| {
+                    scope.spawn(move || {
+                        let mut buf = vec![r as f32 + 1.0; 100_000];
+                        c.all_reduce(&mut buf, ReduceOp::Sum).map(|()| buf[0])
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        for s in sums {
+            assert_eq!(s.expect("the all-reduce went through"), 3.0);
+        }
+        // The listener answers the forged hello, refuses its proof and closes the connection.
+        let mut answer = [0u8; NONCE_LEN + PROOF_LEN];
+        forged.read_exact(&mut answer).unwrap();
+        forged.write_all(&[0u8; PROOF_LEN]).unwrap();
+        forged
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(forged.read(&mut [0u8; 1]).unwrap_or(0), 0);
+        drop(idle);
     }
 
     #[test]
