@@ -7,6 +7,9 @@
 pub mod env {
     /// Name of the ParallelJob.
     pub const JOB: &str = "LOCKSTEP_JOB";
+    /// UID of the ParallelJob (`local` mode: `local`): recorded in every checkpoint, so that a job
+    /// never resumes from another's, even one of the same name.
+    pub const JOB_UID: &str = "LOCKSTEP_JOB_UID";
     /// Namespace of the ParallelJob.
     pub const NAMESPACE: &str = "LOCKSTEP_NAMESPACE";
     /// This process's global rank, `0..WORLD_SIZE`.
@@ -76,6 +79,8 @@ pub mod env {
     pub struct RankEnv {
         /// Name of the ParallelJob.
         pub job: String,
+        /// UID of the ParallelJob.
+        pub job_uid: String,
         /// Namespace of the ParallelJob.
         pub namespace: String,
         /// Global rank.
@@ -108,6 +113,7 @@ pub mod env {
             let (world, rank) = (self.world_size.to_string(), self.rank.to_string());
             vec![
                 (JOB, self.job.clone()),
+                (JOB_UID, self.job_uid.clone()),
                 (NAMESPACE, self.namespace.clone()),
                 (RANK, rank.clone()),
                 (WORLD_SIZE, world.clone()),
@@ -150,6 +156,7 @@ pub mod env {
                 .ok_or_else(|| format!("{RENDEZVOUS}={rdzv:?} is not host:port"))?;
             let env = Self {
                 job: text(JOB)?,
+                job_uid: text(JOB_UID)?,
                 namespace: text(NAMESPACE)?,
                 rank: num(RANK, text(RANK)?)?,
                 world_size: num(WORLD_SIZE, text(WORLD_SIZE)?)?,
@@ -274,6 +281,13 @@ pub mod ports {
 pub mod paths {
     /// Default checkpoint directory inside a worker pod.
     pub const CHECKPOINT_DIR: &str = "/var/lib/lockstep/checkpoints";
+
+    /// Where a job keeps its checkpoints under `spec.training.checkpoint.path` (`base`): a folder
+    /// per job and UID, `<base>/<job>/<uid>`, so that jobs sharing a volume never read or delete
+    /// each other's files, nor a new job those of an earlier one of the same name.
+    pub fn job_checkpoints(base: &str, job: &str, uid: &str) -> String {
+        format!("{}/{job}/{uid}", base.trim_end_matches('/'))
+    }
 }
 
 /// The termination message of a rank that stopped because its gang aborted, as the worker writes
@@ -459,6 +473,7 @@ mod tests {
     fn rank_env_round_trips_through_the_environment() {
         let e = env::RankEnv {
             job: "j".into(),
+            job_uid: "0b1c".into(),
             namespace: "ns".into(),
             rank: 3,
             world_size: 4,

@@ -482,7 +482,9 @@ pub struct Checkpoint {
     #[schemars(range(min = 1, max = 1000))]
     pub keep: i32,
     /// Directory of the checkpoints inside the worker; mount shared storage there so a restarted
-    /// gang finds them.
+    /// gang finds them. Each job keeps its files in a folder of its own, `<path>/<job>/<uid>`, so
+    /// that jobs sharing the storage (or a new job of an old one's name) never read or delete each
+    /// other's.
     #[serde(default = "default_checkpoint_path")]
     #[schemars(length(min = 1, max = 4096))]
     pub path: String,

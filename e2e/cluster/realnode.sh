@@ -149,9 +149,11 @@ clean() {
     done
   done
   # What kubelet, containerd and the CNI plugins write outside their configured folders.
+  # Never stop halfway (ip_forward and the node's ownership are restored below); what could not
+  # be removed, `leftovers` reports.
   rm -rf /var/lib/kubelet/device-plugins /var/lib/kubelet/plugins_registry /var/lib/kubelet/plugins \
     /var/lib/kubelet/pod-resources /usr/libexec/kubernetes /var/log/containers /var/lib/cni \
-    /run/containerd /run/netns
+    /run/containerd /run/netns || log "could not remove all that kubelet and containerd left"
   rmdir /var/lib/kubelet 2>/dev/null || true
   if [ -e "$node_dir/ip_forward" ]; then
     cat "$node_dir/ip_forward" > /proc/sys/net/ipv4/ip_forward

@@ -108,7 +108,8 @@ spawn kube-controller-manager "$bin/kube-controller-manager" \
   --controllers '*,-service-lb-controller,-cloud-node-lifecycle,-node-route-controller' \
   --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
   --use-service-account-credentials=false --feature-gates "$gates" \
-  --kube-api-qps 500 --kube-api-burst 1000 --concurrent-gc-syncs 20
+  --kube-api-qps 500 --kube-api-burst 1000 --concurrent-gc-syncs 20 \
+  --flex-volume-plugin-dir "$state/flexvolume"
 
 # --- kube-scheduler with the gang-scheduling gates.
 spawn kube-scheduler "$bin/kube-scheduler" \

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Resource;
 use lockstep_api::ParallelJob;
 use lockstep_api::config::WorkerConfig;
-use lockstep_api::contract::{annotations, env, labels, names, operator, ports};
+use lockstep_api::contract::{annotations, env, labels, names, operator, paths, ports};
 use lockstep_api::layout::Layout;
 use lockstep_api::spec::{GangPolicy, TopologyMode};
 use lockstep_api::training::Workload;
@@ -71,6 +71,12 @@ impl<'a> JobContext<'a> {
             namespace,
             layout,
         })
+    }
+
+    /// The job's UID (every job the API server returns has one; a job built in memory without
+    /// one says so).
+    pub fn uid(&self) -> &str {
+        self.job.metadata.uid.as_deref().unwrap_or("no-uid")
     }
 
     /// Name of the headless Service (the job's name).
@@ -483,6 +489,7 @@ impl<'a> JobContext<'a> {
     pub fn env(&self, rank: u32, attempt: i32, config_path: &str) -> Vec<EnvVar> {
         let contract = env::RankEnv {
             job: self.name.to_string(),
+            job_uid: self.uid().to_string(),
             namespace: self.namespace.to_string(),
             rank,
             world_size: self.layout.world_size(),
@@ -491,7 +498,11 @@ impl<'a> JobContext<'a> {
             rendezvous_port: ports::RENDEZVOUS,
             torch_port: ports::TORCH_MASTER,
             config: config_path.to_string(),
-            checkpoint_dir: self.job.spec.training.checkpoint.path.clone(),
+            checkpoint_dir: paths::job_checkpoints(
+                &self.job.spec.training.checkpoint.path,
+                self.name,
+                self.uid(),
+            ),
             metrics_port: self.metrics_port(),
             stage: self.layout.stage_of(rank),
             replica: self.layout.replica_of(rank),
@@ -836,6 +847,12 @@ mod tests {
             ("3", "4")
         );
         assert_eq!(e[env::CONFIG], "/etc/lockstep/worker.json");
+        // Checkpoints go to a folder of this job's own: its name and UID under the path.
+        assert_eq!(e[env::JOB_UID], "uid-1");
+        assert_eq!(
+            e[env::CHECKPOINT_DIR],
+            "/var/lib/lockstep/checkpoints/pipeline-gpt/uid-1"
+        );
         // Every name the operator sets is one a user may not set.
         assert!(e.keys().all(|k| env::is_reserved(k)), "{:?}", e.keys());
 

@@ -8,6 +8,11 @@
 //! same file. A file that fails its checksum or belongs to another model is refused with an
 //! error that names it; nothing is half-loaded.
 //!
+//! Each file also records who wrote it: the job's UID, the digest of its worker config and the
+//! gang attempt ([`Stamp`]). A job lists, resumes from and deletes only files of its own UID (files
+//! of another job are left alone, with a warning), and by default keeps them in a folder of its
+//! own (`<path>/<job>/<uid>`, see `lockstep_api::contract::paths::job_checkpoints`).
+//!
 //! A pipeline saves one shard per stage instead, `step-NNNNNNNN.stage-S-of-P.safetensors`
 //! (written by the stage's first replica, the same format); a step counts as saved only when
 //! every one of its `P` shards is there, so a gang that died halfway through a save resumes
@@ -19,6 +24,65 @@ use std::path::{Path, PathBuf};
 
 use lockstep_api::config::fnv1a64;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+/// Who writes this process's checkpoints: recorded in each file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stamp {
+    /// UID of the job (empty: unknown, as in tests; then nothing is checked).
+    pub job_uid: String,
+    /// Digest of the worker config.
+    pub config_digest: String,
+    /// Gang attempt.
+    pub attempt: u32,
+}
+
+static STAMP: std::sync::OnceLock<Stamp> = std::sync::OnceLock::new();
+
+/// Sets this process's [`Stamp`] (once: a rank is one attempt of one job).
+pub fn set_stamp(stamp: Stamp) {
+    let _ = STAMP.set(stamp);
+}
+
+fn stamp() -> Stamp {
+    STAMP.get().cloned().unwrap_or_default()
+}
+
+/// The job UID recorded in the checkpoint at `path`, read from its header alone; `None` when
+/// the file records none (or cannot be read: the full checks say why later).
+pub fn owner(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    // A safetensors header is small; a huge length is a damaged file.
+    if len > 100 * 1024 * 1024 {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    Some(v.get("__metadata__")?.get("job_uid")?.as_str()?.to_string())
+}
+
+/// Whether the file at `path` belongs to the job `uid` (an empty `uid`, or a file that records
+/// none, belongs to anyone).
+fn ours(path: &Path, uid: &str) -> bool {
+    if uid.is_empty() {
+        return true;
+    }
+    match owner(path) {
+        Some(o) if o != uid => {
+            tracing::warn!(
+                path = %path.display(),
+                owner = %o,
+                "a checkpoint of another job (another UID): neither resumed from nor deleted"
+            );
+            false
+        }
+        _ => true,
+    }
+}
 
 /// What every refusal of a damaged file (not a checkpoint of another model) says: a gang that
 /// resumes sets such a file aside and falls back to the one before.
@@ -257,11 +321,21 @@ pub fn set_aside(dir: &Path, step: u64, shape: Shape, suffix: &str) -> Result<()
 /// shape (a job whose stages changed, another workload in the same folder).
 pub type Shape = Option<u32>;
 
-/// The files in `dir` of `shape`: (step, stage or `None`, path).
+/// The files in `dir` of `shape` that belong to this job (see [`Stamp`]): (step, stage or
+/// `None`, path).
 fn files_of(dir: &Path, shape: Shape) -> Result<Vec<(u64, Option<u32>, PathBuf)>, CheckpointError> {
+    files_of_job(dir, shape, &stamp().job_uid)
+}
+
+fn files_of_job(
+    dir: &Path,
+    shape: Shape,
+    uid: &str,
+) -> Result<Vec<(u64, Option<u32>, PathBuf)>, CheckpointError> {
     Ok(files(dir)?
         .into_iter()
         .filter(|f| f.1.map(|s| s.1) == shape)
+        .filter(|f| ours(&f.2, uid))
         .map(|(step, shard, path)| (step, shard.map(|s| s.0), path))
         .collect())
 }
@@ -269,8 +343,16 @@ fn files_of(dir: &Path, shape: Shape) -> Result<Vec<(u64, Option<u32>, PathBuf)>
 /// Complete checkpoints of `shape` in `dir`, oldest first, as (step, path): a whole-model file,
 /// or a pipeline step with every stage's shard (the path is stage 0's).
 pub fn list(dir: &Path, shape: Shape) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+    list_of_job(dir, shape, &stamp().job_uid)
+}
+
+fn list_of_job(
+    dir: &Path,
+    shape: Shape,
+    uid: &str,
+) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     let mut by_step: std::collections::BTreeMap<u64, (usize, PathBuf)> = Default::default();
-    for (step, _, path) in files_of(dir, shape)? {
+    for (step, _, path) in files_of_job(dir, shape, uid)? {
         let e = by_step.entry(step).or_insert((0, path.clone()));
         e.0 += 1;
         if path.file_name() == Some(std::ffi::OsStr::new(&first_name(step, shape))) {
@@ -296,7 +378,11 @@ fn first_name(step: u64, shape: Shape) -> String {
 /// Deletes the files of `shape` (whole or shard, complete or not) older than its newest `keep`
 /// complete steps.
 pub fn prune(dir: &Path, keep: usize, shape: Shape) -> Result<(), CheckpointError> {
-    let complete = list(dir, shape)?;
+    prune_of_job(dir, keep, shape, &stamp().job_uid)
+}
+
+fn prune_of_job(dir: &Path, keep: usize, shape: Shape, uid: &str) -> Result<(), CheckpointError> {
+    let complete = list_of_job(dir, shape, uid)?;
     let Some(&(oldest_kept, _)) = complete
         .iter()
         .rev()
@@ -306,7 +392,7 @@ pub fn prune(dir: &Path, keep: usize, shape: Shape) -> Result<(), CheckpointErro
         return Ok(());
     };
     remove(
-        files_of(dir, shape)?
+        files_of_job(dir, shape, uid)?
             .into_iter()
             .filter(|f| f.0 < oldest_kept),
     )
@@ -379,6 +465,15 @@ pub fn save(dir: &Path, state: &State, keep: usize) -> Result<PathBuf, Checkpoin
 /// Writes `state` atomically as `name` in `dir` (a temporary file, fsync, rename, fsync of the
 /// directory), without deleting older checkpoints (a pipeline stage's shard: see [`prune`]).
 pub fn write(dir: &Path, state: &State, name: &str) -> Result<PathBuf, CheckpointError> {
+    write_stamped(dir, state, name, stamp())
+}
+
+fn write_stamped(
+    dir: &Path,
+    state: &State,
+    name: &str,
+    by: Stamp,
+) -> Result<PathBuf, CheckpointError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let slow = SLOW_WRITES
         .lock()
@@ -404,8 +499,12 @@ pub fn write(dir: &Path, state: &State, name: &str) -> Result<PathBuf, Checkpoin
         ("seed", state.seed.to_string()),
         ("model", state.model.clone()),
         ("fnv1a64", format!("{:016x}", fnv1a64(&sum))),
+        ("job_uid", by.job_uid),
+        ("config_digest", by.config_digest),
+        ("attempt", by.attempt.to_string()),
     ]
     .into_iter()
+    .filter(|(_, v)| !v.is_empty())
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let path = dir.join(name);
@@ -448,18 +547,22 @@ pub fn write(dir: &Path, state: &State, name: &str) -> Result<PathBuf, Checkpoin
 /// Reads and checks the checkpoint at `path` for a model described as `model` with `n`
 /// parameters.
 pub fn load(path: &Path, model: &str, n: usize) -> Result<State, CheckpointError> {
-    read_checked(path, Some((model, n)))
+    read_checked(path, Some((model, n)), &stamp())
 }
 
 /// Checks the file at `path` is a whole checkpoint (its format, tensors and checksum), whatever
 /// model it holds.
 pub fn verify(path: &Path) -> Result<(), CheckpointError> {
-    read_checked(path, None).map(drop)
+    read_checked(path, None, &Stamp::default()).map(drop)
 }
 
 /// Reads and checks `path`; with `want`, also that it holds that model with that many
 /// parameters.
-fn read_checked(path: &Path, want: Option<(&str, usize)>) -> Result<State, CheckpointError> {
+fn read_checked(
+    path: &Path,
+    want: Option<(&str, usize)>,
+    me: &Stamp,
+) -> Result<State, CheckpointError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
     let refuse = |reason: String| CheckpointError::Refused {
         path: path.to_path_buf(),
@@ -478,6 +581,28 @@ fn read_checked(path: &Path, want: Option<(&str, usize)>) -> Result<State, Check
     let format = get("format")?;
     if format != FORMAT {
         return Err(refuse(format!("format {format}, expected {FORMAT}")));
+    }
+    let mine = &me.job_uid;
+    if let (Some(theirs), false) = (meta.get("job_uid"), mine.is_empty())
+        && theirs != mine
+    {
+        return Err(refuse(format!(
+            "it was written by the job with UID {theirs}, not by this one ({mine}): a job never \
+             resumes from another's checkpoint"
+        )));
+    }
+    if want.is_some()
+        && let Some(digest) = meta.get("config_digest")
+        && !me.config_digest.is_empty()
+        && *digest != me.config_digest
+    {
+        tracing::warn!(
+            path = %path.display(),
+            written_with = %digest,
+            now = %me.config_digest,
+            attempt = meta.get("attempt").map(String::as_str),
+            "the checkpoint was written with another worker config (the job changed since)"
+        );
     }
     let saved_model = get("model")?;
     if let Some((model, _)) = want
@@ -546,6 +671,62 @@ mod tests {
             m: vec![0.25; 100],
             v: vec![0.125; 100],
         }
+    }
+
+    #[test]
+    fn a_job_neither_lists_nor_loads_nor_deletes_another_jobs_checkpoints() {
+        let dir = std::env::temp_dir().join(format!("lockstep-ckpt-uid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let by = |uid: &str| Stamp {
+            job_uid: uid.into(),
+            config_digest: "cafe".into(),
+            attempt: 2,
+        };
+        // The job "old" (a job of the same name, deleted) left step 50; "new" writes 10, 20, 30.
+        write_stamped(&dir, &state(50), &file_name(50), by("old")).unwrap();
+        for step in [10, 20, 30] {
+            write_stamped(&dir, &state(step), &file_name(step), by("new")).unwrap();
+        }
+        assert_eq!(owner(&dir.join(file_name(50))).as_deref(), Some("old"));
+        let steps = |uid: &str| -> Vec<u64> {
+            list_of_job(&dir, None, uid)
+                .unwrap()
+                .into_iter()
+                .map(|c| c.0)
+                .collect()
+        };
+        assert_eq!(steps("new"), vec![10, 20, 30]);
+        assert_eq!(steps("old"), vec![50]);
+        // Unknown (tests, old checkpoints): everything counts.
+        assert_eq!(steps(""), vec![10, 20, 30, 50]);
+        prune_of_job(&dir, 1, None, "new").unwrap();
+        assert_eq!(steps("new"), vec![30]);
+        assert!(
+            dir.join(file_name(50)).exists(),
+            "another job's file was deleted"
+        );
+        let e = read_checked(
+            &dir.join(file_name(50)),
+            Some(("mlp 64-32-10", 100)),
+            &by("new"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("written by the job with UID old, not by this one (new)"),
+            "{e}"
+        );
+        assert!(
+            !e.contains(CORRUPT),
+            "another job's file is not damaged: {e}"
+        );
+        let ok = read_checked(
+            &dir.join(file_name(30)),
+            Some(("mlp 64-32-10", 100)),
+            &by("new"),
+        );
+        assert_eq!(ok.unwrap(), state(30));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

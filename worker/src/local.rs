@@ -198,6 +198,8 @@ pub async fn run(opts: LocalOptions) -> Result<i32> {
     for rank in 0..world {
         let contract = env::RankEnv {
             job: name.clone(),
+            // One job per working folder: a run in the same folder resumes the one before.
+            job_uid: "local".into(),
             namespace: config.namespace.clone(),
             rank,
             world_size: world,

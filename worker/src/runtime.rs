@@ -132,6 +132,11 @@ async fn run_rank(
     mut opts: RunOptions,
 ) -> ExitCode {
     let rank = contract.rank;
+    crate::checkpoint::set_stamp(crate::checkpoint::Stamp {
+        job_uid: contract.job_uid.clone(),
+        config_digest: config.digest(),
+        attempt: contract.attempt,
+    });
     opts.rendezvous.progress_timeout = Duration::from_secs(config.progress_timeout_seconds);
     let fault = match std::env::var(Fault::ENV) {
         Ok(spec) => match Fault::parse(&spec, rank) {

@@ -186,9 +186,14 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
         let interval = 500;
         v["spec"]["training"]["epochs"] = 300.into();
         v["spec"]["training"]["checkpoint"] = serde_json::json!({"everySteps": interval});
-        let dir = shared_checkpoints(&ns.name, &mut v)?;
-        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+        let top = shared_checkpoints(&ns.name, &mut v)?;
+        let created = jobs
+            .create(&PostParams::default(), &serde_json::from_value(v)?)
             .await?;
+        // A job keeps its checkpoints in a folder of its own, `<path>/<job>/<uid>`.
+        let dir = top
+            .join("ddp-digits")
+            .join(created.metadata.uid.expect("the API server gives a UID"));
 
         // Past the first checkpoints, rank 1's worker process is killed inside its container.
         wait_until(Duration::from_secs(120), "two checkpoints", || async {
@@ -248,7 +253,7 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
         );
         let progress = status.progress.expect("progress");
         assert_eq!(Some(progress.step), progress.total_steps);
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&top);
         Ok(())
     })
     .await
@@ -271,9 +276,13 @@ async fn a_pipeline_stage_killed_for_real_restarts_the_gang_from_every_stages_sh
         training["evaluation"] = serde_json::json!({"everySteps": steps, "maxBatches": 2});
         v["spec"]["template"]["spec"]["containers"][0]["resources"] =
             serde_json::json!({"requests": {"cpu": "250m"}});
-        let dir = shared_checkpoints(&ns.name, &mut v)?;
-        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+        let top = shared_checkpoints(&ns.name, &mut v)?;
+        let created = jobs
+            .create(&PostParams::default(), &serde_json::from_value(v)?)
             .await?;
+        let dir = top
+            .join("pipeline-gpt")
+            .join(created.metadata.uid.expect("the API server gives a UID"));
         // The newest step with both stages' shards in the folder.
         let complete = |dir: &std::path::Path| -> anyhow::Result<Option<u64>> {
             let mut shards: std::collections::BTreeMap<u64, usize> = Default::default();
@@ -339,7 +348,7 @@ async fn a_pipeline_stage_killed_for_real_restarts_the_gang_from_every_stages_sh
             "{p:?}"
         );
         assert!(p.eval_metric.is_some(), "no validation loss: {p:?}");
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&top);
         Ok(())
     })
     .await
