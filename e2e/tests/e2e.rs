@@ -29,6 +29,8 @@ mod namespaced;
 mod operator;
 #[path = "e2e/progress.rs"]
 mod progress;
+#[path = "e2e/published.rs"]
+mod published;
 #[path = "e2e/quota.rs"]
 mod quota;
 #[path = "e2e/real_node.rs"]

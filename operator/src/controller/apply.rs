@@ -318,6 +318,12 @@ pub fn addresses_to_publish(
 }
 
 /// Writes the job's EndpointSlice (server-side apply) when [`addresses_to_publish`] says so.
+///
+/// What was published is kept in memory; on the first pass over a job after this process
+/// started there is no record yet, so it is read from the API server's slice (none: nothing
+/// published). Otherwise a slice holding an earlier attempt's addresses, written before a
+/// restart of the operator, would stay while the current attempt is incomplete, and the ranks'
+/// names would resolve to pods that are gone.
 pub(super) async fn publish_addresses(
     ctx: &Context,
     job: &JobContext<'_>,
@@ -325,25 +331,55 @@ pub(super) async fn publish_addresses(
     attempt: i32,
 ) -> Result<()> {
     let key = crate::job::key(job.namespace, job.name);
-    let want = addresses_to_publish(
-        observed,
-        attempt,
-        job.layout.world_size(),
-        ctx.kept().get(&key).map_or(&[][..], |k| &k.published),
-    );
+    let slices = Api::<EndpointSlice>::namespaced(ctx.client.clone(), job.namespace);
+    let known = ctx.kept().get(&key).and_then(|k| k.published.clone());
+    let published = match known {
+        Some(published) => published,
+        None => {
+            let on_server = slices.get_opt(&job.endpoint_slice_name()).await?;
+            let published = on_server
+                .as_ref()
+                .map_or_else(Vec::new, |s| published_in(s, job.name));
+            ctx.kept().entry(key.clone()).or_default().published = Some(published.clone());
+            published
+        }
+    };
+    let want = addresses_to_publish(observed, attempt, job.layout.world_size(), &published);
     let Some(want) = want else {
         return Ok(());
     };
     let slice = job.endpoint_slice(&want)?;
-    Api::<EndpointSlice>::namespaced(ctx.client.clone(), job.namespace)
+    slices
         .patch(
             &job.endpoint_slice_name(),
             &PatchParams::apply(operator::FIELD_MANAGER).force(),
             &Patch::Apply(&typed(slice, "discovery.k8s.io/v1", "EndpointSlice")),
         )
         .await?;
-    ctx.kept().entry(key).or_default().published = want;
+    ctx.kept().entry(key).or_default().published = Some(want);
     Ok(())
+}
+
+/// The rank addresses (rank, address) an EndpointSlice of job `job` lists, sorted by rank: the
+/// rank read from each endpoint's hostname `<job>-<rank>`, with its first address. Endpoints of
+/// another shape (written by someone else) are left out.
+pub fn published_in(slice: &EndpointSlice, job: &str) -> Vec<(u32, String)> {
+    let prefix = format!("{job}-");
+    let mut ranks: Vec<(u32, String)> = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let suffix = e.hostname.as_deref()?.strip_prefix(&prefix)?;
+            let rank: u32 = suffix.parse().ok()?;
+            // `<job>-01` or `<job>-+1` would parse, but no rank's hostname is written so.
+            (rank.to_string() == suffix).then_some(())?;
+            Some((rank, e.addresses.first()?.clone()))
+        })
+        .collect();
+    ranks.sort();
+    ranks.dedup_by_key(|r| r.0);
+    ranks
 }
 
 /// A create that found the object already there is a success.
@@ -390,8 +426,58 @@ fn typed<T: serde::Serialize>(obj: T, api_version: &str, kind: &str) -> serde_js
 
 #[cfg(test)]
 mod tests {
-    use super::addresses_to_publish;
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+
+    use super::{addresses_to_publish, published_in};
     use crate::observe::{PodState, RankPod};
+
+    fn endpoint(hostname: Option<&str>, addresses: &[&str]) -> Endpoint {
+        Endpoint {
+            hostname: hostname.map(str::to_string),
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            ..Endpoint::default()
+        }
+    }
+
+    #[test]
+    fn the_published_ranks_are_read_back_from_the_slice() {
+        let slice = EndpointSlice {
+            endpoints: Some(vec![
+                endpoint(Some("j-1"), &["10.0.0.2"]),
+                endpoint(Some("j-0"), &["10.0.0.1", "10.0.0.9"]),
+                // Not a rank of this job's: another job's prefix, no number, a number written
+                // otherwise than a rank's hostname, no hostname, no address, a repeated rank.
+                endpoint(Some("jj-2"), &["10.0.0.3"]),
+                endpoint(Some("j-x"), &["10.0.0.4"]),
+                endpoint(Some("j-03"), &["10.0.0.5"]),
+                endpoint(Some("j-"), &["10.0.0.6"]),
+                endpoint(None, &["10.0.0.7"]),
+                endpoint(Some("j-4"), &[]),
+                endpoint(Some("j-1"), &["10.0.0.8"]),
+            ]),
+            ..EndpointSlice::default()
+        };
+        assert_eq!(
+            published_in(&slice, "j"),
+            vec![(0, "10.0.0.1".to_string()), (1, "10.0.0.2".to_string())]
+        );
+        // A job whose name ends in a digit: `j-1-0` is rank 0 of `j-1`, not of `j`.
+        let nested = EndpointSlice {
+            endpoints: Some(vec![endpoint(Some("j-1-0"), &["10.0.1.1"])]),
+            ..EndpointSlice::default()
+        };
+        assert_eq!(published_in(&nested, "j-1"), vec![(0, "10.0.1.1".into())]);
+        assert_eq!(published_in(&nested, "j"), vec![]);
+        // An empty slice (the addresses withdrawn): nothing published.
+        assert_eq!(published_in(&EndpointSlice::default(), "j"), vec![]);
+        // Seeded from it after a restart of the operator, an incomplete attempt withdraws the
+        // stale addresses at once.
+        let restarting = [rank(0, 1, None)];
+        assert_eq!(
+            addresses_to_publish(&restarting, 1, 2, &published_in(&slice, "j")),
+            Some(vec![])
+        );
+    }
 
     fn rank(rank: u32, attempt: i32, ip: Option<&str>) -> RankPod {
         RankPod {

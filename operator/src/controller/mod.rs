@@ -93,8 +93,10 @@ pub struct Kept {
     /// decides from it while the watch has not yet delivered that version, and a change of the
     /// worker counts alone waits out `status::COUNTS_PERIOD` after it.
     pub status: Option<(Arc<DynamicObject>, Instant)>,
-    /// The rank addresses last written into the job's EndpointSlice.
-    pub published: Vec<(u32, String)>,
+    /// The rank addresses last written into the job's EndpointSlice; `None` until this process
+    /// has written it or read it from the API server (after a start, the slice may still hold
+    /// what an earlier process published: see `apply::publish_addresses`).
+    pub published: Option<Vec<(u32, String)>>,
     /// The job's failed passes in a row, which space its retries (`reconcile::error_policy`).
     pub errors: Backoff,
     /// The gang's wait for the namespace's ResourceQuota, while it lasts.
