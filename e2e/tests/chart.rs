@@ -469,3 +469,72 @@ fn a_namespace_scoped_install_lets_the_operator_write_in_its_namespace_only() {
         "the default install watches every namespace"
     );
 }
+
+/// The operator's arguments in the Deployment of `objects`.
+fn operator_args(objects: &[Value]) -> Vec<String> {
+    let deployment = find(objects, "Deployment", "t-lockstep-operator").expect("the Deployment");
+    deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn the_operator_writes_worker_network_policies_admitting_the_scrapers_of_the_values() {
+    // Both scopes grant the server-side apply of each job's NetworkPolicy (create when new,
+    // patch), and the read by name of the job's EndpointSlice after a start.
+    for (args, kind) in [
+        (&[][..], "ClusterRole"),
+        (&["--set", "rbac.scope=namespace"][..], "Role"),
+    ] {
+        let objects = render(args);
+        let role = find(&objects, kind, "t-lockstep-operator").expect("the operator's role");
+        assert_eq!(
+            verbs(&role["rules"], "networking.k8s.io", "networkpolicies"),
+            ["create", "patch"].map(String::from).into(),
+            "{kind}"
+        );
+        assert_eq!(
+            verbs(&role["rules"], "discovery.k8s.io", "endpointslices"),
+            ["create", "get", "patch"].map(String::from).into(),
+            "{kind}"
+        );
+    }
+    // On by default, admitting no scraper; the chart's own (operator) NetworkPolicy stays off.
+    let objects = render(&[]);
+    let args = operator_args(&objects);
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--worker-metrics-from", "[]"]),
+        "{args:?}"
+    );
+    assert!(!args.iter().any(|a| a == "--no-worker-network-policy"));
+    assert!(objects.iter().all(|o| o["kind"] != "NetworkPolicy"));
+    // The value reaches the operator as a JSON list of NetworkPolicyPeer.
+    let peers = serde_json::json!([
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    ]);
+    let set = format!("networkPolicy.workers.metricsFrom={peers}");
+    let args = operator_args(&render(&["--set-json", &set]));
+    let at = args
+        .iter()
+        .position(|a| a == "--worker-metrics-from")
+        .expect("--worker-metrics-from");
+    let passed: Value = serde_json::from_str(&args[at + 1]).unwrap();
+    assert_eq!(passed, peers);
+    let _: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer> =
+        serde_json::from_value(passed).expect("NetworkPolicyPeers");
+    // Off: the operator is told so.
+    let args = operator_args(&render(&["--set", "networkPolicy.workers.enabled=false"]));
+    assert!(
+        args.iter().any(|a| a == "--no-worker-network-policy"),
+        "{args:?}"
+    );
+    assert!(
+        !args.iter().any(|a| a == "--worker-metrics-from"),
+        "{args:?}"
+    );
+}

@@ -25,6 +25,8 @@ mod guard;
 mod leader;
 #[path = "e2e/namespaced.rs"]
 mod namespaced;
+#[path = "e2e/network_policy.rs"]
+mod network_policy;
 #[path = "e2e/operator.rs"]
 mod operator;
 #[path = "e2e/progress.rs"]

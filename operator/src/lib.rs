@@ -9,6 +9,7 @@
 //!   operator's own writes.
 //! - [`gang`]: gang admission (capacity snapshot, queue, placement) for the Builtin policy.
 //! - [`resources`]: pure builders of the owned objects (Service, ConfigMap, worker pods).
+//! - [`network_policy`]: the pure builder of each job's NetworkPolicy for its workers.
 //! - [`metrics`]: Prometheus metrics and the health endpoints.
 //! - [`leader`]: leader election on a Lease, so one of several replicas acts.
 //! - [`ratelimit`]: the client's limit on requests per second to the API server.
@@ -22,6 +23,7 @@ pub mod gang;
 pub mod job;
 pub mod leader;
 pub mod metrics;
+pub mod network_policy;
 pub mod observe;
 pub mod pods;
 pub mod quota;

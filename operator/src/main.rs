@@ -3,7 +3,7 @@
 //!
 //!     lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT] [--no-leader-elect]
 //!                       [--lease-namespace NS] [--lease-name NAME] [--controller-name NAME]
-//!                       [--namespace NS]
+//!                       [--namespace NS] [--worker-metrics-from JSON] [--no-worker-network-policy]
 //!
 //! With `--namespace`, only the jobs of that namespace are reconciled (and only its worker pods
 //! and progress ConfigMaps watched), so the operator needs write rights there alone; nodes,
@@ -12,6 +12,12 @@
 //! With leader election (the default) the replica that holds the Lease `--lease-name` (default
 //! `lockstep-operator`) in `--lease-namespace` (default `$POD_NAMESPACE`, else `default`) acts;
 //! the others wait. A leader that cannot renew exits with code 3 so it restarts as a follower.
+//!
+//! Every job gets a NetworkPolicy `<job>-workers` (owned by the job) that admits to its worker
+//! pods only the same job's pods (every port) and, on the metrics port, the peers of
+//! `--worker-metrics-from` (a JSON list of NetworkPolicyPeer; default `[]`: no scraper). It is
+//! enforced only where the network plugin enforces NetworkPolicies (elsewhere an inert object);
+//! `--no-worker-network-policy` makes none (policies made before stay, and go with their jobs).
 //!
 //! `/metrics`, `/healthz` and `/readyz` are served on `--metrics-addr` (default `0.0.0.0:8080`).
 //!
@@ -60,6 +66,14 @@ async fn main() -> anyhow::Result<()> {
             "--namespace" => {
                 settings.namespace = Some(args.next().context("--namespace needs a namespace")?);
             }
+            "--worker-metrics-from" => {
+                let json = args
+                    .next()
+                    .context("--worker-metrics-from needs a JSON list of NetworkPolicyPeer")?;
+                settings.worker_metrics_from = serde_json::from_str(&json)
+                    .context("--worker-metrics-from: a JSON list of NetworkPolicyPeer")?;
+            }
+            "--no-worker-network-policy" => settings.worker_network_policy = false,
             "--controller-name" => {
                 settings.controller_name = args.next().context("--controller-name needs a name")?;
             }
@@ -85,7 +99,9 @@ async fn main() -> anyhow::Result<()> {
                     "usage: lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT] [--no-leader-elect] \
                      [--lease-namespace NS] [--lease-name NAME] [--controller-name NAME] \
                      [--namespace NS (default: every namespace)] \
-                     [--kube-api-qps Q (200; 0 = unlimited)] [--kube-api-burst B (400)]"
+                     [--kube-api-qps Q (200; 0 = unlimited)] [--kube-api-burst B (400)] \
+                     [--worker-metrics-from JSON (NetworkPolicyPeer list; [] = no scraper)] \
+                     [--no-worker-network-policy]"
                 );
                 return Ok(());
             }
@@ -113,6 +129,8 @@ async fn main() -> anyhow::Result<()> {
         concurrency = settings.concurrency,
         metrics = %metrics_addr,
         namespace = settings.namespace.as_deref().unwrap_or("(all)"),
+        worker_network_policy = settings.worker_network_policy,
+        worker_metrics_from = settings.worker_metrics_from.len(),
         "lockstep-operator starting"
     );
     // Followers are ready too: a rollout must not wait for a replica that is not leading.

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::ResourceExt;
 use kube::api::{
@@ -93,7 +94,7 @@ async fn apply(
     let ssa = PatchParams::apply(operator::FIELD_MANAGER).force();
     match action {
         Action::EnsureSharedObjects => {
-            // Independent writes, made at once: a reconcile waits for one round trip, not seven.
+            // Independent writes, made at once: a reconcile waits for one round trip, not eight.
             let c = &ctx.client;
             let ns = job.namespace;
             let service = async {
@@ -162,7 +163,20 @@ async fn apply(
             };
             let progress =
                 async { ignore_conflict(maps.create(&create, &job.progress_config_map()?).await) };
-            futures::try_join!(service, config, account, rbac, token, progress)?;
+            let policy = async {
+                if let Some(metrics_from) = &ctx.worker_policy {
+                    let policy = job.network_policy(metrics_from)?;
+                    Api::<NetworkPolicy>::namespaced(c.clone(), ns)
+                        .patch(
+                            &job.network_policy_name(),
+                            &ssa,
+                            &Patch::Apply(&typed(policy, "networking.k8s.io/v1", "NetworkPolicy")),
+                        )
+                        .await?;
+                }
+                Ok(())
+            };
+            futures::try_join!(service, config, account, rbac, token, progress, policy)?;
         }
         Action::CreatePods {
             attempt,

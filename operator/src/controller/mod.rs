@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::Controller;
 use kube::runtime::controller::Config as ControllerConfig;
@@ -59,6 +60,9 @@ pub struct Context {
     /// What this process keeps of each job between passes (by [`crate::job::key`]); it goes
     /// with the job.
     pub kept: Mutex<HashMap<String, Kept>>,
+    /// The peers admitted to the workers' metrics port by each job's NetworkPolicy
+    /// ([`crate::network_policy`]); `None`: no NetworkPolicy is made.
+    pub worker_policy: Option<Vec<NetworkPolicyPeer>>,
 }
 
 impl Context {
@@ -118,6 +122,12 @@ pub struct Settings {
     /// Nodes, PriorityClasses and every pod's requests are still read cluster-wide: gang
     /// admission counts what each node has free, whoever's pods take it.
     pub namespace: Option<String>,
+    /// Whether every job gets a NetworkPolicy for its workers (see [`crate::network_policy`]):
+    /// ingress from the same job's pods, and from [`Self::worker_metrics_from`] on the metrics
+    /// port. Enforced only by a network plugin that enforces NetworkPolicies.
+    pub worker_network_policy: bool,
+    /// The peers admitted to the workers' metrics port (the metrics scrapers); empty: none.
+    pub worker_metrics_from: Vec<NetworkPolicyPeer>,
 }
 
 impl Default for Settings {
@@ -127,6 +137,8 @@ impl Default for Settings {
             instance: "lockstep-operator".into(),
             controller_name: operator::CONTROLLER_NAME.into(),
             namespace: None,
+            worker_network_policy: true,
+            worker_metrics_from: Vec::new(),
         }
     }
 }
@@ -185,6 +197,9 @@ pub async fn run(
         reporter,
         controller_name: settings.controller_name.clone(),
         kept: Mutex::new(HashMap::new()),
+        worker_policy: settings
+            .worker_network_policy
+            .then(|| settings.worker_metrics_from.clone()),
         client,
         metrics: metrics.clone(),
         admitter,
