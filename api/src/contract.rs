@@ -8,7 +8,8 @@ pub mod env {
     /// Name of the ParallelJob.
     pub const JOB: &str = "LOCKSTEP_JOB";
     /// UID of the ParallelJob (`local` mode: `local`): recorded in every checkpoint, so that a job
-    /// never resumes from another's, even one of the same name.
+    /// never resumes from another's, even one of the same name. Optional, for a worker image newer
+    /// than its operator: unset, no checkpoint is checked for its job.
     pub const JOB_UID: &str = "LOCKSTEP_JOB_UID";
     /// Namespace of the ParallelJob.
     pub const NAMESPACE: &str = "LOCKSTEP_NAMESPACE";
@@ -156,7 +157,7 @@ pub mod env {
                 .ok_or_else(|| format!("{RENDEZVOUS}={rdzv:?} is not host:port"))?;
             let env = Self {
                 job: text(JOB)?,
-                job_uid: text(JOB_UID)?,
+                job_uid: get(JOB_UID).unwrap_or_default(),
                 namespace: text(NAMESPACE)?,
                 rank: num(RANK, text(RANK)?)?,
                 world_size: num(WORLD_SIZE, text(WORLD_SIZE)?)?,
@@ -492,6 +493,12 @@ mod tests {
         assert_eq!(pairs[env::TORCH_RANK], "3");
         let back = env::RankEnv::from_lookup(|n| pairs.get(n).cloned()).expect("round trip");
         assert_eq!(back, e);
+        // A worker newer than its operator gets no UID: it runs, checking no checkpoint's job.
+        let old = env::RankEnv::from_lookup(|n| {
+            (n != env::JOB_UID).then(|| pairs.get(n).cloned()).flatten()
+        })
+        .expect("no UID is no error");
+        assert_eq!(old.job_uid, "");
         let err = env::RankEnv::from_lookup(|n| {
             (n != env::ATTEMPT).then(|| pairs.get(n).cloned()).flatten()
         })

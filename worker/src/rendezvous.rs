@@ -111,18 +111,27 @@ const NONCES_PER_RANK: usize = 4;
 /// How long rank 0 waits for the first beat of an authenticated heartbeat stream.
 const FIRST_BEAT_LIMIT: Duration = Duration::from_secs(10);
 
+/// What a challenge's error message starts with when the nonce answered is unknown (expired, used,
+/// or issued to another): the client asks for a new challenge and tries again.
+const STALE: &str = "stale challenge: ";
+
+/// Who a nonce was issued to: a rank, at an address.
+type Holder = (u32, Option<std::net::IpAddr>);
+
 /// The nonces rank 0 has issued and not seen answered: each is accepted once, within
-/// [`NONCE_TTL`], from the rank it was issued to.
+/// [`NONCE_TTL`], from the rank and the address it was issued to. A holder keeps at most
+/// [`NONCES_PER_RANK`], so that a client asking for many (for a rank it claims) only ever evicts
+/// its own, never those of the rank at its own address.
 #[derive(Default)]
-struct Nonces(HashMap<Vec<u8>, (u32, Instant)>);
+struct Nonces(HashMap<Vec<u8>, (Holder, Instant)>);
 
 impl Nonces {
-    fn issue(&mut self, rank: u32) -> Vec<u8> {
+    fn issue(&mut self, holder: Holder) -> Vec<u8> {
         self.0.retain(|_, (_, at)| at.elapsed() < NONCE_TTL);
         let mut held: Vec<(Instant, Vec<u8>)> = self
             .0
             .iter()
-            .filter(|(_, (r, _))| *r == rank)
+            .filter(|(_, (h, _))| *h == holder)
             .map(|(n, (_, at))| (*at, n.clone()))
             .collect();
         if held.len() >= NONCES_PER_RANK {
@@ -132,15 +141,19 @@ impl Nonces {
             }
         }
         let n = auth::nonce().to_vec();
-        self.0.insert(n.clone(), (rank, Instant::now()));
+        self.0.insert(n.clone(), (holder, Instant::now()));
         n
     }
 
-    /// Takes `nonce` if it was issued to `rank` and is still valid.
-    fn take(&mut self, nonce: &[u8], rank: u32) -> bool {
-        match self.0.remove(nonce) {
-            Some((r, at)) => r == rank && at.elapsed() < NONCE_TTL,
-            None => false,
+    /// Takes `nonce` if it was issued to `holder` and is still valid.
+    fn take(&mut self, nonce: &[u8], holder: Holder) -> bool {
+        match self.0.get(nonce) {
+            Some((h, at)) if *h == holder => {
+                let fresh = at.elapsed() < NONCE_TTL;
+                self.0.remove(nonce);
+                fresh
+            }
+            _ => false,
         }
     }
 }
@@ -177,9 +190,15 @@ struct State {
 }
 
 impl State {
-    /// Checks the credentials of a `method` request: the attempt and rank, then that the nonce is
-    /// one rank 0 issued to that rank and has not seen answered, then the proof (constant time).
-    fn check(&self, c: Option<&Credentials>, method: &str) -> Result<u32, Status> {
+    /// Checks the credentials of a `method` request coming `from` an address: the attempt and rank,
+    /// the proof (constant time), then that the nonce is one rank 0 issued to that rank at that
+    /// address and has not seen answered. A request without a valid proof never spends a nonce.
+    fn check(
+        &self,
+        c: Option<&Credentials>,
+        method: &str,
+        from: Option<std::net::IpAddr>,
+    ) -> Result<u32, Status> {
         let c = c.ok_or_else(|| Status::unauthenticated("credentials are required"))?;
         if c.attempt != self.me.attempt {
             return Err(Status::failed_precondition(format!(
@@ -194,20 +213,6 @@ impl State {
                 c.rank, self.me.world_size
             )));
         }
-        let fresh = self
-            .nonces
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take(&c.nonce, c.rank);
-        if !fresh {
-            // Aborted: the client asks for a new challenge and tries again.
-            return Err(Status::aborted(format!(
-                "rank {} answered a challenge rank 0 did not issue to it, or already saw \
-                 answered, or issued over {} s ago: ask for a new one",
-                c.rank,
-                NONCE_TTL.as_secs()
-            )));
-        }
         if !self
             .keys
             .check_rendezvous(method, c.rank, c.attempt, &c.nonce, &c.proof)
@@ -215,6 +220,19 @@ impl State {
             return Err(Status::unauthenticated(format!(
                 "rank {} could not prove that it holds this job's token: it belongs to another job",
                 c.rank
+            )));
+        }
+        let fresh = self
+            .nonces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(&c.nonce, (c.rank, from));
+        if !fresh {
+            return Err(Status::aborted(format!(
+                "{STALE}rank {} answered a challenge rank 0 did not issue to it, or already saw \
+                 answered, or issued over {} s ago: ask for a new one",
+                c.rank,
+                NONCE_TTL.as_secs()
             )));
         }
         Ok(c.rank)
@@ -259,6 +277,7 @@ impl State {
                 nccl_id: self.nccl_id.clone(),
             };
             tracing::info!(world = peers.len(), "every rank joined");
+            self.activity.touch();
             self.world.send_replace(Some(Ok(world)));
         }
         Ok(())
@@ -479,6 +498,7 @@ impl Rendezvous for Service {
         &self,
         req: Request<ChallengeRequest>,
     ) -> Result<Response<ChallengeResponse>, Status> {
+        let from = req.remote_addr().map(|a| a.ip());
         let rank = req.into_inner().rank;
         if rank >= self.0.me.world_size {
             return Err(Status::invalid_argument(format!(
@@ -491,13 +511,14 @@ impl Rendezvous for Service {
             .nonces
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .issue(rank);
+            .issue((rank, from));
         Ok(Response::new(ChallengeResponse { nonce }))
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let s = &self.0;
-        let seen_from = req.remote_addr().map(|a| a.ip().to_string());
+        let from = req.remote_addr().map(|a| a.ip());
+        let seen_from = from.map(|ip| ip.to_string());
         let mut j = req.into_inner();
         if j.host.is_empty() {
             // The rank did not name a host: use the address its connection came from.
@@ -505,7 +526,7 @@ impl Rendezvous for Service {
                 Status::invalid_argument("host is empty and the connection has no peer address")
             })?;
         }
-        let rank = s.check(j.credentials.as_ref(), "join")?;
+        let rank = s.check(j.credentials.as_ref(), "join", from)?;
         if j.world_size != s.me.world_size {
             return Err(Status::failed_precondition(format!(
                 "rank {rank} was started for a world of {}, rank 0 for a world of {}",
@@ -548,7 +569,8 @@ impl Rendezvous for Service {
             .get_bin(CREDENTIALS_HEADER)
             .and_then(|v| v.to_bytes().ok())
             .and_then(|b| <Credentials as lockstep_proto::prost::Message>::decode(b).ok());
-        let rank = s.check(creds.as_ref(), "heartbeat")? as usize;
+        let from = req.remote_addr().map(|a| a.ip());
+        let rank = s.check(creds.as_ref(), "heartbeat", from)? as usize;
         let mut beats = req.into_inner();
         let first = tokio::time::timeout(FIRST_BEAT_LIMIT, beats.message())
             .await
@@ -619,8 +641,9 @@ impl Rendezvous for Service {
     }
 
     async fn abort(&self, req: Request<AbortRequest>) -> Result<Response<AbortResponse>, Status> {
+        let at = req.remote_addr().map(|a| a.ip());
         let a = req.into_inner();
-        let from = self.0.check(a.credentials.as_ref(), "abort")?;
+        let from = self.0.check(a.credentials.as_ref(), "abort", at)?;
         let mut f = a
             .failure
             .ok_or_else(|| Status::invalid_argument("failure is required"))?;
@@ -633,8 +656,9 @@ impl Rendezvous for Service {
         &self,
         req: Request<BarrierRequest>,
     ) -> Result<Response<BarrierResponse>, Status> {
+        let from = req.remote_addr().map(|a| a.ip());
         let b = req.into_inner();
-        let rank = self.0.check(b.credentials.as_ref(), "barrier")?;
+        let rank = self.0.check(b.credentials.as_ref(), "barrier", from)?;
         self.0
             .enter_barrier(&b.name, rank)
             .await
@@ -1061,7 +1085,9 @@ where
         let mut c = client.clone();
         let creds = credentials(&mut c, me, keys, method).await?;
         match call(c, creds).await {
-            Err(s) if s.code() == Code::Aborted && tries < 3 => tries += 1,
+            Err(s) if s.code() == Code::Aborted && s.message().starts_with(STALE) && tries < 3 => {
+                tries += 1;
+            }
             r => return r,
         }
     }

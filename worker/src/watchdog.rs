@@ -145,6 +145,12 @@ impl Activity {
         self.ops.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Records progress now without a step or an operation: the gang just formed, and the time
+    /// rank 0 spent waiting for the others to join is no stall of its own.
+    pub fn touch(&self) {
+        self.progress();
+    }
+
     /// Records that `step` optimizer steps are done.
     pub fn set_step(&self, step: u64) {
         if self.step.swap(step, Ordering::Relaxed) != step {

@@ -279,6 +279,29 @@ async fn losing_rank_zero_aborts_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_assembly_of_the_gang_is_no_stall_of_rank_zero() {
+    let o = Options {
+        progress_timeout: Duration::from_secs(2),
+        ..opts(Duration::from_secs(20))
+    };
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(Session::serve(l, me(0, 2), vec![], o.clone()));
+    // Rank 1 arrives after longer than the progress timeout (a slow image pull).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s1 = Session::join(&addr, me(1, 2), o).await.expect("join");
+    let s0 = server.await.expect("task").expect("rank 0");
+    // Then both train (the first step takes a moment): nobody is judged stuck.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for step in 1..=10 {
+        s0.set_step(step);
+        s1.set_step(step);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let aborted = tokio::time::timeout(Duration::from_millis(100), s0.aborted()).await;
+    assert!(aborted.is_err(), "a healthy gang was failed: {aborted:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replayed_request_a_forged_proof_and_an_unproved_heartbeat_are_refused_at_once() {
     use lockstep_proto::v1::rendezvous_client::RendezvousClient;
     use lockstep_proto::v1::{AbortRequest, Beat, ChallengeRequest, Credentials, Failure};
