@@ -320,24 +320,8 @@ async fn installed_by_helm_the_operator_runs_a_job_with_the_charts_rights_alone(
             // A job in another namespace, end to end: RBAC is cluster-wide where it must be.
             c.kubectl(&["create", "namespace", &jobs_ns]).await?;
             let run = async {
-                let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
-                v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
-                let jobs: Api<ParallelJob> = Api::namespaced(c.client.clone(), &jobs_ns);
-                jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
-                    .await?;
-                let phase = || async {
-                    anyhow::Ok(
-                        jobs.get("ddp-digits")
-                            .await?
-                            .status
-                            .unwrap_or_default()
-                            .phase,
-                    )
-                };
-                wait_until(Duration::from_secs(90), "the job runs", || async {
-                    Ok(phase().await? == Some(Phase::Running))
-                })
-                .await?;
+                let jobs = run_ddp_example(&c.client, &jobs_ns, &controller_name).await?;
+                let phase = || phase_of(&jobs, "ddp-digits");
                 let pods: Api<Pod> = Api::namespaced(c.client.clone(), &jobs_ns);
                 // The rank addresses, which the operator may publish only with the chart's
                 // rights on EndpointSlices (a refused write would only be logged).
@@ -641,24 +625,8 @@ async fn installed_namespace_scoped_the_operator_runs_jobs_in_its_namespace_and_
                     let _ = stop_rx.await;
                 },
             ));
-            let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
-            v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
-            let jobs: Api<ParallelJob> = Api::namespaced(c.client.clone(), &jobs_ns);
-            jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
-                .await?;
-            let phase = || async {
-                anyhow::Ok(
-                    jobs.get("ddp-digits")
-                        .await?
-                        .status
-                        .unwrap_or_default()
-                        .phase,
-                )
-            };
-            wait_until(Duration::from_secs(90), "the job runs", || async {
-                Ok(phase().await? == Some(Phase::Running))
-            })
-            .await?;
+            let jobs = run_ddp_example(&c.client, &jobs_ns, &controller_name).await?;
+            let phase = || phase_of(&jobs, "ddp-digits");
             let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
                 Api::namespaced(c.client.clone(), &jobs_ns);
             wait_until(
@@ -692,4 +660,28 @@ async fn installed_namespace_scoped_the_operator_runs_jobs_in_its_namespace_and_
         outcome
     })
     .await
+}
+
+/// The phase of the job `name`.
+async fn phase_of(jobs: &Api<ParallelJob>, name: &str) -> anyhow::Result<Option<Phase>> {
+    Ok(jobs.get(name).await?.status.unwrap_or_default().phase)
+}
+
+/// Creates the example DDP job in `ns` for the operator named `controller_name`, and waits until
+/// it runs.
+async fn run_ddp_example(
+    client: &kube::Client,
+    ns: &str,
+    controller_name: &str,
+) -> anyhow::Result<Api<ParallelJob>> {
+    let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
+    v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
+    let jobs: Api<ParallelJob> = Api::namespaced(client.clone(), ns);
+    jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+        .await?;
+    wait_until(Duration::from_secs(90), "the job runs", || async {
+        Ok(phase_of(&jobs, "ddp-digits").await? == Some(Phase::Running))
+    })
+    .await?;
+    Ok(jobs)
 }
