@@ -187,6 +187,10 @@ pub mod env {
 pub mod labels {
     /// Name of the owning ParallelJob.
     pub const JOB_NAME: &str = "lockstep.dev/job-name";
+    /// UID of the owning ParallelJob: a job deleted with its objects orphaned and created again
+    /// under its name has another, so objects of the two are told apart by it (and by their
+    /// controller reference), never by name.
+    pub const JOB_UID: &str = "lockstep.dev/job-uid";
     /// Global rank of a worker pod.
     pub const RANK: &str = "lockstep.dev/rank";
     /// Pipeline stage of a worker pod.
@@ -233,9 +237,12 @@ pub mod operator {
 
 /// Names of the objects a job owns besides its pods, which the worker also needs to know.
 pub mod names {
-    /// The Secret holding the job's rendezvous token (key [`TOKEN_KEY`]).
-    pub fn token_secret(job: &str) -> String {
-        format!("{job}-token")
+    /// The Secret holding the rendezvous token (key [`TOKEN_KEY`]) of the job `job` with UID
+    /// `uid`. The UID is in the name: the operator may create Secrets but not read them, so it
+    /// cannot check whose a Secret it finds under a name is; no object made before the job
+    /// existed (an orphan of an earlier job of that name, a user's) can have this one.
+    pub fn token_secret(job: &str, uid: &str) -> String {
+        format!("{job}-token-{uid}")
     }
 
     /// Key of the token in the token Secret.

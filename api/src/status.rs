@@ -282,6 +282,10 @@ pub mod reasons {
     /// The namespace's ResourceQuota refused part of the gang (what it counts is used up): the
     /// gang waits, with no pod kept, and is tried again with backoff.
     pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+    /// Objects with names the job needs (pods, its Service, ConfigMaps, ...) exist and are not
+    /// the job's own (another job's of the same name, orphaned, or a user's): they are left
+    /// alone, and the gang waits, with no pod kept, until they are gone.
+    pub const OBJECT_CONFLICT: &str = "ObjectConflict";
 }
 
 #[cfg(test)]

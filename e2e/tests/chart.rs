@@ -354,10 +354,11 @@ fn the_operator_holds_on_configmaps_only_the_verbs_its_code_uses() {
     let objects = render(&[]);
     let role = find(&objects, "ClusterRole", "t-lockstep-operator").expect("the ClusterRole");
     // Server-side apply of the worker config (patch; create when new), the progress ConfigMap
-    // created once, its watch (list, watch); `patch` is also all the workers' Role grants.
+    // created once, its watch (list, watch); `patch` is also all the workers' Role grants; `get`
+    // reads whose a ConfigMap with a name the job needs is before it is written.
     assert_eq!(
         verbs(&role["rules"], "", "configmaps"),
-        ["create", "list", "patch", "watch"]
+        ["create", "get", "list", "patch", "watch"]
             .map(String::from)
             .into(),
         "the operator's verbs on configmaps"
@@ -431,7 +432,7 @@ fn a_namespace_scoped_install_lets_the_operator_write_in_its_namespace_only() {
         assert!(verbs(rules, "", "pods").contains("create"));
         assert_eq!(
             verbs(rules, "", "configmaps"),
-            ["create", "list", "patch", "watch"]
+            ["create", "get", "list", "patch", "watch"]
                 .map(String::from)
                 .into()
         );
@@ -493,7 +494,7 @@ fn the_operator_writes_worker_network_policies_admitting_the_scrapers_of_the_val
         let role = find(&objects, kind, "t-lockstep-operator").expect("the operator's role");
         assert_eq!(
             verbs(&role["rules"], "networking.k8s.io", "networkpolicies"),
-            ["create", "patch"].map(String::from).into(),
+            ["create", "get", "patch"].map(String::from).into(),
             "{kind}"
         );
         assert_eq!(

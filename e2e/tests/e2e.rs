@@ -29,6 +29,8 @@ mod namespaced;
 mod network_policy;
 #[path = "e2e/operator.rs"]
 mod operator;
+#[path = "e2e/ownership.rs"]
+mod ownership;
 #[path = "e2e/progress.rs"]
 mod progress;
 #[path = "e2e/published.rs"]

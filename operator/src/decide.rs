@@ -240,15 +240,18 @@ pub fn set_gang_api_missing(
     true
 }
 
-/// Says in `Admitted=False` (reason `QuotaExceeded`, phase Queued) that the namespace's
-/// ResourceQuota refused part of the gang, with `message` (which names the quota and what was
-/// asked), and gives back the admission: the next try is admitted anew, and meanwhile the job
-/// holds no capacity. The condition keeps the time of a wait for admission already under way in
-/// the `previous` status (the job's before this pass). Returns whether this is news, that is
-/// whether `previous` did not say exactly this already (then an Event says it).
-pub fn wait_for_quota(
+/// Says in `Admitted=False` (phase Queued) that the gang cannot be made now, with `reason` and
+/// `message`: `QuotaExceeded` when the namespace's ResourceQuota refused part of it (the message
+/// names the quota and what was asked), `ObjectConflict` when objects with names it needs are
+/// not the job's own (the message names them). Gives back the admission: the next try is
+/// admitted anew, and meanwhile the job holds no capacity. The condition keeps the time of a
+/// wait for admission already under way in the `previous` status (the job's before this pass).
+/// Returns whether this is news, that is whether `previous` did not say exactly this already
+/// (then an Event says it).
+pub fn wait_unadmitted(
     status: &mut ParallelJobStatus,
     previous: Option<&ParallelJobStatus>,
+    reason: &'static str,
     message: &str,
     generation: Option<i64>,
     now: Timestamp,
@@ -257,14 +260,13 @@ pub fn wait_for_quota(
     let since = before
         .filter(|c| c.status == "False")
         .map_or(Time(now), |c| c.last_transition_time.clone());
-    let news = !before.is_some_and(|c| {
-        c.status == "False" && c.reason == reasons::QUOTA_EXCEEDED && c.message == message
-    });
+    let news =
+        !before.is_some_and(|c| c.status == "False" && c.reason == reason && c.message == message);
     status.conditions.retain(|c| c.type_ != ct::ADMITTED);
     status.conditions.push(Condition {
         type_: ct::ADMITTED.into(),
         status: "False".into(),
-        reason: reasons::QUOTA_EXCEEDED.into(),
+        reason: reason.into(),
         message: message.into(),
         last_transition_time: since,
         observed_generation: generation,
@@ -285,16 +287,18 @@ fn makes_gang(action: &Action) -> bool {
     )
 }
 
-/// The decision of a pass made while the gang waits for the namespace's ResourceQuota (it
-/// refused part of the gang, see [`wait_for_quota`]) and the next try is `retry_in` away. A pass
-/// that would make the gang (ask admission, create, release) makes nothing instead: it keeps
-/// the quota wait with `message`, deletes any pod of the current attempt that is left (a partly
-/// made gang never stays), and looks again when the wait is over. Any other pass (the job
-/// finishes, is suspended, an older attempt's pods go) is decided as ever.
-pub fn hold_for_quota(
+/// The decision of a pass made while the gang is held back (see [`wait_unadmitted`]: the
+/// namespace's ResourceQuota refused part of it, or objects with names it needs are not the
+/// job's) and the next try is `retry_in` away. A pass that would make the gang (ask admission,
+/// create, release) makes nothing instead: it keeps the wait with `reason` and `message`,
+/// deletes any pod of the current attempt that is left (a partly made gang never stays), and
+/// looks again when the wait is over. Any other pass (the job finishes, is suspended, an older
+/// attempt's pods go) is decided as ever.
+pub fn hold_gang(
     decided: Decided<'_>,
     job: &ParallelJob,
     pods: &[RankPod],
+    reason: &'static str,
     message: &str,
     retry_in: Duration,
     now: Timestamp,
@@ -328,16 +332,17 @@ pub fn hold_for_quota(
     // Nothing was started: the start time stays what it was.
     d.status.start_time = job.status.as_ref().and_then(|s| s.start_time.clone());
     let previous = job.status.as_ref();
-    if wait_for_quota(
+    if wait_unadmitted(
         &mut d.status,
         previous,
+        reason,
         message,
         job.metadata.generation,
         now,
     ) {
         d.events.push(Note {
             warning: true,
-            reason: reasons::QUOTA_EXCEEDED,
+            reason,
             message: message.to_string(),
         });
     }
@@ -1183,6 +1188,9 @@ mod tests {
             gated: false,
             planned_node: None,
             ip: None,
+            uid: None,
+            controller: Some("u".into()),
+            job_uid: None,
         }
     }
 
@@ -1886,9 +1894,10 @@ mod tests {
         // Creating the pods, the API server says the quota is used up: what reconcile reports.
         let message = "ResourceQuota team-cpu: requested: requests.cpu=500m";
         let mut status = d.status.clone();
-        assert!(wait_for_quota(
+        assert!(wait_unadmitted(
             &mut status,
             before.as_ref(),
+            reasons::QUOTA_EXCEEDED,
             message,
             Some(1),
             at(2)
@@ -1908,9 +1917,10 @@ mod tests {
         );
         // Said again, it is no news (no second Event), and the wait keeps its start.
         let mut again = status.clone();
-        assert!(!wait_for_quota(
+        assert!(!wait_unadmitted(
             &mut again,
             j.status.as_ref(),
+            reasons::QUOTA_EXCEEDED,
             message,
             Some(1),
             at(9)
@@ -1927,10 +1937,11 @@ mod tests {
             })
             .collect();
         let retry_in = Duration::from_secs(5);
-        let d = hold_for_quota(
+        let d = hold_gang(
             decide(&j, 4, &made, at(3)),
             &j,
             &made,
+            reasons::QUOTA_EXCEEDED,
             message,
             retry_in,
             at(3),
@@ -1943,7 +1954,15 @@ mod tests {
         assert_eq!(admitted(&d).reason, reasons::QUOTA_EXCEEDED);
         assert!(d.events.is_empty(), "{:?}", d.events);
         assert!(d.requeue_after.is_some_and(|r| r <= retry_in));
-        let d = hold_for_quota(decide(&j, 4, &[], at(4)), &j, &[], message, retry_in, at(4));
+        let d = hold_gang(
+            decide(&j, 4, &[], at(4)),
+            &j,
+            &[],
+            reasons::QUOTA_EXCEEDED,
+            message,
+            retry_in,
+            at(4),
+        );
         assert!(d.actions.is_empty(), "{:?}", d.actions);
         assert_eq!(Some(&d.status), j.status.as_ref(), "nothing to write");
 
@@ -1964,10 +1983,11 @@ mod tests {
         // decided as ever.
         j.spec.run_policy.suspend = true;
         let undisturbed = decide(&j, 4, &made, at(5)).answer_with(|| panic!("admission asked"));
-        let held = hold_for_quota(
+        let held = hold_gang(
             decide(&j, 4, &made, at(5)),
             &j,
             &made,
+            reasons::QUOTA_EXCEEDED,
             message,
             retry_in,
             at(5),

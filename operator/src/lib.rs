@@ -25,6 +25,7 @@ pub mod leader;
 pub mod metrics;
 pub mod network_policy;
 pub mod observe;
+pub mod ownership;
 pub mod pods;
 pub mod quota;
 pub mod ratelimit;
@@ -51,6 +52,9 @@ pub enum Error {
     /// Serializing an object failed.
     #[error("serialization: {0}")]
     Serde(#[from] serde_json::Error),
+    /// Objects with names the job needs exist and are not its own (see [`ownership`]).
+    #[error("{}", ownership::explain(.0))]
+    NotOwned(Vec<ownership::Foreign>),
 }
 
 impl Error {
@@ -61,6 +65,7 @@ impl Error {
             Error::Kube(_) => "kubernetes",
             Error::GangApiMissing(_) => "gang_api_missing",
             Error::Serde(_) => "serialization",
+            Error::NotOwned(_) => "not_owned",
         }
     }
 }

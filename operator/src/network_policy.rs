@@ -25,11 +25,15 @@ impl JobContext<'_> {
     }
 
     /// The job's NetworkPolicy: it selects the job's worker pods and admits, for Ingress, the
-    /// pods of the same job (by the job-name label) on every port, and `metrics_from` on the
+    /// pods of the same job (by the job's name and UID labels) on every port, and `metrics_from` on the
     /// metrics port. An empty `metrics_from` admits no scraper (a rule with no peers would
     /// admit every source, so none is written).
     pub fn network_policy(&self, metrics_from: &[NetworkPolicyPeer]) -> Result<NetworkPolicy> {
-        let job = BTreeMap::from([(labels::JOB_NAME.to_string(), self.name.to_string())]);
+        // By UID too: pods left by an earlier job of the same name (orphaned) are not this job's.
+        let job = BTreeMap::from([
+            (labels::JOB_NAME.to_string(), self.name.to_string()),
+            (labels::JOB_UID.to_string(), self.uid().to_string()),
+        ]);
         let mut workers = job.clone();
         workers.insert(labels::COMPONENT.into(), "worker".into());
         let mut ingress = vec![NetworkPolicyIngressRule {
@@ -128,12 +132,14 @@ mod tests {
         let selected = spec.pod_selector.unwrap().match_labels.unwrap();
         let pod = ctx.pod(0, 0, "d", false, None).unwrap();
         let pod_labels = pod.metadata.labels.unwrap();
-        assert_eq!(selected.len(), 2);
+        assert_eq!(selected.len(), 3);
         assert!(
             selected.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
             "{selected:?}"
         );
         assert_eq!(selected[labels::JOB_NAME], name);
+        // By UID too: an orphaned pod of an earlier job of the same name is not selected.
+        assert_eq!(selected[labels::JOB_UID], "uid-1");
         assert_eq!(selected[labels::COMPONENT], "worker");
         assert_eq!(
             spec.policy_types.as_deref(),
@@ -148,7 +154,13 @@ mod tests {
         assert_eq!(
             peers[0].pod_selector,
             Some(LabelSelector {
-                match_labels: Some([(labels::JOB_NAME.to_string(), name.clone())].into()),
+                match_labels: Some(
+                    [
+                        (labels::JOB_NAME.to_string(), name.clone()),
+                        (labels::JOB_UID.to_string(), "uid-1".to_string()),
+                    ]
+                    .into()
+                ),
                 ..LabelSelector::default()
             })
         );

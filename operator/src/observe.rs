@@ -36,6 +36,15 @@ pub struct RankPod {
     pub planned_node: Option<String>,
     /// Its IP (`status.podIP`), once it has one: what its rank's DNS name resolves to.
     pub ip: Option<String>,
+    /// Its UID: deletions name it as a precondition, so that they never hit another pod that
+    /// has taken the name since.
+    pub uid: Option<String>,
+    /// The UID of the object that controls it (its controller reference): only a pod this
+    /// job controls is one of its gang; one with the job's labels and another controller, or
+    /// none (an orphan of an earlier job of the same name, a copy someone made), is left alone.
+    pub controller: Option<String>,
+    /// Its `lockstep.dev/job-uid` label: the UID of the job that made it.
+    pub job_uid: Option<String>,
 }
 
 /// Phase of a worker pod, with the failure when it failed.
@@ -147,6 +156,9 @@ pub fn observe(pod: &Pod, worker_container: &str) -> Option<RankPod> {
             .as_ref()
             .and_then(|a| a.get(annotations::PLANNED_NODE).cloned()),
         ip: status.pod_ip.filter(|ip| !ip.is_empty()),
+        uid: pod.metadata.uid.clone(),
+        controller: crate::ownership::controller_uid(&pod.metadata).map(str::to_string),
+        job_uid: labels_map.get(labels::JOB_UID).cloned(),
     })
 }
 

@@ -18,6 +18,8 @@
 
 use std::time::{Duration, Instant};
 
+use lockstep_api::status::reasons;
+
 use crate::backoff::Backoff;
 
 /// A create the namespace's ResourceQuota refused because of what is used: waiting may help.
@@ -115,36 +117,56 @@ impl Refusal {
     }
 }
 
-/// A gang's wait for its namespace's ResourceQuota, as the operator keeps it between passes:
-/// what the job's condition says, and when the next try is due. Every refusal in a row doubles
-/// the wait (see [`crate::backoff`]); a gang that is created resets it (the operator drops the
-/// whole `Hold`).
+/// A gang's wait, as the operator keeps it between passes: for its namespace's ResourceQuota, or
+/// for objects with names it needs that are not the job's own to go (see
+/// [`crate::ownership`]). It keeps the reason and message of the job's condition, and when the
+/// next try is due. Every refusal in a row doubles the wait (see [`crate::backoff`]), up to
+/// [`CONFLICT_MAX_WAIT`] for objects in the way (a user who deletes them should not wait
+/// minutes); a gang that is created resets it (the operator drops the whole `Hold`).
 #[derive(Clone, Debug, Default)]
 pub struct Hold {
     uid: Option<String>,
+    reason: &'static str,
     message: String,
     backoff: Backoff,
     until: Option<Instant>,
 }
 
+/// The longest wait between two tries of a gang that objects not its own stand in the way of.
+pub const CONFLICT_MAX_WAIT: Duration = Duration::from_secs(30);
+
 impl Hold {
     /// Records, at `now`, a refusal of the gang of the job `uid` (a job deleted and created
-    /// again under its name starts a count of its own), said in `message`; returns how long
-    /// until the next try.
-    pub fn refused(&mut self, uid: Option<String>, message: String, now: Instant) -> Duration {
+    /// again under its name starts a count of its own), with the condition's `reason` and
+    /// `message`; returns how long until the next try.
+    pub fn refused(
+        &mut self,
+        uid: Option<String>,
+        reason: &'static str,
+        message: String,
+        now: Instant,
+    ) -> Duration {
         if self.uid != uid {
             self.backoff.reset();
         }
-        let wait = self.backoff.fail();
+        let mut wait = self.backoff.fail();
+        if reason == reasons::OBJECT_CONFLICT {
+            wait = wait.min(CONFLICT_MAX_WAIT);
+        }
         self.uid = uid;
+        self.reason = reason;
         self.message = message;
         self.until = Some(now + wait);
         wait
     }
 
     /// Whether the gang of the job `uid` is still held back at `now`: then the condition's
-    /// message and how long until the next try.
-    pub fn holds(&self, uid: Option<&str>, now: Instant) -> Option<(String, Duration)> {
+    /// reason and message, and how long until the next try.
+    pub fn holds(
+        &self,
+        uid: Option<&str>,
+        now: Instant,
+    ) -> Option<(&'static str, String, Duration)> {
         if self.uid.as_deref() != uid {
             return None;
         }
@@ -152,7 +174,7 @@ impl Hold {
             .until?
             .checked_duration_since(now)
             .filter(|d| !d.is_zero())?;
-        Some((self.message.clone(), left))
+        Some((self.reason, self.message.clone(), left))
     }
 
     /// The refusals in a row so far.
@@ -164,6 +186,8 @@ impl Hold {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const Q: &str = reasons::QUOTA_EXCEEDED;
 
     /// What the API server answers a pod create that the quota refuses (`NewForbidden` around
     /// the ResourceQuota admission's error).
@@ -288,28 +312,45 @@ mod tests {
         let uid = Some("u1".to_string());
         let mut hold = Hold::default();
         assert_eq!(hold.holds(uid.as_deref(), t0), None, "nothing refused yet");
-        let first = hold.refused(uid.clone(), "short".into(), t0);
+        let first = hold.refused(uid.clone(), Q, "short".into(), t0);
         assert_eq!(first, Duration::from_secs(5));
-        let (message, left) = hold
+        let (reason, message, left) = hold
             .holds(uid.as_deref(), t0 + Duration::from_secs(1))
             .expect("held");
-        assert_eq!((message.as_str(), left), ("short", Duration::from_secs(4)));
+        assert_eq!(
+            (reason, message.as_str(), left),
+            (Q, "short", Duration::from_secs(4))
+        );
         assert_eq!(hold.holds(uid.as_deref(), t0 + first), None, "try again");
         let t1 = t0 + first;
         assert_eq!(
-            hold.refused(uid.clone(), "short".into(), t1),
+            hold.refused(uid.clone(), Q, "short".into(), t1),
             Duration::from_secs(10)
         );
         assert_eq!(
-            hold.refused(uid.clone(), "short".into(), t1),
+            hold.refused(uid.clone(), Q, "short".into(), t1),
             Duration::from_secs(20)
         );
         assert_eq!(hold.refusals(), 3);
         // A job created again under the same name is not held by its predecessor's wait.
         assert_eq!(hold.holds(Some("u2"), t1), None);
         assert_eq!(
-            hold.refused(Some("u2".into()), "short".into(), t1),
+            hold.refused(Some("u2".into()), Q, "short".into(), t1),
             Duration::from_secs(5)
         );
+    }
+
+    #[test]
+    fn a_gang_that_objects_not_its_own_stand_in_the_way_of_tries_again_at_least_every_30_s() {
+        let t0 = Instant::now();
+        let uid = Some("u1".to_string());
+        let mut hold = Hold::default();
+        let c = reasons::OBJECT_CONFLICT;
+        let waits: Vec<u64> = (0..5)
+            .map(|_| hold.refused(uid.clone(), c, "Pod j-0".into(), t0).as_secs())
+            .collect();
+        assert_eq!(waits, [5, 10, 20, 30, 30]);
+        let (reason, message, _) = hold.holds(uid.as_deref(), t0).expect("held");
+        assert_eq!((reason, message.as_str()), (c, "Pod j-0"));
     }
 }

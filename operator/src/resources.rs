@@ -245,6 +245,7 @@ impl<'a> JobContext<'a> {
     pub fn common_labels(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
             (labels::JOB_NAME.to_string(), self.name.to_string()),
+            (labels::JOB_UID.to_string(), self.uid().to_string()),
             (
                 labels::APP_NAME_KEY.to_string(),
                 labels::APP_NAME.to_string(),
@@ -377,12 +378,17 @@ impl<'a> JobContext<'a> {
         ))
     }
 
+    /// Name of the token Secret: it carries the job's UID (see [`names::token_secret`]).
+    pub fn token_secret_name(&self) -> String {
+        names::token_secret(self.name, self.uid())
+    }
+
     /// The Secret with the job's rendezvous token: every rank presents it, so that no pod of
     /// another job can join the gang. Created once (never re-applied: the token must not change
     /// under running ranks).
     pub fn token_secret(&self, token: &str) -> Result<Secret> {
         Ok(Secret {
-            metadata: self.meta(names::token_secret(self.name))?,
+            metadata: self.meta(self.token_secret_name())?,
             string_data: Some(BTreeMap::from([(
                 names::TOKEN_KEY.to_string(),
                 token.to_string(),
@@ -546,7 +552,7 @@ impl<'a> JobContext<'a> {
             value: None,
             value_from: Some(EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
-                    name: names::token_secret(self.name),
+                    name: self.token_secret_name(),
                     key: names::TOKEN_KEY.into(),
                     optional: Some(false),
                 }),
@@ -1148,7 +1154,8 @@ mod tests {
             .expect("token from a secret");
         assert_eq!(
             (token.name.as_str(), token.key.as_str()),
-            ("ddp-digits-token", "token")
+            ("ddp-digits-token-uid-1", "token"),
+            "the UID in the name: no object made before the job can hold it"
         );
         let role = ctx.progress_role().expect("role");
         let rules = role.rules.expect("rules");

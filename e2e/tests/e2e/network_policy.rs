@@ -109,9 +109,13 @@ async fn a_running_job_has_a_network_policy_admitting_its_own_pods_and_the_scrap
             .unwrap()
             .match_labels
             .unwrap_or_default();
+        // By name and UID: pods an earlier job of the same name left are not admitted.
         assert_eq!(
             own_labels.into_iter().collect::<Vec<_>>(),
-            vec![(labels::JOB_NAME.to_string(), "fenced".to_string())]
+            vec![
+                (labels::JOB_NAME.to_string(), "fenced".to_string()),
+                (labels::JOB_UID.to_string(), uid.clone())
+            ]
         );
         assert!(own[0].namespace_selector.is_none());
         assert!(ingress[0].ports.is_none());

@@ -49,7 +49,15 @@ async fn rank_zero_reports_progress_through_a_narrow_role() -> anyhow::Result<()
         let secret = secrets.get(&token_ref.name).await?;
         let token = secret.data.expect("data")[&token_ref.key].0.clone();
         assert_eq!(token.len(), 32, "a 128-bit hex token");
-        let other = secrets.get(&names::token_secret("neighbour")).await?;
+        let neighbour = jobs
+            .get("neighbour")
+            .await?
+            .metadata
+            .uid
+            .unwrap_or_default();
+        let other = secrets
+            .get(&names::token_secret("neighbour", &neighbour))
+            .await?;
         assert_ne!(
             other.data.expect("data")[names::TOKEN_KEY].0,
             token,
@@ -135,7 +143,7 @@ async fn rank_zero_reports_progress_through_a_narrow_role() -> anyhow::Result<()
         );
         let as_worker_secrets: Api<Secret> = Api::namespaced(worker, &ns.name);
         forbidden(
-            as_worker_secrets.get("trainer-token").await.map(drop),
+            as_worker_secrets.get(&token_ref.name).await.map(drop),
             "reading the token Secret",
         );
 

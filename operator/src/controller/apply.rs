@@ -2,24 +2,29 @@
 //! the objects it shares with others, creations and deletions of pods (recorded as expectations
 //! in the pod cache), and the EndpointSlice that publishes the ranks' addresses.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::ResourceExt;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
+    PostParams, Preconditions,
 };
 use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::operator;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use super::{Context, WRITE_CONCURRENCY};
 use crate::decide::Action;
 use crate::observe::RankPod;
+use crate::ownership::Foreign;
 use crate::pods::Write;
 use crate::resources::{HOSTNAME_LABEL, JobContext, Pin};
 use crate::{Error, Result, quota};
@@ -35,14 +40,18 @@ pub(super) enum Applied {
     /// quota"): the gang waits, and is tried again (see [`crate::quota`]). The writes stopped
     /// there; the pods of the gang created before it are left to the caller.
     QuotaExceeded(quota::Refusal),
+    /// Objects with names the job needs exist and are not its own (see [`crate::ownership`]):
+    /// they were left alone, and the writes stopped there; the pods of the gang created before
+    /// are left to the caller.
+    NotOwned(Vec<Foreign>),
     /// The API of the external gang scheduler is not served (the API named).
     GangApiMissing(String),
 }
 
 /// Makes the writes of `actions` in order, stopping at the first that fails. Pods on a node that
 /// is gone (`lost`) are deleted at once (grace period 0): no kubelet would ever confirm their
-/// end, and the next attempt would wait for them forever; that includes pods of `observed` that
-/// already terminate there.
+/// end, and the next attempt would wait for them forever; that includes pods of `observed` (the
+/// job's own pods) that already terminate there.
 pub(super) async fn actions(
     ctx: &Context,
     job: &JobContext<'_>,
@@ -52,22 +61,29 @@ pub(super) async fn actions(
 ) -> Result<Applied> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), job.namespace);
     let jobs: Api<ParallelJob> = Api::namespaced(ctx.client.clone(), job.namespace);
-    let gang = crate::job::key(job.namespace, job.name);
+    let gang = Gang {
+        key: crate::job::key(job.namespace, job.name),
+        pods: &pods,
+        uids: observed
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), p.uid.clone()?)))
+            .collect(),
+    };
     let stuck: Vec<String> = observed
         .iter()
         .filter(|p| p.terminating && lost.contains(&p.name))
         .map(|p| p.name.clone())
         .collect();
-    force_delete(ctx, &gang, &pods, stuck).await?;
+    delete_pods(ctx, job, &gang, stuck, true).await?;
     for action in actions {
         if let Action::DeletePods(names) = action {
             let (dead, alive): (Vec<String>, Vec<String>) =
                 names.iter().cloned().partition(|n| lost.contains(n));
-            force_delete(ctx, &gang, &pods, dead).await?;
-            apply(ctx, job, &gang, &pods, &jobs, &Action::DeletePods(alive)).await?;
+            delete_pods(ctx, job, &gang, dead, true).await?;
+            delete_pods(ctx, job, &gang, alive, false).await?;
             continue;
         }
-        match apply(ctx, job, &gang, &pods, &jobs, action).await {
+        match apply(ctx, job, &gang, &jobs, action).await {
             Ok(()) => {}
             Err(Error::Kube(kube::Error::Api(e))) if matches!(e.code, 400 | 403 | 422) => {
                 return Ok(match quota::Refusal::read(e.code, &e.message) {
@@ -75,6 +91,7 @@ pub(super) async fn actions(
                     None => Applied::Rejected(e.message),
                 });
             }
+            Err(Error::NotOwned(foreign)) => return Ok(Applied::NotOwned(foreign)),
             Err(Error::GangApiMissing(what)) => return Ok(Applied::GangApiMissing(what)),
             Err(e) => return Err(e),
         }
@@ -82,54 +99,174 @@ pub(super) async fn actions(
     Ok(Applied::All)
 }
 
-/// Makes the writes of one action; `gang` is the key of the job's gang in the pod cache.
+/// A job's gang as the writes of one pass see it.
+struct Gang<'a> {
+    /// Its key in the pod cache.
+    key: String,
+    /// The pods of its namespace.
+    pods: &'a Api<Pod>,
+    /// Name -> UID of the job's own pods the pass observed.
+    uids: HashMap<String, String>,
+}
+
+/// The parameters of the operator's creates.
+fn create_params() -> PostParams {
+    PostParams {
+        field_manager: Some(operator::FIELD_MANAGER.into()),
+        ..PostParams::default()
+    }
+}
+
+/// Creates `object` (of `kind`, named `name`) for the job of UID `uid`. A 409 counts as done only
+/// when the object found under the name is the job's own (made by an earlier pass whose effects
+/// this one has not seen yet); otherwise that object is returned, untouched.
+async fn create_owned<K>(
+    api: &Api<K>,
+    kind: &str,
+    name: &str,
+    object: &K,
+    uid: &str,
+) -> Result<Option<Foreign>>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    match api.create(&create_params(), object).await {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(e)) if e.code == 409 => match api.get_metadata_opt(name).await? {
+            Some(found) => Ok(Foreign::of(kind, name, &found.metadata, uid)),
+            // Gone again since: the next pass makes it.
+            None => Err(Error::Kube(kube::Error::Api(e))),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes `body` (the object `name` of `kind`, typed for server-side apply) for the job of UID
+/// `uid`, only when it is the job's own: created when absent; applied (forced, under the
+/// operator's field manager) when the job controls it, with the resourceVersion just read as
+/// a precondition, so that an object that changed hands since is not written; left alone, and
+/// returned, when another object controls it or none does. A user's object with the job's
+/// name is so never taken over, nor garbage-collected with the job.
+async fn apply_owned<K>(
+    api: &Api<K>,
+    kind: &str,
+    name: &str,
+    mut body: serde_json::Value,
+    uid: &str,
+) -> Result<Option<Foreign>>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    match api.get_metadata_opt(name).await? {
+        Some(found) => {
+            if let Some(foreign) = Foreign::of(kind, name, &found.metadata, uid) {
+                return Ok(Some(foreign));
+            }
+            body["metadata"]["resourceVersion"] = found.metadata.resource_version.into();
+            let ssa = PatchParams::apply(operator::FIELD_MANAGER).force();
+            api.patch(name, &ssa, &Patch::Apply(&body)).await?;
+            Ok(None)
+        }
+        None => create_owned(api, kind, name, &serde_json::from_value(body)?, uid).await,
+    }
+}
+
+/// The object named `name` of `api` when it exists and is not the job's (UID `uid`).
+async fn foreign_at<K>(api: &Api<K>, kind: &str, name: &str, uid: &str) -> Result<Option<Foreign>>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    Ok(api
+        .get_metadata_opt(name)
+        .await?
+        .and_then(|found| Foreign::of(kind, name, &found.metadata, uid)))
+}
+
+/// The objects with the names of the job's own objects (but its pods) that exist and are not
+/// its own, looked up at once.
+pub(super) async fn foreign_objects(ctx: &Context, job: &JobContext<'_>) -> Result<Vec<Foreign>> {
+    let (c, ns, uid) = (&ctx.client, job.namespace, job.uid());
+    let role = job.progress_role()?.metadata.name.unwrap_or_default();
+    let account = job.service_account()?.and_then(|sa| sa.metadata.name);
+    let progress = job.progress_config_map()?.metadata.name.unwrap_or_default();
+    let (service, config) = (job.service_name(), job.config_map_name());
+    let (policy, slice) = (job.network_policy_name(), job.endpoint_slice_name());
+    let maps = Api::<ConfigMap>::namespaced(c.clone(), ns);
+    let services = Api::<Service>::namespaced(c.clone(), ns);
+    let accounts = Api::<ServiceAccount>::namespaced(c.clone(), ns);
+    let roles = Api::<Role>::namespaced(c.clone(), ns);
+    let bindings = Api::<RoleBinding>::namespaced(c.clone(), ns);
+    let policies = Api::<NetworkPolicy>::namespaced(c.clone(), ns);
+    let slices = Api::<EndpointSlice>::namespaced(c.clone(), ns);
+    let found = futures::try_join!(
+        foreign_at(&services, "Service", &service, uid),
+        foreign_at(&maps, "ConfigMap", &config, uid),
+        foreign_at(&maps, "ConfigMap", &progress, uid),
+        async {
+            match &account {
+                Some(name) => foreign_at(&accounts, "ServiceAccount", name, uid).await,
+                None => Ok(None),
+            }
+        },
+        foreign_at(&roles, "Role", &role, uid),
+        foreign_at(&bindings, "RoleBinding", &role, uid),
+        async {
+            match &ctx.worker_policy {
+                Some(_) => foreign_at(&policies, "NetworkPolicy", &policy, uid).await,
+                None => Ok(None),
+            }
+        },
+        foreign_at(&slices, "EndpointSlice", &slice, uid),
+    )?;
+    let (a, b, c, d, e, f, g, h) = found;
+    Ok([a, b, c, d, e, f, g, h].into_iter().flatten().collect())
+}
+
+/// Fails with [`Error::NotOwned`] when any of `checked` found an object not the job's own.
+fn all_owned(checked: impl IntoIterator<Item = Option<Foreign>>) -> Result<()> {
+    let foreign: Vec<Foreign> = checked.into_iter().flatten().collect();
+    if foreign.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::NotOwned(foreign))
+    }
+}
+
+/// Makes the writes of one action.
 async fn apply(
     ctx: &Context,
     job: &JobContext<'_>,
-    gang: &str,
-    pods: &Api<Pod>,
+    gang: &Gang<'_>,
     jobs: &Api<ParallelJob>,
     action: &Action,
 ) -> Result<()> {
-    let ssa = PatchParams::apply(operator::FIELD_MANAGER).force();
+    let uid = job.uid();
+    let pods = gang.pods;
     match action {
         Action::EnsureSharedObjects => {
-            // Independent writes, made at once: a reconcile waits for one round trip, not eight.
+            // Independent writes, made at once: a reconcile waits for two round trips, not
+            // sixteen. Each is made only to an object that is the job's own or absent.
             let c = &ctx.client;
             let ns = job.namespace;
             let service = async {
-                Api::<Service>::namespaced(c.clone(), ns)
-                    .patch(
-                        &job.service_name(),
-                        &ssa,
-                        &Patch::Apply(&typed(job.service()?, "v1", "Service")),
-                    )
-                    .await?;
-                Ok::<_, Error>(())
+                let api = Api::<Service>::namespaced(c.clone(), ns);
+                let body = typed(job.service()?, "v1", "Service");
+                apply_owned(&api, "Service", &job.service_name(), body, uid).await
             };
             let maps: Api<ConfigMap> = Api::namespaced(c.clone(), ns);
             let config = async {
                 let (cm, _) = job.config_map()?;
-                maps.patch(
-                    &job.config_map_name(),
-                    &ssa,
-                    &Patch::Apply(&typed(cm, "v1", "ConfigMap")),
-                )
-                .await?;
-                Ok(())
+                let body = typed(cm, "v1", "ConfigMap");
+                apply_owned(&maps, "ConfigMap", &job.config_map_name(), body, uid).await
             };
             let account = async {
-                if let Some(sa) = job.service_account()? {
-                    let name = sa.metadata.name.clone().unwrap_or_default();
-                    Api::<ServiceAccount>::namespaced(c.clone(), ns)
-                        .patch(
-                            &name,
-                            &ssa,
-                            &Patch::Apply(&typed(sa, "v1", "ServiceAccount")),
-                        )
-                        .await?;
-                }
-                Ok(())
+                let Some(sa) = job.service_account()? else {
+                    return Ok(None);
+                };
+                let name = sa.metadata.name.clone().unwrap_or_default();
+                let api = Api::<ServiceAccount>::namespaced(c.clone(), ns);
+                let body = typed(sa, "v1", "ServiceAccount");
+                apply_owned(&api, "ServiceAccount", &name, body, uid).await
             };
             // The Role first: binding a Role that does not exist yet needs the `bind` verb,
             // which the operator does not hold.
@@ -137,46 +274,57 @@ async fn apply(
                 let rbac = "rbac.authorization.k8s.io/v1";
                 let role = job.progress_role()?;
                 let name = role.metadata.name.clone().unwrap_or_default();
-                Api::<Role>::namespaced(c.clone(), ns)
-                    .patch(&name, &ssa, &Patch::Apply(&typed(role, rbac, "Role")))
-                    .await?;
-                let binding = job.progress_role_binding()?;
-                Api::<RoleBinding>::namespaced(c.clone(), ns)
-                    .patch(
-                        &name,
-                        &ssa,
-                        &Patch::Apply(&typed(binding, rbac, "RoleBinding")),
-                    )
-                    .await?;
-                Ok(())
+                let roles = Api::<Role>::namespaced(c.clone(), ns);
+                let body = typed(role, rbac, "Role");
+                if let Some(foreign) = apply_owned(&roles, "Role", &name, body, uid).await? {
+                    // Not bound: the binding would grant what someone else's Role holds.
+                    return Ok(Some(foreign));
+                }
+                let bindings = Api::<RoleBinding>::namespaced(c.clone(), ns);
+                let body = typed(job.progress_role_binding()?, rbac, "RoleBinding");
+                apply_owned(&bindings, "RoleBinding", &name, body, uid).await
             };
             // Created once and never re-applied: the token must not change under running ranks,
-            // and the progress belongs to the worker once it exists.
-            let create = PostParams {
-                field_manager: Some(operator::FIELD_MANAGER.into()),
-                ..PostParams::default()
-            };
+            // and the progress belongs to the worker once it exists. The token Secret's name
+            // carries the job's UID, and the operator may not read Secrets: a 409 on it can
+            // only be an earlier pass's create (see `names::token_secret`).
             let token = async {
                 let token = format!("{:032x}", rand::random::<u128>());
                 let secrets: Api<Secret> = Api::namespaced(c.clone(), ns);
-                ignore_conflict(secrets.create(&create, &job.token_secret(&token)?).await)
-            };
-            let progress =
-                async { ignore_conflict(maps.create(&create, &job.progress_config_map()?).await) };
-            let policy = async {
-                if let Some(metrics_from) = &ctx.worker_policy {
-                    let policy = job.network_policy(metrics_from)?;
-                    Api::<NetworkPolicy>::namespaced(c.clone(), ns)
-                        .patch(
-                            &job.network_policy_name(),
-                            &ssa,
-                            &Patch::Apply(&typed(policy, "networking.k8s.io/v1", "NetworkPolicy")),
-                        )
-                        .await?;
+                match secrets
+                    .create(&create_params(), &job.token_secret(&token)?)
+                    .await
+                {
+                    Ok(_) => Ok(None),
+                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+                    Err(e) => Err(Error::from(e)),
                 }
-                Ok(())
             };
-            futures::try_join!(service, config, account, rbac, token, progress, policy)?;
+            let progress = async {
+                let cm = job.progress_config_map()?;
+                let name = cm.metadata.name.clone().unwrap_or_default();
+                create_owned(&maps, "ConfigMap", &name, &cm, uid).await
+            };
+            let policy = async {
+                let Some(metrics_from) = &ctx.worker_policy else {
+                    return Ok(None);
+                };
+                let policy = job.network_policy(metrics_from)?;
+                let api = Api::<NetworkPolicy>::namespaced(c.clone(), ns);
+                let body = typed(policy, "networking.k8s.io/v1", "NetworkPolicy");
+                apply_owned(&api, "NetworkPolicy", &job.network_policy_name(), body, uid).await
+            };
+            // Written when the gang has its addresses; one that is not the job's holds the
+            // gang back now, before any pod is made.
+            let slice = async {
+                let api = Api::<EndpointSlice>::namespaced(c.clone(), ns);
+                foreign_at(&api, "EndpointSlice", &job.endpoint_slice_name(), uid).await
+            };
+            let checked = futures::try_join!(
+                service, config, account, rbac, token, progress, policy, slice
+            )?;
+            let (a, b, c, d, e, f, g, h) = checked;
+            all_owned([a, b, c, d, e, f, g, h])?;
         }
         Action::CreatePods {
             attempt,
@@ -201,104 +349,128 @@ async fn apply(
                     job.pod(*r, *attempt, &digest, pin.is_some(), pin.as_ref())
                 })
                 .collect::<Result<_>>()?;
-            let params = PostParams {
-                field_manager: Some(operator::FIELD_MANAGER.into()),
-                ..PostParams::default()
-            };
-            // 409: created by an earlier pass whose status write we have not seen yet. Every
+            // 409: created by an earlier pass whose status write we have not seen yet, when the
+            // pod there is the job's own; else another's, left alone and reported. Every
             // creation runs to its end even when another fails, so that the pods this pass made
             // are known (and expected in the cache) when a refusal of the rest (a ResourceQuota's)
             // deletes them again.
-            let results: Vec<Result<(), kube::Error>> = futures::stream::iter(built)
-                .map(|pod| {
-                    let params = &params;
-                    async move {
-                        let name = pod.name_any();
-                        match pods.create(params, &pod).await {
-                            Ok(_) => {}
-                            Err(kube::Error::Api(e)) if e.code == 409 => {}
-                            Err(e) => return Err(e),
-                        }
-                        ctx.pods.expect(gang, Write::Created, [name]);
-                        Ok(())
+            let results: Vec<Result<Option<Foreign>>> = futures::stream::iter(built)
+                .map(|pod| async move {
+                    let name = pod.name_any();
+                    let foreign = create_owned(pods, "Pod", &name, &pod, uid).await?;
+                    if foreign.is_none() {
+                        ctx.pods.expect(&gang.key, Write::Created, [name]);
                     }
+                    Ok(foreign)
                 })
                 .buffer_unordered(WRITE_CONCURRENCY)
                 .collect()
                 .await;
-            results.into_iter().collect::<Result<Vec<()>, _>>()?;
+            all_owned(results.into_iter().collect::<Result<Vec<_>>>()?)?;
         }
         Action::Ungate(names) => {
             // Only the Lockstep gate goes; gates of other controllers stay.
             let patch = serde_json::json!({"spec": {"schedulingGates": [
                 {"$patch": "delete", "name": operator::SCHEDULING_GATE}
             ]}});
-            bounded(names.iter().cloned(), 404, |name| {
+            bounded(names.iter().cloned(), &[404], |name| {
                 let patch = &patch;
                 async move {
                     pods.patch(&name, &PatchParams::default(), &Patch::Strategic(patch))
                         .await
                         .map(drop)?;
-                    ctx.pods.expect(gang, Write::Released, [name]);
+                    ctx.pods.expect(&gang.key, Write::Released, [name]);
                     Ok(())
                 }
             })
             .await?;
         }
         Action::EnsureGangObjects => {
+            let mut checked = Vec::new();
             for object in job.gang_objects()? {
                 let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
                 let ar = ApiResource::from_gvk_with_plural(&gvk, &object.plural);
                 let api: Api<DynamicObject> =
                     Api::namespaced_with(ctx.client.clone(), job.namespace, &ar);
-                let body: DynamicObject = serde_json::from_value(object.body)?;
-                match api.patch(job.name, &ssa, &Patch::Apply(&body)).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 404 => {
+                match apply_owned(&api, &object.kind, job.name, object.body, uid).await {
+                    Ok(foreign) => checked.push(foreign),
+                    // The resource is not served: the read finds nothing, the create a 404.
+                    Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => {
                         return Err(Error::GangApiMissing(format!(
                             "{}/{} {}",
                             object.group, object.version, object.kind
                         )));
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 }
             }
+            all_owned(checked)?;
         }
-        Action::DeletePods(names) => {
-            bounded(names.iter().cloned(), 404, |name| async move {
-                pods.delete(&name, &DeleteParams::background())
-                    .await
-                    .map(drop)?;
-                ctx.pods.expect(gang, Write::Deleted, [name]);
-                Ok(())
-            })
-            .await?;
+        Action::DeletePods(names) => delete_pods(ctx, job, gang, names.clone(), false).await?,
+        Action::DeleteJob => {
+            // Only this job: not one created again under its name since this pass read it.
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: Some(uid.to_string()),
+                    resource_version: None,
+                }),
+                ..DeleteParams::background()
+            };
+            match jobs.delete(job.name, &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        Action::DeleteJob => match jobs.delete(job.name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        },
     }
     Ok(())
 }
 
-/// Deletes pods at once (grace period 0), expecting their deletion in the pod cache.
-async fn force_delete(
+/// Deletes the job's pods of `names` (at once, grace period 0, when `now`), expecting their
+/// deletion in the pod cache. Each delete names the pod's UID as a precondition, so that it never
+/// hits a pod that is not the job's: the UID the pass observed, else the one read now (a pod
+/// this pass created); a pod that is not the job's own is not deleted.
+async fn delete_pods(
     ctx: &Context,
-    gang: &str,
-    pods: &Api<Pod>,
+    job: &JobContext<'_>,
+    gang: &Gang<'_>,
     names: Vec<String>,
+    now: bool,
 ) -> Result<()> {
     if names.is_empty() {
         return Ok(());
     }
-    bounded(names, 404, |name| async move {
-        pods.delete(&name, &DeleteParams::default().grace_period(0))
-            .await
-            .map(drop)?;
-        ctx.pods.expect(gang, Write::Deleted, [name]);
-        Ok(())
+    let pods = gang.pods;
+    let uid = job.uid();
+    let base = if now {
+        DeleteParams::default().grace_period(0)
+    } else {
+        DeleteParams::background()
+    };
+    // 404: gone already; 409: the precondition failed, the pod under the name is another.
+    bounded(names, &[404, 409], |name| {
+        let base = base.clone();
+        async move {
+            let pod_uid = match gang.uids.get(&name) {
+                Some(u) => u.clone(),
+                None => match pods.get_metadata_opt(&name).await? {
+                    Some(found) if Foreign::of("Pod", &name, &found.metadata, uid).is_none() => {
+                        found.metadata.uid.unwrap_or_default()
+                    }
+                    _ => return Ok(()),
+                },
+            };
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: Some(pod_uid),
+                    resource_version: None,
+                }),
+                ..base
+            };
+            pods.delete(&name, &params).await.map(drop)?;
+            ctx.pods.expect(&gang.key, Write::Deleted, [name]);
+            Ok(())
+        }
     })
     .await
 }
@@ -350,9 +522,13 @@ pub(super) async fn publish_addresses(
     let published = match known {
         Some(published) => published,
         None => {
+            // A slice that is not the job's own publishes nothing of it.
             let on_server = slices.get_opt(&job.endpoint_slice_name()).await?;
             let published = on_server
                 .as_ref()
+                .filter(|s| {
+                    Foreign::of("EndpointSlice", job.name, &s.metadata, job.uid()).is_none()
+                })
                 .map_or_else(Vec::new, |s| published_in(s, job.name));
             ctx.kept().entry(key.clone()).or_default().published = Some(published.clone());
             published
@@ -362,14 +538,15 @@ pub(super) async fn publish_addresses(
     let Some(want) = want else {
         return Ok(());
     };
-    let slice = job.endpoint_slice(&want)?;
-    slices
-        .patch(
-            &job.endpoint_slice_name(),
-            &PatchParams::apply(operator::FIELD_MANAGER).force(),
-            &Patch::Apply(&typed(slice, "discovery.k8s.io/v1", "EndpointSlice")),
-        )
-        .await?;
+    let body = typed(
+        job.endpoint_slice(&want)?,
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+    );
+    let name = job.endpoint_slice_name();
+    if let Some(foreign) = apply_owned(&slices, "EndpointSlice", &name, body, job.uid()).await? {
+        return Err(Error::NotOwned(vec![foreign]));
+    }
     ctx.kept().entry(key).or_default().published = Some(want);
     Ok(())
 }
@@ -396,18 +573,10 @@ pub fn published_in(slice: &EndpointSlice, job: &str) -> Vec<(u32, String)> {
     ranks
 }
 
-/// A create that found the object already there is a success.
-fn ignore_conflict<T>(r: Result<T, kube::Error>) -> Result<()> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Runs `write` on every item with at most [`WRITE_CONCURRENCY`] in flight, treating the API
-/// status `ok_code` (already exists, already gone) as success: never one by one, never unbounded.
-async fn bounded<I, F, Fut>(items: I, ok_code: u16, write: F) -> Result<()>
+/// statuses `ok_codes` (already exists, already gone) as success: never one by one, never
+/// unbounded.
+async fn bounded<I, F, Fut>(items: I, ok_codes: &[u16], write: F) -> Result<()>
 where
     I: IntoIterator,
     F: Fn(I::Item) -> Fut,
@@ -419,7 +588,7 @@ where
             async move {
                 match fut.await {
                     Ok(()) => Ok(()),
-                    Err(kube::Error::Api(e)) if e.code == ok_code => Ok(()),
+                    Err(kube::Error::Api(e)) if ok_codes.contains(&e.code) => Ok(()),
                     Err(e) => Err(Error::Kube(e)),
                 }
             }
@@ -505,6 +674,9 @@ mod tests {
             gated: false,
             planned_node: None,
             ip: ip.map(str::to_string),
+            uid: None,
+            controller: Some("u".into()),
+            job_uid: None,
         }
     }
 

@@ -93,6 +93,8 @@ impl Context {
 /// What this process keeps of one job between passes.
 #[derive(Debug, Default)]
 pub struct Kept {
+    /// The UID of the job all this is of: a job created again under the name starts afresh.
+    pub uid: Option<String>,
     /// The API server's answer to the last status this process wrote, and when: reconcile
     /// decides from it while the watch has not yet delivered that version, and a change of the
     /// worker counts alone waits out `status::COUNTS_PERIOD` after it.
@@ -103,8 +105,12 @@ pub struct Kept {
     pub published: Option<Vec<(u32, String)>>,
     /// The job's failed passes in a row, which space its retries (`reconcile::error_policy`).
     pub errors: Backoff,
-    /// The gang's wait for the namespace's ResourceQuota, while it lasts.
+    /// The gang's wait for the namespace's ResourceQuota, or for objects not the job's own
+    /// to go, while it lasts.
     pub quota: Option<quota::Hold>,
+    /// Whether the names of the job's objects were found free of objects not its own (see
+    /// `reconcile::objects_in_the_way`).
+    pub names_free: bool,
 }
 
 /// Operator settings.

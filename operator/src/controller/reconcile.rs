@@ -24,16 +24,16 @@ use lockstep_api::status::{Progress, condition_types, reasons};
 use tracing::{info, warn};
 
 use super::apply::{self, Applied};
-use super::{Context, status};
+use super::{Context, Kept, status};
 use crate::decide::{
-    Action, Decided, Decision, check_capacity, decide, hold_for_quota, set_gang_api_missing,
-    set_invalid, wait_for_quota,
+    Action, Decided, Decision, check_capacity, decide, hold_gang, set_gang_api_missing,
+    set_invalid, wait_unadmitted,
 };
 use crate::job;
 use crate::metrics::Metrics;
 use crate::observe::{self, RankPod};
 use crate::resources::{GPU_RESOURCE, JobContext};
-use crate::{Error, Result, quota};
+use crate::{Error, Result, ownership, quota};
 
 /// Counts a failed pass by its error's category and looks again after a delay that doubles with
 /// every failure of this job in a row (see [`crate::backoff`]): a job whose passes keep failing
@@ -79,22 +79,51 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         return Ok(Requeue::await_change());
     };
     let job_ctx = JobContext::new(&job)?;
+    {
+        // What is kept of an earlier job of the same name (deleted, and this one created since)
+        // is not this job's: what it published, its backoff, its waits.
+        let mut kept = ctx.kept();
+        let kept = kept.entry(key.clone()).or_default();
+        if kept.uid != job.metadata.uid {
+            *kept = Kept {
+                uid: job.metadata.uid.clone(),
+                ..Kept::default()
+            };
+        }
+    }
     // The gang comes from the pod cache, once it shows every write this operator made to it (see
     // `crate::pods`); the event that shows the last of them starts the next pass.
     ctx.pods.wait_ready().await;
-    let Some(mut observed) = ctx.pods.view(&key, Instant::now()) else {
+    let Some(seen) = ctx.pods.view(&key, Instant::now()) else {
         return Ok(Requeue::requeue(Duration::from_secs(2)));
     };
+    // Only the pods the job controls are its gang; others with its labels (orphans of an
+    // earlier job of the same name, say) are left alone, and hold the gang back while they
+    // have the names of its ranks.
+    let (mut observed, others) = ownership::split_gang(seen, job_ctx.uid());
+    let in_the_way = ownership::in_the_way(
+        &others,
+        job_ctx.name,
+        job_ctx.layout.world_size(),
+        job_ctx.uid(),
+    );
     let gone = gone_nodes(&ctx, &observed).await?;
     let lost = observe::mark_lost_nodes(&mut observed, &gone);
 
-    // Decide. While the gang waits for the namespace's ResourceQuota, a pass makes none of it.
-    let hold = ctx
-        .kept()
-        .get(&key)
-        .and_then(|k| k.quota.as_ref())
-        .and_then(|q| q.holds(job.metadata.uid.as_deref(), Instant::now()));
-    let mut decision = decide_pass(&ctx, &job, &job_ctx, &observed, hold).await;
+    // Decide. While the gang waits for the namespace's ResourceQuota, or for objects not its
+    // own to go, a pass makes none of it.
+    let hold = if in_the_way.is_empty() {
+        ctx.kept()
+            .get(&key)
+            .and_then(|k| k.quota.as_ref())
+            .and_then(|q| q.holds(job.metadata.uid.as_deref(), Instant::now()))
+    } else {
+        // Looked at again when they change (they carry the job's labels, so their events
+        // wake it), and every 30 s.
+        let message = ownership::explain(&in_the_way);
+        Some((reasons::OBJECT_CONFLICT, message, quota::CONFLICT_MAX_WAIT))
+    };
+    let mut decision = decide_pass(&ctx, &job, &job_ctx, &observed, hold).await?;
 
     // Report.
     let wait = status::report(
@@ -136,7 +165,26 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
                 &lost,
             )
             .await?;
-            return wait_for_namespace_quota(&ctx, &jobs, &job, &job_ctx, decision, &refusal).await;
+            let message = refusal.explain(job_ctx.layout.world_size());
+            warn!(job = %job.name_any(), quota = %refusal.quota, message, "the namespace's ResourceQuota refused part of the gang");
+            let reason = reasons::QUOTA_EXCEEDED;
+            return hold_back(&ctx, &jobs, &job, &job_ctx, decision, reason, message).await;
+        }
+        Applied::NotOwned(foreign) => {
+            // As for the quota: no part of the gang is kept while they are in the way.
+            let doomed = partial_gang(&decision, &observed, &job_ctx);
+            apply::actions(
+                &ctx,
+                &job_ctx,
+                &[Action::DeletePods(doomed)],
+                &observed,
+                &lost,
+            )
+            .await?;
+            let message = ownership::explain(&foreign);
+            warn!(job = %job.name_any(), message, "objects with names the job needs are not its own");
+            let reason = reasons::OBJECT_CONFLICT;
+            return hold_back(&ctx, &jobs, &job, &job_ctx, decision, reason, message).await;
         }
         Applied::Rejected(refusal) => {
             let message =
@@ -209,50 +257,52 @@ fn partial_gang(
     names
 }
 
-/// The namespace's ResourceQuota refused part of the gang (`refusal`), and what was made of it is
-/// deleted: a wait, not a broken template. The job says so in `Admitted=False`, reason
-/// `QuotaExceeded`, with a Warning Event when that is news, over the status this pass reported
+/// The gang could not be made (the namespace's ResourceQuota refused part of it, or objects
+/// with names it needs are not the job's own: `reason`, said in `message`) and what was made of
+/// it is deleted: a wait, not a broken template. The job says so in `Admitted=False` with
+/// `reason`, with a Warning Event when that is news, over the status this pass reported
 /// (`decision`'s); gives its admission back (the status's, and the plan admission may still
 /// keep); and is tried again after a delay that doubles with every refusal in a row (see
 /// [`quota::Hold`]).
-async fn wait_for_namespace_quota(
+async fn hold_back(
     ctx: &Context,
     jobs: &Api<DynamicObject>,
     job: &ParallelJob,
     job_ctx: &JobContext<'_>,
     decision: Decision,
-    refusal: &quota::Refusal,
+    reason: &'static str,
+    message: String,
 ) -> Result<Requeue> {
     let key = job::key(job_ctx.namespace, job_ctx.name);
     ctx.admitter.give_back(&key);
-    let message = refusal.explain(job_ctx.layout.world_size());
     let retry_in = ctx
         .kept()
         .entry(key.clone())
         .or_default()
         .quota
         .get_or_insert_with(quota::Hold::default)
-        .refused(job.metadata.uid.clone(), message.clone(), Instant::now());
+        .refused(
+            job.metadata.uid.clone(),
+            reason,
+            message.clone(),
+            Instant::now(),
+        );
     let mut status = decision.status.clone();
-    let news = wait_for_quota(
+    let news = wait_unadmitted(
         &mut status,
         job.status.as_ref(),
+        reason,
         &message,
         job.metadata.generation,
         Timestamp::now(),
     );
-    warn!(job = %job.name_any(), quota = %refusal.quota, ?retry_in, message, "the namespace's ResourceQuota refused part of the gang");
+    info!(job = %job.name_any(), reason, ?retry_in, "the gang waits");
     let events = if news {
-        vec![status::event(
-            true,
-            reasons::QUOTA_EXCEEDED,
-            "CreatePods",
-            &message,
-        )]
+        vec![status::event(true, reason, "CreatePods", &message)]
     } else {
         Vec::new()
     };
-    // This pass reported `decision.status` already: the quota wait is written over it.
+    // This pass reported `decision.status` already: the wait is written over it.
     let mut reported = job.clone();
     reported.status = Some(decision.status);
     status::report(ctx, jobs, &reported, &status, events).await?;
@@ -345,22 +395,28 @@ async fn gone_nodes(ctx: &Context, observed: &[RankPod]) -> Result<HashSet<Strin
 
 /// Decides the pass, asking gang admission when the pass needs it, and adds what reconcile
 /// reads besides the pods: rank 0's progress, and whether any node offers the GPUs a worker
-/// asks for. While the gang waits for the namespace's ResourceQuota (`hold`: the condition's
-/// message and how long until the next try) admission is not asked and nothing of the gang is
-/// made (see [`hold_for_quota`]).
+/// asks for. While the gang waits for the namespace's ResourceQuota or for objects not its own
+/// to go (`hold`: the condition's reason and message, and how long until the next try)
+/// admission is not asked and nothing of the gang is made (see [`hold_gang`]).
 async fn decide_pass(
     ctx: &Context,
     job: &ParallelJob,
     job_ctx: &JobContext<'_>,
     observed: &[RankPod],
-    hold: Option<(String, Duration)>,
-) -> Decision {
+    hold: Option<(&'static str, String, Duration)>,
+) -> Result<Decision> {
     let world = job_ctx.layout.world_size();
     let mut decided = decide(job, world, observed, Timestamp::now());
     let mut decision = match hold {
-        Some((message, retry_in)) => {
-            hold_for_quota(decided, job, observed, &message, retry_in, Timestamp::now())
-        }
+        Some((reason, message, retry_in)) => hold_gang(
+            decided,
+            job,
+            observed,
+            reason,
+            &message,
+            retry_in,
+            Timestamp::now(),
+        ),
         None => {
             if let Decided::AwaitsAdmission(_) = &decided {
                 // Admission counts what the caches hold: a job that asks it waits until they
@@ -370,6 +426,13 @@ async fn decide_pass(
                 // the caches synced.
                 ctx.admitter.wait_ready().await;
                 decided = decide(job, world, observed, Timestamp::now());
+                if let Some((message, retry_in)) = objects_in_the_way(ctx, job, job_ctx).await? {
+                    let reason = reasons::OBJECT_CONFLICT;
+                    let now = Timestamp::now();
+                    return Ok(hold_gang(
+                        decided, job, observed, reason, &message, retry_in, now,
+                    ));
+                }
             }
             decided.answer_with(|| ctx.admitter.request(job))
         }
@@ -384,7 +447,38 @@ async fn decide_pass(
             Timestamp::now(),
         );
     }
-    decision
+    Ok(decision)
+}
+
+/// Before a gang is first admitted: whether objects with names it needs exist that are not the
+/// job's own (see [`apply::foreign_objects`]). Then the condition's message and how long until
+/// the next look (the wait is recorded like a refusal, see [`quota::Hold`]). Otherwise the gang
+/// would be admitted, refused by its own writes, and given back on every try. Looked at once per
+/// job until nothing is found; objects that appear later are found when written.
+async fn objects_in_the_way(
+    ctx: &Context,
+    job: &ParallelJob,
+    job_ctx: &JobContext<'_>,
+) -> Result<Option<(String, Duration)>> {
+    let key = job::key(job_ctx.namespace, job_ctx.name);
+    if ctx.kept().get(&key).is_some_and(|k| k.names_free) {
+        return Ok(None);
+    }
+    let foreign = apply::foreign_objects(ctx, job_ctx).await?;
+    let mut kept = ctx.kept();
+    let kept = kept.entry(key).or_default();
+    if foreign.is_empty() {
+        kept.names_free = true;
+        return Ok(None);
+    }
+    let message = ownership::explain(&foreign);
+    let retry_in = kept.quota.get_or_insert_with(quota::Hold::default).refused(
+        job.metadata.uid.clone(),
+        reasons::OBJECT_CONFLICT,
+        message.clone(),
+        Instant::now(),
+    );
+    Ok(Some((message, retry_in)))
 }
 
 /// The progress to show: rank 0's last report in the progress ConfigMap (from the cache), else
@@ -392,7 +486,10 @@ async fn decide_pass(
 fn progress(ctx: &Context, job: &ParallelJob, attempt: i32) -> Option<Progress> {
     let ns = job.namespace().unwrap_or_default();
     let key = ObjectRef::new(&names::progress_config_map(&job.name_any())).within(&ns);
+    let uid = job.metadata.uid.as_deref().unwrap_or_default();
     let written = ctx.progress.get(&key).and_then(|cm| {
+        // An earlier job's of the same name, orphaned, says nothing of this one.
+        (ownership::controller_uid(&cm.metadata) == Some(uid)).then_some(())?;
         cm.data
             .as_ref()?
             .get(names::PROGRESS_KEY)

@@ -70,12 +70,13 @@ impl JobInfo {
             && !phase.is_some_and(Phase::is_terminal);
         let admitted = job::admitted_nodes(&status).map(<[String]>::to_vec);
         let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        // A gang its namespace's ResourceQuota refused is not in the queue: admitted on its
-        // behalf, it would hold capacity it cannot use. It asks itself when it tries again.
+        // A gang its namespace's ResourceQuota refused, or that objects not its own stand in
+        // the way of, is not in the queue: admitted on its behalf, it would hold capacity it
+        // cannot use. It asks itself when it tries again.
         let quota_wait = status.conditions.iter().any(|c| {
             c.type_ == condition_types::ADMITTED
                 && c.status == "False"
-                && c.reason == reasons::QUOTA_EXCEEDED
+                && [reasons::QUOTA_EXCEEDED, reasons::OBJECT_CONFLICT].contains(&c.reason.as_str())
         });
         Some(JobInfo {
             key: job::key(&job.namespace().unwrap_or_default(), &job.name_any()).into(),
