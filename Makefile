@@ -112,6 +112,10 @@ bench-admission: ## admission decision alone: 1,000 nodes x 8 GPUs, 500 queued j
 bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the same pods created directly (NODES, JOBS, RANKS, GPUS; REQUESTS=1, TIMELINE=1)
 	bench/operator/run.sh
 
+.PHONY: bench-faults
+bench-faults: ## fault suite on a cluster of its own (the real node as root): trials, recovered, lost per fault (KILLS=50 TRIALS=3 FAULTS=)
+	bench/faults/run.sh
+
 .PHONY: gpu-worker
 gpu-worker: ## build the stripped worker into .gpu/ (then run bench/gpu/worker.sh on a GPU machine)
 	$(CARGO) build --release --locked -p lockstep-worker
