@@ -54,7 +54,7 @@ fn termination_message(message: &str) {
     }
 }
 
-fn fail(code: ExitCode, message: &str) -> ExitCode {
+pub(crate) fn fail(code: ExitCode, message: &str) -> ExitCode {
     tracing::error!(exit_code = code.code(), reason = code.reason(), "{message}");
     termination_message(&format!("{}: {message}", code.reason()));
     code
