@@ -52,6 +52,13 @@ pub enum Error {
     /// Serializing an object failed.
     #[error("serialization: {0}")]
     Serde(#[from] serde_json::Error),
+    /// Reading an object before writing it failed (a write's refusal is [`Error::Kube`]).
+    #[error("kubernetes: reading an object before writing it: {0}")]
+    Read(kube::Error),
+    /// An object of the job changed between the read and the write that named its
+    /// resourceVersion (or went): the next pass looks again.
+    #[error("{0} changed while it was written; looked at again")]
+    Changed(String),
     /// Objects with names the job needs exist and are not its own (see [`ownership`]).
     #[error("{}", ownership::explain(.0))]
     NotOwned(Vec<ownership::Foreign>),
@@ -62,7 +69,8 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::MissingField(_) | Error::NoWorkerContainer | Error::Api(_) => "invalid_spec",
-            Error::Kube(_) => "kubernetes",
+            Error::Kube(_) | Error::Read(_) => "kubernetes",
+            Error::Changed(_) => "conflict",
             Error::GangApiMissing(_) => "gang_api_missing",
             Error::Serde(_) => "serialization",
             Error::NotOwned(_) => "not_owned",

@@ -25,9 +25,9 @@ impl JobContext<'_> {
     }
 
     /// The job's NetworkPolicy: it selects the job's worker pods and admits, for Ingress, the
-    /// pods of the same job (by the job's name and UID labels) on every port, and `metrics_from` on the
-    /// metrics port. An empty `metrics_from` admits no scraper (a rule with no peers would
-    /// admit every source, so none is written).
+    /// pods of the same job (by the job's name and UID labels) on every port, and
+    /// `metrics_from` on the metrics port. An empty `metrics_from` admits no scraper (a rule
+    /// with no peers would admit every source, so none is written).
     pub fn network_policy(&self, metrics_from: &[NetworkPolicyPeer]) -> Result<NetworkPolicy> {
         // By UID too: pods left by an earlier job of the same name (orphaned) are not this job's.
         let job = BTreeMap::from([

@@ -8,9 +8,8 @@
 //! the job names them in its `Admitted=False` condition (reason `ObjectConflict`) and waits,
 //! holding no pod, until they are gone.
 
-use std::fmt;
-
 use std::collections::BTreeSet;
+use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use lockstep_api::contract::labels;
@@ -41,6 +40,9 @@ pub struct Foreign {
     /// The UID of the job that made it (its `lockstep.dev/job-uid` label), when that is another
     /// job's: left by an earlier job of the same name.
     pub left_by: Option<String>,
+    /// Whether that earlier job still controls it: the job is gone (or going, since this one
+    /// has its name), so the garbage collector deletes it (then the job only has to wait).
+    pub collected: bool,
 }
 
 impl Foreign {
@@ -58,13 +60,19 @@ impl Foreign {
             Some(c) => format!("controlled by {} {} (UID {})", c.kind, c.name, c.uid),
             None => "controlled by no object".to_string(),
         };
-        let left_by = meta.labels.as_ref().and_then(|l| l.get(labels::JOB_UID));
+        let left_by = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(labels::JOB_UID))
+            .filter(|u| *u != uid)
+            .cloned();
         Some(Foreign {
             kind: kind.to_string(),
             name: name.to_string(),
             holder,
             terminating: meta.deletion_timestamp.is_some(),
-            left_by: left_by.filter(|u| *u != uid).cloned(),
+            collected: left_by.is_some() && controller.map(|c| &c.uid) == left_by.as_ref(),
+            left_by,
         })
     }
 
@@ -77,12 +85,14 @@ impl Foreign {
             Some(other) => format!("controlled by another object (UID {other})"),
             None => "controlled by no object".to_string(),
         };
+        let left_by = pod.job_uid.clone().filter(|u| u != uid);
         Some(Foreign {
             kind: "Pod".into(),
             name: pod.name.clone(),
             holder,
             terminating: pod.terminating,
-            left_by: pod.job_uid.clone().filter(|u| u != uid),
+            collected: left_by.is_some() && pod.controller == left_by,
+            left_by,
         })
     }
 }
@@ -92,6 +102,11 @@ impl fmt::Display for Foreign {
         write!(f, "{} {} ({}", self.kind, self.name, self.holder)?;
         if self.terminating {
             write!(f, ", being deleted")?;
+        } else if self.collected {
+            write!(
+                f,
+                ", an earlier job's of this name, which the garbage collector deletes"
+            )?;
         }
         write!(f, ")")
     }
@@ -126,7 +141,7 @@ pub fn explain(foreign: &[Foreign]) -> String {
     if foreign.len() > NAMED {
         named.push(format!("and {} more", foreign.len() - NAMED));
     }
-    let all_going = foreign.iter().all(|f| f.terminating);
+    let all_going = foreign.iter().all(|f| f.terminating || f.collected);
     let what = if all_going {
         "the gang waits, with no pod of its own kept, until they are gone"
     } else {
@@ -138,7 +153,7 @@ pub fn explain(foreign: &[Foreign]) -> String {
     // one command per such job.
     let earlier: BTreeSet<&str> = foreign
         .iter()
-        .filter(|f| !f.terminating)
+        .filter(|f| !f.terminating && !f.collected)
         .filter_map(|f| f.left_by.as_deref())
         .collect();
     let cleanup: String = earlier
@@ -157,8 +172,12 @@ pub fn explain(foreign: &[Foreign]) -> String {
     )
 }
 
-/// The kinds a job makes, as `kubectl delete` takes them.
-const LEFT_BEHIND: &str = "pods,services,configmaps,secrets,serviceaccounts,roles,rolebindings,networkpolicies,endpointslices";
+/// The kinds a job makes, as `kubectl delete` takes them (the gang objects of external
+/// schedulers are left out: a kind the cluster does not serve would fail the whole command).
+pub const LEFT_BEHIND: &str = concat!(
+    "pods,services,configmaps,secrets,serviceaccounts,roles,rolebindings,",
+    "networkpolicies,endpointslices"
+);
 
 #[cfg(test)]
 mod tests {
@@ -213,6 +232,22 @@ mod tests {
             old.to_string(),
             "Service j (controlled by ParallelJob j (UID u0))"
         );
+        // Made by it (its UID label) and still controlled by it: collected with it.
+        let mut made = owned_by("u0", true);
+        made.labels = Some([(labels::JOB_UID.to_string(), "u0".to_string())].into());
+        let going = Foreign::of("Service", "j", &made, "u1").expect("foreign");
+        assert!(going.collected && !going.terminating);
+        assert!(going.to_string().contains("the garbage collector deletes"));
+        let said = explain(&[going]);
+        assert!(
+            !said.contains("delete them") && !said.contains("kubectl"),
+            "{said}"
+        );
+        // Made by it and orphaned: to be deleted by hand.
+        made.owner_references = None;
+        let orphan = Foreign::of("Service", "j", &made, "u1").expect("foreign");
+        assert!(!orphan.collected);
+        assert!(explain(&[orphan]).contains("kubectl delete"));
         // The job's UID as a mere owner (not the controller) does not make it the job's.
         assert_eq!(controller_uid(&owned_by("u1", false)), None);
         let shared = Foreign::of("Service", "j", &owned_by("u1", false), "u1").expect("foreign");
@@ -254,7 +289,8 @@ mod tests {
         let said = explain(&blocking);
         for part in [
             "Pod j-1 (controlled by no object)",
-            "Pod j-2 (controlled by another object (UID u0))",
+            "Pod j-2 (controlled by another object (UID u0), an earlier job's of this name, \
+             which the garbage collector deletes)",
             "delete them",
             "`kubectl delete pods,services,configmaps,secrets,serviceaccounts,roles,rolebindings,\
              networkpolicies,endpointslices -l lockstep.dev/job-uid=u0`",

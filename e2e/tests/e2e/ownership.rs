@@ -8,16 +8,14 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Service};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use lockstep_api::contract::labels;
 use lockstep_api::status::{Phase, condition_types, reasons};
 use lockstep_api::{ParallelJob, ParallelJobStatus};
 use lockstep_e2e::{TestNamespace, wait_until, with_namespace};
+use lockstep_operator::ownership::LEFT_BEHIND;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -102,37 +100,31 @@ async fn runs_with_its_own_gang(
     .await
 }
 
-/// `kubectl delete pods,services,configmaps,secrets,serviceaccounts,roles,rolebindings,
-/// networkpolicies,endpointslices -l lockstep.dev/job-uid=<uid>`.
-async fn delete_left_behind(ns: &TestNamespace, uid: &str) -> anyhow::Result<()> {
-    let selector = ListParams::default().labels(&format!("{}={uid}", labels::JOB_UID));
-    let now = DeleteParams::default().grace_period(0);
-    ns.api::<Pod>().delete_collection(&now, &selector).await?;
-    // Services have no collection delete.
-    let services: Api<Service> = ns.api();
-    for s in services.list(&selector).await? {
-        services.delete(&s.name_any(), &now).await?;
-    }
-    ns.api::<ConfigMap>()
-        .delete_collection(&now, &selector)
-        .await?;
-    ns.api::<Secret>()
-        .delete_collection(&now, &selector)
-        .await?;
-    ns.api::<ServiceAccount>()
-        .delete_collection(&now, &selector)
-        .await?;
-    ns.api::<Role>().delete_collection(&now, &selector).await?;
-    ns.api::<RoleBinding>()
-        .delete_collection(&now, &selector)
-        .await?;
-    ns.api::<NetworkPolicy>()
-        .delete_collection(&now, &selector)
-        .await?;
-    ns.api::<EndpointSlice>()
-        .delete_collection(&now, &selector)
-        .await?;
+/// Runs the `kubectl delete ...` the job's condition gives for what an earlier job left, in the
+/// test's namespace, exactly as written there.
+async fn run_the_cleanup_it_names(ns: &TestNamespace, message: &str) -> anyhow::Result<()> {
+    let command = message
+        .split("`kubectl ")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .ok_or_else(|| anyhow::anyhow!("no kubectl command in {message:?}"))?;
+    let mut args: Vec<&str> = command.split_whitespace().collect();
+    args.extend(["-n", &ns.name, "--grace-period=0", "--wait=false"]);
+    ns.cluster.kubectl(&args).await?;
     Ok(())
+}
+
+/// The job's Events with `reason`.
+async fn events(ns: &TestNamespace, job: &str, reason: &str) -> anyhow::Result<usize> {
+    let events: Api<Event> = ns.api();
+    let selector = format!("involvedObject.name={job}");
+    Ok(events
+        .list(&ListParams::default().fields(&selector))
+        .await?
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .count())
 }
 
 #[tokio::test]
@@ -163,9 +155,13 @@ async fn a_job_created_again_after_an_orphaning_delete_never_adopts_the_old_pods
             .await?;
         let uid = second.metadata.uid.clone().expect("a uid");
         assert_ne!(uid, old_uid);
-        let cleanup = format!("-l {}={old_uid}", labels::JOB_UID);
+        let cleanup = format!(
+            "`kubectl delete {LEFT_BEHIND} -l {}={old_uid}`",
+            labels::JOB_UID
+        );
         let s = conflict_named(&jobs, "again", &["Pod again-0", "Pod again-1", &cleanup]).await?;
         assert_eq!(s.phase, Some(Phase::Queued), "{:?}", s.conditions);
+        assert_eq!(s.admission, None, "no capacity is held");
         // The old pods are untouched: no owner, the old UID label; no pod of the new job's.
         let left = named(&pods, "again").await?;
         assert_eq!(
@@ -187,9 +183,17 @@ async fn a_job_created_again_after_an_orphaning_delete_never_adopts_the_old_pods
             );
         }
 
-        // The user deletes what the old job left, as the message says: the new job makes its
-        // objects and its gang, every pod its own.
-        delete_left_behind(&ns, &old_uid).await?;
+        // Waiting on pods, the gang was never admitted (and given back).
+        assert_eq!(
+            events(&ns, "again", "GangAdmitted").await?,
+            1,
+            "the first job's only"
+        );
+
+        // The user runs the command the condition gives: the new job makes its objects and its
+        // gang, every pod its own (a kind the command missed would keep it waiting).
+        let (_, message) = admitted(&s).expect("the condition");
+        run_the_cleanup_it_names(&ns, &message).await?;
         runs_with_its_own_gang(&jobs, &pods, "again", &uid).await
     })
     .await
@@ -216,6 +220,13 @@ async fn objects_of_a_user_with_a_jobs_names_are_never_taken_over() -> anyhow::R
             "spec": {"ports": [{"port": 80}]}
         }))?;
         services.create(&PostParams::default(), &service).await?;
+        // And a pod of theirs called like rank 1, without any of the job's labels.
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "mine-1"},
+            "spec": {"containers": [{"name": "c", "image": "theirs:1"}]}
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
 
         let created = jobs
             .create(&PostParams::default(), &job(&ns, "mine")?)
@@ -227,10 +238,16 @@ async fn objects_of_a_user_with_a_jobs_names_are_never_taken_over() -> anyhow::R
             &[
                 "ConfigMap mine-config (controlled by no object)",
                 "Service mine (controlled by no object)",
+                "Pod mine-1 (controlled by no object)",
             ],
         )
         .await?;
         assert_eq!(s.phase, Some(Phase::Queued), "{:?}", s.conditions);
+        assert_eq!(s.admission, None, "no capacity is held");
+        assert!(named(&pods, "mine").await?.is_empty(), "no pod is made");
+        // Found before admission: never admitted, then refused, then given back.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(events(&ns, "mine", "GangAdmitted").await?, 0);
         assert!(named(&pods, "mine").await?.is_empty(), "no pod is made");
         // Left as they were: the user's data, no owner (so never collected with the job).
         let cm = maps.get("mine-config").await?;
@@ -253,6 +270,8 @@ async fn objects_of_a_user_with_a_jobs_names_are_never_taken_over() -> anyhow::R
         // Gone: the job makes its own objects and its gang (tried again within 30 s).
         maps.delete("mine-config", &DeleteParams::default()).await?;
         services.delete("mine", &DeleteParams::default()).await?;
+        pods.delete("mine-1", &DeleteParams::default().grace_period(0))
+            .await?;
         runs_with_its_own_gang(&jobs, &pods, "mine", &uid).await?;
         let cm = maps.get("mine-config").await?;
         assert_eq!(

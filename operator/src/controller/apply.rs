@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use super::{Context, WRITE_CONCURRENCY};
 use crate::decide::Action;
 use crate::observe::RankPod;
-use crate::ownership::Foreign;
+use crate::ownership::{Foreign, controller_uid};
 use crate::pods::Write;
 use crate::resources::{HOSTNAME_LABEL, JobContext, Pin};
 use crate::{Error, Result, quota};
@@ -132,11 +132,13 @@ where
 {
     match api.create(&create_params(), object).await {
         Ok(_) => Ok(None),
-        Err(kube::Error::Api(e)) if e.code == 409 => match api.get_metadata_opt(name).await? {
-            Some(found) => Ok(Foreign::of(kind, name, &found.metadata, uid)),
-            // Gone again since: the next pass makes it.
-            None => Err(Error::Kube(kube::Error::Api(e))),
-        },
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            match api.get_metadata_opt(name).await.map_err(Error::Read)? {
+                Some(found) => Ok(Foreign::of(kind, name, &found.metadata, uid)),
+                // Gone again since: the next pass makes it.
+                None => Err(Error::Kube(kube::Error::Api(e))),
+            }
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -157,15 +159,21 @@ async fn apply_owned<K>(
 where
     K: Resource + Clone + DeserializeOwned + Serialize + Debug,
 {
-    match api.get_metadata_opt(name).await? {
+    match api.get_metadata_opt(name).await.map_err(Error::Read)? {
         Some(found) => {
             if let Some(foreign) = Foreign::of(kind, name, &found.metadata, uid) {
                 return Ok(Some(foreign));
             }
             body["metadata"]["resourceVersion"] = found.metadata.resource_version.into();
             let ssa = PatchParams::apply(operator::FIELD_MANAGER).force();
-            api.patch(name, &ssa, &Patch::Apply(&body)).await?;
-            Ok(None)
+            match api.patch(name, &ssa, &Patch::Apply(&body)).await {
+                Ok(_) => Ok(None),
+                // Changed hands (or went) since the read: not written; the next pass reads again.
+                Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => {
+                    Err(Error::Changed(format!("{kind} {name}")))
+                }
+                Err(e) => Err(e.into()),
+            }
         }
         None => create_owned(api, kind, name, &serde_json::from_value(body)?, uid).await,
     }
@@ -178,7 +186,8 @@ where
 {
     Ok(api
         .get_metadata_opt(name)
-        .await?
+        .await
+        .map_err(Error::Read)?
         .and_then(|found| Foreign::of(kind, name, &found.metadata, uid)))
 }
 
@@ -219,7 +228,16 @@ pub(super) async fn foreign_objects(ctx: &Context, job: &JobContext<'_>) -> Resu
         foreign_at(&slices, "EndpointSlice", &slice, uid),
     )?;
     let (a, b, c, d, e, f, g, h) = found;
-    Ok([a, b, c, d, e, f, g, h].into_iter().flatten().collect())
+    let mut foreign: Vec<Foreign> = [a, b, c, d, e, f, g, h].into_iter().flatten().collect();
+    // The ranks' names: pods without the job's labels (which the gang's own pod cache does not
+    // hold) are in the cluster-wide cache admission keeps.
+    for rank in 0..job.layout.world_size() {
+        let name = job.pod_name(rank);
+        if let Some(pod) = ctx.admitter.pod(ns, &name) {
+            foreign.extend(Foreign::of("Pod", &name, &pod.metadata, uid));
+        }
+    }
+    Ok(foreign)
 }
 
 /// Fails with [`Error::NotOwned`] when any of `checked` found an object not the job's own.
@@ -386,14 +404,15 @@ async fn apply(
             .await?;
         }
         Action::EnsureGangObjects => {
-            let mut checked = Vec::new();
             for object in job.gang_objects()? {
                 let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
                 let ar = ApiResource::from_gvk_with_plural(&gvk, &object.plural);
                 let api: Api<DynamicObject> =
                     Api::namespaced_with(ctx.client.clone(), job.namespace, &ar);
                 match apply_owned(&api, &object.kind, job.name, object.body, uid).await {
-                    Ok(foreign) => checked.push(foreign),
+                    // Not on to the next: a PodGroup would name a Workload that is not the job's.
+                    Ok(Some(foreign)) => return Err(Error::NotOwned(vec![foreign])),
+                    Ok(None) => {}
                     // The resource is not served: the read finds nothing, the create a 404.
                     Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => {
                         return Err(Error::GangApiMissing(format!(
@@ -404,7 +423,6 @@ async fn apply(
                     Err(e) => return Err(e),
                 }
             }
-            all_owned(checked)?;
         }
         Action::DeletePods(names) => delete_pods(ctx, job, gang, names.clone(), false).await?,
         Action::DeleteJob => {
@@ -453,11 +471,14 @@ async fn delete_pods(
         async move {
             let pod_uid = match gang.uids.get(&name) {
                 Some(u) => u.clone(),
-                None => match pods.get_metadata_opt(&name).await? {
-                    Some(found) if Foreign::of("Pod", &name, &found.metadata, uid).is_none() => {
+                None => match pods.get_metadata_opt(&name).await {
+                    Ok(Some(found))
+                        if Foreign::of("Pod", &name, &found.metadata, uid).is_none() =>
+                    {
                         found.metadata.uid.unwrap_or_default()
                     }
-                    _ => return Ok(()),
+                    Ok(_) => return Ok(()),
+                    Err(e) => return Err(e),
                 },
             };
             let params = DeleteParams {
@@ -526,9 +547,7 @@ pub(super) async fn publish_addresses(
             let on_server = slices.get_opt(&job.endpoint_slice_name()).await?;
             let published = on_server
                 .as_ref()
-                .filter(|s| {
-                    Foreign::of("EndpointSlice", job.name, &s.metadata, job.uid()).is_none()
-                })
+                .filter(|s| controller_uid(&s.metadata) == Some(job.uid()))
                 .map_or_else(Vec::new, |s| published_in(s, job.name));
             ctx.kept().entry(key.clone()).or_default().published = Some(published.clone());
             published

@@ -118,8 +118,10 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
             .and_then(|k| k.quota.as_ref())
             .and_then(|q| q.holds(job.metadata.uid.as_deref(), Instant::now()))
     } else {
-        // Looked at again when they change (they carry the job's labels, so their events
-        // wake it), and every 30 s.
+        // Looked at again when they change (their events wake the job, see
+        // `watch::owning_job`), and every 30 s. A plan admission may have made for the gang
+        // meanwhile is given back.
+        ctx.admitter.give_back(&key);
         let message = ownership::explain(&in_the_way);
         Some((reasons::OBJECT_CONFLICT, message, quota::CONFLICT_MAX_WAIT))
     };
@@ -226,7 +228,27 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
             return Ok(Requeue::requeue(Duration::from_secs(60)));
         }
     }
-    apply::publish_addresses(&ctx, &job_ctx, &observed, decision.status.attempt).await?;
+    match apply::publish_addresses(&ctx, &job_ctx, &observed, decision.status.attempt).await {
+        Ok(()) => {}
+        Err(Error::NotOwned(foreign)) => {
+            // The ranks' EndpointSlice is not the job's: their names would not resolve. The
+            // gang waits as for any object in its way, with none of its pods kept.
+            let doomed = partial_gang(&decision, &observed, &job_ctx);
+            apply::actions(
+                &ctx,
+                &job_ctx,
+                &[Action::DeletePods(doomed)],
+                &observed,
+                &lost,
+            )
+            .await?;
+            let message = ownership::explain(&foreign);
+            warn!(job = %job.name_any(), message, "objects with names the job needs are not its own");
+            let reason = reasons::OBJECT_CONFLICT;
+            return hold_back(&ctx, &jobs, &job, &job_ctx, decision, reason, message).await;
+        }
+        Err(e) => return Err(e),
+    }
     info!(job = job_ctx.name, namespace = %ns, phase = ?decision.status.phase, attempt = decision.status.attempt, actions = decision.actions.len(), "reconciled");
     Ok(decision.requeue_after.map_or_else(
         || Requeue::requeue(Duration::from_secs(300)),
@@ -465,6 +487,10 @@ async fn objects_in_the_way(
         return Ok(None);
     }
     let foreign = apply::foreign_objects(ctx, job_ctx).await?;
+    if !foreign.is_empty() {
+        // A plan the queue made before this pass (the job was waiting) holds nothing now.
+        ctx.admitter.give_back(&key);
+    }
     let mut kept = ctx.kept();
     let kept = kept.entry(key).or_default();
     if foreign.is_empty() {

@@ -180,12 +180,20 @@ pub(super) async fn admission_queue(capacity: Arc<Notify>, admitter: Arc<Admitte
     }
 }
 
-/// The ParallelJob that controls a pod, if one does.
+/// The ParallelJob a pod's change concerns: the one that controls it; for a pod no object
+/// controls (orphaned by a job deleted with `--cascade=orphan`), the job of its name label, which
+/// waits for it to go when it has the name of one of its ranks.
 fn owning_job(pod: &Pod, ar: &ApiResource) -> Option<ObjectRef<DynamicObject>> {
-    let owner = pod.owner_references().iter().find(|o| {
-        o.controller == Some(true) && o.kind == ar.kind && o.api_version == ar.api_version
-    })?;
-    Some(ObjectRef::new_with(&owner.name, ar.clone()).within(&pod.namespace()?))
+    let controller = pod
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true));
+    let name = match controller {
+        Some(o) if o.kind == ar.kind && o.api_version == ar.api_version => &o.name,
+        Some(_) => return None,
+        None => pod.labels().get(labels::JOB_NAME)?,
+    };
+    Some(ObjectRef::new_with(name, ar.clone()).within(&pod.namespace()?))
 }
 
 /// Forwards what `input` yields to `output`, each item once per `period` at most: an item is

@@ -228,9 +228,16 @@ impl Admitter {
         }
     }
 
+    /// The pod `name` of `namespace` as the cluster-wide pod cache holds it (its metadata,
+    /// and what admission counts of the rest).
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
+        self.pods.get(&ObjectRef::new(name).within(namespace))
+    }
+
     /// Drops the plan granted to the job `key` that its status does not show yet: its gang was
-    /// refused (by the namespace's ResourceQuota) after admission, and its status gives the
-    /// admission back, so the plan must not keep holding that capacity.
+    /// refused (by the namespace's ResourceQuota, or objects not its own stand in its way) after
+    /// admission or before its status showed it, and its status gives the admission back, so
+    /// the plan must not keep holding that capacity.
     pub fn give_back(&self, key: &str) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.plans.remove(key);
