@@ -27,8 +27,9 @@ struct Op {
     started: bool,
 }
 
-/// A fault to inject, for tests and the fault benchmark: set through `LOCKSTEP_FAULT`, which the
-/// operator never lets a pod template set.
+/// A fault to inject, for tests and the fault benchmark: set through `LOCKSTEP_FAULT`, which a pod
+/// template's `env` may not set (the `LOCKSTEP_` names are reserved) but its `envFrom` of a
+/// ConfigMap can, as `make bench-faults` does: it only ever stalls the job that asks for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// The communication thread hangs, forever, before it starts the first asynchronous collective
