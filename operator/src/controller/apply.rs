@@ -413,8 +413,11 @@ async fn apply(
                     // Not on to the next: a PodGroup would name a Workload that is not the job's.
                     Ok(Some(foreign)) => return Err(Error::NotOwned(vec![foreign])),
                     Ok(None) => {}
-                    // The resource is not served: the read finds nothing, the create a 404.
-                    Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => {
+                    // The resource is not served: the read gets a plain-text 404 (or finds
+                    // nothing, and then the create gets one).
+                    Err(Error::Kube(kube::Error::Api(e)) | Error::Read(kube::Error::Api(e)))
+                        if e.code == 404 =>
+                    {
                         return Err(Error::GangApiMissing(format!(
                             "{}/{} {}",
                             object.group, object.version, object.kind
