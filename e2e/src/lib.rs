@@ -484,6 +484,18 @@ impl TestNamespace {
         })
     }
 
+    /// The example manifest `example` (a file of `examples/`) named `name`, its pods put onto
+    /// this test's node pool.
+    pub fn example_on_pool(&self, example: &str, name: &str) -> Result<serde_json::Value> {
+        let mut v = example_manifest(example)?;
+        v["metadata"]["name"] = name.into();
+        let placement = self.pool_placement();
+        let spec = &mut v["spec"]["template"]["spec"];
+        spec["nodeSelector"] = placement["nodeSelector"].clone();
+        spec["tolerations"] = placement["tolerations"].clone();
+        Ok(v)
+    }
+
     /// A typed API for namespaced objects of this namespace.
     pub fn api<K>(&self) -> Api<K>
     where

@@ -16,12 +16,9 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 
 /// `ddp-digits` (2 ranks asking for 500m CPU each) on this test's pool.
 fn job(ns: &TestNamespace, name: &str) -> anyhow::Result<ParallelJob> {
-    let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
-    v["metadata"]["name"] = name.into();
-    let placement = ns.pool_placement();
-    v["spec"]["template"]["spec"]["nodeSelector"] = placement["nodeSelector"].clone();
-    v["spec"]["template"]["spec"]["tolerations"] = placement["tolerations"].clone();
-    Ok(serde_json::from_value(v)?)
+    Ok(serde_json::from_value(
+        ns.example_on_pool("ddp-digits.yaml", name)?,
+    )?)
 }
 
 async fn status(jobs: &Api<ParallelJob>, name: &str) -> anyhow::Result<ParallelJobStatus> {

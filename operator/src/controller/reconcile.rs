@@ -154,39 +154,18 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
             }
         }
         Applied::QuotaExceeded(refusal) => {
-            // No part of the gang is kept, so that a later try creates it whole, and a partly
-            // made gang neither runs nor holds quota that others could use. Deleted before the
-            // status says so: a crash in between leaves the admitted attempt without pods, which
-            // the next pass creates (and, the quota still short, deletes) again.
-            let doomed = partial_gang(&decision, &observed, &job_ctx);
-            apply::actions(
-                &ctx,
-                &job_ctx,
-                &[Action::DeletePods(doomed)],
-                &observed,
-                &lost,
-            )
-            .await?;
             let message = refusal.explain(job_ctx.layout.world_size());
             warn!(job = %job.name_any(), quota = %refusal.quota, message, "the namespace's ResourceQuota refused part of the gang");
-            let reason = reasons::QUOTA_EXCEEDED;
-            return hold_back(&ctx, &jobs, &job, &job_ctx, decision, reason, message).await;
+            let wait = (reasons::QUOTA_EXCEEDED, message);
+            let seen = (&observed[..], &lost);
+            return hold_back(&ctx, &jobs, &job, &job_ctx, decision, seen, wait).await;
         }
         Applied::NotOwned(foreign) => {
-            // As for the quota: no part of the gang is kept while they are in the way.
-            let doomed = partial_gang(&decision, &observed, &job_ctx);
-            apply::actions(
-                &ctx,
-                &job_ctx,
-                &[Action::DeletePods(doomed)],
-                &observed,
-                &lost,
-            )
-            .await?;
             let message = ownership::explain(&foreign);
             warn!(job = %job.name_any(), message, "objects with names the job needs are not its own");
-            let reason = reasons::OBJECT_CONFLICT;
-            return hold_back(&ctx, &jobs, &job, &job_ctx, decision, reason, message).await;
+            let wait = (reasons::OBJECT_CONFLICT, message);
+            let seen = (&observed[..], &lost);
+            return hold_back(&ctx, &jobs, &job, &job_ctx, decision, seen, wait).await;
         }
         Applied::Rejected(refusal) => {
             let message =
@@ -233,19 +212,11 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         Err(Error::NotOwned(foreign)) => {
             // The ranks' EndpointSlice is not the job's: their names would not resolve. The
             // gang waits as for any object in its way, with none of its pods kept.
-            let doomed = partial_gang(&decision, &observed, &job_ctx);
-            apply::actions(
-                &ctx,
-                &job_ctx,
-                &[Action::DeletePods(doomed)],
-                &observed,
-                &lost,
-            )
-            .await?;
             let message = ownership::explain(&foreign);
             warn!(job = %job.name_any(), message, "objects with names the job needs are not its own");
-            let reason = reasons::OBJECT_CONFLICT;
-            return hold_back(&ctx, &jobs, &job, &job_ctx, decision, reason, message).await;
+            let wait = (reasons::OBJECT_CONFLICT, message);
+            let seen = (&observed[..], &lost);
+            return hold_back(&ctx, &jobs, &job, &job_ctx, decision, seen, wait).await;
         }
         Err(e) => return Err(e),
     }
@@ -280,8 +251,9 @@ fn partial_gang(
 }
 
 /// The gang could not be made (the namespace's ResourceQuota refused part of it, or objects
-/// with names it needs are not the job's own: `reason`, said in `message`) and what was made of
-/// it is deleted: a wait, not a broken template. The job says so in `Admitted=False` with
+/// with names it needs are not the job's own: `reason`, said in `message`), and what was made of
+/// it (of the pods `observed`, on the nodes `lost` or not) is deleted: a wait, not a broken
+/// template. The job says so in `Admitted=False` with
 /// `reason`, with a Warning Event when that is news, over the status this pass reported
 /// (`decision`'s); gives its admission back (the status's, and the plan admission may still
 /// keep); and is tried again after a delay that doubles with every refusal in a row (see
@@ -292,9 +264,16 @@ async fn hold_back(
     job: &ParallelJob,
     job_ctx: &JobContext<'_>,
     decision: Decision,
-    reason: &'static str,
-    message: String,
+    (observed, lost): (&[RankPod], &HashSet<String>),
+    (reason, message): (&'static str, String),
 ) -> Result<Requeue> {
+    // No part of the gang is kept, so that a later try creates it whole, and a partly made gang
+    // neither runs nor holds what others could use. Deleted before the status says so: a crash
+    // in between leaves the admitted attempt without pods, which the next pass creates (and,
+    // the cause still there, deletes) again.
+    let doomed = partial_gang(&decision, observed, job_ctx);
+    let delete = [Action::DeletePods(doomed)];
+    apply::actions(ctx, job_ctx, &delete, observed, lost).await?;
     let key = job::key(job_ctx.namespace, job_ctx.name);
     ctx.admitter.give_back(&key);
     let retry_in = ctx
