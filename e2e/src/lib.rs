@@ -593,3 +593,49 @@ where
         .await;
     result
 }
+
+/// Starts an operator in this process with `settings` (a test gives it a `managedBy` name of its
+/// own, so the suite's shared operator leaves its jobs alone), on a task the test may abort at
+/// any moment, as a crash would end it.
+pub fn spawn_operator(
+    client: &Client,
+    settings: &lockstep_operator::controller::Settings,
+) -> tokio::task::JoinHandle<()> {
+    let (client, settings) = (client.clone(), settings.clone());
+    tokio::spawn(async move {
+        lockstep_operator::controller::run(
+            client,
+            settings,
+            std::sync::Arc::new(lockstep_operator::metrics::Metrics::new()),
+            std::future::pending(),
+        )
+        .await
+    })
+}
+
+/// The pid of the worker process of rank `rank` of the job `job` in namespace `ns`, found by its
+/// env contract (for tests and benchmarks that run on the real node's machine).
+pub fn worker_pid(ns: &str, job: &str, rank: u32) -> Option<i32> {
+    use lockstep_api::contract::env;
+    let want = [
+        format!("{}={ns}", env::NAMESPACE),
+        format!("{}={job}", env::JOB),
+        format!("{}={rank}", env::RANK),
+    ];
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        want.iter()
+            .all(|w| vars.contains(&w.as_bytes()))
+            .then_some(pid)
+    })
+}
+
+/// The step rank 0's log says the gang resumed from, if it resumed.
+pub fn resumed_step(log: &str) -> Option<u64> {
+    log.lines()
+        .find(|l| l.contains("resumed from a checkpoint"))
+        .and_then(|l| l.split("step=").nth(1))
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+}

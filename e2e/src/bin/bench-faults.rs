@@ -37,7 +37,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -49,7 +48,7 @@ use kube::api::{
 use lockstep_api::contract::labels;
 use lockstep_api::status::{Phase, condition_types, reasons};
 use lockstep_api::{ParallelJob, ParallelJobStatus};
-use lockstep_e2e::{Cluster, POOL_LABEL, TestNamespace};
+use lockstep_e2e::{Cluster, POOL_LABEL, TestNamespace, resumed_step, spawn_operator, worker_pid};
 use serde_json::{Value, json};
 
 /// The real node's name and the label and taint that keep other pods off it (realnode.sh).
@@ -368,38 +367,12 @@ fn checkpoint_steps(dir: &Path) -> Vec<u64> {
     steps
 }
 
-/// The pid of the worker process of `rank` of job `job` in namespace `ns` (found by its env
-/// contract; the bench runs on the real node's machine).
-fn worker_pid(ns: &str, job: &str, rank: u32) -> Option<i32> {
-    let want = [
-        format!("LOCKSTEP_NAMESPACE={ns}"),
-        format!("LOCKSTEP_JOB={job}"),
-        format!("LOCKSTEP_RANK={rank}"),
-    ];
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let env = std::fs::read(e.path().join("environ")).ok()?;
-        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
-        want.iter()
-            .all(|w| vars.contains(&w.as_bytes()))
-            .then_some(pid)
-    })
-}
-
 fn kill_9(pid: i32) -> Result<()> {
     let status = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()?;
     ensure!(status.success(), "kill -9 {pid} failed");
     Ok(())
-}
-
-/// The step rank 0's log says the gang resumed from, if it resumed.
-fn resumed_step(log: &str) -> Option<u64> {
-    log.lines()
-        .find(|l| l.contains("resumed from a checkpoint"))
-        .and_then(|l| l.split("step=").nth(1))
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
 }
 
 /// Waits until the job records a checkpoint folder with at least `n` whole checkpoints.
@@ -428,25 +401,14 @@ async fn operator_killed(cluster: &Cluster, kills: usize) -> Vec<Result<Done>> {
 }
 
 async fn operator_killed_in(ns: &TestNamespace, kills: usize) -> Vec<Result<Done>> {
-    use lockstep_operator::controller::{Settings, run};
+    use lockstep_operator::controller::Settings;
     const RANKS: usize = 4;
     let controller_name = format!("faults.lockstep.dev/{}", ns.name);
     let settings = Settings {
         controller_name: controller_name.clone(),
         ..Settings::default()
     };
-    let spawn = || {
-        let (client, settings) = (ns.cluster.client.clone(), settings.clone());
-        tokio::spawn(async move {
-            run(
-                client,
-                settings,
-                Arc::new(lockstep_operator::metrics::Metrics::new()),
-                std::future::pending(),
-            )
-            .await;
-        })
-    };
+    let spawn = || spawn_operator(&ns.cluster.client, &settings);
     let job = async {
         let mut v = digits("crashy", RANKS, 40)?;
         v["spec"]["runPolicy"] = json!({"managedBy": controller_name});

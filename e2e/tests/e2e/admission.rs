@@ -13,9 +13,10 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::{annotations, labels, operator};
 use lockstep_api::status::Phase;
-use lockstep_e2e::{POOL_LABEL, TestNamespace, terminate_worker, wait_until, with_namespace};
-use lockstep_operator::controller::{Settings, run};
-use lockstep_operator::metrics::Metrics;
+use lockstep_e2e::{
+    POOL_LABEL, TestNamespace, spawn_operator, terminate_worker, wait_until, with_namespace,
+};
+use lockstep_operator::controller::Settings;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -446,18 +447,7 @@ async fn killing_the_operator_while_it_admits_and_releases_never_oversubscribes_
             controller_name: controller_name.clone(),
             ..Settings::default()
         };
-        let spawn = || {
-            let (client, settings) = (ns.cluster.client.clone(), settings.clone());
-            tokio::spawn(async move {
-                run(
-                    client,
-                    settings,
-                    Arc::new(Metrics::new()),
-                    std::future::pending(),
-                )
-                .await
-            })
-        };
+        let spawn = || spawn_operator(&ns.cluster.client, &settings);
         let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
         for _ in 0..40 {
             let operator = spawn();

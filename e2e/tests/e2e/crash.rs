@@ -5,7 +5,6 @@
 //! checked after every kill, and in the end the gang converges.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -13,9 +12,8 @@ use kube::api::{Api, ListParams, PostParams};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::labels;
 use lockstep_api::status::Phase;
-use lockstep_e2e::{wait_until, with_namespace};
-use lockstep_operator::controller::{Settings, run};
-use lockstep_operator::metrics::Metrics;
+use lockstep_e2e::{spawn_operator, wait_until, with_namespace};
+use lockstep_operator::controller::Settings;
 
 const RANKS: usize = 4;
 const KILLS: u64 = 25;
@@ -69,10 +67,7 @@ async fn killing_the_operator_between_writes_never_leaves_duplicates_or_orphans(
         let uid = job.metadata.uid.clone().unwrap_or_default();
         let pods: Api<Pod> = ns.api();
         let settings = Settings { controller_name: controller_name.clone(), ..Settings::default() };
-        let spawn = || {
-            let (client, settings) = (ns.cluster.client.clone(), settings.clone());
-            tokio::spawn(async move { run(client, settings, Arc::new(Metrics::new()), std::future::pending()).await })
-        };
+        let spawn = || spawn_operator(&ns.cluster.client, &settings);
 
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         for kill in 0..KILLS {

@@ -3,7 +3,6 @@
 //! `spec.runPolicy.managedBy`: it never sees it. Its own controller name keeps the suite's shared
 //! operator out of both.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
@@ -11,9 +10,8 @@ use kube::api::{Api, ListParams, PostParams};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::labels;
 use lockstep_api::status::Phase;
-use lockstep_e2e::{example_manifest, wait_until, with_namespace};
-use lockstep_operator::controller::{Settings, run};
-use lockstep_operator::metrics::Metrics;
+use lockstep_e2e::{example_manifest, spawn_operator, wait_until, with_namespace};
+use lockstep_operator::controller::Settings;
 
 /// Deletes the second namespace when dropped, a failed test's too.
 struct Other(lockstep_e2e::Cluster, String);
@@ -48,16 +46,7 @@ async fn an_operator_watching_one_namespace_ignores_jobs_in_another() -> anyhow:
             namespace: Some(ns.name.clone()),
             ..Settings::default()
         };
-        let client = c.client.clone();
-        let operator = tokio::spawn(async move {
-            run(
-                client,
-                settings,
-                Arc::new(Metrics::new()),
-                std::future::pending(),
-            )
-            .await
-        });
+        let operator = spawn_operator(&c.client, &settings);
         let outcome = async {
             wait_until(Duration::from_secs(90), "the watched job runs", || async {
                 Ok(watched

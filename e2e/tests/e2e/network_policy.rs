@@ -4,7 +4,6 @@
 //! the operator writes, not the traffic it would stop. An operator instance of this test's own
 //! (its own `managedBy` name and scraper setting) runs in-process.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -13,9 +12,8 @@ use kube::api::{Api, ListParams, PostParams};
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::labels;
 use lockstep_api::status::Phase;
-use lockstep_e2e::{wait_until, with_namespace};
-use lockstep_operator::controller::{Settings, run};
-use lockstep_operator::metrics::Metrics;
+use lockstep_e2e::{spawn_operator, wait_until, with_namespace};
+use lockstep_operator::controller::Settings;
 
 /// Generous: the machines that run this suite are slow and shared.
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -43,16 +41,7 @@ async fn a_running_job_has_a_network_policy_admitting_its_own_pods_and_the_scrap
             worker_metrics_from: vec![scraper.clone()],
             ..Settings::default()
         };
-        let client = ns.cluster.client.clone();
-        let operator = tokio::spawn(async move {
-            run(
-                client,
-                settings,
-                Arc::new(Metrics::new()),
-                std::future::pending(),
-            )
-            .await
-        });
+        let operator = spawn_operator(&ns.cluster.client, &settings);
         let running = wait_until(TIMEOUT, "fenced runs", || async {
             Ok(jobs.get("fenced").await?.status.and_then(|s| s.phase) == Some(Phase::Running))
         })

@@ -4,7 +4,6 @@
 //! resolves to a pod that is gone. An operator instance of this test's own (its own `managedBy`
 //! name, so the suite's shared operator stays out) is stopped and started again in-process.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -12,9 +11,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, PostParams};
 use lockstep_api::ParallelJob;
 use lockstep_api::status::Phase;
-use lockstep_e2e::{wait_until, with_namespace};
-use lockstep_operator::controller::{Settings, run};
-use lockstep_operator::metrics::Metrics;
+use lockstep_e2e::{spawn_operator, wait_until, with_namespace};
+use lockstep_operator::controller::Settings;
 
 /// Generous: the machines that run this suite are slow and shared.
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -55,18 +53,7 @@ async fn a_restarted_operator_withdraws_addresses_of_a_pod_deleted_while_it_was_
             controller_name,
             ..Settings::default()
         };
-        let spawn = || {
-            let (client, settings) = (ns.cluster.client.clone(), settings.clone());
-            tokio::spawn(async move {
-                run(
-                    client,
-                    settings,
-                    Arc::new(Metrics::new()),
-                    std::future::pending(),
-                )
-                .await
-            })
-        };
+        let spawn = || spawn_operator(&ns.cluster.client, &settings);
 
         // The gang runs and its addresses are published.
         let operator = spawn();

@@ -152,27 +152,7 @@ fn shared_checkpoints(ns: &str, v: &mut serde_json::Value) -> anyhow::Result<std
 
 /// The step rank 0's log says the gang resumed from.
 fn resumed_step(log: &str) -> u64 {
-    log.lines()
-        .find(|l| l.contains("resumed from a checkpoint"))
-        .and_then(|l| l.split("step=").nth(1))
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("attempt 1 did not resume:\n{log}"))
-}
-
-fn worker_pid(ns: &str, job: &str, rank: u32) -> Option<i32> {
-    let want = [
-        format!("LOCKSTEP_NAMESPACE={ns}"),
-        format!("LOCKSTEP_JOB={job}"),
-        format!("LOCKSTEP_RANK={rank}"),
-    ];
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let env = std::fs::read(e.path().join("environ")).ok()?;
-        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
-        want.iter()
-            .all(|w| vars.contains(&w.as_bytes()))
-            .then_some(pid)
-    })
+    lockstep_e2e::resumed_step(log).unwrap_or_else(|| panic!("attempt 1 did not resume:\n{log}"))
 }
 
 #[tokio::test]
@@ -200,7 +180,8 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
             Ok(std::fs::read_dir(&dir)?.count() >= 2)
         })
         .await?;
-        let pid = worker_pid(&ns.name, "ddp-digits", 1).expect("rank 1's worker process");
+        let pid =
+            lockstep_e2e::worker_pid(&ns.name, "ddp-digits", 1).expect("rank 1's worker process");
         // The last checkpoint before the kill: the next attempt must resume from it (or a later
         // one), losing no more than the checkpoint interval.
         let latest_before = std::fs::read_dir(&dir)?
@@ -305,7 +286,8 @@ async fn a_pipeline_stage_killed_for_real_restarts_the_gang_from_every_stages_sh
         )
         .await?;
         // Stage 1's first replica (rank 2) dies; the gang restarts from every stage's shard.
-        let pid = worker_pid(&ns.name, "pipeline-gpt", 2).expect("rank 2's worker process");
+        let pid =
+            lockstep_e2e::worker_pid(&ns.name, "pipeline-gpt", 2).expect("rank 2's worker process");
         let latest_before = complete(&dir)?.expect("a checkpoint");
         kill_9(pid)?;
         let killed = std::time::Instant::now();
