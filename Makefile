@@ -16,8 +16,13 @@ help: ## list the targets
 # The e2e suite runs against the cluster of `make cluster-up` when it runs; otherwise
 # e2e/run-tests.sh starts one (building the binaries first if needed) and stops it afterwards.
 .PHONY: test
-test: ## the README's test command: unit tests, e2e against a real control plane, then the real-node tests (root)
+test: ## the README's test command: unit tests, e2e against a real control plane, the real-node tests (root), then checkpoints against transformers
 	e2e/run-tests.sh --real-node --workspace --locked
+	worker/tests/hf/run.sh
+
+.PHONY: test-hf
+test-hf: ## checkpoints against Hugging Face transformers: export, from_pretrained, logits within 1e-4, import and fine-tune (PyTorch CPU from PyPI, cached venv)
+	worker/tests/hf/run.sh
 
 .PHONY: unit
 unit: ## the tests that need no cluster

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new("self.workload != 'Pres' || !has(self.data) || self.data.kind == 'TemporalGraph'").message("spec.training.workload Pres needs spec.training.data.kind TemporalGraph").field_path(".data.kind"))]
 #[x_kube(validation = Rule::new("self.workload in ['Command', 'Pres'] || has(self.batchSize)").message("spec.training.batchSize is required for workloads Ddp and Pipeline").field_path(".batchSize"))]
 #[x_kube(validation = Rule::new("self.workload == 'Command' || has(self.maxSteps) != has(self.epochs)").message("spec.training: set exactly one of maxSteps and epochs").field_path(".maxSteps"))]
+#[x_kube(validation = Rule::new("!has(self.initFrom) || self.workload in ['Ddp', 'Pipeline']").message("spec.training.initFrom starts workloads Ddp and Pipeline only: remove it, or use one of them").field_path(".initFrom"))]
 #[x_kube(validation = Rule::new("self.workload != 'Pipeline' || !has(self.batchSize) || self.batchSize % self.pipeline.microBatches == 0").message("spec.training.batchSize must be a multiple of spec.training.pipeline.microBatches").field_path(".pipeline.microBatches"))]
 #[serde(rename_all = "camelCase")]
 pub struct Training {
@@ -80,6 +81,15 @@ pub struct Training {
     /// Checkpointing.
     #[serde(default)]
     pub checkpoint: Checkpoint,
+
+    /// Weights to start from instead of the seed's initialisation (fine-tuning), when the job
+    /// has no checkpoint of its own to resume: a Hugging Face GPT-2 directory (`config.json` and
+    /// `model.safetensors`, as `save_pretrained` and `lockstep-worker export` write it; its
+    /// config must match spec.training.model.gpt) or a Lockstep checkpoint file. Only the
+    /// weights are taken: the optimizer starts afresh at step 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub init_from: Option<String>,
 
     /// Periodic evaluation on held-out data.
     #[serde(default)]

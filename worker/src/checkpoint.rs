@@ -1,7 +1,12 @@
-//! Checkpoints: one safetensors file per saved step, holding the parameters and the AdamW
-//! moments as F32 tensors, and in its metadata the step, the optimizer's update count, the
-//! seed (the data position is `(seed, step)`: the sampler is deterministic), the model's
-//! description and a checksum of the tensor bytes.
+//! Checkpoints: one safetensors file per saved step, holding each parameter tensor under its own
+//! name and shape (for the GPT, Hugging Face GPT-2's: `transformer.h.0.attn.c_attn.weight`, ...;
+//! see `lockstep_engine::models::names`) with its AdamW moments beside it (`exp_avg.<name>`,
+//! `exp_avg_sq.<name>`, PyTorch's names), all F32, and in its metadata the step, the optimizer's
+//! update count, the seed (the data position is `(seed, step)`: the sampler is deterministic), the
+//! model's description, a checksum of the tensor bytes and, for a GPT, its Hugging Face
+//! `config.json` (what `lockstep-worker export` writes beside the weights, see [`crate::hf`]).
+//! Files of the first format (`lockstep-checkpoint/1`: one flat tensor each of parameters and
+//! moments) still load.
 //!
 //! Rank 0 writes `step-NNNNNNNN.safetensors` atomically (a temporary file, fsync, rename,
 //! fsync of the directory) and then deletes all but the newest `keep`. Every rank loads the
@@ -23,6 +28,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use lockstep_api::config::fnv1a64;
+use lockstep_engine::models::names::{self, Named};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 /// Who writes this process's checkpoints: recorded in each file.
@@ -88,8 +94,29 @@ fn ours(path: &Path, uid: &str) -> bool {
 /// resumes sets such a file aside and falls back to the one before.
 pub const CORRUPT: &str = "the file is corrupt";
 
-/// The format written in the metadata; a file with another is refused.
-pub const FORMAT: &str = "lockstep-checkpoint/1";
+/// The format written in the metadata: named tensors. A file of another is refused, but for
+/// [`FLAT_FORMAT`].
+pub const FORMAT: &str = "lockstep-checkpoint/2";
+
+/// The first format, still read: one flat tensor each of parameters (`params`) and moments
+/// (`adam.m`, `adam.v`) in the engine's own layout.
+pub const FLAT_FORMAT: &str = "lockstep-checkpoint/1";
+
+/// The name of a parameter's AdamW first moment (PyTorch's `exp_avg`).
+pub fn exp_avg(name: &str) -> String {
+    format!("exp_avg.{name}")
+}
+
+/// The name of a parameter's AdamW second moment (PyTorch's `exp_avg_sq`).
+pub fn exp_avg_sq(name: &str) -> String {
+    format!("exp_avg_sq.{name}")
+}
+
+/// The metadata key of a GPT's Hugging Face `config.json`.
+pub const HF_CONFIG: &str = "hf_config";
+
+/// The metadata key of a character model's vocabulary (a JSON array of its characters, by id).
+pub const TEXT_VOCAB: &str = "text_vocab";
 
 /// A checkpoint error, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +163,10 @@ pub struct State {
     pub seed: u64,
     /// The model's description; loading into another model is refused.
     pub model: String,
+    /// The named tensors of the flat buffers (what the file stores, each under its name).
+    pub tensors: Vec<Named>,
+    /// More metadata to record ([`HF_CONFIG`], [`TEXT_VOCAB`]).
+    pub meta: std::collections::BTreeMap<String, String>,
     /// Flat parameters.
     pub params: Vec<f32>,
     /// AdamW first moments.
@@ -173,6 +204,19 @@ fn parse(name: &str) -> Option<(u64, Option<(u32, u32)>)> {
             Some((step.parse().ok()?, Some((s, p))))
         }
     }
+}
+
+/// The step of a checkpoint file's name and, for a pipeline stage's shard, its (stage, stages).
+pub fn parse_name(name: &str) -> Option<(u64, Option<(u32, u32)>)> {
+    parse(name)
+}
+
+/// The shapes of the checkpoint files in `dir` (see [`Shape`]), of any job.
+pub fn shapes(dir: &Path) -> Result<Vec<Shape>, CheckpointError> {
+    let mut s: Vec<Shape> = files(dir)?.into_iter().map(|f| f.1.map(|s| s.1)).collect();
+    s.sort_unstable();
+    s.dedup();
+    Ok(s)
 }
 
 /// A checkpoint file: its step, its (stage, stages) when it is a shard, its path.
@@ -483,16 +527,29 @@ fn write_stamped(
     if let Some((_, delay)) = slow {
         std::thread::sleep(delay);
     }
-    let tensors = [
-        ("adam.m", &state.m),
-        ("adam.v", &state.v),
-        ("params", &state.params),
-    ];
-    let mut sum = Vec::with_capacity(24);
-    for (_, t) in &tensors {
-        sum.extend(fnv1a64(bytemuck::cast_slice(t)).to_le_bytes());
+    let path = dir.join(name);
+    let refuse = |reason: String| CheckpointError::Refused {
+        path: path.clone(),
+        reason,
+    };
+    names::check(&state.tensors, state.params.len()).map_err(|e| {
+        refuse(format!(
+            "its tensors are not a layout of the parameters: {e}"
+        ))
+    })?;
+    // Each parameter, then its moments, in its named layout.
+    let mut data: Vec<(String, &Named, Vec<f32>)> = Vec::with_capacity(3 * state.tensors.len());
+    for t in &state.tensors {
+        data.push((t.name.clone(), t, names::extract(&state.params, t)));
+        data.push((exp_avg(&t.name), t, names::extract(&state.m, t)));
+        data.push((exp_avg_sq(&t.name), t, names::extract(&state.v, t)));
     }
-    let meta: HashMap<String, String> = [
+    data.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut sum = Vec::with_capacity(8 * data.len());
+    for (_, _, v) in &data {
+        sum.extend(fnv1a64(bytemuck::cast_slice(v)).to_le_bytes());
+    }
+    let mut meta: HashMap<String, String> = [
         ("format", FORMAT.to_string()),
         ("step", state.step.to_string()),
         ("adam_t", state.adam_t.to_string()),
@@ -507,16 +564,12 @@ fn write_stamped(
     .filter(|(_, v)| !v.is_empty())
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let path = dir.join(name);
-    let refuse = |reason: String| CheckpointError::Refused {
-        path: path.clone(),
-        reason,
-    };
-    let views = tensors
+    meta.extend(state.meta.clone());
+    let views = data
         .iter()
-        .map(|(name, t)| {
-            TensorView::new(Dtype::F32, vec![t.len()], bytemuck::cast_slice(t))
-                .map(|v| (*name, v))
+        .map(|(name, t, v)| {
+            TensorView::new(Dtype::F32, t.shape.clone(), bytemuck::cast_slice(v))
+                .map(|view| (name.as_str(), view))
                 .map_err(|e| refuse(format!("cannot describe {name}: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -544,23 +597,128 @@ fn write_stamped(
     Ok(path)
 }
 
-/// Reads and checks the checkpoint at `path` for a model described as `model` with `n`
-/// parameters.
-pub fn load(path: &Path, model: &str, n: usize) -> Result<State, CheckpointError> {
-    read_checked(path, Some((model, n)), &stamp())
+/// Reads and checks the checkpoint at `path` for a model described as `model` whose flat buffers
+/// of `n` values hold `tensors`.
+pub fn load(
+    path: &Path,
+    model: &str,
+    tensors: &[Named],
+    n: usize,
+) -> Result<State, CheckpointError> {
+    read_checked(path, Some((model, tensors, n)), &stamp())
 }
 
 /// Checks the file at `path` is a whole checkpoint (its format, tensors and checksum), whatever
 /// model it holds.
 pub fn verify(path: &Path) -> Result<(), CheckpointError> {
-    read_checked(path, None, &Stamp::default()).map(drop)
+    read(path).map(drop)
 }
 
-/// Reads and checks `path`; with `want`, also that it holds that model with that many
-/// parameters.
+/// Tensors by name: shape and values.
+pub type TensorMap = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// A checkpoint file read whole and checked (its format and checksum), not yet matched to a
+/// model.
+#[derive(Debug)]
+pub struct Contents {
+    /// The metadata ([`FORMAT`] or [`FLAT_FORMAT`] under `format`, the step, the model, ...).
+    pub meta: HashMap<String, String>,
+    /// Every tensor by name: its shape and values.
+    pub tensors: TensorMap,
+}
+
+impl Contents {
+    /// The metadata value `k`.
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.meta.get(k).map(String::as_str)
+    }
+
+    /// Whether the file is of the first, flat format.
+    pub fn is_flat(&self) -> bool {
+        self.get("format") == Some(FLAT_FORMAT)
+    }
+}
+
+/// Reads `path` and checks its format and checksum, whatever model it holds.
+pub fn read(path: &Path) -> Result<Contents, CheckpointError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let (meta, _) = header(path, &bytes)?;
+    contents(path, &bytes, meta)
+}
+
+/// The metadata of the safetensors file `bytes` (read from `path`) and its format, checked.
+fn header(path: &Path, bytes: &[u8]) -> Result<(HashMap<String, String>, String), CheckpointError> {
+    let refuse = |reason: String| CheckpointError::Refused {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| refuse(format!("not a valid safetensors file ({e}): {CORRUPT}")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let format = meta
+        .get("format")
+        .cloned()
+        .ok_or_else(|| refuse("its metadata lacks format".into()))?;
+    if format != FORMAT && format != FLAT_FORMAT {
+        return Err(refuse(format!(
+            "format {format}, expected {FORMAT} (or {FLAT_FORMAT})"
+        )));
+    }
+    Ok((meta, format))
+}
+
+/// Every tensor of `bytes` as F32, checked against the checksum in `meta`.
+fn contents(
+    path: &Path,
+    bytes: &[u8],
+    meta: HashMap<String, String>,
+) -> Result<Contents, CheckpointError> {
+    let refuse = |reason: String| CheckpointError::Refused {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| refuse(format!("not a valid safetensors file ({e}): {CORRUPT}")))?;
+    let mut tensors = std::collections::BTreeMap::new();
+    let mut sum = Vec::with_capacity(8 * st.len());
+    // Names in sorted order: the order the checksum was computed in.
+    let mut order = st.names();
+    order.sort_unstable();
+    for name in order {
+        let t = st
+            .tensor(name)
+            .map_err(|e| refuse(format!("tensor {name} is unreadable ({e}): {CORRUPT}")))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(refuse(format!(
+                "tensor {name} is {:?}, expected F32",
+                t.dtype()
+            )));
+        }
+        sum.extend(fnv1a64(t.data()).to_le_bytes());
+        let v: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        tensors.insert(name.to_string(), (t.shape().to_vec(), v));
+    }
+    let want = meta
+        .get("fnv1a64")
+        .ok_or_else(|| refuse("its metadata lacks fnv1a64".into()))?;
+    let got = format!("{:016x}", fnv1a64(&sum));
+    if *want != got {
+        return Err(refuse(format!(
+            "its checksum is {got}, but it was written as {want} ({CORRUPT})"
+        )));
+    }
+    Ok(Contents { meta, tensors })
+}
+
+/// Reads and checks `path`; with `want`, also that it holds that model with those tensors in
+/// flat buffers of that length.
 fn read_checked(
     path: &Path,
-    want: Option<(&str, usize)>,
+    want: Option<(&str, &[Named], usize)>,
     me: &Stamp,
 ) -> Result<State, CheckpointError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
@@ -568,20 +726,12 @@ fn read_checked(
         path: path.to_path_buf(),
         reason,
     };
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| refuse(format!("not a valid safetensors file ({e}): {CORRUPT}")))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| refuse(format!("unreadable header ({e}): {CORRUPT}")))?;
-    let meta = header.metadata().clone().unwrap_or_default();
+    let (meta, _) = header(path, &bytes)?;
     let get = |k: &str| {
         meta.get(k)
             .cloned()
             .ok_or_else(|| refuse(format!("its metadata lacks {k}")))
     };
-    let format = get("format")?;
-    if format != FORMAT {
-        return Err(refuse(format!("format {format}, expected {FORMAT}")));
-    }
     let mine = &me.job_uid;
     if let (Some(theirs), false) = (meta.get("job_uid"), mine.is_empty())
         && theirs != mine
@@ -605,7 +755,7 @@ fn read_checked(
         );
     }
     let saved_model = get("model")?;
-    if let Some((model, _)) = want
+    if let Some((model, _, _)) = want
         && saved_model != model
     {
         return Err(refuse(format!(
@@ -617,43 +767,73 @@ fn read_checked(
             .parse()
             .map_err(|e| refuse(format!("{k} is not a number ({e})")))
     };
-    let mut tensors = HashMap::new();
-    let mut sum = Vec::with_capacity(24);
-    for name in ["adam.m", "adam.v", "params"] {
-        let t = st
-            .tensor(name)
-            .map_err(|e| refuse(format!("tensor {name} is missing ({e})")))?;
-        let n = want.map_or_else(|| t.shape().first().copied().unwrap_or(0), |w| w.1);
-        if t.dtype() != Dtype::F32 || t.shape() != [n] {
-            return Err(refuse(format!(
-                "tensor {name} is {:?} {:?}, expected F32 [{n}]",
-                t.dtype(),
-                t.shape()
-            )));
+    let (step, adam_t, seed) = (num("step")?, num("adam_t")?, num("seed")?);
+    let adam_t = i32::try_from(adam_t).map_err(|e| refuse(format!("adam_t: {e}")))?;
+    let mut c = contents(path, &bytes, meta)?;
+    let extra = c
+        .meta
+        .iter()
+        .filter(|(k, _)| [HF_CONFIG, TEXT_VOCAB].contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let (tensors, params, m, v) = match want {
+        None => (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+        Some((_, tensors, n)) if c.is_flat() => {
+            let mut take = |name: &str| match c.tensors.remove(name) {
+                Some((shape, v)) if shape == [n] => Ok(v),
+                Some((shape, _)) => Err(refuse(format!(
+                    "tensor {name} is {shape:?}, expected [{n}]"
+                ))),
+                None => Err(refuse(format!("tensor {name} is missing"))),
+            };
+            (
+                tensors.to_vec(),
+                take("params")?,
+                take("adam.m")?,
+                take("adam.v")?,
+            )
         }
-        sum.extend(fnv1a64(t.data()).to_le_bytes());
-        let v: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        tensors.insert(name, v);
-    }
-    let want = get("fnv1a64")?;
-    let got = format!("{:016x}", fnv1a64(&sum));
-    if want != got {
-        return Err(refuse(format!(
-            "its checksum is {got}, but it was written as {want} ({CORRUPT})"
-        )));
-    }
+        Some((_, tensors, n)) => {
+            names::check(tensors, n).map_err(|e| refuse(e.to_string()))?;
+            let (mut p, mut m, mut v) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            for t in tensors {
+                for (name, flat) in [
+                    (t.name.clone(), &mut p),
+                    (exp_avg(&t.name), &mut m),
+                    (exp_avg_sq(&t.name), &mut v),
+                ] {
+                    match c.tensors.remove(&name) {
+                        Some((shape, data)) if shape == t.shape => names::insert(flat, t, &data),
+                        Some((shape, _)) => {
+                            return Err(refuse(format!(
+                                "tensor {name} is {shape:?}, but this model's is {:?}",
+                                t.shape
+                            )));
+                        }
+                        None => {
+                            return Err(refuse(format!("tensor {name} of this model is missing")));
+                        }
+                    }
+                }
+            }
+            if let Some(name) = c.tensors.keys().next() {
+                return Err(refuse(format!(
+                    "it holds tensor {name}, which this model does not have"
+                )));
+            }
+            (tensors.to_vec(), p, m, v)
+        }
+    };
     Ok(State {
-        step: num("step")?,
-        adam_t: i32::try_from(num("adam_t")?).map_err(|e| refuse(format!("adam_t: {e}")))?,
-        seed: num("seed")?,
+        step,
+        adam_t,
+        seed,
         model: saved_model,
-        params: tensors.remove("params").unwrap_or_default(),
-        m: tensors.remove("adam.m").unwrap_or_default(),
-        v: tensors.remove("adam.v").unwrap_or_default(),
+        tensors,
+        meta: extra,
+        params,
+        m,
+        v,
     })
 }
 
@@ -661,12 +841,32 @@ fn read_checked(
 mod tests {
     use super::*;
 
+    /// A 9 x 10 weight, stored transposed, and a bias of 10.
+    fn layout() -> Vec<Named> {
+        vec![
+            Named {
+                name: "layers.0.weight".into(),
+                offset: 0,
+                shape: vec![9, 10],
+                transposed: true,
+            },
+            Named {
+                name: "layers.0.bias".into(),
+                offset: 90,
+                shape: vec![10],
+                transposed: false,
+            },
+        ]
+    }
+
     fn state(step: u64) -> State {
         State {
             step,
             adam_t: step as i32,
             seed: 7,
             model: "mlp 64-32-10".into(),
+            tensors: layout(),
+            meta: [(HF_CONFIG.to_string(), "{}".to_string())].into(),
             params: (0..100).map(|i| i as f32 * 0.5).collect(),
             m: vec![0.25; 100],
             v: vec![0.125; 100],
@@ -707,7 +907,7 @@ mod tests {
         );
         let e = read_checked(
             &dir.join(file_name(50)),
-            Some(("mlp 64-32-10", 100)),
+            Some(("mlp 64-32-10", &layout(), 100)),
             &by("new"),
         )
         .unwrap_err()
@@ -722,10 +922,74 @@ mod tests {
         );
         let ok = read_checked(
             &dir.join(file_name(30)),
-            Some(("mlp 64-32-10", 100)),
+            Some(("mlp 64-32-10", &layout(), 100)),
             &by("new"),
         );
         assert_eq!(ok.unwrap(), state(30));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn each_tensor_and_moment_is_stored_under_its_name_in_its_layout() {
+        let dir = std::env::temp_dir().join(format!("lockstep-ckpt-named-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = save(&dir, &state(10), 1).unwrap();
+        let c = read(&path).unwrap();
+        let names: Vec<&str> = c.tensors.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "exp_avg.layers.0.bias",
+                "exp_avg.layers.0.weight",
+                "exp_avg_sq.layers.0.bias",
+                "exp_avg_sq.layers.0.weight",
+                "layers.0.bias",
+                "layers.0.weight"
+            ]
+        );
+        // The flat buffer holds the weight transposed (10 x 9): element (r, c) of the named
+        // 9 x 10 tensor is flat[c * 9 + r] = (c * 9 + r) / 2.
+        let (shape, w) = &c.tensors["layers.0.weight"];
+        assert_eq!(shape, &[9, 10]);
+        assert_eq!(w[10 + 3], (3 * 9 + 1) as f32 * 0.5);
+        assert_eq!(c.tensors["layers.0.bias"].1[0], 45.0);
+        assert_eq!(c.get(HF_CONFIG), Some("{}"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_flat_checkpoint_of_the_first_format_still_loads() {
+        let dir = std::env::temp_dir().join(format!("lockstep-ckpt-flat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = state(40);
+        let tensors = [("adam.m", &s.m), ("adam.v", &s.v), ("params", &s.params)];
+        let mut sum = Vec::new();
+        for (_, t) in &tensors {
+            sum.extend(fnv1a64(bytemuck::cast_slice(t)).to_le_bytes());
+        }
+        let meta: HashMap<String, String> = [
+            ("format", FLAT_FORMAT.to_string()),
+            ("step", "40".into()),
+            ("adam_t", "40".into()),
+            ("seed", "7".into()),
+            ("model", s.model.clone()),
+            ("fnv1a64", format!("{:016x}", fnv1a64(&sum))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let views = tensors.iter().map(|(n, t)| {
+            (
+                *n,
+                TensorView::new(Dtype::F32, vec![t.len()], bytemuck::cast_slice(t)).unwrap(),
+            )
+        });
+        let path = dir.join(file_name(40));
+        std::fs::write(&path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+        let loaded = load(&path, "mlp 64-32-10", &layout(), 100).unwrap();
+        assert_eq!(loaded.params, s.params);
+        assert_eq!((loaded.m, loaded.v), (s.m, s.v));
+        assert_eq!(loaded.step, 40);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -743,19 +1007,40 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 2, "no temporary file is left: {names:?}");
-        assert_eq!(load(&all[1].1, "mlp 64-32-10", 100).unwrap(), state(30));
+        assert_eq!(
+            load(&all[1].1, "mlp 64-32-10", &layout(), 100).unwrap(),
+            state(30)
+        );
 
-        let e = load(&all[1].1, "gpt 4x128", 100).unwrap_err().to_string();
+        let e = load(&all[1].1, "gpt 4x128", &layout(), 100)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("holds the model `mlp 64-32-10`"), "{e}");
-        let e = load(&all[1].1, "mlp 64-32-10", 99).unwrap_err().to_string();
-        assert!(e.contains("expected F32 [99]"), "{e}");
+        let mut other = layout();
+        other[0].shape = vec![10, 9];
+        let e = load(&all[1].1, "mlp 64-32-10", &other, 100)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tensor layers.0.weight is [9, 10], but this model's is [10, 9]"),
+            "{e}"
+        );
+        other = layout();
+        other[1].name = "layers.1.bias".into();
+        let e = load(&all[1].1, "mlp 64-32-10", &other, 100)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tensor layers.1.bias of this model is missing"),
+            "{e}"
+        );
 
         // Flip one byte of the parameters: the checksum refuses the file.
         let mut bytes = std::fs::read(&all[1].1).unwrap();
         let last = bytes.len() - 3;
         bytes[last] ^= 0x40;
         std::fs::write(&all[1].1, &bytes).unwrap();
-        let e = load(&all[1].1, "mlp 64-32-10", 100)
+        let e = load(&all[1].1, "mlp 64-32-10", &layout(), 100)
             .unwrap_err()
             .to_string();
         assert!(
@@ -764,7 +1049,7 @@ mod tests {
         );
         // A truncated file is refused too.
         std::fs::write(&all[1].1, &bytes[..bytes.len() / 2]).unwrap();
-        let e = load(&all[1].1, "mlp 64-32-10", 100)
+        let e = load(&all[1].1, "mlp 64-32-10", &layout(), 100)
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a valid safetensors file"), "{e}");

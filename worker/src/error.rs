@@ -67,3 +67,15 @@ impl From<CheckpointError> for WorkError {
         Self::new(code, e.to_string())
     }
 }
+
+impl From<crate::hf::HfError> for WorkError {
+    fn from(e: crate::hf::HfError) -> Self {
+        use crate::hf::HfError;
+        match e {
+            HfError::Checkpoint(c) => c.into(),
+            HfError::Engine(e) => e.into(),
+            // A path or a model that does not fit the job: restarting cannot help.
+            HfError::Invalid(_) | HfError::Io { .. } => Self::new(ExitCode::Config, e.to_string()),
+        }
+    }
+}

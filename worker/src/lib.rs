@@ -16,6 +16,7 @@ pub mod comm;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod hf;
 pub mod local;
 pub mod metrics;
 pub mod pipeline;

@@ -32,6 +32,8 @@ pub struct LocalOptions {
     pub progress: bool,
     /// Where the run's files go (config, checkpoints); a fresh temporary directory by default.
     pub workdir: Option<PathBuf>,
+    /// Weights to start from instead of the manifest's `spec.training.initFrom` (`import`).
+    pub init_from: Option<PathBuf>,
 }
 
 /// How a rank ended.
@@ -113,6 +115,20 @@ fn load(opts: &LocalOptions) -> Result<ParallelJob> {
             );
         }
         job.spec.parallelism.data_parallel = (n / stages) as i32;
+    }
+    if let Some(from) = &opts.init_from {
+        let workload = job.spec.training.workload;
+        if !matches!(workload, Workload::Ddp | Workload::Pipeline) {
+            bail!(
+                "{}: spec.training.workload is {workload:?}; only Ddp and Pipeline start from \
+                 imported weights",
+                opts.manifest.display()
+            );
+        }
+        // The ranks run in this directory: an absolute path survives any later change of it.
+        let from = std::path::absolute(from)
+            .with_context(|| format!("cannot resolve {}", from.display()))?;
+        job.spec.training.init_from = Some(from.to_string_lossy().into_owned());
     }
     Ok(job)
 }

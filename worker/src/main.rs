@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use lockstep_api::contract::ExitCode;
 use lockstep_worker::bench::{self, Backend, Device};
-use lockstep_worker::{local, rendezvous, runtime};
+use lockstep_worker::{hf, local, rendezvous, runtime};
 
 #[derive(Parser, Debug)]
 #[command(name = "lockstep-worker", version, about = "The Lockstep worker")]
@@ -44,6 +44,47 @@ enum Cmd {
         /// Directory for the run's config and checkpoints (default: a new temporary one).
         #[arg(long)]
         workdir: Option<PathBuf>,
+    },
+    /// Write a checkpoint's GPT as a Hugging Face GPT-2 directory (model.safetensors,
+    /// config.json) that transformers' GPT2LMHeadModel.from_pretrained loads.
+    Export {
+        /// A checkpoint file, any shard of a pipeline step (its other shards are read too), or a
+        /// folder of checkpoints (its newest complete one).
+        checkpoint: PathBuf,
+        /// The directory to write.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Run a ParallelJob on this machine (as `local` does) starting from the weights of a
+    /// Hugging Face GPT-2 directory or a Lockstep checkpoint: fine-tuning. In a cluster, set
+    /// spec.training.initFrom instead.
+    Import {
+        /// The weights: a directory with config.json and model.safetensors, or a checkpoint.
+        from: PathBuf,
+        /// The ParallelJob manifest.
+        manifest: PathBuf,
+        /// World size to use instead of the manifest's (dataParallel = ranks / stages).
+        #[arg(long)]
+        ranks: Option<u32>,
+        /// No progress bar (the default when standard error is not a terminal).
+        #[arg(long)]
+        no_progress: bool,
+        /// Directory for the run's config and checkpoints (default: a new temporary one).
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+    },
+    /// The next-token logits of a GPT (a Hugging Face directory or a checkpoint) on a sequence
+    /// of token ids, computed by the engine on the CPU, written as a safetensors file
+    /// (`logits`: tokens x vocabulary).
+    Logits {
+        /// A Hugging Face GPT-2 directory, a checkpoint file or a folder of checkpoints.
+        model: PathBuf,
+        /// Token ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<i32>,
+        /// The file to write.
+        #[arg(long, short)]
+        out: PathBuf,
     },
     /// Benchmarks.
     Bench {
@@ -166,6 +207,51 @@ enum BenchCmd {
     },
 }
 
+/// `local` and `import`: runs the gang on this machine.
+fn run_local(
+    manifest: PathBuf,
+    ranks: Option<u32>,
+    no_progress: bool,
+    workdir: Option<PathBuf>,
+    init_from: Option<PathBuf>,
+) -> ProcessExit {
+    use std::io::IsTerminal;
+    let opts = local::LocalOptions {
+        manifest,
+        ranks,
+        progress: !no_progress && std::io::stderr().is_terminal(),
+        workdir,
+        init_from,
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lockstep local: cannot start: {e}");
+            return ProcessExit::from(ExitCode::Internal.code() as u8);
+        }
+    };
+    match rt.block_on(local::run(opts)) {
+        Ok(code) => ProcessExit::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("lockstep local: {e:#}");
+            ProcessExit::from(ExitCode::Config.code() as u8)
+        }
+    }
+}
+
+/// `logits`: the engine's logits of `model` on `ids`, written to `out`.
+fn write_logits(model: &std::path::Path, ids: &[i32], out: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let (config, logits) = hf::logits(model, ids)?;
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        vec![ids.len(), config.vocab],
+        bytemuck::cast_slice(&logits),
+    )?;
+    let bytes = safetensors::serialize([("logits", view)], None)?;
+    std::fs::write(out, bytes).with_context(|| format!("cannot write {}", out.display()))
+}
+
 fn main() -> ProcessExit {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -209,29 +295,49 @@ fn main() -> ProcessExit {
             ranks,
             no_progress,
             workdir,
-        } => {
-            use std::io::IsTerminal;
-            let opts = local::LocalOptions {
-                manifest,
-                ranks,
-                progress: !no_progress && std::io::stderr().is_terminal(),
-                workdir,
-            };
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("lockstep local: cannot start: {e}");
-                    return ProcessExit::from(ExitCode::Internal.code() as u8);
-                }
-            };
-            match rt.block_on(local::run(opts)) {
-                Ok(code) => ProcessExit::from(code.clamp(0, 255) as u8),
-                Err(e) => {
-                    eprintln!("lockstep local: {e:#}");
-                    ProcessExit::from(ExitCode::Config.code() as u8)
-                }
+        } => run_local(manifest, ranks, no_progress, workdir, None),
+        Cmd::Import {
+            from,
+            manifest,
+            ranks,
+            no_progress,
+            workdir,
+        } => run_local(manifest, ranks, no_progress, workdir, Some(from)),
+        Cmd::Export { checkpoint, out } => match hf::export(&checkpoint, &out) {
+            Ok(e) => {
+                let c = e.config;
+                eprintln!(
+                    "exported step {} of a GPT ({} layers, {} heads, {} wide, context {}, \
+                     vocabulary {}) from {} to {}: load it with \
+                     transformers.GPT2LMHeadModel.from_pretrained(\"{}\")",
+                    e.step,
+                    c.layers,
+                    c.heads,
+                    c.channels,
+                    c.max_seq,
+                    c.vocab,
+                    e.from
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    out.display(),
+                    out.display()
+                );
+                ProcessExit::SUCCESS
             }
-        }
+            Err(e) => {
+                eprintln!("lockstep-worker export: {e}");
+                ProcessExit::from(lockstep_worker::error::WorkError::from(e).code.code() as u8)
+            }
+        },
+        Cmd::Logits { model, ids, out } => match write_logits(&model, &ids, &out) {
+            Ok(()) => ProcessExit::SUCCESS,
+            Err(e) => {
+                eprintln!("lockstep-worker logits: {e:#}");
+                ProcessExit::from(ExitCode::Config.code() as u8)
+            }
+        },
         Cmd::Bench {
             what:
                 BenchCmd::Allreduce {

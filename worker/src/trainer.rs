@@ -207,10 +207,24 @@ pub fn train<C: HostComm>(
         }
     };
     let start = resumed_from.unwrap_or(0);
+    let max_batches = t.evaluation.max_batches.map(|m| m.max(1) as usize);
+    // Fine-tuning: what the imported weights score before the first step (the loss training
+    // goes on from, which transformers computes too).
+    if let (None, Some(from)) = (resumed_from, &t.init_from) {
+        let v = work.evaluate(topo, max_batches)?;
+        if rank == 0 {
+            tracing::info!(
+                step = 0,
+                init_from = %from,
+                "imported weights: {} = {:.6}",
+                v.metric.name(),
+                v.value
+            );
+        }
+    }
     let eval_every = t.evaluation.every_steps.map(|e| e.max(1) as u64);
     let ckpt_every = t.checkpoint.every_steps.map(|e| e.max(1) as u64);
     let keep = t.checkpoint.keep.max(1) as usize;
-    let max_batches = t.evaluation.max_batches.map(|m| m.max(1) as usize);
     let replicas = topo.data_parallel_degree();
     tracing::info!(
         rank,

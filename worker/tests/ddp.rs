@@ -98,13 +98,8 @@ fn final_params(ckpt: &Path, steps: u64) -> Vec<f32> {
         c.len()
     };
     let model = format!("gpt layers=2 heads=2 embed=16 context=16 vocab={vocab}");
-    let params_len = {
-        // The checkpoint names its own length; read it back through `load` with that length.
-        let bytes = std::fs::read(&path).expect("read");
-        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-        st.tensor("params").expect("params").shape()[0]
-    };
-    checkpoint::load(&path, &model, params_len)
+    let config = GptConfig::new(2, 2, 16, 16, vocab).expect("config");
+    checkpoint::load(&path, &model, &config.tensors(), config.num_params())
         .expect("load")
         .params
 }

@@ -7,12 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use lockstep_api::config::WorkerConfig;
-use lockstep_engine::models::gpt::{GptConfig, PartLayout, PartSpec};
-use lockstep_worker::checkpoint;
+use lockstep_engine::models::gpt::GptConfig;
 use lockstep_worker::comm::tcp::TcpOptions;
 use lockstep_worker::error::WorkError;
-use lockstep_worker::pipeline::partition;
 use lockstep_worker::trainer::Summary;
+use lockstep_worker::{checkpoint, hf};
 
 mod common;
 
@@ -40,6 +39,8 @@ struct Job<'a> {
     every: u64,
     /// `gradClipNorm` (0: no clipping).
     clip: f64,
+    /// `initFrom`.
+    init_from: Option<&'a Path>,
 }
 
 fn config(j: &Job<'_>) -> WorkerConfig {
@@ -67,7 +68,7 @@ spec:
     batchSize: {batch}
     maxSteps: {steps}
     seed: 5
-    checkpoint: {{everySteps: {every}, keep: 100}}
+    checkpoint: {{everySteps: {every}, keep: 100}}{init}
   template:
     spec:
       containers: [{{name: worker, image: lockstep/worker:0.1.0}}]
@@ -79,6 +80,10 @@ spec:
         steps = j.steps,
         every = j.every,
         clip = j.clip,
+        init = j.init_from.map_or(String::new(), |p| format!(
+            "\n    initFrom: \"{}\"",
+            p.display()
+        )),
     );
     let job = lockstep_api::manifest::parse_job(&yaml).expect("valid job");
     WorkerConfig::from_job(&job).expect("config")
@@ -102,67 +107,22 @@ fn model(data: &Path) -> GptConfig {
     GptConfig::new(LAYERS, 2, 16, 16, c.len()).expect("config")
 }
 
-fn tensor(path: &Path, name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(path).expect("read");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    st.tensor(name)
-        .expect("the tensor")
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
-/// A tensor of the whole model (`params`, `adam.m`, `adam.v`) after the newest checkpoint of a run: one file (DDP), or every
-/// stage's shard put together (the tied embedding from the first stage, checked equal to the
-/// last stage's copy).
-fn whole_tensor(j: &Job<'_>, ckpt: &Path, name: &str) -> Vec<f32> {
+/// A tensor of the whole model (`""`: the parameters, `"exp_avg."`, `"exp_avg_sq."`: the AdamW
+/// moments) after the newest checkpoint of a run: one file (DDP), or every stage's shard put
+/// together by name (the two copies of the tied embedding checked equal).
+fn whole_tensor(j: &Job<'_>, ckpt: &Path, prefix: &str) -> Vec<f32> {
     let shape = j.schedule.map(|_| j.stages as u32);
     let (step, path) = checkpoint::list(ckpt, shape)
         .expect("list")
         .pop()
         .expect("a step");
     assert_eq!(step, j.steps);
-    if j.schedule.is_none() {
-        return tensor(&path, name);
-    }
+    let merged = hf::read_step(&path).expect("the step's files put together");
+    assert_eq!(merged.files.len(), j.schedule.map_or(1, |_| j.stages));
     let cfg = model(j.data);
-    let (p, v) = (j.stages, j.chunks);
-    let cuts = partition::balance(&cfg, p * v).expect("cut");
-    let mut whole = vec![f32::NAN; cfg.num_params()];
-    let wte = cfg.padded_vocab * cfg.channels;
-    let mut tied = Vec::new();
-    for s in (0..p).rev() {
-        let shard = tensor(
-            &ckpt.join(checkpoint::shard_name(step, s as u32, p as u32)),
-            name,
-        );
-        let mut at = 0;
-        for c in 0..v {
-            let k = c * p + s;
-            let lay = PartLayout::new(
-                cfg,
-                PartSpec {
-                    layers: cuts[k].clone(),
-                    embed: k == 0,
-                    head: k + 1 == p * v,
-                },
-            )
-            .expect("layout");
-            let part = &shard[at..at + lay.len()];
-            if k + 1 == p * v {
-                tied = part[..wte].to_vec();
-            }
-            lay.scatter(part, &mut whole);
-            at += lay.len();
-        }
-        assert_eq!(at, shard.len(), "stage {s}'s shard holds its parts");
-    }
-    assert_eq!(
-        tied[..],
-        whole[..wte],
-        "the two copies of the tied embedding stayed equal"
-    );
+    let whole = merged
+        .flat(prefix, &cfg.tensors(), cfg.num_params())
+        .expect("every tensor of the model");
     assert!(
         whole.iter().all(|x| x.is_finite()),
         "every parameter is set"
@@ -172,7 +132,7 @@ fn whole_tensor(j: &Job<'_>, ckpt: &Path, name: &str) -> Vec<f32> {
 
 /// The whole model's parameters after the newest checkpoint of a run.
 fn whole_params(j: &Job<'_>, ckpt: &Path) -> Vec<f32> {
-    whole_tensor(j, ckpt, "params")
+    whole_tensor(j, ckpt, "")
 }
 
 fn base(data: &Path) -> Job<'_> {
@@ -188,6 +148,7 @@ fn base(data: &Path) -> Job<'_> {
         steps: 5,
         every: 1000,
         clip: 1.0,
+        init_from: None,
     }
 }
 
@@ -373,7 +334,7 @@ fn the_first_steps_gradient_matches_one_process_with_and_without_clipping() {
         });
         let ck = dir.join(format!("ddp-{clip}"));
         ok(train_gang(&ddp, &ck));
-        let reference = whole_tensor(&ddp, &ck, "adam.m");
+        let reference = whole_tensor(&ddp, &ck, "exp_avg.");
         let largest = reference.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         largest_by_clip.push(largest);
         for (schedule, stages, chunks, replicas, batch) in [
@@ -394,7 +355,7 @@ fn the_first_steps_gradient_matches_one_process_with_and_without_clipping() {
             });
             let ck = dir.join(format!("{schedule}-{stages}x{replicas}-{clip}"));
             ok(train_gang(&j, &ck));
-            let m = whole_tensor(&j, &ck, "adam.m");
+            let m = whole_tensor(&j, &ck, "exp_avg.");
             let d = max_diff(&m, &reference);
             eprintln!(
                 "{schedule} {stages} stages x {replicas} replicas, clip {clip}: largest \
@@ -412,4 +373,53 @@ fn the_first_steps_gradient_matches_one_process_with_and_without_clipping() {
         clipped < 0.5 * unclipped,
         "clipping did not engage: {clipped} vs {unclipped}"
     );
+}
+
+#[test]
+fn pipelines_fine_tune_imported_weights_as_one_process_does() {
+    let dir = scratch("import");
+    let data = text(&dir);
+    // Weights of another seed, exported as transformers loads them.
+    let cfg = model(&data);
+    let weights = cfg.init(99);
+    let zeros = vec![0.0; weights.len()];
+    let state = checkpoint::State {
+        step: 1,
+        adam_t: 1,
+        seed: 99,
+        model: "gpt".into(),
+        tensors: cfg.tensors(),
+        meta: [(
+            checkpoint::HF_CONFIG.to_string(),
+            cfg.hf_config().to_string(),
+        )]
+        .into(),
+        params: weights,
+        m: zeros.clone(),
+        v: zeros,
+    };
+    checkpoint::save(&dir.join("pretrained"), &state, 1).expect("save");
+    let hf_dir = dir.join("hf");
+    hf::export(&dir.join("pretrained"), &hf_dir).expect("export");
+
+    let (_, seeded) = run(&dir, "ddp-seeded", one_process(&data));
+    let ddp = Job {
+        init_from: Some(&hf_dir),
+        ..one_process(&data)
+    };
+    let (_, reference) = run(&dir, "ddp", ddp);
+    let d = max_diff(&reference, &seeded);
+    assert!(d > 1e-3, "the imported weights were not used ({d})");
+    for (schedule, stages, chunks) in [("OneFOneB", 2, 1), ("Interleaved", 2, 2)] {
+        let j = Job {
+            schedule: Some(schedule),
+            stages,
+            chunks,
+            init_from: Some(&hf_dir),
+            ..base(&data)
+        };
+        let (_, params) = run(&dir, &format!("{schedule}-import"), j);
+        let d = max_diff(&params, &reference);
+        assert!(d < 1e-5, "{schedule} from imported weights differs by {d}");
+    }
 }

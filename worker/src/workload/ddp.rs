@@ -37,6 +37,7 @@ pub struct Ddp<B: Backend, C> {
     seed: u64,
     settings: StepSettings,
     writer: checkpoint::Background,
+    init_from: Option<PathBuf>,
 }
 
 impl<B: Backend, C: HostComm> Ddp<B, C> {
@@ -89,6 +90,7 @@ impl<B: Backend, C: HostComm> Ddp<B, C> {
             seed,
             settings: StepSettings::new(t),
             writer: checkpoint::Background::default(),
+            init_from: t.init_from.as_ref().map(PathBuf::from),
             be,
         })
     }
@@ -108,8 +110,25 @@ impl<B: Backend, C: HostComm> Workload<C> for Ddp<B, C> {
     }
 
     fn init(&mut self, topo: &mut Topology<C>) -> Result<(), WorkError> {
-        // Every replica starts from replica 0's parameters, as DDP does.
-        let mut p = self.task.net().init(self.seed);
+        // Every replica starts from replica 0's parameters, as DDP does: drawn from the seed, or
+        // read from spec.training.initFrom (by replica 0 alone).
+        let mut p = match &self.init_from {
+            Some(path) if topo.replica == 0 => {
+                let tensors = self.task.tensors();
+                let gpt = self.task.gpt();
+                crate::hf::initial_weights(
+                    path,
+                    &crate::hf::Target {
+                        tensors: &tensors,
+                        len: self.num_params,
+                        model: &self.model,
+                        gpt: gpt.as_ref(),
+                    },
+                )?
+            }
+            Some(_) => vec![0.0; self.num_params],
+            None => self.task.net().init(self.seed),
+        };
         topo.data_parallel.broadcast(&mut p, 0)?;
         self.be.upload(self.task.net().buffers().0, &p)?;
         Ok(())
@@ -117,7 +136,8 @@ impl<B: Backend, C: HostComm> Workload<C> for Ddp<B, C> {
 
     fn load(&mut self, topo: &mut Topology<C>, dir: &Path, step: u64) -> Result<(), WorkError> {
         let path = dir.join(checkpoint::file_name(step));
-        let state = checkpoint::load(&path, &self.model, self.num_params).map_err(|e| {
+        let tensors = self.task.tensors();
+        let state = checkpoint::load(&path, &self.model, &tensors, self.num_params).map_err(|e| {
             WorkError::new(
                 ExitCode::Checkpoint,
                 format!(
@@ -241,12 +261,15 @@ impl<B: Backend, C: HostComm> Workload<C> for Ddp<B, C> {
             return Ok(None);
         }
         let n = self.num_params;
+        let (tensors, meta) = (self.task.tensors(), self.task.checkpoint_meta());
         let (p, _) = self.task.net().buffers();
         let state = checkpoint::State {
             step,
             adam_t: self.adam.t,
             seed: self.seed,
             model: self.model.clone(),
+            tensors,
+            meta,
             params: self.be.download(p, 0, n)?,
             m: self.be.download(&self.adam.m, 0, n)?,
             v: self.be.download(&self.adam.v, 0, n)?,

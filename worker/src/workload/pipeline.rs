@@ -120,6 +120,8 @@ pub struct Pipeline<B: Backend, C> {
     writer: checkpoint::Background,
     /// The last save: (folder, step).
     last_saved: Option<(PathBuf, u64)>,
+    /// spec.training.initFrom.
+    init_from: Option<PathBuf>,
 }
 
 impl<B: Backend, C: HostComm> Pipeline<B, C> {
@@ -237,6 +239,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
             settings: StepSettings::new(t),
             writer: checkpoint::Background::default(),
             last_saved: None,
+            init_from: t.init_from.as_ref().map(PathBuf::from),
         })
     }
 
@@ -600,6 +603,20 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         Ok((report, stats))
     }
 
+    /// The named tensors of the stage's parts, one after the other in its flat state.
+    fn tensors(&self) -> Vec<lockstep_engine::models::names::Named> {
+        let mut at = 0;
+        let mut out = Vec::new();
+        for part in &self.parts {
+            out.extend(part.layout.tensors().into_iter().map(|mut t| {
+                t.offset += at;
+                t
+            }));
+            at += part.num_params();
+        }
+        out
+    }
+
     /// Writes the parts' state as one vector each of parameters, first and second moments.
     fn state(&self, step: u64) -> Result<checkpoint::State, WorkError> {
         let (mut params, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
@@ -614,6 +631,8 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
             adam_t: self.adams[0].t,
             seed: self.seed,
             model: self.model.clone(),
+            tensors: self.tensors(),
+            meta: super::task::text_meta(&self.config, &self.data),
             params,
             m,
             v,
@@ -689,9 +708,21 @@ impl<B: Backend, C: HostComm> Workload<C> for Pipeline<B, C> {
 
     fn init(&mut self, topo: &mut Topology<C>) -> Result<(), WorkError> {
         self.groups(topo)?;
-        // Every rank draws the whole model from the seed and keeps its parts: the replicas,
-        // and the two copies of the tied embedding, start equal.
-        let whole = self.config.init(self.seed);
+        // Every rank draws the whole model from the seed (or reads it from
+        // spec.training.initFrom) and keeps its parts: the replicas, and the two copies of the
+        // tied embedding, start equal.
+        let whole = match &self.init_from {
+            Some(path) => crate::hf::initial_weights(
+                path,
+                &crate::hf::Target {
+                    tensors: &self.config.tensors(),
+                    len: self.config.num_params(),
+                    model: &self.model,
+                    gpt: Some(&self.config),
+                },
+            )?,
+            None => self.config.init(self.seed),
+        };
         for part in &mut self.parts {
             let host = part.layout.gather(&whole);
             self.be.upload(part.buffers().0, &host)?;
@@ -706,18 +737,20 @@ impl<B: Backend, C: HostComm> Workload<C> for Pipeline<B, C> {
             self.stage as u32,
             self.stages as u32,
         ));
-        let state = checkpoint::load(&path, &self.model, self.num_params()).map_err(|e| {
-            WorkError::new(
-                ExitCode::Checkpoint,
-                format!(
-                    "rank {} (stage {}): {e} (every rank reads its stage's shard of the step \
+        let tensors = self.tensors();
+        let state =
+            checkpoint::load(&path, &self.model, &tensors, self.num_params()).map_err(|e| {
+                WorkError::new(
+                    ExitCode::Checkpoint,
+                    format!(
+                        "rank {} (stage {}): {e} (every rank reads its stage's shard of the step \
                      rank 0 chose: mount the same storage at {} on every worker)",
-                    topo.rank,
-                    self.stage,
-                    dir.display()
-                ),
-            )
-        })?;
+                        topo.rank,
+                        self.stage,
+                        dir.display()
+                    ),
+                )
+            })?;
         let mut at = 0;
         for (part, adam) in self.parts.iter_mut().zip(&mut self.adams) {
             let n = part.num_params();

@@ -7,9 +7,12 @@ use lockstep_api::config::WorkerConfig;
 use lockstep_api::training::{DataKind, Model};
 use lockstep_engine::models::gpt::{Gpt, GptConfig};
 use lockstep_engine::models::mlp::{Mlp, MlpConfig};
+use lockstep_engine::models::names::Named;
 use lockstep_engine::{Backend, Net};
+use std::collections::BTreeMap;
 
 use super::Metric;
+use crate::checkpoint;
 use crate::data::{Digits, Text};
 use crate::error::WorkError;
 
@@ -38,6 +41,33 @@ pub trait Task<B: Backend> {
     ) -> Result<f32, WorkError>;
     /// The evaluation result on held-out data, over at most `max_batches` batches.
     fn evaluate(&mut self, be: &B, max_batches: Option<usize>) -> Result<f32, WorkError>;
+    /// The model's tensors under their PyTorch names, in its flat buffer.
+    fn tensors(&self) -> Vec<Named>;
+    /// What a checkpoint records besides the tensors (a GPT's Hugging Face config, a text's
+    /// vocabulary).
+    fn checkpoint_meta(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+    /// The GPT's shape, when the model is one.
+    fn gpt(&self) -> Option<GptConfig> {
+        None
+    }
+}
+
+/// What a checkpoint of a GPT on a text records: the model's Hugging Face `config.json` and the
+/// text's characters by id.
+pub fn text_meta(config: &GptConfig, data: &Text) -> BTreeMap<String, String> {
+    let vocab: Vec<String> = data.vocab.iter().map(ToString::to_string).collect();
+    [
+        (checkpoint::HF_CONFIG, config.hf_config().to_string()),
+        (
+            checkpoint::TEXT_VOCAB,
+            serde_json::Value::from(vocab).to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 /// The MLP on the digits.
@@ -72,6 +102,9 @@ impl<B: Backend> Task<B> for DigitsTask<B> {
     }
     fn net(&mut self) -> &mut dyn Net<B> {
         &mut self.model
+    }
+    fn tensors(&self) -> Vec<Named> {
+        self.model.config.tensors()
     }
     fn micro_step(
         &mut self,
@@ -155,6 +188,15 @@ impl<B: Backend> Task<B> for TextTask<B> {
     }
     fn net(&mut self) -> &mut dyn Net<B> {
         &mut self.model
+    }
+    fn tensors(&self) -> Vec<Named> {
+        self.model.layout.tensors()
+    }
+    fn checkpoint_meta(&self) -> BTreeMap<String, String> {
+        text_meta(&self.model.config, &self.data)
+    }
+    fn gpt(&self) -> Option<GptConfig> {
+        Some(self.model.config)
     }
     fn micro_step(
         &mut self,

@@ -3,6 +3,7 @@
 
 pub mod gpt;
 pub mod mlp;
+pub mod names;
 
 use crate::backend::Backend;
 use crate::{EngineError, Result};
