@@ -217,6 +217,11 @@ pub mod annotations {
     pub const CONFIG_DIGEST: &str = "lockstep.dev/config-digest";
     /// Node a rank was planned onto by gang admission.
     pub const PLANNED_NODE: &str = "lockstep.dev/planned-node";
+    /// On a ParallelJob: set to a new value (`kubectl lockstep restart` writes the time, as
+    /// `kubectl rollout restart` does) to restart the gang as a new attempt from the last
+    /// checkpoint; the value acted on is recorded in `status.restartedAt`. A requested restart
+    /// does not count against `failurePolicy.maxRestarts`.
+    pub const RESTARTED_AT: &str = "lockstep.dev/restarted-at";
 }
 
 /// Names used by the operator when it acts on the cluster.

@@ -56,6 +56,11 @@ pub struct ParallelJobStatus {
     /// Training progress as reported by rank 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+
+    /// The value of the `lockstep.dev/restarted-at` annotation the operator last acted on (a
+    /// requested gang restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_at: Option<String>,
 }
 
 /// Lifecycle phase of a ParallelJob.
@@ -173,6 +178,10 @@ pub struct RankFailure {
     /// What happened, for a person.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The last lines of the rank's worker log (at most 50 lines and 8 KiB), read by the
+    /// operator before the gang was torn down, so that they outlive the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_tail: Option<String>,
     /// When the operator observed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<Time>,

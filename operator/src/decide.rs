@@ -770,6 +770,7 @@ impl Pass<'_> {
                     exit_code: f.exit_code,
                     reason: f.detail.clone(),
                     message: Some(f.message.clone()),
+                    log_tail: None,
                     time: Some(Time(f.time.unwrap_or(self.now))),
                 });
                 self.note(true, reasons::RANK_FAILED, first.clone());
