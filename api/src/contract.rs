@@ -451,6 +451,34 @@ impl ExitCode {
         }
     }
 
+    /// What the code means, in a sentence for a person (`kubectl lockstep why`).
+    pub fn meaning(self) -> &'static str {
+        match self {
+            ExitCode::Success => "training finished",
+            ExitCode::Internal => "an unexpected internal error of the worker",
+            ExitCode::Usage => "a bad command line",
+            ExitCode::Config => {
+                "the configuration (manifest or worker config) is invalid; restarting cannot help"
+            }
+            ExitCode::Rendezvous => {
+                "rendezvous failed: a rank never arrived, or its token or attempt was refused"
+            }
+            ExitCode::PeerFailed => {
+                "this rank was aborted because another rank failed (a secondary failure)"
+            }
+            ExitCode::Communication => "a collective failed or timed out (NCCL or the TCP ring)",
+            ExitCode::Checkpoint => {
+                "a checkpoint is corrupt or does not match the job; restarting cannot help"
+            }
+            ExitCode::Data => "the data set could not be read; restarting cannot help",
+            ExitCode::Diverged => "training diverged (the loss became NaN or infinite)",
+            ExitCode::Terminated => {
+                "stopped by SIGTERM (pod deleted, gang restarted or suspended, node drained), \
+                 after saving a checkpoint when the job keeps them"
+            }
+        }
+    }
+
     /// Whether a gang restart cannot help (the default failure policy fails the job at once).
     pub fn is_permanent(self) -> bool {
         matches!(
