@@ -31,6 +31,8 @@ mod network_policy;
 mod operator;
 #[path = "e2e/ownership.rs"]
 mod ownership;
+#[path = "e2e/plugin.rs"]
+mod plugin;
 #[path = "e2e/progress.rs"]
 mod progress;
 #[path = "e2e/published.rs"]
