@@ -61,6 +61,16 @@ pub struct ParallelJobStatus {
     /// requested gang restart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarted_at: Option<String>,
+
+    /// Gang restarts requested with the `lockstep.dev/restarted-at` annotation so far. They are
+    /// counted in `attempt` but not against `spec.failurePolicy.maxRestarts`, nor in the restart
+    /// backoff: `attempt - requestedRestarts` is the number of restarts after failures.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requested_restarts: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 /// Lifecycle phase of a ParallelJob.
@@ -74,7 +84,7 @@ pub enum Phase {
     Starting,
     /// Every rank is running.
     Running,
-    /// A rank failed; the gang is being torn down and restarted.
+    /// A rank failed, or a restart was requested; the gang is being torn down and restarted.
     Restarting,
     /// Training finished.
     Succeeded,
@@ -234,7 +244,7 @@ pub mod condition_types {
     pub const ADMITTED: &str = "Admitted";
     /// Every rank of the current attempt is running.
     pub const RUNNING: &str = "Running";
-    /// The gang is being restarted after a failure.
+    /// The gang is being restarted (after a failure, or on request).
     pub const RESTARTING: &str = "Restarting";
     /// The job is suspended.
     pub const SUSPENDED: &str = "Suspended";
@@ -264,6 +274,13 @@ pub mod reasons {
     pub const RANK_FAILED: &str = "RankFailed";
     /// The gang is being restarted.
     pub const GANG_RESTARTING: &str = "GangRestarting";
+    /// A restart asked for with the `lockstep.dev/restarted-at` annotation was acted on: the
+    /// gang is restarted as a new attempt (or, when it was not running, starts from the last
+    /// checkpoint anyway).
+    pub const RESTART_REQUESTED: &str = "RestartRequested";
+    /// A restart asked for with the `lockstep.dev/restarted-at` annotation was ignored: the job
+    /// is finished.
+    pub const RESTART_IGNORED: &str = "RestartIgnored";
     /// Every rank finished.
     pub const JOB_SUCCEEDED: &str = "JobSucceeded";
     /// The job failed.

@@ -363,6 +363,12 @@ fn the_operator_holds_on_configmaps_only_the_verbs_its_code_uses() {
             .into(),
         "the operator's verbs on configmaps"
     );
+    // A failed rank's log tail: read, nothing more.
+    assert_eq!(
+        verbs(&role["rules"], "", "pods/log"),
+        ["get"].map(String::from).into(),
+        "the operator's verbs on pods/log"
+    );
 }
 
 #[test]
@@ -435,6 +441,10 @@ fn a_namespace_scoped_install_lets_the_operator_write_in_its_namespace_only() {
             ["create", "get", "list", "patch", "watch"]
                 .map(String::from)
                 .into()
+        );
+        assert_eq!(
+            verbs(rules, "", "pods/log"),
+            ["get"].map(String::from).into()
         );
         assert!(verbs(rules, "rbac.authorization.k8s.io", "roles").contains("create"));
         let rb = find(&objects, "RoleBinding", "t-lockstep-operator").expect("its RoleBinding");

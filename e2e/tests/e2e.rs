@@ -43,6 +43,8 @@ mod quota;
 mod real_node;
 #[path = "e2e/real_node_torch.rs"]
 mod real_node_torch;
+#[path = "e2e/restart.rs"]
+mod restart;
 #[path = "e2e/restricted.rs"]
 mod restricted;
 #[path = "e2e/scheduling.rs"]

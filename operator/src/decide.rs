@@ -12,12 +12,19 @@
 //! deletes the whole attempt (Restarting), waits until every old pod is gone and the backoff has
 //! passed, then starts the next attempt; FailJob or exhausted restarts fail the job; every rank
 //! Succeeded (or rank 0, per successPolicy) succeeds it.
+//!
+//! A requested restart (the `lockstep.dev/restarted-at` annotation set to a value other than
+//! `status.restartedAt`) deletes the gang of a running or starting attempt and starts the next one
+//! the same way, without a failure, a backoff or a count against `maxRestarts`. When there is no
+//! gang to restart (the job is new, queued, suspended or restarting already) the request is
+//! recorded as answered, since the next start resumes from the last checkpoint anyway; a finished
+//! job ignores it with a Warning Event.
 
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use lockstep_api::contract::{ExitCode, aborted};
+use lockstep_api::contract::{ExitCode, aborted, annotations};
 use lockstep_api::spec::{CleanPodPolicy, FailureAction, FailureReason, GangPolicy, SuccessPolicy};
 use lockstep_api::status::{
     Admission, Phase, RankFailure, WorkerCounts, condition_types as ct, reasons,
@@ -402,6 +409,12 @@ pub fn check_capacity(d: &mut Decision, job: &ParallelJob, largest: i64, now: Ti
 
 impl Pass<'_> {
     fn run(&mut self, pods: &[RankPod]) -> Step {
+        let step = self.pass(pods);
+        self.restart_not_needed();
+        step
+    }
+
+    fn pass(&mut self, pods: &[RankPod]) -> Step {
         let spec = &self.job.spec;
         if self.d.status.phase.is_none() {
             self.note(
@@ -410,6 +423,10 @@ impl Pass<'_> {
                 format!("gang of {} ranks accepted", self.world),
             );
             self.set_phase(Phase::Pending);
+            // A job created with the annotation set asks for no restart: nothing ran yet.
+            if let Some(value) = self.restart_request() {
+                self.d.status.restarted_at = Some(value);
+            }
         }
         self.count(pods);
         if self.phase().is_some_and(Phase::is_terminal) {
@@ -460,7 +477,129 @@ impl Pass<'_> {
         if self.succeeded(&current) {
             return Step::Done;
         }
+        if let Some(value) = self.restart_request() {
+            if current.iter().any(|p| !p.terminating) {
+                self.restart_on_request(value, &current);
+                return Step::Done;
+            }
+            self.answer_without_restart(value);
+        }
         self.ensure_gang(&current)
+    }
+
+    /// The value of the job's `lockstep.dev/restarted-at` annotation when it asks for a restart
+    /// not answered yet: it is set, not empty, and not the value in `status.restartedAt`.
+    fn restart_request(&self) -> Option<String> {
+        let value = self
+            .job
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(annotations::RESTARTED_AT)?;
+        (!value.is_empty() && self.d.status.restarted_at.as_deref() != Some(value.as_str()))
+            .then(|| value.clone())
+    }
+
+    /// A requested restart of a gang that exists (running or starting): the attempt is deleted
+    /// and the next one starts as after a failure, but at once (no backoff), without a recorded
+    /// failure and without counting against `maxRestarts`.
+    fn restart_on_request(&mut self, value: String, current: &[&RankPod]) {
+        let next = self.d.status.attempt + 1;
+        let why = format!(
+            "a restart was requested ({}={value})",
+            annotations::RESTARTED_AT
+        );
+        self.d.status.restarted_at = Some(value);
+        self.d.status.requested_restarts += 1;
+        self.restart_gang(current, reasons::RESTART_REQUESTED, &why);
+        self.note(
+            false,
+            reasons::RESTART_REQUESTED,
+            format!("{why}: restarting the whole gang as attempt {next} from the last checkpoint"),
+        );
+    }
+
+    /// Once the pass has decided the phase, answers a requested restart that finds no gang to
+    /// restart: the job is finished, suspended or restarting already (a running or starting
+    /// gang is restarted by the pass, or left for a later pass while it waits for a failure to
+    /// show).
+    fn restart_not_needed(&mut self) {
+        let idle = matches!(
+            self.phase(),
+            Some(Phase::Succeeded | Phase::Failed | Phase::Suspended | Phase::Restarting)
+        );
+        if idle && let Some(value) = self.restart_request() {
+            self.answer_without_restart(value);
+        }
+    }
+
+    /// Records a requested restart as answered without a restart: a finished job ignores it
+    /// (Warning `RestartIgnored`); any other has no gang to tear down (new, queued, suspended,
+    /// restarting already), and its next start resumes from the last checkpoint anyway (Normal
+    /// `RestartRequested`).
+    fn answer_without_restart(&mut self, value: String) {
+        let asked = format!(
+            "a restart was requested ({}={value})",
+            annotations::RESTARTED_AT
+        );
+        let attempt = self.d.status.attempt;
+        let phase = self.phase().map_or("Pending", Phase::as_str);
+        if self.phase().is_some_and(Phase::is_terminal) {
+            self.note(
+                true,
+                reasons::RESTART_IGNORED,
+                format!(
+                    "{asked}, but the job has {phase}: a finished job is not restarted (create \
+                     it again to run it again)"
+                ),
+            );
+        } else {
+            self.note(
+                false,
+                reasons::RESTART_REQUESTED,
+                format!(
+                    "{asked} while no pod of attempt {attempt} runs (phase {phase}): nothing to \
+                     tear down; the gang starts from the last checkpoint"
+                ),
+            );
+        }
+        self.d.status.restarted_at = Some(value);
+    }
+
+    /// Deletes the current attempt's pods and moves on to the next attempt, Restarting: it
+    /// starts once every old pod is gone (and, after a failure, the backoff has passed). The
+    /// conditions say `why`, with `reason`.
+    fn restart_gang(&mut self, current: &[&RankPod], reason: &str, why: &str) {
+        let next = self.d.status.attempt + 1;
+        self.d.status.attempt = next;
+        self.delete(current.iter().copied());
+        self.set_phase(Phase::Restarting);
+        // The restart (and its backoff) begins now, also when the last one had not finished
+        // (its gang never ran whole).
+        self.d
+            .status
+            .conditions
+            .retain(|c| c.type_ != ct::RESTARTING);
+        // The next attempt is admitted anew: its wait (status.admission.waitSeconds, the wait
+        // histogram, scheduleTimeoutSeconds) starts now, not when the job was created.
+        self.condition(
+            ct::ADMITTED,
+            false,
+            reason,
+            format!("attempt {next} waits to be admitted as a whole"),
+        );
+        self.condition(ct::RUNNING, false, reason, why.to_string());
+        self.condition(
+            ct::RESTARTING,
+            true,
+            reason,
+            format!("{why}; starting attempt {next}"),
+        );
+    }
+
+    /// Gang restarts after failures so far: every restart but the requested ones.
+    fn failure_restarts(&self) -> i32 {
+        (self.d.status.attempt - self.d.status.requested_restarts).max(0)
     }
 
     fn phase(&self) -> Option<Phase> {
@@ -635,10 +774,20 @@ impl Pass<'_> {
     }
 
     fn backing_off(&mut self) -> bool {
-        let attempt = u32::try_from(self.d.status.attempt).unwrap_or(0);
+        // The backoff grows with the restarts after failures; a requested restart has none.
+        let attempt = u32::try_from(self.failure_restarts()).unwrap_or(0);
         let Some(since) = self.condition_since(ct::RESTARTING) else {
             return false;
         };
+        let requested = self
+            .d
+            .status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == ct::RESTARTING && c.reason == reasons::RESTART_REQUESTED);
+        if requested {
+            return false;
+        }
         let delay = self
             .job
             .spec
@@ -794,7 +943,8 @@ impl Pass<'_> {
             }
             FailureAction::RestartGang => {
                 let max = self.job.spec.failure_policy.max_restarts;
-                if attempt >= max {
+                // Requested restarts do not count against maxRestarts.
+                if self.failure_restarts() >= max {
                     self.fail(
                         reasons::BACKOFF_LIMIT_EXCEEDED,
                         format!("{first}; all {max} gang restarts used"),
@@ -805,31 +955,13 @@ impl Pass<'_> {
                         }),
                     );
                 } else {
-                    self.d.status.attempt = attempt + 1;
-                    self.delete(current.iter().copied());
-                    self.set_phase(Phase::Restarting);
-                    // The next attempt is admitted anew: its wait (status.admission.waitSeconds,
-                    // the wait histogram, scheduleTimeoutSeconds) starts now, not when the job
-                    // was created.
-                    self.condition(
-                        ct::ADMITTED,
-                        false,
-                        reasons::GANG_RESTARTING,
-                        format!("attempt {} waits to be admitted as a whole", attempt + 1),
-                    );
-                    self.condition(ct::RUNNING, false, reasons::GANG_RESTARTING, first.clone());
-                    self.condition(
-                        ct::RESTARTING,
-                        true,
-                        reasons::GANG_RESTARTING,
-                        format!("{first}; starting attempt {}", attempt + 1),
-                    );
+                    self.restart_gang(current, reasons::GANG_RESTARTING, &first);
                     let delay = self
                         .job
                         .spec
                         .failure_policy
                         .restart_backoff
-                        .delay_seconds(u32::try_from(attempt + 1).unwrap_or(1));
+                        .delay_seconds(u32::try_from(self.failure_restarts()).unwrap_or(1));
                     self.note(
                         true,
                         reasons::GANG_RESTARTING,
@@ -1523,6 +1655,228 @@ mod tests {
             .unwrap();
         assert_eq!(c.reason, reasons::BACKOFF_LIMIT_EXCEEDED);
         assert!(c.message.contains("rank 1"), "{}", c.message);
+    }
+
+    fn request_restart(j: &mut ParallelJob, value: &str) {
+        j.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(annotations::RESTARTED_AT.into(), value.into());
+    }
+
+    fn reasons_of(d: &Decision) -> Vec<(&'static str, bool)> {
+        d.events.iter().map(|e| (e.reason, e.warning)).collect()
+    }
+
+    #[test]
+    fn a_requested_restart_tears_the_running_gang_down_and_starts_the_next_attempt_at_once() {
+        let mut j = job("ddp-digits.yaml");
+        step(&mut j, &[], at(0));
+        step(&mut j, &running(0), at(1));
+        request_restart(&mut j, "2026-12-03T22:00:00Z");
+        let d = step(&mut j, &running(0), at(2));
+        assert_eq!(d.status.attempt, 1);
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert_eq!(
+            d.status.restarted_at.as_deref(),
+            Some("2026-12-03T22:00:00Z")
+        );
+        assert_eq!(d.status.requested_restarts, 1);
+        assert_eq!(d.status.last_failure, None, "no failure is recorded");
+        assert!(matches!(&d.actions[..], [Action::DeletePods(n)] if n.len() == 4));
+        assert_eq!(reasons_of(&d), [(reasons::RESTART_REQUESTED, false)]);
+        assert!(
+            d.events[0].message.contains("2026-12-03T22:00:00Z")
+                && d.events[0].message.contains("attempt 1"),
+            "{}",
+            d.events[0].message
+        );
+        let restarting = d
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ct::RESTARTING)
+            .unwrap();
+        assert_eq!(
+            (restarting.status.as_str(), restarting.reason.as_str()),
+            ("True", reasons::RESTART_REQUESTED)
+        );
+        // The old pods go; then attempt 1 starts with no backoff, and runs.
+        let d = step(&mut j, &running(0), at(3));
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert!(d.events.is_empty(), "answered once: {:?}", d.events);
+        let d = step(&mut j, &[], at(4));
+        assert!(d.actions.contains(&Action::CreatePods {
+            attempt: 1,
+            ranks: vec![0, 1, 2, 3],
+            nodes: Some(vec!["n".into(); 4]),
+        }));
+        let d = step(&mut j, &running(1), at(5));
+        assert_eq!(d.status.phase, Some(Phase::Running));
+        assert_eq!(d.status.attempt, 1);
+        // The same value again asks for nothing; a new one restarts again.
+        let d = step(&mut j, &running(1), at(6));
+        assert!(d.actions.is_empty() && d.events.is_empty());
+        request_restart(&mut j, "2026-12-03T22:05:00Z");
+        let d = step(&mut j, &running(1), at(7));
+        assert_eq!((d.status.attempt, d.status.requested_restarts), (2, 2));
+        // An empty value asks for nothing.
+        let mut k = job("ddp-digits.yaml");
+        step(&mut k, &[], at(0));
+        step(&mut k, &running(0), at(1));
+        request_restart(&mut k, "");
+        let d = step(&mut k, &running(0), at(2));
+        assert_eq!((d.status.attempt, d.status.restarted_at), (0, None));
+    }
+
+    #[test]
+    fn requested_restarts_count_neither_against_max_restarts_nor_in_the_backoff() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.failure_policy.max_restarts = 0;
+        step(&mut j, &[], at(0));
+        step(&mut j, &running(0), at(1));
+        request_restart(&mut j, "a");
+        assert_eq!(step(&mut j, &running(0), at(2)).status.attempt, 1);
+        step(&mut j, &[], at(3));
+        request_restart(&mut j, "b");
+        let d = step(&mut j, &running(1), at(4));
+        assert_eq!(d.status.attempt, 2);
+        assert_ne!(d.status.phase, Some(Phase::Failed));
+        step(&mut j, &[], at(5));
+        // The first failure still fails the job: no failure restart is allowed.
+        let mut pods = running(2);
+        pods[1].state = failed(1, 5);
+        let d = step(&mut j, &pods, at(6));
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert!(d.status.conditions.iter().any(|c| c.type_ == ct::FAILED
+            && c.reason == reasons::BACKOFF_LIMIT_EXCEEDED
+            && c.message.contains("all 0 gang restarts used")));
+
+        // With one restart allowed, after two requested ones: the failure restarts the gang
+        // after the first restart's backoff (10 s), not the third's (40 s).
+        let mut j = job("ddp-digits.yaml");
+        j.spec.failure_policy.max_restarts = 1;
+        step(&mut j, &[], at(0));
+        step(&mut j, &running(0), at(1));
+        request_restart(&mut j, "a");
+        step(&mut j, &running(0), at(2));
+        step(&mut j, &[], at(3));
+        request_restart(&mut j, "b");
+        step(&mut j, &running(1), at(4));
+        step(&mut j, &[], at(5));
+        let mut pods = running(2);
+        pods[0].state = failed(1, 1_006);
+        let d = step(&mut j, &pods, at(6));
+        assert_eq!(
+            (d.status.attempt, d.status.phase),
+            (3, Some(Phase::Restarting))
+        );
+        assert!(
+            d.events
+                .iter()
+                .any(|e| e.reason == reasons::GANG_RESTARTING && e.message.contains("in 10s"))
+        );
+        assert!(step(&mut j, &[], at(12)).actions.is_empty(), "backing off");
+        let d = step(&mut j, &[], at(17));
+        assert!(
+            d.actions
+                .iter()
+                .any(|a| matches!(a, Action::CreatePods { attempt: 3, .. }))
+        );
+    }
+
+    #[test]
+    fn a_restart_is_not_requested_by_a_job_created_with_the_annotation() {
+        let mut j = job("ddp-digits.yaml");
+        request_restart(&mut j, "2026-12-03T22:00:00Z");
+        let d = step(&mut j, &[], at(0));
+        assert_eq!(
+            d.status.restarted_at.as_deref(),
+            Some("2026-12-03T22:00:00Z")
+        );
+        assert!(
+            !d.events
+                .iter()
+                .any(|e| e.reason == reasons::RESTART_REQUESTED),
+            "{:?}",
+            d.events
+        );
+        let d = step(&mut j, &running(0), at(1));
+        assert_eq!(
+            (d.status.attempt, d.status.phase),
+            (0, Some(Phase::Running))
+        );
+        assert_eq!(d.status.requested_restarts, 0);
+    }
+
+    #[test]
+    fn a_restart_requested_without_a_running_gang_is_answered_without_one() {
+        // Suspended: nothing to tear down; resuming starts the same attempt, once.
+        let mut j = job("ddp-digits.yaml");
+        step(&mut j, &[], at(0));
+        step(&mut j, &running(0), at(1));
+        j.spec.run_policy.suspend = true;
+        step(&mut j, &running(0), at(2));
+        request_restart(&mut j, "a");
+        let d = step(&mut j, &[], at(3));
+        assert_eq!(d.status.phase, Some(Phase::Suspended));
+        assert_eq!(d.status.restarted_at.as_deref(), Some("a"));
+        assert_eq!(reasons_of(&d), [(reasons::RESTART_REQUESTED, false)]);
+        assert!(d.events[0].message.contains("phase Suspended"));
+        j.spec.run_policy.suspend = false;
+        let d = step(&mut j, &[], at(4));
+        assert_eq!((d.status.attempt, d.status.requested_restarts), (0, 0));
+        let d = step(&mut j, &running(0), at(5));
+        assert_eq!(
+            (d.status.attempt, d.status.phase),
+            (0, Some(Phase::Running))
+        );
+
+        // Restarting after a failure already: no second restart.
+        let mut pods = running(0);
+        pods[1].state = failed(1, 5);
+        step(&mut j, &pods, at(6));
+        request_restart(&mut j, "b");
+        let d = step(&mut j, &pods, at(7));
+        assert_eq!(
+            (d.status.attempt, d.status.phase),
+            (1, Some(Phase::Restarting))
+        );
+        assert_eq!(d.status.restarted_at.as_deref(), Some("b"));
+        assert_eq!(reasons_of(&d), [(reasons::RESTART_REQUESTED, false)]);
+        assert_eq!(d.status.last_failure.unwrap().rank, 1, "the failure stays");
+
+        // Queued, no pod yet: answered, then admitted as ever.
+        let mut q = job("ddp-digits.yaml");
+        let d = decide(&q, 4, &[], at(0)).answer_with(|| wait(reasons::QUEUED_BEHIND, 2));
+        q.status = Some(d.status);
+        request_restart(&mut q, "c");
+        let d = decide(&q, 4, &[], at(1)).answer_with(|| wait(reasons::QUEUED_BEHIND, 2));
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        assert_eq!(d.status.restarted_at.as_deref(), Some("c"));
+        assert_eq!(d.status.attempt, 0);
+        assert!(
+            d.events
+                .iter()
+                .any(|e| e.reason == reasons::RESTART_REQUESTED)
+        );
+
+        // Finished: ignored with a Warning, once.
+        let mut f = job("ddp-digits.yaml");
+        step(&mut f, &[], at(0));
+        step(&mut f, &running(0), at(1));
+        let done: Vec<RankPod> = (0..4).map(|r| pod(r, 0, Succeeded)).collect();
+        assert_eq!(
+            step(&mut f, &done, at(2)).status.phase,
+            Some(Phase::Succeeded)
+        );
+        request_restart(&mut f, "d");
+        let d = step(&mut f, &done, at(3));
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+        assert_eq!(d.status.restarted_at.as_deref(), Some("d"));
+        assert_eq!(reasons_of(&d), [(reasons::RESTART_IGNORED, true)]);
+        assert!(d.events[0].message.contains("Succeeded"));
+        assert!(step(&mut f, &done, at(4)).events.is_empty());
     }
 
     #[test]

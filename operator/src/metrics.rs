@@ -33,7 +33,7 @@ pub struct Metrics {
     /// Duration of a reconcile pass.
     pub duration: Histogram,
     jobs: IntGaugeVec,
-    /// Gang restarts by the first failure's reason.
+    /// Gang restarts by the first failure's reason (`Requested` for a requested restart).
     pub restarts: IntCounterVec,
     /// Seconds from a job's creation (or a gang restart) until every rank runs.
     pub time_to_all_running: Histogram,
@@ -85,7 +85,7 @@ impl Metrics {
         let restarts = IntCounterVec::new(
             Opts::new(
                 "lockstep_job_restarts_total",
-                "Gang restarts, by the reason of the first failure.",
+                "Gang restarts, by the reason of the first failure (Requested: asked for by annotation).",
             ),
             &["reason"],
         )

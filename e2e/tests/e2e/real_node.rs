@@ -1,7 +1,7 @@
 //! Jobs in real pods, on the real node of `make cluster-up REAL_NODES=1`: the worker image of
 //! `make images`, the env contract, the token, rendezvous through the ranks' DNS names, training,
-//! progress written with the pod's ServiceAccount, exit codes and the job's status, as a user's
-//! first `kubectl apply` takes them.
+//! progress written with the pod's ServiceAccount, exit codes and the job's status (with a failed
+//! rank's last log lines), as a user's first `kubectl apply` takes them.
 //!
 //! Ignored in `make e2e` (they need root, the node's build and the worker image): `make e2e-real`
 //! runs them.
@@ -217,6 +217,12 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
             ),
             (0, 1, "ddp-digits-1", Some(NODE), Some(137)),
             "{f:?}"
+        );
+        // Its last log lines outlive its pod: read before the gang was deleted.
+        let tail = f.log_tail.as_deref().unwrap_or_default();
+        assert!(
+            tail.contains("training on the") && tail.lines().count() <= 50 && tail.len() <= 8192,
+            "the log tail of the killed rank: {tail:?}"
         );
         assert!(
             stopped < Duration::from_secs(5),

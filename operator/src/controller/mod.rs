@@ -4,9 +4,11 @@
 //! - `watch`: the watch streams, what triggers a pass, and the batching of pod changes.
 //! - `reconcile`: one pass, as a named pipeline: read -> decide -> report -> apply.
 //! - `apply`: carrying out the decided writes (server-side apply, creations, deletions).
+//! - `log_tail`: the last lines of a failed rank's log, kept in the failure's record.
 //! - `status`: the one path of every status write and Event, with the counts-only throttle.
 
 mod apply;
+mod log_tail;
 mod reconcile;
 mod status;
 mod watch;

@@ -1,8 +1,9 @@
 //! One reconcile pass of one job, as a named pipeline: read (the job as of this operator's last
 //! status write at least; its gang from the pod cache once that shows this operator's own
 //! writes, see [`crate::pods`]; the nodes that are gone) -> decide (pure, [`crate::decide`],
-//! with gang admission's answer when the pass needs it) -> report the status and Events
-//! (`super::status`) -> apply the writes (`super::apply`).
+//! with gang admission's answer when the pass needs it; the log tail of a failure it records,
+//! `super::log_tail`) -> report the status and Events (`super::status`) -> apply the writes
+//! (`super::apply`).
 //!
 //! The status is written before any pod is deleted or created: a crash between two writes then
 //! leaves a state the next pass completes (stale pods of an older attempt are deleted, missing
@@ -24,7 +25,7 @@ use lockstep_api::status::{Progress, condition_types, reasons};
 use tracing::{info, warn};
 
 use super::apply::{self, Applied};
-use super::{Context, Kept, status};
+use super::{Context, Kept, log_tail, status};
 use crate::decide::{
     Action, Decided, Decision, check_capacity, decide, hold_gang, set_gang_api_missing,
     set_invalid, wait_unadmitted,
@@ -126,6 +127,15 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         Some((reasons::OBJECT_CONFLICT, message, quota::CONFLICT_MAX_WAIT))
     };
     let mut decision = decide_pass(&ctx, &job, &job_ctx, &observed, hold).await?;
+    // Before the status is written and the gang deleted: the log goes with the pod.
+    log_tail::fill(
+        &ctx.client,
+        &ns,
+        job.status.as_ref(),
+        &mut decision.status,
+        &observed,
+    )
+    .await;
 
     // Report.
     let wait = status::report(
@@ -556,6 +566,13 @@ fn record_metrics(metrics: &Metrics, job: &ParallelJob, decision: &Decision) {
                 .as_ref()
                 .map_or("Unknown", |f| f.reason.as_str());
             metrics.restarts.with_label_values(&[reason]).inc();
+        }
+        let restarted = job
+            .status
+            .as_ref()
+            .is_none_or(|s| s.attempt < decision.status.attempt);
+        if note.reason == reasons::RESTART_REQUESTED && restarted {
+            metrics.restarts.with_label_values(&["Requested"]).inc();
         }
         if note.reason == reasons::GANG_ADMITTED
             && let Some(wait) = decision
