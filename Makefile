@@ -36,6 +36,18 @@ e2e: ## the end-to-end suite against a real control plane (kube-apiserver, sched
 e2e-real: ## only the e2e tests on a real node (root): builds the node and the images, starts a cluster with REAL_NODES=1
 	e2e/run-tests.sh --real-node-only
 
+PREFIX ?= $(HOME)/.local
+
+.PHONY: install-plugin
+install-plugin: ## build the kubectl plugin and install it as $(PREFIX)/bin/kubectl-lockstep (kubectl runs it as `kubectl lockstep`)
+	$(CARGO) build --release --locked -p kubectl-lockstep
+	install -D -m 0755 $(CARGO_TARGET_DIR)/release/kubectl-lockstep $(PREFIX)/bin/kubectl-lockstep
+	@echo "installed $(PREFIX)/bin/kubectl-lockstep; with $(PREFIX)/bin on PATH: kubectl lockstep --help"
+
+.PHONY: krew-manifest
+krew-manifest: ## the plugin's archive for this platform and its krew manifest with the archive's sha256 (target/krew/)
+	plugin/krew/package.sh
+
 .PHONY: lint
 lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

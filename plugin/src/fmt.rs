@@ -186,6 +186,41 @@ mod tests {
     }
 
     #[test]
+    fn the_progress_line_has_the_step_loss_throughput_and_eta() {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ddp-digits.yaml"),
+        )
+        .unwrap();
+        let mut job = lockstep_api::manifest::parse_job(&text).unwrap();
+        let per_step = samples_per_step(&job).unwrap();
+        job.status = Some(lockstep_api::ParallelJobStatus {
+            attempt: 1,
+            progress: Some(lockstep_api::status::Progress {
+                step: 100,
+                total_steps: Some(400),
+                loss: Some(0.123456),
+                // 2 steps a second: 300 steps left take 2m30s.
+                samples_per_second: Some(2.0 * per_step),
+                attempt: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(
+            progress_line(&job),
+            format!(
+                "step 100/400  loss 0.1235  {} samples/s  ETA 2m30s",
+                num(Some(2.0 * per_step))
+            )
+        );
+        // A report of the attempt before is not this attempt's progress.
+        if let Some(p) = job.status.as_mut().and_then(|s| s.progress.as_mut()) {
+            p.attempt = Some(0);
+        }
+        assert_eq!(step(&job), "-");
+    }
+
+    #[test]
     fn numbers_keep_four_decimals_at_most() {
         assert_eq!(num(Some(2.345678)), "2.3457");
         assert_eq!(num(Some(1.5)), "1.5");

@@ -77,6 +77,10 @@ pub enum Command {
         /// Run it on this machine with `lockstep-worker local` instead (no cluster).
         #[arg(long, conflicts_with = "wait")]
         local: bool,
+        /// The lockstep-worker binary for --local (default: $LOCKSTEP_WORKER, else the one
+        /// beside this binary, else from PATH).
+        #[arg(long, requires = "local")]
+        worker: Option<PathBuf>,
     },
     /// List ParallelJobs.
     #[command(alias = "list", alias = "get")]
@@ -215,7 +219,15 @@ pub struct Ctx {
 /// Runs `command`; returns the process exit code.
 pub async fn execute(command: Command, ctx: &Ctx) -> anyhow::Result<i32> {
     match command {
-        Command::Submit { file, wait, local } => submit::submit(ctx, &file, wait, local).await,
+        Command::Submit {
+            file,
+            wait,
+            local,
+            worker,
+        } => {
+            let local = local.then(|| worker.unwrap_or_else(submit::worker_binary));
+            submit::submit(ctx, &file, wait, local.as_deref()).await
+        }
         Command::Ls {
             all_namespaces,
             output,

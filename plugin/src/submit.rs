@@ -13,15 +13,20 @@ use crate::{Ctx, fmt};
 pub const FIELD_MANAGER: &str = "kubectl-lockstep";
 
 /// Validates `file` exactly as the API server will, applies it server-side, and with `wait`
-/// follows it; with `local`, runs it on this machine instead.
-pub async fn submit(ctx: &Ctx, file: &Path, wait: bool, local: bool) -> anyhow::Result<i32> {
+/// follows it; with `local` (a `lockstep-worker` binary), runs it on this machine instead.
+pub async fn submit(
+    ctx: &Ctx,
+    file: &Path,
+    wait: bool,
+    local: Option<&Path>,
+) -> anyhow::Result<i32> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     // The CRD's own schema and CEL rules, as `make validate` and the API server run them.
     let job = lockstep_api::validation::validate_yaml(&text)
         .with_context(|| format!("{} is not a valid ParallelJob", file.display()))?;
-    if local {
-        return run_local(file).await;
+    if let Some(worker) = local {
+        return run_local(worker, file).await;
     }
     let name = job
         .metadata
@@ -118,9 +123,8 @@ fn state_line(job: &ParallelJob) -> String {
 }
 
 /// Runs the manifest with `lockstep-worker local`; returns its exit code.
-async fn run_local(file: &Path) -> anyhow::Result<i32> {
-    let worker = worker_binary();
-    let status = tokio::process::Command::new(&worker)
+async fn run_local(worker: &Path, file: &Path) -> anyhow::Result<i32> {
+    let status = tokio::process::Command::new(worker)
         .arg("local")
         .arg(file)
         .status()
@@ -136,7 +140,7 @@ async fn run_local(file: &Path) -> anyhow::Result<i32> {
 }
 
 /// `$LOCKSTEP_WORKER`, else `lockstep-worker` beside this binary, else from `PATH`.
-fn worker_binary() -> std::path::PathBuf {
+pub fn worker_binary() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("LOCKSTEP_WORKER") {
         return p.into();
     }

@@ -156,6 +156,57 @@ async fn submit_refuses_a_broken_manifest_and_follows_a_good_one_to_its_end() ->
 }
 
 #[tokio::test]
+async fn submit_local_trains_the_job_on_this_machine() -> anyhow::Result<()> {
+    // This build's worker, beside the test binary's folder.
+    let built = std::process::Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-q",
+            "--locked",
+            "-p",
+            "lockstep-worker",
+            "--bin",
+            "lockstep-worker",
+        ])
+        .status()?;
+    anyhow::ensure!(built.success(), "cannot build lockstep-worker");
+    let worker = std::env::current_exe()?
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|d| d.join("lockstep-worker"))
+        .expect("the target folder");
+    with_namespace("plugin-local", |ns| async move {
+        let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
+        v["spec"]["training"]["epochs"] = 1.into();
+        v["spec"]["training"]["data"]["path"] = lockstep_e2e::repo_root()
+            .join("data/digits.csv.gz")
+            .to_string_lossy()
+            .into_owned()
+            .into();
+        let file = manifest_file(&ns, "local", &v);
+        let w = worker.to_string_lossy().into_owned();
+        let f = file.to_string_lossy().into_owned();
+        let (code, _) = plugin(&ns, &["submit", "-f", &f, "--local", "--worker", &w]).await;
+        assert_eq!(code?, 0, "the local run failed");
+        assert!(
+            ns.api::<ParallelJob>()
+                .get_opt("ddp-digits")
+                .await?
+                .is_none(),
+            "--local created the job in the cluster"
+        );
+        // A rank that fails fails the local run, with its exit code.
+        v["spec"]["training"]["data"]["path"] = "/nonexistent/digits.csv".into();
+        let file = manifest_file(&ns, "local-bad", &v);
+        let f = file.to_string_lossy().into_owned();
+        let (code, _) = plugin(&ns, &["submit", "-f", &f, "--local", "--worker", &w]).await;
+        assert_eq!(code?, 8, "an unreadable data set is exit code 8");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
 async fn ls_and_why_show_a_running_a_queued_and_a_failed_job() -> anyhow::Result<()> {
     with_namespace("plugin-ls-why", |ns| async move {
         // One node of 8 GPUs: `first` (2 x 4) runs, `second` and `third` wait behind it.

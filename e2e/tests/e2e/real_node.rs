@@ -607,3 +607,6 @@ async fn the_operator_installed_by_helm_from_its_image_leads_and_takes_a_job_to_
     })
     .await
 }
+
+#[path = "real_node_plugin.rs"]
+mod plugin;
