@@ -496,6 +496,40 @@ impl TestNamespace {
         Ok(v)
     }
 
+    /// The phase of the job `name` (`None` before the operator writes one).
+    pub async fn phase(&self, name: &str) -> Result<Option<lockstep_api::status::Phase>> {
+        Ok(self
+            .api::<lockstep_api::ParallelJob>()
+            .get(name)
+            .await?
+            .status
+            .and_then(|s| s.phase))
+    }
+
+    /// Waits (up to `timeout`) until the job `name` is in phase `want`.
+    pub async fn wait_phase(
+        &self,
+        name: &str,
+        want: lockstep_api::status::Phase,
+        timeout: Duration,
+    ) -> Result<()> {
+        wait_until(timeout, &format!("{name} is {want:?}"), || async {
+            Ok(self.phase(name).await? == Some(want))
+        })
+        .await
+    }
+
+    /// The pods with the job `name`'s name label, by name.
+    pub async fn gang(&self, name: &str) -> Result<Vec<Pod>> {
+        let lp = ListParams::default().labels(&format!(
+            "{}={name}",
+            lockstep_api::contract::labels::JOB_NAME
+        ));
+        let mut pods = self.api::<Pod>().list(&lp).await?.items;
+        pods.sort_by_key(|p| p.metadata.name.clone());
+        Ok(pods)
+    }
+
     /// A typed API for namespaced objects of this namespace.
     pub fn api<K>(&self) -> Api<K>
     where

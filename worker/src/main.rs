@@ -32,19 +32,7 @@ enum Cmd {
         comm_timeout: u64,
     },
     /// Run a ParallelJob on this machine, one process per rank, without Kubernetes.
-    Local {
-        /// The ParallelJob manifest (data paths are relative to the current directory).
-        manifest: PathBuf,
-        /// World size to use instead of the manifest's (dataParallel = ranks / stages).
-        #[arg(long)]
-        ranks: Option<u32>,
-        /// No progress bar (the default when standard error is not a terminal).
-        #[arg(long)]
-        no_progress: bool,
-        /// Directory for the run's config and checkpoints (default: a new temporary one).
-        #[arg(long)]
-        workdir: Option<PathBuf>,
-    },
+    Local(LocalArgs),
     /// Write a checkpoint's GPT as a Hugging Face GPT-2 directory (model.safetensors,
     /// config.json) that transformers' GPT2LMHeadModel.from_pretrained loads.
     Export {
@@ -61,17 +49,9 @@ enum Cmd {
     Import {
         /// The weights: a directory with config.json and model.safetensors, or a checkpoint.
         from: PathBuf,
-        /// The ParallelJob manifest.
-        manifest: PathBuf,
-        /// World size to use instead of the manifest's (dataParallel = ranks / stages).
-        #[arg(long)]
-        ranks: Option<u32>,
-        /// No progress bar (the default when standard error is not a terminal).
-        #[arg(long)]
-        no_progress: bool,
-        /// Directory for the run's config and checkpoints (default: a new temporary one).
-        #[arg(long)]
-        workdir: Option<PathBuf>,
+        /// The run.
+        #[command(flatten)]
+        local: LocalArgs,
     },
     /// The next-token logits of a GPT (a Hugging Face directory or a checkpoint) on a sequence
     /// of token ids, computed by the engine on the CPU, written as a safetensors file
@@ -91,6 +71,22 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+}
+
+/// What `local` and `import` run.
+#[derive(clap::Args, Debug)]
+struct LocalArgs {
+    /// The ParallelJob manifest (data paths are relative to the current directory).
+    manifest: PathBuf,
+    /// World size to use instead of the manifest's (dataParallel = ranks / stages).
+    #[arg(long)]
+    ranks: Option<u32>,
+    /// No progress bar (the default when standard error is not a terminal).
+    #[arg(long)]
+    no_progress: bool,
+    /// Directory for the run's config and checkpoints (default: a new temporary one).
+    #[arg(long)]
+    workdir: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -208,19 +204,13 @@ enum BenchCmd {
 }
 
 /// `local` and `import`: runs the gang on this machine.
-fn run_local(
-    manifest: PathBuf,
-    ranks: Option<u32>,
-    no_progress: bool,
-    workdir: Option<PathBuf>,
-    init_from: Option<PathBuf>,
-) -> ProcessExit {
+fn run_local(args: LocalArgs, init_from: Option<PathBuf>) -> ProcessExit {
     use std::io::IsTerminal;
     let opts = local::LocalOptions {
-        manifest,
-        ranks,
-        progress: !no_progress && std::io::stderr().is_terminal(),
-        workdir,
+        manifest: args.manifest,
+        ranks: args.ranks,
+        progress: !args.no_progress && std::io::stderr().is_terminal(),
+        workdir: args.workdir,
         init_from,
     };
     let rt = match tokio::runtime::Runtime::new() {
@@ -290,19 +280,8 @@ fn main() -> ProcessExit {
             };
             ProcessExit::from(runtime::run(opts).code() as u8)
         }
-        Cmd::Local {
-            manifest,
-            ranks,
-            no_progress,
-            workdir,
-        } => run_local(manifest, ranks, no_progress, workdir, None),
-        Cmd::Import {
-            from,
-            manifest,
-            ranks,
-            no_progress,
-            workdir,
-        } => run_local(manifest, ranks, no_progress, workdir, Some(from)),
+        Cmd::Local(local) => run_local(local, None),
+        Cmd::Import { from, local } => run_local(local, Some(from)),
         Cmd::Export { checkpoint, out } => match hf::export(&checkpoint, &out) {
             Ok(e) => {
                 let c = e.config;

@@ -51,11 +51,7 @@ async fn create(ns: &TestNamespace, j: ParallelJob) -> anyhow::Result<()> {
 }
 
 async fn gang(ns: &TestNamespace, name: &str) -> anyhow::Result<Vec<Pod>> {
-    Ok(ns
-        .api::<Pod>()
-        .list(&ListParams::default().labels(&format!("{}={name}", labels::JOB_NAME)))
-        .await?
-        .items)
+    ns.gang(name).await
 }
 
 fn bound(p: &Pod) -> Option<String> {
@@ -63,19 +59,11 @@ fn bound(p: &Pod) -> Option<String> {
 }
 
 async fn phase(ns: &TestNamespace, name: &str) -> anyhow::Result<Option<Phase>> {
-    Ok(ns
-        .api::<ParallelJob>()
-        .get(name)
-        .await?
-        .status
-        .and_then(|s| s.phase))
+    ns.phase(name).await
 }
 
 async fn wait_phase(ns: &TestNamespace, name: &str, want: Phase) -> anyhow::Result<()> {
-    wait_until(TIMEOUT, &format!("{name} is {want:?}"), || async {
-        Ok(phase(ns, name).await? == Some(want))
-    })
-    .await
+    ns.wait_phase(name, want, TIMEOUT).await
 }
 
 /// Plays the kubelet: every pod of the job exits 0.

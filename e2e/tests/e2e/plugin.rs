@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ListParams, PostParams};
+use kube::api::PostParams;
 use kubectl_lockstep::{Cli, Ctx, Out, execute};
 use lockstep_api::ParallelJob;
-use lockstep_api::contract::labels;
 use lockstep_api::status::Phase;
 use lockstep_e2e::{TestNamespace, terminate_worker, wait_until, with_namespace};
 
@@ -62,31 +61,8 @@ async fn create(ns: &TestNamespace, v: serde_json::Value) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn phase(ns: &TestNamespace, name: &str) -> anyhow::Result<Option<Phase>> {
-    Ok(ns
-        .api::<ParallelJob>()
-        .get(name)
-        .await?
-        .status
-        .and_then(|s| s.phase))
-}
-
 async fn wait_phase(ns: &TestNamespace, name: &str, want: Phase) -> anyhow::Result<()> {
-    wait_until(TIMEOUT, &format!("{name} is {want:?}"), || async {
-        Ok(phase(ns, name).await? == Some(want))
-    })
-    .await
-}
-
-/// The job's pods by rank.
-async fn gang(ns: &TestNamespace, name: &str) -> anyhow::Result<Vec<Pod>> {
-    let mut pods = ns
-        .api::<Pod>()
-        .list(&ListParams::default().labels(&format!("{}={name}", labels::JOB_NAME)))
-        .await?
-        .items;
-    pods.sort_by_key(|p| p.metadata.name.clone());
-    Ok(pods)
+    ns.wait_phase(name, want, TIMEOUT).await
 }
 
 /// Writes `v` as YAML into a file of its own.
@@ -125,7 +101,7 @@ async fn submit_refuses_a_broken_manifest_and_follows_a_good_one_to_its_end() ->
             tokio::spawn(async move { plugin(&ns2, &["submit", "-f", &path, "--wait"]).await });
         wait_phase(&ns, "good", Phase::Running).await?;
         let pods = ns.api::<Pod>();
-        for p in gang(&ns, "good").await? {
+        for p in ns.gang("good").await? {
             terminate_worker(&pods, &p.metadata.name.unwrap_or_default(), 0).await?;
         }
         let (code, out) = tokio::time::timeout(TIMEOUT, follow).await??;
@@ -311,7 +287,7 @@ async fn suspend_resume_restart_and_delete_steer_a_job() -> anyhow::Result<()> {
         assert_eq!(out.trim(), "paralleljob.lockstep.dev/steered suspended");
         wait_phase(&ns, "steered", Phase::Suspended).await?;
         wait_until(TIMEOUT, "no pods while suspended", || async {
-            Ok(gang(&ns, "steered").await?.is_empty())
+            Ok(ns.gang("steered").await?.is_empty())
         })
         .await?;
         let why = ok(&ns, &["why", "steered"]).await?;

@@ -29,8 +29,10 @@ async fn logs_follow_a_gang_into_its_next_attempt_and_keep_the_first_failure() -
     with_namespace("real-plugin", |ns| async move {
         let jobs: Api<ParallelJob> = ns.api();
         let mut v = on_the_real_node("ddp-digits.yaml")?;
-        v["spec"]["training"]["epochs"] = 60.into();
-        v["spec"]["training"]["evaluation"] = serde_json::json!({"everySteps": 50});
+        // About 40 s per attempt on the real node (800 steps a second): long enough to be
+        // killed while it trains.
+        v["spec"]["training"]["epochs"] = 1500.into();
+        v["spec"]["training"]["evaluation"] = serde_json::json!({"everySteps": 5000});
         jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
             .await?;
         wait_until(Duration::from_secs(120), "training", || async {
