@@ -6,6 +6,7 @@
 //! read is bounded by [`TIMEOUT`] and never fails the pass: a log that cannot be read (a fake
 //! node serves none, the node is unreachable, RBAC lacks `pods/log`) leaves the tail empty.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -29,11 +30,13 @@ pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The pod whose log the pass should keep: that of the first failure the decided status
 /// records, when the job's status before the pass (`previous`) does not hold that record yet,
-/// it has no tail, and its pod is observed on a node (a vanished pod has no log left).
+/// it has no tail, and its pod is observed on a node that is not gone (`lost`: the pods on gone
+/// nodes; a vanished pod, or one whose node is gone, has no log to read).
 pub fn wanted<'a>(
     previous: Option<&ParallelJobStatus>,
     decided: &ParallelJobStatus,
     observed: &'a [RankPod],
+    lost: &HashSet<String>,
 ) -> Option<&'a RankPod> {
     let failure = decided.last_failure.as_ref()?;
     let recorded = previous.and_then(|s| s.last_failure.as_ref());
@@ -42,7 +45,7 @@ pub fn wanted<'a>(
     }
     observed
         .iter()
-        .find(|p| p.name == failure.pod && p.node.is_some())
+        .find(|p| p.name == failure.pod && p.node.is_some() && !lost.contains(&p.name))
 }
 
 /// The end of a log: its last [`MAX_LINES`] lines, and of those at most [`MAX_BYTES`] (cut at
@@ -98,9 +101,9 @@ pub(super) async fn fill(
     namespace: &str,
     previous: Option<&ParallelJobStatus>,
     decided: &mut ParallelJobStatus,
-    observed: &[RankPod],
+    (observed, lost): (&[RankPod], &HashSet<String>),
 ) {
-    let Some(pod) = wanted(previous, decided, observed) else {
+    let Some(pod) = wanted(previous, decided, observed, lost) else {
         return;
     };
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
@@ -150,25 +153,31 @@ mod tests {
     #[test]
     fn the_log_is_read_once_for_a_newly_recorded_failure_whose_pod_is_on_a_node() {
         let observed = [pod("j-0", Some("n")), pod("j-1", Some("n"))];
+        let none = HashSet::new();
         let decided = with_failure(0, "j-1");
         assert_eq!(
-            wanted(None, &decided, &observed).map(|p| p.name.as_str()),
+            wanted(None, &decided, &observed, &none).map(|p| p.name.as_str()),
             Some("j-1")
         );
         let before = ParallelJobStatus::default();
-        assert!(wanted(Some(&before), &decided, &observed).is_some());
+        assert!(wanted(Some(&before), &decided, &observed, &none).is_some());
         // A later pass decides on the record the status holds: not read again.
-        assert!(wanted(Some(&decided), &decided, &observed).is_none());
+        assert!(wanted(Some(&decided), &decided, &observed, &none).is_none());
         // Attempt 1's first failure, while attempt 0's is recorded.
         let next = with_failure(1, "j-1");
-        assert!(wanted(Some(&decided), &next, &observed).is_some());
+        assert!(wanted(Some(&decided), &next, &observed, &none).is_some());
         let mut read = decided.clone();
         read.last_failure.as_mut().unwrap().log_tail = Some("x".into());
-        assert!(wanted(None, &read, &observed).is_none(), "already read");
-        // No pod, or one never scheduled: no log to read.
-        assert!(wanted(None, &decided, &observed[..1]).is_none());
-        assert!(wanted(None, &decided, &[pod("j-1", None)]).is_none());
-        assert!(wanted(None, &ParallelJobStatus::default(), &observed).is_none());
+        assert!(
+            wanted(None, &read, &observed, &none).is_none(),
+            "already read"
+        );
+        // No pod, one never scheduled, or one on a gone node: no log to read.
+        assert!(wanted(None, &decided, &observed[..1], &none).is_none());
+        assert!(wanted(None, &decided, &[pod("j-1", None)], &none).is_none());
+        let lost = HashSet::from(["j-1".to_string()]);
+        assert!(wanted(None, &decided, &observed, &lost).is_none());
+        assert!(wanted(None, &ParallelJobStatus::default(), &observed, &none).is_none());
     }
 
     #[test]

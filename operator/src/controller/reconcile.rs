@@ -133,7 +133,7 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         &ns,
         job.status.as_ref(),
         &mut decision.status,
-        &observed,
+        (&observed, &lost),
     )
     .await;
 
