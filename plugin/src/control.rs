@@ -39,7 +39,10 @@ pub async fn restart(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
     let job = crate::get_job(ctx, name).await?;
     let phase = crate::fmt::phase(&job);
     if matches!(phase, "Succeeded" | "Failed" | "Suspended") {
-        anyhow::bail!("{name} is {phase}: only a job with a gang can restart it");
+        anyhow::bail!(
+            "{name} is {phase}: a finished or suspended job has no gang to restart (resume a \
+             suspended one)"
+        );
     }
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let patch = serde_json::json!({"metadata": {"annotations": {annotations::RESTARTED_AT: now}}});
@@ -60,7 +63,14 @@ pub async fn delete(ctx: &Ctx, name: &str, wait: bool) -> anyhow::Result<i32> {
         .delete(name, &DeleteParams::background())
         .await?;
     if wait {
+        let until = std::time::Instant::now() + Duration::from_secs(300);
         while crate::jobs(ctx).get_opt(name).await?.is_some() {
+            if std::time::Instant::now() > until {
+                anyhow::bail!(
+                    "{name} is still there after 5 minutes: kubectl get pj {name} -o yaml shows \
+                     its finalizers"
+                );
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }

@@ -107,6 +107,19 @@ pub fn admitted(
     condition(job, condition_types::ADMITTED)
 }
 
+/// Ranks of the job (dataParallel x pipelineStages).
+pub fn world(job: &ParallelJob) -> i32 {
+    job.spec.parallelism.data_parallel.max(1) * job.spec.parallelism.pipeline_stages.max(1)
+}
+
+/// The progress rank 0 reported for the current attempt (not an earlier attempt's).
+pub fn progress(job: &ParallelJob) -> Option<&lockstep_api::status::Progress> {
+    let s = job.status.as_ref()?;
+    s.progress
+        .as_ref()
+        .filter(|p| p.attempt.is_none_or(|a| a == s.attempt))
+}
+
 /// Samples in one optimizer step of the whole gang (what `progress.samplesPerSecond` counts).
 pub fn samples_per_step(job: &ParallelJob) -> Option<f64> {
     let t = &job.spec.training;
@@ -121,7 +134,7 @@ pub fn samples_per_step(job: &ParallelJob) -> Option<f64> {
 
 /// Seconds until the job's last step, from its progress and throughput.
 pub fn eta(job: &ParallelJob) -> Option<f64> {
-    let p = job.status.as_ref()?.progress.as_ref()?;
+    let p = progress(job)?;
     let left = (p.total_steps? - p.step).max(0) as f64;
     let steps_per_second = p.samples_per_second? / samples_per_step(job)?;
     (steps_per_second > 0.0).then(|| left / steps_per_second)
@@ -129,21 +142,18 @@ pub fn eta(job: &ParallelJob) -> Option<f64> {
 
 /// `step/total` (or `step`), `-` before the first report of the current attempt.
 pub fn step(job: &ParallelJob) -> String {
-    let Some(s) = job.status.as_ref() else {
-        return "-".into();
-    };
-    match &s.progress {
-        Some(p) if p.attempt.is_none_or(|a| a == s.attempt) => match p.total_steps {
+    match progress(job) {
+        Some(p) => match p.total_steps {
             Some(t) => format!("{}/{t}", p.step),
             None => p.step.to_string(),
         },
-        _ => "-".into(),
+        None => "-".into(),
     }
 }
 
 /// The progress line of a running job: step, loss, throughput, ETA.
 pub fn progress_line(job: &ParallelJob) -> String {
-    let p = job.status.as_ref().and_then(|s| s.progress.as_ref());
+    let p = progress(job);
     let mut parts = vec![format!("step {}", step(job))];
     if let Some(l) = p.and_then(|p| p.loss) {
         parts.push(format!("loss {}", num(Some(l))));
@@ -218,6 +228,7 @@ mod tests {
             p.attempt = Some(0);
         }
         assert_eq!(step(&job), "-");
+        assert_eq!(progress_line(&job), "step -");
     }
 
     #[test]

@@ -115,13 +115,13 @@ pub enum Command {
         previous: bool,
         /// The first failure's container (the rank that failed first in the latest failed
         /// attempt).
-        #[arg(long, conflicts_with_all = ["rank", "all", "attempt", "previous"])]
+        #[arg(long, conflicts_with_all = ["rank", "all", "attempt", "previous", "follow"])]
         failed: bool,
         /// Follow the logs, into the next attempt when the gang restarts, until the job ends.
         #[arg(short = 'f', long)]
         follow: bool,
-        /// Lines of each rank's log to show (all by default; 10 when following).
-        #[arg(long)]
+        /// Lines of each rank's log to show (all by default, or -1; 10 when following).
+        #[arg(long, allow_negative_numbers = true)]
         tail: Option<i64>,
     },
     /// Per rank: step, step time, throughput, GPU utilization and memory, all-reduce bandwidth,

@@ -95,10 +95,19 @@ pub async fn logs(ctx: &Ctx, name: &str, o: &Options) -> anyhow::Result<i32> {
     }
     if o.follow {
         follow(ctx, name, o.ranks, current, o.tail.or(Some(10))).await?;
-        Ok(0)
-    } else {
-        show(ctx, name, o.ranks, current, o.tail).await
+        return Ok(0);
     }
+    // A finished attempt whose pods are gone (cleaned up): what the operator kept of it.
+    let gone = pods_of(ctx, name, Some(current)).await?.is_empty();
+    if gone
+        && s.last_failure
+            .as_ref()
+            .is_some_and(|f| f.attempt == current)
+    {
+        kept(ctx, name, current, o.ranks, &s)?;
+        return Ok(0);
+    }
+    show(ctx, name, o.ranks, current, o.tail).await
 }
 
 /// What is left of attempt `a`: the last lines of its first failure.
@@ -147,9 +156,24 @@ fn kept(
     Ok(())
 }
 
+/// The Pods API of the context's namespace.
+pub fn pods(ctx: &Ctx) -> kube::Api<Pod> {
+    kube::Api::namespaced(ctx.client.clone(), &ctx.namespace)
+}
+
+/// Log parameters for the worker container.
+pub fn worker_log(tail: Option<i64>) -> LogParams {
+    LogParams {
+        container: Some(operator::WORKER_CONTAINER.into()),
+        // kubectl's `--tail -1`: everything.
+        tail_lines: tail.filter(|t| *t >= 0),
+        ..LogParams::default()
+    }
+}
+
 /// The job's pods (of `attempt` when given), by rank.
-async fn pods_of(ctx: &Ctx, name: &str, attempt: Option<i32>) -> anyhow::Result<Vec<Pod>> {
-    let api: kube::Api<Pod> = kube::Api::namespaced(ctx.client.clone(), &ctx.namespace);
+pub async fn pods_of(ctx: &Ctx, name: &str, attempt: Option<i32>) -> anyhow::Result<Vec<Pod>> {
+    let api = pods(ctx);
     let mut sel = format!("{}={name}", labels::JOB_NAME);
     if let Some(a) = attempt {
         sel.push_str(&format!(",{}={a}", labels::ATTEMPT));
@@ -190,15 +214,13 @@ async fn show(
             fmt::phase(&job)
         );
     }
-    let api: kube::Api<Pod> = kube::Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let api = self::pods(ctx);
     let mut lines: Vec<(String, u32, usize, String)> = Vec::new();
     for p in &pods {
         let pod = p.metadata.name.clone().unwrap_or_default();
         let lp = LogParams {
-            container: Some(operator::WORKER_CONTAINER.into()),
-            tail_lines: tail,
             timestamps: true,
-            ..LogParams::default()
+            ..worker_log(tail)
         };
         let text = match api.logs(&pod, &lp).await {
             Ok(t) => t,
@@ -222,7 +244,8 @@ async fn show(
 }
 
 /// Follows the ranks' logs from attempt `attempt` on, into each next attempt, until the job
-/// ends or is deleted.
+/// ends or is deleted. The pods are listed again every second, so that a rank whose pod comes
+/// late (a gang still starting) is followed from its first line.
 async fn follow(
     ctx: &Ctx,
     name: &str,
@@ -230,41 +253,40 @@ async fn follow(
     mut attempt: i32,
     first_tail: Option<i64>,
 ) -> anyhow::Result<()> {
-    let api: kube::Api<Pod> = kube::Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    // Pods (by UID) whose stream has ended: not streamed again.
-    let mut done: HashSet<String> = HashSet::new();
+    let api = pods(ctx);
+    // Pods (by UID) already streamed or being streamed: never streamed twice.
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut streams = tokio::task::JoinSet::new();
+    // The pods of the first listing show their last lines only; later ones everything.
     let mut tail = first_tail;
     loop {
-        let pods: Vec<Pod> = pods_of(ctx, name, Some(attempt))
-            .await?
-            .into_iter()
-            .filter(|p| wanted(p, ranks))
-            .filter(|p| !done.contains(p.metadata.uid.as_deref().unwrap_or_default()))
-            .collect();
-        let mut tasks = Vec::new();
-        for p in pods {
+        for p in pods_of(ctx, name, Some(attempt)).await? {
             let uid = p.metadata.uid.clone().unwrap_or_default();
+            if !wanted(&p, ranks) || !seen.insert(uid.clone()) {
+                continue;
+            }
             let pod = p.metadata.name.clone().unwrap_or_default();
             let rank = crate::why::rank_of(&p);
             let (api, out) = (api.clone(), ctx.out.clone());
-            tasks.push(tokio::spawn(async move {
-                follow_pod(&api, &pod, &uid, rank, tail, &out).await;
-                uid
-            }));
+            streams.spawn(async move { follow_pod(&api, &pod, &uid, rank, tail, &out).await });
         }
-        for t in tasks {
-            if let Ok(uid) = t.await {
-                done.insert(uid);
-            }
-        }
+        tail = None;
+        while streams.try_join_next().is_some() {}
         let Some(job) = crate::jobs(ctx).get_opt(name).await? else {
+            streams.abort_all();
             ctx.out.line(format!("--- {name} was deleted ---"));
             return Ok(());
         };
         let s = job.status.clone().unwrap_or_default();
         if s.attempt > attempt {
+            // The old attempt's streams end as its pods go; their last lines come first.
+            let drained = tokio::time::timeout(Duration::from_secs(30), async {
+                while streams.join_next().await.is_some() {}
+            });
+            if drained.await.is_err() {
+                streams.abort_all();
+            }
             attempt = s.attempt;
-            tail = None;
             ctx.out.line(format!(
                 "--- the gang restarted: attempt {attempt}{} ---",
                 s.last_failure
@@ -277,7 +299,7 @@ async fn follow(
             ));
             continue;
         }
-        if s.phase.is_some_and(|p| p.is_terminal()) {
+        if s.phase.is_some_and(|p| p.is_terminal()) && streams.is_empty() {
             ctx.out.line(format!("--- {name} {} ---", fmt::phase(&job)));
             return Ok(());
         }
@@ -295,10 +317,8 @@ async fn follow_pod(
     out: &crate::Out,
 ) {
     let lp = LogParams {
-        container: Some(operator::WORKER_CONTAINER.into()),
         follow: true,
-        tail_lines: tail,
-        ..LogParams::default()
+        ..worker_log(tail)
     };
     loop {
         match api.log_stream(pod, &lp).await {

@@ -87,11 +87,7 @@ pub fn row(j: &ParallelJob, all: bool, wide: bool) -> Vec<String> {
         Some(p) if waiting => format!("#{p}"),
         _ => "-".into(),
     };
-    let loss = s
-        .progress
-        .as_ref()
-        .filter(|p| p.attempt.is_none_or(|a| a == s.attempt))
-        .and_then(|p| p.loss);
+    let loss = fmt::progress(j).and_then(|p| p.loss);
     let mut r = Vec::new();
     if all {
         r.push(j.metadata.namespace.clone().unwrap_or_default());
@@ -128,7 +124,7 @@ pub fn row(j: &ParallelJob, all: bool, wide: bool) -> Vec<String> {
         };
         r.extend([
             fmt::admitted(j).map_or("-".into(), |c| c.reason.clone()),
-            fmt::num(s.progress.as_ref().and_then(|p| p.samples_per_second)),
+            fmt::num(fmt::progress(j).and_then(|p| p.samples_per_second)),
             fmt::eta(j).map_or("-".into(), fmt::duration),
             world.to_string(),
             nodes,

@@ -67,7 +67,7 @@ async fn follow(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
     let started = Instant::now();
     let mut last_state = String::new();
     let mut last_progress = String::new();
-    let mut printed_at = Instant::now() - Duration::from_secs(60);
+    let mut printed_at: Option<Instant> = None;
     loop {
         let Some(job) = crate::jobs(ctx).get_opt(name).await? else {
             anyhow::bail!("{name} was deleted");
@@ -83,13 +83,14 @@ async fn follow(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
         let phase = fmt::phase(&job);
         if phase == "Running" {
             let p = fmt::progress_line(&job);
-            if p != last_progress && printed_at.elapsed() >= Duration::from_secs(2) {
+            let due = printed_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+            if p != last_progress && due {
                 ctx.out.line(format!(
                     "[{}] {p}",
                     fmt::duration(started.elapsed().as_secs_f64())
                 ));
                 last_progress = p;
-                printed_at = Instant::now();
+                printed_at = Some(Instant::now());
             }
         }
         match phase {

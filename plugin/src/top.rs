@@ -4,10 +4,6 @@
 
 use std::collections::HashMap;
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::ListParams;
-use lockstep_api::contract::labels;
-
 use crate::{Ctx, fmt};
 
 /// Samples of a Prometheus text exposition: metric name to the values of its series.
@@ -41,10 +37,7 @@ pub async fn top(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
     let job = crate::get_job(ctx, name).await?;
     let attempt = job.status.as_ref().map_or(0, |s| s.attempt);
     let port = job.spec.monitoring.metrics_port;
-    let api: kube::Api<Pod> = kube::Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let sel = format!("{}={name},{}={attempt}", labels::JOB_NAME, labels::ATTEMPT);
-    let mut pods = api.list(&ListParams::default().labels(&sel)).await?.items;
-    pods.sort_by_key(crate::why::rank_of);
+    let pods = crate::logs::pods_of(ctx, name, Some(attempt)).await?;
     if pods.is_empty() {
         anyhow::bail!(
             "{name} has no pods (phase {}): kubectl lockstep why {name}",

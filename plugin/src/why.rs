@@ -4,12 +4,12 @@
 //! means, the message, the rank's last log lines).
 
 use k8s_openapi::api::core::v1::{Event, Pod};
-use kube::api::{ApiResource, DynamicObject, ListParams, LogParams};
+use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::core::GroupVersionKind;
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::{ExitCode, labels, operator};
 use lockstep_api::spec::GangPolicy;
-use lockstep_api::status::RankFailure;
+use lockstep_api::status::{RankFailure, condition_types};
 
 use crate::Ctx;
 use crate::fmt;
@@ -26,7 +26,7 @@ pub async fn why(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
     out.line(format!(
         "{name}: {phase}, attempt {}, {} ranks, age {}",
         s.attempt,
-        job.spec.parallelism.data_parallel.max(1) * job.spec.parallelism.pipeline_stages.max(1),
+        fmt::world(&job),
         fmt::age(&job)
     ));
     match phase {
@@ -47,10 +47,8 @@ pub async fn why(ctx: &Ctx, name: &str) -> anyhow::Result<i32> {
         failure(ctx, &job, f).await?;
     } else if phase == "Failed" {
         // Failed without a rank's failure: the deadline, a template the API server refused...
-        for c in ["Failed"] {
-            if let Some(c) = fmt::condition(&job, c) {
-                out.line(format!("Failed: {}: {}", c.reason, c.message));
-            }
+        if let Some(c) = fmt::condition(&job, condition_types::FAILED) {
+            out.line(format!("Failed: {}: {}", c.reason, c.message));
         }
     }
     warnings(ctx, &job).await?;
@@ -78,7 +76,7 @@ async fn waiting(ctx: &Ctx, job: &ParallelJob) -> anyhow::Result<()> {
     let policy = job.spec.scheduling.gang_policy;
     if let Some(pos) = s.admission.as_ref().and_then(|a| a.queue_position) {
         let ahead = if pos > 1 {
-            job_ahead(ctx, pos - 1).await
+            job_ahead(ctx, pos - 1, policy).await
         } else {
             None
         };
@@ -98,29 +96,37 @@ async fn waiting(ctx: &Ctx, job: &ParallelJob) -> anyhow::Result<()> {
     pods_not_running(ctx, job).await
 }
 
-/// The job at `position` in the admission queue, described; looked for in every namespace when
-/// allowed, else in this one.
-async fn job_ahead(ctx: &Ctx, position: i32) -> Option<String> {
-    let all: kube::Api<ParallelJob> = kube::Api::all(ctx.client.clone());
-    let list = match all.list(&ListParams::default()).await {
-        Ok(l) => l.items,
-        Err(_) => {
-            crate::jobs(ctx)
-                .list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-        }
-    };
-    let j = list.into_iter().find(|j| {
+/// The job at `position` in the admission queue, described. Positions count the waiting jobs
+/// that compete for the same nodes: one of this namespace is taken first, then one of another
+/// namespace (when the user may list them) of the same gang policy.
+async fn job_ahead(ctx: &Ctx, position: i32, policy: GangPolicy) -> Option<String> {
+    let at = |j: &ParallelJob| {
         j.status
             .as_ref()
             .and_then(|s| s.admission.as_ref())
             .and_then(|a| a.queue_position)
             == Some(position)
             && matches!(fmt::phase(j), "Pending" | "Queued")
-    })?;
-    let world = j.spec.parallelism.data_parallel.max(1) * j.spec.parallelism.pipeline_stages.max(1);
+            && j.spec.scheduling.gang_policy == policy
+    };
+    let here = crate::jobs(ctx)
+        .list(&ListParams::default())
+        .await
+        .ok()?
+        .items;
+    let j = match here.into_iter().find(at) {
+        Some(j) => j,
+        None => {
+            let all: kube::Api<ParallelJob> = kube::Api::all(ctx.client.clone());
+            all.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(at)?
+        }
+    };
+    let world = fmt::world(&j);
     let prio = j
         .spec
         .scheduling
@@ -188,11 +194,8 @@ async fn gang_object(ctx: &Ctx, name: &str, policy: GangPolicy) {
 /// The job's pods of the current attempt that do not run, and why.
 async fn pods_not_running(ctx: &Ctx, job: &ParallelJob) -> anyhow::Result<()> {
     let name = job.metadata.name.clone().unwrap_or_default();
-    let pods: kube::Api<Pod> = kube::Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let lp = ListParams::default().labels(&format!("{}={name}", labels::JOB_NAME));
-    let mut list = pods.list(&lp).await?.items;
-    list.sort_by_key(rank_of);
-    for p in list {
+    let attempt = job.status.as_ref().map_or(0, |s| s.attempt);
+    for p in crate::logs::pods_of(ctx, &name, Some(attempt)).await? {
         if let Some(why) = pod_waits(&p) {
             ctx.out.line(format!(
                 "Pod {} (rank {}): {why}",
@@ -287,7 +290,13 @@ async fn failure(ctx: &Ctx, job: &ParallelJob, f: &RankFailure) -> anyhow::Resul
                 None if c > 128 => format!("killed by signal {}", c - 128),
                 None => "not a code of lockstep-worker (the template's own command?)".into(),
             };
-            out.line(format!("  exit code {c} ({meaning})"));
+            // The kubelet's reason when it says more (OOMKilled).
+            let reason = match ExitCode::from_code(c) {
+                Some(e) if e.reason() == f.reason => String::new(),
+                _ if f.reason == "Error" => String::new(),
+                _ => format!("{}; ", f.reason),
+            };
+            out.line(format!("  exit code {c} ({reason}{meaning})"));
         }
         None => out.line(format!("  {}", f.reason)),
     }
@@ -318,7 +327,7 @@ async fn failure(ctx: &Ctx, job: &ParallelJob, f: &RankFailure) -> anyhow::Resul
 
 /// The last lines of the failed pod's worker log, when the pod of that attempt still exists.
 async fn live_tail(ctx: &Ctx, f: &RankFailure) -> Option<String> {
-    let pods: kube::Api<Pod> = kube::Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let pods = crate::logs::pods(ctx);
     let p = pods.get_opt(&f.pod).await.ok()??;
     let attempt = p
         .metadata
@@ -330,12 +339,10 @@ async fn live_tail(ctx: &Ctx, f: &RankFailure) -> Option<String> {
     if attempt != f.attempt {
         return None;
     }
-    let lp = LogParams {
-        container: Some(operator::WORKER_CONTAINER.into()),
-        tail_lines: Some(TAIL),
-        ..LogParams::default()
-    };
-    pods.logs(&f.pod, &lp).await.ok().filter(|t| !t.is_empty())
+    pods.logs(&f.pod, &crate::logs::worker_log(Some(TAIL)))
+        .await
+        .ok()
+        .filter(|t| !t.is_empty())
 }
 
 /// The job's latest Warning Events.

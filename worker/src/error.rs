@@ -75,7 +75,9 @@ impl From<crate::hf::HfError> for WorkError {
             HfError::Checkpoint(c) => c.into(),
             HfError::Engine(e) => e.into(),
             // A path or a model that does not fit the job: restarting cannot help.
-            HfError::Invalid(_) | HfError::Io { .. } => Self::new(ExitCode::Config, e.to_string()),
+            HfError::Invalid(_) | HfError::Io { .. } | HfError::FlatFormat(_) => {
+                Self::new(ExitCode::Config, e.to_string())
+            }
         }
     }
 }

@@ -38,6 +38,13 @@ pub enum HfError {
     /// The engine failed.
     #[error(transparent)]
     Engine(#[from] lockstep_engine::EngineError),
+    /// A checkpoint of the first, flat format, where named tensors are needed.
+    #[error(
+        "{0} is a checkpoint of the first format (lockstep-checkpoint/1: one flat tensor, the \
+         engine's own layout). Resume the job from it with this Lockstep, which saves named \
+         tensors from its next checkpoint on, and use that checkpoint"
+    )]
+    FlatFormat(PathBuf),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> HfError + '_ {
@@ -64,7 +71,12 @@ pub fn step_files(path: &Path) -> Result<(u64, Vec<PathBuf>), HfError> {
         .and_then(|n| n.to_str())
         .unwrap_or_default();
     let Some((step, shard)) = checkpoint::parse_name(name) else {
-        return Ok((0, vec![path.to_path_buf()]));
+        // A renamed file: its step is in its metadata.
+        let step = checkpoint::read(path)?
+            .get("step")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        return Ok((step, vec![path.to_path_buf()]));
     };
     let Some((_, stages)) = shard else {
         return Ok((step, vec![path.to_path_buf()]));
@@ -155,13 +167,7 @@ pub fn read_step(path: &Path) -> Result<Merged, HfError> {
     for f in &files {
         let c: Contents = checkpoint::read(f)?;
         if c.is_flat() {
-            return Err(HfError::Invalid(format!(
-                "{} is a checkpoint of the first format ({}: one flat tensor, the engine's own \
-                 layout). Resume the job from it with this Lockstep, which saves named tensors \
-                 from its next checkpoint on, and use that checkpoint",
-                f.display(),
-                checkpoint::FLAT_FORMAT
-            )));
+            return Err(HfError::FlatFormat(f.clone()));
         }
         for (name, t) in c.tensors {
             if tensors.insert(name.clone(), t).is_some() {
@@ -280,7 +286,8 @@ pub fn export(src: &Path, out: &Path) -> Result<Exported, HfError> {
     let bytes = safetensors::serialize(views, Some(meta))
         .map_err(|e| HfError::Invalid(format!("cannot serialize: {e}")))?;
     write_atomic(&out.join("model.safetensors"), &bytes)?;
-    let json = serde_json::to_vec_pretty(&config.hf_config()).unwrap_or_default();
+    let json = serde_json::to_vec_pretty(&config.hf_config())
+        .map_err(|e| HfError::Invalid(format!("config.json: {e}")))?;
     write_atomic(&out.join("config.json"), &json)?;
     if let Some(vocab) = m.meta.get(TEXT_VOCAB) {
         write_atomic(&out.join("lockstep-vocab.json"), vocab.as_bytes())?;
@@ -292,9 +299,14 @@ pub fn export(src: &Path, out: &Path) -> Result<Exported, HfError> {
     })
 }
 
+/// Writes `bytes` to `path` whole or not at all (a temporary file, fsync, rename).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HfError> {
+    use std::io::Write;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
@@ -316,6 +328,12 @@ pub struct Target<'a> {
 /// when they are not of that model.
 pub fn initial_weights(path: &Path, target: &Target<'_>) -> Result<Vec<f32>, HfError> {
     let what = format!("spec.training.initFrom {}", path.display());
+    if !path.exists() {
+        return Err(HfError::Invalid(format!(
+            "{what} does not exist in the worker: mount the volume that holds it (in a cluster), \
+             or give a path relative to the current directory (locally)"
+        )));
+    }
     if path.is_dir() && path.join("config.json").exists() {
         let Some(gpt) = target.gpt else {
             return Err(HfError::Invalid(format!(
@@ -346,9 +364,9 @@ pub fn initial_weights(path: &Path, target: &Target<'_>) -> Result<Vec<f32>, HfE
         return assemble(&what, &found, "", target.tensors, target.len, &ignore);
     }
     let m = match read_step(path) {
-        Err(HfError::Invalid(msg)) if msg.contains(checkpoint::FLAT_FORMAT) => {
+        Err(HfError::FlatFormat(file)) => {
             // The first format: the engine's own flat layout, of this very model.
-            let c = checkpoint::read(path)?;
+            let c = checkpoint::read(&file)?;
             let model = c.get("model").unwrap_or_default();
             if model != target.model {
                 return Err(HfError::Invalid(format!(
@@ -624,12 +642,14 @@ mod tests {
     #[test]
     fn init_from_refuses_another_model_naming_the_field() {
         let dir = temp("init");
-        let cfg = GptConfig::new(2, 2, 8, 16, 20).unwrap();
+        // A vocabulary of 1030 is padded to 1088 rows: the padding is not exported, and comes
+        // back zero.
+        let cfg = GptConfig::new(2, 2, 8, 16, 1030).unwrap();
         let st = state("gpt", cfg.tensors(), cfg.init(1), &cfg);
         checkpoint::save(&dir, &st, 1).unwrap();
         let out = dir.join("hf");
         export(&dir, &out).unwrap();
-        let wider = GptConfig::new(2, 2, 16, 16, 20).unwrap();
+        let wider = GptConfig::new(2, 2, 16, 16, 1030).unwrap();
         let target = |c: &GptConfig, t: &[Named]| -> Result<Vec<f32>, HfError> {
             initial_weights(
                 &out,
@@ -648,6 +668,25 @@ mod tests {
         );
         let w = target(&cfg, &cfg.tensors()).unwrap();
         assert_eq!(w, cfg.init(1));
+        let rows = SafeTensors::deserialize(&std::fs::read(out.join("model.safetensors")).unwrap())
+            .unwrap()
+            .tensor(WTE)
+            .unwrap()
+            .shape()[0];
+        assert_eq!(rows, 1030, "the padding rows are not exported");
+        let missing = dir.join("nope");
+        let err = initial_weights(
+            &missing,
+            &Target {
+                tensors: &cfg.tensors(),
+                len: cfg.num_params(),
+                model: "gpt",
+                gpt: Some(&cfg),
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("does not exist in the worker"), "{err}");
         // A tensor the model lacks, and one it needs that is missing.
         let mut fewer = cfg.tensors();
         fewer.pop();

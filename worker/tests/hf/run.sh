@@ -9,6 +9,11 @@ cache=${LOCKSTEP_CACHE:-$HOME/.cache/lockstep}
 venv=$cache/hf-venv
 req=worker/tests/hf/requirements.txt
 stamp=$(sha256sum "$req" | cut -c1-16)
+# The pinned PyTorch 2.5.1 has wheels for CPython 3.9 to 3.12 on x86_64 Linux.
+python3 -c 'import platform, sys; sys.exit(0 if (3, 9) <= sys.version_info[:2] <= (3, 12) and platform.machine() == "x86_64" else 1)' || {
+  echo "worker/tests/hf: needs CPython 3.9 to 3.12 on x86_64 for the pinned PyTorch (found $(python3 --version 2>&1), $(uname -m))" >&2
+  exit 1
+}
 if [ "$(cat "$venv/.stamp" 2>/dev/null)" != "$stamp" ]; then
   echo "== making $venv (PyTorch and transformers from PyPI)"
   rm -rf "$venv"
