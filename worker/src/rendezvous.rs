@@ -954,13 +954,15 @@ impl Session {
     }
 
     /// Reports a failure (of this rank, or of a peer it lost) so that rank 0 aborts the gang;
-    /// returns the gang's first failure, which may be another.
-    pub async fn report(&self, failed_rank: u32, reason: String) -> Failure {
+    /// returns the gang's first failure, which may be another. `exit_code` is the code this rank
+    /// exits with when the failure is its own (0 for a lost peer): the abort that comes back
+    /// carries it, so this rank exits with it whichever path ends the process.
+    pub async fn report(&self, failed_rank: u32, reason: String, exit_code: i32) -> Failure {
         let f = Failure {
             rank: failed_rank,
             reason,
             reported_by: self.me.rank,
-            ..Failure::default()
+            exit_code,
         };
         match &self.role {
             Role::Server { state, .. } => state.fail(f),

@@ -383,7 +383,11 @@ async fn run_rank(
         }
         Err(e) => {
             let blamed = e.blame.unwrap_or(rank);
-            let first = session.report(blamed, e.message.clone()).await;
+            // With this rank's own exit code when it is the failed rank: the abort that comes
+            // back to this rank (see above) then exits with the same code as this path, whichever
+            // of the two ends the process first.
+            let code = if blamed == rank { e.code.code() } else { 0 };
+            let first = session.report(blamed, e.message.clone(), code).await;
             let (code, message) = failure_exit(rank, &e, &first);
             let code = fail(code, &message);
             if rank == 0 {

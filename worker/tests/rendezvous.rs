@@ -249,10 +249,10 @@ async fn the_first_reported_failure_wins_over_the_cascade() {
     let all = gang(3).await;
     // Rank 1 lost rank 2 in a collective and reports it; then rank 2 reports itself.
     let first = all[1]
-        .report(2, "lost rank 2 during all_reduce".into())
+        .report(2, "lost rank 2 during all_reduce".into(), 0)
         .await;
     assert_eq!((first.rank, first.reported_by), (2, 1));
-    let later = all[2].report(2, "secondary".into()).await;
+    let later = all[2].report(2, "secondary".into(), 0).await;
     assert_eq!(
         later.reason, "lost rank 2 during all_reduce",
         "the first failure is kept"
