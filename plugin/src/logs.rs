@@ -60,21 +60,15 @@ pub async fn logs(ctx: &Ctx, name: &str, o: &Options) -> anyhow::Result<i32> {
                 anyhow::bail!("{name} has no failure recorded");
             };
             // The failed pod itself while it exists with that attempt, else the kept lines.
+            let rank = Ranks::One(u32::try_from(f.rank).unwrap_or(0));
             let pods = pods_of(ctx, name, Some(f.attempt)).await?;
             if pods
                 .iter()
                 .any(|p| p.metadata.name.as_deref() == Some(&f.pod))
             {
-                let r = u32::try_from(f.rank).unwrap_or(0);
-                return show(ctx, name, Ranks::One(r), f.attempt, o.tail).await;
+                return show(ctx, name, rank, f.attempt, o.tail).await;
             }
-            kept(
-                ctx,
-                name,
-                f.attempt,
-                Ranks::One(u32::try_from(f.rank).unwrap_or(0)),
-                &s,
-            )?;
+            kept(ctx, name, f.attempt, rank, &s)?;
             return Ok(0);
         }
         Which::Previous if current == 0 => {

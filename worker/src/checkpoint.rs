@@ -639,6 +639,14 @@ impl Contents {
     }
 }
 
+/// Little-endian F32 bytes (a safetensors tensor's data) as values.
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
 /// Reads `path` and checks its format and checksum, whatever model it holds.
 pub fn read(path: &Path) -> Result<Contents, CheckpointError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
@@ -695,12 +703,7 @@ fn contents(
             )));
         }
         sum.extend(fnv1a64(t.data()).to_le_bytes());
-        let v: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        tensors.insert(name.to_string(), (t.shape().to_vec(), v));
+        tensors.insert(name.to_string(), (t.shape().to_vec(), f32s(t.data())));
     }
     let want = meta
         .get("fnv1a64")

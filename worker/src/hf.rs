@@ -146,9 +146,7 @@ impl Merged {
             .map_err(|e| HfError::Invalid(format!("{files}: its {HF_CONFIG} is not JSON: {e}")))?;
         GptConfig::from_hf_config(&v).map_err(|e| HfError::Invalid(format!("{files}: {e}")))
     }
-}
 
-impl Merged {
     /// The flat buffer of `len` holding `tensors` under their names with `prefix`: `""` for the
     /// parameters, `"exp_avg."` and `"exp_avg_sq."` for the AdamW moments.
     pub fn flat(&self, prefix: &str, tensors: &[Named], len: usize) -> Result<Vec<f32>, HfError> {
@@ -341,12 +339,7 @@ pub fn initial_weights(path: &Path, target: &Target<'_>) -> Result<Vec<f32>, HfE
                  spec.training.model is not a gpt"
             )));
         };
-        let text =
-            std::fs::read(path.join("config.json")).map_err(io(&path.join("config.json")))?;
-        let v: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| HfError::Invalid(format!("{what}: config.json is not JSON: {e}")))?;
-        let theirs =
-            GptConfig::from_hf_config(&v).map_err(|e| HfError::Invalid(format!("{what}: {e}")))?;
+        let theirs = hf_config(path)?;
         same_gpt(&what, &theirs, gpt)?;
         let found = read_hf_weights(path, &what)?;
         let ignore = |k: &str| {
@@ -391,16 +384,20 @@ pub fn initial_weights(path: &Path, target: &Target<'_>) -> Result<Vec<f32>, HfE
         .map_err(|e| HfError::Invalid(format!("{what}: {e}")))
 }
 
+/// The GPT the `config.json` of the Hugging Face directory `dir` describes.
+fn hf_config(dir: &Path) -> Result<GptConfig, HfError> {
+    let file = dir.join("config.json");
+    let text = std::fs::read(&file).map_err(io(&file))?;
+    let v: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| HfError::Invalid(format!("{}: not JSON: {e}", file.display())))?;
+    GptConfig::from_hf_config(&v).map_err(|e| HfError::Invalid(format!("{}: {e}", file.display())))
+}
+
 /// A GPT from a Hugging Face directory or a Lockstep checkpoint (see [`step_files`]), whichever
 /// `path` is: its shape and its flat parameters.
 pub fn load_gpt(path: &Path) -> Result<(GptConfig, Vec<f32>), HfError> {
     let config = if path.is_dir() && path.join("config.json").exists() {
-        let file = path.join("config.json");
-        let text = std::fs::read(&file).map_err(io(&file))?;
-        let v: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| HfError::Invalid(format!("{}: not JSON: {e}", file.display())))?;
-        GptConfig::from_hf_config(&v)
-            .map_err(|e| HfError::Invalid(format!("{}: {e}", path.display())))?
+        hf_config(path)?
     } else {
         read_step(path)?.gpt()?
     };
@@ -485,11 +482,7 @@ fn read_hf_weights(dir: &Path, what: &str) -> Result<TensorMap, HfError> {
     let mut out = BTreeMap::new();
     for (name, t) in st.tensors() {
         let values: Vec<f32> = match t.dtype() {
-            Dtype::F32 => t
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
+            Dtype::F32 => checkpoint::f32s(t.data()),
             Dtype::BF16 => t
                 .data()
                 .chunks_exact(2)

@@ -12,7 +12,7 @@ use lockstep_api::ParallelJob;
 use lockstep_api::status::Phase;
 use lockstep_e2e::{TestNamespace, wait_until, with_namespace};
 
-use super::{NODE, ONE_AT_A_TIME, on_the_real_node};
+use super::{NODE, ONE_AT_A_TIME, kill_9, on_the_real_node};
 use crate::plugin::{ok, plugin};
 
 /// Lines of `out` that come from rank `r`.
@@ -87,10 +87,7 @@ async fn logs_follow_a_gang_into_its_next_attempt_and_keep_the_first_failure() -
         tokio::time::sleep(Duration::from_secs(2)).await;
         let pid =
             lockstep_e2e::worker_pid(&ns.name, "ddp-digits", 1).expect("rank 1's worker process");
-        let status = std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill -9 {pid} failed");
+        kill_9(pid)?;
         wait_until(
             Duration::from_secs(300),
             "Succeeded after a restart",
