@@ -18,12 +18,17 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Runs `kubectl lockstep ARGS` in the test's namespace: (exit code or error, output).
 pub(crate) async fn plugin(ns: &TestNamespace, args: &[&str]) -> (anyhow::Result<i32>, String) {
+    plugin_to(ns, args, Out::buffer()).await
+}
+
+/// `kubectl lockstep ARGS` writing into `out`, which the test may read while it runs.
+async fn plugin_to(ns: &TestNamespace, args: &[&str], out: Out) -> (anyhow::Result<i32>, String) {
     let cli = Cli::try_parse_from(std::iter::once("kubectl-lockstep").chain(args.iter().copied()))
         .expect("valid arguments");
     let ctx = Ctx {
         client: ns.cluster.client.clone(),
         namespace: cli.namespace.clone().unwrap_or_else(|| ns.name.clone()),
-        out: Out::buffer(),
+        out,
     };
     let code = execute(cli.command, &ctx).await;
     (code, ctx.out.text())
@@ -97,9 +102,18 @@ async fn submit_refuses_a_broken_manifest_and_follows_a_good_one_to_its_end() ->
             cluster: ns.cluster.clone(),
             name: ns.name.clone(),
         };
+        let out = Out::buffer();
+        let seen = out.clone();
         let follow =
-            tokio::spawn(async move { plugin(&ns2, &["submit", "-f", &path, "--wait"]).await });
-        wait_phase(&ns, "good", Phase::Running).await?;
+            tokio::spawn(
+                async move { plugin_to(&ns2, &["submit", "-f", &path, "--wait"], out).await },
+            );
+        // The ranks finish once the plugin has shown the gang running: it polls the job twice a
+        // second, and kwok's ranks would otherwise finish between two polls.
+        wait_until(TIMEOUT, "the plugin shows Running", || async {
+            Ok(seen.text().contains("Running (attempt 0)"))
+        })
+        .await?;
         let pods = ns.api::<Pod>();
         for p in ns.gang("good").await? {
             terminate_worker(&pods, &p.metadata.name.unwrap_or_default(), 0).await?;
