@@ -113,6 +113,8 @@ pub enum UnaryOp {
     Sigmoid,
     /// Hyperbolic tangent.
     Tanh,
+    /// Cosine (the time encoding of temporal graph networks).
+    Cos,
 }
 
 /// An element-wise function of two values ([`Kernel::Binary`]).
@@ -407,12 +409,14 @@ impl<F, I> Kernel<'_, F, I> {
                 UnaryOp::Relu => "relu",
                 UnaryOp::Sigmoid => "sigmoid",
                 UnaryOp::Tanh => "tanh",
+                UnaryOp::Cos => "cos",
             },
             Kernel::UnaryBwd { op, .. } => match op {
                 UnaryOp::Gelu => "gelu bwd",
                 UnaryOp::Relu => "relu bwd",
                 UnaryOp::Sigmoid => "sigmoid bwd",
                 UnaryOp::Tanh => "tanh bwd",
+                UnaryOp::Cos => "cos bwd",
             },
             Kernel::Binary { op, .. } => match op {
                 BinaryOp::Add => "add",

@@ -194,12 +194,14 @@ impl<B: Backend> Suite<'_, B> {
             UnaryOp::Relu,
             UnaryOp::Sigmoid,
             UnaryOp::Tanh,
+            UnaryOp::Cos,
         ] {
             let (f, df): (Real, Real) = match op {
                 UnaryOp::Gelu => (gelu, gelu_grad),
                 UnaryOp::Relu => (|x| x.max(0.0), |x| if x > 0.0 { 1.0 } else { 0.0 }),
                 UnaryOp::Sigmoid => (sigmoid, |x| sigmoid(x) * (1.0 - sigmoid(x))),
                 UnaryOp::Tanh => (f64::tanh, |x| 1.0 - x.tanh() * x.tanh()),
+                UnaryOp::Cos => (f64::cos, |x| -x.sin()),
             };
             let mut out = self.be.zeros(n)?;
             self.be.launch(Kernel::Unary {

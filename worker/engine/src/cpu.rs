@@ -348,6 +348,7 @@ fn unary(op: UnaryOp, out: &mut [f32], inp: &[f32]) {
         UnaryOp::Relu => map(out, inp, |x| x.max(0.0)),
         UnaryOp::Sigmoid => map(out, inp, sigmoid),
         UnaryOp::Tanh => map(out, inp, f32::tanh),
+        UnaryOp::Cos => map(out, inp, f32::cos),
     }
 }
 
@@ -364,6 +365,7 @@ fn unary_bwd(op: UnaryOp, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
             let t = x.tanh();
             (1.0 - t * t) * d
         }),
+        UnaryOp::Cos => zip_map(dinp, inp, dout, |x, d| -x.sin() * d),
     }
 }
 

@@ -587,6 +587,7 @@ fn unary_code(op: UnaryOp) -> i32 {
         UnaryOp::Relu => 1,
         UnaryOp::Sigmoid => 2,
         UnaryOp::Tanh => 3,
+        UnaryOp::Cos => 4,
     }
 }
 

@@ -124,6 +124,7 @@ extern "C" __global__ void sum_rows(float* db, const float* dout, int N, int OC,
 #define OP_RELU 1
 #define OP_SIGMOID 2
 #define OP_TANH 3
+#define OP_COS 4
 #define OP_ADD 0
 #define OP_SUB 1
 #define OP_MUL 2
@@ -138,6 +139,7 @@ extern "C" __global__ void unary(float* out, const float* inp, long n, int op) {
     case OP_GELU: y = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x))); break;
     case OP_RELU: y = fmaxf(x, 0.0f); break;
     case OP_SIGMOID: y = 1.0f / (1.0f + expf(-x)); break;
+    case OP_COS: y = cosf(x); break;
     default: y = tanhf(x); break;
     }
     out[i] = y;
@@ -165,6 +167,7 @@ extern "C" __global__ void unary_bwd(float* dinp, const float* inp, const float*
         r = s * (1.0f - s) * d;
         break;
     }
+    case OP_COS: r = -sinf(x) * d; break;
     default: {
         float t = tanhf(x);
         r = (1.0f - t * t) * d;

@@ -8,51 +8,14 @@ use lockstep_engine::nn;
 use lockstep_engine::{Backend, BinaryOp, Gemm, Kernel, Mask, Net, Op, UnaryOp};
 use rand::{Rng, SeedableRng};
 
-fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..n).map(|_| r.random_range(-scale..scale)).collect()
-}
+mod common;
+use common::{check_grad, rnd};
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter()
         .zip(b)
         .map(|(x, y)| f64::from(*x) * f64::from(*y))
         .sum()
-}
-
-/// Compares `analytic` with central differences of `f` at `x` on up to `samples` coordinates;
-/// the tolerance is absolute plus relative to the largest gradient.
-fn check_grad(
-    name: &str,
-    x: &[f32],
-    analytic: &[f32],
-    samples: usize,
-    eps: f32,
-    tol: f64,
-    f: &mut dyn FnMut(&[f32]) -> f64,
-) {
-    assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
-    let scale = analytic
-        .iter()
-        .fold(0.0f64, |m, g| m.max(f64::from(g.abs())));
-    let step = (x.len() / samples).max(1);
-    let mut worst = 0.0f64;
-    for i in (0..x.len()).step_by(step) {
-        let mut xp = x.to_vec();
-        xp[i] += eps;
-        let fp = f(&xp);
-        xp[i] -= 2.0 * eps;
-        let fm = f(&xp);
-        let fd = (fp - fm) / (2.0 * f64::from(eps));
-        let err = (fd - f64::from(analytic[i])).abs();
-        worst = worst.max(err / (scale + 1e-12));
-        assert!(
-            err <= tol * (scale + 1e-3),
-            "{name}[{i}]: analytic {} vs finite difference {fd} (largest gradient {scale})",
-            analytic[i]
-        );
-    }
-    eprintln!("{name}: worst error {worst:.2e} of the largest gradient");
 }
 
 #[test]
@@ -649,12 +612,12 @@ fn gather_and_scatter_add_refuse_ids_outside_the_table() {
 }
 
 #[test]
-fn sigmoid_tanh_and_mul_backward_match_finite_differences() {
+fn sigmoid_tanh_cos_and_mul_backward_match_finite_differences() {
     let be = Cpu;
     let n = 40;
     let x = rnd(n, 23, 4.0);
     let r = rnd(n, 24, 1.0);
-    for op in [UnaryOp::Sigmoid, UnaryOp::Tanh, UnaryOp::Relu] {
+    for op in [UnaryOp::Sigmoid, UnaryOp::Tanh, UnaryOp::Relu, UnaryOp::Cos] {
         let f = |x: &[f32]| {
             let mut o = vec![0.0; n];
             nn::activation_fwd(&be, op, &mut o, &x.to_vec(), n).unwrap();

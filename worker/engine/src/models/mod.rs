@@ -4,6 +4,7 @@
 pub mod gpt;
 pub mod mlp;
 pub mod names;
+pub mod tgn;
 
 use crate::backend::Backend;
 use crate::{EngineError, Result};

@@ -26,7 +26,7 @@ pub struct Named {
 }
 
 impl Named {
-    fn new(name: impl Into<String>, offset: usize, shape: &[usize]) -> Self {
+    pub(crate) fn new(name: impl Into<String>, offset: usize, shape: &[usize]) -> Self {
         Self {
             name: name.into(),
             offset,
