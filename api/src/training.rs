@@ -184,6 +184,20 @@ pub struct Tgn {
     #[serde(default = "default_tgn_heads")]
     #[schemars(range(min = 1, max = 64))]
     pub heads: i32,
+    /// The memory model: Tgn (GRU memory, graph attention) or Jodie (RNN memory, time
+    /// projection; embeddingDim, neighbors and heads do not apply).
+    #[serde(default)]
+    pub memory_model: MemoryModel,
+}
+
+/// The memory model of a temporal graph network.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemoryModel {
+    /// TGN: a GRU memory updater and one graph-attention layer over temporal neighbours.
+    #[default]
+    Tgn,
+    /// JODIE as a TGN variant: a tanh RNN memory updater and the time-projection embedding.
+    Jodie,
 }
 
 fn default_tgn_memory() -> i32 {

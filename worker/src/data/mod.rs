@@ -4,6 +4,8 @@
 //!   (rows 4, 9, 14, ...) is held out, so both parts mix every writer.
 //! - [`Text`]: a UTF-8 text modelled character by character; the vocabulary is the sorted set of
 //!   its characters; the last 10% is held out.
+//! - [`TemporalGraph`]: timestamped events for link prediction (SNAP edges, SNAP ratings, JODIE
+//!   CSV), split chronologically 70/15/15, with the most-recent-k neighbour lists.
 //! - [`Sampler`]: which samples each data-parallel replica takes at each step, reproducible from
 //!   `(seed, step)` alone.
 
@@ -15,10 +17,12 @@ use crate::error::WorkError;
 
 mod digits;
 mod sampler;
+pub mod temporal;
 mod text;
 
 pub use digits::Digits;
 pub use sampler::Sampler;
+pub use temporal::TemporalGraph;
 pub use text::Text;
 
 fn bad(m: String) -> WorkError {

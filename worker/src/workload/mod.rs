@@ -10,11 +10,14 @@
 //! - [`ddp`]: data parallelism with PyTorch DDP's semantics, over [`task`]'s model and data.
 //! - [`pipeline`]: pipeline parallelism over the GPT (GPipe, 1F1B, interleaved, ZB-H1), composed
 //!   with data parallelism.
+//! - [`pres`]: memory-based dynamic-GNN training (TGN, JODIE) with PRES on a temporal graph,
+//!   single rank or data parallel.
 //! - [`sync`]: the gradient buckets and their transports, shared by every workload that averages
 //!   gradients over a data-parallel group.
 
 pub mod ddp;
 pub mod pipeline;
+pub mod pres;
 pub mod sync;
 pub mod task;
 
@@ -101,6 +104,8 @@ pub enum Metric {
     Accuracy,
     /// Mean loss on held-out data (lower is better).
     Loss,
+    /// Average precision of link prediction on the validation events (higher is better).
+    AveragePrecision,
 }
 
 impl Metric {
@@ -109,6 +114,7 @@ impl Metric {
         match self {
             Metric::Accuracy => "eval_accuracy",
             Metric::Loss => "val_loss",
+            Metric::AveragePrecision => "val_ap",
         }
     }
 }
@@ -210,7 +216,8 @@ fn on<B: Backend + 'static, C: HostComm + 'static>(
             cfg,
             topo,
         )?)),
-        Kind::Pres | Kind::Command => Err(not_built(t)),
+        Kind::Pres => Ok(Box::new(pres::Pres::new(be, sync, always_sync, cfg, topo)?)),
+        Kind::Command => Err(not_built(t)),
     }
 }
 
