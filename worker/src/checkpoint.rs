@@ -173,6 +173,10 @@ pub struct State {
     pub m: Vec<f32>,
     /// AdamW second moments.
     pub v: Vec<f32>,
+    /// Opaque state besides the tensors (a temporal graph's stream: node memory, pending
+    /// messages, neighbours), each stored as a U8 tensor under its name and covered by the
+    /// checksum.
+    pub blobs: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
@@ -544,10 +548,28 @@ fn write_stamped(
         data.push((exp_avg(&t.name), t, names::extract(&state.m, t)));
         data.push((exp_avg_sq(&t.name), t, names::extract(&state.v, t)));
     }
-    data.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut sum = Vec::with_capacity(8 * data.len());
-    for (_, _, v) in &data {
-        sum.extend(fnv1a64(bytemuck::cast_slice(v)).to_le_bytes());
+    // Every tensor, the blobs among them, in name order: the order of the checksum.
+    let mut all: Vec<(&str, Dtype, Vec<usize>, &[u8])> = data
+        .iter()
+        .map(|(name, t, v)| {
+            (
+                name.as_str(),
+                Dtype::F32,
+                t.shape.clone(),
+                bytemuck::cast_slice::<f32, u8>(v),
+            )
+        })
+        .collect();
+    for (name, b) in &state.blobs {
+        if data.iter().any(|d| d.0 == *name) {
+            return Err(refuse(format!("the blob {name} has a tensor's name")));
+        }
+        all.push((name.as_str(), Dtype::U8, vec![b.len()], b.as_slice()));
+    }
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    let mut sum = Vec::with_capacity(8 * all.len());
+    for (_, _, _, bytes) in &all {
+        sum.extend(fnv1a64(bytes).to_le_bytes());
     }
     let mut meta: HashMap<String, String> = [
         ("format", FORMAT.to_string()),
@@ -565,11 +587,11 @@ fn write_stamped(
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     meta.extend(state.meta.clone());
-    let views = data
+    let views = all
         .iter()
-        .map(|(name, t, v)| {
-            TensorView::new(Dtype::F32, t.shape.clone(), bytemuck::cast_slice(v))
-                .map(|view| (name.as_str(), view))
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|view| (*name, view))
                 .map_err(|e| refuse(format!("cannot describe {name}: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -625,6 +647,8 @@ pub struct Contents {
     pub meta: HashMap<String, String>,
     /// Every tensor by name: its shape and values.
     pub tensors: TensorMap,
+    /// Every blob (U8 tensor) by name.
+    pub blobs: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 impl Contents {
@@ -688,6 +712,7 @@ fn contents(
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| refuse(format!("not a valid safetensors file ({e}): {CORRUPT}")))?;
     let mut tensors = std::collections::BTreeMap::new();
+    let mut blobs = std::collections::BTreeMap::new();
     let mut sum = Vec::with_capacity(8 * st.len());
     // Names in sorted order: the order the checksum was computed in.
     let mut order = st.names();
@@ -696,14 +721,20 @@ fn contents(
         let t = st
             .tensor(name)
             .map_err(|e| refuse(format!("tensor {name} is unreadable ({e}): {CORRUPT}")))?;
-        if t.dtype() != Dtype::F32 {
-            return Err(refuse(format!(
-                "tensor {name} is {:?}, expected F32",
-                t.dtype()
-            )));
-        }
         sum.extend(fnv1a64(t.data()).to_le_bytes());
-        tensors.insert(name.to_string(), (t.shape().to_vec(), f32s(t.data())));
+        match t.dtype() {
+            Dtype::F32 => {
+                tensors.insert(name.to_string(), (t.shape().to_vec(), f32s(t.data())));
+            }
+            Dtype::U8 => {
+                blobs.insert(name.to_string(), t.data().to_vec());
+            }
+            other => {
+                return Err(refuse(format!(
+                    "tensor {name} is {other:?}, expected F32 (or U8 for a blob)"
+                )));
+            }
+        }
     }
     let want = meta
         .get("fnv1a64")
@@ -714,7 +745,11 @@ fn contents(
             "its checksum is {got}, but it was written as {want} ({CORRUPT})"
         )));
     }
-    Ok(Contents { meta, tensors })
+    Ok(Contents {
+        meta,
+        tensors,
+        blobs,
+    })
 }
 
 /// Reads and checks `path`; with `want`, also that it holds that model with those tensors in
@@ -837,6 +872,7 @@ fn read_checked(
         params,
         m,
         v,
+        blobs: std::mem::take(&mut c.blobs),
     })
 }
 
@@ -873,6 +909,7 @@ mod tests {
             params: (0..100).map(|i| i as f32 * 0.5).collect(),
             m: vec![0.25; 100],
             v: vec![0.125; 100],
+            blobs: Default::default(),
         }
     }
 

@@ -556,6 +556,7 @@ mod tests {
             meta: [(HF_CONFIG.to_string(), config.hf_config().to_string())].into(),
             m: params.iter().map(|x| x / 2.0).collect(),
             v: params.iter().map(|x| x / 4.0).collect(),
+            blobs: Default::default(),
             params,
         }
     }

@@ -392,6 +392,7 @@ fn pipelines_fine_tune_imported_weights_as_one_process_does() {
         params: weights,
         m: zeros.clone(),
         v: zeros,
+        blobs: Default::default(),
     };
     checkpoint::save(&dir.join("pretrained"), &state, 1).expect("save");
     let hf_dir = dir.join("hf");

@@ -106,16 +106,20 @@ fn batch<'a>(x: &'a Inputs, pres: Option<f32>, coherence: bool) -> TgnBatch<'a> 
 /// Forward and backward from `params`: the output and the gradient.
 fn run(c: TgnConfig, params: &[f32], x: &TgnBatch<'_>) -> (TgnOutput, Vec<f32>) {
     let be = Cpu;
-    let mut net = Tgn::new(&be, c, params).unwrap();
-    net.zero_grad(&be).unwrap();
-    let out = net.forward(&be, x).unwrap();
-    net.backward(&be).unwrap();
+    let mut net = Tgn::new(&be, c, params).expect("model");
+    net.zero_grad(&be).expect("zero");
+    let out = net.forward(&be, x).expect("forward");
+    net.backward(&be).expect("backward");
     (out, net.params.grads.clone())
 }
 
 fn loss(c: TgnConfig, params: &[f32], x: &TgnBatch<'_>) -> f64 {
     let be = Cpu;
-    Tgn::new(&be, c, params).unwrap().forward(&be, x).unwrap().loss
+    Tgn::new(&be, c, params)
+        .expect("model")
+        .forward(&be, x)
+        .expect("forward")
+        .loss
 }
 
 /// Every tensor's gradient against central differences.
@@ -173,7 +177,11 @@ fn the_gru_memory_update_is_pytorchs_gru_cell_on_the_identity_message() {
     let params = c.init(5);
     let (out, _) = run(c, &params, &batch(&x, None, false));
     let tensor = |name: &str| {
-        let t = c.tensors().into_iter().find(|t| t.name == name).unwrap();
+        let t = c
+            .tensors()
+            .into_iter()
+            .find(|t| t.name == name)
+            .expect("tensor");
         params[t.offset..t.offset + t.numel()]
             .iter()
             .map(|&v| f64::from(v))
@@ -183,20 +191,21 @@ fn the_gru_memory_update_is_pytorchs_gru_cell_on_the_identity_message() {
         tensor("memory.time_enc.lin.weight"),
         tensor("memory.time_enc.lin.bias"),
     );
-    let (wi, bi) = (
-        tensor("memory.gru.weight_ih"),
-        tensor("memory.gru.bias_ih"),
-    );
-    let (wh, bh) = (
-        tensor("memory.gru.weight_hh"),
-        tensor("memory.gru.bias_hh"),
-    );
+    let (wi, bi) = (tensor("memory.gru.weight_ih"), tensor("memory.gru.bias_ih"));
+    let (wh, bh) = (tensor("memory.gru.weight_hh"), tensor("memory.gru.bias_hh"));
     let (m, e, t) = (c.memory, c.edge, c.time);
     let dm = c.message();
     for u in 0..x.updated {
-        let h: Vec<f64> = x.memory[u * m..(u + 1) * m].iter().map(|&v| v.into()).collect();
+        let h: Vec<f64> = x.memory[u * m..(u + 1) * m]
+            .iter()
+            .map(|&v| v.into())
+            .collect();
         let mut msg: Vec<f64> = h.clone();
-        msg.extend(x.msg_other[u * m..(u + 1) * m].iter().map(|&v| f64::from(v)));
+        msg.extend(
+            x.msg_other[u * m..(u + 1) * m]
+                .iter()
+                .map(|&v| f64::from(v)),
+        );
         msg.extend(x.msg_edge[u * e..(u + 1) * e].iter().map(|&v| f64::from(v)));
         msg.extend((0..t).map(|k| (f64::from(x.msg_dt[u]) * wt[k] + bt[k]).cos()));
         let row = |w: &[f64], b: &[f64], r: usize, v: &[f64]| -> f64 {
@@ -258,7 +267,10 @@ fn the_coherence_term_matches_finite_differences_and_is_zero_for_equal_direction
     check_grad("coherence", &s, &grad, 15, 1e-3, 1e-3, &mut |s| {
         coherence(s, &o, &w, m).0
     });
-    assert!(grad[m..2 * m].iter().all(|g| *g == 0.0), "a zero weight has no gradient");
+    assert!(
+        grad[m..2 * m].iter().all(|g| *g == 0.0),
+        "a zero weight has no gradient"
+    );
     let scaled: Vec<f32> = o.iter().map(|v| 3.0 * v).collect();
     let (same, g) = coherence(&scaled, &o, &w, m);
     assert!(same.abs() < 1e-6, "parallel memories cohere: {same}");

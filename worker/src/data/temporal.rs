@@ -129,7 +129,10 @@ impl TemporalGraph {
                         format!("{} fields, expected 4 (src,dst,rating,t)", f.len()),
                     ));
                 }
-                let (s, d) = (node(no, line, f[0], "source")?, node(no, line, f[1], "target")?);
+                let (s, d) = (
+                    node(no, line, f[0], "source")?,
+                    node(no, line, f[1], "target")?,
+                );
                 let rating = num(no, line, f[2], "rating")?;
                 let t = num(no, line, f[3], "time")?;
                 raw.push((id(0, s), id(0, d), t, vec![(rating / 10.0) as f32]));
@@ -205,7 +208,10 @@ impl TemporalGraph {
                         format!("{} fields, expected 3 (src dst t)", f.len()),
                     ));
                 }
-                let (s, d) = (node(no, line, f[0], "source")?, node(no, line, f[1], "target")?);
+                let (s, d) = (
+                    node(no, line, f[0], "source")?,
+                    node(no, line, f[1], "target")?,
+                );
                 let t = num(no, line, f[2], "time")?;
                 raw.push((id(0, s), id(0, d), t, Vec::new()));
             }
@@ -382,7 +388,13 @@ mod tests {
     fn bitcoin_ratings_are_an_edge_feature() {
         let mut text = String::from("#source,#target,#rating,#timestamp\n");
         for i in 0..12 {
-            text.push_str(&format!("{},{},{},{}.5\n", i % 5, (i + 1) % 5, i - 6, 100 + i));
+            text.push_str(&format!(
+                "{},{},{},{}.5\n",
+                i % 5,
+                (i + 1) % 5,
+                i - 6,
+                100 + i
+            ));
         }
         let g = TemporalGraph::parse(&text, "b.csv").unwrap();
         assert_eq!(g.edge_dim, 1);
@@ -412,11 +424,19 @@ mod tests {
         assert!(e.message.contains("c.txt line 13"), "{}", e.message);
         assert!(e.message.contains("not a node id"), "{}", e.message);
         let e = TemporalGraph::parse("#h\n1,2,3\n", "b.csv").unwrap_err();
-        assert!(e.message.contains("b.csv line 2: 3 fields"), "{}", e.message);
+        assert!(
+            e.message.contains("b.csv line 2: 3 fields"),
+            "{}",
+            e.message
+        );
         let e = TemporalGraph::parse("1 2 3\n", "t.txt").unwrap_err();
         assert!(e.message.contains("at least 10"), "{}", e.message);
         let e = TemporalGraph::parse(&format!("{}1 2 nan\n", snap(12)), "t.txt").unwrap_err();
-        assert!(e.message.contains("line 13") && e.message.contains("time"), "{}", e.message);
+        assert!(
+            e.message.contains("line 13") && e.message.contains("time"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

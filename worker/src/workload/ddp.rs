@@ -273,6 +273,7 @@ impl<B: Backend, C: HostComm> Workload<C> for Ddp<B, C> {
             params: self.be.download(p, 0, n)?,
             m: self.be.download(&self.adam.m, 0, n)?,
             v: self.be.download(&self.adam.v, 0, n)?,
+            blobs: Default::default(),
         };
         let name = checkpoint::file_name(step);
         Ok(self.writer.start(dir, state, name, Some((keep, None)))?)

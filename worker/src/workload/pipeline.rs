@@ -636,6 +636,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
             params,
             m,
             v,
+            blobs: Default::default(),
         })
     }
 }

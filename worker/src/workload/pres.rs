@@ -34,10 +34,10 @@ use lockstep_api::config::WorkerConfig;
 use lockstep_api::contract::ExitCode;
 use lockstep_api::training::{MemoryModel, Model};
 use lockstep_engine::Backend;
+use lockstep_engine::Net;
 use lockstep_engine::models::tgn::{
     Correction, Embedding, Tgn, TgnBatch, TgnConfig, TgnOutput, Updater,
 };
-use lockstep_engine::Net;
 use lockstep_engine::optim::Adam;
 use rand::{Rng, SeedableRng};
 
@@ -46,7 +46,7 @@ use super::{Evaluation, HostComm, Metric, StepReport, StepSettings, Workload};
 use crate::checkpoint;
 use crate::comm::ReduceOp;
 use crate::data::mix;
-use crate::data::temporal::{Neighbors, TemporalGraph};
+use crate::data::temporal::{Neighbor, Neighbors, TemporalGraph};
 use crate::error::WorkError;
 use crate::topology::Topology;
 
@@ -88,6 +88,68 @@ impl Stream {
         }
     }
 
+    /// The state as bytes (little-endian): a header naming the format and the sizes, then
+    /// every array.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let (count, ring) = self.neighbors.to_parts();
+        let nodes = self.pending.len();
+        let k = ring.len().checked_div(nodes).unwrap_or(0);
+        let mut out = Vec::new();
+        out.extend_from_slice(STREAM_FORMAT);
+        for n in [nodes, self.memory.len() / nodes.max(1), k] {
+            out.extend((n as u64).to_le_bytes());
+        }
+        out.extend(self.memory.iter().flat_map(|x| x.to_le_bytes()));
+        out.extend(self.last_update.iter().flat_map(|x| x.to_le_bytes()));
+        out.extend(self.pending.iter().flat_map(|x| x.to_le_bytes()));
+        out.extend(self.count.iter().flat_map(|x| x.to_le_bytes()));
+        out.extend(self.mean.iter().flat_map(|x| x.to_le_bytes()));
+        out.extend(self.m2.iter().flat_map(|x| x.to_le_bytes()));
+        out.extend(count.iter().flat_map(|x| x.to_le_bytes()));
+        for n in &ring {
+            out.extend(n.node.to_le_bytes());
+            out.extend(n.t.to_le_bytes());
+            out.extend(n.event.to_le_bytes());
+        }
+        out
+    }
+
+    /// A state of `nodes` nodes, `m` memory channels and `k` neighbours from
+    /// [`Stream::to_bytes`]; `None` when the bytes are not one.
+    pub fn from_bytes(bytes: &[u8], nodes: usize, m: usize, k: usize) -> Option<Self> {
+        let mut r = Reader(bytes.strip_prefix(STREAM_FORMAT)?);
+        let sizes = [r.u64()?, r.u64()?, r.u64()?];
+        if sizes != [nodes as u64, m as u64, k as u64] {
+            return None;
+        }
+        let memory = r.many(nodes * m, |r| r.f32())?;
+        let last_update = r.many(nodes, |r| r.f64())?;
+        let pending = r.many(nodes, |r| r.u32())?;
+        let count = r.many(nodes, |r| r.u32())?;
+        let mean = r.many(nodes * m, |r| r.f32())?;
+        let m2 = r.many(nodes * m, |r| r.f32())?;
+        let ncount = r.many(nodes, |r| r.u64())?;
+        let ring = r.many(nodes * k, |r| {
+            Some(Neighbor {
+                node: r.u32()?,
+                t: r.f64()?,
+                event: r.u32()?,
+            })
+        })?;
+        if !r.0.is_empty() {
+            return None;
+        }
+        Some(Self {
+            memory,
+            last_update,
+            pending,
+            neighbors: Neighbors::from_parts(k, ncount, ring)?,
+            count,
+            mean,
+            m2,
+        })
+    }
+
     fn reset(&mut self) {
         self.memory.iter_mut().for_each(|x| *x = 0.0);
         self.last_update.iter_mut().for_each(|x| *x = 0.0);
@@ -96,6 +158,41 @@ impl Stream {
         self.count.iter_mut().for_each(|x| *x = 0);
         self.mean.iter_mut().for_each(|x| *x = 0.0);
         self.m2.iter_mut().for_each(|x| *x = 0.0);
+    }
+}
+
+/// The first bytes of [`Stream::to_bytes`].
+const STREAM_FORMAT: &[u8] = b"lockstep-stream/1\n";
+
+/// The checkpoint blob holding the stream.
+pub const STREAM_BLOB: &str = "stream";
+
+/// Little-endian values off the front of a byte slice.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_le_bytes)
+    }
+    fn f32(&mut self) -> Option<f32> {
+        self.take().map(f32::from_le_bytes)
+    }
+    fn f64(&mut self) -> Option<f64> {
+        self.take().map(f64::from_le_bytes)
+    }
+    fn many<T>(&mut self, n: usize, f: impl Fn(&mut Self) -> Option<T>) -> Option<Vec<T>> {
+        if self.0.len() < n {
+            return None;
+        }
+        (0..n).map(|_| f(self)).collect()
     }
 }
 
@@ -346,7 +443,9 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
         let mut tnodes: Vec<u32> = events.iter().map(|&i| g.src[i]).collect();
         tnodes.extend(events.iter().map(|&i| g.dst[i]));
         tnodes.extend(events.iter().map(|&i| negs[i - lo]));
-        let tq: Vec<f64> = (0..3).flat_map(|_| events.iter().map(|&i| g.t[i])).collect();
+        let tq: Vec<f64> = (0..3)
+            .flat_map(|_| events.iter().map(|&i| g.t[i]))
+            .collect();
         // The node table: targets, then their neighbours; pending first.
         let mut order: Vec<u32> = Vec::new();
         let mut nbr_nodes: Vec<Vec<crate::data::temporal::Neighbor>> = Vec::new();
@@ -366,9 +465,8 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
                 nbr_nodes.push(list);
             }
         }
-        let (mut table, rest): (Vec<u32>, Vec<u32>) = order
-            .iter()
-            .partition(|&&v| st.pending[v as usize] != NONE);
+        let (mut table, rest): (Vec<u32>, Vec<u32>) =
+            order.iter().partition(|&&v| st.pending[v as usize] != NONE);
         let updated = table.len();
         table.extend(rest);
         for (r, &v) in table.iter().enumerate() {
@@ -389,7 +487,8 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
             if r < updated {
                 let ev = st.pending[v as usize] as usize;
                 let other = if g.src[ev] == v { g.dst[ev] } else { g.src[ev] };
-                msg_other.extend_from_slice(&st.memory[other as usize * m..(other as usize + 1) * m]);
+                msg_other
+                    .extend_from_slice(&st.memory[other as usize * m..(other as usize + 1) * m]);
                 msg_edge.extend_from_slice(&g.feat[ev * e..(ev + 1) * e]);
                 msg_dt.push((g.t[ev] - st.last_update[v as usize]) as f32);
                 new_last.push(g.t[ev]);
@@ -417,11 +516,16 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
         } else {
             Vec::new()
         };
-        let target: Vec<i32> = tnodes.iter().map(|&v| self.row[v as usize] as i32).collect();
+        let target: Vec<i32> = tnodes
+            .iter()
+            .map(|&v| self.row[v as usize] as i32)
+            .collect();
         let target_dt: Vec<f32> = tnodes
             .iter()
             .zip(&tq)
-            .map(|(&v, &t)| ((t - new_last[self.row[v as usize] as usize]) / self.time_scale) as f32)
+            .map(|(&v, &t)| {
+                ((t - new_last[self.row[v as usize] as usize]) / self.time_scale) as f32
+            })
             .collect();
         let nt = tnodes.len();
         let mut nbr = vec![0i32; nt * k];
@@ -472,8 +576,7 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
             let r = self.row[v as usize] as usize;
             debug_assert!(r < updated);
             rows[j * 2 * m..j * 2 * m + m].copy_from_slice(&out.memory[r * m..(r + 1) * m]);
-            rows[j * 2 * m + m..(j + 1) * 2 * m]
-                .copy_from_slice(&out.computed[r * m..(r + 1) * m]);
+            rows[j * 2 * m + m..(j + 1) * 2 * m].copy_from_slice(&out.computed[r * m..(r + 1) * m]);
         }
         if ranks > 1
             && let Some(comm) = comm
@@ -491,12 +594,18 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
             let computed = &rows[j * 2 * m + m..(j + 1) * 2 * m];
             st.count[vi] += 1;
             let cnt = st.count[vi] as f32;
-            for ch in 0..m {
-                let x = computed[ch] - st.memory[vi * m + ch];
-                let mean = &mut st.mean[vi * m + ch];
+            // Welford: the transition's running mean and sum of squared deviations.
+            let span = vi * m..(vi + 1) * m;
+            for (((&c, &old), mean), m2) in computed
+                .iter()
+                .zip(&st.memory[span.clone()])
+                .zip(&mut st.mean[span.clone()])
+                .zip(&mut st.m2[span])
+            {
+                let x = c - old;
                 let d = x - *mean;
                 *mean += d / cnt;
-                st.m2[vi * m + ch] += d * (x - *mean);
+                *m2 += d * (x - *mean);
             }
             st.memory[vi * m..(vi + 1) * m].copy_from_slice(new);
             st.last_update[vi] = g.t[ev];
@@ -654,14 +763,31 @@ impl<B: Backend, C: HostComm> Workload<C> for Pres<B, C> {
     fn load(&mut self, topo: &mut Topology<C>, dir: &Path, step: u64) -> Result<(), WorkError> {
         let path = dir.join(checkpoint::file_name(step));
         let tensors = self.config.tensors();
-        let state = checkpoint::load(&path, &self.model, &tensors, self.num_params()).map_err(
-            |e| {
+        let state =
+            checkpoint::load(&path, &self.model, &tensors, self.num_params()).map_err(|e| {
+                WorkError::new(ExitCode::Checkpoint, format!("rank {}: {e}", topo.rank))
+            })?;
+        // The stream as it was after `step` steps: mid-epoch, the memory, pending messages,
+        // neighbours and PRES statistics the next batch reads.
+        let c = self.config;
+        let stream = state
+            .blobs
+            .get(STREAM_BLOB)
+            .and_then(|b| Stream::from_bytes(b, self.graph.num_nodes, c.memory, c.slots()))
+            .ok_or_else(|| {
                 WorkError::new(
                     ExitCode::Checkpoint,
-                    format!("rank {}: {e}", topo.rank),
+                    format!(
+                        "rank {}: {} lacks a readable stream state for {} nodes (memory, \
+                         pending messages, neighbours): it was not written by this job's \
+                         temporal-graph training",
+                        topo.rank,
+                        path.display(),
+                        self.graph.num_nodes
+                    ),
                 )
-            },
-        )?;
+            })?;
+        self.stream = stream;
         let (p, _) = self.net.buffers();
         self.be.upload(p, &state.params)?;
         self.be.upload(&mut self.adam.m, &state.m)?;
@@ -704,7 +830,8 @@ impl<B: Backend, C: HostComm> Workload<C> for Pres<B, C> {
             let mut buckets = self.settings.buckets(n, false);
             let (_, g) = self.net.buffers();
             for range in buckets.flush() {
-                self.sync.start(&self.be, &mut topo.data_parallel, g, range)?;
+                self.sync
+                    .start(&self.be, &mut topo.data_parallel, g, range)?;
             }
             stats = self.sync.finish(&self.be, &mut topo.data_parallel, g)?;
         }
@@ -777,6 +904,7 @@ impl<B: Backend, C: HostComm> Workload<C> for Pres<B, C> {
             params,
             m: self.be.download(&self.adam.m, 0, n)?,
             v: self.be.download(&self.adam.v, 0, n)?,
+            blobs: [(STREAM_BLOB.to_string(), self.stream.to_bytes())].into(),
         };
         let name = checkpoint::file_name(step);
         Ok(self.writer.start(dir, state, name, Some((keep, None)))?)

@@ -1,6 +1,9 @@
 //! What the training tests share: a scratch folder, a small text to train on, and a gang of
 //! ranks as threads over the real TCP communicator.
 
+// Not every suite uses every helper.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 

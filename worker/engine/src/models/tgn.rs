@@ -251,11 +251,7 @@ impl TgnConfig {
             push(format!("gnn.conv.{name}"), lin, "weight", "bias");
         }
         push("embedding.time_proj".into(), l.proj, "weight", "bias");
-        for (name, lin) in [
-            ("lin_src", l.src),
-            ("lin_dst", l.dst),
-            ("lin_final", l.fin),
-        ] {
+        for (name, lin) in [("lin_src", l.src), ("lin_dst", l.dst), ("lin_final", l.fin)] {
             push(format!("link_pred.{name}"), lin, "weight", "bias");
         }
         out
@@ -830,7 +826,18 @@ impl<B: Backend> Tgn<B> {
         let msg_edge = upload(be, x.msg_edge)?;
         let msg_dt = upload(be, x.msg_dt)?;
         let mut msg_phi_pre = zeros(be, up * t)?;
-        lin_fwd(be, l.time, p, &mut msg_phi_pre, &msg_dt, up, 0, 1, 0.0, true)?;
+        lin_fwd(
+            be,
+            l.time,
+            p,
+            &mut msg_phi_pre,
+            &msg_dt,
+            up,
+            0,
+            1,
+            0.0,
+            true,
+        )?;
         let mut msg_phi = zeros(be, up * t)?;
         unary(be, UnaryOp::Cos, &mut msg_phi, &msg_phi_pre, up * t)?;
         let mut gi = Vec::new();
@@ -844,7 +851,18 @@ impl<B: Backend> Tgn<B> {
             lin_fwd(be, wi, p, &mut o, &msg_phi, up, 2 * m + e, t, 1.0, true)?;
             gi.push(o);
             let mut h = zeros(be, up * m)?;
-            lin_fwd(be, gate(l.upd_h, g, m), p, &mut h, &memory_old, up, 0, m, 0.0, true)?;
+            lin_fwd(
+                be,
+                gate(l.upd_h, g, m),
+                p,
+                &mut h,
+                &memory_old,
+                up,
+                0,
+                m,
+                0.0,
+                true,
+            )?;
             gh.push(h);
         }
         let n_up = up * m;
@@ -892,7 +910,14 @@ impl<B: Backend> Tgn<B> {
             }
             None => {
                 let mut s = zeros(be, n_up)?;
-                binary(be, BinaryOp::Add, &mut s, &computed, &zeros(be, n_up)?, n_up)?;
+                binary(
+                    be,
+                    BinaryOp::Add,
+                    &mut s,
+                    &computed,
+                    &zeros(be, n_up)?,
+                    n_up,
+                )?;
                 (s, None)
             }
         };
@@ -950,7 +975,18 @@ impl<B: Backend> Tgn<B> {
         match c.embed {
             Embedding::Attention => {
                 gather(be, &mut x_n, &table, u, &nbr, ns, m)?;
-                lin_fwd(be, l.time, p, &mut nbr_phi_pre, &nbr_dt, ns, 0, 1, 0.0, true)?;
+                lin_fwd(
+                    be,
+                    l.time,
+                    p,
+                    &mut nbr_phi_pre,
+                    &nbr_dt,
+                    ns,
+                    0,
+                    1,
+                    0.0,
+                    true,
+                )?;
                 unary(be, UnaryOp::Cos, &mut nbr_phi, &nbr_phi_pre, ns * t)?;
                 lin_fwd(be, l.e, p, &mut ea, &nbr_phi, ns, 0, t, 0.0, false)?;
                 lin_fwd(be, l.e, p, &mut ea, &nbr_edge, ns, t, e, 1.0, false)?;
@@ -1045,14 +1081,15 @@ impl<B: Backend> Tgn<B> {
         let mut logit = zeros(be, 2 * b)?;
         lin_fwd(be, l.fin, p, &mut logit, &h, 2 * b, 0, dw, 0.0, true)?;
         let logit_host = be.download(&logit, 0, 2 * b)?;
-        let logit_ids = upload_ids(be, &(0..2 * b).map(|i| 2 * i as i32 + 1).collect::<Vec<_>>())?;
+        let logit_ids = upload_ids(
+            be,
+            &(0..2 * b).map(|i| 2 * i as i32 + 1).collect::<Vec<_>>(),
+        )?;
         let mut logits2 = zeros(be, 4 * b)?;
         scatter_add(be, &mut logits2, 4 * b, &logit_ids, &logit, 2 * b, 1)?;
         let labels = upload_ids(
             be,
-            &(0..2 * b)
-                .map(|i| i32::from(i < b))
-                .collect::<Vec<_>>(),
+            &(0..2 * b).map(|i| i32::from(i < b)).collect::<Vec<_>>(),
         )?;
         let mut losses = zeros(be, 2 * b)?;
         be.launch(Kernel::CrossEntropy {
@@ -1210,7 +1247,14 @@ impl<B: Backend> Tgn<B> {
                 );
                 be.gemm(&g, (&dz, 0), (&a.probs_m, 0), (&mut dvp, 0))?;
                 let mut dprobs = zeros(be, bh * slots)?;
-                binary(be, BinaryOp::Mul, &mut dprobs, &dprobs_m, &a.mask, bh * slots)?;
+                binary(
+                    be,
+                    BinaryOp::Mul,
+                    &mut dprobs,
+                    &dprobs_m,
+                    &a.mask,
+                    bh * slots,
+                )?;
                 let mut dscores = zeros(be, bh * slots)?;
                 be.launch(Kernel::SoftmaxBwd {
                     dinp: &mut dscores,
@@ -1279,7 +1323,14 @@ impl<B: Backend> Tgn<B> {
                 let mut dphi = zeros(be, ns * t)?;
                 lin_bwd_input(be, l.e, p, &mut dphi, &dea, ns, 0, t, 0.0)?;
                 let mut dphi_pre = zeros(be, ns * t)?;
-                unary_bwd(be, UnaryOp::Cos, &mut dphi_pre, &a.nbr_phi_pre, &dphi, ns * t)?;
+                unary_bwd(
+                    be,
+                    UnaryOp::Cos,
+                    &mut dphi_pre,
+                    &a.nbr_phi_pre,
+                    &dphi,
+                    ns * t,
+                )?;
                 lin_bwd_weight(be, l.time, gr, &dphi_pre, &a.nbr_dt, ns, 0, 1, true)?;
             }
             Embedding::TimeProjection => {
@@ -1373,7 +1424,14 @@ impl<B: Backend> Tgn<B> {
             lin_bwd_weight(be, wh, gr, &dgh[g], &a.memory_old, up, 0, m, true)?;
         }
         let mut dphi_pre = zeros(be, up * t)?;
-        unary_bwd(be, UnaryOp::Cos, &mut dphi_pre, &a.msg_phi_pre, &dphi, up * t)?;
+        unary_bwd(
+            be,
+            UnaryOp::Cos,
+            &mut dphi_pre,
+            &a.msg_phi_pre,
+            &dphi,
+            up * t,
+        )?;
         lin_bwd_weight(be, l.time, gr, &dphi_pre, &a.msg_dt, up, 0, 1, true)?;
         Ok(())
     }
@@ -1406,7 +1464,11 @@ pub fn coherence(s: &[f32], o: &[f32], w: &[f32], m: usize) -> (f64, Vec<f32>) {
             continue;
         }
         let (si, oi) = (&s[i * m..(i + 1) * m], &o[i * m..(i + 1) * m]);
-        let dot: f64 = si.iter().zip(oi).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+        let dot: f64 = si
+            .iter()
+            .zip(oi)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
         let ns: f64 = si.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
         let no: f64 = oi.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
         if ns == 0.0 || no == 0.0 {
