@@ -97,8 +97,14 @@ impl Cpu {
     }
 }
 
-fn rows_mut(buf: &mut [f32], width: usize) -> rayon::slice::ChunksMut<'_, f32> {
-    buf.par_chunks_mut(width.max(1))
+/// Elements below which an element-wise or row-wise kernel stays on one thread: waking the
+/// pool costs more than the work (small kernels are most of a temporal-graph batch).
+const SPLIT_ELEMS: usize = 1 << 13;
+
+fn rows_mut(buf: &mut [f32], width: usize) -> impl IndexedParallelIterator<Item = &mut [f32]> + '_ {
+    let width = width.max(1);
+    buf.par_chunks_mut(width)
+        .with_min_len((SPLIT_ELEMS / width).max(1))
 }
 
 /// Checks that `ids` name rows below `rows`, so that no row is read or written out of place.
@@ -330,12 +336,16 @@ fn gemm(g: &Gemm, a: (&[f32], usize), b: (&[f32], usize), c: (&mut [f32], usize)
 
 /// `out[i] = f(inp[i])`.
 fn map(out: &mut [f32], inp: &[f32], f: impl Fn(f32) -> f32 + Sync) {
-    out.par_iter_mut().zip(inp).for_each(|(o, &x)| *o = f(x));
+    out.par_iter_mut()
+        .with_min_len(SPLIT_ELEMS)
+        .zip(inp)
+        .for_each(|(o, &x)| *o = f(x));
 }
 
 /// `out[i] = f(a[i], b[i])`.
 fn zip_map(out: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
     out.par_iter_mut()
+        .with_min_len(SPLIT_ELEMS)
         .zip(a)
         .zip(b)
         .for_each(|((o, &x), &y)| *o = f(x, y));

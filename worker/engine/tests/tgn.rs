@@ -37,9 +37,12 @@ struct Inputs {
     predicted: Vec<f32>,
     coherence: Vec<f32>,
     target: Vec<i32>,
+    pair_src: Vec<i32>,
+    pair_dst: Vec<i32>,
     target_dt: Vec<f32>,
     nbr: Vec<i32>,
-    nbr_dt: Vec<f32>,
+    times: Vec<f32>,
+    nbr_time: Vec<i32>,
     nbr_edge: Vec<f32>,
     nbr_mask: Vec<f32>,
 }
@@ -61,9 +64,15 @@ fn inputs(c: &TgnConfig) -> Inputs {
         predicted: rnd(up * m, 5, 1.0),
         coherence: vec![0.3, 0.0, 0.2, 0.1, 0.0],
         target: (0..nt).map(|i| ((i * 5 + 1) % u) as i32).collect(),
+        // Sources are rows 0..b (each twice), destinations and negatives the others, one of
+        // them shared.
+        pair_src: (0..2 * b).map(|i| (i % b) as i32).collect(),
+        pair_dst: (0..2 * b).map(|i| (b + i.min(2 * b - 2)) as i32).collect(),
         target_dt: pos(rnd(nt, 6, 1.0)),
         nbr: (0..nt * slots).map(|i| ((i * 3 + 2) % u) as i32).collect(),
-        nbr_dt: pos(rnd(nt * slots, 7, 1.0)),
+        // Four distinct edge times shared by the slots.
+        times: pos(rnd(4, 7, 1.0)),
+        nbr_time: (0..nt * slots).map(|i| (i % 4) as i32).collect(),
         nbr_edge: rnd(nt * slots * c.edge, 8, 1.0),
         // Row 0 has no neighbour at all, row 1 one, the others two or three.
         nbr_mask: (0..nt * slots)
@@ -94,9 +103,12 @@ fn batch<'a>(x: &'a Inputs, pres: Option<f32>, coherence: bool) -> TgnBatch<'a> 
         }),
         coherence: if coherence { &x.coherence } else { &[] },
         target: &x.target,
+        pair_src: &x.pair_src,
+        pair_dst: &x.pair_dst,
         target_dt: &x.target_dt,
         nbr: &x.nbr,
-        nbr_dt: &x.nbr_dt,
+        times: &x.times,
+        nbr_time: &x.nbr_time,
         nbr_edge: &x.nbr_edge,
         nbr_mask: &x.nbr_mask,
         loss_scale: 1.0 / x.events as f32,

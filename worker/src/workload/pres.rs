@@ -439,13 +439,39 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
             .copied()
             .filter(|&(v, _)| st.pending[v as usize] != NONE)
             .collect();
-        // Target rows: sources, destinations, negatives of this rank's share.
-        let mut tnodes: Vec<u32> = events.iter().map(|&i| g.src[i]).collect();
-        tnodes.extend(events.iter().map(|&i| g.dst[i]));
-        tnodes.extend(events.iter().map(|&i| negs[i - lo]));
-        let tq: Vec<f64> = (0..3)
+        // The endpoints of this rank's share: sources, destinations, negatives.
+        let mut ends: Vec<u32> = events.iter().map(|&i| g.src[i]).collect();
+        ends.extend(events.iter().map(|&i| g.dst[i]));
+        ends.extend(events.iter().map(|&i| negs[i - lo]));
+        let end_t: Vec<f64> = (0..3)
             .flat_map(|_| events.iter().map(|&i| g.t[i]))
             .collect();
+        // Target rows: one per distinct node for TGN (its embedding does not depend on the
+        // query's time), one per endpoint for JODIE (its projection does).
+        let (tnodes, tq, pair_src, pair_dst) = match c.embed {
+            Embedding::Attention => {
+                let mut rows: Vec<u32> = Vec::new();
+                let mut at = std::collections::HashMap::new();
+                let idx: Vec<i32> = ends
+                    .iter()
+                    .map(|&v| {
+                        *at.entry(v).or_insert_with(|| {
+                            rows.push(v);
+                            rows.len() as i32 - 1
+                        })
+                    })
+                    .collect();
+                let tq = vec![0.0; rows.len()];
+                let src = [&idx[..b], &idx[..b]].concat();
+                (rows, tq, src, idx[b..].to_vec())
+            }
+            Embedding::TimeProjection => {
+                let b32 = b as i32;
+                let src: Vec<i32> = (0..2 * b32).map(|i| i % b32).collect();
+                let dst: Vec<i32> = (b32..3 * b32).collect();
+                (ends, end_t, src, dst)
+            }
+        };
         // The node table: targets, then their neighbours; pending first.
         let mut order: Vec<u32> = Vec::new();
         let mut nbr_nodes: Vec<Vec<crate::data::temporal::Neighbor>> = Vec::new();
@@ -529,14 +555,23 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
             .collect();
         let nt = tnodes.len();
         let mut nbr = vec![0i32; nt * k];
-        let mut nbr_dt = vec![0f32; nt * k];
+        let mut times: Vec<f32> = vec![0.0];
+        let mut time_at: std::collections::HashMap<u32, i32> = [(0f32.to_bits(), 0)].into();
+        let mut nbr_time = vec![0i32; nt * k];
         let mut nbr_edge = vec![0f32; nt * k * e];
         let mut nbr_mask = vec![0f32; nt * k];
         for (row, list) in nbr_nodes.iter().enumerate() {
             for (s, n) in list.iter().enumerate() {
                 let at = row * k + s;
                 nbr[at] = self.row[n.node as usize] as i32;
-                nbr_dt[at] = (tq[row] - n.t) as f32;
+                // PyG's edge time: the neighbour's last update minus the edge's time (mostly
+                // small; the query's time minus the edge's, on raw seconds, is noise to the
+                // cosine encoding: test AP 0.71 instead of 0.83 on CollegeMsg).
+                let dt = (new_last[self.row[n.node as usize] as usize] - n.t) as f32;
+                nbr_time[at] = *time_at.entry(dt.to_bits()).or_insert_with(|| {
+                    times.push(dt);
+                    times.len() as i32 - 1
+                });
                 let ev = n.event as usize;
                 nbr_edge[at * e..(at + 1) * e].copy_from_slice(&g.feat[ev * e..(ev + 1) * e]);
                 nbr_mask[at] = 1.0;
@@ -556,9 +591,12 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
             }),
             coherence: &coherence,
             target: &target,
+            pair_src: &pair_src,
+            pair_dst: &pair_dst,
             target_dt: &target_dt,
             nbr: &nbr,
-            nbr_dt: &nbr_dt,
+            times: &times,
+            nbr_time: &nbr_time,
             nbr_edge: &nbr_edge,
             nbr_mask: &nbr_mask,
             loss_scale: ranks as f32 / b_all as f32,

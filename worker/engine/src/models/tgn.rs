@@ -15,9 +15,11 @@
 //!    updater a GRU cell (TGN) or a tanh RNN cell (JODIE): `s_comp = cell(msg, s_u)`.
 //! 2. PRES prediction-correction, when the batch carries a prediction `s_hat = s_old + mean`:
 //!    `s_new = gamma * s_hat + (1 - gamma) * s_comp`; otherwise `s_new = s_comp`.
-//! 3. Embedding of the `3b` target rows (sources, destinations, negatives), each at its event's
-//!    time: TGN's graph attention over the `k` most recent temporal neighbours (keys and values
-//!    from the neighbour's memory plus a projection of `[cos(dt w + b) || e]`, one query per
+//! 3. Embedding of the target rows the pairs name (the caller's choice: one per distinct node
+//!    for TGN, whose embedding does not depend on the query's time, as in PyG; one per event
+//!    endpoint for JODIE, whose projection does): TGN's graph attention over the `k` most recent temporal neighbours (keys and values
+//!    from the neighbour's memory plus a projection of `[cos(dt w + b) || e]`, `dt` the
+//!    neighbour's last update minus the edge's time as in PyG's reference; one query per
 //!    target from its memory, `heads` heads, a skip connection from the target's memory, as
 //!    PyG's `TransformerConv` computes it), or JODIE's time projection `s * (1 + dt w_p)`.
 //! 4. Link prediction: `relu(z_src W_s + b_s + z_dst W_d + b_d) w_f + b_f`, the logit of a
@@ -345,8 +347,7 @@ pub struct Correction<'a> {
 /// node table (`nodes` rows: the `updated` nodes with a pending message first).
 #[derive(Clone, Copy, Debug)]
 pub struct TgnBatch<'a> {
-    /// Events (positive pairs); the target rows are `3 * events`: sources, destinations,
-    /// negative destinations.
+    /// Events (positive pairs, each with one negative pair).
     pub events: usize,
     /// Rows of the node table.
     pub nodes: usize,
@@ -364,15 +365,25 @@ pub struct TgnBatch<'a> {
     pub correction: Option<Correction<'a>>,
     /// Per updated row, its weight in the coherence term (empty: no term).
     pub coherence: &'a [f32],
-    /// Per target row, its row in the node table.
+    /// Per target row (an embedding to compute: one per node at a time), its row in the node
+    /// table.
     pub target: &'a [i32],
+    /// Per pair, the target row of its source: the `events` positive pairs, then the `events`
+    /// negative ones.
+    pub pair_src: &'a [i32],
+    /// Per pair, the target row of its destination (positive pairs) or negative destination.
+    pub pair_dst: &'a [i32],
     /// Per target row, the event time minus the node's last update (the time projection).
     pub target_dt: &'a [f32],
     /// Per target row and neighbour slot: the neighbour's row in the node table (any row when
     /// the slot is empty).
     pub nbr: &'a [i32],
-    /// Per slot, the event time minus the neighbour event's time.
-    pub nbr_dt: &'a [f32],
+    /// The distinct edge times of the slots: the neighbour's last update (with its pending
+    /// message applied) minus the neighbour event's time (PyG's `TransformerConv` edge time,
+    /// `last_update[j] - t_e`). Each is encoded once.
+    pub times: &'a [f32],
+    /// Per slot, its edge time's index in `times`.
+    pub nbr_time: &'a [i32],
     /// Per slot, the neighbour event's edge features, `slots x edge`.
     pub nbr_edge: &'a [f32],
     /// Per slot, 1 when it holds a neighbour, 0 when empty.
@@ -405,6 +416,7 @@ struct Acts<B: Backend> {
     up: usize,
     nt: usize,
     slots: usize,
+    nu: usize,
     memory_old: B::Buf,
     msg_other: B::Buf,
     msg_edge: B::Buf,
@@ -426,8 +438,9 @@ struct Acts<B: Backend> {
     x_t: B::Buf,
     // attention
     nbr: B::Ids,
-    x_n: B::Buf,
-    nbr_dt: B::Buf,
+    table: B::Buf,
+    times: B::Buf,
+    nbr_time: B::Ids,
     nbr_phi_pre: B::Buf,
     nbr_phi: B::Buf,
     nbr_edge: B::Buf,
@@ -441,8 +454,9 @@ struct Acts<B: Backend> {
     target_dt: B::Buf,
     proj: B::Buf,
     // link prediction
-    z_emb: B::Buf,
     pair_ids: B::Ids,
+    other_ids: B::Ids,
+    other: B::Buf,
     z_src2: B::Buf,
     pre: B::Buf,
     h: B::Buf,
@@ -767,16 +781,17 @@ impl<B: Backend> Tgn<B> {
 
     fn check(&self, x: &TgnBatch<'_>) -> Result<()> {
         let c = &self.config;
-        let (b, u, up, nt, k) = (x.events, x.nodes, x.updated, 3 * x.events, c.slots());
+        let (b, u, up, nt, k) = (x.events, x.nodes, x.updated, x.target.len(), c.slots());
         let sizes = [
             ("memory", x.memory.len(), u * c.memory),
             ("msg_other", x.msg_other.len(), up * c.memory),
             ("msg_edge", x.msg_edge.len(), up * c.edge),
             ("msg_dt", x.msg_dt.len(), up),
-            ("target", x.target.len(), nt),
+            ("pair_src", x.pair_src.len(), 2 * b),
+            ("pair_dst", x.pair_dst.len(), 2 * b),
             ("target_dt", x.target_dt.len(), nt),
             ("nbr", x.nbr.len(), nt * k),
-            ("nbr_dt", x.nbr_dt.len(), nt * k),
+            ("nbr_time", x.nbr_time.len(), nt * k),
             ("nbr_edge", x.nbr_edge.len(), nt * k * c.edge),
             ("nbr_mask", x.nbr_mask.len(), nt * k),
         ];
@@ -817,7 +832,7 @@ impl<B: Backend> Tgn<B> {
         let l = self.layout;
         let p = &self.params.values;
         let (m, t, e) = (c.memory, c.time, c.edge);
-        let (b, u, up, nt, slots) = (x.events, x.nodes, x.updated, 3 * x.events, c.slots());
+        let (b, u, up, nt, slots) = (x.events, x.nodes, x.updated, x.target.len(), c.slots());
         let ns = nt * slots;
 
         // 1. The memory update of the nodes with a pending message.
@@ -937,10 +952,11 @@ impl<B: Backend> Tgn<B> {
         let dw = c.embed_width();
         let mut z_emb = zeros(be, nt * dw)?;
         let nbr = upload_ids(be, x.nbr)?;
-        let mut x_n = zeros(be, ns * m)?;
-        let nbr_dt = upload(be, x.nbr_dt)?;
-        let mut nbr_phi_pre = zeros(be, ns * t)?;
-        let mut nbr_phi = zeros(be, ns * t)?;
+        let nu = x.times.len();
+        let times = upload(be, x.times)?;
+        let nbr_time = upload_ids(be, x.nbr_time)?;
+        let mut nbr_phi_pre = zeros(be, nu * t)?;
+        let mut nbr_phi = zeros(be, nu * t)?;
         let nbr_edge = upload(be, x.nbr_edge)?;
         let mut ea = zeros(be, ns * dw)?;
         let mut q = zeros(be, nt * dw)?;
@@ -974,27 +990,23 @@ impl<B: Backend> Tgn<B> {
         let mut proj = zeros(be, nt * m)?;
         match c.embed {
             Embedding::Attention => {
-                gather(be, &mut x_n, &table, u, &nbr, ns, m)?;
-                lin_fwd(
-                    be,
-                    l.time,
-                    p,
-                    &mut nbr_phi_pre,
-                    &nbr_dt,
-                    ns,
-                    0,
-                    1,
-                    0.0,
-                    true,
-                )?;
-                unary(be, UnaryOp::Cos, &mut nbr_phi, &nbr_phi_pre, ns * t)?;
-                lin_fwd(be, l.e, p, &mut ea, &nbr_phi, ns, 0, t, 0.0, false)?;
+                lin_fwd(be, l.time, p, &mut nbr_phi_pre, &times, nu, 0, 1, 0.0, true)?;
+                unary(be, UnaryOp::Cos, &mut nbr_phi, &nbr_phi_pre, nu * t)?;
+                // Each distinct time encoded and projected once, gathered per slot.
+                let mut ea_u = zeros(be, nu * dw)?;
+                lin_fwd(be, l.e, p, &mut ea_u, &nbr_phi, nu, 0, t, 0.0, false)?;
+                gather(be, &mut ea, &ea_u, nu, &nbr_time, ns, dw)?;
                 lin_fwd(be, l.e, p, &mut ea, &nbr_edge, ns, t, e, 1.0, false)?;
                 lin_fwd(be, l.q, p, &mut q, &x_t, nt, 0, m, 0.0, true)?;
+                // Keys and values: each node's projection once (as PyG's TransformerConv
+                // projects every node), gathered per slot, plus the slot's edge projection.
+                let mut kx_u = zeros(be, u * dw)?;
                 let mut kx = zeros(be, ns * dw)?;
-                lin_fwd(be, l.k, p, &mut kx, &x_n, ns, 0, m, 0.0, true)?;
+                lin_fwd(be, l.k, p, &mut kx_u, &table, u, 0, m, 0.0, true)?;
+                gather(be, &mut kx, &kx_u, u, &nbr, ns, dw)?;
                 binary(be, BinaryOp::Add, &mut k, &kx, &ea, ns * dw)?;
-                lin_fwd(be, l.v, p, &mut kx, &x_n, ns, 0, m, 0.0, true)?;
+                lin_fwd(be, l.v, p, &mut kx_u, &table, u, 0, m, 0.0, true)?;
+                gather(be, &mut kx, &kx_u, u, &nbr, ns, dw)?;
                 binary(be, BinaryOp::Add, &mut v, &kx, &ea, ns * dw)?;
                 let shape = [nt, slots, heads, hc];
                 be.launch(Kernel::Permute {
@@ -1065,13 +1077,14 @@ impl<B: Backend> Tgn<B> {
         }
 
         // 4. Link prediction over the positive then the negative pairs.
-        let pairs: Vec<i32> = (0..2 * b).map(|i| (i % b) as i32).collect();
-        let pair_ids = upload_ids(be, &pairs)?;
+        let pair_ids = upload_ids(be, x.pair_src)?;
         let mut z_src2 = zeros(be, 2 * b * dw)?;
         gather(be, &mut z_src2, &z_emb, nt, &pair_ids, 2 * b, dw)?;
         let mut hs = zeros(be, 2 * b * dw)?;
         lin_fwd(be, l.src, p, &mut hs, &z_src2, 2 * b, 0, dw, 0.0, true)?;
-        let other = dst_rows::<B>(be, &z_emb, b, dw)?;
+        let other_ids = upload_ids(be, x.pair_dst)?;
+        let mut other = zeros(be, 2 * b * dw)?;
+        gather(be, &mut other, &z_emb, nt, &other_ids, 2 * b, dw)?;
         let mut hd = zeros(be, 2 * b * dw)?;
         lin_fwd(be, l.dst, p, &mut hd, &other, 2 * b, 0, dw, 0.0, true)?;
         let mut pre = zeros(be, 2 * b * dw)?;
@@ -1123,6 +1136,7 @@ impl<B: Backend> Tgn<B> {
             up,
             nt,
             slots,
+            nu,
             memory_old,
             msg_other,
             msg_edge,
@@ -1141,8 +1155,9 @@ impl<B: Backend> Tgn<B> {
             target,
             x_t,
             nbr,
-            x_n,
-            nbr_dt,
+            table,
+            times,
+            nbr_time,
             nbr_phi_pre,
             nbr_phi,
             nbr_edge,
@@ -1154,8 +1169,9 @@ impl<B: Backend> Tgn<B> {
             probs_m,
             target_dt,
             proj,
-            z_emb,
             pair_ids,
+            other_ids,
+            other,
             z_src2,
             pre,
             h,
@@ -1196,21 +1212,20 @@ impl<B: Backend> Tgn<B> {
         lin_bwd_input(be, l.fin, p, &mut dh, &dlogit, 2 * b, 0, dw, 0.0)?;
         let mut dpre = zeros(be, 2 * b * dw)?;
         unary_bwd(be, UnaryOp::Relu, &mut dpre, &a.pre, &dh, 2 * b * dw)?;
-        let other = dst_rows::<B>(be, &a.z_emb, b, dw)?;
+        let other = &a.other;
         lin_bwd_weight(be, l.src, gr, &dpre, &a.z_src2, 2 * b, 0, dw, true)?;
-        lin_bwd_weight(be, l.dst, gr, &dpre, &other, 2 * b, 0, dw, true)?;
+        lin_bwd_weight(be, l.dst, gr, &dpre, other, 2 * b, 0, dw, true)?;
         let mut dz_src2 = zeros(be, 2 * b * dw)?;
         lin_bwd_input(be, l.src, p, &mut dz_src2, &dpre, 2 * b, 0, dw, 0.0)?;
         let mut dother = zeros(be, 2 * b * dw)?;
         lin_bwd_input(be, l.dst, p, &mut dother, &dpre, 2 * b, 0, dw, 0.0)?;
         let mut dz = zeros(be, nt * dw)?;
         scatter_add(be, &mut dz, nt, &a.pair_ids, &dz_src2, 2 * b, dw)?;
-        let other_ids = upload_ids(be, &(b as i32..3 * b as i32).collect::<Vec<_>>())?;
-        scatter_add(be, &mut dz, nt, &other_ids, &dother, 2 * b, dw)?;
+        scatter_add(be, &mut dz, nt, &a.other_ids, &dother, 2 * b, dw)?;
 
         // 3. Embedding: gradients of the target rows' and the neighbours' memory.
         let mut dx_t = zeros(be, nt * m)?;
-        let mut dx_n = zeros(be, ns * m)?;
+        let mut dtable = zeros(be, u * m)?;
         match c.embed {
             Embedding::Attention => {
                 let heads = c.heads.max(1);
@@ -1311,27 +1326,34 @@ impl<B: Backend> Tgn<B> {
                 lin_bwd_weight(be, l.q, gr, &dq, &a.x_t, nt, 0, m, true)?;
                 lin_bwd_input(be, l.q, p, &mut dx_t, &dq, nt, 0, m, 1.0)?;
                 // k and v from the neighbours' memory
-                lin_bwd_weight(be, l.k, gr, &dk, &a.x_n, ns, 0, m, true)?;
-                lin_bwd_input(be, l.k, p, &mut dx_n, &dk, ns, 0, m, 0.0)?;
-                lin_bwd_weight(be, l.v, gr, &dv, &a.x_n, ns, 0, m, true)?;
-                lin_bwd_input(be, l.v, p, &mut dx_n, &dv, ns, 0, m, 1.0)?;
+                let mut dkx_u = zeros(be, u * dw)?;
+                scatter_add(be, &mut dkx_u, u, &a.nbr, &dk, ns, dw)?;
+                lin_bwd_weight(be, l.k, gr, &dkx_u, &a.table, u, 0, m, true)?;
+                lin_bwd_input(be, l.k, p, &mut dtable, &dkx_u, u, 0, m, 0.0)?;
+                let mut dvx_u = zeros(be, u * dw)?;
+                scatter_add(be, &mut dvx_u, u, &a.nbr, &dv, ns, dw)?;
+                lin_bwd_weight(be, l.v, gr, &dvx_u, &a.table, u, 0, m, true)?;
+                lin_bwd_input(be, l.v, p, &mut dtable, &dvx_u, u, 0, m, 1.0)?;
                 // the edge projection feeds both
                 let mut dea = zeros(be, ns * dw)?;
                 binary(be, BinaryOp::Add, &mut dea, &dk, &dv, ns * dw)?;
-                lin_bwd_weight(be, l.e, gr, &dea, &a.nbr_phi, ns, 0, t, false)?;
+                let nu = a.nu;
+                let mut dea_u = zeros(be, nu * dw)?;
+                scatter_add(be, &mut dea_u, nu, &a.nbr_time, &dea, ns, dw)?;
+                lin_bwd_weight(be, l.e, gr, &dea_u, &a.nbr_phi, nu, 0, t, false)?;
                 lin_bwd_weight(be, l.e, gr, &dea, &a.nbr_edge, ns, t, e, false)?;
-                let mut dphi = zeros(be, ns * t)?;
-                lin_bwd_input(be, l.e, p, &mut dphi, &dea, ns, 0, t, 0.0)?;
-                let mut dphi_pre = zeros(be, ns * t)?;
+                let mut dphi = zeros(be, nu * t)?;
+                lin_bwd_input(be, l.e, p, &mut dphi, &dea_u, nu, 0, t, 0.0)?;
+                let mut dphi_pre = zeros(be, nu * t)?;
                 unary_bwd(
                     be,
                     UnaryOp::Cos,
                     &mut dphi_pre,
                     &a.nbr_phi_pre,
                     &dphi,
-                    ns * t,
+                    nu * t,
                 )?;
-                lin_bwd_weight(be, l.time, gr, &dphi_pre, &a.nbr_dt, ns, 0, 1, true)?;
+                lin_bwd_weight(be, l.time, gr, &dphi_pre, &a.times, nu, 0, 1, true)?;
             }
             Embedding::TimeProjection => {
                 binary(be, BinaryOp::Mul, &mut dx_t, &dz, &a.proj, nt * m)?;
@@ -1340,9 +1362,7 @@ impl<B: Backend> Tgn<B> {
                 lin_bwd_weight(be, l.proj, gr, &dproj, &a.target_dt, nt, 0, 1, false)?;
             }
         }
-        let mut dtable = zeros(be, u * m)?;
         scatter_add(be, &mut dtable, u, &a.target, &dx_t, nt, m)?;
-        scatter_add(be, &mut dtable, u, &a.nbr, &dx_n, ns, m)?;
         if up == 0 {
             return Ok(());
         }
@@ -1435,14 +1455,6 @@ impl<B: Backend> Tgn<B> {
         lin_bwd_weight(be, l.time, gr, &dphi_pre, &a.msg_dt, up, 0, 1, true)?;
         Ok(())
     }
-}
-
-/// The destination then the negative rows of the embeddings, `2b x dw` (rows `b..3b`).
-fn dst_rows<B: Backend>(be: &B, z: &B::Buf, b: usize, dw: usize) -> Result<B::Buf> {
-    let ids = upload_ids(be, &(b as i32..3 * b as i32).collect::<Vec<_>>())?;
-    let mut out = zeros(be, 2 * b * dw)?;
-    gather(be, &mut out, z, 3 * b, &ids, 2 * b, dw)?;
-    Ok(out)
 }
 
 /// A copy of the first `n` floats of `src`.
