@@ -115,6 +115,10 @@ bench-pipeline: ## pipeline schedules on the CPU: bubble measured vs simulated v
 	$(CARGO) build --release --locked -q -p lockstep-worker
 	$(CARGO_TARGET_DIR)/release/lockstep-worker bench pipeline --stages $(or $(STAGES),2) --micro $(or $(MICRO),4,8,16) --steps 7 --warmup 2
 
+.PHONY: bench-pres
+bench-pres: ## TGN and JODIE at temporal batch B and 4B, plain and with PRES, 3 seeds, beside PyG's TGN, CollegeMsg and bitcoin-otc (EPOCHS=5 SEEDS="0 1 2" PYG=1)
+	bench/pres/run.sh
+
 .PHONY: bench-engine
 bench-engine: ## engine on the CPU: GPT tokens/s on 1 rank; 2-rank comm, exposed comm and overlap
 	$(CARGO) build --release --locked -q -p lockstep-worker

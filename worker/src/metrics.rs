@@ -29,6 +29,9 @@ pub struct Metrics {
     pub loss: Gauge,
     /// Last evaluation result (accuracy for the digits).
     pub eval_metric: Gauge,
+    /// Last link-prediction scores of a temporal-graph workload, by `split` (val, test),
+    /// `setting` (transductive, inductive) and `score` (ap, auc).
+    pub link_prediction: GaugeVec,
     /// Wall time of each all-reduce.
     pub allreduce_seconds: Histogram,
     /// Bytes all-reduced.
@@ -66,6 +69,24 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Sets [`Metrics::link_prediction`] from an evaluation's scores.
+    pub fn observe_link(&self, r: &crate::workload::pres::LinkReport) {
+        for (split, scores) in [("val", &r.val), ("test", &r.test)] {
+            for (setting, ap, auc) in [
+                ("transductive", scores.ap, scores.auc),
+                ("inductive", scores.ap_inductive, scores.auc_inductive),
+            ] {
+                for (score, v) in [("ap", ap), ("auc", auc)] {
+                    if v.is_finite() {
+                        self.link_prediction
+                            .with_label_values(&[split, setting, score])
+                            .set(v);
+                    }
+                }
+            }
+        }
+    }
+
     /// A registry whose metrics all carry the `job` and `rank` labels.
     pub fn new(job: &str, rank: u32) -> Self {
         let registry = Registry::new_custom(
@@ -153,6 +174,18 @@ impl Metrics {
                 Gauge::new(
                     "lockstep_worker_eval_metric",
                     "Last evaluation result (accuracy, validation loss or average precision).",
+                )
+                .expect("gauge"),
+            ),
+            link_prediction: reg(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "lockstep_worker_link_prediction",
+                        "Last link-prediction scores (average precision, ROC-AUC) of a \
+                         temporal-graph workload.",
+                    ),
+                    &["split", "setting", "score"],
                 )
                 .expect("gauge"),
             ),
@@ -412,6 +445,34 @@ mod tests {
         {
             assert!(names.iter().any(|x| x == n), "{n} is not registered");
         }
+    }
+
+    #[test]
+    fn a_link_prediction_report_sets_each_split_setting_and_score_and_skips_undefined_ones() {
+        use crate::workload::pres::{LinkReport, LinkScores};
+        let m = Metrics::new("job", 0);
+        let scores = |ap, inductive| LinkScores {
+            ap,
+            auc: ap - 0.01,
+            ap_inductive: inductive,
+            auc_inductive: inductive,
+            inductive_events: 0,
+        };
+        m.observe_link(&LinkReport {
+            val: scores(0.8, f64::NAN),
+            test: scores(0.75, 0.7),
+        });
+        let text = m.render();
+        let line = |labels: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("lockstep_worker_link_prediction{{{labels}")))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(|v| v.parse::<f64>().expect("a value"))
+        };
+        assert_eq!(line("score=\"ap\",setting=\"transductive\",split=\"val\""), Some(0.8));
+        assert_eq!(line("score=\"auc\",setting=\"transductive\",split=\"test\""), Some(0.74));
+        assert_eq!(line("score=\"ap\",setting=\"inductive\",split=\"test\""), Some(0.7));
+        assert_eq!(line("score=\"ap\",setting=\"inductive\",split=\"val\""), None, "{text}");
     }
 
     #[test]

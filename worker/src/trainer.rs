@@ -238,7 +238,11 @@ pub fn train<C: HostComm>(
         steps = total,
         start,
         steps_per_epoch = work.steps_per_epoch(),
-        batch = t.batch_size.unwrap_or(32).max(1),
+        // Samples per step and replica: a temporal batch's events for workload Pres.
+        batch = match t.workload {
+            lockstep_api::training::Workload::Pres => t.pres.temporal_batch.max(1),
+            _ => t.batch_size.unwrap_or(32).max(1),
+        },
         accum = t.ddp.grad_accumulation_steps.max(1),
         "training"
     );
@@ -307,6 +311,9 @@ pub fn train<C: HostComm>(
             let v = work.evaluate(topo, max_batches)?;
             eval = Some(v);
             metrics.eval_metric.set(f64::from(v.value));
+            if let Some(link) = &v.link {
+                metrics.observe_link(link);
+            }
             // Pipelines: every rank shows its stage's bubble over the steps since the last
             // evaluation, and its activation peak.
             let pipeline = report.pipeline.map(|ps| {
@@ -485,6 +492,7 @@ mod tests {
             Ok(Evaluation {
                 metric: Metric::Loss,
                 value: 0.5,
+                link: None,
             })
         }
         fn save(

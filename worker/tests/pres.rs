@@ -183,40 +183,70 @@ fn events_after_the_trained_batches_change_nothing_the_training_computed() {
 }
 
 /// The ranks average their share's gradients where one rank sums them in one pass: the sums
-/// differ in their last bits. The first steps' gradients (AdamW's first moments after each
-/// step) agree to float precision; later, TGN's time encoding (trainable frequencies on raw
-/// seconds: gradients of 1e5 and arguments of 1e5 radians) amplifies those bits, as it does any
-/// rounding difference (the validation APs after 6 steps are printed, not compared).
+/// differ in their last bits, and the gradients agree to float precision. From the same state
+/// (the first step, and a mid-epoch checkpoint where PRES's statistics are in use), one step on
+/// 2 ranks gives 1 rank's gradient (AdamW's first moment after the step) within 1e-4 of the
+/// largest entry, and the ranks end with equal parameters. Over many steps the runs drift apart
+/// as any two float orders do, faster than usual: TGN's time encoding (trainable frequencies on
+/// raw seconds) turns parameter differences of 1e-7 into phase differences of radians.
 #[test]
-fn two_data_parallel_ranks_end_where_one_rank_ends() {
+fn two_data_parallel_ranks_take_one_ranks_step() {
     let dir = scratch("pres", "dp");
     let data = write(&dir, &college(2000));
     for (model, pres) in [("Tgn", true), ("Tgn", false), ("Jodie", true)] {
-        let one = Job {
+        let tag = format!("{model}-{pres}");
+        let first = |ranks: usize| {
+            let d = dir.join(format!("first-{ranks}-{tag}"));
+            let j = Job {
+                model,
+                pres,
+                ranks,
+                steps: 1,
+                every: 1,
+                ..base(&data)
+            };
+            let s = train(&j, &d);
+            assert!(s.iter().all(|x| x.params_digest == s[0].params_digest));
+            tensors(&d, 1, true)
+        };
+        // Five steps on one rank, then the sixth from that checkpoint on one and on two.
+        let start = dir.join(format!("start-{tag}"));
+        let j5 = Job {
             model,
             pres,
+            steps: 5,
+            every: 5,
             ..base(&data)
         };
-        let two = Job { ranks: 2, ..one };
-        let (da, db) = (
-            dir.join(format!("one-{model}-{pres}")),
-            dir.join(format!("two-{model}-{pres}")),
-        );
-        let a = train(&one, &da);
-        let b = train(&two, &db);
-        for step in 1..=2 {
-            let (ma, mb) = (tensors(&da, step, true), tensors(&db, step, true));
-            let big = ma.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let d = max_diff(&ma, &mb);
-            eprintln!("{model} pres={pres} step {step}: gradients differ by {d:.2e} of {big:.2e}");
+        train(&j5, &start);
+        let sixth = |ranks: usize| {
+            let d = dir.join(format!("sixth-{ranks}-{tag}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let name = checkpoint::file_name(5);
+            std::fs::copy(start.join(&name), d.join(&name)).unwrap();
+            let j = Job {
+                ranks,
+                steps: 6,
+                every: 6,
+                ..j5
+            };
+            let s = train(&j, &d);
+            assert_eq!(s[0].resumed_from, Some(5));
             assert!(
-                d <= 1e-4 * big,
-                "{model} pres={pres} step {step}: {d} of {big}"
+                s.iter().all(|x| x.params_digest == s[0].params_digest),
+                "the ranks disagree"
             );
+            tensors(&d, 6, true)
+        };
+        for (what, one, two) in [
+            ("step 1", first(1), first(2)),
+            ("step 6", sixth(1), sixth(2)),
+        ] {
+            let big = one.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let d = max_diff(&one, &two);
+            eprintln!("{tag} {what}: gradients differ by {d:.2e} of {big:.2e}");
+            assert!(big > 0.0 && d <= 1e-4 * big, "{tag} {what}: {d} of {big}");
         }
-        assert_eq!(b[0].params_digest, b[1].params_digest, "the ranks disagree");
-        let (ea, eb) = (a[0].eval_accuracy.unwrap(), b[0].eval_accuracy.unwrap());
-        eprintln!("{model} pres={pres}: validation AP {ea:.4} on 1 rank, {eb:.4} on 2");
     }
 }
 

@@ -72,6 +72,7 @@ impl<C> Workload<C> for Recording {
         Ok(Evaluation {
             metric: Metric::Loss,
             value: 0.5,
+            link: None,
         })
     }
     fn save(

@@ -246,6 +246,7 @@ impl<B: Backend, C: HostComm> Workload<C> for Ddp<B, C> {
         Ok(Evaluation {
             metric: self.task.metric(),
             value: self.task.evaluate(&self.be, max_batches)?,
+            link: None,
         })
     }
 

@@ -126,6 +126,8 @@ pub struct Evaluation {
     pub metric: Metric,
     /// Its value.
     pub value: f32,
+    /// Every link-prediction score (temporal-graph workloads).
+    pub link: Option<pres::LinkReport>,
 }
 
 /// A way of training: what an optimizer step, an evaluation and a checkpoint are. Every rank of

@@ -862,6 +862,7 @@ impl<B: Backend, C: HostComm> Workload<C> for Pipeline<B, C> {
         Ok(Evaluation {
             metric: Metric::Loss,
             value: v[0],
+            link: None,
         })
     }
 

@@ -306,6 +306,24 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
         cfg: &WorkerConfig,
         topo: &Topology<C>,
     ) -> Result<Self, WorkError> {
+        let Some(data) = &cfg.training.data else {
+            return Err(WorkError::config(
+                "workload Pres needs spec.training.data (kind TemporalGraph)",
+            ));
+        };
+        let graph = Arc::new(TemporalGraph::load(&data.path)?);
+        Self::with_graph(be, sync, always_sync, cfg, topo, graph)
+    }
+
+    /// The workload `cfg` asks for, on `graph` instead of the file it names.
+    pub fn with_graph(
+        be: B,
+        sync: Box<dyn GradSync<B, C>>,
+        always_sync: bool,
+        cfg: &WorkerConfig,
+        topo: &Topology<C>,
+        graph: Arc<TemporalGraph>,
+    ) -> Result<Self, WorkError> {
         let t = &cfg.training;
         if topo.layout.pipeline_stages() > 1 {
             return Err(WorkError::config(
@@ -318,12 +336,7 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
                 "workload Pres needs spec.training.model.tgn",
             ));
         };
-        let Some(data) = &t.data else {
-            return Err(WorkError::config(
-                "workload Pres needs spec.training.data (kind TemporalGraph)",
-            ));
-        };
-        let graph = Arc::new(TemporalGraph::load(&data.path)?);
+        let path = t.data.as_ref().map_or("", |d| d.path.as_str());
         let config = tgn_config(spec, &graph);
         let batch = t.pres.temporal_batch.max(1) as usize;
         let replicas = topo.data_parallel_degree();
@@ -357,7 +370,7 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
             graph.num_nodes
         );
         tracing::info!(
-            path = %data.path,
+            path,
             format = graph.format,
             events = graph.len(),
             nodes = graph.num_nodes,
@@ -916,6 +929,7 @@ impl<B: Backend, C: HostComm> Workload<C> for Pres<B, C> {
         Ok(Evaluation {
             metric: Metric::AveragePrecision,
             value: r.val.ap as f32,
+            link: Some(r),
         })
     }
 
@@ -961,6 +975,101 @@ impl<B: Backend, C: HostComm> Workload<C> for Pres<B, C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm::tcp::{TcpComm, TcpOptions};
+    use crate::workload::sync::TcpSync;
+    use lockstep_api::layout::Layout;
+    use lockstep_engine::cpu::Cpu;
+
+    fn workload(graph: TemporalGraph, model: &str) -> (Pres<Cpu, TcpComm>, Topology<TcpComm>) {
+        let yaml = format!(
+            r#"apiVersion: lockstep.dev/v1alpha1
+kind: ParallelJob
+metadata: {{name: within-batch}}
+spec:
+  parallelism: {{dataParallel: 1}}
+  training:
+    workload: Pres
+    model: {{tgn: {{memoryDim: 8, timeDim: 4, embeddingDim: 8, neighbors: 3, heads: 2, memoryModel: {model}}}}}
+    data: {{kind: TemporalGraph, path: unused}}
+    optimizer: {{learningRate: 0.003}}
+    maxSteps: 4
+    pres: {{temporalBatch: 100}}
+  template:
+    spec:
+      containers: [{{name: worker, image: lockstep/worker:0.1.0}}]
+"#
+        );
+        let job = lockstep_api::manifest::parse_job(&yaml).expect("valid job");
+        let cfg = WorkerConfig::from_job(&job).expect("config");
+        let comm = TcpComm::local_gang(1, TcpOptions::default())
+            .expect("gang")
+            .remove(0);
+        let mut topo = Topology::new(Layout::new(1, 1).expect("layout"), comm).expect("topology");
+        let mut w = Pres::with_graph(
+            Cpu,
+            Box::new(TcpSync::default()),
+            false,
+            &cfg,
+            &topo,
+            Arc::new(graph),
+        )
+        .expect("workload");
+        w.init(&mut topo).expect("init");
+        (w, topo)
+    }
+
+    /// CollegeMsg's first 600 events.
+    fn college() -> TemporalGraph {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/collegemsg.txt.gz");
+        let text = crate::data::read_text(path).expect("data");
+        let head: Vec<&str> = text.lines().take(600).collect();
+        TemporalGraph::parse(&head.join("\n"), "collegemsg").expect("parse")
+    }
+
+    /// The logits of batch 400..500 after training on the four batches before it.
+    fn batch_logits(graph: TemporalGraph, model: &str) -> Vec<f32> {
+        let (mut w, mut topo) = workload(graph, model);
+        for step in 0..4 {
+            w.step(&mut topo, step, 0.003).expect("step");
+        }
+        let negs = w.negatives(99, 400, 500);
+        w.run_batch(400, 500, &negs, 400..500, 1, false, None)
+            .expect("batch")
+            .logits
+    }
+
+    #[test]
+    fn a_prediction_reads_nothing_of_its_own_batch() {
+        let g = college();
+        let seen: std::collections::HashSet<u32> =
+            (0..400).flat_map(|i| [g.src[i], g.dst[i]]).collect();
+        // An event of the batch whose destination becomes another node seen before (so that no
+        // id changes): every other prediction of the batch stays as it was, bit for bit.
+        let j = (420..500)
+            .find(|&j| seen.contains(&g.dst[j]))
+            .expect("an event to change");
+        let other = (0..400)
+            .map(|i| g.src[i])
+            .find(|&v| v != g.dst[j] && v != g.src[j])
+            .expect("another node");
+        let mut changed = g.clone();
+        changed.dst[j] = other;
+        for model in ["Tgn", "Jodie"] {
+            let (a, b) = (
+                batch_logits(g.clone(), model),
+                batch_logits(changed.clone(), model),
+            );
+            let k = j - 400;
+            assert_ne!(a[k], b[k], "{model}: the changed event's own logit moves");
+            for i in (0..a.len()).filter(|&i| i != k) {
+                assert_eq!(
+                    a[i].to_bits(),
+                    b[i].to_bits(),
+                    "{model}: logit {i} read event {j} of its own batch"
+                );
+            }
+        }
+    }
 
     #[test]
     fn average_precision_and_auc_match_scikit_learn() {
