@@ -6,6 +6,7 @@
 #
 #   bench/pres/run.sh                     # EPOCHS=5 SEEDS="0 1 2" B=200 DATA="collegemsg bitcoin-otc"
 #   EPOCHS=2 SEEDS=0 PYG=0 bench/pres/run.sh
+#   PRES_ONLY=1 PRES_GAMMA=0.1 bench/pres/run.sh   # only the PRES runs, another gamma
 #
 # PyG comes from a venv of PyPI wheels (torch 2.5.1 as worker/tests/hf pins it, torch_geometric
 # 2.6.1, scikit-learn), built once into $LOCKSTEP_CACHE/pyg-venv.
@@ -16,10 +17,13 @@ SEEDS=${SEEDS:-0 1 2}
 B=${B:-200}
 DATA=${DATA:-collegemsg bitcoin-otc}
 PYG=${PYG:-1}
+PRES_GAMMA=${PRES_GAMMA:-0.9}
+PRES_ONLY=${PRES_ONLY:-0}
 MACHINE=${MACHINE:-cpu}
 CACHE=${LOCKSTEP_CACHE:-$HOME/.cache/lockstep}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 OUT=bench/results/pres-$MACHINE-$(date +%F).jsonl
+[ "$PRES_ONLY" = 1 ] && { OUT=bench/results/pres-only-gamma-$PRES_GAMMA-$MACHINE-$(date +%F).jsonl; PYG=0; }
 cargo build --release --locked -q -p lockstep-worker
 WORKER=$CARGO_TARGET_DIR/release/lockstep-worker
 if [ "$PYG" = 1 ]; then
@@ -51,7 +55,7 @@ spec:
     optimizer: {learningRate: 0.0001, schedule: Constant}
     epochs: $EPOCHS
     seed: $seed
-    pres: {temporalBatch: $batch, predictionCorrection: $pres, gamma: 0.9, coherenceWeight: $beta}
+    pres: {temporalBatch: $batch, predictionCorrection: $pres, gamma: $PRES_GAMMA, coherenceWeight: $beta}
     evaluation: {everySteps: 100000000}
   template:
     spec:
@@ -67,6 +71,7 @@ def field(name):
     return float(re.findall(rf"\b{name}=([0-9.eE+-]+)", text)[-1])
 print(json.dumps({"system": "lockstep", "data": data, "model": model.upper(), "batch": int(batch),
                   "pres": pres == "true", "seed": int(seed), "epochs": int(epochs),
+                  "gamma": float(re.findall(r"gamma=([0-9.]+)", text)[0]),
                   "epoch_s": field("train_s") / int(epochs), "val_ap": field("val_ap"),
                   "test_ap": field("test_ap"), "test_auc": field("test_auc"),
                   "test_ap_inductive": field("test_ap_inductive")}))
@@ -84,8 +89,10 @@ r["epoch_s"] = sum(r["epoch_s"]) / len(r["epoch_s"]); print(json.dumps(r))' "$1"
 for data in $DATA; do
   for seed in $SEEDS; do
     for model in Tgn Jodie; do
-      ours "$data" $model "$B" false "$seed" | tee -a "$OUT"
-      ours "$data" $model $((4 * B)) false "$seed" | tee -a "$OUT"
+      if [ "$PRES_ONLY" != 1 ]; then
+        ours "$data" $model "$B" false "$seed" | tee -a "$OUT"
+        ours "$data" $model $((4 * B)) false "$seed" | tee -a "$OUT"
+      fi
       ours "$data" $model $((4 * B)) true "$seed" | tee -a "$OUT"
     done
     if [ "$PYG" = 1 ]; then

@@ -471,13 +471,13 @@ pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
     Ok(())
 }
 
-/// Compares the CUDA backend with the CPU reference, primitive by primitive and on whole GPT
-/// steps, and runs the conformance suite (every primitive against a naive reference) on it;
+/// Compares the CUDA backend with the CPU reference, primitive by primitive and on whole GPT,
+/// TGN and JODIE steps, and runs the conformance suite (every primitive against a naive reference) on it;
 /// prints one row per output and fails when any is out of tolerance.
 #[cfg(feature = "cuda")]
 #[allow(clippy::print_stdout)] // the check's report
 pub fn engine_check(tf32: bool) -> Result<()> {
-    use lockstep_engine::check::{CheckShape, compare, gpt_steps, primitives};
+    use lockstep_engine::check::{CheckShape, compare, gpt_steps, primitives, tgn_steps};
     use lockstep_engine::models::gpt::GptConfig;
     let cpu = lockstep_engine::cpu::Cpu;
     let cuda = lockstep_engine::cuda::Cuda::new(0, tf32)?;
@@ -489,7 +489,7 @@ pub fn engine_check(tf32: bool) -> Result<()> {
     let tol = |name: &str| -> f32 {
         if name.starts_with("gemm") || name.starts_with("attention") {
             gemm_tol
-        } else if name.starts_with("gpt") {
+        } else if name.starts_with("gpt") || name.starts_with("tgn") || name.starts_with("jodie") {
             if tf32 { 5e-2 } else { 1e-3 }
         } else {
             1e-5
@@ -507,6 +507,13 @@ pub fn engine_check(tf32: bool) -> Result<()> {
         &gpt_steps(&cuda, cfg, 4, 64, 5)?,
         &tol,
     ));
+    for jodie in [false, true] {
+        rows.extend(compare(
+            &tgn_steps(&cpu, jodie, 5)?,
+            &tgn_steps(&cuda, jodie, 5)?,
+            &tol,
+        ));
+    }
     println!(
         "# CUDA backend ({}) against the CPU reference and the conformance suite's naive \
          references; rel = max |cuda - reference| / max |reference|",

@@ -469,10 +469,23 @@ mod tests {
                 .and_then(|l| l.rsplit(' ').next())
                 .map(|v| v.parse::<f64>().expect("a value"))
         };
-        assert_eq!(line("score=\"ap\",setting=\"transductive\",split=\"val\""), Some(0.8));
-        assert_eq!(line("score=\"auc\",setting=\"transductive\",split=\"test\""), Some(0.74));
-        assert_eq!(line("score=\"ap\",setting=\"inductive\",split=\"test\""), Some(0.7));
-        assert_eq!(line("score=\"ap\",setting=\"inductive\",split=\"val\""), None, "{text}");
+        assert_eq!(
+            line("score=\"ap\",setting=\"transductive\",split=\"val\""),
+            Some(0.8)
+        );
+        assert_eq!(
+            line("score=\"auc\",setting=\"transductive\",split=\"test\""),
+            Some(0.74)
+        );
+        assert_eq!(
+            line("score=\"ap\",setting=\"inductive\",split=\"test\""),
+            Some(0.7)
+        );
+        assert_eq!(
+            line("score=\"ap\",setting=\"inductive\",split=\"val\""),
+            None,
+            "{text}"
+        );
     }
 
     #[test]

@@ -303,3 +303,21 @@ fn a_batch_of_the_wrong_size_is_refused_with_the_input_named() {
         .to_string();
     assert!(err.contains("nbr_mask"), "{err}");
 }
+
+#[test]
+fn the_engine_checks_tgn_and_jodie_steps_train_on_the_cpu_reference() {
+    // `lockstep-worker bench engine-check` compares these outputs of the CUDA backend with the
+    // CPU's: here, that they exist and that the steps train.
+    for jodie in [false, true] {
+        let out = lockstep_engine::check::tgn_steps(&Cpu, jodie, 5).expect("steps");
+        let names: Vec<&str> = out.iter().map(|o| o.0.as_str()).collect();
+        assert_eq!(names.len(), 5, "{names:?}");
+        let losses = &out[0].1;
+        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+        assert!(losses[5] < losses[0], "{names:?}: {losses:?}");
+        assert!(
+            out.iter()
+                .all(|o| !o.1.is_empty() && o.1.iter().all(|v| v.is_finite()))
+        );
+    }
+}
