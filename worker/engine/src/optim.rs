@@ -24,6 +24,14 @@ impl<B: Backend> Adam<B> {
         })
     }
 
+    /// Restores the moments and the update count of a checkpoint.
+    pub fn restore(&mut self, be: &B, m: &[f32], v: &[f32], t: i32) -> Result<()> {
+        be.upload(&mut self.m, m)?;
+        be.upload(&mut self.v, v)?;
+        self.t = t;
+        Ok(())
+    }
+
     /// One update over `ranges` (see [`crate::Net::decay_ranges`]); clips the global gradient
     /// norm to `clip` when above 0. Returns the gradient norm before clipping, which is only
     /// computed (a pass over the gradients and a wait for the device) when clipping.

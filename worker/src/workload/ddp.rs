@@ -157,9 +157,8 @@ impl<B: Backend, C: HostComm> Workload<C> for Ddp<B, C> {
         }
         let (p, _) = self.task.net().buffers();
         self.be.upload(p, &state.params)?;
-        self.be.upload(&mut self.adam.m, &state.m)?;
-        self.be.upload(&mut self.adam.v, &state.v)?;
-        self.adam.t = state.adam_t;
+        self.adam
+            .restore(&self.be, &state.m, &state.v, state.adam_t)?;
         Ok(())
     }
 

@@ -757,9 +757,7 @@ impl<B: Backend, C: HostComm> Workload<C> for Pipeline<B, C> {
             let n = part.num_params();
             let r = at..at + n;
             self.be.upload(part.buffers().0, &state.params[r.clone()])?;
-            self.be.upload(&mut adam.m, &state.m[r.clone()])?;
-            self.be.upload(&mut adam.v, &state.v[r])?;
-            adam.t = state.adam_t;
+            adam.restore(&self.be, &state.m[r.clone()], &state.v[r], state.adam_t)?;
             at += n;
         }
         Ok(())

@@ -841,9 +841,8 @@ impl<B: Backend, C: HostComm> Workload<C> for Pres<B, C> {
         self.stream = stream;
         let (p, _) = self.net.buffers();
         self.be.upload(p, &state.params)?;
-        self.be.upload(&mut self.adam.m, &state.m)?;
-        self.be.upload(&mut self.adam.v, &state.v)?;
-        self.adam.t = state.adam_t;
+        self.adam
+            .restore(&self.be, &state.m, &state.v, state.adam_t)?;
         Ok(())
     }
 

@@ -37,6 +37,8 @@ use rand::{Rng, SeedableRng};
 use super::names::Named;
 use super::{Net, Params};
 use crate::backend::{Backend, BinaryOp, Gemm, Kernel, Mask, Op, UnaryOp};
+use crate::nn::activation::{activation_bwd, activation_fwd};
+use crate::nn::attention::head_gemm;
 use crate::{EngineError, Result};
 
 /// The memory updater.
@@ -625,7 +627,7 @@ fn unary<B: Backend>(be: &B, op: UnaryOp, out: &mut B::Buf, inp: &B::Buf, n: usi
     if n == 0 {
         return Ok(());
     }
-    be.launch(Kernel::Unary { op, out, inp, n })
+    activation_fwd(be, op, out, inp, n)
 }
 
 fn unary_bwd<B: Backend>(
@@ -639,13 +641,7 @@ fn unary_bwd<B: Backend>(
     if n == 0 {
         return Ok(());
     }
-    be.launch(Kernel::UnaryBwd {
-        op,
-        dinp,
-        inp,
-        dout,
-        n,
-    })
+    activation_bwd(be, op, dinp, inp, dout, n)
 }
 
 fn binary<B: Backend>(
@@ -724,37 +720,6 @@ fn scatter_add<B: Backend>(
         n,
         width,
     })
-}
-
-/// One batched GEMM over `batch` (target, head) pairs with tight strides.
-#[allow(clippy::too_many_arguments)]
-fn heads_gemm(
-    ta: Op,
-    tb: Op,
-    m: usize,
-    n: usize,
-    k: usize,
-    (lda, sa): (usize, usize),
-    (ldb, sb): (usize, usize),
-    (ldc, sc): (usize, usize),
-    batch: usize,
-) -> Gemm {
-    Gemm {
-        ta,
-        tb,
-        m,
-        n,
-        k,
-        alpha: 1.0,
-        lda,
-        stride_a: sa,
-        ldb,
-        stride_b: sb,
-        beta: 0.0,
-        ldc,
-        stride_c: sc,
-        batch,
-    }
 }
 
 /// `(n, k, h, c)` and `(n, h, k, c)` both ways.
@@ -1023,7 +988,7 @@ impl<B: Backend> Tgn<B> {
                 })?;
                 let bh = nt * heads;
                 // scores[(i,h), s] = k[(i,h), s, :] . q[(i,h), :]
-                let g = heads_gemm(
+                let g = head_gemm(
                     Op::T,
                     Op::N,
                     slots,
@@ -1047,7 +1012,7 @@ impl<B: Backend> Tgn<B> {
                 })?;
                 binary(be, BinaryOp::Mul, &mut probs_m, &probs, &mask, bh * slots)?;
                 // att[(i,h), :] = v[(i,h), :, :]^T p[(i,h), :]
-                let g = heads_gemm(
+                let g = head_gemm(
                     Op::N,
                     Op::N,
                     hc,
@@ -1236,7 +1201,7 @@ impl<B: Backend> Tgn<B> {
                 lin_bwd_input(be, l.skip, p, &mut dx_t, &dz, nt, 0, m, 0.0)?;
                 // att = V^T p: dp = V datt, dV = p datt^T
                 let mut dprobs_m = zeros(be, bh * slots)?;
-                let g = heads_gemm(
+                let g = head_gemm(
                     Op::T,
                     Op::N,
                     slots,
@@ -1249,7 +1214,7 @@ impl<B: Backend> Tgn<B> {
                 );
                 be.gemm(&g, (&a.vp, 0), (&dz, 0), (&mut dprobs_m, 0))?;
                 let mut dvp = zeros(be, ns * dw)?;
-                let g = heads_gemm(
+                let g = head_gemm(
                     Op::N,
                     Op::T,
                     hc,
@@ -1282,7 +1247,7 @@ impl<B: Backend> Tgn<B> {
                 })?;
                 // scores = K q: dq = K^T dscores, dK = q dscores^T
                 let mut dq = zeros(be, nt * dw)?;
-                let g = heads_gemm(
+                let g = head_gemm(
                     Op::N,
                     Op::N,
                     hc,
@@ -1295,7 +1260,7 @@ impl<B: Backend> Tgn<B> {
                 );
                 be.gemm(&g, (&a.kp, 0), (&dscores, 0), (&mut dq, 0))?;
                 let mut dkp = zeros(be, ns * dw)?;
-                let g = heads_gemm(
+                let g = head_gemm(
                     Op::N,
                     Op::T,
                     hc,

@@ -19,7 +19,7 @@ fn causal_blocks(t: usize) -> Vec<(usize, usize)> {
 
 /// One batched GEMM of the attention, over `b * nh` heads.
 #[allow(clippy::too_many_arguments)]
-fn head_gemm(
+pub(crate) fn head_gemm(
     ta: Op,
     tb: Op,
     m: usize,
