@@ -456,8 +456,8 @@ pub struct Pres {
     #[serde(default = "default_temporal_batch")]
     #[schemars(range(min = 1, max = 1048576))]
     pub temporal_batch: i32,
-    /// Predict and correct the memory of nodes with several events in one batch; false trains
-    /// plain TGN.
+    /// Predict each updated node's memory from its mean observed transition and correct the
+    /// computed memory towards it (PRES); false trains plain TGN or JODIE.
     #[serde(default = "yes")]
     pub prediction_correction: bool,
     /// Weight of the predicted memory in the correction s = gamma * predicted + (1 - gamma) *

@@ -48,14 +48,16 @@ def main(path):
             ap_p, _ = stat(pres_4b, "test_ap")
             ap_4, _ = stat(plain_4b, "test_ap")
             speed = stat(plain_b, "epoch_s")[0] / stat(pres_4b, "epoch_s")[0]
+            pace = f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"
             print(f"{data} {model}: AP at B {100 * ap_b:.2f} ± {100 * sd_b:.2f}, at 4B plain "
                   f"{100 * ap_4:.2f}, at 4B with PRES {100 * ap_p:.2f} "
                   f"({'within' if abs(ap_p - ap_b) <= max(sd_b, 1e-9) else 'outside'} the seed "
-                  f"spread); epoch at 4B with PRES {speed:.2f}x faster than at B")
-        pyg = groups.get((data, "pyg-tgn", "TGN", 200, False))
-        ours = groups.get((data, "lockstep", "TGN", 200, False))
+                  f"spread); epoch at 4B with PRES {pace} than at B")
+        b = min((k[3] for k in groups if k[0] == data and k[1] == "pyg-tgn"), default=None)
+        pyg = groups.get((data, "pyg-tgn", "TGN", b, False))
+        ours = groups.get((data, "lockstep", "TGN", b, False))
         if pyg and ours:
-            print(f"{data} TGN at B=200: Lockstep AP {100 * stat(ours, 'test_ap')[0]:.2f} vs PyG "
+            print(f"{data} TGN at B={b}: Lockstep AP {100 * stat(ours, 'test_ap')[0]:.2f} vs PyG "
                   f"{100 * stat(pyg, 'test_ap')[0]:.2f}; epoch {stat(ours, 'epoch_s')[0]:.2f} s vs "
                   f"{stat(pyg, 'epoch_s')[0]:.2f} s "
                   f"({stat(pyg, 'epoch_s')[0] / stat(ours, 'epoch_s')[0]:.2f}x)")

@@ -40,6 +40,8 @@ struct Job<'a> {
     every: u64,
     model: &'a str,
     pres: bool,
+    /// Events per temporal batch.
+    batch: usize,
 }
 
 fn config(j: &Job<'_>) -> WorkerConfig {
@@ -56,7 +58,7 @@ spec:
     optimizer: {{learningRate: 0.003, schedule: Constant}}
     maxSteps: {steps}
     seed: 3
-    pres: {{temporalBatch: 100, predictionCorrection: {pres}, gamma: 0.5, coherenceWeight: {beta}}}
+    pres: {{temporalBatch: {batch}, predictionCorrection: {pres}, gamma: 0.5, coherenceWeight: {beta}}}
     checkpoint: {{everySteps: {every}, keep: 100}}
   template:
     spec:
@@ -68,6 +70,7 @@ spec:
         steps = j.steps,
         every = j.every,
         pres = j.pres,
+        batch = j.batch,
         beta = if j.pres { 0.2 } else { 0.0 },
     );
     let job = lockstep_api::manifest::parse_job(&yaml).expect("valid job");
@@ -127,6 +130,7 @@ fn base(data: &Path) -> Job<'_> {
         every: 1,
         model: "Tgn",
         pres: true,
+        batch: 100,
     }
 }
 
@@ -247,6 +251,43 @@ fn two_data_parallel_ranks_take_one_ranks_step() {
             eprintln!("{tag} {what}: gradients differ by {d:.2e} of {big:.2e}");
             assert!(big > 0.0 && d <= 1e-4 * big, "{tag} {what}: {d} of {big}");
         }
+    }
+}
+
+/// Batches that the ranks cannot split evenly: 101 events over 2 ranks (and the epoch's last
+/// batch of 87), and 233 over 3 (and a last batch of 2: one rank computes nothing). A whole epoch
+/// trains, the ranks end equal, and the first step's gradient is one rank's.
+#[test]
+fn ranks_split_uneven_and_short_batches_through_a_whole_epoch() {
+    let dir = scratch("pres", "uneven");
+    let data = write(&dir, &college(2000));
+    for (ranks, batch, steps) in [(2, 101, 14), (3, 233, 7)] {
+        let j = Job {
+            ranks,
+            batch,
+            steps,
+            every: 1,
+            ..base(&data)
+        };
+        let one = Job { ranks: 1, ..j };
+        let (da, db) = (
+            dir.join(format!("one-{ranks}-{batch}")),
+            dir.join(format!("many-{ranks}-{batch}")),
+        );
+        let single = train(&one, &da);
+        let many = train(&j, &db);
+        assert_eq!(single[0].steps, steps);
+        assert!(
+            many.iter()
+                .all(|s| s.params_digest == many[0].params_digest),
+            "{ranks} ranks disagree"
+        );
+        let (ma, mb) = (tensors(&da, 1, true), tensors(&db, 1, true));
+        let big = ma.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(
+            max_diff(&ma, &mb) <= 1e-4 * big,
+            "{ranks} ranks, batch {batch}"
+        );
     }
 }
 

@@ -150,7 +150,8 @@ impl TemporalGraph {
                         .into(),
                 ));
             }
-            let mut users = Vec::new();
+            // The file's user and item ids of each event, renumbered below.
+            let mut pairs: Vec<(u64, u64)> = Vec::new();
             for (no, line) in lines {
                 let f: Vec<&str> = line.split(',').collect();
                 if f.len() < 4 {
@@ -178,21 +179,21 @@ impl TemporalGraph {
                     .iter()
                     .map(|x| num(no, line, x, "feature").map(|v| v as f32))
                     .collect::<Result<Vec<_>, _>>()?;
-                users.push(u);
-                raw.push((u as u32, i as u32, t, feat));
+                pairs.push((u, i));
+                raw.push((0, 0, t, feat));
             }
             // Users first (dense, by first appearance), then items.
-            let mut user_ids = HashMap::new();
-            for &u in &users {
+            let mut user_ids: HashMap<u64, u32> = HashMap::new();
+            for &(u, _) in &pairs {
                 let n = user_ids.len() as u32;
                 user_ids.entry(u).or_insert(n);
             }
             let nu = user_ids.len() as u32;
-            let mut item_ids = HashMap::new();
-            for e in &mut raw {
-                e.0 = user_ids[&u64::from(e.0)];
+            let mut item_ids: HashMap<u64, u32> = HashMap::new();
+            for (e, (u, i)) in raw.iter_mut().zip(&pairs) {
+                e.0 = user_ids[u];
                 let n = item_ids.len() as u32;
-                e.1 = nu + *item_ids.entry(e.1).or_insert(n);
+                e.1 = nu + *item_ids.entry(*i).or_insert(n);
             }
             ids = (0..nu + item_ids.len() as u32)
                 .map(|i| ((2, u64::from(i)), i))
@@ -234,6 +235,20 @@ impl TemporalGraph {
             i
         };
         let (train_end, val_end) = (cut(0.70), cut(0.85));
+        // Cuts move past ties: timestamps as coarse as the split leave a part empty.
+        if train_end >= val_end || val_end >= n {
+            let part = if train_end >= val_end {
+                "validation"
+            } else {
+                "test"
+            };
+            return Err(bad(format!(
+                "{path}: the {part} part is empty: the 70% and 85% cuts move past events of the \
+                 same timestamp, and {} of the {n} events share the timestamp at the cut; a \
+                 temporal graph needs finer timestamps",
+                n - train_end.min(val_end)
+            )));
+        }
         let mut unseen = vec![true; num_nodes];
         for e in &raw[..train_end] {
             unseen[e.0 as usize] = false;
@@ -437,6 +452,31 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn a_split_left_empty_by_ties_is_refused_and_large_jodie_ids_do_not_collide() {
+        // 12 events, the last 9 at one time: the 70% cut moves to the end.
+        let text: String = (0..12)
+            .map(|i| format!("{} {} {}\n", i % 3, 3 + i % 2, if i < 3 { i } else { 9 }))
+            .collect();
+        let e = TemporalGraph::parse(&text, "ties.txt").unwrap_err();
+        assert!(
+            e.message.contains("validation part is empty"),
+            "{}",
+            e.message
+        );
+        // Item ids past u32 stay distinct.
+        let mut csv = String::from("user_id,item_id,timestamp,state_label\n");
+        for i in 0..12u64 {
+            csv.push_str(&format!(
+                "{},{},{i},0\n",
+                5_000_000_000 + i % 2,
+                (1 << 32) + i % 3
+            ));
+        }
+        let g = TemporalGraph::parse(&csv, "big.csv").unwrap();
+        assert_eq!(g.num_nodes, 5);
     }
 
     #[test]

@@ -114,36 +114,73 @@ impl Stream {
         out
     }
 
-    /// A state of `nodes` nodes, `m` memory channels and `k` neighbours from
-    /// [`Stream::to_bytes`]; `None` when the bytes are not one.
-    pub fn from_bytes(bytes: &[u8], nodes: usize, m: usize, k: usize) -> Option<Self> {
-        let mut r = Reader(bytes.strip_prefix(STREAM_FORMAT)?);
-        let sizes = [r.u64()?, r.u64()?, r.u64()?];
-        if sizes != [nodes as u64, m as u64, k as u64] {
-            return None;
+    /// A state of `nodes` nodes, `m` memory channels and `k` neighbours over a stream of
+    /// `events` events, from [`Stream::to_bytes`]; the error says what does not match.
+    pub fn from_bytes(
+        bytes: &[u8],
+        nodes: usize,
+        m: usize,
+        k: usize,
+        events: usize,
+    ) -> Result<Self, String> {
+        let short = || "it is cut short".to_string();
+        let mut r = Reader(
+            bytes
+                .strip_prefix(STREAM_FORMAT)
+                .ok_or("it is not a lockstep-stream/1 blob")?,
+        );
+        let sizes = [r.u64(), r.u64(), r.u64()];
+        for ((what, got), want) in ["nodes", "memory channels", "neighbours"]
+            .iter()
+            .zip(sizes)
+            .zip([nodes, m, k])
+        {
+            let got = got.ok_or_else(short)?;
+            if got != want as u64 {
+                return Err(format!("it holds {got} {what}, this job has {want}"));
+            }
         }
-        let memory = r.many(nodes * m, |r| r.f32())?;
-        let last_update = r.many(nodes, |r| r.f64())?;
-        let pending = r.many(nodes, |r| r.u32())?;
-        let count = r.many(nodes, |r| r.u32())?;
-        let mean = r.many(nodes * m, |r| r.f32())?;
-        let m2 = r.many(nodes * m, |r| r.f32())?;
-        let ncount = r.many(nodes, |r| r.u64())?;
-        let ring = r.many(nodes * k, |r| {
-            Some(Neighbor {
-                node: r.u32()?,
-                t: r.f64()?,
-                event: r.u32()?,
+        let memory = r.many(nodes * m, |r| r.f32()).ok_or_else(short)?;
+        let last_update = r.many(nodes, |r| r.f64()).ok_or_else(short)?;
+        let pending = r.many(nodes, |r| r.u32()).ok_or_else(short)?;
+        let count = r.many(nodes, |r| r.u32()).ok_or_else(short)?;
+        let mean = r.many(nodes * m, |r| r.f32()).ok_or_else(short)?;
+        let m2 = r.many(nodes * m, |r| r.f32()).ok_or_else(short)?;
+        let ncount = r.many(nodes, |r| r.u64()).ok_or_else(short)?;
+        let ring = r
+            .many(nodes * k, |r| {
+                Some(Neighbor {
+                    node: r.u32()?,
+                    t: r.f64()?,
+                    event: r.u32()?,
+                })
             })
-        })?;
+            .ok_or_else(short)?;
         if !r.0.is_empty() {
-            return None;
+            return Err(format!("{} bytes follow its end", r.0.len()));
         }
-        Some(Self {
+        // Indices into the data: a stream of another data set of as many nodes is refused here,
+        // not when a batch reads past the end.
+        if let Some(p) = pending.iter().find(|&&p| p != NONE && p as usize >= events) {
+            return Err(format!(
+                "a pending message names event {p}, the data has {events}"
+            ));
+        }
+        if let Some(n) = ring
+            .iter()
+            .find(|n| n.node as usize >= nodes || n.event as usize >= events)
+        {
+            return Err(format!(
+                "a neighbour names node {} and event {}, the data has {nodes} nodes and {events} \
+                 events",
+                n.node, n.event
+            ));
+        }
+        Ok(Self {
             memory,
             last_update,
             pending,
-            neighbors: Neighbors::from_parts(k, ncount, ring)?,
+            neighbors: Neighbors::from_parts(k, ncount, ring).ok_or_else(short)?,
             count,
             mean,
             m2,
@@ -411,17 +448,17 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
         (lo..hi).map(|_| rng.random_range(a..=b)).collect()
     }
 
-    /// One temporal batch of events `lo..hi` with negatives `negs`, of which this rank computes
-    /// `share` (a sub-range); with `train`, also backward. Then every rank commits the batch
-    /// (the new memory of the endpoints, taken from the rank holding each node's last event, over
-    /// `comm` when there are several ranks).
+    /// One temporal batch of events `lo..hi` with negatives `negs`, of which rank `me` of
+    /// `ranks` computes its share ([`share_of`]; possibly none); with `train`, also backward.
+    /// Then every rank commits the batch (the new memory of the endpoints, taken from the rank
+    /// holding each node's last event, over `comm` when there are several ranks).
     #[allow(clippy::too_many_arguments)]
     fn run_batch(
         &mut self,
         lo: usize,
         hi: usize,
         negs: &[u32],
-        share: std::ops::Range<usize>,
+        me: usize,
         ranks: usize,
         train: bool,
         comm: Option<&mut C>,
@@ -431,10 +468,10 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
         let (m, e, k) = (c.memory, c.edge, c.slots());
         let st = &self.stream;
         let b_all = hi - lo;
-        let events: Vec<usize> = share.clone().collect();
+        let events: Vec<usize> = share_of(lo, b_all, me, ranks).collect();
         let b = events.len();
         // The batch's endpoints: each node's last event in the batch, and its owner rank.
-        let owner_of = |i: usize| ((i - lo) * ranks / b_all).min(ranks - 1);
+        let owner_of = |i: usize| owner_of(i - lo, b_all, ranks);
         let mut last: Vec<(u32, usize)> = Vec::new();
         {
             let mut seen = std::collections::HashMap::new();
@@ -446,7 +483,6 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
             last.extend(seen);
             last.sort_unstable();
         }
-        let me = events.first().map_or(0, |&i| owner_of(i));
         let committed: Vec<(u32, usize)> = last
             .iter()
             .copied()
@@ -614,10 +650,17 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
             nbr_mask: &nbr_mask,
             loss_scale: ranks as f32 / b_all as f32,
         };
-        let out = self.net.forward(&self.be, &batch)?;
-        if train {
-            self.net.backward(&self.be)?;
-        }
+        // A rank whose share is empty (a batch of fewer events than ranks) computes nothing
+        // but joins the exchanges.
+        let out = if b == 0 {
+            TgnOutput::default()
+        } else {
+            let out = self.net.forward(&self.be, &batch)?;
+            if train {
+                self.net.backward(&self.be)?;
+            }
+            out
+        };
         // Commit: [new | computed] of each committed node, from its owner.
         let mut rows = vec![0f32; committed.len() * 2 * m];
         for (j, &(v, i)) in committed.iter().enumerate() {
@@ -681,7 +724,7 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
         while lo < g.train_end {
             let hi = (lo + self.batch).min(g.train_end);
             let negs = self.negatives(mix(key, lo as u64), lo, hi);
-            self.run_batch(lo, hi, &negs, lo..hi, 1, false, None)?;
+            self.run_batch(lo, hi, &negs, 0, 1, false, None)?;
             lo = hi;
         }
         let mut score = |from: usize, to: usize| -> Result<LinkScores, WorkError> {
@@ -691,7 +734,7 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
             while lo < to {
                 let hi = (lo + EVAL_BATCH).min(to);
                 let negs = self.negatives(mix(key, lo as u64), lo, hi);
-                let out = self.run_batch(lo, hi, &negs, lo..hi, 1, false, None)?;
+                let out = self.run_batch(lo, hi, &negs, 0, 1, false, None)?;
                 let b = hi - lo;
                 let (pos, neg) = out.logits.split_at(b);
                 aps.push(average_precision(pos, neg));
@@ -734,6 +777,19 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
         let n = self.config.num_params();
         Ok(self.be.download(self.net.buffers().0, 0, n)?)
     }
+}
+
+/// The events of a batch of `b` starting at `lo` that rank `r` of `ranks` computes: contiguous
+/// shares in rank order, `floor(r b / ranks)..floor((r + 1) b / ranks)` (empty when `b` is
+/// smaller than `ranks`).
+pub fn share_of(lo: usize, b: usize, r: usize, ranks: usize) -> std::ops::Range<usize> {
+    lo + r * b / ranks..lo + (r + 1) * b / ranks
+}
+
+/// The rank whose [`share_of`] a batch of `b` holds the batch's `x`-th event: the largest `r`
+/// with `r b < (x + 1) ranks`.
+pub fn owner_of(x: usize, b: usize, ranks: usize) -> usize {
+    ((x + 1) * ranks - 1) / b
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -821,23 +877,29 @@ impl<B: Backend, C: HostComm> Workload<C> for Pres<B, C> {
         // The stream as it was after `step` steps: mid-epoch, the memory, pending messages,
         // neighbours and PRES statistics the next batch reads.
         let c = self.config;
-        let stream = state
+        let refuse = |why: String| {
+            WorkError::new(
+                ExitCode::Checkpoint,
+                format!(
+                    "rank {}: {} has no usable stream state (memory, pending messages, \
+                     neighbours) for this job's temporal graph: {why}",
+                    topo.rank,
+                    path.display(),
+                ),
+            )
+        };
+        let blob = state
             .blobs
             .get(STREAM_BLOB)
-            .and_then(|b| Stream::from_bytes(b, self.graph.num_nodes, c.memory, c.slots()))
-            .ok_or_else(|| {
-                WorkError::new(
-                    ExitCode::Checkpoint,
-                    format!(
-                        "rank {}: {} lacks a readable stream state for {} nodes (memory, \
-                         pending messages, neighbours): it was not written by this job's \
-                         temporal-graph training",
-                        topo.rank,
-                        path.display(),
-                        self.graph.num_nodes
-                    ),
-                )
-            })?;
+            .ok_or_else(|| refuse("it has none (not written by temporal-graph training)".into()))?;
+        let stream = Stream::from_bytes(
+            blob,
+            self.graph.num_nodes,
+            c.memory,
+            c.slots(),
+            self.graph.len(),
+        )
+        .map_err(refuse)?;
         self.stream = stream;
         let (p, _) = self.net.buffers();
         self.be.upload(p, &state.params)?;
@@ -861,15 +923,14 @@ impl<B: Backend, C: HostComm> Workload<C> for Pres<B, C> {
         let hi = (lo + self.batch).min(self.graph.train_end);
         let negs = self.negatives(mix(self.seed, epoch * spe + idx as u64), lo, hi);
         let ranks = topo.data_parallel_degree();
-        let r = topo.replica as usize;
-        let b = hi - lo;
-        let share = lo + r * b / ranks..lo + (r + 1) * b / ranks;
+        let me = topo.replica as usize;
+        let mine = share_of(lo, hi - lo, me, ranks).len();
         self.net.zero_grad(&self.be)?;
         let out = self.run_batch(
             lo,
             hi,
             &negs,
-            share,
+            me,
             ranks,
             true,
             Some(&mut topo.data_parallel),
@@ -899,8 +960,9 @@ impl<B: Backend, C: HostComm> Workload<C> for Pres<B, C> {
             self.settings.clip,
         )?;
         Ok(StepReport {
-            loss: Some(out.loss as f32),
-            samples: b as u64,
+            // A rank with no events of this batch has no loss to report.
+            loss: (mine > 0).then_some(out.loss as f32),
+            samples: mine as u64,
             tokens: 0,
             comm: stats,
             pipeline: None,
@@ -1032,7 +1094,7 @@ spec:
             w.step(&mut topo, step, 0.003).expect("step");
         }
         let negs = w.negatives(99, 400, 500);
-        w.run_batch(400, 500, &negs, 400..500, 1, false, None)
+        w.run_batch(400, 500, &negs, 0, 1, false, None)
             .expect("batch")
             .logits
     }
@@ -1065,6 +1127,43 @@ spec:
                     a[i].to_bits(),
                     b[i].to_bits(),
                     "{model}: logit {i} read event {j} of its own batch"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_stream_round_trips_and_one_of_other_sizes_or_indices_is_refused_by_name() {
+        let mut st = Stream::new(4, 2, 2);
+        st.memory[3] = 1.5;
+        st.last_update[1] = 7.25;
+        st.pending[2] = 9;
+        st.count[0] = 3;
+        st.neighbors.insert(0, 3, 5.0, 9);
+        let bytes = st.to_bytes();
+        assert_eq!(Stream::from_bytes(&bytes, 4, 2, 2, 10).expect("same"), st);
+        let e = Stream::from_bytes(&bytes, 4, 2, 3, 10).unwrap_err();
+        assert!(e.contains("2 neighbours, this job has 3"), "{e}");
+        let e = Stream::from_bytes(&bytes, 4, 2, 2, 9).unwrap_err();
+        assert!(e.contains("event 9, the data has 9"), "{e}");
+        let e = Stream::from_bytes(&bytes[..bytes.len() - 1], 4, 2, 2, 10).unwrap_err();
+        assert!(e.contains("cut short"), "{e}");
+    }
+
+    #[test]
+    fn every_event_of_a_batch_is_in_exactly_its_owners_share() {
+        for ranks in 1..=5 {
+            for b in 1..=23 {
+                let mut seen = vec![0; b];
+                for r in 0..ranks {
+                    for i in share_of(100, b, r, ranks) {
+                        seen[i - 100] += 1;
+                        assert_eq!(owner_of(i - 100, b, ranks), r, "b {b} ranks {ranks}");
+                    }
+                }
+                assert!(
+                    seen.iter().all(|&n| n == 1),
+                    "b {b} ranks {ranks}: {seen:?}"
                 );
             }
         }
