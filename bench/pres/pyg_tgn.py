@@ -3,6 +3,13 @@ last aggregator, GraphAttentionEmbedding over TransformerConv with 2 heads, the 
 Adam lr 1e-4, BCE, one random negative per event) on Lockstep's split of the same file, for the
 side-by-side benchmark (bench/pres/run.sh).
 
+What still differs from Lockstep's TGN, so that the comparison reads right: PyG scores
+validation and test with the memory the last training epoch left (Lockstep replays the training
+stream with the final parameters first); PyG draws negatives from each split's own destination id
+range (Lockstep from every node id); PyG keeps TransformerConv's dropout 0.1 (Lockstep has none);
+PyG's time encoding starts from nn.Linear's default (Lockstep's from TGN's 10^(-9k/(d-1))
+frequencies); PyG embeds each node once per batch as Lockstep does.
+
 The split and the node ids are Lockstep's (worker/src/data/temporal.rs): ids by first appearance,
 events sorted by time (stably), cuts at 70% and 85% moved past timestamp ties. Prints one JSON
 line: the epoch times and the last epoch's test AP and AUC, transductive and inductive (events
