@@ -90,8 +90,10 @@ async fn ddp_digits_trains_in_real_pods_to_succeeded_with_its_progress_and_metri
     with_namespace("real-ddp", |ns| async move {
         let jobs: Api<ParallelJob> = ns.api();
         let mut v = on_the_real_node("ddp-digits.yaml")?;
-        // Long enough (about 20 s here) to watch it run; the example trains 40 epochs.
-        v["spec"]["training"]["epochs"] = 400.into();
+        // Long enough (15 to 20 s here) to watch it run and scrape rank 0 before it exits; the
+        // example trains 40 epochs, and 400 take 2 s since the CPU backend keeps small kernels
+        // on one thread.
+        v["spec"]["training"]["epochs"] = 3000.into();
         jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
             .await?;
 
@@ -164,7 +166,9 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
         let jobs: Api<ParallelJob> = ns.api();
         let mut v = on_the_real_node("ddp-digits.yaml")?;
         let interval = 500;
-        v["spec"]["training"]["epochs"] = 300.into();
+        // Several seconds of training (about 4,000 steps a second), so that the kill lands
+        // while it trains.
+        v["spec"]["training"]["epochs"] = 3000.into();
         v["spec"]["training"]["checkpoint"] = serde_json::json!({"everySteps": interval});
         let top = shared_checkpoints(&ns.name, &mut v)?;
         let created = jobs

@@ -29,9 +29,9 @@ async fn logs_follow_a_gang_into_its_next_attempt_and_keep_the_first_failure() -
     with_namespace("real-plugin", |ns| async move {
         let jobs: Api<ParallelJob> = ns.api();
         let mut v = on_the_real_node("ddp-digits.yaml")?;
-        // About 40 s per attempt on the real node (800 steps a second): long enough to be
-        // killed while it trains.
-        v["spec"]["training"]["epochs"] = 1500.into();
+        // About 30 s per attempt on the real node (about 4,000 steps a second): long enough to
+        // be killed while it trains.
+        v["spec"]["training"]["epochs"] = 6000.into();
         v["spec"]["training"]["evaluation"] = serde_json::json!({"everySteps": 5000});
         jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
             .await?;
