@@ -623,27 +623,6 @@ fn gate(lin: Lin, g: usize, oc: usize) -> Lin {
     }
 }
 
-fn unary<B: Backend>(be: &B, op: UnaryOp, out: &mut B::Buf, inp: &B::Buf, n: usize) -> Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
-    activation_fwd(be, op, out, inp, n)
-}
-
-fn unary_bwd<B: Backend>(
-    be: &B,
-    op: UnaryOp,
-    dinp: &mut B::Buf,
-    inp: &B::Buf,
-    dout: &B::Buf,
-    n: usize,
-) -> Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
-    activation_bwd(be, op, dinp, inp, dout, n)
-}
-
 fn binary<B: Backend>(
     be: &B,
     op: BinaryOp,
@@ -720,6 +699,56 @@ fn scatter_add<B: Backend>(
         n,
         width,
     })
+}
+
+/// Per (target, head) `i`: the `slots` dot products `out_i[s] = rows_i[s] . v_i` of the rows
+/// (`slots x hc`, head-major) with a vector of `hc` (scores from keys and a query; probability
+/// gradients from values and an output gradient).
+fn slot_dots(slots: usize, hc: usize, bh: usize) -> Gemm {
+    head_gemm(
+        Op::T,
+        Op::N,
+        slots,
+        1,
+        hc,
+        (hc, slots * hc),
+        (hc, hc),
+        (slots, slots),
+        bh,
+    )
+}
+
+/// Per (target, head) `i`: `out_i = rows_i^T w_i`, the rows (`slots x hc`) weighted by `slots`
+/// weights (the attention output from values and probabilities; the query gradient from keys and
+/// score gradients).
+fn slot_mix(slots: usize, hc: usize, bh: usize) -> Gemm {
+    head_gemm(
+        Op::N,
+        Op::N,
+        hc,
+        1,
+        slots,
+        (hc, slots * hc),
+        (slots, slots),
+        (hc, hc),
+        bh,
+    )
+}
+
+/// Per (target, head) `i`: the outer product `out_i[s] = w_i[s] v_i` (`slots x hc`): the key and
+/// value gradients.
+fn slot_outer(slots: usize, hc: usize, bh: usize) -> Gemm {
+    head_gemm(
+        Op::N,
+        Op::T,
+        hc,
+        slots,
+        1,
+        (hc, hc),
+        (slots, slots),
+        (hc, slots * hc),
+        bh,
+    )
 }
 
 /// `(n, k, h, c)` and `(n, h, k, c)` both ways.
@@ -819,7 +848,7 @@ impl<B: Backend> Tgn<B> {
             true,
         )?;
         let mut msg_phi = zeros(be, up * t)?;
-        unary(be, UnaryOp::Cos, &mut msg_phi, &msg_phi_pre, up * t)?;
+        activation_fwd(be, UnaryOp::Cos, &mut msg_phi, &msg_phi_pre, up * t)?;
         let mut gi = Vec::new();
         let mut gh = Vec::new();
         for g in 0..l.gates {
@@ -858,12 +887,12 @@ impl<B: Backend> Tgn<B> {
         match c.updater {
             Updater::Gru => {
                 binary(be, BinaryOp::Add, &mut r_pre, &gi[0], &gh[0], n_up)?;
-                unary(be, UnaryOp::Sigmoid, &mut r, &r_pre, n_up)?;
+                activation_fwd(be, UnaryOp::Sigmoid, &mut r, &r_pre, n_up)?;
                 binary(be, BinaryOp::Add, &mut z_pre, &gi[1], &gh[1], n_up)?;
-                unary(be, UnaryOp::Sigmoid, &mut z, &z_pre, n_up)?;
+                activation_fwd(be, UnaryOp::Sigmoid, &mut z, &z_pre, n_up)?;
                 binary(be, BinaryOp::Mul, &mut rgh, &r, &gh[2], n_up)?;
                 binary(be, BinaryOp::Add, &mut n_pre, &gi[2], &rgh, n_up)?;
-                unary(be, UnaryOp::Tanh, &mut n, &n_pre, n_up)?;
+                activation_fwd(be, UnaryOp::Tanh, &mut n, &n_pre, n_up)?;
                 // h' = n + z * (h - n)
                 binary(be, BinaryOp::Sub, &mut h_minus_n, &memory_old, &n, n_up)?;
                 let mut zhn = zeros(be, n_up)?;
@@ -872,7 +901,7 @@ impl<B: Backend> Tgn<B> {
             }
             Updater::Rnn => {
                 binary(be, BinaryOp::Add, &mut n_pre, &gi[0], &gh[0], n_up)?;
-                unary(be, UnaryOp::Tanh, &mut computed, &n_pre, n_up)?;
+                activation_fwd(be, UnaryOp::Tanh, &mut computed, &n_pre, n_up)?;
             }
         }
 
@@ -956,7 +985,7 @@ impl<B: Backend> Tgn<B> {
         match c.embed {
             Embedding::Attention => {
                 lin_fwd(be, l.time, p, &mut nbr_phi_pre, &times, nu, 0, 1, 0.0, true)?;
-                unary(be, UnaryOp::Cos, &mut nbr_phi, &nbr_phi_pre, nu * t)?;
+                activation_fwd(be, UnaryOp::Cos, &mut nbr_phi, &nbr_phi_pre, nu * t)?;
                 // Each distinct time encoded and projected once, gathered per slot.
                 let mut ea_u = zeros(be, nu * dw)?;
                 lin_fwd(be, l.e, p, &mut ea_u, &nbr_phi, nu, 0, t, 0.0, false)?;
@@ -988,17 +1017,7 @@ impl<B: Backend> Tgn<B> {
                 })?;
                 let bh = nt * heads;
                 // scores[(i,h), s] = k[(i,h), s, :] . q[(i,h), :]
-                let g = head_gemm(
-                    Op::T,
-                    Op::N,
-                    slots,
-                    1,
-                    hc,
-                    (hc, slots * hc),
-                    (hc, hc),
-                    (slots, slots),
-                    bh,
-                );
+                let g = slot_dots(slots, hc, bh);
                 be.gemm(&g, (&kp, 0), (&q, 0), (&mut scores, 0))?;
                 let mut biased = zeros(be, bh * slots)?;
                 binary(be, BinaryOp::Add, &mut biased, &scores, &bias, bh * slots)?;
@@ -1012,17 +1031,7 @@ impl<B: Backend> Tgn<B> {
                 })?;
                 binary(be, BinaryOp::Mul, &mut probs_m, &probs, &mask, bh * slots)?;
                 // att[(i,h), :] = v[(i,h), :, :]^T p[(i,h), :]
-                let g = head_gemm(
-                    Op::N,
-                    Op::N,
-                    hc,
-                    1,
-                    slots,
-                    (hc, slots * hc),
-                    (slots, slots),
-                    (hc, hc),
-                    bh,
-                );
+                let g = slot_mix(slots, hc, bh);
                 be.gemm(&g, (&vp, 0), (&probs_m, 0), (&mut att, 0))?;
                 let mut skip = zeros(be, nt * dw)?;
                 lin_fwd(be, l.skip, p, &mut skip, &x_t, nt, 0, m, 0.0, true)?;
@@ -1055,7 +1064,7 @@ impl<B: Backend> Tgn<B> {
         let mut pre = zeros(be, 2 * b * dw)?;
         binary(be, BinaryOp::Add, &mut pre, &hs, &hd, 2 * b * dw)?;
         let mut h = zeros(be, 2 * b * dw)?;
-        unary(be, UnaryOp::Relu, &mut h, &pre, 2 * b * dw)?;
+        activation_fwd(be, UnaryOp::Relu, &mut h, &pre, 2 * b * dw)?;
         let mut logit = zeros(be, 2 * b)?;
         lin_fwd(be, l.fin, p, &mut logit, &h, 2 * b, 0, dw, 0.0, true)?;
         let logit_host = be.download(&logit, 0, 2 * b)?;
@@ -1176,7 +1185,7 @@ impl<B: Backend> Tgn<B> {
         let mut dh = zeros(be, 2 * b * dw)?;
         lin_bwd_input(be, l.fin, p, &mut dh, &dlogit, 2 * b, 0, dw, 0.0)?;
         let mut dpre = zeros(be, 2 * b * dw)?;
-        unary_bwd(be, UnaryOp::Relu, &mut dpre, &a.pre, &dh, 2 * b * dw)?;
+        activation_bwd(be, UnaryOp::Relu, &mut dpre, &a.pre, &dh, 2 * b * dw)?;
         let other = &a.other;
         lin_bwd_weight(be, l.src, gr, &dpre, &a.z_src2, 2 * b, 0, dw, true)?;
         lin_bwd_weight(be, l.dst, gr, &dpre, other, 2 * b, 0, dw, true)?;
@@ -1201,30 +1210,10 @@ impl<B: Backend> Tgn<B> {
                 lin_bwd_input(be, l.skip, p, &mut dx_t, &dz, nt, 0, m, 0.0)?;
                 // att = V^T p: dp = V datt, dV = p datt^T
                 let mut dprobs_m = zeros(be, bh * slots)?;
-                let g = head_gemm(
-                    Op::T,
-                    Op::N,
-                    slots,
-                    1,
-                    hc,
-                    (hc, slots * hc),
-                    (hc, hc),
-                    (slots, slots),
-                    bh,
-                );
+                let g = slot_dots(slots, hc, bh);
                 be.gemm(&g, (&a.vp, 0), (&dz, 0), (&mut dprobs_m, 0))?;
                 let mut dvp = zeros(be, ns * dw)?;
-                let g = head_gemm(
-                    Op::N,
-                    Op::T,
-                    hc,
-                    slots,
-                    1,
-                    (hc, hc),
-                    (slots, slots),
-                    (hc, slots * hc),
-                    bh,
-                );
+                let g = slot_outer(slots, hc, bh);
                 be.gemm(&g, (&dz, 0), (&a.probs_m, 0), (&mut dvp, 0))?;
                 let mut dprobs = zeros(be, bh * slots)?;
                 binary(
@@ -1247,30 +1236,10 @@ impl<B: Backend> Tgn<B> {
                 })?;
                 // scores = K q: dq = K^T dscores, dK = q dscores^T
                 let mut dq = zeros(be, nt * dw)?;
-                let g = head_gemm(
-                    Op::N,
-                    Op::N,
-                    hc,
-                    1,
-                    slots,
-                    (hc, slots * hc),
-                    (slots, slots),
-                    (hc, hc),
-                    bh,
-                );
+                let g = slot_mix(slots, hc, bh);
                 be.gemm(&g, (&a.kp, 0), (&dscores, 0), (&mut dq, 0))?;
                 let mut dkp = zeros(be, ns * dw)?;
-                let g = head_gemm(
-                    Op::N,
-                    Op::T,
-                    hc,
-                    slots,
-                    1,
-                    (hc, hc),
-                    (slots, slots),
-                    (hc, slots * hc),
-                    bh,
-                );
+                let g = slot_outer(slots, hc, bh);
                 be.gemm(&g, (&a.q, 0), (&dscores, 0), (&mut dkp, 0))?;
                 let shape = [nt, heads, slots, hc];
                 let mut dk = zeros(be, ns * dw)?;
@@ -1310,7 +1279,7 @@ impl<B: Backend> Tgn<B> {
                 let mut dphi = zeros(be, nu * t)?;
                 lin_bwd_input(be, l.e, p, &mut dphi, &dea_u, nu, 0, t, 0.0)?;
                 let mut dphi_pre = zeros(be, nu * t)?;
-                unary_bwd(
+                activation_bwd(
                     be,
                     UnaryOp::Cos,
                     &mut dphi_pre,
@@ -1363,16 +1332,16 @@ impl<B: Backend> Tgn<B> {
                 let mut dn = zeros(be, n_up)?;
                 binary(be, BinaryOp::Sub, &mut dn, &dcomputed, &dhz, n_up)?;
                 let mut dn_pre = zeros(be, n_up)?;
-                unary_bwd(be, UnaryOp::Tanh, &mut dn_pre, &a.n_pre, &dn, n_up)?;
+                activation_bwd(be, UnaryOp::Tanh, &mut dn_pre, &a.n_pre, &dn, n_up)?;
                 // n_pre = gi_n + r * gh_n
                 let mut dr = zeros(be, n_up)?;
                 binary(be, BinaryOp::Mul, &mut dr, &dn_pre, &a.gh[2], n_up)?;
                 let mut dgh_n = zeros(be, n_up)?;
                 binary(be, BinaryOp::Mul, &mut dgh_n, &dn_pre, &a.r, n_up)?;
                 let mut dr_pre = zeros(be, n_up)?;
-                unary_bwd(be, UnaryOp::Sigmoid, &mut dr_pre, &a.r_pre, &dr, n_up)?;
+                activation_bwd(be, UnaryOp::Sigmoid, &mut dr_pre, &a.r_pre, &dr, n_up)?;
                 let mut dz_pre = zeros(be, n_up)?;
-                unary_bwd(be, UnaryOp::Sigmoid, &mut dz_pre, &a.z_pre, &dzg, n_up)?;
+                activation_bwd(be, UnaryOp::Sigmoid, &mut dz_pre, &a.z_pre, &dzg, n_up)?;
                 // gate order r, z, n; gi and gh share the r and z pre-activations
                 let dz_pre2 = copy(be, &dz_pre, n_up)?;
                 let dr_pre2 = copy(be, &dr_pre, n_up)?;
@@ -1381,7 +1350,7 @@ impl<B: Backend> Tgn<B> {
             }
             Updater::Rnn => {
                 let mut dn_pre = zeros(be, n_up)?;
-                unary_bwd(be, UnaryOp::Tanh, &mut dn_pre, &a.n_pre, &dcomputed, n_up)?;
+                activation_bwd(be, UnaryOp::Tanh, &mut dn_pre, &a.n_pre, &dcomputed, n_up)?;
                 let dh = copy(be, &dn_pre, n_up)?;
                 dgi.push(dn_pre);
                 dgh.push(dh);
@@ -1409,7 +1378,7 @@ impl<B: Backend> Tgn<B> {
             lin_bwd_weight(be, wh, gr, &dgh[g], &a.memory_old, up, 0, m, true)?;
         }
         let mut dphi_pre = zeros(be, up * t)?;
-        unary_bwd(
+        activation_bwd(
             be,
             UnaryOp::Cos,
             &mut dphi_pre,

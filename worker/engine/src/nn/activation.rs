@@ -4,7 +4,7 @@
 use crate::Result;
 use crate::backend::{Backend, Kernel, UnaryOp};
 
-/// `out = op(inp)` over `n` values.
+/// `out = op(inp)` over `n` values (nothing when `n` is 0).
 pub fn activation_fwd<B: Backend>(
     be: &B,
     op: UnaryOp,
@@ -12,10 +12,14 @@ pub fn activation_fwd<B: Backend>(
     inp: &B::Buf,
     n: usize,
 ) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
     be.launch(Kernel::Unary { op, out, inp, n })
 }
 
-/// Backward of [`activation_fwd`] from its input: overwrites `dinp = op'(inp) * dout`.
+/// Backward of [`activation_fwd`] from its input: overwrites `dinp = op'(inp) * dout`
+/// (nothing when `n` is 0).
 pub fn activation_bwd<B: Backend>(
     be: &B,
     op: UnaryOp,
@@ -24,6 +28,9 @@ pub fn activation_bwd<B: Backend>(
     dout: &B::Buf,
     n: usize,
 ) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
     be.launch(Kernel::UnaryBwd {
         op,
         dinp,
