@@ -767,12 +767,7 @@ impl<B: Backend, C: HostComm> Pres<B, C> {
         Ok(LinkReport { val, test })
     }
 
-    /// The stream's state (tests).
-    pub fn stream(&self) -> &Stream {
-        &self.stream
-    }
-
-    /// The current parameters (tests).
+    /// The current parameters, downloaded from the backend.
     pub fn params(&mut self) -> Result<Vec<f32>, WorkError> {
         let n = self.config.num_params();
         Ok(self.be.download(self.net.buffers().0, 0, n)?)
