@@ -8,6 +8,9 @@
 #                     they cannot run: it says so, and runs the rest.
 #   --real-node-only  the same, but only the real-node tests (`make e2e-real`)
 #   TEST_STATE        the state folder of the cluster it starts (default target/test-cluster)
+#   SCHEDULERS        the external schedulers the cluster it starts runs (default all three:
+#                     kueue,volcano,coscheduling; see e2e/cluster/up.sh). Against a cluster of
+#                     `make cluster-up` started without one, its tests say NOT RUN and pass.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 real=0 only=0
@@ -52,6 +55,7 @@ fi
 state=${TEST_STATE:-$root/target/test-cluster}
 STATE="$state" "$root/e2e/cluster/down.sh" >/dev/null 2>&1
 [ $real = 1 ] && export REAL_NODES=1
+export SCHEDULERS=${SCHEDULERS-kueue,volcano,coscheduling}
 STATE="$state" "$root/e2e/cluster/up.sh" >/dev/null || exit 1
 trap 'STATE="$state" "$root/e2e/cluster/down.sh" >/dev/null' EXIT
 export KUBECONFIG="$state/kubeconfig"

@@ -228,7 +228,7 @@ pub mod annotations {
 pub mod operator {
     /// The field manager for every server-side apply the operator makes.
     pub const FIELD_MANAGER: &str = "lockstep-operator";
-    /// Value of `spec.runPolicy.managedBy` meaning "the Lockstep operator reconciles this job".
+    /// Value of `spec.managedBy` meaning "the Lockstep operator reconciles this job".
     pub const CONTROLLER_NAME: &str = "lockstep.dev/operator";
     /// Scheduling gate that holds a gang's pods until the gang is admitted as a whole.
     pub const SCHEDULING_GATE: &str = "lockstep.dev/gang";

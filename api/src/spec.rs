@@ -132,6 +132,14 @@ pub struct ParallelJobSpec {
     /// Where the workers export their metrics.
     #[serde(default)]
     pub monitoring: Monitoring,
+
+    /// The controller that reconciles this job. Only `lockstep.dev/operator` is reconciled by
+    /// Lockstep; any other value (Kueue's MultiKueue, which reads this field of custom jobs, or
+    /// another multi-cluster dispatcher) makes the operator leave the job alone. Immutable.
+    #[serde(default = "default_managed_by")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.managedBy is immutable"))]
+    pub managed_by: String,
 }
 
 /// The shape of the gang. World size is `dataParallel x pipelineStages`; rank r is pipeline stage
@@ -178,12 +186,16 @@ fn one() -> i32 {
 #[serde(rename_all = "camelCase")]
 pub struct Scheduling {
     /// Who admits the gang all-or-nothing: Builtin (the operator, with pod scheduling gates),
-    /// Workload (the upstream Kubernetes gang API), Coscheduling (scheduler-plugins PodGroup) or
-    /// Volcano (Volcano PodGroup).
+    /// Workload (the upstream Kubernetes gang API), Coscheduling (scheduler-plugins PodGroup),
+    /// Volcano (Volcano PodGroup) or Kueue (a Kueue Workload: quota and fair sharing; the pods
+    /// are made once Kueue admits it). A job labelled `kueue.x-k8s.io/queue-name` is Kueue's
+    /// whatever this says, unless it names another external scheduler, which is refused.
     #[serde(default)]
     pub gang_policy: GangPolicy,
 
-    /// Name of the queue the job waits in (Builtin: informational; Volcano: the Volcano queue).
+    /// Name of the queue the job waits in (Builtin: informational; Volcano: the Volcano queue;
+    /// Kueue: the LocalQueue, when the job has no `kueue.x-k8s.io/queue-name` label; Kueue's
+    /// `default` LocalQueue when neither names one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub queue: Option<String>,
@@ -216,6 +228,10 @@ pub enum GangPolicy {
     Coscheduling,
     /// Volcano (`scheduling.volcano.sh` PodGroup).
     Volcano,
+    /// Kueue (`kueue.x-k8s.io/v1beta2` Workload): the operator writes the job's Workload, makes
+    /// the gang when Kueue admits it (with the flavor's node labels and tolerations), reports
+    /// PodsReady, stops the gang on eviction and waits for readmission.
+    Kueue,
 }
 
 /// A topology constraint on the whole gang.
@@ -408,7 +424,7 @@ impl RestartBackoff {
 }
 
 /// Suspension, deadlines and clean-up.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct RunPolicy {
     /// Suspend the job: its pods are deleted, the job is kept; setting it back to false starts a
@@ -437,31 +453,10 @@ pub struct RunPolicy {
     /// may not exit on their own).
     #[serde(default)]
     pub success_policy: SuccessPolicy,
-
-    /// The controller that reconciles this job. Only `lockstep.dev/operator` is reconciled by
-    /// Lockstep; any other value (for example a multi-cluster dispatcher) makes the operator leave
-    /// the job alone. Immutable.
-    #[serde(default = "default_managed_by")]
-    #[schemars(length(min = 1, max = 63))]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.runPolicy.managedBy is immutable"))]
-    pub managed_by: String,
 }
 
 fn default_managed_by() -> String {
     contract::operator::CONTROLLER_NAME.to_string()
-}
-
-impl Default for RunPolicy {
-    fn default() -> Self {
-        Self {
-            suspend: false,
-            active_deadline_seconds: None,
-            ttl_seconds_after_finished: None,
-            clean_pod_policy: CleanPodPolicy::default(),
-            success_policy: SuccessPolicy::default(),
-            managed_by: default_managed_by(),
-        }
-    }
 }
 
 /// Which pods are deleted when the job finishes.

@@ -312,6 +312,11 @@ pub mod reasons {
     /// the job's own (another job's of the same name, orphaned, or a user's): they are left
     /// alone, and the gang waits, with no pod kept, until they are gone.
     pub const OBJECT_CONFLICT: &str = "ObjectConflict";
+    /// The job's Kueue Workload waits for Kueue to reserve quota (the message is Kueue's).
+    pub const WAITING_FOR_KUEUE: &str = "WaitingForKueue";
+    /// Kueue evicted the job's Workload (preempted, or not ready in time): the gang stops, and
+    /// the job waits to be admitted again.
+    pub const EVICTED: &str = "Evicted";
 }
 
 #[cfg(test)]

@@ -106,12 +106,9 @@ fn parallelism_and_training_are_immutable() {
 fn managed_by_is_immutable() {
     let old = example("ddp-digits.yaml");
     let mut new = old.clone();
-    new["spec"]["runPolicy"] = serde_json::json!({"managedBy": "kueue.x-k8s.io/multikueue"});
+    new["spec"]["managedBy"] = "kueue.x-k8s.io/multikueue".into();
     let errs = validate(&new, Some(&old)).expect_err("managedBy changed");
-    assert!(
-        errs.iter().any(|e| e.field == "spec.runPolicy.managedBy"),
-        "{errs:?}"
-    );
+    assert!(errs.iter().any(|e| e.field == "spec.managedBy"), "{errs:?}");
 }
 
 #[test]

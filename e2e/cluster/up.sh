@@ -7,6 +7,10 @@
 #   NODES   fake nodes (default 4)
 #   ONLY_APISERVER=1   start etcd and kube-apiserver only
 #   REAL_NODES=1       also start one real node (realnode.sh: kubelet, containerd, CoreDNS; root)
+#   SCHEDULERS=kueue,volcano,coscheduling   also start these (any of them), each with its CRDs:
+#                      Kueue's controllers and scheduler (minimalkueue, no webhooks), Volcano's
+#                      scheduler with a `default` Queue, scheduler-plugins' kube-scheduler with the
+#                      Coscheduling plugin (scheduler name scheduler-plugins-scheduler)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -14,7 +18,12 @@ state=${STATE:-$root/.cluster}
 nodes=${NODES:-4}
 # shellcheck source=versions.env
 source "$here/versions.env"
+schedulers=$(echo "${SCHEDULERS:-}" | tr ',' ' ')
+for s in $schedulers; do
+  case "$s" in kueue|volcano|coscheduling) ;; *) echo "SCHEDULERS: unknown $s (kueue, volcano, coscheduling)" >&2; exit 2 ;; esac
+done
 bin=$("$here/build.sh" 2>/dev/null)
+[ -z "$schedulers" ] || COMPONENTS="$schedulers" "$here/build.sh" >/dev/null
 if [ -e "$state/pids" ] && "$here/status.sh" >/dev/null 2>&1; then
   echo "cluster already running: KUBECONFIG=$state/kubeconfig"; exit 0
 fi
@@ -148,6 +157,75 @@ for _ in $(seq 1 240); do
   "$kubectl" get serviceaccount default -n default >/dev/null 2>&1 && break
   sleep 0.5
 done
+# --- external schedulers. Their CRDs come from their Go modules, like kwok's stages.
+module_dir() { GOWORK=off GOFLAGS=-mod=mod go mod download -json "$1" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p'; }
+wait_http() { # name, url: up to 120 s
+  for _ in $(seq 1 240); do curl -skf "$2" >/dev/null 2>&1 && return 0; sleep 0.5; done
+  log "$1 not ready; see $state/logs/$1.log"; return 1
+}
+for s in $schedulers; do
+  s_start=$(date +%s.%N)
+  case "$s" in
+    kueue)
+      dir=$(module_dir "sigs.k8s.io/kueue@v$KUEUE_VERSION")
+      for f in "$dir"/config/components/crd/bases/*.yaml; do
+        "$kubectl" apply --server-side -f "$f" >/dev/null
+      done
+      "$kubectl" wait --for condition=Established crd --all --timeout 60s >/dev/null
+      port=$(free_port)
+      spawn kueue "$bin/minimalkueue-v$KUEUE_VERSION" \
+        --metricsPort "$port" --zap-log-level info
+      # controller-runtime serves metrics once the manager runs: Kueue is up then.
+      wait_http kueue "http://127.0.0.1:$port/metrics" ;;
+    volcano)
+      dir=$(module_dir "volcano.sh/volcano@v$VOLCANO_VERSION")
+      for f in "$dir"/installer/helm/chart/volcano/crd/bases/*.yaml; do
+        "$kubectl" apply --server-side -f "$f" >/dev/null
+      done
+      "$kubectl" wait --for condition=Established crd --all --timeout 60s >/dev/null
+      "$kubectl" apply -f - >/dev/null <<Q
+apiVersion: scheduling.volcano.sh/v1beta1
+kind: Queue
+metadata: {name: default}
+spec: {weight: 1, reclaimable: true}
+Q
+      port=$(free_port)
+      spawn volcano "$bin/vc-scheduler-v$VOLCANO_VERSION" --kubeconfig "$state/kubeconfig" \
+        --scheduler-name volcano --leader-elect=false --schedule-period 200ms \
+        --listen-address "127.0.0.1:$(free_port)" --enable-healthz --healthz-address "127.0.0.1:$port" \
+        --kube-api-qps 500 --kube-api-burst 1000 --cache-dumper=false
+      wait_http volcano "http://127.0.0.1:$port/healthz" ;;
+    coscheduling)
+      dir=$(module_dir "sigs.k8s.io/scheduler-plugins@v$SCHEDULER_PLUGINS_VERSION")
+      "$kubectl" apply --server-side -f "$dir/manifests/coscheduling/crd.yaml" >/dev/null
+      "$kubectl" wait --for condition=Established crd --all --timeout 60s >/dev/null
+      cat > "$state/coscheduling.yaml" <<CFG
+apiVersion: kubescheduler.config.k8s.io/v1
+kind: KubeSchedulerConfiguration
+leaderElection: {leaderElect: false}
+clientConnection: {kubeconfig: "$state/kubeconfig", qps: 500, burst: 1000}
+profiles:
+- schedulerName: scheduler-plugins-scheduler
+  plugins:
+    multiPoint:
+      enabled: [{name: Coscheduling}]
+    queueSort:
+      enabled: [{name: Coscheduling}]
+      disabled: [{name: "*"}]
+  pluginConfig:
+  - name: Coscheduling
+    args: {permitWaitingTimeSeconds: 10}
+CFG
+      port=$(free_port)
+      spawn coscheduling "$bin/scheduler-plugins-v$SCHEDULER_PLUGINS_VERSION" \
+        --config "$state/coscheduling.yaml" --authentication-kubeconfig "$state/kubeconfig" \
+        --authorization-kubeconfig "$state/kubeconfig" --bind-address 127.0.0.1 --secure-port "$port"
+      wait_http coscheduling "https://127.0.0.1:$port/healthz" ;;
+  esac
+  log "$s ready after $(python3 -c "import time; print(round(time.time()-$s_start,1))")s"
+  echo "$s" >> "$state/schedulers"   # what the tests read to know which schedulers run
+done
+
 if [ "${REAL_NODES:-0}" = 1 ]; then
   "$here/realnode.sh" up "$state" "$api_port"
 fi

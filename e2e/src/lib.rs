@@ -161,8 +161,12 @@ async fn start_or_reuse() -> Result<ClusterInfo> {
         _ => {
             // A private cluster for this test process; the watchdog stops it when we exit.
             let state = root.join(format!("target/e2e-cluster-{}", std::process::id()));
-            run(tokio::process::Command::new(root.join("e2e/cluster/up.sh")).env("STATE", &state))
-                .await?;
+            let schedulers =
+                std::env::var("SCHEDULERS").unwrap_or_else(|_| ALL_SCHEDULERS.join(","));
+            run(tokio::process::Command::new(root.join("e2e/cluster/up.sh"))
+                .env("STATE", &state)
+                .env("SCHEDULERS", schedulers))
+            .await?;
             let watchdog = format!(
                 "while kill -0 {pid} 2>/dev/null; do sleep 1; done; STATE={state} {down} >/dev/null 2>&1; rm -rf {state}",
                 pid = std::process::id(),
@@ -360,6 +364,77 @@ impl Cluster {
         ])
         .await?;
         self.wait_established("paralleljobs.lockstep.dev").await
+    }
+}
+
+/// The external schedulers `e2e/cluster/up.sh` can start (`SCHEDULERS`); a cluster this suite
+/// starts runs all of them.
+pub const ALL_SCHEDULERS: [&str; 3] = ["kueue", "volcano", "coscheduling"];
+
+impl Cluster {
+    /// Whether the external scheduler `name` (one of [`ALL_SCHEDULERS`]) runs in this cluster
+    /// (`up.sh` lists those it started in `<state>/schedulers`). When it does not, says that the
+    /// calling test is NOT RUN, and why: a cluster of `make cluster-up` without `SCHEDULERS`.
+    pub fn runs_scheduler(&self, name: &str, test: &str) -> bool {
+        let listed = self
+            .kubeconfig
+            .parent()
+            .and_then(|state| std::fs::read_to_string(state.join("schedulers")).ok())
+            .is_some_and(|l| l.lines().any(|s| s.trim() == name));
+        if !listed {
+            eprintln!(
+                "== NOT RUN: {test}: the cluster does not run {name} (start it with \
+                 SCHEDULERS={name}, or let the suite start its own)"
+            );
+        }
+        listed
+    }
+}
+
+/// An API server of its own (etcd and kube-apiserver only: no controllers, scheduler, nodes, or
+/// the APIs of the external gang schedulers), with the ParallelJob CRD: where the operator meets
+/// a gang API that is not served. Stopped, and its state removed, when dropped.
+pub struct BareApiServer {
+    /// The admin's view of it.
+    pub cluster: Cluster,
+    state: PathBuf,
+}
+
+impl BareApiServer {
+    /// Starts one named after `test`.
+    pub async fn start(test: &str) -> Result<BareApiServer> {
+        let root = repo_root();
+        let shared = cluster().await;
+        let state = root.join(format!("target/e2e-bare-{test}-{}", std::process::id()));
+        run(tokio::process::Command::new(root.join("e2e/cluster/up.sh"))
+            .env("STATE", &state)
+            .env("ONLY_APISERVER", "1")
+            .env_remove("SCHEDULERS")
+            .env_remove("REAL_NODES"))
+        .await?;
+        let kubeconfig = state.join("kubeconfig");
+        let bare = BareApiServer {
+            cluster: Cluster {
+                client: client_for(&kubeconfig).await?,
+                kubeconfig,
+                bin: shared.bin,
+                logs: state.join("logs"),
+            },
+            state,
+        };
+        bare.cluster.install_crd().await?;
+        Ok(bare)
+    }
+}
+
+impl Drop for BareApiServer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(repo_root().join("e2e/cluster/down.sh"))
+            .env("STATE", &self.state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.state);
     }
 }
 

@@ -33,6 +33,7 @@ use lockstep_api::{ParallelJob, ParallelJobStatus};
 
 use crate::gang::Outcome;
 use crate::job;
+use crate::kueue::{PodSetUpdate, StatusUpdate, WorkloadView};
 use crate::observe::{Failure, PodState, RankPod};
 use crate::resources::GPU_RESOURCE;
 
@@ -52,6 +53,8 @@ pub enum Action {
         /// The planned node of each of those ranks (Builtin admission): the pods are created
         /// gated and pinned there.
         nodes: Option<Vec<String>>,
+        /// What Kueue's admission puts on the pods (the flavors' node labels and tolerations).
+        update: Option<PodSetUpdate>,
     },
     /// Remove the gang scheduling gate from these pods: the whole admitted gang exists.
     Ungate(Vec<String>),
@@ -59,6 +62,11 @@ pub enum Action {
     DeletePods(Vec<String>),
     /// Delete the job itself (TTL after finished).
     DeleteJob,
+    /// Delete the job's Kueue Workload (written for an older spec; the next pass writes it
+    /// again).
+    DeleteWorkload,
+    /// Write the job's Kueue Workload's status, as Kueue's job framework does.
+    WorkloadStatus(StatusUpdate),
 }
 
 /// An Event to record on the job.
@@ -135,6 +143,8 @@ struct Pass<'a> {
     job: &'a ParallelJob,
     now: Timestamp,
     world: u32,
+    /// The job's Kueue Workload, when the job is Kueue's and the Workload exists.
+    workload: Option<&'a WorkloadView>,
     d: Decision,
 }
 
@@ -167,6 +177,18 @@ pub fn decide<'a>(
     pods: &[RankPod],
     now: Timestamp,
 ) -> Decided<'a> {
+    decide_with(job, world, pods, None, now)
+}
+
+/// [`decide`] for a job under the Kueue policy, given its Workload as read (`None`: there is
+/// none).
+pub fn decide_with<'a>(
+    job: &'a ParallelJob,
+    world: u32,
+    pods: &[RankPod],
+    workload: Option<&'a WorkloadView>,
+    now: Timestamp,
+) -> Decided<'a> {
     let mut status = job.status.clone().unwrap_or_default();
     status.observed_generation = job.metadata.generation;
     // A rejection reported for an older generation of the spec no longer holds.
@@ -179,6 +201,7 @@ pub fn decide<'a>(
         job,
         now,
         world,
+        workload,
         d: Decision {
             status,
             actions: Vec::new(),
@@ -411,6 +434,7 @@ impl Pass<'_> {
     fn run(&mut self, pods: &[RankPod]) -> Step {
         let step = self.pass(pods);
         self.restart_not_needed();
+        self.report_pods_ready(pods);
         step
     }
 
@@ -431,10 +455,12 @@ impl Pass<'_> {
         self.count(pods);
         if self.phase().is_some_and(Phase::is_terminal) {
             self.finished(pods);
+            self.workload_finished();
             return Step::Done;
         }
         if spec.run_policy.suspend {
             self.suspend(pods);
+            self.workload_stopped(pods);
             return Step::Done;
         }
         if self.phase() == Some(Phase::Suspended) {
@@ -447,6 +473,9 @@ impl Pass<'_> {
             self.set_phase(Phase::Starting);
         }
         if self.deadline_passed(pods) {
+            return Step::Done;
+        }
+        if self.evicted(pods) {
             return Step::Done;
         }
         let attempt = self.d.status.attempt;
@@ -1033,6 +1062,10 @@ impl Pass<'_> {
     /// `Builtin` policy an attempt without admission and without pods stops the pass here for
     /// admission's answer.
     fn ensure_gang(&mut self, current: &[&RankPod]) -> Step {
+        if self.kueue() {
+            self.kueue_gang(current);
+            return Step::Done;
+        }
         let mut plan = None;
         if self.job.spec.scheduling.gang_policy == GangPolicy::Builtin {
             match job::admitted_nodes(&self.d.status) {
@@ -1055,6 +1088,7 @@ impl Pass<'_> {
             .filter(|r| !current.iter().any(|p| p.rank == *r))
             .collect();
         let policy = self.job.spec.scheduling.gang_policy;
+        let update = self.workload.map(|w| w.update.clone());
         // The external gang scheduler's API was missing when last tried (reconcile reports it
         // with `set_gang_api_missing`): until a pod exists the job stays as reported, and this
         // pass tries again. Deciding Starting here would undo the report on every pass and make
@@ -1068,7 +1102,8 @@ impl Pass<'_> {
             });
         if !missing.is_empty() {
             self.d.actions.push(Action::EnsureSharedObjects);
-            if policy != GangPolicy::Builtin {
+            // Kueue's Workload is written before admission, and not changed under it.
+            if !matches!(policy, GangPolicy::Builtin | GangPolicy::Kueue) {
                 self.d.actions.push(Action::EnsureGangObjects);
             }
             let nodes = plan.as_ref().map(|p| {
@@ -1082,6 +1117,7 @@ impl Pass<'_> {
                 attempt,
                 ranks: missing,
                 nodes,
+                update,
             });
             if pinned {
                 // Once these creations have all landed the whole gang exists: release it in the
@@ -1110,7 +1146,7 @@ impl Pass<'_> {
                 self.d.actions.push(Action::Ungate(gated));
             }
         }
-        if policy != GangPolicy::Builtin && !api_missing {
+        if !matches!(policy, GangPolicy::Builtin | GangPolicy::Kueue) && !api_missing {
             self.externally_admitted(current);
         }
         let running = current
@@ -1224,6 +1260,220 @@ impl Pass<'_> {
         });
         // Refresh the queue position now and then; admission itself wakes the job up.
         self.requeue(QUEUE_REFRESH);
+    }
+
+    /// Whether the job is Kueue's (its Workload decides when the gang is made).
+    fn kueue(&self) -> bool {
+        self.job.spec.scheduling.gang_policy == GangPolicy::Kueue
+    }
+
+    /// A finished job's Workload says so (`Finished=True`), which gives its quota back.
+    fn workload_finished(&mut self) {
+        if self.workload.is_none_or(|w| w.finished) {
+            return;
+        }
+        let succeeded = self.phase() == Some(Phase::Succeeded);
+        let type_ = if succeeded { ct::SUCCEEDED } else { ct::FAILED };
+        let message = self
+            .d
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map_or_else(|| type_.to_string(), |c| c.message.clone());
+        self.d
+            .actions
+            .push(Action::WorkloadStatus(StatusUpdate::Finished {
+                succeeded,
+                message,
+            }));
+    }
+
+    /// A suspended job's Workload is inactive (Kueue then evicts it); once the gang's pods are
+    /// gone its quota reservation is cleared.
+    fn workload_stopped(&mut self, pods: &[RankPod]) {
+        let Some(w) = self.workload else {
+            return;
+        };
+        if w.active {
+            self.d.actions.push(Action::EnsureGangObjects);
+        }
+        self.release_when_stopped(w, pods);
+    }
+
+    /// Clears an evicted Workload's quota reservation once no pod of the job is left, as Kueue's
+    /// job framework does when the job no longer runs.
+    fn release_when_stopped(&mut self, w: &WorkloadView, pods: &[RankPod]) {
+        if let (true, true, Some((reason, message))) = (w.reserved, pods.is_empty(), &w.evicted) {
+            self.d
+                .actions
+                .push(Action::WorkloadStatus(StatusUpdate::Release {
+                    reason: reason.clone(),
+                    message: message.clone(),
+                }));
+        }
+    }
+
+    /// Kueue evicted the job's Workload (preemption, a `waitForPodsReady` timeout, ...) while it
+    /// holds quota: the gang stops (its pods are deleted: each rank gets SIGTERM and saves a
+    /// checkpoint first when one is configured), and the job waits, Queued, to be admitted again.
+    /// Not a failure: no restart is counted. Returns whether the pass ends here.
+    fn evicted(&mut self, pods: &[RankPod]) -> bool {
+        let Some(w) = self.workload.filter(|w| self.kueue() && w.reserved) else {
+            return false;
+        };
+        let Some((reason, message)) = &w.evicted else {
+            return false;
+        };
+        self.delete(pods.iter());
+        let said = format!(
+            "Kueue evicted the job's Workload ({reason}): {message}; the gang is stopped and \
+             waits to be admitted again"
+        );
+        let already =
+            self.d.status.conditions.iter().any(|c| {
+                c.type_ == ct::ADMITTED && c.reason == reasons::EVICTED && c.message == said
+            });
+        if !already {
+            self.note(true, reasons::EVICTED, said.clone());
+        }
+        self.set_phase(Phase::Queued);
+        self.d.status.admission = None;
+        self.condition(ct::ADMITTED, false, reasons::EVICTED, said.clone());
+        self.condition(ct::RUNNING, false, reasons::EVICTED, said);
+        self.release_when_stopped(w, pods);
+        true
+    }
+
+    /// The gang of a Kueue job: its Workload is written and waited on; once Kueue admits it,
+    /// the gang is made with what the admission puts on the pods.
+    fn kueue_gang(&mut self, current: &[&RankPod]) {
+        let queue = crate::kueue::queue_name(self.job);
+        let Some(w) = self.workload else {
+            // Kept as reported while Kueue's API is not served (see `make_gang`).
+            let api_missing = current.is_empty()
+                && self
+                    .d
+                    .status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == ct::ADMITTED && c.reason == reasons::GANG_API_MISSING);
+            self.d.actions.push(Action::EnsureGangObjects);
+            if !api_missing {
+                self.kueue_waiting(format!(
+                    "the job's Workload is written to Kueue's LocalQueue {queue}"
+                ));
+            }
+            return;
+        };
+        if !w.current && !w.reserved {
+            self.d.actions.push(Action::DeleteWorkload);
+            self.kueue_waiting(
+                "the job's spec changed while its Workload waited: the Workload is written again"
+                    .into(),
+            );
+            return;
+        }
+        if !(w.reserved && w.admitted) {
+            if !w.active {
+                self.d.actions.push(Action::EnsureGangObjects);
+            }
+            // Pods without admission (its Workload was deleted and written again, say) stop:
+            // they hold what Kueue does not count.
+            self.delete(current.iter().copied());
+            let message = match &w.waiting {
+                Some((reason, message)) if !message.is_empty() => {
+                    format!("Kueue ({reason}): {message}")
+                }
+                _ if w.reserved => format!(
+                    "Kueue reserved quota in {}; waiting for its admission checks",
+                    w.describe_admission()
+                ),
+                _ => format!("the Workload waits in Kueue's LocalQueue {queue}"),
+            };
+            self.kueue_waiting(message);
+            return;
+        }
+        if job::admitted_nodes(&self.d.status).is_none() {
+            self.kueue_admitted(w);
+        }
+        self.make_gang(current, None);
+    }
+
+    /// Queued, waiting for Kueue (`message` says what it waits for).
+    fn kueue_waiting(&mut self, message: String) {
+        let attempt = self.d.status.attempt;
+        let reason = reasons::WAITING_FOR_KUEUE;
+        let news = !self
+            .d
+            .status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == ct::ADMITTED && c.reason == reason && c.message == message);
+        if news && self.phase() != Some(Phase::Queued) {
+            self.note(false, reason, format!("attempt {attempt}: {message}"));
+        }
+        self.set_phase(Phase::Queued);
+        self.condition(ct::ADMITTED, false, reason, message);
+        self.d.status.admission = None;
+    }
+
+    /// Records Kueue's admission of the current attempt.
+    fn kueue_admitted(&mut self, w: &WorkloadView) {
+        let attempt = self.d.status.attempt;
+        let waited = self
+            .now
+            .duration_since(self.queued_since())
+            .as_secs_f64()
+            .max(0.0);
+        self.d.status.admission = Some(Admission {
+            attempt: Some(attempt),
+            admitted_at: Some(self.time()),
+            wait_seconds: Some((waited * 1000.0).round() / 1000.0),
+            nodes: Vec::new(),
+            queue_position: None,
+        });
+        let message = format!(
+            "Kueue admitted all {} ranks to {} after {waited:.1}s",
+            self.world,
+            w.describe_admission()
+        );
+        self.condition(ct::ADMITTED, true, reasons::GANG_ADMITTED, message.clone());
+        self.note(
+            false,
+            reasons::GANG_ADMITTED,
+            format!("attempt {attempt}: {message}"),
+        );
+    }
+
+    /// Tells Kueue whether the admitted gang runs whole (`PodsReady`), as its job framework
+    /// does: True once every rank of the attempt runs, False again while it restarts.
+    fn report_pods_ready(&mut self, pods: &[RankPod]) {
+        let Some(w) = self.workload else {
+            return;
+        };
+        if !self.kueue() || !w.admitted || w.evicted.is_some() || w.finished {
+            return;
+        }
+        if self.phase().is_some_and(Phase::is_terminal) {
+            return;
+        }
+        let attempt = self.d.status.attempt;
+        let running = pods
+            .iter()
+            .filter(|p| p.attempt == attempt && !p.terminating && p.state == PodState::Running)
+            .count();
+        let ready = running == self.world as usize
+            && !self
+                .d
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::DeletePods(_)));
+        if w.pods_ready != Some(ready) && (ready || w.pods_ready == Some(true)) {
+            self.d
+                .actions
+                .push(Action::WorkloadStatus(StatusUpdate::PodsReady(ready)));
+        }
     }
 
     /// External gang schedulers: the gang is admitted once every rank of the attempt is bound.
@@ -1399,6 +1649,275 @@ mod tests {
         assert_eq!(admitted.reason, reasons::WAITING_FOR_SCHEDULER);
     }
 
+    /// Runs decide for a Kueue job with its Workload `w` and feeds its status back.
+    fn kueue_step(
+        j: &mut ParallelJob,
+        pods: &[RankPod],
+        w: Option<&WorkloadView>,
+        now: Timestamp,
+    ) -> Decision {
+        let d =
+            decide_with(j, 4, pods, w, now).answer_with(|| panic!("Kueue admits, not the queue"));
+        j.status = Some(d.status.clone());
+        d
+    }
+
+    fn status_updates(d: &Decision) -> Vec<&StatusUpdate> {
+        d.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::WorkloadStatus(u) => Some(u),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn admitted_workload() -> WorkloadView {
+        let mut update = PodSetUpdate::default();
+        update.node_selector.insert("pool".into(), "a100".into());
+        WorkloadView {
+            current: true,
+            active: true,
+            reserved: true,
+            admitted: true,
+            cluster_queue: Some("team".into()),
+            flavors: vec![("nvidia.com/gpu".into(), "a100".into())],
+            update,
+            ..WorkloadView::default()
+        }
+    }
+
+    #[test]
+    fn a_kueue_job_makes_no_pod_until_its_workload_is_admitted_then_reports_pods_ready() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.scheduling.gang_policy = GangPolicy::Kueue;
+        // No Workload yet: it is written, and nothing else of the gang.
+        let d = kueue_step(&mut j, &[], None, at(0));
+        assert_eq!(d.actions, vec![Action::EnsureGangObjects]);
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        assert_eq!(admitted(&d).reason, reasons::WAITING_FOR_KUEUE);
+        // Kueue says why it waits: the job says it too, and still makes no pod.
+        let waiting = WorkloadView {
+            current: true,
+            active: true,
+            waiting: Some((
+                "Pending".into(),
+                "insufficient unused quota for nvidia.com/gpu in flavor a100, 4 more needed".into(),
+            )),
+            ..WorkloadView::default()
+        };
+        let d = kueue_step(&mut j, &[], Some(&waiting), at(5));
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        assert_eq!(
+            admitted(&d).message,
+            "Kueue (Pending): insufficient unused quota for nvidia.com/gpu in flavor a100, 4 \
+             more needed"
+        );
+        // Admitted: every rank is created with the flavor's node labels.
+        let w = admitted_workload();
+        let d = kueue_step(&mut j, &[], Some(&w), at(10));
+        let create = d
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                Action::CreatePods {
+                    ranks,
+                    nodes,
+                    update,
+                    ..
+                } => Some((ranks, nodes, update)),
+                _ => None,
+            })
+            .expect("pods created");
+        assert_eq!(create.0, &vec![0, 1, 2, 3]);
+        assert_eq!(create.1, &None, "Kueue pins no pod to a node");
+        assert_eq!(
+            create.2.as_ref().map(|u| u.node_selector["pool"].as_str()),
+            Some("a100")
+        );
+        assert!(
+            !d.actions.contains(&Action::EnsureGangObjects),
+            "the Workload is left as admitted"
+        );
+        let a = admitted(&d);
+        assert_eq!(
+            (a.status.as_str(), a.reason.as_str()),
+            ("True", reasons::GANG_ADMITTED)
+        );
+        assert!(
+            a.message.contains("ClusterQueue team (flavor a100)"),
+            "{}",
+            a.message
+        );
+        assert_eq!(
+            d.status.admission.as_ref().and_then(|a| a.wait_seconds),
+            Some(10.0)
+        );
+        assert!(status_updates(&d).is_empty());
+        // Every rank runs: Kueue hears PodsReady; once it says so, nothing more is written.
+        let d = kueue_step(&mut j, &running(0), Some(&w), at(20));
+        assert_eq!(d.status.phase, Some(Phase::Running));
+        assert_eq!(status_updates(&d), vec![&StatusUpdate::PodsReady(true)]);
+        let ready = WorkloadView {
+            pods_ready: Some(true),
+            ..w.clone()
+        };
+        let d = kueue_step(&mut j, &running(0), Some(&ready), at(21));
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        // A rank fails: the gang restarts, and Kueue hears that it is not ready any more.
+        let mut pods = running(0);
+        pods[2].state = failed(1, 30);
+        let d = kueue_step(&mut j, &pods, Some(&ready), at(30));
+        assert_eq!(d.status.phase, Some(Phase::Restarting));
+        assert_eq!(status_updates(&d), vec![&StatusUpdate::PodsReady(false)]);
+        // It finishes: the Workload is Finished, which gives the quota back.
+        let d = kueue_step(&mut j, &[], Some(&ready), at(40));
+        assert!(
+            d.actions
+                .iter()
+                .any(|a| matches!(a, Action::CreatePods { attempt: 1, .. }))
+        );
+        let done: Vec<RankPod> = (0..4).map(|r| pod(r, 1, Succeeded)).collect();
+        let d = kueue_step(&mut j, &done, Some(&ready), at(50));
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+        let d = kueue_step(&mut j, &done, Some(&ready), at(51));
+        assert_eq!(
+            status_updates(&d),
+            vec![&StatusUpdate::Finished {
+                succeeded: true,
+                message: "training finished".into()
+            }]
+        );
+        let finished = WorkloadView {
+            finished: true,
+            ..ready
+        };
+        let d = kueue_step(&mut j, &done, Some(&finished), at(52));
+        assert!(status_updates(&d).is_empty());
+    }
+
+    #[test]
+    fn an_evicted_gang_stops_without_a_restart_releases_its_quota_when_gone_and_waits() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.scheduling.gang_policy = GangPolicy::Kueue;
+        let w = admitted_workload();
+        kueue_step(&mut j, &[], Some(&w), at(0));
+        kueue_step(&mut j, &running(0), Some(&w), at(1));
+        let evicted = WorkloadView {
+            evicted: Some(("Preempted".into(), "Preempted to accommodate a workload (UID: x) due to prioritization in the ClusterQueue".into())),
+            pods_ready: Some(true),
+            ..w.clone()
+        };
+        let d = kueue_step(&mut j, &running(0), Some(&evicted), at(10));
+        assert_eq!(
+            d.actions,
+            vec![Action::DeletePods(
+                (0..4).map(|r| format!("j-{r}")).collect()
+            )]
+        );
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        assert_eq!(d.status.attempt, 0, "no restart");
+        assert_eq!(admitted(&d).reason, reasons::EVICTED);
+        assert!(
+            admitted(&d).message.contains("Preempted to accommodate"),
+            "{}",
+            admitted(&d).message
+        );
+        assert_eq!(
+            d.events
+                .iter()
+                .filter(|e| e.reason == reasons::EVICTED)
+                .count(),
+            1
+        );
+        // The ranks save their checkpoints and exit 143 on SIGTERM: not a failure.
+        let stopping: Vec<RankPod> = (0..4)
+            .map(|r| RankPod {
+                terminating: true,
+                ..pod(r, 0, failed(143, 11))
+            })
+            .collect();
+        let d = kueue_step(&mut j, &stopping, Some(&evicted), at(11));
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        assert!(d.events.is_empty(), "said once: {:?}", d.events);
+        assert!(d.status.last_failure.is_none());
+        // Gone: the reservation is released, as Kueue's job framework does.
+        let d = kueue_step(&mut j, &[], Some(&evicted), at(12));
+        assert_eq!(
+            status_updates(&d),
+            vec![&StatusUpdate::Release {
+                reason: "Preempted".into(),
+                message: evicted.evicted.clone().unwrap().1,
+            }]
+        );
+        // Back in the queue until Kueue admits it again; then the same attempt starts again.
+        let requeued = WorkloadView {
+            reserved: false,
+            admitted: false,
+            waiting: Some(("Pending".into(), "insufficient quota".into())),
+            ..evicted.clone()
+        };
+        let d = kueue_step(&mut j, &[], Some(&requeued), at(13));
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        assert_eq!(admitted(&d).reason, reasons::WAITING_FOR_KUEUE);
+        let d = kueue_step(&mut j, &[], Some(&w), at(20));
+        assert!(
+            d.actions
+                .iter()
+                .any(|a| matches!(a, Action::CreatePods { attempt: 0, .. }))
+        );
+        assert_eq!(d.status.attempt, 0);
+    }
+
+    #[test]
+    fn a_spec_change_while_the_workload_waits_writes_it_again_but_not_once_admitted() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.scheduling.gang_policy = GangPolicy::Kueue;
+        let stale = WorkloadView {
+            current: false,
+            active: true,
+            ..WorkloadView::default()
+        };
+        let d = kueue_step(&mut j, &[], Some(&stale), at(0));
+        assert_eq!(d.actions, vec![Action::DeleteWorkload]);
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        let stale_admitted = WorkloadView {
+            current: false,
+            ..admitted_workload()
+        };
+        let d = kueue_step(&mut j, &[], Some(&stale_admitted), at(1));
+        assert!(!d.actions.contains(&Action::DeleteWorkload));
+        assert!(
+            d.actions
+                .iter()
+                .any(|a| matches!(a, Action::CreatePods { .. }))
+        );
+    }
+
+    #[test]
+    fn a_suspended_kueue_job_deactivates_its_workload_and_releases_it_when_stopped() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.scheduling.gang_policy = GangPolicy::Kueue;
+        let w = admitted_workload();
+        kueue_step(&mut j, &running(0), Some(&w), at(0));
+        j.spec.run_policy.suspend = true;
+        let d = kueue_step(&mut j, &running(0), Some(&w), at(1));
+        assert!(
+            d.actions.contains(&Action::EnsureGangObjects),
+            "active follows suspend"
+        );
+        assert!(d.actions.iter().any(|a| matches!(a, Action::DeletePods(_))));
+        let deactivated = WorkloadView {
+            active: false,
+            evicted: Some(("Deactivated".into(), "The workload is deactivated".into())),
+            ..w
+        };
+        let d = kueue_step(&mut j, &[], Some(&deactivated), at(2));
+        assert_eq!(status_updates(&d).len(), 1);
+        assert!(!d.actions.contains(&Action::EnsureGangObjects));
+    }
+
     #[test]
     fn a_new_job_creates_every_rank_then_runs_then_succeeds() {
         let mut j = job("ddp-digits.yaml");
@@ -1408,6 +1927,7 @@ mod tests {
             attempt: 0,
             ranks: vec![0, 1, 2, 3],
             nodes: Some(vec!["n".into(); 4]),
+            update: None,
         }));
         assert_eq!(d.events[0].reason, reasons::JOB_CREATED);
         assert!(d.status.start_time.is_some());
@@ -1490,6 +2010,7 @@ mod tests {
             attempt: 1,
             ranks: vec![0, 1, 2, 3],
             nodes: Some(vec!["n".into(); 4]),
+            update: None,
         }));
         assert_eq!(d.status.last_failure.unwrap().rank, 2);
     }
@@ -1710,6 +2231,7 @@ mod tests {
             attempt: 1,
             ranks: vec![0, 1, 2, 3],
             nodes: Some(vec!["n".into(); 4]),
+            update: None,
         }));
         let d = step(&mut j, &running(1), at(5));
         assert_eq!(d.status.phase, Some(Phase::Running));
@@ -2134,7 +2656,8 @@ mod tests {
         assert!(d.actions.contains(&Action::CreatePods {
             attempt: 0,
             ranks: vec![0, 1, 2, 3],
-            nodes: Some(plan.clone())
+            nodes: Some(plan.clone()),
+            update: None,
         }));
         assert_eq!(d.status.phase, Some(Phase::Starting));
 
@@ -2151,7 +2674,8 @@ mod tests {
         assert!(d.actions.contains(&Action::CreatePods {
             attempt: 0,
             ranks: vec![2, 3],
-            nodes: Some(plan[2..].to_vec())
+            nodes: Some(plan[2..].to_vec()),
+            update: None,
         }));
         // Released in the same pass, only after the creations that make the gang whole.
         let create = d
@@ -2327,6 +2851,7 @@ mod tests {
             attempt: 0,
             ranks: vec![0, 1, 2, 3],
             nodes: Some(plan.clone()),
+            update: None,
         }));
         assert!(
             d.actions

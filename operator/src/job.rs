@@ -9,9 +9,15 @@ use lockstep_api::{ParallelJob, ParallelJobStatus};
 /// Reads a job of the untyped watch as the typed [`ParallelJob`]; the error names the field that
 /// does not fit. Lenient where [`lockstep_api::manifest`] is strict: fields this version does
 /// not know are ignored (the API server has accepted the object already).
+///
+/// A job labelled `kueue.x-k8s.io/queue-name` reads as `gangPolicy: Kueue` (see
+/// [`crate::kueue::normalize`]), so that every reader sees the policy it is reconciled under.
 pub fn read_job(raw: &DynamicObject) -> Result<ParallelJob, String> {
     let value = serde_json::to_value(raw).map_err(|e| e.to_string())?;
-    serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+    let mut job: ParallelJob = serde_path_to_error::deserialize(value)
+        .map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
+    crate::kueue::normalize(&mut job);
+    Ok(job)
 }
 
 /// The key of a job, and of its gang: `namespace/name`.

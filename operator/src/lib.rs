@@ -21,6 +21,7 @@ pub mod controller;
 pub mod decide;
 pub mod gang;
 pub mod job;
+pub mod kueue;
 pub mod leader;
 pub mod metrics;
 pub mod network_policy;

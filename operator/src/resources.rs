@@ -45,6 +45,9 @@ pub struct JobContext<'a> {
     pub namespace: &'a str,
     /// Its rank layout.
     pub layout: Layout,
+    /// The value of its PriorityClass, when it names one that exists (Kueue's Workload carries
+    /// it).
+    pub priority: Option<i32>,
 }
 
 impl<'a> JobContext<'a> {
@@ -70,6 +73,7 @@ impl<'a> JobContext<'a> {
             name,
             namespace,
             layout,
+            priority: None,
         })
     }
 
@@ -173,6 +177,24 @@ impl<'a> JobContext<'a> {
                     spec,
                 )]
             }
+            GangPolicy::Kueue => {
+                let spec = crate::kueue::workload_spec(
+                    self.job,
+                    self.layout.world_size(),
+                    self.workload_template()?,
+                    self.priority,
+                );
+                let mut w = object(
+                    &format!("{}/{}", crate::kueue::GROUP, crate::kueue::VERSION),
+                    crate::kueue::KIND,
+                    crate::kueue::PLURAL,
+                    spec,
+                );
+                w.body["metadata"]["annotations"] = serde_json::json!({
+                    crate::kueue::SPEC_HASH_ANNOTATION: self.workload_hash()?,
+                });
+                vec![w]
+            }
             GangPolicy::Volcano => {
                 let mut spec = serde_json::json!({"minMember": world, "minResources": total});
                 if let Some(q) = &sched.queue {
@@ -207,7 +229,46 @@ impl<'a> JobContext<'a> {
             GangPolicy::Volcano => {
                 spec.scheduler_name = Some(VOLCANO_SCHEDULER.into());
             }
+            // Kueue admits; kube-scheduler (or the template's scheduler) places the pods.
+            GangPolicy::Kueue => {}
         }
+    }
+
+    /// The pod template of the Kueue Workload's pod set: a rank's pod, with every resource that
+    /// has a limit and no request requesting its limit (what the API server defaults in a pod,
+    /// and Kueue's job framework in the Workloads it writes: quota counts requests).
+    pub fn workload_template(&self) -> Result<serde_json::Value> {
+        let pod = self.pod(0, 0, "", false, None)?;
+        let mut spec = pod.spec.unwrap_or_default();
+        for c in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            if let Some(r) = c.resources.as_mut() {
+                let limits = r.limits.clone().unwrap_or_default();
+                let requests = r.requests.get_or_insert_with(Default::default);
+                for (k, v) in limits {
+                    requests.entry(k).or_insert(v);
+                }
+            }
+        }
+        let meta = &pod.metadata;
+        Ok(serde_json::json!({
+            "metadata": {"labels": meta.labels, "annotations": meta.annotations},
+            "spec": spec,
+        }))
+    }
+
+    /// The hash of what the job asks of Kueue (see [`crate::kueue::spec_hash`]).
+    pub fn workload_hash(&self) -> Result<String> {
+        let spec = crate::kueue::workload_spec(
+            self.job,
+            self.layout.world_size(),
+            self.workload_template()?,
+            self.priority,
+        );
+        Ok(crate::kueue::spec_hash(&spec))
     }
 
     /// The annotation or label that ties a pod to its external PodGroup.

@@ -73,7 +73,16 @@ async fn waiting(ctx: &Ctx, job: &ParallelJob) -> anyhow::Result<()> {
     admission(ctx, job);
     let name = job.metadata.name.clone().unwrap_or_default();
     let s = job.status.clone().unwrap_or_default();
-    let policy = job.spec.scheduling.gang_policy;
+    let mut policy = job.spec.scheduling.gang_policy;
+    // A job labelled with a Kueue queue is Kueue's (as the operator reads it).
+    let kueue_label = job
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key("kueue.x-k8s.io/queue-name"));
+    if policy == GangPolicy::Builtin && kueue_label {
+        policy = GangPolicy::Kueue;
+    }
     if let Some(pos) = s.admission.as_ref().and_then(|a| a.queue_position) {
         let ahead = if pos > 1 {
             job_ahead(ctx, pos - 1, policy).await
@@ -147,6 +156,7 @@ async fn gang_object(ctx: &Ctx, name: &str, policy: GangPolicy) {
         GangPolicy::Workload => ("scheduling.k8s.io", "v1alpha2", "PodGroup", "podgroups"),
         GangPolicy::Coscheduling => ("scheduling.x-k8s.io", "v1alpha1", "PodGroup", "podgroups"),
         GangPolicy::Volcano => ("scheduling.volcano.sh", "v1beta1", "PodGroup", "podgroups"),
+        GangPolicy::Kueue => ("kueue.x-k8s.io", "v1beta2", "Workload", "workloads"),
         GangPolicy::Builtin => return,
     };
     let ar =

@@ -411,7 +411,7 @@ async fn operator_killed_in(ns: &TestNamespace, kills: usize) -> Vec<Result<Done
     let spawn = || spawn_operator(&ns.cluster.client, &settings);
     let job = async {
         let mut v = digits("crashy", RANKS, 40)?;
-        v["spec"]["runPolicy"] = json!({"managedBy": controller_name});
+        v["spec"]["managedBy"] = controller_name.clone().into();
         v["spec"]["failurePolicy"]["maxRestarts"] = 1000.into();
         Job::create(ns, v).await
     }

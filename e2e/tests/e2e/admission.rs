@@ -18,11 +18,11 @@ use lockstep_e2e::{
 };
 use lockstep_operator::controller::Settings;
 
-const TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A job of `ranks` ranks with `gpus` GPUs each on this test's pool; `extra` is merged into the
 /// spec.
-fn job(
+pub(crate) fn job(
     ns: &TestNamespace,
     name: &str,
     ranks: i32,
@@ -43,31 +43,31 @@ fn job(
     Ok(serde_json::from_value(v)?)
 }
 
-async fn create(ns: &TestNamespace, j: ParallelJob) -> anyhow::Result<()> {
+pub(crate) async fn create(ns: &TestNamespace, j: ParallelJob) -> anyhow::Result<()> {
     ns.api::<ParallelJob>()
         .create(&PostParams::default(), &j)
         .await?;
     Ok(())
 }
 
-async fn gang(ns: &TestNamespace, name: &str) -> anyhow::Result<Vec<Pod>> {
+pub(crate) async fn gang(ns: &TestNamespace, name: &str) -> anyhow::Result<Vec<Pod>> {
     ns.gang(name).await
 }
 
-fn bound(p: &Pod) -> Option<String> {
+pub(crate) fn bound(p: &Pod) -> Option<String> {
     p.spec.as_ref().and_then(|s| s.node_name.clone())
 }
 
-async fn phase(ns: &TestNamespace, name: &str) -> anyhow::Result<Option<Phase>> {
+pub(crate) async fn phase(ns: &TestNamespace, name: &str) -> anyhow::Result<Option<Phase>> {
     ns.phase(name).await
 }
 
-async fn wait_phase(ns: &TestNamespace, name: &str, want: Phase) -> anyhow::Result<()> {
+pub(crate) async fn wait_phase(ns: &TestNamespace, name: &str, want: Phase) -> anyhow::Result<()> {
     ns.wait_phase(name, want, TIMEOUT).await
 }
 
 /// Plays the kubelet: every pod of the job exits 0.
-async fn finish(ns: &TestNamespace, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn finish(ns: &TestNamespace, name: &str) -> anyhow::Result<()> {
     let pods: Api<Pod> = ns.api();
     for p in gang(ns, name).await? {
         terminate_worker(&pods, &p.metadata.name.unwrap_or_default(), 0).await?;
@@ -89,7 +89,7 @@ async fn finish_running(ns: &TestNamespace, names: &[String]) -> anyhow::Result<
 }
 
 /// The Admitted condition of a job: (status, reason, message).
-async fn admitted(
+pub(crate) async fn admitted(
     ns: &TestNamespace,
     name: &str,
 ) -> anyhow::Result<Option<(String, String, String)>> {
@@ -516,39 +516,184 @@ async fn the_workload_policy_places_a_gang_all_or_nothing_through_kube_scheduler
     .await
 }
 
-#[tokio::test]
-async fn a_gang_scheduler_that_is_not_installed_is_named_in_a_condition() -> anyhow::Result<()> {
-    with_namespace("adm-volcano", |ns| async move {
-        create(
-            &ns,
-            job(
-                &ns,
-                "volcanic",
-                2,
-                0,
-                serde_json::json!({"scheduling": {"gangPolicy": "Volcano"}}),
-            )?,
-        )
-        .await?;
-        wait_until(TIMEOUT, "Admitted=False GangApiMissing", || async {
-            Ok(admitted(&ns, "volcanic").await?.is_some_and(|(s, r, m)| {
-                s == "False"
-                    && r == "GangApiMissing"
-                    && m.contains("scheduling.volcano.sh/v1beta1 PodGroup")
-            }))
+/// Three jobs of two 8-GPU ranks on three 8-GPU nodes under the external gang scheduler of
+/// `policy`: all complete, and no gang is ever left partly bound (a gang scheduler binds a gang's
+/// pods one call at a time, so a gang seen partly bound must be whole within a moment).
+async fn circular_wait_completes_under(policy: &str, test: &str) -> anyhow::Result<()> {
+    with_namespace(test, |ns| async move {
+        ns.create_node_pool(3, 8).await?;
+        let names = ["a", "b", "c"];
+        let extra = serde_json::json!({"scheduling": {"gangPolicy": policy}});
+        for n in names {
+            create(&ns, job(&ns, n, 2, 8, extra.clone())?).await?;
+        }
+        let half_since: std::cell::RefCell<HashMap<&str, tokio::time::Instant>> =
+            Default::default();
+        let checks = std::cell::Cell::new(0);
+        wait_until(Duration::from_secs(180), "all three jobs succeed", || {
+            checks.set(checks.get() + 1);
+            let ns = &ns;
+            let half_since = &half_since;
+            async move {
+                let mut running = 0;
+                let mut finished = 0;
+                for n in names {
+                    let pods = gang(ns, n).await?;
+                    let bound_now = pods.iter().filter(|p| bound(p).is_some()).count();
+                    let going = pods.iter().any(|p| p.metadata.deletion_timestamp.is_some());
+                    if bound_now == 1 && !going {
+                        let since = *half_since
+                            .borrow_mut()
+                            .entry(n)
+                            .or_insert_with(tokio::time::Instant::now);
+                        anyhow::ensure!(
+                            since.elapsed() < Duration::from_secs(3),
+                            "gang {n} has stayed half-bound (1 of 2) for {:?} under {policy}",
+                            since.elapsed()
+                        );
+                    } else {
+                        half_since.borrow_mut().remove(n);
+                    }
+                    match phase(ns, n).await? {
+                        Some(Phase::Running) => {
+                            running += 1;
+                            finish(ns, n).await?;
+                        }
+                        Some(Phase::Succeeded) => finished += 1,
+                        _ => {}
+                    }
+                }
+                anyhow::ensure!(running <= 1, "{running} gangs of 2 nodes run on 3 nodes");
+                Ok(finished == names.len())
+            }
         })
         .await?;
-        assert_eq!(phase(&ns, "volcanic").await?, Some(Phase::Queued));
-        // It stays so: the passes the report's own write starts do not flip it back to Starting.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        assert_eq!(phase(&ns, "volcanic").await?, Some(Phase::Queued));
-        let (_, reason, _) = admitted(&ns, "volcanic").await?.expect("Admitted");
-        assert_eq!(reason, "GangApiMissing");
         assert!(
-            gang(&ns, "volcanic").await?.is_empty(),
-            "pods made for a scheduler that is not there"
+            checks.get() > 3,
+            "watched the gangs {} times only",
+            checks.get()
         );
+        // The gang object the scheduler placed them by is the job's.
+        let (group, version) = match policy {
+            "Volcano" => ("scheduling.volcano.sh", "v1beta1"),
+            _ => ("scheduling.x-k8s.io", "v1alpha1"),
+        };
+        let groups: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            ns.cluster.client.clone(),
+            &ns.name,
+            &kube::api::ApiResource::from_gvk_with_plural(
+                &kube::api::GroupVersionKind::gvk(group, version, "PodGroup"),
+                "podgroups",
+            ),
+        );
+        let g = groups.get("a").await?;
+        assert_eq!(g.data["spec"]["minMember"], 2);
         Ok(())
     })
     .await
+}
+
+#[tokio::test]
+async fn three_jobs_in_a_circular_wait_all_complete_under_volcano() -> anyhow::Result<()> {
+    let test = "three_jobs_in_a_circular_wait_all_complete_under_volcano";
+    if !lockstep_e2e::cluster()
+        .await
+        .runs_scheduler("volcano", test)
+    {
+        return Ok(());
+    }
+    circular_wait_completes_under("Volcano", "adm-circular-volcano").await
+}
+
+#[tokio::test]
+async fn three_jobs_in_a_circular_wait_all_complete_under_coscheduling() -> anyhow::Result<()> {
+    let test = "three_jobs_in_a_circular_wait_all_complete_under_coscheduling";
+    if !lockstep_e2e::cluster()
+        .await
+        .runs_scheduler("coscheduling", test)
+    {
+        return Ok(());
+    }
+    circular_wait_completes_under("Coscheduling", "adm-circular-cosched").await
+}
+
+/// Where a gang scheduler's API is not served (an API server of its own, without Volcano's or
+/// Kueue's CRDs), a job that asks for it says so, stays Queued, and makes no pod.
+#[tokio::test]
+async fn a_gang_scheduler_that_is_not_installed_is_named_in_a_condition() -> anyhow::Result<()> {
+    let bare = lockstep_e2e::BareApiServer::start("missing-gang-api").await?;
+    let client = bare.cluster.client.clone();
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "bare"}}))?,
+        )
+        .await?;
+    let operator = spawn_operator(&client, &Settings::default());
+    let jobs: Api<ParallelJob> = Api::namespaced(client.clone(), "bare");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "bare");
+    let cases = [
+        (
+            "volcanic",
+            serde_json::json!({"gangPolicy": "Volcano"}),
+            None,
+            "scheduling.volcano.sh/v1beta1 PodGroup",
+        ),
+        (
+            "queued",
+            serde_json::json!({}),
+            Some("team"),
+            "kueue.x-k8s.io/v1beta2 Workload",
+        ),
+    ];
+    for (name, scheduling, queue_label, _) in &cases {
+        let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
+        v["metadata"]["name"] = (*name).into();
+        v["spec"]["scheduling"] = scheduling.clone();
+        if let Some(q) = queue_label {
+            v["metadata"]["labels"] = serde_json::json!({"kueue.x-k8s.io/queue-name": q});
+        }
+        jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+            .await?;
+    }
+    let admitted_of = |j: ParallelJob| {
+        j.status
+            .unwrap_or_default()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Admitted")
+    };
+    for (name, _, _, api) in &cases {
+        wait_until(
+            TIMEOUT,
+            &format!("{name}: Admitted=False GangApiMissing"),
+            || async {
+                Ok(admitted_of(jobs.get(name).await?).is_some_and(|c| {
+                    c.status == "False" && c.reason == "GangApiMissing" && c.message.contains(api)
+                }))
+            },
+        )
+        .await?;
+    }
+    // It stays so: the passes the report's own write starts do not flip it back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (name, _, _, _) in &cases {
+        let j = jobs.get(name).await?;
+        assert_eq!(
+            j.status.as_ref().and_then(|s| s.phase),
+            Some(Phase::Queued),
+            "{name}"
+        );
+        assert_eq!(
+            admitted_of(j).map(|c| c.reason).as_deref(),
+            Some("GangApiMissing")
+        );
+    }
+    assert!(
+        pods.list(&ListParams::default()).await?.items.is_empty(),
+        "pods made for a scheduler that is not there"
+    );
+    operator.abort();
+    Ok(())
 }

@@ -675,7 +675,7 @@ async fn run_ddp_example(
     controller_name: &str,
 ) -> anyhow::Result<Api<ParallelJob>> {
     let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
-    v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
+    v["spec"]["managedBy"] = controller_name.into();
     let jobs: Api<ParallelJob> = Api::namespaced(client.clone(), ns);
     jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
         .await?;

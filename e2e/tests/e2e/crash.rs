@@ -59,7 +59,7 @@ async fn killing_the_operator_between_writes_never_leaves_duplicates_or_orphans(
         let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
         v["metadata"]["name"] = "crashy".into();
         v["spec"]["parallelism"]["dataParallel"] = RANKS.into();
-        v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
+        v["spec"]["managedBy"] = controller_name.clone().into();
         v["spec"]["failurePolicy"] =
             serde_json::json!({"maxRestarts": 10, "restartBackoff": {"initialSeconds": 0, "maxSeconds": 0}});
         let jobs: Api<ParallelJob> = ns.api();

@@ -1,6 +1,6 @@
 //! kube-controller-manager really runs: deleting an owner (a ParallelJob) deletes the pods that
 //! name it in their ownerReferences. The job is managed by another controller
-//! (`spec.runPolicy.managedBy`), so the operator leaves it alone and the test owns its pods.
+//! (`spec.managedBy`), so the operator leaves it alone and the test owns its pods.
 
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ async fn deleting_an_owner_deletes_its_pods() -> anyhow::Result<()> {
         let ar = ApiResource::erase::<ParallelJob>(&());
         let jobs: Api<DynamicObject> = Api::namespaced_with(ns.cluster.client.clone(), &ns.name, &ar);
         let mut raw = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
-        raw["spec"]["runPolicy"] = serde_json::json!({"managedBy": "example.com/another-controller"});
+        raw["spec"]["managedBy"] = "example.com/another-controller".into();
         let job: DynamicObject = serde_json::from_value(raw)?;
         let job = jobs.create(&PostParams::default(), &job).await?;
         let uid = job.metadata.uid.clone().expect("the server sets a uid");

@@ -1,6 +1,6 @@
 //! Leader election on a real Lease: one holder at a time, takeover after expiry or release, and
 //! of two operator replicas only the leader reconciles; when it stops, the other takes over.
-//! The replicas answer to a controller name of their own (`spec.runPolicy.managedBy`), so the
+//! The replicas answer to a controller name of their own (`spec.managedBy`), so the
 //! suite's shared operator leaves their jobs alone.
 
 use std::sync::Arc;
@@ -88,7 +88,7 @@ async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over() -> anyh
         let (m_b, stop_b, task_b) = replica("replica-b");
 
         let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
-        v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
+        v["spec"]["managedBy"] = controller_name.clone().into();
         v["spec"]["failurePolicy"] =
             serde_json::json!({"restartBackoff": {"initialSeconds": 0, "maxSeconds": 0}});
         let jobs: Api<ParallelJob> = ns.api();

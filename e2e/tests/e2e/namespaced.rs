@@ -1,6 +1,6 @@
 //! An operator told to watch one namespace (`--namespace`, [`Settings::namespace`]) reconciles
 //! the jobs there and leaves a job in any other namespace alone, even one that names it in
-//! `spec.runPolicy.managedBy`: it never sees it. Its own controller name keeps the suite's shared
+//! `spec.managedBy`: it never sees it. Its own controller name keeps the suite's shared
 //! operator out of both.
 
 use std::time::Duration;
@@ -34,7 +34,7 @@ async fn an_operator_watching_one_namespace_ignores_jobs_in_another() -> anyhow:
         c.kubectl(&["create", "namespace", &other.1]).await?;
         let controller_name = format!("e2e.lockstep.dev/{}", ns.name);
         let mut v = example_manifest("ddp-digits.yaml")?;
-        v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
+        v["spec"]["managedBy"] = controller_name.clone().into();
         let job: ParallelJob = serde_json::from_value(v)?;
         let watched: Api<ParallelJob> = ns.api();
         let ignored: Api<ParallelJob> = Api::namespaced(c.client.clone(), &other.1);

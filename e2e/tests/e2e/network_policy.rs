@@ -26,7 +26,7 @@ async fn a_running_job_has_a_network_policy_admitting_its_own_pods_and_the_scrap
         let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
         v["metadata"]["name"] = "fenced".into();
         v["spec"]["parallelism"]["dataParallel"] = 2.into();
-        v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
+        v["spec"]["managedBy"] = controller_name.clone().into();
         let jobs: Api<ParallelJob> = ns.api();
         let job = jobs
             .create(&PostParams::default(), &serde_json::from_value(v)?)

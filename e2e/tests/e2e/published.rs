@@ -39,7 +39,7 @@ async fn a_restarted_operator_withdraws_addresses_of_a_pod_deleted_while_it_was_
         let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
         v["metadata"]["name"] = "stale".into();
         v["spec"]["parallelism"]["dataParallel"] = 2.into();
-        v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
+        v["spec"]["managedBy"] = controller_name.clone().into();
         // A long backoff: the next attempt does not start within the test, so the current one
         // stays incomplete and the old addresses could only go by being withdrawn.
         v["spec"]["failurePolicy"] = serde_json::json!(

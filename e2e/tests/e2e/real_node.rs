@@ -578,7 +578,7 @@ async fn the_operator_installed_by_helm_from_its_image_leads_and_takes_a_job_to_
         // A job for that operator alone (the test's own operator leaves it to it).
         let jobs: Api<ParallelJob> = ns.api();
         let mut v = on_the_real_node("ddp-digits.yaml")?;
-        v["spec"]["runPolicy"] = serde_json::json!({"managedBy": controller_name});
+        v["spec"]["managedBy"] = controller_name.clone().into();
         jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
             .await?;
         succeeded(&jobs).await?;

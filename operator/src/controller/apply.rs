@@ -348,6 +348,7 @@ async fn apply(
             attempt,
             ranks,
             nodes,
+            update,
         } => {
             let digest = job.config_digest()?;
             let built: Vec<Pod> = ranks
@@ -364,7 +365,11 @@ async fn apply(
                         node,
                         hostname: hostname.as_deref(),
                     });
-                    job.pod(*r, *attempt, &digest, pin.is_some(), pin.as_ref())
+                    let mut pod = job.pod(*r, *attempt, &digest, pin.is_some(), pin.as_ref())?;
+                    if let Some(update) = update {
+                        update.apply(&mut pod)?;
+                    }
+                    Ok(pod)
                 })
                 .collect::<Result<_>>()?;
             // 409: created by an earlier pass whose status write we have not seen yet, when the
@@ -428,6 +433,54 @@ async fn apply(
             }
         }
         Action::DeletePods(names) => delete_pods(ctx, job, gang, names.clone(), false).await?,
+        Action::DeleteWorkload => {
+            let api = workloads(ctx, job);
+            if let Some(found) = api.get_metadata_opt(job.name).await.map_err(Error::Read)?
+                && controller_uid(&found.metadata) == Some(uid)
+            {
+                let params = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: found.metadata.uid.clone(),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::background()
+                };
+                match api.delete(job.name, &params).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Action::WorkloadStatus(update) => {
+            let api = workloads(ctx, job);
+            let Some(found) = api.get_opt(job.name).await.map_err(Error::Read)? else {
+                return Ok(());
+            };
+            if controller_uid(&found.metadata) != Some(uid) {
+                return Ok(());
+            }
+            let obj = serde_json::to_value(&found)?;
+            if let Some(patch) =
+                crate::kueue::status_patch(&obj, update, k8s_openapi::jiff::Timestamp::now())
+            {
+                let params = PatchParams {
+                    field_manager: Some(crate::kueue::STATUS_MANAGER.into()),
+                    ..PatchParams::default()
+                };
+                match api
+                    .patch_status(job.name, &params, &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => {}
+                    // Kueue changed it since the read: the next pass reads it again.
+                    Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => {
+                        return Err(Error::Changed(format!("Workload {}", job.name)));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
         Action::DeleteJob => {
             // Only this job: not one created again under its name since this pass read it.
             let params = DeleteParams {
@@ -445,6 +498,17 @@ async fn apply(
         }
     }
     Ok(())
+}
+
+/// The Kueue Workloads of the job's namespace.
+pub(super) fn workloads(ctx: &Context, job: &JobContext<'_>) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk(
+        crate::kueue::GROUP,
+        crate::kueue::VERSION,
+        crate::kueue::KIND,
+    );
+    let ar = ApiResource::from_gvk_with_plural(&gvk, crate::kueue::PLURAL);
+    Api::namespaced_with(ctx.client.clone(), job.namespace, &ar)
 }
 
 /// Deletes the job's pods of `names` (at once, grace period 0, when `now`), expecting their

@@ -122,7 +122,7 @@ pub struct Settings {
     pub concurrency: u16,
     /// Name reported on Events.
     pub instance: String,
-    /// The `spec.runPolicy.managedBy` value of the jobs this operator reconciles; jobs with any
+    /// The `spec.managedBy` value of the jobs this operator reconciles; jobs with any
     /// other value are left alone.
     pub controller_name: String,
     /// The one namespace whose jobs this operator reconciles (and whose worker pods and progress
@@ -182,6 +182,7 @@ pub async fn run(
     tasks.spawn(classes_watch);
     let (progress, progress_reports) = watch::progress_reports(&client, namespace);
     let pods = Arc::new(PodCache::default());
+    let workload_triggers = watch::kueue_workloads(&client, namespace, ar.clone());
     let (pod_changes, pod_triggers) = watch::worker_pods(&client, namespace, pods.clone(), ar);
     tasks.spawn(pod_changes);
     let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
@@ -217,6 +218,7 @@ pub async fn run(
     metrics.set_ready(true);
     controller
         .reconcile_on(pod_triggers)
+        .reconcile_on(workload_triggers)
         .reconcile_on(wake_rx)
         .owns_stream(progress_reports)
         .reconcile_all_on(node_deletions)

@@ -27,10 +27,11 @@ use tracing::{info, warn};
 use super::apply::{self, Applied};
 use super::{Context, Kept, log_tail, status};
 use crate::decide::{
-    Action, Decided, Decision, check_capacity, decide, hold_gang, set_gang_api_missing,
+    Action, Decided, Decision, check_capacity, decide_with, hold_gang, set_gang_api_missing,
     set_invalid, wait_unadmitted,
 };
 use crate::job;
+use crate::kueue::WorkloadView;
 use crate::metrics::Metrics;
 use crate::observe::{self, RankPod};
 use crate::resources::{GPU_RESOURCE, JobContext};
@@ -79,7 +80,16 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     let Some(job) = read_job(&ctx, &jobs, &cached, &key).await? else {
         return Ok(Requeue::await_change());
     };
-    let job_ctx = JobContext::new(&job)?;
+    let mut job_ctx = JobContext::new(&job)?;
+    if let Err(conflict) = crate::kueue::effective_policy(&job) {
+        return report_invalid(&ctx, &jobs, &job, &conflict).await;
+    }
+    job_ctx.priority = job
+        .spec
+        .scheduling
+        .priority_class_name
+        .as_deref()
+        .and_then(|n| ctx.admitter.priority_value(n));
     {
         // What is kept of an earlier job of the same name (deleted, and this one created since)
         // is not this job's: what it published, its backoff, its waits.
@@ -126,7 +136,9 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         let message = ownership::explain(&in_the_way);
         Some((reasons::OBJECT_CONFLICT, message, quota::CONFLICT_MAX_WAIT))
     };
-    let mut decision = decide_pass(&ctx, &job, &job_ctx, &observed, hold).await?;
+    let workload = read_workload(&ctx, &job_ctx).await?;
+    let mut decision =
+        decide_pass(&ctx, &job, &job_ctx, &observed, workload.as_ref(), hold).await?;
     // Before the status is written and the gang deleted: the log goes with the pod.
     log_tail::fill(
         &ctx.client,
@@ -359,7 +371,7 @@ async fn read_job(
             raw
         }
     };
-    let managed_by = raw.data["spec"]["runPolicy"]["managedBy"]
+    let managed_by = raw.data["spec"]["managedBy"]
         .as_str()
         .unwrap_or(operator::CONTROLLER_NAME);
     if managed_by != ctx.controller_name || raw.metadata.deletion_timestamp.is_some() {
@@ -372,6 +384,70 @@ async fn read_job(
             Ok(None)
         }
     }
+}
+
+/// Reports `message` in `Valid=False` (reason InvalidSpec), with a Warning Event when that is
+/// news, and makes nothing: the user has to change the job.
+async fn report_invalid(
+    ctx: &Context,
+    jobs: &Api<DynamicObject>,
+    job: &ParallelJob,
+    message: &str,
+) -> Result<Requeue> {
+    let mut status = job.status.clone().unwrap_or_default();
+    let reason = reasons::INVALID_SPEC;
+    if set_invalid(
+        &mut status.conditions,
+        reason,
+        message,
+        job.metadata.generation,
+        Timestamp::now(),
+    ) {
+        warn!(job = %job.name_any(), message, "invalid spec");
+        let event = status::event(true, reason, "Validate", message);
+        status::report(ctx, jobs, job, &status, vec![event]).await?;
+    }
+    Ok(Requeue::await_change())
+}
+
+/// The job's Kueue Workload, for a job under the Kueue policy, as the decision reads it (with
+/// what its assigned ResourceFlavors put on the pods); `None` when the job is not Kueue's, or
+/// has no Workload of its own (then the pass writes it: a missing Kueue API, or an object of
+/// another under the name, is found and reported by that write).
+async fn read_workload(ctx: &Context, job_ctx: &JobContext<'_>) -> Result<Option<WorkloadView>> {
+    if job_ctx.job.spec.scheduling.gang_policy != lockstep_api::spec::GangPolicy::Kueue {
+        return Ok(None);
+    }
+    let found = match apply::workloads(ctx, job_ctx).get_opt(job_ctx.name).await {
+        Ok(found) => found,
+        // Kueue's API is not served (a plain-text 404): the write says so.
+        Err(kube::Error::Api(e)) if e.code == 404 => None,
+        Err(e) => return Err(Error::Read(e)),
+    };
+    let Some(found) = found else {
+        return Ok(None);
+    };
+    if ownership::controller_uid(&found.metadata) != Some(job_ctx.uid()) {
+        return Ok(None);
+    }
+    let mut view = WorkloadView::read(&serde_json::to_value(&found)?, &job_ctx.workload_hash()?);
+    if view.reserved {
+        let gvk = kube::api::GroupVersionKind::gvk(
+            crate::kueue::GROUP,
+            crate::kueue::VERSION,
+            "ResourceFlavor",
+        );
+        let ar = ApiResource::from_gvk_with_plural(&gvk, "resourceflavors");
+        let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &ar);
+        let mut flavors = Vec::new();
+        for name in view.flavor_names() {
+            if let Some(f) = api.get_opt(&name).await.map_err(Error::Read)? {
+                flavors.push((name, f.data["spec"].clone()));
+            }
+        }
+        view.place(&flavors);
+    }
+    Ok(Some(view))
 }
 
 /// Orders two resourceVersions of objects of one resource: since Kubernetes 1.35 they are
@@ -414,10 +490,11 @@ async fn decide_pass(
     job: &ParallelJob,
     job_ctx: &JobContext<'_>,
     observed: &[RankPod],
+    workload: Option<&WorkloadView>,
     hold: Option<(&'static str, String, Duration)>,
 ) -> Result<Decision> {
     let world = job_ctx.layout.world_size();
-    let mut decided = decide(job, world, observed, Timestamp::now());
+    let mut decided = decide_with(job, world, observed, workload, Timestamp::now());
     let mut decision = match hold {
         Some((reason, message, retry_in)) => hold_gang(
             decided,
@@ -436,7 +513,7 @@ async fn decide_pass(
                 // admission time, the queue wait, the schedule timeout) is not the time before
                 // the caches synced.
                 ctx.admitter.wait_ready().await;
-                decided = decide(job, world, observed, Timestamp::now());
+                decided = decide_with(job, world, observed, workload, Timestamp::now());
                 if let Some((message, retry_in)) = objects_in_the_way(ctx, job, job_ctx).await? {
                     let reason = reasons::OBJECT_CONFLICT;
                     let now = Timestamp::now();

@@ -180,10 +180,42 @@ pub(super) async fn admission_queue(capacity: Arc<Notify>, admitter: Arc<Admitte
     }
 }
 
+/// The jobs whose Kueue Workloads changed (Kueue reserved quota, admitted, evicted them). While
+/// Kueue's API is not served the watch is retried with backoff and triggers nothing; a job of the
+/// Kueue policy learns that from its own write (`GangApiMissing`).
+pub(super) fn kueue_workloads(
+    client: &Client,
+    namespace: Option<&str>,
+    job: ApiResource,
+) -> impl Stream<Item = ObjectRef<DynamicObject>> + Send + 'static {
+    let gvk = kube::api::GroupVersionKind::gvk(
+        crate::kueue::GROUP,
+        crate::kueue::VERSION,
+        crate::kueue::KIND,
+    );
+    let ar = ApiResource::from_gvk_with_plural(&gvk, crate::kueue::PLURAL);
+    let api = match namespace {
+        Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
+        None => Api::<DynamicObject>::all_with(client.clone(), &ar),
+    };
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        labels::MANAGED_BY,
+        operator::FIELD_MANAGER
+    ));
+    watcher(api, owned)
+        .default_backoff()
+        .touched_objects()
+        .filter_map(move |w| {
+            let owner = w.ok().and_then(|w| owning_job(&w, &job));
+            async move { owner }
+        })
+}
+
 /// The ParallelJob a pod's change concerns: the one that controls it; for a pod no object
 /// controls (orphaned by a job deleted with `--cascade=orphan`), the job of its name label, which
 /// waits for it to go when it has the name of one of its ranks.
-fn owning_job(pod: &Pod, ar: &ApiResource) -> Option<ObjectRef<DynamicObject>> {
+fn owning_job(pod: &impl ResourceExt, ar: &ApiResource) -> Option<ObjectRef<DynamicObject>> {
     let controller = pod
         .owner_references()
         .iter()

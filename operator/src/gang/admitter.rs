@@ -61,7 +61,7 @@ impl JobInfo {
         let spec = pod.spec.unwrap_or_default();
         let status = job.status.clone().unwrap_or_default();
         let phase = status.phase;
-        let mine = job.spec.run_policy.managed_by == controller_name;
+        let mine = job.spec.managed_by == controller_name;
         let builtin = job.spec.scheduling.gang_policy == GangPolicy::Builtin;
         let live = mine
             && builtin
@@ -458,6 +458,15 @@ impl Admitter {
         }
         st.pods = next;
         present
+    }
+
+    /// The value of the PriorityClass `name`, when it exists.
+    pub fn priority_value(&self, name: &str) -> Option<i32> {
+        self.classes
+            .state()
+            .iter()
+            .find(|c| c.name_any() == name)
+            .map(|c| c.value.unwrap_or(0))
     }
 
     fn priorities(&self) -> Priorities {
