@@ -89,7 +89,7 @@ node-build: ## build what a real node of the test cluster runs (kubelet, contain
 	e2e/cluster/node-build.sh
 
 .PHONY: cluster-up
-cluster-up: ## start the test control plane on 127.0.0.1 (NODES=4; REAL_NODES=1 adds a real node; KUBECONFIG=.cluster/kubeconfig)
+cluster-up: ## start the test control plane on 127.0.0.1 (NODES=4; REAL_NODES=1 adds a real node; SCHEDULERS=kueue,volcano,coscheduling adds those; KUBECONFIG=.cluster/kubeconfig)
 	e2e/cluster/up.sh
 
 .PHONY: cluster-down

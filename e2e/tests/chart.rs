@@ -549,3 +549,32 @@ fn the_operator_writes_worker_network_policies_admitting_the_scrapers_of_the_val
         "{args:?}"
     );
 }
+
+#[test]
+fn kueue_enabled_grants_the_workload_rights_the_kueue_integration_uses_and_only_then() {
+    let role = |args: &[&str]| {
+        let objects = render(args);
+        find(&objects, "ClusterRole", "t-lockstep-operator")
+            .expect("the ClusterRole")
+            .clone()
+    };
+    let off = role(&[]);
+    assert!(verbs(&off["rules"], "kueue.x-k8s.io", "workloads").is_empty());
+    let on = role(&["--set", "kueue.enabled=true"]);
+    // Written by server-side apply (get first, create when new), watched for Kueue's decisions,
+    // deleted when written for an older spec; its status patched.
+    assert_eq!(
+        verbs(&on["rules"], "kueue.x-k8s.io", "workloads"),
+        ["create", "delete", "get", "list", "patch", "watch"]
+            .map(String::from)
+            .into()
+    );
+    assert_eq!(
+        verbs(&on["rules"], "kueue.x-k8s.io", "workloads/status"),
+        ["get", "patch"].map(String::from).into()
+    );
+    assert_eq!(
+        verbs(&on["rules"], "kueue.x-k8s.io", "resourceflavors"),
+        ["get"].map(String::from).into()
+    );
+}

@@ -21,6 +21,8 @@ mod gang;
 mod gc;
 #[path = "e2e/guard.rs"]
 mod guard;
+#[path = "e2e/kueue.rs"]
+mod kueue;
 #[path = "e2e/leader.rs"]
 mod leader;
 #[path = "e2e/namespaced.rs"]

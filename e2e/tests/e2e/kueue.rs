@@ -1,0 +1,317 @@
+//! Kueue for real: minimalkueue v0.17 (Kueue's controllers and scheduler) admits the Workloads
+//! the operator writes. A ClusterQueue of this test's own, over a ResourceFlavor whose node
+//! labels and tolerations are those of this test's private pool of fake nodes: a job's pods land
+//! there only because Kueue's admission put them there.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::scheduling::v1::PriorityClass;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
+use lockstep_api::ParallelJob;
+use lockstep_api::status::Phase;
+use lockstep_e2e::{POOL_LABEL, TestNamespace, wait_until, with_namespace};
+
+use crate::admission::{TIMEOUT, admitted, bound, create, finish, gang, wait_phase};
+
+pub(crate) fn kueue_api(
+    ns: &TestNamespace,
+    kind: &str,
+    plural: &str,
+    namespaced: bool,
+) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("kueue.x-k8s.io", "v1beta2", kind);
+    let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
+    if namespaced {
+        Api::namespaced_with(ns.cluster.client.clone(), &ns.name, &ar)
+    } else {
+        Api::all_with(ns.cluster.client.clone(), &ar)
+    }
+}
+
+async fn make(api: &Api<DynamicObject>, v: serde_json::Value) -> anyhow::Result<()> {
+    api.create(&PostParams::default(), &serde_json::from_value(v)?)
+        .await?;
+    Ok(())
+}
+
+/// This test's pool of `nodes` fake nodes of `gpus` GPUs, and a queue of `quota` GPUs on it
+/// (see [`cluster_queue`]).
+async fn queue(ns: &TestNamespace, nodes: usize, gpus: u32, quota: u32) -> anyhow::Result<()> {
+    ns.create_node_pool(nodes, gpus).await?;
+    let placement = ns.pool_placement();
+    let quotas = serde_json::json!([
+        {"name": "cpu", "nominalQuota": 100},
+        {"name": "memory", "nominalQuota": "1000Gi"},
+        {"name": "nvidia.com/gpu", "nominalQuota": quota},
+    ]);
+    cluster_queue(ns, &placement, quotas).await
+}
+
+/// A ResourceFlavor named after the test whose node labels and tolerations are `placement`'s
+/// (`nodeSelector`, `tolerations`), a ClusterQueue of the `quotas` of that flavor (lower
+/// priorities preempted within it) for this namespace, and the LocalQueue `team` in it. The
+/// cluster-scoped objects go with [`drop_queue`].
+pub(crate) async fn cluster_queue(
+    ns: &TestNamespace,
+    placement: &serde_json::Value,
+    quotas: serde_json::Value,
+) -> anyhow::Result<()> {
+    let covered: Vec<serde_json::Value> = quotas
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|q| q["name"].clone())
+        .collect();
+    make(
+        &kueue_api(ns, "ResourceFlavor", "resourceflavors", false),
+        serde_json::json!({
+            "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
+            "metadata": {"name": ns.name},
+            "spec": {"nodeLabels": placement["nodeSelector"], "tolerations": placement["tolerations"]},
+        }),
+    )
+    .await?;
+    make(
+        &kueue_api(ns, "ClusterQueue", "clusterqueues", false),
+        serde_json::json!({
+            "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue",
+            "metadata": {"name": ns.name},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
+                "preemption": {"withinClusterQueue": "LowerPriority"},
+                "resourceGroups": [{
+                    "coveredResources": covered,
+                    "flavors": [{"name": ns.name, "resources": quotas}],
+                }],
+            },
+        }),
+    )
+    .await?;
+    make(
+        &kueue_api(ns, "LocalQueue", "localqueues", true),
+        serde_json::json!({
+            "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+            "metadata": {"name": "team"}, "spec": {"clusterQueue": ns.name},
+        }),
+    )
+    .await
+}
+
+/// Creates the PriorityClasses `<namespace>-<name>` of `classes` (name, value).
+pub(crate) async fn priority_classes(
+    ns: &TestNamespace,
+    classes: &[(&str, i32)],
+) -> anyhow::Result<()> {
+    let api: Api<PriorityClass> = Api::all(ns.cluster.client.clone());
+    for (name, value) in classes {
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                "metadata": {"name": format!("{}-{name}", ns.name)}, "value": value,
+            }))?,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Deletes what [`priority_classes`] created.
+pub(crate) async fn drop_priority_classes(ns: &TestNamespace, classes: &[&str]) {
+    let api: Api<PriorityClass> = Api::all(ns.cluster.client.clone());
+    for c in classes {
+        let _ = api
+            .delete(&format!("{}-{c}", ns.name), &DeleteParams::background())
+            .await;
+    }
+}
+
+pub(crate) async fn drop_queue(ns: &TestNamespace) {
+    let dp = DeleteParams::background();
+    let _ = kueue_api(ns, "ClusterQueue", "clusterqueues", false)
+        .delete(&ns.name, &dp)
+        .await;
+    let _ = kueue_api(ns, "ResourceFlavor", "resourceflavors", false)
+        .delete(&ns.name, &dp)
+        .await;
+}
+
+/// A job of `ranks` ranks of one GPU in the LocalQueue `team` (by its label), with no placement
+/// of its own; `extra` is merged into the spec.
+fn queued_job(name: &str, ranks: i32, extra: serde_json::Value) -> anyhow::Result<ParallelJob> {
+    let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
+    v["metadata"]["name"] = name.into();
+    v["metadata"]["labels"] = serde_json::json!({"kueue.x-k8s.io/queue-name": "team"});
+    v["spec"]["parallelism"] = serde_json::json!({"dataParallel": ranks, "gpusPerWorker": 1});
+    if let Some(obj) = extra.as_object() {
+        for (k, val) in obj {
+            v["spec"][k] = val.clone();
+        }
+    }
+    Ok(serde_json::from_value(v)?)
+}
+
+/// The condition `type_` of the job's Workload: (status, reason).
+async fn workload_condition(
+    ns: &TestNamespace,
+    name: &str,
+    type_: &str,
+) -> anyhow::Result<Option<(String, String)>> {
+    let w = kueue_api(ns, "Workload", "workloads", true)
+        .get(name)
+        .await?;
+    Ok(w.data["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            let s = |f: &str| c[f].as_str().unwrap_or_default().to_string();
+            (s("status"), s("reason"))
+        }))
+}
+
+pub(crate) async fn events(ns: &TestNamespace, job: &str) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(ns
+        .api::<Event>()
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(job))
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect())
+}
+
+#[tokio::test]
+async fn of_two_jobs_of_six_gpus_in_a_queue_of_eight_kueue_runs_one_then_the_other()
+-> anyhow::Result<()> {
+    let test = "of_two_jobs_of_six_gpus_in_a_queue_of_eight_kueue_runs_one_then_the_other";
+    if !lockstep_e2e::cluster().await.runs_scheduler("kueue", test) {
+        return Ok(());
+    }
+    with_namespace("kueue-two", |ns| async move {
+        queue(&ns, 2, 4, 8).await?;
+        let result = async {
+            create(&ns, queued_job("first", 6, serde_json::json!({}))?).await?;
+            wait_phase(&ns, "first", Phase::Running).await?;
+            // Kueue's flavor put every rank on the pool (the job's template names no node).
+            let pool = ns.pool_placement();
+            for p in gang(&ns, "first").await? {
+                let spec = p.spec.clone().unwrap_or_default();
+                assert_eq!(
+                    spec.node_selector.as_ref().and_then(|s| s.get(POOL_LABEL)),
+                    pool["nodeSelector"][POOL_LABEL].as_str().map(String::from).as_ref()
+                );
+                assert!(bound(&p).is_some_and(|n| n.starts_with(&ns.name)), "{:?}", bound(&p));
+            }
+            let (status, reason, message) = admitted(&ns, "first").await?.expect("Admitted");
+            assert_eq!((status.as_str(), reason.as_str()), ("True", "GangAdmitted"));
+            assert!(message.contains(&format!("ClusterQueue {}", ns.name)), "{message}");
+            wait_until(TIMEOUT, "Kueue hears PodsReady", || async {
+                Ok(workload_condition(&ns, "first", "PodsReady").await?.is_some_and(|(s, _)| s == "True"))
+            })
+            .await?;
+
+            create(&ns, queued_job("second", 6, serde_json::json!({}))?).await?;
+            wait_until(TIMEOUT, "second waits with Kueue's reason", || async {
+                Ok(admitted(&ns, "second").await?.is_some_and(|(s, r, m)| {
+                    s == "False" && r == "WaitingForKueue" && m.contains("insufficient unused quota for nvidia.com/gpu")
+                }))
+            })
+            .await?;
+            assert_eq!(ns.phase("second").await?, Some(Phase::Queued));
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert!(gang(&ns, "second").await?.is_empty(), "a pod of the waiting job exists");
+            // Moved to another queue while it waits: its Workload is written again there.
+            let workloads = kueue_api(&ns, "Workload", "workloads", true);
+            let old_uid = workloads.get("second").await?.metadata.uid;
+            let relabel = |q: &str| serde_json::json!({"metadata": {"labels": {"kueue.x-k8s.io/queue-name": q}}});
+            let jobs = ns.api::<ParallelJob>();
+            let pp = kube::api::PatchParams::default();
+            jobs.patch("second", &pp, &kube::api::Patch::Merge(relabel("elsewhere"))).await?;
+            wait_until(TIMEOUT, "a new Workload in the queue elsewhere", || async {
+                let w = workloads.get_opt("second").await?;
+                Ok(w.is_some_and(|w| w.metadata.uid != old_uid && w.data["spec"]["queueName"] == "elsewhere"))
+            })
+            .await?;
+            jobs.patch("second", &pp, &kube::api::Patch::Merge(relabel("team"))).await?;
+            wait_until(TIMEOUT, "back in team, waiting for quota", || async {
+                let w = workloads.get_opt("second").await?;
+                let back = w.is_some_and(|w| w.data["spec"]["queueName"] == "team");
+                Ok(back && admitted(&ns, "second").await?.is_some_and(|(_, _, m)| m.contains("insufficient unused quota")))
+            })
+            .await?;
+            assert!(gang(&ns, "second").await?.is_empty());
+
+            finish(&ns, "first").await?;
+            wait_phase(&ns, "first", Phase::Succeeded).await?;
+            wait_until(TIMEOUT, "first's Workload is Finished", || async {
+                Ok(workload_condition(&ns, "first", "Finished").await?.is_some_and(|(s, r)| s == "True" && r == "Succeeded"))
+            })
+            .await?;
+            wait_phase(&ns, "second", Phase::Running).await?;
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        drop_queue(&ns).await;
+        result
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_high_priority_job_preempts_a_low_one_which_stops_waits_and_runs_again()
+-> anyhow::Result<()> {
+    let test = "a_high_priority_job_preempts_a_low_one_which_stops_waits_and_runs_again";
+    if !lockstep_e2e::cluster().await.runs_scheduler("kueue", test) {
+        return Ok(());
+    }
+    with_namespace("kueue-preempt", |ns| async move {
+        queue(&ns, 2, 4, 8).await?;
+        priority_classes(&ns, &[("low", 100), ("high", 1000)]).await?;
+        let result = async {
+            let class = |c: &str| serde_json::json!({"scheduling": {"priorityClassName": format!("{}-{c}", ns.name)}});
+            create(&ns, queued_job("low", 6, class("low"))?).await?;
+            wait_phase(&ns, "low", Phase::Running).await?;
+            let before: Vec<String> = gang(&ns, "low").await?.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+            let w = kueue_api(&ns, "Workload", "workloads", true).get("low").await?;
+            assert_eq!(w.data["spec"]["priority"], 100);
+
+            create(&ns, queued_job("high", 6, class("high"))?).await?;
+            // Kueue evicts the low one: its gang stops (no restart counted) and it waits.
+            wait_until(TIMEOUT, "low's gang is stopped for the high one", || async {
+                let evicted = events(&ns, "low").await?.iter().any(|(r, m)| r == "Evicted" && m.contains("Preempted"));
+                Ok(evicted && gang(&ns, "low").await?.is_empty())
+            })
+            .await?;
+            wait_phase(&ns, "high", Phase::Running).await?;
+            assert_eq!(ns.phase("low").await?, Some(Phase::Queued));
+            let (status, reason, message) = admitted(&ns, "low").await?.expect("Admitted");
+            assert_eq!((status.as_str(), reason.as_str()), ("False", "WaitingForKueue"), "{message}");
+            assert_eq!(
+                workload_condition(&ns, "low", "Requeued").await?,
+                Some(("True".into(), "Preempted".into())),
+                "its quota given back and requeued, as Kueue's job framework does"
+            );
+            // The high one finishes: the low one is admitted again and starts again, the same
+            // attempt (its ranks resume from their checkpoint), no restart counted.
+            finish(&ns, "high").await?;
+            wait_phase(&ns, "low", Phase::Running).await?;
+            let job = ns.api::<ParallelJob>().get("low").await?;
+            let status = job.status.unwrap_or_default();
+            assert_eq!(status.attempt, 0);
+            assert!(status.last_failure.is_none(), "{:?}", status.last_failure);
+            let after: Vec<Pod> = gang(&ns, "low").await?;
+            assert_eq!(after.len(), 6);
+            assert!(after.iter().all(|p| !before.contains(p.metadata.uid.as_ref().unwrap())), "new pods");
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        drop_priority_classes(&ns, &["low", "high"]).await;
+        drop_queue(&ns).await;
+        result
+    })
+    .await
+}
