@@ -50,6 +50,10 @@ pub enum Error {
     /// The API of the external gang scheduler `gangPolicy` names is not served.
     #[error("{0} is not served by this cluster")]
     GangApiMissing(String),
+    /// The operator may not use the API of the external gang scheduler (the API named, and the
+    /// API server's words): its RBAC lacks the rights.
+    #[error("the operator may not use {0}: {1}")]
+    GangApiForbidden(String, String),
     /// Serializing an object failed.
     #[error("serialization: {0}")]
     Serde(#[from] serde_json::Error),
@@ -73,6 +77,7 @@ impl Error {
             Error::Kube(_) | Error::Read(_) => "kubernetes",
             Error::Changed(_) => "conflict",
             Error::GangApiMissing(_) => "gang_api_missing",
+            Error::GangApiForbidden(..) => "gang_api_forbidden",
             Error::Serde(_) => "serialization",
             Error::NotOwned(_) => "not_owned",
         }

@@ -35,6 +35,8 @@ const ALL_ON: &[&str] = &[
     r#"networkPolicy.metricsFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]"#,
     "--set",
     "serviceMonitor.labels.release=prom,dashboard.annotations.grafana_folder=Lockstep",
+    "--set",
+    "kueue.enabled=true",
 ];
 
 /// The namespace-scoped install: the operator's writes in its own namespace only.
@@ -321,6 +323,15 @@ async fn installed_by_helm_the_operator_runs_a_job_with_the_charts_rights_alone(
             c.kubectl(&["create", "namespace", &jobs_ns]).await?;
             let run = async {
                 let jobs = run_ddp_example(&c.client, &jobs_ns, &controller_name).await?;
+                // With kueue.enabled its rights suffice to write a Kueue job's Workload and read
+                // Kueue's answer (here: that the job's LocalQueue does not exist).
+                let kueue = c.runs_scheduler("kueue", "the chart's Kueue rights");
+                let (reason, text) = if kueue {
+                    ("WaitingForKueue", "nowhere")
+                } else {
+                    ("GangApiMissing", "does not serve it")
+                };
+                kueue_job_says(&c.client, &jobs_ns, &controller_name, reason, text).await?;
                 let phase = || phase_of(&jobs, "ddp-digits");
                 let pods: Api<Pod> = Api::namespaced(c.client.clone(), &jobs_ns);
                 // The rank addresses, which the operator may publish only with the chart's
@@ -626,6 +637,15 @@ async fn installed_namespace_scoped_the_operator_runs_jobs_in_its_namespace_and_
                 },
             ));
             let jobs = run_ddp_example(&c.client, &jobs_ns, &controller_name).await?;
+            // Without kueue.enabled a Kueue job says the operator may not use Kueue's API.
+            kueue_job_says(
+                &c.client,
+                &jobs_ns,
+                &controller_name,
+                "GangApiMissing",
+                "kueue.enabled=true",
+            )
+            .await?;
             let phase = || phase_of(&jobs, "ddp-digits");
             let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
                 Api::namespaced(c.client.clone(), &jobs_ns);
@@ -665,6 +685,37 @@ async fn installed_namespace_scoped_the_operator_runs_jobs_in_its_namespace_and_
 /// The phase of the job `name`.
 async fn phase_of(jobs: &Api<ParallelJob>, name: &str) -> anyhow::Result<Option<Phase>> {
     Ok(jobs.get(name).await?.status.unwrap_or_default().phase)
+}
+
+/// Creates a job in the LocalQueue `nowhere` of `ns` for the operator named `controller_name`,
+/// and waits until its `Admitted` condition has `reason` and a message with `text`.
+async fn kueue_job_says(
+    client: &kube::Client,
+    ns: &str,
+    controller_name: &str,
+    reason: &str,
+    text: &str,
+) -> anyhow::Result<()> {
+    let mut v = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
+    v["metadata"]["name"] = "queued".into();
+    v["metadata"]["labels"] = serde_json::json!({"kueue.x-k8s.io/queue-name": "nowhere"});
+    v["spec"]["managedBy"] = controller_name.into();
+    let jobs: Api<ParallelJob> = Api::namespaced(client.clone(), ns);
+    jobs.create(&PostParams::default(), &serde_json::from_value(v)?)
+        .await?;
+    wait_until(
+        Duration::from_secs(60),
+        &format!("Admitted: {reason}, saying {text}"),
+        || async {
+            let s = jobs.get("queued").await?.status.unwrap_or_default();
+            Ok(s.conditions
+                .iter()
+                .any(|c| c.type_ == "Admitted" && c.reason == reason && c.message.contains(text)))
+        },
+    )
+    .await?;
+    jobs.delete("queued", &DeleteParams::default()).await?;
+    Ok(())
 }
 
 /// Creates the example DDP job in `ns` for the operator named `controller_name`, and waits until

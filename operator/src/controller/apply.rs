@@ -46,6 +46,9 @@ pub(super) enum Applied {
     NotOwned(Vec<Foreign>),
     /// The API of the external gang scheduler is not served (the API named).
     GangApiMissing(String),
+    /// The operator may not use the API of the external gang scheduler (the API named, the API
+    /// server's words).
+    GangApiForbidden(String, String),
 }
 
 /// Makes the writes of `actions` in order, stopping at the first that fails. Pods on a node that
@@ -93,6 +96,9 @@ pub(super) async fn actions(
             }
             Err(Error::NotOwned(foreign)) => return Ok(Applied::NotOwned(foreign)),
             Err(Error::GangApiMissing(what)) => return Ok(Applied::GangApiMissing(what)),
+            Err(Error::GangApiForbidden(what, words)) => {
+                return Ok(Applied::GangApiForbidden(what, words));
+            }
             Err(e) => return Err(e),
         }
     }
@@ -427,6 +433,12 @@ async fn apply(
                             "{}/{} {}",
                             object.group, object.version, object.kind
                         )));
+                    }
+                    Err(Error::Kube(kube::Error::Api(e)) | Error::Read(kube::Error::Api(e)))
+                        if e.code == 403 =>
+                    {
+                        let what = format!("{}/{} {}", object.group, object.version, object.kind);
+                        return Err(Error::GangApiForbidden(what, e.message));
                     }
                     Err(e) => return Err(e),
                 }

@@ -215,18 +215,16 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
                  gangPolicy: Builtin",
                 job.spec.scheduling.gang_policy
             );
-            let mut status = decision.status;
-            if set_gang_api_missing(
-                &mut status,
-                &message,
-                job.metadata.generation,
-                Timestamp::now(),
-            ) {
-                let reason = reasons::GANG_API_MISSING;
-                let event = status::event(true, reason, "EnsureGangObjects", &message);
-                status::report(&ctx, &jobs, &job, &status, vec![event]).await?;
-            }
-            return Ok(Requeue::requeue(Duration::from_secs(60)));
+            return gang_api_unusable(&ctx, &jobs, &job, decision.status, &message).await;
+        }
+        Applied::GangApiForbidden(what, words) => {
+            let message = format!(
+                "spec.scheduling.gangPolicy is {:?}, which needs {what}, and the operator may \
+                 not use it ({words}): grant it the rights (with the chart: kueue.enabled=true \
+                 for Kueue), or use gangPolicy: Builtin",
+                job.spec.scheduling.gang_policy
+            );
+            return gang_api_unusable(&ctx, &jobs, &job, decision.status, &message).await;
         }
     }
     match apply::publish_addresses(&ctx, &job_ctx, &observed, decision.status.attempt).await {
@@ -247,6 +245,29 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         || Requeue::requeue(Duration::from_secs(300)),
         Requeue::requeue,
     ))
+}
+
+/// Says in `Admitted=False` (reason `GangApiMissing`, see [`set_gang_api_missing`]) that the gang
+/// scheduler's API cannot be used, as `message` explains, with a Warning Event when that is news,
+/// over the `status` this pass reported; looks again in a minute.
+async fn gang_api_unusable(
+    ctx: &Context,
+    jobs: &Api<DynamicObject>,
+    job: &ParallelJob,
+    mut status: lockstep_api::ParallelJobStatus,
+    message: &str,
+) -> Result<Requeue> {
+    if set_gang_api_missing(
+        &mut status,
+        message,
+        job.metadata.generation,
+        Timestamp::now(),
+    ) {
+        let reason = reasons::GANG_API_MISSING;
+        let event = status::event(true, reason, "EnsureGangObjects", message);
+        status::report(ctx, jobs, job, &status, vec![event]).await?;
+    }
+    Ok(Requeue::requeue(Duration::from_secs(60)))
 }
 
 /// The pods of the current attempt that exist, or may: those observed, and those this pass
@@ -420,8 +441,9 @@ async fn read_workload(ctx: &Context, job_ctx: &JobContext<'_>) -> Result<Option
     }
     let found = match apply::workloads(ctx, job_ctx).get_opt(job_ctx.name).await {
         Ok(found) => found,
-        // Kueue's API is not served (a plain-text 404): the write says so.
-        Err(kube::Error::Api(e)) if e.code == 404 => None,
+        // Kueue's API is not served (a plain-text 404), or the operator may not read it: the
+        // write says so.
+        Err(kube::Error::Api(e)) if matches!(e.code, 403 | 404) => None,
         Err(e) => return Err(Error::Read(e)),
     };
     let Some(found) = found else {
