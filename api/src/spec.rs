@@ -165,6 +165,16 @@ pub struct Parallelism {
 }
 
 impl ParallelJobSpec {
+    /// The controller that reconciles the job: `spec.managedBy`, or the deprecated
+    /// `spec.runPolicy.managedBy` of a job written before the move when `spec.managedBy` is left
+    /// at its default.
+    pub fn controller(&self) -> &str {
+        match &self.run_policy.managed_by {
+            Some(old) if self.managed_by == contract::operator::CONTROLLER_NAME => old,
+            _ => &self.managed_by,
+        }
+    }
+
     /// The container that gets the env contract (and, for a built-in workload, runs the worker):
     /// the one named `worker`, or the only one. The CRD's rules refuse a job with neither.
     pub fn worker_container(&self) -> Option<(usize, &k8s_openapi::api::core::v1::Container)> {
@@ -453,6 +463,13 @@ pub struct RunPolicy {
     /// may not exit on their own).
     #[serde(default)]
     pub success_policy: SuccessPolicy,
+
+    /// Deprecated: moved to `spec.managedBy`, which wins when both are set. Still read, so that
+    /// jobs written before the move keep their controller. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.runPolicy.managedBy is immutable"))]
+    pub managed_by: Option<String>,
 }
 
 fn default_managed_by() -> String {

@@ -103,6 +103,24 @@ fn parallelism_and_training_are_immutable() {
 }
 
 #[test]
+fn the_deprecated_run_policy_managed_by_still_names_the_controller() {
+    let mut v = example("ddp-digits.yaml");
+    v["spec"]["runPolicy"] = serde_json::json!({"managedBy": "kueue.x-k8s.io/multikueue"});
+    let job: lockstep_api::ParallelJob = serde_json::from_value(v.clone()).unwrap();
+    assert_eq!(job.spec.controller(), "kueue.x-k8s.io/multikueue");
+    v["spec"]["managedBy"] = "example.com/other".into();
+    let job: lockstep_api::ParallelJob = serde_json::from_value(v).unwrap();
+    assert_eq!(
+        job.spec.controller(),
+        "example.com/other",
+        "spec.managedBy wins"
+    );
+    let plain: lockstep_api::ParallelJob =
+        serde_json::from_value(example("ddp-digits.yaml")).unwrap();
+    assert_eq!(plain.spec.controller(), "lockstep.dev/operator");
+}
+
+#[test]
 fn managed_by_is_immutable() {
     let old = example("ddp-digits.yaml");
     let mut new = old.clone();

@@ -25,6 +25,10 @@ done
 bin=$("$here/build.sh" 2>/dev/null)
 [ -z "$schedulers" ] || COMPONENTS="$schedulers" "$here/build.sh" >/dev/null
 if [ -e "$state/pids" ] && "$here/status.sh" >/dev/null 2>&1; then
+  for s in $schedulers; do
+    grep -qx "$s" "$state/schedulers" 2>/dev/null ||
+      echo "the running cluster has no $s: stop it (make cluster-down) and start it again with SCHEDULERS" >&2
+  done
   echo "cluster already running: KUBECONFIG=$state/kubeconfig"; exit 0
 fi
 # A cluster of this state that died without down.sh: stop what is left of it first (a real
@@ -175,7 +179,8 @@ for s in $schedulers; do
       port=$(free_port)
       spawn kueue "$bin/minimalkueue-v$KUEUE_VERSION" \
         --metricsPort "$port" --zap-log-level info
-      # controller-runtime serves metrics once the manager runs: Kueue is up then.
+      # controller-runtime serves metrics once the manager runs: Kueue is up then. (minimalkueue
+      # binds them on every interface: its one flag is the port.)
       wait_http kueue "http://127.0.0.1:$port/metrics" ;;
     volcano)
       dir=$(module_dir "volcano.sh/volcano@v$VOLCANO_VERSION")

@@ -412,6 +412,20 @@ impl BareApiServer {
             .env_remove("SCHEDULERS")
             .env_remove("REAL_NODES"))
         .await?;
+        // Stopped when this process ends, however it ends (a drop does not run on a kill).
+        let watchdog = format!(
+            "while kill -0 {pid} 2>/dev/null && [ -e {state}/pids ]; do sleep 1; done; STATE={state} {down} >/dev/null 2>&1",
+            pid = std::process::id(),
+            state = state.display(),
+            down = root.join("e2e/cluster/down.sh").display(),
+        );
+        std::process::Command::new("setsid")
+            .args(["bash", "-c", &watchdog])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting the API server's watchdog")?;
         let kubeconfig = state.join("kubeconfig");
         let bare = BareApiServer {
             cluster: Cluster {

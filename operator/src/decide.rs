@@ -67,6 +67,8 @@ pub enum Action {
     DeleteWorkload,
     /// Write the job's Kueue Workload's status, as Kueue's job framework does.
     WorkloadStatus(StatusUpdate),
+    /// Make the job's Kueue Workload active (the job resumed) or inactive (it is suspended).
+    SetWorkloadActive(bool),
 }
 
 /// An Event to record on the job.
@@ -475,7 +477,7 @@ impl Pass<'_> {
         if self.deadline_passed(pods) {
             return Step::Done;
         }
-        if self.evicted(pods) {
+        if self.kueue_stop(pods) {
             return Step::Done;
         }
         let attempt = self.d.status.attempt;
@@ -1296,7 +1298,7 @@ impl Pass<'_> {
             return;
         };
         if w.active {
-            self.d.actions.push(Action::EnsureGangObjects);
+            self.d.actions.push(Action::SetWorkloadActive(false));
         }
         self.release_when_stopped(w, pods);
     }
@@ -1314,18 +1316,43 @@ impl Pass<'_> {
         }
     }
 
-    /// Kueue evicted the job's Workload (preemption, a `waitForPodsReady` timeout, ...) while it
-    /// holds quota: the gang stops (its pods are deleted: each rank gets SIGTERM and saves a
-    /// checkpoint first when one is configured), and the job waits, Queued, to be admitted again.
-    /// Not a failure: no restart is counted. Returns whether the pass ends here.
-    fn evicted(&mut self, pods: &[RankPod]) -> bool {
-        let Some(w) = self.workload.filter(|w| self.kueue() && w.reserved) else {
+    /// Stops the gang of a Kueue job that may not run: its Workload is evicted (preemption, a
+    /// `waitForPodsReady` timeout, deactivation) while it holds quota, or pods exist while it is
+    /// not admitted (deleted, or its admission lost). The pods are deleted (each rank gets
+    /// SIGTERM and saves a checkpoint first when one is configured), and the job waits, Queued,
+    /// to be admitted again. Not a failure: no restart is counted, and the ranks' exits on the
+    /// way are not failures. A gang whose ranks have all finished has succeeded instead. Returns
+    /// whether the pass ends here.
+    fn kueue_stop(&mut self, pods: &[RankPod]) -> bool {
+        if !self.kueue() {
             return false;
-        };
-        let Some((reason, message)) = &w.evicted else {
+        }
+        let attempt = self.d.status.attempt;
+        let current: Vec<&RankPod> = pods.iter().filter(|p| p.attempt == attempt).collect();
+        let evicted = self
+            .workload
+            .filter(|w| w.reserved)
+            .and_then(|w| w.evicted.as_ref().map(|e| (w, e)));
+        let admitted = self
+            .workload
+            .is_some_and(|w| w.reserved && w.admitted && w.active);
+        if evicted.is_none() && (admitted || pods.is_empty()) {
             return false;
-        };
+        }
+        if self.succeeded(&current) {
+            return true;
+        }
         self.delete(pods.iter());
+        self.set_phase(Phase::Queued);
+        self.d.status.admission = None;
+        let Some((w, (reason, message))) = evicted else {
+            let said = "the gang is stopped: its Kueue Workload is not admitted (it was deleted, \
+                        or lost its admission)"
+                .to_string();
+            self.kueue_waiting(said.clone());
+            self.condition(ct::RUNNING, false, reasons::WAITING_FOR_KUEUE, said);
+            return true;
+        };
         let said = format!(
             "Kueue evicted the job's Workload ({reason}): {message}; the gang is stopped and \
              waits to be admitted again"
@@ -1337,8 +1364,6 @@ impl Pass<'_> {
         if !already {
             self.note(true, reasons::EVICTED, said.clone());
         }
-        self.set_phase(Phase::Queued);
-        self.d.status.admission = None;
         self.condition(ct::ADMITTED, false, reasons::EVICTED, said.clone());
         self.condition(ct::RUNNING, false, reasons::EVICTED, said);
         self.release_when_stopped(w, pods);
@@ -1374,13 +1399,28 @@ impl Pass<'_> {
             );
             return;
         }
-        if !(w.reserved && w.admitted) {
-            if !w.active {
-                self.d.actions.push(Action::EnsureGangObjects);
+        if !w.active {
+            // Activated again only when the operator deactivated it (the job was suspended);
+            // one Kueue deactivated (a requeuing limit, an execution time limit, a rejected
+            // admission check) or a person did stays so, and the job says why.
+            if w.deactivated_for_suspend {
+                self.d.actions.push(Action::SetWorkloadActive(true));
+                self.kueue_waiting("the job resumed: its Workload is active again".into());
+            } else {
+                let why = w
+                    .evicted
+                    .as_ref()
+                    .map_or_else(String::new, |(reason, message)| {
+                        format!(" ({reason}: {message})")
+                    });
+                self.kueue_waiting(format!(
+                    "the job's Workload was deactivated{why}; it waits until the Workload is \
+                     active again (or the job is deleted)"
+                ));
             }
-            // Pods without admission (its Workload was deleted and written again, say) stop:
-            // they hold what Kueue does not count.
-            self.delete(current.iter().copied());
+            return;
+        }
+        if !(w.reserved && w.admitted) {
             let message = match &w.waiting {
                 Some((reason, message)) if !message.is_empty() => {
                     format!("Kueue ({reason}): {message}")
@@ -1459,9 +1499,11 @@ impl Pass<'_> {
             return;
         }
         let attempt = self.d.status.attempt;
+        // Ranks that finished count as ready, as Kueue counts a batch Job's succeeded pods.
         let running = pods
             .iter()
-            .filter(|p| p.attempt == attempt && !p.terminating && p.state == PodState::Running)
+            .filter(|p| p.attempt == attempt && !p.terminating)
+            .filter(|p| matches!(p.state, PodState::Running | PodState::Succeeded))
             .count();
         let ready = running == self.world as usize
             && !self
@@ -1771,7 +1813,8 @@ mod tests {
         let d = kueue_step(&mut j, &pods, Some(&ready), at(30));
         assert_eq!(d.status.phase, Some(Phase::Restarting));
         assert_eq!(status_updates(&d), vec![&StatusUpdate::PodsReady(false)]);
-        // It finishes: the Workload is Finished, which gives the quota back.
+        // The next attempt is made; it finishes: the Workload is Finished, which gives the
+        // quota back.
         let d = kueue_step(&mut j, &[], Some(&ready), at(40));
         assert!(
             d.actions
@@ -1896,7 +1939,7 @@ mod tests {
     }
 
     #[test]
-    fn a_suspended_kueue_job_deactivates_its_workload_and_releases_it_when_stopped() {
+    fn a_suspended_kueue_job_deactivates_its_workload_releases_it_and_resumes_it() {
         let mut j = job("ddp-digits.yaml");
         j.spec.scheduling.gang_policy = GangPolicy::Kueue;
         let w = admitted_workload();
@@ -1904,18 +1947,134 @@ mod tests {
         j.spec.run_policy.suspend = true;
         let d = kueue_step(&mut j, &running(0), Some(&w), at(1));
         assert!(
-            d.actions.contains(&Action::EnsureGangObjects),
-            "active follows suspend"
+            d.actions.contains(&Action::SetWorkloadActive(false)),
+            "{:?}",
+            d.actions
+        );
+        assert!(
+            !d.actions.contains(&Action::EnsureGangObjects),
+            "only `active` is written"
         );
         assert!(d.actions.iter().any(|a| matches!(a, Action::DeletePods(_))));
         let deactivated = WorkloadView {
             active: false,
+            deactivated_for_suspend: true,
             evicted: Some(("Deactivated".into(), "The workload is deactivated".into())),
-            ..w
+            ..w.clone()
         };
         let d = kueue_step(&mut j, &[], Some(&deactivated), at(2));
-        assert_eq!(status_updates(&d).len(), 1);
-        assert!(!d.actions.contains(&Action::EnsureGangObjects));
+        assert!(matches!(
+            status_updates(&d)[..],
+            [StatusUpdate::Release { .. }]
+        ));
+        let released = WorkloadView {
+            reserved: false,
+            admitted: false,
+            ..deactivated
+        };
+        let d = kueue_step(&mut j, &[], Some(&released), at(3));
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        // Resumed: the operator activates what it deactivated, and makes no pod until admitted.
+        j.spec.run_policy.suspend = false;
+        let d = kueue_step(&mut j, &[], Some(&released), at(4));
+        assert_eq!(d.actions, vec![Action::SetWorkloadActive(true)]);
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+    }
+
+    #[test]
+    fn a_workload_kueue_deactivated_stays_inactive_and_the_job_says_why() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.scheduling.gang_policy = GangPolicy::Kueue;
+        let by_kueue = WorkloadView {
+            current: true,
+            active: false,
+            evicted: Some((
+                "InactiveWorkload".into(),
+                "The workload is deactivated due to exceeding the maximum number of re-queuing retries".into(),
+            )),
+            ..WorkloadView::default()
+        };
+        let d = kueue_step(&mut j, &[], Some(&by_kueue), at(0));
+        assert!(d.actions.is_empty(), "not activated again: {:?}", d.actions);
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        assert!(
+            admitted(&d).message.contains("re-queuing retries"),
+            "{}",
+            admitted(&d).message
+        );
+        // Even admitted (Kueue has not evicted it yet), an inactive Workload gets no pod.
+        let admitted_inactive = WorkloadView {
+            active: false,
+            evicted: None,
+            ..admitted_workload()
+        };
+        let d = kueue_step(&mut j, &[], Some(&admitted_inactive), at(1));
+        assert!(
+            !d.actions
+                .iter()
+                .any(|a| matches!(a, Action::CreatePods { .. }))
+        );
+    }
+
+    #[test]
+    fn a_gang_that_finished_as_kueue_evicts_it_succeeds_rather_than_running_again() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.scheduling.gang_policy = GangPolicy::Kueue;
+        let w = admitted_workload();
+        kueue_step(&mut j, &[], Some(&w), at(0));
+        kueue_step(&mut j, &running(0), Some(&w), at(1));
+        let evicted = WorkloadView {
+            evicted: Some(("Preempted".into(), "Preempted".into())),
+            ..w
+        };
+        let done: Vec<RankPod> = (0..4).map(|r| pod(r, 0, Succeeded)).collect();
+        let d = kueue_step(&mut j, &done, Some(&evicted), at(2));
+        assert_eq!(d.status.phase, Some(Phase::Succeeded));
+        assert!(d.events.iter().all(|e| e.reason != reasons::EVICTED));
+    }
+
+    #[test]
+    fn pods_without_an_admitted_workload_stop_and_their_exits_are_no_failure() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.scheduling.gang_policy = GangPolicy::Kueue;
+        let w = admitted_workload();
+        kueue_step(&mut j, &[], Some(&w), at(0));
+        kueue_step(&mut j, &running(0), Some(&w), at(1));
+        // The Workload was deleted under the running gang.
+        let d = kueue_step(&mut j, &running(0), None, at(2));
+        assert!(
+            d.actions
+                .iter()
+                .any(|a| matches!(a, Action::DeletePods(names) if names.len() == 4))
+        );
+        assert_eq!(d.status.phase, Some(Phase::Queued));
+        let stopping: Vec<RankPod> = (0..4)
+            .map(|r| RankPod {
+                terminating: true,
+                ..pod(r, 0, failed(143, 3))
+            })
+            .collect();
+        let d = kueue_step(&mut j, &stopping, None, at(3));
+        assert_eq!(d.status.attempt, 0);
+        assert!(d.status.last_failure.is_none());
+        // Gone: the Workload is written again, and the job waits for it.
+        let d = kueue_step(&mut j, &[], None, at(4));
+        assert_eq!(d.actions, vec![Action::EnsureGangObjects]);
+    }
+
+    #[test]
+    fn ranks_that_finished_count_as_ready_for_kueue() {
+        let mut j = job("ddp-digits.yaml");
+        j.spec.scheduling.gang_policy = GangPolicy::Kueue;
+        let ready = WorkloadView {
+            pods_ready: Some(true),
+            ..admitted_workload()
+        };
+        kueue_step(&mut j, &[], Some(&ready), at(0));
+        let mut pods = running(0);
+        pods[3].state = Succeeded;
+        let d = kueue_step(&mut j, &pods, Some(&ready), at(1));
+        assert!(status_updates(&d).is_empty(), "{:?}", d.actions);
     }
 
     #[test]

@@ -41,9 +41,19 @@ pub const DEFAULT_QUEUE: &str = "default";
 pub const POD_SET: &str = "workers";
 /// The annotation with the hash of what the job asks of Kueue.
 pub const SPEC_HASH_ANNOTATION: &str = "lockstep.dev/workload-spec-hash";
+/// The annotation the operator sets on a Workload it deactivates for the job's suspension (and
+/// removes when it activates it again): a Workload Kueue (or a person) deactivated is not the
+/// operator's to activate.
+pub const SUSPENDED_ANNOTATION: &str = "lockstep.dev/deactivated-for-suspend";
 /// The field manager of the operator's writes to a Workload's status (Kueue's job framework
 /// writes them under its own name too).
 pub const STATUS_MANAGER: &str = "lockstep-operator-kueue";
+
+/// The Workload resource, for the API client.
+pub fn workload_resource() -> kube::api::ApiResource {
+    let gvk = kube::api::GroupVersionKind::gvk(GROUP, VERSION, KIND);
+    kube::api::ApiResource::from_gvk_with_plural(&gvk, PLURAL)
+}
 
 /// The gang policy a job is reconciled under: `gangPolicy: Kueue`, or a job labelled
 /// `kueue.x-k8s.io/queue-name` whose `gangPolicy` is left at Builtin. `Err` names the conflict
@@ -217,6 +227,8 @@ pub struct WorkloadView {
     pub current: bool,
     /// `spec.active`.
     pub active: bool,
+    /// The operator deactivated it, for the job's suspension ([`SUSPENDED_ANNOTATION`]).
+    pub deactivated_for_suspend: bool,
     /// `QuotaReserved=True`: Kueue has reserved quota for it.
     pub reserved: bool,
     /// `Admitted=True`: reserved, and every admission check passed.
@@ -287,6 +299,7 @@ impl WorkloadView {
         WorkloadView {
             current: obj["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == hash,
             active: obj["spec"]["active"].as_bool().unwrap_or(true),
+            deactivated_for_suspend: obj["metadata"]["annotations"][SUSPENDED_ANNOTATION] == "true",
             reserved: is_true(obj, "QuotaReserved"),
             admitted: is_true(obj, "Admitted"),
             evicted,
@@ -390,6 +403,17 @@ fn set_condition(
     }
 }
 
+/// The merge patch of a Workload that makes it `active` (and says whether the operator
+/// deactivated it for a suspension): only `spec.active` and the annotation, never what Kueue
+/// admitted (a changed queue, priority or pod set of a Workload that holds quota is refused).
+pub fn active_patch(active: bool) -> Value {
+    let mark = if active { Value::Null } else { "true".into() };
+    json!({
+        "metadata": {"annotations": {SUSPENDED_ANNOTATION: mark}},
+        "spec": {"active": active},
+    })
+}
+
 /// The merge patch of the Workload `obj`'s status that makes `update` at `now`: the whole list
 /// of conditions (a merge patch replaces a list), and the `resourceVersion` read, so that a
 /// Workload Kueue changed since is not overwritten (the write fails with 409 and the next pass
@@ -463,6 +487,20 @@ pub fn status_patch(obj: &Value, update: &StatusUpdate, now: Timestamp) -> Optio
                 &now,
                 &generation,
             );
+            // Not ready any more: a readmitted gang is waited for from its start, not from its
+            // recovery (Kueue does not reset this itself).
+            if condition(obj, "PodsReady").is_some() {
+                let message = "Not all pods are ready or succeeded";
+                set_condition(
+                    &mut conds,
+                    "PodsReady",
+                    false,
+                    "WaitForStart",
+                    message,
+                    &now,
+                    &generation,
+                );
+            }
         }
         StatusUpdate::Finished { succeeded, message } => {
             let reason = if *succeeded { "Succeeded" } else { "Failed" };
@@ -700,12 +738,13 @@ mod tests {
             .cloned()
             .unwrap();
         assert_eq!(ready["reason"], "Recovered");
-        // An evicted gang's reservation is released, and it is requeued after a preemption.
+        // An evicted gang's reservation is released, and it is requeued after a preemption;
+        // its PodsReady goes back to waiting for a start.
         let release = StatusUpdate::Release {
             reason: "Preempted".into(),
             message: "m".into(),
         };
-        let p = status_patch(&w, &release, now).unwrap();
+        let p = status_patch(&after, &release, now).unwrap();
         assert!(
             p["status"]["admission"].is_null()
                 && p["status"].as_object().unwrap().contains_key("admission")
@@ -723,6 +762,13 @@ mod tests {
         assert_eq!(by_type("QuotaReserved")["reason"], "Pending");
         assert_eq!(by_type("Admitted")["status"], "False");
         assert_eq!(by_type("Requeued")["status"], "True");
+        assert_eq!(by_type("PodsReady")["status"], "False");
+        assert_eq!(by_type("PodsReady")["reason"], "WaitForStart");
+        assert_eq!(
+            active_patch(false)["metadata"]["annotations"][SUSPENDED_ANNOTATION],
+            "true"
+        );
+        assert!(active_patch(true)["metadata"]["annotations"][SUSPENDED_ANNOTATION].is_null());
         let p = status_patch(
             &w,
             &StatusUpdate::Finished {

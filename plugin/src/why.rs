@@ -79,7 +79,8 @@ async fn waiting(ctx: &Ctx, job: &ParallelJob) -> anyhow::Result<()> {
         .metadata
         .labels
         .as_ref()
-        .is_some_and(|l| l.contains_key("kueue.x-k8s.io/queue-name"));
+        .and_then(|l| l.get("kueue.x-k8s.io/queue-name"))
+        .is_some_and(|q| !q.is_empty());
     if policy == GangPolicy::Builtin && kueue_label {
         policy = GangPolicy::Kueue;
     }

@@ -323,11 +323,12 @@ async fn installed_by_helm_the_operator_runs_a_job_with_the_charts_rights_alone(
             c.kubectl(&["create", "namespace", &jobs_ns]).await?;
             let run = async {
                 let jobs = run_ddp_example(&c.client, &jobs_ns, &controller_name).await?;
-                // With kueue.enabled its rights suffice to write a Kueue job's Workload and read
-                // Kueue's answer (here: that the job's LocalQueue does not exist).
+                // With kueue.enabled its rights suffice to write a Kueue job's Workload, watch
+                // it, and read Kueue's answer (here, in Kueue's words: that the job's LocalQueue
+                // does not exist).
                 let kueue = c.runs_scheduler("kueue", "the chart's Kueue rights");
                 let (reason, text) = if kueue {
-                    ("WaitingForKueue", "nowhere")
+                    ("WaitingForKueue", "LocalQueue nowhere doesn't exist")
                 } else {
                     ("GangApiMissing", "does not serve it")
                 };

@@ -14,6 +14,7 @@ use lockstep_e2e::{POOL_LABEL, TestNamespace, wait_until, with_namespace};
 
 use crate::admission::{TIMEOUT, admitted, bound, create, finish, gang, wait_phase};
 
+/// The Kueue objects of `kind` (resource `plural`), of the test's namespace or cluster-wide.
 pub(crate) fn kueue_api(
     ns: &TestNamespace,
     kind: &str,
@@ -127,6 +128,7 @@ pub(crate) async fn drop_priority_classes(ns: &TestNamespace, classes: &[&str]) 
     }
 }
 
+/// Deletes the cluster-scoped objects of [`cluster_queue`].
 pub(crate) async fn drop_queue(ns: &TestNamespace) {
     let dp = DeleteParams::background();
     let _ = kueue_api(ns, "ClusterQueue", "clusterqueues", false)
@@ -172,6 +174,7 @@ async fn workload_condition(
         }))
 }
 
+/// The Events on the job `job`: (reason, message).
 pub(crate) async fn events(ns: &TestNamespace, job: &str) -> anyhow::Result<Vec<(String, String)>> {
     Ok(ns
         .api::<Event>()

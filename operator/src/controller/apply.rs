@@ -464,6 +464,27 @@ async fn apply(
                 }
             }
         }
+        Action::SetWorkloadActive(active) => {
+            let api = workloads(ctx, job);
+            let Some(found) = api.get_metadata_opt(job.name).await.map_err(Error::Read)? else {
+                return Ok(());
+            };
+            if controller_uid(&found.metadata) != Some(uid) {
+                return Ok(());
+            }
+            let mut patch = crate::kueue::active_patch(*active);
+            patch["metadata"]["resourceVersion"] = found.metadata.resource_version.into();
+            match api
+                .patch(job.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => {
+                    return Err(Error::Changed(format!("Workload {}", job.name)));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Action::WorkloadStatus(update) => {
             let api = workloads(ctx, job);
             let Some(found) = api.get_opt(job.name).await.map_err(Error::Read)? else {

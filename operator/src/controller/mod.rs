@@ -62,6 +62,9 @@ pub struct Context {
     /// What this process keeps of each job between passes (by [`crate::job::key`]); it goes
     /// with the job.
     pub kept: Mutex<HashMap<String, Kept>>,
+    /// The operator's Kueue Workloads, as the watch last saw them (see
+    /// `watch::kueue_workloads`).
+    pub workloads: Store<DynamicObject>,
     /// The peers admitted to the workers' metrics port by each job's NetworkPolicy
     /// ([`crate::network_policy`]); `None`: no NetworkPolicy is made.
     pub worker_policy: Option<Vec<NetworkPolicyPeer>>,
@@ -182,7 +185,7 @@ pub async fn run(
     tasks.spawn(classes_watch);
     let (progress, progress_reports) = watch::progress_reports(&client, namespace);
     let pods = Arc::new(PodCache::default());
-    let workload_triggers = watch::kueue_workloads(&client, namespace, ar.clone());
+    let (workloads, workload_triggers) = watch::kueue_workloads(&client, namespace, ar.clone());
     let (pod_changes, pod_triggers) = watch::worker_pods(&client, namespace, pods.clone(), ar);
     tasks.spawn(pod_changes);
     let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
@@ -213,6 +216,7 @@ pub async fn run(
         metrics: metrics.clone(),
         admitter,
         pods,
+        workloads,
     });
     tasks.spawn(ctx.clone().forget_gone_jobs(controller.store()));
     metrics.set_ready(true);

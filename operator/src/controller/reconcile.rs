@@ -84,12 +84,7 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     if let Err(conflict) = crate::kueue::effective_policy(&job) {
         return report_invalid(&ctx, &jobs, &job, &conflict).await;
     }
-    job_ctx.priority = job
-        .spec
-        .scheduling
-        .priority_class_name
-        .as_deref()
-        .and_then(|n| ctx.admitter.priority_value(n));
+    job_ctx.priority = kueue_priority(&ctx, &job).await?;
     {
         // What is kept of an earlier job of the same name (deleted, and this one created since)
         // is not this job's: what it published, its backoff, its waits.
@@ -139,6 +134,11 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     let workload = read_workload(&ctx, &job_ctx).await?;
     let mut decision =
         decide_pass(&ctx, &job, &job_ctx, &observed, workload.as_ref(), hold).await?;
+    if left_kueue(&ctx, &job_ctx) {
+        // The job is no longer Kueue's (its label or gangPolicy changed): the Workload it had
+        // goes, and with it the quota it holds.
+        decision.actions.push(Action::DeleteWorkload);
+    }
     // Before the status is written and the gang deleted: the log goes with the pod.
     log_tail::fill(
         &ctx.client,
@@ -392,8 +392,12 @@ async fn read_job(
             raw
         }
     };
+    // `spec.managedBy`, else the deprecated `spec.runPolicy.managedBy` (see
+    // `ParallelJobSpec::controller`).
     let managed_by = raw.data["spec"]["managedBy"]
         .as_str()
+        .filter(|m| *m != operator::CONTROLLER_NAME)
+        .or_else(|| raw.data["spec"]["runPolicy"]["managedBy"].as_str())
         .unwrap_or(operator::CONTROLLER_NAME);
     if managed_by != ctx.controller_name || raw.metadata.deletion_timestamp.is_some() {
         return Ok(None);
@@ -431,20 +435,70 @@ async fn report_invalid(
     Ok(Requeue::await_change())
 }
 
+/// The value of a Kueue job's PriorityClass (what its Workload carries, as Kueue's webhook would
+/// fill it in): from the cache once it is complete, else read; `None` when the job names no
+/// class or one that does not exist, and for jobs that are not Kueue's.
+async fn kueue_priority(ctx: &Context, job: &ParallelJob) -> Result<Option<i32>> {
+    if job.spec.scheduling.gang_policy != lockstep_api::spec::GangPolicy::Kueue {
+        return Ok(None);
+    }
+    let Some(name) = job.spec.scheduling.priority_class_name.as_deref() else {
+        return Ok(None);
+    };
+    // A value missed here would change the Workload's hash (and so make it anew) once seen.
+    ctx.admitter.wait_ready().await;
+    if let Some(v) = ctx.admitter.priority_value(name) {
+        return Ok(Some(v));
+    }
+    let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> =
+        Api::all(ctx.client.clone());
+    Ok(classes
+        .get_opt(name)
+        .await
+        .map_err(Error::Read)?
+        .map(|c| c.value.unwrap_or(0)))
+}
+
+/// The job's own Workload in the cache of Kueue Workloads, if the cache is complete: `Some(None)`
+/// when it holds none; `None` when the cache cannot tell (Kueue's API not served yet, or not
+/// readable).
+fn cached_workload(ctx: &Context, job_ctx: &JobContext<'_>) -> Option<Option<Arc<DynamicObject>>> {
+    use futures::FutureExt;
+    ctx.workloads.wait_until_ready().now_or_never()?.ok()?;
+    let key = ObjectRef::new_with(job_ctx.name, crate::kueue::workload_resource())
+        .within(job_ctx.namespace);
+    Some(
+        ctx.workloads
+            .get(&key)
+            .filter(|w| ownership::controller_uid(&w.metadata) == Some(job_ctx.uid())),
+    )
+}
+
+/// Whether a job that is not Kueue's has a Workload of its own (it was Kueue's before).
+fn left_kueue(ctx: &Context, job_ctx: &JobContext<'_>) -> bool {
+    job_ctx.job.spec.scheduling.gang_policy != lockstep_api::spec::GangPolicy::Kueue
+        && cached_workload(ctx, job_ctx).is_some_and(|w| w.is_some())
+}
+
 /// The job's Kueue Workload, for a job under the Kueue policy, as the decision reads it (with
-/// what its assigned ResourceFlavors put on the pods); `None` when the job is not Kueue's, or
-/// has no Workload of its own (then the pass writes it: a missing Kueue API, or an object of
-/// another under the name, is found and reported by that write).
+/// what its assigned ResourceFlavors put on the pods): from the watch's cache once that is
+/// complete (it shows Kueue's decisions as they come, and the job's own writes a moment later:
+/// the decision is level-triggered, and its writes find what is there), else read; `None` when
+/// the job is not Kueue's, or has no Workload of its own (then the pass writes it: a missing
+/// Kueue API, or an object of another under the name, is found and reported by that write).
 async fn read_workload(ctx: &Context, job_ctx: &JobContext<'_>) -> Result<Option<WorkloadView>> {
     if job_ctx.job.spec.scheduling.gang_policy != lockstep_api::spec::GangPolicy::Kueue {
         return Ok(None);
     }
-    let found = match apply::workloads(ctx, job_ctx).get_opt(job_ctx.name).await {
-        Ok(found) => found,
-        // Kueue's API is not served (a plain-text 404), or the operator may not read it: the
-        // write says so.
-        Err(kube::Error::Api(e)) if matches!(e.code, 403 | 404) => None,
-        Err(e) => return Err(Error::Read(e)),
+    let found = match cached_workload(ctx, job_ctx) {
+        Some(cached) => cached.map(|w| (*w).clone()),
+        None => match apply::workloads(ctx, job_ctx).get_opt(job_ctx.name).await {
+            Ok(found) => found,
+            // Kueue's API is not served (a plain-text 404), or the operator may not read it:
+            // the write says so.
+            Err(kube::Error::Api(e)) if matches!(e.code, 403 | 404) => None,
+            Err(e) => return Err(Error::Read(e)),
+        },
     };
     let Some(found) = found else {
         return Ok(None);
@@ -463,8 +517,11 @@ async fn read_workload(ctx: &Context, job_ctx: &JobContext<'_>) -> Result<Option
         let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &ar);
         let mut flavors = Vec::new();
         for name in view.flavor_names() {
-            if let Some(f) = api.get_opt(&name).await.map_err(Error::Read)? {
-                flavors.push((name, f.data["spec"].clone()));
+            match api.get_opt(&name).await.map_err(Error::Read)? {
+                Some(f) => flavors.push((name, f.data["spec"].clone())),
+                None => {
+                    warn!(job = job_ctx.name, flavor = %name, "the ResourceFlavor Kueue assigned is gone: its node labels and tolerations are not applied")
+                }
             }
         }
         view.place(&flavors);

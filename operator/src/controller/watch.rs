@@ -180,20 +180,20 @@ pub(super) async fn admission_queue(capacity: Arc<Notify>, admitter: Arc<Admitte
     }
 }
 
-/// The jobs whose Kueue Workloads changed (Kueue reserved quota, admitted, evicted them). While
-/// Kueue's API is not served the watch is retried with backoff and triggers nothing; a job of the
-/// Kueue policy learns that from its own write (`GangApiMissing`).
+/// The operator's Kueue Workloads (by the operator's label), cached, and the jobs whose
+/// Workloads changed (Kueue reserved quota, admitted, evicted them). While Kueue's API is not
+/// served (or the operator may not read it) the watch is retried with backoff, the cache never
+/// becomes ready, and reconcile reads the Workload itself; a job of the Kueue policy learns
+/// that from its own write (`GangApiMissing`).
 pub(super) fn kueue_workloads(
     client: &Client,
     namespace: Option<&str>,
     job: ApiResource,
-) -> impl Stream<Item = ObjectRef<DynamicObject>> + Send + 'static {
-    let gvk = kube::api::GroupVersionKind::gvk(
-        crate::kueue::GROUP,
-        crate::kueue::VERSION,
-        crate::kueue::KIND,
-    );
-    let ar = ApiResource::from_gvk_with_plural(&gvk, crate::kueue::PLURAL);
+) -> (
+    Store<DynamicObject>,
+    impl Stream<Item = ObjectRef<DynamicObject>> + Send + 'static,
+) {
+    let ar = crate::kueue::workload_resource();
     let api = match namespace {
         Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
         None => Api::<DynamicObject>::all_with(client.clone(), &ar),
@@ -203,13 +203,19 @@ pub(super) fn kueue_workloads(
         labels::MANAGED_BY,
         operator::FIELD_MANAGER
     ));
-    watcher(api, owned)
-        .default_backoff()
-        .touched_objects()
-        .filter_map(move |w| {
-            let owner = w.ok().and_then(|w| owning_job(&w, &job));
-            async move { owner }
-        })
+    let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+    let store = writer.as_reader();
+    let changes = reflector(
+        writer,
+        watcher(api, owned).modify(|w| w.managed_fields_mut().clear()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .filter_map(move |w| {
+        let owner = w.ok().and_then(|w| owning_job(&w, &job));
+        async move { owner }
+    });
+    (store, changes)
 }
 
 /// The ParallelJob a pod's change concerns: the one that controls it; for a pod no object

@@ -61,7 +61,7 @@ impl JobInfo {
         let spec = pod.spec.unwrap_or_default();
         let status = job.status.clone().unwrap_or_default();
         let phase = status.phase;
-        let mine = job.spec.managed_by == controller_name;
+        let mine = job.spec.controller() == controller_name;
         let builtin = job.spec.scheduling.gang_policy == GangPolicy::Builtin;
         let live = mine
             && builtin
