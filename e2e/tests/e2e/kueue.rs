@@ -318,3 +318,71 @@ async fn a_high_priority_job_preempts_a_low_one_which_stops_waits_and_runs_again
     })
     .await
 }
+
+#[tokio::test]
+async fn a_workload_deactivated_by_hand_stops_the_gang_and_stays_so_until_activated_again()
+-> anyhow::Result<()> {
+    let test = "a_workload_deactivated_by_hand_stops_the_gang_and_stays_so_until_activated_again";
+    if !lockstep_e2e::cluster().await.runs_scheduler("kueue", test) {
+        return Ok(());
+    }
+    with_namespace("kueue-inactive", |ns| async move {
+        queue(&ns, 1, 8, 8).await?;
+        let result = async {
+            create(&ns, queued_job("held", 2, serde_json::json!({}))?).await?;
+            wait_phase(&ns, "held", Phase::Running).await?;
+            // An administrator deactivates the Workload (as Kueue does itself at a requeuing or
+            // execution-time limit): Kueue evicts it, the gang stops, and the operator does not
+            // make it active again.
+            let workloads = kueue_api(&ns, "Workload", "workloads", true);
+            let pp = kube::api::PatchParams::default();
+            let active = |a: bool| serde_json::json!({"spec": {"active": a}});
+            workloads
+                .patch("held", &pp, &kube::api::Patch::Merge(active(false)))
+                .await?;
+            wait_until(
+                TIMEOUT,
+                "the gang is stopped and the job says why",
+                || async {
+                    let stopped = gang(&ns, "held").await?.is_empty();
+                    let said = admitted(&ns, "held").await?.is_some_and(|(s, r, m)| {
+                        s == "False" && r == "WaitingForKueue" && m.contains("was deactivated")
+                    });
+                    Ok(stopped && said)
+                },
+            )
+            .await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let w = workloads.get("held").await?;
+            assert_eq!(
+                w.data["spec"]["active"], false,
+                "activated again by the operator"
+            );
+            assert!(gang(&ns, "held").await?.is_empty());
+            assert_eq!(
+                workload_condition(&ns, "held", "QuotaReserved")
+                    .await?
+                    .map(|(s, _)| s),
+                Some("False".into()),
+                "its quota was given back"
+            );
+            // Activated again by hand: admitted again, the gang runs, no restart counted.
+            workloads
+                .patch("held", &pp, &kube::api::Patch::Merge(active(true)))
+                .await?;
+            wait_phase(&ns, "held", Phase::Running).await?;
+            let status = ns
+                .api::<ParallelJob>()
+                .get("held")
+                .await?
+                .status
+                .unwrap_or_default();
+            assert_eq!(status.attempt, 0);
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        drop_queue(&ns).await;
+        result
+    })
+    .await
+}
