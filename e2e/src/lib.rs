@@ -167,19 +167,7 @@ async fn start_or_reuse() -> Result<ClusterInfo> {
                 .env("STATE", &state)
                 .env("SCHEDULERS", schedulers))
             .await?;
-            let watchdog = format!(
-                "while kill -0 {pid} 2>/dev/null; do sleep 1; done; STATE={state} {down} >/dev/null 2>&1; rm -rf {state}",
-                pid = std::process::id(),
-                state = state.display(),
-                down = root.join("e2e/cluster/down.sh").display(),
-            );
-            std::process::Command::new("setsid")
-                .args(["bash", "-c", &watchdog])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .context("starting the cluster watchdog")?;
+            stop_when_gone(&state, true)?;
             (state.join("kubeconfig"), state.join("logs"))
         }
     };
@@ -198,6 +186,30 @@ async fn start_or_reuse() -> Result<ClusterInfo> {
         bin: cluster.bin,
         logs: cluster.logs,
     })
+}
+
+/// Starts a watchdog that stops the cluster of `state` (`down.sh`) once this test process is
+/// gone, or once the cluster was stopped some other way; `remove` also deletes its state folder.
+fn stop_when_gone(state: &Path, remove: bool) -> Result<()> {
+    let watchdog = format!(
+        "while kill -0 {pid} 2>/dev/null && [ -e {state}/pids ]; do sleep 1; done; STATE={state} {down} >/dev/null 2>&1{rm}",
+        pid = std::process::id(),
+        state = state.display(),
+        down = repo_root().join("e2e/cluster/down.sh").display(),
+        rm = if remove {
+            format!("; rm -rf {}", state.display())
+        } else {
+            String::new()
+        },
+    );
+    std::process::Command::new("setsid")
+        .args(["bash", "-c", &watchdog])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting the cluster watchdog")?;
+    Ok(())
 }
 
 /// Runs the operator in this test process, on a thread with its own runtime (so it outlives each
@@ -413,19 +425,7 @@ impl BareApiServer {
             .env_remove("REAL_NODES"))
         .await?;
         // Stopped when this process ends, however it ends (a drop does not run on a kill).
-        let watchdog = format!(
-            "while kill -0 {pid} 2>/dev/null && [ -e {state}/pids ]; do sleep 1; done; STATE={state} {down} >/dev/null 2>&1",
-            pid = std::process::id(),
-            state = state.display(),
-            down = root.join("e2e/cluster/down.sh").display(),
-        );
-        std::process::Command::new("setsid")
-            .args(["bash", "-c", &watchdog])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting the API server's watchdog")?;
+        stop_when_gone(&state, false)?;
         let kubeconfig = state.join("kubeconfig");
         let bare = BareApiServer {
             cluster: Cluster {

@@ -188,17 +188,7 @@ async fn a_rank_killed_for_real_restarts_the_gang_from_its_checkpoint_naming_tha
             lockstep_e2e::worker_pid(&ns.name, "ddp-digits", 1).expect("rank 1's worker process");
         // The last checkpoint before the kill: the next attempt must resume from it (or a later
         // one), losing no more than the checkpoint interval.
-        let latest_before = std::fs::read_dir(&dir)?
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                name.strip_prefix("step-")?
-                    .strip_suffix(".safetensors")?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .max()
-            .expect("a checkpoint");
+        let latest_before = *checkpoint_steps(&dir).last().expect("a checkpoint");
         kill_9(pid)?;
         let killed = std::time::Instant::now();
         wait_until(Duration::from_secs(30), "the gang restarting", || async {
