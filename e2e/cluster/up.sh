@@ -8,7 +8,8 @@
 #   ONLY_APISERVER=1   start etcd and kube-apiserver only
 #   REAL_NODES=1       also start one real node (realnode.sh: kubelet, containerd, CoreDNS; root)
 #   SCHEDULERS=kueue,volcano,coscheduling   also start these (any of them), each with its CRDs:
-#                      Kueue's controllers and scheduler (minimalkueue, no webhooks), Volcano's
+#                      Kueue's controllers and scheduler with topology-aware scheduling
+#                      (minimalkueue, no webhooks), Volcano's
 #                      scheduler with a `default` Queue, scheduler-plugins' kube-scheduler with the
 #                      Coscheduling plugin (scheduler name scheduler-plugins-scheduler)
 set -euo pipefail
@@ -178,7 +179,7 @@ for s in $schedulers; do
       "$kubectl" wait --for condition=Established crd --all --timeout 60s >/dev/null
       port=$(free_port)
       spawn kueue "$bin/minimalkueue-v$KUEUE_VERSION" \
-        --metricsPort "$port" --zap-log-level info
+        --metricsPort "$port" --zap-log-level info --enableTAS
       # controller-runtime serves metrics once the manager runs: Kueue is up then. (minimalkueue
       # binds them on every interface: its one flag is the port.)
       wait_http kueue "http://127.0.0.1:$port/metrics" ;;

@@ -45,6 +45,15 @@ pub const SPEC_HASH_ANNOTATION: &str = "lockstep.dev/workload-spec-hash";
 /// removes when it activates it again): a Workload Kueue (or a person) deactivated is not the
 /// operator's to activate.
 pub const SUSPENDED_ANNOTATION: &str = "lockstep.dev/deactivated-for-suspend";
+/// The scheduling gate Kueue's topology-aware scheduling holds a pod with until it has picked
+/// the pod's domain (its topology ungater removes it and sets the node selector).
+pub const TOPOLOGY_GATE: &str = "kueue.x-k8s.io/topology";
+/// The label that names a pod's pod set, which the topology ungater lists pods by.
+pub const POD_SET_LABEL: &str = "kueue.x-k8s.io/podset";
+/// The label of pods placed by topology-aware scheduling.
+pub const TAS_LABEL: &str = "kueue.x-k8s.io/tas";
+/// The annotation that names a pod's Workload, which the topology ungater finds pods by.
+pub const WORKLOAD_ANNOTATION: &str = "kueue.x-k8s.io/workload";
 /// The field manager of the operator's writes to a Workload's status (Kueue's job framework
 /// writes them under its own name too).
 pub const STATUS_MANAGER: &str = "lockstep-operator-kueue";
@@ -163,6 +172,8 @@ pub struct PodSetUpdate {
     pub labels: BTreeMap<String, String>,
     /// Merged into the pods' annotations.
     pub annotations: BTreeMap<String, String>,
+    /// Added to the pods' scheduling gates.
+    pub scheduling_gates: Vec<String>,
 }
 
 impl PodSetUpdate {
@@ -204,6 +215,12 @@ impl PodSetUpdate {
                 .extend(self.annotations.clone());
         }
         let spec = pod.spec.get_or_insert_with(Default::default);
+        for g in &self.scheduling_gates {
+            let gates = spec.scheduling_gates.get_or_insert_with(Vec::new);
+            if !gates.iter().any(|x| &x.name == g) {
+                gates.push(k8s_openapi::api::core::v1::PodSchedulingGate { name: g.clone() });
+            }
+        }
         if !self.node_selector.is_empty() {
             spec.node_selector
                 .get_or_insert_with(Default::default)
@@ -285,6 +302,38 @@ impl WorkloadView {
             .collect();
         flavors.sort();
         let mut update = PodSetUpdate::default();
+        let assignment = admission["podSetAssignments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["name"] == POD_SET);
+        if assignment.is_some_and(|a| !a["topologyAssignment"].is_null()) {
+            // Topology-aware scheduling chose the domains: the pods wait behind Kueue's gate,
+            // marked so that its ungater finds them and gives each its domain.
+            update.scheduling_gates.push(TOPOLOGY_GATE.into());
+            update.labels.insert(POD_SET_LABEL.into(), POD_SET.into());
+            update.labels.insert(TAS_LABEL.into(), "true".into());
+            if let Some(name) = obj["metadata"]["name"].as_str() {
+                update
+                    .annotations
+                    .insert(WORKLOAD_ANNOTATION.into(), name.into());
+            }
+            let request = obj["spec"]["podSets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"] == POD_SET)
+                .map(|p| p["topologyRequest"].clone())
+                .unwrap_or_default();
+            for (field, annotation) in [
+                ("required", "kueue.x-k8s.io/podset-required-topology"),
+                ("preferred", "kueue.x-k8s.io/podset-preferred-topology"),
+            ] {
+                if let Some(level) = request[field].as_str() {
+                    update.annotations.insert(annotation.into(), level.into());
+                }
+            }
+        }
         for check in obj["status"]["admissionChecks"]
             .as_array()
             .into_iter()
@@ -334,6 +383,7 @@ impl WorkloadView {
         self.update.node_selector.extend(checks.node_selector);
         self.update.labels.extend(checks.labels);
         self.update.annotations.extend(checks.annotations);
+        self.update.scheduling_gates = checks.scheduling_gates;
         for t in checks.tolerations {
             if !self.update.tolerations.contains(&t) {
                 self.update.tolerations.push(t);
@@ -680,6 +730,42 @@ mod tests {
         assert_eq!(spec.node_selector.unwrap()["gpu"], "a100");
         assert_eq!(spec.tolerations.unwrap()[0].key.as_deref(), Some("gpu"));
         assert!(!WorkloadView::read(&admitted(), "other").current);
+    }
+
+    #[test]
+    fn a_workload_placed_by_topology_aware_scheduling_gates_its_pods_for_kueues_ungater() {
+        let mut w = admitted();
+        w["spec"]["podSets"] =
+            json!([{"name": POD_SET, "count": 4, "topologyRequest": {"required": "rack"}}]);
+        w["status"]["admission"]["podSetAssignments"][0]["topologyAssignment"] =
+            json!({"levels": ["rack"], "slices": []});
+        let v = WorkloadView::read(&w, "h");
+        assert_eq!(v.update.scheduling_gates, [TOPOLOGY_GATE]);
+        assert_eq!(v.update.labels[POD_SET_LABEL], POD_SET);
+        assert_eq!(v.update.labels[TAS_LABEL], "true");
+        assert_eq!(v.update.annotations[WORKLOAD_ANNOTATION], "j");
+        assert_eq!(
+            v.update.annotations["kueue.x-k8s.io/podset-required-topology"],
+            "rack"
+        );
+        let mut placed = v.clone();
+        placed.place(&[]);
+        assert_eq!(
+            placed.update.scheduling_gates,
+            [TOPOLOGY_GATE],
+            "kept by place()"
+        );
+        let mut pod = k8s_openapi::api::core::v1::Pod::default();
+        placed.update.apply(&mut pod).unwrap();
+        let gates = pod.spec.unwrap().scheduling_gates.unwrap();
+        assert_eq!(gates[0].name, TOPOLOGY_GATE);
+        // Without a topology assignment, no gate.
+        assert!(
+            WorkloadView::read(&admitted(), "h")
+                .update
+                .scheduling_gates
+                .is_empty()
+        );
     }
 
     #[test]

@@ -386,3 +386,85 @@ async fn a_workload_deactivated_by_hand_stops_the_gang_and_stays_so_until_activa
     })
     .await
 }
+
+#[tokio::test]
+async fn kueue_places_a_gang_with_a_required_rack_in_one_rack_through_its_topology_ungater()
+-> anyhow::Result<()> {
+    let test = "kueue_places_a_gang_with_a_required_rack_in_one_rack_through_its_topology_ungater";
+    if !lockstep_e2e::cluster().await.runs_scheduler("kueue", test) {
+        return Ok(());
+    }
+    with_namespace("kueue-tas", |ns| async move {
+        // Two racks of two 8-GPU nodes, and a Topology of racks and hosts for the flavor.
+        ns.create_node_pool(4, 8).await?;
+        let rack = "topology.lockstep.dev/rack";
+        make(
+            &kueue_api(&ns, "Topology", "topologies", false),
+            serde_json::json!({
+                "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Topology",
+                "metadata": {"name": ns.name},
+                "spec": {"levels": [{"nodeLabel": rack}, {"nodeLabel": "kubernetes.io/hostname"}]},
+            }),
+        )
+        .await?;
+        let placement = ns.pool_placement();
+        let quotas = serde_json::json!([
+            {"name": "cpu", "nominalQuota": 100},
+            {"name": "memory", "nominalQuota": "1000Gi"},
+            {"name": "nvidia.com/gpu", "nominalQuota": 32},
+        ]);
+        cluster_queue(&ns, &placement, quotas).await?;
+        let flavors = kueue_api(&ns, "ResourceFlavor", "resourceflavors", false);
+        let pp = kube::api::PatchParams::default();
+        flavors
+            .patch(
+                &ns.name,
+                &pp,
+                &kube::api::Patch::Merge(serde_json::json!({"spec": {"topologyName": ns.name}})),
+            )
+            .await?;
+        let result = async {
+            let topology =
+                serde_json::json!({"scheduling": {"topology": {"key": rack, "mode": "Required"}}});
+            let mut j = queued_job("racked", 2, topology)?;
+            j.spec.parallelism.gpus_per_worker = 8;
+            create(&ns, j).await?;
+            // Kueue's ungater takes its gate off each pod and gives it its domain.
+            wait_phase(&ns, "racked", Phase::Running).await?;
+            let pods = gang(&ns, "racked").await?;
+            for p in &pods {
+                let spec = p.spec.clone().unwrap_or_default();
+                assert!(
+                    spec.scheduling_gates.as_ref().is_none_or(|g| g.is_empty()),
+                    "{:?}",
+                    spec.scheduling_gates
+                );
+                let labels = p.metadata.labels.clone().unwrap_or_default();
+                assert_eq!(
+                    labels.get("kueue.x-k8s.io/podset").map(String::as_str),
+                    Some("workers")
+                );
+                let selector = spec.node_selector.unwrap_or_default();
+                assert!(
+                    selector.contains_key(rack) || selector.contains_key("kubernetes.io/hostname"),
+                    "{selector:?}"
+                );
+            }
+            // Both 8-GPU ranks in one rack: nodes n0 and n1 are rack 0, n2 and n3 rack 1.
+            let nodes: std::collections::BTreeSet<String> = pods.iter().filter_map(bound).collect();
+            let rack_of = |n: &str| n.ends_with("n0") || n.ends_with("n1");
+            assert!(
+                nodes.iter().all(|n| rack_of(n)) || nodes.iter().all(|n| !rack_of(n)),
+                "the gang spans racks: {nodes:?}"
+            );
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        drop_queue(&ns).await;
+        let _ = kueue_api(&ns, "Topology", "topologies", false)
+            .delete(&ns.name, &DeleteParams::background())
+            .await;
+        result
+    })
+    .await
+}
