@@ -447,9 +447,7 @@ async fn apply(
         Action::DeletePods(names) => delete_pods(ctx, job, gang, names.clone(), false).await?,
         Action::DeleteWorkload => {
             let api = workloads(ctx, job);
-            if let Some(found) = api.get_metadata_opt(job.name).await.map_err(Error::Read)?
-                && controller_uid(&found.metadata) == Some(uid)
-            {
+            if let Some(found) = owned_workload(&api, job.name, uid).await? {
                 let params = DeleteParams {
                     preconditions: Some(Preconditions {
                         uid: found.metadata.uid.clone(),
@@ -466,33 +464,21 @@ async fn apply(
         }
         Action::SetWorkloadActive(active) => {
             let api = workloads(ctx, job);
-            let Some(found) = api.get_metadata_opt(job.name).await.map_err(Error::Read)? else {
+            let Some(found) = owned_workload(&api, job.name, uid).await? else {
                 return Ok(());
             };
-            if controller_uid(&found.metadata) != Some(uid) {
-                return Ok(());
-            }
             let mut patch = crate::kueue::active_patch(*active);
             patch["metadata"]["resourceVersion"] = found.metadata.resource_version.into();
-            match api
+            let written = api
                 .patch(job.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => {
-                    return Err(Error::Changed(format!("Workload {}", job.name)));
-                }
-                Err(e) => return Err(e.into()),
-            }
+                .await;
+            unless_changed(written, job.name)?;
         }
         Action::WorkloadStatus(update) => {
             let api = workloads(ctx, job);
-            let Some(found) = api.get_opt(job.name).await.map_err(Error::Read)? else {
+            let Some(found) = owned_workload(&api, job.name, uid).await? else {
                 return Ok(());
             };
-            if controller_uid(&found.metadata) != Some(uid) {
-                return Ok(());
-            }
             let obj = serde_json::to_value(&found)?;
             if let Some(patch) =
                 crate::kueue::status_patch(&obj, update, k8s_openapi::jiff::Timestamp::now())
@@ -501,17 +487,10 @@ async fn apply(
                     field_manager: Some(crate::kueue::STATUS_MANAGER.into()),
                     ..PatchParams::default()
                 };
-                match api
+                let written = api
                     .patch_status(job.name, &params, &Patch::Merge(&patch))
-                    .await
-                {
-                    Ok(_) => {}
-                    // Kueue changed it since the read: the next pass reads it again.
-                    Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => {
-                        return Err(Error::Changed(format!("Workload {}", job.name)));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+                    .await;
+                unless_changed(written, job.name)?;
             }
         }
         Action::DeleteJob => {
@@ -531,6 +510,31 @@ async fn apply(
         }
     }
     Ok(())
+}
+
+/// The Workload `name` of `api` when it is the job's own (the job's UID `uid` controls it).
+async fn owned_workload(
+    api: &Api<DynamicObject>,
+    name: &str,
+    uid: &str,
+) -> Result<Option<DynamicObject>> {
+    Ok(api
+        .get_opt(name)
+        .await
+        .map_err(Error::Read)?
+        .filter(|w| controller_uid(&w.metadata) == Some(uid)))
+}
+
+/// A write to the Workload `name` that found it changed or gone since it was read (409, 404)
+/// is [`Error::Changed`]: Kueue wrote it meanwhile, and the next pass reads it again.
+fn unless_changed<T>(written: kube::Result<T>, name: &str) -> Result<()> {
+    match written {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => {
+            Err(Error::Changed(format!("Workload {name}")))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The Kueue Workloads of the job's namespace.
