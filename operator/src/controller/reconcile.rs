@@ -131,7 +131,15 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         let message = ownership::explain(&in_the_way);
         Some((reasons::OBJECT_CONFLICT, message, quota::CONFLICT_MAX_WAIT))
     };
-    let workload = read_workload(&ctx, &job_ctx).await?;
+    // What Kueue's admission puts on the pods is read only while some rank of the attempt has no
+    // pod (a running gang's passes need no ResourceFlavor).
+    let attempt = job.status.as_ref().map_or(0, |s| s.attempt);
+    let made = observed
+        .iter()
+        .filter(|p| p.attempt == attempt && !p.terminating)
+        .count();
+    let placing = made < job_ctx.layout.world_size() as usize;
+    let workload = read_workload(&ctx, &job_ctx, placing).await?;
     let mut decision =
         decide_pass(&ctx, &job, &job_ctx, &observed, workload.as_ref(), hold).await?;
     if left_kueue(&ctx, &job_ctx) {
@@ -481,12 +489,16 @@ fn left_kueue(ctx: &Context, job_ctx: &JobContext<'_>) -> bool {
 }
 
 /// The job's Kueue Workload, for a job under the Kueue policy, as the decision reads it (with
-/// what its assigned ResourceFlavors put on the pods): from the watch's cache once that is
-/// complete (it shows Kueue's decisions as they come, and the job's own writes a moment later:
+/// what its assigned ResourceFlavors put on the pods, when `placing`: some rank has no pod):
+/// from the watch's cache once that is complete (it shows Kueue's decisions as they come, and the job's own writes a moment later:
 /// the decision is level-triggered, and its writes find what is there), else read; `None` when
 /// the job is not Kueue's, or has no Workload of its own (then the pass writes it: a missing
 /// Kueue API, or an object of another under the name, is found and reported by that write).
-async fn read_workload(ctx: &Context, job_ctx: &JobContext<'_>) -> Result<Option<WorkloadView>> {
+async fn read_workload(
+    ctx: &Context,
+    job_ctx: &JobContext<'_>,
+    placing: bool,
+) -> Result<Option<WorkloadView>> {
     if job_ctx.job.spec.scheduling.gang_policy != lockstep_api::spec::GangPolicy::Kueue {
         return Ok(None);
     }
@@ -507,7 +519,7 @@ async fn read_workload(ctx: &Context, job_ctx: &JobContext<'_>) -> Result<Option
         return Ok(None);
     }
     let mut view = WorkloadView::read(&serde_json::to_value(&found)?, &job_ctx.workload_hash()?);
-    if view.reserved {
+    if view.reserved && placing {
         let gvk = kube::api::GroupVersionKind::gvk(
             crate::kueue::GROUP,
             crate::kueue::VERSION,
