@@ -125,12 +125,12 @@ bench-engine: ## engine on the CPU: GPT tokens/s on 1 rank; 2-rank comm, exposed
 	bench/engine-cpu.sh
 
 .PHONY: bench-admission
-bench-admission: ## admission decision alone: 1,000 nodes x 8 GPUs, 500 queued jobs (p50, p99)
+bench-admission: ## admission decision alone: 1,000 nodes x 8 GPUs, 500 queued jobs (p50, p99, peak memory; NODES=20000 JOBS=5000 for the largest clusters)
 	$(CARGO) build --release --locked -q -p lockstep-e2e --bin bench-admission
 	$(CARGO_TARGET_DIR)/release/bench-admission
 
 .PHONY: bench-operator
-bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the same pods created directly (NODES, JOBS, RANKS, GPUS; REQUESTS=1, TIMELINE=1)
+bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the same pods created directly (NODES, JOBS, RANKS, GPUS; PEERS=jobset,training-operator; REQUESTS=1, TIMELINE=1, FLOORS=0)
 	bench/operator/run.sh
 
 .PHONY: bench-faults

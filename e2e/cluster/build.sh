@@ -4,7 +4,8 @@
 # binaries and costs seconds.
 #   LOCKSTEP_CACHE  cache root (default ~/.cache/lockstep)
 #   COMPONENTS      subset to build (default: the control plane; the external schedulers,
-#                   kueue, volcano and coscheduling, are built when named here or by up.sh)
+#                   kueue, volcano and coscheduling, are built when named here or by up.sh; the
+#                   benchmark's peers, jobset and training-operator, when named here)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -39,11 +40,13 @@ ext_name() {
     kueue) echo "minimalkueue-v$KUEUE_VERSION" ;;
     volcano) echo "vc-scheduler-v$VOLCANO_VERSION" ;;
     coscheduling) echo "scheduler-plugins-v$SCHEDULER_PLUGINS_VERSION" ;;
+    jobset) echo "jobset-v$JOBSET_VERSION" ;;
+    training-operator) echo "training-operator-v$TRAINING_OPERATOR_VERSION" ;;
   esac
 }
 for c in $want; do
   out=$c
-  case "$c" in kueue|volcano|coscheduling) out=$(ext_name "$c") ;; esac
+  case "$c" in kueue|volcano|coscheduling|jobset|training-operator) out=$(ext_name "$c") ;; esac
   if [ -x "$bin/$out" ]; then log "$c: cached"; continue; fi
   start=$(date +%s)
   case "$c" in
@@ -68,6 +71,13 @@ for c in $want; do
     # scheduler-plugins' kube-scheduler, which has the Coscheduling plugin.
     coscheduling)
       build_module "sigs.k8s.io/scheduler-plugins@v$SCHEDULER_PLUGINS_VERSION" ./cmd/scheduler "$bin/$out.tmp" ;;
+    # The benchmark's peers: JobSet's controller manager, and the Training Operator (v1) with
+    # every job kind it serves.
+    jobset)
+      build_module "sigs.k8s.io/jobset@v$JOBSET_VERSION" . "$bin/$out.tmp" ;;
+    training-operator)
+      build_module "github.com/kubeflow/training-operator@v$TRAINING_OPERATOR_VERSION" \
+        ./cmd/training-operator.v1 "$bin/$out.tmp" ;;
     *) log "unknown component $c"; exit 2 ;;
   esac
   mv "$bin/$out.tmp" "$bin/$out"   # rename last: an interrupted build never leaves a half binary cached

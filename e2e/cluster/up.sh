@@ -7,6 +7,7 @@
 #   NODES   fake nodes (default 4)
 #   ONLY_APISERVER=1   start etcd and kube-apiserver only
 #   REAL_NODES=1       also start one real node (realnode.sh: kubelet, containerd, CoreDNS; root)
+#   KWOK_COMPLETE_JOB_PODS=0   pods a Job owns run on (kwok completes them at once by default)
 #   SCHEDULERS=kueue,volcano,coscheduling   also start these (any of them), each with its CRDs:
 #                      Kueue's controllers and scheduler with topology-aware scheduling
 #                      (minimalkueue, no webhooks), Volcano's
@@ -122,7 +123,7 @@ spawn kube-controller-manager "$bin/kube-controller-manager" \
   --controllers '*,-service-lb-controller,-cloud-node-lifecycle,-node-route-controller' \
   --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
   --use-service-account-credentials=false --feature-gates "$gates" \
-  --kube-api-qps 500 --kube-api-burst 1000 --concurrent-gc-syncs 20 \
+  --kube-api-qps 500 --kube-api-burst 1000 --concurrent-gc-syncs 20 --concurrent-job-syncs 32 \
   --flex-volume-plugin-dir "$state/flexvolume"
 
 # --- kube-scheduler with the gang-scheduling gates.
@@ -137,8 +138,12 @@ kwok_dir=$(GOWORK=off GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/kwok@v
   | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
 stages="$kwok_dir/kustomize/stage"
 {
+  # pod-complete ends the pods a Job owns as soon as they run; KWOK_COMPLETE_JOB_PODS=0 (the
+  # operator benchmark) leaves it out, so that JobSet's pods run on like every other gang's.
+  complete=pod/fast/pod-complete.yaml
+  [ "${KWOK_COMPLETE_JOB_PODS:-1}" = 0 ] && complete=
   for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
-           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+           pod/fast/pod-ready.yaml $complete pod/fast/pod-delete.yaml; do
     echo "---"; cat "$stages/$f"
   done
 } > "$state/kwok.yaml"

@@ -19,6 +19,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use tokio::sync::OnceCell;
 
+pub mod peers;
+
 /// A running control plane the tests talk to.
 #[derive(Clone)]
 pub struct Cluster {

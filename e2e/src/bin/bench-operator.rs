@@ -13,7 +13,17 @@
 //! 3. the API floor: the same pods the operator made (see [`as_direct`]) created directly, with
 //!    the operator's write concurrency, seconds until all run;
 //! 4. the floor of earlier runs: as many minimal pods (one container, requests only);
-//! 5. the operator's CPU seconds and peak resident memory (from /proc).
+//! 5. the operator's CPU seconds and peak resident memory (from /proc);
+//! 6. `PEERS=jobset,training-operator`: the same gangs through each peer, built from its Go
+//!    module and started beside the cluster with the same workers and client limits as the
+//!    operator where it has a setting for them (see [`lockstep_e2e::peers`]): JobSet, one
+//!    replicated Job of `RANKS` pods; the Training Operator, a PyTorchJob of 1 master and
+//!    `RANKS - 1` workers. Their requests and CPU seconds are always printed.
+//!
+//! `REQUESTS=1` prints the API requests by verb and resource, the CPU seconds of every process
+//! per phase, and the operator's Events by reason; `TIMELINE=1` the pod counts every second;
+//! `BASELINE=BINARY` runs the same jobs through another build of the operator after the floors;
+//! `FLOORS=0` leaves phases 2 to 4 out (to compare changes of the operator, or the peers, fast).
 //!
 //! Times are taken from a pod watch, not by polling. Each phase starts on an empty cluster: the
 //! pods of the one before are deleted first.
@@ -64,8 +74,8 @@ fn usage(pid: u32) -> Result<(f64, f64)> {
     Ok((ticks / 100.0, hwm_kib / 1024.0))
 }
 
-/// Watches the pods of `pods` from now on and returns, once `want` of them run, when they all
-/// existed, were all bound, and all ran (time since `start`): to tell the operator's part from the
+/// Watches the pods of `pods` from now on and returns, once `want` of them run (or ran), when
+/// they all existed, were all bound, and all ran (time since `start`): to tell the operator's part from the
 /// scheduler's and the nodes'. A watch, not polling: the measurement must not load the API server
 /// it measures (a LIST of thousands of pods every second is a real share of a 2-core server).
 fn watch_running(
@@ -93,9 +103,12 @@ fn watch_running(
             match ev {
                 watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
                     let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-                    let running =
-                        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-                    seen.insert(p.name_any(), (bound, running));
+                    // A pod that succeeded ran: kwok completes the pods a Job owns (JobSet's)
+                    // at once, so they may pass Running between two events.
+                    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                    let running = matches!(phase, Some("Running" | "Succeeded"));
+                    let was = seen.get(&p.name_any()).copied().unwrap_or_default();
+                    seen.insert(p.name_any(), (bound || was.0, running || was.1));
                 }
                 watcher::Event::Delete(p) => {
                     seen.remove(&p.name_any());
@@ -164,16 +177,27 @@ async fn requests(client: &kube::Client) -> Result<HashMap<String, f64>> {
     Ok(out)
 }
 
-/// CPU seconds used so far by each process of the cluster (from its `pids` file), and by the
-/// operator (`pid`).
-fn cluster_cpu(state: &std::path::Path, operator: u32) -> Vec<(String, f64)> {
+/// CPU seconds used so far by each live process of the cluster (from its `pids` file, where
+/// [`register`] adds the operator and the peers).
+fn cluster_cpu(state: &std::path::Path) -> Vec<(String, f64)> {
     let pids = std::fs::read_to_string(state.join("pids")).unwrap_or_default();
     pids.lines()
         .filter_map(|l| l.split_once(' '))
         .filter_map(|(name, pid)| Some((name.to_string(), pid.trim().parse::<u32>().ok()?)))
-        .chain([("operator".to_string(), operator)])
         .filter_map(|(name, pid)| Some((name, usage(pid).ok()?.0)))
         .collect()
+}
+
+/// Adds a process the benchmark started to the cluster's `pids` file: its CPU seconds are
+/// counted with the cluster's, and `down.sh` stops it with the cluster even when the benchmark
+/// itself is killed.
+fn register(state: &std::path::Path, name: &str, pid: u32) -> Result<()> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(state.join("pids"))?;
+    writeln!(f, "{name} {pid}")?;
+    Ok(())
 }
 
 /// What the cluster has done so far: the API server's requests (when counted) and each process's
@@ -184,19 +208,14 @@ struct Usage {
 }
 
 impl Usage {
-    async fn take(
-        counting: bool,
-        client: &kube::Client,
-        state: &std::path::Path,
-        operator: u32,
-    ) -> Result<Self> {
+    async fn take(counting: bool, client: &kube::Client, state: &std::path::Path) -> Result<Self> {
         Ok(Self {
             requests: if counting {
                 requests(client).await?
             } else {
                 HashMap::new()
             },
-            cpu: cluster_cpu(state, operator),
+            cpu: cluster_cpu(state),
         })
     }
 
@@ -232,6 +251,40 @@ fn print_requests(phase: &str, before: &HashMap<String, f64>, after: &HashMap<St
     for (d, k) in diff.iter().take(20) {
         eprintln!("    {d:>7.0}  {k}");
     }
+}
+
+/// REQUESTS=1: prints the Events of namespace `ns` by source and reason, most first.
+async fn print_events(client: &kube::Client, ns: &str) -> Result<()> {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+    let mut by: HashMap<String, usize> = HashMap::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = events.list(&params).await?;
+        for e in &page.items {
+            let source = e
+                .reporting_component
+                .clone()
+                .filter(|c| !c.is_empty())
+                .or_else(|| e.source.as_ref().and_then(|s| s.component.clone()))
+                .unwrap_or_default();
+            *by.entry(format!(
+                "{source} {}",
+                e.reason.as_deref().unwrap_or_default()
+            ))
+            .or_default() += 1;
+        }
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => break,
+        }
+    }
+    let mut by: Vec<(usize, String)> = by.into_iter().map(|(k, v)| (v, k)).collect();
+    by.sort_by(|a, b| b.cmp(a));
+    eprintln!("  events by source and reason:");
+    for (n, what) in by {
+        eprintln!("    {n:>7}  {what}");
+    }
+    Ok(())
 }
 
 /// Deletes a phase's namespace and waits until it is gone: each phase starts on an empty
@@ -542,6 +595,8 @@ async fn main() -> Result<()> {
     let up = std::process::Command::new(root.join("e2e/cluster/up.sh"))
         .env("STATE", &state)
         .env("NODES", nodes.to_string())
+        // Every gang's pods run on, as training pods do: kwok would end JobSet's (a Job's) at once.
+        .env("KWOK_COMPLETE_JOB_PODS", "0")
         .output()?;
     if !up.status.success() {
         bail!("cluster-up failed: {}", String::from_utf8_lossy(&up.stderr));
@@ -562,8 +617,61 @@ async fn main() -> Result<()> {
     result
 }
 
+/// Starts the operator `binary` against the cluster of `state` (registered as `name`, logs in
+/// `logs/NAME.log`) and waits until it is ready: the clock starts on a ready operator, as it does
+/// on a ready peer.
+async fn start_operator(
+    binary: &std::path::Path,
+    state: &std::path::Path,
+    name: &str,
+) -> Result<(tokio::process::Child, u32)> {
+    let metrics = format!("127.0.0.1:{}", lockstep_e2e::peers::free_port()?);
+    let log = state.join(format!("logs/{name}.log"));
+    let mut child = tokio::process::Command::new(binary)
+        .args(["--metrics-addr", &metrics])
+        // Extra operator flags, to compare settings: OPERATOR_ARGS="--concurrency 64".
+        .args(
+            std::env::var("OPERATOR_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
+        .env("KUBECONFIG", state.join("kubeconfig"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let pid = child.id().context("operator pid")?;
+    register(state, name, pid)?;
+    lockstep_e2e::peers::wait_ready(&mut child, &format!("http://{metrics}/readyz"), &log).await?;
+    Ok((child, pid))
+}
+
+/// Creates `jobs` (16 at a time, as a user's script might) through `api`.
+async fn create_jobs<K>(api: &Api<K>, jobs: Vec<Result<K>>) -> Result<()>
+where
+    K: kube::Resource
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + k8s_openapi::serde::Serialize
+        + std::fmt::Debug,
+{
+    futures::stream::iter(jobs)
+        .map(|job| async move {
+            api.create(&PostParams::default(), &job?).await?;
+            anyhow::Ok(())
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()
+        .map(drop)
+}
+
 async fn run(
-    operator: &PathBuf,
+    operator: &std::path::Path,
     state: &std::path::Path,
     nodes: usize,
     jobs_n: usize,
@@ -590,21 +698,7 @@ async fn run(
     };
     cluster.install_crd().await?;
 
-    let mut child = tokio::process::Command::new(operator)
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        // Extra operator flags, to compare settings: OPERATOR_ARGS="--concurrency 64".
-        .args(
-            std::env::var("OPERATOR_ARGS")
-                .unwrap_or_default()
-                .split_whitespace(),
-        )
-        .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting the operator")?;
-    let pid = child.id().context("operator pid")?;
+    let (mut child, pid) = start_operator(operator, state, "operator").await?;
     let (cpu0, _) = usage(pid)?;
 
     // 1. Through the operator.
@@ -614,7 +708,9 @@ async fn run(
     let pods: Api<Pod> = Api::namespaced(client.clone(), "bench-jobs");
     let want = jobs_n * ranks;
     let limit = Duration::from_secs(900);
-    let counting = std::env::var_os("REQUESTS").is_some();
+    let peers = lockstep_e2e::peers::Peer::parse_list(&std::env::var("PEERS").unwrap_or_default())?;
+    // Requests are counted when asked, and always beside the peers: they are part of the table.
+    let counting = std::env::var_os("REQUESTS").is_some() || !peers.is_empty();
     let manifest = |i: usize, ns: &str| -> Result<ParallelJob> {
         let mut v = template.clone();
         v["metadata"]["name"] = format!("job-{i:03}").into();
@@ -625,28 +721,19 @@ async fn run(
             serde_json::json!({"requests": {"cpu": "100m", "memory": "64Mi"}});
         Ok(serde_json::from_value(v)?)
     };
-    let before = Usage::take(counting, &client, state, pid).await?;
+    let before = Usage::take(counting, &client, state).await?;
     let start = Instant::now();
     let watch = watch_running(pods.clone(), want, limit, start);
-    futures::stream::iter(0..jobs_n)
-        .map(|i| {
-            let jobs = jobs.clone();
-            let job = manifest(i, "bench-jobs");
-            async move {
-                jobs.create(&PostParams::default(), &job?).await?;
-                anyhow::Ok(())
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<()>>>()?;
+    create_jobs(
+        &jobs,
+        (0..jobs_n).map(|i| manifest(i, "bench-jobs")).collect(),
+    )
+    .await?;
     let applied = start.elapsed();
     let op_phases = watch.await??;
     let through_operator = op_phases[2];
     let (cpu1, peak) = usage(pid)?;
-    let after = Usage::take(counting, &client, state, pid).await?;
+    let after = Usage::take(counting, &client, state).await?;
     let _ = child.kill().await;
     // Each phase's figures are printed as soon as it ends: a later phase that fails loses nothing.
     let pods_n = want as f64;
@@ -669,115 +756,234 @@ async fn run(
     );
     if counting {
         after.print_since(&before, "through the operator");
+        print_events(&client, "bench-jobs").await?;
     }
 
-    // 2. The design's floor: the writes any implementation of the design makes, made directly.
-    let made = list_all(&pods).await?;
-    let planned: HashMap<String, String> = made
-        .iter()
-        .filter_map(|p| {
-            let node = p
-                .annotations()
-                .get(lockstep_api::contract::annotations::PLANNED_NODE)?;
-            Some((p.name_any(), node.clone()))
-        })
-        .collect();
-    clear(&client, "bench-jobs").await?;
-    namespace(&client, "bench-design").await?;
-    let design_pods: Api<Pod> = Api::namespaced(client.clone(), "bench-design");
-    let before = Usage::take(counting, &client, state, pid).await?;
-    let start = Instant::now();
-    let watch = watch_running(design_pods, want, limit, start);
-    let concurrency = usize::from(lockstep_operator::controller::Settings::default().concurrency);
-    let omit = Omit::from_env()?;
-    let omit_text = std::env::var("DESIGN_OMIT").unwrap_or_default();
-    futures::stream::iter(0..jobs_n)
-        .map(|i| {
-            let (client, planned) = (&client, &planned);
-            let job = manifest(i, "bench-design");
-            async move { design_floor(client, job?, planned, omit).await }
-        })
-        .buffer_unordered(concurrency)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<()>>>()?;
-    let design_phases = watch.await??;
-    let design = design_phases[2];
-    let without = if omit_text.is_empty() {
-        String::new()
+    // FLOORS=0: the operator (and the peers) alone, to compare changes of the operator quickly.
+    let floors = std::env::var("FLOORS").as_deref() != Ok("0");
+    if !floors {
+        clear(&client, "bench-jobs").await?;
     } else {
-        format!(", without {omit_text}")
-    };
-    print_phase(
-        &format!("design's floor: its writes made directly, {concurrency} jobs at a time{without}"),
-        "design's writes directly",
-        design_phases,
-        pods_n,
-        &[(
-            "operator / design's floor",
-            through_operator.div_duration_f64(design),
-        )],
-    );
-    if counting {
-        let after = Usage::take(counting, &client, state, pid).await?;
-        after.print_since(&before, "of the design's floor");
-    }
-    clear(&client, "bench-design").await?;
+        // 2. The design's floor: the writes any implementation of the design makes, made directly.
+        let made = list_all(&pods).await?;
+        let planned: HashMap<String, String> = made
+            .iter()
+            .filter_map(|p| {
+                let node = p
+                    .annotations()
+                    .get(lockstep_api::contract::annotations::PLANNED_NODE)?;
+                Some((p.name_any(), node.clone()))
+            })
+            .collect();
+        clear(&client, "bench-jobs").await?;
+        namespace(&client, "bench-design").await?;
+        let design_pods: Api<Pod> = Api::namespaced(client.clone(), "bench-design");
+        let before = Usage::take(counting, &client, state).await?;
+        let start = Instant::now();
+        let watch = watch_running(design_pods, want, limit, start);
+        let concurrency =
+            usize::from(lockstep_operator::controller::Settings::default().concurrency);
+        let omit = Omit::from_env()?;
+        let omit_text = std::env::var("DESIGN_OMIT").unwrap_or_default();
+        futures::stream::iter(0..jobs_n)
+            .map(|i| {
+                let (client, planned) = (&client, &planned);
+                let job = manifest(i, "bench-design");
+                async move { design_floor(client, job?, planned, omit).await }
+            })
+            .buffer_unordered(concurrency)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>>>()?;
+        let design_phases = watch.await??;
+        let design = design_phases[2];
+        let without = if omit_text.is_empty() {
+            String::new()
+        } else {
+            format!(", without {omit_text}")
+        };
+        print_phase(
+            &format!(
+                "design's floor: its writes made directly, {concurrency} jobs at a time{without}"
+            ),
+            "design's writes directly",
+            design_phases,
+            pods_n,
+            &[(
+                "operator / design's floor",
+                through_operator.div_duration_f64(design),
+            )],
+        );
+        if counting {
+            let after = Usage::take(counting, &client, state).await?;
+            after.print_since(&before, "of the design's floor");
+        }
+        clear(&client, "bench-design").await?;
 
-    // 3. The API floor: the same pods, created directly.
-    namespace(&client, "bench-floor").await?;
-    let direct: Api<Pod> = Api::namespaced(client.clone(), "bench-floor");
-    let same: Vec<Pod> = made.into_iter().map(as_direct).collect();
-    let before = Usage::take(counting, &client, state, pid).await?;
-    let floor_phases = time_direct(&direct, same, limit).await?;
-    let floor = floor_phases[2];
-    print_phase(
-        &format!(
-            "API floor: the same pods created directly, {} at a time",
-            lockstep_operator::controller::WRITE_CONCURRENCY
-        ),
-        "same pods directly",
-        floor_phases,
-        pods_n,
-        &[
-            ("operator / floor", through_operator.div_duration_f64(floor)),
-            ("design's floor / floor", design.div_duration_f64(floor)),
-        ],
-    );
-    if counting {
-        let after = Usage::take(counting, &client, state, pid).await?;
-        after.print_since(&before, "of the floor");
-    }
-    clear(&client, "bench-floor").await?;
+        // 3. The API floor: the same pods, created directly.
+        namespace(&client, "bench-floor").await?;
+        let direct: Api<Pod> = Api::namespaced(client.clone(), "bench-floor");
+        let same: Vec<Pod> = made.into_iter().map(as_direct).collect();
+        let before = Usage::take(counting, &client, state).await?;
+        let floor_phases = time_direct(&direct, same, limit).await?;
+        let floor = floor_phases[2];
+        print_phase(
+            &format!(
+                "API floor: the same pods created directly, {} at a time",
+                lockstep_operator::controller::WRITE_CONCURRENCY
+            ),
+            "same pods directly",
+            floor_phases,
+            pods_n,
+            &[
+                ("operator / floor", through_operator.div_duration_f64(floor)),
+                ("design's floor / floor", design.div_duration_f64(floor)),
+            ],
+        );
+        if counting {
+            let after = Usage::take(counting, &client, state).await?;
+            after.print_since(&before, "of the floor");
+        }
+        clear(&client, "bench-floor").await?;
 
-    // 4. The floor of earlier runs: minimal pods (one container, requests only).
-    namespace(&client, "bench-floor-minimal").await?;
-    let minimal_api: Api<Pod> = Api::namespaced(client.clone(), "bench-floor-minimal");
-    let minimal = (0..want)
-        .map(|i| {
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": format!("pod-{i:04}")},
-                "spec": {"containers": [{"name": "worker", "image": "lockstep/worker:0.1.0",
-                    "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
-                        "limits": if gpus > 0 {
-                            serde_json::json!({"nvidia.com/gpu": gpus.to_string()})
-                        } else {
-                            serde_json::json!({})
-                        }}}]}
-            }))
-        })
-        .collect::<serde_json::Result<Vec<Pod>>>()?;
-    let minimal_phases = time_direct(&minimal_api, minimal, limit).await?;
-    print_phase(
-        "minimal pods created directly (earlier runs' floor)",
-        "minimal pods",
-        minimal_phases,
-        pods_n,
-        &[(
-            "operator / minimal pods",
-            through_operator.div_duration_f64(minimal_phases[2]),
-        )],
-    );
+        // 4. The floor of earlier runs: minimal pods (one container, requests only).
+        namespace(&client, "bench-floor-minimal").await?;
+        let minimal_api: Api<Pod> = Api::namespaced(client.clone(), "bench-floor-minimal");
+        let minimal = (0..want)
+            .map(|i| {
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("pod-{i:04}")},
+                    "spec": {"containers": [{"name": "worker", "image": "lockstep/worker:0.1.0",
+                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
+                            "limits": if gpus > 0 {
+                                serde_json::json!({"nvidia.com/gpu": gpus.to_string()})
+                            } else {
+                                serde_json::json!({})
+                            }}}]}
+                }))
+            })
+            .collect::<serde_json::Result<Vec<Pod>>>()?;
+        let minimal_phases = time_direct(&minimal_api, minimal, limit).await?;
+        print_phase(
+            "minimal pods created directly (earlier runs' floor)",
+            "minimal pods",
+            minimal_phases,
+            pods_n,
+            &[(
+                "operator / minimal pods",
+                through_operator.div_duration_f64(minimal_phases[2]),
+            )],
+        );
+        clear(&client, "bench-floor-minimal").await?;
+    }
+
+    // 5. BASELINE=BINARY: the same jobs through another build of the operator (the one before a
+    // change), to compare the two in one run.
+    if let Some(baseline) = std::env::var_os("BASELINE") {
+        let ns = "bench-baseline";
+        namespace(&client, ns).await?;
+        let (mut child, bpid) = start_operator(baseline.as_ref(), state, "baseline").await?;
+        let (cpu0, _) = usage(bpid)?;
+        let jobs: Api<ParallelJob> = Api::namespaced(client.clone(), ns);
+        let before = Usage::take(counting, &client, state).await?;
+        let start = Instant::now();
+        let watch = watch_running(Api::namespaced(client.clone(), ns), want, limit, start);
+        create_jobs(&jobs, (0..jobs_n).map(|i| manifest(i, ns)).collect()).await?;
+        let base_phases = watch.await??;
+        let (cpu1, peak) = usage(bpid)?;
+        let after = Usage::take(counting, &client, state).await?;
+        let _ = child.kill().await;
+        print_phase(
+            &format!("baseline operator {}", PathBuf::from(&baseline).display()),
+            "baseline operator",
+            base_phases,
+            pods_n,
+            &[(
+                "baseline / operator",
+                base_phases[2].div_duration_f64(through_operator),
+            )],
+        );
+        println!(
+            "  baseline CPU                 {:>8.2} s  (peak RSS {peak:.1} MiB)",
+            cpu1 - cpu0
+        );
+        if counting {
+            after.print_since(&before, "through the baseline");
+            print_events(&client, ns).await?;
+        }
+        clear(&client, ns).await?;
+    }
+
+    // 6. The peers (PEERS=jobset,training-operator): the same gangs through each, one at a time.
+    let mut pod_template = template["spec"]["template"].clone();
+    pod_template["spec"]["containers"][0]["resources"] =
+        serde_json::json!({"requests": {"cpu": "100m", "memory": "64Mi"}});
+    if gpus > 0 {
+        pod_template["spec"]["containers"][0]["resources"]["limits"] =
+            serde_json::json!({"nvidia.com/gpu": gpus.to_string()});
+    }
+    for peer in peers {
+        let ns = format!("bench-{}", peer.name());
+        namespace(&client, &ns).await?;
+        let running = lockstep_e2e::peers::start(peer, &cluster, state).await?;
+        let peer_pid = running.pid().context("peer pid")?;
+        register(state, peer.name(), peer_pid)?;
+        let (peer_cpu0, _) = usage(peer_pid)?;
+        let api = kube::Api::<kube::api::DynamicObject>::namespaced_with(
+            client.clone(),
+            &ns,
+            &peer_resource(peer),
+        );
+        let before = Usage::take(counting, &client, state).await?;
+        let start = Instant::now();
+        let watch = watch_running(Api::namespaced(client.clone(), &ns), want, limit, start);
+        let objects = (0..jobs_n)
+            .map(|i| {
+                let object = peer.job(&format!("job-{i:03}"), &ns, ranks, &pod_template);
+                Ok(serde_json::from_value::<kube::api::DynamicObject>(object)?)
+            })
+            .collect();
+        create_jobs(&api, objects)
+            .await
+            .with_context(|| format!("creating the {}", peer.resource()))?;
+        let peer_phases = watch.await??;
+        let (peer_cpu1, peer_peak) = usage(peer_pid)?;
+        print_phase(
+            &format!("{}: the same gangs as {}", peer.name(), peer.resource()),
+            peer.name(),
+            peer_phases,
+            pods_n,
+            &[(
+                &format!("{} / operator", peer.name()),
+                peer_phases[2].div_duration_f64(through_operator),
+            )],
+        );
+        println!(
+            "  {} CPU {:>14.2} s  (peak RSS {peer_peak:.1} MiB)",
+            peer.name(),
+            peer_cpu1 - peer_cpu0
+        );
+        let after = Usage::take(counting, &client, state).await?;
+        after.print_since(&before, &format!("through {}", peer.name()));
+        clear(&client, &ns).await?;
+        running.stop(&cluster).await?;
+    }
     Ok(())
+}
+
+/// The API resource of a peer's job kind.
+fn peer_resource(peer: lockstep_e2e::peers::Peer) -> kube::api::ApiResource {
+    use lockstep_e2e::peers::Peer;
+    let (group, version, kind, plural) = match peer {
+        Peer::JobSet => ("jobset.x-k8s.io", "v1alpha2", "JobSet", "jobsets"),
+        Peer::TrainingOperator => ("kubeflow.org", "v1", "PyTorchJob", "pytorchjobs"),
+    };
+    kube::api::ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: format!("{group}/{version}"),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
 }
