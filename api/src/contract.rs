@@ -222,6 +222,10 @@ pub mod annotations {
     /// checkpoint; the value acted on is recorded in `status.restartedAt`. A requested restart
     /// does not count against `failurePolicy.maxRestarts`.
     pub const RESTARTED_AT: &str = "lockstep.dev/restarted-at";
+    /// On an object the operator applies for a job (Service, ConfigMap, ServiceAccount, Role,
+    /// RoleBinding, NetworkPolicy, EndpointSlice, gang objects): a hash of the body it last
+    /// applied, so that an unchanged object is not written again.
+    pub const APPLIED_HASH: &str = "lockstep.dev/applied-hash";
 }
 
 /// Names used by the operator when it acts on the cluster.

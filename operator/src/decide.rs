@@ -40,8 +40,13 @@ use crate::resources::GPU_RESOURCE;
 /// A write reconcile makes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Apply the headless Service and the config ConfigMap.
-    EnsureSharedObjects,
+    /// Apply the job's objects besides its pods (headless Service, config ConfigMap, worker
+    /// ServiceAccount, progress Role, RoleBinding and ConfigMap, token Secret, NetworkPolicy)
+    /// for the gang attempt `attempt`: once per attempt, and again only when they change.
+    EnsureSharedObjects {
+        /// The gang attempt the objects are made for.
+        attempt: i32,
+    },
     /// Apply the objects an external gang scheduler reads (PodGroup, Workload).
     EnsureGangObjects,
     /// Create the pods of these ranks for this attempt.
@@ -312,7 +317,7 @@ pub fn wait_unadmitted(
 fn makes_gang(action: &Action) -> bool {
     matches!(
         action,
-        Action::EnsureSharedObjects
+        Action::EnsureSharedObjects { .. }
             | Action::EnsureGangObjects
             | Action::CreatePods { .. }
             | Action::Ungate(_)
@@ -641,7 +646,20 @@ impl Pass<'_> {
         self.d.status.phase = Some(p);
     }
 
-    fn note(&mut self, warning: bool, reason: &'static str, message: String) {
+    /// Adds an Event. One Event per job where one pass says two things: a job admitted in the
+    /// pass that accepted it gets one GangAdmitted that says both (at scale every Event is a
+    /// write through the API server, and the status holds the rest).
+    fn note(&mut self, warning: bool, reason: &'static str, mut message: String) {
+        if reason == reasons::GANG_ADMITTED
+            && let Some(i) = self
+                .d
+                .events
+                .iter()
+                .position(|n| n.reason == reasons::JOB_CREATED)
+        {
+            let created = self.d.events.remove(i);
+            message = format!("{}, and admitted: {message}", created.message);
+        }
         self.d.events.push(Note {
             warning,
             reason,
@@ -1103,7 +1121,7 @@ impl Pass<'_> {
                     && c.reason == reasons::GANG_API_MISSING
             });
         if !missing.is_empty() {
-            self.d.actions.push(Action::EnsureSharedObjects);
+            self.d.actions.push(Action::EnsureSharedObjects { attempt });
             // Kueue's Workload is written before admission, and not changed under it.
             if !matches!(policy, GangPolicy::Builtin | GangPolicy::Kueue) {
                 self.d.actions.push(Action::EnsureGangObjects);
@@ -2088,7 +2106,16 @@ mod tests {
             nodes: Some(vec!["n".into(); 4]),
             update: None,
         }));
-        assert_eq!(d.events[0].reason, reasons::JOB_CREATED);
+        // Accepted and admitted in one pass: one Event says both.
+        assert_eq!(d.events.len(), 1, "{:?}", d.events);
+        assert_eq!(d.events[0].reason, reasons::GANG_ADMITTED);
+        assert!(
+            d.events[0].message.starts_with(
+                "gang of 4 ranks accepted, and admitted: attempt 0: all 4 ranks placed"
+            ),
+            "{}",
+            d.events[0].message
+        );
         assert!(d.status.start_time.is_some());
 
         let half = vec![

@@ -46,8 +46,8 @@ async fn main() -> anyhow::Result<()> {
     let mut lease_name = "lockstep-operator".to_string();
     // client-go's defaults for controllers are 20 and 30; an operator that creates whole gangs of
     // hundreds of pods at once needs more.
-    let mut qps: f64 = 200.0;
-    let mut burst: u32 = 400;
+    let mut qps = lockstep_operator::ratelimit::DEFAULT_QPS;
+    let mut burst = lockstep_operator::ratelimit::DEFAULT_BURST;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -99,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
                     "usage: lockstep-operator [--concurrency N] [--metrics-addr HOST:PORT] [--no-leader-elect] \
                      [--lease-namespace NS] [--lease-name NAME] [--controller-name NAME] \
                      [--namespace NS (default: every namespace)] \
-                     [--kube-api-qps Q (200; 0 = unlimited)] [--kube-api-burst B (400)] \
+                     [--kube-api-qps Q (500; 0 = unlimited)] [--kube-api-burst B (1000)] \
                      [--worker-metrics-from JSON (NetworkPolicyPeer list; [] = no scraper)] \
                      [--no-worker-network-policy]"
                 );

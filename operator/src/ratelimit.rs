@@ -10,6 +10,14 @@ use std::time::{Duration, Instant};
 
 use tower::{Layer, Service};
 
+/// The operator's default client rate limit: requests per second (`--kube-api-qps`). As JobSet's
+/// default (500) and the kube-controller-manager of large clusters: 200 held the operator's
+/// pod creation at 1,000 nodes below what the API server took (API Priority and Fairness
+/// protects the server; this limit protects it from a runaway operator).
+pub const DEFAULT_QPS: f64 = 500.0;
+/// The operator's default burst above that rate (`--kube-api-burst`).
+pub const DEFAULT_BURST: u32 = 1000;
+
 /// A token bucket: `qps` tokens per second, at most `burst` saved up.
 #[derive(Debug)]
 pub struct Bucket {

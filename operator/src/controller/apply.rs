@@ -17,7 +17,7 @@ use kube::api::{
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use lockstep_api::ParallelJob;
-use lockstep_api::contract::operator;
+use lockstep_api::contract::{annotations, operator};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -155,20 +155,41 @@ where
 /// a precondition, so that an object that changed hands since is not written; left alone, and
 /// returned, when another object controls it or none does. A user's object with the job's
 /// name is so never taken over, nor garbage-collected with the job.
+///
+/// The body carries its own hash ([`annotations::APPLIED_HASH`]): an object of the job's found
+/// with the same hash is not written again. `create_first`: the object is most likely absent
+/// (its name was just found free, and this process has not made it yet), so it is created
+/// without a read, and read only when the create finds one (409).
 async fn apply_owned<K>(
     api: &Api<K>,
     kind: &str,
     name: &str,
     mut body: serde_json::Value,
     uid: &str,
+    create_first: bool,
 ) -> Result<Option<Foreign>>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + Debug,
 {
+    let hash = format!("{:016x}", body_hash(&body));
+    body["metadata"]["annotations"][annotations::APPLIED_HASH] = hash.clone().into();
+    if create_first {
+        match api
+            .create(&create_params(), &serde_json::from_value(body.clone())?)
+            .await
+        {
+            Ok(_) => return Ok(None),
+            Err(kube::Error::Api(e)) if e.code == 409 => {} // there after all: read it
+            Err(e) => return Err(e.into()),
+        }
+    }
     match api.get_metadata_opt(name).await.map_err(Error::Read)? {
         Some(found) => {
             if let Some(foreign) = Foreign::of(kind, name, &found.metadata, uid) {
                 return Ok(Some(foreign));
+            }
+            if found.annotations().get(annotations::APPLIED_HASH) == Some(&hash) {
+                return Ok(None);
             }
             body["metadata"]["resourceVersion"] = found.metadata.resource_version.into();
             let ssa = PatchParams::apply(operator::FIELD_MANAGER).force();
@@ -185,6 +206,58 @@ where
     }
 }
 
+/// A hash of a JSON body that is the same in every process (FNV-1a over its serialization;
+/// `serde_json` writes an object's keys in order).
+pub fn body_hash(body: &serde_json::Value) -> u64 {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h: u64, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The hash of the job's objects besides its pods as they should be now: what
+/// [`Action::EnsureSharedObjects`] writes when it changed (the token Secret, random and made
+/// once, is left out).
+fn shared_hash(ctx: &Context, job: &JobContext<'_>) -> Result<u64> {
+    let policy = match &ctx.worker_policy {
+        Some(from) => Some(serde_json::to_value(job.network_policy(from)?)?),
+        None => None,
+    };
+    let all = serde_json::json!([
+        job.service()?,
+        job.config_map()?.0,
+        job.service_account()?,
+        job.progress_role()?,
+        job.progress_role_binding()?,
+        job.progress_config_map()?,
+        policy,
+        job.endpoint_slice_name(),
+    ]);
+    Ok(body_hash(&all))
+}
+
+/// How [`Action::EnsureSharedObjects`] writes the job's objects besides its pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedWrites {
+    /// Not at all: this process made them, as they are now, for this attempt.
+    None,
+    /// Created without a read: their names were found free, and this process has not made
+    /// them yet (a 409 falls back to the read).
+    CreateFirst,
+    /// Each read first, then created, applied when its hash changed, or left alone.
+    ReadFirst,
+}
+
+/// How the job's objects besides its pods are written, from what this process `kept` of the job,
+/// their `hash` now and the gang `attempt` they are for.
+pub fn shared_writes(kept: Option<&super::Kept>, hash: u64, attempt: i32) -> SharedWrites {
+    match kept {
+        Some(k) if k.shared == Some((hash, attempt)) => SharedWrites::None,
+        Some(k) if k.names_free && k.shared.is_none() => SharedWrites::CreateFirst,
+        _ => SharedWrites::ReadFirst,
+    }
+}
+
 /// The object named `name` of `api` when it exists and is not the job's (UID `uid`).
 async fn foreign_at<K>(api: &Api<K>, kind: &str, name: &str, uid: &str) -> Result<Option<Foreign>>
 where
@@ -197,9 +270,13 @@ where
         .and_then(|found| Foreign::of(kind, name, &found.metadata, uid)))
 }
 
-/// The objects with the names of the job's own objects (but its pods) that exist and are not
-/// its own, looked up at once.
-pub(super) async fn foreign_objects(ctx: &Context, job: &JobContext<'_>) -> Result<Vec<Foreign>> {
+/// The objects with the names of the job's own objects (and its pods, from the cache) that exist
+/// and are not its own, looked up at once; and whether the job's EndpointSlice is absent (then
+/// nothing of it is published, and that need not be read again).
+pub(super) async fn foreign_objects(
+    ctx: &Context,
+    job: &JobContext<'_>,
+) -> Result<(Vec<Foreign>, bool)> {
     let (c, ns, uid) = (&ctx.client, job.namespace, job.uid());
     let role = job.progress_role()?.metadata.name.unwrap_or_default();
     let account = job.service_account()?.and_then(|sa| sa.metadata.name);
@@ -213,6 +290,7 @@ pub(super) async fn foreign_objects(ctx: &Context, job: &JobContext<'_>) -> Resu
     let bindings = Api::<RoleBinding>::namespaced(c.clone(), ns);
     let policies = Api::<NetworkPolicy>::namespaced(c.clone(), ns);
     let slices = Api::<EndpointSlice>::namespaced(c.clone(), ns);
+    let mut no_slice = false;
     let found = futures::try_join!(
         foreign_at(&services, "Service", &service, uid),
         foreign_at(&maps, "ConfigMap", &config, uid),
@@ -231,7 +309,11 @@ pub(super) async fn foreign_objects(ctx: &Context, job: &JobContext<'_>) -> Resu
                 None => Ok(None),
             }
         },
-        foreign_at(&slices, "EndpointSlice", &slice, uid),
+        async {
+            let found = slices.get_metadata_opt(&slice).await.map_err(Error::Read)?;
+            no_slice = found.is_none();
+            Ok(found.and_then(|f| Foreign::of("EndpointSlice", &slice, &f.metadata, uid)))
+        },
     )?;
     let (a, b, c, d, e, f, g, h) = found;
     let mut foreign: Vec<Foreign> = [a, b, c, d, e, f, g, h].into_iter().flatten().collect();
@@ -243,7 +325,7 @@ pub(super) async fn foreign_objects(ctx: &Context, job: &JobContext<'_>) -> Resu
             foreign.extend(Foreign::of("Pod", &name, &pod.metadata, uid));
         }
     }
-    Ok(foreign)
+    Ok((foreign, no_slice))
 }
 
 /// Fails with [`Error::NotOwned`] when any of `checked` found an object not the job's own.
@@ -267,7 +349,15 @@ async fn apply(
     let uid = job.uid();
     let pods = gang.pods;
     match action {
-        Action::EnsureSharedObjects => {
+        Action::EnsureSharedObjects { attempt } => {
+            // Once per attempt (a restart makes again what went), and again when they change;
+            // a gang's first passes, made while its pods come, so write nothing twice.
+            let hash = shared_hash(ctx, job)?;
+            let create_first = match shared_writes(ctx.kept().get(&gang.key), hash, *attempt) {
+                SharedWrites::None => return Ok(()),
+                SharedWrites::CreateFirst => true,
+                SharedWrites::ReadFirst => false,
+            };
             // Independent writes, made at once: a reconcile waits for two round trips, not
             // sixteen. Each is made only to an object that is the job's own or absent.
             let c = &ctx.client;
@@ -275,13 +365,29 @@ async fn apply(
             let service = async {
                 let api = Api::<Service>::namespaced(c.clone(), ns);
                 let body = typed(job.service()?, "v1", "Service");
-                apply_owned(&api, "Service", &job.service_name(), body, uid).await
+                apply_owned(
+                    &api,
+                    "Service",
+                    &job.service_name(),
+                    body,
+                    uid,
+                    create_first,
+                )
+                .await
             };
             let maps: Api<ConfigMap> = Api::namespaced(c.clone(), ns);
             let config = async {
                 let (cm, _) = job.config_map()?;
                 let body = typed(cm, "v1", "ConfigMap");
-                apply_owned(&maps, "ConfigMap", &job.config_map_name(), body, uid).await
+                apply_owned(
+                    &maps,
+                    "ConfigMap",
+                    &job.config_map_name(),
+                    body,
+                    uid,
+                    create_first,
+                )
+                .await
             };
             let account = async {
                 let Some(sa) = job.service_account()? else {
@@ -290,7 +396,7 @@ async fn apply(
                 let name = sa.metadata.name.clone().unwrap_or_default();
                 let api = Api::<ServiceAccount>::namespaced(c.clone(), ns);
                 let body = typed(sa, "v1", "ServiceAccount");
-                apply_owned(&api, "ServiceAccount", &name, body, uid).await
+                apply_owned(&api, "ServiceAccount", &name, body, uid, create_first).await
             };
             // The Role first: binding a Role that does not exist yet needs the `bind` verb,
             // which the operator does not hold.
@@ -300,13 +406,15 @@ async fn apply(
                 let name = role.metadata.name.clone().unwrap_or_default();
                 let roles = Api::<Role>::namespaced(c.clone(), ns);
                 let body = typed(role, rbac, "Role");
-                if let Some(foreign) = apply_owned(&roles, "Role", &name, body, uid).await? {
+                if let Some(foreign) =
+                    apply_owned(&roles, "Role", &name, body, uid, create_first).await?
+                {
                     // Not bound: the binding would grant what someone else's Role holds.
                     return Ok(Some(foreign));
                 }
                 let bindings = Api::<RoleBinding>::namespaced(c.clone(), ns);
                 let body = typed(job.progress_role_binding()?, rbac, "RoleBinding");
-                apply_owned(&bindings, "RoleBinding", &name, body, uid).await
+                apply_owned(&bindings, "RoleBinding", &name, body, uid, create_first).await
             };
             // Created once and never re-applied: the token must not change under running ranks,
             // and the progress belongs to the worker once it exists. The token Secret's name
@@ -336,11 +444,23 @@ async fn apply(
                 let policy = job.network_policy(metrics_from)?;
                 let api = Api::<NetworkPolicy>::namespaced(c.clone(), ns);
                 let body = typed(policy, "networking.k8s.io/v1", "NetworkPolicy");
-                apply_owned(&api, "NetworkPolicy", &job.network_policy_name(), body, uid).await
+                apply_owned(
+                    &api,
+                    "NetworkPolicy",
+                    &job.network_policy_name(),
+                    body,
+                    uid,
+                    create_first,
+                )
+                .await
             };
             // Written when the gang has its addresses; one that is not the job's holds the
             // gang back now, before any pod is made.
+            // (Its name was just looked at when `create_first`.)
             let slice = async {
+                if create_first {
+                    return Ok(None);
+                }
                 let api = Api::<EndpointSlice>::namespaced(c.clone(), ns);
                 foreign_at(&api, "EndpointSlice", &job.endpoint_slice_name(), uid).await
             };
@@ -349,6 +469,7 @@ async fn apply(
             )?;
             let (a, b, c, d, e, f, g, h) = checked;
             all_owned([a, b, c, d, e, f, g, h])?;
+            ctx.kept().entry(gang.key.clone()).or_default().shared = Some((hash, *attempt));
         }
         Action::CreatePods {
             attempt,
@@ -420,7 +541,7 @@ async fn apply(
                 let ar = ApiResource::from_gvk_with_plural(&gvk, &object.plural);
                 let api: Api<DynamicObject> =
                     Api::namespaced_with(ctx.client.clone(), job.namespace, &ar);
-                match apply_owned(&api, &object.kind, job.name, object.body, uid).await {
+                match apply_owned(&api, &object.kind, job.name, object.body, uid, false).await {
                     // Not on to the next: a PodGroup would name a Workload that is not the job's.
                     Ok(Some(foreign)) => return Err(Error::NotOwned(vec![foreign])),
                     Ok(None) => {}
@@ -667,7 +788,18 @@ pub(super) async fn publish_addresses(
         "EndpointSlice",
     );
     let name = job.endpoint_slice_name();
-    if let Some(foreign) = apply_owned(&slices, "EndpointSlice", &name, body, job.uid()).await? {
+    // Nothing published yet: most likely no slice yet either.
+    let create_first = published.is_empty();
+    if let Some(foreign) = apply_owned(
+        &slices,
+        "EndpointSlice",
+        &name,
+        body,
+        job.uid(),
+        create_first,
+    )
+    .await?
+    {
         return Err(Error::NotOwned(vec![foreign]));
     }
     ctx.kept().entry(key).or_default().published = Some(want);
@@ -734,7 +866,37 @@ fn typed<T: serde::Serialize>(obj: T, api_version: &str, kind: &str) -> serde_js
 mod tests {
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
-    use super::{addresses_to_publish, published_in};
+    use super::{SharedWrites, addresses_to_publish, body_hash, published_in, shared_writes};
+    use crate::controller::Kept;
+
+    #[test]
+    fn shared_objects_are_written_once_an_attempt_and_again_when_they_change() {
+        assert_eq!(shared_writes(None, 7, 0), SharedWrites::ReadFirst);
+        let mut kept = Kept {
+            names_free: true,
+            ..Kept::default()
+        };
+        assert_eq!(shared_writes(Some(&kept), 7, 0), SharedWrites::CreateFirst);
+        kept.shared = Some((7, 0));
+        assert_eq!(shared_writes(Some(&kept), 7, 0), SharedWrites::None);
+        // Changed, or a new attempt (which makes again what went): read, then write.
+        assert_eq!(shared_writes(Some(&kept), 8, 0), SharedWrites::ReadFirst);
+        assert_eq!(shared_writes(Some(&kept), 7, 1), SharedWrites::ReadFirst);
+        // Names not looked at by this process: read first.
+        kept.names_free = false;
+        kept.shared = None;
+        assert_eq!(shared_writes(Some(&kept), 7, 0), SharedWrites::ReadFirst);
+    }
+
+    #[test]
+    fn the_body_hash_is_fixed_and_sees_every_change() {
+        let a = serde_json::json!({"metadata": {"name": "j"}, "spec": {"ports": [1, 2]}});
+        // FNV-1a of the serialization: the same in every process and version of the operator.
+        assert_eq!(body_hash(&serde_json::json!("")), 0x07cc_7607_b494_9e25);
+        assert_eq!(body_hash(&a), body_hash(&a.clone()));
+        let b = serde_json::json!({"metadata": {"name": "j"}, "spec": {"ports": [2, 1]}});
+        assert_ne!(body_hash(&a), body_hash(&b));
+    }
     use crate::observe::{PodState, RankPod};
 
     fn endpoint(hostname: Option<&str>, addresses: &[&str]) -> Endpoint {

@@ -116,6 +116,10 @@ pub struct Kept {
     /// Whether the names of the job's objects were found free of objects not its own (see
     /// `reconcile::objects_in_the_way`).
     pub names_free: bool,
+    /// The hash of the job's objects besides its pods as this process last made them, and for
+    /// which gang attempt (see `apply::shared_hash`): they are made once per attempt, and again
+    /// only when they change.
+    pub shared: Option<(u64, i32)>,
 }
 
 /// Operator settings.

@@ -364,7 +364,9 @@ async fn hold_back(
 
 /// Reads the job to decide on: one that holds this process's own last status write, that is the
 /// cached one when the watch has delivered that write (or something newer), else the answer to
-/// that write; a fresh read when this process has written no status for the job yet. `None`
+/// that write; when this process has written no status for the job yet, the cached one if it has
+/// no status at all (a job no controller has reported on: no status write can be missing from
+/// a cache that this leader's watch filled), else a fresh read. `None`
 /// when there is nothing to do: the job is gone (what is kept of it is forgotten), is another
 /// controller's, is being deleted, or cannot be read (that is reported on the job).
 async fn read_job(
@@ -388,8 +390,13 @@ async fn read_job(
                 _ => Some(cached.clone()),
             }
         });
+    let unreported = cached
+        .data
+        .get("status")
+        .is_none_or(|s| s.is_null() || s.as_object().is_some_and(|o| o.is_empty()));
     let raw = match newest {
         Some(raw) => raw,
+        None if unreported => cached.clone(),
         None => {
             let Some(raw) = jobs.get_opt(&cached.name_any()).await? else {
                 ctx.metrics.set_phase(key, None);
@@ -643,7 +650,7 @@ async fn objects_in_the_way(
     if ctx.kept().get(&key).is_some_and(|k| k.names_free) {
         return Ok(None);
     }
-    let foreign = apply::foreign_objects(ctx, job_ctx).await?;
+    let (foreign, no_slice) = apply::foreign_objects(ctx, job_ctx).await?;
     if !foreign.is_empty() {
         // A plan the queue made before this pass (the job was waiting) holds nothing now.
         ctx.admitter.give_back(&key);
@@ -652,6 +659,9 @@ async fn objects_in_the_way(
     let kept = kept.entry(key).or_default();
     if foreign.is_empty() {
         kept.names_free = true;
+        if no_slice && kept.published.is_none() {
+            kept.published = Some(Vec::new());
+        }
         return Ok(None);
     }
     let message = ownership::explain(&foreign);
