@@ -161,12 +161,21 @@ impl PodUse {
 /// A cached reading of an object, valid while the cache holds that very object.
 type Reading<K, T> = (Arc<K>, T);
 
+/// The (namespace, job, attempt, rank) of every worker pod that exists, finished or not.
+type Present = Arc<HashSet<Arc<WorkerKey>>>;
+
 #[derive(Default)]
 struct State {
     plans: HashMap<String, Plan>,
     parsed: HashMap<usize, Reading<DynamicObject, Option<Arc<JobInfo>>>>,
     nodes: HashMap<usize, Reading<Node, NodeInfo>>,
     pods: HashMap<usize, Reading<Pod, Arc<PodUse>>>,
+    /// The nodes with every pod that holds capacity counted, kept from one decision to the next
+    /// and brought up to date with the pods that came and went since (made anew when a node
+    /// changed): at 20,000 nodes and 40,000 pods, making it for every decision took most of it.
+    counted: Option<Snapshot>,
+    /// The worker pods that exist, as of the last reading of the pods.
+    present: Present,
 }
 
 /// The admission queue: one per operator process.
@@ -273,8 +282,36 @@ impl Admitter {
         let infos = self.parse_jobs(&mut st, caller_info);
         prune_plans(&mut st.plans, &infos);
 
-        let mut snapshot = Snapshot::new(self.node_infos(&mut st));
-        let present = self.count_pods(&mut st, &mut snapshot);
+        let nodes_changed = self.read_nodes(&mut st);
+        let (present, came, went) = self.read_pods(&mut st);
+        let counted = match st.counted.take() {
+            Some(mut counted) if !nodes_changed => {
+                for usage in &went {
+                    if let Some((node, request)) = &usage.holds {
+                        counted.give(node, request);
+                    }
+                }
+                for usage in &came {
+                    if let Some((node, request)) = &usage.holds {
+                        counted.take(node, request);
+                    }
+                }
+                counted
+            }
+            _ => {
+                let mut counted =
+                    Snapshot::new(st.nodes.values().map(|(_, info)| info.clone()).collect());
+                for (_, usage) in st.pods.values() {
+                    if let Some((node, request)) = &usage.holds {
+                        counted.take(node, request);
+                    }
+                }
+                counted
+            }
+        };
+        // What this decision reserves and admits is given back at its end (see `undo`).
+        let mut snapshot = counted;
+        snapshot.record();
         for info in infos.values() {
             if let (true, Some(nodes)) = (info.live, &info.admitted) {
                 reserve(
@@ -375,6 +412,8 @@ impl Admitter {
                 outcome = Some(result);
             }
         }
+        snapshot.undo();
+        st.counted = Some(snapshot);
         self.metrics.gang_queue_length.set(waiting);
         self.metrics.gang_oldest_wait_seconds.set(oldest.max(0));
         self.metrics
@@ -415,49 +454,64 @@ impl Admitter {
         infos
     }
 
-    /// Every node as admission sees it (reusing the reading of a node the cache has not
-    /// replaced since).
-    fn node_infos(&self, st: &mut State) -> Vec<NodeInfo> {
+    /// Reads every node as admission sees it into the state (reusing the reading of a node the
+    /// cache has not replaced since); whether any node came, went or changed.
+    fn read_nodes(&self, st: &mut State) -> bool {
         let nodes = self.nodes.state();
-        let mut out = Vec::with_capacity(nodes.len());
+        if unchanged(&nodes, &st.nodes) {
+            return false;
+        }
         let mut next = HashMap::with_capacity(nodes.len());
+        let mut changed = nodes.len() != st.nodes.len();
         for node in nodes {
             // Keyed by the cached object itself: the cache replaces the Arc when the node changes,
             // and holding it here keeps its address from being reused.
             let at = Arc::as_ptr(&node) as usize;
             let info = match st.nodes.remove(&at) {
                 Some((_, info)) => info,
-                None => NodeInfo::from_node(&node),
+                None => {
+                    changed = true;
+                    NodeInfo::from_node(&node)
+                }
             };
-            out.push(info.clone());
             next.insert(at, (node, info));
         }
         st.nodes = next;
-        out
+        changed
     }
 
-    /// Counts every pod that holds capacity into the snapshot; returns the (namespace, job,
-    /// attempt, rank) of every worker pod that exists, finished or not.
-    fn count_pods(&self, st: &mut State, snapshot: &mut Snapshot) -> HashSet<Arc<WorkerKey>> {
+    /// Reads every pod into the state; returns the (namespace, job, attempt, rank) of every
+    /// worker pod that exists, finished or not, and what the pods that came and the pods that
+    /// went (or changed: both) since the last reading hold.
+    fn read_pods(&self, st: &mut State) -> (Present, Vec<Arc<PodUse>>, Vec<Arc<PodUse>>) {
         let pods = self.pods.state();
+        if unchanged(&pods, &st.pods) {
+            return (st.present.clone(), Vec::new(), Vec::new());
+        }
         let mut present = HashSet::new();
+        let mut came = Vec::new();
         let mut next = HashMap::with_capacity(pods.len());
         for pod in pods {
             let at = Arc::as_ptr(&pod) as usize;
             let usage = match st.pods.remove(&at) {
                 Some((_, u)) => u,
-                None => Arc::new(PodUse::of(&pod)),
+                None => {
+                    let u = Arc::new(PodUse::of(&pod));
+                    came.push(u.clone());
+                    u
+                }
             };
             if let Some(w) = &usage.worker {
                 present.insert(w.clone());
             }
-            if let Some((node, request)) = &usage.holds {
-                snapshot.take(node, request);
-            }
             next.insert(at, (pod, usage));
         }
-        st.pods = next;
-        present
+        let went = std::mem::replace(&mut st.pods, next)
+            .into_values()
+            .map(|(_, u)| u)
+            .collect();
+        st.present = Arc::new(present);
+        (st.present.clone(), came, went)
     }
 
     /// The value of the PriorityClass `name`, when it exists.
@@ -500,6 +554,15 @@ impl Priorities {
 }
 
 /// Takes the capacity of every rank of an admitted attempt whose pod does not exist yet.
+/// Whether `objects` (a cache's) are exactly those `read` holds readings of: then nothing came,
+/// went or changed since (a changed object is a new one in the cache).
+fn unchanged<K, V>(objects: &[Arc<K>], read: &HashMap<usize, (Arc<K>, V)>) -> bool {
+    objects.len() == read.len()
+        && objects
+            .iter()
+            .all(|o| read.contains_key(&(Arc::as_ptr(o) as usize)))
+}
+
 fn reserve(
     snapshot: &mut Snapshot,
     present: &HashSet<Arc<WorkerKey>>,

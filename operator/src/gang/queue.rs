@@ -171,7 +171,7 @@ pub fn cycle(
         };
         if let Some(Ok(nodes)) = attempt {
             for i in &nodes {
-                snapshot.nodes[*i].used.add(&w.shape.request);
+                snapshot.take_at(*i, &w.shape.request);
             }
             out.push((w.key.clone(), Verdict::Admit(nodes)));
             continue;
