@@ -258,7 +258,8 @@ pub mod condition_types {
 
 /// Condition reasons and Event reasons (PascalCase, stable: alerts and dashboards match them).
 pub mod reasons {
-    /// The job was created and accepted by the operator.
+    /// The job was created and accepted by the operator (as an Event only when it is not
+    /// admitted in the same pass: then GangAdmitted says both).
     pub const JOB_CREATED: &str = "JobCreated";
     /// The gang waits for capacity.
     pub const INSUFFICIENT_CAPACITY: &str = "InsufficientCapacity";

@@ -11,7 +11,7 @@
 //! its rotator accepts as valid and the files in the folder it reads them from.
 //!
 //! Each peer gets the same client rate limit and workers as the Lockstep operator, where it has
-//! a setting for them: 200 requests per second with a burst of 400, and 32 workers. JobSet
+//! a setting for them: 500 requests per second with a burst of 1,000, and 32 workers. JobSet
 //! (v0.11.1) has no setting for its workers: its controller runs one.
 
 use std::path::{Path, PathBuf};
@@ -203,9 +203,19 @@ fn module_dir(module: &str) -> Result<PathBuf> {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(free_ports::<1>()?[0])
+}
+
+/// `N` distinct free TCP ports on 127.0.0.1 (held open together while they are picked).
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0; N];
+    for (p, l) in ports.iter_mut().zip(&held) {
+        *p = l.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 fn openssl(args: &[&str]) -> Result<()> {
@@ -383,7 +393,7 @@ pub async fn start(peer: Peer, cluster: &Cluster, state: &Path) -> Result<Runnin
     let src = module_dir(&peer.module()?)?;
     let dir = state.join(format!("peer-{}", peer.name()));
     std::fs::create_dir_all(&dir)?;
-    let (port, probe) = (free_port()?, free_port()?);
+    let [port, probe] = free_ports::<2>()?;
     let log_path = cluster.logs.join(format!("{}.log", peer.name()));
     let log = std::fs::File::create(&log_path)?;
     let mut cmd = tokio::process::Command::new(&bin);

@@ -188,6 +188,19 @@ fn cluster_cpu(state: &std::path::Path) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// Takes a process the benchmark stopped out of the cluster's `pids` file again (its pid may be
+/// another process's by the time the cluster stops).
+fn unregister(state: &std::path::Path, pid: u32) -> Result<()> {
+    let path = state.join("pids");
+    let kept: String = std::fs::read_to_string(&path)?
+        .lines()
+        .filter(|l| l.split_once(' ').map(|(_, p)| p.trim()) != Some(pid.to_string().as_str()))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, kept)?;
+    Ok(())
+}
+
 /// Adds a process the benchmark started to the cluster's `pids` file: its CPU seconds are
 /// counted with the cluster's, and `down.sh` stops it with the cluster even when the benchmark
 /// itself is killed.
@@ -735,6 +748,7 @@ async fn run(
     let (cpu1, peak) = usage(pid)?;
     let after = Usage::take(counting, &client, state).await?;
     let _ = child.kill().await;
+    unregister(state, pid)?;
     // Each phase's figures are printed as soon as it ends: a later phase that fails loses nothing.
     let pods_n = want as f64;
     println!(
@@ -894,6 +908,7 @@ async fn run(
         let (cpu1, peak) = usage(bpid)?;
         let after = Usage::take(counting, &client, state).await?;
         let _ = child.kill().await;
+        unregister(state, bpid)?;
         print_phase(
             &format!("baseline operator {}", PathBuf::from(&baseline).display()),
             "baseline operator",
@@ -968,6 +983,7 @@ async fn run(
         after.print_since(&before, &format!("through {}", peer.name()));
         clear(&client, &ns).await?;
         running.stop(&cluster).await?;
+        unregister(state, peer_pid)?;
     }
     Ok(())
 }

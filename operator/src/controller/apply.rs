@@ -157,9 +157,10 @@ where
 /// name is so never taken over, nor garbage-collected with the job.
 ///
 /// The body carries its own hash ([`annotations::APPLIED_HASH`]): an object of the job's found
-/// with the same hash is not written again. `create_first`: the object is most likely absent
-/// (its name was just found free, and this process has not made it yet), so it is created
-/// without a read, and read only when the create finds one (409).
+/// with the same hash, and written by the operator alone, is not written again. `create_first`:
+/// the object is most likely absent (its name was found absent, and this process has not made
+/// it yet), so it is created without a read, and read only when the create fails with 409 or 403
+/// (a full ResourceQuota refuses a create even of an object that exists).
 async fn apply_owned<K>(
     api: &Api<K>,
     kind: &str,
@@ -179,7 +180,9 @@ where
             .await
         {
             Ok(_) => return Ok(None),
-            Err(kube::Error::Api(e)) if e.code == 409 => {} // there after all: read it
+            // There after all (409), or a full ResourceQuota refuses even an object that exists
+            // (403): read it, and decide from what is there.
+            Err(kube::Error::Api(e)) if matches!(e.code, 403 | 409) => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -188,7 +191,15 @@ where
             if let Some(foreign) = Foreign::of(kind, name, &found.metadata, uid) {
                 return Ok(Some(foreign));
             }
-            if found.annotations().get(annotations::APPLIED_HASH) == Some(&hash) {
+            // Unchanged since the operator applied it, and nobody else wrote to it since (an
+            // edit by hand is undone, as before).
+            let only_ours = found
+                .metadata
+                .managed_fields
+                .iter()
+                .flatten()
+                .all(|m| m.manager.as_deref() == Some(operator::FIELD_MANAGER));
+            if only_ours && found.annotations().get(annotations::APPLIED_HASH) == Some(&hash) {
                 return Ok(None);
             }
             body["metadata"]["resourceVersion"] = found.metadata.resource_version.into();
@@ -239,21 +250,29 @@ fn shared_hash(ctx: &Context, job: &JobContext<'_>) -> Result<u64> {
 /// How [`Action::EnsureSharedObjects`] writes the job's objects besides its pods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SharedWrites {
-    /// Not at all: this process made them, as they are now, for this attempt.
+    /// Not at all: this process made them, as they are now, for this attempt, and pods of the
+    /// attempt exist (the gang is being made).
     None,
-    /// Created without a read: their names were found free, and this process has not made
-    /// them yet (a 409 falls back to the read).
+    /// Created without a read: their names were all found absent, and this process has not
+    /// tried to make them yet (a 409 or 403 falls back to the read).
     CreateFirst,
-    /// Each read first, then created, applied when its hash changed, or left alone.
+    /// Each read first, then created, applied when it changed, or left alone.
     ReadFirst,
 }
 
 /// How the job's objects besides its pods are written, from what this process `kept` of the job,
-/// their `hash` now and the gang `attempt` they are for.
-pub fn shared_writes(kept: Option<&super::Kept>, hash: u64, attempt: i32) -> SharedWrites {
+/// their `hash` now, the gang `attempt` they are for, and whether the gang has no pod at all
+/// (`empty`: a first start, a resume, a readmission after eviction; what went since is made
+/// again).
+pub fn shared_writes(
+    kept: Option<&super::Kept>,
+    hash: u64,
+    attempt: i32,
+    empty: bool,
+) -> SharedWrites {
     match kept {
-        Some(k) if k.shared == Some((hash, attempt)) => SharedWrites::None,
-        Some(k) if k.names_free && k.shared.is_none() => SharedWrites::CreateFirst,
+        Some(k) if !empty && k.shared == Some((hash, attempt)) => SharedWrites::None,
+        Some(k) if k.names_absent && k.shared.is_none() => SharedWrites::CreateFirst,
         _ => SharedWrites::ReadFirst,
     }
 }
@@ -270,13 +289,38 @@ where
         .and_then(|found| Foreign::of(kind, name, &found.metadata, uid)))
 }
 
+/// The object named `name` of `api`: `None` when absent, else `Some` of the object in the way
+/// when it is not the job's (UID `uid`).
+async fn look_at<K>(
+    api: &Api<K>,
+    kind: &str,
+    name: &str,
+    uid: &str,
+) -> Result<Option<Option<Foreign>>>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    Ok(api
+        .get_metadata_opt(name)
+        .await
+        .map_err(Error::Read)?
+        .map(|found| Foreign::of(kind, name, &found.metadata, uid)))
+}
+
+/// What a look at the names of a job's objects found.
+pub(super) struct Looked {
+    /// The objects in the way: not the job's own.
+    pub foreign: Vec<Foreign>,
+    /// Whether none of the job's objects besides its pods exists (then they can be created
+    /// without a read first).
+    pub all_absent: bool,
+    /// Whether the job's EndpointSlice is absent (then nothing of it is published).
+    pub slice_absent: bool,
+}
+
 /// The objects with the names of the job's own objects (and its pods, from the cache) that exist
-/// and are not its own, looked up at once; and whether the job's EndpointSlice is absent (then
-/// nothing of it is published, and that need not be read again).
-pub(super) async fn foreign_objects(
-    ctx: &Context,
-    job: &JobContext<'_>,
-) -> Result<(Vec<Foreign>, bool)> {
+/// and are not its own, looked up at once; see [`Looked`].
+pub(super) async fn foreign_objects(ctx: &Context, job: &JobContext<'_>) -> Result<Looked> {
     let (c, ns, uid) = (&ctx.client, job.namespace, job.uid());
     let role = job.progress_role()?.metadata.name.unwrap_or_default();
     let account = job.service_account()?.and_then(|sa| sa.metadata.name);
@@ -290,33 +334,31 @@ pub(super) async fn foreign_objects(
     let bindings = Api::<RoleBinding>::namespaced(c.clone(), ns);
     let policies = Api::<NetworkPolicy>::namespaced(c.clone(), ns);
     let slices = Api::<EndpointSlice>::namespaced(c.clone(), ns);
-    let mut no_slice = false;
     let found = futures::try_join!(
-        foreign_at(&services, "Service", &service, uid),
-        foreign_at(&maps, "ConfigMap", &config, uid),
-        foreign_at(&maps, "ConfigMap", &progress, uid),
+        look_at(&services, "Service", &service, uid),
+        look_at(&maps, "ConfigMap", &config, uid),
+        look_at(&maps, "ConfigMap", &progress, uid),
         async {
             match &account {
-                Some(name) => foreign_at(&accounts, "ServiceAccount", name, uid).await,
+                Some(name) => look_at(&accounts, "ServiceAccount", name, uid).await,
                 None => Ok(None),
             }
         },
-        foreign_at(&roles, "Role", &role, uid),
-        foreign_at(&bindings, "RoleBinding", &role, uid),
+        look_at(&roles, "Role", &role, uid),
+        look_at(&bindings, "RoleBinding", &role, uid),
         async {
             match &ctx.worker_policy {
-                Some(_) => foreign_at(&policies, "NetworkPolicy", &policy, uid).await,
+                Some(_) => look_at(&policies, "NetworkPolicy", &policy, uid).await,
                 None => Ok(None),
             }
         },
-        async {
-            let found = slices.get_metadata_opt(&slice).await.map_err(Error::Read)?;
-            no_slice = found.is_none();
-            Ok(found.and_then(|f| Foreign::of("EndpointSlice", &slice, &f.metadata, uid)))
-        },
+        look_at(&slices, "EndpointSlice", &slice, uid),
     )?;
     let (a, b, c, d, e, f, g, h) = found;
-    let mut foreign: Vec<Foreign> = [a, b, c, d, e, f, g, h].into_iter().flatten().collect();
+    let slice_absent = h.is_none();
+    let all = [a, b, c, d, e, f, g, h];
+    let all_absent = all.iter().all(Option::is_none);
+    let mut foreign: Vec<Foreign> = all.into_iter().flatten().flatten().collect();
     // The ranks' names: pods without the job's labels (which the gang's own pod cache does not
     // hold) are in the cluster-wide cache admission keeps.
     for rank in 0..job.layout.world_size() {
@@ -325,7 +367,11 @@ pub(super) async fn foreign_objects(
             foreign.extend(Foreign::of("Pod", &name, &pod.metadata, uid));
         }
     }
-    Ok((foreign, no_slice))
+    Ok(Looked {
+        foreign,
+        all_absent,
+        slice_absent,
+    })
 }
 
 /// Fails with [`Error::NotOwned`] when any of `checked` found an object not the job's own.
@@ -350,13 +396,22 @@ async fn apply(
     let pods = gang.pods;
     match action {
         Action::EnsureSharedObjects { attempt } => {
-            // Once per attempt (a restart makes again what went), and again when they change;
-            // a gang's first passes, made while its pods come, so write nothing twice.
+            // Once per start of the gang, and again when they change: the passes that make a
+            // gang's pods one batch after another write nothing twice.
             let hash = shared_hash(ctx, job)?;
-            let create_first = match shared_writes(ctx.kept().get(&gang.key), hash, *attempt) {
-                SharedWrites::None => return Ok(()),
-                SharedWrites::CreateFirst => true,
-                SharedWrites::ReadFirst => false,
+            let empty = gang.uids.is_empty();
+            let create_first = {
+                let mut kept = ctx.kept();
+                let writes = shared_writes(kept.get(&gang.key), hash, *attempt, empty);
+                // Absent as found once: a retry, or a later attempt, reads first.
+                if let Some(k) = kept.get_mut(&gang.key) {
+                    k.names_absent = false;
+                }
+                match writes {
+                    SharedWrites::None => return Ok(()),
+                    SharedWrites::CreateFirst => true,
+                    SharedWrites::ReadFirst => false,
+                }
             };
             // Independent writes, made at once: a reconcile waits for two round trips, not
             // sixteen. Each is made only to an object that is the job's own or absent.
@@ -456,11 +511,7 @@ async fn apply(
             };
             // Written when the gang has its addresses; one that is not the job's holds the
             // gang back now, before any pod is made.
-            // (Its name was just looked at when `create_first`.)
             let slice = async {
-                if create_first {
-                    return Ok(None);
-                }
                 let api = Api::<EndpointSlice>::namespaced(c.clone(), ns);
                 foreign_at(&api, "EndpointSlice", &job.endpoint_slice_name(), uid).await
             };
@@ -788,8 +839,8 @@ pub(super) async fn publish_addresses(
         "EndpointSlice",
     );
     let name = job.endpoint_slice_name();
-    // Nothing published yet: most likely no slice yet either.
-    let create_first = published.is_empty();
+    // Found absent when the names were looked at, and not written since: create it unread.
+    let create_first = std::mem::take(&mut ctx.kept().entry(key.clone()).or_default().slice_absent);
     if let Some(foreign) = apply_owned(
         &slices,
         "EndpointSlice",
@@ -871,21 +922,39 @@ mod tests {
 
     #[test]
     fn shared_objects_are_written_once_an_attempt_and_again_when_they_change() {
-        assert_eq!(shared_writes(None, 7, 0), SharedWrites::ReadFirst);
+        assert_eq!(shared_writes(None, 7, 0, true), SharedWrites::ReadFirst);
         let mut kept = Kept {
-            names_free: true,
+            names_absent: true,
             ..Kept::default()
         };
-        assert_eq!(shared_writes(Some(&kept), 7, 0), SharedWrites::CreateFirst);
+        assert_eq!(
+            shared_writes(Some(&kept), 7, 0, true),
+            SharedWrites::CreateFirst
+        );
+        kept.names_absent = false;
         kept.shared = Some((7, 0));
-        assert_eq!(shared_writes(Some(&kept), 7, 0), SharedWrites::None);
-        // Changed, or a new attempt (which makes again what went): read, then write.
-        assert_eq!(shared_writes(Some(&kept), 8, 0), SharedWrites::ReadFirst);
-        assert_eq!(shared_writes(Some(&kept), 7, 1), SharedWrites::ReadFirst);
-        // Names not looked at by this process: read first.
-        kept.names_free = false;
+        // Made for this attempt, and its pods are being made: nothing.
+        assert_eq!(shared_writes(Some(&kept), 7, 0, false), SharedWrites::None);
+        // No pod of the gang (a resume, a readmission): what went since is made again.
+        assert_eq!(
+            shared_writes(Some(&kept), 7, 0, true),
+            SharedWrites::ReadFirst
+        );
+        // Changed, or a new attempt: read, then write.
+        assert_eq!(
+            shared_writes(Some(&kept), 8, 0, false),
+            SharedWrites::ReadFirst
+        );
+        assert_eq!(
+            shared_writes(Some(&kept), 7, 1, false),
+            SharedWrites::ReadFirst
+        );
+        // Names found in use (the job's own objects, after a restart of the operator): read first.
         kept.shared = None;
-        assert_eq!(shared_writes(Some(&kept), 7, 0), SharedWrites::ReadFirst);
+        assert_eq!(
+            shared_writes(Some(&kept), 7, 0, true),
+            SharedWrites::ReadFirst
+        );
     }
 
     #[test]

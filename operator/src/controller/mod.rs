@@ -116,6 +116,11 @@ pub struct Kept {
     /// Whether the names of the job's objects were found free of objects not its own (see
     /// `reconcile::objects_in_the_way`).
     pub names_free: bool,
+    /// Whether that look found none of the job's objects besides its pods (they are then
+    /// created without a read first, once; see `apply::shared_writes`).
+    pub names_absent: bool,
+    /// Whether that look found no EndpointSlice of the job, and none was written since.
+    pub slice_absent: bool,
     /// The hash of the job's objects besides its pods as this process last made them, and for
     /// which gang attempt (see `apply::shared_hash`): they are made once per attempt, and again
     /// only when they change.

@@ -650,7 +650,8 @@ async fn objects_in_the_way(
     if ctx.kept().get(&key).is_some_and(|k| k.names_free) {
         return Ok(None);
     }
-    let (foreign, no_slice) = apply::foreign_objects(ctx, job_ctx).await?;
+    let looked = apply::foreign_objects(ctx, job_ctx).await?;
+    let foreign = looked.foreign;
     if !foreign.is_empty() {
         // A plan the queue made before this pass (the job was waiting) holds nothing now.
         ctx.admitter.give_back(&key);
@@ -659,7 +660,9 @@ async fn objects_in_the_way(
     let kept = kept.entry(key).or_default();
     if foreign.is_empty() {
         kept.names_free = true;
-        if no_slice && kept.published.is_none() {
+        kept.names_absent = looked.all_absent;
+        kept.slice_absent = looked.slice_absent;
+        if looked.slice_absent && kept.published.is_none() {
             kept.published = Some(Vec::new());
         }
         return Ok(None);

@@ -76,11 +76,18 @@ async fn write(
     job: &ParallelJob,
     status: &ParallelJobStatus,
 ) -> Result<()> {
-    let patch = serde_json::json!({
+    let mut patch = serde_json::json!({
         "apiVersion": ParallelJob::api_version(&()),
         "kind": ParallelJob::kind(&()),
         "status": status,
     });
+    // This process's first write of the job was decided from the watch cache, unread (see
+    // `reconcile::read_job`): it holds only if the job is still that version (a 409 otherwise,
+    // and the next pass reads it again), so that nothing newer is overwritten.
+    let first = ctx.kept().get(key).is_none_or(|k| k.status.is_none());
+    if first && let Some(rv) = &job.metadata.resource_version {
+        patch["metadata"] = serde_json::json!({"resourceVersion": rv});
+    }
     let updated = jobs
         .patch_status(
             &job.name_any(),

@@ -553,7 +553,6 @@ impl Priorities {
     }
 }
 
-/// Takes the capacity of every rank of an admitted attempt whose pod does not exist yet.
 /// Whether `objects` (a cache's) are exactly those `read` holds readings of: then nothing came,
 /// went or changed since (a changed object is a new one in the cache).
 fn unchanged<K, V>(objects: &[Arc<K>], read: &HashMap<usize, (Arc<K>, V)>) -> bool {
@@ -563,6 +562,7 @@ fn unchanged<K, V>(objects: &[Arc<K>], read: &HashMap<usize, (Arc<K>, V)>) -> bo
             .all(|o| read.contains_key(&(Arc::as_ptr(o) as usize)))
 }
 
+/// Takes the capacity of every rank of an admitted attempt whose pod does not exist yet.
 fn reserve(
     snapshot: &mut Snapshot,
     present: &HashSet<Arc<WorkerKey>>,
