@@ -282,11 +282,7 @@ async fn foreign_at<K>(api: &Api<K>, kind: &str, name: &str, uid: &str) -> Resul
 where
     K: Resource + Clone + DeserializeOwned + Debug,
 {
-    Ok(api
-        .get_metadata_opt(name)
-        .await
-        .map_err(Error::Read)?
-        .and_then(|found| Foreign::of(kind, name, &found.metadata, uid)))
+    Ok(look_at(api, kind, name, uid).await?.flatten())
 }
 
 /// The object named `name` of `api`: `None` when absent, else `Some` of the object in the way
