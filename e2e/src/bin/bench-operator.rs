@@ -23,7 +23,7 @@
 //! `REQUESTS=1` prints the API requests by verb and resource, the CPU seconds of every process
 //! per phase, and the operator's Events by reason; `TIMELINE=1` the pod counts every second;
 //! `BASELINE=BINARY` runs the same jobs through another build of the operator after the floors;
-//! `FLOORS=0` leaves phases 2 to 4 out (to compare changes of the operator, or the peers, fast).
+//! `FLOORS=0` leaves phases 2 to 4 out, `FLOORS=design` phases 3 and 4 (to compare changes of the operator, or the peers, fast).
 //!
 //! Times are taken from a pod watch, not by polling. Each phase starts on an empty cluster: the
 //! pods of the one before are deleted first.
@@ -774,7 +774,10 @@ async fn run(
     }
 
     // FLOORS=0: the operator (and the peers) alone, to compare changes of the operator quickly.
-    let floors = std::env::var("FLOORS").as_deref() != Ok("0");
+    let floors_env = std::env::var("FLOORS").unwrap_or_default();
+    let floors = floors_env != "0";
+    // FLOORS=design: the design's floor alone (the ratio the operator is held to).
+    let design_only = floors_env == "design";
     if !floors {
         clear(&client, "bench-jobs").await?;
     } else {
@@ -835,61 +838,63 @@ async fn run(
         }
         clear(&client, "bench-design").await?;
 
-        // 3. The API floor: the same pods, created directly.
-        namespace(&client, "bench-floor").await?;
-        let direct: Api<Pod> = Api::namespaced(client.clone(), "bench-floor");
-        let same: Vec<Pod> = made.into_iter().map(as_direct).collect();
-        let before = Usage::take(counting, &client, state).await?;
-        let floor_phases = time_direct(&direct, same, limit).await?;
-        let floor = floor_phases[2];
-        print_phase(
-            &format!(
-                "API floor: the same pods created directly, {} at a time",
-                lockstep_operator::controller::WRITE_CONCURRENCY
-            ),
-            "same pods directly",
-            floor_phases,
-            pods_n,
-            &[
-                ("operator / floor", through_operator.div_duration_f64(floor)),
-                ("design's floor / floor", design.div_duration_f64(floor)),
-            ],
-        );
-        if counting {
-            let after = Usage::take(counting, &client, state).await?;
-            after.print_since(&before, "of the floor");
-        }
-        clear(&client, "bench-floor").await?;
+        if !design_only {
+            // 3. The API floor: the same pods, created directly.
+            namespace(&client, "bench-floor").await?;
+            let direct: Api<Pod> = Api::namespaced(client.clone(), "bench-floor");
+            let same: Vec<Pod> = made.into_iter().map(as_direct).collect();
+            let before = Usage::take(counting, &client, state).await?;
+            let floor_phases = time_direct(&direct, same, limit).await?;
+            let floor = floor_phases[2];
+            print_phase(
+                &format!(
+                    "API floor: the same pods created directly, {} at a time",
+                    lockstep_operator::controller::WRITE_CONCURRENCY
+                ),
+                "same pods directly",
+                floor_phases,
+                pods_n,
+                &[
+                    ("operator / floor", through_operator.div_duration_f64(floor)),
+                    ("design's floor / floor", design.div_duration_f64(floor)),
+                ],
+            );
+            if counting {
+                let after = Usage::take(counting, &client, state).await?;
+                after.print_since(&before, "of the floor");
+            }
+            clear(&client, "bench-floor").await?;
 
-        // 4. The floor of earlier runs: minimal pods (one container, requests only).
-        namespace(&client, "bench-floor-minimal").await?;
-        let minimal_api: Api<Pod> = Api::namespaced(client.clone(), "bench-floor-minimal");
-        let minimal = (0..want)
-            .map(|i| {
-                serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": format!("pod-{i:04}")},
-                    "spec": {"containers": [{"name": "worker", "image": "lockstep/worker:0.1.0",
-                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
-                            "limits": if gpus > 0 {
-                                serde_json::json!({"nvidia.com/gpu": gpus.to_string()})
-                            } else {
-                                serde_json::json!({})
-                            }}}]}
-                }))
-            })
-            .collect::<serde_json::Result<Vec<Pod>>>()?;
-        let minimal_phases = time_direct(&minimal_api, minimal, limit).await?;
-        print_phase(
-            "minimal pods created directly (earlier runs' floor)",
-            "minimal pods",
-            minimal_phases,
-            pods_n,
-            &[(
-                "operator / minimal pods",
-                through_operator.div_duration_f64(minimal_phases[2]),
-            )],
-        );
-        clear(&client, "bench-floor-minimal").await?;
+            // 4. The floor of earlier runs: minimal pods (one container, requests only).
+            namespace(&client, "bench-floor-minimal").await?;
+            let minimal_api: Api<Pod> = Api::namespaced(client.clone(), "bench-floor-minimal");
+            let minimal = (0..want)
+                .map(|i| {
+                    serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": format!("pod-{i:04}")},
+                        "spec": {"containers": [{"name": "worker", "image": "lockstep/worker:0.1.0",
+                            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
+                                "limits": if gpus > 0 {
+                                    serde_json::json!({"nvidia.com/gpu": gpus.to_string()})
+                                } else {
+                                    serde_json::json!({})
+                                }}}]}
+                    }))
+                })
+                .collect::<serde_json::Result<Vec<Pod>>>()?;
+            let minimal_phases = time_direct(&minimal_api, minimal, limit).await?;
+            print_phase(
+                "minimal pods created directly (earlier runs' floor)",
+                "minimal pods",
+                minimal_phases,
+                pods_n,
+                &[(
+                    "operator / minimal pods",
+                    through_operator.div_duration_f64(minimal_phases[2]),
+                )],
+            );
+            clear(&client, "bench-floor-minimal").await?;
+        }
     }
 
     // 5. BASELINE=BINARY: the same jobs through another build of the operator (the one before a
