@@ -367,14 +367,9 @@ fn checkpoint_steps(dir: &std::path::Path) -> Vec<u64> {
 async fn a_job_kueue_preempts_in_real_pods_checkpoints_waits_and_resumes_where_it_stopped()
 -> anyhow::Result<()> {
     let test = "a_job_kueue_preempts_in_real_pods_checkpoints_waits_and_resumes_where_it_stopped";
-    if !lockstep_e2e::cluster().await.runs_scheduler("kueue", test) {
-        return Ok(());
-    }
     let _node = ONE_AT_A_TIME.lock().await;
-    with_namespace("real-kueue", |ns| async move {
-        use crate::kueue::{
-            cluster_queue, drop_priority_classes, drop_queue, events, priority_classes,
-        };
+    crate::kueue::with_kueue(test, "real-kueue", &["low", "high"], |ns| async move {
+        use crate::kueue::{cluster_queue, events, priority_classes};
         // One CPU of quota on a flavor of the real node: room for one job of two 500m ranks.
         let placement = serde_json::json!({
             "nodeSelector": { NODE_LABEL: "true" },
@@ -389,103 +384,99 @@ async fn a_job_kueue_preempts_in_real_pods_checkpoints_waits_and_resumes_where_i
         )
         .await?;
         priority_classes(&ns, &[("low", 100), ("high", 1000)]).await?;
-        let result = async {
-            let jobs: Api<ParallelJob> = ns.api();
-            let job = |name: &str, class: &str, epochs: i64| -> anyhow::Result<serde_json::Value> {
-                let mut v = example_manifest("ddp-digits.yaml")?;
-                v["metadata"]["name"] = name.into();
-                v["metadata"]["labels"] = serde_json::json!({"kueue.x-k8s.io/queue-name": "team"});
-                v["spec"]["scheduling"] =
-                    serde_json::json!({"priorityClassName": format!("{}-{class}", ns.name)});
-                v["spec"]["training"]["epochs"] = epochs.into();
-                Ok(v)
-            };
-            let mut low = job("low", "low", 3000)?;
-            low["spec"]["training"]["checkpoint"] = serde_json::json!({"everySteps": 500});
-            let top = shared_checkpoints(&ns.name, &mut low)?;
-            let created = jobs
-                .create(&PostParams::default(), &serde_json::from_value(low)?)
-                .await?;
-            let dir = top.join("low").join(created.metadata.uid.expect("a UID"));
-            wait_until(
-                Duration::from_secs(120),
-                "a checkpoint of the low job",
-                || async { Ok(!checkpoint_steps(&dir).is_empty()) },
-            )
+        let jobs: Api<ParallelJob> = ns.api();
+        let job = |name: &str, class: &str, epochs: i64| -> anyhow::Result<serde_json::Value> {
+            let mut v = example_manifest("ddp-digits.yaml")?;
+            v["metadata"]["name"] = name.into();
+            v["metadata"]["labels"] = serde_json::json!({"kueue.x-k8s.io/queue-name": "team"});
+            v["spec"]["scheduling"] =
+                serde_json::json!({"priorityClassName": format!("{}-{class}", ns.name)});
+            v["spec"]["training"]["epochs"] = epochs.into();
+            Ok(v)
+        };
+        let mut low = job("low", "low", 3000)?;
+        low["spec"]["training"]["checkpoint"] = serde_json::json!({"everySteps": 500});
+        let top = shared_checkpoints(&ns.name, &mut low)?;
+        let created = jobs
+            .create(&PostParams::default(), &serde_json::from_value(low)?)
             .await?;
+        let dir = top.join("low").join(created.metadata.uid.expect("a UID"));
+        wait_until(
+            Duration::from_secs(120),
+            "a checkpoint of the low job",
+            || async { Ok(!checkpoint_steps(&dir).is_empty()) },
+        )
+        .await?;
 
-            let before = *checkpoint_steps(&dir).last().expect("a checkpoint");
-            // The urgent job takes its quota: Kueue evicts the low one, whose ranks save a
-            // checkpoint of the step they are at on SIGTERM and exit.
-            jobs.create(
-                &PostParams::default(),
-                &serde_json::from_value(job("urgent", "high", 40)?)?,
-            )
-            .await?;
-            let pods: Api<Pod> = ns.api();
-            let selector = format!("{}=low", labels::JOB_NAME);
-            wait_until(
-                Duration::from_secs(60),
-                "the low job's pods are gone",
-                || async {
-                    Ok(pods
-                        .list(&ListParams::default().labels(&selector))
-                        .await?
-                        .items
-                        .is_empty())
-                },
-            )
-            .await?;
-            assert!(
-                events(&ns, "low")
+        let before = *checkpoint_steps(&dir).last().expect("a checkpoint");
+        // The urgent job takes its quota: Kueue evicts the low one, whose ranks save a
+        // checkpoint of the step they are at on SIGTERM and exit.
+        jobs.create(
+            &PostParams::default(),
+            &serde_json::from_value(job("urgent", "high", 40)?)?,
+        )
+        .await?;
+        let pods: Api<Pod> = ns.api();
+        let selector = format!("{}=low", labels::JOB_NAME);
+        wait_until(
+            Duration::from_secs(60),
+            "the low job's pods are gone",
+            || async {
+                Ok(pods
+                    .list(&ListParams::default().labels(&selector))
                     .await?
-                    .iter()
-                    .any(|(r, m)| r == "Evicted" && m.contains("Preempted")),
-                "{:?}",
-                events(&ns, "low").await?
-            );
-            let stopped_at = *checkpoint_steps(&dir).last().expect("checkpoints");
-            assert!(
-                stopped_at > before,
-                "no checkpoint of the step it stopped at: {stopped_at}"
-            );
-            wait_until(
-                Duration::from_secs(300),
-                "the urgent job succeeds",
-                || async {
-                    Ok(jobs.get("urgent").await?.status.and_then(|s| s.phase)
-                        == Some(Phase::Succeeded))
-                },
-            )
+                    .items
+                    .is_empty())
+            },
+        )
+        .await?;
+        assert!(
+            events(&ns, "low")
+                .await?
+                .iter()
+                .any(|(r, m)| r == "Evicted" && m.contains("Preempted")),
+            "{:?}",
+            events(&ns, "low").await?
+        );
+        let stopped_at = *checkpoint_steps(&dir).last().expect("checkpoints");
+        assert!(
+            stopped_at > before,
+            "no checkpoint of the step it stopped at: {stopped_at}"
+        );
+        wait_until(
+            Duration::from_secs(300),
+            "the urgent job succeeds",
+            || async {
+                Ok(
+                    jobs.get("urgent").await?.status.and_then(|s| s.phase)
+                        == Some(Phase::Succeeded),
+                )
+            },
+        )
+        .await?;
+        // Admitted again, the low job resumes from the step it stopped at: nothing lost.
+        wait_until(
+            Duration::from_secs(120),
+            "the low job trains again",
+            || async {
+                let s = jobs.get("low").await?.status.unwrap_or_default();
+                Ok(s.phase == Some(Phase::Running)
+                    && s.progress.is_some_and(|p| p.step > stopped_at as i64))
+            },
+        )
+        .await?;
+        let log = ns
+            .cluster
+            .kubectl(&["logs", "-n", &ns.name, "low-0"])
             .await?;
-            // Admitted again, the low job resumes from the step it stopped at: nothing lost.
-            wait_until(
-                Duration::from_secs(120),
-                "the low job trains again",
-                || async {
-                    let s = jobs.get("low").await?.status.unwrap_or_default();
-                    Ok(s.phase == Some(Phase::Running)
-                        && s.progress.is_some_and(|p| p.step > stopped_at as i64))
-                },
-            )
+        assert_eq!(resumed_step(&log), stopped_at, "{log}");
+        let status = jobs.get("low").await?.status.unwrap_or_default();
+        assert_eq!(status.attempt, 0, "an eviction is not a restart");
+        assert!(status.last_failure.is_none(), "{:?}", status.last_failure);
+        jobs.delete("low", &kube::api::DeleteParams::foreground())
             .await?;
-            let log = ns
-                .cluster
-                .kubectl(&["logs", "-n", &ns.name, "low-0"])
-                .await?;
-            assert_eq!(resumed_step(&log), stopped_at, "{log}");
-            let status = jobs.get("low").await?.status.unwrap_or_default();
-            assert_eq!(status.attempt, 0, "an eviction is not a restart");
-            assert!(status.last_failure.is_none(), "{:?}", status.last_failure);
-            jobs.delete("low", &kube::api::DeleteParams::foreground())
-                .await?;
-            let _ = std::fs::remove_dir_all(&top);
-            Ok::<(), anyhow::Error>(())
-        }
-        .await;
-        drop_priority_classes(&ns, &["low", "high"]).await;
-        drop_queue(&ns).await;
-        result
+        let _ = std::fs::remove_dir_all(&top);
+        Ok(())
     })
     .await
 }
