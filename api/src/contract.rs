@@ -35,6 +35,11 @@ pub mod env {
     /// Data-parallel replica index of this rank (see [`crate::layout`]).
     pub const REPLICA: &str = "LOCKSTEP_REPLICA";
 
+    /// Ranks of the gang on this machine, set by `local` mode only (unset in a pod, which runs
+    /// one rank): the ranks divide the machine's GPUs among themselves, sharing them when
+    /// there are fewer GPUs than ranks.
+    pub const LOCAL_RANKS: &str = "LOCKSTEP_LOCAL_RANKS";
+
     /// PyTorch `torch.distributed` convention: host of rank 0.
     pub const MASTER_ADDR: &str = "MASTER_ADDR";
     /// PyTorch convention: port of rank 0's store.

@@ -23,7 +23,7 @@ part() { [[ ",$parts," == *",$1,"* ]]; }
 if part 1; then
 echo "== 1. CUDA backend vs CPU reference"
 timeout 120 $bin bench engine-check
-timeout 120 $bin bench engine-check --tf32
+timeout 120 $bin bench engine-check --precision tf32
 fi
 vocab=${VOCAB:-50257}
 batch=${BATCH:-8}

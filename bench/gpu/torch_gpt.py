@@ -1,4 +1,4 @@
-"""PyTorch eager baseline for the GPT benchmark of the engine issue.
+"""PyTorch baseline (eager, or with --compile torch.compile) for the GPT benchmark of the engine.
 
 A nanoGPT-shaped decoder-only transformer (pre-LayerNorm, GELU MLP of 4x width, tied embeddings,
 causal scaled-dot-product attention) trained with AdamW on random tokens; prints tokens/s and MFU
@@ -73,6 +73,7 @@ def main():
     p.add_argument("--precisions", default="tf32,bf16", help="any of fp32, tf32, bf16")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "manual"])
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     a = p.parse_args()
     torch.manual_seed(0)
     dev = "cuda"
@@ -80,6 +81,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
         torch.backends.cudnn.allow_tf32 = prec == "tf32"
         model = GPT(a.vocab, a.context, a.layers, a.width, a.heads, a.attention).to(dev)
+        step_model = torch.compile(model) if a.compile else model
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
         n_params = sum(p.numel() for p in model.parameters())
         x = torch.randint(0, a.vocab, (a.batch, a.context), device=dev)
@@ -89,7 +91,7 @@ def main():
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=prec == "bf16"):
-                loss = model(x, y)
+                loss = step_model(x, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -103,14 +105,14 @@ def main():
         # PaLM estimate: 6N per token plus attention 12*L*H*Q*T = 12*L*width*T.
         flops_per_token = 6 * n_params + 12 * a.layers * a.width * a.context
         print(json.dumps({
-            "impl": "pytorch-eager", "torch": torch.__version__, "device": torch.cuda.get_device_name(),
+            "impl": "pytorch-compile" if a.compile else "pytorch-eager", "torch": torch.__version__, "device": torch.cuda.get_device_name(),
             "precision": prec, "attention": a.attention, "vocab": a.vocab, "params": n_params, "batch": a.batch, "context": a.context,
             "step_ms_median": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
             "mfu_vs_bf16_peak": round(flops_per_token * tokens / med / (a.peak_tflops * 1e12), 4),
             "mfu_vs_tf32_peak": round(flops_per_token * tokens / med / (a.peak_tflops / 2 * 1e12), 4),
             "final_loss": round(loss.item(), 4), "loss_is_finite": math.isfinite(loss.item()),
         }), flush=True)
-        del model, opt
+        del model, step_model, opt
 
 
 if __name__ == "__main__":

@@ -83,8 +83,31 @@ pub fn open<C: Communicator>(
         ));
     }
     let be = Cpu;
+    if cfg.training.precision != lockstep_api::training::Precision::Fp32 {
+        tracing::info!(
+            precision = ?cfg.training.precision,
+            "the precision is a GPU setting: the CPU trains in FP32"
+        );
+    }
     tracing::info!(backend = %be.name(), "training on the CPU");
     Ok(Device::Cpu(be))
+}
+
+/// The GPU a rank opens among the `devices` it sees, and how many ranks of this machine use
+/// that GPU (itself included). In a pod (`local_ranks` unset) the rank sees its own GPUs and
+/// takes the first. In `local` mode the `local_ranks` ranks of the machine take the GPUs in
+/// turn: one each while there are enough, several to a GPU when there are fewer GPUs than ranks.
+pub fn gpu_for_rank(rank: usize, local_ranks: Option<usize>, devices: usize) -> (usize, usize) {
+    let devices = devices.max(1);
+    match local_ranks {
+        None => (0, 1),
+        Some(ranks) => {
+            let device = rank % devices;
+            // Ranks device, device + devices, ... below `ranks` share it.
+            let sharing = ranks.saturating_sub(device).div_ceil(devices).max(1);
+            (device, sharing)
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -100,15 +123,27 @@ fn open_cuda<C: Communicator>(
     if devices <= 0 {
         return Err(internal("CUDA loads but no device is visible".into()));
     }
-    // One GPU per pod (device 0); ranks of one machine (local mode) take them in turn.
-    let device = topo.rank as usize % devices as usize;
-    let tf32 = cfg.training.precision != Precision::Fp32;
-    if cfg.training.precision == Precision::Bf16 {
+    let here = std::env::var(lockstep_api::contract::env::LOCAL_RANKS)
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let (device, sharing) = gpu_for_rank(topo.rank as usize, here, devices as usize);
+    if sharing > 1 {
         tracing::warn!(
-            "precision Bf16 is not built yet: training in FP32 with TF32 GEMMs (the closest)"
+            rank = topo.rank,
+            device,
+            ranks_on_this_gpu = sharing,
+            gpus = devices,
+            "fewer GPUs than ranks on this machine: this rank shares GPU {device} with {} other \
+             rank(s), so each gets a part of its memory and compute (local mode)",
+            sharing - 1
         );
     }
-    let backend = lockstep_engine::cuda::Cuda::new(device, tf32)?;
+    let precision = match cfg.training.precision {
+        Precision::Fp32 => lockstep_engine::Precision::Fp32,
+        Precision::Tf32 => lockstep_engine::Precision::Tf32,
+        Precision::Bf16 => lockstep_engine::Precision::Bf16,
+    };
+    let backend = lockstep_engine::cuda::Cuda::new(device, precision)?;
     tracing::info!(backend = %backend.name(), device, "training on the GPU");
     if nccl_id.is_empty() {
         tracing::info!("no NCCL id from rank 0: gradients are averaged over TCP");
@@ -140,4 +175,37 @@ fn open_cuda<C: Communicator>(
         backend,
         nccl: Some(nccl),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gpu_for_rank;
+
+    #[test]
+    fn a_pod_takes_its_first_gpu_whatever_its_rank() {
+        assert_eq!(gpu_for_rank(5, None, 1), (0, 1));
+        assert_eq!(gpu_for_rank(5, None, 4), (0, 1));
+    }
+
+    #[test]
+    fn local_ranks_take_their_own_gpu_when_there_are_enough() {
+        for rank in 0..4 {
+            assert_eq!(gpu_for_rank(rank, Some(4), 8), (rank, 1));
+            assert_eq!(gpu_for_rank(rank, Some(4), 4), (rank, 1));
+        }
+    }
+
+    #[test]
+    fn local_ranks_share_gpus_when_there_are_fewer_than_ranks() {
+        // One GPU, four ranks: all on GPU 0, four to it.
+        for rank in 0..4 {
+            assert_eq!(gpu_for_rank(rank, Some(4), 1), (0, 4));
+        }
+        // Two GPUs, three ranks: ranks 0 and 2 on GPU 0, rank 1 alone on GPU 1.
+        assert_eq!(gpu_for_rank(0, Some(3), 2), (0, 2));
+        assert_eq!(gpu_for_rank(1, Some(3), 2), (1, 1));
+        assert_eq!(gpu_for_rank(2, Some(3), 2), (0, 2));
+        // No device reported is treated as one.
+        assert_eq!(gpu_for_rank(1, Some(2), 0), (0, 2));
+    }
 }

@@ -238,6 +238,7 @@ pub async fn run(opts: LocalOptions) -> Result<i32> {
                     .map(|n| ("RAYON_NUM_THREADS", n.clone())),
             )
             .env(env::TOKEN, &token)
+            .env(env::LOCAL_RANKS, world.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

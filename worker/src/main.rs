@@ -135,9 +135,10 @@ enum BenchCmd {
         /// Timed steps.
         #[arg(long, default_value_t = 10)]
         steps: usize,
-        /// FP32 GEMMs instead of TF32 on the GPU.
-        #[arg(long)]
-        no_tf32: bool,
+        /// The GEMMs' arithmetic: TF32 tensor cores (FP32 on the CPU), FP32, or bf16 operands
+        /// with FP32 sums (emulated on the CPU).
+        #[arg(long, value_enum, default_value_t = bench::GemmPrecision::Tf32)]
+        precision: bench::GemmPrecision,
         /// Peak FLOP/s for MFU, in TFLOP/s (H100 SXM dense TF32: 494.7).
         #[arg(long, default_value_t = 0.0)]
         peak_tflops: f64,
@@ -197,9 +198,10 @@ enum BenchCmd {
     },
     /// The CUDA backend against the CPU reference, primitive by primitive and on GPT steps.
     EngineCheck {
-        /// Use TF32 GEMMs (looser tolerances).
-        #[arg(long)]
-        tf32: bool,
+        /// The CUDA GEMMs' arithmetic (TF32: looser tolerances; bf16: against the CPU's
+        /// emulation of bf16).
+        #[arg(long, value_enum, default_value_t = bench::GemmPrecision::Fp32)]
+        precision: bench::GemmPrecision,
     },
 }
 
@@ -338,7 +340,7 @@ fn main() -> ProcessExit {
                     vocab,
                     warmup,
                     steps,
-                    no_tf32,
+                    precision,
                     peak_tflops,
                     profile,
                 },
@@ -353,7 +355,7 @@ fn main() -> ProcessExit {
                     seq,
                     warmup,
                     steps,
-                    tf32: !no_tf32,
+                    precision,
                     peak: peak_tflops * 1e12,
                     profile,
                 },
@@ -405,8 +407,8 @@ fn main() -> ProcessExit {
         })()),
         #[cfg(feature = "cuda")]
         Cmd::Bench {
-            what: BenchCmd::EngineCheck { tf32 },
-        } => bench_exit(bench::engine_check(tf32)),
+            what: BenchCmd::EngineCheck { precision },
+        } => bench_exit(bench::engine_check(precision)),
         #[cfg(not(feature = "cuda"))]
         Cmd::Bench {
             what: BenchCmd::EngineCheck { .. },

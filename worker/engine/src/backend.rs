@@ -83,6 +83,34 @@ impl Gemm {
     }
 }
 
+/// The arithmetic of a backend's GEMMs (`spec.training.precision`). Every other primitive,
+/// the parameters, their gradients and the optimizer state are FP32 in all three.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// IEEE single precision.
+    #[default]
+    Fp32,
+    /// FP32 operands multiplied on TF32 tensor cores (10-bit mantissas), FP32 sums; on the
+    /// CPU, the same as FP32.
+    Tf32,
+    /// A and B rounded to bf16 (nearest, ties to even: [`crate::bf16`]), products summed in
+    /// FP32 into an FP32 C: cuBLAS with bf16 inputs and `CUBLAS_COMPUTE_32F` on the GPU, the
+    /// same rounding then FP32 arithmetic on the CPU ([`crate::cpu::CpuBf16`]). A product of
+    /// two bf16 values is exact in FP32, so the two differ only in the order of the sums.
+    Bf16,
+}
+
+impl Precision {
+    /// The name in logs and benchmarks ("fp32", "tf32", "bf16").
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
 /// AdamW hyper-parameters of one update.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamStep {

@@ -309,6 +309,77 @@ impl Backend for Cpu {
     }
 }
 
+/// The CPU backend with bf16 GEMMs ([`Precision::Bf16`](crate::Precision::Bf16)): each
+/// GEMM's A and B are rounded to bf16 (nearest, ties to even) and multiplied in FP32, into an
+/// FP32 C; every other primitive is [`Cpu`]'s. This is the arithmetic of the CUDA backend in
+/// bf16, so the CUDA path is checked against it, and the tests run it here. It is a reference,
+/// not a fast path: the rounded copies cost more than they save on a CPU.
+#[derive(Clone, Debug, Default)]
+pub struct CpuBf16;
+
+impl Backend for CpuBf16 {
+    type Buf = Vec<f32>;
+    type Ids = Vec<i32>;
+
+    fn name(&self) -> String {
+        format!("{}, bf16 GEMMs emulated", Cpu.name())
+    }
+
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Cpu.zeros(n)
+    }
+
+    fn upload_at(&self, dst: &mut Vec<f32>, off: usize, src: &[f32]) -> Result<()> {
+        Cpu.upload_at(dst, off, src)
+    }
+
+    fn download(&self, src: &Vec<f32>, off: usize, len: usize) -> Result<Vec<f32>> {
+        Cpu.download(src, off, len)
+    }
+
+    fn ids(&self, n: usize) -> Result<Vec<i32>> {
+        Cpu.ids(n)
+    }
+
+    fn upload_ids(&self, dst: &mut Vec<i32>, src: &[i32]) -> Result<()> {
+        Cpu.upload_ids(dst, src)
+    }
+
+    fn fill_zero(&self, buf: &mut Vec<f32>, off: usize, len: usize) -> Result<()> {
+        Cpu.fill_zero(buf, off, len)
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn launch(&self, kernel: Kernel<'_, Vec<f32>, Vec<i32>>) -> Result<()> {
+        match kernel {
+            Kernel::Gemm { g, a, b, c } => {
+                if g.m == 0 || g.n == 0 || g.batch == 0 {
+                    return Ok(());
+                }
+                // Copies of the operands' reach, rounded; `gemm` then checks them and C.
+                let ext_a = extent(g.ta, g.m, g.k, g.lda, g.stride_a, g.batch);
+                let ext_b = extent(g.tb, g.k, g.n, g.ldb, g.stride_b, g.batch);
+                let rounded = |x: &[f32], off: usize, len: usize| {
+                    assert!(off + len <= x.len(), "gemm {g:?} reads past its buffers");
+                    let mut r = x[off..off + len].to_vec();
+                    r.par_iter_mut()
+                        .with_min_len(SPLIT_ELEMS)
+                        .for_each(|v| *v = crate::bf16::round(*v));
+                    r
+                };
+                let ra = rounded(a.0, a.1, ext_a);
+                let rb = rounded(b.0, b.1, ext_b);
+                gemm(&g, (&ra, 0), (&rb, 0), (c.0, c.1));
+                Ok(())
+            }
+            other => Cpu.launch(other),
+        }
+    }
+}
+
 /// [`Kernel::Gemm`]: checks the operands' extents, then runs the product.
 fn gemm(g: &Gemm, a: (&[f32], usize), b: (&[f32], usize), c: (&mut [f32], usize)) {
     if g.m == 0 || g.n == 0 || g.batch == 0 {

@@ -15,12 +15,15 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use crate::backend::{Backend, BinaryOp, Gemm, Kernel, MAX_RANK, Mask, Op, Permutation, UnaryOp};
+use crate::backend::{
+    Backend, BinaryOp, Gemm, Kernel, MAX_RANK, Mask, Op, Permutation, Precision, UnaryOp,
+};
 use crate::{EngineError, Result};
 
 const SOURCE: &str = include_str!("kernels.cu");
 /// The kernels of `kernels.cu` the backend loads, one or more per [`Kernel`].
-pub const KERNELS: [&str; 16] = [
+pub const KERNELS: [&str; 17] = [
+    "to_bf16",
     "unary",
     "unary_bwd",
     "binary",
@@ -96,7 +99,10 @@ pub struct Cuda {
     blas: CudaBlas,
     kernels: std::collections::HashMap<&'static str, CudaFunction>,
     partial: CudaSlice<f32>,
-    tf32: bool,
+    precision: Precision,
+    /// Scratch for the bf16 copies of a GEMM's A and B, grown on demand. The GEMMs are queued
+    /// on one stream, so one pair serves them all.
+    bf16_scratch: Box<std::sync::Mutex<[Option<CudaSlice<u16>>; 2]>>,
     device: String,
 }
 
@@ -104,15 +110,16 @@ impl std::fmt::Debug for Cuda {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cuda")
             .field("device", &self.device)
-            .field("tf32", &self.tf32)
+            .field("precision", &self.precision)
             .finish()
     }
 }
 
 impl Cuda {
-    /// The backend on device `ordinal`; `tf32` lets cuBLAS use TF32 tensor cores for FP32
-    /// GEMMs. Compiles the kernels (NVRTC, for the device's architecture).
-    pub fn new(ordinal: usize, tf32: bool) -> Result<Self> {
+    /// The backend on device `ordinal`, its GEMMs in `precision` (TF32 lets cuBLAS use TF32
+    /// tensor cores for FP32 GEMMs; bf16 converts A and B to bf16 first). Compiles the kernels
+    /// (NVRTC, for the device's architecture).
+    pub fn new(ordinal: usize, precision: Precision) -> Result<Self> {
         if !available() {
             return Err(EngineError::Device {
                 what: "loading CUDA",
@@ -137,7 +144,7 @@ impl Cuda {
         // communication stream).
         let stream = ctx.new_stream().map_err(dev("creating a stream"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(dev("creating the cuBLAS handle"))?;
-        let mode = if tf32 {
+        let mode = if precision == Precision::Tf32 {
             blas::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
         } else {
             blas::cublasMath_t::CUBLAS_DEFAULT_MATH
@@ -155,7 +162,8 @@ impl Cuda {
             blas,
             kernels,
             partial,
-            tf32,
+            precision,
+            bf16_scratch: Box::new(std::sync::Mutex::new([None, None])),
             device: format!("{name} (sm_{major}{minor})"),
         })
     }
@@ -245,10 +253,10 @@ impl Backend for Cuda {
         format!(
             "cuda {}{}",
             self.device,
-            if self.tf32 {
-                ", TF32 GEMMs"
-            } else {
-                ", FP32 GEMMs"
+            match self.precision {
+                Precision::Fp32 => ", FP32 GEMMs",
+                Precision::Tf32 => ", TF32 GEMMs",
+                Precision::Bf16 => ", bf16 GEMMs (FP32 sums)",
             }
         )
     }
@@ -601,6 +609,24 @@ fn binary_code(op: BinaryOp) -> i32 {
 }
 
 impl Cuda {
+    /// Converts `n` floats at device address `src` to bf16 into `scratch` (grown to fit), and
+    /// returns the copy's address.
+    fn to_bf16(&self, scratch: &mut Option<CudaSlice<u16>>, src: u64, n: usize) -> Result<u64> {
+        if scratch.as_ref().is_none_or(|s| s.len() < n) {
+            // Grow by half again, so that a run of slightly larger operands does not
+            // reallocate each time.
+            let want = n + n / 2;
+            *scratch = Some(
+                self.stream
+                    .alloc_zeros::<u16>(want)
+                    .map_err(dev("allocating the bf16 scratch"))?,
+            );
+        }
+        let dst = self.ptr(scratch.as_ref().expect("allocated above"), 0, n);
+        self.elementwise("to_bf16", n, &[Arg::Ptr(dst), Arg::Ptr(src), l(n)])?;
+        Ok(dst)
+    }
+
     /// [`Kernel::Gemm`] through cuBLAS, after checking the operands' extents.
     fn gemm_blas(
         &self,
@@ -628,6 +654,49 @@ impl Cuda {
             Op::T => blas::cublasOperation_t::CUBLAS_OP_T,
         };
         let d = |x: usize| i32::try_from(x).expect("GEMM dimension fits in i32");
+        if self.precision == Precision::Bf16 {
+            let (ea, eb) = (
+                ext(g.ta, g.m, g.k, g.lda, g.stride_a),
+                ext(g.tb, g.k, g.n, g.ldb, g.stride_b),
+            );
+            let mut scratch = self.bf16_scratch.lock().expect("the scratch lock");
+            let [sa, sb] = &mut *scratch;
+            let qa = self.to_bf16(sa, pa, ea)?;
+            let qb = self.to_bf16(sb, pb, eb)?;
+            let bf = blas::cudaDataType::CUDA_R_16BF;
+            let f32t = blas::cudaDataType::CUDA_R_32F;
+            // SAFETY: the bf16 copies hold the operands' whole extents, C's extent was checked
+            // against its buffer, and alpha and beta are f32 as CUBLAS_COMPUTE_32F wants.
+            return unsafe {
+                blas::cublasGemmStridedBatchedEx(
+                    *self.blas.handle(),
+                    op(g.ta),
+                    op(g.tb),
+                    d(g.m),
+                    d(g.n),
+                    d(g.k),
+                    (&g.alpha as *const f32).cast(),
+                    qa as *const std::ffi::c_void,
+                    bf,
+                    d(g.lda),
+                    g.stride_a as i64,
+                    qb as *const std::ffi::c_void,
+                    bf,
+                    d(g.ldb),
+                    g.stride_b as i64,
+                    (&g.beta as *const f32).cast(),
+                    pc as *mut std::ffi::c_void,
+                    f32t,
+                    d(g.ldc),
+                    g.stride_c as i64,
+                    d(g.batch),
+                    blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .result()
+            .map_err(dev("cuBLAS bf16 GEMM"));
+        }
         // SAFETY: the three operands' extents were checked against their buffers.
         unsafe {
             blas::cublasSgemmStridedBatched(

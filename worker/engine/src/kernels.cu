@@ -302,6 +302,21 @@ extern "C" __global__ void sum_squares(float* partial, const float* x, long n) {
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
+// out = inp rounded to bf16 (nearest, ties to even; NaN kept a quiet NaN) as raw bits, the
+// conversion of bf16.rs: the operands of a bf16 GEMM. No cuda_bf16.h (NVRTC would need its
+// include path): the rounding is three integer operations.
+extern "C" __global__ void to_bf16(unsigned short* out, const float* inp, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned u = __float_as_uint(inp[i]);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        out[i] = (unsigned short)((u >> 16) | 0x0040u);
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    out[i] = (unsigned short)(u >> 16);
+}
+
 extern "C" __global__ void adamw(float* params, const float* grads, float* m, float* v, long n,
                                  float lr, float beta1, float beta2, float eps, float wd,
                                  float bc1, float bc2, float grad_scale) {

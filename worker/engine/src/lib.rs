@@ -27,6 +27,7 @@
 //! flat buffers.
 
 pub mod backend;
+pub mod bf16;
 pub mod check;
 pub mod conformance;
 pub mod cpu;
@@ -37,7 +38,9 @@ pub mod nn;
 pub mod optim;
 pub mod profile;
 
-pub use backend::{AdamStep, At, AtMut, Backend, BinaryOp, Gemm, Kernel, Mask, Op, UnaryOp};
+pub use backend::{
+    AdamStep, At, AtMut, Backend, BinaryOp, Gemm, Kernel, Mask, Op, Precision, UnaryOp,
+};
 pub use models::Net;
 /// An engine failure: a device error, or a shape the engine cannot run.
 #[derive(Debug, thiserror::Error)]
