@@ -410,6 +410,8 @@ pub struct GptBench {
     pub steps: usize,
     /// The GEMMs' arithmetic.
     pub precision: GemmPrecision,
+    /// Attention through the fused kernels (no `t x t` matrix).
+    pub fused_attention: bool,
     /// Peak FLOP/s of the device, for MFU (0: not reported).
     pub peak: f64,
     /// Also print the device time of each primitive.
@@ -427,7 +429,7 @@ fn measure<B: lockstep_engine::Backend>(
     Vec<(String, f64, f64)>,
 )> {
     use lockstep_engine::check::{gpt_profile, gpt_throughput};
-    let c = g.config;
+    let c = g.config.with_fused_attention(g.fused_attention)?;
     let t = gpt_throughput(be, c, g.batch, g.seq, g.warmup, g.steps)?;
     let prof = if g.profile {
         gpt_profile(be, c, g.batch, g.seq, 3)?
@@ -452,13 +454,14 @@ pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
         Device::Cuda => bail!("this build has no CUDA backend: rebuild with the cuda feature"),
     };
     println!(
-        "# GPT training, lockstep engine on {name}: {} layers, {} heads, {} wide, vocab {} (padded {}), {:.1}M parameters; batch {} x {} tokens; median of {} steps after {} warm-up",
+        "# GPT training, lockstep engine on {name}: {} layers, {} heads, {} wide, vocab {} (padded {}), {:.1}M parameters, {} attention; batch {} x {} tokens; median of {} steps after {} warm-up",
         c.layers,
         c.heads,
         c.channels,
         c.vocab,
         c.padded_vocab,
         c.num_real_params() as f64 / 1e6,
+        if g.fused_attention { "fused" } else { "unfused" },
         g.batch,
         g.seq,
         g.steps,
@@ -554,6 +557,17 @@ pub fn engine_check(precision: GemmPrecision) -> Result<()> {
         conformance_tol,
     )?);
     rows.extend(compare(&gpt, &gpt_steps(&cuda, cfg, 4, 64, 5)?, &tol));
+    // The GPT with fused attention on CUDA against the same reference (the CPU's unfused
+    // attention): the fused kernels change only the order of the sums.
+    let fused = cfg.with_fused_attention(true)?;
+    rows.extend(
+        compare(&gpt, &gpt_steps(&cuda, fused, 4, 64, 5)?, &tol)
+            .into_iter()
+            .map(|mut r| {
+                r.name = format!("{} (fused attention)", r.name);
+                r
+            }),
+    );
     for (jodie, reference) in [false, true].into_iter().zip(&tgn) {
         rows.extend(compare(reference, &tgn_steps(&cuda, jodie, 5)?, &tol));
     }

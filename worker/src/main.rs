@@ -145,6 +145,9 @@ enum BenchCmd {
         /// Also print the device time of each primitive (3 more steps, each call synchronised).
         #[arg(long)]
         profile: bool,
+        /// Attention through the fused kernels (flash-attention's algorithm: no t x t matrix).
+        #[arg(long)]
+        fused_attention: bool,
     },
     /// Pipeline schedules on a GPT: the bubble measured, simulated on the measured costs and by
     /// the formula; tokens/s; activation memory per stage.
@@ -343,6 +346,7 @@ fn main() -> ProcessExit {
                     precision,
                     peak_tflops,
                     profile,
+                    fused_attention,
                 },
         } => bench_exit((|| {
             let config =
@@ -358,6 +362,7 @@ fn main() -> ProcessExit {
                     precision,
                     peak: peak_tflops * 1e12,
                     profile,
+                    fused_attention,
                 },
             )
         })()),

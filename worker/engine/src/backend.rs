@@ -166,6 +166,9 @@ pub enum Mask {
     Causal,
 }
 
+/// The largest head size the fused attention ([`Kernel::AttentionFwd`]) takes.
+pub const MAX_HEAD_SIZE: usize = 128;
+
 /// The most axes a [`Kernel::Permute`] takes.
 pub const MAX_RANK: usize = 6;
 
@@ -405,6 +408,50 @@ pub enum Kernel<'a, F, I> {
         /// The loss gradient's scale per row, when the gradient is wanted.
         grad: Option<f32>,
     },
+    /// Fused causal self-attention (flash-attention's algorithm): for each of `heads` heads,
+    /// queries, keys and values of `t` tokens x `hs` channels, writes the output and the
+    /// log-sum-exp of each query's scaled scores, visiting the keys in tiles with an online
+    /// softmax, so that no `t x t` matrix is kept. `hs` is at most [`MAX_HEAD_SIZE`].
+    AttentionFwd {
+        /// Output, `(heads, t, hs)`.
+        out: &'a mut F,
+        /// Log-sum-exp of each query's scaled, causally masked scores, `heads x t`.
+        lse: &'a mut F,
+        /// q, k and v one after the other, each `(heads, t, hs)`.
+        qkv: &'a F,
+        /// Heads (batch x heads).
+        heads: usize,
+        /// Tokens.
+        t: usize,
+        /// Channels per head.
+        hs: usize,
+        /// Factor on the scores (`1 / sqrt(hs)`).
+        scale: f32,
+    },
+    /// Backward of [`Kernel::AttentionFwd`]: overwrites `dqkv` (laid out as `qkv`) from the
+    /// output gradient, recomputing the probabilities from `lse`.
+    AttentionBwd {
+        /// q, k and v gradients, laid out as `qkv`.
+        dqkv: &'a mut F,
+        /// Scratch, `heads x t`: each query's `dout . out`.
+        delta: &'a mut F,
+        /// Output gradient, `(heads, t, hs)`.
+        dout: &'a F,
+        /// The forward pass's output.
+        out: &'a F,
+        /// The forward pass's log-sum-exp.
+        lse: &'a F,
+        /// The forward pass's q, k and v.
+        qkv: &'a F,
+        /// Heads (batch x heads).
+        heads: usize,
+        /// Tokens.
+        t: usize,
+        /// Channels per head.
+        hs: usize,
+        /// Factor on the scores.
+        scale: f32,
+    },
     /// AdamW on `len` parameters at `off`, with gradients and moments `m` and `v` at the same
     /// offset.
     AdamW {
@@ -462,9 +509,23 @@ impl<F, I> Kernel<'_, F, I> {
             Kernel::LayerNorm { .. } => "layernorm",
             Kernel::LayerNormBwd { .. } => "layernorm bwd",
             Kernel::CrossEntropy { .. } => "crossentropy",
+            Kernel::AttentionFwd { .. } => "attention (fused)",
+            Kernel::AttentionBwd { .. } => "attention bwd (fused)",
             Kernel::AdamW { .. } => "adamw",
         }
     }
+}
+
+/// Refuses a head size the fused attention's kernels do not take.
+pub(crate) fn check_head_size(hs: usize) -> Result<()> {
+    if hs == 0 || hs > crate::backend::MAX_HEAD_SIZE {
+        return Err(EngineError::Config(format!(
+            "fused attention takes heads of 1 to {} channels, not {hs}: use the unfused \
+             attention",
+            crate::backend::MAX_HEAD_SIZE
+        )));
+    }
+    Ok(())
 }
 
 /// A [`Kernel::Permute`] resolved for a backend: the output's axis sizes and, for each output

@@ -136,6 +136,48 @@ pub fn primitives<B: Backend>(be: &B, s: &CheckShape) -> Result<Vec<(String, Vec
         be, &mut dqkv, &mut dqkvr, &mut datt, &mut dpre, &mut dvacc, &dy, &qkvr, &att, b, t, nh, hs,
     )?;
     out.push(("attention bwd: dqkv".into(), down(be, &dqkv, 3 * n * c)?));
+    // The same attention through the fused kernels.
+    let (mut yf, mut qkvrf, mut lse, mut vf) = (
+        be.zeros(n * c)?,
+        be.zeros(3 * n * c)?,
+        be.zeros(b * nh * t)?,
+        be.zeros(n * c)?,
+    );
+    nn::attention_fused_fwd(
+        be, &mut yf, &mut qkvrf, &mut lse, &mut vf, &qkv, b, t, nh, hs,
+    )?;
+    out.push(("attention (fused) fwd: out".into(), down(be, &yf, n * c)?));
+    out.push((
+        "attention (fused) fwd: lse".into(),
+        down(be, &lse, b * nh * t)?,
+    ));
+    let (mut dqkvf, mut dqkvrf, mut oh, mut doh, mut delta) = (
+        be.zeros(3 * n * c)?,
+        be.zeros(3 * n * c)?,
+        be.zeros(n * c)?,
+        be.zeros(n * c)?,
+        be.zeros(b * nh * t)?,
+    );
+    nn::attention_fused_bwd(
+        be,
+        &mut dqkvf,
+        &mut dqkvrf,
+        &mut oh,
+        &mut doh,
+        &mut delta,
+        &dy,
+        &yf,
+        &qkvrf,
+        &lse,
+        b,
+        t,
+        nh,
+        hs,
+    )?;
+    out.push((
+        "attention (fused) bwd: dqkv".into(),
+        down(be, &dqkvf, 3 * n * c)?,
+    ));
 
     // Layer norm, bias, GELU, residual.
     let x = up(be, &next(n * c, 2.0))?;

@@ -33,6 +33,7 @@ pub fn conformance<B: Backend>(be: &B, gemm_tol: f32) -> Result<Vec<Compared>> {
     s.sum_squares()?;
     s.permute()?;
     s.softmax()?;
+    s.fused_attention()?;
     s.layernorm()?;
     s.crossentropy()?;
     s.adamw()?;
@@ -450,6 +451,100 @@ impl<B: Backend> Suite<'_, B> {
                 }
             }
             self.check(format!("softmax bwd {mask:?}"), &want, &dinp, TOL)?;
+        }
+        Ok(())
+    }
+
+    fn fused_attention(&mut self) -> Result<()> {
+        // Tokens not a multiple of the 32-key tile, heads wider than a warp and narrower.
+        for (heads, t, hs) in [(3, 45, 40), (2, 70, 8)] {
+            let n = heads * t * hs;
+            let scale = 1.0 / (hs as f32).sqrt();
+            let qkv = self.rnd(3 * n, 2.0);
+            let dout = self.rnd(n, 1.0);
+            let (dq, dd) = (self.up(&qkv)?, self.up(&dout)?);
+            let (mut out, mut lse) = (self.be.zeros(n)?, self.be.zeros(heads * t)?);
+            self.be.launch(Kernel::AttentionFwd {
+                out: &mut out,
+                lse: &mut lse,
+                qkv: &dq,
+                heads,
+                t,
+                hs,
+                scale,
+            })?;
+            // The reference: every score, a softmax per query, in f64.
+            let x = |i: usize| f64::from(qkv[i]);
+            let (mut want, mut want_lse) = (vec![0.0f64; n], vec![0.0f64; heads * t]);
+            let mut probs = vec![0.0f64; heads * t * t];
+            for h in 0..heads {
+                for i in 0..t {
+                    let r = h * t + i;
+                    let s: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            let kr = h * t + j;
+                            f64::from(scale)
+                                * (0..hs)
+                                    .map(|d| x(r * hs + d) * x(n + kr * hs + d))
+                                    .sum::<f64>()
+                        })
+                        .collect();
+                    let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|v| (v - mx).exp()).sum();
+                    want_lse[r] = mx + z.ln();
+                    for (j, sj) in s.iter().enumerate() {
+                        let p = (sj - mx).exp() / z;
+                        probs[r * t + j] = p;
+                        for d in 0..hs {
+                            want[r * hs + d] += p * x(2 * n + (h * t + j) * hs + d);
+                        }
+                    }
+                }
+            }
+            let tag = format!("{heads}x{t}x{hs}");
+            self.check(format!("attention (fused) {tag}"), &want, &out, TOL)?;
+            self.check(format!("attention (fused) lse {tag}"), &want_lse, &lse, TOL)?;
+            let (mut dqkv, mut delta) = (self.be.zeros(3 * n)?, self.be.zeros(heads * t)?);
+            self.be.launch(Kernel::AttentionBwd {
+                dqkv: &mut dqkv,
+                delta: &mut delta,
+                dout: &dd,
+                out: &out,
+                lse: &lse,
+                qkv: &dq,
+                heads,
+                t,
+                hs,
+                scale,
+            })?;
+            // dP = dout v^T, dS = P (dP - rowsum(P dP)), dq = scale dS k, dk = scale dS^T q,
+            // dv = P^T dout.
+            let mut dw = vec![0.0f64; 3 * n];
+            let g = |i: usize| f64::from(dout[i]);
+            for h in 0..heads {
+                for i in 0..t {
+                    let r = h * t + i;
+                    let dp: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            (0..hs)
+                                .map(|d| g(r * hs + d) * x(2 * n + (h * t + j) * hs + d))
+                                .sum()
+                        })
+                        .collect();
+                    let rowdot: f64 = (0..=i).map(|j| probs[r * t + j] * dp[j]).sum();
+                    for j in 0..=i {
+                        let kr = h * t + j;
+                        let p = probs[r * t + j];
+                        let ds = p * (dp[j] - rowdot) * f64::from(scale);
+                        for d in 0..hs {
+                            dw[r * hs + d] += ds * x(n + kr * hs + d);
+                            dw[n + kr * hs + d] += ds * x(r * hs + d);
+                            dw[2 * n + kr * hs + d] += p * g(r * hs + d);
+                        }
+                    }
+                }
+            }
+            self.check(format!("attention bwd (fused) {tag}"), &dw, &dqkv, 1e-4)?;
         }
         Ok(())
     }

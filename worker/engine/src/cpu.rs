@@ -286,6 +286,33 @@ impl Backend for Cpu {
                 vp,
                 grad,
             } => crossentropy(losses, logits, targets, n, v, vp, grad),
+            Kernel::AttentionFwd {
+                out,
+                lse,
+                qkv,
+                heads,
+                t,
+                hs,
+                scale,
+            } => {
+                crate::backend::check_head_size(hs)?;
+                crate::flash::forward(out, lse, qkv, heads, t, hs, scale);
+            }
+            Kernel::AttentionBwd {
+                dqkv,
+                delta,
+                dout,
+                out,
+                lse,
+                qkv,
+                heads,
+                t,
+                hs,
+                scale,
+            } => {
+                crate::backend::check_head_size(hs)?;
+                crate::flash::backward(dqkv, delta, dout, out, lse, qkv, heads, t, hs, scale);
+            }
             Kernel::AdamW {
                 params,
                 grads,

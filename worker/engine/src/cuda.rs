@@ -22,8 +22,12 @@ use crate::{EngineError, Result};
 
 const SOURCE: &str = include_str!("kernels.cu");
 /// The kernels of `kernels.cu` the backend loads, one or more per [`Kernel`].
-pub const KERNELS: [&str; 17] = [
+pub const KERNELS: [&str; 21] = [
     "to_bf16",
+    "attention_fwd",
+    "attention_delta",
+    "attention_bwd_dq",
+    "attention_bwd_dkv",
     "unary",
     "unary_bwd",
     "binary",
@@ -434,6 +438,76 @@ impl Backend for Cuda {
                 args.extend(p.dims.iter().map(|&d| i(d)));
                 args.extend(p.strides.iter().map(|&s| i(s)));
                 self.elementwise("permute", p.len, &args)
+            }
+            Kernel::AttentionFwd {
+                out,
+                lse,
+                qkv,
+                heads,
+                t,
+                hs,
+                scale,
+            } => {
+                crate::backend::check_head_size(hs)?;
+                let (rows, n) = (heads * t, heads * t * hs);
+                fits_32_bits("fused attention", 3 * n)?;
+                let args = [
+                    Arg::Ptr(self.ptr(out, 0, n)),
+                    Arg::Ptr(self.ptr(lse, 0, rows)),
+                    Arg::Ptr(self.ptr(qkv, 0, 3 * n)),
+                    i(heads),
+                    i(t),
+                    i(hs),
+                    Arg::Float(scale),
+                ];
+                self.per_row("attention_fwd", rows, &args)
+            }
+            Kernel::AttentionBwd {
+                dqkv,
+                delta,
+                dout,
+                out,
+                lse,
+                qkv,
+                heads,
+                t,
+                hs,
+                scale,
+            } => {
+                crate::backend::check_head_size(hs)?;
+                let (rows, n) = (heads * t, heads * t * hs);
+                fits_32_bits("fused attention", 3 * n)?;
+                let (pdout, plse, pqkv) = (
+                    self.ptr(dout, 0, n),
+                    self.ptr(lse, 0, rows),
+                    self.ptr(qkv, 0, 3 * n),
+                );
+                let pdelta = self.ptr(delta, 0, rows);
+                let pdqkv = self.ptr(dqkv, 0, 3 * n);
+                self.per_row(
+                    "attention_delta",
+                    rows,
+                    &[
+                        Arg::Ptr(pdelta),
+                        Arg::Ptr(pdout),
+                        Arg::Ptr(self.ptr(out, 0, n)),
+                        i(rows),
+                        i(hs),
+                    ],
+                )?;
+                let args = [
+                    Arg::Ptr(pdqkv),
+                    Arg::Ptr(pdout),
+                    Arg::Ptr(plse),
+                    Arg::Ptr(pdelta),
+                    Arg::Ptr(pqkv),
+                    i(heads),
+                    i(t),
+                    i(hs),
+                    Arg::Float(scale),
+                ];
+                self.per_row("attention_bwd_dq", rows, &args)?;
+                self.per_row("attention_bwd_dkv", rows, &args)
             }
             Kernel::Softmax {
                 out,

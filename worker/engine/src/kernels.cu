@@ -330,3 +330,184 @@ extern "C" __global__ void adamw(float* params, const float* grads, float* m, fl
     float mh = mi / bc1, vh = vi / bc2;
     params[i] -= lr * (mh / (sqrtf(vh) + eps) + wd * params[i]);
 }
+
+// Fused causal attention (flash-attention's algorithm, without tensor cores): the kernels of
+// Kernel::AttentionFwd and Kernel::AttentionBwd, twins of flash.rs. qkv holds q, k and v one
+// after the other, each (heads, T, HS); rows are (head, token) pairs, one warp per row, 8 warps
+// a block (THREADS in cuda.rs). A lane owns channels lane, lane + 32, ... of a row, so HS is at
+// most MAX_HS.
+#define ATT_WARPS 8
+#define MAX_HS 128
+#define PER_LANE (MAX_HS / WARP)
+
+__device__ __forceinline__ float dot_shared(const float* s, const float* g, int HS) {
+    float d = 0.0f;
+    for (int c = 0; c < HS; c++) d += s[c] * g[c];
+    return d;
+}
+
+// One warp per query row: keys in tiles of 32, lane l scoring key j0 + l; an online softmax
+// rescales the running sum and output at each tile. Writes out (heads, T, HS) and lse.
+extern "C" __global__ void attention_fwd(float* out, float* lse, const float* qkv, int heads,
+                                         int T, int HS, float scale) {
+    __shared__ float sq[ATT_WARPS][MAX_HS];
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    if (row >= (long)heads * T) return;
+    long n = (long)heads * T * HS;
+    long base = row - row % T;
+    int i = row % T;
+    const float* k = qkv + n + base * HS;
+    const float* v = qkv + 2 * n + base * HS;
+    for (int d = lane; d < HS; d += WARP) sq[w][d] = qkv[row * HS + d];
+    __syncwarp();
+    float acc[PER_LANE];
+#pragma unroll
+    for (int c = 0; c < PER_LANE; c++) acc[c] = 0.0f;
+    float m = NEG_INF, l = 0.0f;
+    for (int j0 = 0; j0 <= i; j0 += WARP) {
+        int j = j0 + lane;
+        float s = j <= i ? scale * dot_shared(sq[w], k + (long)j * HS, HS) : NEG_INF;
+        float m_new = fmaxf(m, warp_max(s));
+        float corr = expf(m - m_new);
+        float p = j <= i ? expf(s - m_new) : 0.0f;
+        l = l * corr + warp_sum(p);
+        int last = min(WARP, i - j0 + 1);
+#pragma unroll
+        for (int c = 0; c < PER_LANE; c++) acc[c] *= corr;
+        for (int jj = 0; jj < last; jj++) {
+            float pj = __shfl_sync(0xffffffff, p, jj);
+            const float* vj = v + (long)(j0 + jj) * HS;
+#pragma unroll
+            for (int c = 0; c < PER_LANE; c++) {
+                int d = lane + c * WARP;
+                if (d < HS) acc[c] += pj * vj[d];
+            }
+        }
+        m = m_new;
+    }
+    float inv = 1.0f / l;
+#pragma unroll
+    for (int c = 0; c < PER_LANE; c++) {
+        int d = lane + c * WARP;
+        if (d < HS) out[row * HS + d] = acc[c] * inv;
+    }
+    if (lane == 0) lse[row] = m + logf(l);
+}
+
+// delta[row] = dout[row] . out[row]: one warp per row.
+extern "C" __global__ void attention_delta(float* delta, const float* dout, const float* out,
+                                           int rows, int HS) {
+    int lane = threadIdx.x % WARP;
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    if (row >= rows) return;
+    float s = 0.0f;
+    for (int d = lane; d < HS; d += WARP) s += dout[row * HS + d] * out[row * HS + d];
+    s = warp_sum(s);
+    if (lane == 0) delta[row] = s;
+}
+
+// dq of one query row per warp: dq_i = scale * sum over keys j <= i of ds_ij k_j, with
+// p_ij = exp(scale q_i.k_j - lse_i) and ds_ij = p_ij (dout_i.v_j - delta_i).
+extern "C" __global__ void attention_bwd_dq(float* dqkv, const float* dout, const float* lse,
+                                            const float* delta, const float* qkv, int heads,
+                                            int T, int HS, float scale) {
+    __shared__ float sq[ATT_WARPS][MAX_HS];
+    __shared__ float sdo[ATT_WARPS][MAX_HS];
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    if (row >= (long)heads * T) return;
+    long n = (long)heads * T * HS;
+    long base = row - row % T;
+    int i = row % T;
+    const float* k = qkv + n + base * HS;
+    const float* v = qkv + 2 * n + base * HS;
+    for (int d = lane; d < HS; d += WARP) {
+        sq[w][d] = qkv[row * HS + d];
+        sdo[w][d] = dout[row * HS + d];
+    }
+    __syncwarp();
+    float L = lse[row], D = delta[row];
+    float acc[PER_LANE];
+#pragma unroll
+    for (int c = 0; c < PER_LANE; c++) acc[c] = 0.0f;
+    for (int j0 = 0; j0 <= i; j0 += WARP) {
+        int j = j0 + lane;
+        float ds = 0.0f;
+        if (j <= i) {
+            float p = expf(scale * dot_shared(sq[w], k + (long)j * HS, HS) - L);
+            ds = p * (dot_shared(sdo[w], v + (long)j * HS, HS) - D);
+        }
+        int last = min(WARP, i - j0 + 1);
+        for (int jj = 0; jj < last; jj++) {
+            float dsj = __shfl_sync(0xffffffff, ds, jj);
+            const float* kj = k + (long)(j0 + jj) * HS;
+#pragma unroll
+            for (int c = 0; c < PER_LANE; c++) {
+                int d = lane + c * WARP;
+                if (d < HS) acc[c] += dsj * kj[d];
+            }
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < PER_LANE; c++) {
+        int d = lane + c * WARP;
+        if (d < HS) dqkv[row * HS + d] = acc[c] * scale;
+    }
+}
+
+// dk and dv of one key row per warp: dk_j = scale * sum over queries i >= j of ds_ij q_i,
+// dv_j = sum over the same queries of p_ij dout_i.
+extern "C" __global__ void attention_bwd_dkv(float* dqkv, const float* dout, const float* lse,
+                                             const float* delta, const float* qkv, int heads,
+                                             int T, int HS, float scale) {
+    __shared__ float sk[ATT_WARPS][MAX_HS];
+    __shared__ float sv[ATT_WARPS][MAX_HS];
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    if (row >= (long)heads * T) return;
+    long n = (long)heads * T * HS;
+    long base = row - row % T;
+    int j = row % T;
+    const float* q = qkv + base * HS;
+    const float* dob = dout + base * HS;
+    for (int d = lane; d < HS; d += WARP) {
+        sk[w][d] = qkv[n + row * HS + d];
+        sv[w][d] = qkv[2 * n + row * HS + d];
+    }
+    __syncwarp();
+    float acck[PER_LANE], accv[PER_LANE];
+#pragma unroll
+    for (int c = 0; c < PER_LANE; c++) { acck[c] = 0.0f; accv[c] = 0.0f; }
+    for (int i0 = j; i0 < T; i0 += WARP) {
+        int i = i0 + lane;
+        float p = 0.0f, ds = 0.0f;
+        if (i < T) {
+            p = expf(scale * dot_shared(sk[w], q + (long)i * HS, HS) - lse[base + i]);
+            ds = p * (dot_shared(sv[w], dob + (long)i * HS, HS) - delta[base + i]);
+        }
+        int last = min(WARP, T - i0);
+        for (int ii = 0; ii < last; ii++) {
+            float pi = __shfl_sync(0xffffffff, p, ii);
+            float dsi = __shfl_sync(0xffffffff, ds, ii);
+            const float* qi = q + (long)(i0 + ii) * HS;
+            const float* doi = dob + (long)(i0 + ii) * HS;
+#pragma unroll
+            for (int c = 0; c < PER_LANE; c++) {
+                int d = lane + c * WARP;
+                if (d < HS) {
+                    acck[c] += dsi * qi[d];
+                    accv[c] += pi * doi[d];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < PER_LANE; c++) {
+        int d = lane + c * WARP;
+        if (d < HS) {
+            dqkv[n + row * HS + d] = acck[c] * scale;
+            dqkv[2 * n + row * HS + d] = accv[c];
+        }
+    }
+}

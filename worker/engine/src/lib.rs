@@ -33,6 +33,7 @@ pub mod conformance;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod flash;
 pub mod models;
 pub mod nn;
 pub mod optim;

@@ -40,6 +40,8 @@ fn every_primitive_on_the_cpu_matches_its_naive_reference() {
         "permute",
         "softmax",
         "softmax bwd",
+        "attention (fused)",
+        "attention bwd (fused)",
         "layernorm",
         "layernorm bwd",
         "crossentropy",

@@ -23,9 +23,9 @@ use rand::SeedableRng;
 use super::{Net, Params};
 use crate::backend::{Backend, UnaryOp};
 use crate::nn::{
-    activation_bwd, activation_fwd, attention_bwd, attention_fwd, crossentropy, encoder_bwd,
-    encoder_fwd, layernorm_bwd, layernorm_fwd, matmul_bwd_input, matmul_bwd_weight, matmul_fwd,
-    residual_fwd,
+    activation_bwd, activation_fwd, attention_bwd, attention_fused_bwd, attention_fused_fwd,
+    attention_fwd, crossentropy, encoder_bwd, encoder_fwd, layernorm_bwd, layernorm_fwd,
+    matmul_bwd_input, matmul_bwd_weight, matmul_fwd, residual_fwd,
 };
 use crate::{EngineError, Result};
 
@@ -45,6 +45,10 @@ pub struct GptConfig {
     /// Vocabulary rounded up (to a multiple of 64 when large) for faster GEMMs; the padding
     /// rows of the embedding stay zero and get no gradient.
     pub padded_vocab: usize,
+    /// Attention through the fused kernel ([`crate::Kernel::AttentionFwd`]: no `t x t`
+    /// matrix kept, probabilities recomputed in backward) instead of GEMMs around a softmax.
+    /// Off by default ([`GptConfig::new`]); the parameters are the same either way.
+    pub fused_attention: bool,
 }
 
 impl GptConfig {
@@ -79,7 +83,28 @@ impl GptConfig {
             max_seq,
             vocab,
             padded_vocab,
+            fused_attention: false,
         })
+    }
+
+    /// The same config with the fused attention on or off; refuses heads wider than the fused
+    /// kernels take.
+    pub fn with_fused_attention(mut self, fused: bool) -> Result<Self> {
+        if fused {
+            crate::backend::check_head_size(self.head_size())?;
+        }
+        self.fused_attention = fused;
+        Ok(self)
+    }
+
+    /// Floats of attention state one block keeps per micro-batch of `b` x `t`: the `t x t`
+    /// probabilities unfused, one log-sum-exp per query fused.
+    fn attention_state(&self, b: usize, t: usize) -> usize {
+        if self.fused_attention {
+            b * self.heads * t
+        } else {
+            b * self.heads * t * t
+        }
     }
 
     /// Channels per head.
@@ -461,6 +486,8 @@ struct Slot<B: Backend> {
 
 /// Buffers for backward, reused by every block and slot.
 struct Scratch<B: Backend> {
+    /// Whether attention runs fused ([`GptConfig::fused_attention`]).
+    fused: bool,
     preatt: B::Buf,
     vaccum: B::Buf,
     dresidual: B::Buf,
@@ -570,7 +597,14 @@ impl<B: Backend> Gpt<B> {
         let nh = config.heads;
         let bt = batch * seq;
         let btc = bt * c;
-        let att = batch * nh * seq * seq;
+        let att = config.attention_state(batch, seq);
+        // Backward's scratch: the score matrices unfused; fused, the output and output gradient
+        // head-major (in `preatt` and `vaccum`) and each query's `dout . out` (in `datt`).
+        let (preatt, datt, dpreatt) = if config.fused_attention {
+            (btc, batch * nh * seq, 0)
+        } else {
+            (att, att, att)
+        };
         let z = |n: usize| be.zeros(n);
         let layers = layout.spec.layers.len();
         let mut all = Vec::with_capacity(slots);
@@ -634,7 +668,8 @@ impl<B: Backend> Gpt<B> {
             seq,
             slots: all,
             scratch: Scratch {
-                preatt: z(att)?,
+                fused: config.fused_attention,
+                preatt: z(preatt)?,
                 vaccum: z(btc)?,
                 dresidual: z(btc)?,
                 dln: z(btc)?,
@@ -643,8 +678,8 @@ impl<B: Backend> Gpt<B> {
                 dqkv: z(3 * btc)?,
                 dfch: z(4 * btc)?,
                 dfch_gelu: z(4 * btc)?,
-                datt: z(att)?,
-                dpreatt: z(att)?,
+                datt: z(datt)?,
+                dpreatt: z(dpreatt)?,
                 zeros: z(if split { btc } else { 0 })?,
             },
         })
@@ -659,7 +694,7 @@ impl<B: Backend> Gpt<B> {
     pub fn slot_bytes(&self) -> usize {
         let c = self.config.channels;
         let bt = self.batch * self.seq;
-        let att = self.batch * self.config.heads * self.seq * self.seq;
+        let att = self.config.attention_state(self.batch, self.seq);
         let block =
             2 * bt + 3 * bt * c + 2 * 3 * bt * c + att + 4 * bt * c + 2 * 4 * bt * c + 2 * bt;
         let stash = if self.slots[0].stash.is_empty() {
@@ -1104,19 +1139,34 @@ fn block_fwd<B: Backend>(
         c,
     )?;
     matmul_fwd(be, &mut a.qkv, &a.ln1, p, w.qkvw, Some(w.qkvb), n, c, 3 * c)?;
-    attention_fwd(
-        be,
-        &mut a.atty,
-        &mut a.qkvr,
-        &mut a.att,
-        &mut sc.preatt,
-        &mut sc.vaccum,
-        &a.qkv,
-        b,
-        t,
-        nh,
-        hs,
-    )?;
+    if sc.fused {
+        attention_fused_fwd(
+            be,
+            &mut a.atty,
+            &mut a.qkvr,
+            &mut a.att,
+            &mut sc.vaccum,
+            &a.qkv,
+            b,
+            t,
+            nh,
+            hs,
+        )?;
+    } else {
+        attention_fwd(
+            be,
+            &mut a.atty,
+            &mut a.qkvr,
+            &mut a.att,
+            &mut sc.preatt,
+            &mut sc.vaccum,
+            &a.qkv,
+            b,
+            t,
+            nh,
+            hs,
+        )?;
+    }
     matmul_fwd(
         be,
         &mut a.attproj,
@@ -1255,21 +1305,40 @@ fn block_bwd<B: Backend>(
         Some(st) => &mut st.d_qkv,
         None => &mut sc.dqkv,
     };
-    attention_bwd(
-        be,
-        dqkv,
-        &mut sc.dqkvr,
-        &mut sc.datt,
-        &mut sc.dpreatt,
-        &mut sc.vaccum,
-        &sc.datty,
-        &a.qkvr,
-        &a.att,
-        b,
-        t,
-        nh,
-        hs,
-    )?;
+    if sc.fused {
+        attention_fused_bwd(
+            be,
+            dqkv,
+            &mut sc.dqkvr,
+            &mut sc.preatt,
+            &mut sc.vaccum,
+            &mut sc.datt,
+            &sc.datty,
+            &a.atty,
+            &a.qkvr,
+            &a.att,
+            b,
+            t,
+            nh,
+            hs,
+        )?;
+    } else {
+        attention_bwd(
+            be,
+            dqkv,
+            &mut sc.dqkvr,
+            &mut sc.datt,
+            &mut sc.dpreatt,
+            &mut sc.vaccum,
+            &sc.datty,
+            &a.qkvr,
+            &a.att,
+            b,
+            t,
+            nh,
+            hs,
+        )?;
+    }
     let dqkv: &B::Buf = match stash.as_deref() {
         Some(st) => &st.d_qkv,
         None => &sc.dqkv,

@@ -178,3 +178,91 @@ pub fn attention_bwd<B: Backend>(
         perm: &JOIN_QKV,
     })
 }
+
+/// Causal self-attention of `qkv` (b, t, 3C) into `out` (b, t, C) through the fused kernel
+/// ([`Kernel::AttentionFwd`]): keeps the permuted q, k, v (`qkvr`) and each query's
+/// log-sum-exp (`lse`, `b * nh * t`) for backward, and no `t x t` matrix. `vaccum` (b, t, C)
+/// is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fused_fwd<B: Backend>(
+    be: &B,
+    out: &mut B::Buf,
+    qkvr: &mut B::Buf,
+    lse: &mut B::Buf,
+    vaccum: &mut B::Buf,
+    qkv: &B::Buf,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Result<()> {
+    be.launch(Kernel::Permute {
+        out: qkvr,
+        inp: qkv,
+        shape: &[b, t, 3, nh, hs],
+        perm: &SPLIT_QKV,
+    })?;
+    be.launch(Kernel::AttentionFwd {
+        out: vaccum,
+        lse,
+        qkv: qkvr,
+        heads: b * nh,
+        t,
+        hs,
+        scale: 1.0 / (hs as f32).sqrt(),
+    })?;
+    be.launch(Kernel::Permute {
+        out,
+        inp: vaccum,
+        shape: &[b, nh, t, hs],
+        perm: &SWAP_HEADS,
+    })
+}
+
+/// Backward of [`attention_fused_fwd`]: overwrites `dqkv` from `dout`, given the forward's
+/// output `out` (b, t, C), `qkvr` and `lse`. `dqkvr` (3 x b x t x C), `out_heads` and
+/// `dout_heads` (b, t, C) and `delta` (`b * nh * t`) are scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fused_bwd<B: Backend>(
+    be: &B,
+    dqkv: &mut B::Buf,
+    dqkvr: &mut B::Buf,
+    out_heads: &mut B::Buf,
+    dout_heads: &mut B::Buf,
+    delta: &mut B::Buf,
+    dout: &B::Buf,
+    out: &B::Buf,
+    qkvr: &B::Buf,
+    lse: &B::Buf,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Result<()> {
+    for (dst, src) in [(&mut *dout_heads, dout), (&mut *out_heads, out)] {
+        be.launch(Kernel::Permute {
+            out: dst,
+            inp: src,
+            shape: &[b, t, nh, hs],
+            perm: &SWAP_HEADS,
+        })?;
+    }
+    be.launch(Kernel::AttentionBwd {
+        dqkv: dqkvr,
+        delta,
+        dout: dout_heads,
+        out: out_heads,
+        lse,
+        qkv: qkvr,
+        heads: b * nh,
+        t,
+        hs,
+        scale: 1.0 / (hs as f32).sqrt(),
+    })?;
+    be.launch(Kernel::Permute {
+        out: dqkv,
+        inp: dqkvr,
+        shape: &[3, b, nh, t, hs],
+        perm: &JOIN_QKV,
+    })
+}

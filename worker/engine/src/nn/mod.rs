@@ -12,7 +12,7 @@ pub mod loss;
 pub mod residual;
 
 pub use activation::{activation_bwd, activation_fwd};
-pub use attention::{attention_bwd, attention_fwd};
+pub use attention::{attention_bwd, attention_fused_bwd, attention_fused_fwd, attention_fwd};
 pub use embedding::{encoder_bwd, encoder_fwd};
 pub use layernorm::{layernorm_bwd, layernorm_fwd};
 pub use linear::{matmul_bwd, matmul_bwd_input, matmul_bwd_weight, matmul_fwd};
