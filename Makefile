@@ -80,6 +80,10 @@ chart-test: ## the chart's tests: files (no cluster), then lint, dry run, instal
 images: ## OCI images of the operator and the CPU worker, without a daemon or a base from a registry (target/images/)
 	images/build.sh
 
+.PHONY: image-cuda
+image-cuda: ## the CUDA worker image: the worker with cuBLAS, NVRTC and NCCL from NVIDIA's PyPI wheels (images/cuda-wheels.txt), checked inside (target/images/)
+	IMAGES=worker-cuda images/build.sh
+
 .PHONY: cluster-build
 cluster-build: ## build the pinned test control plane from Go modules (cached by version)
 	e2e/cluster/build.sh

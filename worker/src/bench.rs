@@ -363,6 +363,18 @@ mod tests {
         assert!(parse_sizes("8K:1K", 2).is_err());
         assert!(parse_sizes("lots", 2).is_err());
     }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn an_nvrtc_newer_than_the_driver_is_refused() {
+        // Seen on an H200 with driver 580.159.04: NVRTC 13.5's PTX did not load, 13.0's did.
+        assert!(nvrtc_too_new("13.0", "13.5"));
+        assert!(!nvrtc_too_new("13.0", "13.0"));
+        assert!(!nvrtc_too_new("13.5", "13.0"));
+        assert!(nvrtc_too_new("12.9", "13.0"));
+        assert!(!nvrtc_too_new("14.0", "13.10"));
+        assert!(!nvrtc_too_new("13.0", "?"));
+    }
 }
 
 /// Which engine backend a benchmark runs on.
@@ -461,7 +473,11 @@ pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
         c.vocab,
         c.padded_vocab,
         c.num_real_params() as f64 / 1e6,
-        if g.fused_attention { "fused" } else { "unfused" },
+        if g.fused_attention {
+            "fused"
+        } else {
+            "unfused"
+        },
         g.batch,
         g.seq,
         g.steps,
@@ -496,6 +512,152 @@ pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
         println!("{:<28} {total:>10.2}", "total");
     }
     Ok(())
+}
+
+/// `bench cuda-libs`: which CUDA libraries load here as the worker opens them (the driver's
+/// libcuda and libnvidia-ml, cuBLAS with its cuBLASLt, NVRTC, NCCL), from which files and at
+/// which versions, then the engine's kernels compiled by NVRTC for `arch`. Needs no GPU: it is
+/// the check the CUDA image's build runs inside the image. Fails when cuBLAS, NVRTC or NCCL does
+/// not load (what the image carries) or the kernels do not compile; the driver's libraries are
+/// only reported, unless `require_driver` (on a GPU node, where the NVIDIA container toolkit
+/// mounts them).
+#[cfg(feature = "cuda")]
+#[allow(clippy::print_stdout)] // the check's report
+pub fn cuda_libs(arch: &'static str, require_driver: bool) -> Result<()> {
+    use lockstep_engine::cuda::{self, Library};
+    const FROM_DRIVER: &str = "(the NVIDIA driver's: mounted on GPU nodes, absent without one)";
+    let mut libs = cuda::libraries();
+    libs.push(crate::comm::nccl::library());
+    // NVML, as the metrics open it; it is the driver's too.
+    let mut nvml_note = String::new();
+    libs.push(match nvml_wrapper::Nvml::init() {
+        Ok(n) => Library {
+            name: "nvidia-ml",
+            loaded: true,
+            file: cuda::mapped_file("nvidia-ml"),
+            version: n.sys_driver_version().ok(),
+        },
+        Err(e) => {
+            let loaded = !matches!(e, nvml_wrapper::error::NvmlError::LibloadingError(_));
+            if loaded {
+                nvml_note = format!("(loaded, but NVML did not start: {e})");
+            }
+            Library {
+                name: "nvidia-ml",
+                loaded,
+                file: cuda::mapped_file("nvidia-ml"),
+                version: None,
+            }
+        }
+    });
+    // cuBLASLt is not opened by name: the loader brings it in as a dependency of cuBLAS.
+    if let Some(at) = libs.iter().position(|l| l.name == "cublas") {
+        let file = cuda::mapped_file("cublasLt");
+        libs.insert(
+            at + 1,
+            Library {
+                name: "cublasLt",
+                loaded: file.is_some(),
+                file,
+                version: None,
+            },
+        );
+    }
+    println!(
+        "# CUDA libraries as the worker opens them (cudarc's names for CUDA 13, on the library path)"
+    );
+    for l in &libs {
+        let driver = matches!(l.name, "cuda" | "nvidia-ml");
+        let what = match (l.loaded, &l.file) {
+            (true, Some(f)) => f.display().to_string(),
+            (true, None) => "(file not found in /proc/self/maps)".into(),
+            (false, _) if driver => FROM_DRIVER.into(),
+            (false, _) => "(not on the library path)".into(),
+        };
+        let what = if l.name == "nvidia-ml" && !nvml_note.is_empty() {
+            format!("{what} {nvml_note}")
+        } else {
+            what
+        };
+        println!(
+            "{:<10} {:<10} {:<9} {what}",
+            l.name,
+            if l.loaded { "loaded" } else { "not found" },
+            l.version.as_deref().unwrap_or("-"),
+        );
+    }
+    let loaded = |name: &str| libs.iter().any(|l| l.name == name && l.loaded);
+    let mut problems: Vec<String> = ["cublas", "cublasLt", "nvrtc", "nccl"]
+        .into_iter()
+        .filter(|n| !loaded(n))
+        .map(|n| format!("lib{n} does not load"))
+        .collect();
+    if require_driver {
+        problems.extend(
+            ["cuda", "nvidia-ml"]
+                .into_iter()
+                .filter(|n| !loaded(n))
+                .map(|n| format!("the driver's lib{n} does not load")),
+        );
+    }
+    // A driver loads PTX of its own CUDA version or older: kernels that a newer NVRTC compiles
+    // fail to load there (CUDA_ERROR_UNSUPPORTED_PTX_VERSION).
+    let version = |name: &str| libs.iter().find(|l| l.name == name)?.version.clone();
+    if let (Some(driver), Some(nvrtc)) = (version("cuda"), version("nvrtc"))
+        && nvrtc_too_new(&driver, &nvrtc)
+    {
+        problems.push(format!(
+            "NVRTC {nvrtc} writes PTX that this driver (CUDA {driver}) cannot load: use an NVRTC no newer than the driver"
+        ));
+    }
+    if loaded("nvrtc") {
+        match cuda::compile(arch) {
+            Ok(ptx) => {
+                let src = ptx.to_src();
+                let missing: Vec<_> = cuda::KERNELS
+                    .iter()
+                    .filter(|k| !src.contains(&format!(".entry {k}(")))
+                    .collect();
+                let isa = src
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix(".version "))
+                    .unwrap_or("?");
+                let builtins = cuda::mapped_file("nvrtc-builtins")
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_else(|| "?".into());
+                println!(
+                    "# kernels: {} of {} compiled by NVRTC for {arch}: {} bytes of PTX (ISA {isa}), builtins {builtins}",
+                    cuda::KERNELS.len() - missing.len(),
+                    cuda::KERNELS.len(),
+                    src.len(),
+                );
+                if !missing.is_empty() {
+                    problems.push(format!("kernels missing from the PTX: {missing:?}"));
+                }
+            }
+            Err(e) => problems.push(format!("the kernels do not compile for {arch}: {e}")),
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} (the CUDA worker image carries cuBLAS, NVRTC and NCCL; elsewhere put them on LD_LIBRARY_PATH, with a libnccl.so link to NCCL's libnccl.so.2)",
+            problems.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Whether NVRTC of CUDA version `nvrtc` ("13.5") is newer than what a driver of CUDA version
+/// `driver` ("13.0") supports: NVRTC writes PTX of its own version, and a driver loads PTX of its
+/// version or older only (newer fails with CUDA_ERROR_UNSUPPORTED_PTX_VERSION). False when either
+/// does not parse.
+#[cfg(feature = "cuda")]
+fn nvrtc_too_new(driver: &str, nvrtc: &str) -> bool {
+    let parse = |v: &str| -> Option<(u32, u32)> {
+        let mut parts = v.split('.');
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    };
+    matches!((parse(driver), parse(nvrtc)), (Some(d), Some(n)) if n > d)
 }
 
 /// Compares the CUDA backend with the CPU reference, primitive by primitive and on whole GPT,

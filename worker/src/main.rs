@@ -199,6 +199,17 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
+    /// Which CUDA libraries load here (driver, NVML, cuBLAS, NVRTC, NCCL), from which files and
+    /// at which versions, and the engine's kernels compiled by NVRTC (no GPU needed); fails when
+    /// cuBLAS, NVRTC or NCCL does not load or the kernels do not compile.
+    CudaLibs {
+        /// The architecture to compile the kernels for.
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
+        /// Fail also when the driver's libraries (libcuda, libnvidia-ml) do not load.
+        #[arg(long)]
+        require_driver: bool,
+    },
     /// The CUDA backend against the CPU reference, primitive by primitive and on GPT steps.
     EngineCheck {
         /// The CUDA GEMMs' arithmetic (TF32: looser tolerances; bf16: against the CPU's
@@ -410,6 +421,20 @@ fn main() -> ProcessExit {
                 device,
             })
         })()),
+        #[cfg(feature = "cuda")]
+        Cmd::Bench {
+            what:
+                BenchCmd::CudaLibs {
+                    arch,
+                    require_driver,
+                },
+        } => bench_exit(bench::cuda_libs(arch.leak(), require_driver)),
+        #[cfg(not(feature = "cuda"))]
+        Cmd::Bench {
+            what: BenchCmd::CudaLibs { .. },
+        } => bench_exit(Err(anyhow::anyhow!(
+            "this build does not load CUDA: rebuild with the cuda feature"
+        ))),
         #[cfg(feature = "cuda")]
         Cmd::Bench {
             what: BenchCmd::EngineCheck { precision },

@@ -8,6 +8,7 @@
 //! exactly as llm.c does.
 #![allow(unsafe_code)]
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, sys as blas};
@@ -58,6 +59,85 @@ pub fn available() -> bool {
             && cudarc::cublas::sys::is_culib_present()
             && cudarc::nvrtc::sys::is_culib_present()
     }
+}
+
+/// A shared library the CUDA backend opens at run time, as this process found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Library {
+    /// cudarc's name for it: `cuda` (the driver's libcuda), `cublas` or `nvrtc`.
+    pub name: &'static str,
+    /// Whether it loads here.
+    pub loaded: bool,
+    /// The file the process mapped for it, when it loaded (see [`mapped_file`]).
+    pub file: Option<PathBuf>,
+    /// The version the library reports about itself: the CUDA version the driver supports,
+    /// cuBLAS's major.minor.patch, NVRTC's CUDA version.
+    pub version: Option<String>,
+}
+
+/// The libraries the backend opens at run time (the CUDA driver, cuBLAS, NVRTC), each opened as
+/// the backend opens it (cudarc's candidate names, on the library path) and left open, with the
+/// file it came from and the version it reports. Opening a library initialises no device, so
+/// this needs no GPU; never panics.
+pub fn libraries() -> Vec<Library> {
+    let version = |major: std::ffi::c_int, minor: std::ffi::c_int| format!("{major}.{minor}");
+    // SAFETY: `is_culib_present` only tries to open the library; `culib` opens it again (it is
+    // present, so it does not panic) and keeps it open for the process; the version queries
+    // write plain integers through pointers to locals and need no initialised device.
+    unsafe {
+        let driver = cudarc::driver::sys::is_culib_present().then(|| {
+            cudarc::driver::sys::culib();
+            let mut v = 0;
+            (cudarc::driver::sys::cuDriverGetVersion(&mut v)
+                == cudarc::driver::sys::CUresult::CUDA_SUCCESS)
+                .then(|| version(v / 1000, (v % 1000) / 10))
+        });
+        let cublas = cudarc::cublas::sys::is_culib_present().then(|| {
+            cudarc::cublas::sys::culib();
+            let part = |t| {
+                let mut v = 0;
+                (cudarc::cublas::sys::cublasGetProperty(t, &mut v)
+                    == cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                    .then_some(v)
+            };
+            use cudarc::cublas::sys::libraryPropertyType::*;
+            match (part(MAJOR_VERSION), part(MINOR_VERSION), part(PATCH_LEVEL)) {
+                (Some(a), Some(b), Some(c)) => Some(format!("{a}.{b}.{c}")),
+                _ => None,
+            }
+        });
+        let nvrtc = cudarc::nvrtc::sys::is_culib_present().then(|| {
+            cudarc::nvrtc::sys::culib();
+            let (mut major, mut minor) = (0, 0);
+            (cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor)
+                == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS)
+                .then(|| version(major, minor))
+        });
+        [("cuda", driver), ("cublas", cublas), ("nvrtc", nvrtc)]
+            .into_iter()
+            .map(|(name, found)| Library {
+                name,
+                loaded: found.is_some(),
+                file: found.as_ref().and_then(|_| mapped_file(name)),
+                version: found.flatten(),
+            })
+            .collect()
+    }
+}
+
+/// The file this process has mapped for the shared library `lib<name>.so*` (`cublas` finds
+/// `libcublas.so.13`, not `libcublasLt.so.13`), read from `/proc/self/maps`: where the dynamic
+/// loader found a library that was opened by name. `None` when none is mapped.
+pub fn mapped_file(name: &str) -> Option<PathBuf> {
+    let prefix = format!("lib{name}.so");
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.find('/').map(|i| PathBuf::from(&l[i..])))
+        .find(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with(&prefix))
+        })
 }
 
 /// Compiles the kernels for `arch` (`sm_90` for an H100) with NVRTC; needs only libnvrtc, no

@@ -35,6 +35,35 @@ pub fn available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() && cudarc::nccl::sys::is_culib_present() }
 }
 
+/// NCCL as the communicator opens it (cudarc's candidate names on the library path), left open:
+/// whether it loads, the file it came from and the version it reports (`2.32.6`). Opening it
+/// initialises no device, so this needs no GPU.
+#[allow(unsafe_code)]
+pub fn library() -> lockstep_engine::cuda::Library {
+    // SAFETY: `is_culib_present` only tries to open the library; `culib` opens it again (it is
+    // present, so it does not panic) and keeps it open for the process.
+    let loaded = unsafe {
+        let present = sys::is_culib_present();
+        if present {
+            sys::culib();
+        }
+        present
+    };
+    let version = loaded
+        .then(|| result::get_nccl_version().ok())
+        .flatten()
+        // NCCL >= 2.9 encodes major * 10000 + minor * 100 + patch.
+        .map(|v| format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100));
+    lockstep_engine::cuda::Library {
+        name: "nccl",
+        loaded,
+        file: loaded
+            .then(|| lockstep_engine::cuda::mapped_file("nccl"))
+            .flatten(),
+        version,
+    }
+}
+
 fn nccl_err(e: impl std::fmt::Debug) -> CommError {
     CommError::Nccl(format!("{e:?}"))
 }
