@@ -187,8 +187,11 @@ for name in $want; do
       $(while read -r pin; do wheel_of "$pin"; done < <(grep '^nvidia-' "$pins")) <<'PY'
 import os, shutil, sys, zipfile
 dest, licenses, want = sys.argv[1], sys.argv[2], set(sys.argv[3].split())
+unlicensed = []
 for wheel in sys.argv[4:]:
     with zipfile.ZipFile(wheel) as z:
+        if not any(m.endswith(".dist-info/licenses/License.txt") for m in z.namelist()):
+            unlicensed.append(os.path.basename(wheel))
         for m in z.namelist():
             base = os.path.basename(m)
             if base in want and "/lib/" in m:
@@ -202,6 +205,8 @@ for wheel in sys.argv[4:]:
                 shutil.copyfileobj(i, o)
 if want:
     sys.exit("not in the wheels of images/cuda-wheels.txt: " + " ".join(sorted(want)))
+if unlicensed:
+    sys.exit("no .dist-info/licenses/License.txt in " + " ".join(unlicensed) + ": the image ships each wheel's license")
 PY
     chmod 0644 "$libs$cuda_lib"/* "$libs/usr/local/cuda/licenses"/*
     # cudarc opens NCCL as libnccl.so (or libnccl.so.<CUDA major>); the wheel has its soname only.

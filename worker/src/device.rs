@@ -41,10 +41,24 @@ impl Device {
 }
 
 /// Rank 0's NCCL unique id when the job asks for GPUs and NCCL can be loaded here, else empty
-/// (the gang then communicates over TCP only).
+/// (the gang then communicates over TCP only). Also empty in `local` mode when the machine has
+/// fewer GPUs than ranks: NCCL refuses two ranks of one communicator on one GPU.
 pub fn nccl_id(config: &WorkerConfig) -> Vec<u8> {
     #[cfg(feature = "cuda")]
     if config.parallelism.gpus_per_worker > 0 && crate::comm::nccl::available() {
+        let here = local_ranks();
+        let devices = cudarc::driver::CudaContext::device_count()
+            .unwrap_or(0)
+            .max(0) as usize;
+        if !one_gpu_each(here, devices) {
+            tracing::warn!(
+                ranks = here,
+                gpus = devices,
+                "fewer GPUs than ranks on this machine: NCCL takes one GPU per rank, so the \
+                 gang averages its gradients over TCP"
+            );
+            return Vec::new();
+        }
         match crate::comm::nccl::new_id() {
             Ok(id) => return id,
             Err(e) => tracing::warn!(error = %e, "cannot make an NCCL id: TCP only"),
@@ -93,6 +107,20 @@ pub fn open<C: Communicator>(
     Ok(Device::Cpu(be))
 }
 
+/// The ranks of the gang on this machine, in `local` mode (`None` in a pod).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn local_ranks() -> Option<usize> {
+    std::env::var(lockstep_api::contract::env::LOCAL_RANKS)
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
+/// Whether every rank of this machine gets a GPU of its own (always in a pod, which runs one
+/// rank): what NCCL needs.
+pub fn one_gpu_each(local_ranks: Option<usize>, devices: usize) -> bool {
+    local_ranks.is_none_or(|ranks| ranks <= devices)
+}
+
 /// The GPU a rank opens among the `devices` it sees, and how many ranks of this machine use
 /// that GPU (itself included). In a pod (`local_ranks` unset) the rank sees its own GPUs and
 /// takes the first. In `local` mode the `local_ranks` ranks of the machine take the GPUs in
@@ -123,10 +151,7 @@ fn open_cuda<C: Communicator>(
     if devices <= 0 {
         return Err(internal("CUDA loads but no device is visible".into()));
     }
-    let here = std::env::var(lockstep_api::contract::env::LOCAL_RANKS)
-        .ok()
-        .and_then(|v| v.parse().ok());
-    let (device, sharing) = gpu_for_rank(topo.rank as usize, here, devices as usize);
+    let (device, sharing) = gpu_for_rank(topo.rank as usize, local_ranks(), devices as usize);
     if sharing > 1 {
         tracing::warn!(
             rank = topo.rank,
@@ -179,7 +204,7 @@ fn open_cuda<C: Communicator>(
 
 #[cfg(test)]
 mod tests {
-    use super::gpu_for_rank;
+    use super::{gpu_for_rank, one_gpu_each};
 
     #[test]
     fn a_pod_takes_its_first_gpu_whatever_its_rank() {
@@ -193,6 +218,15 @@ mod tests {
             assert_eq!(gpu_for_rank(rank, Some(4), 8), (rank, 1));
             assert_eq!(gpu_for_rank(rank, Some(4), 4), (rank, 1));
         }
+    }
+
+    #[test]
+    fn nccl_is_used_only_when_every_rank_has_a_gpu_of_its_own() {
+        assert!(one_gpu_each(None, 1));
+        assert!(one_gpu_each(Some(2), 2));
+        assert!(one_gpu_each(Some(2), 8));
+        assert!(!one_gpu_each(Some(4), 1));
+        assert!(!one_gpu_each(Some(3), 2));
     }
 
     #[test]

@@ -25,9 +25,11 @@ fn cuda_libs_reports_every_library_and_fails_naming_the_missing_ones_but_not_the
     };
     let loaded = |name: &str| row(name).split_whitespace().nth(1) == Some("loaded");
     for name in ["cuda", "cublas", "cublasLt", "nvrtc", "nccl", "nvidia-ml"] {
+        // The second column says whether it loaded: "loaded", or "not found".
         let r = row(name);
+        let cols: Vec<&str> = r.split_whitespace().collect();
         assert!(
-            r.contains("loaded") || r.contains("not found"),
+            cols.get(1) == Some(&"loaded") || cols.get(1..3) == Some(&["not", "found"][..]),
             "{name}: neither loaded nor not found: {r}"
         );
     }

@@ -96,7 +96,9 @@ pub enum Precision {
     /// A and B rounded to bf16 (nearest, ties to even: [`crate::bf16`]), products summed in
     /// FP32 into an FP32 C: cuBLAS with bf16 inputs and `CUBLAS_COMPUTE_32F` on the GPU, the
     /// same rounding then FP32 arithmetic on the CPU ([`crate::cpu::CpuBf16`]). A product of
-    /// two bf16 values is exact in FP32, so the two differ only in the order of the sums.
+    /// two bf16 values is exact in FP32, so the two differ only in how the sums are made (their
+    /// order, and the tensor cores' accumulation). The fused attention
+    /// ([`Kernel::AttentionFwd`]) has no GEMM and stays FP32.
     Bf16,
 }
 

@@ -457,7 +457,8 @@ impl<B: Backend> Suite<'_, B> {
 
     fn fused_attention(&mut self) -> Result<()> {
         // Tokens not a multiple of the 32-key tile, heads wider than a warp and narrower.
-        for (heads, t, hs) in [(3, 45, 40), (2, 70, 8)] {
+        // Every channel slot of a lane (hs up to the kernels' 128) and a part-filled last one.
+        for (heads, t, hs) in [(3, 45, 40), (2, 70, 8), (1, 33, 128), (2, 40, 100)] {
             let n = heads * t * hs;
             let scale = 1.0 / (hs as f32).sqrt();
             let qkv = self.rnd(3 * n, 2.0);

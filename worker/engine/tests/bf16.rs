@@ -105,8 +105,3 @@ fn gpt_training_in_bf16_follows_fp32() {
     let r = rel(&bf[1].1, &g32);
     assert!(r < 2e-2, "bf16 gradients {r:e} from FP32");
 }
-
-#[test]
-fn the_bf16_backend_names_itself() {
-    assert!(CpuBf16.name().contains("bf16"));
-}

@@ -45,10 +45,8 @@ pub struct GptConfig {
     /// Vocabulary rounded up (to a multiple of 64 when large) for faster GEMMs; the padding
     /// rows of the embedding stay zero and get no gradient.
     pub padded_vocab: usize,
-    /// Attention through the fused kernel ([`crate::Kernel::AttentionFwd`]: no `t x t`
-    /// matrix kept, probabilities recomputed in backward) instead of GEMMs around a softmax.
-    /// Off by default ([`GptConfig::new`]); the parameters are the same either way.
-    pub fused_attention: bool,
+    /// Attention through the fused kernel: see [`GptConfig::fused_attention`].
+    fused_attention: bool,
 }
 
 impl GptConfig {
@@ -85,6 +83,13 @@ impl GptConfig {
             padded_vocab,
             fused_attention: false,
         })
+    }
+
+    /// Whether attention runs through the fused kernel ([`crate::Kernel::AttentionFwd`]: no
+    /// `t x t` matrix kept, probabilities recomputed in backward) instead of GEMMs around a
+    /// softmax. Off from [`GptConfig::new`]; the parameters are the same either way.
+    pub fn fused_attention(&self) -> bool {
+        self.fused_attention
     }
 
     /// The same config with the fused attention on or off; refuses heads wider than the fused
