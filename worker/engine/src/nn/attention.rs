@@ -55,6 +55,69 @@ const JOIN_QKV: [usize; 5] = [1, 3, 0, 2, 4];
 /// Swaps the middle axes of a 4-axis tensor: `(b, nh, t, hs)` and `(b, t, nh, hs)` both ways.
 const SWAP_HEADS: [usize; 4] = [0, 2, 1, 3];
 
+/// Sequences, tokens, heads and channels per head.
+type Dims = (usize, usize, usize, usize);
+
+/// `(b, t, 3, nh, hs)` to `(3, b, nh, t, hs)`: q, k and v of each token, head-major.
+fn split_qkv<B: Backend>(
+    be: &B,
+    out: &mut B::Buf,
+    inp: &B::Buf,
+    (b, t, nh, hs): Dims,
+) -> Result<()> {
+    be.launch(Kernel::Permute {
+        out,
+        inp,
+        shape: &[b, t, 3, nh, hs],
+        perm: &SPLIT_QKV,
+    })
+}
+
+/// `(3, b, nh, t, hs)` back to `(b, t, 3, nh, hs)`.
+fn join_qkv<B: Backend>(
+    be: &B,
+    out: &mut B::Buf,
+    inp: &B::Buf,
+    (b, t, nh, hs): Dims,
+) -> Result<()> {
+    be.launch(Kernel::Permute {
+        out,
+        inp,
+        shape: &[3, b, nh, t, hs],
+        perm: &JOIN_QKV,
+    })
+}
+
+/// `(b, nh, t, hs)` to `(b, t, nh, hs)`: heads back into the token-major layout.
+fn heads_to_tokens<B: Backend>(
+    be: &B,
+    out: &mut B::Buf,
+    inp: &B::Buf,
+    (b, t, nh, hs): Dims,
+) -> Result<()> {
+    be.launch(Kernel::Permute {
+        out,
+        inp,
+        shape: &[b, nh, t, hs],
+        perm: &SWAP_HEADS,
+    })
+}
+
+/// `(b, t, nh, hs)` to `(b, nh, t, hs)`: each head's tokens together.
+fn tokens_to_heads<B: Backend>(
+    be: &B,
+    out: &mut B::Buf,
+    inp: &B::Buf,
+    (b, t, nh, hs): Dims,
+) -> Result<()> {
+    be.launch(Kernel::Permute {
+        out,
+        inp,
+        shape: &[b, t, nh, hs],
+        perm: &SWAP_HEADS,
+    })
+}
+
 /// Causal self-attention of `qkv` (b, t, 3C) into `out` (b, t, C), keeping the permuted
 /// q, k, v (`qkvr`) and the attention matrix (`att`, zero above the diagonal) for backward.
 /// Entries of `preatt` above the diagonal may be left unwritten: the causal softmax never
@@ -74,12 +137,7 @@ pub fn attention_fwd<B: Backend>(
     hs: usize,
 ) -> Result<()> {
     let btc = b * t * nh * hs;
-    be.launch(Kernel::Permute {
-        out: qkvr,
-        inp: qkv,
-        shape: &[b, t, 3, nh, hs],
-        perm: &SPLIT_QKV,
-    })?;
+    split_qkv(be, qkvr, qkv, (b, t, nh, hs))?;
     let (q, k, v) = (0, btc, 2 * btc);
     let (heads, vec, mat) = (b * nh, (hs, t * hs), (t, t * t));
     let blocks = causal_blocks(t);
@@ -101,12 +159,7 @@ pub fn attention_fwd<B: Backend>(
         let g = head_gemm(Op::N, Op::N, hs, j1 - j0, j1, vec, mat, vec, heads);
         be.gemm(&g, (qkvr, v), (att, j0 * t), (vaccum, j0 * hs))?;
     }
-    be.launch(Kernel::Permute {
-        out,
-        inp: vaccum,
-        shape: &[b, nh, t, hs],
-        perm: &SWAP_HEADS,
-    })
+    heads_to_tokens(be, out, vaccum, (b, t, nh, hs))
 }
 
 /// Backward of [`attention_fwd`]: overwrites `dqkv` from `dout`.
@@ -130,12 +183,7 @@ pub fn attention_bwd<B: Backend>(
     let (q, k, v) = (0, btc, 2 * btc);
     let (heads, vec, mat) = (b * nh, (hs, t * hs), (t, t * t));
     let blocks = causal_blocks(t);
-    be.launch(Kernel::Permute {
-        out: dvaccum,
-        inp: dout,
-        shape: &[b, t, nh, hs],
-        perm: &SWAP_HEADS,
-    })?;
+    tokens_to_heads(be, dvaccum, dout, (b, t, nh, hs))?;
     for &(i0, i1) in &blocks {
         // datt[t1][t2] = dy[t1] . v[t2] for queries i0..i1 and keys t2 < i1.
         let g = head_gemm(Op::T, Op::N, i1, i1 - i0, hs, vec, vec, mat, heads);
@@ -171,12 +219,7 @@ pub fn attention_bwd<B: Backend>(
             (dqkvr, k + i0 * hs),
         )?;
     }
-    be.launch(Kernel::Permute {
-        out: dqkv,
-        inp: dqkvr,
-        shape: &[3, b, nh, t, hs],
-        perm: &JOIN_QKV,
-    })
+    join_qkv(be, dqkv, dqkvr, (b, t, nh, hs))
 }
 
 /// Causal self-attention of `qkv` (b, t, 3C) into `out` (b, t, C) through the fused kernel
@@ -196,12 +239,7 @@ pub fn attention_fused_fwd<B: Backend>(
     nh: usize,
     hs: usize,
 ) -> Result<()> {
-    be.launch(Kernel::Permute {
-        out: qkvr,
-        inp: qkv,
-        shape: &[b, t, 3, nh, hs],
-        perm: &SPLIT_QKV,
-    })?;
+    split_qkv(be, qkvr, qkv, (b, t, nh, hs))?;
     be.launch(Kernel::AttentionFwd {
         out: vaccum,
         lse,
@@ -211,12 +249,7 @@ pub fn attention_fused_fwd<B: Backend>(
         hs,
         scale: 1.0 / (hs as f32).sqrt(),
     })?;
-    be.launch(Kernel::Permute {
-        out,
-        inp: vaccum,
-        shape: &[b, nh, t, hs],
-        perm: &SWAP_HEADS,
-    })
+    heads_to_tokens(be, out, vaccum, (b, t, nh, hs))
 }
 
 /// Backward of [`attention_fused_fwd`]: overwrites `dqkv` from `dout`, given the forward's
@@ -239,14 +272,8 @@ pub fn attention_fused_bwd<B: Backend>(
     nh: usize,
     hs: usize,
 ) -> Result<()> {
-    for (dst, src) in [(&mut *dout_heads, dout), (&mut *out_heads, out)] {
-        be.launch(Kernel::Permute {
-            out: dst,
-            inp: src,
-            shape: &[b, t, nh, hs],
-            perm: &SWAP_HEADS,
-        })?;
-    }
+    tokens_to_heads(be, dout_heads, dout, (b, t, nh, hs))?;
+    tokens_to_heads(be, out_heads, out, (b, t, nh, hs))?;
     be.launch(Kernel::AttentionBwd {
         dqkv: dqkvr,
         delta,
@@ -259,10 +286,5 @@ pub fn attention_fused_bwd<B: Backend>(
         hs,
         scale: 1.0 / (hs as f32).sqrt(),
     })?;
-    be.launch(Kernel::Permute {
-        out: dqkv,
-        inp: dqkvr,
-        shape: &[3, b, nh, t, hs],
-        perm: &JOIN_QKV,
-    })
+    join_qkv(be, dqkv, dqkvr, (b, t, nh, hs))
 }
