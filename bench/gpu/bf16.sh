@@ -12,12 +12,7 @@
 set -u
 out=${OUT:-/tmp}/bf16-gpu.log
 exec > >(tee "$out") 2>&1
-bin=./.gpu/lockstep-worker
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-nv=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]) + '/nvidia')" 2>/dev/null)
-for d in "$nv"/*/lib; do LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; done
-export LD_LIBRARY_PATH
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+. "$(dirname "$0")/env.sh"
 parts=${PARTS:-1,2}
 part() { [[ ",$parts," == *",$1,"* ]]; }
 if part 1; then

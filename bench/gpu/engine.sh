@@ -10,14 +10,7 @@
 set -u
 out=${OUT:-/tmp}/engine-gpu.log
 exec > >(tee "$out") 2>&1
-bin=./.gpu/lockstep-worker
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-nv=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]) + '/nvidia')" 2>/dev/null)
-# The wheels put the libraries in nvidia/<component>/lib (CUDA 12 style) or nvidia/cu13/lib.
-for d in "$nv"/*/lib; do LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; done
-export LD_LIBRARY_PATH
-ls "$nv"/*/lib 2>/dev/null | grep -E 'libcublas\.|libnvrtc\.|libnccl' | tr '\n' ' '; echo
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+. "$(dirname "$0")/env.sh"
 parts=${PARTS:-1,2,3}
 part() { [[ ",$parts," == *",$1,"* ]]; }
 if part 1; then
