@@ -666,7 +666,7 @@ fn nvrtc_too_new(driver: &str, nvrtc: &str) -> bool {
 #[cfg(feature = "cuda")]
 #[allow(clippy::print_stdout)] // the check's report
 pub fn engine_check(precision: GemmPrecision) -> Result<()> {
-    use lockstep_engine::check::{CheckShape, compare, gpt_steps, primitives, tgn_steps};
+    use lockstep_engine::check::{CheckShape, compare};
     use lockstep_engine::models::gpt::GptConfig;
     let cuda = lockstep_engine::cuda::Cuda::new(0, precision.into())?;
     // FP32 on both sides differs only in summation order: 1e-5 of the largest value for
@@ -698,43 +698,19 @@ pub fn engine_check(precision: GemmPrecision) -> Result<()> {
     };
     let shape = CheckShape::default();
     let cfg = GptConfig::new(2, 4, 64, 64, 256)?;
-    let fused = cfg.with_fused_attention(true)?;
-    let (prims, gpt, gpt_fused, tgn) = if precision == GemmPrecision::Bf16 {
-        let cpu = lockstep_engine::cpu::CpuBf16;
-        (
-            primitives(&cpu, &shape)?,
-            gpt_steps(&cpu, cfg, 4, 64, 5)?,
-            gpt_steps(&cpu, fused, 4, 64, 5)?,
-            [tgn_steps(&cpu, false, 5)?, tgn_steps(&cpu, true, 5)?],
-        )
+    // The same outputs on CUDA and on the CPU reference of the same arithmetic; the fused
+    // attention's GPT is named apart (in bf16 the unfused attention's GEMMs round to bf16, the
+    // fused kernels do not, so each is compared with its own twin).
+    let reference = if precision == GemmPrecision::Bf16 {
+        check_outputs(&lockstep_engine::cpu::CpuBf16, &shape, cfg)?
     } else {
-        let cpu = lockstep_engine::cpu::Cpu;
-        (
-            primitives(&cpu, &shape)?,
-            gpt_steps(&cpu, cfg, 4, 64, 5)?,
-            gpt_steps(&cpu, fused, 4, 64, 5)?,
-            [tgn_steps(&cpu, false, 5)?, tgn_steps(&cpu, true, 5)?],
-        )
+        check_outputs(&lockstep_engine::cpu::Cpu, &shape, cfg)?
     };
-    let mut rows = compare(&prims, &primitives(&cuda, &shape)?, &tol);
+    let mut rows = compare(&reference, &check_outputs(&cuda, &shape, cfg)?, &tol);
     rows.extend(lockstep_engine::conformance::conformance(
         &cuda,
         conformance_tol,
     )?);
-    rows.extend(compare(&gpt, &gpt_steps(&cuda, cfg, 4, 64, 5)?, &tol));
-    // The GPT with fused attention on CUDA against the CPU's twin of the fused kernels (in bf16
-    // the unfused attention's GEMMs round to bf16, the fused kernels do not).
-    rows.extend(
-        compare(&gpt_fused, &gpt_steps(&cuda, fused, 4, 64, 5)?, &tol)
-            .into_iter()
-            .map(|mut r| {
-                r.name = format!("{} (fused attention)", r.name);
-                r
-            }),
-    );
-    for (jodie, reference) in [false, true].into_iter().zip(&tgn) {
-        rows.extend(compare(reference, &tgn_steps(&cuda, jodie, 5)?, &tol));
-    }
     println!(
         "# CUDA backend ({}) against the CPU reference and the conformance suite's naive \
          references; rel = max |cuda - reference| / max |reference|",
@@ -761,6 +737,28 @@ pub fn engine_check(precision: GemmPrecision) -> Result<()> {
     }
     println!("all {} outputs within tolerance", rows.len());
     Ok(())
+}
+
+/// What [`engine_check`] compares between two backends: the primitives of a GPT step, 5 GPT
+/// steps with unfused and with fused attention, and 5 TGN and JODIE steps.
+#[cfg(feature = "cuda")]
+fn check_outputs<B: lockstep_engine::Backend>(
+    be: &B,
+    shape: &lockstep_engine::check::CheckShape,
+    cfg: lockstep_engine::models::gpt::GptConfig,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    use lockstep_engine::check::{gpt_steps, primitives, tgn_steps};
+    let mut out = primitives(be, shape)?;
+    out.extend(gpt_steps(be, cfg, 4, 64, 5)?);
+    let fused = cfg.with_fused_attention(true)?;
+    out.extend(
+        gpt_steps(be, fused, 4, 64, 5)?
+            .into_iter()
+            .map(|(name, v)| (format!("{name} (fused attention)"), v)),
+    );
+    out.extend(tgn_steps(be, false, 5)?);
+    out.extend(tgn_steps(be, true, 5)?);
+    Ok(out)
 }
 
 /// Shape of a pipeline benchmark: a GPT on a text, cut into `stages` ranks (threads of this
