@@ -45,8 +45,10 @@ struct Job<'a> {
 
 fn config(j: &Job<'_>) -> WorkerConfig {
     let workload = match j.schedule {
+        // Small buckets, so that replicas average several while backward runs.
         Some(s) => format!(
-            "workload: Pipeline\n    pipeline: {{schedule: {s}, microBatches: {}, chunksPerStage: {}}}",
+            "workload: Pipeline\n    pipeline: {{schedule: {s}, microBatches: {}, chunksPerStage: {}}}\n    \
+             ddp: {{bucketCapMB: 0.002, firstBucketCapMB: 0.001}}",
             j.micro, j.chunks
         ),
         None => format!(
@@ -251,12 +253,14 @@ fn two_replicas_of_two_stages_match_one_process() {
     let data = text(&dir);
     let ddp = one_process(&data);
     let (_, reference) = run(&dir, "ddp", ddp);
-    for schedule in ["OneFOneB", "ZeroBubble"] {
+    // Interleaved: each chunk's gradient buckets start during its own last backward.
+    for (schedule, chunks) in [("OneFOneB", 1), ("ZeroBubble", 1), ("Interleaved", 2)] {
         // 2 replicas x 4 micro-batches of 1 = the global batch of 8.
         let j = Job {
             schedule: Some(schedule),
             replicas: 2,
             batch: 4,
+            chunks,
             ..base(&data)
         };
         let ck = dir.join(format!("dpxpp-{schedule}"));

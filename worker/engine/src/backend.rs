@@ -519,6 +519,24 @@ impl<F, I> Kernel<'_, F, I> {
 }
 
 /// Refuses a head size the fused attention's kernels do not take.
+/// Refuses a [`Backend::copy`] that reaches past either buffer.
+pub(crate) fn check_copy(
+    dst_len: usize,
+    dst_off: usize,
+    src_len: usize,
+    src_off: usize,
+    len: usize,
+) -> Result<()> {
+    let fits = |off: usize, n: usize| off.checked_add(len).is_some_and(|end| end <= n);
+    if fits(dst_off, dst_len) && fits(src_off, src_len) {
+        Ok(())
+    } else {
+        Err(EngineError::Config(format!(
+            "a copy of {len} values from {src_off} of a buffer of {src_len} to {dst_off} of a              buffer of {dst_len} reaches past the end"
+        )))
+    }
+}
+
 pub(crate) fn check_head_size(hs: usize) -> Result<()> {
     if hs == 0 || hs > crate::backend::MAX_HEAD_SIZE {
         return Err(EngineError::Config(format!(
@@ -615,6 +633,16 @@ pub trait Backend {
     fn upload_ids(&self, dst: &mut Self::Ids, src: &[i32]) -> Result<()>;
     /// Sets `len` floats of `buf` at `off` to zero.
     fn fill_zero(&self, buf: &mut Self::Buf, off: usize, len: usize) -> Result<()>;
+    /// Copies `len` floats of `src` from `src_off` into `dst` from `dst_off`, on the device
+    /// (queued, on a device with a queue).
+    fn copy(
+        &self,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        src: &Self::Buf,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()>;
     /// Waits until all queued work is done.
     fn sync(&self) -> Result<()>;
 

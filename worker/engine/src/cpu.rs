@@ -152,6 +152,19 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn copy(
+        &self,
+        dst: &mut Vec<f32>,
+        dst_off: usize,
+        src: &Vec<f32>,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        crate::backend::check_copy(dst.len(), dst_off, src.len(), src_off, len)?;
+        dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+        Ok(())
+    }
+
     fn sync(&self) -> Result<()> {
         Ok(())
     }
@@ -374,6 +387,17 @@ impl Backend for CpuBf16 {
 
     fn fill_zero(&self, buf: &mut Vec<f32>, off: usize, len: usize) -> Result<()> {
         Cpu.fill_zero(buf, off, len)
+    }
+
+    fn copy(
+        &self,
+        dst: &mut Vec<f32>,
+        dst_off: usize,
+        src: &Vec<f32>,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        Cpu.copy(dst, dst_off, src, src_off, len)
     }
 
     fn sync(&self) -> Result<()> {

@@ -388,6 +388,26 @@ impl Backend for Cuda {
             .map_err(dev("zeroing device memory"))
     }
 
+    fn copy(
+        &self,
+        dst: &mut CudaSlice<f32>,
+        dst_off: usize,
+        src: &CudaSlice<f32>,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        crate::backend::check_copy(dst.len(), dst_off, src.len(), src_off, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_dtod(
+                &src.slice(src_off..src_off + len),
+                &mut dst.slice_mut(dst_off..dst_off + len),
+            )
+            .map_err(dev("copying on the device"))
+    }
+
     fn sync(&self) -> Result<()> {
         self.stream
             .synchronize()

@@ -79,6 +79,16 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn fill_zero(&self, buf: &mut B::Buf, off: usize, len: usize) -> Result<()> {
         self.time("fill_zero", || self.inner.fill_zero(buf, off, len))
     }
+    fn copy(
+        &self,
+        dst: &mut B::Buf,
+        dst_off: usize,
+        src: &B::Buf,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        self.time("copy", || self.inner.copy(dst, dst_off, src, src_off, len))
+    }
     fn sync(&self) -> Result<()> {
         self.inner.sync()
     }

@@ -731,7 +731,9 @@ fn a_model_reports_its_config_layout_through_net() {
 /// Runs micro-batches through a GPT cut into parts, the way a pipeline does (each part's
 /// output is the next one's input; each input gradient the previous one's output gradient),
 /// with a full or a split backward, and returns the loss and the whole model's gradient
-/// gathered from the parts (the tied token embedding's two halves added up).
+/// gathered from the parts (the tied token embedding's two halves added up). `staged` passes
+/// activations and gradients between parts in device buffers (`Input::Staged`,
+/// `backward_staged`) rather than through the host.
 fn run_parts(
     cfg: GptConfig,
     cuts: &[std::ops::Range<usize>],
@@ -740,6 +742,20 @@ fn run_parts(
     split: bool,
     (b, t): (usize, usize),
 ) -> (f32, Vec<f32>) {
+    run_parts_via(cfg, cuts, params, micro, split, (b, t), false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_parts_via(
+    cfg: GptConfig,
+    cuts: &[std::ops::Range<usize>],
+    params: &[f32],
+    micro: &[(Vec<i32>, Vec<i32>)],
+    split: bool,
+    (b, t): (usize, usize),
+    staged: bool,
+) -> (f32, Vec<f32>) {
+    use lockstep_engine::Backend;
     use lockstep_engine::models::gpt::{Input, PartSpec, Pass};
     let be = Cpu;
     let last = cuts.len() - 1;
@@ -770,18 +786,28 @@ fn run_parts(
     let scale = 1.0 / (micro.len() * b * t) as f32;
     let mut loss = 0.0;
     // GPipe order: every forward, then every backward from the last micro-batch.
+    let n = b * t * cfg.channels;
+    // A device buffer between two parts, as a pipeline stage receives one.
+    let mut wire = be.zeros(n).expect("a buffer");
     for (k, (ids, tg)) in micro.iter().enumerate() {
         let mut x = Vec::new();
         for (i, part) in parts.iter_mut().enumerate() {
             let input = if i == 0 {
                 Input::Ids(ids)
+            } else if staged {
+                be.copy(part.input_mut(k), 0, &wire, 0, n)
+                    .expect("the copy fits");
+                Input::Staged
             } else {
                 Input::Acts(&x)
             };
             let targets = (i == last).then_some(&tg[..]);
             part.forward_slot(&be, k, input, targets, b, t, Some(scale))
                 .expect("the part runs");
-            if i < last {
+            if i < last && staged {
+                be.copy(&mut wire, 0, part.output_buf(k), 0, n)
+                    .expect("the copy fits");
+            } else if i < last {
                 x = part.output(&be, k).expect("the part runs");
             } else {
                 loss += part.mean_loss_slot(&be, k).expect("the part runs") / micro.len() as f32;
@@ -792,9 +818,19 @@ fn run_parts(
         let mut d: Option<Vec<f32>> = None;
         for (i, part) in parts.iter_mut().enumerate().rev() {
             let pass = if split { Pass::Input } else { Pass::Full };
-            part.backward_slot(&be, k, d.as_deref(), pass, &mut |_, _| {})
-                .expect("the part runs");
-            if i > 0 {
+            if staged && i < last {
+                be.copy(part.dout_mut(), 0, &wire, 0, n)
+                    .expect("the copy fits");
+                part.backward_staged(&be, k, pass, &mut |_, _| {})
+                    .expect("the part runs");
+            } else {
+                part.backward_slot(&be, k, d.as_deref(), pass, &mut |_, _| {})
+                    .expect("the part runs");
+            }
+            if i > 0 && staged {
+                be.copy(&mut wire, 0, part.input_grad_buf(), 0, n)
+                    .expect("the copy fits");
+            } else if i > 0 {
                 d = Some(part.input_grad(&be, k).expect("the part runs"));
             }
         }
@@ -875,6 +911,42 @@ fn a_gpt_cut_into_parts_computes_the_whole_gpts_loss_and_gradient() {
             );
         }
     }
+}
+
+#[test]
+fn parts_passing_device_buffers_compute_what_parts_passing_host_vectors_do() {
+    let cfg = GptConfig::new(4, 2, 8, 6, 11).unwrap();
+    let (b, t) = (2, 5);
+    let params = cfg.init(9);
+    let micro: Vec<_> = (0..3).map(|k| batch(&cfg, b, t, 70 + k)).collect();
+    for cuts in [vec![0..1, 1..4], vec![0..1, 1..2, 2..3, 3..4]] {
+        for split in [false, true] {
+            let host = run_parts_via(cfg, &cuts, &params, &micro, split, (b, t), false);
+            let device = run_parts_via(cfg, &cuts, &params, &micro, split, (b, t), true);
+            assert_eq!(host.0, device.0, "{cuts:?} split={split}: loss");
+            assert_eq!(
+                host.1, device.1,
+                "{cuts:?} split={split}: gradients, bit for bit"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_copy_past_the_end_of_a_buffer_is_refused() {
+    use lockstep_engine::Backend;
+    let be = Cpu;
+    let src = vec![1.0f32, 2.0, 3.0, 4.0];
+    let mut dst = vec![0.0f32; 3];
+    be.copy(&mut dst, 1, &src, 2, 2).expect("fits");
+    assert_eq!(dst, vec![0.0, 3.0, 4.0]);
+    let e = be.copy(&mut dst, 2, &src, 0, 2).expect_err("past dst");
+    assert!(e.to_string().contains("reaches past the end"), "{e}");
+    assert!(be.copy(&mut dst, 0, &src, 3, 2).is_err(), "past src");
+    assert!(
+        be.copy(&mut dst, usize::MAX, &src, 0, 2).is_err(),
+        "overflow"
+    );
 }
 
 #[test]

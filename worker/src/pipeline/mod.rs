@@ -11,7 +11,9 @@
 //! sync and optimizer step that end the step. [`sim::simulate`] runs those lists as a
 //! discrete-event system with per-action costs and reports the step's makespan, each stage's
 //! idle time (the bubble) and peak live activations, or the deadlock or unmatched message that
-//! stops it. Both are pure: no engine, no communication.
+//! stops it. Both are pure: no engine, no communication. [`channels`] says why a transport whose sends wait
+//! for their receive (NCCL) needs a communicator per channel, and checks that every plan
+//! completes that way.
 //!
 //! Two conventions for the bubble are in use, and they give different percentages for the same
 //! schedule (see [`sim::Report`]): the *share of the step* that stages spend idle, which is
@@ -20,6 +22,7 @@
 //! interleaved 1F1B (Megatron's paper) and at most (p-1)/(3m) for ZB-H1 with equal forward,
 //! input-gradient and weight-gradient costs (the zero-bubble paper).
 
+pub mod channels;
 pub mod partition;
 pub mod schedule;
 pub mod sim;

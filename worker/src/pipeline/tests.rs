@@ -783,3 +783,42 @@ fn every_channel_receives_in_the_order_it_sends() {
         assert_eq!(sent, received, "{schedule:?} p={p} m={m} v={v}");
     }
 }
+
+/// With one NCCL communicator per channel (the NCCL transport's rule), every plan completes
+/// under synchronous sends.
+#[test]
+fn every_plan_completes_with_synchronous_sends_and_a_communicator_per_channel() {
+    use super::channels::{channel, check};
+    for (schedule, p, m, v) in grid() {
+        let plan = plan(schedule, p, m, v).unwrap();
+        check(&plan, |s, a| channel(s, a).expect("a send or receive"))
+            .unwrap_or_else(|e| panic!("{schedule:?} p={p} m={m} v={v}: {e}"));
+    }
+}
+
+/// With one communicator for the whole pipeline, the same check finds 1F1B's and ZB-H1's
+/// deadlock (and GPipe, which never sends both ways at once, completes).
+#[test]
+fn synchronous_sends_on_one_communicator_deadlock() {
+    use super::channels::check;
+    for schedule in [OneFOneB, ZeroBubble] {
+        let plan = plan(schedule, 4, 8, 1).unwrap();
+        let e = check(&plan, |_, _| (0, 0)).unwrap_err();
+        assert!(e.starts_with("deadlock"), "{schedule:?}: {e}");
+    }
+    for (p, m) in [(2, 4), (4, 8), (6, 12)] {
+        check(&plan(GPipe, p, m, 1).unwrap(), |_, _| (0, 0)).unwrap();
+    }
+}
+
+/// A plan whose stages receive what nobody sends is refused, naming the channel.
+#[test]
+fn the_synchronous_check_refuses_unmatched_messages() {
+    use super::channels::{channel, check};
+    let plan = vec![
+        vec![f(0), Action::GradSync],
+        vec![recv_act(0, 0), Action::GradSync],
+    ];
+    let e = check(&plan, |s, a| channel(s, a).unwrap()).unwrap_err();
+    assert!(e.contains("stage 1 receives 1 tensors from stage 0"), "{e}");
+}

@@ -196,7 +196,7 @@ impl<B: Backend, C: HostComm> Workload<C> for Ddp<B, C> {
                         return;
                     }
                     for r in buckets.ready(from) {
-                        if let Err(e) = sync.start(be, comm, g, r) {
+                        if let Err(e) = sync.start(be, comm, g, 0, r) {
                             failed = Some(e);
                             return;
                         }
@@ -210,9 +210,9 @@ impl<B: Backend, C: HostComm> Workload<C> for Ddp<B, C> {
             if last && sync_grads {
                 let (_, g) = self.task.net().buffers();
                 for r in buckets.flush() {
-                    self.sync.start(be, comm, g, r)?;
+                    self.sync.start(be, comm, g, 0, r)?;
                 }
-                stats = self.sync.finish(be, comm, g)?;
+                stats = self.sync.finish(be, comm, g, 0)?;
             }
         }
         let (p, g) = self.task.net().buffers();

@@ -9,13 +9,14 @@
 //!
 //! - [`ddp`]: data parallelism with PyTorch DDP's semantics, over [`task`]'s model and data.
 //! - [`pipeline`]: pipeline parallelism over the GPT (GPipe, 1F1B, interleaved, ZB-H1), composed
-//!   with data parallelism.
+//!   with data parallelism; [`link`] moves its tensors between stages (TCP, or NCCL on GPUs).
 //! - [`pres`]: memory-based dynamic-GNN training (TGN, JODIE) with PRES on a temporal graph,
 //!   single rank or data parallel.
 //! - [`sync`]: the gradient buckets and their transports, shared by every workload that averages
 //!   gradients over a data-parallel group.
 
 pub mod ddp;
+pub mod link;
 pub mod pipeline;
 pub mod pres;
 pub mod sync;
@@ -184,13 +185,28 @@ pub fn build<C: HostComm + 'static>(
     topo: &Topology<C>,
 ) -> Result<Box<dyn Workload<C>>, WorkError> {
     match device {
-        Device::Cpu(be) => on(be, Box::new(TcpSync::default()), false, cfg, topo),
+        Device::Cpu(be) => on(
+            be,
+            Box::new(TcpSync::default()),
+            Box::new(link::TcpLink::default()),
+            false,
+            cfg,
+            topo,
+        ),
         #[cfg(feature = "cuda")]
         Device::Cuda { backend, nccl } => match nccl {
-            None => on(backend, Box::new(TcpSync::default()), false, cfg, topo),
+            None => on(
+                backend,
+                Box::new(TcpSync::default()),
+                Box::new(link::TcpLink::default()),
+                false,
+                cfg,
+                topo,
+            ),
             Some(nccl) => on(
                 backend,
                 Box::new(sync::NcclSync::new(nccl)),
+                Box::new(link::NcclLink::default()),
                 true,
                 cfg,
                 topo,
@@ -199,11 +215,13 @@ pub fn build<C: HostComm + 'static>(
     }
 }
 
-/// The workload on a backend and gradient transport; `always_sync` when the transport must run
-/// even on one replica (NCCL: the gang chose it, every rank joins every collective).
+/// The workload on a backend, gradient transport and pipeline link; `always_sync` when the
+/// transport must run even on one replica (NCCL: the gang chose it, every rank joins every
+/// collective).
 fn on<B: Backend + 'static, C: HostComm + 'static>(
     be: B,
     sync: Box<dyn GradSync<B, C>>,
+    link: Box<dyn link::StageLink<B, C>>,
     always_sync: bool,
     cfg: &WorkerConfig,
     topo: &Topology<C>,
@@ -214,6 +232,7 @@ fn on<B: Backend + 'static, C: HostComm + 'static>(
         Kind::Pipeline => Ok(Box::new(pipeline::Pipeline::new(
             be,
             sync,
+            link,
             always_sync,
             cfg,
             topo,

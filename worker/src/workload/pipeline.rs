@@ -3,16 +3,19 @@
 //! plan from [`crate::pipeline::plan`] literally, one action after the other: forwards and
 //! backwards (whole, or split into the input-gradient and weight-gradient passes for ZB-H1) on
 //! the engine's micro-batch slots, activations and their gradients sent to the neighbouring
-//! stages with the pipeline communicator's asynchronous sends and received with its blocking
-//! receives, then the gradient sync and the optimizer step.
+//! stages and received from them through a [`StageLink`] (TCP through the host, or NCCL device
+//! to device), then the gradient sync and the optimizer step. The tensors stay in backend
+//! buffers, from a pool reused step after step.
 //!
 //! - Data: every replica's stages see the same micro-batches (the sampler's `(step, micro,
 //!   replica)`, as DDP with `m` accumulation steps of `batchSize / m`), so a 1-stage GPipe or
 //!   1F1B pipeline is DDP with gradient accumulation, bit for bit (ZB-H1 and two chunks on one
 //!   stage add the tied embedding's two halves in another order).
 //! - Gradients: a stage's gradients are averaged over its data-parallel group with the DDP
-//!   buckets; with one chunk per stage the buckets start during the stage's last backward (or
-//!   last weight-gradient pass, ZB-H1), as DDP's do; with several chunks, after the last one. The token embedding is tied: the first and last stages each hold a copy, and
+//!   buckets, which start during each chunk's last backward (or last weight-gradient pass,
+//!   ZB-H1), as DDP's do; each chunk's buckets are tagged with the chunk, so the interleaved
+//!   schedule's chunks, whose last backwards come at different times, overlap theirs too.
+//!   The token embedding is tied: the first and last stages each hold a copy, and
 //!   add up their two gradients before the optimizer, as Megatron does, so the copies stay
 //!   equal. Global-norm clipping takes the norm over every stage (the tied copy counted once).
 //! - Checkpoints: each stage's first replica writes its shard ([`checkpoint::shard_name`]) in
@@ -36,10 +39,11 @@ use lockstep_engine::models::gpt::{Gpt, GptConfig, Input, PartLayout, PartSpec, 
 use lockstep_engine::optim::{Adam, clip_scale};
 use lockstep_engine::{Backend, Net};
 
+use super::link::StageLink;
 use super::sync::{Buckets, GradSync, SyncStats};
 use super::{Evaluation, HostComm, Metric, StepReport, StepSettings, Workload};
 use crate::checkpoint;
-use crate::comm::{Pending, ReduceOp};
+use crate::comm::ReduceOp;
 use crate::data::{Sampler, Text};
 use crate::error::WorkError;
 use crate::pipeline::{Action, PipelineSchedule, partition, plan};
@@ -112,6 +116,11 @@ pub struct Pipeline<B: Backend, C> {
     windows: Option<(u64, Vec<usize>)>,
     sampler: Sampler,
     sync: Box<dyn GradSync<B, C>>,
+    link: Box<dyn StageLink<B, C>>,
+    /// Every stage's channels (sending stage, receiving stage), in order: what the link connects.
+    channels: Vec<(u32, u32)>,
+    /// Buffers of one micro-batch's activations (or their gradient), reused from step to step.
+    pool: Vec<B::Buf>,
     always_sync: bool,
     tied: Option<C>,
     grouped: bool,
@@ -129,6 +138,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
     pub fn new(
         be: B,
         sync: Box<dyn GradSync<B, C>>,
+        link: Box<dyn StageLink<B, C>>,
         always_sync: bool,
         cfg: &WorkerConfig,
         topo: &Topology<C>,
@@ -175,6 +185,17 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         let plans = plan(pp.schedule, stages as u32, micro as u32, chunks as u32)
             .map_err(|e| WorkError::config(format!("spec.training.pipeline: {e}")))?;
         let my_plan = plans[stage].clone();
+        let mut channels: Vec<(u32, u32)> = plans
+            .iter()
+            .enumerate()
+            .flat_map(|(s, actions)| {
+                actions
+                    .iter()
+                    .filter_map(move |a| crate::pipeline::channels::channel(s as u32, a))
+            })
+            .collect();
+        channels.sort_unstable();
+        channels.dedup();
         let split = pp.schedule == PipelineSchedule::ZeroBubble;
         let mut parts = Vec::with_capacity(chunks);
         let mut adams = Vec::with_capacity(chunks);
@@ -232,6 +253,9 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
             windows: None,
             sampler,
             sync,
+            link,
+            channels,
+            pool: Vec::new(),
             always_sync,
             tied: None,
             grouped: false,
@@ -253,11 +277,13 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
     }
 
     /// Splits off the communicator of the two stages that hold the tied embedding (every rank
-    /// of the pipeline takes part, once).
+    /// of the pipeline takes part, once), and connects the link to the neighbouring stages.
     fn groups(&mut self, topo: &mut Topology<C>) -> Result<(), WorkError> {
         if self.grouped {
             return Ok(());
         }
+        self.link
+            .connect(&self.be, &mut topo.pipeline, self.stage, &self.channels)?;
         if self.stages > 1 {
             let ends = self.stage == 0 || self.stage + 1 == self.stages;
             let comm = topo.pipeline.split(u32::from(ends), topo.stage)?;
@@ -298,6 +324,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         let dp = &mut topo.data_parallel;
         let mut stats = SyncStats::default();
         if dp.world_size() > 1 || self.always_sync {
+            // Each chunk's last buckets, then each chunk's wait (its buckets tagged with it).
             for (c, part) in self.parts.iter_mut().enumerate() {
                 let n = part.num_params();
                 let mut buckets = started[c]
@@ -305,9 +332,12 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     .unwrap_or_else(|| self.settings.buckets(n, false));
                 let (_, g) = part.buffers();
                 for r in buckets.flush() {
-                    self.sync.start(be, dp, g, r)?;
+                    self.sync.start(be, dp, g, c, r)?;
                 }
-                let s = self.sync.finish(be, dp, g)?;
+            }
+            for (c, part) in self.parts.iter_mut().enumerate() {
+                let (_, g) = part.buffers();
+                let s = self.sync.finish(be, dp, g, c)?;
                 stats.bytes += s.bytes;
                 stats.buckets += s.buckets;
                 stats.comm += s.comm;
@@ -393,7 +423,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         // As DDP's accumulation computes it, so that one stage is DDP bit for bit.
         let scale = (1.0 / self.micro as f32) / (mb * t) as f32;
         let sync_grads = topo.data_parallel.world_size() > 1 || self.always_sync;
-        let overlap = sync_grads && self.settings.overlap && chunks == 1;
+        let overlap = sync_grads && self.settings.overlap;
         // The index of each chunk's last gradient-producing action: its buckets start there.
         let mut last_grad = vec![usize::MAX; chunks];
         for (i, a) in self.plan.iter().enumerate() {
@@ -410,11 +440,15 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
             .iter()
             .map(|part| (0..part.slots()).rev().collect())
             .collect();
-        let mut acts: HashMap<(u32, u32), Vec<f32>> = HashMap::new();
-        let mut grads: HashMap<(u32, u32), Vec<f32>> = HashMap::new();
-        let mut out_acts: HashMap<(u32, u32), Vec<f32>> = HashMap::new();
-        let mut out_grads: HashMap<(u32, u32), Vec<f32>> = HashMap::new();
-        let mut sends: Vec<Pending<Vec<f32>>> = Vec::new();
+        // Activations and gradients in backend buffers of one micro-batch each (`n` values):
+        // received, or made here for a later chunk of this stage (`acts`, `grads`), or waiting
+        // for their send (`out_acts`, `out_grads`).
+        let n = mb * t * c;
+        let mut pool = std::mem::take(&mut self.pool);
+        let mut acts: HashMap<(u32, u32), B::Buf> = HashMap::new();
+        let mut grads: HashMap<(u32, u32), B::Buf> = HashMap::new();
+        let mut out_acts: HashMap<(u32, u32), B::Buf> = HashMap::new();
+        let mut out_grads: HashMap<(u32, u32), B::Buf> = HashMap::new();
         let mut started: Vec<Option<Buckets>> = (0..chunks).map(|_| None).collect();
         let mut stats = StageStats {
             stage: s as u32,
@@ -433,31 +467,32 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         };
         for (i, action) in plan.iter().enumerate() {
             match *action {
-                Action::RecvActivation { from, micro, chunk } => {
-                    let mut buf = vec![0.0f32; mb * t * c];
+                Action::RecvActivation { from, micro, chunk }
+                | Action::RecvGrad { from, micro, chunk } => {
+                    let mut buf = buffer(&self.be, &mut pool, n)?;
                     let t0 = Instant::now();
-                    topo.pipeline.recv(&mut buf, from as usize)?;
+                    self.link
+                        .recv(&self.be, &mut topo.pipeline, &mut buf, n, from as usize)?;
                     stats.idle += t0.elapsed();
-                    acts.insert((micro, chunk), buf);
+                    let into = if matches!(action, Action::RecvGrad { .. }) {
+                        &mut grads
+                    } else {
+                        &mut acts
+                    };
+                    into.insert((micro, chunk), buf);
                 }
-                Action::RecvGrad { from, micro, chunk } => {
-                    let mut buf = vec![0.0f32; mb * t * c];
-                    let t0 = Instant::now();
-                    topo.pipeline.recv(&mut buf, from as usize)?;
-                    stats.idle += t0.elapsed();
-                    grads.insert((micro, chunk), buf);
-                }
-                Action::SendActivation { to, micro, chunk } => {
-                    let buf = out_acts
+                Action::SendActivation { to, micro, chunk }
+                | Action::SendGrad { to, micro, chunk } => {
+                    let (from, what) = if matches!(action, Action::SendGrad { .. }) {
+                        (&mut out_grads, "gradient to send")
+                    } else {
+                        (&mut out_acts, "activation to send")
+                    };
+                    let buf = from
                         .remove(&(micro, chunk))
-                        .ok_or_else(|| missing("activation to send", micro, chunk))?;
-                    sends.push(topo.pipeline.send_async(buf, to as usize));
-                }
-                Action::SendGrad { to, micro, chunk } => {
-                    let buf = out_grads
-                        .remove(&(micro, chunk))
-                        .ok_or_else(|| missing("gradient to send", micro, chunk))?;
-                    sends.push(topo.pipeline.send_async(buf, to as usize));
+                        .ok_or_else(|| missing(what, micro, chunk))?;
+                    self.link
+                        .send(&self.be, &mut topo.pipeline, buf, n, to as usize)?;
                 }
                 Action::Forward { micro, chunk } => {
                     let k = self.part_of(chunk as usize);
@@ -471,16 +506,17 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                         .pop()
                         .ok_or_else(|| missing("free activation slot", micro, chunk))?;
                     slot_of[chunk as usize].insert(micro, slot);
-                    let received;
+                    let part = &mut self.parts[chunk as usize];
                     let input = if k == 0 {
                         Input::Ids(&x)
                     } else {
-                        received = acts
+                        let received = acts
                             .remove(&(micro, chunk))
                             .ok_or_else(|| missing("input activation", micro, chunk))?;
-                        Input::Acts(&received)
+                        self.be.copy(part.input_mut(slot), 0, &received, 0, n)?;
+                        pool.push(received);
+                        Input::Staged
                     };
-                    let part = &mut self.parts[chunk as usize];
                     let targets = (k + 1 == n_parts).then_some(&y[..]);
                     part.forward_slot(&self.be, slot, input, targets, mb, t, Some(scale))?;
                     live += 1;
@@ -491,7 +527,8 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                         loss_sum += part.mean_loss_slot(&self.be, slot)?;
                         losses += 1;
                     } else {
-                        let out = part.output(&self.be, slot)?;
+                        let mut out = buffer(&self.be, &mut pool, n)?;
+                        self.be.copy(&mut out, 0, part.output_buf(slot), 0, n)?;
                         match home(k + 1, p) {
                             (st, next) if st == s => {
                                 acts.insert((micro, next as u32), out);
@@ -511,31 +548,40 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     let slot = *slot_of[chunk as usize]
                         .get(&micro)
                         .ok_or_else(|| missing("forward", micro, chunk))?;
-                    let dout = if k + 1 == n_parts {
-                        None
-                    } else {
-                        Some(
-                            grads
-                                .remove(&(micro, chunk))
-                                .ok_or_else(|| missing("output gradient", micro, chunk))?,
-                        )
-                    };
                     let t0 = Instant::now();
                     let pass = if whole { Pass::Full } else { Pass::Input };
                     let be = &self.be;
                     let part = &mut self.parts[chunk as usize];
-                    let n = part.num_params();
-                    if overlap && whole && last_grad[chunk as usize] == i {
-                        let b = self.settings.buckets(n, true);
-                        let (sync, dp) = (self.sync.as_mut(), &mut topo.data_parallel);
-                        started[chunk as usize] = Some(overlapped(be, sync, dp, b, |ready| {
-                            part.backward_slot(be, slot, dout.as_deref(), pass, ready)
-                        })?);
-                    } else {
-                        part.backward_slot(be, slot, dout.as_deref(), pass, &mut |_, _| {})?;
+                    let n_params = part.num_params();
+                    // The output's gradient: the loss's on the head part, else received or
+                    // made by this stage's later chunk, copied where the backward takes it.
+                    let staged = k + 1 < n_parts;
+                    if staged {
+                        let dout = grads
+                            .remove(&(micro, chunk))
+                            .ok_or_else(|| missing("output gradient", micro, chunk))?;
+                        be.copy(part.dout_mut(), 0, &dout, 0, n)?;
+                        pool.push(dout);
                     }
+                    let mut backward = |ready: &mut dyn FnMut(&mut B::Buf, usize)| {
+                        if staged {
+                            part.backward_staged(be, slot, pass, ready)
+                        } else {
+                            part.backward_slot(be, slot, None, pass, ready)
+                        }
+                    };
+                    if overlap && whole && last_grad[chunk as usize] == i {
+                        let b = self.settings.buckets(n_params, true);
+                        let (sync, dp) = (self.sync.as_mut(), &mut topo.data_parallel);
+                        started[chunk as usize] =
+                            Some(overlapped(be, sync, dp, chunk as usize, b, backward)?);
+                    } else {
+                        backward(&mut |_, _| {})?;
+                    }
+                    let part = &mut self.parts[chunk as usize];
                     if k > 0 {
-                        let g = part.input_grad(be, slot)?;
+                        let mut g = buffer(be, &mut pool, n)?;
+                        be.copy(&mut g, 0, part.input_grad_buf(), 0, n)?;
                         match home(k - 1, p) {
                             (st, prev) if st == s => {
                                 grads.insert((micro, prev as u32), g);
@@ -569,9 +615,10 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                         let n = part.num_params();
                         let b = self.settings.buckets(n, true);
                         let (sync, dp) = (self.sync.as_mut(), &mut topo.data_parallel);
-                        started[chunk as usize] = Some(overlapped(be, sync, dp, b, |ready| {
-                            part.backward_weight(be, slot, ready)
-                        })?);
+                        started[chunk as usize] =
+                            Some(overlapped(be, sync, dp, chunk as usize, b, |ready| {
+                                part.backward_weight(be, slot, ready)
+                            })?);
                     } else {
                         part.backward_weight(be, slot, &mut |_, _| {})?;
                     }
@@ -588,9 +635,9 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                 Action::OptimizerStep => self.optimize(topo, lr)?,
             }
         }
-        for pending in sends {
-            pending.wait()?;
-        }
+        pool.extend(self.link.finish(&self.be, &mut topo.pipeline)?);
+        // What a failed step leaves in the maps is dropped; the rest is reused.
+        self.pool = pool;
         stats.phase = Some((phase_start, phase_end));
         let samples = (self.micro_batch * self.micro) as u64;
         let report = StepReport {
@@ -647,6 +694,7 @@ fn overlapped<B: Backend, C>(
     be: &B,
     sync: &mut dyn GradSync<B, C>,
     dp: &mut C,
+    tag: usize,
     mut buckets: Buckets,
     pass: impl FnOnce(&mut dyn FnMut(&mut B::Buf, usize)) -> lockstep_engine::Result<()>,
 ) -> Result<Buckets, WorkError> {
@@ -656,7 +704,7 @@ fn overlapped<B: Backend, C>(
             return;
         }
         for r in buckets.ready(from) {
-            if let Err(e) = sync.start(be, dp, g, r) {
+            if let Err(e) = sync.start(be, dp, g, tag, r) {
                 failed = Some(e);
                 return;
             }
@@ -665,6 +713,14 @@ fn overlapped<B: Backend, C>(
     match failed {
         Some(e) => Err(e),
         None => Ok(buckets),
+    }
+}
+
+/// A buffer of `n` values from `pool`, or a new one.
+fn buffer<B: Backend>(be: &B, pool: &mut Vec<B::Buf>, n: usize) -> Result<B::Buf, WorkError> {
+    match pool.pop() {
+        Some(b) => Ok(b),
+        None => Ok(be.zeros(n)?),
     }
 }
 

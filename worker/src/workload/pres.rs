@@ -937,9 +937,9 @@ impl<B: Backend, C: HostComm> Workload<C> for Pres<B, C> {
             let (_, g) = self.net.buffers();
             for range in buckets.flush() {
                 self.sync
-                    .start(&self.be, &mut topo.data_parallel, g, range)?;
+                    .start(&self.be, &mut topo.data_parallel, g, 0, range)?;
             }
-            stats = self.sync.finish(&self.be, &mut topo.data_parallel, g)?;
+            stats = self.sync.finish(&self.be, &mut topo.data_parallel, g, 0)?;
         }
         let decay = self.config.decay_ranges();
         let (p, g) = self.net.buffers();

@@ -43,7 +43,10 @@ impl SyncStats {
     }
 }
 
-/// A transport that averages ranges of the gradient buffer over the ranks.
+/// A transport that averages ranges of gradient buffers over the ranks. A workload with one
+/// gradient buffer calls it with `tag` 0; one with several (a pipeline stage's model chunks)
+/// tags each buffer's ranges with the buffer's index, so that buffers in flight at once are
+/// finished one by one.
 pub trait GradSync<B: Backend, C> {
     /// Starts averaging `grads[range]` (final from now on) and returns at once.
     fn start(
@@ -51,10 +54,18 @@ pub trait GradSync<B: Backend, C> {
         be: &B,
         comm: &mut C,
         grads: &mut B::Buf,
+        tag: usize,
         range: Range<usize>,
     ) -> Result<(), WorkError>;
-    /// Waits for every started range and leaves the averages in `grads`.
-    fn finish(&mut self, be: &B, comm: &mut C, grads: &mut B::Buf) -> Result<SyncStats, WorkError>;
+    /// Waits for every range started with `tag` and leaves the averages in `grads` (the buffer
+    /// they were started on).
+    fn finish(
+        &mut self,
+        be: &B,
+        comm: &mut C,
+        grads: &mut B::Buf,
+        tag: usize,
+    ) -> Result<SyncStats, WorkError>;
 }
 
 /// Groups gradients into buckets as backward makes them final, and starts each full bucket.
@@ -128,8 +139,7 @@ impl Buckets {
 /// copy on the CPU backend) and all-reduced on the communicator's thread.
 #[derive(Debug, Default)]
 pub struct TcpSync {
-    pending: Vec<(Range<usize>, Pending<Vec<f32>>)>,
-    bytes: usize,
+    pending: Vec<(usize, Range<usize>, Pending<Vec<f32>>)>,
 }
 
 impl<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>> GradSync<B, C> for TcpSync {
@@ -138,12 +148,12 @@ impl<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>> GradSync<B, 
         be: &B,
         comm: &mut C,
         grads: &mut B::Buf,
+        tag: usize,
         range: Range<usize>,
     ) -> Result<(), WorkError> {
         let data = be.download(grads, range.start, range.len())?;
-        self.bytes += data.len() * 4;
         self.pending
-            .push((range, comm.all_reduce_async(data, ReduceOp::Avg)));
+            .push((tag, range, comm.all_reduce_async(data, ReduceOp::Avg)));
         Ok(())
     }
 
@@ -152,16 +162,22 @@ impl<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>> GradSync<B, 
         be: &B,
         _comm: &mut C,
         grads: &mut B::Buf,
+        tag: usize,
     ) -> Result<SyncStats, WorkError> {
         let waiting = Instant::now();
+        let (mine, others) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(t, _, _)| *t == tag);
+        self.pending = others;
+        let mine: Vec<_> = mine;
         let mut stats = SyncStats {
-            bytes: std::mem::take(&mut self.bytes),
-            buckets: self.pending.len(),
+            bytes: mine.iter().map(|(_, r, _)| r.len() * 4).sum(),
+            buckets: mine.len(),
             ..SyncStats::default()
         };
         // Wait for every bucket, even after an error, so none is left in flight.
         let mut failed = None;
-        for (range, p) in std::mem::take(&mut self.pending) {
+        for (_, range, p) in mine {
             match p.wait_timed() {
                 Ok((reduced, took)) => {
                     stats.comm += took;
@@ -189,8 +205,13 @@ impl<B: Backend, C: Communicator<Buffer = [f32], Owned = Vec<f32>>> GradSync<B, 
 pub struct NcclSync {
     comm: crate::comm::nccl::NcclComm,
     stream: std::sync::Arc<cudarc::driver::CudaStream>,
-    buckets: Vec<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
-    bytes: usize,
+    /// Per bucket: its tag, bytes, and the events around its all-reduce.
+    buckets: Vec<(
+        usize,
+        usize,
+        cudarc::driver::CudaEvent,
+        cudarc::driver::CudaEvent,
+    )>,
 }
 
 #[cfg(feature = "cuda")]
@@ -201,7 +222,6 @@ impl NcclSync {
             stream: comm.stream(),
             comm,
             buckets: Vec::new(),
-            bytes: 0,
         }
     }
 }
@@ -221,6 +241,7 @@ impl<C: crate::comm::Communicator> GradSync<lockstep_engine::cuda::Cuda, C> for 
         be: &lockstep_engine::cuda::Cuda,
         _comm: &mut C,
         grads: &mut cudarc::driver::CudaSlice<f32>,
+        tag: usize,
         range: Range<usize>,
     ) -> Result<(), WorkError> {
         use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
@@ -230,7 +251,7 @@ impl<C: crate::comm::Communicator> GradSync<lockstep_engine::cuda::Cuda, C> for 
             .stream
             .record_event(Some(CU_EVENT_DEFAULT))
             .map_err(cuda_err)?;
-        self.bytes += range.len() * 4;
+        let bytes = range.len() * 4;
         let mut view = grads.slice_mut(range);
         self.comm
             .all_reduce_view(&mut view, ReduceOp::Avg)
@@ -239,7 +260,7 @@ impl<C: crate::comm::Communicator> GradSync<lockstep_engine::cuda::Cuda, C> for 
             .stream
             .record_event(Some(CU_EVENT_DEFAULT))
             .map_err(cuda_err)?;
-        self.buckets.push((begin, end));
+        self.buckets.push((tag, bytes, begin, end));
         Ok(())
     }
 
@@ -248,6 +269,7 @@ impl<C: crate::comm::Communicator> GradSync<lockstep_engine::cuda::Cuda, C> for 
         be: &lockstep_engine::cuda::Cuda,
         comm: &mut C,
         _grads: &mut cudarc::driver::CudaSlice<f32>,
+        tag: usize,
     ) -> Result<SyncStats, WorkError> {
         use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
         // The NCCL all-reduces run on their stream: a hang shows here, as this wait.
@@ -266,12 +288,18 @@ impl<C: crate::comm::Communicator> GradSync<lockstep_engine::cuda::Cuda, C> for 
         be.stream().wait(&comm_done).map_err(cuda_err)?;
         comm_done.synchronize().map_err(cuda_err)?;
         backward_done.synchronize().map_err(cuda_err)?;
+        // The compute stream now waits for every bucket queued so far, this tag's among them.
+        let (mine, others) = std::mem::take(&mut self.buckets)
+            .into_iter()
+            .partition(|(t, ..)| *t == tag);
+        self.buckets = others;
+        let mine: Vec<_> = mine;
         let mut stats = SyncStats {
-            bytes: std::mem::take(&mut self.bytes),
-            buckets: self.buckets.len(),
+            bytes: mine.iter().map(|(_, bytes, ..)| bytes).sum(),
+            buckets: mine.len(),
             ..SyncStats::default()
         };
-        for (b, e) in std::mem::take(&mut self.buckets) {
+        for (_, _, b, e) in mine {
             let ms = b.elapsed_ms(&e).map_err(cuda_err)?;
             stats.comm += Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3);
         }

@@ -514,6 +514,21 @@ pub enum Input<'a> {
     Ids(&'a [i32]),
     /// The previous part's output, `b x t x channels` (every other part).
     Acts(&'a [f32]),
+    /// The previous part's output, already written at the start of the slot's input buffer
+    /// ([`Gpt::input_mut`]) on the device (every other part): a pipeline stage that receives
+    /// activations into device memory copies them there rather than through the host.
+    Staged,
+}
+
+/// Where a part's backward pass takes its output gradient from.
+#[derive(Clone, Copy, Debug)]
+enum Dout<'a> {
+    /// The loss gradient the forward pass left in the logits (head part).
+    Loss,
+    /// From the host.
+    Host(&'a [f32]),
+    /// Already at the start of the backward buffer ([`Gpt::dout_mut`]).
+    Staged,
 }
 
 /// How much of a backward pass to run.
@@ -761,6 +776,7 @@ impl<B: Backend> Gpt<B> {
         let ids = match input {
             Input::Ids(ids) if spec.embed && ids.len() == n => ids,
             Input::Acts(x) if !spec.embed && x.len() == n * c => &[][..],
+            Input::Staged if !spec.embed => &[][..],
             _ => {
                 return Err(EngineError::Config(format!(
                     "the input of a {} part for a batch of {b} x {t} must be {}",
@@ -810,6 +826,7 @@ impl<B: Backend> Gpt<B> {
                 )?;
             }
             Input::Acts(x) => be.upload_at(&mut s.input, 0, x)?,
+            Input::Staged => {}
         }
         let sc = &mut self.scratch;
         for (i, l) in spec.layers.clone().enumerate() {
@@ -903,6 +920,34 @@ impl<B: Backend> Gpt<B> {
         be.download(&self.scratch.dresidual, 0, b * t * self.config.channels)
     }
 
+    /// The device buffer that [`Gpt::output`] copies from: the residual stream after the part's
+    /// last block in `slot`, whose first `b x t x channels` values are the output.
+    pub fn output_buf(&self, slot: usize) -> &B::Buf {
+        &self.slots[slot]
+            .blocks
+            .last()
+            .expect("a part holds a block")
+            .residual3
+    }
+
+    /// The device buffer that [`Gpt::input_grad`] copies from, whose first `b x t x channels`
+    /// values are the gradient with respect to the input of the last backward pass.
+    pub fn input_grad_buf(&self) -> &B::Buf {
+        &self.scratch.dresidual
+    }
+
+    /// The input buffer of `slot`: a later part's forward pass with [`Input::Staged`] starts
+    /// from its first `b x t x channels` values.
+    pub fn input_mut(&mut self, slot: usize) -> &mut B::Buf {
+        &mut self.slots[slot].input
+    }
+
+    /// The buffer [`Gpt::backward_staged`] takes the output gradient from (its first `b x t x
+    /// channels` values). Shared by every slot: write it just before that backward pass.
+    pub fn dout_mut(&mut self) -> &mut B::Buf {
+        &mut self.scratch.dresidual
+    }
+
     /// Backward pass of the whole model's last forward pass (which had targets and `grad`):
     /// accumulates into the gradients, calling `ready(from)` each time every gradient at
     /// offsets `from..` is final (after the final norm, after each block from the last, after
@@ -925,6 +970,33 @@ impl<B: Backend> Gpt<B> {
         pass: Pass,
         ready: &mut dyn FnMut(&mut B::Buf, usize),
     ) -> Result<()> {
+        let dout = match dout {
+            Some(d) => Dout::Host(d),
+            None => Dout::Loss,
+        };
+        self.backward_from(be, slot, dout, pass, ready)
+    }
+
+    /// [`Gpt::backward_slot`] of a part without the head, from the output gradient already
+    /// written into [`Gpt::dout_mut`] on the device.
+    pub fn backward_staged(
+        &mut self,
+        be: &B,
+        slot: usize,
+        pass: Pass,
+        ready: &mut dyn FnMut(&mut B::Buf, usize),
+    ) -> Result<()> {
+        self.backward_from(be, slot, Dout::Staged, pass, ready)
+    }
+
+    fn backward_from(
+        &mut self,
+        be: &B,
+        slot: usize,
+        dout: Dout<'_>,
+        pass: Pass,
+        ready: &mut dyn FnMut(&mut B::Buf, usize),
+    ) -> Result<()> {
         let cfg = self.config;
         let lay = &self.layout;
         let s = &mut self.slots[slot];
@@ -940,7 +1012,7 @@ impl<B: Backend> Gpt<B> {
         let g = &mut self.params.grads;
         let sc = &mut self.scratch;
         match (s.head.as_ref(), dout) {
-            (Some(h), None) => {
+            (Some(h), Dout::Loss) => {
                 // The logits hold dloss/dlogits; the classifier shares its weight with wte.
                 matmul_bwd_input(
                     be,
@@ -985,7 +1057,8 @@ impl<B: Backend> Gpt<B> {
                     ready(g, lay.lnf());
                 }
             }
-            (None, Some(d)) if d.len() == n * c => be.upload_at(&mut sc.dresidual, 0, d)?,
+            (None, Dout::Host(d)) if d.len() == n * c => be.upload_at(&mut sc.dresidual, 0, d)?,
+            (None, Dout::Staged) => {}
             _ => {
                 return Err(EngineError::Config(format!(
                     "the backward of a part {} the head takes {}",
