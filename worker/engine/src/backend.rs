@@ -518,7 +518,6 @@ impl<F, I> Kernel<'_, F, I> {
     }
 }
 
-/// Refuses a head size the fused attention's kernels do not take.
 /// Refuses a [`Backend::copy`] that reaches past either buffer.
 pub(crate) fn check_copy(
     dst_len: usize,
@@ -532,11 +531,13 @@ pub(crate) fn check_copy(
         Ok(())
     } else {
         Err(EngineError::Config(format!(
-            "a copy of {len} values from {src_off} of a buffer of {src_len} to {dst_off} of a              buffer of {dst_len} reaches past the end"
+            "a copy of {len} values from {src_off} of a buffer of {src_len} to {dst_off} of a \
+             buffer of {dst_len} reaches past the end"
         )))
     }
 }
 
+/// Refuses a head size the fused attention's kernels do not take.
 pub(crate) fn check_head_size(hs: usize) -> Result<()> {
     if hs == 0 || hs > crate::backend::MAX_HEAD_SIZE {
         return Err(EngineError::Config(format!(

@@ -3,12 +3,15 @@
 //! Rank 0 makes the NCCL unique id and hands its 128 bytes to the others through the rendezvous;
 //! every rank then calls [`NcclComm::new`], which blocks until all have joined. Buffers are device
 //! memory ([`CudaSlice<f32>`]); every collective is queued on the communicator's stream, so the
-//! asynchronous variants return at once and a later kernel on that stream (or on a stream that
-//! waits on it, which cudarc's per-buffer events arrange) sees the result. NCCL needs its
-//! library as `libnccl.so`: see the README for the link the NCCL wheels lack.
+//! asynchronous variants return at once and a later kernel on that stream sees the result.
+//! cudarc's per-buffer events would order a buffer's users on other streams, but the engine's
+//! CUDA backend turns them off (its buffers live on one stream): a caller that shares a buffer
+//! between the compute stream and a communicator's stream joins the two with events itself (the
+//! gradient sync, the pipeline's channels). NCCL needs its library as `libnccl.so`: see the
+//! README for the link the NCCL wheels lack.
 //!
 //! The communicator is held here, on cudarc's `result` layer (each call as cudarc's own `Comm`
-//! makes it, with the same per-buffer events), rather than through cudarc's `Comm`, which keeps
+//! makes it), rather than through cudarc's `Comm`, which keeps
 //! the raw `ncclComm_t` private: a watch thread ([`watch`]) asks NCCL for each live
 //! communicator's asynchronous error (`ncclCommGetAsyncError`: a peer gone, a network error
 //! that NCCL's proxy saw) once a second, and ends the process with the communication exit code,
@@ -471,8 +474,8 @@ impl Communicator for NcclComm {
     }
 
     fn send_async(&mut self, buf: CudaSlice<f32>, peer: usize) -> Pending<CudaSlice<f32>> {
-        // Queued on the stream like every NCCL operation: the host returns at once, and cudarc's
-        // per-buffer events keep a later writer of `buf` behind the send.
+        // Queued on the stream like every NCCL operation: the host returns at once. A caller
+        // that writes `buf` on another stream afterwards waits for this stream first.
         Pending::ready(self.send(&buf, peer).map(|()| buf))
     }
 

@@ -34,6 +34,21 @@ pub fn channel(stage: u32, a: &Action) -> Option<Lane> {
     }
 }
 
+/// The tensor a send or receive of stage `at.0` carries: (gradient?, micro-batch, the model
+/// part that made it), in a pipeline of `p` stages.
+fn tensor(p: usize, at: (usize, usize), a: &Action) -> Option<(bool, u32, u32)> {
+    let (p, s) = (p as u32, at.0 as u32);
+    match *a {
+        Action::SendActivation { micro, chunk, .. } => Some((false, micro, chunk * p + s)),
+        Action::SendGrad { micro, chunk, .. } => Some((true, micro, chunk * p + s)),
+        Action::RecvActivation { micro, chunk, .. } => {
+            Some((false, micro, (chunk * p + s).wrapping_sub(1)))
+        }
+        Action::RecvGrad { micro, chunk, .. } => Some((true, micro, chunk * p + s + 1)),
+        _ => None,
+    }
+}
+
 fn is_send(a: &Action) -> bool {
     matches!(a, Action::SendActivation { .. } | Action::SendGrad { .. })
 }
@@ -75,6 +90,14 @@ pub fn check(plan: &[Vec<Action>], lane: impl Fn(u32, &Action) -> Lane) -> Resul
             ));
         }
         for (&a, &b) in out.iter().zip(into) {
+            let (sent, received) = (tensor(p, a, &plan[a.0][a.1]), tensor(p, b, &plan[b.0][b.1]));
+            if sent != received {
+                return Err(format!(
+                    "stage {}'s receive {} pairs with stage {}'s send {}, another tensor: an \
+                     untagged transport receives on a channel in the order it sends",
+                    b.0, plan[b.0][b.1], a.0, plan[a.0][a.1]
+                ));
+            }
             partner.insert(a, b);
             partner.insert(b, a);
         }

@@ -822,3 +822,16 @@ fn the_synchronous_check_refuses_unmatched_messages() {
     let e = check(&plan, |s, a| channel(s, a).unwrap()).unwrap_err();
     assert!(e.contains("stage 1 receives 1 tensors from stage 0"), "{e}");
 }
+
+/// Sends and receives on a channel that pair different tensors (the receiver takes them in
+/// another order) are refused, naming both.
+#[test]
+fn the_synchronous_check_refuses_a_channel_received_out_of_order() {
+    use super::channels::{channel, check};
+    let plan = vec![
+        vec![f(0), send_act(1, 0), f(1), send_act(1, 1), Action::GradSync],
+        vec![recv_act(0, 1), recv_act(0, 0), f(0), f(1), Action::GradSync],
+    ];
+    let e = check(&plan, |s, a| channel(s, a).unwrap()).unwrap_err();
+    assert!(e.contains("another tensor"), "{e}");
+}

@@ -7,10 +7,17 @@
 //! - `NcclLink` (CUDA, when the gang chose NCCL): device to device with NCCL's `send` and
 //!   `recv`, one two-rank communicator per channel (a sending stage and a receiving stage), on
 //!   a stream of its own. NCCL's sends wait for their receive and a communicator runs its
-//!   operations in order, so one communicator for the whole pipeline deadlocks 1F1B; one per
-//!   channel behaves as the buffered sends the plans are made for
-//!   ([`crate::pipeline::channels`] checks every plan both ways). The sender's host never
-//!   waits; the receiver's waits for its receive (what the stage's idle time measures).
+//!   operations in order, so one communicator for the whole pipeline, its sends and receives
+//!   posted one by one, deadlocks 1F1B (Megatron batches each step's sends and receives in one
+//!   NCCL group instead, which needs a schedule whose stages exchange in lockstep); one
+//!   communicator per channel behaves as the buffered sends the plans are made for
+//!   ([`crate::pipeline::channels`] models both on the host's side: every plan completes with
+//!   one per channel, and 1F1B and ZB-H1 deadlock with one for all). The sender's host does
+//!   not wait for a send (each channel's connection is made when the link connects); the
+//!   receiver's waits for its receive (what the stage's idle time measures). Each send and
+//!   receive is queued on its channel's stream behind the work already queued on the compute
+//!   stream (an event), so it reads a buffer once the copy that filled it has run, and writes
+//!   one once the copies that read it have run.
 
 use lockstep_engine::Backend;
 
@@ -31,8 +38,9 @@ pub trait StageLink<B: Backend, C> {
         stage: usize,
         channels: &[(u32, u32)],
     ) -> Result<(), WorkError>;
-    /// Starts sending the first `len` values of `buf` to stage `to` and returns at once;
-    /// [`StageLink::finish`] hands `buf` back. Tensors to one stage arrive in the order sent.
+    /// Starts sending the first `len` values of `buf` to stage `to` and returns at once, with
+    /// `buf` when it may be reused already (else [`StageLink::finish`] hands it back). Tensors
+    /// to one stage arrive in the order sent.
     fn send(
         &mut self,
         be: &B,
@@ -40,7 +48,7 @@ pub trait StageLink<B: Backend, C> {
         buf: B::Buf,
         len: usize,
         to: usize,
-    ) -> Result<(), WorkError>;
+    ) -> Result<Option<B::Buf>, WorkError>;
     /// Receives the next tensor from stage `from` into the first `len` values of `buf`: once
     /// it returns, work queued on the backend sees them.
     fn recv(
@@ -56,21 +64,12 @@ pub trait StageLink<B: Backend, C> {
 }
 
 /// Tensors through the host and the pipeline group's TCP point-to-point channel.
-pub struct TcpLink<B: Backend> {
+#[derive(Debug, Default)]
+pub struct TcpLink {
     sends: Vec<Pending<Vec<f32>>>,
-    sent: Vec<B::Buf>,
 }
 
-impl<B: Backend> Default for TcpLink<B> {
-    fn default() -> Self {
-        Self {
-            sends: Vec::new(),
-            sent: Vec::new(),
-        }
-    }
-}
-
-impl<B: Backend, C: HostComm> StageLink<B, C> for TcpLink<B> {
+impl<B: Backend, C: HostComm> StageLink<B, C> for TcpLink {
     fn connect(
         &mut self,
         _be: &B,
@@ -88,11 +87,11 @@ impl<B: Backend, C: HostComm> StageLink<B, C> for TcpLink<B> {
         buf: B::Buf,
         len: usize,
         to: usize,
-    ) -> Result<(), WorkError> {
+    ) -> Result<Option<B::Buf>, WorkError> {
+        // The download waits for the device: the buffer is free again at once.
         let host = be.download(&buf, 0, len)?;
-        self.sent.push(buf);
         self.sends.push(comm.send_async(host, to));
-        Ok(())
+        Ok(Some(buf))
     }
 
     fn recv(
@@ -119,7 +118,7 @@ impl<B: Backend, C: HostComm> StageLink<B, C> for TcpLink<B> {
         }
         match failed {
             Some(e) => Err(e),
-            None => Ok(std::mem::take(&mut self.sent)),
+            None => Ok(Vec::new()),
         }
     }
 }
@@ -133,6 +132,7 @@ pub struct NcclLink {
     sends: std::collections::HashMap<usize, crate::comm::nccl::NcclComm>,
     /// Per sending stage, the communicator of the channel this stage receives on.
     recvs: std::collections::HashMap<usize, crate::comm::nccl::NcclComm>,
+    /// Buffers that sends in flight read.
     sent: Vec<cudarc::driver::CudaSlice<f32>>,
 }
 
@@ -161,6 +161,18 @@ fn cuda_err(e: impl std::fmt::Debug) -> WorkError {
     )
 }
 
+/// Makes `channel`'s stream wait for the work queued on the backend's compute stream so far.
+/// The backend's buffers carry no events of their own (it turns cudarc's tracking off), so a
+/// buffer shared by the two streams is ordered here.
+#[cfg(feature = "cuda")]
+fn after_compute(
+    be: &lockstep_engine::cuda::Cuda,
+    channel: &crate::comm::nccl::NcclComm,
+) -> Result<(), WorkError> {
+    let queued = be.stream().record_event(None).map_err(cuda_err)?;
+    channel.stream().wait(&queued).map_err(cuda_err)
+}
+
 #[cfg(feature = "cuda")]
 impl<C: HostComm> StageLink<lockstep_engine::cuda::Cuda, C> for NcclLink {
     fn connect(
@@ -170,6 +182,7 @@ impl<C: HostComm> StageLink<lockstep_engine::cuda::Cuda, C> for NcclLink {
         stage: usize,
         channels: &[(u32, u32)],
     ) -> Result<(), WorkError> {
+        use crate::comm::Communicator;
         use crate::comm::nccl::{NcclComm, new_id};
         // In the same order on every stage: the first channel not yet made has both its
         // stages making it, so the blocking joins never wait in a cycle. The sender makes the
@@ -198,39 +211,64 @@ impl<C: HostComm> StageLink<lockstep_engine::cuda::Cuda, C> for NcclLink {
                 self.recvs.insert(from, NcclComm::new(stream, 1, 2, &id)?);
             }
         }
-        tracing::info!(
-            channels = self.sends.len() + self.recvs.len(),
-            "pipeline tensors go device to device over NCCL, a communicator per channel"
-        );
+        // NCCL connects a point-to-point pair at its first send and receive, with an exchange
+        // between the two hosts: done here, a channel at a time in the same order, so that no
+        // send of a step waits for its receiver's host.
+        let mut token = be.zeros(1)?;
+        for &(from, to) in channels {
+            let (from, to) = (from as usize, to as usize);
+            let (channel, send) = if stage == from {
+                (self.sends.get_mut(&to), true)
+            } else if stage == to {
+                (self.recvs.get_mut(&from), false)
+            } else {
+                continue;
+            };
+            let channel = channel.ok_or_else(|| no_channel("connect with", from + to - stage))?;
+            after_compute(be, channel)?;
+            if send {
+                channel.send(&token, 1)?;
+            } else {
+                channel.recv(&mut token, 0)?;
+            }
+            channel.synchronize()?;
+        }
+        if !channels.is_empty() {
+            tracing::info!(
+                channels = self.sends.len() + self.recvs.len(),
+                "pipeline tensors go device to device over NCCL, a communicator per channel"
+            );
+        }
         Ok(())
     }
 
     fn send(
         &mut self,
-        _be: &lockstep_engine::cuda::Cuda,
+        be: &lockstep_engine::cuda::Cuda,
         _comm: &mut C,
         buf: cudarc::driver::CudaSlice<f32>,
         len: usize,
         to: usize,
-    ) -> Result<(), WorkError> {
+    ) -> Result<Option<cudarc::driver::CudaSlice<f32>>, WorkError> {
         use crate::comm::Communicator;
         let channel = self
             .sends
             .get_mut(&to)
             .ok_or_else(|| no_channel("send to", to))?;
-        // Queued on the channel's stream behind the copy that filled `buf` (cudarc's
-        // per-buffer events); `buf` stays here until `finish`.
         if buf.len() != len {
             return Err(sized(buf.len(), len));
         }
+        // Behind the copy that filled `buf`.
+        after_compute(be, channel)?;
         channel.send(&buf, 1)?;
+        // The send reads `buf` until `finish` has waited for it.
         self.sent.push(buf);
-        Ok(())
+        Ok(None)
     }
 
     fn recv(
         &mut self,
-        _be: &lockstep_engine::cuda::Cuda,
+        be: &lockstep_engine::cuda::Cuda,
         comm: &mut C,
         buf: &mut cudarc::driver::CudaSlice<f32>,
         len: usize,
@@ -244,8 +282,11 @@ impl<C: HostComm> StageLink<lockstep_engine::cuda::Cuda, C> for NcclLink {
         if buf.len() != len {
             return Err(sized(buf.len(), len));
         }
+        // Behind the buffer's allocation and the copies that read it last.
+        after_compute(be, channel)?;
         channel.recv(buf, 0)?;
-        // The stage waits here for its neighbour (its idle time), and a hang shows as this.
+        // The stage waits here for its neighbour (its idle time), and a hang shows as this; the
+        // work the host queues next, on the compute stream, comes after the receive.
         let activity = comm.activity();
         let _op = activity
             .as_deref()

@@ -335,13 +335,24 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     self.sync.start(be, dp, g, c, r)?;
                 }
             }
+            // Every chunk's wait, even after an error, so that no bucket is left in flight.
+            let mut failed = None;
             for (c, part) in self.parts.iter_mut().enumerate() {
                 let (_, g) = part.buffers();
-                let s = self.sync.finish(be, dp, g, c)?;
-                stats.bytes += s.bytes;
-                stats.buckets += s.buckets;
-                stats.comm += s.comm;
-                stats.exposed += s.exposed;
+                match self.sync.finish(be, dp, g, c) {
+                    Ok(s) => {
+                        stats.bytes += s.bytes;
+                        stats.buckets += s.buckets;
+                        stats.comm += s.comm;
+                        stats.exposed += s.exposed;
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
         let wte = self.config.padded_vocab * self.config.channels;
@@ -491,8 +502,10 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     let buf = from
                         .remove(&(micro, chunk))
                         .ok_or_else(|| missing(what, micro, chunk))?;
-                    self.link
+                    let free = self
+                        .link
                         .send(&self.be, &mut topo.pipeline, buf, n, to as usize)?;
+                    pool.extend(free);
                 }
                 Action::Forward { micro, chunk } => {
                     let k = self.part_of(chunk as usize);
