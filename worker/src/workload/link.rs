@@ -153,6 +153,27 @@ fn sized(buf: usize, len: usize) -> WorkError {
     )
 }
 
+/// The channel to or from stage `peer` in `channels`, its stream made to wait for the compute
+/// stream, for a tensor of `len` values in a buffer of `buf_len`.
+#[cfg(feature = "cuda")]
+fn queue_on<'a>(
+    be: &lockstep_engine::cuda::Cuda,
+    channels: &'a mut std::collections::HashMap<usize, crate::comm::nccl::NcclComm>,
+    peer: usize,
+    what: &str,
+    buf_len: usize,
+    len: usize,
+) -> Result<&'a mut crate::comm::nccl::NcclComm, WorkError> {
+    let channel = channels
+        .get_mut(&peer)
+        .ok_or_else(|| no_channel(what, peer))?;
+    if buf_len != len {
+        return Err(sized(buf_len, len));
+    }
+    after_compute(be, channel)?;
+    Ok(channel)
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_err(e: impl std::fmt::Debug) -> WorkError {
     WorkError::new(
@@ -251,15 +272,8 @@ impl<C: HostComm> StageLink<lockstep_engine::cuda::Cuda, C> for NcclLink {
         to: usize,
     ) -> Result<Option<cudarc::driver::CudaSlice<f32>>, WorkError> {
         use crate::comm::Communicator;
-        let channel = self
-            .sends
-            .get_mut(&to)
-            .ok_or_else(|| no_channel("send to", to))?;
-        if buf.len() != len {
-            return Err(sized(buf.len(), len));
-        }
         // Behind the copy that filled `buf`.
-        after_compute(be, channel)?;
+        let channel = queue_on(be, &mut self.sends, to, "send to", buf.len(), len)?;
         channel.send(&buf, 1)?;
         // The send reads `buf` until `finish` has waited for it.
         self.sent.push(buf);
@@ -275,15 +289,8 @@ impl<C: HostComm> StageLink<lockstep_engine::cuda::Cuda, C> for NcclLink {
         from: usize,
     ) -> Result<(), WorkError> {
         use crate::comm::Communicator;
-        let channel = self
-            .recvs
-            .get_mut(&from)
-            .ok_or_else(|| no_channel("receive from", from))?;
-        if buf.len() != len {
-            return Err(sized(buf.len(), len));
-        }
         // Behind the buffer's allocation and the copies that read it last.
-        after_compute(be, channel)?;
+        let channel = queue_on(be, &mut self.recvs, from, "receive from", buf.len(), len)?;
         channel.recv(buf, 0)?;
         // The stage waits here for its neighbour (its idle time), and a hang shows as this; the
         // work the host queues next, on the compute stream, comes after the receive.
