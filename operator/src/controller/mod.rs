@@ -188,15 +188,15 @@ pub async fn run(
     // runs again, a moment later, so that a burst of changes costs one cycle.
     let capacity = Arc::new(tokio::sync::Notify::new());
     let (nodes, node_deletions) = watch::nodes(&client, capacity.clone());
-
+    let (all_pods, all_pods_watch) = watch::all_pods(&client, capacity.clone());
+    tasks.spawn(all_pods_watch);
     let (classes, classes_watch) = watch::priority_classes(&client);
     tasks.spawn(classes_watch);
     let (progress, progress_reports) = watch::progress_reports(&client, namespace);
     let pods = Arc::new(PodCache::default());
     let (workloads, workload_triggers) = watch::kueue_workloads(&client, namespace, ar.clone());
-    let (all_pods, pods_watch, pod_triggers) =
-        watch::pods(&client, namespace, pods.clone(), ar, capacity.clone());
-    tasks.spawn(pods_watch);
+    let (pod_changes, pod_triggers) = watch::worker_pods(&client, namespace, pods.clone(), ar);
+    tasks.spawn(pod_changes);
     let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
     let admitter = Arc::new(Admitter::new(
         nodes.clone(),

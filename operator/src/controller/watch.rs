@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, PodStatus};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use kube::api::{Api, ApiResource, DynamicObject};
@@ -50,47 +50,18 @@ pub(super) fn nodes(
     (nodes, deletions)
 }
 
-/// Every pod of the cluster, through one watch that keeps two caches: the worker pods (the
-/// operator's label, in `namespace` or in every namespace) go, whole, into `workers` (the gangs
-/// reconcile reads), and wake their jobs up (`job` is the job's resource) at most once per
-/// [`POD_BATCH`], as the Job controller of Kubernetes batches a pod's changes, so that a gang of
-/// eight starting costs a few passes, not dozens; then every pod, reduced to what admission
-/// counts (see [`slim_pod`]), goes into the returned store. A pod that finishes or is deleted
-/// notifies `capacity`.
-///
-/// One watch rather than one for admission and one for the workers: the API server sends, and
-/// the operator decodes, each change of a worker pod once.
-///
-/// Returns the store, the task that keeps both caches, and the jobs to wake.
-pub(super) fn pods(
+/// Every pod of the cluster, reduced to what admission counts (see [`slim_pod`]), and the task
+/// that keeps the cache; a pod that finishes or is deleted notifies `capacity`.
+pub(super) fn all_pods(
     client: &Client,
-    namespace: Option<&str>,
-    workers: Arc<PodCache>,
-    job: ApiResource,
     capacity: Arc<Notify>,
-) -> (
-    Store<Pod>,
-    impl Future<Output = ()> + Send + 'static,
-    impl Stream<Item = ObjectRef<DynamicObject>> + Send + 'static,
-) {
+) -> (Store<Pod>, impl Future<Output = ()> + Send + 'static) {
     let (pods, writer) = reflector::store::<Pod>();
-    let (touched, triggers) = futures::channel::mpsc::unbounded();
-    let (wake, batched) = futures::channel::mpsc::unbounded();
-    let namespace = namespace.map(str::to_string);
     let watch = reflector(
         writer,
-        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .inspect_ok(move |ev| {
-                if let Some(woken) = worker_event(ev, namespace.as_deref(), &workers)
-                    && let Some(owner) = owning_job(woken, &job)
-                {
-                    // The batching task ends only with this watch.
-                    let _ = touched.unbounded_send(owner);
-                }
-            })
-            .modify(slim_pod),
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).modify(slim_pod),
     )
+    .default_backoff()
     .for_each(move |ev| {
         let freed = match &ev {
             Ok(watcher::Event::Delete(_)) => true,
@@ -105,45 +76,7 @@ pub(super) fn pods(
         }
         async {}
     });
-    let task = futures::future::join(watch, batch(triggers, POD_BATCH, wake)).map(drop);
-    (pods, task, batched)
-}
-
-/// Whether `pod` is one of the operator's worker pods in `namespace` (or in any).
-fn is_worker(pod: &Pod, namespace: Option<&str>) -> bool {
-    pod.labels().get(labels::MANAGED_BY).map(String::as_str) == Some(operator::FIELD_MANAGER)
-        && namespace.is_none_or(|ns| pod.namespace().as_deref() == Some(ns))
-}
-
-/// Gives `workers` what a cluster-wide pod event means for the worker pods (the event itself
-/// when it is about one, or the list's start and end), and returns the pods whose jobs to wake.
-/// A pod that no longer has the operator's label (edited by hand) leaves the worker cache as if
-/// deleted, as it would leave a watch of the label.
-fn worker_event<'a>(
-    ev: &'a watcher::Event<Pod>,
-    namespace: Option<&str>,
-    workers: &PodCache,
-) -> Option<&'a Pod> {
-    match ev {
-        watcher::Event::Init | watcher::Event::InitDone => {
-            workers.apply(ev);
-            None
-        }
-        watcher::Event::Apply(p) | watcher::Event::InitApply(p) | watcher::Event::Delete(p)
-            if is_worker(p, namespace) =>
-        {
-            workers.apply(ev);
-            Some(p)
-        }
-        watcher::Event::Apply(p)
-            if p.labels().contains_key(labels::JOB_NAME)
-                && namespace.is_none_or(|ns| p.namespace().as_deref() == Some(ns)) =>
-        {
-            workers.apply(&watcher::Event::Delete(p.clone()));
-            Some(p)
-        }
-        _ => None,
-    }
+    (pods, watch)
 }
 
 /// The PriorityClasses admission orders the queue by, and the task that keeps the cache.
@@ -191,6 +124,37 @@ pub(super) fn progress_reports(
     .default_backoff()
     .touched_objects();
     (cache, reports)
+}
+
+/// The worker pods (in `namespace`, or in every namespace): one watch keeps `cache` (the gangs
+/// reconcile reads) and, once the cache holds a change, wakes the pod's job up (`job` is the
+/// job's resource). Returns the task that runs the watch and the jobs to wake: a pod's changes
+/// reach its job at most once per [`POD_BATCH`] (as the Job controller of Kubernetes batches
+/// them), so a gang of eight starting costs a few passes, not dozens.
+pub(super) fn worker_pods(
+    client: &Client,
+    namespace: Option<&str>,
+    cache: Arc<PodCache>,
+    job: ApiResource,
+) -> (
+    impl Future<Output = ()> + Send + 'static,
+    impl Stream<Item = ObjectRef<DynamicObject>> + Send + 'static,
+) {
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        labels::MANAGED_BY,
+        operator::FIELD_MANAGER
+    ));
+    let changed = watcher(scoped::<Pod>(client, namespace), owned)
+        .default_backoff()
+        .inspect_ok(move |ev| cache.apply(ev))
+        .touched_objects()
+        .filter_map(move |pod| {
+            let owner = pod.ok().and_then(|p| owning_job(&p, &job));
+            async move { owner }
+        });
+    let (triggers, batched) = futures::channel::mpsc::unbounded();
+    (batch(changed, POD_BATCH, triggers), batched)
 }
 
 /// The objects of kind `K` in `namespace`, or in every namespace.
@@ -336,72 +300,9 @@ fn slim_pod(p: &mut Pod) {
 
 #[cfg(test)]
 mod tests {
-    use super::{batch, worker_event};
-    use crate::pods::PodCache;
+    use super::batch;
     use futures::StreamExt;
-    use k8s_openapi::api::core::v1::Pod;
-    use kube::runtime::watcher::Event;
-    use lockstep_api::contract::{labels, operator};
-    use std::time::{Duration, Instant};
-
-    fn pod(ns: &str, name: &str, managed: bool) -> Pod {
-        let mut l =
-            serde_json::json!({ labels::JOB_NAME: "a", labels::RANK: "0", labels::ATTEMPT: "0" });
-        if managed {
-            l[labels::MANAGED_BY] = operator::FIELD_MANAGER.into();
-        }
-        serde_json::from_value(serde_json::json!({
-            "metadata": { "name": name, "namespace": ns, "labels": l },
-            "spec": { "containers": [{ "name": operator::WORKER_CONTAINER }] },
-        }))
-        .unwrap()
-    }
-
-    fn gang(cache: &PodCache, key: &str) -> Vec<String> {
-        cache
-            .view(key, Instant::now())
-            .unwrap()
-            .into_iter()
-            .map(|p| p.name)
-            .collect()
-    }
-
-    #[test]
-    fn one_pod_watch_feeds_the_worker_cache_with_the_operators_pods_only() {
-        let cache = PodCache::default();
-        let listed = |cache: &PodCache, pods: &[Pod]| {
-            assert!(worker_event(&Event::Init, None, cache).is_none());
-            for p in pods {
-                let ev = Event::InitApply(p.clone());
-                let woken = worker_event(&ev, None, cache).map(|p| p.metadata.name.clone());
-                let managed = p
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .unwrap()
-                    .contains_key(labels::MANAGED_BY);
-                assert_eq!(woken.is_some(), managed, "{:?}", p.metadata.name);
-            }
-            assert!(worker_event(&Event::InitDone, None, cache).is_none());
-        };
-        // Another controller's pod with the same job label is not a worker.
-        listed(&cache, &[pod("ns", "a-0", true), pod("ns", "other", false)]);
-        assert_eq!(gang(&cache, "ns/a"), ["a-0"]);
-        // A worker pod whose label was taken off leaves the cache, and its job is woken up.
-        let edited = Event::Apply(pod("ns", "a-0", false));
-        assert!(worker_event(&edited, None, &cache).is_some());
-        assert!(gang(&cache, "ns/a").is_empty());
-        // In a namespace-scoped operator, another namespace's worker pods are not its own.
-        let elsewhere = Event::Apply(pod("other", "a-0", true));
-        assert!(worker_event(&elsewhere, Some("ns"), &cache).is_none());
-        assert!(gang(&cache, "other/a").is_empty());
-        let here = Event::Apply(pod("ns", "a-1", true));
-        assert!(worker_event(&here, Some("ns"), &cache).is_some());
-        assert_eq!(gang(&cache, "ns/a"), ["a-1"]);
-        let gone = Event::Delete(pod("ns", "a-1", true));
-        assert!(worker_event(&gone, Some("ns"), &cache).is_some());
-        assert!(gang(&cache, "ns/a").is_empty());
-    }
+    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn a_batch_merges_repeats_and_holds_each_item_to_the_end_of_its_period() {
