@@ -732,21 +732,10 @@ fn a_model_reports_its_config_layout_through_net() {
 /// output is the next one's input; each input gradient the previous one's output gradient),
 /// with a full or a split backward, and returns the loss and the whole model's gradient
 /// gathered from the parts (the tied token embedding's two halves added up). `staged` passes
-/// activations and gradients between parts in device buffers (`Input::Staged`,
-/// `backward_staged`) rather than through the host.
-fn run_parts(
-    cfg: GptConfig,
-    cuts: &[std::ops::Range<usize>],
-    params: &[f32],
-    micro: &[(Vec<i32>, Vec<i32>)],
-    split: bool,
-    (b, t): (usize, usize),
-) -> (f32, Vec<f32>) {
-    run_parts_via(cfg, cuts, params, micro, split, (b, t), false)
-}
-
+/// activations and gradients between parts in device buffers (`Input::Staged`, and copies
+/// into `dout_mut`) rather than through the host.
 #[allow(clippy::too_many_arguments)]
-fn run_parts_via(
+fn run_parts(
     cfg: GptConfig,
     cuts: &[std::ops::Range<usize>],
     params: &[f32],
@@ -815,23 +804,25 @@ fn run_parts_via(
         }
     }
     for k in (0..micro.len()).rev() {
-        let mut d: Option<Vec<f32>> = None;
+        // The output gradient on its way down through the host (without `staged`).
+        let mut d: Vec<f32> = Vec::new();
         for (i, part) in parts.iter_mut().enumerate().rev() {
             let pass = if split { Pass::Input } else { Pass::Full };
-            if staged && i < last {
+            if i < last && staged {
                 be.copy(part.dout_mut(), 0, &wire, 0, n)
                     .expect("the copy fits");
-                part.backward_staged(&be, k, pass, &mut |_, _| {})
-                    .expect("the part runs");
-            } else {
-                part.backward_slot(&be, k, d.as_deref(), pass, &mut |_, _| {})
-                    .expect("the part runs");
+            } else if i < last {
+                be.upload(part.dout_mut(), &d).expect("the upload fits");
             }
+            part.backward_slot(&be, k, pass, &mut |_, _| {})
+                .expect("the part runs");
             if i > 0 && staged {
                 be.copy(&mut wire, 0, part.input_grad_buf(), 0, n)
                     .expect("the copy fits");
             } else if i > 0 {
-                d = Some(part.input_grad(&be, k).expect("the part runs"));
+                d = be
+                    .download(part.input_grad_buf(), 0, n)
+                    .expect("a download");
             }
         }
     }
@@ -874,6 +865,7 @@ fn a_gpt_cut_into_parts_computes_the_whole_gpts_loss_and_gradient() {
         &micro,
         false,
         (b, t),
+        false,
     );
     // The whole model, one micro-batch at a time in the same order, as DDP's accumulation.
     let be = Cpu;
@@ -894,7 +886,7 @@ fn a_gpt_cut_into_parts_computes_the_whole_gpts_loss_and_gradient() {
         vec![0..2, 2..4],
     ] {
         for split in [false, true] {
-            let (loss, g) = run_parts(cfg, &cuts, &params, &micro, split, (b, t));
+            let (loss, g) = run_parts(cfg, &cuts, &params, &micro, split, (b, t), false);
             assert!(
                 (loss - whole_loss).abs() < 1e-6,
                 "{cuts:?} split={split}: loss {loss} vs {whole_loss}"
@@ -921,8 +913,8 @@ fn parts_passing_device_buffers_compute_what_parts_passing_host_vectors_do() {
     let micro: Vec<_> = (0..3).map(|k| batch(&cfg, b, t, 70 + k)).collect();
     for cuts in [vec![0..1, 1..4], vec![0..1, 1..2, 2..3, 3..4]] {
         for split in [false, true] {
-            let host = run_parts_via(cfg, &cuts, &params, &micro, split, (b, t), false);
-            let device = run_parts_via(cfg, &cuts, &params, &micro, split, (b, t), true);
+            let host = run_parts(cfg, &cuts, &params, &micro, split, (b, t), false);
+            let device = run_parts(cfg, &cuts, &params, &micro, split, (b, t), true);
             assert_eq!(host.0, device.0, "{cuts:?} split={split}: loss");
             assert_eq!(
                 host.1, device.1,

@@ -568,30 +568,23 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     let n_params = part.num_params();
                     // The output's gradient: the loss's on the head part, else received or
                     // made by this stage's later chunk, copied where the backward takes it.
-                    let staged = k + 1 < n_parts;
-                    if staged {
+                    if k + 1 < n_parts {
                         let dout = grads
                             .remove(&(micro, chunk))
                             .ok_or_else(|| missing("output gradient", micro, chunk))?;
                         be.copy(part.dout_mut(), 0, &dout, 0, n)?;
                         pool.push(dout);
                     }
-                    let mut backward = |ready: &mut dyn FnMut(&mut B::Buf, usize)| {
-                        if staged {
-                            part.backward_staged(be, slot, pass, ready)
-                        } else {
-                            part.backward_slot(be, slot, None, pass, ready)
-                        }
-                    };
                     if overlap && whole && last_grad[chunk as usize] == i {
                         let b = self.settings.buckets(n_params, true);
                         let (sync, dp) = (self.sync.as_mut(), &mut topo.data_parallel);
                         started[chunk as usize] =
-                            Some(overlapped(be, sync, dp, chunk as usize, b, backward)?);
+                            Some(overlapped(be, sync, dp, chunk as usize, b, |ready| {
+                                part.backward_slot(be, slot, pass, ready)
+                            })?);
                     } else {
-                        backward(&mut |_, _| {})?;
+                        part.backward_slot(be, slot, pass, &mut |_, _| {})?;
                     }
-                    let part = &mut self.parts[chunk as usize];
                     if k > 0 {
                         let mut g = buffer(be, &mut pool, n)?;
                         be.copy(&mut g, 0, part.input_grad_buf(), 0, n)?;

@@ -520,17 +520,6 @@ pub enum Input<'a> {
     Staged,
 }
 
-/// Where a part's backward pass takes its output gradient from.
-#[derive(Clone, Copy, Debug)]
-enum Dout<'a> {
-    /// The loss gradient the forward pass left in the logits (head part).
-    Loss,
-    /// From the host.
-    Host(&'a [f32]),
-    /// Already at the start of the backward buffer ([`Gpt::dout_mut`]).
-    Staged,
-}
-
 /// How much of a backward pass to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
@@ -913,13 +902,6 @@ impl<B: Backend> Gpt<B> {
         be.download(last, 0, b * t * self.config.channels)
     }
 
-    /// The gradient with respect to the part's input from the last backward pass (parts
-    /// without the embedding), which the previous part's backward takes.
-    pub fn input_grad(&self, be: &B, slot: usize) -> Result<Vec<f32>> {
-        let (b, t) = self.slots[slot].shape;
-        be.download(&self.scratch.dresidual, 0, b * t * self.config.channels)
-    }
-
     /// The device buffer that [`Gpt::output`] copies from: the residual stream after the part's
     /// last block in `slot`, whose first `b x t x channels` values are the output.
     pub fn output_buf(&self, slot: usize) -> &B::Buf {
@@ -930,8 +912,9 @@ impl<B: Backend> Gpt<B> {
             .residual3
     }
 
-    /// The device buffer that [`Gpt::input_grad`] copies from, whose first `b x t x channels`
-    /// values are the gradient with respect to the input of the last backward pass.
+    /// The gradient with respect to the part's input from the last backward pass (parts
+    /// without the embedding), which the previous part's backward takes: the first `b x t x
+    /// channels` values of this buffer.
     pub fn input_grad_buf(&self) -> &B::Buf {
         &self.scratch.dresidual
     }
@@ -942,8 +925,9 @@ impl<B: Backend> Gpt<B> {
         &mut self.slots[slot].input
     }
 
-    /// The buffer [`Gpt::backward_staged`] takes the output gradient from (its first `b x t x
-    /// channels` values). Shared by every slot: write it just before that backward pass.
+    /// The buffer the backward pass of a part without the head takes the gradient with respect
+    /// to the part's output from (its first `b x t x channels` values). Shared by every slot:
+    /// write it just before that backward pass ([`Gpt::backward_slot`]).
     pub fn dout_mut(&mut self) -> &mut B::Buf {
         &mut self.scratch.dresidual
     }
@@ -953,47 +937,19 @@ impl<B: Backend> Gpt<B> {
     /// offsets `from..` is final (after the final norm, after each block from the last, after
     /// the embeddings).
     pub fn backward(&mut self, be: &B, ready: &mut dyn FnMut(&mut B::Buf, usize)) -> Result<()> {
-        self.backward_slot(be, 0, None, Pass::Full, ready)
+        self.backward_slot(be, 0, Pass::Full, ready)
     }
 
     /// Backward pass of the forward pass in `slot`: from the loss gradient left by the forward
-    /// (head part) or from `dout`, the gradient with respect to the part's output (`b x t x
-    /// channels`, every other part). Accumulates into the gradients (all of them with
+    /// (head part) or from the gradient with respect to the part's output written into
+    /// [`Gpt::dout_mut`] (every other part). Accumulates into the gradients (all of them with
     /// [`Pass::Full`], calling `ready(from)` as gradients at `from..` become final; the
     /// embeddings' and norms' with [`Pass::Input`]) and leaves the gradient with respect to the
-    /// part's input for [`Gpt::input_grad`].
+    /// part's input in [`Gpt::input_grad_buf`].
     pub fn backward_slot(
         &mut self,
         be: &B,
         slot: usize,
-        dout: Option<&[f32]>,
-        pass: Pass,
-        ready: &mut dyn FnMut(&mut B::Buf, usize),
-    ) -> Result<()> {
-        let dout = match dout {
-            Some(d) => Dout::Host(d),
-            None => Dout::Loss,
-        };
-        self.backward_from(be, slot, dout, pass, ready)
-    }
-
-    /// [`Gpt::backward_slot`] of a part without the head, from the output gradient already
-    /// written into [`Gpt::dout_mut`] on the device.
-    pub fn backward_staged(
-        &mut self,
-        be: &B,
-        slot: usize,
-        pass: Pass,
-        ready: &mut dyn FnMut(&mut B::Buf, usize),
-    ) -> Result<()> {
-        self.backward_from(be, slot, Dout::Staged, pass, ready)
-    }
-
-    fn backward_from(
-        &mut self,
-        be: &B,
-        slot: usize,
-        dout: Dout<'_>,
         pass: Pass,
         ready: &mut dyn FnMut(&mut B::Buf, usize),
     ) -> Result<()> {
@@ -1011,64 +967,50 @@ impl<B: Backend> Gpt<B> {
         let p = &self.params.values;
         let g = &mut self.params.grads;
         let sc = &mut self.scratch;
-        match (s.head.as_ref(), dout) {
-            (Some(h), Dout::Loss) => {
-                // The logits hold dloss/dlogits; the classifier shares its weight with wte.
-                matmul_bwd_input(
+        // Without the head, the caller wrote the output's gradient into `dresidual` (dout_mut).
+        if let Some(h) = s.head.as_ref() {
+            // The logits hold dloss/dlogits; the classifier shares its weight with wte.
+            matmul_bwd_input(
+                be,
+                &mut sc.dln,
+                &h.logits,
+                p,
+                lay.wte(),
+                n,
+                c,
+                cfg.padded_vocab,
+            )?;
+            if pass == Pass::Full {
+                matmul_bwd_weight(
                     be,
-                    &mut sc.dln,
-                    &h.logits,
-                    p,
+                    g,
                     lay.wte(),
+                    None,
+                    &h.logits,
+                    &h.lnf,
                     n,
                     c,
                     cfg.padded_vocab,
                 )?;
-                if pass == Pass::Full {
-                    matmul_bwd_weight(
-                        be,
-                        g,
-                        lay.wte(),
-                        None,
-                        &h.logits,
-                        &h.lnf,
-                        n,
-                        c,
-                        cfg.padded_vocab,
-                    )?;
-                }
-                let last = &s.blocks.last().expect("a part holds a block").residual3;
-                be.fill_zero(&mut sc.dresidual, 0, n * c)?;
-                layernorm_bwd(
-                    be,
-                    &mut sc.dresidual,
-                    g,
-                    lay.lnf(),
-                    &sc.dln,
-                    last,
-                    p,
-                    lay.lnf(),
-                    &h.lnf_mean,
-                    &h.lnf_rstd,
-                    n,
-                    c,
-                )?;
-                if pass == Pass::Full {
-                    ready(g, lay.lnf());
-                }
             }
-            (None, Dout::Host(d)) if d.len() == n * c => be.upload_at(&mut sc.dresidual, 0, d)?,
-            (None, Dout::Staged) => {}
-            _ => {
-                return Err(EngineError::Config(format!(
-                    "the backward of a part {} the head takes {}",
-                    if lay.spec.head { "with" } else { "without" },
-                    if lay.spec.head {
-                        "no output gradient".to_string()
-                    } else {
-                        format!("an output gradient of {} values", n * c)
-                    }
-                )));
+            let last = &s.blocks.last().expect("a part holds a block").residual3;
+            be.fill_zero(&mut sc.dresidual, 0, n * c)?;
+            layernorm_bwd(
+                be,
+                &mut sc.dresidual,
+                g,
+                lay.lnf(),
+                &sc.dln,
+                last,
+                p,
+                lay.lnf(),
+                &h.lnf_mean,
+                &h.lnf_rstd,
+                n,
+                c,
+            )?;
+            if pass == Pass::Full {
+                ready(g, lay.lnf());
             }
         }
         for (i, l) in lay.spec.layers.clone().enumerate().rev() {
