@@ -58,63 +58,38 @@ const SWAP_HEADS: [usize; 4] = [0, 2, 1, 3];
 /// Sequences, tokens, heads and channels per head.
 type Dims = (usize, usize, usize, usize);
 
-/// `(b, t, 3, nh, hs)` to `(3, b, nh, t, hs)`: q, k and v of each token, head-major.
-fn split_qkv<B: Backend>(
-    be: &B,
-    out: &mut B::Buf,
-    inp: &B::Buf,
-    (b, t, nh, hs): Dims,
-) -> Result<()> {
-    be.launch(Kernel::Permute {
-        out,
-        inp,
-        shape: &[b, t, 3, nh, hs],
-        perm: &SPLIT_QKV,
-    })
+/// The layout changes attention makes around its per-head kernels.
+#[derive(Clone, Copy)]
+enum Relayout {
+    /// `(b, t, 3, nh, hs)` to `(3, b, nh, t, hs)`: q, k and v of each token, head-major.
+    SplitQkv,
+    /// `(3, b, nh, t, hs)` back to `(b, t, 3, nh, hs)`.
+    JoinQkv,
+    /// `(b, nh, t, hs)` to `(b, t, nh, hs)`: heads back into the token-major layout.
+    HeadsToTokens,
+    /// `(b, t, nh, hs)` to `(b, nh, t, hs)`: each head's tokens together.
+    TokensToHeads,
 }
 
-/// `(3, b, nh, t, hs)` back to `(b, t, 3, nh, hs)`.
-fn join_qkv<B: Backend>(
+/// Writes `inp` into `out` in the layout `to` says, for `(b, t, nh, hs)`.
+fn relayout<B: Backend>(
     be: &B,
+    to: Relayout,
     out: &mut B::Buf,
     inp: &B::Buf,
     (b, t, nh, hs): Dims,
 ) -> Result<()> {
+    let (shape, perm): (&[usize], &[usize]) = match to {
+        Relayout::SplitQkv => (&[b, t, 3, nh, hs], &SPLIT_QKV),
+        Relayout::JoinQkv => (&[3, b, nh, t, hs], &JOIN_QKV),
+        Relayout::HeadsToTokens => (&[b, nh, t, hs], &SWAP_HEADS),
+        Relayout::TokensToHeads => (&[b, t, nh, hs], &SWAP_HEADS),
+    };
     be.launch(Kernel::Permute {
         out,
         inp,
-        shape: &[3, b, nh, t, hs],
-        perm: &JOIN_QKV,
-    })
-}
-
-/// `(b, nh, t, hs)` to `(b, t, nh, hs)`: heads back into the token-major layout.
-fn heads_to_tokens<B: Backend>(
-    be: &B,
-    out: &mut B::Buf,
-    inp: &B::Buf,
-    (b, t, nh, hs): Dims,
-) -> Result<()> {
-    be.launch(Kernel::Permute {
-        out,
-        inp,
-        shape: &[b, nh, t, hs],
-        perm: &SWAP_HEADS,
-    })
-}
-
-/// `(b, t, nh, hs)` to `(b, nh, t, hs)`: each head's tokens together.
-fn tokens_to_heads<B: Backend>(
-    be: &B,
-    out: &mut B::Buf,
-    inp: &B::Buf,
-    (b, t, nh, hs): Dims,
-) -> Result<()> {
-    be.launch(Kernel::Permute {
-        out,
-        inp,
-        shape: &[b, t, nh, hs],
-        perm: &SWAP_HEADS,
+        shape,
+        perm,
     })
 }
 
@@ -137,7 +112,7 @@ pub fn attention_fwd<B: Backend>(
     hs: usize,
 ) -> Result<()> {
     let btc = b * t * nh * hs;
-    split_qkv(be, qkvr, qkv, (b, t, nh, hs))?;
+    relayout(be, Relayout::SplitQkv, qkvr, qkv, (b, t, nh, hs))?;
     let (q, k, v) = (0, btc, 2 * btc);
     let (heads, vec, mat) = (b * nh, (hs, t * hs), (t, t * t));
     let blocks = causal_blocks(t);
@@ -159,7 +134,7 @@ pub fn attention_fwd<B: Backend>(
         let g = head_gemm(Op::N, Op::N, hs, j1 - j0, j1, vec, mat, vec, heads);
         be.gemm(&g, (qkvr, v), (att, j0 * t), (vaccum, j0 * hs))?;
     }
-    heads_to_tokens(be, out, vaccum, (b, t, nh, hs))
+    relayout(be, Relayout::HeadsToTokens, out, vaccum, (b, t, nh, hs))
 }
 
 /// Backward of [`attention_fwd`]: overwrites `dqkv` from `dout`.
@@ -183,7 +158,7 @@ pub fn attention_bwd<B: Backend>(
     let (q, k, v) = (0, btc, 2 * btc);
     let (heads, vec, mat) = (b * nh, (hs, t * hs), (t, t * t));
     let blocks = causal_blocks(t);
-    tokens_to_heads(be, dvaccum, dout, (b, t, nh, hs))?;
+    relayout(be, Relayout::TokensToHeads, dvaccum, dout, (b, t, nh, hs))?;
     for &(i0, i1) in &blocks {
         // datt[t1][t2] = dy[t1] . v[t2] for queries i0..i1 and keys t2 < i1.
         let g = head_gemm(Op::T, Op::N, i1, i1 - i0, hs, vec, vec, mat, heads);
@@ -219,7 +194,7 @@ pub fn attention_bwd<B: Backend>(
             (dqkvr, k + i0 * hs),
         )?;
     }
-    join_qkv(be, dqkv, dqkvr, (b, t, nh, hs))
+    relayout(be, Relayout::JoinQkv, dqkv, dqkvr, (b, t, nh, hs))
 }
 
 /// Causal self-attention of `qkv` (b, t, 3C) into `out` (b, t, C) through the fused kernel
@@ -239,7 +214,7 @@ pub fn attention_fused_fwd<B: Backend>(
     nh: usize,
     hs: usize,
 ) -> Result<()> {
-    split_qkv(be, qkvr, qkv, (b, t, nh, hs))?;
+    relayout(be, Relayout::SplitQkv, qkvr, qkv, (b, t, nh, hs))?;
     be.launch(Kernel::AttentionFwd {
         out: vaccum,
         lse,
@@ -249,7 +224,7 @@ pub fn attention_fused_fwd<B: Backend>(
         hs,
         scale: 1.0 / (hs as f32).sqrt(),
     })?;
-    heads_to_tokens(be, out, vaccum, (b, t, nh, hs))
+    relayout(be, Relayout::HeadsToTokens, out, vaccum, (b, t, nh, hs))
 }
 
 /// Backward of [`attention_fused_fwd`]: overwrites `dqkv` from `dout`, given the forward's
@@ -272,8 +247,14 @@ pub fn attention_fused_bwd<B: Backend>(
     nh: usize,
     hs: usize,
 ) -> Result<()> {
-    tokens_to_heads(be, dout_heads, dout, (b, t, nh, hs))?;
-    tokens_to_heads(be, out_heads, out, (b, t, nh, hs))?;
+    relayout(
+        be,
+        Relayout::TokensToHeads,
+        dout_heads,
+        dout,
+        (b, t, nh, hs),
+    )?;
+    relayout(be, Relayout::TokensToHeads, out_heads, out, (b, t, nh, hs))?;
     be.launch(Kernel::AttentionBwd {
         dqkv: dqkvr,
         delta,
@@ -286,5 +267,5 @@ pub fn attention_fused_bwd<B: Backend>(
         hs,
         scale: 1.0 / (hs as f32).sqrt(),
     })?;
-    join_qkv(be, dqkv, dqkvr, (b, t, nh, hs))
+    relayout(be, Relayout::JoinQkv, dqkv, dqkvr, (b, t, nh, hs))
 }
