@@ -49,6 +49,11 @@ fn tensor(p: usize, at: (usize, usize), a: &Action) -> Option<(bool, u32, u32)> 
     }
 }
 
+/// Whether a stage with `lanes` (indices into its `actions`) has a receive queued.
+fn receiving(actions: &[Action], lanes: &HashMap<Lane, VecDeque<usize>>) -> bool {
+    lanes.values().flatten().any(|&j| !is_send(&actions[j]))
+}
+
 fn is_send(a: &Action) -> bool {
     matches!(a, Action::SendActivation { .. } | Action::SendGrad { .. })
 }
@@ -125,13 +130,8 @@ pub fn check(plan: &[Vec<Action>], lane: impl Fn(u32, &Action) -> Lane) -> Resul
                 if a == &Action::GradSync {
                     break;
                 }
-                if let Some(waiting) = lanes[s]
-                    .values()
-                    .flatten()
-                    .find(|&&j| !is_send(&plan[s][j]))
-                {
+                if receiving(&plan[s], &lanes[s]) {
                     // The stage waits for a receive it queued.
-                    let _ = waiting;
                     break;
                 }
                 if channel(s as u32, a).is_some() {
@@ -166,12 +166,9 @@ pub fn check(plan: &[Vec<Action>], lane: impl Fn(u32, &Action) -> Lane) -> Resul
         // The gradient sync, once every stage with actions left is there.
         let left: Vec<usize> = (0..p).filter(|&s| next[s] < plan[s].len()).collect();
         if !left.is_empty()
-            && left.iter().all(|&s| {
-                plan[s][next[s]] == Action::GradSync
-                    && lanes[s]
-                        .values()
-                        .all(|q| q.iter().all(|&j| is_send(&plan[s][j])))
-            })
+            && left
+                .iter()
+                .all(|&s| plan[s][next[s]] == Action::GradSync && !receiving(&plan[s], &lanes[s]))
         {
             for s in left {
                 next[s] += 1;
