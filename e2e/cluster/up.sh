@@ -8,6 +8,13 @@
 #   ONLY_APISERVER=1   start etcd and kube-apiserver only
 #   REAL_NODES=1       also start one real node (realnode.sh: kubelet, containerd, CoreDNS; root)
 #   KWOK_COMPLETE_JOB_PODS=0   pods a Job owns run on (kwok completes them at once by default)
+#   NODE_LEASE_SECONDS=40      the fake nodes' lease duration (kwok renews at a quarter of it)
+#   KWOK_POD_PARALLELISM=4     how many pods kwok moves through their stages at once (kwok's
+#                      default 4; a real cluster has a kubelet per node)
+#   NODE_MONITOR_GRACE=50s     how long the node-lifecycle controller waits for a renewal before
+#                      it marks a node NotReady. The operator benchmark raises both: 1,000 nodes
+#                      renewing every 10 s are 100 writes a second, more than kwok keeps up with
+#                      on 2 cores, and the late nodes flap NotReady under the pods being timed.
 #   SCHEDULERS=kueue,volcano,coscheduling   also start these (any of them), each with its CRDs:
 #                      Kueue's controllers and scheduler with topology-aware scheduling
 #                      (minimalkueue, no webhooks), Volcano's
@@ -124,6 +131,7 @@ spawn kube-controller-manager "$bin/kube-controller-manager" \
   --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
   --use-service-account-credentials=false --feature-gates "$gates" \
   --kube-api-qps 500 --kube-api-burst 1000 --concurrent-gc-syncs 20 --concurrent-job-syncs 32 \
+  --node-monitor-grace-period "${NODE_MONITOR_GRACE:-50s}" \
   --flex-volume-plugin-dir "$state/flexvolume"
 
 # --- kube-scheduler with the gang-scheduling gates.
@@ -142,6 +150,10 @@ stages="$kwok_dir/kustomize/stage"
   # operator benchmark) leaves it out, so that JobSet's pods run on like every other gang's.
   complete=pod/fast/pod-complete.yaml
   [ "${KWOK_COMPLETE_JOB_PODS:-1}" = 0 ] && complete=
+  # kwok's own options (its flags below take precedence). Given a configuration, kwok defaults
+  # none of the parallelisms: the others are its defaults.
+  printf -- '---\napiVersion: config.kwok.x-k8s.io/v1alpha1\nkind: KwokConfiguration\noptions:\n  podPlayStageParallelism: %s\n  nodePlayStageParallelism: 4\n  nodeLeaseParallelism: 4\n  podsOnNodeSyncParallelism: 1\n' \
+    "${KWOK_POD_PARALLELISM:-4}"
   for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
            pod/fast/pod-ready.yaml $complete pod/fast/pod-delete.yaml; do
     echo "---"; cat "$stages/$f"
@@ -149,7 +161,7 @@ stages="$kwok_dir/kustomize/stage"
 } > "$state/kwok.yaml"
 spawn kwok "$bin/kwok" --kubeconfig "$state/kubeconfig" --config "$state/kwok.yaml" \
   --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
-  --node-lease-duration-seconds 40 --server-address "127.0.0.1:$(free_port)" --cidr 10.0.0.0/16
+  --node-lease-duration-seconds "${NODE_LEASE_SECONDS:-40}" --server-address "127.0.0.1:$(free_port)" --cidr 10.0.0.0/16
 
 # --- fake nodes: NODES nodes with 8 GPUs each, NODES_PER_RACK to a rack (and NVLink domain),
 # two racks to a zone.

@@ -23,7 +23,14 @@
 //! `REQUESTS=1` prints the API requests by verb and resource, the CPU seconds of every process
 //! per phase, and the operator's Events by reason; `TIMELINE=1` the pod counts every second;
 //! `BASELINE=BINARY` runs the same jobs through another build of the operator after the floors;
-//! `FLOORS=0` leaves phases 2 to 4 out, `FLOORS=design` phases 3 and 4 (to compare changes of the operator, or the peers, fast).
+//! `FLOORS=0` leaves phases 2 to 4 out, `FLOORS=design` phases 3 and 4 (to compare changes of the operator, or the peers, fast);
+//! `ROUNDS=N` runs phases 1 and 2 N times each in the order ABBA ABBA... and prints the ratio of
+//! their medians (a phase that runs later in a run is faster, so each side gets the early and
+//! the late places alike).
+//!
+//! The fake nodes renew their leases every 75 s, not every 10 s (`NODE_LEASE_SECONDS`,
+//! `NODE_MONITOR_GRACE`: see `e2e/cluster/up.sh`), so that node heartbeats do not crowd out the
+//! pods being timed.
 //!
 //! Times are taken from a pod watch, not by polling. Each phase starts on an empty cluster: the
 //! pods of the one before are deleted first.
@@ -610,6 +617,20 @@ async fn main() -> Result<()> {
         .env("NODES", nodes.to_string())
         // Every gang's pods run on, as training pods do: kwok would end JobSet's (a Job's) at once.
         .env("KWOK_COMPLETE_JOB_PODS", "0")
+        // Quiet nodes: kwok renews a lease every 75 s instead of 10 s, and a node is marked
+        // NotReady after 300 s without one instead of 50 s. At 1,000 nodes the default is 100
+        // lease writes a second, more than kwok keeps up with here while it also runs the pods
+        // being timed; late nodes then flapped NotReady, with taints, evictions scheduled and
+        // cancelled, and pods marked not ready, at random in one phase or another. Either can
+        // be set to the cluster's default (40, 50s) in the environment.
+        .env(
+            "NODE_LEASE_SECONDS",
+            std::env::var("NODE_LEASE_SECONDS").unwrap_or_else(|_| "300".into()),
+        )
+        .env(
+            "NODE_MONITOR_GRACE",
+            std::env::var("NODE_MONITOR_GRACE").unwrap_or_else(|_| "300s".into()),
+        )
         .output()?;
     if !up.status.success() {
         bail!("cluster-up failed: {}", String::from_utf8_lossy(&up.stderr));
@@ -683,6 +704,153 @@ where
         .map(drop)
 }
 
+/// What every phase of one benchmark run shares: the cluster, the jobs' shape, and whether the
+/// API requests are counted.
+struct Bench {
+    client: kube::Client,
+    state: PathBuf,
+    template: serde_json::Value,
+    jobs_n: usize,
+    ranks: usize,
+    gpus: usize,
+    counting: bool,
+    limit: Duration,
+}
+
+impl Bench {
+    /// Pods of the run: `jobs_n` gangs of `ranks`.
+    fn want(&self) -> usize {
+        self.jobs_n * self.ranks
+    }
+
+    /// The `i`-th job of namespace `ns`.
+    fn manifest(&self, i: usize, ns: &str) -> Result<ParallelJob> {
+        let mut v = self.template.clone();
+        v["metadata"]["name"] = format!("job-{i:03}").into();
+        v["metadata"]["namespace"] = ns.into();
+        v["spec"]["parallelism"]["dataParallel"] = self.ranks.into();
+        v["spec"]["parallelism"]["gpusPerWorker"] = self.gpus.into();
+        v["spec"]["template"]["spec"]["containers"][0]["resources"] =
+            serde_json::json!({"requests": {"cpu": "100m", "memory": "64Mi"}});
+        Ok(serde_json::from_value(v)?)
+    }
+}
+
+/// One phase through a build of the operator.
+struct OperatorRun {
+    /// Until every job was created.
+    applied: Duration,
+    /// All created, all bound, all running.
+    phases: [Duration; 3],
+    /// The pods it made (their planned nodes feed the design's floor).
+    made: Vec<Pod>,
+}
+
+/// Starts the operator `binary` (registered as `name`), applies every job in a new namespace
+/// `ns`, and times it until all pods run; prints its CPU seconds and peak RSS, and with
+/// `counting` its requests and Events. The operator is stopped and the pods are kept.
+async fn through_operator(
+    b: &Bench,
+    binary: &std::path::Path,
+    name: &str,
+    ns: &str,
+) -> Result<OperatorRun> {
+    let (mut child, pid) = start_operator(binary, &b.state, name).await?;
+    let (cpu0, _) = usage(pid)?;
+    namespace(&b.client, ns).await?;
+    let jobs: Api<ParallelJob> = Api::namespaced(b.client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(b.client.clone(), ns);
+    let before = Usage::take(b.counting, &b.client, &b.state).await?;
+    let start = Instant::now();
+    let watch = watch_running(pods.clone(), b.want(), b.limit, start);
+    create_jobs(&jobs, (0..b.jobs_n).map(|i| b.manifest(i, ns)).collect()).await?;
+    let applied = start.elapsed();
+    let phases = watch.await??;
+    let (cpu1, peak) = usage(pid)?;
+    let after = Usage::take(b.counting, &b.client, &b.state).await?;
+    let _ = child.kill().await;
+    unregister(&b.state, pid)?;
+    println!(
+        "  {name} CPU {:>17.2} s  (peak RSS {peak:.1} MiB)",
+        cpu1 - cpu0
+    );
+    if b.counting {
+        after.print_since(&before, &format!("through the {name}"));
+        print_events(&b.client, ns).await?;
+    }
+    Ok(OperatorRun {
+        applied,
+        phases,
+        made: list_all(&pods).await?,
+    })
+}
+
+/// The design's floor in a new namespace `ns` (see [`design_floor`]): every job's writes made
+/// directly, the operator's concurrency of jobs at a time, each pod pinned to the node the
+/// operator planned for it in `made`. Returns its phases; with `counting`, prints its requests.
+async fn design_phase(b: &Bench, ns: &str, made: &[Pod]) -> Result<[Duration; 3]> {
+    let planned: HashMap<String, String> = made
+        .iter()
+        .filter_map(|p| {
+            let node = p
+                .annotations()
+                .get(lockstep_api::contract::annotations::PLANNED_NODE)?;
+            Some((p.name_any(), node.clone()))
+        })
+        .collect();
+    namespace(&b.client, ns).await?;
+    let design_pods: Api<Pod> = Api::namespaced(b.client.clone(), ns);
+    let before = Usage::take(b.counting, &b.client, &b.state).await?;
+    let start = Instant::now();
+    let watch = watch_running(design_pods, b.want(), b.limit, start);
+    let concurrency = usize::from(lockstep_operator::controller::Settings::default().concurrency);
+    let omit = Omit::from_env()?;
+    futures::stream::iter(0..b.jobs_n)
+        .map(|i| {
+            let (client, planned) = (&b.client, &planned);
+            let job = b.manifest(i, ns);
+            async move { design_floor(client, job?, planned, omit).await }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()?;
+    let phases = watch.await??;
+    let omit_text = std::env::var("DESIGN_OMIT").unwrap_or_default();
+    let without = if omit_text.is_empty() {
+        String::new()
+    } else {
+        format!(", without {omit_text}")
+    };
+    print_phase(
+        &format!("design's floor: its writes made directly, {concurrency} jobs at a time{without}"),
+        "design's writes directly",
+        phases,
+        b.want() as f64,
+        &[],
+    );
+    if b.counting {
+        let after = Usage::take(b.counting, &b.client, &b.state).await?;
+        after.print_since(&before, "of the design's floor");
+    }
+    Ok(phases)
+}
+
+/// The median of `v` (the mean of the middle two when even).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 async fn run(
     operator: &std::path::Path,
     state: &std::path::Path,
@@ -711,140 +879,120 @@ async fn run(
     };
     cluster.install_crd().await?;
 
-    let (mut child, pid) = start_operator(operator, state, "operator").await?;
-    let (cpu0, _) = usage(pid)?;
-
-    // 1. Through the operator.
-    namespace(&client, "bench-jobs").await?;
     let template = lockstep_e2e::example_manifest("ddp-digits.yaml")?;
-    let jobs: Api<ParallelJob> = Api::namespaced(client.clone(), "bench-jobs");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "bench-jobs");
-    let want = jobs_n * ranks;
-    let limit = Duration::from_secs(900);
     let peers = lockstep_e2e::peers::Peer::parse_list(&std::env::var("PEERS").unwrap_or_default())?;
-    // Requests are counted when asked, and always beside the peers: they are part of the table.
-    let counting = std::env::var_os("REQUESTS").is_some() || !peers.is_empty();
-    let manifest = |i: usize, ns: &str| -> Result<ParallelJob> {
-        let mut v = template.clone();
-        v["metadata"]["name"] = format!("job-{i:03}").into();
-        v["metadata"]["namespace"] = ns.into();
-        v["spec"]["parallelism"]["dataParallel"] = ranks.into();
-        v["spec"]["parallelism"]["gpusPerWorker"] = gpus.into();
-        v["spec"]["template"]["spec"]["containers"][0]["resources"] =
-            serde_json::json!({"requests": {"cpu": "100m", "memory": "64Mi"}});
-        Ok(serde_json::from_value(v)?)
+    let b = Bench {
+        client: client.clone(),
+        state: state.to_path_buf(),
+        template: template.clone(),
+        jobs_n,
+        ranks,
+        gpus,
+        // Requests are counted when asked, and always beside the peers: they are part of the table.
+        counting: std::env::var_os("REQUESTS").is_some() || !peers.is_empty(),
+        limit: Duration::from_secs(900),
     };
-    let before = Usage::take(counting, &client, state).await?;
-    let start = Instant::now();
-    let watch = watch_running(pods.clone(), want, limit, start);
-    create_jobs(
-        &jobs,
-        (0..jobs_n).map(|i| manifest(i, "bench-jobs")).collect(),
-    )
-    .await?;
-    let applied = start.elapsed();
-    let op_phases = watch.await??;
-    let through_operator = op_phases[2];
-    let (cpu1, peak) = usage(pid)?;
-    let after = Usage::take(counting, &client, state).await?;
-    let _ = child.kill().await;
-    unregister(state, pid)?;
-    // Each phase's figures are printed as soon as it ends: a later phase that fails loses nothing.
+    let want = b.want();
     let pods_n = want as f64;
+    // The API server's first write of a ParallelJob takes seconds (it builds the kind's
+    // handlers); without a warm-up the first phase alone pays it.
+    namespace(&client, "bench-warmup").await?;
+    Api::<ParallelJob>::namespaced(client.clone(), "bench-warmup")
+        .create(&PostParams::default(), &b.manifest(0, "bench-warmup")?)
+        .await?;
+    clear(&client, "bench-warmup").await?;
     println!(
         "operator benchmark: {nodes} fake nodes, {jobs_n} jobs x {ranks} ranks x {gpus} GPUs = {want} pods"
     );
-    println!(
-        "  jobs applied in              {:>8.2} s",
-        applied.as_secs_f64()
-    );
-    println!(
-        "  apply -> all pods Running    {:>8.2} s  ({:.0} pods/s)",
-        through_operator.as_secs_f64(),
-        pods_n / through_operator.as_secs_f64()
-    );
-    println!("  through the operator: {}", phases(op_phases));
-    println!(
-        "  operator CPU                 {:>8.2} s  (peak RSS {peak:.1} MiB)",
-        cpu1 - cpu0
-    );
-    if counting {
-        after.print_since(&before, "through the operator");
-        print_events(&client, "bench-jobs").await?;
-    }
 
     // FLOORS=0: the operator (and the peers) alone, to compare changes of the operator quickly.
     let floors_env = std::env::var("FLOORS").unwrap_or_default();
     let floors = floors_env != "0";
     // FLOORS=design: the design's floor alone (the ratio the operator is held to).
     let design_only = floors_env == "design";
-    if !floors {
-        clear(&client, "bench-jobs").await?;
-    } else {
-        // 2. The design's floor: the writes any implementation of the design makes, made directly.
-        let made = list_all(&pods).await?;
-        let planned: HashMap<String, String> = made
-            .iter()
-            .filter_map(|p| {
-                let node = p
-                    .annotations()
-                    .get(lockstep_api::contract::annotations::PLANNED_NODE)?;
-                Some((p.name_any(), node.clone()))
-            })
-            .collect();
-        clear(&client, "bench-jobs").await?;
-        namespace(&client, "bench-design").await?;
-        let design_pods: Api<Pod> = Api::namespaced(client.clone(), "bench-design");
-        let before = Usage::take(counting, &client, state).await?;
-        let start = Instant::now();
-        let watch = watch_running(design_pods, want, limit, start);
-        let concurrency =
-            usize::from(lockstep_operator::controller::Settings::default().concurrency);
-        let omit = Omit::from_env()?;
-        let omit_text = std::env::var("DESIGN_OMIT").unwrap_or_default();
-        futures::stream::iter(0..jobs_n)
-            .map(|i| {
-                let (client, planned) = (&client, &planned);
-                let job = manifest(i, "bench-design");
-                async move { design_floor(client, job?, planned, omit).await }
-            })
-            .buffer_unordered(concurrency)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<Vec<()>>>()?;
-        let design_phases = watch.await??;
-        let design = design_phases[2];
-        let without = if omit_text.is_empty() {
+    // ROUNDS=N: the operator and the design's floor N times each, in the order ABBA ABBA...: a
+    // phase that runs later in a run is faster (a warm API server, a compacted etcd), so each
+    // side gets as many early places as late ones, and the ratio is of the medians.
+    let rounds = env_or("ROUNDS", 1).max(1);
+    let (mut op_times, mut design_times) = (Vec::new(), Vec::new());
+    let mut through: Option<OperatorRun> = None;
+    for round in 0..rounds {
+        let suffix = if round == 0 {
             String::new()
         } else {
-            format!(", without {omit_text}")
+            format!("-{}", round + 1)
         };
-        print_phase(
-            &format!(
-                "design's floor: its writes made directly, {concurrency} jobs at a time{without}"
-            ),
-            "design's writes directly",
-            design_phases,
-            pods_n,
-            &[(
-                "operator / design's floor",
-                through_operator.div_duration_f64(design),
-            )],
-        );
-        if counting {
-            let after = Usage::take(counting, &client, state).await?;
-            after.print_since(&before, "of the design's floor");
+        if rounds > 1 {
+            println!("round {} of {rounds}", round + 1);
         }
-        clear(&client, "bench-design").await?;
+        let design_first = round % 2 == 1 && floors;
+        if design_first {
+            let made = &through
+                .as_ref()
+                .context("an operator phase ran before")?
+                .made;
+            let ns = format!("bench-design{suffix}");
+            design_times.push(design_phase(&b, &ns, made).await?[2].as_secs_f64());
+            clear(&client, &ns).await?;
+        }
+        // 1. Through the operator.
+        let ns = format!("bench-jobs{suffix}");
+        let run = through_operator(&b, operator, "operator", &ns).await?;
+        // Each phase's figures are printed as soon as it ends: a later phase that fails loses nothing.
+        println!(
+            "  jobs applied in              {:>8.2} s",
+            run.applied.as_secs_f64()
+        );
+        println!(
+            "  apply -> all pods Running    {:>8.2} s  ({:.0} pods/s)",
+            run.phases[2].as_secs_f64(),
+            pods_n / run.phases[2].as_secs_f64()
+        );
+        println!("  through the operator: {}", phases(run.phases));
+        op_times.push(run.phases[2].as_secs_f64());
+        clear(&client, &ns).await?;
+        if floors && !design_first {
+            // 2. The design's floor: the writes any implementation of the design makes, made directly.
+            let ns = format!("bench-design{suffix}");
+            design_times.push(design_phase(&b, &ns, &run.made).await?[2].as_secs_f64());
+            clear(&client, &ns).await?;
+        }
+        if floors {
+            let (op, design) = (op_times[round], design_times[round]);
+            println!("  operator / design's floor    {:>8.2}x", op / design);
+        }
+        through = Some(run);
+    }
+    let run = through.context("no operator phase ran")?;
+    let op_time = Duration::from_secs_f64(median(op_times.clone()));
+    if rounds > 1 && floors {
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|t| format!("{t:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "  {rounds} rounds (ABBA): operator {} s; design's floor {} s",
+            list(&op_times),
+            list(&design_times)
+        );
+        println!(
+            "  operator / design's floor, medians {:>8.2}x",
+            median(op_times.clone()) / median(design_times.clone())
+        );
+    }
 
+    if floors {
+        let design = Duration::from_secs_f64(median(design_times.clone()));
+        let made = run.made;
         if !design_only {
             // 3. The API floor: the same pods, created directly.
             namespace(&client, "bench-floor").await?;
             let direct: Api<Pod> = Api::namespaced(client.clone(), "bench-floor");
             let same: Vec<Pod> = made.into_iter().map(as_direct).collect();
-            let before = Usage::take(counting, &client, state).await?;
-            let floor_phases = time_direct(&direct, same, limit).await?;
+            let before = Usage::take(b.counting, &client, state).await?;
+            let floor_phases = time_direct(&direct, same, b.limit).await?;
             let floor = floor_phases[2];
             print_phase(
                 &format!(
@@ -855,12 +1003,12 @@ async fn run(
                 floor_phases,
                 pods_n,
                 &[
-                    ("operator / floor", through_operator.div_duration_f64(floor)),
+                    ("operator / floor", op_time.div_duration_f64(floor)),
                     ("design's floor / floor", design.div_duration_f64(floor)),
                 ],
             );
-            if counting {
-                let after = Usage::take(counting, &client, state).await?;
+            if b.counting {
+                let after = Usage::take(b.counting, &client, state).await?;
                 after.print_since(&before, "of the floor");
             }
             clear(&client, "bench-floor").await?;
@@ -882,7 +1030,7 @@ async fn run(
                     }))
                 })
                 .collect::<serde_json::Result<Vec<Pod>>>()?;
-            let minimal_phases = time_direct(&minimal_api, minimal, limit).await?;
+            let minimal_phases = time_direct(&minimal_api, minimal, b.limit).await?;
             print_phase(
                 "minimal pods created directly (earlier runs' floor)",
                 "minimal pods",
@@ -890,7 +1038,7 @@ async fn run(
                 pods_n,
                 &[(
                     "operator / minimal pods",
-                    through_operator.div_duration_f64(minimal_phases[2]),
+                    op_time.div_duration_f64(minimal_phases[2]),
                 )],
             );
             clear(&client, "bench-floor-minimal").await?;
@@ -901,37 +1049,17 @@ async fn run(
     // change), to compare the two in one run.
     if let Some(baseline) = std::env::var_os("BASELINE") {
         let ns = "bench-baseline";
-        namespace(&client, ns).await?;
-        let (mut child, bpid) = start_operator(baseline.as_ref(), state, "baseline").await?;
-        let (cpu0, _) = usage(bpid)?;
-        let jobs: Api<ParallelJob> = Api::namespaced(client.clone(), ns);
-        let before = Usage::take(counting, &client, state).await?;
-        let start = Instant::now();
-        let watch = watch_running(Api::namespaced(client.clone(), ns), want, limit, start);
-        create_jobs(&jobs, (0..jobs_n).map(|i| manifest(i, ns)).collect()).await?;
-        let base_phases = watch.await??;
-        let (cpu1, peak) = usage(bpid)?;
-        let after = Usage::take(counting, &client, state).await?;
-        let _ = child.kill().await;
-        unregister(state, bpid)?;
+        let base = through_operator(&b, baseline.as_ref(), "baseline", ns).await?;
         print_phase(
             &format!("baseline operator {}", PathBuf::from(&baseline).display()),
             "baseline operator",
-            base_phases,
+            base.phases,
             pods_n,
             &[(
                 "baseline / operator",
-                base_phases[2].div_duration_f64(through_operator),
+                base.phases[2].div_duration_f64(op_time),
             )],
         );
-        println!(
-            "  baseline CPU                 {:>8.2} s  (peak RSS {peak:.1} MiB)",
-            cpu1 - cpu0
-        );
-        if counting {
-            after.print_since(&before, "through the baseline");
-            print_events(&client, ns).await?;
-        }
         clear(&client, ns).await?;
     }
 
@@ -955,9 +1083,9 @@ async fn run(
             &ns,
             &peer_resource(peer),
         );
-        let before = Usage::take(counting, &client, state).await?;
+        let before = Usage::take(b.counting, &client, state).await?;
         let start = Instant::now();
-        let watch = watch_running(Api::namespaced(client.clone(), &ns), want, limit, start);
+        let watch = watch_running(Api::namespaced(client.clone(), &ns), want, b.limit, start);
         let objects = (0..jobs_n)
             .map(|i| {
                 let object = peer.job(&format!("job-{i:03}"), &ns, ranks, &pod_template);
@@ -976,7 +1104,7 @@ async fn run(
             pods_n,
             &[(
                 &format!("{} / operator", peer.name()),
-                peer_phases[2].div_duration_f64(through_operator),
+                peer_phases[2].div_duration_f64(op_time),
             )],
         );
         println!(
@@ -984,7 +1112,7 @@ async fn run(
             peer.name(),
             peer_cpu1 - peer_cpu0
         );
-        let after = Usage::take(counting, &client, state).await?;
+        let after = Usage::take(b.counting, &client, state).await?;
         after.print_since(&before, &format!("through {}", peer.name()));
         clear(&client, &ns).await?;
         running.stop(&cluster).await?;
