@@ -506,8 +506,13 @@ async fn apply(
                 .await
             };
             // Written when the gang has its addresses; one that is not the job's holds the
-            // gang back now, before any pod is made.
+            // gang back now, before any pod is made. Not read again when the look at the names
+            // just before admission found it absent (`create_first`): its publication creates
+            // it unread, and one made since is found then.
             let slice = async {
+                if create_first {
+                    return Ok(None);
+                }
                 let api = Api::<EndpointSlice>::namespaced(c.clone(), ns);
                 foreign_at(&api, "EndpointSlice", &job.endpoint_slice_name(), uid).await
             };
