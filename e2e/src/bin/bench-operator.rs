@@ -401,13 +401,14 @@ fn as_direct(mut pod: Pod) -> Pod {
 /// Parts of the design its floor leaves out, to see what each costs: `DESIGN_OMIT`, a
 /// comma-separated list of `service` (the headless Service and its EndpointSlice), `gate` (pods
 /// created released, so no release write), `rbac` (the worker ServiceAccount, progress Role,
-/// RoleBinding and ConfigMap; pods run as the namespace's default account) and `status` (the
-/// status write).
+/// RoleBinding and ConfigMap; pods run as the namespace's default account), `policy` (the
+/// workers' NetworkPolicy) and `status` (the status write).
 #[derive(Clone, Copy, Debug, Default)]
 struct Omit {
     service: bool,
     gate: bool,
     rbac: bool,
+    policy: bool,
     status: bool,
 }
 
@@ -420,9 +421,10 @@ impl Omit {
                 "service" => omit.service = true,
                 "gate" => omit.gate = true,
                 "rbac" => omit.rbac = true,
+                "policy" => omit.policy = true,
                 "status" => omit.status = true,
                 other => bail!(
-                    "DESIGN_OMIT: unknown part {other:?}; the parts are service, gate, rbac, status"
+                    "DESIGN_OMIT: unknown part {other:?}; the parts are service, gate, rbac, policy, status"
                 ),
             }
         }
@@ -450,7 +452,8 @@ where
 /// The design's floor for one job: the writes the design asks of any implementation, in the
 /// order they depend on each other, made directly (no operator runs, nothing is read back or
 /// decided). The job; its objects at once (headless Service, config, worker ServiceAccount,
-/// progress Role then RoleBinding, token Secret, progress ConfigMap), created plainly; its pods,
+/// progress Role then RoleBinding, token Secret, progress ConfigMap, and the workers'
+/// NetworkPolicy when the operator's settings make one, as they do by default), created plainly; its pods,
 /// gated and pinned to `planned` (the operator's own choice, by pod name); their release; the
 /// Service's EndpointSlice; one status write (admitted). The operator's builders make every
 /// body, so nothing differs but who writes and when; `omit` leaves parts out.
@@ -502,7 +505,15 @@ async fn design_floor(
         }
         anyhow::Ok(())
     };
-    futures::try_join!(service, config, account, rbac, secret, progress)?;
+    let settings = lockstep_operator::controller::Settings::default();
+    let policy = async {
+        if settings.worker_network_policy && !omit.policy {
+            let policy = ctx.network_policy(&settings.worker_metrics_from)?;
+            make(client, &ns, &policy, "network policy").await?;
+        }
+        anyhow::Ok(())
+    };
+    futures::try_join!(service, config, account, rbac, secret, progress, policy)?;
 
     let digest = ctx.config_digest()?;
     let world = ctx.layout.world_size();
