@@ -455,29 +455,48 @@ impl Admitter {
     }
 
     /// Reads every node as admission sees it into the state (reusing the reading of a node the
-    /// cache has not replaced since); whether any node came, went or changed.
+    /// cache has not replaced since); whether any node came, went or changed in what admission
+    /// reads. A node the cache replaced with a version admission reads the same (a heartbeat of
+    /// its status, every few minutes for every node of a cluster) keeps its reading: otherwise
+    /// each would have the counted snapshot made anew, every node and every pod.
     fn read_nodes(&self, st: &mut State) -> bool {
         let nodes = self.nodes.state();
         if unchanged(&nodes, &st.nodes) {
             return false;
         }
+        let mut old = std::mem::take(&mut st.nodes);
         let mut next = HashMap::with_capacity(nodes.len());
-        let mut changed = nodes.len() != st.nodes.len();
+        let mut replaced = Vec::new();
         for node in nodes {
             // Keyed by the cached object itself: the cache replaces the Arc when the node changes,
             // and holding it here keeps its address from being reused.
             let at = Arc::as_ptr(&node) as usize;
-            let info = match st.nodes.remove(&at) {
-                Some((_, info)) => info,
-                None => {
+            match old.remove(&at) {
+                Some((_, info)) => {
+                    next.insert(at, (node, info));
+                }
+                None => replaced.push((at, node)),
+            }
+        }
+        // What is left of the last reading: nodes gone, or replaced by a new version.
+        let mut before: HashMap<String, NodeInfo> = old
+            .into_values()
+            .map(|(_, info)| (info.name.clone(), info))
+            .collect();
+        let mut changed = false;
+        for (at, node) in replaced {
+            let info = NodeInfo::from_node(&node);
+            let info = match before.remove(&info.name) {
+                Some(was) if was.reads_the_same(&info) => was,
+                _ => {
                     changed = true;
-                    NodeInfo::from_node(&node)
+                    info
                 }
             };
             next.insert(at, (node, info));
         }
         st.nodes = next;
-        changed
+        changed || !before.is_empty()
     }
 
     /// Reads every pod into the state; returns the (namespace, job, attempt, rank) of every
@@ -679,6 +698,59 @@ mod tests {
         assert_eq!(metrics.gang_queue_length.get(), 2);
         let oldest = metrics.gang_oldest_wait_seconds.get();
         assert!((600..610).contains(&oldest), "oldest wait {oldest}s");
+    }
+
+    #[test]
+    fn a_node_version_admission_reads_the_same_keeps_the_counted_snapshot() {
+        use kube::runtime::watcher::Event;
+        let node = |name: &str, gpus: &str, heartbeat: &str, zone: &str| -> Node {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+                "status": {"allocatable": {"cpu": "64", "nvidia.com/gpu": gpus},
+                           "conditions": [{"type": "Ready", "status": "True",
+                                           "lastHeartbeatTime": format!("2026-01-01T00:00:0{heartbeat}Z")}]}
+            }))
+            .unwrap()
+        };
+        let mut writer = kube::runtime::reflector::store::Writer::<Node>::new(());
+        let nodes = writer.as_reader();
+        writer.apply_watcher_event(&Event::Init);
+        for n in ["n0", "n1"] {
+            writer.apply_watcher_event(&Event::InitApply(node(n, "8", "0", "a")));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        let (wake, _woken) = futures::channel::mpsc::unbounded();
+        let admitter = Admitter::new(
+            nodes,
+            filled_store((), vec![]),
+            filled_store(ApiResource::erase::<ParallelJob>(&()), vec![]),
+            filled_store((), vec![]),
+            lockstep_api::contract::operator::CONTROLLER_NAME.into(),
+            wake,
+            Arc::new(Metrics::new()),
+        );
+        let mut st = State::default();
+        assert!(admitter.read_nodes(&mut st), "the first reading");
+        assert!(!admitter.read_nodes(&mut st), "nothing new");
+        writer.apply_watcher_event(&Event::Apply(node("n0", "8", "1", "a")));
+        assert!(
+            !admitter.read_nodes(&mut st),
+            "a heartbeat changes nothing admission reads"
+        );
+        writer.apply_watcher_event(&Event::Apply(node("n0", "4", "2", "a")));
+        assert!(admitter.read_nodes(&mut st), "allocatable changed");
+        writer.apply_watcher_event(&Event::Apply(node("n1", "8", "2", "b")));
+        assert!(admitter.read_nodes(&mut st), "a label changed");
+        writer.apply_watcher_event(&Event::Delete(node("n1", "8", "2", "b")));
+        assert!(admitter.read_nodes(&mut st), "a node went");
+        assert_eq!(st.nodes.len(), 1);
+        let kept = st
+            .nodes
+            .values()
+            .next()
+            .map(|(_, info)| info.clone())
+            .unwrap();
+        assert_eq!(kept.allocatable.0.get("nvidia.com/gpu"), Some(&4000));
     }
 
     #[test]

@@ -55,6 +55,17 @@ impl NodeInfo {
             used: Res::default(),
         }
     }
+
+    /// Whether `other` is the same node as admission reads it (name, labels, taints,
+    /// schedulable, allocatable; `used` aside): a new version of a node that differs only in
+    /// what admission does not read (its heartbeat, conditions, images) changes no decision.
+    pub fn reads_the_same(&self, other: &NodeInfo) -> bool {
+        self.name == other.name
+            && self.schedulable == other.schedulable
+            && self.labels == other.labels
+            && self.taints == other.taints
+            && self.allocatable == other.allocatable
+    }
 }
 
 /// Every node, sorted by name, with a dense table of what each has allocatable and free of every
