@@ -12,6 +12,7 @@ mod log_tail;
 mod reconcile;
 mod status;
 mod watch;
+pub use watch::GpuNodes;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,9 +45,10 @@ pub const WRITE_CONCURRENCY: usize = 32;
 pub struct Context {
     /// API client.
     pub client: Client,
-    /// The cluster's nodes: to tell when a rank's node is gone, and whether any node offers the
-    /// GPUs a worker asks for.
+    /// The cluster's nodes: to tell when a rank's node is gone.
     pub nodes: Store<Node>,
+    /// The GPUs of the schedulable nodes: whether any node offers the GPUs a worker asks for.
+    pub gpu_nodes: Arc<GpuNodes>,
     /// The progress ConfigMaps rank 0 writes (see `lockstep_worker::progress`).
     pub progress: Store<ConfigMap>,
     /// The `managedBy` value this operator answers to.
@@ -187,7 +189,8 @@ pub async fn run(
     // Capacity changed (a node came or went, a pod finished or was deleted): the admission queue
     // runs again, a moment later, so that a burst of changes costs one cycle.
     let capacity = Arc::new(tokio::sync::Notify::new());
-    let (nodes, node_deletions) = watch::nodes(&client, capacity.clone());
+    let gpu_nodes = Arc::new(GpuNodes::default());
+    let (nodes, node_deletions) = watch::nodes(&client, capacity.clone(), gpu_nodes.clone());
     let (all_pods, all_pods_watch) = watch::all_pods(&client, capacity.clone());
     tasks.spawn(all_pods_watch);
     let (classes, classes_watch) = watch::priority_classes(&client);
@@ -215,6 +218,7 @@ pub async fn run(
     let ctx = Arc::new(Context {
         progress,
         nodes,
+        gpu_nodes,
         reporter,
         controller_name: settings.controller_name.clone(),
         kept: Mutex::new(HashMap::new()),

@@ -18,7 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use lockstep_api::ParallelJob;
 use lockstep_api::contract::{names, operator};
 use lockstep_api::status::{Progress, condition_types, reasons};
@@ -34,7 +34,7 @@ use crate::job;
 use crate::kueue::WorkloadView;
 use crate::metrics::Metrics;
 use crate::observe::{self, RankPod};
-use crate::resources::{GPU_RESOURCE, JobContext};
+use crate::resources::JobContext;
 use crate::{Error, Result, ownership, quota};
 
 /// Counts a failed pass by its error's category and looks again after a delay that doubles with
@@ -629,7 +629,7 @@ async fn decide_pass(
         check_capacity(
             &mut decision,
             job,
-            largest_gpu_node(&ctx.nodes),
+            ctx.gpu_nodes.largest(),
             Timestamp::now(),
         );
     }
@@ -709,31 +709,6 @@ fn shown_progress(
     written
         .or(shown)
         .filter(|p| p.attempt.is_none_or(|a| a == attempt))
-}
-
-/// The most GPUs any schedulable node offers.
-fn largest_gpu_node(nodes: &Store<Node>) -> i64 {
-    nodes
-        .state()
-        .iter()
-        .filter(|n| {
-            !n.spec
-                .as_ref()
-                .and_then(|s| s.unschedulable)
-                .unwrap_or(false)
-        })
-        .filter_map(|n| {
-            n.status
-                .as_ref()?
-                .allocatable
-                .as_ref()?
-                .get(GPU_RESOURCE)?
-                .0
-                .parse::<i64>()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 /// Counts restarts and observes queue waits and time-to-all-running from a decision's

@@ -1,8 +1,8 @@
 //! The watches behind the controller: the caches reconcile and admission read, what wakes a job
 //! up (its pods, its progress report, a deleted node, admission), and the batching of pod changes.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -23,10 +23,11 @@ pub const POD_BATCH: Duration = Duration::from_millis(500);
 
 /// The node cache, metadata only, and a stream that yields when a node is deleted: a rank whose
 /// node disappears has failed (NodeLost), and every job is looked at again. Every change of a
-/// node notifies `capacity`.
+/// node notifies `capacity`, and is counted in `gpus`.
 pub(super) fn nodes(
     client: &Client,
     capacity: Arc<Notify>,
+    gpus: Arc<GpuNodes>,
 ) -> (Store<Node>, impl Stream<Item = ()> + Send + 'static) {
     let (nodes, writer) = reflector::store::<Node>();
     let deletions = reflector(
@@ -42,12 +43,106 @@ pub(super) fn nodes(
     )
     .default_backoff()
     .filter_map(move |ev| {
+        if let Ok(ev) = &ev {
+            gpus.apply(ev);
+        }
         if matches!(ev, Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) {
             capacity.notify_one();
         }
         async move { matches!(ev, Ok(watcher::Event::Delete(_))).then_some(()) }
     });
     (nodes, deletions)
+}
+
+/// The GPUs every schedulable node offers (its allocatable `nvidia.com/gpu`), kept up to date
+/// from the node watch's events, and the most of them ([`GpuNodes::largest`]): every pass over a
+/// job that asks for GPUs compares with it, and scanning the node cache for it took 5% of the
+/// operator's CPU at 1,000 nodes (and grows with the nodes).
+#[derive(Debug, Default)]
+pub struct GpuNodes {
+    state: Mutex<GpuState>,
+}
+
+#[derive(Debug, Default)]
+struct GpuState {
+    /// Node name -> its GPUs, for the schedulable nodes that have some.
+    by_node: HashMap<String, i64>,
+    /// GPUs -> how many nodes offer that many.
+    counts: BTreeMap<i64, usize>,
+    /// The nodes of a relist under way: they replace `by_node` when it is complete.
+    relist: Option<HashMap<String, i64>>,
+}
+
+impl GpuState {
+    fn set(&mut self, name: &str, gpus: Option<i64>) {
+        let old = match gpus {
+            Some(g) => {
+                *self.counts.entry(g).or_default() += 1;
+                self.by_node.insert(name.to_string(), g)
+            }
+            None => self.by_node.remove(name),
+        };
+        if let Some(old) = old
+            && let Some(n) = self.counts.get_mut(&old)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&old);
+            }
+        }
+    }
+}
+
+impl GpuNodes {
+    /// Takes one event of the node watch.
+    pub fn apply(&self, event: &watcher::Event<Node>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            watcher::Event::Apply(node) => s.set(&node.name_any(), node_gpus(node)),
+            watcher::Event::Delete(node) => s.set(&node.name_any(), None),
+            watcher::Event::Init => s.relist = Some(HashMap::new()),
+            watcher::Event::InitApply(node) => {
+                if let Some(g) = node_gpus(node) {
+                    s.relist.get_or_insert_default().insert(node.name_any(), g);
+                }
+            }
+            watcher::Event::InitDone => {
+                let listed = s.relist.take().unwrap_or_default();
+                s.by_node.clear();
+                s.counts.clear();
+                for (name, g) in listed {
+                    s.set(&name, Some(g));
+                }
+            }
+        }
+    }
+
+    /// The most GPUs any schedulable node offers (0 when none does).
+    pub fn largest(&self) -> i64 {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.counts.last_key_value().map_or(0, |(g, _)| *g)
+    }
+}
+
+/// The GPUs a node offers to new pods: none when it is cordoned or has none.
+fn node_gpus(node: &Node) -> Option<i64> {
+    if node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
+    {
+        return None;
+    }
+    node.status
+        .as_ref()?
+        .allocatable
+        .as_ref()?
+        .get(crate::resources::GPU_RESOURCE)?
+        .0
+        .parse::<i64>()
+        .ok()
+        .filter(|g| *g > 0)
 }
 
 /// Every pod of the cluster, reduced to what admission counts (see [`slim_pod`]), and the task
@@ -300,7 +395,44 @@ fn slim_pod(p: &mut Pod) {
 
 #[cfg(test)]
 mod tests {
-    use super::batch;
+    use super::{GpuNodes, batch};
+    use k8s_openapi::api::core::v1::Node;
+    use kube::runtime::watcher::Event;
+
+    fn node(name: &str, gpus: &str, cordoned: bool) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"unschedulable": cordoned},
+            "status": {"allocatable": {"cpu": "64", "nvidia.com/gpu": gpus}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_largest_gpu_node_follows_the_node_watch() {
+        let g = GpuNodes::default();
+        assert_eq!(g.largest(), 0, "no node yet");
+        g.apply(&Event::Init);
+        g.apply(&Event::InitApply(node("a", "8", false)));
+        g.apply(&Event::InitApply(node("b", "4", false)));
+        g.apply(&Event::InitApply(node("c", "16", true)));
+        assert_eq!(g.largest(), 0, "not before the list is complete");
+        g.apply(&Event::InitDone);
+        assert_eq!(g.largest(), 8, "a cordoned node offers nothing");
+        g.apply(&Event::Apply(node("b", "16", false)));
+        assert_eq!(g.largest(), 16);
+        g.apply(&Event::Apply(node("b", "16", true)));
+        assert_eq!(g.largest(), 8, "b cordoned");
+        g.apply(&Event::Apply(node("a", "2", false)));
+        assert_eq!(g.largest(), 2, "a shrank");
+        g.apply(&Event::Delete(node("a", "2", false)));
+        assert_eq!(g.largest(), 0, "a gone");
+        // A relist replaces every node: b is back uncordoned, a stays gone.
+        g.apply(&Event::Init);
+        g.apply(&Event::InitApply(node("b", "4", false)));
+        g.apply(&Event::InitDone);
+        assert_eq!(g.largest(), 4);
+    }
     use futures::StreamExt;
     use std::time::Duration;
 
