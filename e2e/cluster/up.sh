@@ -9,8 +9,8 @@
 #   REAL_NODES=1       also start one real node (realnode.sh: kubelet, containerd, CoreDNS; root)
 #   KWOK_COMPLETE_JOB_PODS=0   pods a Job owns run on (kwok completes them at once by default)
 #   NODE_LEASE_SECONDS=40      the fake nodes' lease duration (kwok renews at a quarter of it)
-#   KWOK_POD_PARALLELISM=4     how many pods kwok moves through their stages at once (kwok's
-#                      default 4; a real cluster has a kubelet per node)
+#   KWOK_POD_PARALLELISM=N     how many pods kwok moves through their stages at once (unset:
+#                      kwok's default, 4; a real cluster has a kubelet per node)
 #   NODE_MONITOR_GRACE=50s     how long the node-lifecycle controller waits for a renewal before
 #                      it marks a node NotReady. The operator benchmark raises both: 1,000 nodes
 #                      renewing every 10 s are 100 writes a second, more than kwok keeps up with
@@ -150,10 +150,13 @@ stages="$kwok_dir/kustomize/stage"
   # operator benchmark) leaves it out, so that JobSet's pods run on like every other gang's.
   complete=pod/fast/pod-complete.yaml
   [ "${KWOK_COMPLETE_JOB_PODS:-1}" = 0 ] && complete=
-  # kwok's own options (its flags below take precedence). Given a configuration, kwok defaults
-  # none of the parallelisms: the others are its defaults.
-  printf -- '---\napiVersion: config.kwok.x-k8s.io/v1alpha1\nkind: KwokConfiguration\noptions:\n  podPlayStageParallelism: %s\n  nodePlayStageParallelism: 4\n  nodeLeaseParallelism: 4\n  podsOnNodeSyncParallelism: 1\n' \
-    "${KWOK_POD_PARALLELISM:-4}"
+  # KWOK_POD_PARALLELISM: kwok's own options (its flags below take precedence). Given a
+  # configuration, kwok v0.8.0 defaults none of its options, so the others are its defaults.
+  if [ -n "${KWOK_POD_PARALLELISM:-}" ]; then
+    case "$KWOK_POD_PARALLELISM" in ''|*[!0-9]*) echo "KWOK_POD_PARALLELISM: a number" >&2; exit 2 ;; esac
+    printf -- '---\napiVersion: config.kwok.x-k8s.io/v1alpha1\nkind: KwokConfiguration\noptions:\n  podPlayStageParallelism: %s\n  nodePlayStageParallelism: 4\n  nodeLeaseParallelism: 4\n  podsOnNodeSyncParallelism: 1\n  enableDebuggingHandlers: true\n  enableProfilingHandler: true\n  enablePodsOnNodeSyncListPager: true\n' \
+      "$KWOK_POD_PARALLELISM"
+  fi
   for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
            pod/fast/pod-ready.yaml $complete pod/fast/pod-delete.yaml; do
     echo "---"; cat "$stages/$f"

@@ -190,7 +190,7 @@ fn main() -> Result<()> {
         node_store,
         filled_store((), pods.clone()),
         filled_store(ar, jobs.iter().map(|(_, raw)| raw.clone()).collect()),
-        filled_store((), classes),
+        filled_store((), classes.clone()),
         lockstep_api::contract::operator::CONTROLLER_NAME.into(),
         wake,
         Arc::new(Metrics::new()),
@@ -205,8 +205,24 @@ fn main() -> Result<()> {
         waiting += usize::from(matches!(outcome, Outcome::Waiting { .. }));
     }
 
-    // 3. The same decisions while nodes report their status (a new version of the node in the
-    // cache, with nothing admission reads changed).
+    // 3. The same decisions, by an admitter of their own over the same caches (none of part 2's
+    // plans), while nodes report their status: a new version of the node in the cache, with
+    // nothing admission reads changed.
+    let (wake, _woken) = futures::channel::mpsc::unbounded();
+    let admitter = Arc::new(Admitter::new(
+        node_cache.as_reader(),
+        filled_store((), pods.clone()),
+        filled_store(
+            ApiResource::erase::<ParallelJob>(&()),
+            jobs.iter().map(|(_, raw)| raw.clone()).collect(),
+        ),
+        filled_store((), classes.clone()),
+        lockstep_api::contract::operator::CONTROLLER_NAME.into(),
+        wake,
+        Arc::new(Metrics::new()),
+    ));
+    // Its first decision reads every job: made before the clock runs, as part 2's max shows it.
+    admitter.request(&jobs[0].0);
     let mut beating = Vec::new();
     for d in 0..decisions {
         for h in 0..heartbeats {

@@ -505,6 +505,8 @@ async fn design_floor(
         }
         anyhow::Ok(())
     };
+    // As the benchmark's operator runs by default (OPERATOR_ARGS=--no-worker-network-policy
+    // goes with DESIGN_OMIT=policy).
     let settings = lockstep_operator::controller::Settings::default();
     let policy = async {
         if settings.worker_network_policy && !omit.policy {
@@ -782,7 +784,8 @@ async fn through_operator(
     let _ = child.kill().await;
     unregister(&b.state, pid)?;
     println!(
-        "  {name} CPU {:>17.2} s  (peak RSS {peak:.1} MiB)",
+        "  {:<29}{:>8.2} s  (peak RSS {peak:.1} MiB)",
+        format!("{name} CPU"),
         cpu1 - cpu0
     );
     if b.counting {
@@ -976,6 +979,14 @@ async fn run(
     }
     let run = through.context("no operator phase ran")?;
     let op_time = Duration::from_secs_f64(median(op_times.clone()));
+    if rounds > 1 && !floors {
+        let times: Vec<String> = op_times.iter().map(|t| format!("{t:.2}")).collect();
+        println!(
+            "  {rounds} rounds: operator {} s, median {:.2} s",
+            times.join(", "),
+            median(op_times.clone())
+        );
+    }
     if rounds > 1 && floors {
         let list = |v: &[f64]| {
             v.iter()

@@ -277,6 +277,10 @@ pub fn shared_writes(
     }
 }
 
+/// How long after the look at a job's names its EndpointSlice, found absent then, is not read
+/// again before its gang's pods are made (see `apply`).
+const LOOK_STILL_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The object named `name` of `api` when it exists and is not the job's (UID `uid`).
 async fn foreign_at<K>(api: &Api<K>, kind: &str, name: &str, uid: &str) -> Result<Option<Foreign>>
 where
@@ -396,17 +400,21 @@ async fn apply(
             // gang's pods one batch after another write nothing twice.
             let hash = shared_hash(ctx, job)?;
             let empty = gang.uids.is_empty();
-            let create_first = {
+            let (create_first, slice_just_looked) = {
                 let mut kept = ctx.kept();
                 let writes = shared_writes(kept.get(&gang.key), hash, *attempt, empty);
+                let just_looked = kept
+                    .get(&gang.key)
+                    .and_then(|k| k.names_looked)
+                    .is_some_and(|at| at.elapsed() < LOOK_STILL_FRESH);
                 // Absent as found once: a retry, or a later attempt, reads first.
                 if let Some(k) = kept.get_mut(&gang.key) {
                     k.names_absent = false;
                 }
                 match writes {
                     SharedWrites::None => return Ok(()),
-                    SharedWrites::CreateFirst => true,
-                    SharedWrites::ReadFirst => false,
+                    SharedWrites::CreateFirst => (true, just_looked),
+                    SharedWrites::ReadFirst => (false, false),
                 }
             };
             // Independent writes, made at once: a reconcile waits for two round trips, not
@@ -507,10 +515,10 @@ async fn apply(
             };
             // Written when the gang has its addresses; one that is not the job's holds the
             // gang back now, before any pod is made. Not read again when the look at the names
-            // just before admission found it absent (`create_first`): its publication creates
-            // it unread, and one made since is found then.
+            // found it absent moments ago (a gang admitted at once, not one that waited in the
+            // queue since): its publication creates it unread, and one made since is found then.
             let slice = async {
-                if create_first {
+                if slice_just_looked {
                     return Ok(None);
                 }
                 let api = Api::<EndpointSlice>::namespaced(c.clone(), ns);

@@ -123,6 +123,8 @@ pub struct Kept {
     pub names_absent: bool,
     /// Whether that look found no EndpointSlice of the job, and none was written since.
     pub slice_absent: bool,
+    /// When that look was made.
+    pub names_looked: Option<Instant>,
     /// The hash of the job's objects besides its pods as this process last made them, and for
     /// which gang attempt (see `apply::shared_hash`): they are made once per attempt, and again
     /// only when they change.

@@ -662,6 +662,7 @@ async fn objects_in_the_way(
         kept.names_free = true;
         kept.names_absent = looked.all_absent;
         kept.slice_absent = looked.slice_absent;
+        kept.names_looked = Some(Instant::now());
         if looked.slice_absent && kept.published.is_none() {
             kept.published = Some(Vec::new());
         }

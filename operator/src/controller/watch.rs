@@ -21,7 +21,7 @@ use crate::pods::PodCache;
 /// How long a pod's change may wait to be reconciled together with its gang's other changes.
 pub const POD_BATCH: Duration = Duration::from_millis(500);
 
-/// The node cache, metadata only, and a stream that yields when a node is deleted: a rank whose
+/// The node cache (no managedFields, images or conditions), and a stream that yields when a node is deleted: a rank whose
 /// node disappears has failed (NodeLost), and every job is looked at again. Every change of a
 /// node notifies `capacity`, and is counted in `gpus`.
 pub(super) fn nodes(

@@ -171,8 +171,9 @@ struct State {
     nodes: HashMap<usize, Reading<Node, NodeInfo>>,
     pods: HashMap<usize, Reading<Pod, Arc<PodUse>>>,
     /// The nodes with every pod that holds capacity counted, kept from one decision to the next
-    /// and brought up to date with the pods that came and went since (made anew when a node
-    /// changed): at 20,000 nodes and 40,000 pods, making it for every decision took most of it.
+    /// and brought up to date with the pods that came and went since (made anew when a node came,
+    /// went or changed in what admission reads): at 20,000 nodes and 40,000 pods, making it for
+    /// every decision took most of it.
     counted: Option<Snapshot>,
     /// The worker pods that exist, as of the last reading of the pods.
     present: Present,
