@@ -100,6 +100,39 @@ pub struct Decision {
     pub requeue_after: Option<Duration>,
 }
 
+impl Decision {
+    /// The status to write before the actions are made: [`Decision::status`] with the pods that
+    /// its [`Action::CreatePods`] of the current attempt make counted as active already. The
+    /// status is written first (so that nothing it records is lost to a crash between the
+    /// writes), and without this the pods' arrival in the cache would change the counts alone
+    /// and cost each starting gang a second status write a few seconds later. Should a creation
+    /// fail, the next pass counts what exists and writes that.
+    pub fn status_to_write(&self) -> std::borrow::Cow<'_, ParallelJobStatus> {
+        let attempt = self.status.attempt;
+        let created: usize = self
+            .actions
+            .iter()
+            .map(|a| match a {
+                Action::CreatePods {
+                    attempt: a, ranks, ..
+                } if *a == attempt => ranks.len(),
+                _ => 0,
+            })
+            .sum();
+        match &self.status.workers {
+            Some(w) if created > 0 => {
+                let mut status = self.status.clone();
+                status.workers = Some(WorkerCounts {
+                    active: w.active + i32::try_from(created).unwrap_or(i32::MAX),
+                    ..w.clone()
+                });
+                std::borrow::Cow::Owned(status)
+            }
+            _ => std::borrow::Cow::Borrowed(&self.status),
+        }
+    }
+}
+
 /// Where [`decide`] got to: a decision, or a pass that waits for gang admission's answer.
 pub enum Decided<'a> {
     /// The decision of the pass.
@@ -2144,6 +2177,36 @@ mod tests {
         assert_eq!(d.status.phase, Some(Phase::Succeeded));
         assert!(d.status.completion_time.is_some());
         assert_eq!(d.events[0].reason, reasons::JOB_SUCCEEDED);
+    }
+
+    #[test]
+    fn the_status_written_before_the_pods_are_made_counts_them_so_their_arrival_changes_nothing() {
+        let mut j = job("ddp-digits.yaml");
+        let d = decide(&j, 4, &[], at(0)).answer_with(|| Outcome::Admitted(vec!["n".into(); 4]));
+        let active = |s: &ParallelJobStatus| s.workers.as_ref().map(|w| w.active);
+        assert_eq!(active(&d.status), Some(0), "what exists now");
+        let written = d.status_to_write().into_owned();
+        assert_eq!(active(&written), Some(4), "what the pass makes");
+        assert_eq!(written.ready.as_deref(), Some("0/4"), "none is ready yet");
+        j.status = Some(written.clone());
+        // The pods arrive in the cache, created and still pending: the counts read the same, so
+        // no second write is due.
+        let made: Vec<_> = (0..4).map(|r| pod(r, 0, Pending)).collect();
+        let d = decide(&j, 4, &made, at(1)).answer_with(|| unreachable!("pods exist"));
+        assert_eq!(d.status, written);
+        assert_eq!(d.status_to_write().into_owned(), written);
+
+        // Two ranks of the attempt exist and two are made again: four in all.
+        let mut j = job("ddp-digits.yaml");
+        step(&mut j, &[], at(0));
+        let some = vec![pod(0, 0, Pending), pod(2, 0, Pending)];
+        let d = decide(&j, 4, &some, at(1)).answer_with(|| unreachable!("pods exist"));
+        assert!(d.actions.iter().any(|a| matches!(
+            a,
+            Action::CreatePods { ranks, .. } if ranks == &vec![1, 3]
+        )));
+        assert_eq!(active(&d.status), Some(2));
+        assert_eq!(active(&d.status_to_write()), Some(4));
     }
 
     #[test]

@@ -162,7 +162,7 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
         &ctx,
         &jobs,
         &job,
-        &decision.status,
+        &decision.status_to_write(),
         status::events_of(&decision.events),
     )
     .await?;
