@@ -101,13 +101,19 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// The status to write before the actions are made: [`Decision::status`] with the pods that
-    /// its [`Action::CreatePods`] of the current attempt make counted as active already. The
-    /// status is written first (so that nothing it records is lost to a crash between the
-    /// writes), and without this the pods' arrival in the cache would change the counts alone
-    /// and cost each starting gang a second status write a few seconds later. Should a creation
-    /// fail, the next pass counts what exists and writes that.
-    pub fn status_to_write(&self) -> std::borrow::Cow<'_, ParallelJobStatus> {
+    /// The status to write before the actions are made, over the job's `current` status:
+    /// [`Decision::status`] with the pods that its [`Action::CreatePods`] of the current attempt
+    /// make counted as active already, when the status is written for another change anyway
+    /// (the gang's admission, say). The status is written first (so that nothing it records is
+    /// lost to a crash between the writes), and without this the pods' arrival in the cache
+    /// would change the counts alone and cost each starting gang a second status write a few
+    /// seconds later. A pass that would change only the counts writes what exists: after a
+    /// failed creation the next pass so writes the true counts, and a pass whose creations are
+    /// refused writes them with the refusal (see `reconcile`).
+    pub fn status_to_write(
+        &self,
+        current: Option<&ParallelJobStatus>,
+    ) -> std::borrow::Cow<'_, ParallelJobStatus> {
         let attempt = self.status.attempt;
         let created: usize = self
             .actions
@@ -119,8 +125,14 @@ impl Decision {
                 _ => 0,
             })
             .sum();
+        let written_anyway = current.is_none_or(|c| {
+            let mut with_new_counts = c.clone();
+            with_new_counts.ready.clone_from(&self.status.ready);
+            with_new_counts.workers.clone_from(&self.status.workers);
+            with_new_counts != self.status
+        });
         match &self.status.workers {
-            Some(w) if created > 0 => {
+            Some(w) if created > 0 && written_anyway => {
                 let mut status = self.status.clone();
                 status.workers = Some(WorkerCounts {
                     active: w.active + i32::try_from(created).unwrap_or(i32::MAX),
@@ -2185,7 +2197,7 @@ mod tests {
         let d = decide(&j, 4, &[], at(0)).answer_with(|| Outcome::Admitted(vec!["n".into(); 4]));
         let active = |s: &ParallelJobStatus| s.workers.as_ref().map(|w| w.active);
         assert_eq!(active(&d.status), Some(0), "what exists now");
-        let written = d.status_to_write().into_owned();
+        let written = d.status_to_write(j.status.as_ref()).into_owned();
         assert_eq!(active(&written), Some(4), "what the pass makes");
         assert_eq!(written.ready.as_deref(), Some("0/4"), "none is ready yet");
         j.status = Some(written.clone());
@@ -2194,9 +2206,10 @@ mod tests {
         let made: Vec<_> = (0..4).map(|r| pod(r, 0, Pending)).collect();
         let d = decide(&j, 4, &made, at(1)).answer_with(|| unreachable!("pods exist"));
         assert_eq!(d.status, written);
-        assert_eq!(d.status_to_write().into_owned(), written);
+        assert_eq!(d.status_to_write(j.status.as_ref()).into_owned(), written);
 
-        // Two ranks of the attempt exist and two are made again: four in all.
+        // Two ranks of the attempt exist and two are made again in a pass that writes for
+        // another reason (a new job, here): four in all.
         let mut j = job("ddp-digits.yaml");
         step(&mut j, &[], at(0));
         let some = vec![pod(0, 0, Pending), pod(2, 0, Pending)];
@@ -2206,7 +2219,13 @@ mod tests {
             Action::CreatePods { ranks, .. } if ranks == &vec![1, 3]
         )));
         assert_eq!(active(&d.status), Some(2));
-        assert_eq!(active(&d.status_to_write()), Some(4));
+        assert_eq!(active(&d.status_to_write(None)), Some(4));
+        // A pass that would change the counts alone (its creations failed before, and it tries
+        // again) writes what exists: a refused creation is not counted for long.
+        let mut failed = d.status.clone();
+        failed.workers.as_mut().unwrap().active = 4;
+        assert_eq!(active(&d.status_to_write(Some(&failed))), Some(2));
+        assert_eq!(active(&d.status_to_write(Some(&d.status))), Some(2));
     }
 
     #[test]

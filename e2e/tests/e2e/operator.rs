@@ -380,6 +380,10 @@ async fn a_template_the_api_server_refuses_is_reported_not_retried_forever() -> 
         .await?;
         let pods: Api<Pod> = ns.api();
         assert!(gang(&pods, "rejected").await?.is_empty());
+        // The admission's status write counted the pods the pass was about to make; the refusal
+        // is written with the pods that exist.
+        let s = jobs.get("rejected").await?.status.unwrap_or_default();
+        assert_eq!(s.workers.map(|w| w.active), Some(0), "{:?}", s.conditions);
         Ok(())
     })
     .await

@@ -158,11 +158,15 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
     .await;
 
     // Report.
+    let written = decision.status_to_write(job.status.as_ref());
+    // The pods this pass makes are counted in what it writes: should a write of the pass be
+    // refused, the status is written again with the counts of what exists.
+    let counted_ahead = matches!(written, std::borrow::Cow::Owned(_));
     let wait = status::report(
         &ctx,
         &jobs,
         &job,
-        &decision.status_to_write(),
+        &written,
         status::events_of(&decision.events),
     )
     .await?;
@@ -203,16 +207,23 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
             let mut status = decision.status;
             let generation = job.metadata.generation;
             let reason = reasons::TEMPLATE_REJECTED;
-            if set_invalid(
+            let news = set_invalid(
                 &mut status.conditions,
                 reason,
                 &message,
                 generation,
                 Timestamp::now(),
-            ) {
+            );
+            if news {
                 warn!(job = %job.name_any(), message, "template rejected");
-                let event = status::event(true, reason, "CreatePods", &message);
-                status::report(&ctx, &jobs, &job, &status, vec![event]).await?;
+            }
+            if news || counted_ahead {
+                let events = if news {
+                    vec![status::event(true, reason, "CreatePods", &message)]
+                } else {
+                    Vec::new()
+                };
+                status::report(&ctx, &jobs, &job, &status, events).await?;
             }
             return Ok(Requeue::await_change());
         }
@@ -223,7 +234,8 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
                  gangPolicy: Builtin",
                 job.spec.scheduling.gang_policy
             );
-            return gang_api_unusable(&ctx, &jobs, &job, decision.status, &message).await;
+            let status = decision.status;
+            return gang_api_unusable(&ctx, &jobs, &job, status, counted_ahead, &message).await;
         }
         Applied::GangApiForbidden(what, words) => {
             let message = format!(
@@ -232,7 +244,8 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
                  for Kueue), or use gangPolicy: Builtin",
                 job.spec.scheduling.gang_policy
             );
-            return gang_api_unusable(&ctx, &jobs, &job, decision.status, &message).await;
+            let status = decision.status;
+            return gang_api_unusable(&ctx, &jobs, &job, status, counted_ahead, &message).await;
         }
     }
     match apply::publish_addresses(&ctx, &job_ctx, &observed, decision.status.attempt).await {
@@ -257,23 +270,30 @@ pub async fn reconcile(cached: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<
 
 /// Says in `Admitted=False` (reason `GangApiMissing`, see [`set_gang_api_missing`]) that the gang
 /// scheduler's API cannot be used, as `message` explains, with a Warning Event when that is news,
-/// over the `status` this pass reported; looks again in a minute.
+/// over the `status` this pass decided (written again, without an Event, when what the pass
+/// wrote counted pods it did not make: `counted_ahead`); looks again in a minute.
 async fn gang_api_unusable(
     ctx: &Context,
     jobs: &Api<DynamicObject>,
     job: &ParallelJob,
     mut status: lockstep_api::ParallelJobStatus,
+    counted_ahead: bool,
     message: &str,
 ) -> Result<Requeue> {
-    if set_gang_api_missing(
+    let news = set_gang_api_missing(
         &mut status,
         message,
         job.metadata.generation,
         Timestamp::now(),
-    ) {
-        let reason = reasons::GANG_API_MISSING;
-        let event = status::event(true, reason, "EnsureGangObjects", message);
-        status::report(ctx, jobs, job, &status, vec![event]).await?;
+    );
+    if news || counted_ahead {
+        let events = if news {
+            let reason = reasons::GANG_API_MISSING;
+            vec![status::event(true, reason, "EnsureGangObjects", message)]
+        } else {
+            Vec::new()
+        };
+        status::report(ctx, jobs, job, &status, events).await?;
     }
     Ok(Requeue::requeue(Duration::from_secs(60)))
 }
@@ -354,9 +374,9 @@ async fn hold_back(
     } else {
         Vec::new()
     };
-    // This pass reported `decision.status` already: the wait is written over it.
+    // This pass reported its status already: the wait is written over it.
     let mut reported = job.clone();
-    reported.status = Some(decision.status);
+    reported.status = Some(decision.status_to_write(job.status.as_ref()).into_owned());
     status::report(ctx, jobs, &reported, &status, events).await?;
     ctx.metrics.set_phase(&key, status.phase);
     Ok(Requeue::requeue(retry_in))
