@@ -23,7 +23,7 @@ use k8s_openapi::api::scheduling::v1::PriorityClass;
 use kube::api::{ApiResource, DynamicObject};
 use lockstep_api::ParallelJob;
 use lockstep_operator::gang::Outcome;
-use lockstep_operator::gang::admitter::{Admitter, filled_store};
+use lockstep_operator::gang::admitter::{Admitter, filled_store, filled_writer};
 use lockstep_operator::gang::placement::Shape;
 use lockstep_operator::gang::queue::{Explain, Waiting, cycle};
 use lockstep_operator::gang::snapshot::{NodeInfo, NodeRules, Snapshot};
@@ -178,13 +178,8 @@ fn main() -> Result<()> {
     }
 
     // 2. The operator's decision: the Admitter over caches, as a reconcile asks it.
-    let mut node_cache = kube::runtime::reflector::store::Writer::<Node>::new(());
+    let mut node_cache = filled_writer((), nodes.clone());
     let node_store = node_cache.as_reader();
-    node_cache.apply_watcher_event(&kube::runtime::watcher::Event::Init);
-    for n in &nodes {
-        node_cache.apply_watcher_event(&kube::runtime::watcher::Event::InitApply(n.clone()));
-    }
-    node_cache.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
     // An admitter over the node cache and filled caches of the pods, jobs and classes.
     let admitter_over = |nodes| {
         let (wake, _woken) = futures::channel::mpsc::unbounded();

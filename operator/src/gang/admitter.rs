@@ -620,15 +620,27 @@ where
     K: kube::Resource + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
+    filled_writer(dyntype, objects).as_reader()
+}
+
+/// The writer of a [`filled_store`], for benchmarks and tests that go on to change what the
+/// store holds (`apply_watcher_event`) as a watch would.
+pub fn filled_writer<K>(
+    dyntype: K::DynamicType,
+    objects: Vec<K>,
+) -> kube::runtime::reflector::store::Writer<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
     use kube::runtime::watcher::Event;
     let mut writer = kube::runtime::reflector::store::Writer::<K>::new(dyntype);
-    let store = writer.as_reader();
     writer.apply_watcher_event(&Event::Init);
     for o in objects {
         writer.apply_watcher_event(&Event::InitApply(o));
     }
     writer.apply_watcher_event(&Event::InitDone);
-    store
+    writer
 }
 
 #[cfg(test)]
@@ -713,13 +725,9 @@ mod tests {
             }))
             .unwrap()
         };
-        let mut writer = kube::runtime::reflector::store::Writer::<Node>::new(());
+        let first = ["n0", "n1"].map(|n| node(n, "8", "0", "a"));
+        let mut writer = filled_writer((), first.to_vec());
         let nodes = writer.as_reader();
-        writer.apply_watcher_event(&Event::Init);
-        for n in ["n0", "n1"] {
-            writer.apply_watcher_event(&Event::InitApply(node(n, "8", "0", "a")));
-        }
-        writer.apply_watcher_event(&Event::InitDone);
         let (wake, _woken) = futures::channel::mpsc::unbounded();
         let admitter = Admitter::new(
             nodes,
