@@ -125,12 +125,7 @@ impl Decision {
                 _ => 0,
             })
             .sum();
-        let written_anyway = current.is_none_or(|c| {
-            let mut with_new_counts = c.clone();
-            with_new_counts.ready.clone_from(&self.status.ready);
-            with_new_counts.workers.clone_from(&self.status.workers);
-            with_new_counts != self.status
-        });
+        let written_anyway = current.is_none_or(|c| !same_but_counts(c, &self.status));
         match &self.status.workers {
             Some(w) if created > 0 && written_anyway => {
                 let mut status = self.status.clone();
@@ -143,6 +138,14 @@ impl Decision {
             _ => std::borrow::Cow::Borrowed(&self.status),
         }
     }
+}
+
+/// Whether `new` is `old` but for the worker counts (`ready`, `workers`), which may differ.
+pub fn same_but_counts(old: &ParallelJobStatus, new: &ParallelJobStatus) -> bool {
+    let mut with_new_counts = old.clone();
+    with_new_counts.ready.clone_from(&new.ready);
+    with_new_counts.workers.clone_from(&new.workers);
+    with_new_counts == *new
 }
 
 /// Where [`decide`] got to: a decision, or a pass that waits for gang admission's answer.

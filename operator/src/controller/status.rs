@@ -27,10 +27,7 @@ pub const COUNTS_PERIOD: Duration = Duration::from_secs(5);
 
 /// Whether `new` differs from `old` in the worker counts alone.
 pub fn counts_only(old: &ParallelJobStatus, new: &ParallelJobStatus) -> bool {
-    let mut with_new_counts = old.clone();
-    with_new_counts.ready.clone_from(&new.ready);
-    with_new_counts.workers.clone_from(&new.workers);
-    with_new_counts == *new && old != new
+    crate::decide::same_but_counts(old, new) && old != new
 }
 
 /// Reports `status` and `events` on `job` (read from `jobs`): the status is written when it
