@@ -125,9 +125,10 @@ impl Decision {
                 _ => 0,
             })
             .sum();
-        let written_anyway = current.is_none_or(|c| !same_but_counts(c, &self.status));
+        // Compared (a copy of the status) only when the pass creates pods.
+        let written_anyway = || current.is_none_or(|c| !same_but_counts(c, &self.status));
         match &self.status.workers {
-            Some(w) if created > 0 && written_anyway => {
+            Some(w) if created > 0 && written_anyway() => {
                 let mut status = self.status.clone();
                 status.workers = Some(WorkerCounts {
                     active: w.active + i32::try_from(created).unwrap_or(i32::MAX),
