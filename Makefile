@@ -134,7 +134,7 @@ bench-admission: ## admission decision alone: 1,000 nodes x 8 GPUs, 500 queued j
 	$(CARGO_TARGET_DIR)/release/bench-admission
 
 .PHONY: bench-operator
-bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the same pods created directly (NODES, JOBS, RANKS, GPUS; PEERS=jobset,training-operator; REQUESTS=1, TIMELINE=1, FLOORS=0 or design, ROUNDS=N for ABBA rounds of the operator and its design floor)
+bench-operator: ## operator benchmark: 100 jobs x 8 ranks on 200 fake nodes vs the same pods created directly (NODES, JOBS, RANKS, GPUS; PEERS=jobset,training-operator; REQUESTS=1, TIMELINE=1, FLOORS=0 or design, ROUNDS=N for ABBA rounds of the operator and its design floor; DESIGN_OMIT=parts, DESIGN_VARIANTS="parts;parts;none")
 	bench/operator/run.sh
 
 .PHONY: bench-faults

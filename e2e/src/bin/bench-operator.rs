@@ -7,9 +7,12 @@
 //!    per second (every job goes through Builtin gang admission: gated, pinned, released);
 //! 2. the design's floor: every write the design asks of any implementation, made directly with
 //!    no operator running (see [`design_floor`]): the job, its objects, its gated and pinned pods,
-//!    their release, one status write; seconds until all run. What the operator adds over this is
+//!    their release, a status write per phase change (admitted; Running once its pods run, since
+//!    2026-12-05: `DESIGN_OMIT=running` leaves it out as before); seconds until all run. What the
+//!    operator adds over this is
 //!    its own cost; what this adds over 3 is the design's. `DESIGN_OMIT` leaves parts out, to
-//!    see what each costs (see [`Omit`]);
+//!    see what each costs (see [`Omit`]), and `DESIGN_VARIANTS` runs it once more after the
+//!    rounds for each set of parts left out (see [`design_env`]), compared with each peer too;
 //! 3. the API floor: the same pods the operator made (see [`as_direct`]) created directly, with
 //!    the operator's write concurrency, seconds until all run;
 //! 4. the floor of earlier runs: as many minimal pods (one container, requests only);
@@ -402,29 +405,33 @@ fn as_direct(mut pod: Pod) -> Pod {
 /// comma-separated list of `service` (the headless Service and its EndpointSlice), `gate` (pods
 /// created released, so no release write), `rbac` (the worker ServiceAccount, progress Role,
 /// RoleBinding and ConfigMap; pods run as the namespace's default account), `policy` (the
-/// workers' NetworkPolicy) and `status` (the status write).
-#[derive(Clone, Copy, Debug, Default)]
+/// workers' NetworkPolicy), `status` (both status writes) and `running` (the second status write
+/// alone, as the floor was before it made one: then only the admission is written).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Omit {
     service: bool,
     gate: bool,
     rbac: bool,
     policy: bool,
     status: bool,
+    running: bool,
 }
 
 impl Omit {
-    fn from_env() -> Result<Self> {
+    /// The parts named in `list` (comma-separated; empty or `none`: nothing left out).
+    fn parse(list: &str) -> Result<Self> {
         let mut omit = Omit::default();
-        for part in std::env::var("DESIGN_OMIT").unwrap_or_default().split(',') {
+        for part in list.split(',') {
             match part.trim() {
-                "" => {}
+                "" | "none" => {}
                 "service" => omit.service = true,
                 "gate" => omit.gate = true,
                 "rbac" => omit.rbac = true,
                 "policy" => omit.policy = true,
                 "status" => omit.status = true,
+                "running" => omit.running = true,
                 other => bail!(
-                    "DESIGN_OMIT: unknown part {other:?}; the parts are service, gate, rbac, policy, status"
+                    "unknown part {other:?} of the design; the parts are service, gate, rbac, policy, status, running"
                 ),
             }
         }
@@ -455,14 +462,17 @@ where
 /// progress Role then RoleBinding, token Secret, progress ConfigMap, and the workers'
 /// NetworkPolicy when the operator's settings make one, as they do by default), created plainly; its pods,
 /// gated and pinned to `planned` (the operator's own choice, by pod name); their release; the
-/// Service's EndpointSlice; one status write (admitted). The operator's builders make every
-/// body, so nothing differs but who writes and when; `omit` leaves parts out.
+/// Service's EndpointSlice; one status write per phase change: admitted (phase Starting), then,
+/// once `running` says every pod of the job runs, phase Running (in a task of its own, returned,
+/// so that the wait holds none of the floor's places for jobs). The operator's builders make
+/// every body, so nothing differs but who writes and when; `omit` leaves parts out.
 async fn design_floor(
     client: &kube::Client,
     job: ParallelJob,
     planned: &HashMap<String, String>,
     omit: Omit,
-) -> Result<()> {
+    running: &RunningJobs,
+) -> Result<Option<tokio::task::JoinHandle<Result<()>>>> {
     use kube::api::{Patch, PatchParams};
     use lockstep_operator::resources::{JobContext, Pin};
 
@@ -519,6 +529,8 @@ async fn design_floor(
 
     let digest = ctx.config_digest()?;
     let world = ctx.layout.world_size();
+    // Told before any of its pods exists, so that no pod runs unseen.
+    let all_running = (!omit.status && !omit.running).then(|| running.expect(ctx.name, world));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let built = (0..world)
         .map(|rank| {
@@ -578,7 +590,79 @@ async fn design_floor(
         jobs.patch_status(ctx.name, &PatchParams::default(), &Patch::Merge(&status))
             .await?;
     }
-    Ok(())
+    Ok(all_running.map(|all_running| {
+        let name = ctx.name.to_string();
+        tokio::spawn(async move {
+            all_running
+                .await
+                .with_context(|| format!("the pod watch ended before {name}'s pods ran"))?;
+            let status = serde_json::json!({"status": {"phase": "Running"}});
+            jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                .await?;
+            Ok(())
+        })
+    }))
+}
+
+/// A job expected by [`RunningJobs`]: its world size, and the sender to tell when its pods run.
+type Expected = (u32, tokio::sync::oneshot::Sender<()>);
+
+/// Which jobs of a design's floor have every pod running: each job is expected (with its world
+/// size) before its pods are made, and told once by a pod watch of the namespace when they all run.
+#[derive(Clone, Default)]
+struct RunningJobs {
+    /// Job name -> what it waits for.
+    waiting: std::sync::Arc<std::sync::Mutex<HashMap<String, Expected>>>,
+}
+
+impl RunningJobs {
+    /// Expects job `name` with `world` pods; the receiver is told when they all run.
+    fn expect(&self, name: &str, world: u32) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting
+            .lock()
+            .expect("not poisoned")
+            .insert(name.to_string(), (world, tx));
+        rx
+    }
+
+    /// Watches the pods of `pods` (the floor's namespace) until the task is aborted, telling
+    /// each expected job when as many of its pods (by the job-name label) run as it has ranks.
+    fn watch(&self, pods: Api<Pod>) -> tokio::task::JoinHandle<Result<()>> {
+        let waiting = self.waiting.clone();
+        tokio::spawn(async move {
+            use lockstep_api::contract::labels;
+            let config = watcher::Config::default().labels(labels::JOB_NAME);
+            let events = watcher(pods, config).default_backoff().applied_objects();
+            futures::pin_mut!(events);
+            // Job name -> names of its running pods.
+            let mut ran: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+            while let Some(pod) = events.next().await {
+                let pod = pod?;
+                let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+                let Some(job) = pod.labels().get(labels::JOB_NAME).cloned() else {
+                    continue;
+                };
+                if phase != Some("Running") {
+                    continue;
+                }
+                let count = {
+                    let names = ran.entry(job.clone()).or_default();
+                    names.insert(pod.name_any());
+                    names.len()
+                };
+                let mut waiting = waiting.lock().expect("not poisoned");
+                if waiting
+                    .get(&job)
+                    .is_some_and(|(world, _)| count >= *world as usize)
+                    && let Some((_, tx)) = waiting.remove(&job)
+                {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(())
+        })
+    }
 }
 
 /// When a phase's pods were all created, all bound and all running.
@@ -623,6 +707,7 @@ async fn main() -> Result<()> {
         env_or("RANKS", 8),
         env_or("GPUS", 0),
     );
+    design_env()?;
     let root = repo_root();
     let state = root.join(format!("target/bench-cluster-{}", std::process::id()));
     let up = std::process::Command::new(root.join("e2e/cluster/up.sh"))
@@ -693,6 +778,29 @@ async fn start_operator(
     register(state, name, pid)?;
     lockstep_e2e::peers::wait_ready(&mut child, &format!("http://{metrics}/readyz"), &log).await?;
     Ok((child, pid))
+}
+
+/// `DESIGN_OMIT`, the parts the design's floor leaves out in every round, and `DESIGN_VARIANTS`
+/// (`"policy;policy,rbac;none"`), the sets of parts left out by one more design's floor each
+/// after the rounds (`none`: the whole design again, which shows how much faster a later phase
+/// runs), each compared with the design's floor and each peer; checked before the cluster starts.
+fn design_env() -> Result<(String, Vec<String>)> {
+    let omit = std::env::var("DESIGN_OMIT").unwrap_or_default();
+    Omit::parse(&omit).context("DESIGN_OMIT")?;
+    let variants: Vec<String> = std::env::var("DESIGN_VARIANTS")
+        .unwrap_or_default()
+        .split(';')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(String::from)
+        .collect();
+    for v in &variants {
+        Omit::parse(v).context("DESIGN_VARIANTS")?;
+    }
+    if !variants.is_empty() && std::env::var("FLOORS").is_ok_and(|f| f == "0") {
+        bail!("DESIGN_VARIANTS needs the design's floor: leave FLOORS unset or set it to design");
+    }
+    Ok((omit, variants))
 }
 
 /// Creates `jobs` (16 at a time, as a user's script might) through `api`.
@@ -801,8 +909,9 @@ async fn through_operator(
 
 /// The design's floor in a new namespace `ns` (see [`design_floor`]): every job's writes made
 /// directly, the operator's concurrency of jobs at a time, each pod pinned to the node the
-/// operator planned for it in `made`. Returns its phases; with `counting`, prints its requests.
-async fn design_phase(b: &Bench, ns: &str, made: &[Pod]) -> Result<[Duration; 3]> {
+/// operator planned for it in `made`, without the parts named in `omit_text` (see [`Omit`]).
+/// Returns its phases; with `counting`, prints its requests.
+async fn design_phase(b: &Bench, ns: &str, made: &[Pod], omit_text: &str) -> Result<[Duration; 3]> {
     let planned: HashMap<String, String> = made
         .iter()
         .filter_map(|p| {
@@ -818,21 +927,30 @@ async fn design_phase(b: &Bench, ns: &str, made: &[Pod]) -> Result<[Duration; 3]
     let start = Instant::now();
     let watch = watch_running(design_pods, b.want(), b.limit, start);
     let concurrency = usize::from(lockstep_operator::controller::Settings::default().concurrency);
-    let omit = Omit::from_env()?;
-    futures::stream::iter(0..b.jobs_n)
+    let omit = Omit::parse(omit_text)?;
+    let running = RunningJobs::default();
+    let running_watch = running.watch(Api::namespaced(b.client.clone(), ns));
+    let running_writes = futures::stream::iter(0..b.jobs_n)
         .map(|i| {
-            let (client, planned) = (&b.client, &planned);
+            let (client, planned, running) = (&b.client, &planned, &running);
             let job = b.manifest(i, ns);
-            async move { design_floor(client, job?, planned, omit).await }
+            async move { design_floor(client, job?, planned, omit, running).await }
         })
         .buffer_unordered(concurrency)
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<Result<Vec<()>>>()?;
+        .collect::<Result<Vec<_>>>()?;
     let phases = watch.await??;
-    let omit_text = std::env::var("DESIGN_OMIT").unwrap_or_default();
-    let without = if omit_text.is_empty() {
+    // The last jobs' Running writes come after the clock stops; they are made before the next
+    // phase starts, so that none of this phase's writes land in it.
+    for write in running_writes.into_iter().flatten() {
+        tokio::time::timeout(Duration::from_secs(120), write)
+            .await
+            .context("a Running status write of the design's floor")???;
+    }
+    running_watch.abort();
+    let without = if Omit::parse(omit_text)? == Omit::default() {
         String::new()
     } else {
         format!(", without {omit_text}")
@@ -928,6 +1046,7 @@ async fn run(
     // phase that runs later in a run is faster (a warm API server, a compacted etcd), so each
     // side gets as many early places as late ones, and the ratio is of the medians.
     let rounds = env_or("ROUNDS", 1).max(1);
+    let (omit, variant_sets) = design_env()?;
     let (mut op_times, mut design_times) = (Vec::new(), Vec::new());
     let mut through: Option<OperatorRun> = None;
     for round in 0..rounds {
@@ -946,7 +1065,7 @@ async fn run(
                 .context("an operator phase ran before")?
                 .made;
             let ns = format!("bench-design{suffix}");
-            design_times.push(design_phase(&b, &ns, made).await?[2].as_secs_f64());
+            design_times.push(design_phase(&b, &ns, made, &omit).await?[2].as_secs_f64());
             clear(&client, &ns).await?;
         }
         // 1. Through the operator.
@@ -968,7 +1087,7 @@ async fn run(
         if floors && !design_first {
             // 2. The design's floor: the writes any implementation of the design makes, made directly.
             let ns = format!("bench-design{suffix}");
-            design_times.push(design_phase(&b, &ns, &run.made).await?[2].as_secs_f64());
+            design_times.push(design_phase(&b, &ns, &run.made, &omit).await?[2].as_secs_f64());
             clear(&client, &ns).await?;
         }
         if floors {
@@ -1005,8 +1124,19 @@ async fn run(
         );
     }
 
+    let mut variants: Vec<(String, f64)> = Vec::new();
     if floors {
         let design = Duration::from_secs_f64(median(design_times.clone()));
+        for (i, set) in variant_sets.iter().enumerate() {
+            let ns = format!("bench-variant-{}", i + 1);
+            let t = design_phase(&b, &ns, &run.made, set).await?[2].as_secs_f64();
+            println!(
+                "  this variant / design's floor {:>8.2}x",
+                t / design.as_secs_f64()
+            );
+            variants.push((set.clone(), t));
+            clear(&client, &ns).await?;
+        }
         let made = run.made;
         if !design_only {
             // 3. The API floor: the same pods, created directly.
@@ -1129,6 +1259,22 @@ async fn run(
                 peer_phases[2].div_duration_f64(op_time),
             )],
         );
+        let peer_time = peer_phases[2].as_secs_f64();
+        if floors {
+            println!(
+                "  {} / design's floor {:>10.2}x",
+                peer.name(),
+                peer_time / median(design_times.clone())
+            );
+        }
+        for (set, t) in &variants {
+            let which = if Omit::parse(set)? == Omit::default() {
+                "the whole design's floor again".to_string()
+            } else {
+                format!("the design's floor without {set}")
+            };
+            println!("  {} / {which}: {:.2}x", peer.name(), peer_time / t);
+        }
         println!(
             "  {} CPU {:>14.2} s  (peak RSS {peer_peak:.1} MiB)",
             peer.name(),
@@ -1156,5 +1302,24 @@ fn peer_resource(peer: lockstep_e2e::peers::Peer) -> kube::api::ApiResource {
         api_version: format!("{group}/{version}"),
         kind: kind.into(),
         plural: plural.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Omit;
+
+    #[test]
+    fn the_parts_left_out_are_read_by_name_and_an_unknown_one_is_refused() {
+        let omit = Omit::parse("policy, rbac,running").expect("known parts");
+        assert!(omit.policy && omit.rbac && omit.running);
+        assert!(!omit.service && !omit.gate && !omit.status);
+        assert_eq!(Omit::parse("none").expect("none"), Omit::default());
+        assert_eq!(Omit::parse("").expect("empty"), Omit::default());
+        let err = Omit::parse("policy,gates").expect_err("a typo").to_string();
+        assert!(
+            err.contains("\"gates\"") && err.contains("running"),
+            "{err}"
+        );
     }
 }
