@@ -8,11 +8,11 @@
 //! 2. the design's floor: every write the design asks of any implementation, made directly with
 //!    no operator running (see [`design_floor`]): the job, its objects, its gated and pinned pods,
 //!    their release, a status write per phase change (admitted; Running once its pods run, since
-//!    2026-12-05: `DESIGN_OMIT=running` leaves it out as before); seconds until all run. What the
-//!    operator adds over this is
-//!    its own cost; what this adds over 3 is the design's. `DESIGN_OMIT` leaves parts out, to
-//!    see what each costs (see [`Omit`]), and `DESIGN_VARIANTS` runs it once more after the
-//!    rounds for each set of parts left out (see [`design_env`]), compared with each peer too;
+//!    2026-12-05, which `DESIGN_OMIT=running` leaves out); seconds until all run. What the
+//!    operator adds over this is its own cost; what this adds over 3 is the design's.
+//!    `DESIGN_OMIT` leaves parts out, to see what each costs (see [`Omit`]), and
+//!    `DESIGN_VARIANTS` runs it once more after the rounds for each set of parts left out (see
+//!    [`design_env`]), compared with each peer too;
 //! 3. the API floor: the same pods the operator made (see [`as_direct`]) created directly, with
 //!    the operator's write concurrency, seconds until all run;
 //! 4. the floor of earlier runs: as many minimal pods (one container, requests only);
@@ -401,8 +401,8 @@ fn as_direct(mut pod: Pod) -> Pod {
     pod
 }
 
-/// Parts of the design its floor leaves out, to see what each costs: `DESIGN_OMIT`, a
-/// comma-separated list of `service` (the headless Service and its EndpointSlice), `gate` (pods
+/// Parts of the design its floor leaves out, to see what each costs: a comma-separated list
+/// (`DESIGN_OMIT`, or one set of `DESIGN_VARIANTS`; empty or `none`: nothing) of `service` (the headless Service and its EndpointSlice), `gate` (pods
 /// created released, so no release write), `rbac` (the worker ServiceAccount, progress Role,
 /// RoleBinding and ConfigMap; pods run as the namespace's default account), `policy` (the
 /// workers' NetworkPolicy), `status` (both status writes) and `running` (the second status write
@@ -457,8 +457,8 @@ where
 }
 
 /// The design's floor for one job: the writes the design asks of any implementation, in the
-/// order they depend on each other, made directly (no operator runs, nothing is read back or
-/// decided). The job; its objects at once (headless Service, config, worker ServiceAccount,
+/// order they depend on each other, made directly (no operator runs; nothing is read back or
+/// decided but when a job's pods all run, which one pod watch of the namespace tells). The job; its objects at once (headless Service, config, worker ServiceAccount,
 /// progress Role then RoleBinding, token Secret, progress ConfigMap, and the workers'
 /// NetworkPolicy when the operator's settings make one, as they do by default), created plainly; its pods,
 /// gated and pinned to `planned` (the operator's own choice, by pod name); their release; the
@@ -598,7 +598,8 @@ async fn design_floor(
                 .with_context(|| format!("the pod watch ended before {name}'s pods ran"))?;
             let status = serde_json::json!({"status": {"phase": "Running"}});
             jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-                .await?;
+                .await
+                .with_context(|| format!("writing {name}'s Running status"))?;
             Ok(())
         })
     }))
@@ -627,7 +628,9 @@ impl RunningJobs {
     }
 
     /// Watches the pods of `pods` (the floor's namespace) until the task is aborted, telling
-    /// each expected job when as many of its pods (by the job-name label) run as it has ranks.
+    /// each expected job when as many of its pods (by the job-name label) have run as it has
+    /// ranks. A watch error is logged and the watch goes on (it relists after a backoff); if the
+    /// stream ends, every job still waiting is told it never will (its receiver fails).
     fn watch(&self, pods: Api<Pod>) -> tokio::task::JoinHandle<Result<()>> {
         let waiting = self.waiting.clone();
         tokio::spawn(async move {
@@ -638,12 +641,19 @@ impl RunningJobs {
             // Job name -> names of its running pods.
             let mut ran: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
             while let Some(pod) = events.next().await {
-                let pod = pod?;
+                let pod = match pod {
+                    Ok(pod) => pod,
+                    Err(e) => {
+                        eprintln!("  the design's floor's pod watch: {e} (retrying)");
+                        continue;
+                    }
+                };
+                // As in `watch_running`: a pod that succeeded ran.
                 let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
                 let Some(job) = pod.labels().get(labels::JOB_NAME).cloned() else {
                     continue;
                 };
-                if phase != Some("Running") {
+                if !matches!(phase, Some("Running" | "Succeeded")) {
                     continue;
                 }
                 let count = {
@@ -660,6 +670,7 @@ impl RunningJobs {
                     let _ = tx.send(());
                 }
             }
+            waiting.lock().expect("not poisoned").clear();
             Ok(())
         })
     }
@@ -784,6 +795,8 @@ async fn start_operator(
 /// (`"policy;policy,rbac;none"`), the sets of parts left out by one more design's floor each
 /// after the rounds (`none`: the whole design again, which shows how much faster a later phase
 /// runs), each compared with the design's floor and each peer; checked before the cluster starts.
+/// A variant's set replaces `DESIGN_OMIT` (it is not added to it): with both, the rounds' floor
+/// leaves out `DESIGN_OMIT` and each variant only its own set.
 fn design_env() -> Result<(String, Vec<String>)> {
     let omit = std::env::var("DESIGN_OMIT").unwrap_or_default();
     Omit::parse(&omit).context("DESIGN_OMIT")?;
@@ -907,6 +920,15 @@ async fn through_operator(
     })
 }
 
+/// A task aborted when dropped, so that a phase that fails early leaves none of its tasks running.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The design's floor in a new namespace `ns` (see [`design_floor`]): every job's writes made
 /// directly, the operator's concurrency of jobs at a time, each pod pinned to the node the
 /// operator planned for it in `made`, without the parts named in `omit_text` (see [`Omit`]).
@@ -925,12 +947,14 @@ async fn design_phase(b: &Bench, ns: &str, made: &[Pod], omit_text: &str) -> Res
     let design_pods: Api<Pod> = Api::namespaced(b.client.clone(), ns);
     let before = Usage::take(b.counting, &b.client, &b.state).await?;
     let start = Instant::now();
-    let watch = watch_running(design_pods, b.want(), b.limit, start);
+    let mut watch = AbortOnDrop(watch_running(design_pods, b.want(), b.limit, start));
     let concurrency = usize::from(lockstep_operator::controller::Settings::default().concurrency);
     let omit = Omit::parse(omit_text)?;
     let running = RunningJobs::default();
-    let running_watch = running.watch(Api::namespaced(b.client.clone(), ns));
-    let running_writes = futures::stream::iter(0..b.jobs_n)
+    // Only a floor that writes Running watches for it.
+    let _running_watch = (!omit.status && !omit.running)
+        .then(|| AbortOnDrop(running.watch(Api::namespaced(b.client.clone(), ns))));
+    let made_jobs = futures::stream::iter(0..b.jobs_n)
         .map(|i| {
             let (client, planned, running) = (&b.client, &planned, &running);
             let job = b.manifest(i, ns);
@@ -938,18 +962,32 @@ async fn design_phase(b: &Bench, ns: &str, made: &[Pod], omit_text: &str) -> Res
         })
         .buffer_unordered(concurrency)
         .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>>>()?;
-    let phases = watch.await??;
+        .await;
+    // Every write task is kept (and aborted if this phase fails) before any error is returned.
+    let mut running_writes = Vec::new();
+    let mut first_error = None;
+    for made in made_jobs {
+        match made {
+            Ok(write) => running_writes.extend(write.map(AbortOnDrop)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let phases = (&mut watch.0).await??;
     // The last jobs' Running writes come after the clock stops; they are made before the next
     // phase starts, so that none of this phase's writes land in it.
-    for write in running_writes.into_iter().flatten() {
-        tokio::time::timeout(Duration::from_secs(120), write)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    for mut write in running_writes {
+        tokio::time::timeout_at(deadline, &mut write.0)
             .await
-            .context("a Running status write of the design's floor")???;
+            .context(
+                "the design's floor's Running writes took over 120 s after its pods ran",
+            )???;
     }
-    running_watch.abort();
     let without = if Omit::parse(omit_text)? == Omit::default() {
         String::new()
     } else {
