@@ -402,11 +402,12 @@ fn as_direct(mut pod: Pod) -> Pod {
 }
 
 /// Parts of the design its floor leaves out, to see what each costs: a comma-separated list
-/// (`DESIGN_OMIT`, or one set of `DESIGN_VARIANTS`; empty or `none`: nothing) of `service` (the headless Service and its EndpointSlice), `gate` (pods
-/// created released, so no release write), `rbac` (the worker ServiceAccount, progress Role,
-/// RoleBinding and ConfigMap; pods run as the namespace's default account), `policy` (the
-/// workers' NetworkPolicy), `status` (both status writes) and `running` (the second status write
-/// alone, as the floor was before it made one: then only the admission is written).
+/// (`DESIGN_OMIT`, or one set of `DESIGN_VARIANTS`; empty or `none`: nothing) of `service` (the
+/// headless Service and its EndpointSlice), `gate` (pods created released, so no release write),
+/// `rbac` (the worker ServiceAccount, progress Role, RoleBinding and ConfigMap; pods run as the
+/// namespace's default account), `policy` (the workers' NetworkPolicy), `status` (both status
+/// writes) and `running` (the second status write alone, as the floor was before it made one:
+/// then only the admission is written).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Omit {
     service: bool,
@@ -458,14 +459,15 @@ where
 
 /// The design's floor for one job: the writes the design asks of any implementation, in the
 /// order they depend on each other, made directly (no operator runs; nothing is read back or
-/// decided but when a job's pods all run, which one pod watch of the namespace tells). The job; its objects at once (headless Service, config, worker ServiceAccount,
-/// progress Role then RoleBinding, token Secret, progress ConfigMap, and the workers'
-/// NetworkPolicy when the operator's settings make one, as they do by default), created plainly; its pods,
-/// gated and pinned to `planned` (the operator's own choice, by pod name); their release; the
-/// Service's EndpointSlice; one status write per phase change: admitted (phase Starting), then,
-/// once `running` says every pod of the job runs, phase Running (in a task of its own, returned,
-/// so that the wait holds none of the floor's places for jobs). The operator's builders make
-/// every body, so nothing differs but who writes and when; `omit` leaves parts out.
+/// decided but when a job's pods all run, which one pod watch of the namespace tells). The job;
+/// its objects at once (headless Service, config, worker ServiceAccount, progress Role then
+/// RoleBinding, token Secret, progress ConfigMap, and the workers' NetworkPolicy when the
+/// operator's settings make one, as they do by default), created plainly; its pods, gated and
+/// pinned to `planned` (the operator's own choice, by pod name); their release; the Service's
+/// EndpointSlice; one status write per phase change: admitted (phase Starting), then, once
+/// `running` says every pod of the job runs, phase Running (in a task of its own, returned, so
+/// that the wait holds none of the floor's places for jobs). The operator's builders make every
+/// body, so nothing differs but who writes and when; `omit` leaves parts out.
 async fn design_floor(
     client: &kube::Client,
     job: ParallelJob,
