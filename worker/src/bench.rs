@@ -393,7 +393,7 @@ pub enum GemmPrecision {
     Fp32,
     /// TF32 tensor cores on the GPU (FP32 on the CPU).
     Tf32,
-    /// bf16 operands, FP32 sums (emulated on the CPU).
+    /// bf16 activations and GEMM operands, FP32 sums (emulated on the CPU).
     Bf16,
 }
 
@@ -672,14 +672,16 @@ pub fn engine_check(precision: GemmPrecision) -> Result<()> {
     // FP32 on both sides differs only in summation order: 1e-5 of the largest value for
     // element-wise kernels, 1e-4 for GEMMs and what goes through them (sums of hundreds of
     // terms). TF32 GEMMs round inputs to 10 mantissa bits: 1e-2. bf16 is compared with the
-    // CPU's emulation of the same rounding, so it keeps FP32's tolerances, except where a
-    // bf16 rounding of a value that differs in its last FP32 bits flips (1e-2 for what goes
-    // through several GEMMs in a row); the conformance suite's references are FP32, so its
-    // GEMMs get bf16's own error, 2^-8 relative per operand: 2e-2.
+    // CPU's emulation of the same rounding (bf16 GEMM operands, activations stored in bf16), so
+    // its primitives keep FP32's tolerances, except where a bf16 rounding of a value that
+    // differs in its last FP32 bits flips by an ulp (2^-8 relative): 2e-2 for whole training
+    // steps, whose every activation is stored in bf16 and goes through several GEMMs; the
+    // conformance suite's references are FP32, so its GEMMs get bf16's own error, 2^-8
+    // relative per operand: 2e-2 (its other activation outputs: `BF16_TOL`).
     let (gemm_tol, steps_tol, conformance_tol) = match precision {
         GemmPrecision::Fp32 => (1e-4, 1e-3, 1e-4),
         GemmPrecision::Tf32 => (1e-2, 5e-2, 1e-2),
-        GemmPrecision::Bf16 => (1e-4, 1e-2, 2e-2),
+        GemmPrecision::Bf16 => (1e-4, 2e-2, 2e-2),
     };
     let tol = |name: &str| -> f32 {
         if name.starts_with("gemm") {

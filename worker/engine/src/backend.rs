@@ -83,8 +83,9 @@ impl Gemm {
     }
 }
 
-/// The arithmetic of a backend's GEMMs (`spec.training.precision`). Every other primitive,
-/// the parameters, their gradients and the optimizer state are FP32 in all three.
+/// The arithmetic of a backend (`spec.training.precision`): how its GEMMs multiply and, in
+/// bf16, how its activations are stored. The parameters, their gradients and the optimizer
+/// state are FP32 in all three.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
     /// IEEE single precision.
@@ -93,12 +94,17 @@ pub enum Precision {
     /// FP32 operands multiplied on TF32 tensor cores (10-bit mantissas), FP32 sums; on the
     /// CPU, the same as FP32.
     Tf32,
-    /// A and B rounded to bf16 (nearest, ties to even: [`crate::bf16`]), products summed in
-    /// FP32 into an FP32 C: cuBLAS with bf16 inputs and `CUBLAS_COMPUTE_32F` on the GPU, the
-    /// same rounding then FP32 arithmetic on the CPU ([`crate::cpu::CpuBf16`]). A product of
-    /// two bf16 values is exact in FP32, so the two differ only in how the sums are made (their
-    /// order, and the tensor cores' accumulation). The fused attention
-    /// ([`Kernel::AttentionFwd`]) has no GEMM and stays FP32.
+    /// Activations and their gradients stored in bf16 ([`Backend::activations`], rounded to
+    /// nearest, ties to even: [`crate::bf16`]), every kernel computing in FP32 between its
+    /// loads and stores; GEMMs with A and B in bf16 (FP32 weights rounded first) and products
+    /// summed in FP32 into C as its buffer stores values: cuBLAS with bf16 inputs and
+    /// `CUBLAS_COMPUTE_32F` on the GPU, the same rounding then FP32 arithmetic on the CPU
+    /// ([`crate::cpu::CpuBf16`]). A product of two bf16 values is exact in FP32, so the two
+    /// differ only in how the sums are made (their order, and the tensor cores'
+    /// accumulation). Parameters, gradients, AdamW's moments, layer-norm statistics, losses
+    /// and the fused attention's log-sum-exps stay FP32. The fused attention
+    /// ([`Kernel::AttentionFwd`]) reads and writes bf16 activations but computes in FP32,
+    /// without tensor cores.
     Bf16,
 }
 
@@ -109,6 +115,35 @@ impl Precision {
             Precision::Fp32 => "fp32",
             Precision::Tf32 => "tf32",
             Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// How a buffer stores its values ([`Backend::activations`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DType {
+    /// IEEE single precision, 4 bytes.
+    #[default]
+    F32,
+    /// bfloat16, 2 bytes: every value written is rounded to bf16 (nearest, ties to even) and
+    /// every value read is exact. Kernels still compute in FP32 between the load and the store.
+    Bf16,
+}
+
+impl DType {
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+
+    /// The name in logs ("f32", "bf16").
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
         }
     }
 }
@@ -618,9 +653,22 @@ pub trait Backend {
 
     /// Short name for logs ("cpu", "cuda").
     fn name(&self) -> String;
-    /// A zero-filled buffer of `n` floats.
+    /// A zero-filled buffer of `n` floats, stored as f32.
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
-    /// Copies `src` into the start of `dst`.
+    /// How [`Backend::activations`] stores its values: bf16 where the backend's precision is
+    /// [`Precision::Bf16`], f32 otherwise (the default).
+    fn activation_dtype(&self) -> DType {
+        DType::F32
+    }
+    /// A zero-filled buffer of `n` floats for activations and their gradients, stored as
+    /// [`Backend::activation_dtype`] says. Parameters, gradients, optimizer state and
+    /// statistics kept in FP32 (layer norms' means, log-sum-exps, losses) use
+    /// [`Backend::zeros`]. Every primitive takes either kind for its activation operands (the
+    /// CUDA backend refuses bf16 where it accumulates atomically: parameter gradients).
+    fn activations(&self, n: usize) -> Result<Self::Buf> {
+        self.zeros(n)
+    }
+    /// Copies `src` into the start of `dst` (rounded, into a bf16 buffer).
     fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()> {
         self.upload_at(dst, 0, src)
     }
@@ -635,7 +683,8 @@ pub trait Backend {
     /// Sets `len` floats of `buf` at `off` to zero.
     fn fill_zero(&self, buf: &mut Self::Buf, off: usize, len: usize) -> Result<()>;
     /// Copies `len` floats of `src` from `src_off` into `dst` from `dst_off`, on the device
-    /// (queued, on a device with a queue).
+    /// (queued, on a device with a queue); from an f32 buffer into a bf16 one, each value is
+    /// rounded.
     fn copy(
         &self,
         dst: &mut Self::Buf,

@@ -6,16 +6,28 @@
 //! The references are written for clarity, not speed: plain loops over coordinates, no
 //! parallelism, f64 sums. Each output buffer is compared whole, so a kernel that writes outside
 //! its range fails too.
+//!
+//! Operands that are activations in a model (a layer's input and output, their gradients) live
+//! in the backend's activation storage ([`Backend::activations`]); parameters, their gradients,
+//! optimizer state and statistics in FP32 buffers. Where activations are stored in bf16, the
+//! suite draws their inputs as bf16 values (so the reference reads what the backend reads),
+//! checks that every activation output holds only bf16 values, and compares it within
+//! [`BF16_TOL`].
 
 use rand::{Rng, SeedableRng};
 
 use crate::Result;
-use crate::backend::{AdamStep, Backend, BinaryOp, Gemm, Kernel, Mask, Op, UnaryOp};
+use crate::backend::{AdamStep, Backend, BinaryOp, DType, Gemm, Kernel, Mask, Op, UnaryOp};
 use crate::check::Compared;
 
 /// Tolerance on the largest difference over the largest reference magnitude, for everything
 /// but GEMMs: f32 rounding of short sums and of `exp`/`tanh`.
 const TOL: f32 = 1e-5;
+
+/// Tolerance of an activation output stored in bf16: its own rounding (half an ulp, 2^-9 of
+/// each value) and that of bf16 inputs that were themselves rounded outputs (a backward reads
+/// its forward's), against the largest reference magnitude.
+pub const BF16_TOL: f32 = 1e-2;
 
 /// Runs every primitive on `be` and compares it with the naive reference; `gemm_tol` is the
 /// tolerance of the GEMMs (1e-4 in FP32, about 1e-2 with TF32 tensor cores).
@@ -24,7 +36,9 @@ pub fn conformance<B: Backend>(be: &B, gemm_tol: f32) -> Result<Vec<Compared>> {
         be,
         out: Vec::new(),
         seed: 1000,
+        act: be.activation_dtype(),
     };
+    s.copies()?;
     s.gemm(gemm_tol)?;
     s.unary()?;
     s.binary()?;
@@ -103,6 +117,8 @@ struct Suite<'b, B: Backend> {
     be: &'b B,
     out: Vec<Compared>,
     seed: u64,
+    /// How the backend stores activations.
+    act: DType,
 }
 
 impl<B: Backend> Suite<'_, B> {
@@ -111,6 +127,16 @@ impl<B: Backend> Suite<'_, B> {
         self.seed += 1;
         let mut r = rand::rngs::StdRng::seed_from_u64(self.seed);
         (0..n).map(|_| r.random_range(-scale..scale)).collect()
+    }
+
+    /// `n` uniform values in `-scale..scale` for an activation input: bf16 values where
+    /// activations are stored in bf16, so that the reference reads what the backend does.
+    fn rnd_act(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        let mut x = self.rnd(n, scale);
+        if self.act == DType::Bf16 {
+            crate::bf16::round_all(&mut x);
+        }
+        x
     }
 
     /// `n` ids below `rows`, a new draw each call.
@@ -124,6 +150,18 @@ impl<B: Backend> Suite<'_, B> {
         let mut b = self.be.zeros(x.len())?;
         self.be.upload(&mut b, x)?;
         Ok(b)
+    }
+
+    /// `x` in an activation buffer.
+    fn up_act(&self, x: &[f32]) -> Result<B::Buf> {
+        let mut b = self.be.activations(x.len())?;
+        self.be.upload(&mut b, x)?;
+        Ok(b)
+    }
+
+    /// A zero activation buffer of `n` values.
+    fn act(&self, n: usize) -> Result<B::Buf> {
+        self.be.activations(n)
     }
 
     fn up_ids(&self, x: &[i32]) -> Result<B::Ids> {
@@ -143,6 +181,50 @@ impl<B: Backend> Suite<'_, B> {
         let got = self.be.download(buf, 0, want.len())?;
         self.out.push(compared(name.into(), want, &got, tol));
         Ok(())
+    }
+
+    /// Compares an activation output: as [`Suite::check`], within [`BF16_TOL`] where
+    /// activations are stored in bf16, and failing if any value is not a bf16 value there.
+    fn check_act(
+        &mut self,
+        name: impl Into<String>,
+        want: &[f64],
+        buf: &B::Buf,
+        tol: f32,
+    ) -> Result<()> {
+        if self.act != DType::Bf16 {
+            return self.check(name, want, buf, tol);
+        }
+        let got = self.be.download(buf, 0, want.len())?;
+        let mut c = compared(name.into(), want, &got, tol.max(BF16_TOL));
+        if let Some(bad) = got.iter().find(|v| v.to_bits() & 0xffff != 0) {
+            c.name = format!("{} (holds {bad:e}, not a bf16 value)", c.name);
+            c.rel = f32::INFINITY;
+        }
+        self.out.push(c);
+        Ok(())
+    }
+
+    /// Uploads and device copies between FP32 and activation buffers: into bf16 storage a
+    /// value is rounded, out of it it is exact.
+    fn copies(&mut self) -> Result<()> {
+        let (n, off) = (300, 5);
+        let x = self.rnd(off + n, 1.0);
+        let src = self.up(&x)?;
+        let mut a = self.act(n + 3)?;
+        self.be.copy(&mut a, 3, &src, off, n)?;
+        let mut want = vec![0.0; 3];
+        want.extend(wide(&x[off..]));
+        self.check_act("copy into activations", &want, &a, 0.0)?;
+        let stored = self.be.download(&a, 0, n + 3)?;
+        let mut back = self.be.zeros(n + 2)?;
+        self.be.copy(&mut back, 2, &a, 3, n)?;
+        let mut want = vec![0.0; 2];
+        want.extend(wide(&stored[3..]));
+        self.check("copy out of activations", &want, &back, 0.0)?;
+        let mut up = self.act(n)?;
+        self.be.upload(&mut up, &x[off..])?;
+        self.check_act("upload into activations", &wide(&x[off..]), &up, 0.0)
     }
 
     fn gemm(&mut self, tol: f32) -> Result<()> {
@@ -173,13 +255,27 @@ impl<B: Backend> Suite<'_, B> {
                     batch,
                 };
                 let (oa, ob, oc) = (3, 4, 5);
-                let a = self.rnd(oa + g.stride_a * batch, 1.0);
-                let b = self.rnd(ob + g.stride_b * batch, 1.0);
-                let c = self.rnd(oc + g.stride_c * batch, 1.0);
+                // A and B activations; C an activation in the batched products (attention's),
+                // FP32 in the others (a weight gradient's accumulation).
+                let a = self.rnd_act(oa + g.stride_a * batch, 1.0);
+                let b = self.rnd_act(ob + g.stride_b * batch, 1.0);
+                let c = if batch > 1 {
+                    self.rnd_act(oc + g.stride_c * batch, 1.0)
+                } else {
+                    self.rnd(oc + g.stride_c * batch, 1.0)
+                };
                 let want = reference_gemm(&g, (&a, oa), (&b, ob), (&c, oc));
-                let (da, db, mut dc) = (self.up(&a)?, self.up(&b)?, self.up(&c)?);
-                self.be.gemm(&g, (&da, oa), (&db, ob), (&mut dc, oc))?;
-                self.check(format!("gemm {ta:?}{tb:?} batch {batch}"), &want, &dc, tol)?;
+                let (da, db) = (self.up_act(&a)?, self.up_act(&b)?);
+                let name = format!("gemm {ta:?}{tb:?} batch {batch}");
+                if batch > 1 {
+                    let mut dc = self.up_act(&c)?;
+                    self.be.gemm(&g, (&da, oa), (&db, ob), (&mut dc, oc))?;
+                    self.check_act(name, &want, &dc, tol)?;
+                } else {
+                    let mut dc = self.up(&c)?;
+                    self.be.gemm(&g, (&da, oa), (&db, ob), (&mut dc, oc))?;
+                    self.check(name, &want, &dc, tol)?;
+                }
             }
         }
         Ok(())
@@ -187,9 +283,9 @@ impl<B: Backend> Suite<'_, B> {
 
     fn unary(&mut self) -> Result<()> {
         let n = 1001;
-        let x = self.rnd(n, 5.0);
-        let d = self.rnd(n, 1.0);
-        let (dx, dd) = (self.up(&x)?, self.up(&d)?);
+        let x = self.rnd_act(n, 5.0);
+        let d = self.rnd_act(n, 1.0);
+        let (dx, dd) = (self.up_act(&x)?, self.up_act(&d)?);
         for op in [
             UnaryOp::Gelu,
             UnaryOp::Relu,
@@ -204,7 +300,7 @@ impl<B: Backend> Suite<'_, B> {
                 UnaryOp::Tanh => (f64::tanh, |x| 1.0 - x.tanh() * x.tanh()),
                 UnaryOp::Cos => (f64::cos, |x| -x.sin()),
             };
-            let mut out = self.be.zeros(n)?;
+            let mut out = self.act(n)?;
             self.be.launch(Kernel::Unary {
                 op,
                 out: &mut out,
@@ -212,8 +308,8 @@ impl<B: Backend> Suite<'_, B> {
                 n,
             })?;
             let want: Vec<f64> = x.iter().map(|&v| f(f64::from(v))).collect();
-            self.check(format!("unary {op:?}"), &want, &out, TOL)?;
-            let mut dinp = self.be.zeros(n)?;
+            self.check_act(format!("unary {op:?}"), &want, &out, TOL)?;
+            let mut dinp = self.act(n)?;
             self.be.launch(Kernel::UnaryBwd {
                 op,
                 dinp: &mut dinp,
@@ -226,22 +322,22 @@ impl<B: Backend> Suite<'_, B> {
                 .zip(&d)
                 .map(|(&v, &g)| df(f64::from(v)) * f64::from(g))
                 .collect();
-            self.check(format!("unary bwd {op:?}"), &want, &dinp, TOL)?;
+            self.check_act(format!("unary bwd {op:?}"), &want, &dinp, TOL)?;
         }
         Ok(())
     }
 
     fn binary(&mut self) -> Result<()> {
         let n = 777;
-        let (a, b) = (self.rnd(n, 3.0), self.rnd(n, 3.0));
-        let (da, db) = (self.up(&a)?, self.up(&b)?);
+        let (a, b) = (self.rnd_act(n, 3.0), self.rnd_act(n, 3.0));
+        let (da, db) = (self.up_act(&a)?, self.up_act(&b)?);
         for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul] {
             let f: fn(f64, f64) -> f64 = match op {
                 BinaryOp::Add => |x, y| x + y,
                 BinaryOp::Sub => |x, y| x - y,
                 BinaryOp::Mul => |x, y| x * y,
             };
-            let mut out = self.be.zeros(n)?;
+            let mut out = self.act(n)?;
             self.be.launch(Kernel::Binary {
                 op,
                 out: &mut out,
@@ -254,7 +350,7 @@ impl<B: Backend> Suite<'_, B> {
                 .zip(&b)
                 .map(|(&x, &y)| f(f64::from(x), f64::from(y)))
                 .collect();
-            self.check(format!("binary {op:?}"), &want, &out, TOL)?;
+            self.check_act(format!("binary {op:?}"), &want, &out, TOL)?;
         }
         Ok(())
     }
@@ -265,7 +361,7 @@ impl<B: Backend> Suite<'_, B> {
         let table = self.rnd(off + rows * width, 1.0);
         let ids = self.ids(n, rows);
         let (dt, di) = (self.up(&table)?, self.up_ids(&ids)?);
-        let mut out = self.be.zeros(n * width)?;
+        let mut out = self.act(n * width)?;
         self.be.launch(Kernel::GatherRows {
             out: &mut out,
             table: (&dt, off),
@@ -279,10 +375,10 @@ impl<B: Backend> Suite<'_, B> {
             let s = off + id as usize * width;
             want.extend(wide(&table[s..s + width]));
         }
-        self.check("gather rows", &want, &out, TOL)?;
+        self.check_act("gather rows", &want, &out, TOL)?;
 
-        let src = self.rnd(n * width, 1.0);
-        let ds = self.up(&src)?;
+        let src = self.rnd_act(n * width, 1.0);
+        let ds = self.up_act(&src)?;
         let mut acc = self.up(&table)?;
         self.be.launch(Kernel::ScatterAddRows {
             table: (&mut acc, off),
@@ -305,9 +401,9 @@ impl<B: Backend> Suite<'_, B> {
         // More rows than a CUDA block folds (64) and more columns than its threads (256).
         let (n, width, off) = (70, 300, 3);
         let row = self.rnd(off + width, 1.0);
-        let x = self.rnd(n * width, 1.0);
+        let x = self.rnd_act(n * width, 1.0);
         let dr = self.up(&row)?;
-        let mut out = self.up(&x)?;
+        let mut out = self.up_act(&x)?;
         self.be.launch(Kernel::AddRow {
             out: &mut out,
             row: (&dr, off),
@@ -317,9 +413,9 @@ impl<B: Backend> Suite<'_, B> {
         let want: Vec<f64> = (0..n * width)
             .map(|i| f64::from(x[i]) + f64::from(row[off + i % width]))
             .collect();
-        self.check("add row", &want, &out, TOL)?;
+        self.check_act("add row", &want, &out, TOL)?;
 
-        let dx = self.up(&x)?;
+        let dx = self.up_act(&x)?;
         let mut dst = self.up(&row)?;
         self.be.launch(Kernel::SumRows {
             dst: (&mut dst, off),
@@ -366,9 +462,9 @@ impl<B: Backend> Suite<'_, B> {
         ];
         for (shape, perm) in cases {
             let len: usize = shape.iter().product();
-            let x = self.rnd(len, 1.0);
-            let dx = self.up(&x)?;
-            let mut out = self.be.zeros(len)?;
+            let x = self.rnd_act(len, 1.0);
+            let dx = self.up_act(&x)?;
+            let mut out = self.act(len)?;
             self.be.launch(Kernel::Permute {
                 out: &mut out,
                 inp: &dx,
@@ -391,7 +487,7 @@ impl<B: Backend> Suite<'_, B> {
                 }
                 want[o] = f64::from(*v);
             }
-            self.check(format!("permute {shape:?} by {perm:?}"), &want, &out, 0.0)?;
+            self.check_act(format!("permute {shape:?} by {perm:?}"), &want, &out, 0.0)?;
         }
         Ok(())
     }
@@ -399,11 +495,11 @@ impl<B: Backend> Suite<'_, B> {
     fn softmax(&mut self) -> Result<()> {
         // Rows wider than a warp; causal rows in square blocks.
         let (width, rows, scale) = (45, 90, 0.7f32);
-        let x = self.rnd(rows * width, 4.0);
-        let d = self.rnd(rows * width, 1.0);
-        let (dx, dd) = (self.up(&x)?, self.up(&d)?);
+        let x = self.rnd_act(rows * width, 4.0);
+        let d = self.rnd_act(rows * width, 1.0);
+        let (dx, dd) = (self.up_act(&x)?, self.up_act(&d)?);
         for mask in [Mask::Full, Mask::Causal] {
-            let mut out = self.be.zeros(rows * width)?;
+            let mut out = self.act(rows * width)?;
             self.be.launch(Kernel::Softmax {
                 out: &mut out,
                 inp: &dx,
@@ -427,8 +523,8 @@ impl<B: Backend> Suite<'_, B> {
                     p[r * width + j] = (s[j] - mx).exp() / z;
                 }
             }
-            self.check(format!("softmax {mask:?}"), &p, &out, TOL)?;
-            let mut dinp = self.be.zeros(rows * width)?;
+            self.check_act(format!("softmax {mask:?}"), &p, &out, TOL)?;
+            let mut dinp = self.act(rows * width)?;
             self.be.launch(Kernel::SoftmaxBwd {
                 dinp: &mut dinp,
                 dout: &dd,
@@ -450,7 +546,7 @@ impl<B: Backend> Suite<'_, B> {
                     want[i] = f64::from(scale) * p[i] * (f64::from(d[i]) - dot);
                 }
             }
-            self.check(format!("softmax bwd {mask:?}"), &want, &dinp, TOL)?;
+            self.check_act(format!("softmax bwd {mask:?}"), &want, &dinp, TOL)?;
         }
         Ok(())
     }
@@ -461,10 +557,10 @@ impl<B: Backend> Suite<'_, B> {
         for (heads, t, hs) in [(3, 45, 40), (2, 70, 8), (1, 33, 128), (2, 40, 100)] {
             let n = heads * t * hs;
             let scale = 1.0 / (hs as f32).sqrt();
-            let qkv = self.rnd(3 * n, 2.0);
-            let dout = self.rnd(n, 1.0);
-            let (dq, dd) = (self.up(&qkv)?, self.up(&dout)?);
-            let (mut out, mut lse) = (self.be.zeros(n)?, self.be.zeros(heads * t)?);
+            let qkv = self.rnd_act(3 * n, 2.0);
+            let dout = self.rnd_act(n, 1.0);
+            let (dq, dd) = (self.up_act(&qkv)?, self.up_act(&dout)?);
+            let (mut out, mut lse) = (self.act(n)?, self.be.zeros(heads * t)?);
             self.be.launch(Kernel::AttentionFwd {
                 out: &mut out,
                 lse: &mut lse,
@@ -503,9 +599,9 @@ impl<B: Backend> Suite<'_, B> {
                 }
             }
             let tag = format!("{heads}x{t}x{hs}");
-            self.check(format!("attention (fused) {tag}"), &want, &out, TOL)?;
+            self.check_act(format!("attention (fused) {tag}"), &want, &out, TOL)?;
             self.check(format!("attention (fused) lse {tag}"), &want_lse, &lse, TOL)?;
-            let (mut dqkv, mut delta) = (self.be.zeros(3 * n)?, self.be.zeros(heads * t)?);
+            let (mut dqkv, mut delta) = (self.act(3 * n)?, self.be.zeros(heads * t)?);
             self.be.launch(Kernel::AttentionBwd {
                 dqkv: &mut dqkv,
                 delta: &mut delta,
@@ -545,19 +641,19 @@ impl<B: Backend> Suite<'_, B> {
                     }
                 }
             }
-            self.check(format!("attention bwd (fused) {tag}"), &dw, &dqkv, 1e-4)?;
+            self.check_act(format!("attention bwd (fused) {tag}"), &dw, &dqkv, 1e-4)?;
         }
         Ok(())
     }
 
     fn layernorm(&mut self) -> Result<()> {
         let (n, c, off) = (6, 50, 4);
-        let x = self.rnd(n * c, 2.0);
+        let x = self.rnd_act(n * c, 2.0);
         let mut p = self.rnd(off + 2 * c, 1.0);
         p[off..off + c].iter_mut().for_each(|w| *w += 1.0);
-        let (dx, dp) = (self.up(&x)?, self.up(&p)?);
+        let (dx, dp) = (self.up_act(&x)?, self.up(&p)?);
         let (mut out, mut mean, mut rstd) =
-            (self.be.zeros(n * c)?, self.be.zeros(n)?, self.be.zeros(n)?);
+            (self.act(n * c)?, self.be.zeros(n)?, self.be.zeros(n)?);
         self.be.launch(Kernel::LayerNorm {
             out: &mut out,
             mean: &mut mean,
@@ -581,15 +677,15 @@ impl<B: Backend> Suite<'_, B> {
             }
             (wm[i], wr[i]) = (m, r);
         }
-        self.check("layernorm", &want, &out, TOL)?;
+        self.check_act("layernorm", &want, &out, TOL)?;
         self.check("layernorm: mean", &wm, &mean, TOL)?;
         self.check("layernorm: rstd", &wr, &rstd, TOL)?;
 
-        let dout = self.rnd(n * c, 1.0);
-        let dinp0 = self.rnd(n * c, 0.1);
+        let dout = self.rnd_act(n * c, 1.0);
+        let dinp0 = self.rnd_act(n * c, 0.1);
         let grads0 = self.rnd(off + 2 * c, 0.1);
-        let dd = self.up(&dout)?;
-        let (mut dinp, mut grads) = (self.up(&dinp0)?, self.up(&grads0)?);
+        let dd = self.up_act(&dout)?;
+        let (mut dinp, mut grads) = (self.up_act(&dinp0)?, self.up(&grads0)?);
         self.be.launch(Kernel::LayerNormBwd {
             dinp: &mut dinp,
             grads: (&mut grads, off),
@@ -614,13 +710,13 @@ impl<B: Backend> Suite<'_, B> {
                 wg[off + c + j] += f64::from(dout[i * c + j]);
             }
         }
-        self.check("layernorm bwd: dinp", &wd, &dinp, TOL)?;
+        self.check_act("layernorm bwd: dinp", &wd, &dinp, TOL)?;
         self.check("layernorm bwd: dw, db", &wg, &grads, TOL)
     }
 
     fn crossentropy(&mut self) -> Result<()> {
         let (n, v, vp, dloss) = (5, 37, 40, 0.25f32);
-        let x = self.rnd(n * vp, 4.0);
+        let x = self.rnd_act(n * vp, 4.0);
         let targets = self.ids(n, v);
         let dt = self.up_ids(&targets)?;
         let mut wl = vec![0.0; n];
@@ -637,7 +733,7 @@ impl<B: Backend> Suite<'_, B> {
             }
         }
         for grad in [None, Some(dloss)] {
-            let mut logits = self.up(&x)?;
+            let mut logits = self.up_act(&x)?;
             let mut losses = self.be.zeros(n)?;
             self.be.launch(Kernel::CrossEntropy {
                 losses: &mut losses,
@@ -656,7 +752,7 @@ impl<B: Backend> Suite<'_, B> {
                 TOL,
             )?;
             let want = if grad.is_some() { wg.clone() } else { wide(&x) };
-            self.check(
+            self.check_act(
                 format!("crossentropy {what} grad: logits"),
                 &want,
                 &logits,

@@ -10,13 +10,83 @@
 use rayon::prelude::*;
 
 use crate::backend::{
-    AdamStep, Backend, BinaryOp, Gemm, Kernel, MAX_RANK, Mask, Op, Permutation, UnaryOp,
+    AdamStep, Backend, BinaryOp, DType, Gemm, Kernel, MAX_RANK, Mask, Op, Permutation, UnaryOp,
 };
 use crate::{EngineError, Result};
 
 /// The CPU backend, on the global rayon pool (`RAYON_NUM_THREADS` threads).
 #[derive(Clone, Debug, Default)]
 pub struct Cpu;
+
+/// A buffer of the CPU backends: its values as f32, and how it stores them. A bf16 buffer
+/// (from [`CpuBf16`]'s [`Backend::activations`]) emulates bf16 storage: it holds only values
+/// bf16 represents, because every primitive, upload and copy rounds what it writes into one
+/// (nearest, ties to even), as the CUDA backend's bf16 stores do; reads are then exact. A write
+/// through [`std::ops::DerefMut`] is kept as given.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CpuBuf {
+    data: Vec<f32>,
+    dtype: DType,
+}
+
+impl CpuBuf {
+    /// An f32 buffer holding `data`.
+    pub fn new(data: Vec<f32>) -> Self {
+        Self {
+            data,
+            dtype: DType::F32,
+        }
+    }
+
+    /// A bf16 buffer holding `data`, rounded.
+    pub fn bf16(mut data: Vec<f32>) -> Self {
+        crate::bf16::round_all(&mut data);
+        Self {
+            data,
+            dtype: DType::Bf16,
+        }
+    }
+
+    /// How the buffer stores its values.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The values.
+    pub fn into_vec(self) -> Vec<f32> {
+        self.data
+    }
+
+    /// Rounds `len` values from `off` to bf16 when the buffer stores bf16: what a primitive
+    /// does after writing them.
+    fn settle(&mut self, off: usize, len: usize) {
+        if self.dtype == DType::Bf16 {
+            self.data[off..off + len]
+                .par_iter_mut()
+                .with_min_len(SPLIT_ELEMS)
+                .for_each(|v| *v = crate::bf16::round(*v));
+        }
+    }
+}
+
+impl From<Vec<f32>> for CpuBuf {
+    fn from(data: Vec<f32>) -> Self {
+        Self::new(data)
+    }
+}
+
+impl std::ops::Deref for CpuBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+impl std::ops::DerefMut for CpuBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+}
 
 /// The highest element index (exclusive) a strided column-major operand touches.
 fn extent(op: Op, rows: usize, cols: usize, ld: usize, stride: usize, batch: usize) -> usize {
@@ -118,23 +188,24 @@ fn check_ids(what: &str, ids: &[i32], rows: usize) -> Result<()> {
 }
 
 impl Backend for Cpu {
-    type Buf = Vec<f32>;
+    type Buf = CpuBuf;
     type Ids = Vec<i32>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
-    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; n])
+    fn zeros(&self, n: usize) -> Result<CpuBuf> {
+        Ok(CpuBuf::new(vec![0.0; n]))
     }
 
-    fn upload_at(&self, dst: &mut Vec<f32>, off: usize, src: &[f32]) -> Result<()> {
+    fn upload_at(&self, dst: &mut CpuBuf, off: usize, src: &[f32]) -> Result<()> {
         dst[off..off + src.len()].copy_from_slice(src);
+        dst.settle(off, src.len());
         Ok(())
     }
 
-    fn download(&self, src: &Vec<f32>, off: usize, len: usize) -> Result<Vec<f32>> {
+    fn download(&self, src: &CpuBuf, off: usize, len: usize) -> Result<Vec<f32>> {
         Ok(src[off..off + len].to_vec())
     }
 
@@ -147,21 +218,22 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn fill_zero(&self, buf: &mut Vec<f32>, off: usize, len: usize) -> Result<()> {
+    fn fill_zero(&self, buf: &mut CpuBuf, off: usize, len: usize) -> Result<()> {
         buf[off..off + len].fill(0.0);
         Ok(())
     }
 
     fn copy(
         &self,
-        dst: &mut Vec<f32>,
+        dst: &mut CpuBuf,
         dst_off: usize,
-        src: &Vec<f32>,
+        src: &CpuBuf,
         src_off: usize,
         len: usize,
     ) -> Result<()> {
         crate::backend::check_copy(dst.len(), dst_off, src.len(), src_off, len)?;
         dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+        dst.settle(dst_off, len);
         Ok(())
     }
 
@@ -169,18 +241,30 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn launch(&self, kernel: Kernel<'_, Vec<f32>, Vec<i32>>) -> Result<()> {
+    fn launch(&self, kernel: Kernel<'_, CpuBuf, Vec<i32>>) -> Result<()> {
         match kernel {
-            Kernel::Gemm { g, a, b, c } => gemm(&g, (a.0, a.1), (b.0, b.1), (c.0, c.1)),
-            Kernel::Unary { op, out, inp, n } => unary(op, &mut out[..n], &inp[..n]),
+            Kernel::Gemm { g, a, b, c } => {
+                gemm(&g, (a.0, a.1), (b.0, b.1), (&mut c.0[..], c.1));
+                c.0.settle(c.1, extent(Op::N, g.m, g.n, g.ldc, g.stride_c, g.batch));
+            }
+            Kernel::Unary { op, out, inp, n } => {
+                unary(op, &mut out[..n], &inp[..n]);
+                out.settle(0, n);
+            }
             Kernel::UnaryBwd {
                 op,
                 dinp,
                 inp,
                 dout,
                 n,
-            } => unary_bwd(op, &mut dinp[..n], &inp[..n], &dout[..n]),
-            Kernel::Binary { op, out, a, b, n } => binary(op, &mut out[..n], &a[..n], &b[..n]),
+            } => {
+                unary_bwd(op, &mut dinp[..n], &inp[..n], &dout[..n]);
+                dinp.settle(0, n);
+            }
+            Kernel::Binary { op, out, a, b, n } => {
+                binary(op, &mut out[..n], &a[..n], &b[..n]);
+                out.settle(0, n);
+            }
             Kernel::GatherRows {
                 out,
                 table,
@@ -197,6 +281,7 @@ impl Backend for Cpu {
                         let s = id as usize * width;
                         row.copy_from_slice(&table[s..s + width]);
                     });
+                out.settle(0, n * width);
             }
             Kernel::ScatterAddRows {
                 table,
@@ -207,7 +292,8 @@ impl Backend for Cpu {
                 width,
             } => {
                 check_ids("scatter-add rows", &ids[..n], table_rows)?;
-                let table = &mut table.0[table.1..table.1 + table_rows * width];
+                let (buf, at) = table;
+                let table = &mut buf[at..at + table_rows * width];
                 // In row order, so that repeated ids add up the same way on every run.
                 for (i, &id) in ids[..n].iter().enumerate() {
                     let d = &src[i * width..(i + 1) * width];
@@ -217,18 +303,21 @@ impl Backend for Cpu {
                         .zip(d)
                         .for_each(|(g, x)| *g += x);
                 }
+                buf.settle(at, table_rows * width);
             }
             Kernel::AddRow { out, row, n, width } => {
                 let b = &row.0[row.1..row.1 + width];
                 rows_mut(&mut out[..n * width], width).for_each(|row| {
                     row.iter_mut().zip(b).for_each(|(o, x)| *o += x);
                 });
+                out.settle(0, n * width);
             }
             Kernel::SumRows { dst, src, n, width } => {
                 let g = &mut dst.0[dst.1..dst.1 + width];
                 for row in src[..n * width].chunks(width.max(1)) {
                     g.iter_mut().zip(row).for_each(|(a, x)| *a += x);
                 }
+                dst.0.settle(dst.1, width);
             }
             Kernel::SumSquares { src, len, out } => {
                 // Per-chunk sums in parallel, then added in order: the same result on every run.
@@ -243,7 +332,11 @@ impl Backend for Cpu {
                 inp,
                 shape,
                 perm,
-            } => permute(out, inp, &Permutation::new(shape, perm)?),
+            } => {
+                let p = Permutation::new(shape, perm)?;
+                permute(out, inp, &p);
+                out.settle(0, p.len);
+            }
             Kernel::Softmax {
                 out,
                 inp,
@@ -251,7 +344,10 @@ impl Backend for Cpu {
                 width,
                 scale,
                 mask,
-            } => softmax(out, inp, rows, width, scale, mask),
+            } => {
+                softmax(out, inp, rows, width, scale, mask);
+                out.settle(0, rows * width);
+            }
             Kernel::SoftmaxBwd {
                 dinp,
                 dout,
@@ -260,7 +356,10 @@ impl Backend for Cpu {
                 width,
                 scale,
                 mask,
-            } => softmax_bwd(dinp, dout, out, rows, width, scale, mask),
+            } => {
+                softmax_bwd(dinp, dout, out, rows, width, scale, mask);
+                dinp.settle(0, rows * width);
+            }
             Kernel::LayerNorm {
                 out,
                 mean,
@@ -269,7 +368,12 @@ impl Backend for Cpu {
                 params,
                 n,
                 c,
-            } => layernorm(out, mean, rstd, inp, (params.0, params.1), n, c),
+            } => {
+                layernorm(out, mean, rstd, inp, (params.0, params.1), n, c);
+                out.settle(0, n * c);
+                mean.settle(0, n);
+                rstd.settle(0, n);
+            }
             Kernel::LayerNormBwd {
                 dinp,
                 grads,
@@ -280,16 +384,20 @@ impl Backend for Cpu {
                 rstd,
                 n,
                 c,
-            } => layernorm_bwd(
-                dinp,
-                (grads.0, grads.1),
-                dout,
-                inp,
-                (params.0, params.1),
-                (mean, rstd),
-                n,
-                c,
-            ),
+            } => {
+                layernorm_bwd(
+                    dinp,
+                    (&mut grads.0[..], grads.1),
+                    dout,
+                    inp,
+                    (params.0, params.1),
+                    (mean, rstd),
+                    n,
+                    c,
+                );
+                dinp.settle(0, n * c);
+                grads.0.settle(grads.1, 2 * c);
+            }
             Kernel::CrossEntropy {
                 losses,
                 logits,
@@ -298,7 +406,11 @@ impl Backend for Cpu {
                 v,
                 vp,
                 grad,
-            } => crossentropy(losses, logits, targets, n, v, vp, grad),
+            } => {
+                crossentropy(losses, logits, targets, n, v, vp, grad);
+                losses.settle(0, n);
+                logits.settle(0, n * vp);
+            }
             Kernel::AttentionFwd {
                 out,
                 lse,
@@ -310,6 +422,8 @@ impl Backend for Cpu {
             } => {
                 crate::backend::check_head_size(hs)?;
                 crate::flash::forward(out, lse, qkv, heads, t, hs, scale);
+                out.settle(0, heads * t * hs);
+                lse.settle(0, heads * t);
             }
             Kernel::AttentionBwd {
                 dqkv,
@@ -325,6 +439,8 @@ impl Backend for Cpu {
             } => {
                 crate::backend::check_head_size(hs)?;
                 crate::flash::backward(dqkv, delta, dout, out, lse, qkv, heads, t, hs, scale);
+                dqkv.settle(0, 3 * heads * t * hs);
+                delta.settle(0, heads * t);
             }
             Kernel::AdamW {
                 params,
@@ -343,37 +459,50 @@ impl Backend for Cpu {
                     &mut v[r],
                     &step,
                 );
+                for buf in [params, m, v] {
+                    buf.settle(off, len);
+                }
             }
         }
         Ok(())
     }
 }
 
-/// The CPU backend with bf16 GEMMs ([`Precision::Bf16`](crate::Precision::Bf16)): each
-/// GEMM's A and B are rounded to bf16 (nearest, ties to even) and multiplied in FP32, into an
-/// FP32 C; every other primitive is [`Cpu`]'s. This is the arithmetic of the CUDA backend in
-/// bf16, so the CUDA path is checked against it, and the tests run it here. It is a reference,
-/// not a fast path: the rounded copies cost more than they save on a CPU.
+/// The CPU backend in bf16 ([`Precision::Bf16`](crate::Precision::Bf16)): each GEMM's A and
+/// B are rounded to bf16 (nearest, ties to even) and multiplied in FP32, and its activations
+/// ([`Backend::activations`]) are stored in bf16 ([`CpuBuf`]: every primitive computes in FP32
+/// and rounds what it writes into them); every other primitive is [`Cpu`]'s. This is the
+/// arithmetic of the CUDA backend in bf16, so the CUDA path is checked against it, and the
+/// tests run it here. It is a reference, not a fast path: the rounding costs more than it
+/// saves on a CPU.
 #[derive(Clone, Debug, Default)]
 pub struct CpuBf16;
 
 impl Backend for CpuBf16 {
-    type Buf = Vec<f32>;
+    type Buf = CpuBuf;
     type Ids = Vec<i32>;
 
     fn name(&self) -> String {
         format!("{}, bf16 GEMMs emulated", Cpu.name())
     }
 
-    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+    fn zeros(&self, n: usize) -> Result<CpuBuf> {
         Cpu.zeros(n)
     }
 
-    fn upload_at(&self, dst: &mut Vec<f32>, off: usize, src: &[f32]) -> Result<()> {
+    fn activation_dtype(&self) -> DType {
+        DType::Bf16
+    }
+
+    fn activations(&self, n: usize) -> Result<CpuBuf> {
+        Ok(CpuBuf::bf16(vec![0.0; n]))
+    }
+
+    fn upload_at(&self, dst: &mut CpuBuf, off: usize, src: &[f32]) -> Result<()> {
         Cpu.upload_at(dst, off, src)
     }
 
-    fn download(&self, src: &Vec<f32>, off: usize, len: usize) -> Result<Vec<f32>> {
+    fn download(&self, src: &CpuBuf, off: usize, len: usize) -> Result<Vec<f32>> {
         Cpu.download(src, off, len)
     }
 
@@ -385,15 +514,15 @@ impl Backend for CpuBf16 {
         Cpu.upload_ids(dst, src)
     }
 
-    fn fill_zero(&self, buf: &mut Vec<f32>, off: usize, len: usize) -> Result<()> {
+    fn fill_zero(&self, buf: &mut CpuBuf, off: usize, len: usize) -> Result<()> {
         Cpu.fill_zero(buf, off, len)
     }
 
     fn copy(
         &self,
-        dst: &mut Vec<f32>,
+        dst: &mut CpuBuf,
         dst_off: usize,
-        src: &Vec<f32>,
+        src: &CpuBuf,
         src_off: usize,
         len: usize,
     ) -> Result<()> {
@@ -404,7 +533,7 @@ impl Backend for CpuBf16 {
         Ok(())
     }
 
-    fn launch(&self, kernel: Kernel<'_, Vec<f32>, Vec<i32>>) -> Result<()> {
+    fn launch(&self, kernel: Kernel<'_, CpuBuf, Vec<i32>>) -> Result<()> {
         match kernel {
             Kernel::Gemm { g, a, b, c } => {
                 if g.m == 0 || g.n == 0 || g.batch == 0 {
@@ -423,7 +552,8 @@ impl Backend for CpuBf16 {
                 };
                 let ra = rounded(a.0, a.1, ext_a);
                 let rb = rounded(b.0, b.1, ext_b);
-                gemm(&g, (&ra, 0), (&rb, 0), (c.0, c.1));
+                gemm(&g, (&ra, 0), (&rb, 0), (&mut c.0[..], c.1));
+                c.0.settle(c.1, extent(Op::N, g.m, g.n, g.ldc, g.stride_c, g.batch));
                 Ok(())
             }
             other => Cpu.launch(other),

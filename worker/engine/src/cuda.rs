@@ -17,14 +17,14 @@ use cudarc::driver::{
 };
 
 use crate::backend::{
-    Backend, BinaryOp, Gemm, Kernel, MAX_RANK, Mask, Op, Permutation, Precision, UnaryOp,
+    Backend, BinaryOp, DType, Gemm, Kernel, MAX_RANK, Mask, Op, Permutation, Precision, UnaryOp,
 };
 use crate::{EngineError, Result};
 
 const SOURCE: &str = include_str!("kernels.cu");
 /// The kernels of `kernels.cu` the backend loads, one or more per [`Kernel`].
 pub const KERNELS: [&str; 21] = [
-    "to_bf16",
+    "convert",
     "attention_fwd",
     "attention_delta",
     "attention_bwd_dq",
@@ -176,6 +176,76 @@ enum Arg {
     Float(f32),
 }
 
+/// A buffer of the CUDA backend: FP32 values, or bf16 values as their 16-bit patterns (the
+/// activations of a backend in [`Precision::Bf16`], from [`Backend::activations`]).
+#[derive(Debug)]
+pub enum CudaBuf {
+    /// FP32 values.
+    F32(CudaSlice<f32>),
+    /// bf16 values, each the upper half of an FP32's bits ([`crate::bf16`]).
+    Bf16(CudaSlice<u16>),
+}
+
+impl CudaBuf {
+    /// Values the buffer holds.
+    pub fn len(&self) -> usize {
+        match self {
+            CudaBuf::F32(b) => b.len(),
+            CudaBuf::Bf16(b) => b.len(),
+        }
+    }
+
+    /// Whether it holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How it stores its values.
+    pub fn dtype(&self) -> DType {
+        match self {
+            CudaBuf::F32(_) => DType::F32,
+            CudaBuf::Bf16(_) => DType::Bf16,
+        }
+    }
+
+    /// The FP32 values, or `None` for a bf16 buffer.
+    pub fn as_f32(&self) -> Option<&CudaSlice<f32>> {
+        match self {
+            CudaBuf::F32(b) => Some(b),
+            CudaBuf::Bf16(_) => None,
+        }
+    }
+
+    /// The FP32 values, or `None` for a bf16 buffer.
+    pub fn as_f32_mut(&mut self) -> Option<&mut CudaSlice<f32>> {
+        match self {
+            CudaBuf::F32(b) => Some(b),
+            CudaBuf::Bf16(_) => None,
+        }
+    }
+
+    /// The device address of the buffer's first value, for `stream` (a communicator's raw
+    /// calls: the backend tracks no events on its buffers).
+    pub fn device_ptr(&self, stream: &CudaStream) -> u64 {
+        match self {
+            CudaBuf::F32(b) => b.device_ptr(stream).0,
+            CudaBuf::Bf16(b) => b.device_ptr(stream).0,
+        }
+    }
+}
+
+/// The kernels' `dt` argument: bit `k` set when the `k`-th activation operand is bf16 (see
+/// kernels.cu).
+fn dt(operands: &[&CudaBuf]) -> Arg {
+    Arg::Int(
+        operands
+            .iter()
+            .enumerate()
+            .map(|(k, b)| i32::from(b.dtype() == DType::Bf16) << k)
+            .sum(),
+    )
+}
+
 /// The CUDA backend on one device.
 pub struct Cuda {
     ctx: Arc<CudaContext>,
@@ -262,8 +332,28 @@ impl Cuda {
         &self.stream
     }
 
+    /// The address of element `off` of `buf`, after checking that `need` values fit.
+    fn ptr(&self, buf: &CudaBuf, off: usize, need: usize) -> u64 {
+        match buf {
+            CudaBuf::F32(b) => self.slice_ptr(b, off, need),
+            CudaBuf::Bf16(b) => self.slice_ptr(b, off, need),
+        }
+    }
+
+    /// As [`Cuda::ptr`], for an operand the kernels keep in FP32 (parameters, their gradients,
+    /// statistics): refuses a bf16 buffer, naming the operand.
+    fn ptr32(&self, buf: &CudaBuf, off: usize, need: usize, what: &str) -> Result<u64> {
+        match buf {
+            CudaBuf::F32(b) => Ok(self.slice_ptr(b, off, need)),
+            CudaBuf::Bf16(_) => Err(EngineError::Config(format!(
+                "{what} must be an FP32 buffer, not bf16 (activations are bf16; parameters, \
+                 gradients and statistics FP32)"
+            ))),
+        }
+    }
+
     /// The address of element `off` of `buf`, after checking that `need` elements fit.
-    fn ptr<T>(&self, buf: &CudaSlice<T>, off: usize, need: usize) -> u64 {
+    fn slice_ptr<T>(&self, buf: &CudaSlice<T>, off: usize, need: usize) -> u64 {
         assert!(
             off + need <= buf.len(),
             "device access of {need} elements at {off} in a buffer of {}",
@@ -330,7 +420,7 @@ fn l(x: usize) -> Arg {
 }
 
 impl Backend for Cuda {
-    type Buf = CudaSlice<f32>;
+    type Buf = CudaBuf;
     type Ids = CudaSlice<i32>;
 
     fn name(&self) -> String {
@@ -340,30 +430,73 @@ impl Backend for Cuda {
             match self.precision {
                 Precision::Fp32 => ", FP32 GEMMs",
                 Precision::Tf32 => ", TF32 GEMMs",
-                Precision::Bf16 => ", bf16 GEMMs (FP32 sums)",
+                Precision::Bf16 => ", bf16 activations and GEMMs (FP32 sums)",
             }
         )
     }
 
-    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+    fn zeros(&self, n: usize) -> Result<CudaBuf> {
         self.stream
             .alloc_zeros(n.max(1))
+            .map(CudaBuf::F32)
             .map_err(dev("allocating device memory"))
     }
 
-    fn upload_at(&self, dst: &mut CudaSlice<f32>, off: usize, src: &[f32]) -> Result<()> {
-        self.stream
-            .memcpy_htod(src, &mut dst.slice_mut(off..off + src.len()))
-            .map_err(dev("copying to the device"))
+    fn activation_dtype(&self) -> DType {
+        if self.precision == Precision::Bf16 {
+            DType::Bf16
+        } else {
+            DType::F32
+        }
     }
 
-    fn download(&self, src: &CudaSlice<f32>, off: usize, len: usize) -> Result<Vec<f32>> {
-        let mut out = vec![0.0f32; len];
+    fn activations(&self, n: usize) -> Result<CudaBuf> {
+        if self.activation_dtype() == DType::F32 {
+            return self.zeros(n);
+        }
         self.stream
-            .memcpy_dtoh(&src.slice(off..off + len), &mut out)
-            .map_err(dev("copying from the device"))?;
-        self.sync()?;
-        Ok(out)
+            .alloc_zeros(n.max(1))
+            .map(CudaBuf::Bf16)
+            .map_err(dev("allocating device memory"))
+    }
+
+    fn upload_at(&self, dst: &mut CudaBuf, off: usize, src: &[f32]) -> Result<()> {
+        let end = off + src.len();
+        match dst {
+            CudaBuf::F32(d) => self
+                .stream
+                .memcpy_htod(src, &mut d.slice_mut(off..end))
+                .map_err(dev("copying to the device")),
+            CudaBuf::Bf16(d) => {
+                let bits: Vec<u16> = src.iter().map(|x| crate::bf16::to_bits(*x)).collect();
+                self.stream
+                    .memcpy_htod(&bits, &mut d.slice_mut(off..end))
+                    .map_err(dev("copying to the device"))?;
+                // The host copy must outlive the queued transfer.
+                self.sync()
+            }
+        }
+    }
+
+    fn download(&self, src: &CudaBuf, off: usize, len: usize) -> Result<Vec<f32>> {
+        match src {
+            CudaBuf::F32(s) => {
+                let mut out = vec![0.0f32; len];
+                self.stream
+                    .memcpy_dtoh(&s.slice(off..off + len), &mut out)
+                    .map_err(dev("copying from the device"))?;
+                self.sync()?;
+                Ok(out)
+            }
+            CudaBuf::Bf16(s) => {
+                let mut bits = vec![0u16; len];
+                self.stream
+                    .memcpy_dtoh(&s.slice(off..off + len), &mut bits)
+                    .map_err(dev("copying from the device"))?;
+                self.sync()?;
+                Ok(bits.into_iter().map(crate::bf16::from_bits).collect())
+            }
+        }
     }
 
     fn ids(&self, n: usize) -> Result<CudaSlice<i32>> {
@@ -378,21 +511,22 @@ impl Backend for Cuda {
             .map_err(dev("copying to the device"))
     }
 
-    fn fill_zero(&self, buf: &mut CudaSlice<f32>, off: usize, len: usize) -> Result<()> {
+    fn fill_zero(&self, buf: &mut CudaBuf, off: usize, len: usize) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
         let p = self.ptr(buf, off, len);
+        let bytes = len * buf.dtype().size();
         // SAFETY: the range was checked against the buffer.
-        unsafe { cudarc::driver::result::memset_d8_async(p, 0, len * 4, self.stream.cu_stream()) }
+        unsafe { cudarc::driver::result::memset_d8_async(p, 0, bytes, self.stream.cu_stream()) }
             .map_err(dev("zeroing device memory"))
     }
 
     fn copy(
         &self,
-        dst: &mut CudaSlice<f32>,
+        dst: &mut CudaBuf,
         dst_off: usize,
-        src: &CudaSlice<f32>,
+        src: &CudaBuf,
         src_off: usize,
         len: usize,
     ) -> Result<()> {
@@ -400,12 +534,28 @@ impl Backend for Cuda {
         if len == 0 {
             return Ok(());
         }
-        self.stream
-            .memcpy_dtod(
-                &src.slice(src_off..src_off + len),
-                &mut dst.slice_mut(dst_off..dst_off + len),
-            )
-            .map_err(dev("copying on the device"))
+        let (d, e) = (dst_off..dst_off + len, src_off..src_off + len);
+        match (dst, src) {
+            (CudaBuf::F32(dst), CudaBuf::F32(src)) => self
+                .stream
+                .memcpy_dtod(&src.slice(e), &mut dst.slice_mut(d))
+                .map_err(dev("copying on the device")),
+            (CudaBuf::Bf16(dst), CudaBuf::Bf16(src)) => self
+                .stream
+                .memcpy_dtod(&src.slice(e), &mut dst.slice_mut(d))
+                .map_err(dev("copying on the device")),
+            (dst, src) => {
+                // Between the two kinds: converted (rounded into bf16).
+                let mask = dt(&[dst, src]);
+                let args = [
+                    Arg::Ptr(self.ptr(dst, dst_off, len)),
+                    Arg::Ptr(self.ptr(src, src_off, len)),
+                    l(len),
+                    mask,
+                ];
+                self.convert(len, &args)
+            }
+        }
     }
 
     fn sync(&self) -> Result<()> {
@@ -414,7 +564,7 @@ impl Backend for Cuda {
             .map_err(dev("waiting for the device"))
     }
 
-    fn launch(&self, kernel: Kernel<'_, CudaSlice<f32>, CudaSlice<i32>>) -> Result<()> {
+    fn launch(&self, kernel: Kernel<'_, CudaBuf, CudaSlice<i32>>) -> Result<()> {
         match kernel {
             Kernel::Gemm { g, a, b, c } => self.gemm_blas(&g, (a.0, a.1), (b.0, b.1), (c.0, c.1)),
             Kernel::Unary { op, out, inp, n } => {
@@ -423,6 +573,7 @@ impl Backend for Cuda {
                     Arg::Ptr(self.ptr(inp, 0, n)),
                     l(n),
                     Arg::Int(unary_code(op)),
+                    dt(&[out, inp]),
                 ];
                 self.elementwise("unary", n, &args)
             }
@@ -439,6 +590,7 @@ impl Backend for Cuda {
                     Arg::Ptr(self.ptr(dout, 0, n)),
                     l(n),
                     Arg::Int(unary_code(op)),
+                    dt(&[dinp, inp, dout]),
                 ];
                 self.elementwise("unary_bwd", n, &args)
             }
@@ -449,6 +601,7 @@ impl Backend for Cuda {
                     Arg::Ptr(self.ptr(b, 0, n)),
                     l(n),
                     Arg::Int(binary_code(op)),
+                    dt(&[out, a, b]),
                 ];
                 self.elementwise("binary", n, &args)
             }
@@ -463,9 +616,10 @@ impl Backend for Cuda {
                 let args = [
                     Arg::Ptr(self.ptr(out, 0, n * width)),
                     Arg::Ptr(self.ptr(table.0, table.1, table_rows * width)),
-                    Arg::Ptr(self.ptr(ids, 0, n)),
+                    Arg::Ptr(self.slice_ptr(ids, 0, n)),
                     i(n),
                     i(width),
+                    dt(&[out, table.0]),
                 ];
                 self.elementwise("gather_rows", n * width, &args)
             }
@@ -478,11 +632,17 @@ impl Backend for Cuda {
                 width,
             } => {
                 let args = [
-                    Arg::Ptr(self.ptr(table.0, table.1, table_rows * width)),
+                    Arg::Ptr(self.ptr32(
+                        table.0,
+                        table.1,
+                        table_rows * width,
+                        "scatter-add rows: the table",
+                    )?),
                     Arg::Ptr(self.ptr(src, 0, n * width)),
-                    Arg::Ptr(self.ptr(ids, 0, n)),
+                    Arg::Ptr(self.slice_ptr(ids, 0, n)),
                     i(n),
                     i(width),
+                    dt(&[src]),
                 ];
                 self.elementwise("scatter_add_rows", n * width, &args)
             }
@@ -492,16 +652,18 @@ impl Backend for Cuda {
                     Arg::Ptr(self.ptr(row.0, row.1, width)),
                     i(n),
                     i(width),
+                    dt(&[out, row.0]),
                 ];
                 self.elementwise("add_row", n * width, &args)
             }
             Kernel::SumRows { dst, src, n, width } => {
                 let args = [
-                    Arg::Ptr(self.ptr(dst.0, dst.1, width)),
+                    Arg::Ptr(self.ptr32(dst.0, dst.1, width, "sum rows: the destination")?),
                     Arg::Ptr(self.ptr(src, 0, n * width)),
                     i(n),
                     i(width),
                     i(CHUNK),
+                    dt(&[src]),
                 ];
                 let grid = (
                     width.div_ceil(THREADS as usize) as u32,
@@ -511,12 +673,16 @@ impl Backend for Cuda {
             }
             Kernel::SumSquares { src, len, out } => {
                 let args = [
-                    Arg::Ptr(self.ptr(&self.partial, 0, SUM_BLOCKS)),
-                    Arg::Ptr(self.ptr(src.0, src.1, len)),
+                    Arg::Ptr(self.slice_ptr(&self.partial, 0, SUM_BLOCKS)),
+                    Arg::Ptr(self.ptr32(src.0, src.1, len, "sum of squares: the values")?),
                     l(len),
                 ];
                 self.run("sum_squares", (SUM_BLOCKS as u32, 1), THREADS, &args)?;
-                let parts = self.download(&self.partial, 0, SUM_BLOCKS)?;
+                let mut parts = vec![0.0f32; SUM_BLOCKS];
+                self.stream
+                    .memcpy_dtoh(&self.partial, &mut parts)
+                    .map_err(dev("copying from the device"))?;
+                self.sync()?;
                 *out = parts.iter().map(|p| f64::from(*p)).sum();
                 Ok(())
             }
@@ -537,6 +703,7 @@ impl Backend for Cuda {
                 ];
                 args.extend(p.dims.iter().map(|&d| i(d)));
                 args.extend(p.strides.iter().map(|&s| i(s)));
+                args.push(dt(&[out, inp]));
                 self.elementwise("permute", p.len, &args)
             }
             Kernel::AttentionFwd {
@@ -553,12 +720,13 @@ impl Backend for Cuda {
                 fits_32_bits("fused attention", 3 * n)?;
                 let args = [
                     Arg::Ptr(self.ptr(out, 0, n)),
-                    Arg::Ptr(self.ptr(lse, 0, rows)),
+                    Arg::Ptr(self.ptr32(lse, 0, rows, "fused attention: the log-sum-exps")?),
                     Arg::Ptr(self.ptr(qkv, 0, 3 * n)),
                     i(heads),
                     i(t),
                     i(hs),
                     Arg::Float(scale),
+                    dt(&[out, qkv]),
                 ];
                 self.per_row("attention_fwd", rows, &args)
             }
@@ -579,10 +747,10 @@ impl Backend for Cuda {
                 fits_32_bits("fused attention", 3 * n)?;
                 let (pdout, plse, pqkv) = (
                     self.ptr(dout, 0, n),
-                    self.ptr(lse, 0, rows),
+                    self.ptr32(lse, 0, rows, "fused attention: the log-sum-exps")?,
                     self.ptr(qkv, 0, 3 * n),
                 );
-                let pdelta = self.ptr(delta, 0, rows);
+                let pdelta = self.ptr32(delta, 0, rows, "fused attention: the deltas")?;
                 let pdqkv = self.ptr(dqkv, 0, 3 * n);
                 self.per_row(
                     "attention_delta",
@@ -593,6 +761,7 @@ impl Backend for Cuda {
                         Arg::Ptr(self.ptr(out, 0, n)),
                         i(rows),
                         i(hs),
+                        dt(&[dout, out]),
                     ],
                 )?;
                 let args = [
@@ -605,6 +774,7 @@ impl Backend for Cuda {
                     i(t),
                     i(hs),
                     Arg::Float(scale),
+                    dt(&[dqkv, dout, qkv]),
                 ];
                 self.per_row("attention_bwd_dq", rows, &args)?;
                 self.per_row("attention_bwd_dkv", rows, &args)
@@ -625,6 +795,7 @@ impl Backend for Cuda {
                     i(rows),
                     i(width),
                     Arg::Int(i32::from(mask == Mask::Causal)),
+                    dt(&[out, inp]),
                 ];
                 self.per_row("softmax_fwd", rows, &args)
             }
@@ -646,6 +817,7 @@ impl Backend for Cuda {
                     i(rows),
                     i(width),
                     Arg::Int(i32::from(mask == Mask::Causal)),
+                    dt(&[dinp, dout, out]),
                 ];
                 self.per_row("softmax_bwd", rows, &args)
             }
@@ -660,13 +832,14 @@ impl Backend for Cuda {
             } => {
                 let args = [
                     Arg::Ptr(self.ptr(out, 0, n * c)),
-                    Arg::Ptr(self.ptr(mean, 0, n)),
-                    Arg::Ptr(self.ptr(rstd, 0, n)),
+                    Arg::Ptr(self.ptr32(mean, 0, n, "layer norm: the means")?),
+                    Arg::Ptr(self.ptr32(rstd, 0, n, "layer norm: the deviations")?),
                     Arg::Ptr(self.ptr(inp, 0, n * c)),
-                    Arg::Ptr(self.ptr(params.0, params.1, c)),
+                    Arg::Ptr(self.ptr32(params.0, params.1, 2 * c, "layer norm: the weights")?),
                     Arg::Ptr(self.ptr(params.0, params.1 + c, c)),
                     i(n),
                     i(c),
+                    dt(&[out, inp]),
                 ];
                 self.per_row("layernorm_fwd", n, &args)
             }
@@ -682,20 +855,22 @@ impl Backend for Cuda {
                 c,
             } => {
                 let (pd, pi) = (self.ptr(dout, 0, n * c), self.ptr(inp, 0, n * c));
-                let (pm, pr) = (self.ptr(mean, 0, n), self.ptr(rstd, 0, n));
+                let pm = self.ptr32(mean, 0, n, "layer norm: the means")?;
+                let pr = self.ptr32(rstd, 0, n, "layer norm: the deviations")?;
                 let args = [
                     Arg::Ptr(self.ptr(dinp, 0, n * c)),
                     Arg::Ptr(pd),
                     Arg::Ptr(pi),
-                    Arg::Ptr(self.ptr(params.0, params.1, c)),
+                    Arg::Ptr(self.ptr32(params.0, params.1, c, "layer norm: the weights")?),
                     Arg::Ptr(pm),
                     Arg::Ptr(pr),
                     i(n),
                     i(c),
+                    dt(&[dinp, dout, inp]),
                 ];
                 self.per_row("layernorm_bwd_input", n, &args)?;
                 let args = [
-                    Arg::Ptr(self.ptr(grads.0, grads.1, c)),
+                    Arg::Ptr(self.ptr32(grads.0, grads.1, 2 * c, "layer norm: the gradients")?),
                     Arg::Ptr(self.ptr(grads.0, grads.1 + c, c)),
                     Arg::Ptr(pd),
                     Arg::Ptr(pi),
@@ -704,6 +879,7 @@ impl Backend for Cuda {
                     i(n),
                     i(c),
                     i(CHUNK),
+                    dt(&[dout, inp]),
                 ];
                 let grid = (
                     c.div_ceil(THREADS as usize) as u32,
@@ -721,14 +897,15 @@ impl Backend for Cuda {
                 grad,
             } => {
                 let args = [
-                    Arg::Ptr(self.ptr(losses, 0, n)),
+                    Arg::Ptr(self.ptr32(losses, 0, n, "cross-entropy: the losses")?),
                     Arg::Ptr(self.ptr(logits, 0, n * vp)),
-                    Arg::Ptr(self.ptr(targets, 0, n)),
+                    Arg::Ptr(self.slice_ptr(targets, 0, n)),
                     i(n),
                     i(v),
                     i(vp),
                     Arg::Float(grad.unwrap_or(0.0)),
                     Arg::Int(i32::from(grad.is_some())),
+                    dt(&[logits]),
                 ];
                 self.run("crossentropy", (n as u32, 1), 512, &args)
             }
@@ -742,10 +919,10 @@ impl Backend for Cuda {
                 step: s,
             } => {
                 let args = [
-                    Arg::Ptr(self.ptr(params, off, len)),
-                    Arg::Ptr(self.ptr(grads, off, len)),
-                    Arg::Ptr(self.ptr(m, off, len)),
-                    Arg::Ptr(self.ptr(v, off, len)),
+                    Arg::Ptr(self.ptr32(params, off, len, "AdamW: the parameters")?),
+                    Arg::Ptr(self.ptr32(grads, off, len, "AdamW: the gradients")?),
+                    Arg::Ptr(self.ptr32(m, off, len, "AdamW: the first moments")?),
+                    Arg::Ptr(self.ptr32(v, off, len, "AdamW: the second moments")?),
                     l(len),
                     Arg::Float(s.lr),
                     Arg::Float(s.beta1),
@@ -783,40 +960,54 @@ fn binary_code(op: BinaryOp) -> i32 {
 }
 
 impl Cuda {
-    /// Converts `n` floats at device address `src` to bf16 into `scratch` (grown to fit), and
-    /// returns the copy's address.
-    fn to_bf16(&self, scratch: &mut Option<CudaSlice<u16>>, src: u64, n: usize) -> Result<u64> {
+    /// Runs kernels.cu's `convert` over `n` values with `args` (destination, source, count,
+    /// mask).
+    fn convert(&self, n: usize, args: &[Arg]) -> Result<()> {
+        // 64-bit indices in the kernel: an operand may exceed 2^31 elements, as cuBLAS allows.
+        let grid = u32::try_from(n.div_ceil(THREADS as usize))
+            .map_err(|_| EngineError::Config(format!("a conversion of {n} values is too large")))?;
+        self.run("convert", (grid, 1), THREADS, args)
+    }
+
+    /// The device address of a bf16 GEMM operand of `n` values from `off` of `buf`: the
+    /// buffer's own for a bf16 buffer (an activation); for an FP32 one (a weight), a copy
+    /// rounded to bf16 in `scratch`, grown to fit.
+    fn bf16_operand(
+        &self,
+        scratch: &mut Option<CudaSlice<u16>>,
+        buf: &CudaBuf,
+        off: usize,
+        n: usize,
+    ) -> Result<u64> {
+        let src = self.ptr(buf, off, n);
+        if buf.dtype() == DType::Bf16 {
+            return Ok(src);
+        }
         if scratch.as_ref().is_none_or(|s| s.len() < n) {
-            // Exactly the largest operand so far (a step's GEMMs repeat, so this settles after
-            // the first step): for GPT-2 small at batch 8 the largest, the logits' gradient, is
-            // 0.8 GB in bf16.
+            // Exactly the largest FP32 operand so far (a step's GEMMs repeat, so this settles
+            // after the first step): the weights, the largest of which, GPT-2's token
+            // embedding, is 77 MB in bf16.
             *scratch = Some(
                 self.stream
                     .alloc_zeros::<u16>(n)
                     .map_err(dev("allocating the bf16 scratch"))?,
             );
         }
-        let dst = self.ptr(scratch.as_ref().expect("allocated above"), 0, n);
-        // 64-bit indices in the kernel: an operand may exceed 2^31 elements, as cuBLAS allows.
-        let grid = u32::try_from(n.div_ceil(THREADS as usize)).map_err(|_| {
-            EngineError::Config(format!("a bf16 GEMM operand of {n} elements is too large"))
-        })?;
-        self.run(
-            "to_bf16",
-            (grid, 1),
-            THREADS,
-            &[Arg::Ptr(dst), Arg::Ptr(src), l(n)],
-        )?;
+        let dst = self.slice_ptr(scratch.as_ref().expect("allocated above"), 0, n);
+        // Destination bf16 (bit 0), source FP32.
+        self.convert(n, &[Arg::Ptr(dst), Arg::Ptr(src), l(n), Arg::Int(1)])?;
         Ok(dst)
     }
 
-    /// [`Kernel::Gemm`] through cuBLAS, after checking the operands' extents.
+    /// [`Kernel::Gemm`] through cuBLAS, after checking the operands' extents. In bf16, A and B
+    /// are read as bf16 (converted first where they are FP32 buffers) and C is written as its
+    /// buffer stores values, the products summed in FP32; otherwise all three are FP32.
     fn gemm_blas(
         &self,
         g: &Gemm,
-        a: (&CudaSlice<f32>, usize),
-        b: (&CudaSlice<f32>, usize),
-        c: (&mut CudaSlice<f32>, usize),
+        a: (&CudaBuf, usize),
+        b: (&CudaBuf, usize),
+        c: (&mut CudaBuf, usize),
     ) -> Result<()> {
         if g.m == 0 || g.n == 0 || g.batch == 0 {
             return Ok(());
@@ -829,27 +1020,28 @@ impl Cuda {
             };
             (g.batch - 1) * stride + (cc - 1) * ld + r
         };
-        let pa = self.ptr(a.0, a.1, ext(g.ta, g.m, g.k, g.lda, g.stride_a));
-        let pb = self.ptr(b.0, b.1, ext(g.tb, g.k, g.n, g.ldb, g.stride_b));
-        let pc = self.ptr(c.0, c.1, ext(Op::N, g.m, g.n, g.ldc, g.stride_c));
+        let ea = ext(g.ta, g.m, g.k, g.lda, g.stride_a);
+        let eb = ext(g.tb, g.k, g.n, g.ldb, g.stride_b);
+        let ec = ext(Op::N, g.m, g.n, g.ldc, g.stride_c);
         let op = |o: Op| match o {
             Op::N => blas::cublasOperation_t::CUBLAS_OP_N,
             Op::T => blas::cublasOperation_t::CUBLAS_OP_T,
         };
         let d = |x: usize| i32::try_from(x).expect("GEMM dimension fits in i32");
         if self.precision == Precision::Bf16 {
-            let (ea, eb) = (
-                ext(g.ta, g.m, g.k, g.lda, g.stride_a),
-                ext(g.tb, g.k, g.n, g.ldb, g.stride_b),
-            );
+            let pc = self.ptr(c.0, c.1, ec);
             let mut scratch = self.bf16_scratch.lock().expect("the scratch lock");
             let [sa, sb] = &mut *scratch;
-            let qa = self.to_bf16(sa, pa, ea)?;
-            let qb = self.to_bf16(sb, pb, eb)?;
+            let qa = self.bf16_operand(sa, a.0, a.1, ea)?;
+            let qb = self.bf16_operand(sb, b.0, b.1, eb)?;
             let bf = blas::cudaDataType::CUDA_R_16BF;
-            let f32t = blas::cudaDataType::CUDA_R_32F;
-            // SAFETY: the bf16 copies hold the operands' whole extents, C's extent was checked
-            // against its buffer, and alpha and beta are f32 as CUBLAS_COMPUTE_32F wants.
+            let ctype = match c.0.dtype() {
+                DType::F32 => blas::cudaDataType::CUDA_R_32F,
+                DType::Bf16 => bf,
+            };
+            // SAFETY: A's and B's bf16 values cover their extents (the buffer's own, checked by
+            // `ptr`, or the scratch copy), C's extent was checked against its buffer and its
+            // type is the buffer's, and alpha and beta are f32 as CUBLAS_COMPUTE_32F wants.
             return unsafe {
                 blas::cublasGemmStridedBatchedEx(
                     *self.blas.handle(),
@@ -869,7 +1061,7 @@ impl Cuda {
                     g.stride_b as i64,
                     (&g.beta as *const f32).cast(),
                     pc as *mut std::ffi::c_void,
-                    f32t,
+                    ctype,
                     d(g.ldc),
                     g.stride_c as i64,
                     d(g.batch),
@@ -880,7 +1072,10 @@ impl Cuda {
             .result()
             .map_err(dev("cuBLAS bf16 GEMM"));
         }
-        // SAFETY: the three operands' extents were checked against their buffers.
+        let pa = self.ptr32(a.0, a.1, ea, "an FP32 GEMM's A")?;
+        let pb = self.ptr32(b.0, b.1, eb, "an FP32 GEMM's B")?;
+        let pc = self.ptr32(c.0, c.1, ec, "an FP32 GEMM's C")?;
+        // SAFETY: the three operands' extents were checked against their FP32 buffers.
         unsafe {
             blas::cublasSgemmStridedBatched(
                 *self.blas.handle(),

@@ -40,7 +40,7 @@ pub mod optim;
 pub mod profile;
 
 pub use backend::{
-    AdamStep, At, AtMut, Backend, BinaryOp, Gemm, Kernel, Mask, Op, Precision, UnaryOp,
+    AdamStep, At, AtMut, Backend, BinaryOp, DType, Gemm, Kernel, Mask, Op, Precision, UnaryOp,
 };
 pub use models::Net;
 /// An engine failure: a device error, or a shape the engine cannot run.

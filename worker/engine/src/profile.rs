@@ -64,6 +64,12 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn zeros(&self, n: usize) -> Result<B::Buf> {
         self.inner.zeros(n)
     }
+    fn activation_dtype(&self) -> crate::DType {
+        self.inner.activation_dtype()
+    }
+    fn activations(&self, n: usize) -> Result<B::Buf> {
+        self.inner.activations(n)
+    }
     fn upload_at(&self, dst: &mut B::Buf, off: usize, src: &[f32]) -> Result<()> {
         self.time("upload", || self.inner.upload_at(dst, off, src))
     }

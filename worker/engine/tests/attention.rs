@@ -3,7 +3,7 @@
 //! and backward, alone and inside GPT training.
 
 use lockstep_engine::check::gpt_steps;
-use lockstep_engine::cpu::Cpu;
+use lockstep_engine::cpu::{Cpu, CpuBuf};
 use lockstep_engine::models::gpt::GptConfig;
 use lockstep_engine::nn::{attention_bwd, attention_fused_bwd, attention_fused_fwd, attention_fwd};
 use lockstep_engine::{Backend, Kernel};
@@ -32,8 +32,8 @@ fn fused_attention_matches_the_unfused_path_forward_and_backward() {
     for (b, t, nh, hs) in [(2, 128, 2, 16), (1, 45, 3, 24)] {
         let c = nh * hs;
         let btc = b * t * c;
-        let qkv = rnd(3 * btc, 7, 1.5);
-        let dout = rnd(btc, 8, 1.0);
+        let qkv = CpuBuf::from(rnd(3 * btc, 7, 1.5));
+        let dout = CpuBuf::from(rnd(btc, 8, 1.0));
         // Unfused.
         let z = |n: usize| be.zeros(n).unwrap();
         let (mut out_u, mut qkvr_u, mut att, mut preatt, mut vacc) = (
@@ -143,13 +143,13 @@ fn fused_attention_refuses_heads_wider_than_its_kernels_take() {
     let wide = GptConfig::new(1, 1, 256, 16, 64).unwrap();
     let err = wide.with_fused_attention(true).unwrap_err().to_string();
     assert!(err.contains("256") && err.contains("unfused"), "{err}");
-    let mut out = vec![0.0; 256];
-    let mut lse = vec![0.0; 1];
+    let mut out = CpuBuf::from(vec![0.0; 256]);
+    let mut lse = CpuBuf::from(vec![0.0; 1]);
     let err = Cpu
         .launch(Kernel::AttentionFwd {
             out: &mut out,
             lse: &mut lse,
-            qkv: &vec![0.0; 768],
+            qkv: &CpuBuf::from(vec![0.0; 768]),
             heads: 1,
             t: 1,
             hs: 256,

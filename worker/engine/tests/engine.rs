@@ -2,7 +2,7 @@
 //! backward, and the whole GPT's gradient on a tiny config.
 
 use lockstep_engine::conformance::reference_gemm;
-use lockstep_engine::cpu::Cpu;
+use lockstep_engine::cpu::{Cpu, CpuBuf};
 use lockstep_engine::models::gpt::{Gpt, GptConfig};
 use lockstep_engine::nn;
 use lockstep_engine::{Backend, BinaryOp, Gemm, Kernel, Mask, Net, Op, UnaryOp};
@@ -56,7 +56,8 @@ fn gemm_matches_a_naive_product_for_every_transpose_stride_and_batch() {
             let b = rnd(g.stride_b * batch, 2, 1.0);
             let c0 = rnd(g.stride_c * batch, 3, 1.0);
             let want = reference_gemm(&g, (&a, 0), (&b, 0), (&c0, 0));
-            let mut got = c0.clone();
+            let mut got = CpuBuf::from(c0.clone());
+            let (a, b) = (CpuBuf::from(a), CpuBuf::from(b));
             be.gemm(&g, (&a, 0), (&b, 0), (&mut got, 0)).unwrap();
             for (i, (x, y)) in got.iter().zip(&want).enumerate() {
                 assert!(
@@ -73,7 +74,11 @@ fn gemm_matches_a_naive_product_for_every_transpose_stride_and_batch() {
 fn gemm_refuses_operands_that_do_not_fit_their_buffers() {
     let be = Cpu;
     let g = Gemm::single(Op::N, Op::N, 4, 4, 4, 0.0);
-    let (a, b, mut c) = (vec![0.0; 15], vec![0.0; 16], vec![0.0; 16]);
+    let (a, b, mut c) = (
+        CpuBuf::from(vec![0.0; 15]),
+        CpuBuf::from(vec![0.0; 16]),
+        CpuBuf::from(vec![0.0; 16]),
+    );
     be.gemm(&g, (&a, 0), (&b, 0), (&mut c, 0)).unwrap();
 }
 
@@ -86,14 +91,18 @@ fn layernorm_backward_matches_finite_differences() {
     params[..c].iter_mut().for_each(|w| *w += 1.0);
     let r = rnd(n * c, 6, 1.0);
     let fwd = |x: &[f32], p: &[f32]| {
-        let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        let (mut out, mut mean, mut rstd) = (
+            CpuBuf::from(vec![0.0; n * c]),
+            CpuBuf::from(vec![0.0; n]),
+            CpuBuf::from(vec![0.0; n]),
+        );
         nn::layernorm_fwd(
             &be,
             &mut out,
             &mut mean,
             &mut rstd,
-            &x.to_vec(),
-            &p.to_vec(),
+            &CpuBuf::from(x.to_vec()),
+            &CpuBuf::from(p.to_vec()),
             0,
             n,
             c,
@@ -102,10 +111,21 @@ fn layernorm_backward_matches_finite_differences() {
         (out, mean, rstd)
     };
     let (_, mean, rstd) = fwd(&x, &params);
-    let mut dinp = vec![0.0; n * c];
-    let mut grads = vec![0.0; 2 * c];
+    let mut dinp = CpuBuf::from(vec![0.0; n * c]);
+    let mut grads = CpuBuf::from(vec![0.0; 2 * c]);
     nn::layernorm_bwd(
-        &be, &mut dinp, &mut grads, 0, &r, &x, &params, 0, &mean, &rstd, n, c,
+        &be,
+        &mut dinp,
+        &mut grads,
+        0,
+        &CpuBuf::from(r.clone()),
+        &CpuBuf::from(x.clone()),
+        &CpuBuf::from(params.clone()),
+        0,
+        &mean,
+        &rstd,
+        n,
+        c,
     )
     .unwrap();
     check_grad("layernorm input", &x, &dinp, 24, 1e-2, 2e-3, &mut |x| {
@@ -129,22 +149,23 @@ fn gelu_and_softmax_backward_match_finite_differences() {
     let x = rnd(n, 7, 3.0);
     let r = rnd(n, 8, 1.0);
     let gelu = |x: &[f32]| {
-        let mut o = vec![0.0; n];
-        nn::activation_fwd(&be, UnaryOp::Gelu, &mut o, &x.to_vec(), n).unwrap();
+        let mut o = CpuBuf::from(vec![0.0; n]);
+        nn::activation_fwd(&be, UnaryOp::Gelu, &mut o, &CpuBuf::from(x.to_vec()), n).unwrap();
         dot(&o, &r)
     };
-    let mut d = vec![0.0; n];
-    nn::activation_bwd(&be, UnaryOp::Gelu, &mut d, &x, &r, n).unwrap();
+    let mut d = CpuBuf::from(vec![0.0; n]);
+    let (bx, br) = (CpuBuf::from(x.clone()), CpuBuf::from(r.clone()));
+    nn::activation_bwd(&be, UnaryOp::Gelu, &mut d, &bx, &br, n).unwrap();
     check_grad("gelu", &x, &d, n, 1e-2, 2e-3, &mut |x| gelu(x));
 
     let (blocks, t, scale) = (2, 5, 0.7);
     let pre = rnd(blocks * t * t, 9, 2.0);
     let r = rnd(blocks * t * t, 10, 1.0);
     let soft = |p: &[f32]| {
-        let mut o = vec![0.0; blocks * t * t];
+        let mut o = CpuBuf::from(vec![0.0; blocks * t * t]);
         be.launch(Kernel::Softmax {
             out: &mut o,
-            inp: &p.to_vec(),
+            inp: &CpuBuf::from(p.to_vec()),
             rows: blocks * t,
             width: t,
             scale,
@@ -163,10 +184,10 @@ fn gelu_and_softmax_backward_match_finite_differences() {
             "row {row} sees the future"
         );
     }
-    let mut dpre = vec![0.0; blocks * t * t];
+    let mut dpre = CpuBuf::from(vec![0.0; blocks * t * t]);
     be.launch(Kernel::SoftmaxBwd {
         dinp: &mut dpre,
-        dout: &r,
+        dout: &CpuBuf::from(r.clone()),
         out: &att,
         rows: blocks * t,
         width: t,
@@ -186,12 +207,22 @@ fn crossentropy_gradient_matches_finite_differences_and_ignores_padding() {
     let logits = rnd(n * vp, 11, 3.0);
     let targets = vec![0, 5, 2, 3];
     let loss = |l: &[f32]| {
-        let mut losses = vec![0.0; n];
-        nn::crossentropy(&be, &mut losses, &mut l.to_vec(), &targets, n, v, vp, None).unwrap();
+        let mut losses = CpuBuf::from(vec![0.0; n]);
+        nn::crossentropy(
+            &be,
+            &mut losses,
+            &mut CpuBuf::from(l.to_vec()),
+            &targets,
+            n,
+            v,
+            vp,
+            None,
+        )
+        .unwrap();
         losses.iter().map(|x| f64::from(*x)).sum::<f64>() / n as f64
     };
-    let mut d = logits.clone();
-    let mut losses = vec![0.0; n];
+    let mut d = CpuBuf::from(logits.clone());
+    let mut losses = CpuBuf::from(vec![0.0; n]);
     nn::crossentropy(
         &be,
         &mut losses,
@@ -221,12 +252,12 @@ fn attention(
     hs: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (btc, att_n) = (b * t * nh * hs, b * nh * t * t);
-    let mut out = vec![0.0; btc];
+    let mut out = CpuBuf::from(vec![0.0; btc]);
     let (mut qkvr, mut att, mut pre, mut vacc) = (
-        vec![0.0; 3 * btc],
-        vec![0.0; att_n],
-        vec![0.0; att_n],
-        vec![0.0; btc],
+        CpuBuf::from(vec![0.0; 3 * btc]),
+        CpuBuf::from(vec![0.0; att_n]),
+        CpuBuf::from(vec![0.0; att_n]),
+        CpuBuf::from(vec![0.0; btc]),
     );
     nn::attention_fwd(
         &Cpu,
@@ -235,14 +266,14 @@ fn attention(
         &mut att,
         &mut pre,
         &mut vacc,
-        &qkv.to_vec(),
+        &CpuBuf::from(qkv.to_vec()),
         b,
         t,
         nh,
         hs,
     )
     .expect("attention forward");
-    (out, qkvr, att)
+    (out.into_vec(), qkvr.into_vec(), att.into_vec())
 }
 
 /// The gradient of [`attention`]'s input for the output gradient `dout`.
@@ -257,12 +288,12 @@ fn attention_backward(
     hs: usize,
 ) -> Vec<f32> {
     let (btc, att_n) = (b * t * nh * hs, b * nh * t * t);
-    let mut dqkv = vec![0.0; 3 * btc];
+    let mut dqkv = CpuBuf::from(vec![0.0; 3 * btc]);
     let (mut dqkvr, mut datt, mut dpre, mut dvacc) = (
-        vec![0.0; 3 * btc],
-        vec![0.0; att_n],
-        vec![0.0; att_n],
-        vec![0.0; btc],
+        CpuBuf::from(vec![0.0; 3 * btc]),
+        CpuBuf::from(vec![0.0; att_n]),
+        CpuBuf::from(vec![0.0; att_n]),
+        CpuBuf::from(vec![0.0; btc]),
     );
     nn::attention_bwd(
         &Cpu,
@@ -271,16 +302,16 @@ fn attention_backward(
         &mut datt,
         &mut dpre,
         &mut dvacc,
-        &dout.to_vec(),
-        &qkvr.to_vec(),
-        &att.to_vec(),
+        &CpuBuf::from(dout.to_vec()),
+        &CpuBuf::from(qkvr.to_vec()),
+        &CpuBuf::from(att.to_vec()),
         b,
         t,
         nh,
         hs,
     )
     .expect("attention backward");
-    dqkv
+    dqkv.into_vec()
 }
 
 fn tiny() -> GptConfig {
@@ -306,12 +337,12 @@ fn attention_and_matmul_backward_match_finite_differences() {
     let p = rnd(oc * ic + oc, 15, 1.0);
     let r = rnd(n * oc, 16, 1.0);
     let mm = |x: &[f32], p: &[f32]| {
-        let mut out = vec![0.0; n * oc];
+        let mut out = CpuBuf::from(vec![0.0; n * oc]);
         nn::matmul_fwd(
             &be,
             &mut out,
-            &x.to_vec(),
-            &p.to_vec(),
+            &CpuBuf::from(x.to_vec()),
+            &CpuBuf::from(p.to_vec()),
             0,
             Some(oc * ic),
             n,
@@ -321,17 +352,17 @@ fn attention_and_matmul_backward_match_finite_differences() {
         .unwrap();
         out
     };
-    let mut dx = vec![0.0; n * ic];
-    let mut dp = vec![0.0; oc * ic + oc];
+    let mut dx = CpuBuf::from(vec![0.0; n * ic]);
+    let mut dp = CpuBuf::from(vec![0.0; oc * ic + oc]);
     nn::matmul_bwd(
         &be,
         &mut dx,
         &mut dp,
         0,
         Some(oc * ic),
-        &r,
-        &x,
-        &p,
+        &CpuBuf::from(r.clone()),
+        &CpuBuf::from(x.clone()),
+        &CpuBuf::from(p.clone()),
         0,
         n,
         ic,
@@ -551,9 +582,9 @@ fn blocked_causal_attention_matches_a_direct_computation_and_finite_differences(
 fn gather_rows_copies_the_named_rows_and_scatter_add_sums_repeated_ids_in_place() {
     let be = Cpu;
     // A table of 3 rows of 2 after one float of something else.
-    let table = vec![-1.0, 10.0, 11.0, 20.0, 21.0, 30.0, 31.0];
+    let table = CpuBuf::from(vec![-1.0, 10.0, 11.0, 20.0, 21.0, 30.0, 31.0]);
     let ids = vec![2, 0, 2, 1];
-    let mut out = vec![0.0; 8];
+    let mut out = CpuBuf::from(vec![0.0; 8]);
     be.launch(Kernel::GatherRows {
         out: &mut out,
         table: (&table, 1),
@@ -563,8 +594,8 @@ fn gather_rows_copies_the_named_rows_and_scatter_add_sums_repeated_ids_in_place(
         width: 2,
     })
     .unwrap();
-    assert_eq!(out, [30.0, 31.0, 10.0, 11.0, 30.0, 31.0, 20.0, 21.0]);
-    let src = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+    assert_eq!(*out, [30.0, 31.0, 10.0, 11.0, 30.0, 31.0, 20.0, 21.0]);
+    let src = CpuBuf::from(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
     let mut acc = table.clone();
     be.launch(Kernel::ScatterAddRows {
         table: (&mut acc, 1),
@@ -575,14 +606,14 @@ fn gather_rows_copies_the_named_rows_and_scatter_add_sums_repeated_ids_in_place(
         width: 2,
     })
     .unwrap();
-    assert_eq!(acc, [-1.0, 13.0, 15.0, 27.0, 29.0, 36.0, 39.0]);
+    assert_eq!(*acc, [-1.0, 13.0, 15.0, 27.0, 29.0, 36.0, 39.0]);
 }
 
 #[test]
 fn gather_and_scatter_add_refuse_ids_outside_the_table() {
     let be = Cpu;
-    let mut table = vec![0.0; 6];
-    let mut out = vec![0.0; 2];
+    let mut table = CpuBuf::from(vec![0.0; 6]);
+    let mut out = CpuBuf::from(vec![0.0; 2]);
     for bad in [3, -1] {
         let ids = vec![bad];
         let e = be
@@ -619,23 +650,24 @@ fn sigmoid_tanh_cos_and_mul_backward_match_finite_differences() {
     let r = rnd(n, 24, 1.0);
     for op in [UnaryOp::Sigmoid, UnaryOp::Tanh, UnaryOp::Relu, UnaryOp::Cos] {
         let f = |x: &[f32]| {
-            let mut o = vec![0.0; n];
-            nn::activation_fwd(&be, op, &mut o, &x.to_vec(), n).unwrap();
+            let mut o = CpuBuf::from(vec![0.0; n]);
+            nn::activation_fwd(&be, op, &mut o, &CpuBuf::from(x.to_vec()), n).unwrap();
             dot(&o, &r)
         };
-        let mut d = vec![0.0; n];
-        nn::activation_bwd(&be, op, &mut d, &x, &r, n).unwrap();
+        let mut d = CpuBuf::from(vec![0.0; n]);
+        let (bx, br) = (CpuBuf::from(x.clone()), CpuBuf::from(r.clone()));
+        nn::activation_bwd(&be, op, &mut d, &bx, &br, n).unwrap();
         check_grad(&format!("{op:?}"), &x, &d, n, 1e-3, 2e-3, &mut |x| f(x));
     }
     // d/da of r . (a * b) is r * b: the product's backward is the product itself.
     let b = rnd(n, 25, 2.0);
     let mul = |a: &[f32], b: &[f32]| {
-        let mut o = vec![0.0; n];
+        let mut o = CpuBuf::from(vec![0.0; n]);
         be.launch(Kernel::Binary {
             op: BinaryOp::Mul,
             out: &mut o,
-            a: &a.to_vec(),
-            b: &b.to_vec(),
+            a: &CpuBuf::from(a.to_vec()),
+            b: &CpuBuf::from(b.to_vec()),
             n,
         })
         .unwrap();
@@ -652,10 +684,10 @@ fn unmasked_softmax_rows_sum_to_one_and_backward_matches_finite_differences() {
     let x = rnd(rows * width, 26, 2.0);
     let r = rnd(rows * width, 27, 1.0);
     let soft = |x: &[f32]| {
-        let mut o = vec![0.0; rows * width];
+        let mut o = CpuBuf::from(vec![0.0; rows * width]);
         be.launch(Kernel::Softmax {
             out: &mut o,
-            inp: &x.to_vec(),
+            inp: &CpuBuf::from(x.to_vec()),
             rows,
             width,
             scale,
@@ -669,10 +701,10 @@ fn unmasked_softmax_rows_sum_to_one_and_backward_matches_finite_differences() {
         assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         assert!(row.iter().all(|v| *v > 0.0), "every entry is seen: {row:?}");
     }
-    let mut d = vec![0.0; rows * width];
+    let mut d = CpuBuf::from(vec![0.0; rows * width]);
     be.launch(Kernel::SoftmaxBwd {
         dinp: &mut d,
-        dout: &r,
+        dout: &CpuBuf::from(r.clone()),
         out: &p,
         rows,
         width,
@@ -835,9 +867,9 @@ fn run_parts(
             }
         }
     }
-    let mut whole = vec![0.0f32; cfg.num_params()];
+    let mut whole = CpuBuf::from(vec![0.0f32; cfg.num_params()]);
     let wte = cfg.padded_vocab * cfg.channels;
-    let mut tied = vec![0.0f32; wte];
+    let mut tied = CpuBuf::from(vec![0.0f32; wte]);
     for part in &parts {
         let g = part.params.grads.clone();
         part.layout.scatter(&g, &mut whole);
@@ -848,7 +880,7 @@ fn run_parts(
     if cuts.len() > 1 {
         whole[..wte].copy_from_slice(&tied);
     }
-    (loss, whole)
+    (loss, whole.to_vec())
 }
 
 #[test]
@@ -877,7 +909,7 @@ fn a_gpt_cut_into_parts_computes_the_whole_gpts_loss_and_gradient() {
         m.backward(&be, &mut |_, _| {}).unwrap();
     }
     assert_eq!(
-        whole, m.params.grads,
+        whole, *m.params.grads,
         "one part with every slot is the whole model, bit for bit"
     );
     for cuts in [
@@ -928,10 +960,10 @@ fn parts_passing_device_buffers_compute_what_parts_passing_host_vectors_do() {
 fn a_copy_past_the_end_of_a_buffer_is_refused() {
     use lockstep_engine::Backend;
     let be = Cpu;
-    let src = vec![1.0f32, 2.0, 3.0, 4.0];
-    let mut dst = vec![0.0f32; 3];
+    let src = CpuBuf::from(vec![1.0f32, 2.0, 3.0, 4.0]);
+    let mut dst = CpuBuf::from(vec![0.0f32; 3]);
     be.copy(&mut dst, 1, &src, 2, 2).expect("fits");
-    assert_eq!(dst, vec![0.0, 3.0, 4.0]);
+    assert_eq!(*dst, [0.0, 3.0, 4.0]);
     let e = be.copy(&mut dst, 2, &src, 0, 2).expect_err("past dst");
     assert!(e.to_string().contains("reaches past the end"), "{e}");
     assert!(be.copy(&mut dst, 0, &src, 3, 2).is_err(), "past src");

@@ -122,7 +122,7 @@ fn run(c: TgnConfig, params: &[f32], x: &TgnBatch<'_>) -> (TgnOutput, Vec<f32>) 
     net.zero_grad(&be).expect("zero");
     let out = net.forward(&be, x).expect("forward");
     net.backward(&be).expect("backward");
-    (out, net.params.grads.clone())
+    (out, net.params.grads.to_vec())
 }
 
 fn loss(c: TgnConfig, params: &[f32], x: &TgnBatch<'_>) -> f64 {

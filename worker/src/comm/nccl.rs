@@ -220,6 +220,14 @@ pub struct NcclComm {
     world: usize,
 }
 
+/// NCCL's type for the values of an engine buffer.
+fn nccl_type(dtype: lockstep_engine::DType) -> sys::ncclDataType_t {
+    match dtype {
+        lockstep_engine::DType::F32 => sys::ncclDataType_t::ncclFloat32,
+        lockstep_engine::DType::Bf16 => sys::ncclDataType_t::ncclBfloat16,
+    }
+}
+
 impl NcclComm {
     /// Joins the NCCL communicator of `world` ranks identified by `id` (the bytes of
     /// [`new_id`]), on `stream`, and puts it under the watch of its asynchronous errors.
@@ -268,6 +276,54 @@ impl NcclComm {
         o: ReduceOp,
     ) -> Result<()> {
         self.all_reduce_in_place(view, o)
+    }
+
+    /// Sends all of an engine buffer to `peer`, FP32 or bf16 as it stores its values (a
+    /// pipeline's activations and their gradients).
+    #[allow(unsafe_code)]
+    pub fn send_buf(&mut self, buf: &lockstep_engine::cuda::CudaBuf, peer: usize) -> Result<()> {
+        let peer = i32::try_from(peer).map_err(|_| CommError::Setup(format!("rank {peer}")))?;
+        let stream = self.raw_stream();
+        let src = buf.device_ptr(&self.stream);
+        // SAFETY: `src` holds `buf.len()` values of the type given; the engine orders the
+        // buffer's writes before this stream (it tracks no events of its own).
+        unsafe {
+            result::send(
+                src as _,
+                buf.len(),
+                nccl_type(buf.dtype()),
+                peer,
+                self.handle.comm,
+                stream,
+            )
+        }
+        .map(drop)
+        .map_err(nccl_err)
+    }
+
+    /// Receives all of an engine buffer from `peer`, FP32 or bf16 as it stores its values.
+    #[allow(unsafe_code)]
+    pub fn recv_buf(
+        &mut self,
+        buf: &mut lockstep_engine::cuda::CudaBuf,
+        peer: usize,
+    ) -> Result<()> {
+        let peer = i32::try_from(peer).map_err(|_| CommError::Setup(format!("rank {peer}")))?;
+        let stream = self.raw_stream();
+        let dst = buf.device_ptr(&self.stream);
+        // SAFETY: `dst` holds `buf.len()` values of the type given, borrowed mutably.
+        unsafe {
+            result::recv(
+                dst as _,
+                buf.len(),
+                nccl_type(buf.dtype()),
+                peer,
+                self.handle.comm,
+                stream,
+            )
+        }
+        .map(drop)
+        .map_err(nccl_err)
     }
 
     /// Waits until every queued collective has finished.

@@ -133,7 +133,7 @@ pub struct NcclLink {
     /// Per sending stage, the communicator of the channel this stage receives on.
     recvs: std::collections::HashMap<usize, crate::comm::nccl::NcclComm>,
     /// Buffers that sends in flight read.
-    sent: Vec<cudarc::driver::CudaSlice<f32>>,
+    sent: Vec<lockstep_engine::cuda::CudaBuf>,
 }
 
 #[cfg(feature = "cuda")]
@@ -203,7 +203,6 @@ impl<C: HostComm> StageLink<lockstep_engine::cuda::Cuda, C> for NcclLink {
         stage: usize,
         channels: &[(u32, u32)],
     ) -> Result<(), WorkError> {
-        use crate::comm::Communicator;
         use crate::comm::nccl::{NcclComm, new_id};
         // In the same order on every stage: the first channel not yet made has both its
         // stages making it, so the blocking joins never wait in a cycle. The sender makes the
@@ -248,9 +247,9 @@ impl<C: HostComm> StageLink<lockstep_engine::cuda::Cuda, C> for NcclLink {
             let channel = channel.ok_or_else(|| no_channel("connect with", from + to - stage))?;
             after_compute(be, channel)?;
             if send {
-                channel.send(&token, 1)?;
+                channel.send_buf(&token, 1)?;
             } else {
-                channel.recv(&mut token, 0)?;
+                channel.recv_buf(&mut token, 0)?;
             }
             channel.synchronize()?;
         }
@@ -267,14 +266,13 @@ impl<C: HostComm> StageLink<lockstep_engine::cuda::Cuda, C> for NcclLink {
         &mut self,
         be: &lockstep_engine::cuda::Cuda,
         _comm: &mut C,
-        buf: cudarc::driver::CudaSlice<f32>,
+        buf: lockstep_engine::cuda::CudaBuf,
         len: usize,
         to: usize,
-    ) -> Result<Option<cudarc::driver::CudaSlice<f32>>, WorkError> {
-        use crate::comm::Communicator;
+    ) -> Result<Option<lockstep_engine::cuda::CudaBuf>, WorkError> {
         // Behind the copy that filled `buf`.
         let channel = queue_on(be, &mut self.sends, to, "send to", buf.len(), len)?;
-        channel.send(&buf, 1)?;
+        channel.send_buf(&buf, 1)?;
         // The send reads `buf` until `finish` has waited for it.
         self.sent.push(buf);
         Ok(None)
@@ -284,14 +282,13 @@ impl<C: HostComm> StageLink<lockstep_engine::cuda::Cuda, C> for NcclLink {
         &mut self,
         be: &lockstep_engine::cuda::Cuda,
         comm: &mut C,
-        buf: &mut cudarc::driver::CudaSlice<f32>,
+        buf: &mut lockstep_engine::cuda::CudaBuf,
         len: usize,
         from: usize,
     ) -> Result<(), WorkError> {
-        use crate::comm::Communicator;
         // Behind the buffer's allocation and the copies that read it last.
         let channel = queue_on(be, &mut self.recvs, from, "receive from", buf.len(), len)?;
-        channel.recv(buf, 0)?;
+        channel.recv_buf(buf, 0)?;
         // The stage waits here for its neighbour (its idle time), and a hang shows as this; the
         // work the host queues next, on the compute stream, comes after the receive.
         let activity = comm.activity();
@@ -306,7 +303,7 @@ impl<C: HostComm> StageLink<lockstep_engine::cuda::Cuda, C> for NcclLink {
         &mut self,
         _be: &lockstep_engine::cuda::Cuda,
         comm: &mut C,
-    ) -> Result<Vec<cudarc::driver::CudaSlice<f32>>, WorkError> {
+    ) -> Result<Vec<lockstep_engine::cuda::CudaBuf>, WorkError> {
         let activity = comm.activity();
         let _op = activity
             .as_deref()

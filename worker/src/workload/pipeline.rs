@@ -455,6 +455,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         // received, or made here for a later chunk of this stage (`acts`, `grads`), or waiting
         // for their send (`out_acts`, `out_grads`).
         let n = mb * t * c;
+        let act = self.be.activation_dtype().size();
         let mut pool = std::mem::take(&mut self.pool);
         let mut acts: HashMap<(u32, u32), B::Buf> = HashMap::new();
         let mut grads: HashMap<(u32, u32), B::Buf> = HashMap::new();
@@ -533,7 +534,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     let targets = (k + 1 == n_parts).then_some(&y[..]);
                     part.forward_slot(&self.be, slot, input, targets, mb, t, Some(scale))?;
                     live += 1;
-                    live_bytes += part.slot_bytes();
+                    live_bytes += part.slot_bytes(act);
                     stats.peak_micro_batches = stats.peak_micro_batches.max(live);
                     stats.peak_activation_bytes = stats.peak_activation_bytes.max(live_bytes);
                     if k + 1 == n_parts {
@@ -601,7 +602,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                         slot_of[chunk as usize].remove(&micro);
                         free[chunk as usize].push(slot);
                         live -= 1;
-                        live_bytes -= part.slot_bytes();
+                        live_bytes -= part.slot_bytes(act);
                         stats.backward += t0.elapsed();
                     } else {
                         stats.backward_input += t0.elapsed();
@@ -630,7 +631,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     }
                     free[chunk as usize].push(slot);
                     live -= 1;
-                    live_bytes -= part.slot_bytes();
+                    live_bytes -= part.slot_bytes(act);
                     stats.backward_weight += t0.elapsed();
                     stats.busy += t0.elapsed();
                     phase_end = Instant::now();
@@ -722,11 +723,12 @@ fn overlapped<B: Backend, C>(
     }
 }
 
-/// A buffer of `n` values from `pool`, or a new one.
+/// A buffer of `n` activations (the backend's activation storage: bf16 in bf16) from `pool`,
+/// or a new one.
 fn buffer<B: Backend>(be: &B, pool: &mut Vec<B::Buf>, n: usize) -> Result<B::Buf, WorkError> {
     match pool.pop() {
         Some(b) => Ok(b),
-        None => Ok(be.zeros(n)?),
+        None => Ok(be.activations(n)?),
     }
 }
 

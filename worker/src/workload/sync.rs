@@ -240,7 +240,7 @@ impl<C: crate::comm::Communicator> GradSync<lockstep_engine::cuda::Cuda, C> for 
         &mut self,
         be: &lockstep_engine::cuda::Cuda,
         _comm: &mut C,
-        grads: &mut cudarc::driver::CudaSlice<f32>,
+        grads: &mut lockstep_engine::cuda::CudaBuf,
         tag: usize,
         range: Range<usize>,
     ) -> Result<(), WorkError> {
@@ -252,6 +252,12 @@ impl<C: crate::comm::Communicator> GradSync<lockstep_engine::cuda::Cuda, C> for 
             .record_event(Some(CU_EVENT_DEFAULT))
             .map_err(cuda_err)?;
         let bytes = range.len() * 4;
+        let grads = grads.as_f32_mut().ok_or_else(|| {
+            WorkError::new(
+                lockstep_api::contract::ExitCode::Internal,
+                "NCCL gradient sync: the gradients are not an FP32 buffer".to_string(),
+            )
+        })?;
         let mut view = grads.slice_mut(range);
         self.comm
             .all_reduce_view(&mut view, ReduceOp::Avg)
@@ -268,7 +274,7 @@ impl<C: crate::comm::Communicator> GradSync<lockstep_engine::cuda::Cuda, C> for 
         &mut self,
         be: &lockstep_engine::cuda::Cuda,
         comm: &mut C,
-        _grads: &mut cudarc::driver::CudaSlice<f32>,
+        _grads: &mut lockstep_engine::cuda::CudaBuf,
         tag: usize,
     ) -> Result<SyncStats, WorkError> {
         use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;

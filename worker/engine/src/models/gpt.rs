@@ -614,7 +614,12 @@ impl<B: Backend> Gpt<B> {
         } else {
             (att, att, att)
         };
+        // Activations and their gradients in the backend's activation storage (bf16 in bf16);
+        // layer-norm statistics, log-sum-exps, losses and the fused backward's deltas in FP32.
         let z = |n: usize| be.zeros(n);
+        let a = |n: usize| be.activations(n);
+        let fused = config.fused_attention;
+        let att_buf = |n: usize| if fused { z(n) } else { a(n) };
         let layers = layout.spec.layers.len();
         let mut all = Vec::with_capacity(slots);
         for _ in 0..slots {
@@ -622,38 +627,38 @@ impl<B: Backend> Gpt<B> {
             let mut stash = Vec::new();
             for _ in 0..layers {
                 blocks.push(BlockActs {
-                    ln1: z(btc)?,
+                    ln1: a(btc)?,
                     ln1_mean: z(bt)?,
                     ln1_rstd: z(bt)?,
-                    qkv: z(3 * btc)?,
-                    qkvr: z(3 * btc)?,
-                    att: z(att)?,
-                    atty: z(btc)?,
-                    attproj: z(btc)?,
-                    residual2: z(btc)?,
-                    ln2: z(btc)?,
+                    qkv: a(3 * btc)?,
+                    qkvr: a(3 * btc)?,
+                    att: att_buf(att)?,
+                    atty: a(btc)?,
+                    attproj: a(btc)?,
+                    residual2: a(btc)?,
+                    ln2: a(btc)?,
                     ln2_mean: z(bt)?,
                     ln2_rstd: z(bt)?,
-                    fch: z(4 * btc)?,
-                    fch_gelu: z(4 * btc)?,
-                    fcproj: z(btc)?,
-                    residual3: z(btc)?,
+                    fch: a(4 * btc)?,
+                    fch_gelu: a(4 * btc)?,
+                    fcproj: a(btc)?,
+                    residual3: a(btc)?,
                 });
                 if split {
                     stash.push(Stash {
-                        d_qkv: z(3 * btc)?,
-                        d_attproj: z(btc)?,
-                        d_fch: z(4 * btc)?,
-                        d_fcproj: z(btc)?,
+                        d_qkv: a(3 * btc)?,
+                        d_attproj: a(btc)?,
+                        d_fch: a(4 * btc)?,
+                        d_fcproj: a(btc)?,
                     });
                 }
             }
             let head = if layout.spec.head {
                 Some(HeadActs {
-                    lnf: z(btc)?,
+                    lnf: a(btc)?,
                     lnf_mean: z(bt)?,
                     lnf_rstd: z(bt)?,
-                    logits: z(bt * config.padded_vocab)?,
+                    logits: a(bt * config.padded_vocab)?,
                     losses: z(bt)?,
                     targets: be.ids(bt)?,
                 })
@@ -661,7 +666,7 @@ impl<B: Backend> Gpt<B> {
                 None
             };
             all.push(Slot {
-                input: z(btc)?,
+                input: a(btc)?,
                 ids: be.ids(if layout.spec.embed { bt } else { 0 })?,
                 blocks,
                 head,
@@ -677,19 +682,19 @@ impl<B: Backend> Gpt<B> {
             seq,
             slots: all,
             scratch: Scratch {
-                fused: config.fused_attention,
-                preatt: z(preatt)?,
-                vaccum: z(btc)?,
-                dresidual: z(btc)?,
-                dln: z(btc)?,
-                datty: z(btc)?,
-                dqkvr: z(3 * btc)?,
-                dqkv: z(3 * btc)?,
-                dfch: z(4 * btc)?,
-                dfch_gelu: z(4 * btc)?,
-                datt: z(datt)?,
-                dpreatt: z(dpreatt)?,
-                zeros: z(if split { btc } else { 0 })?,
+                fused,
+                preatt: a(preatt)?,
+                vaccum: a(btc)?,
+                dresidual: a(btc)?,
+                dln: a(btc)?,
+                datty: a(btc)?,
+                dqkvr: a(3 * btc)?,
+                dqkv: a(3 * btc)?,
+                dfch: a(4 * btc)?,
+                dfch_gelu: a(4 * btc)?,
+                datt: att_buf(datt)?,
+                dpreatt: a(dpreatt)?,
+                zeros: a(if split { btc } else { 0 })?,
             },
         })
     }
@@ -699,24 +704,32 @@ impl<B: Backend> Gpt<B> {
         self.slots.len()
     }
 
-    /// Bytes of activations one slot holds (what one micro-batch in flight costs).
-    pub fn slot_bytes(&self) -> usize {
+    /// Bytes of activations one slot holds (what one micro-batch in flight costs): its
+    /// activations at `act` bytes each (2 in bf16, 4 otherwise: [`Backend::activation_dtype`]),
+    /// the FP32 statistics at 4.
+    pub fn slot_bytes(&self, act: usize) -> usize {
         let c = self.config.channels;
         let bt = self.batch * self.seq;
         let att = self.config.attention_state(self.batch, self.seq);
-        let block =
-            2 * bt + 3 * bt * c + 2 * 3 * bt * c + att + 4 * bt * c + 2 * 4 * bt * c + 2 * bt;
-        let stash = if self.slots[0].stash.is_empty() {
-            0
+        // Per block: ln1, atty, attproj, residual2, ln2, fcproj, residual3 (7 of b x t x c);
+        // qkv and qkvr (3 each); fch and fch_gelu (4 each); the attention state; the two norms'
+        // means and reciprocal deviations.
+        let (mut acts, mut stats) = ((7 + 2 * 3 + 2 * 4) * bt * c, 4 * bt);
+        if self.config.fused_attention {
+            stats += att;
         } else {
-            9 * bt * c
-        };
-        let head = if self.layout.spec.head {
-            bt * c + 3 * bt + bt * self.config.padded_vocab
-        } else {
-            0
-        };
-        (bt * c + self.layout.spec.layers.len() * (block + stash) + head) * 4
+            acts += att;
+        }
+        if !self.slots[0].stash.is_empty() {
+            acts += 9 * bt * c;
+        }
+        let layers = self.layout.spec.layers.len();
+        let (mut total_acts, mut total_stats) = (bt * c + layers * acts, layers * stats);
+        if self.layout.spec.head {
+            total_acts += bt * c + bt * self.config.padded_vocab;
+            total_stats += 3 * bt;
+        }
+        total_acts * act + total_stats * 4
     }
 
     /// Forward pass of the whole model over `ids` (`b` sequences of `t` tokens); with
