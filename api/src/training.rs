@@ -329,8 +329,8 @@ pub enum Precision {
     Fp32,
     /// FP32 storage, TF32 tensor-core GEMMs on GPUs (FP32 on CPUs).
     Tf32,
-    /// bfloat16 GEMMs on GPUs (operands rounded to bf16, FP32 sums), with FP32 master weights,
-    /// gradients and optimizer state (FP32 on CPUs).
+    /// bfloat16 on GPUs: activations stored in bf16 and GEMMs on bf16 operands with FP32
+    /// sums, with FP32 master weights, gradients and optimizer state (FP32 on CPUs).
     Bf16,
 }
 

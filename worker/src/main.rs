@@ -135,8 +135,8 @@ enum BenchCmd {
         /// Timed steps.
         #[arg(long, default_value_t = 10)]
         steps: usize,
-        /// The GEMMs' arithmetic: TF32 tensor cores (FP32 on the CPU), FP32, or bf16 operands
-        /// with FP32 sums (emulated on the CPU).
+        /// The arithmetic: TF32 tensor-core GEMMs (FP32 on the CPU), FP32, or bf16 activations
+        /// and GEMM operands with FP32 sums (emulated on the CPU).
         #[arg(long, value_enum, default_value_t = bench::GemmPrecision::Tf32)]
         precision: bench::GemmPrecision,
         /// Peak FLOP/s for MFU, in TFLOP/s (H100 SXM dense TF32: 494.7).

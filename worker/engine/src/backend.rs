@@ -1,6 +1,6 @@
 //! The device interface: a [`Backend`] owns memory and runs [`Kernel`]s, the few generic,
 //! op-parametrised primitives every layer is written on. Offsets and lengths are in elements;
-//! all floats are f32.
+//! values cross the interface as f32 and are stored as their buffer's [`DType`] says.
 //!
 //! A new layer is written on these primitives and needs no new trait method. A new primitive is
 //! a new [`Kernel`] variant (or a new variant of one of the op enums), run by `Cpu::launch`,
@@ -637,7 +637,7 @@ impl Permutation {
 }
 
 /// A device: memory, and the primitives of [`Kernel`]. Offsets and lengths are in elements;
-/// all floats are f32.
+/// values cross the interface as f32 and are stored as their buffer's [`DType`] says.
 ///
 /// Every compute primitive goes through [`Backend::launch`]: a wrapper (timing, tracing)
 /// implements that one method and the memory methods, whatever the primitives are. [`gemm`]
@@ -646,7 +646,7 @@ impl Permutation {
 /// [`gemm`]: Backend::gemm
 /// [`sum_squares`]: Backend::sum_squares
 pub trait Backend {
-    /// A buffer of f32 on the device.
+    /// A buffer of floats on the device, stored as f32 or, for activations in bf16, as bf16.
     type Buf: Send;
     /// A buffer of i32 (token ids, row indices) on the device.
     type Ids: Send;
@@ -655,6 +655,9 @@ pub trait Backend {
     fn name(&self) -> String;
     /// A zero-filled buffer of `n` floats, stored as f32.
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// How `buf` stores its values (f32 unless it came from [`Backend::activations`] on a
+    /// backend whose activations are bf16).
+    fn dtype_of(&self, buf: &Self::Buf) -> DType;
     /// How [`Backend::activations`] stores its values: bf16 where the backend's precision is
     /// [`Precision::Bf16`], f32 otherwise (the default).
     fn activation_dtype(&self) -> DType {
@@ -663,8 +666,9 @@ pub trait Backend {
     /// A zero-filled buffer of `n` floats for activations and their gradients, stored as
     /// [`Backend::activation_dtype`] says. Parameters, gradients, optimizer state and
     /// statistics kept in FP32 (layer norms' means, log-sum-exps, losses) use
-    /// [`Backend::zeros`]. Every primitive takes either kind for its activation operands (the
-    /// CUDA backend refuses bf16 where it accumulates atomically: parameter gradients).
+    /// [`Backend::zeros`]. Every primitive takes either kind for its activation operands; the
+    /// CUDA backend refuses a bf16 buffer for every other operand, and for any GEMM operand
+    /// outside bf16 precision.
     fn activations(&self, n: usize) -> Result<Self::Buf> {
         self.zeros(n)
     }

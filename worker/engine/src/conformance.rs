@@ -11,8 +11,10 @@
 //! in the backend's activation storage ([`Backend::activations`]); parameters, their gradients,
 //! optimizer state and statistics in FP32 buffers. Where activations are stored in bf16, the
 //! suite draws their inputs as bf16 values (so the reference reads what the backend reads),
-//! checks that every activation output holds only bf16 values, and compares it within
-//! [`BF16_TOL`].
+//! checks that every bf16 output holds only bf16 values, and compares it within [`BF16_TOL`]
+//! (an exact primitive, a copy or a permutation, exactly with the reference rounded to bf16).
+//! It then runs again with every fresh output in FP32 (rows marked "(FP32 output)"), so that
+//! each kernel also runs with bf16 inputs and an FP32 output, which FP32's tolerances check.
 
 use rand::{Rng, SeedableRng};
 
@@ -32,11 +34,24 @@ pub const BF16_TOL: f32 = 1e-2;
 /// Runs every primitive on `be` and compares it with the naive reference; `gemm_tol` is the
 /// tolerance of the GEMMs (1e-4 in FP32, about 1e-2 with TF32 tensor cores).
 pub fn conformance<B: Backend>(be: &B, gemm_tol: f32) -> Result<Vec<Compared>> {
+    let mut rows = suite(be, gemm_tol, false)?;
+    if be.activation_dtype() == DType::Bf16 {
+        for mut r in suite(be, gemm_tol, true)? {
+            r.name.push_str(" (FP32 output)");
+            rows.push(r);
+        }
+    }
+    Ok(rows)
+}
+
+/// One pass of the suite; with `fp32_out`, every output the pass makes fresh is FP32.
+fn suite<B: Backend>(be: &B, gemm_tol: f32, fp32_out: bool) -> Result<Vec<Compared>> {
     let mut s = Suite {
         be,
         out: Vec::new(),
         seed: 1000,
         act: be.activation_dtype(),
+        fp32_out,
     };
     s.copies()?;
     s.gemm(gemm_tol)?;
@@ -119,6 +134,8 @@ struct Suite<'b, B: Backend> {
     seed: u64,
     /// How the backend stores activations.
     act: DType,
+    /// Whether fresh outputs are FP32 whatever activations are.
+    fp32_out: bool,
 }
 
 impl<B: Backend> Suite<'_, B> {
@@ -159,9 +176,14 @@ impl<B: Backend> Suite<'_, B> {
         Ok(b)
     }
 
-    /// A zero activation buffer of `n` values.
+    /// A zero buffer of `n` values for an output: activation storage, or FP32 in the pass
+    /// with FP32 outputs.
     fn act(&self, n: usize) -> Result<B::Buf> {
-        self.be.activations(n)
+        if self.fp32_out {
+            self.be.zeros(n)
+        } else {
+            self.be.activations(n)
+        }
     }
 
     fn up_ids(&self, x: &[i32]) -> Result<B::Ids> {
@@ -183,8 +205,9 @@ impl<B: Backend> Suite<'_, B> {
         Ok(())
     }
 
-    /// Compares an activation output: as [`Suite::check`], within [`BF16_TOL`] where
-    /// activations are stored in bf16, and failing if any value is not a bf16 value there.
+    /// Compares an activation output: as [`Suite::check`] for an FP32 buffer; for a bf16
+    /// one, failing if any value is not a bf16 value, and within [`BF16_TOL`], or, for an
+    /// exact primitive (`tol` 0), exactly with the reference rounded to bf16.
     fn check_act(
         &mut self,
         name: impl Into<String>,
@@ -192,11 +215,19 @@ impl<B: Backend> Suite<'_, B> {
         buf: &B::Buf,
         tol: f32,
     ) -> Result<()> {
-        if self.act != DType::Bf16 {
+        if self.be.dtype_of(buf) != DType::Bf16 {
             return self.check(name, want, buf, tol);
         }
         let got = self.be.download(buf, 0, want.len())?;
-        let mut c = compared(name.into(), want, &got, tol.max(BF16_TOL));
+        let mut c = if tol == 0.0 {
+            let rounded: Vec<f64> = want
+                .iter()
+                .map(|w| f64::from(crate::bf16::round(*w as f32)))
+                .collect();
+            compared(name.into(), &rounded, &got, 0.0)
+        } else {
+            compared(name.into(), want, &got, tol.max(BF16_TOL))
+        };
         if let Some(bad) = got.iter().find(|v| v.to_bits() & 0xffff != 0) {
             c.name = format!("{} (holds {bad:e}, not a bf16 value)", c.name);
             c.rel = f32::INFINITY;
@@ -375,7 +406,7 @@ impl<B: Backend> Suite<'_, B> {
             let s = off + id as usize * width;
             want.extend(wide(&table[s..s + width]));
         }
-        self.check_act("gather rows", &want, &out, TOL)?;
+        self.check_act("gather rows", &want, &out, 0.0)?;
 
         let src = self.rnd_act(n * width, 1.0);
         let ds = self.up_act(&src)?;
@@ -751,12 +782,17 @@ impl<B: Backend> Suite<'_, B> {
                 &losses,
                 TOL,
             )?;
-            let want = if grad.is_some() { wg.clone() } else { wide(&x) };
+            // Without the gradient, the logits are left as they were.
+            let (want, tol) = if grad.is_some() {
+                (wg.clone(), TOL)
+            } else {
+                (wide(&x), 0.0)
+            };
             self.check_act(
                 format!("crossentropy {what} grad: logits"),
                 &want,
                 &logits,
-                TOL,
+                tol,
             )?;
         }
         Ok(())

@@ -199,6 +199,10 @@ impl Backend for Cpu {
         Ok(CpuBuf::new(vec![0.0; n]))
     }
 
+    fn dtype_of(&self, buf: &CpuBuf) -> DType {
+        buf.dtype()
+    }
+
     fn upload_at(&self, dst: &mut CpuBuf, off: usize, src: &[f32]) -> Result<()> {
         dst[off..off + src.len()].copy_from_slice(src);
         dst.settle(off, src.len());
@@ -483,11 +487,15 @@ impl Backend for CpuBf16 {
     type Ids = Vec<i32>;
 
     fn name(&self) -> String {
-        format!("{}, bf16 GEMMs emulated", Cpu.name())
+        format!("{}, bf16 activations and GEMMs emulated", Cpu.name())
     }
 
     fn zeros(&self, n: usize) -> Result<CpuBuf> {
         Cpu.zeros(n)
+    }
+
+    fn dtype_of(&self, buf: &CpuBuf) -> DType {
+        buf.dtype()
     }
 
     fn activation_dtype(&self) -> DType {

@@ -254,8 +254,9 @@ pub struct Cuda {
     kernels: std::collections::HashMap<&'static str, CudaFunction>,
     partial: CudaSlice<f32>,
     precision: Precision,
-    /// Scratch for the bf16 copies of a GEMM's A and B, grown on demand. The GEMMs are queued
-    /// on one stream, so one pair serves them all.
+    /// Scratch for the bf16 copies of a bf16 GEMM's FP32 A and B (weights; activations are
+    /// bf16 already), grown on demand. The GEMMs are queued on one stream, so one pair serves
+    /// them all.
     bf16_scratch: Box<std::sync::Mutex<[Option<CudaSlice<u16>>; 2]>>,
     device: String,
 }
@@ -270,9 +271,9 @@ impl std::fmt::Debug for Cuda {
 }
 
 impl Cuda {
-    /// The backend on device `ordinal`, its GEMMs in `precision` (TF32 lets cuBLAS use TF32
-    /// tensor cores for FP32 GEMMs; bf16 converts A and B to bf16 first). Compiles the kernels
-    /// (NVRTC, for the device's architecture).
+    /// The backend on device `ordinal` in `precision` (TF32 lets cuBLAS use TF32 tensor cores
+    /// for FP32 GEMMs; bf16 stores activations in bf16 and multiplies bf16 operands, converting
+    /// FP32 ones first). Compiles the kernels (NVRTC, for the device's architecture).
     pub fn new(ordinal: usize, precision: Precision) -> Result<Self> {
         if !available() {
             return Err(EngineError::Device {
@@ -442,6 +443,10 @@ impl Backend for Cuda {
             .map_err(dev("allocating device memory"))
     }
 
+    fn dtype_of(&self, buf: &CudaBuf) -> DType {
+        buf.dtype()
+    }
+
     fn activation_dtype(&self) -> DType {
         if self.precision == Precision::Bf16 {
             DType::Bf16
@@ -468,12 +473,12 @@ impl Backend for Cuda {
                 .memcpy_htod(src, &mut d.slice_mut(off..end))
                 .map_err(dev("copying to the device")),
             CudaBuf::Bf16(d) => {
+                // A copy from pageable host memory has staged its source when it returns, so
+                // the converted values may go out of scope at once (as `src` may for FP32).
                 let bits: Vec<u16> = src.iter().map(|x| crate::bf16::to_bits(*x)).collect();
                 self.stream
                     .memcpy_htod(&bits, &mut d.slice_mut(off..end))
-                    .map_err(dev("copying to the device"))?;
-                // The host copy must outlive the queued transfer.
-                self.sync()
+                    .map_err(dev("copying to the device"))
             }
         }
     }

@@ -64,6 +64,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn zeros(&self, n: usize) -> Result<B::Buf> {
         self.inner.zeros(n)
     }
+    fn dtype_of(&self, buf: &B::Buf) -> crate::DType {
+        self.inner.dtype_of(buf)
+    }
     fn activation_dtype(&self) -> crate::DType {
         self.inner.activation_dtype()
     }

@@ -455,7 +455,6 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
         // received, or made here for a later chunk of this stage (`acts`, `grads`), or waiting
         // for their send (`out_acts`, `out_grads`).
         let n = mb * t * c;
-        let act = self.be.activation_dtype().size();
         let mut pool = std::mem::take(&mut self.pool);
         let mut acts: HashMap<(u32, u32), B::Buf> = HashMap::new();
         let mut grads: HashMap<(u32, u32), B::Buf> = HashMap::new();
@@ -534,7 +533,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     let targets = (k + 1 == n_parts).then_some(&y[..]);
                     part.forward_slot(&self.be, slot, input, targets, mb, t, Some(scale))?;
                     live += 1;
-                    live_bytes += part.slot_bytes(act);
+                    live_bytes += part.slot_bytes();
                     stats.peak_micro_batches = stats.peak_micro_batches.max(live);
                     stats.peak_activation_bytes = stats.peak_activation_bytes.max(live_bytes);
                     if k + 1 == n_parts {
@@ -602,7 +601,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                         slot_of[chunk as usize].remove(&micro);
                         free[chunk as usize].push(slot);
                         live -= 1;
-                        live_bytes -= part.slot_bytes(act);
+                        live_bytes -= part.slot_bytes();
                         stats.backward += t0.elapsed();
                     } else {
                         stats.backward_input += t0.elapsed();
@@ -631,7 +630,7 @@ impl<B: Backend, C: HostComm> Pipeline<B, C> {
                     }
                     free[chunk as usize].push(slot);
                     live -= 1;
-                    live_bytes -= part.slot_bytes(act);
+                    live_bytes -= part.slot_bytes();
                     stats.backward_weight += t0.elapsed();
                     stats.busy += t0.elapsed();
                     phase_end = Instant::now();

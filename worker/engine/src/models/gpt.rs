@@ -542,6 +542,8 @@ pub struct Gpt<B: Backend> {
     pub params: Params<B>,
     batch: usize,
     seq: usize,
+    /// Bytes per activation value ([`Backend::activation_dtype`]).
+    act_bytes: usize,
     slots: Vec<Slot<B>>,
     scratch: Scratch<B>,
 }
@@ -680,6 +682,7 @@ impl<B: Backend> Gpt<B> {
             params,
             batch,
             seq,
+            act_bytes: be.activation_dtype().size(),
             slots: all,
             scratch: Scratch {
                 fused,
@@ -705,9 +708,9 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// Bytes of activations one slot holds (what one micro-batch in flight costs): its
-    /// activations at `act` bytes each (2 in bf16, 4 otherwise: [`Backend::activation_dtype`]),
+    /// activations at 2 bytes each in bf16 and 4 otherwise ([`Backend::activation_dtype`]),
     /// the FP32 statistics at 4.
-    pub fn slot_bytes(&self, act: usize) -> usize {
+    pub fn slot_bytes(&self) -> usize {
         let c = self.config.channels;
         let bt = self.batch * self.seq;
         let att = self.config.attention_state(self.batch, self.seq);
@@ -729,7 +732,7 @@ impl<B: Backend> Gpt<B> {
             total_acts += bt * c + bt * self.config.padded_vocab;
             total_stats += 3 * bt;
         }
-        total_acts * act + total_stats * 4
+        total_acts * self.act_bytes + total_stats * 4
     }
 
     /// Forward pass of the whole model over `ids` (`b` sequences of `t` tokens); with
