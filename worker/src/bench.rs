@@ -424,6 +424,8 @@ pub struct GptBench {
     pub precision: GemmPrecision,
     /// Attention through the fused kernels (no `t x t` matrix).
     pub fused_attention: bool,
+    /// The fused element-wise kernels (bias + GELU, residual + layer norm).
+    pub fused_ops: bool,
     /// Peak FLOP/s of the device, for MFU (0: not reported).
     pub peak: f64,
     /// Also print the device time of each primitive.
@@ -441,7 +443,10 @@ fn measure<B: lockstep_engine::Backend>(
     Vec<(String, f64, f64)>,
 )> {
     use lockstep_engine::check::{gpt_profile, gpt_throughput};
-    let c = g.config.with_fused_attention(g.fused_attention)?;
+    let c = g
+        .config
+        .with_fused_attention(g.fused_attention)?
+        .with_fused_ops(g.fused_ops);
     let t = gpt_throughput(be, c, g.batch, g.seq, g.warmup, g.steps)?;
     let prof = if g.profile {
         gpt_profile(be, c, g.batch, g.seq, 3)?
@@ -466,7 +471,7 @@ pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
         Device::Cuda => bail!("this build has no CUDA backend: rebuild with the cuda feature"),
     };
     println!(
-        "# GPT training, lockstep engine on {name}: {} layers, {} heads, {} wide, vocab {} (padded {}), {:.1}M parameters, {} attention; batch {} x {} tokens; median of {} steps after {} warm-up",
+        "# GPT training, lockstep engine on {name}: {} layers, {} heads, {} wide, vocab {} (padded {}), {:.1}M parameters, {} attention, {} element-wise kernels; batch {} x {} tokens; median of {} steps after {} warm-up",
         c.layers,
         c.heads,
         c.channels,
@@ -478,6 +483,7 @@ pub fn gpt(device: Device, g: &GptBench) -> Result<()> {
         } else {
             "unfused"
         },
+        if g.fused_ops { "fused" } else { "unfused" },
         g.batch,
         g.seq,
         g.steps,

@@ -148,6 +148,9 @@ enum BenchCmd {
         /// Attention through the fused kernels (flash-attention's algorithm: no t x t matrix).
         #[arg(long)]
         fused_attention: bool,
+        /// The fused element-wise kernels: bias + GELU, residual + layer norm (same results).
+        #[arg(long)]
+        fused_ops: bool,
     },
     /// Pipeline schedules on a GPT: the bubble measured, simulated on the measured costs and by
     /// the formula; tokens/s; activation memory per stage.
@@ -358,6 +361,7 @@ fn main() -> ProcessExit {
                     peak_tflops,
                     profile,
                     fused_attention,
+                    fused_ops,
                 },
         } => bench_exit((|| {
             let config =
@@ -374,6 +378,7 @@ fn main() -> ProcessExit {
                     peak: peak_tflops * 1e12,
                     profile,
                     fused_attention,
+                    fused_ops,
                 },
             )
         })()),

@@ -426,6 +426,44 @@ pub enum Kernel<'a, F, I> {
         /// Channels.
         c: usize,
     },
+    /// `pre[i, :] += bias` for `n` rows of `width`, then `out = gelu(pre)` ([`UnaryOp::Gelu`]):
+    /// a linear layer's bias and its GELU in one pass ([`Kernel::AddRow`] then
+    /// [`Kernel::Unary`]). `pre` keeps the biased values, which GELU's backward reads; GELU
+    /// reads them as `pre` stores them, so the result is the two kernels' to the bit.
+    BiasGelu {
+        /// GELU's output, `n x width`.
+        out: &'a mut F,
+        /// The product without its bias, `n x width`; the bias is added in place.
+        pre: &'a mut F,
+        /// The bias, `width` floats.
+        bias: (&'a F, usize),
+        /// Rows.
+        n: usize,
+        /// Floats per row.
+        width: usize,
+    },
+    /// `sum = a + b` (the residual stream), then [`Kernel::LayerNorm`] of `sum` as it stores
+    /// it, `n` rows of `c`, in one pass: the two kernels' result to the bit.
+    ResidualLayerNorm {
+        /// The sum, `n x c`.
+        sum: &'a mut F,
+        /// The norm's output, `n x c`.
+        out: &'a mut F,
+        /// Row means, `n`.
+        mean: &'a mut F,
+        /// Row reciprocal standard deviations, `n`.
+        rstd: &'a mut F,
+        /// The stream.
+        a: &'a F,
+        /// What is added to it.
+        b: &'a F,
+        /// The norm's weight, then bias.
+        params: (&'a F, usize),
+        /// Rows.
+        n: usize,
+        /// Channels.
+        c: usize,
+    },
     /// Softmax cross-entropy of `n` rows of logits (`vp` wide, the first `v` real) against
     /// `targets`: writes each row's loss into `losses`; with `grad: Some(dloss)`, overwrites
     /// the logits with `dloss * (softmax - onehot)` (0 in the padding).
@@ -545,6 +583,8 @@ impl<F, I> Kernel<'_, F, I> {
             Kernel::SoftmaxBwd { .. } => "softmax bwd",
             Kernel::LayerNorm { .. } => "layernorm",
             Kernel::LayerNormBwd { .. } => "layernorm bwd",
+            Kernel::BiasGelu { .. } => "bias + gelu (fused)",
+            Kernel::ResidualLayerNorm { .. } => "residual + layernorm (fused)",
             Kernel::CrossEntropy { .. } => "crossentropy",
             Kernel::AttentionFwd { .. } => "attention (fused)",
             Kernel::AttentionBwd { .. } => "attention bwd (fused)",

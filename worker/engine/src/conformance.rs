@@ -64,6 +64,7 @@ fn suite<B: Backend>(be: &B, gemm_tol: f32, fp32_out: bool) -> Result<Vec<Compar
     s.softmax()?;
     s.fused_attention()?;
     s.layernorm()?;
+    s.fusions()?;
     s.crossentropy()?;
     s.adamw()?;
     Ok(s.out)
@@ -694,20 +695,7 @@ impl<B: Backend> Suite<'_, B> {
             n,
             c,
         })?;
-        let (mut want, mut wm, mut wr) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-        let mut norm = vec![0.0; n * c];
-        for i in 0..n {
-            let row = wide(&x[i * c..(i + 1) * c]);
-            let m = row.iter().sum::<f64>() / c as f64;
-            let var = row.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / c as f64;
-            let r = 1.0 / (var + 1e-5).sqrt();
-            for j in 0..c {
-                norm[i * c + j] = (row[j] - m) * r;
-                want[i * c + j] =
-                    norm[i * c + j] * f64::from(p[off + j]) + f64::from(p[off + c + j]);
-            }
-            (wm[i], wr[i]) = (m, r);
-        }
+        let (want, wm, wr, norm) = layernorm_reference(&wide(&x), &p, off, n, c);
         self.check_act("layernorm", &want, &out, TOL)?;
         self.check("layernorm: mean", &wm, &mean, TOL)?;
         self.check("layernorm: rstd", &wr, &rstd, TOL)?;
@@ -743,6 +731,71 @@ impl<B: Backend> Suite<'_, B> {
         }
         self.check_act("layernorm bwd: dinp", &wd, &dinp, TOL)?;
         self.check("layernorm bwd: dw, db", &wg, &grads, TOL)
+    }
+
+    /// `v` as `buf` stores it: rounded to bf16 where `buf` is bf16.
+    fn as_stored(&self, buf: &B::Buf, v: f64) -> f64 {
+        if self.be.dtype_of(buf) == DType::Bf16 {
+            f64::from(crate::bf16::round(v as f32))
+        } else {
+            v
+        }
+    }
+
+    /// The fused kernels against the references of the two kernels each replaces, the second
+    /// reading what the first stored.
+    fn fusions(&mut self) -> Result<()> {
+        let (n, width, off) = (37, 70, 3);
+        let x = self.rnd_act(n * width, 2.0);
+        let bias = self.rnd(off + width, 1.0);
+        let db = self.up(&bias)?;
+        let (mut pre, mut out) = (self.up_act(&x)?, self.act(n * width)?);
+        self.be.launch(Kernel::BiasGelu {
+            out: &mut out,
+            pre: &mut pre,
+            bias: (&db, off),
+            n,
+            width,
+        })?;
+        let biased: Vec<f64> = (0..n * width)
+            .map(|i| f64::from(x[i]) + f64::from(bias[off + i % width]))
+            .collect();
+        let want: Vec<f64> = biased
+            .iter()
+            .map(|&v| gelu(self.as_stored(&pre, v)))
+            .collect();
+        self.check_act("bias + gelu (fused): biased", &biased, &pre, TOL)?;
+        self.check_act("bias + gelu (fused)", &want, &out, TOL)?;
+
+        let (n, c, off) = (6, 50, 4);
+        let (a, b) = (self.rnd_act(n * c, 1.0), self.rnd_act(n * c, 1.0));
+        let mut p = self.rnd(off + 2 * c, 1.0);
+        p[off..off + c].iter_mut().for_each(|w| *w += 1.0);
+        let (da, db, dp) = (self.up_act(&a)?, self.up_act(&b)?, self.up(&p)?);
+        let (mut sum, mut out) = (self.act(n * c)?, self.act(n * c)?);
+        let (mut mean, mut rstd) = (self.be.zeros(n)?, self.be.zeros(n)?);
+        self.be.launch(Kernel::ResidualLayerNorm {
+            sum: &mut sum,
+            out: &mut out,
+            mean: &mut mean,
+            rstd: &mut rstd,
+            a: &da,
+            b: &db,
+            params: (&dp, off),
+            n,
+            c,
+        })?;
+        let want_sum: Vec<f64> = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| f64::from(*x) + f64::from(*y))
+            .collect();
+        let stored: Vec<f64> = want_sum.iter().map(|&v| self.as_stored(&sum, v)).collect();
+        let (want, wm, wr, _) = layernorm_reference(&stored, &p, off, n, c);
+        self.check_act("residual + layernorm (fused): sum", &want_sum, &sum, TOL)?;
+        self.check_act("residual + layernorm (fused)", &want, &out, TOL)?;
+        self.check("residual + layernorm (fused): mean", &wm, &mean, TOL)?;
+        self.check("residual + layernorm (fused): rstd", &wr, &rstd, TOL)
     }
 
     fn crossentropy(&mut self) -> Result<()> {
@@ -838,6 +891,31 @@ impl<B: Backend> Suite<'_, B> {
         self.check("adamw: m", &wm, &dm, TOL)?;
         self.check("adamw: v", &wv, &dv, TOL)
     }
+}
+
+/// Layer norm of `n` rows of `c` of `x` with the weight at `off` in `p` and the bias after it,
+/// in f64: the output, the row means, the reciprocal deviations and the normalised values.
+fn layernorm_reference(
+    x: &[f64],
+    p: &[f32],
+    off: usize,
+    n: usize,
+    c: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut want, mut wm, mut wr) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+    let mut norm = vec![0.0; n * c];
+    for i in 0..n {
+        let row = &x[i * c..(i + 1) * c];
+        let m = row.iter().sum::<f64>() / c as f64;
+        let var = row.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / c as f64;
+        let r = 1.0 / (var + 1e-5).sqrt();
+        for j in 0..c {
+            norm[i * c + j] = (row[j] - m) * r;
+            want[i * c + j] = norm[i * c + j] * f64::from(p[off + j]) + f64::from(p[off + c + j]);
+        }
+        (wm[i], wr[i]) = (m, r);
+    }
+    (want, wm, wr, norm)
 }
 
 const GELU_SCALE: f64 = 0.797_884_560_802_865_4; // sqrt(2 / pi)

@@ -402,6 +402,55 @@ impl Backend for Cpu {
                 dinp.settle(0, n * c);
                 grads.0.settle(grads.1, 2 * c);
             }
+            // The fusions are their two kernels on the CPU: what the CUDA kernels must match.
+            Kernel::BiasGelu {
+                out,
+                pre,
+                bias,
+                n,
+                width,
+            } => {
+                self.launch(Kernel::AddRow {
+                    out: &mut *pre,
+                    row: bias,
+                    n,
+                    width,
+                })?;
+                self.launch(Kernel::Unary {
+                    op: UnaryOp::Gelu,
+                    out,
+                    inp: pre,
+                    n: n * width,
+                })?;
+            }
+            Kernel::ResidualLayerNorm {
+                sum,
+                out,
+                mean,
+                rstd,
+                a,
+                b,
+                params,
+                n,
+                c,
+            } => {
+                self.launch(Kernel::Binary {
+                    op: BinaryOp::Add,
+                    out: &mut *sum,
+                    a,
+                    b,
+                    n: n * c,
+                })?;
+                self.launch(Kernel::LayerNorm {
+                    out,
+                    mean,
+                    rstd,
+                    inp: sum,
+                    params,
+                    n,
+                    c,
+                })?;
+            }
             Kernel::CrossEntropy {
                 losses,
                 logits,

@@ -23,7 +23,7 @@ use crate::{EngineError, Result};
 
 const SOURCE: &str = include_str!("kernels.cu");
 /// The kernels of `kernels.cu` the backend loads, one or more per [`Kernel`].
-pub const KERNELS: [&str; 21] = [
+pub const KERNELS: [&str; 23] = [
     "convert",
     "attention_fwd",
     "attention_delta",
@@ -40,6 +40,8 @@ pub const KERNELS: [&str; 21] = [
     "layernorm_fwd",
     "layernorm_bwd_input",
     "layernorm_bwd_params",
+    "bias_gelu",
+    "residual_layernorm",
     "softmax_fwd",
     "softmax_bwd",
     "crossentropy",
@@ -891,6 +893,49 @@ impl Backend for Cuda {
                     n.div_ceil(CHUNK) as u32,
                 );
                 self.run("layernorm_bwd_params", grid, THREADS, &args)
+            }
+            Kernel::BiasGelu {
+                out,
+                pre,
+                bias,
+                n,
+                width,
+            } => {
+                let args = [
+                    Arg::Ptr(self.ptr(out, 0, n * width)),
+                    Arg::Ptr(self.ptr(pre, 0, n * width)),
+                    Arg::Ptr(self.ptr32(bias.0, bias.1, width, "bias + gelu: the bias")?),
+                    i(n),
+                    i(width),
+                    dt(&[out, pre]),
+                ];
+                self.elementwise("bias_gelu", n * width, &args)
+            }
+            Kernel::ResidualLayerNorm {
+                sum,
+                out,
+                mean,
+                rstd,
+                a,
+                b,
+                params,
+                n,
+                c,
+            } => {
+                let args = [
+                    Arg::Ptr(self.ptr(sum, 0, n * c)),
+                    Arg::Ptr(self.ptr(out, 0, n * c)),
+                    Arg::Ptr(self.ptr32(mean, 0, n, "layer norm: the means")?),
+                    Arg::Ptr(self.ptr32(rstd, 0, n, "layer norm: the deviations")?),
+                    Arg::Ptr(self.ptr(a, 0, n * c)),
+                    Arg::Ptr(self.ptr(b, 0, n * c)),
+                    Arg::Ptr(self.ptr32(params.0, params.1, 2 * c, "layer norm: the weights")?),
+                    Arg::Ptr(self.ptr(params.0, params.1 + c, c)),
+                    i(n),
+                    i(c),
+                    dt(&[sum, out, a, b]),
+                ];
+                self.per_row("residual_layernorm", n, &args)
             }
             Kernel::CrossEntropy {
                 losses,

@@ -44,6 +44,12 @@ __device__ __forceinline__ void st(void* p, long i, float v, int bf) {
 // Whether activation operand k of a kernel is bf16.
 #define BF(k) ((dt >> (k)) & 1)
 
+// v as an operand stores it: rounded to bf16 when bf. A fused kernel reads back what its first
+// half stores through this, so that it computes what the two kernels it replaces do.
+__device__ __forceinline__ float stored(float v, int bf) {
+    return bf ? bf16_to_f32(f32_to_bf16(v)) : v;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
@@ -91,6 +97,32 @@ extern "C" __global__ void layernorm_fwd(void* out, float* mean, float* rstd, co
     float r = rsqrtf(warp_sum(v) / C + 1e-5f);
     for (int i = lane; i < C; i += WARP) {
         st(out, x + i, (ld(inp, x + i, BF(1)) - m) * r * w[i] + b[i], BF(0));
+    }
+    if (lane == 0) { mean[row] = m; rstd[row] = r; }
+}
+
+// sum = a + bb, then layernorm_fwd of sum as stored, one warp per row: binary's add and
+// layernorm_fwd in one pass (the same sums in the same order). Activations: sum, out, a, bb.
+extern "C" __global__ void residual_layernorm(void* sum, void* out, float* mean, float* rstd,
+                                              const void* a, const void* bb, const float* w,
+                                              const float* b, int N, int C, int dt) {
+    int lane = threadIdx.x % WARP;
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    if (row >= N) return;
+    long x = row * C;
+    float s = 0.0f;
+    for (int i = lane; i < C; i += WARP) {
+        float v = stored(ld(a, x + i, BF(2)) + ld(bb, x + i, BF(3)), BF(0));
+        st(sum, x + i, v, BF(0));
+        s += v;
+    }
+    float m = warp_sum(s) / C;
+    // Each lane reads back only what it wrote.
+    float v = 0.0f;
+    for (int i = lane; i < C; i += WARP) { float d = ld(sum, x + i, BF(0)) - m; v += d * d; }
+    float r = rsqrtf(warp_sum(v) / C + 1e-5f);
+    for (int i = lane; i < C; i += WARP) {
+        st(out, x + i, (ld(sum, x + i, BF(0)) - m) * r * w[i] + b[i], BF(1));
     }
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
@@ -161,6 +193,11 @@ extern "C" __global__ void sum_rows(float* db, const void* dout, int N, int OC, 
 }
 
 #define GELU_SCALE 0.7978845608f
+
+// GELU, tanh approximation: unary's and bias_gelu's.
+__device__ __forceinline__ float gelu(float x) {
+    return 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x)));
+}
 // The codes of UnaryOp and BinaryOp (unary_code and binary_code in cuda.rs).
 #define OP_GELU 0
 #define OP_RELU 1
@@ -178,7 +215,7 @@ extern "C" __global__ void unary(void* out, const void* inp, long n, int op, int
     float x = ld(inp, i, BF(1));
     float y;
     switch (op) {
-    case OP_GELU: y = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x))); break;
+    case OP_GELU: y = gelu(x); break;
     case OP_RELU: y = fmaxf(x, 0.0f); break;
     case OP_SIGMOID: y = 1.0f / (1.0f + expf(-x)); break;
     case OP_COS: y = cosf(x); break;
@@ -218,6 +255,16 @@ extern "C" __global__ void unary_bwd(void* dinp, const void* inp, const void* do
     }
     }
     st(dinp, i, r, BF(0));
+}
+
+// pre[i, :] += b for N rows of W, then out = gelu(pre as stored): add_row and unary's GELU in
+// one pass. Activations: out, pre.
+extern "C" __global__ void bias_gelu(void* out, void* pre, const float* b, int N, int W, int dt) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (unsigned)N * W) return;
+    float x = stored(ld(pre, i, BF(1)) + b[i % (unsigned)W], BF(1));
+    st(pre, i, x, BF(1));
+    st(out, i, gelu(x), BF(0));
 }
 
 // out = op(a, b) over n values. Activations: out, a, b.

@@ -2,7 +2,7 @@
 //! backend runs in bf16, checked here against naive references, and whole GPT training steps
 //! in bf16 against FP32.
 
-use lockstep_engine::check::gpt_steps;
+use lockstep_engine::check::{gpt_profile, gpt_steps};
 use lockstep_engine::conformance::{conformance, reference_gemm};
 use lockstep_engine::cpu::{Cpu, CpuBf16, CpuBuf};
 use lockstep_engine::models::gpt::{Gpt, GptConfig};
@@ -180,4 +180,41 @@ fn a_gpt_in_bf16_stores_its_activations_in_bf16() {
         (0.5..0.52).contains(&ratio),
         "bf16 slot is {ratio} of FP32's"
     );
+}
+
+#[test]
+fn the_fused_element_wise_kernels_train_a_gpt_to_the_same_bits_in_fp32_and_in_bf16() {
+    let cfg = GptConfig::new(2, 4, 64, 64, 256).unwrap();
+    let fused = cfg.with_fused_ops(true);
+    assert!(fused.fused_ops() && !cfg.fused_ops());
+    for (name, plain, with) in [
+        (
+            "fp32",
+            gpt_steps(&Cpu, cfg, 2, 32, 3).unwrap(),
+            gpt_steps(&Cpu, fused, 2, 32, 3).unwrap(),
+        ),
+        (
+            "bf16",
+            gpt_steps(&CpuBf16, cfg, 2, 32, 3).unwrap(),
+            gpt_steps(&CpuBf16, fused, 2, 32, 3).unwrap(),
+        ),
+    ] {
+        for ((what, a), (_, b)) in plain.iter().zip(&with) {
+            assert_eq!(a, b, "{name}: {what} differ with the fused kernels");
+        }
+    }
+    // And the fused kernels did run, in place of the ones they fuse: per step, per block, one
+    // of each, and one GELU fewer.
+    let calls = |c: GptConfig, kernel: &str| {
+        gpt_profile(&Cpu, c, 2, 32, 1)
+            .unwrap()
+            .iter()
+            .find(|(name, _, _)| name == kernel)
+            .map_or(0.0, |(_, _, calls)| *calls)
+    };
+    for kernel in ["bias + gelu (fused)", "residual + layernorm (fused)"] {
+        assert_eq!(calls(fused, kernel), 2.0, "{kernel}");
+        assert_eq!(calls(cfg, kernel), 0.0, "{kernel}");
+    }
+    assert_eq!(calls(cfg, "gelu") - calls(fused, "gelu"), 2.0);
 }

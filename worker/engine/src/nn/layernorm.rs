@@ -3,6 +3,34 @@
 use crate::Result;
 use crate::backend::{Backend, Kernel};
 
+/// The residual connection and the layer norm after it in one kernel
+/// ([`Kernel::ResidualLayerNorm`]): `sum = a + b`, then [`layernorm_fwd`] of `sum` into `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn residual_layernorm_fwd<B: Backend>(
+    be: &B,
+    sum: &mut B::Buf,
+    out: &mut B::Buf,
+    (mean, rstd): (&mut B::Buf, &mut B::Buf),
+    a: &B::Buf,
+    b: &B::Buf,
+    params: &B::Buf,
+    w: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    be.launch(Kernel::ResidualLayerNorm {
+        sum,
+        out,
+        mean,
+        rstd,
+        a,
+        b,
+        params: (params, w),
+        n,
+        c,
+    })
+}
+
 /// Layer norm of `n` rows of `c` from `inp` into `out`, with the weight at `w` in `params` and
 /// the bias after it; keeps each row's mean and reciprocal standard deviation for backward.
 #[allow(clippy::too_many_arguments)]
