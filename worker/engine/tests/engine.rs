@@ -767,7 +767,8 @@ fn a_model_reports_its_config_layout_through_net() {
 /// activations and gradients between parts in device buffers (`Input::Staged`, and copies
 /// into `dout_mut`) rather than through the host.
 #[allow(clippy::too_many_arguments)]
-fn run_parts(
+fn run_parts<B: lockstep_engine::Backend<Buf = CpuBuf, Ids = Vec<i32>>>(
+    be: &B,
     cfg: GptConfig,
     cuts: &[std::ops::Range<usize>],
     params: &[f32],
@@ -776,11 +777,9 @@ fn run_parts(
     (b, t): (usize, usize),
     staged: bool,
 ) -> (f32, Vec<f32>) {
-    use lockstep_engine::Backend;
     use lockstep_engine::models::gpt::{Input, PartSpec, Pass};
-    let be = Cpu;
     let last = cuts.len() - 1;
-    let mut parts: Vec<Gpt<Cpu>> = cuts
+    let mut parts: Vec<Gpt<B>> = cuts
         .iter()
         .enumerate()
         .map(|(i, r)| {
@@ -791,25 +790,17 @@ fn run_parts(
             };
             let lay = lockstep_engine::models::gpt::PartLayout::new(cfg, spec.clone())
                 .expect("the part runs");
-            Gpt::part(
-                &be,
-                cfg,
-                spec,
-                &lay.gather(params),
-                b,
-                t,
-                micro.len(),
-                split,
-            )
-            .expect("the part runs")
+            Gpt::part(be, cfg, spec, &lay.gather(params), b, t, micro.len(), split)
+                .expect("the part runs")
         })
         .collect();
     let scale = 1.0 / (micro.len() * b * t) as f32;
     let mut loss = 0.0;
     // GPipe order: every forward, then every backward from the last micro-batch.
     let n = b * t * cfg.channels;
-    // A device buffer between two parts, as a pipeline stage receives one.
-    let mut wire = be.zeros(n).expect("a buffer");
+    // A device buffer between two parts, as a pipeline stage receives one (activation
+    // storage: bf16 in bf16).
+    let mut wire = be.activations(n).expect("a buffer");
     for (k, (ids, tg)) in micro.iter().enumerate() {
         let mut x = Vec::new();
         for (i, part) in parts.iter_mut().enumerate() {
@@ -823,15 +814,15 @@ fn run_parts(
                 Input::Acts(&x)
             };
             let targets = (i == last).then_some(&tg[..]);
-            part.forward_slot(&be, k, input, targets, b, t, Some(scale))
+            part.forward_slot(be, k, input, targets, b, t, Some(scale))
                 .expect("the part runs");
             if i < last && staged {
                 be.copy(&mut wire, 0, part.output_buf(k), 0, n)
                     .expect("the copy fits");
             } else if i < last {
-                x = part.output(&be, k).expect("the part runs");
+                x = part.output(be, k).expect("the part runs");
             } else {
-                loss += part.mean_loss_slot(&be, k).expect("the part runs") / micro.len() as f32;
+                loss += part.mean_loss_slot(be, k).expect("the part runs") / micro.len() as f32;
             }
         }
     }
@@ -846,7 +837,7 @@ fn run_parts(
             } else if i < last {
                 be.upload(part.dout_mut(), &d).expect("the upload fits");
             }
-            part.backward_slot(&be, k, pass, &mut |_, _| {})
+            part.backward_slot(be, k, pass, &mut |_, _| {})
                 .expect("the part runs");
             if i > 0 && staged {
                 be.copy(&mut wire, 0, part.input_grad_buf(), 0, n)
@@ -862,7 +853,7 @@ fn run_parts(
         // The weight passes, in another order than the input passes.
         for k in 0..micro.len() {
             for part in &mut parts {
-                part.backward_weight(&be, k, &mut |_, _| {})
+                part.backward_weight(be, k, &mut |_, _| {})
                     .expect("the part runs");
             }
         }
@@ -891,6 +882,7 @@ fn a_gpt_cut_into_parts_computes_the_whole_gpts_loss_and_gradient() {
     let micro: Vec<_> = (0..3).map(|k| batch(&cfg, b, t, 40 + k)).collect();
     let whole_model = 0..cfg.layers;
     let (whole_loss, whole) = run_parts(
+        &Cpu,
         cfg,
         std::slice::from_ref(&whole_model),
         &params,
@@ -918,7 +910,7 @@ fn a_gpt_cut_into_parts_computes_the_whole_gpts_loss_and_gradient() {
         vec![0..2, 2..4],
     ] {
         for split in [false, true] {
-            let (loss, g) = run_parts(cfg, &cuts, &params, &micro, split, (b, t), false);
+            let (loss, g) = run_parts(&Cpu, cfg, &cuts, &params, &micro, split, (b, t), false);
             assert!(
                 (loss - whole_loss).abs() < 1e-6,
                 "{cuts:?} split={split}: loss {loss} vs {whole_loss}"
@@ -945,12 +937,61 @@ fn parts_passing_device_buffers_compute_what_parts_passing_host_vectors_do() {
     let micro: Vec<_> = (0..3).map(|k| batch(&cfg, b, t, 70 + k)).collect();
     for cuts in [vec![0..1, 1..4], vec![0..1, 1..2, 2..3, 3..4]] {
         for split in [false, true] {
-            let host = run_parts(cfg, &cuts, &params, &micro, split, (b, t), false);
-            let device = run_parts(cfg, &cuts, &params, &micro, split, (b, t), true);
+            let host = run_parts(&Cpu, cfg, &cuts, &params, &micro, split, (b, t), false);
+            let device = run_parts(&Cpu, cfg, &cuts, &params, &micro, split, (b, t), true);
             assert_eq!(host.0, device.0, "{cuts:?} split={split}: loss");
             assert_eq!(
                 host.1, device.1,
                 "{cuts:?} split={split}: gradients, bit for bit"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_gpt_in_bf16_cut_into_parts_computes_the_whole_gpts_loss_and_gradient() {
+    // Activations in bf16 between the parts too: through the host (downloaded exactly,
+    // uploaded as the bf16 values they are) or device buffers, the parts compute what the
+    // whole model does; only the tied embedding's gradient is summed in another order.
+    let be = lockstep_engine::cpu::CpuBf16;
+    let cfg = GptConfig::new(4, 2, 8, 6, 11).unwrap();
+    let (b, t) = (2, 5);
+    let params = cfg.init(5);
+    let micro: Vec<_> = (0..3).map(|k| batch(&cfg, b, t, 90 + k)).collect();
+    let all = 0..cfg.layers;
+    let whole_model = std::slice::from_ref(&all);
+    let (whole_loss, whole) =
+        run_parts(&be, cfg, whole_model, &params, &micro, false, (b, t), false);
+    let (fp32_loss, _) = run_parts(
+        &Cpu,
+        cfg,
+        whole_model,
+        &params,
+        &micro,
+        false,
+        (b, t),
+        false,
+    );
+    assert_ne!(whole_loss, fp32_loss, "the bf16 model is not FP32's");
+    for cuts in [vec![0..1, 1..4], vec![0..1, 1..2, 2..3, 3..4]] {
+        for split in [false, true] {
+            let host = run_parts(&be, cfg, &cuts, &params, &micro, split, (b, t), false);
+            let device = run_parts(&be, cfg, &cuts, &params, &micro, split, (b, t), true);
+            assert_eq!(
+                host, device,
+                "{cuts:?} split={split}: host and device differ"
+            );
+            assert_eq!(host.0, whole_loss, "{cuts:?} split={split}: loss");
+            let worst = host
+                .1
+                .iter()
+                .zip(&whole)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            let scale = whole.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            assert!(
+                worst <= 1e-5 * scale,
+                "{cuts:?} split={split}: gradients differ by {worst} (largest {scale})"
             );
         }
     }
