@@ -282,23 +282,10 @@ impl NcclComm {
     /// pipeline's activations and their gradients).
     #[allow(unsafe_code)]
     pub fn send_buf(&mut self, buf: &lockstep_engine::cuda::CudaBuf, peer: usize) -> Result<()> {
-        let peer = i32::try_from(peer).map_err(|_| CommError::Setup(format!("rank {peer}")))?;
-        let stream = self.raw_stream();
         let src = buf.device_ptr(&self.stream);
         // SAFETY: `src` holds `buf.len()` values of the type given; the engine orders the
         // buffer's writes before this stream (it tracks no events of its own).
-        unsafe {
-            result::send(
-                src as _,
-                buf.len(),
-                nccl_type(buf.dtype()),
-                peer,
-                self.handle.comm,
-                stream,
-            )
-        }
-        .map(drop)
-        .map_err(nccl_err)
+        unsafe { self.point_to_point(true, src, buf.len(), nccl_type(buf.dtype()), peer) }
     }
 
     /// Receives all of an engine buffer from `peer`, FP32 or bf16 as it stores its values.
@@ -308,19 +295,35 @@ impl NcclComm {
         buf: &mut lockstep_engine::cuda::CudaBuf,
         peer: usize,
     ) -> Result<()> {
-        let peer = i32::try_from(peer).map_err(|_| CommError::Setup(format!("rank {peer}")))?;
-        let stream = self.raw_stream();
         let dst = buf.device_ptr(&self.stream);
         // SAFETY: `dst` holds `buf.len()` values of the type given, borrowed mutably.
+        unsafe { self.point_to_point(false, dst, buf.len(), nccl_type(buf.dtype()), peer) }
+    }
+
+    /// Queues a send (`send`) or a receive of `count` values of type `ty` at device address
+    /// `ptr` to or from `peer`, on the communicator's stream.
+    ///
+    /// # Safety
+    /// `ptr` must hold `count` values of `ty` until the stream has run the operation, and for
+    /// a receive nothing else may use them meanwhile.
+    #[allow(unsafe_code)]
+    unsafe fn point_to_point(
+        &self,
+        send: bool,
+        ptr: u64,
+        count: usize,
+        ty: sys::ncclDataType_t,
+        peer: usize,
+    ) -> Result<()> {
+        let peer = i32::try_from(peer).map_err(|_| CommError::Setup(format!("rank {peer}")))?;
+        let stream = self.raw_stream();
+        // SAFETY: as the caller promises, `ptr` holds `count` values of `ty`.
         unsafe {
-            result::recv(
-                dst as _,
-                buf.len(),
-                nccl_type(buf.dtype()),
-                peer,
-                self.handle.comm,
-                stream,
-            )
+            if send {
+                result::send(ptr as _, count, ty, peer, self.handle.comm, stream)
+            } else {
+                result::recv(ptr as _, count, ty, peer, self.handle.comm, stream)
+            }
         }
         .map(drop)
         .map_err(nccl_err)
@@ -490,43 +493,19 @@ impl Communicator for NcclComm {
 
     #[allow(unsafe_code)]
     fn send(&mut self, buf: &CudaSlice<f32>, peer: usize) -> Result<()> {
-        let peer = i32::try_from(peer).map_err(|_| CommError::Setup(format!("rank {peer}")))?;
-        let stream = self.raw_stream();
         let (src, _record) = buf.device_ptr(&self.stream);
+        let f32 = sys::ncclDataType_t::ncclFloat32;
         // SAFETY: as cudarc's `Comm::send`: `src` holds `buf.len()` f32.
-        unsafe {
-            result::send(
-                src as _,
-                buf.len(),
-                sys::ncclDataType_t::ncclFloat32,
-                peer,
-                self.handle.comm,
-                stream,
-            )
-        }
-        .map(drop)
-        .map_err(nccl_err)
+        unsafe { self.point_to_point(true, src, buf.len(), f32, peer) }
     }
 
     #[allow(unsafe_code)]
     fn recv(&mut self, buf: &mut CudaSlice<f32>, peer: usize) -> Result<()> {
-        let peer = i32::try_from(peer).map_err(|_| CommError::Setup(format!("rank {peer}")))?;
         let count = buf.len();
-        let stream = self.raw_stream();
         let (dst, _record) = buf.device_ptr_mut(&self.stream);
-        // SAFETY: as cudarc's `Comm::recv`: `dst` holds `count` f32.
-        unsafe {
-            result::recv(
-                dst as _,
-                count,
-                sys::ncclDataType_t::ncclFloat32,
-                peer,
-                self.handle.comm,
-                stream,
-            )
-        }
-        .map(drop)
-        .map_err(nccl_err)
+        let f32 = sys::ncclDataType_t::ncclFloat32;
+        // SAFETY: as cudarc's `Comm::recv`: `dst` holds `count` f32, borrowed mutably.
+        unsafe { self.point_to_point(false, dst, count, f32, peer) }
     }
 
     fn send_async(&mut self, buf: CudaSlice<f32>, peer: usize) -> Pending<CudaSlice<f32>> {
