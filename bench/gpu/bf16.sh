@@ -11,12 +11,13 @@
 #   3. the fused element-wise kernels (bias + GELU, residual + layer norm): the engine in bf16
 #      with and without them, each with its per-primitive profile, in the same run (a fusion
 #      is turned on in jobs only when this profile shows its gain).
-# PARTS (default "1,2,3") picks the parts. Writes $OUT/bf16-gpu.log.
+# PARTS (default "1,2") picks the parts; parts 1 and 2 fill most of one 600 s device call, so
+# part 3 is a call of its own (PARTS=3). Writes $OUT/bf16-gpu.log.
 set -u
 out=${OUT:-/tmp}/bf16-gpu.log
 exec > >(tee "$out") 2>&1
 . "$(dirname "$0")/env.sh"
-parts=${PARTS:-1,2,3}
+parts=${PARTS:-1,2}
 part() { [[ ",$parts," == *",$1,"* ]]; }
 if part 1; then
   echo "== 1. engine check: bf16 against the CPU's bf16 emulation, then TF32"

@@ -750,7 +750,8 @@ pub fn engine_check(precision: GemmPrecision) -> Result<()> {
 }
 
 /// What [`engine_check`] compares between two backends: the primitives of a GPT step, 5 GPT
-/// steps with unfused and with fused attention, and 5 TGN and JODIE steps.
+/// steps with unfused and with fused attention and with the fused element-wise kernels, and
+/// 5 TGN and JODIE steps.
 #[cfg(feature = "cuda")]
 fn check_outputs<B: lockstep_engine::Backend>(
     be: &B,
@@ -765,6 +766,11 @@ fn check_outputs<B: lockstep_engine::Backend>(
         gpt_steps(be, fused, 4, 64, 5)?
             .into_iter()
             .map(|(name, v)| (format!("{name} (fused attention)"), v)),
+    );
+    out.extend(
+        gpt_steps(be, cfg.with_fused_ops(true), 4, 64, 5)?
+            .into_iter()
+            .map(|(name, v)| (format!("{name} (fused ops)"), v)),
     );
     out.extend(tgn_steps(be, false, 5)?);
     out.extend(tgn_steps(be, true, 5)?);

@@ -455,10 +455,14 @@ pub fn compare(
         .zip(other)
         .map(|((name, a), (_, b))| {
             let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-30);
+            // A NaN difference is no match (`max` would skip it).
             let max_abs = a
                 .iter()
                 .zip(b)
-                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+                .fold(0.0f32, |m, (x, y)| {
+                    let d = (x - y).abs();
+                    if d.is_nan() { f32::INFINITY } else { m.max(d) }
+                })
                 .max(if a.len() == b.len() {
                     0.0
                 } else {
@@ -570,4 +574,24 @@ pub fn gpt_profile<B: Backend>(
         .into_iter()
         .map(|(name, d, n)| (name, d.as_secs_f64() * 1e3 / s, n as f64 / s))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_output_with_a_nan_differs_from_its_reference() {
+        let reference = vec![("x".to_string(), vec![1.0f32, 2.0, 3.0])];
+        let tol = |_: &str| 1.0;
+        for got in [
+            vec![1.0, 2.0, 3.0],
+            vec![1.0, f32::NAN, 3.0],
+            vec![f32::NAN; 3],
+        ] {
+            let same = got == reference[0].1;
+            let rows = compare(&reference, &[("x".to_string(), got.clone())], &tol);
+            assert_eq!(rows[0].ok(), same, "{got:?}: {:?}", rows[0]);
+        }
+    }
 }

@@ -13,8 +13,9 @@
 //! suite draws their inputs as bf16 values (so the reference reads what the backend reads),
 //! checks that every bf16 output holds only bf16 values, and compares it within [`BF16_TOL`]
 //! (an exact primitive, a copy or a permutation, exactly with the reference rounded to bf16).
-//! It then runs again with every fresh output in FP32 (rows marked "(FP32 output)"), so that
-//! each kernel also runs with bf16 inputs and an FP32 output, which FP32's tolerances check.
+//! It then runs again with every output it makes fresh in FP32 (rows marked "(FP32 output)"),
+//! so that each kernel also runs with bf16 inputs and an FP32 output, which FP32's tolerances
+//! check; outputs that start from values (accumulated or updated in place) stay bf16 there.
 
 use rand::{Rng, SeedableRng};
 
@@ -74,9 +75,11 @@ fn suite<B: Backend>(be: &B, gemm_tol: f32, fp32_out: bool) -> Result<Vec<Compar
 fn compared(name: String, want: &[f64], got: &[f32], tol: f32) -> Compared {
     let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
     let max_abs = if want.len() == got.len() {
-        want.iter()
-            .zip(got)
-            .fold(0.0f64, |m, (w, g)| m.max((w - f64::from(*g)).abs()))
+        // A NaN difference is no match (`max` would skip it).
+        want.iter().zip(got).fold(0.0f64, |m, (w, g)| {
+            let d = (w - f64::from(*g)).abs();
+            if d.is_nan() { f64::INFINITY } else { m.max(d) }
+        })
     } else {
         f64::INFINITY
     };
@@ -931,4 +934,25 @@ fn gelu_grad(x: f64) -> f64 {
 
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nan_or_a_missing_value_is_no_match() {
+        let want = [1.0, -2.0, 3.0];
+        assert!(compared("same".into(), &want, &[1.0, -2.0, 3.0], 0.0).ok());
+        assert!(!compared("off".into(), &want, &[1.0, -2.0, 3.5], 0.1).ok());
+        for got in [
+            [f32::NAN, -2.0, 3.0],
+            [f32::NAN; 3],
+            [1.0, f32::INFINITY, 3.0],
+        ] {
+            let c = compared("bad".into(), &want, &got, 1.0);
+            assert!(!c.ok(), "{got:?} passed as {c:?}");
+        }
+        assert!(!compared("short".into(), &want, &[1.0, -2.0], 1.0).ok());
+    }
 }

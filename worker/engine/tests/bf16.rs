@@ -107,10 +107,10 @@ fn every_primitive_in_bf16_matches_its_fp32_reference_within_bf16_tolerance() {
     ] {
         assert_eq!(rel(name), 0.0, "{name}");
     }
-    // The pass with FP32 outputs: bf16 inputs, outputs unrounded.
+    // The pass with FP32 outputs: bf16 inputs, outputs unrounded (bf16's would be 1e-3).
     for name in ["unary Gelu", "softmax bwd Causal", "layernorm"] {
         let r = rel(&format!("{name} (FP32 output)"));
-        assert!(r < 1e-5, "{name} (FP32 output): {r:e}, as if in bf16");
+        assert!(r < 1e-6, "{name} (FP32 output): {r:e}, as if in bf16");
     }
 }
 

@@ -44,6 +44,8 @@ fn every_primitive_on_the_cpu_matches_its_naive_reference() {
         "attention bwd (fused)",
         "layernorm",
         "layernorm bwd",
+        "bias + gelu (fused)",
+        "residual + layernorm (fused)",
         "crossentropy",
         "adamw",
     ] {

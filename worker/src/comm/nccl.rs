@@ -283,8 +283,9 @@ impl NcclComm {
     #[allow(unsafe_code)]
     pub fn send_buf(&mut self, buf: &lockstep_engine::cuda::CudaBuf, peer: usize) -> Result<()> {
         let src = buf.device_ptr(&self.stream);
-        // SAFETY: `src` holds `buf.len()` values of the type given; the engine orders the
-        // buffer's writes before this stream (it tracks no events of its own).
+        // SAFETY: `src` holds `buf.len()` values of the type given; the caller keeps `buf` until
+        // the stream has sent it (the pipeline link holds sent buffers until `finish` waits),
+        // and the engine orders the buffer's writes before this stream.
         unsafe { self.point_to_point(true, src, buf.len(), nccl_type(buf.dtype()), peer) }
     }
 
@@ -296,7 +297,8 @@ impl NcclComm {
         peer: usize,
     ) -> Result<()> {
         let dst = buf.device_ptr(&self.stream);
-        // SAFETY: `dst` holds `buf.len()` values of the type given, borrowed mutably.
+        // SAFETY: `dst` holds `buf.len()` values of the type given, borrowed mutably; the
+        // caller waits for the stream before using them (the pipeline link synchronises).
         unsafe { self.point_to_point(false, dst, buf.len(), nccl_type(buf.dtype()), peer) }
     }
 
@@ -495,7 +497,8 @@ impl Communicator for NcclComm {
     fn send(&mut self, buf: &CudaSlice<f32>, peer: usize) -> Result<()> {
         let (src, _record) = buf.device_ptr(&self.stream);
         let f32 = sys::ncclDataType_t::ncclFloat32;
-        // SAFETY: as cudarc's `Comm::send`: `src` holds `buf.len()` f32.
+        // SAFETY: as cudarc's `Comm::send`: `src` holds `buf.len()` f32, and `_record` marks the
+        // read on the buffer until the stream has done it.
         unsafe { self.point_to_point(true, src, buf.len(), f32, peer) }
     }
 
@@ -504,7 +507,8 @@ impl Communicator for NcclComm {
         let count = buf.len();
         let (dst, _record) = buf.device_ptr_mut(&self.stream);
         let f32 = sys::ncclDataType_t::ncclFloat32;
-        // SAFETY: as cudarc's `Comm::recv`: `dst` holds `count` f32, borrowed mutably.
+        // SAFETY: as cudarc's `Comm::recv`: `dst` holds `count` f32, borrowed mutably, and
+        // `_record` marks the write on the buffer until the stream has done it.
         unsafe { self.point_to_point(false, dst, count, f32, peer) }
     }
 

@@ -106,9 +106,10 @@ impl GptConfig {
         Ok(self)
     }
 
-    /// Whether each block's MLP adds its first bias and applies GELU in one kernel
-    /// ([`crate::Kernel::BiasGelu`]) and its second residual connection and layer norm in one
-    /// ([`crate::Kernel::ResidualLayerNorm`]), rather than two each. The results are the same to
+    /// Whether each block adds its MLP's first bias and applies GELU in one kernel
+    /// ([`crate::Kernel::BiasGelu`]), and makes its attention's residual connection and the
+    /// layer norm after it in one ([`crate::Kernel::ResidualLayerNorm`]), rather than two
+    /// each. The results are the same to
     /// the bit; whether it is faster is the GPU profile's to say (`bench gpt --fused-ops
     /// --profile`). Off from [`GptConfig::new`].
     pub fn fused_ops(&self) -> bool {
