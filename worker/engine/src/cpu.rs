@@ -596,26 +596,32 @@ impl Backend for CpuBf16 {
                 if g.m == 0 || g.n == 0 || g.batch == 0 {
                     return Ok(());
                 }
-                // Copies of the operands' reach, rounded; `gemm` then checks them and C.
                 let ext_a = extent(g.ta, g.m, g.k, g.lda, g.stride_a, g.batch);
                 let ext_b = extent(g.tb, g.k, g.n, g.ldb, g.stride_b, g.batch);
-                let rounded = |x: &[f32], off: usize, len: usize| {
-                    assert!(off + len <= x.len(), "gemm {g:?} reads past its buffers");
-                    let mut r = x[off..off + len].to_vec();
-                    r.par_iter_mut()
-                        .with_min_len(SPLIT_ELEMS)
-                        .for_each(|v| *v = crate::bf16::round(*v));
-                    r
-                };
-                let ra = rounded(a.0, a.1, ext_a);
-                let rb = rounded(b.0, b.1, ext_b);
-                gemm(&g, (&ra, 0), (&rb, 0), (&mut c.0[..], c.1));
+                let (ra, oa) = bf16_operand(a.0, a.1, ext_a);
+                let (rb, ob) = bf16_operand(b.0, b.1, ext_b);
+                gemm(&g, (&ra, oa), (&rb, ob), (&mut c.0[..], c.1));
                 c.0.settle(c.1, extent(Op::N, g.m, g.n, g.ldc, g.stride_c, g.batch));
                 Ok(())
             }
             other => Cpu.launch(other),
         }
     }
+}
+
+/// A bf16 GEMM's operand of `len` values from `off` of `x`, and the offset to read it at: a bf16
+/// buffer (an activation) in place, as the CUDA backend reads it; an FP32 one (a weight) as a
+/// rounded copy of its reach. [`gemm`] then checks the extents.
+fn bf16_operand(x: &CpuBuf, off: usize, len: usize) -> (std::borrow::Cow<'_, [f32]>, usize) {
+    if x.dtype() == DType::Bf16 {
+        return (std::borrow::Cow::Borrowed(&x[..]), off);
+    }
+    assert!(off + len <= x.len(), "a bf16 gemm reads past its buffers");
+    let mut r = x[off..off + len].to_vec();
+    r.par_iter_mut()
+        .with_min_len(SPLIT_ELEMS)
+        .for_each(|v| *v = crate::bf16::round(*v));
+    (std::borrow::Cow::Owned(r), 0)
 }
 
 /// [`Kernel::Gemm`]: checks the operands' extents, then runs the product.
