@@ -211,14 +211,6 @@ impl CudaBuf {
     }
 
     /// The FP32 values, or `None` for a bf16 buffer.
-    pub fn as_f32(&self) -> Option<&CudaSlice<f32>> {
-        match self {
-            CudaBuf::F32(b) => Some(b),
-            CudaBuf::Bf16(_) => None,
-        }
-    }
-
-    /// The FP32 values, or `None` for a bf16 buffer.
     pub fn as_f32_mut(&mut self) -> Option<&mut CudaSlice<f32>> {
         match self {
             CudaBuf::F32(b) => Some(b),
